@@ -1,0 +1,132 @@
+"""MaskingConfig: what to mask, how much, and how the mask is drawn."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class MaskingError(ValueError):
+    """Bad user input to randmask (config, targets, budget, adapter files).
+
+    Every message names the problem and the fix.
+    """
+
+
+@dataclass
+class MaskingConfig:
+    """Configuration of a Random Masking adapter.
+
+    Exactly one of ``trainable_ratio`` and ``density`` sets the budget.
+    """
+
+    targets: list[str] | str | None = None
+    """Modules to mask. A list matches module-name suffixes (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``); a string is a regex that must match the
+    whole module name. A fused projection can be restricted to column blocks:
+    ``"c_attn[q,v]"`` (GPT-2). ``None`` uses the architecture's default (attention
+    query and value projections)."""
+
+    trainable_ratio: float | None = None
+    """Trainable entries as a fraction of ALL model parameters (the paper's
+    definition: 1e-5 is its 0.001%), spread evenly over the targeted matrices."""
+
+    density: float | None = None
+    """Per-matrix keep probability p in (0, 1]. Alternative to ``trainable_ratio``."""
+
+    mask_kind: str = "random"
+    """``random`` (i.i.d. Bernoulli(p), the paper's), ``random_exact`` (exactly
+    round(p*N) entries), ``structured`` (whole input columns, the paper's ablation),
+    ``custom`` (indices given to ``apply_masking``), or a kind added with
+    ``randmask.register_mask_kind``."""
+
+    seed: int = 0
+    """Global mask seed. Each matrix's mask seed is derived from (seed, module name)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``MaskingError`` if the config is inconsistent."""
+        if (self.trainable_ratio is None) == (self.density is None) and self.mask_kind != "custom":
+            raise MaskingError(
+                "MaskingConfig needs exactly one budget: set trainable_ratio (fraction of all model "
+                f"parameters, e.g. 1e-4) or density (per-matrix keep probability); got "
+                f"trainable_ratio={self.trainable_ratio}, density={self.density}."
+            )
+        if self.density is not None and not (_finite(self.density) and 0.0 < self.density <= 1.0):
+            raise MaskingError(
+                f"density={self.density!r} is outside (0, 1]: it is the probability that an entry "
+                "is trainable. Use e.g. density=0.01 for 1% of each matrix."
+            )
+        if self.trainable_ratio is not None and not (
+            _finite(self.trainable_ratio) and 0.0 < self.trainable_ratio <= 1.0
+        ):
+            raise MaskingError(
+                f"trainable_ratio={self.trainable_ratio!r} is outside (0, 1]: it is the fraction of all "
+                "model parameters to train. The paper uses 1e-3, 1e-4 and 1e-5."
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise MaskingError(f"seed={self.seed!r} must be a non-negative int.")
+        if self.targets is not None and not isinstance(self.targets, (str, list, tuple)):
+            raise MaskingError(
+                f"targets={self.targets!r} must be a list of module-name suffixes or a regex string."
+            )
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.targets, list) and not self.targets:
+            raise MaskingError("targets is an empty list: name at least one module, or pass None.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (saved in ``adapter_config.json``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MaskingConfig:
+        """Inverse of ``to_dict``; unknown keys are an error (a file from another tool)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise MaskingError(
+                f"adapter config has unknown MaskingConfig fields {sorted(unknown)}; it was written "
+                "by another tool or a newer randmask. Upgrade randmask or re-save the adapter."
+            )
+        return cls(**data)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# Default targets per `model.config.model_type`: the attention query and value
+# projections, as in the paper (and LoRA). GPT-2 fuses q, k, v in one Conv1D
+# whose output columns are [q | k | v]: mask only the q and v blocks. "|" separates
+# alternative name sets; the first set whose names all exist in the model is used.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "opt": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma3": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn[q,v]"],
+    # transformers 5 renamed some encoders' projections: try the old names, then the new.
+    "bert": ["query", "value", "|", "q_proj", "v_proj"],
+    "roberta": ["query", "value", "|", "q_proj", "v_proj"],
+    "vit": ["query", "value", "|", "q_proj", "v_proj"],
+    "clip": ["q_proj", "v_proj"],
+    "clip_vision_model": ["q_proj", "v_proj"],
+    "clip_text_model": ["q_proj", "v_proj"],
+}
+
+# Names of the q/k/v column blocks of known fused projections (in output order),
+# so that targets=["q_proj", "v_proj"] on GPT-2 means c_attn's q and v blocks.
+FUSED_BLOCKS: dict[str, list[str]] = {"c_attn": ["q", "k", "v"]}
+QV_ALIASES: dict[str, str] = {"q_proj": "q", "v_proj": "v", "k_proj": "k", "query": "q", "value": "v",
+                              "key": "k"}
+
+__all__ = ["MaskingConfig", "MaskingError", "DEFAULT_TARGETS", "FUSED_BLOCKS", "QV_ALIASES"]

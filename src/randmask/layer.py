@@ -1,0 +1,153 @@
+"""The masked layer: wraps an ``nn.Linear`` / transformers ``Conv1D`` and trains kept entries.
+
+Invariant, checked at every forward in O(nnz): at the active adapter's kept entries
+the wrapped weight equals ``W0 (+) values``, where (+) is addition in the weight's
+dtype. So an optimizer step (or ``load_state_dict``, or any in-place edit of
+``values``) is reflected in the weight by the next forward with no call from the
+user, and the forward itself is the unmodified dense layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from randmask.ops import SparsePattern, masked_linear
+
+
+@dataclass(frozen=True)
+class Block:
+    """A row range [start, stop) of the logical (out, in) matrix masked as one matrix."""
+
+    name: str
+    start: int
+    stop: int
+    nnz: int
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): weight stored as (in, out), y = x @ W + b."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_maskable(module: nn.Module) -> bool:
+    """Whether randmask can mask this module's weight."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def logical_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D."""
+    out_f, in_f = module.weight.shape
+    return (in_f, out_f) if is_conv1d(module) else (out_f, in_f)
+
+
+class MaskAdapter(nn.Module):
+    """One named adapter of a masked layer: trainable ``values`` at fixed ``indices``."""
+
+    def __init__(self, indices: torch.Tensor, weight: torch.Tensor, transposed: bool,
+                 blocks: list[Block], kind: str, explicit_indices: bool) -> None:
+        super().__init__()
+        master_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
+        # so that updates smaller than a bf16 ulp still accumulate.
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=weight.device))
+        idx = indices.to(weight.device)
+        self.register_buffer("indices", idx, persistent=False)
+        with torch.no_grad():
+            self.register_buffer("base_values", weight.reshape(-1)[idx].clone(), persistent=False)
+        self.stored_shape = tuple(weight.shape)
+        self.transposed = transposed
+        self.blocks = blocks
+        self.kind = kind
+        self.explicit_indices = explicit_indices  # custom masks: indices are saved in the file
+        self._pattern: SparsePattern | None = None
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    def pattern(self) -> SparsePattern:
+        """The sparse pattern on the indices' current device (cached)."""
+        if self._pattern is None or self._pattern.indices.device != self.indices.device:
+            self._pattern = SparsePattern(self.indices, self.stored_shape, self.transposed)
+        return self._pattern
+
+    def target_entries(self, weight_dtype: torch.dtype) -> torch.Tensor:
+        """W0 (+) values in the weight dtype: what the weight holds at the kept entries."""
+        return self.base_values.to(weight_dtype) + self.values.detach().to(weight_dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, nnz={self.nnz}, shape={self.stored_shape}"
+
+
+class MaskedLayer(nn.Module):
+    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def transposed(self) -> bool:
+        return is_conv1d(self.base_layer)
+
+    def add_adapter(self, name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
+                    explicit_indices: bool = False) -> MaskAdapter:
+        """Add an adapter with these flat stored-weight indices and make it active."""
+        self.restore_base()  # so base_values captures pristine W0 even where masks overlap
+        adapter = MaskAdapter(indices, self.weight, self.transposed, blocks, kind, explicit_indices)
+        self.adapters[name] = adapter
+        self.active_adapter = name
+        self.sync()
+        return adapter
+
+    def set_active(self, name: str | None) -> None:
+        """Switch the active adapter (``None``: none), restoring W0 at the old entries first."""
+        self.restore_base()
+        self.active_adapter = name
+        self.sync()
+
+    def restore_base(self) -> None:
+        """Write W0 back at the active adapter's entries (the weight becomes pristine)."""
+        if self.active_adapter is None:
+            return
+        adapter = self.adapters[self.active_adapter]
+        with torch.no_grad():
+            self.weight.view(-1)[adapter.indices] = adapter.base_values.to(self.weight.dtype)
+
+    def sync(self) -> None:
+        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz))."""
+        if self.active_adapter is None or self.disabled:
+            return
+        adapter = self.adapters[self.active_adapter]
+        weight = self.weight
+        with torch.no_grad():
+            target = adapter.target_entries(weight.dtype)
+            flat = weight.view(-1)
+            # Only write when stale: a write bumps the weight's version counter, which would
+            # invalidate graphs that saved it (e.g. a second forward before backward).
+            if not torch.equal(flat[adapter.indices], target):
+                flat[adapter.indices] = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active_adapter is None or self.disabled:
+            return self.base_layer(x)
+        self.sync()
+        adapter = self.adapters[self.active_adapter]
+        return masked_linear(x, adapter.values, self.weight, self.bias, adapter.pattern())
+
+    def extra_repr(self) -> str:
+        return f"active_adapter={self.active_adapter!r}, disabled={self.disabled}"

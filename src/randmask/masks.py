@@ -1,0 +1,163 @@
+"""Mask samplers (a name -> function registry), per-matrix seeds, and budgets.
+
+A sampler draws the kept entries of one (rows, cols) matrix in O(nnz) time and
+memory and returns them as sorted, unique, flat row-major int64 indices. Samplers
+always run on a CPU generator, so the same (seed, module name) gives the same
+bytes on every process, device and reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import torch
+
+from randmask.config import MaskingError
+
+MaskSampler = Callable[[tuple[int, int], float, torch.Generator], torch.Tensor]
+"""(shape, keep probability p, CPU generator) -> sorted flat int64 indices."""
+
+_SAMPLERS: dict[str, MaskSampler] = {}
+BUILTIN_KINDS = ("random", "random_exact", "structured")
+
+
+def register_mask_kind(name: str) -> Callable[[MaskSampler], MaskSampler]:
+    """Decorator that adds a mask kind: ``@register_mask_kind("mine") def f(shape, p, gen): ...``.
+
+    Adapters of non-built-in kinds store their indices explicitly in the file, so
+    they load even where the sampler is not registered.
+    """
+
+    def decorator(fn: MaskSampler) -> MaskSampler:
+        if name in _SAMPLERS or name == "custom":
+            raise MaskingError(f"mask kind {name!r} already exists; pick another name.")
+        _SAMPLERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_sampler(kind: str) -> MaskSampler:
+    """The sampler registered under ``kind``; unknown kinds list the known ones."""
+    try:
+        return _SAMPLERS[kind]
+    except KeyError:
+        raise MaskingError(
+            f"unknown mask_kind {kind!r}; known kinds: {sorted(_SAMPLERS)} (or 'custom' with explicit "
+            "indices). Add one with randmask.register_mask_kind."
+        ) from None
+
+
+def mask_kinds() -> list[str]:
+    """Names of all registered mask kinds."""
+    return sorted(_SAMPLERS)
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (global seed, module name), stable across processes and Python versions.
+
+    Why not ``hash()``: it is salted per process. Why per name: same-shaped layers
+    must get independent masks (PEFT SHiRA reuses one).
+    """
+    digest = hashlib.sha256(f"randmask:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, name)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(derive_seed(seed, name))
+    return gen
+
+
+@register_mask_kind("random")
+def bernoulli_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
+    """I.i.d. Bernoulli(p) entries (the paper's mask), sampled as geometric gaps.
+
+    The gaps between successive kept entries of a Bernoulli(p) sequence are i.i.d.
+    Geometric(p) (support 1, 2, ...), so we draw about N*p gaps instead of N coins.
+    """
+    n = shape[0] * shape[1]
+    if p >= 1.0:
+        return torch.arange(n, dtype=torch.int64)
+    chunks: list[torch.Tensor] = []
+    last = -1  # position of the last kept entry so far
+    expected = n * p
+    while True:
+        # Draw a little more than the remaining expectation, so one round usually suffices.
+        m = int((n - 1 - last) * p + 6.0 * (expected**0.5) + 16)
+        gaps = torch.empty(m, dtype=torch.float64).geometric_(p, generator=gen)
+        pos = last + torch.cumsum(gaps, 0)
+        if pos[-1] >= n:
+            chunks.append(pos[pos < n])
+            break
+        chunks.append(pos)
+        last = int(pos[-1].item())
+    return torch.cat(chunks).to(torch.int64)
+
+
+@register_mask_kind("random_exact")
+def exact_count_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
+    """Exactly round(p*N) distinct entries, uniformly at random."""
+    n = shape[0] * shape[1]
+    k = round(p * n)
+    return _choose_distinct(n, k, gen)
+
+
+@register_mask_kind("structured")
+def column_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
+    """Whole input columns (the paper's Structured Masking): round(p*cols) columns, >= 1."""
+    rows, cols = shape
+    k = max(1, round(p * cols))
+    chosen = torch.sort(_choose_distinct(cols, k, gen)).values
+    # (rows, k) grid of flat indices r*cols + c, already in row-major order.
+    return (torch.arange(rows, dtype=torch.int64)[:, None] * cols + chosen[None, :]).reshape(-1)
+
+
+def _choose_distinct(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct integers in [0, n), uniformly, sorted; O(k) unless k is a large fraction of n."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if k * 4 >= n:  # dense regime: the output is O(n) anyway
+        return torch.sort(torch.randperm(n, generator=gen)[:k]).values
+    picked = torch.empty(0, dtype=torch.int64)
+    while picked.numel() < k:
+        draw = torch.randint(0, n, (int((k - picked.numel()) * 1.1) + 8,), generator=gen)
+        cand = torch.cat([picked, draw])
+        # Keep first occurrences in draw order: sequential sampling without replacement.
+        uniq, inverse = torch.unique(cand, return_inverse=True)
+        first = torch.full((uniq.numel(),), cand.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(cand.numel()), reduce="amin")
+        picked = uniq[torch.argsort(first)]
+    return torch.sort(picked[:k]).values
+
+
+def indices_checksum(indices: torch.Tensor) -> str:
+    """Hex SHA-256 (first 16 chars) of little-endian int64 flat indices."""
+    data = indices.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def per_matrix_density(trainable_ratio: float, total_params: int, matrix_sizes: list[int]) -> list[float]:
+    """Keep probability per matrix so that the expected total is ratio * total_params.
+
+    The paper spreads the budget evenly: every targeted matrix gets the same
+    expected count ratio * total / n_matrices.
+    """
+    per_matrix = trainable_ratio * total_params / len(matrix_sizes)
+    if per_matrix < 1.0:
+        raise MaskingError(
+            f"trainable_ratio={trainable_ratio:g} of {total_params:,} parameters spread over "
+            f"{len(matrix_sizes)} matrices is {per_matrix:.3g} entries per matrix, which leaves "
+            f"matrices with zero trainable entries. Use trainable_ratio >= "
+            f"{len(matrix_sizes) / total_params:.3g}, or fewer target modules."
+        )
+    too_big = [size for size in matrix_sizes if per_matrix > size]
+    if too_big:
+        raise MaskingError(
+            f"trainable_ratio={trainable_ratio:g} asks for {per_matrix:,.0f} entries per matrix but the "
+            f"smallest target has {min(too_big):,}. Lower trainable_ratio (at most "
+            f"{min(matrix_sizes) * len(matrix_sizes) / total_params:.3g}) or target more modules."
+        )
+    return [per_matrix / size for size in matrix_sizes]

@@ -1,0 +1,257 @@
+"""Apply Random Masking to a model; merge, unload, disable and switch adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from randmask.config import MaskingConfig, MaskingError
+from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, logical_shape
+from randmask.masks import BUILTIN_KINDS, get_sampler, make_generator, per_matrix_density
+from randmask.targets import Target, resolve_targets
+
+logger = logging.getLogger("randmask")
+_META_ATTR = "randmask_adapters"  # {adapter name: {"config": MaskingConfig, "total_params": int}}
+
+
+@dataclass
+class MatrixBudget:
+    """Budget of one masked matrix (a module, or one column block of a fused one)."""
+
+    name: str
+    shape: tuple[int, int]  # logical (out, in) of the matrix or block
+    nnz: int
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class MaskingSummary:
+    """Per-matrix trainable counts and the achieved fraction of all base-model parameters."""
+
+    adapter_name: str
+    total_params: int
+    matrices: list[MatrixBudget]
+
+    @property
+    def trainable(self) -> int:
+        return sum(m.nnz for m in self.matrices)
+
+    @property
+    def ratio(self) -> float:
+        return self.trainable / self.total_params
+
+    def __str__(self) -> str:
+        lines = [f"randmask adapter {self.adapter_name!r}: {self.trainable:,} trainable of "
+                 f"{self.total_params:,} parameters ({100 * self.ratio:.5f}%) in {len(self.matrices)} matrices"]
+        lines += [f"  {m.name:<60} {m.shape[0]}x{m.shape[1]:<8} nnz={m.nnz:<9} p={m.density:.3g}"
+                  for m in self.matrices]
+        return "\n".join(lines)
+
+
+def masked_layers(model: nn.Module) -> dict[str, MaskedLayer]:
+    """All masked layers of ``model`` by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLayer)}
+
+
+def count_base_parameters(model: nn.Module) -> int:
+    """Number of model parameters, not counting randmask's own ``values`` (shared ones once)."""
+    adapter_params = {id(m.values) for m in model.modules() if isinstance(m, MaskAdapter)}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in adapter_params:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _sample_indices(target: Target, densities: list[float], config: MaskingConfig,
+                    custom: torch.Tensor | None) -> tuple[torch.Tensor, list[Block]]:
+    """Flat stored-weight indices (sorted) of one target, and its per-block counts."""
+    out_f, in_f = logical_shape(target.module)
+    transposed = is_conv1d(target.module)
+    pieces, blocks = [], []
+    for (block_name, start, stop), p in zip(target.blocks, densities):
+        key = f"{target.name}[{block_name}]" if block_name else target.name
+        if custom is not None:
+            local = _custom_block_indices(custom, target.name, (out_f, in_f), start, stop)
+        else:
+            local = get_sampler(config.mask_kind)((stop - start, in_f), p, make_generator(config.seed, key))
+        if local.numel() == 0:
+            raise MaskingError(
+                f"the mask of {key} ({stop - start}x{in_f}, keep probability {p:.3g}, expected "
+                f"{p * (stop - start) * in_f:.3g} entries) drew zero entries. Raise the budget "
+                "(trainable_ratio or density), or use mask_kind='random_exact'."
+            )
+        rows = torch.div(local, in_f, rounding_mode="floor") + start
+        cols = local % in_f
+        pieces.append(cols * out_f + rows if transposed else rows * in_f + cols)
+        blocks.append(Block(block_name, start, stop, int(local.numel())))
+    return torch.sort(torch.cat(pieces)).values, blocks
+
+
+def _custom_block_indices(mask: torch.Tensor, name: str, shape: tuple[int, int], start: int,
+                          stop: int) -> torch.Tensor:
+    """Row-major indices of a user mask (bool (out, in) tensor or flat logical indices) in a block."""
+    if mask.dtype == torch.bool:
+        if tuple(mask.shape) != shape:
+            raise MaskingError(f"custom mask for {name} has shape {tuple(mask.shape)}; expected (out, in) "
+                               f"= {shape}.")
+        flat = mask.reshape(-1).nonzero().reshape(-1)
+    else:
+        flat = torch.unique(mask.reshape(-1).to(torch.int64))
+        if flat.numel() and (flat[0] < 0 or flat[-1] >= shape[0] * shape[1]):
+            raise MaskingError(f"custom mask indices for {name} fall outside the {shape} matrix.")
+    rows = torch.div(flat, shape[1], rounding_mode="floor")
+    keep = (rows >= start) & (rows < stop)
+    return flat[keep] - start * shape[1]
+
+
+def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "default",
+                  custom_masks: dict[str, torch.Tensor] | None = None, verbose: bool = False) -> nn.Module:
+    """Freeze ``model`` and make a random subset of the targeted weights trainable, in place.
+
+    Each targeted matrix gets an independent mask drawn from (config.seed, module name);
+    the trainable parameters are one 1-D ``values`` tensor (the delta) per matrix.
+    With ``mask_kind="custom"``, ``custom_masks`` maps module names to a bool (out, in)
+    mask or flat row-major indices. Returns ``model`` (wrapped layers replace the targets).
+    """
+    config.validate()
+    meta: dict = model.__dict__.setdefault(_META_ATTR, {})
+    if adapter_name in meta:
+        raise MaskingError(
+            f"adapter {adapter_name!r} is already applied to this model. Call randmask.unload(model) "
+            "first, or pass another adapter_name to add a second adapter."
+        )
+    if config.mask_kind == "custom" and not custom_masks:
+        raise MaskingError("mask_kind='custom' needs custom_masks={module name: bool mask or indices}.")
+    if config.mask_kind != "custom":
+        get_sampler(config.mask_kind)  # unknown kind: clear error before any work
+
+    targets = resolve_targets(model, config)
+    total = count_base_parameters(model)
+    sizes = [size for t in targets for size in t.block_sizes()]
+    if config.trainable_ratio is not None:
+        densities = per_matrix_density(config.trainable_ratio, total, sizes)
+    else:
+        densities = [config.density or 1.0] * len(sizes)
+
+    sampled, k = [], 0
+    for target in targets:
+        custom = None
+        if config.mask_kind == "custom":
+            custom = (custom_masks or {}).get(target.name)
+            if custom is None:
+                raise MaskingError(f"custom_masks has no entry for target {target.name!r}.")
+        n_blocks = len(target.blocks)
+        sampled.append(_sample_indices(target, densities[k:k + n_blocks], config, custom))
+        k += n_blocks
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    explicit = config.mask_kind not in BUILTIN_KINDS
+    for target, (indices, blocks) in zip(targets, sampled):
+        layer = _wrap(model, target)
+        adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind, explicit)
+        adapter.values.requires_grad_(True)
+    meta[adapter_name] = {"config": config, "total_params": total}
+    summary = masking_summary(model, adapter_name)
+    (print if verbose else logger.info)(str(summary))
+    return model
+
+
+def _wrap(model: nn.Module, target: Target) -> MaskedLayer:
+    existing = model.get_submodule(target.name)
+    if isinstance(existing, MaskedLayer):
+        return existing
+    layer = MaskedLayer(existing)
+    parent_name, _, child = target.name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return layer
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the randmask adapters on ``model``."""
+    return list(model.__dict__.get(_META_ATTR, {}))
+
+
+def adapter_meta(model: nn.Module, adapter_name: str) -> dict:
+    """{"config": MaskingConfig, "total_params": int} of one adapter; clear error if absent."""
+    meta = model.__dict__.get(_META_ATTR, {})
+    if adapter_name not in meta:
+        raise MaskingError(f"model has no randmask adapter {adapter_name!r}; it has {list(meta)}. "
+                           "Apply one with randmask.apply_masking or randmask.load_adapter.")
+    return meta[adapter_name]
+
+
+def masking_summary(model: nn.Module, adapter_name: str = "default") -> MaskingSummary:
+    """Per-matrix nnz and the achieved ratio of all base-model parameters."""
+    total = adapter_meta(model, adapter_name)["total_params"]
+    matrices = []
+    for name, layer in masked_layers(model).items():
+        if adapter_name not in layer.adapters:
+            continue
+        in_f = logical_shape(layer.base_layer)[1]
+        for block in layer.adapters[adapter_name].blocks:
+            label = f"{name}[{block.name}]" if block.name else name
+            matrices.append(MatrixBudget(label, (block.stop - block.start, in_f), block.nnz))
+    return MaskingSummary(adapter_name, total, matrices)
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT-style one-liner: trainable params, all params, trainable %."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = count_base_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.6f}")
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the active adapter of every masked layer (others restored to W0)."""
+    adapter_meta(model, adapter_name)
+    for layer in masked_layers(model).values():
+        layer.set_active(adapter_name if adapter_name in layer.adapters else None)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it the model computes with the pristine pretrained weights."""
+    layers = list(masked_layers(model).values())
+    for layer in layers:
+        layer.restore_base()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            layer.sync()
+
+
+def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
+    for name, layer in masked_layers(model).items():
+        if keep_delta:
+            layer.sync()
+        else:
+            layer.restore_base()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    model.__dict__.pop(_META_ATTR, None)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """An ordinary model whose weights hold W0 (+) delta of the active adapter; wrappers removed."""
+    return _replace_with_base(model, keep_delta=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and restore the pretrained weights bit for bit."""
+    return _replace_with_base(model, keep_delta=False)

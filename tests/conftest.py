@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny randomly initialised transformers models of several architectures."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("RANDMASK_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+TINY_ARCHS = ["opt", "llama", "gpt2", "bert"]
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-init model of ``arch`` (hidden 32, 2 layers), in eval mode (no dropout)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "opt":
+        cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+                           vocab_size=128, max_position_embeddings=64, word_embed_proj_dim=32)
+        model = tf.OPTForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif arch == "bert":
+        cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                            vocab_size=128, max_position_embeddings=64, num_labels=2)
+        model = tf.BertForSequenceClassification(cfg)
+    elif arch == "vit":
+        cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
+                           image_size=16, patch_size=8, num_labels=3)
+        model = tf.ViTForImageClassification(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def tiny_inputs(arch: str, batch: int = 2, seq: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs with a training loss for ``tiny_model(arch)``."""
+    gen = torch.Generator().manual_seed(seed)
+    if arch == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen),
+                "labels": torch.randint(0, 3, (batch,), generator=gen)}
+    ids = torch.randint(0, 128, (batch, seq), generator=gen)
+    if arch == "bert":
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), generator=gen)}
+    return {"input_ids": ids, "labels": ids}
+
+
+def model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits (no grad)."""
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def arch(request) -> str:
+    return request.param

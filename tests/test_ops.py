@@ -1,0 +1,135 @@
+"""The masked linear op against a plain dense reference, on every weight-gradient path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randmask import ops
+from randmask.masks import bernoulli_mask, make_generator
+from randmask.ops import SparsePattern, dense_reference_linear, masked_linear, scatter_delta
+
+
+@pytest.fixture(params=["gather", "sampled", "dense"])
+def path(request, monkeypatch):
+    """Force each weight-gradient path of ``ops.sddmm``."""
+    if request.param == "gather":
+        monkeypatch.setattr(ops, "GATHER_MAX_NNZ", 10**9)
+    else:
+        monkeypatch.setattr(ops, "GATHER_MAX_NNZ", -1)
+        monkeypatch.setattr(ops, "DENSE_GRAD_CROSSOVER", 2.0 if request.param == "sampled" else -1.0)
+    return request.param
+
+
+def _setup(transposed: bool, p: float = 0.2, dtype=torch.float64, out_f=7, in_f=5, seed=0):
+    torch.manual_seed(seed)
+    shape = (in_f, out_f) if transposed else (out_f, in_f)
+    pattern = SparsePattern(bernoulli_mask(shape, p, make_generator(seed, "w")), shape, transposed)
+    base = torch.randn(shape, dtype=dtype)
+    values = (0.1 * torch.randn(pattern.nnz, dtype=dtype)).requires_grad_()
+    bias = torch.randn(out_f, dtype=dtype)
+    x = torch.randn(3, 4, in_f, dtype=dtype, requires_grad=True)
+    return pattern, base, values, bias, x
+
+
+def _fused(x, values, base, bias, pattern):
+    """The op as the layer uses it: the weight holds W0 + values at the kept entries."""
+    weight = scatter_delta(base, values.detach(), pattern)
+    return masked_linear(x, values, weight, bias, pattern)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradients_equal_dense_reference(path, transposed):
+    pattern, base, values, bias, x = _setup(transposed)
+    grad_out = torch.randn(3, 4, 7, dtype=torch.float64)
+    y = _fused(x, values, base, bias, pattern)
+    gx, gv = torch.autograd.grad(y, (x, values), grad_out)
+    y_ref = dense_reference_linear(x, base, values, bias, pattern)
+    gx_ref, gv_ref = torch.autograd.grad(y_ref, (x, values), grad_out)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gv, gv_ref)
+    # The reference gradient is the dense dL/dW masked: check it that way too.
+    w = base.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(ops._linear(x, w, bias, transposed), w, grad_out)
+    torch.testing.assert_close(gv, gw.reshape(-1)[pattern.indices])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradcheck_float64(path, transposed):
+    pattern, base, values, bias, x = _setup(transposed)
+    assert torch.autograd.gradcheck(lambda x_, v_: _fused_live(x_, v_, base, bias, pattern), (x, values))
+
+
+def _fused_live(x, values, base, bias, pattern):
+    # gradcheck perturbs `values` numerically, so the weight must be rebuilt from it each call.
+    weight = scatter_delta(base, values.detach(), pattern)
+    return masked_linear(x, values, weight, bias, pattern)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_double_backward_hvp_matches_dense_reference(transposed):
+    pattern, base, values, bias, x = _setup(transposed)
+    vec = torch.randn_like(values)
+
+    def hvp(fn):
+        y = fn(x, values)
+        loss = (torch.tanh(y) ** 2).sum() + (x**3).sum()  # non-quadratic in values and x
+        (g,) = torch.autograd.grad(loss, values, create_graph=True)
+        return torch.autograd.grad((g * vec).sum(), (values, x))
+
+    hv, hx = hvp(lambda x_, v_: _fused(x_, v_, base, bias, pattern))
+    hv_ref, hx_ref = hvp(lambda x_, v_: dense_reference_linear(x_, base, v_, bias, pattern))
+    torch.testing.assert_close(hv, hv_ref)
+    torch.testing.assert_close(hx, hx_ref)  # mixed second derivative d2L/dvalues dx
+
+
+def test_gradgradcheck():
+    pattern, base, values, bias, x = _setup(False, p=0.3)
+    assert torch.autograd.gradgradcheck(lambda x_, v_: _fused_live(x_, v_, base, bias, pattern), (x, values))
+
+
+def test_empty_and_full_mask():
+    for p in (1.0,):
+        pattern, base, values, bias, x = _setup(False, p=p)
+        assert pattern.nnz == 35
+        gv = torch.autograd.grad(_fused(x, values, base, bias, pattern).sum(), values)[0]
+        gv_ref = torch.autograd.grad(dense_reference_linear(x, base, values, bias, pattern).sum(), values)[0]
+        torch.testing.assert_close(gv, gv_ref)
+    empty = SparsePattern(torch.empty(0, dtype=torch.int64), (7, 5))
+    values = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    y = masked_linear(x, values, torch.randn(7, 5, dtype=torch.float64), None, empty)
+    gx, gv = torch.autograd.grad(y.sum(), (x, values))
+    assert gv.shape == (0,) and gx.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(path, dtype):
+    pattern, base, values, bias, x = _setup(False, p=0.3, dtype=torch.float32, out_f=16, in_f=24)
+    weight = scatter_delta(base, values.detach(), pattern).to(dtype)
+    xh = x.detach().to(dtype).requires_grad_()
+    values32 = values.detach().clone().requires_grad_()
+    y = masked_linear(xh, values32, weight, bias.to(dtype), pattern)
+    assert y.dtype == dtype
+    gx, gv = torch.autograd.grad(y.float().sum(), (xh, values32))
+    assert gx.dtype == dtype and gv.dtype == torch.float32
+    w_ref = weight.float().requires_grad_()
+    (gw,) = torch.autograd.grad(ops._linear(xh.float(), w_ref, bias, False).sum(), w_ref)
+    torch.testing.assert_close(gv, gw.reshape(-1)[pattern.indices], atol=0.05, rtol=0.02)
+
+
+def test_autocast_bf16():
+    pattern, base, values, bias, x = _setup(False, p=0.3, dtype=torch.float32, out_f=16, in_f=24)
+    values = values.detach().clone().requires_grad_()
+    weight = scatter_delta(base, values.detach(), pattern)
+    xf = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_linear(xf, values, weight, bias, pattern)
+        y_lin = torch.nn.functional.linear(xf, weight, bias)
+    assert y.dtype == y_lin.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_lin)
+    gx, gv = torch.autograd.grad(y.float().sum(), (xf, values))
+    assert gx.dtype == torch.float32 and gv.dtype == torch.float32
+    gv_ref = torch.autograd.grad(dense_reference_linear(xf, base, values, bias, pattern).sum(), values)[0]
+    torch.testing.assert_close(gv, gv_ref, atol=0.1, rtol=0.02)
