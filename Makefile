@@ -1,0 +1,39 @@
+# The README's two commands are `make run` and `make test`; both set up on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-slow lint bench bench-quick clean
+
+# torch first, pinned to the CPU build on this machine's disk: otherwise a dependency
+# pulls a multi-GB CUDA build of torch.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/randmask main
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_benchmark.py --json benchmarks/results/step_benchmark.json
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/step_benchmark.py --quick
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
