@@ -32,6 +32,15 @@ def median_ms(fn, repeats: int = 7) -> float:
     return statistics.median(times) * 1e3
 
 
+def time_paths(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> tuple[float, float, float]:
+    """Median ms of (gather, sampled_addmm, dense) for one pattern."""
+    csr = pattern.csr_template(torch.float32)
+    dense = median_ms(lambda: (g.t() @ x).reshape(-1)[pattern.indices])
+    sampled = median_ms(lambda: torch.sparse.sampled_addmm(csr, g.t(), x, beta=0.0).values())
+    gather = median_ms(lambda: sddmm_differentiable(g, x, pattern)) if pattern.nnz <= 30000 else float("nan")
+    return gather, sampled, dense
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -43,10 +52,7 @@ def main() -> None:
         x = torch.randn(args.tokens, in_f)
         for p in [1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.4]:
             pattern = SparsePattern(bernoulli_mask((out_f, in_f), p, make_generator(0, "w")), (out_f, in_f))
-            csr = pattern.csr_template(torch.float32)
-            dense = median_ms(lambda: (g.t() @ x).reshape(-1)[pattern.indices])
-            sampled = median_ms(lambda: torch.sparse.sampled_addmm(csr, g.t(), x, beta=0.0).values())
-            gather = median_ms(lambda: sddmm_differentiable(g, x, pattern)) if pattern.nnz <= 30000 else float("nan")
+            gather, sampled, dense = time_paths(g, x, pattern)
             print(f"| {out_f}x{in_f} | {p:g} | {pattern.nnz} | {gather / dense:.3f} | {sampled / dense:.3f} |")
 
 

@@ -168,7 +168,7 @@ def run(quick: bool, rounds: int) -> list[Row]:
     steps = {name: make_step(name, model, ids) for name, model in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
-    for name, (step, _) in steps.items():  # warm-up round; creates optimizer state
+    for step, _ in steps.values():  # warm-up round; creates optimizer state
         step()
     for r in range(rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))  # cancel position effects
