@@ -160,7 +160,7 @@ def state_bytes(opt) -> int:
                if torch.is_tensor(t) and t.dim() > 0)
 
 
-def run(quick: bool, rounds: int) -> list[Row]:
+def run(quick: bool, rounds: int, clock=time.perf_counter) -> list[Row]:
     base = build_base(quick)
     batch, seq = (4, 64) if quick else (8, 128)
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
@@ -174,9 +174,9 @@ def run(quick: bool, rounds: int) -> list[Row]:
         order = list(steps) if r % 2 == 0 else list(reversed(steps))  # cancel position effects
         for name in order:
             with PeakRSS() as mem:
-                t0 = time.perf_counter()
+                t0 = clock()
                 steps[name][0]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
             peaks[name] = max(peaks[name], mem.growth_mb)
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
@@ -209,11 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small model (4x256), batch 4x64: under a minute")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default 5; quick 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 with --clock cpu)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time; cpu: the main thread's CPU time with 1 thread by default, "
+                             "robust when other jobs share the machine")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args.quick, args.rounds or (3 if args.quick else 5))
+    threads = args.threads or (1 if args.clock == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    # thread_time: with 1 torch thread the forward, backward and optimizer all run on this thread,
+    # and the memory-sampling thread's own CPU time is not counted.
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    print(f"clock={args.clock} threads={torch.get_num_threads()}", file=sys.stderr)
+    rows = run(args.quick, args.rounds or (3 if args.quick else 5), clock)
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ def path(request, monkeypatch):
     """Force each weight-gradient path of ``ops.sddmm``."""
     if request.param == "gather":
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", 10**9)
+        monkeypatch.setattr(ops, "GATHER_CHUNK_ELEMENTS", 7)  # several token chunks
     else:
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", -1)
+        monkeypatch.setattr(ops, "GATHER_MAX_DENSITY", -1.0)
         monkeypatch.setattr(ops, "DENSE_GRAD_CROSSOVER", 2.0 if request.param == "sampled" else -1.0)
     return request.param
 

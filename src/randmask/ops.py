@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Path choice for the weight gradient, measured on CPU with benchmarks/sddmm_crossover.py
-# (768x768 and 3072x768, 1024 tokens): `sampled_addmm` has a fixed cost of about a quarter
-# of the dense `g^T x` (it grows with the matrix size), so for a few hundred entries a plain
-# gather is faster (0.1 ms at 7 entries, 2.5 ms at 600); `sampled_addmm` beats the dense
-# product up to 10-20% density; above that, dense-then-gather wins.
+# Path choice for the weight gradient, from benchmarks/sddmm_crossover.py on CPU (768x768 and
+# 3072x768, 1024 tokens; times relative to the dense g^T x):
+#   gather:        0.02 at 2 entries, 0.11 at 70, ~0.45 at 0.1% density, 4-7x slower at 1%
+#   sampled_addmm: a fixed cost of 0.25-0.5 up to ~1% density, 0.5-0.7 at 5-10%, >1 at 20%
+# so: gather up to 0.1% density (or a few hundred entries), sampled_addmm up to 12%, dense above.
 GATHER_MAX_NNZ = 512
+GATHER_MAX_DENSITY = 1e-3
 DENSE_GRAD_CROSSOVER = 0.12
+GATHER_CHUNK_ELEMENTS = 1 << 22  # bound the gather path's (tokens x nnz) temporaries to ~16 MB each
 
 
 @dataclass(eq=False)
@@ -102,13 +104,22 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
         return grad_out_2d.new_zeros(0, dtype=torch.float32)
     # Accumulate in fp32: CPU sampled_addmm has no bf16/fp16 kernel, and fp32 sums are more exact.
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if pattern.nnz <= GATHER_MAX_NNZ:
-        return sddmm_differentiable(grad_out_2d.to(compute), x_2d.to(compute), pattern)
+    if pattern.nnz <= GATHER_MAX_NNZ or pattern.density <= GATHER_MAX_DENSITY:
+        return _sddmm_gather_chunked(grad_out_2d.to(compute), x_2d.to(compute), pattern)
     a, b = a.to(compute), b.to(compute)
     if pattern.density > DENSE_GRAD_CROSSOVER:
         return (a @ b).reshape(-1)[pattern.indices]
     out = torch.sparse.sampled_addmm(pattern.csr_template(compute), a, b, beta=0.0, alpha=1.0)
     return out.values()
+
+
+def _sddmm_gather_chunked(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """``sddmm_differentiable`` over token chunks, so temporaries stay small for long batches."""
+    chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, pattern.nnz))
+    out = sddmm_differentiable(grad_out_2d[:chunk], x_2d[:chunk], pattern)
+    for start in range(chunk, grad_out_2d.shape[0], chunk):
+        out += sddmm_differentiable(grad_out_2d[start:start + chunk], x_2d[start:start + chunk], pattern)
+    return out
 
 
 def sddmm_differentiable(
