@@ -1,0 +1,190 @@
+"""``randmask <verb>``: train, sweep, report, main, list (+ theory and analysis when installed).
+
+Bad input (unknown task/model/method, missing data, impossible budgets) ends with exit code 2 and
+a one-line message; set RANDMASK_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from randmask import __version__
+from randmask.config import MaskingError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (MaskingError,)  # completed lazily in `_user_errors`
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from randmask.experiment.config import RunError
+    from randmask.tasks import DataFormatError, DataNotFoundError
+
+    return (*USER_ERRORS, RunError, DataNotFoundError, DataFormatError)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from randmask.experiment.config import RunConfig
+    from randmask.experiment.options import dataclass_from_args
+    from randmask.experiment.train import run_training
+
+    config = dataclass_from_args(RunConfig, args)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = run_training(config)
+    if record.created < started:
+        print(f"(finished earlier, on {record.created}: shown from the results store; --no-resume runs it again)")
+    metric = "n/a" if record.test_metric is None else f"{100 * record.test_metric:.2f}"
+    print(f"{record.status}: {config.task} test {record.metric} = {metric} (best epoch {record.best_epoch} "
+          f"by {config.select_by}); {record.trainable:,} trainable of {record.total:,}; "
+          f"{record.wall_seconds:.0f} s; run folder {record.run_dir}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from randmask.experiment.config import RunConfig
+    from randmask.experiment.options import dataclass_from_args
+    from randmask.experiment.report import report_tables
+    from randmask.experiment.sweep import SweepConfig, run_sweep
+
+    sweep = dataclass_from_args(SweepConfig, args)
+    base = dataclass_from_args(RunConfig, args)
+    records = run_sweep(sweep, base)
+    print(report_tables(records, base.select_by))
+    failed = sum(r.status == "failed" for r in records)
+    if failed:
+        print(f"{failed} run(s) failed; run the same command again to retry them.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from randmask.experiment.report import report
+    from randmask.experiment.store import ResultStore
+
+    path = Path(args.store or Path(args.out_dir) / "results.sqlite")
+    if not path.is_file():
+        raise MaskingError(f"no results store at {path}; run `randmask train`/`sweep` first or pass --store")
+    where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
+    print(report(ResultStore(path), args.select, **where))
+    return 0
+
+
+def _cmd_main(args: argparse.Namespace) -> int:
+    from randmask.experiment.main_job import run_main_job
+
+    run_main_job(full_protocol=args.full_protocol, out_dir=args.out_dir, data_dir=args.data_dir,
+                 threads=args.threads, progress=args.progress)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from randmask.methods import METHOD_NAMES
+    from randmask.models import model_names
+    from randmask.tasks import TASKS
+
+    print("tasks:   " + ", ".join(f"{n} ({t.kind}{', head mode' if t.has_head_mode else ''})"
+                                  for n, t in TASKS.items()))
+    print("methods: " + ", ".join(METHOD_NAMES))
+    print("models:  " + ", ".join(model_names()) + ", or a local model folder / Hub id")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``randmask`` command."""
+    from randmask.experiment.config import RunConfig
+    from randmask.experiment.options import add_dataclass_options
+    from randmask.experiment.sweep import SweepConfig
+
+    parser = argparse.ArgumentParser(prog="randmask", description="Random Masking fine-tuning experiments.")
+    parser.add_argument("--version", action="version", version=f"randmask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    train = sub.add_parser("train", help="fine-tune one model on one task with one method; report the test metric",
+                           description=RunConfig.__doc__)
+    add_dataclass_options(train, RunConfig)
+    train.set_defaults(func=_cmd_train)
+
+    sweep = sub.add_parser("sweep", help="run a grid (lr x ratio x seed x method x task), skipping finished runs",
+                           description=SweepConfig.__doc__)
+    add_dataclass_options(sweep, SweepConfig)
+    add_dataclass_options(sweep, RunConfig, skip=("model", "task", "method", "ratio", "density", "lr", "seed",
+                                                  "data_seed", "mask_seed", "order_seed"))
+    sweep.set_defaults(func=_cmd_sweep)
+
+    rep = sub.add_parser("report", help="print the best-LR table per method/budget/task (Markdown)")
+    rep.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
+    rep.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    rep.add_argument("--select", choices=["val_loss", "val_metric"], default="val_loss",
+                     help="choose each cell's LR by mean validation loss (default) or validation metric")
+    rep.add_argument("--task", help="only this task")
+    rep.add_argument("--model", help="only this model")
+    rep.add_argument("--method", help="only this method")
+    rep.set_defaults(func=_cmd_report)
+
+    main = sub.add_parser("main", help="the default comparison (about 15 min on 2 CPU cores): MiniLM-L6 on SST-2, "
+                                       "randmask at 3 budgets vs LoRA vs full fine-tuning")
+    main.add_argument("--full-protocol", action="store_true",
+                      help="the paper's protocol (1000/500/1000 examples, 5 epochs, 3 seeds): hours on a CPU")
+    main.add_argument("--out-dir", default="runs/main", help="where runs and results.sqlite go")
+    main.add_argument("--data-dir", help="folder holding glue/SST-2 (default: $RANDMASK_DATA_DIR or ../shared/data)")
+    main.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    main.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    main.set_defaults(func=_cmd_main)
+
+    lst = sub.add_parser("list", help="known tasks, methods and models")
+    lst.set_defaults(func=_cmd_list)
+
+    for module in ("randmask.theory.cli", "randmask.analysis.cli"):
+        try:  # owned by other parts of the project; a missing or broken one must not break the CLI
+            importlib.import_module(module).register(sub)
+        except (ImportError, AttributeError):
+            pass
+    return parser
+
+
+def _quiet_transformers() -> None:
+    """No per-file loading bars or load reports: a run prints its own progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # peft 0.21 calls a transformers 5 method that warns of its own deprecation on every LoRA run.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``randmask`` command; returns the exit code."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_transformers()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        if os.environ.get("RANDMASK_DEBUG"):
+            raise
+        print(f"randmask {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

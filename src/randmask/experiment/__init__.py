@@ -1,0 +1,21 @@
+"""The experimental system: one run, sweeps, the results store, reports, the default main job.
+
+    from randmask.experiment import RunConfig, run_training
+    record = run_training(RunConfig(model="smollm2-135m", task="rte", method="randmask",
+                                    ratio=1e-4, lr=1e-2, seed=0))
+    print(record.status, record.test_metric)
+"""
+
+from randmask.experiment.analysis_inputs import build_model_and_batches
+from randmask.experiment.config import RunConfig, RunError
+from randmask.experiment.record import RunRecord, code_version
+from randmask.experiment.report import report, report_tables
+from randmask.experiment.store import ResultStore
+from randmask.experiment.sweep import SweepConfig, default_lrs, run_sweep, sweep_configs
+from randmask.experiment.train import RunInterrupted, run_training
+
+__all__ = [
+    "ResultStore", "RunConfig", "RunError", "RunInterrupted", "RunRecord", "SweepConfig",
+    "build_model_and_batches", "code_version", "default_lrs", "report", "report_tables", "run_sweep",
+    "run_training", "sweep_configs",
+]
