@@ -35,6 +35,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = dataclass_from_args(RunConfig, args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = run_training(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate, rank 0 reports
+        return 0
     if record.created < started:
         print(f"(finished earlier, on {record.created}: shown from the results store; --no-resume runs it again)")
     metric = "n/a" if record.test_metric is None else f"{100 * record.test_metric:.2f}"

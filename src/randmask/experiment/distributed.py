@@ -8,6 +8,7 @@ the same one (tests/experiment/test_distributed.py checks it, with the gradients
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,10 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
         return model
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # Buffers (mask indices, W0 values) are identical by construction: no per-step broadcast.
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # torch >= 2.13 renamed the switch (and deprecated the old name).
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
 def shard(n: int, ctx: DistContext) -> list[int]:

@@ -21,7 +21,8 @@ DEFAULT_LRS: dict[str, tuple[float, ...]] = {
     "full": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3), "adalora": (1e-4, 3e-4, 1e-3),
     "prefix": (1e-3, 3e-3, 1e-2), "bitfit": (1e-4, 1e-3, 1e-2), "adapter": (1e-4, 3e-4, 1e-3),
 }
-_LADDER = [m * 10.0 ** e for e in range(-6, 1) for m in (1, 3)]
+# float("3e-1"), not 3 * 0.1 = 0.30000000000000004: LRs appear in run ids and tables.
+_LADDER = [float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 3)]
 
 
 def masking_lrs(ratio: float | None) -> tuple[float, ...]:
