@@ -7,19 +7,10 @@ import json
 import sys
 
 import pytest
-import torch
+from tests.conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 
-from conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 from randmask import MaskingConfig, apply_masking
 from randmask.analysis.cli import register, run_distance, run_hessian, run_suggest_lr
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

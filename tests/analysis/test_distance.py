@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from tests.conftest import tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 
-from conftest import tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 from randmask import MaskingConfig, apply_masking, masked_layers
 from randmask.analysis import distance_from, masked_distance
 

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 from torch import nn
 from torch.func import functional_call
 
-from conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 from randmask import MaskingConfig, apply_masking, masked_layers
 from randmask.analysis import HessianVectorProduct, hessian_top_eigenvalue, hessian_top_eigenvalues
 from randmask.ops import dense_reference_linear
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra threads only add sync cost (and stall when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net(nn.Module):
