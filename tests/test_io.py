@@ -148,3 +148,13 @@ def test_loading_twice_under_one_name(tmp_path):
     with pytest.raises(MaskingError, match="already has an adapter"):
         load_adapter(model, tmp_path)
     load_adapter(model, tmp_path, adapter_name="second")
+
+
+def test_ratio_budget_round_trip_on_fused_blocks(tmp_path):
+    # trainable_ratio + GPT-2's fused c_attn[q,v] (Conv1D, transposed): densities must be recomputed
+    # on load exactly as apply_masking computed them, or the regenerated masks would not match.
+    model = _trained("gpt2", trainable_ratio=1e-2)
+    inputs = tiny_inputs("gpt2")
+    out = model_output(model, inputs)
+    save_adapter(model, tmp_path)
+    assert torch.equal(model_output(load_adapter(tiny_model("gpt2"), tmp_path), inputs), out)

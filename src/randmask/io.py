@@ -21,8 +21,8 @@ from torch import nn
 
 from randmask import __version__
 from randmask.config import MaskingConfig, MaskingError
-from randmask.layer import Block, MaskedLayer, is_maskable, logical_shape
-from randmask.masks import indices_checksum
+from randmask.layer import Block, MaskedLayer, is_maskable
+from randmask.masks import indices_checksum, per_matrix_density
 from randmask.model import (
     _META_ATTR,
     _sample_indices,
@@ -138,13 +138,28 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     return header, tensors
 
 
-def _block_densities(header: dict, info: dict, in_features: int) -> list[float]:
-    cfg = header["masking_config"]
+def _block_densities(header: dict) -> dict[str, list[float]]:
+    """Keep probability of every block of every matrix, exactly as ``apply_masking`` computed it.
+
+    The same ``per_matrix_density`` call (same floats) is what makes regenerated masks match.
+    """
+    cfg, matrices = header["masking_config"], header["matrices"]
+    if cfg.get("density") is None and cfg.get("trainable_ratio") is None:
+        return {}  # custom masks: indices are stored explicitly
+
+    def in_features(info: dict) -> int:
+        return info["stored_shape"][0] if info["transposed"] else info["stored_shape"][1]
+
+    sizes = [(stop - start) * in_features(info) for info in matrices.values() for _, start, stop, _ in info["blocks"]]
     if cfg.get("density") is not None:
-        return [cfg["density"]] * len(info["blocks"])
-    n_matrices = sum(len(m["blocks"]) for m in header["matrices"].values())
-    per_matrix = cfg["trainable_ratio"] * header["total_params"] / n_matrices
-    return [per_matrix / ((stop - start) * in_features) for _, start, stop, _ in info["blocks"]]
+        flat = [cfg["density"]] * len(sizes)
+    else:
+        flat = per_matrix_density(cfg["trainable_ratio"], header["total_params"], sizes)
+    densities, k = {}, 0
+    for name, info in matrices.items():
+        densities[name] = flat[k:k + len(info["blocks"])]
+        k += len(info["blocks"])
+    return densities
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
@@ -170,6 +185,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise MaskingError(f"adapter was saved from a base model with {header['total_params']:,} parameters; "
                            f"this model has {total:,}. Load it onto the base model it was trained from.")
     modules = dict(model.named_modules())
+    densities = _block_densities(header)
     prepared = []
     for name, info in header["matrices"].items():
         module = modules.get(name)
@@ -190,8 +206,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if info["explicit_indices"]:
             indices = tensors[f"{name}.indices"]
         else:
-            densities = _block_densities(header, info, logical_shape(module)[1])
-            indices, _ = _sample_indices(Target(name, module, blocks), densities, config, None)
+            indices, _ = _sample_indices(Target(name, module, blocks), densities[name], config, None)
         if indices_checksum(indices) != info["indices_checksum"]:
             raise MaskingError(f"{name}: the mask regenerated from seed {config.seed} does not match the "
                                "saved checksum: the adapter was saved from another base model or "
