@@ -74,3 +74,8 @@ def test_sweep_runs_the_grid_and_prints_the_table(capsys, tmp_path, tiny):
     assert out.count("] ") >= 4 and "| bitfit |" in out and "| randmask 2e-02 |" in out
     assert main(argv) == 0  # resumed: everything skipped
     assert capsys.readouterr().out.count("skip (finished)") == 4
+    # Under torchrun every rank runs the grid; only rank 0 prints (here: a finished grid, seen from rank 1).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANK", "1")
+        assert main(argv) == 0
+    assert capsys.readouterr().out == ""

@@ -27,6 +27,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, RunError, DataNotFoundError, DataFormatError)
 
 
+def _reports() -> bool:
+    """True on the process that prints: rank 0 under torchrun / accelerate launch, or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(text: str) -> None:
+    if _reports():
+        print(text)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from randmask.experiment.config import RunConfig
     from randmask.experiment.options import dataclass_from_args
@@ -35,7 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = dataclass_from_args(RunConfig, args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = run_training(config)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate, rank 0 reports
+    if not _reports():
         return 0
     if record.created < started:
         print(f"(finished earlier, on {record.created}: shown from the results store; --no-resume runs it again)")
@@ -54,10 +64,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     sweep = dataclass_from_args(SweepConfig, args)
     base = dataclass_from_args(RunConfig, args)
-    records = run_sweep(sweep, base)
-    print(report_tables(records, base.select_by))
+    records = run_sweep(sweep, base, say=_say)
+    _say(report_tables(records, base.select_by))
     failed = sum(r.status == "failed" for r in records)
-    if failed:
+    if failed and _reports():
         print(f"{failed} run(s) failed; run the same command again to retry them.", file=sys.stderr)
     return 1 if failed else 0
 
@@ -80,7 +90,7 @@ def _cmd_main(args: argparse.Namespace) -> int:
     from randmask.experiment.main_job import run_main_job
 
     run_main_job(full_protocol=args.full_protocol, out_dir=args.out_dir, data_dir=args.data_dir,
-                 threads=args.threads, progress=args.progress)
+                 threads=args.threads, progress=args.progress, say=_say)
     return 0
 
 

@@ -33,6 +33,17 @@ def test_head_batches(tiny_bert):
     assert torch.isfinite(model(**batches[1]).loss)
 
 
+def test_freeze_head_leaves_only_the_methods_own_parameters(tiny_bert, tiny_lm):
+    model, _ = build_model_and_batches(_args(model=tiny_bert, task="sst2", trainable_ratio=0.02))
+    frozen, _ = build_model_and_batches(_args(model=tiny_bert, task="sst2", trainable_ratio=0.02, freeze_head=True))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    kept = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert kept and kept < names and all(n.endswith(".values") for n in kept)
+    assert any("classifier" in n for n in names - kept)
+    with pytest.raises(RunError, match="no trainable task head"):
+        build_model_and_batches(_args(model=tiny_lm, task="rte", trainable_ratio=0.02, freeze_head=True))
+
+
 def test_a_run_folder_brings_its_config_and_weights(tiny_lm, run_kwargs, tmp_path):
     record = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02,
                                        "lr": 1e-2, "epochs": 1}))

@@ -32,3 +32,12 @@ def test_markdown_table_has_methods_tasks_and_average():
     assert "| randmask 1e-03 | 1% | 90.0 (1e-03) | 60.0 (1e-03) | 75.0 |" in text
     assert "validation loss" in text
     assert report_tables([]) == "No finished runs in the store."
+
+
+def test_zero_shot_row_comes_first_and_shows_no_lr():
+    zero = record(test_metric=0.55)
+    zero.config.update(method="zeroshot", ratio=None)
+    text = report_tables([zero, record(test_metric=0.9)])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert rows[0].startswith("| zeroshot |") and "| 55.0 |" in rows[0]
+    assert rows[1].startswith("| randmask 1e-03 |")

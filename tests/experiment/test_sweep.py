@@ -39,3 +39,9 @@ def test_sweep_goes_on_after_divergence_and_skips_finished_runs(tiny_lm, run_kwa
     again: list[str] = []
     assert [r.status for r in run_sweep(sweep, base, say=again.append)] == ["diverged", "done"]
     assert sum("skip (finished)" in line for line in again) == 2
+
+
+def test_zero_shot_runs_once_whatever_the_lr_grid():
+    sweep = SweepConfig(models=["m"], tasks=["rte"], methods=["zeroshot", "lora"], lrs=[1e-4, 1e-3], seeds=[0])
+    configs = sweep_configs(sweep, RunConfig())
+    assert [c.method for c in configs] == ["zeroshot", "lora", "lora"]

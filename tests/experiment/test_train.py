@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from randmask.experiment import ResultStore, RunConfig, RunInterrupted, run_training
+from randmask.experiment import ResultStore, RunConfig, RunError, RunInterrupted, run_training
 from randmask.methods import METHOD_NAMES, prepare_method
 
 BUDGET = {"randmask": {"ratio": 0.01}, "structured": {"ratio": 0.01}}
@@ -20,7 +20,7 @@ def _trainable(record) -> dict[str, torch.Tensor]:
     return load_file(str(Path(record.run_dir) / "trainable" / "trainable.safetensors"))
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "zeroshot"])
 def test_every_method_runs_and_counts_its_trainable_parameters(method, tiny_lm, run_kwargs):
     options = {"model": tiny_lm, "method": method, "lr": 1e-3, "epochs": 1, **BUDGET.get(method, {})}
     config = RunConfig(**{**run_kwargs, **options})
@@ -32,6 +32,22 @@ def test_every_method_runs_and_counts_its_trainable_parameters(method, tiny_lm, 
     assert sum(t.numel() for t in _trainable(record).values()) == record.trainable
     assert record.total == fresh.report.total
     assert [e["epoch"] for e in record.epochs] == [1] and record.best_epoch == 1
+
+
+def test_zero_shot_evaluates_the_untouched_model(tiny_lm, run_kwargs):
+    zero = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "zeroshot"}))
+    assert zero.status == "done" and zero.trainable == 0 and zero.test_metric is not None
+    assert [e["epoch"] for e in zero.epochs] == [0] and zero.best_epoch == 0
+    # The same numbers as the pre-training evaluation of a run that does train (same data seed).
+    trained = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "bitfit", "lr": 1e-2,
+                                        "epochs": 1, "eval_initial": True}))
+    assert trained.epochs[0]["epoch"] == 0 and trained.epochs[0]["val_loss"] == pytest.approx(zero.val_loss)
+    assert trained.epochs[0]["val_metric"] == pytest.approx(zero.val_metric)
+
+
+def test_zero_shot_refuses_head_mode(tiny_bert, run_kwargs):
+    with pytest.raises(RunError, match="prompt scoring"):
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_bert, "method": "zeroshot"}))
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_bert, run_kwargs, tmp_path):

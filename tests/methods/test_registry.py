@@ -10,7 +10,7 @@ from .tiny import batch, build, logits
 
 def test_method_names() -> None:
     assert set(METHOD_NAMES) == {
-        "randmask", "structured", "full", "lora", "adalora", "prefix", "bitfit", "adapter"
+        "randmask", "structured", "full", "lora", "adalora", "prefix", "bitfit", "adapter", "zeroshot"
     }
 
 

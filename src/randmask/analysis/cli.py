@@ -153,6 +153,9 @@ def _model_args(parser: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--num-batches", type=int, default=4, help="batches the loss is averaged over")
     g.add_argument("--batch-size", type=int, default=8, help="examples per batch")
     g.add_argument("--seed", type=int, default=0, help="seed of the mask and the batch sample")
+    g.add_argument("--freeze-head", action="store_true",
+                   help="classification-head mode: hold the task head fixed, so that only the method's own "
+                   "parameters count as trainable (the head trains in every method and would dominate)")
     parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
 
 

@@ -15,7 +15,8 @@ from randmask.experiment.build import check_names, load_data, load_model, prepar
 from randmask.experiment.checkpoint import load_trainable
 from randmask.experiment.config import RunConfig, RunError
 from randmask.experiment.data import LMItem, collate_head, epoch_order, pad
-from randmask.methods.prepared import TRAINABLE_FILE
+from randmask.methods import default_head_modules
+from randmask.methods.prepared import TRAINABLE_FILE, is_head_param
 
 
 def _arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
@@ -69,6 +70,18 @@ def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> No
                    "adapter folder (adapter_config.json)")
 
 
+def _freeze_head(model: nn.Module, config: RunConfig) -> None:
+    """Stop the task head's parameters from counting as trainable (they keep their current values)."""
+    heads = default_head_modules(model) if config.head_modules is None else config.head_modules
+    frozen = [p for name, p in model.named_parameters() if p.requires_grad and is_head_param(name, heads)]
+    if not frozen:
+        raise RunError("--freeze-head: this model has no trainable task head (prompt-scoring models have none)")
+    for p in frozen:
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RunError("--freeze-head left nothing trainable: the method trains only the head")
+
+
 def lm_batch(items: list[LMItem], pad_id: int) -> dict[str, torch.Tensor]:
     """``context + target`` sequences; labels are -100 except on the target tokens."""
     ids, mask = pad([x.context + x.target for x in items], pad_id)
@@ -80,7 +93,7 @@ def lm_batch(items: list[LMItem], pad_id: int) -> dict[str, torch.Tensor]:
 
 def build_model_and_batches(args: argparse.Namespace) -> tuple[nn.Module, list[dict[str, Any]]]:
     """(prepared model in eval mode, batches) for ``args`` (--model --task --method --trainable-ratio
-    --seed --num-batches --batch-size; --adapter: a run folder, whose config and trained weights are
+    --seed --num-batches --batch-size --freeze-head; --adapter: a run folder, whose config and trained weights are
     used, or a randmask adapter folder loaded onto --model).
 
     Each batch is a dict of tensors such that ``model(**batch).loss`` is the training objective:
@@ -98,6 +111,8 @@ def build_model_and_batches(args: argparse.Namespace) -> tuple[nn.Module, list[d
     adapter = getattr(args, "adapter", None)
     if adapter:
         _load_weights(prepared.model, adapter, _run_folder(adapter))
+    if _arg(args, "freeze_head", default=False):
+        _freeze_head(prepared.model, config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = epoch_order(len(data.train), config.seeds[2], 0)
     batches = []

@@ -31,7 +31,8 @@ class RunConfig:
     task: str = "sst2"
     """Task: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop."""
     method: str = "randmask"
-    """Fine-tuning method: randmask, structured, full, lora, adalora, prefix, bitfit, adapter."""
+    """Fine-tuning method: randmask, structured, full, lora, adalora, prefix, bitfit, adapter; zeroshot (no training,
+    the untouched model is evaluated; prompt scoring only)."""
     ratio: float | None = None
     """Masking budget as a fraction of ALL model parameters (randmask/structured; the paper's 1e-5 is its
     0.001%). Default for masking methods: 1e-3."""

@@ -31,13 +31,15 @@ class Cell:
     tests: list[float]
     n_lrs: int
     diverged: bool = False
+    trained: bool = True
+    """False for zero-shot cells, whose LR means nothing and is not shown."""
 
     def text(self) -> str:
         if self.lr is None or not self.tests:
             return "diverged" if self.diverged else "-"
         mean = 100 * statistics.fmean(self.tests)
         spread = f" ±{100 * statistics.stdev(self.tests):.1f}" if len(self.tests) > 1 else ""
-        return f"{mean:.1f}{spread} ({self.lr:.0e})"
+        return f"{mean:.1f}{spread}" + (f" ({self.lr:.0e})" if self.trained else "")
 
 
 def method_label(config: dict[str, Any]) -> str:
@@ -70,7 +72,7 @@ def best_cell(records: Sequence[RunRecord], select_by: Select = "val_loss") -> C
     if not math.isfinite(score):
         return Cell(None, [], len(by_lr), diverged=any(r.status == "diverged" for r in records))
     tests = [r.test_metric for r in by_lr[lr] if r.test_metric is not None]
-    return Cell(lr, tests, len(by_lr))
+    return Cell(lr, tests, len(by_lr), trained=by_lr[lr][0].config["method"] != "zeroshot")
 
 
 def _params(records: Sequence[RunRecord]) -> str:
@@ -117,7 +119,7 @@ def _task_order(task: str) -> int:
 
 
 def _method_order(label: str) -> tuple[int, float]:
-    names = ["full", "lora", "adalora", "adapter", "bitfit", "prefix", "randmask", "structured"]
+    names = ["zeroshot", "full", "lora", "adalora", "adapter", "bitfit", "prefix", "randmask", "structured"]
     method, _, budget = label.partition(" ")
     rank = names.index(method) if method in names else len(names)
     try:

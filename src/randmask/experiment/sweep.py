@@ -64,7 +64,9 @@ def sweep_configs(sweep: SweepConfig, base: RunConfig) -> list[RunConfig]:
             for method in sweep.methods:
                 budgets = sweep.ratios if method in MASKING_METHODS else [None]
                 for ratio in budgets:
-                    for lr in sweep.lrs or default_lrs(method, ratio):
+                    # zeroshot trains nothing: one run per seed, at the base config's (unused) LR
+                    lrs = [base.lr] if method == "zeroshot" else sweep.lrs or default_lrs(method, ratio)
+                    for lr in lrs:
                         for seed in sweep.seeds:
                             runs.append(dataclasses.replace(
                                 base, model=model, task=task, method=method, ratio=ratio,

@@ -38,7 +38,7 @@ from randmask.experiment.checkpoint import (
     save_checkpoint,
     trainable_tensors,
 )
-from randmask.experiment.config import RunConfig
+from randmask.experiment.config import RunConfig, RunError
 from randmask.experiment.data import epoch_order, micro_batches, step_batches
 from randmask.experiment.distributed import (
     DistContext,
@@ -99,6 +99,10 @@ class _Run:
         self.started = time.time()
         self.run_dir = Path(config.out_dir) / config.run_id
         mode = resolve_mode(config, spec)
+        self.zero_shot = config.method == "zeroshot"
+        if self.zero_shot and mode == "head":
+            raise RunError("method 'zeroshot' needs prompt scoring (--mode lm): in head mode the classifier is "
+                           "untrained, so its score is chance, not the model's zero-shot ability")
         splits = sample_splits(config, spec)
         model, self.tokenizer = load_model(config, spec, mode)
         self.data = load_data(config, spec, mode, self.tokenizer, splits)
@@ -107,14 +111,15 @@ class _Run:
         self.prepared = prepare(config, model, total_steps=self.steps_per_epoch * config.epochs)
         self.model = self.prepared.model.to(ctx.device)
         self.objective = make_objective(config, self.data, self.tokenizer)
-        self.optimizer = build_optimizer(self.prepared, config, self.heads)
+        self.optimizer = None if self.zero_shot else build_optimizer(self.prepared, config, self.heads)
         torch.manual_seed(config.seeds[2])  # dropout stream: the order seed (saved in checkpoints)
         self.state, self.best = TrainState(), None
         self.ckpt = self.run_dir / "checkpoint"
         if not config.resume and ctx.is_main:
             shutil.rmtree(self.ckpt, ignore_errors=True)
         barrier(ctx)
-        loaded = load_checkpoint(self.ckpt, self.model, self.optimizer, config.run_id) if config.resume else None
+        resumable = config.resume and self.optimizer is not None
+        loaded = load_checkpoint(self.ckpt, self.model, self.optimizer, config.run_id) if resumable else None
         if loaded is not None:
             self.state, self.best = loaded
         self.ddp = wrap_ddp(self.model, ctx)
@@ -130,6 +135,8 @@ class _Run:
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
+        if self.zero_shot:
+            return self._zero_shot()
         status = "done" if self._train() else "diverged"
         test_metric = None
         if status == "done" and self.best is not None:
@@ -138,6 +145,14 @@ class _Run:
             if self.ctx.is_main and self.config.save_adapter:
                 self._save_adapter()
         return self._finish(status, test_metric)
+
+    def _zero_shot(self) -> RunRecord:
+        """Evaluate the untouched model: validation (recorded as epoch 0, the one selected) and test."""
+        val_loss, val_metric = self.evaluate(self.data.val, self._val_metric())
+        self.state.history.append({"epoch": 0, "train_loss": None, "val_loss": val_loss, "val_metric": val_metric})
+        self.state.best_epoch = 0
+        test_metric = self.evaluate(self.data.test, with_metric=True)[1] if self.data.test else None
+        return self._finish("done", test_metric)
 
     def _train(self) -> bool:
         """All epochs from the current state; False when the loss stopped being finite."""

@@ -25,6 +25,7 @@ from randmask.methods.masking import prepare_masking
 from randmask.methods.prefix import prepare_prefix
 from randmask.methods.prepared import PreparedModel, TrainableReport, count_parameters
 from randmask.methods.targets import ARCHITECTURES, ArchTargets, default_head_modules, default_targets
+from randmask.methods.zeroshot import prepare_zeroshot
 
 _METHODS: dict[str, Callable[..., PreparedModel]] = {
     "randmask": partial(prepare_masking, kind="random"),
@@ -35,6 +36,7 @@ _METHODS: dict[str, Callable[..., PreparedModel]] = {
     "prefix": prepare_prefix,
     "bitfit": prepare_bitfit,
     "adapter": prepare_adapter,
+    "zeroshot": prepare_zeroshot,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(_METHODS)
 _COMMON = {"model", "kind", "total", "heads", "targets", "ratio", "density", "seed", "total_steps"}
