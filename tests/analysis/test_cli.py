@@ -63,9 +63,37 @@ def test_handler_uses_the_experiment_hook(model_and_batches, tmp_path, monkeypat
 
     hook = types.ModuleType("randmask.experiment")
     hook.build_model_and_batches = lambda args: model_and_batches
+    hook.describe_analysis_run = lambda args: {"method": "randmask", "ratio": None, "trained": False}
     monkeypatch.setitem(sys.modules, "randmask.experiment", hook)
     args = _parser().parse_args(["distance", "--out", str(tmp_path)])
     assert args.func(args) == 0 and (tmp_path / "distance.json").is_file()
+    run = json.loads((tmp_path / "distance.json").read_text())["run"]
+    assert run["method"] == "randmask" and 0 < run["n_trainable"] < run["n_total"]
+
+
+@pytest.mark.filterwarnings("ignore:power iteration did not reach:RuntimeWarning")
+def test_figure4_pairs_before_and_after_by_method_and_budget(model_and_batches, tmp_path, capsys):
+    model, batches = model_and_batches
+    meta = {"method": "randmask", "ratio": 1e-3, "task": "rte"}
+    before = run_hessian(model, batches, tmp_path / "before", max_iter=3, meta={**meta, "trained": False})
+    after = run_suggest_lr(model, batches, tmp_path / "after", max_iter=3, meta={**meta, "trained": True})
+    run_distance(model, tmp_path / "after", meta={**meta, "trained": True})
+    full = run_hessian(model, batches, tmp_path / "full", max_iter=3, meta={"method": "full", "trained": False})
+    args = _parser().parse_args(["figure4", str(tmp_path), "--out", str(tmp_path / "fig")])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| randmask |"))
+    assert f"| {before['lambda_max']:.4g} | {after['lambda_max']:.4g} | 0 |" in row and "| 0.1% |" in row
+    assert f"| {full['lambda_max']:.4g} | - | - |" in table  # full FT: budget from the counts
+    assert (tmp_path / "fig" / "lambda_max.png").is_file() and (tmp_path / "fig" / "distance.png").is_file()
+
+
+def test_figure4_rejects_files_without_a_run_block(tmp_path):
+    from randmask.analysis.figure4 import collect
+
+    (tmp_path / "hessian.json").write_text('{"lambda_max": 1.0}')
+    with pytest.raises(ValueError, match="no 'run' block"):
+        collect([tmp_path])
 
 
 def test_missing_experiment_module_is_a_clear_error(monkeypatch):

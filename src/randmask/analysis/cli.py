@@ -24,7 +24,7 @@ from randmask.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenv
 from randmask.analysis.hvp import LossFn
 from randmask.analysis.plots import plot_power_trace
 from randmask.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
-from randmask.model import masked_layers
+from randmask.model import count_base_parameters, masked_layers
 
 
 def _write_json(out: Path, name: str, data: dict) -> Path:
@@ -38,10 +38,19 @@ def _n_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _run_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``meta`` plus the trainable and total (base model) parameter counts."""
+    return {**(meta or {}), "n_trainable": _n_trainable(model), "n_total": count_base_parameters(model)}
+
+
 def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
                 loss_fn: LossFn | None = None, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
-                which: str = "top", top_k: int = 0) -> dict:
-    """λ_max by power iteration (+ the top-k by Lanczos if ``top_k``); writes hessian.json, power_trace.png."""
+                which: str = "top", top_k: int = 0, meta: Mapping[str, Any] | None = None) -> dict:
+    """λ_max by power iteration (+ the top-k by Lanczos if ``top_k``); writes hessian.json, power_trace.png.
+
+    ``meta``: what was measured (model, task, method, budget, trained or not), stored as ``run`` in the JSON
+    together with the parameter counts, so that ``randmask figure4`` can place the result.
+    """
     out = Path(out_dir)
     res = hessian_top_eigenvalue(model, batches, loss_fn, tol=tol, max_iter=max_iter, seed=seed,
                                  which=which)  # type: ignore[arg-type]
@@ -50,7 +59,7 @@ def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *
         "iterations": res.iterations, "largest_magnitude": res.largest_magnitude,
         "shifted": res.shifted, "residual": res.residual, "trace": res.trace,
         "n_trainable": _n_trainable(model), "n_batches": len(batches),
-        "settings": {"tol": tol, "max_iter": max_iter, "seed": seed},
+        "settings": {"tol": tol, "max_iter": max_iter, "seed": seed}, "run": _run_meta(model, meta),
     }
     if top_k:
         summary["top_k"] = hessian_top_eigenvalues(model, batches, top_k, loss_fn, seed=seed)
@@ -61,7 +70,8 @@ def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *
 
 
 def run_distance(model: nn.Module, out_dir: str | Path,
-                 reference_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict:
+                 reference_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 meta: Mapping[str, Any] | None = None) -> dict:
     """Distance from the pretrained weights; writes distance.json.
 
     With a reference state dict: ``distance_from`` (any method); without one, a randmask model's
@@ -74,17 +84,19 @@ def run_distance(model: nn.Module, out_dir: str | Path,
     else:
         raise ValueError("this model has no randmask layers: pass --reference PRETRAINED_WEIGHTS "
                          "(.safetensors or a torch state dict) to compare its weights with.")
-    summary = {"method": how, **report.to_dict()}
+    summary = {"method": how, **report.to_dict(), "run": _run_meta(model, meta)}
     summary["files"] = {"json": str(_write_json(Path(out_dir), "distance.json", summary))}
     return summary
 
 
 def run_suggest_lr(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
                    loss_fn: LossFn | None = None, calibration: float = ADAM_CALIBRATION,
-                   tol: float = 1e-3, max_iter: int = 100, seed: int = 0) -> dict:
+                   tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
+                   meta: Mapping[str, Any] | None = None) -> dict:
     """Adam LR suggestion from λ_max; writes suggest_lr.json."""
     sugg = suggest_lr(model, batches, loss_fn, calibration=calibration, tol=tol, max_iter=max_iter, seed=seed)
-    summary = {**sugg.to_dict(), "formula": "adam_lr = calibration * grad_rms * 2 / lambda_max"}
+    summary = {**sugg.to_dict(), "formula": "adam_lr = calibration * grad_rms * 2 / lambda_max",
+               "run": _run_meta(model, meta)}
     summary["files"] = {"json": str(_write_json(Path(out_dir), "suggest_lr.json", summary))}
     return summary
 
@@ -100,9 +112,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _build(args: argparse.Namespace) -> tuple[nn.Module, list]:
+def _build(args: argparse.Namespace) -> tuple[nn.Module, list, dict[str, Any]]:
     try:
-        from randmask.experiment import build_model_and_batches
+        from randmask.experiment import build_model_and_batches, describe_analysis_run
     except ImportError as err:
         if err.name != "randmask.experiment":
             raise
@@ -112,33 +124,42 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, list]:
             "randmask.analysis.cli.run_hessian / run_distance / run_suggest_lr with a model instead."
         ) from None
     model, batches = build_model_and_batches(args)
-    return model, list(batches)
+    return model, list(batches), describe_analysis_run(args)
 
 
 def _cmd_hessian(args: argparse.Namespace) -> int:
-    model, batches = _build(args)
+    model, batches, meta = _build(args)
     s = run_hessian(model, batches, args.out, tol=args.tol, max_iter=args.max_iter, seed=args.power_seed,
-                    which=args.which, top_k=args.top_k)
+                    which=args.which, top_k=args.top_k, meta=meta)
     print(f"lambda_max = {s['lambda_max']:.6g} ({'converged' if s['converged'] else 'NOT converged'} "
           f"after {s['iterations']} HVPs); wrote {s['files']['json']}")
     return 0
 
 
 def _cmd_distance(args: argparse.Namespace) -> int:
-    model, _ = _build(args)
+    model, _, meta = _build(args)
     reference = load_state_dict(args.reference) if args.reference else None
-    s = run_distance(model, args.out, reference)
+    s = run_distance(model, args.out, reference, meta=meta)
     print(f"distance = {s['total']:.6g} over {len(s['per_matrix'])} matrices; wrote {s['files']['json']}")
     return 0
 
 
 def _cmd_suggest_lr(args: argparse.Namespace) -> int:
-    model, batches = _build(args)
+    model, batches, meta = _build(args)
     s = run_suggest_lr(model, batches, args.out, calibration=args.calibration, tol=args.tol,
-                       max_iter=args.max_iter, seed=args.power_seed)
+                       max_iter=args.max_iter, seed=args.power_seed, meta=meta)
     print(f"lambda_max = {s['lambda_max']:.4g}, GD bound 2/lambda = {s['gd_bound']:.4g}, "
           f"Adam lr ~ {s['adam_lr']:.3g} (try {s['adam_lr_low']:.3g} .. {s['adam_lr_high']:.3g}); "
           f"wrote {s['files']['json']}")
+    return 0
+
+
+def _cmd_figure4(args: argparse.Namespace) -> int:
+    from randmask.analysis.figure4 import figure4, markdown
+
+    rows, files = figure4(args.folders, args.out)
+    print(markdown(rows))
+    print("wrote " + ", ".join(map(str, files)))
     return 0
 
 
@@ -197,3 +218,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=float, default=ADAM_CALIBRATION,
                    help="Adam calibration factor (see randmask.analysis.suggest_lr)")
     p.set_defaults(func=_cmd_suggest_lr, command="suggest-lr")
+
+    p = subparsers.add_parser("figure4", formatter_class=fmt,
+                              help="paper Fig. 4 (λ_max before/after, distance vs budget) from analysis outputs",
+                              description="Reads every hessian.json / suggest_lr.json / distance.json under the "
+                              "folders, prints a table and writes lambda_max.png and distance.png.")
+    p.add_argument("folders", nargs="+", type=Path, help="folders holding the analysis commands' outputs")
+    p.add_argument("--out", type=Path, default=Path("runs/analysis"), help="output directory")
+    p.set_defaults(func=_cmd_figure4, command="figure4")

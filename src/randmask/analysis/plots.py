@@ -47,7 +47,8 @@ def _ratio_axis(ax, ylabel: str) -> None:
            ylabel=ylabel)
     ax.xaxis.set_major_formatter(_PERCENT)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def plot_lambda_max(records: Sequence[Mapping], path: str | Path, task: str = "") -> Path:

@@ -6,7 +6,7 @@
     print(record.status, record.test_metric)
 """
 
-from randmask.experiment.analysis_inputs import build_model_and_batches
+from randmask.experiment.analysis_inputs import build_model_and_batches, describe_analysis_run
 from randmask.experiment.config import RunConfig, RunError
 from randmask.experiment.record import RunRecord, code_version
 from randmask.experiment.report import report, report_tables
@@ -16,6 +16,6 @@ from randmask.experiment.train import RunInterrupted, run_training
 
 __all__ = [
     "ResultStore", "RunConfig", "RunError", "RunInterrupted", "RunRecord", "SweepConfig",
-    "build_model_and_batches", "code_version", "default_lrs", "report", "report_tables", "run_sweep",
-    "run_training", "sweep_configs",
+    "build_model_and_batches", "code_version", "default_lrs", "describe_analysis_run", "report", "report_tables",
+    "run_sweep", "run_training", "sweep_configs",
 ]

@@ -54,6 +54,14 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def describe_analysis_run(args: argparse.Namespace) -> dict[str, Any]:
+    """What an analysis command measured: model, task, method, budget, and whether trained weights were loaded."""
+    config = _config(args)
+    return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.ratio,
+            "density": config.density, "seed": config.seed, "trained": bool(getattr(args, "adapter", None)),
+            "adapter": str(args.adapter) if getattr(args, "adapter", None) else None}
+
+
 def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> None:
     """Trained weights from a run folder, or a randmask adapter folder (save_adapter) onto ``model``."""
     if run is not None:
