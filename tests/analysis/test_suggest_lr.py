@@ -59,3 +59,13 @@ def test_no_positive_curvature_is_a_clear_error():
     concave = [None]  # loss = -½||w||²: H = -I, top eigenvalue -1
     with pytest.raises(ValueError, match="no positive curvature"):
         suggest_lr(model, concave, lambda m, _: -0.5 * (m.w ** 2).sum(), max_iter=20)
+
+
+def test_calibrate_is_the_geometric_mean_of_best_over_suggested():
+    from randmask.analysis.suggest_lr import calibrate
+
+    factor, spread = calibrate([1e-3, 1e-2], [1e-2, 1e-2])  # own factors 10 and 1
+    assert factor == pytest.approx(10**0.5) and spread == pytest.approx(10**0.5)
+    assert calibrate([2e-3], [6e-3]) == pytest.approx((3.0, 1.0))
+    with pytest.raises(ValueError, match="as many"):
+        calibrate([1e-3], [])

@@ -9,7 +9,7 @@ from randmask.analysis.distance import DistanceReport, distance_from, masked_dis
 from randmask.analysis.eigen import EigenResult, lanczos, power_iteration
 from randmask.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
 from randmask.analysis.hvp import HessianVectorProduct, default_loss, eval_mode, trainable_parameters
-from randmask.analysis.suggest_lr import ADAM_CALIBRATION, LR_RANGE_FACTOR, LRSuggestion, suggest_lr
+from randmask.analysis.suggest_lr import ADAM_CALIBRATION, LR_RANGE_FACTOR, LRSuggestion, calibrate, suggest_lr
 
 __all__ = [
     "ADAM_CALIBRATION",
@@ -18,6 +18,7 @@ __all__ = [
     "EigenResult",
     "HessianVectorProduct",
     "LRSuggestion",
+    "calibrate",
     "default_loss",
     "distance_from",
     "eval_mode",

@@ -106,3 +106,19 @@ def suggest_lr(
     lr = calibration * grad_rms * gd_bound
     return LRSuggestion(eig.eigenvalue, gd_bound, grad_rms, lr, lr / range_factor, lr * range_factor,
                         calibration, hvp.dim, eig.converged, eig.iterations)
+
+
+def calibrate(suggested: Sequence[float], best: Sequence[float]) -> tuple[float, float]:
+    """(factor, spread) mapping suggestions made at calibration 1 to the best swept LRs.
+
+    factor: geometric mean of best / suggested over the pairs (the ``ADAM_CALIBRATION`` to use);
+    spread: the largest ratio between any pair's own factor and ``factor`` (1 = one factor fits all
+    pairs exactly; a grid step of √10 either side is the suggested range).
+    """
+    if len(suggested) != len(best) or not suggested:
+        raise ValueError(f"need as many suggestions as best LRs (and at least one), got {len(suggested)}, {len(best)}")
+    if min(*suggested, *best) <= 0:
+        raise ValueError("learning rates must be > 0")
+    logs = [math.log(b / s) for s, b in zip(suggested, best)]
+    mean = sum(logs) / len(logs)
+    return math.exp(mean), math.exp(max(abs(x - mean) for x in logs))
