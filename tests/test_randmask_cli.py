@@ -63,6 +63,11 @@ def test_train_then_report(capsys, tmp_path, tiny):
     assert main(["report", "--out-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "| randmask 2e-02 |" in table and "| RTE |" in table
+    png = tmp_path / "curves.png"
+    assert main(["curves", "--out-dir", str(tmp_path), "--task", "rte", "--out", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("randmask 2e-02 lr 0.01 s0: 1: 0.") and png.is_file()
+    assert "no finished runs" in _fails(capsys, "curves", "--out-dir", str(tmp_path), "--task", "cb")
 
 
 def test_sweep_runs_the_grid_and_prints_the_table(capsys, tmp_path, tiny):

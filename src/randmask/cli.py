@@ -86,6 +86,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curves(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from randmask.experiment.curves import write_curves
+    from randmask.experiment.store import ResultStore
+
+    path = Path(args.store or Path(args.out_dir) / "results.sqlite")
+    if not path.is_file():
+        raise MaskingError(f"no results store at {path}; run `randmask train`/`sweep` first or pass --store")
+    where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
+    png, curves = write_curves(ResultStore(path), args.out, **where)
+    for label, points in curves.items():
+        print(f"{label}: " + ", ".join(f"{e}: {m:.4f}" for e, m, _ in points if m is not None))
+    print(f"wrote {png}")
+    return 0
+
+
 def _cmd_main(args: argparse.Namespace) -> int:
     from randmask.experiment.main_job import run_main_job
 
@@ -137,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--model", help="only this model")
     rep.add_argument("--method", help="only this method")
     rep.set_defaults(func=_cmd_report)
+
+    cur = sub.add_parser("curves", help="plot validation score per epoch of stored runs (longer-training study)")
+    cur.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
+    cur.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    cur.add_argument("--task", help="only this task")
+    cur.add_argument("--model", help="only this model")
+    cur.add_argument("--method", help="only this method")
+    cur.add_argument("--out", default="runs/curves.png", help="PNG to write (default: runs/curves.png)")
+    cur.set_defaults(func=_cmd_curves)
 
     main = sub.add_parser("main", help="the default comparison (about 15 min on 2 CPU cores): MiniLM-L6 on SST-2, "
                                        "randmask at 3 budgets vs LoRA vs full fine-tuning")

@@ -123,3 +123,28 @@ def plot_power_trace(traces: Sequence[float] | Mapping[str, Sequence[float]], pa
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     return _finish(fig, path, title)
+
+
+def plot_epoch_curves(curves: Mapping[str, Sequence[tuple[int, float | None, float | None]]], path: str | Path,
+                      metric: str = "accuracy", title: str = "Validation score per epoch") -> Path:
+    """Paper Fig. 4b (right): validation metric and loss against the epoch, one line per run.
+
+    ``curves``: ``{label: [(epoch, val_metric, val_loss), ...]}``; None values are skipped.
+    """
+    fig = Figure(figsize=(11, 4.4))
+    ax1, ax2 = fig.subplots(1, 2)
+    for i, (label, points) in enumerate(curves.items()):
+        for ax, k in ((ax1, 1), (ax2, 2)):
+            pts = [(p[0], p[k]) for p in points if p[k] is not None]
+            if pts:
+                ax.plot([e for e, _ in pts], [v for _, v in pts], "o-", ms=3, color=f"C{i % 10}", label=label)
+    ax1.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"Validation {metric} (higher is better)")
+    ax2.set(xlabel="epoch", ylabel="validation loss", title="Validation loss (lower is better)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    caption = "Epoch 0 (if present) is the model before training. A curve still rising at the last epoch " \
+              "means the learning rate is too small for the budget (underfitting), not that it generalises worse."
+    return _finish(fig, path, title, caption)
