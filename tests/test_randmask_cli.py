@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from experiment.tiny import make_tiny_lm
@@ -77,6 +79,10 @@ def test_sweep_runs_the_grid_and_prints_the_table(capsys, tmp_path, tiny):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("] ") >= 4 and "| bitfit |" in out and "| randmask 2e-02 |" in out
+    assert main(["report", "--out-dir", str(tmp_path), "--best-runs"]) == 0
+    best = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [b[:2] for b in best] == [["rte", "bitfit"], ["rte", "randmask_2e-02"]]
+    assert all(b[2] in ("0.001", "0.01") and (tmp_path / Path(b[3]).name / "config.json").is_file() for b in best)
     assert main(argv) == 0  # resumed: everything skipped
     assert capsys.readouterr().out.count("skip (finished)") == 4
     # Under torchrun every rank runs the grid; only rank 0 prints (here: a finished grid, seen from rank 1).

@@ -82,6 +82,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise MaskingError(f"no results store at {path}; run `randmask train`/`sweep` first or pass --store")
     where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
+    if args.best_runs:
+        from randmask.experiment.report import best_runs, method_label
+
+        for r in best_runs(ResultStore(path).records(**where), args.select):
+            print("\t".join([r.config["task"], method_label(r.config).replace(" ", "_"), f"{r.config['lr']:g}",
+                             r.run_dir or ""]))
+        return 0
     print(report(ResultStore(path), args.select, **where))
     return 0
 
@@ -153,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--task", help="only this task")
     rep.add_argument("--model", help="only this model")
     rep.add_argument("--method", help="only this method")
+    rep.add_argument("--best-runs", action="store_true",
+                     help="instead of the table, one tab-separated line per cell: task, method_budget, chosen LR, "
+                     "run folder (to feed the analysis commands' --adapter)")
     rep.set_defaults(func=_cmd_report)
 
     cur = sub.add_parser("curves", help="plot validation score per epoch of stored runs (longer-training study)")

@@ -128,6 +128,20 @@ def _method_order(label: str) -> tuple[int, float]:
         return rank, 0.0
 
 
+def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss") -> list[RunRecord]:
+    """The run (first seed) at the chosen LR of every (model, protocol, task, method/budget) cell."""
+    cells: dict[tuple[str, str, str, str], list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.status in ("done", "diverged"):
+            cells[(r.config["model"], protocol_label(r.config), r.config["task"], method_label(r.config))].append(r)
+    chosen = []
+    for key in sorted(cells, key=lambda k: (k[0], k[1], _task_order(k[2]), _method_order(k[3]))):
+        cell = best_cell(cells[key], select_by)
+        if cell.lr is not None:
+            chosen.append(min((r for r in cells[key] if r.config["lr"] == cell.lr), key=lambda r: r.config["seed"]))
+    return chosen
+
+
 def report(store: ResultStore, select_by: Select = "val_loss", **where: Any) -> str:
     """The Markdown report of every finished run in ``store`` matching ``column=value`` filters."""
     return report_tables(store.records(**where), select_by)
