@@ -76,3 +76,29 @@ def test_errors_say_what_to_do():
     bad = {k: v[..., :1] for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="same pretrained model"):
         distance_from(model, bad)
+
+
+def test_a_bare_backbone_checkpoint_serves_a_task_model():
+    import transformers as tf
+
+    config = tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, num_labels=2)
+    torch.manual_seed(0)
+    classifier = tf.BertForSequenceClassification(config)
+    backbone = {k.removeprefix("bert."): v.clone() for k, v in classifier.state_dict().items() if k.startswith("bert.")}
+    with torch.no_grad():
+        classifier.bert.encoder.layer[0].attention.self.query.weight.add_(1.0)
+    report = distance_from(classifier, backbone)
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert list(report.per_matrix) == [key] and report.per_matrix[key] == pytest.approx(16.0)
+
+
+def test_trainable_only_leaves_out_frozen_parameters_but_keeps_masked_weights(trained):
+    model, reference = trained
+    with torch.no_grad():
+        model.model.decoder.final_layer_norm.weight.add_(1.0)  # moved, but frozen by apply_masking
+    everything = distance_from(model, reference)
+    trained_only = distance_from(model, reference, trainable_only=True)
+    assert "model.decoder.final_layer_norm.weight" in everything.per_matrix
+    assert trained_only.per_matrix.keys() == masked_distance(model).per_matrix.keys()
+    assert trained_only.total == pytest.approx(masked_distance(model).total)

@@ -78,7 +78,9 @@ def run_distance(model: nn.Module, out_dir: str | Path,
     ``values`` (``masked_distance``).
     """
     if reference_state_dict is not None:
-        report, how = distance_from(model, reference_state_dict), "weights vs reference state dict"
+        # Only what the method trains: a head held fixed (--freeze-head) moved in training but is not the method's.
+        report = distance_from(model, reference_state_dict, trainable_only=True)
+        how = "weights vs reference state dict"
     elif masked_layers(model):
         report, how = masked_distance(model), "norm of randmask values"
     else:

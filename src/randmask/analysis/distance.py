@@ -70,27 +70,35 @@ def _reference_key(name: str, reference: Mapping[str, torch.Tensor]) -> str | No
     plain = name.removeprefix(_PEFT_PREFIX)
     for part in _WRAPPER_PARTS:
         plain = plain.replace(part, "")
-    for candidate in (plain, _PEFT_PREFIX + plain):
+    # Last: without the first name part, the task model's backbone prefix ("bert.", "model."), for a
+    # reference that is the bare backbone (e.g. a sentence-transformers checkpoint under a classifier).
+    for candidate in (plain, _PEFT_PREFIX + plain, plain.partition(".")[2]):
         if candidate in reference:
             return candidate
     return None
 
 
 def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Tensor],
-                  skip_unchanged: bool = True) -> DistanceReport:
+                  skip_unchanged: bool = True, trainable_only: bool = False) -> DistanceReport:
     """||θ - θ_ref|| per parameter and in total, matching parameters to the reference by name.
 
     Names are matched exactly, or after removing ``.base_layer`` (randmask/peft wrappers) and
-    peft's ``base_model.model.`` prefix, so a snapshot taken before ``apply_masking`` works.
+    peft's ``base_model.model.`` prefix, so a snapshot taken before ``apply_masking`` works; or
+    without the backbone prefix (``bert.``), so a bare-encoder checkpoint serves a task model.
     randmask ``values`` are skipped (their delta is already in the weights, which are synced
     first). ``skip_unchanged`` drops parameters with zero distance from ``per_matrix``.
+    ``trainable_only`` counts only what the method trains: parameters with ``requires_grad`` and
+    the weights of masked layers (e.g. not a task head held fixed with ``--freeze-head``).
     """
     for layer in masked_layers(model).values():
         layer.sync()  # the weight may lag the values until the next forward
     skip = {id(m.values) for m in model.modules() if isinstance(m, MaskAdapter)}
+    masked_weights = {id(layer.weight) for layer in masked_layers(model).values()}
     norms, unmatched = {}, []
     for name, param in model.named_parameters():
         if id(param) in skip:
+            continue
+        if trainable_only and not (param.requires_grad or id(param) in masked_weights):
             continue
         key = _reference_key(name, reference_state_dict)
         if key is None:
