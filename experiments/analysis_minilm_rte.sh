@@ -21,6 +21,6 @@ randmask report --out-dir "$RUNS" --task rte --best-runs | while IFS=$'\t' read 
   case $label in full|randmask_*) ;; *) continue;; esac
   randmask hessian --adapter "$dir" $POWER --out "$OUT/after/$label" < /dev/null
   ref=(); [ "$label" = full ] && ref=(--reference "$REFERENCE")
-  randmask distance --adapter "$dir" "${ref[@]}" --out "$OUT/after/$label" < /dev/null
+  randmask distance --adapter "$dir" --freeze-head "${ref[@]}" --out "$OUT/after/$label" < /dev/null
 done
 randmask figure4 "$OUT" --out "$OUT"
