@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,17 @@ def test_sweep_runs_the_grid_and_prints_the_table(capsys, tmp_path, tiny):
     best = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert [b[:2] for b in best] == [["rte", "bitfit"], ["rte", "randmask_2e-02"]]
     assert all(b[2] in ("0.001", "0.01") and (tmp_path / Path(b[3]).name / "config.json").is_file() for b in best)
+    # calibrate-lr pairs a suggestion (made at factor 1) with the cell of the same task, method and budget.
+    chosen = float(best[1][2])
+    for name, ratio in (("match", 0.02), ("other", 0.5)):
+        (tmp_path / "suggest" / name).mkdir(parents=True)
+        (tmp_path / "suggest" / name / "suggest_lr.json").write_text(json.dumps(
+            {"adam_lr": 4e-3, "calibration": 2.0, "lambda_max": 1.5,
+             "run": {"task": "rte", "method": "randmask", "ratio": ratio}}))
+    assert main(["calibrate-lr", str(tmp_path / "suggest"), "--task", "rte", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"| randmask 2e-02 | 1.5 | 0.002 | {chosen:g} | {chosen / 2e-3:.3g} |" in out and "5e-01" not in out
+    assert f"factor (geometric mean of best / suggested): {chosen / 2e-3:.3g}; spread: x1 " in out
     assert main(argv) == 0  # resumed: everything skipped
     assert capsys.readouterr().out.count("skip (finished)") == 4
     # Under torchrun every rank runs the grid; only rank 0 prints (here: a finished grid, seen from rank 1).

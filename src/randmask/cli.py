@@ -110,6 +110,19 @@ def _cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_lr(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from randmask.experiment.calibrate_lr import calibration_pairs, calibration_report
+    from randmask.experiment.store import ResultStore
+
+    path = Path(args.store or Path(args.out_dir) / "results.sqlite")
+    if not path.is_file():
+        raise MaskingError(f"no results store at {path}; run `randmask sweep` first or pass --store")
+    print(calibration_report(calibration_pairs(args.folders, ResultStore(path), args.task)))
+    return 0
+
+
 def _cmd_main(args: argparse.Namespace) -> int:
     from randmask.experiment.main_job import run_main_job
 
@@ -173,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--method", help="only this method")
     cur.add_argument("--out", default="runs/curves.png", help="PNG to write (default: runs/curves.png)")
     cur.set_defaults(func=_cmd_curves)
+
+    cal = sub.add_parser("calibrate-lr", help="fit suggest-lr's Adam factor to the best LRs of a sweep")
+    cal.add_argument("folders", nargs="+", help="folders holding suggest_lr.json files (made with --calibration 1)")
+    cal.add_argument("--task", required=True, help="the task of the suggestions and the sweep")
+    cal.add_argument("--out-dir", default="runs", help="folder holding the sweep's results.sqlite (default: runs)")
+    cal.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    cal.set_defaults(func=_cmd_calibrate_lr)
 
     main = sub.add_parser("main", help="the default comparison (about 15 min on 2 CPU cores): MiniLM-L6 on SST-2, "
                                        "randmask at 3 budgets vs LoRA vs full fine-tuning")
