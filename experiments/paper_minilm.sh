@@ -12,8 +12,9 @@ for task in ${TASKS:-sst2 rte cb}; do
   S="$COMMON --tasks $task $(sizes "$task")"
   randmask sweep $S --methods full --lrs 1e-5 3e-5 1e-4
   randmask sweep $S --methods lora --lrs 3e-4 1e-3 3e-3
-  randmask sweep $S --methods randmask --ratios 1e-3 --lrs 1e-3 3e-3 1e-2 3e-2
-  randmask sweep $S --methods randmask --ratios 1e-4 --lrs 1e-2 3e-2 1e-1 3e-1
+  # (time: CB's 1e-3 grid starts at 3e-3, RTE's and CB's 1e-4 grids at 3e-2)
+  randmask sweep $S --methods randmask --ratios 1e-3 --lrs $([ "$task" = cb ] || echo 1e-3) 3e-3 1e-2 3e-2
+  randmask sweep $S --methods randmask --ratios 1e-4 --lrs $([ "$task" = sst2 ] && echo 1e-2) 3e-2 1e-1 3e-1
   randmask sweep $S --methods randmask --ratios 1e-5 --lrs 3e-2 1e-1 3e-1
 done
 randmask report --out-dir "$OUT"
