@@ -34,7 +34,9 @@ from randmask.analysis.eigen import power_iteration
 from randmask.analysis.hvp import HessianVectorProduct, LossFn, eval_mode
 
 ADAM_CALIBRATION = 1.0
-"""lr_adam / (g_rms · 2/λ_max). 1.0 = uncalibrated theory (see module docstring); calibrate on sweeps."""
+"""lr_adam / (g_rms · 2/λ_max). Fitted with ``calibrate`` (``randmask calibrate-lr``) on MiniLM-L6 + head, RTE
+(experiments/analysis_minilm_rte.sh, 4 cells): 1.0, but single cells deviate by up to 44x (README), so the
+suggestion orders budgets correctly and starts a sweep; it does not replace one."""
 
 LR_RANGE_FACTOR = math.sqrt(10.0)
 """The suggested range is [lr / f, lr · f]: half a decade either side, a 3-point log grid."""
