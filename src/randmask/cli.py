@@ -13,9 +13,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from randmask import __version__
 from randmask.config import MaskingError
+
+if TYPE_CHECKING:
+    from randmask.experiment.store import ResultStore
 
 USER_ERRORS: tuple[type[BaseException], ...] = (MaskingError,)  # completed lazily in `_user_errors`
 
@@ -72,38 +76,40 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _open_store(args: argparse.Namespace, made_by: str = "`randmask train`/`sweep`") -> ResultStore:
+    """The existing results store named by --store / --out-dir (MaskingError when there is none)."""
+    from randmask.experiment.store import ResultStore, store_file
 
-    from randmask.experiment.report import report
-    from randmask.experiment.store import ResultStore
-
-    path = Path(args.store or Path(args.out_dir) / "results.sqlite")
+    path = store_file(args.store, args.out_dir)
     if not path.is_file():
-        raise MaskingError(f"no results store at {path}; run `randmask train`/`sweep` first or pass --store")
-    where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
+        raise MaskingError(f"no results store at {path}; run {made_by} first or pass --store")
+    return ResultStore(path)
+
+
+def _filters(args: argparse.Namespace) -> dict[str, str]:
+    """The --task / --model / --method filters that were given."""
+    return {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from randmask.experiment.report import report
+
+    store, where = _open_store(args), _filters(args)
     if args.best_runs:
         from randmask.experiment.report import best_runs, method_label
 
-        for r in best_runs(ResultStore(path).records(**where), args.select):
+        for r in best_runs(store.records(**where), args.select):
             print("\t".join([r.config["task"], method_label(r.config).replace(" ", "_"), f"{r.config['lr']:g}",
                              r.run_dir or ""]))
         return 0
-    print(report(ResultStore(path), args.select, **where))
+    print(report(store, args.select, **where))
     return 0
 
 
 def _cmd_curves(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from randmask.experiment.curves import write_curves
-    from randmask.experiment.store import ResultStore
 
-    path = Path(args.store or Path(args.out_dir) / "results.sqlite")
-    if not path.is_file():
-        raise MaskingError(f"no results store at {path}; run `randmask train`/`sweep` first or pass --store")
-    where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
-    png, curves = write_curves(ResultStore(path), args.out, **where)
+    png, curves = write_curves(_open_store(args), args.out, **_filters(args))
     for label, points in curves.items():
         print(f"{label}: " + ", ".join(f"{e}: {m:.4f}" for e, m, _ in points if m is not None))
     print(f"wrote {png}")
@@ -111,15 +117,10 @@ def _cmd_curves(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate_lr(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from randmask.experiment.calibrate_lr import calibration_pairs, calibration_report
-    from randmask.experiment.store import ResultStore
 
-    path = Path(args.store or Path(args.out_dir) / "results.sqlite")
-    if not path.is_file():
-        raise MaskingError(f"no results store at {path}; run `randmask sweep` first or pass --store")
-    print(calibration_report(calibration_pairs(args.folders, ResultStore(path), args.task)))
+    store = _open_store(args, made_by="`randmask sweep`")
+    print(calibration_report(calibration_pairs(args.folders, store, args.task)))
     return 0
 
 
@@ -141,6 +142,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("methods: " + ", ".join(METHOD_NAMES))
     print("models:  " + ", ".join(model_names()) + ", or a local model folder / Hub id")
     return 0
+
+
+def _store_options(parser: argparse.ArgumentParser, filters: bool) -> None:
+    """--out-dir / --store naming an existing results store, and (``filters``) --task / --model / --method."""
+    parser.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
+    parser.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    if filters:
+        parser.add_argument("--task", help="only this task")
+        parser.add_argument("--model", help="only this model")
+        parser.add_argument("--method", help="only this method")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,32 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_cmd_sweep)
 
     rep = sub.add_parser("report", help="print the best-LR table per method/budget/task (Markdown)")
-    rep.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
-    rep.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    _store_options(rep, filters=True)
     rep.add_argument("--select", choices=["val_loss", "val_metric"], default="val_loss",
                      help="choose each cell's LR by mean validation loss (default) or validation metric")
-    rep.add_argument("--task", help="only this task")
-    rep.add_argument("--model", help="only this model")
-    rep.add_argument("--method", help="only this method")
     rep.add_argument("--best-runs", action="store_true",
                      help="instead of the table, one tab-separated line per cell: task, method_budget, chosen LR, "
                      "run folder (to feed the analysis commands' --adapter)")
     rep.set_defaults(func=_cmd_report)
 
     cur = sub.add_parser("curves", help="plot validation score per epoch of stored runs (longer-training study)")
-    cur.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
-    cur.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
-    cur.add_argument("--task", help="only this task")
-    cur.add_argument("--model", help="only this model")
-    cur.add_argument("--method", help="only this method")
+    _store_options(cur, filters=True)
     cur.add_argument("--out", default="runs/curves.png", help="PNG to write (default: runs/curves.png)")
     cur.set_defaults(func=_cmd_curves)
 
     cal = sub.add_parser("calibrate-lr", help="fit suggest-lr's Adam factor to the best LRs of a sweep")
     cal.add_argument("folders", nargs="+", help="folders holding suggest_lr.json files (made with --calibration 1)")
     cal.add_argument("--task", required=True, help="the task of the suggestions and the sweep")
-    cal.add_argument("--out-dir", default="runs", help="folder holding the sweep's results.sqlite (default: runs)")
-    cal.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    _store_options(cal, filters=False)
     cal.set_defaults(func=_cmd_calibrate_lr)
 
     main = sub.add_parser("main", help="the default comparison (about 15 min on 2 CPU cores): MiniLM-L6 on SST-2, "

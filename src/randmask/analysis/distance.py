@@ -90,10 +90,11 @@ def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Ten
     ``trainable_only`` counts only what the method trains: parameters with ``requires_grad`` and
     the weights of masked layers (e.g. not a task head held fixed with ``--freeze-head``).
     """
-    for layer in masked_layers(model).values():
+    layers = list(masked_layers(model).values())
+    for layer in layers:
         layer.sync()  # the weight may lag the values until the next forward
     skip = {id(m.values) for m in model.modules() if isinstance(m, MaskAdapter)}
-    masked_weights = {id(layer.weight) for layer in masked_layers(model).values()}
+    masked_weights = {id(layer.weight) for layer in layers}
     norms, unmatched = {}, []
     for name, param in model.named_parameters():
         if id(param) in skip:

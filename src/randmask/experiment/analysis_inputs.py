@@ -11,11 +11,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from randmask.experiment.build import check_names, load_data, load_model, prepare, resolve_mode
+from randmask.experiment.build import check_names, load_data, load_model, prepare, resolve_mode, run_head_modules
 from randmask.experiment.checkpoint import load_trainable
 from randmask.experiment.config import RunConfig, RunError
 from randmask.experiment.data import LMItem, collate_head, epoch_order, pad
-from randmask.methods import default_head_modules
 from randmask.methods.prepared import TRAINABLE_FILE, is_head_param
 
 
@@ -80,7 +79,7 @@ def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> No
 
 def _freeze_head(model: nn.Module, config: RunConfig) -> None:
     """Stop the task head's parameters from counting as trainable (they keep their current values)."""
-    heads = default_head_modules(model) if config.head_modules is None else config.head_modules
+    heads = run_head_modules(config, model)
     frozen = [p for name, p in model.named_parameters() if p.requires_grad and is_head_param(name, heads)]
     if not frozen:
         raise RunError("--freeze-head: this model has no trainable task head (prompt-scoring models have none)")

@@ -14,7 +14,7 @@ from randmask.experiment.config import RunConfig, RunError
 from randmask.experiment.data import bos_prefix, encode_pair, encode_prompt
 from randmask.experiment.head import HeadObjective
 from randmask.experiment.lm import LMObjective
-from randmask.methods import METHOD_NAMES, PreparedModel, prepare_method
+from randmask.methods import METHOD_NAMES, PreparedModel, default_head_modules, prepare_method
 from randmask.methods.common import seeded
 from randmask.models import load_causal_lm, load_sequence_classifier, model_family, prepends_bos
 from randmask.tasks import Pools, TaskSpec, TaskSplits, get_task, protocol_split
@@ -62,6 +62,11 @@ def load_model(config: RunConfig, spec: TaskSpec, mode: str) -> tuple[Any, Any]:
         with seeded(config.seeds[1]):
             return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
     return load_causal_lm(config.model, dtype=dtype)
+
+
+def run_head_modules(config: RunConfig, model: Any) -> list[str]:
+    """The task-head modules of a run: the config's, else the model's default (classifier, pooler)."""
+    return default_head_modules(model) if config.head_modules is None else list(config.head_modules)
 
 
 def prepare(config: RunConfig, model: Any, total_steps: int) -> PreparedModel:

@@ -25,6 +25,11 @@ COLUMNS = ("run_id", "model", "task", "method", "ratio", "density", "lr", "data_
            "metric", "trainable", "total", "wall_seconds", "created", "record")
 
 
+def store_file(store: str | Path | None, out_dir: str | Path) -> Path:
+    """The results store file: ``store`` if given, else ``<out_dir>/results.sqlite``."""
+    return Path(store or Path(out_dir) / "results.sqlite")
+
+
 def protocol_label(config: dict[str, Any]) -> str:
     """Runs are only compared within one protocol: sample sizes, epochs, batch and mode."""
     return (f"{config['n_train']}/{config['n_val']}/{config['n_test']} ex, {config['epochs']} ep, "

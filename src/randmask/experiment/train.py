@@ -29,6 +29,7 @@ from randmask.experiment.build import (
     make_objective,
     prepare,
     resolve_mode,
+    run_head_modules,
     sample_splits,
 )
 from randmask.experiment.checkpoint import (
@@ -52,8 +53,7 @@ from randmask.experiment.distributed import (
 )
 from randmask.experiment.record import RunRecord, code_version
 from randmask.experiment.steps import StepLog, build_optimizer, lr_factor, orth_penalty, set_lr
-from randmask.experiment.store import ResultStore
-from randmask.methods import default_head_modules
+from randmask.experiment.store import ResultStore, store_file
 
 
 class RunInterrupted(RuntimeError):
@@ -62,7 +62,7 @@ class RunInterrupted(RuntimeError):
 
 def store_path(config: RunConfig) -> Path:
     """The results store file a config names (default: <out_dir>/results.sqlite)."""
-    return Path(config.store or Path(config.out_dir) / "results.sqlite")
+    return store_file(config.store, config.out_dir)
 
 
 def default_store(config: RunConfig) -> ResultStore:
@@ -106,7 +106,7 @@ class _Run:
         splits = sample_splits(config, spec)
         model, self.tokenizer = load_model(config, spec, mode)
         self.data = load_data(config, spec, mode, self.tokenizer, splits)
-        self.heads = default_head_modules(model) if config.head_modules is None else config.head_modules
+        self.heads = run_head_modules(config, model)
         self.steps_per_epoch = len(self._batches(0))
         self.prepared = prepare(config, model, total_steps=self.steps_per_epoch * config.epochs)
         self.model = self.prepared.model.to(ctx.device)
