@@ -32,8 +32,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def build(batch: int):
     from transformers.utils import logging as hf_logging
 
-    from randmask.experiment import RunConfig
-    from randmask.experiment.build import check_names, load_data, load_model, prepare
+    from randmask_lab.experiment import RunConfig
+    from randmask_lab.experiment.build import check_names, load_data, load_model, prepare
 
     hf_logging.disable_progress_bar()
 
@@ -49,7 +49,7 @@ def build(batch: int):
 
 
 def step_fn(variant: str, model, optimizer, items, pad_id: int):
-    from randmask.experiment.lm import Span, candidate_scores, span_logprobs
+    from randmask_lab.experiment.lm import Span, candidate_scores, span_logprobs
 
     golds = torch.tensor([x.gold for x in items])
 

@@ -16,7 +16,7 @@ for r in 1e-3 1e-4 1e-5; do
   randmask suggest-lr $M --method randmask --trainable-ratio $r --calibration 1 --out "$OUT/before/randmask_$r"
 done
 for m in full lora; do randmask suggest-lr $M --method $m --calibration 1 --out "$OUT/before/$m"; done
-REFERENCE=$(python -c "from randmask.models import resolve_model_path; print(resolve_model_path('minilm-l6'))")/model.safetensors
+REFERENCE=$(python -c "from randmask_lab.zoo import resolve_model_path; print(resolve_model_path('minilm-l6'))")/model.safetensors
 randmask report --out-dir "$RUNS" --task rte --best-runs | while IFS=$'\t' read -r task label lr dir; do
   case $label in full|randmask_*) ;; *) continue;; esac
   randmask hessian --adapter "$dir" $POWER --out "$OUT/after/$label" < /dev/null

@@ -1,16 +1,20 @@
 """randmask: Random Masking parameter-efficient fine-tuning (Xu & Zhang, ICML 2024).
 
-Public API::
+The library: torch + safetensors only (``import randmask`` never imports transformers, peft
+or the lab). Public API::
 
     from randmask import MaskingConfig, apply_masking, save_adapter, load_adapter, merge_and_unload
+
+Everything in ``__all__`` is public and stable; so are the names in each submodule's own
+``__all__`` (``randmask.ops``: the sparse op; ``randmask.targets``: the target tables). The lab
+(``randmask_lab``) uses nothing else.
 """
 
-__version__ = "0.1.0"
-
-from randmask.config import MaskingConfig, MaskingError  # noqa: E402
-from randmask.io import load_adapter, save_adapter  # noqa: E402
-from randmask.masks import mask_kinds, register_mask_kind  # noqa: E402
-from randmask.model import (  # noqa: E402
+from randmask.config import MaskingConfig, MaskingError
+from randmask.io import atomic_write_bytes, load_adapter, read_adapter_files, save_adapter
+from randmask.layer import MaskAdapter, MaskedLayer
+from randmask.masks import mask_kinds, register_mask_kind
+from randmask.model import (
     MaskingSummary,
     adapter_names,
     apply_masking,
@@ -23,14 +27,24 @@ from randmask.model import (  # noqa: E402
     set_adapter,
     unload,
 )
+from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
+from randmask.version import __version__
 
 __all__ = [
+    "TARGET_SETS",
+    "MaskAdapter",
+    "MaskedLayer",
     "MaskingConfig",
     "MaskingError",
     "MaskingSummary",
+    "Target",
+    "__version__",
     "adapter_names",
     "apply_masking",
+    "architecture_targets",
+    "atomic_write_bytes",
     "count_base_parameters",
+    "default_targets",
     "disable_adapter",
     "load_adapter",
     "mask_kinds",
@@ -38,7 +52,9 @@ __all__ = [
     "masking_summary",
     "merge_and_unload",
     "print_trainable_parameters",
+    "read_adapter_files",
     "register_mask_kind",
+    "resolve_targets",
     "save_adapter",
     "set_adapter",
     "unload",

@@ -100,33 +100,4 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-# Default targets per `model.config.model_type`: the attention query and value
-# projections, as in the paper (and LoRA). GPT-2 fuses q, k, v in one Conv1D
-# whose output columns are [q | k | v]: mask only the q and v blocks. "|" separates
-# alternative name sets; the first set whose names all exist in the model is used.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "gemma3": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn[q,v]"],
-    # transformers 5 renamed some encoders' projections: try the old names, then the new.
-    "bert": ["query", "value", "|", "q_proj", "v_proj"],
-    "roberta": ["query", "value", "|", "q_proj", "v_proj"],
-    "vit": ["query", "value", "|", "q_proj", "v_proj"],
-    "clip": ["q_proj", "v_proj"],
-    "clip_vision_model": ["q_proj", "v_proj"],
-    "clip_text_model": ["q_proj", "v_proj"],
-}
-
-# Names of the q/k/v column blocks of known fused projections (in output order),
-# so that targets=["q_proj", "v_proj"] on GPT-2 means c_attn's q and v blocks.
-FUSED_BLOCKS: dict[str, list[str]] = {"c_attn": ["q", "k", "v"]}
-QV_ALIASES: dict[str, str] = {"q_proj": "q", "v_proj": "v", "k_proj": "k", "query": "q", "value": "v",
-                              "key": "k"}
-
-__all__ = ["MaskingConfig", "MaskingError", "DEFAULT_TARGETS", "FUSED_BLOCKS", "QV_ALIASES"]
+__all__ = ["MaskingConfig", "MaskingError"]

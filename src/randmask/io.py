@@ -19,19 +19,20 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from randmask import __version__
 from randmask.config import MaskingConfig, MaskingError
 from randmask.layer import Block, MaskedLayer, is_maskable
-from randmask.masks import indices_checksum, per_matrix_density
+from randmask.masks import indices_checksum
 from randmask.model import (
-    _META_ATTR,
-    _sample_indices,
-    _wrap,
     adapter_meta,
+    adapter_names,
+    attach_adapter,
+    block_densities,
     count_base_parameters,
+    draw_mask,
     masked_layers,
 )
 from randmask.targets import Target
+from randmask.version import __version__
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -138,30 +139,6 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     return header, tensors
 
 
-def _block_densities(header: dict) -> dict[str, list[float]]:
-    """Keep probability of every block of every matrix, exactly as ``apply_masking`` computed it.
-
-    The same ``per_matrix_density`` call (same floats) is what makes regenerated masks match.
-    """
-    cfg, matrices = header["masking_config"], header["matrices"]
-    if cfg.get("density") is None and cfg.get("trainable_ratio") is None:
-        return {}  # custom masks: indices are stored explicitly
-
-    def in_features(info: dict) -> int:
-        return info["stored_shape"][0] if info["transposed"] else info["stored_shape"][1]
-
-    sizes = [(stop - start) * in_features(info) for info in matrices.values() for _, start, stop, _ in info["blocks"]]
-    if cfg.get("density") is not None:
-        flat = [cfg["density"]] * len(sizes)
-    else:
-        flat = per_matrix_density(cfg["trainable_ratio"], header["total_params"], sizes)
-    densities, k = {}, 0
-    for name, info in matrices.items():
-        densities[name] = flat[k:k + len(info["blocks"])]
-        k += len(info["blocks"])
-    return densities
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` onto ``model`` (its base model), in place.
@@ -172,7 +149,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     header, tensors = read_adapter_files(path)
     config = MaskingConfig.from_dict(header["masking_config"])
-    if adapter_name in model.__dict__.get(_META_ATTR, {}):
+    if adapter_name in adapter_names(model):
         raise MaskingError(f"model already has an adapter named {adapter_name!r}; pass another "
                            "adapter_name to load a second adapter, or randmask.unload(model) first.")
     saved_type = header["base_model"].get("model_type")
@@ -185,8 +162,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         raise MaskingError(f"adapter was saved from a base model with {header['total_params']:,} parameters; "
                            f"this model has {total:,}. Load it onto the base model it was trained from.")
     modules = dict(model.named_modules())
-    densities = _block_densities(header)
-    prepared = []
+    targets, saved_values = [], {}
     for name, info in header["matrices"].items():
         module = modules.get(name)
         module = module.base_layer if isinstance(module, MaskedLayer) else module
@@ -202,26 +178,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                "is corrupt. Re-save the adapter.")
         if not torch.isfinite(values).all():
             raise MaskingError(f"{name}: adapter values are not finite (NaN/inf); refusing to load.")
-        blocks = [(b[0], b[1], b[2]) for b in info["blocks"]]
+        targets.append(Target(name, module, [(b[0], b[1], b[2]) for b in info["blocks"]]))
+        saved_values[name] = values
+
+    # The saved matrices in saved order are apply_masking's targets: the same budget call gives
+    # the same floats, hence the same regenerated masks.
+    has_budget = config.density is not None or config.trainable_ratio is not None
+    densities = block_densities(config, total, targets) if has_budget else [None] * len(targets)
+    masks = []
+    for target, target_densities in zip(targets, densities):
+        info = header["matrices"][target.name]
         if info["explicit_indices"]:
-            indices = tensors[f"{name}.indices"]
+            indices = tensors[f"{target.name}.indices"]
         else:
-            indices, _ = _sample_indices(Target(name, module, blocks), densities[name], config, None)
+            indices, _ = draw_mask(target, target_densities, config)
         if indices_checksum(indices) != info["indices_checksum"]:
-            raise MaskingError(f"{name}: the mask regenerated from seed {config.seed} does not match the "
+            raise MaskingError(f"{target.name}: the mask regenerated from seed {config.seed} does not match the "
                                "saved checksum: the adapter was saved from another base model or "
                                "randmask version, or its config was edited.")
-        prepared.append((name, module, indices, [Block(*b) for b in info["blocks"]], values))
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name, module, indices, blocks, values in prepared:
-        layer = _wrap(model, Target(name, module, []))
-        adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind,
-                                    explicit_indices=bool(header["matrices"][name]["explicit_indices"]))
-        with torch.no_grad():
-            adapter.values.copy_(values.to(adapter.values.dtype))
-        adapter.values.requires_grad_(is_trainable)
-        layer.sync()
-    model.__dict__.setdefault(_META_ATTR, {})[adapter_name] = {"config": config, "total_params": total}
+        masks.append((target, indices, [Block(*b) for b in info["blocks"]]))
+    explicit = any(bool(info["explicit_indices"]) for info in header["matrices"].values())
+    attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
+                   trainable=is_trainable)
     return model

@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable
 
 import torch
+from safetensors.torch import save as st_save
 
 from randmask.config import MaskingError
 
@@ -135,8 +136,12 @@ def _choose_distinct(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 def indices_checksum(indices: torch.Tensor) -> str:
     """Hex SHA-256 (first 16 chars) of little-endian int64 flat indices."""
-    data = indices.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    flat = indices.detach().to("cpu", torch.int64).reshape(-1).contiguous()
+    # safetensors writes tensor data little-endian after an 8-byte header length and the JSON
+    # header: slicing those off gives the raw "<i8" bytes without needing numpy.
+    blob = st_save({"i": flat})
+    header_len = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header_len:]).hexdigest()[:16]
 
 
 def per_matrix_density(trainable_ratio: float, total_params: int, matrix_sizes: list[int]) -> list[float]:
@@ -161,3 +166,19 @@ def per_matrix_density(trainable_ratio: float, total_params: int, matrix_sizes: 
             f"{min(matrix_sizes) * len(matrix_sizes) / total_params:.3g}) or target more modules."
         )
     return [per_matrix / size for size in matrix_sizes]
+
+
+__all__ = [
+    "BUILTIN_KINDS",
+    "MaskSampler",
+    "bernoulli_mask",
+    "column_mask",
+    "derive_seed",
+    "exact_count_mask",
+    "get_sampler",
+    "indices_checksum",
+    "make_generator",
+    "mask_kinds",
+    "per_matrix_density",
+    "register_mask_kind",
+]

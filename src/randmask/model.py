@@ -73,9 +73,31 @@ def count_base_parameters(model: nn.Module) -> int:
     return total
 
 
-def _sample_indices(target: Target, densities: list[float], config: MaskingConfig,
-                    custom: torch.Tensor | None) -> tuple[torch.Tensor, list[Block]]:
-    """Flat stored-weight indices (sorted) of one target, and its per-block counts."""
+def block_densities(config: MaskingConfig, total_params: int, targets: list[Target]) -> list[list[float]]:
+    """Keep probability of every block of every target: the one place the budget is computed.
+
+    ``apply_masking`` and ``load_adapter`` both call it, so the floats (and hence the
+    regenerated masks) are identical. Custom masks have no budget: every p is 1.0 (unused).
+    """
+    sizes = [size for t in targets for size in t.block_sizes()]
+    if config.trainable_ratio is not None:
+        flat = per_matrix_density(config.trainable_ratio, total_params, sizes)
+    else:
+        flat = [config.density or 1.0] * len(sizes)
+    out, k = [], 0
+    for target in targets:
+        out.append(flat[k:k + len(target.blocks)])
+        k += len(target.blocks)
+    return out
+
+
+def draw_mask(target: Target, densities: list[float], config: MaskingConfig,
+              custom: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Block]]:
+    """Sorted flat stored-weight indices of one target's mask, and its per-block counts.
+
+    Drawn from (config.seed, module name[block]) with ``config.mask_kind``'s sampler, or taken
+    from ``custom`` (a bool (out, in) mask or flat logical row-major indices).
+    """
     out_f, in_f = logical_shape(target.module)
     transposed = is_conv1d(target.module)
     pieces, blocks = [], []
@@ -107,12 +129,45 @@ def _custom_block_indices(mask: torch.Tensor, name: str, shape: tuple[int, int],
                                f"= {shape}.")
         flat = mask.reshape(-1).nonzero().reshape(-1)
     else:
-        flat = torch.unique(mask.reshape(-1).to(torch.int64))
+        if mask.is_floating_point() or mask.is_complex():
+            raise MaskingError(f"custom mask indices for {name} are {mask.dtype}; pass integer indices "
+                               "(or a bool mask), so that no index is silently truncated.")
+        flat = mask.reshape(-1).to(torch.int64)
+        if torch.unique(flat).numel() != flat.numel():
+            raise MaskingError(f"custom mask indices for {name} hold duplicates; each entry may be kept once.")
+        flat = torch.sort(flat).values
         if flat.numel() and (flat[0] < 0 or flat[-1] >= shape[0] * shape[1]):
-            raise MaskingError(f"custom mask indices for {name} fall outside the {shape} matrix.")
+            raise MaskingError(f"custom mask indices for {name} fall outside the {shape} matrix "
+                               f"(valid: 0 .. {shape[0] * shape[1] - 1}).")
     rows = torch.div(flat, shape[1], rounding_mode="floor")
     keep = (rows >= start) & (rows < stop)
     return flat[keep] - start * shape[1]
+
+
+def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, total_params: int,
+                   masks: list[tuple[Target, torch.Tensor, list[Block]]], explicit_indices: bool,
+                   values: dict[str, torch.Tensor] | None = None, trainable: bool = True) -> None:
+    """Freeze ``model``, wrap each target and add adapter ``adapter_name`` with these indices.
+
+    The one attach path of ``apply_masking`` (zero values, trainable) and ``load_adapter``
+    (saved ``values`` by module name). Records (config, total_params) for the summary and saving.
+    """
+    if adapter_name in adapter_names(model):
+        raise MaskingError(
+            f"adapter {adapter_name!r} is already applied to this model. Call randmask.unload(model) "
+            "first, or pass another adapter_name to add a second adapter."
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for target, indices, blocks in masks:
+        layer = _wrap(model, target)
+        adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind, explicit_indices)
+        if values is not None:
+            with torch.no_grad():
+                adapter.values.copy_(values[target.name].to(adapter.values.dtype))
+            layer.sync()
+        adapter.values.requires_grad_(trainable)
+    model.__dict__.setdefault(_META_ATTR, {})[adapter_name] = {"config": config, "total_params": total_params}
 
 
 def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "default",
@@ -122,47 +177,39 @@ def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "
     Each targeted matrix gets an independent mask drawn from (config.seed, module name);
     the trainable parameters are one 1-D ``values`` tensor (the delta) per matrix.
     With ``mask_kind="custom"``, ``custom_masks`` maps module names to a bool (out, in)
-    mask or flat row-major indices. Returns ``model`` (wrapped layers replace the targets).
+    mask or flat row-major integer indices. Returns ``model`` (wrapped layers replace the targets).
     """
     config.validate()
-    meta: dict = model.__dict__.setdefault(_META_ATTR, {})
-    if adapter_name in meta:
+    if adapter_name in adapter_names(model):
         raise MaskingError(
             f"adapter {adapter_name!r} is already applied to this model. Call randmask.unload(model) "
             "first, or pass another adapter_name to add a second adapter."
         )
     if config.mask_kind == "custom" and not custom_masks:
         raise MaskingError("mask_kind='custom' needs custom_masks={module name: bool mask or indices}.")
+    if custom_masks and config.mask_kind != "custom":
+        raise MaskingError(f"custom_masks were given with mask_kind={config.mask_kind!r}; they are used only "
+                           "with mask_kind='custom'. Set mask_kind='custom' or drop custom_masks.")
     if config.mask_kind != "custom":
         get_sampler(config.mask_kind)  # unknown kind: clear error before any work
 
-    targets = resolve_targets(model, config)
+    targets = resolve_targets(model, config.targets)
+    if custom_masks:
+        unknown = sorted(set(custom_masks) - {t.name for t in targets})
+        if unknown:
+            raise MaskingError(f"custom_masks name modules that are not targets: {unknown}. Targets: "
+                               f"{[t.name for t in targets]}.")
     total = count_base_parameters(model)
-    sizes = [size for t in targets for size in t.block_sizes()]
-    if config.trainable_ratio is not None:
-        densities = per_matrix_density(config.trainable_ratio, total, sizes)
-    else:
-        densities = [config.density or 1.0] * len(sizes)
-
-    sampled, k = [], 0
-    for target in targets:
+    densities = block_densities(config, total, targets)
+    masks = []
+    for target, target_densities in zip(targets, densities):
         custom = None
         if config.mask_kind == "custom":
-            custom = (custom_masks or {}).get(target.name)
+            custom = custom_masks.get(target.name)
             if custom is None:
                 raise MaskingError(f"custom_masks has no entry for target {target.name!r}.")
-        n_blocks = len(target.blocks)
-        sampled.append(_sample_indices(target, densities[k:k + n_blocks], config, custom))
-        k += n_blocks
-
-    for param in model.parameters():
-        param.requires_grad_(False)
-    explicit = config.mask_kind not in BUILTIN_KINDS
-    for target, (indices, blocks) in zip(targets, sampled):
-        layer = _wrap(model, target)
-        adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind, explicit)
-        adapter.values.requires_grad_(True)
-    meta[adapter_name] = {"config": config, "total_params": total}
+        masks.append((target, *draw_mask(target, target_densities, config, custom)))
+    attach_adapter(model, adapter_name, config, total, masks, explicit_indices=config.mask_kind not in BUILTIN_KINDS)
     summary = masking_summary(model, adapter_name)
     (print if verbose else logger.info)(str(summary))
     return model

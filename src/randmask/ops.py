@@ -224,3 +224,17 @@ def dense_reference_linear(
 ) -> torch.Tensor:
     """Plain dense reference for tests: autograd computes the dense dL/dW, masked by the scatter."""
     return _linear(x, scatter_delta(base_weight, values, pattern), bias, pattern.transposed)
+
+
+__all__ = [
+    "DENSE_GRAD_CROSSOVER",
+    "GATHER_MAX_DENSITY",
+    "GATHER_MAX_NNZ",
+    "MaskedLinearFunction",
+    "SparsePattern",
+    "dense_reference_linear",
+    "masked_linear",
+    "scatter_delta",
+    "sddmm",
+    "sddmm_differentiable",
+]

@@ -1,4 +1,15 @@
-"""Find the modules (and fused column blocks) a MaskingConfig targets."""
+"""The one target resolver: which modules (and fused column blocks) a method adapts.
+
+Every method of randmask and of the lab (randmask, structured, LoRA, AdaLoRA, BitFit sites,
+adapters) resolves its matrices here, so on every architecture they adapt the same ones.
+
+A target spec is a list of items. An item is a module-name suffix matched on whole dotted
+components (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``, not ``xq_proj``); ``*``
+stands for one component (``"layer.*.output.dense"`` is BERT's MLP output, not
+``attention.output.dense``); ``"c_attn[q,v]"`` restricts a fused projection to column blocks.
+A string spec is a regex over whole module names, unless it is a plain name (letters, digits,
+``_`` and ``.``), which is taken as the one-item list ``[name]``.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +18,145 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from randmask.config import DEFAULT_TARGETS, FUSED_BLOCKS, QV_ALIASES, MaskingConfig, MaskingError
+from randmask.config import MaskingError
 from randmask.layer import MaskedLayer, is_maskable, logical_shape
 
 _BLOCK_SPEC = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<blocks>[a-z_,\s]+)\]$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+# Names of the q/k/v column blocks of known fused projections (in output order), so that
+# targets=["q_proj", "v_proj"] on GPT-2 means c_attn's q and v blocks.
+FUSED_BLOCKS: dict[str, list[str]] = {"c_attn": ["q", "k", "v"]}
+QV_ALIASES: dict[str, str] = {"q_proj": "q", "v_proj": "v", "k_proj": "k", "query": "q", "value": "v",
+                              "key": "k"}
+
+
+@dataclass(frozen=True)
+class ArchitectureTargets:
+    """Target specs of one architecture (keyed by ``model.config.model_type``).
+
+    Each field is a tuple of alternatives: the first whose items all exist in the model is used
+    (transformers renamed some projections between versions).
+    """
+
+    qv: tuple[tuple[str, ...], ...]  # attention query and value: the paper's (and LoRA's) default
+    attention: tuple[tuple[str, ...], ...]  # every attention projection
+    mlp: tuple[tuple[str, ...], ...]  # every MLP projection
+    attention_out: tuple[tuple[str, ...], ...]  # attention output projection (Houlsby adapter 1)
+    mlp_out: tuple[tuple[str, ...], ...]  # MLP output projection (Houlsby adapter 2)
+
+
+TARGET_SETS: tuple[str, ...] = ("qv", "attention", "mlp", "all_linear", "attention_out", "mlp_out")
+"""Names accepted by ``default_targets(model, which)``; ``all_linear`` is attention + mlp."""
+
+_LLAMA = ArchitectureTargets(
+    qv=(("q_proj", "v_proj"),),
+    attention=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),),
+    mlp=(("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),),
+    attention_out=(("self_attn.o_proj",),),
+    mlp_out=(("mlp.down_proj",),),
+)
+_OPT_LIKE = ArchitectureTargets(  # OPT and CLIP: out_proj and fc1/fc2
+    qv=(("q_proj", "v_proj"),),
+    attention=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),),
+    mlp=(("fc1", "fc2"),),
+    attention_out=(("self_attn.out_proj",),),
+    mlp_out=(("fc2",),),
+)
+# BERT-style encoders; transformers >= 5 renamed some of them to q_proj/.../o_proj and mlp.fc1/fc2.
+_BERT = ArchitectureTargets(
+    qv=(("query", "value"), ("q_proj", "v_proj")),
+    attention=(("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+               ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                "attention.output.dense"),
+               ("q_proj", "k_proj", "v_proj", "o_proj")),
+    mlp=(("intermediate.dense", "layer.*.output.dense"), ("mlp.fc1", "mlp.fc2")),
+    attention_out=(("attention.output.dense",), ("o_proj",)),
+    mlp_out=(("layer.*.output.dense",), ("mlp.fc2",)),
+)
+
+ARCHITECTURES: dict[str, ArchitectureTargets] = {
+    "opt": _OPT_LIKE,
+    "llama": _LLAMA,  # SmolLM2 is a Llama
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3": _LLAMA,
+    "gemma3_text": _LLAMA,
+    # GPT-2 fuses q, k, v in one Conv1D whose output columns are [q | k | v]: q/v means its
+    # q and v blocks, for every method.
+    "gpt2": ArchitectureTargets(
+        qv=(("c_attn[q,v]",),),
+        attention=(("attn.c_attn", "attn.c_proj"),),
+        mlp=(("mlp.c_fc", "mlp.c_proj"),),
+        attention_out=(("attn.c_proj",),),
+        mlp_out=(("mlp.c_proj",),),
+    ),
+    "bert": _BERT,
+    "roberta": _BERT,
+    "vit": _BERT,
+    "clip": _OPT_LIKE,
+    "clip_vision_model": _OPT_LIKE,
+    "clip_text_model": _OPT_LIKE,
+}
 
 
 @dataclass
 class Target:
-    """A module to mask, and the logical row blocks of it that count as separate matrices."""
+    """A module to adapt, and the logical row blocks of it that count as separate matrices."""
 
     name: str
     module: nn.Module  # the Linear/Conv1D (inside a MaskedLayer if the model is already masked)
     blocks: list[tuple[str, int, int]]  # (block name, first row, end row) of the (out, in) matrix
 
     def block_sizes(self) -> list[int]:
+        """Entries of each block: (rows of the block) x (in features)."""
         in_f = logical_shape(self.module)[1]
         return [(stop - start) * in_f for _, start, stop in self.blocks]
 
+    @property
+    def whole(self) -> bool:
+        """True when the target is the whole matrix (no fused-block restriction)."""
+        return len(self.blocks) == 1 and self.blocks[0][1] == 0 and self.blocks[0][2] == logical_shape(self.module)[0]
 
-def default_targets(model: nn.Module) -> list[str]:
-    """The architecture's attention query/value projections, from ``model.config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        spec = DEFAULT_TARGETS[model_type]
-        alternatives = " ".join(spec).split(" | ")
-        suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        for alternative in alternatives:
-            names = alternative.split()
-            if all(_BLOCK_SPEC.sub(r"\g<name>", n) in suffixes for n in names):
-                return names
-        return alternatives[0].split()
+    @property
+    def label(self) -> str:
+        """``name`` or ``name[q,v]`` for a block restriction."""
+        return self.name if self.whole else f"{self.name}[{','.join(b[0] for b in self.blocks)}]"
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """``model.config.model_type``, or None for a plain ``nn.Module``."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def architecture_targets(model: nn.Module) -> ArchitectureTargets:
+    """The table entry of ``model``'s architecture; a clear error naming the known ones if none."""
+    model_type = model_type_of(model)
+    if model_type not in ARCHITECTURES:
+        raise MaskingError(
+            f"no target table for model_type={model_type!r} (known: {', '.join(ARCHITECTURES)}); pass "
+            f"targets=[...] with module-name suffixes. Adaptable modules in this model: {candidate_names(model)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def default_targets(model: nn.Module, which: str = "qv") -> list[str]:
+    """The target spec of set ``which`` (one of ``TARGET_SETS``) for ``model``'s architecture."""
+    if which not in TARGET_SETS:
+        raise MaskingError(f"unknown target set {which!r}; known: {', '.join(TARGET_SETS)}.")
+    table = architecture_targets(model)
+    if which == "all_linear":
+        return default_targets(model, "attention") + default_targets(model, "mlp")
+    alternatives = getattr(table, which)
+    for items in alternatives:
+        if all(_match_names(model, item) for item in items):
+            return list(items)
     raise MaskingError(
-        f"no default targets for model_type={model_type!r}; pass MaskingConfig(targets=[...]) with "
-        f"module-name suffixes. Maskable modules in this model: {candidate_names(model)}"
+        f"none of the {which} target sets {[list(a) for a in alternatives]} of model_type="
+        f"{model_type_of(model)!r} exists in this model; pass targets=[...]. Adaptable modules: "
+        f"{candidate_names(model)}"
     )
 
 
@@ -55,9 +171,31 @@ def _maskable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, MaskedLayer):
             found.append((name, module.base_layer))
-        elif is_maskable(module) and not name.endswith(".base_layer"):
+        elif is_maskable(module) and not _inside_wrapper(name):
             found.append((name, module))
     return found
+
+
+def _inside_wrapper(name: str) -> bool:
+    # a MaskedLayer's (or a PEFT layer's) wrapped module is reached through the wrapper's name
+    return name.endswith(".base_layer") or ".base_layer." in name
+
+
+def _suffix_matches(name: str, suffix: str) -> bool:
+    parts, want = name.split("."), suffix.split(".")
+    if len(want) > len(parts):
+        return False
+    return all(w == "*" or w == p for w, p in zip(want, parts[-len(want):]))
+
+
+def _match_names(model: nn.Module, item: str) -> list[str]:
+    """Module names an item selects (block restriction stripped), wrappers' inner modules excluded."""
+    match = _BLOCK_SPEC.match(item)
+    suffix = match["name"] if match else item
+    names = [n for n, _ in model.named_modules() if n and _suffix_matches(n, suffix) and not _inside_wrapper(n)]
+    if not names and suffix in QV_ALIASES:
+        names = [n for n, _ in _maskable_modules(model) if n.rsplit(".", 1)[-1] in FUSED_BLOCKS]
+    return names
 
 
 def _split_blocks(name: str, module: nn.Module, wanted: list[str] | None) -> list[tuple[str, int, int]]:
@@ -78,51 +216,83 @@ def _split_blocks(name: str, module: nn.Module, wanted: list[str] | None) -> lis
     return [(b, layout.index(b) * width, (layout.index(b) + 1) * width) for b in layout if b in wanted]
 
 
-def resolve_targets(model: nn.Module, config: MaskingConfig) -> list[Target]:
-    """The targets of ``config`` in ``model``, in module order; clear errors if none or wrong type."""
-    spec = config.targets if config.targets is not None else default_targets(model)
-    all_modules = dict(model.named_modules())
-    maskable = _maskable_modules(model)
-
-    if isinstance(spec, str):  # a regex over whole module names
+def _wanted_from_regex(model: nn.Module, spec: str) -> dict[str, list[str] | None]:
+    try:
         regex = re.compile(spec)
-        names = [n for n, _ in all_modules.items() if n and regex.fullmatch(n)]
-        names = [n for n in names if not n.endswith(".base_layer")]
-        wanted: dict[str, list[str] | None] = {n: None for n in names}
+    except re.error as e:
+        raise MaskingError(f"targets={spec!r} is not a valid regular expression ({e}); pass a list of "
+                           "module-name suffixes such as ['q_proj', 'v_proj'] instead.") from None
+    return {n: None for n, _ in model.named_modules() if n and regex.fullmatch(n) and not _inside_wrapper(n)}
+
+
+def _wanted_from_items(model: nn.Module, items: list[str]) -> dict[str, list[str] | None]:
+    wanted: dict[str, list[str] | None] = {}
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise MaskingError(f"target {item!r} must be a non-empty module-name suffix string.")
+        match = _BLOCK_SPEC.match(item)
+        suffix = match["name"] if match else item
+        blocks = [b.strip() for b in match["blocks"].split(",")] if match else None
+        names = _match_names(model, item)
+        if names and suffix in QV_ALIASES and not any(_suffix_matches(n, suffix) for n in names):
+            blocks = [QV_ALIASES[suffix]]  # q_proj/v_proj on a fused c_attn (GPT-2): that block of it
+        if not names:
+            raise MaskingError(
+                f"target {item!r} matches no module. Adaptable modules in this model: "
+                f"{candidate_names(model)}. Use module-name suffixes or a regex string."
+            )
+        for n in names:
+            previous = wanted.get(n, [])
+            wanted[n] = None if blocks is None or previous is None else sorted(set(previous) | set(blocks))
+    return wanted
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | str | None = None) -> list[Target]:
+    """The modules (and blocks) a target spec selects in ``model``, in module order.
+
+    ``None`` is the architecture's q/v default. Clear errors if nothing matches or a match is not
+    a ``nn.Linear`` / transformers ``Conv1D``.
+    """
+    if targets is None:
+        targets = default_targets(model)
+    if isinstance(targets, str) and _PLAIN_NAME.match(targets):
+        targets = [targets]  # "q_proj" means the suffix, not a regex that must match a whole name
+    if isinstance(targets, str):
+        wanted = _wanted_from_regex(model, targets)
+    elif isinstance(targets, (list, tuple)):
+        if not targets:
+            raise MaskingError("targets is an empty list: name at least one module, or pass None.")
+        wanted = _wanted_from_items(model, list(targets))
     else:
-        wanted = {}
-        for item in spec:
-            match = _BLOCK_SPEC.match(item)
-            suffix = match["name"] if match else item
-            blocks = [b.strip() for b in match["blocks"].split(",")] if match else None
-            names = [n for n in all_modules if n == suffix or n.endswith("." + suffix)]
-            names = [n for n in names if not n.endswith(".base_layer")]
-            if not names and suffix in QV_ALIASES:
-                # q_proj/v_proj on a model with a fused c_attn (GPT-2): mask that block of it.
-                fused = [n for n, _ in maskable if n.rsplit(".", 1)[-1] in FUSED_BLOCKS]
-                names, blocks = fused, [QV_ALIASES[suffix]]
-            if not names:
-                raise MaskingError(
-                    f"target {item!r} matches no module. Maskable modules in this model: "
-                    f"{candidate_names(model)}. Use module-name suffixes or a regex string."
-                )
-            for n in names:
-                previous = wanted.get(n, [])
-                wanted[n] = None if blocks is None or previous is None else sorted(set(previous) | set(blocks))
+        raise MaskingError(f"targets={targets!r} must be a list of module-name suffixes or a regex string.")
     if not wanted:
         raise MaskingError(
-            f"targets {spec!r} match no module. Maskable modules in this model: {candidate_names(model)}."
+            f"targets {targets!r} match no module. Adaptable modules in this model: {candidate_names(model)}."
         )
-
-    targets = []
-    for name, module in all_modules.items():
+    resolved = []
+    for name, module in model.named_modules():
         if name not in wanted:
             continue
         inner = module.base_layer if isinstance(module, MaskedLayer) else module
         if not is_maskable(inner):
             raise MaskingError(
-                f"target {name!r} is a {type(inner).__name__}; randmask masks torch.nn.Linear and "
-                f"transformers Conv1D weights only. Maskable modules: {candidate_names(model)}."
+                f"target {name!r} is a {type(inner).__name__}; randmask adapts torch.nn.Linear and "
+                f"transformers Conv1D weights only. Adaptable modules: {candidate_names(model)}."
             )
-        targets.append(Target(name, inner, _split_blocks(name, inner, wanted[name])))
-    return targets
+        resolved.append(Target(name, inner, _split_blocks(name, inner, wanted[name])))
+    return resolved
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "FUSED_BLOCKS",
+    "QV_ALIASES",
+    "TARGET_SETS",
+    "ArchitectureTargets",
+    "Target",
+    "architecture_targets",
+    "candidate_names",
+    "default_targets",
+    "model_type_of",
+    "resolve_targets",
+]

@@ -1,0 +1,32 @@
+"""Loss-landscape analysis of fine-tuned models (paper section 4.3, Figure 4).
+
+Public API (torch only; plots live in ``randmask_lab.analysis.plots``, the CLI in ``.cli``)::
+
+    from randmask_lab.analysis import hessian_top_eigenvalue, distance_from, suggest_lr
+"""
+
+from randmask_lab.analysis.distance import DistanceReport, distance_from, masked_distance
+from randmask_lab.analysis.eigen import EigenResult, lanczos, power_iteration
+from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
+from randmask_lab.analysis.hvp import HessianVectorProduct, default_loss, eval_mode, trainable_parameters
+from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, LR_RANGE_FACTOR, LRSuggestion, calibrate, suggest_lr
+
+__all__ = [
+    "ADAM_CALIBRATION",
+    "LR_RANGE_FACTOR",
+    "DistanceReport",
+    "EigenResult",
+    "HessianVectorProduct",
+    "LRSuggestion",
+    "calibrate",
+    "default_loss",
+    "distance_from",
+    "eval_mode",
+    "hessian_top_eigenvalue",
+    "hessian_top_eigenvalues",
+    "lanczos",
+    "masked_distance",
+    "power_iteration",
+    "suggest_lr",
+    "trainable_parameters",
+]

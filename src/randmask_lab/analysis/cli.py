@@ -1,0 +1,231 @@
+"""`randmask hessian | distance | suggest-lr`: the analysis commands, writing JSON (+ PNG) to --out.
+
+Wire into the main CLI with ``register(subparsers)``; each handler is stored as ``args.func`` and
+returns an exit code. Building the model and batches from the command line (model spec, task,
+method, budget, adapter directory) is the experiment runner's job: the handlers call
+``randmask_lab.experiment.build_model_and_batches(args) -> (model, batches)`` with the parsed
+arguments. The ``run_*`` functions hold the command logic and take a model directly (for tests
+and notebooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from randmask import count_base_parameters, masked_layers
+from randmask_lab.analysis.distance import distance_from, masked_distance
+from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
+from randmask_lab.analysis.hvp import LossFn
+from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
+
+
+def _write_json(out: Path, name: str, data: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def _n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _run_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``meta`` plus the trainable and total (base model) parameter counts."""
+    return {**(meta or {}), "n_trainable": _n_trainable(model), "n_total": count_base_parameters(model)}
+
+
+def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
+                loss_fn: LossFn | None = None, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
+                which: str = "top", top_k: int = 0, meta: Mapping[str, Any] | None = None) -> dict:
+    """λ_max by power iteration (+ the top-k by Lanczos if ``top_k``); writes hessian.json, power_trace.png.
+
+    ``meta``: what was measured (model, task, method, budget, trained or not), stored as ``run`` in the JSON
+    together with the parameter counts, so that ``randmask figure4`` can place the result.
+    """
+    out = Path(out_dir)
+    res = hessian_top_eigenvalue(model, batches, loss_fn, tol=tol, max_iter=max_iter, seed=seed,
+                                 which=which)  # type: ignore[arg-type]
+    summary: dict = {
+        "lambda_max": res.eigenvalue, "which": which, "converged": res.converged,
+        "iterations": res.iterations, "largest_magnitude": res.largest_magnitude,
+        "shifted": res.shifted, "residual": res.residual, "trace": res.trace,
+        "n_trainable": _n_trainable(model), "n_batches": len(batches),
+        "settings": {"tol": tol, "max_iter": max_iter, "seed": seed}, "run": _run_meta(model, meta),
+    }
+    if top_k:
+        summary["top_k"] = hessian_top_eigenvalues(model, batches, top_k, loss_fn, seed=seed)
+    from randmask_lab.analysis.plots import plot_power_trace  # matplotlib only when a plot is drawn
+
+    plot = plot_power_trace(res.trace, out / "power_trace.png", tol=tol)
+    summary["files"] = {"plot": str(plot)}
+    summary["files"]["json"] = str(_write_json(out, "hessian.json", summary))
+    return summary
+
+
+def run_distance(model: nn.Module, out_dir: str | Path,
+                 reference_state_dict: Mapping[str, torch.Tensor] | None = None,
+                 meta: Mapping[str, Any] | None = None) -> dict:
+    """Distance from the pretrained weights; writes distance.json.
+
+    With a reference state dict: ``distance_from`` (any method); without one, a randmask model's
+    ``values`` (``masked_distance``).
+    """
+    if reference_state_dict is not None:
+        # Only what the method trains: a head held fixed (--freeze-head) moved in training but is not the method's.
+        report = distance_from(model, reference_state_dict, trainable_only=True)
+        how = "weights vs reference state dict"
+    elif masked_layers(model):
+        report, how = masked_distance(model), "norm of randmask values"
+    else:
+        raise ValueError("this model has no randmask layers: pass --reference PRETRAINED_WEIGHTS "
+                         "(.safetensors or a torch state dict) to compare its weights with.")
+    summary = {"method": how, **report.to_dict(), "run": _run_meta(model, meta)}
+    summary["files"] = {"json": str(_write_json(Path(out_dir), "distance.json", summary))}
+    return summary
+
+
+def run_suggest_lr(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
+                   loss_fn: LossFn | None = None, calibration: float = ADAM_CALIBRATION,
+                   tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
+                   meta: Mapping[str, Any] | None = None) -> dict:
+    """Adam LR suggestion from λ_max; writes suggest_lr.json."""
+    sugg = suggest_lr(model, batches, loss_fn, calibration=calibration, tol=tol, max_iter=max_iter, seed=seed)
+    summary = {**sugg.to_dict(), "formula": "adam_lr = calibration * grad_rms * 2 / lambda_max",
+               "run": _run_meta(model, meta)}
+    summary["files"] = {"json": str(_write_json(Path(out_dir), "suggest_lr.json", summary))}
+    return summary
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (loaded with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference weights {path} not found; pass a .safetensors or .pt/.bin file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _build(args: argparse.Namespace) -> tuple[nn.Module, list, dict[str, Any]]:
+    try:
+        from randmask_lab.experiment import build_model_and_batches, describe_analysis_run
+    except ImportError as err:
+        if err.name != "randmask_lab.experiment":
+            raise
+        raise SystemExit(
+            f"`randmask {args.command}` needs randmask_lab.experiment.build_model_and_batches(args) -> "
+            "(model, batches), which this install does not have yet. From Python, call "
+            "randmask_lab.analysis.cli.run_hessian / run_distance / run_suggest_lr with a model instead."
+        ) from None
+    model, batches = build_model_and_batches(args)
+    return model, list(batches), describe_analysis_run(args)
+
+
+def _cmd_hessian(args: argparse.Namespace) -> int:
+    model, batches, meta = _build(args)
+    s = run_hessian(model, batches, args.out, tol=args.tol, max_iter=args.max_iter, seed=args.power_seed,
+                    which=args.which, top_k=args.top_k, meta=meta)
+    print(f"lambda_max = {s['lambda_max']:.6g} ({'converged' if s['converged'] else 'NOT converged'} "
+          f"after {s['iterations']} HVPs); wrote {s['files']['json']}")
+    return 0
+
+
+def _cmd_distance(args: argparse.Namespace) -> int:
+    model, _, meta = _build(args)
+    reference = load_state_dict(args.reference) if args.reference else None
+    s = run_distance(model, args.out, reference, meta=meta)
+    print(f"distance = {s['total']:.6g} over {len(s['per_matrix'])} matrices; wrote {s['files']['json']}")
+    return 0
+
+
+def _cmd_suggest_lr(args: argparse.Namespace) -> int:
+    model, batches, meta = _build(args)
+    s = run_suggest_lr(model, batches, args.out, calibration=args.calibration, tol=args.tol,
+                       max_iter=args.max_iter, seed=args.power_seed, meta=meta)
+    print(f"lambda_max = {s['lambda_max']:.4g}, GD bound 2/lambda = {s['gd_bound']:.4g}, "
+          f"Adam lr ~ {s['adam_lr']:.3g} (try {s['adam_lr_low']:.3g} .. {s['adam_lr_high']:.3g}); "
+          f"wrote {s['files']['json']}")
+    return 0
+
+
+def _cmd_figure4(args: argparse.Namespace) -> int:
+    from randmask_lab.analysis.figure4 import figure4, markdown
+
+    rows, files = figure4(args.folders, args.out)
+    print(markdown(rows))
+    print("wrote " + ", ".join(map(str, files)))
+    return 0
+
+
+def _model_args(parser: argparse.ArgumentParser, out: str) -> None:
+    """What ``build_model_and_batches(args)`` reads, plus the output folder."""
+    g = parser.add_argument_group("model and data (built by randmask_lab.experiment)")
+    g.add_argument("--model", help="base model spec (Hub id, local path, or a preset name)")
+    g.add_argument("--adapter", type=Path, help="a saved adapter / run directory to load onto the model")
+    g.add_argument("--task", help="task whose training batches define the loss")
+    g.add_argument("--method", default="randmask", help="fine-tuning method (decides what is trainable)")
+    g.add_argument("--trainable-ratio", type=float, help="budget: fraction of all parameters to train")
+    g.add_argument("--num-batches", type=int, default=4, help="batches the loss is averaged over")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per batch")
+    g.add_argument("--seed", type=int, default=0, help="seed of the mask and the batch sample")
+    g.add_argument("--freeze-head", action="store_true",
+                   help="classification-head mode: hold the task head fixed, so that only the method's own "
+                   "parameters count as trainable (the head trains in every method and would dominate)")
+    parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
+
+
+def _power_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tol", type=float, default=1e-3, help="relative change of λ at which to stop")
+    parser.add_argument("--max-iter", type=int, default=100, help="cap on power-iteration steps (HVPs)")
+    parser.add_argument("--power-seed", type=int, default=0, help="seed of the random start vector")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``hessian``, ``distance`` and ``suggest-lr`` sub-commands to a parent's subparsers."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser("hessian", formatter_class=fmt,
+                              help="top eigenvalue of the loss Hessian w.r.t. the trainable parameters",
+                              description="Power iteration on exact Hessian-vector products (paper Fig. 4a). "
+                              "Writes hessian.json and power_trace.png.")
+    _model_args(p, "runs/analysis")
+    _power_args(p)
+    p.add_argument("--which", choices=["top", "magnitude"], default="top",
+                   help="top: largest eigenvalue (shifted re-run if the dominant one is negative); "
+                   "magnitude: signed eigenvalue of largest |λ|")
+    p.add_argument("--top-k", type=int, default=0, help="also the k largest eigenvalues by Lanczos (0: off)")
+    p.set_defaults(func=_cmd_hessian, command="hessian")
+
+    p = subparsers.add_parser("distance", formatter_class=fmt, help="L2 distance from the pretrained weights",
+                              description="Per-matrix and total L2 norm of the fine-tuning delta (paper "
+                              "Fig. 4b). Writes distance.json.")
+    _model_args(p, "runs/analysis")
+    p.add_argument("--reference", type=Path,
+                   help="pretrained weights (.safetensors / torch state dict); optional for randmask")
+    p.set_defaults(func=_cmd_distance, command="distance")
+
+    p = subparsers.add_parser("suggest-lr", formatter_class=fmt,
+                              help="suggest an Adam learning rate from λ_max (2/λ_max stability bound)",
+                              description="Measures λ_max and the gradient scale, suggests "
+                              "lr = calibration * grad_rms * 2/λ_max and a range. Writes suggest_lr.json.")
+    _model_args(p, "runs/analysis")
+    _power_args(p)
+    p.add_argument("--calibration", type=float, default=ADAM_CALIBRATION,
+                   help="Adam calibration factor (see randmask_lab.analysis.suggest_lr)")
+    p.set_defaults(func=_cmd_suggest_lr, command="suggest-lr")
+
+    p = subparsers.add_parser("figure4", formatter_class=fmt,
+                              help="paper Fig. 4 (λ_max before/after, distance vs budget) from analysis outputs",
+                              description="Reads every hessian.json / suggest_lr.json / distance.json under the "
+                              "folders, prints a table and writes lambda_max.png and distance.png.")
+    p.add_argument("folders", nargs="+", type=Path, help="folders holding the analysis commands' outputs")
+    p.add_argument("--out", type=Path, default=Path("runs/analysis"), help="output directory")
+    p.set_defaults(func=_cmd_figure4, command="figure4")

@@ -1,0 +1,64 @@
+"""`randmask figure4`: the paper's Figure 4 from the JSON files the analysis commands wrote.
+
+λ_max comes from ``hessian.json`` or ``suggest_lr.json`` (the same power iteration), distance from
+``distance.json``; each file's ``run`` block says what was measured (method, budget, trained or not).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from randmask_lab.analysis.plots import plot_distance, plot_lambda_max
+
+RESULT_FILES = ("hessian.json", "suggest_lr.json", "distance.json")
+
+
+def _budget(run: dict[str, Any]) -> float:
+    """Trainable share of all parameters: the run's ratio, else the measured count (full FT, LoRA)."""
+    return float(run["ratio"]) if run.get("ratio") else run["n_trainable"] / run["n_total"]
+
+
+def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """One row per (method, budget): ``before`` / ``after`` λ_max and ``distance``, from every result file found."""
+    rows: dict[tuple[str, float], dict[str, Any]] = {}
+    for folder in folders:
+        for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
+            data = json.loads(path.read_text())
+            run = data.get("run")
+            if not run or "method" not in run:
+                raise ValueError(f"{path} has no 'run' block (written by an older randmask); run the command again")
+            key = (run["method"], _budget(run))
+            row = rows.setdefault(key, {"method": run["method"], "ratio": key[1], "task": run.get("task"),
+                                        "n_trainable": run["n_trainable"]})
+            if path.name == "distance.json":
+                row["distance"] = data["total"]
+            else:
+                row["after" if run.get("trained") else "before"] = data["lambda_max"]
+    return sorted(rows.values(), key=lambda r: (r["method"], -r["ratio"]))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"
+    lines = ["| Method | Trainable | Share | λ_max before | λ_max after | Distance |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r.get('before'))} | "
+                     f"{fmt(r.get('after'))} | {fmt(r.get('distance'))} |")
+    return "\n".join(lines)
+
+
+def figure4(folders: Iterable[str | Path], out: str | Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Collect the results under ``folders``; draw lambda_max.png and distance.png into ``out``."""
+    rows = collect(folders)
+    if not rows:
+        raise ValueError(f"no {', '.join(RESULT_FILES)} under {list(map(str, folders))}")
+    task = next((r["task"] for r in rows if r.get("task")), "") or ""
+    files = []
+    if any("before" in r or "after" in r for r in rows):
+        files.append(plot_lambda_max(rows, Path(out) / "lambda_max.png", task=task))
+    if any("distance" in r for r in rows):
+        files.append(plot_distance(rows, Path(out) / "distance.png", task=task))
+    return rows, files

@@ -1,0 +1,22 @@
+"""The experimental system: one run, sweeps, the results store, reports, the default main job.
+
+    from randmask_lab.experiment import RunConfig, run_training
+    record = run_training(RunConfig(model="smollm2-135m", task="rte", method="randmask",
+                                    ratio=1e-4, lr=1e-2, seed=0))
+    print(record.status, record.test_metric)
+"""
+
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.analysis_inputs import build_model_and_batches, describe_analysis_run
+from randmask_lab.experiment.config import RunConfig
+from randmask_lab.experiment.record import RunRecord, code_version
+from randmask_lab.experiment.report import report, report_tables
+from randmask_lab.experiment.store import ResultStore
+from randmask_lab.experiment.sweep import SweepConfig, default_lrs, run_sweep, sweep_configs
+from randmask_lab.experiment.train import RunInterrupted, run_training
+
+__all__ = [
+    "ResultStore", "RunConfig", "RunError", "RunInterrupted", "RunRecord", "SweepConfig",
+    "build_model_and_batches", "code_version", "default_lrs", "describe_analysis_run", "report", "report_tables",
+    "run_sweep", "run_training", "sweep_configs",
+]

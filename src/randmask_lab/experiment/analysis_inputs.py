@@ -1,0 +1,132 @@
+"""Model + training batches for the analysis commands (Hessian, distances), built like a run's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.build import check_names, load_data, load_model, prepare, resolve_mode, run_head_modules
+from randmask_lab.experiment.checkpoint import load_trainable
+from randmask_lab.experiment.config import RunConfig
+from randmask_lab.experiment.data import LMItem, collate_head, epoch_order, pad
+from randmask_lab.methods.prepared import TRAINABLE_FILE, is_head_param
+
+
+def _arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` that ``args`` sets (the analysis CLI and older callers differ)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _run_folder(adapter: str | Path | None) -> Path | None:
+    """The run folder (with config.json) an --adapter path points into: the folder or its parent."""
+    if not adapter:
+        return None
+    for folder in (Path(adapter), Path(adapter).parent):
+        if (folder / "config.json").is_file() and (folder / "trainable").is_dir():
+            return folder
+    return None
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    """The run's config from a run folder given as --adapter, else from the options."""
+    run = _run_folder(getattr(args, "adapter", None))
+    if run is not None:
+        config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    else:
+        model, task = _arg(args, "model"), _arg(args, "task")
+        if not model or not task:
+            raise RunError("give --model and --task (or --adapter with a run folder written by `randmask train`)")
+        config = RunConfig(model=model, task=task, method=_arg(args, "method", default="randmask"),
+                           ratio=_arg(args, "trainable_ratio", "ratio"), seed=_arg(args, "seed", default=0))
+    need = _arg(args, "num_batches", "n_batches", default=1) * _arg(args, "batch_size", default=8)
+    config.n_train, config.n_val, config.n_test = max(need, 1), 1, 0
+    return config
+
+
+def describe_analysis_run(args: argparse.Namespace) -> dict[str, Any]:
+    """What an analysis command measured: model, task, method, budget, and whether trained weights were loaded."""
+    config = _config(args)
+    return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.ratio,
+            "density": config.density, "seed": config.seed, "trained": bool(getattr(args, "adapter", None)),
+            "adapter": str(args.adapter) if getattr(args, "adapter", None) else None}
+
+
+def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> None:
+    """Trained weights from a run folder, or a randmask adapter folder (save_adapter) onto ``model``."""
+    if run is not None:
+        file = run / "trainable" / TRAINABLE_FILE
+        load_trainable(model, load_file(str(file)))
+        return
+    if (Path(adapter) / "adapter_config.json").is_file():
+        from randmask import load_adapter, unload
+
+        unload(model)  # the adapter file brings its own mask
+        load_adapter(model, adapter, is_trainable=True)
+        return
+    raise RunError(f"--adapter {adapter}: neither a run folder (config.json + trainable/) nor a randmask "
+                   "adapter folder (adapter_config.json)")
+
+
+def _freeze_head(model: nn.Module, config: RunConfig) -> None:
+    """Stop the task head's parameters from counting as trainable (they keep their current values)."""
+    heads = run_head_modules(config, model)
+    frozen = [p for name, p in model.named_parameters() if p.requires_grad and is_head_param(name, heads)]
+    if not frozen:
+        raise RunError("--freeze-head: this model has no trainable task head (prompt-scoring models have none)")
+    for p in frozen:
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RunError("--freeze-head left nothing trainable: the method trains only the head")
+
+
+def lm_batch(items: list[LMItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """``context + target`` sequences; labels are -100 except on the target tokens."""
+    ids, mask = pad([x.context + x.target for x in items], pad_id)
+    labels = torch.full_like(ids, -100)
+    for i, x in enumerate(items):
+        labels[i, len(x.context):len(x.context) + len(x.target)] = ids[i, len(x.context):len(x.context) + len(x.target)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build_model_and_batches(args: argparse.Namespace) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """(prepared model in eval mode, batches) for ``args`` (--model --task --method --trainable-ratio
+    --seed --num-batches --batch-size --freeze-head; --adapter: a run folder, whose config and trained weights are
+    used, or a randmask adapter folder loaded onto --model).
+
+    Each batch is a dict of tensors such that ``model(**batch).loss`` is the training objective:
+    cross-entropy of the head (head mode), or the mean NLL of the gold continuation's tokens
+    (LM mode; labels are -100 elsewhere). Batches follow the run's first-epoch training order.
+    """
+    config = _config(args)
+    spec = check_names(config)
+    mode = resolve_mode(config, spec)
+    base, tokenizer = load_model(config, spec, mode)
+    data = load_data(config, spec, mode, tokenizer)
+    n_batches = _arg(args, "num_batches", "n_batches", default=1)
+    size = _arg(args, "batch_size", default=8)
+    prepared = prepare(config, base, total_steps=max(1, n_batches))
+    adapter = getattr(args, "adapter", None)
+    if adapter:
+        _load_weights(prepared.model, adapter, _run_folder(adapter))
+    if _arg(args, "freeze_head", default=False):
+        _freeze_head(prepared.model, config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = epoch_order(len(data.train), config.seeds[2], 0)
+    batches = []
+    for b in range(n_batches):
+        items = [data.train[i] for i in order[b * size:(b + 1) * size]]
+        if not items:
+            break
+        batches.append(collate_head(items, pad_id) if mode == "head" else lm_batch(items, pad_id))
+    return prepared.model.eval(), batches

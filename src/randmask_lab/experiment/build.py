@@ -1,0 +1,126 @@
+"""From a RunConfig to the pieces of a run: data, tokenised items, the prepared model, the objective."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from randmask import MaskingError
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.config import RunConfig
+from randmask_lab.experiment.data import bos_prefix, encode_pair, encode_prompt
+from randmask_lab.experiment.head import HeadObjective
+from randmask_lab.experiment.lm import LMObjective
+from randmask_lab.methods import METHOD_NAMES, PreparedModel, default_head_modules, prepare_method
+from randmask_lab.methods.common import seeded
+from randmask_lab.tasks import Pools, TaskSpec, TaskSplits, get_task, protocol_split
+from randmask_lab.zoo import load_causal_lm, load_sequence_classifier, model_family, prepends_bos
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunData:
+    """A task's protocol splits, tokenised for one model and mode."""
+
+    spec: TaskSpec
+    mode: str  # "lm" or "head"
+    splits: TaskSplits
+    train: list[Any]
+    val: list[Any]
+    test: list[Any]
+
+
+def check_names(config: RunConfig) -> TaskSpec:
+    """The task spec; RunError for an unknown task or method, or an impossible combination."""
+    try:
+        spec = get_task(config.task)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if config.method not in METHOD_NAMES:
+        raise RunError(f"unknown method {config.method!r}; known methods: {', '.join(METHOD_NAMES)}")
+    config.validate()
+    return spec
+
+
+def resolve_mode(config: RunConfig, spec: TaskSpec) -> str:
+    """"lm" or "head": the config's, or the model family's under "auto"; checks the task supports it."""
+    mode = model_family(config.model) if config.mode == "auto" else config.mode
+    if mode == "head" and not spec.has_head_mode:
+        raise RunError(f"task {spec.name!r} has no classification-head mode (it is {spec.kind}); use a "
+                       "causal LM (e.g. --model smollm2-135m) or a classification task")
+    return mode
+
+
+def load_model(config: RunConfig, spec: TaskSpec, mode: str) -> tuple[Any, Any]:
+    """(base model, tokenizer); a fresh head is initialised from the mask seed."""
+    dtype = DTYPES[config.dtype]
+    if mode == "head":
+        with seeded(config.seeds[1]):
+            return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
+    return load_causal_lm(config.model, dtype=dtype)
+
+
+def run_head_modules(config: RunConfig, model: Any) -> list[str]:
+    """The task-head modules of a run: the config's, else the model's default (classifier, pooler)."""
+    return default_head_modules(model) if config.head_modules is None else list(config.head_modules)
+
+
+def prepare(config: RunConfig, model: Any, total_steps: int) -> PreparedModel:
+    """Apply the method; RunError naming the model and method when it cannot be applied."""
+    try:
+        return prepare_method(config.method, model, ratio=config.ratio, density=config.density,
+                              seed=config.seeds[1], targets=config.targets, total_steps=total_steps,
+                              head_modules=config.head_modules, **config.method_options)
+    except (ValueError, MaskingError) as e:
+        raise RunError(f"cannot apply {config.method} to {config.model}: {e}") from None
+
+
+def encode(config: RunConfig, spec: TaskSpec, mode: str, tokenizer: Any, examples: Sequence[Any]) -> list[Any]:
+    """Tokenise examples for the mode: LMItem (prompt) or HeadItem (text pair)."""
+    if mode == "head":
+        return [encode_pair(tokenizer, spec.render_pair(ex), config.max_length) for ex in examples]
+    bos = bos_prefix(tokenizer, force=prepends_bos(config.model))
+    return [encode_prompt(tokenizer, spec.render(ex), config.max_length, bos) for ex in examples]
+
+
+@functools.cache
+def _pools(task: str, data_dir: str | None, source: str | None) -> Pools:
+    # Read each original file once per process: a sweep samples SST-2's 60k rows per run otherwise.
+    return get_task(task).load(data_dir, source)
+
+
+def sample_splits(config: RunConfig, spec: TaskSpec) -> TaskSplits:
+    """The protocol splits for the data seed (before any model is loaded: data errors come first).
+
+    Same as ``load_task_splits``, with the original files read once per process.
+    """
+    pools = _pools(spec.name, config.data_dir, config.source)
+    train, val, test, notes = protocol_split(pools.train, pools.test, data_seed=config.seeds[0],
+                                             n_train=config.n_train, n_val=config.n_val,
+                                             n_test=config.n_test, salt=spec.name)
+    if not train or not val:
+        raise RunError(f"task {spec.name!r} gave {len(train)} train / {len(val)} val examples; "
+                       "raise --n-train / --n-val")
+    return TaskSplits(spec.name, config.seeds[0], tuple(train), tuple(val), tuple(test), pools.origin,
+                      tuple(notes))
+
+
+def load_data(config: RunConfig, spec: TaskSpec, mode: str, tokenizer: Any,
+              splits: TaskSplits | None = None) -> RunData:
+    """Sample the protocol splits with the data seed (unless given) and tokenise them."""
+    splits = splits or sample_splits(config, spec)
+    items = [encode(config, spec, mode, tokenizer, part) for part in (splits.train, splits.val, splits.test)]
+    return RunData(spec, mode, splits, *items)
+
+
+def make_objective(config: RunConfig, data: RunData, tokenizer: Any) -> LMObjective | HeadObjective:
+    """The loss/evaluation object for the run's mode."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if data.mode == "head":
+        return HeadObjective(pad_id, eval_batch_size=max(config.eval_batch_size, 8))
+    return LMObjective(data.spec, tokenizer, pad_id, config.eval_batch_size, config.max_new_tokens)

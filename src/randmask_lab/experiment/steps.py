@@ -1,0 +1,91 @@
+"""Per-step pieces of the training loop: optimizer, LR schedule, AdaLoRA's penalty, the step CSV."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from randmask_lab.experiment.config import RunConfig
+from randmask_lab.methods import PreparedModel
+from randmask_lab.methods.prepared import is_head_param
+
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "seconds")
+
+
+def build_optimizer(prepared: PreparedModel, config: RunConfig, heads: list[str]) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the head in its own group when ``head_lr`` is set."""
+    named = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if config.head_lr is not None and is_head_param(n, heads)]
+    head_ids = {id(p) for p in head}
+    groups = [{"params": [p for _, p in named if id(p) not in head_ids], "lr": config.lr}]
+    if head:
+        groups.append({"params": head, "lr": config.head_lr})
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                             weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak LR at 0-based ``step``: linear warm-up, then constant/linear/cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Scale every group's initial LR by ``factor``; returns the first group's LR."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def orth_penalty(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality regulariser (peft adds it only to a loss the model computes itself).
+
+    Same as peft's ``AdaLoraModel.forward``: mean over A/B of ||P P^T - I||_F, times orth_reg_weight.
+    """
+    tuner = getattr(model, "base_model", None)
+    if not hasattr(tuner, "rankallocator"):
+        return None
+    name = tuner.trainable_adapter_name
+    weight = tuner.peft_config[name].orth_reg_weight
+    terms = []
+    for n, p in model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and name in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=p.device, dtype=p.dtype)))
+    return weight * torch.stack(terms).mean() if terms else None
+
+
+class StepLog:
+    """Append-only CSV of (step, epoch, loss, lr, seconds); on resume, rows past the checkpoint go."""
+
+    def __init__(self, path: Path | None, resume_step: int) -> None:
+        self.path = path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if path.is_file() and resume_step > 0:
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
+        """Add one row."""
+        if self.path is None:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([step, epoch, f"{loss:.6g}", f"{lr:.6g}", f"{seconds:.3f}"])

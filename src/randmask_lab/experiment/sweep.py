@@ -1,0 +1,110 @@
+"""Grids over model x task x method x budget x lr x seed; resumable (finished runs are skipped)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from randmask_lab.experiment.build import check_names
+from randmask_lab.experiment.config import MASKING_METHODS, RunConfig
+from randmask_lab.experiment.record import RunRecord, code_version
+from randmask_lab.experiment.store import ResultStore
+from randmask_lab.experiment.train import default_store, run_training
+
+# Starting LR grids per method (3 points, x~3 apart). The paper's finding: the sparser the mask,
+# the larger the best LR (up to ~1e-1 at 0.001%); `masking_lrs` follows that trend.
+DEFAULT_LRS: dict[str, tuple[float, ...]] = {
+    "full": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3), "adalora": (1e-4, 3e-4, 1e-3),
+    "prefix": (1e-3, 3e-3, 1e-2), "bitfit": (1e-4, 1e-3, 1e-2), "adapter": (1e-4, 3e-4, 1e-3),
+}
+# float("3e-1"), not 3 * 0.1 = 0.30000000000000004: LRs appear in run ids and tables.
+_LADDER = [float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 3)]
+
+
+def masking_lrs(ratio: float | None) -> tuple[float, ...]:
+    """Three LRs around 3e-5 * ratio^-0.7 (full FT ~3e-5; 1e-3 -> ~4e-3; 1e-5 -> ~1e-1), on a 1-3-10 ladder."""
+    center = 3e-5 * (ratio or 1e-3) ** -0.7
+    i = min(range(len(_LADDER)), key=lambda k: abs(math.log(_LADDER[k] / center)))
+    i = min(max(i, 1), len(_LADDER) - 2)
+    return tuple(_LADDER[i - 1:i + 2])
+
+
+def default_lrs(method: str, ratio: float | None) -> tuple[float, ...]:
+    """The default LR grid of a method (and masking budget)."""
+    return masking_lrs(ratio) if method in MASKING_METHODS else DEFAULT_LRS.get(method, (1e-4, 1e-3, 1e-2))
+
+
+@dataclass
+class SweepConfig:
+    """The grid of a sweep; every other run option comes from a base RunConfig."""
+
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    """Models to sweep."""
+    tasks: list[str] = field(default_factory=lambda: ["sst2"])
+    """Tasks to sweep."""
+    methods: list[str] = field(default_factory=lambda: ["randmask"])
+    """Methods to sweep."""
+    ratios: list[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
+    """Masking budgets (fractions of all parameters) for randmask/structured; other methods run once."""
+    lrs: list[float] | None = None
+    """Learning rates; default: a 3-point grid per method and budget (see sweep.default_lrs)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds (each sets the data, mask and order seed; the paper averages 3)."""
+
+
+def sweep_configs(sweep: SweepConfig, base: RunConfig) -> list[RunConfig]:
+    """Every run of the grid, in a stable order (task, method, budget, lr, seed)."""
+    runs = []
+    for model in sweep.models:
+        for task in sweep.tasks:
+            for method in sweep.methods:
+                budgets = sweep.ratios if method in MASKING_METHODS else [None]
+                for ratio in budgets:
+                    # zeroshot trains nothing: one run per seed, at the base config's (unused) LR
+                    lrs = [base.lr] if method == "zeroshot" else sweep.lrs or default_lrs(method, ratio)
+                    for lr in lrs:
+                        for seed in sweep.seeds:
+                            runs.append(dataclasses.replace(
+                                base, model=model, task=task, method=method, ratio=ratio,
+                                density=None, lr=lr, seed=seed, data_seed=None, mask_seed=None,
+                                order_seed=None))
+    return runs
+
+
+def failed_record(config: RunConfig, error: BaseException) -> RunRecord:
+    """A record for a run that raised: stored so the report shows it; a later sweep retries it."""
+    return RunRecord(config.run_id, config.to_dict(), "failed", metric="", error=f"{type(error).__name__}: {error}",
+                     code_version=code_version(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = None,
+              say: Callable[[str], None] = print) -> list[RunRecord]:
+    """Run every unfinished run of the grid; a diverged or failed run does not stop the sweep."""
+    configs = sweep_configs(sweep, base)
+    for config in configs:  # unknown names fail here, before hours of runs
+        check_names(config)
+    store = store or default_store(base)
+    records = []
+    for i, config in enumerate(configs, 1):
+        if config.resume and store.is_finished(config.run_id):
+            say(f"[{i}/{len(configs)}] skip (finished) {config.run_id}")
+            records.append(store.get(config.run_id))
+            continue
+        say(f"[{i}/{len(configs)}] {config.run_id}")
+        try:
+            record = run_training(config, store=store)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken run must not end a sweep of hundreds
+            say(f"  failed: {type(e).__name__}: {e}")
+            say("".join(traceback.format_exception(e)[-3:]).rstrip())
+            record = failed_record(config, e)
+            store.put(record)
+        say(f"  {record.status}: test {record.metric} = {record.test_metric}, best epoch {record.best_epoch}, "
+            f"{record.wall_seconds:.0f} s")
+        records.append(record)
+    return [r for r in records if r is not None]

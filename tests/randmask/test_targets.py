@@ -1,0 +1,68 @@
+"""The one target resolver and its per-architecture tables."""
+
+import dataclasses
+
+import pytest
+
+from randmask import MaskingError, architecture_targets, default_targets, resolve_targets
+from randmask.targets import ARCHITECTURES, TARGET_SETS, ArchitectureTargets
+from tests.conftest import TINY_ARCHS, tiny_model
+
+QV = {"opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn[q,v]"],
+      "bert": ["query", "value"]}
+PER_LAYER = {  # (attention, mlp) projections per layer
+    "opt": (4, 2), "llama": (4, 3), "gpt2": (2, 2), "bert": (4, 2),
+}
+
+
+def test_target_sets_cover_the_table_fields() -> None:
+    assert {f.name for f in dataclasses.fields(ArchitectureTargets)} | {"all_linear"} == set(TARGET_SETS)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_default_qv(arch: str) -> None:
+    assert default_targets(tiny_model(arch)) == QV[arch]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("which", TARGET_SETS)
+def test_every_set_resolves_on_every_layer(arch: str, which: str) -> None:
+    model = tiny_model(arch)
+    targets = resolve_targets(model, default_targets(model, which))
+    attention, mlp = PER_LAYER[arch]
+    expected = {"qv": 2 if arch != "gpt2" else 1, "attention": attention, "mlp": mlp,
+                "all_linear": attention + mlp, "attention_out": 1, "mlp_out": 1}[which]
+    assert len(targets) == 2 * expected  # 2 layers
+    assert len({t.name for t in targets}) == len(targets)
+
+
+def test_gpt2_qv_is_the_q_and_v_blocks() -> None:
+    (first, _) = resolve_targets(tiny_model("gpt2"))
+    assert first.label == "transformer.h.0.attn.c_attn[q,v]"
+    assert [(b[0], b[1], b[2]) for b in first.blocks] == [("q", 0, 32), ("v", 64, 96)]
+
+
+def test_bert_mlp_output_is_not_attention_output() -> None:
+    names = [t.name for t in resolve_targets(tiny_model("bert"), default_targets(tiny_model("bert"), "mlp_out"))]
+    assert names == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+
+
+def test_plain_string_is_a_suffix_and_bad_regex_is_clear() -> None:
+    model = tiny_model("llama")
+    assert [t.name for t in resolve_targets(model, "q_proj")] == [t.name for t in resolve_targets(model, ["q_proj"])]
+    assert len(resolve_targets(model, r".*layers\.0\..*_proj")) == 7
+    with pytest.raises(MaskingError, match="not a valid regular expression"):
+        resolve_targets(model, "[")
+
+
+def test_suffix_matches_whole_components() -> None:
+    with pytest.raises(MaskingError, match="matches no module"):
+        resolve_targets(tiny_model("llama"), ["_proj"])
+
+
+def test_unknown_architecture_says_what_to_do() -> None:
+    model = tiny_model("opt")
+    model.config.model_type = "mystery"
+    with pytest.raises(MaskingError, match=r"pass targets=\[...\]"):
+        architecture_targets(model)
+    assert "mystery" not in ARCHITECTURES

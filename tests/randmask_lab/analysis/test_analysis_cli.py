@@ -1,0 +1,103 @@
+"""The analysis sub-commands: parsing, and the command logic with an injected tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+from tests.conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
+
+from randmask import MaskingConfig, apply_masking
+from randmask_lab.analysis.cli import register, run_distance, run_hessian, run_suggest_lr
+
+
+@pytest.fixture
+def model_and_batches():
+    model = apply_masking(tiny_model("opt"), MaskingConfig(density=0.2, seed=0))
+    return model, [tiny_inputs("opt", batch=1, seq=8)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="randmask")
+    register(parser.add_subparsers(dest="verb", required=True))
+    return parser
+
+
+@pytest.mark.filterwarnings("ignore:power iteration did not reach:RuntimeWarning")
+def test_run_hessian_writes_json_and_png(model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    summary = run_hessian(model, batches, tmp_path, max_iter=3, top_k=2)
+    data = json.loads((tmp_path / "hessian.json").read_text())
+    assert data["lambda_max"] == summary["lambda_max"] and len(data["trace"]) == data["iterations"] <= 3
+    assert len(data["top_k"]) == 2 and data["n_trainable"] > 0
+    assert (tmp_path / "power_trace.png").is_file()
+
+
+def test_run_distance_writes_json(model_and_batches, tmp_path):
+    model, _ = model_and_batches
+    data = run_distance(model, tmp_path)
+    assert json.loads((tmp_path / "distance.json").read_text())["total"] == data["total"] == 0.0
+    with pytest.raises(ValueError, match="--reference"):
+        run_distance(tiny_model("opt"), tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:power iteration did not reach:RuntimeWarning")
+def test_run_suggest_lr_writes_json(model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    run_suggest_lr(model, batches, tmp_path, max_iter=3)
+    data = json.loads((tmp_path / "suggest_lr.json").read_text())
+    assert data["adam_lr_low"] < data["adam_lr"] < data["adam_lr_high"]
+
+
+def test_subcommands_parse():
+    args = _parser().parse_args(["suggest-lr", "--task", "sst2", "--calibration", "3", "--out", "x"])
+    assert args.command == "suggest-lr" and args.calibration == 3.0 and args.task == "sst2"
+    assert _parser().parse_args(["hessian", "--top-k", "4"]).top_k == 4
+    assert _parser().parse_args(["distance", "--reference", "w.safetensors"]).reference.name == "w.safetensors"
+
+
+def test_handler_uses_the_experiment_hook(model_and_batches, tmp_path, monkeypatch):
+    import types
+
+    hook = types.ModuleType("randmask_lab.experiment")
+    hook.build_model_and_batches = lambda args: model_and_batches
+    hook.describe_analysis_run = lambda args: {"method": "randmask", "ratio": None, "trained": False}
+    monkeypatch.setitem(sys.modules, "randmask_lab.experiment", hook)
+    args = _parser().parse_args(["distance", "--out", str(tmp_path)])
+    assert args.func(args) == 0 and (tmp_path / "distance.json").is_file()
+    run = json.loads((tmp_path / "distance.json").read_text())["run"]
+    assert run["method"] == "randmask" and 0 < run["n_trainable"] < run["n_total"]
+
+
+@pytest.mark.filterwarnings("ignore:power iteration did not reach:RuntimeWarning")
+def test_figure4_pairs_before_and_after_by_method_and_budget(model_and_batches, tmp_path, capsys):
+    model, batches = model_and_batches
+    meta = {"method": "randmask", "ratio": 1e-3, "task": "rte"}
+    before = run_hessian(model, batches, tmp_path / "before", max_iter=3, meta={**meta, "trained": False})
+    after = run_suggest_lr(model, batches, tmp_path / "after", max_iter=3, meta={**meta, "trained": True})
+    run_distance(model, tmp_path / "after", meta={**meta, "trained": True})
+    full = run_hessian(model, batches, tmp_path / "full", max_iter=3, meta={"method": "full", "trained": False})
+    args = _parser().parse_args(["figure4", str(tmp_path), "--out", str(tmp_path / "fig")])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| randmask |"))
+    assert f"| {before['lambda_max']:.4g} | {after['lambda_max']:.4g} | 0 |" in row and "| 0.1% |" in row
+    assert f"| {full['lambda_max']:.4g} | - | - |" in table  # full FT: budget from the counts
+    assert (tmp_path / "fig" / "lambda_max.png").is_file() and (tmp_path / "fig" / "distance.png").is_file()
+
+
+def test_figure4_rejects_files_without_a_run_block(tmp_path):
+    from randmask_lab.analysis.figure4 import collect
+
+    (tmp_path / "hessian.json").write_text('{"lambda_max": 1.0}')
+    with pytest.raises(ValueError, match="no 'run' block"):
+        collect([tmp_path])
+
+
+def test_missing_experiment_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "randmask_lab.experiment", None)  # import fails like a missing module
+    args = _parser().parse_args(["hessian"])
+    with pytest.raises(SystemExit, match="build_model_and_batches"):
+        args.func(args)

@@ -1,0 +1,78 @@
+"""Power iteration and Lanczos on explicit symmetric matrices (loss = ½ xᵀAx, so H = A)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randmask_lab.analysis.eigen import lanczos, power_iteration
+
+
+def _sym(eigs: list[float], seed: int = 0) -> torch.Tensor:
+    """A = Q diag(eigs) Qᵀ with a random orthogonal Q."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ q.t()
+
+
+def _run(a: torch.Tensor, **kw):
+    return power_iteration(lambda v: a @ v, a.shape[0], dtype=torch.float64, **kw)
+
+
+def test_recovers_top_eigenvalue_of_psd_matrix():
+    a = _sym([5.0, 2.0, 1.0, 0.5, 0.1, 0.0])
+    res = _run(a, tol=1e-10, max_iter=500)
+    assert res.converged and not res.shifted
+    assert res.eigenvalue == pytest.approx(5.0, rel=1e-8)
+    assert res.iterations == len(res.trace) and res.trace[-1] == res.eigenvalue
+    assert res.residual < 1e-3
+
+
+def test_negative_dominant_eigenvalue_top_vs_magnitude():
+    # |-8| > 3: plain power iteration finds -8; the paper's λ_max (top) is 3.
+    a = _sym([-8.0, 3.0, 1.0, -0.5, 0.2])
+    top = _run(a, tol=1e-10, max_iter=1000)
+    assert top.converged and top.shifted
+    assert top.largest_magnitude == pytest.approx(-8.0, rel=1e-6)
+    assert top.eigenvalue == pytest.approx(3.0, rel=1e-6)
+    mag = _run(a, tol=1e-10, max_iter=1000, which="magnitude")
+    assert mag.eigenvalue == pytest.approx(-8.0, rel=1e-6) and not mag.shifted
+
+
+def test_all_negative_spectrum_reports_top():
+    top = _run(_sym([-4.0, -2.0, -1.0]), tol=1e-12, max_iter=2000)
+    assert top.eigenvalue == pytest.approx(-1.0, rel=1e-5)
+
+
+def test_non_convergence_is_reported_not_hung():
+    a = _sym([1.0, 0.999, 0.998, 0.5])  # tiny spectral gap: needs many iterations
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        res = _run(a, tol=1e-12, max_iter=3)
+    assert not res.converged and res.iterations == 3 and len(res.trace) == 3
+
+
+def test_zero_operator():
+    res = _run(torch.zeros(4, 4, dtype=torch.float64))
+    assert res.converged and res.eigenvalue == 0.0
+
+
+def test_same_seed_same_trace():
+    a = _sym([3.0, 1.0, 0.2])
+    assert _run(a, seed=3, max_iter=5).trace == _run(a, seed=3, max_iter=5).trace
+
+
+def test_bad_arguments():
+    a = _sym([1.0, 2.0])
+    with pytest.raises(ValueError, match="tol"):
+        _run(a, tol=0)
+    with pytest.raises(ValueError, match="which"):
+        _run(a, which="smallest")
+
+
+def test_lanczos_top_k():
+    eigs = [6.0, 4.0, 3.5, 1.0, -7.0, 0.3, 0.2, 0.1]
+    a = _sym(eigs, seed=2)
+    got = lanczos(lambda v: a @ v, 8, k=3, dtype=torch.float64)  # steps capped at dim: exact
+    assert got == pytest.approx([6.0, 4.0, 3.5], rel=1e-8)
+    with pytest.raises(ValueError, match="at least k"):
+        lanczos(lambda v: a @ v, 8, k=4, steps=2)

