@@ -15,12 +15,11 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import bos_prefix, encode_pair, encode_prompt
 from randmask_lab.experiment.head import HeadObjective
 from randmask_lab.experiment.lm import LMObjective
+from randmask_lab.experiment.sources import data_fingerprint, split_sources
 from randmask_lab.methods import METHOD_NAMES, PreparedModel, default_head_modules, prepare_method
 from randmask_lab.methods.common import seeded
 from randmask_lab.tasks import Pools, TaskSpec, TaskSplits, get_task, protocol_split
 from randmask_lab.zoo import load_causal_lm, load_sequence_classifier, model_family, prepends_bos
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -56,9 +55,8 @@ def resolve_mode(config: RunConfig, spec: TaskSpec) -> str:
     return mode
 
 
-def load_model(config: RunConfig, spec: TaskSpec, mode: str) -> tuple[Any, Any]:
-    """(base model, tokenizer); a fresh head is initialised from the mask seed."""
-    dtype = DTYPES[config.dtype]
+def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(base model, tokenizer) with weights in ``dtype``; a fresh head is initialised from the mask seed."""
     if mode == "head":
         with seeded(config.seeds[1]):
             return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
@@ -108,6 +106,13 @@ def sample_splits(config: RunConfig, spec: TaskSpec) -> TaskSplits:
                        "raise --n-train / --n-val")
     return TaskSplits(spec.name, config.seeds[0], tuple(train), tuple(val), tuple(test), pools.origin,
                       tuple(notes))
+
+
+def split_record(config: RunConfig, spec: TaskSpec, splits: TaskSplits) -> dict[str, Any]:
+    """Where each split of a run came from (files, pool, rows) and the data fingerprint, for its record."""
+    pools = _pools(spec.name, config.data_dir, config.source)
+    fingerprint = data_fingerprint(spec.name, config.data_dir, config.source)
+    return split_sources(splits, fingerprint, pools.train_origin or pools.origin, pools.test_origin)
 
 
 def load_data(config: RunConfig, spec: TaskSpec, mode: str, tokenizer: Any,

@@ -1,4 +1,4 @@
-"""Per-step pieces of the training loop: optimizer, LR schedule, AdaLoRA's penalty, the step CSV."""
+"""Per-step pieces of the training loop: optimizer, LR schedule, the step CSV."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.methods import PreparedModel
@@ -46,24 +45,6 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     for g in optimizer.param_groups:
         g["lr"] = g["initial_lr"] * factor
     return optimizer.param_groups[0]["lr"]
-
-
-def orth_penalty(model: nn.Module) -> torch.Tensor | None:
-    """AdaLoRA's orthogonality regulariser (peft adds it only to a loss the model computes itself).
-
-    Same as peft's ``AdaLoraModel.forward``: mean over A/B of ||P P^T - I||_F, times orth_reg_weight.
-    """
-    tuner = getattr(model, "base_model", None)
-    if not hasattr(tuner, "rankallocator"):
-        return None
-    name = tuner.trainable_adapter_name
-    weight = tuner.peft_config[name].orth_reg_weight
-    terms = []
-    for n, p in model.named_parameters():
-        if ("lora_A" in n or "lora_B" in n) and name in n:
-            cov = p @ p.T if "lora_A" in n else p.T @ p
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=p.device, dtype=p.dtype)))
-    return weight * torch.stack(terms).mean() if terms else None
 
 
 class StepLog:
