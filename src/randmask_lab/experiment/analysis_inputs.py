@@ -14,6 +14,7 @@ from torch import nn
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.build import (
+    TrainingLoss,
     check_names,
     load_data,
     load_model,
@@ -109,8 +110,8 @@ def _freeze_head(model: nn.Module, config: RunConfig) -> None:
 class AnalysisInputs:
     """What an analysis measures: the prepared model, fixed training batches, and the run's loss.
 
-    ``loss_fn(model, batch)`` is the run's own objective (``make_objective(...).loss``, the object the
-    training loop calls), so λ_max, distances and LR suggestions are about the loss the run optimises:
+    ``loss_fn(model, batch)`` is the run's own loss (``build.TrainingLoss``: the objective plus the method's
+    extra terms, the object the training loop calls), so λ_max, distances and LR suggestions are about the loss the run optimises:
     cross-entropy over the candidates for classification prompts, the gold continuation's NLL for
     generation, the head's cross-entropy in head mode.
     """
@@ -152,4 +153,4 @@ def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
         if not items:
             break
         batches.append(items)
-    return AnalysisInputs(prepared.model.eval(), batches, objective.loss)
+    return AnalysisInputs(prepared.model.eval(), batches, TrainingLoss(objective, prepared))

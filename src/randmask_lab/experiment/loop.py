@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from randmask_lab.experiment.build import TrainingLoss
 from randmask_lab.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import epoch_order, micro_batches, step_batches
@@ -58,6 +59,7 @@ class Trainer:
         self.config, self.prepared, self.data, self.objective = config, prepared, data, objective
         self.plan, self.ctx, self.lease, self.stop_after = plan, ctx, lease, stop_after
         self.model = prepared.model
+        self.loss_fn = TrainingLoss(objective, prepared)  # task loss + the method's terms (AdaLoRA's penalty)
         self.started = time.time()
         self.steps_per_epoch = len(self._batches(0))
         self.optimizer = build_optimizer(prepared, config, heads)
@@ -117,10 +119,7 @@ class Trainer:
             sync = j == len(micro) - 1 or not self.ctx.active
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.plan.forward_context():
-                    loss = self.objective.loss(self.ddp, [self.data.train[i] for i in mb])
-                    extra = self.prepared.loss_terms()  # e.g. AdaLoRA's orthogonality penalty
-                    if extra is not None:
-                        loss = loss + extra
+                    loss = self.loss_fn(self.ddp, [self.data.train[i] for i in mb])
                 scaled = loss * (len(mb) / total)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             value += loss.item() * len(mb) / total

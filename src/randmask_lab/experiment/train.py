@@ -96,10 +96,6 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     started = time.time()
     run_dir = Path(config.out_dir) / config.run_id
     mode = resolve_mode(config, spec)
-    zero_shot = config.method == "zeroshot"
-    if zero_shot and mode == "head":
-        raise RunError("method 'zeroshot' needs prompt scoring (--mode lm): in head mode the classifier is "
-                       "untrained, so its score is chance, not the model's zero-shot ability")
     plan = PrecisionPlan(config.precision, ctx.device)
     splits = sample_splits(config, spec)
     model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
@@ -107,6 +103,9 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     heads = run_head_modules(config, model)
     steps = _steps_per_epoch(config, len(data.train), ctx)
     prepared = prepare(config, model, total_steps=steps * config.epochs)
+    if prepared.needs_prompts and mode == "head":
+        raise RunError(f"method {config.method!r} needs prompt scoring (--mode lm): in head mode the classifier is "
+                       "untrained, so its score is chance, not the model's zero-shot ability")
     prepared.model.to(ctx.device)
     plan.cast_trainable(prepared.model, prepared.fp32_trainable)
     objective = make_objective(config, data, tokenizer)
@@ -116,7 +115,7 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
         write_json(run_dir / "config.json", config.to_dict())
     barrier(ctx)
     info = {"data": split_record(config, spec, splits), "attention": "math" if plan.math_attention else "default"}
-    if zero_shot:
+    if not prepared.trains:  # evaluation only (zeroshot)
         with_metric = data.spec.kind != "generation" or config.val_generate
         val_loss, val_metric = evaluate(prepared.model, objective, plan, ctx, data.val, with_metric)
         state = TrainState(history=[{"epoch": 0, "train_loss": None, "val_loss": val_loss, "val_metric": val_metric}],

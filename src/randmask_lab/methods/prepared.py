@@ -66,7 +66,8 @@ class PreparedModel:
     kept outside the parameters (AdaLoRA's importance scores and rank pattern). `save_native`
     writes the method's own adapter format (randmask's `save_adapter`, peft's `save_pretrained`).
     `fp32_trainable`: the method's trainable tensors are its own (adapters, masked values) and
-    stay fp32 under ``bf16-true``; False when it trains base weights (full, bitfit).
+    stay fp32 under ``bf16-true``; False when it trains base weights (full, bitfit). `trains`: False
+    when nothing trains (zeroshot: the runner only evaluates).
     """
 
     model: nn.Module
@@ -80,6 +81,10 @@ class PreparedModel:
     set_state: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
     save_native: Callable[[Path], None] | None = None
     fp32_trainable: bool = True
+    trains: bool = True
+    """False: nothing trains (zeroshot); the runner only evaluates the model."""
+    needs_prompts: bool = False
+    """True: the method only makes sense with prompt scoring (zeroshot: an untrained head scores chance)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters to hand to the optimizer."""

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from randmask_lab.errors import DataError
 from randmask_lab.tasks import (
     ENV_VAR,
     TASK_NAMES,
@@ -174,5 +175,5 @@ def test_hub_path_with_a_stub_datasets_module(monkeypatch):
     s = load_task_splits("rte", 0, n_train=10, n_val=5, source="hf")
     assert (len(s.train), len(s.val), len(s.test)) == (10, 5, 1)
     assert calls[0][:2] == ("aps/super_glue", "rte") and s.origin == "hf:aps/super_glue:rte"
-    with pytest.raises(RuntimeError, match="Could not load 'broken/id'.*no network"):
+    with pytest.raises(DataError, match="Could not load 'broken/id'.*no network"):
         load_task_splits("rte", 0, source="hf:broken/id")
