@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from experiment.tiny import make_tiny_lm
+
 from randmask_lab.cli import main
 
 
