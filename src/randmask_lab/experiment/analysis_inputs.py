@@ -110,8 +110,9 @@ def _freeze_head(model: nn.Module, config: RunConfig) -> None:
 class AnalysisInputs:
     """What an analysis measures: the prepared model, fixed training batches, and the run's loss.
 
-    ``loss_fn(model, batch)`` is the run's own loss (``build.TrainingLoss``: the objective plus the method's
-    extra terms, the object the training loop calls), so λ_max, distances and LR suggestions are about the loss the run optimises:
+    ``loss_fn(model, batch)`` is the run's own loss (``build.TrainingLoss``: the objective plus the
+    method's extra terms, the object the training loop calls), so λ_max, distances and LR suggestions
+    are about the loss the run optimises:
     cross-entropy over the candidates for classification prompts, the gold continuation's NLL for
     generation, the head's cross-entropy in head mode.
     """

@@ -68,8 +68,10 @@ class Trainer:
         self.state, self.best = TrainState(), None
         self.ckpt = run_dir / "checkpoint"
         loaded = load_checkpoint(self.ckpt, prepared, self.optimizer, config.run_id, self.scaler)
+        self.resumed_from = None
         if loaded is not None:
             self.state, self.best = loaded
+            self.resumed_from = self.state.global_step
         self.ddp = wrap_ddp(self.model, ctx)
         self.log = StepLog(run_dir / "steps.csv" if ctx.is_main else None, self.state.global_step)
         self.steps_here = 0

@@ -132,6 +132,8 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
             prepared.save(run_dir / "trainable")  # any method, reloadable by the lab
             prepared.save_adapter(run_dir / "adapter")  # the method's own format, where it has one
     info["train_seconds"] = trainer.state.train_seconds + time.time() - trainer.started
+    if trainer.resumed_from is not None:
+        info["notes"] = [f"resumed from the checkpoint at step {trainer.resumed_from}"]
     return _finish(config, ctx, store, lease, prepared, data, trainer.state, outcome.status, test_metric, started,
                    info)
 
@@ -157,7 +159,7 @@ def _finish(config: RunConfig, ctx: DistContext, store: ResultStore | None, leas
         wall_seconds=round(time.time() - started, 2),
         train_seconds=round(info.get("train_seconds", time.time() - started), 2),
         code_version=code_version(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        notes=[*data.splits.notes, *report.notes], run_dir=str(run_dir), data=info["data"],
+        notes=[*data.splits.notes, *report.notes, *info.get("notes", [])], run_dir=str(run_dir), data=info["data"],
         attention=info["attention"],
     )
     if ctx.is_main:
