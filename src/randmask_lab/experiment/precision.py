@@ -41,6 +41,8 @@ class PrecisionPlan:
 
     name: str
     device: torch.device
+    attention: Literal["auto", "math", "default"] = "auto"
+    """SDPA backend: auto (math for bf16 on a CPU, else PyTorch's choice), or forced (benchmarks)."""
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -55,6 +57,8 @@ class PrecisionPlan:
     @property
     def math_attention(self) -> bool:
         """True when SDPA should use the math backend (bf16 on a CPU: fastest there, see module doc)."""
+        if self.attention != "auto":
+            return self.attention == "math"
         return self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu"
 
     @contextlib.contextmanager
