@@ -210,6 +210,8 @@ class RunConfig:
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
         data.pop("seed")
         data["data"] = data_fingerprint(self.task, self.data_dir, self.source)
+        if self.source is not None and "hub" not in data["data"]:
+            data["source"] = "local"  # a file or folder: its fingerprint is the identity, not where it lies
         return data
 
     @property

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import torch
 
+from randmask import atomic_write_bytes
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.prepared import is_head_param
@@ -58,11 +60,12 @@ class StepLog:
         rows = []
         if path.is_file() and resume_step > 0:
             with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path, text.getvalue().encode())  # a kill now leaves the old log or the new one
 
     def write(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
         """Add one row."""
