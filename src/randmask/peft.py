@@ -1,0 +1,311 @@
+"""randmask as a registered PEFT method: ``get_peft_model(model, RandMaskConfig(...))``.
+
+Importing this module imports ``peft`` (``import randmask`` never does) and registers the
+method under the PEFT type ``"RANDMASK"``. Then the whole PEFT surface works:
+``save_pretrained`` / ``PeftModel.from_pretrained`` (after ``import randmask.peft``),
+``merge_and_unload``, ``disable_adapter``, named adapters, HF ``Trainer`` and TRL.
+
+How it registers: ``peft.utils.register_peft_method`` refuses names outside its ``PeftType``
+enum, and an external package cannot add enum members cleanly. But ``PeftType`` is a ``str``
+enum and every lookup (``PEFT_TYPE_TO_CONFIG_MAPPING[config.peft_type]`` and the tuner and
+prefix mappings) is a plain dict keyed by it, so the plain string ``"RANDMASK"`` is a valid
+key that round-trips through ``adapter_config.json``. ``_register`` writes the three mappings
+after the same checks ``register_peft_method`` makes; tests/randmask/test_peft.py pins this
+against the installed peft.
+
+The tuner layer keeps randmask's design: the trained entries live inside the frozen weight,
+the weight gradient is the sparse SDDMM of ``randmask.ops``, and the file holds only the
+values (in the weight's dtype: ~2 bytes/entry for a bf16 base); masks are regenerated from
+(seed, module name) and checked against checksums and base fingerprints stored in the config.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import torch
+from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from randmask.config import MaskingConfig, MaskingError
+from randmask.integrity import base_fingerprint, check_base
+from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.masks import BUILTIN_KINDS, indices_checksum
+from randmask.model import block_densities, count_base_parameters, draw_mask
+from randmask.ops import masked_linear
+from randmask.targets import resolve_targets
+
+PEFT_TYPE = "RANDMASK"
+PREFIX = "randmask_"
+
+
+@dataclass
+class RandMaskConfig(PeftConfig):
+    """PEFT config of a Random Masking adapter (the fields of ``randmask.MaskingConfig``)."""
+
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "Module-name suffixes (['q_proj', 'v_proj']), a plain name, a regex, or GPT-2's "
+                "'c_attn[q,v]'; None: the architecture's attention query/value projections."})
+    trainable_ratio: float | None = field(default=None, metadata={
+        "help": "Trainable entries as a fraction of ALL model parameters (the paper's budget)."})
+    density: float | None = field(default=None, metadata={"help": "Per-matrix keep probability in (0, 1]."})
+    mask_kind: str = field(default="random", metadata={"help": "random, random_exact or structured."})
+    seed: int = field(default=0, metadata={"help": "Mask seed; each matrix's is derived from (seed, name)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Modules besides the masked ones to train and save (e.g. a classifier head)."})
+    total_params: int | None = field(default=None, metadata={
+        "help": "Base-model parameter count, recorded at injection (the budget's denominator)."})
+    checksums: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Per module: [indices checksum, base fingerprint], recorded at injection, checked at load."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.mask_kind not in BUILTIN_KINDS:
+            raise MaskingError(f"RandMaskConfig(mask_kind={self.mask_kind!r}): the PEFT path regenerates masks "
+                               f"from the seed, so use one of {list(BUILTIN_KINDS)}; for custom masks use "
+                               "randmask.apply_masking(custom_masks=...) and randmask.save_adapter.")
+        self.masking_config()
+
+    def masking_config(self) -> MaskingConfig:
+        """The equivalent ``randmask.MaskingConfig`` (validated)."""
+        return MaskingConfig(targets=self.target_modules, trainable_ratio=self.trainable_ratio,
+                             density=self.density, mask_kind=self.mask_kind, seed=self.seed)
+
+
+class RandMaskLayer(nn.Module, BaseTunerLayer):
+    """A Linear/Conv1D whose weight holds the live adapter's entries in place (PEFT tuner layer).
+
+    ``randmask_adapters[name]`` is a ``randmask.MaskAdapter`` (fp32 master ``values`` at fixed
+    ``indices``). At most one adapter is live (written into the weight) at a time; merging
+    writes it permanently and records the entries it overwrote, so unmerge is bit-exact.
+    """
+
+    adapter_layer_names = ("randmask_adapters",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.randmask_adapters = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._live: str | None = None  # adapter whose delta the weight holds (unmerged)
+        self._overwritten: dict[str, torch.Tensor] = {}  # merged adapter -> entries before its merge
+
+    def update_layer(self, adapter_name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
+                     inference_mode: bool = False) -> None:
+        if self.merged:
+            raise MaskingError("cannot add a randmask adapter to a merged layer; call unmerge_adapter() first.")
+        self._restore_live()  # so that base_values captures pristine W0
+        self.randmask_adapters[adapter_name] = MaskAdapter(indices, self.get_base_layer().weight,
+                                                           is_conv1d(self.get_base_layer()), blocks, kind, False)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _restore_live(self) -> None:
+        if self._live is None:
+            return
+        adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
+        flat[adapter.indices] = adapter.base_values.to(flat.dtype)
+        self._live = None
+
+    def _make_live(self, name: str) -> MaskAdapter:
+        if self._live != name:
+            self._restore_live()
+            self._live = name
+        adapter, flat = self.randmask_adapters[name], self.get_base_layer().weight.data.view(-1)
+        target = adapter.target_entries(flat.dtype)
+        if not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
+            flat[adapter.indices] = target
+        return adapter
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            self._restore_live()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.randmask_adapters]
+        if not active:
+            self._restore_live()
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) > 1:
+            raise MaskingError(f"randmask applies one adapter per layer at a time; {active} are active. Call "
+                               "model.set_adapter(name), or merge one first.")
+        adapter = self._make_live(active[0])
+        base = self.get_base_layer()
+        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write the adapters' deltas into the weight (W (+) values at their entries)."""
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.randmask_adapters]
+        self._restore_live()
+        flat = self.get_base_layer().weight.data.view(-1)
+        for name in names:
+            adapter = self.randmask_adapters[name]
+            before = flat[adapter.indices].clone()
+            # On a pristine weight ``before`` is base_values: the same sum as the live forward, bit for bit.
+            after = before + adapter.values.detach().to(flat.dtype)
+            if safe_merge and not torch.isfinite(after).all():
+                raise MaskingError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken.")
+            flat[adapter.indices] = after
+            self._overwritten[name] = before
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Put back, in reverse order, the entries each merge overwrote (bit-exact)."""
+        flat = self.get_base_layer().weight.data.view(-1)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            flat[self.randmask_adapters[name].indices] = self._overwritten.pop(name)
+
+    def restore_base(self) -> None:
+        """Make the weight pristine W0 (unmerge everything, take the live delta out)."""
+        self.unmerge()
+        self._restore_live()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.restore_base()
+        super().delete_adapter(adapter_name)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense delta of one adapter, shaped like the stored weight (for inspection only)."""
+        adapter, weight = self.randmask_adapters[adapter_name], self.get_base_layer().weight
+        delta = torch.zeros(weight.numel(), dtype=adapter.values.dtype, device=weight.device)
+        delta[adapter.indices] = adapter.values.detach()
+        return delta.view_as(weight)
+
+    def __repr__(self) -> str:
+        return "randmask." + super().__repr__()
+
+
+class RandMaskModel(BaseTuner):
+    """The PEFT tuner: resolves targets with randmask's resolver and draws every mask up front."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = RandMaskLayer
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config  # target_modules=None: randmask's per-architecture default, resolved below
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        self._plan = _plan_masks(model, self.peft_config[adapter_name])
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._plan = {}
+
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
+        return key in getattr(self, "_plan", {})
+
+    def _create_and_replace(self, config: RandMaskConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **kwargs: Any) -> None:
+        indices, blocks = self._plan[current_key]
+        if isinstance(target, RandMaskLayer):
+            target.update_layer(adapter_name, indices, blocks, config.mask_kind, config.inference_mode)
+            return
+        layer = RandMaskLayer(target, adapter_name)
+        layer.update_layer(adapter_name, indices, blocks, config.mask_kind, config.inference_mode)
+        if adapter_name not in self.active_adapters:
+            layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, layer, target)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if not merge:  # unload(): hand back the pristine base weights
+            for module in self.model.modules():
+                if isinstance(module, RandMaskLayer):
+                    module.restore_base()
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]
+                                ) -> dict[str, torch.Tensor]:
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Save values in a half base's dtype (~2 bytes/entry): the weight holds W0 (+) values.to(half),
+        # so this reproduces it bit for bit; fp32/fp64 bases keep their values' own dtype.
+        for name, module in model.named_modules():
+            if isinstance(module, RandMaskLayer):
+                dtype = module.get_base_layer().weight.dtype
+                key = f"{name}.randmask_adapters.{adapter_name}.values"
+                if key in out and dtype in (torch.float16, torch.bfloat16):
+                    out[key] = out[key].to(dtype)
+        return out
+
+
+def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torch.Tensor, list[Block]]]:
+    """Every target's mask, drawn as ``apply_masking`` draws it; records or checks the checksums."""
+    masking = config.masking_config()
+    targets = resolve_targets(model, config.target_modules)
+    total = count_base_parameters(model)
+    if config.total_params is None:
+        config.total_params = total
+    elif config.total_params != total:
+        raise MaskingError(f"this RandMask adapter was made for a base model with {config.total_params:,} "
+                           f"parameters; this one has {total:,}. Load it onto the base it was trained from.")
+    record = config.checksums is None
+    checksums = {} if record else config.checksums
+    plan = {}
+    for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
+        indices, blocks = draw_mask(target, densities, masking)
+        entries = _pristine(model, target.name, target.module, indices)
+        if record:
+            checksums[target.name] = [indices_checksum(indices), base_fingerprint(entries)]
+        else:
+            saved = checksums.get(target.name)
+            if not (isinstance(saved, list) and len(saved) == 2 and isinstance(saved[1], dict)):
+                raise MaskingError(f"{target.name}: the RandMask config has no checksum for this module; it was "
+                                   "saved for other target modules or edited. Re-save the adapter.")
+            if indices_checksum(indices) != saved[0]:
+                raise MaskingError(f"{target.name}: the regenerated mask does not match the saved checksum; the "
+                                   "adapter belongs to another base model or its config was edited.")
+            check_base(target.name, entries, saved[1])
+        plan[target.name] = (indices, blocks)
+    if not record and set(checksums) != set(plan):
+        raise MaskingError(f"the RandMask config lists modules {sorted(set(checksums) ^ set(plan))[:4]} that "
+                           "its targets do not resolve to on this model; re-save the adapter.")
+    config.checksums = checksums
+    return plan
+
+
+def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """W0 at ``indices`` (a layer that already holds another adapter's delta is asked to undo it first)."""
+    layer = model.get_submodule(name)
+    if isinstance(layer, RandMaskLayer):
+        if layer.merged:
+            raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
+        layer._restore_live()
+    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+
+
+def _register() -> None:
+    """Add RANDMASK to peft's three plain-dict mappings (what register_peft_method does, minus the enum check)."""
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_TYPE) is RandMaskConfig:
+        return  # module re-imported
+    if PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING or PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise MaskingError(f"peft already has a method {PEFT_TYPE!r}; randmask cannot register over it.")
+    if PREFIX in PEFT_TYPE_TO_PREFIX_MAPPING.values():
+        raise MaskingError(f"peft already uses the parameter prefix {PREFIX!r}.")
+    if not peft.__version__.startswith("0."):
+        warnings.warn(f"randmask.peft was tested with peft 0.21; this is peft {peft.__version__}.", stacklevel=2)
+    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = RandMaskConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = RandMaskModel
+
+
+_register()
+
+from randmask.shira import export_shira, import_shira  # noqa: E402 - shira needs the registered method's classes
+
+__all__ = ["PEFT_TYPE", "RandMaskConfig", "RandMaskLayer", "RandMaskModel", "export_shira", "import_shira"]
