@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -25,9 +26,18 @@ def _trained(arch="opt", **cfg):
     return model
 
 
+@pytest.fixture(scope="module")
+def _saved_once(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    save_adapter(_trained(), folder)
+    return folder
+
+
 @pytest.fixture
-def saved(tmp_path):
-    save_adapter(_trained(), tmp_path)
+def saved(tmp_path, _saved_once):
+    """A fresh copy of one trained adapter (trained once per module) for each test to edit."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copyfile(_saved_once / name, tmp_path / name)
     return tmp_path
 
 
