@@ -3,6 +3,10 @@
 Indices are not stored for the built-in mask kinds: they are regenerated from the
 seed on load and checked against a checksum, so a file costs ~2 bytes per trained
 entry in bf16 (4 in fp32). Custom kinds store their indices explicitly. No pickles.
+
+Format 2 adds a checksum of the config's own content and, per matrix, a short hash of W0 at
+the kept entries (``randmask.integrity``), so a removed matrix, another checkpoint of the same
+architecture, or a base that already has the delta merged in are refused at load.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ values (in the weight's dtype: ~2 bytes/entry for a bf16 base); masks are regene
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,7 +201,10 @@ class RandMaskModel(BaseTuner):
         return peft_config  # target_modules=None: randmask's per-architecture default, resolved below
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        self._plan = _plan_masks(model, self.peft_config[adapter_name])
+        config = self.peft_config[adapter_name]
+        if config.checksums is None:  # a new adapter: record into a copy, so the user's config stays reusable
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        self._plan = _plan_masks(model, config)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:

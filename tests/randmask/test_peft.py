@@ -52,6 +52,13 @@ def test_registration_route_is_pinned_to_the_installed_peft():
     assert isinstance(RandMaskConfig(density=0.1), peft.PeftConfig)
 
 
+def test_one_config_serves_several_models():
+    config = RandMaskConfig(density=0.2)
+    get_peft_model(tiny_model("opt"), config)
+    get_peft_model(tiny_model("llama"), config)  # what injection records goes into PEFT's own copy
+    assert config.checksums is None and config.total_params is None
+
+
 def test_config_is_validated():
     with pytest.raises(MaskingError, match="exactly one budget"):
         RandMaskConfig()
