@@ -73,6 +73,11 @@ class RandMaskConfig(PeftConfig):
             raise MaskingError(f"RandMaskConfig(mask_kind={self.mask_kind!r}): the PEFT path regenerates masks "
                                f"from the seed, so use one of {list(BUILTIN_KINDS)}; for custom masks use "
                                "randmask.apply_masking(custom_masks=...) and randmask.save_adapter.")
+        if self.total_params is not None and (not isinstance(self.total_params, int) or self.total_params <= 0):
+            raise MaskingError(f"RandMaskConfig.total_params={self.total_params!r} must be a positive int (it is "
+                               "recorded at injection); the adapter config was edited. Re-save the adapter.")
+        if self.checksums is not None and not isinstance(self.checksums, dict):
+            raise MaskingError("RandMaskConfig.checksums must be a dict (recorded at injection); re-save the adapter.")
         self.masking_config()
 
     def masking_config(self) -> MaskingConfig:
@@ -245,6 +250,28 @@ class RandMaskModel(BaseTuner):
                 key = f"{name}.randmask_adapters.{adapter_name}.values"
                 if key in out and dtype in (torch.float16, torch.bfloat16):
                     out[key] = out[key].to(dtype)
+        return out
+
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # Every masked layer needs its values, of its length, finite; anything else is a damaged or
+        # partial file (PEFT alone would warn about missing keys and load the rest).
+        expected = {}
+        for name, module in model.named_modules():
+            if isinstance(module, RandMaskLayer) and adapter_name in module.randmask_adapters:
+                expected[f"{name}.randmask_adapters.{adapter_name}.values"] = module.randmask_adapters[adapter_name].nnz
+        found = {k for k in out if ".randmask_adapters." in k}
+        if found != set(expected):
+            raise MaskingError(f"the adapter weights hold {sorted(found ^ set(expected))[:3]}, which do not match the "
+                               "masked modules of this config; the files are partial or from different saves.")
+        for key, nnz in expected.items():
+            values = out[key]
+            if not values.is_floating_point() or values.shape != (nnz,) or not torch.isfinite(values).all():
+                raise MaskingError(f"{key}: expected {nnz} finite floats, got {values.dtype} of shape "
+                                   f"{tuple(values.shape)}; the adapter file is corrupt. Re-save it.")
         return out
 
 

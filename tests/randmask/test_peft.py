@@ -160,6 +160,30 @@ def test_another_base_or_a_merged_base_is_refused(tmp_path):
         PeftModel.from_pretrained(merged, tmp_path)
 
 
+def test_damaged_peft_files_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _train(_peft_model("opt"), "opt").save_pretrained(tmp_path)
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors = load_file(str(weights))
+    first = next(iter(tensors))
+    save_file({k: v for k, v in tensors.items() if k != first}, str(weights))
+    with pytest.raises(MaskingError, match="partial or from different saves"):
+        PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+    save_file({**tensors, first: tensors[first][:-1]}, str(weights))
+    with pytest.raises(MaskingError, match="corrupt"):
+        PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+    save_file(tensors, str(weights))
+    header = json.loads(config.read_text())
+    for edit, match in [({"total_params": "many"}, "positive int"), ({"density": 7}, "outside"),
+                        ({"seed": 5}, "does not match the saved checksum"), ({"checksums": {}}, "no checksum")]:
+        config.write_text(json.dumps({**header, **edit}))
+        with pytest.raises(MaskingError, match=match):
+            PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+
+
 def test_multiple_named_adapters(tmp_path):
     inputs = tiny_inputs("llama")
     model = _train(_peft_model("llama"), "llama")
