@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from randmask import MaskingConfig, apply_masking, load_adapter, masked_layers, save_adapter, unload
 from randmask_lab.zoo import load_causal_lm
@@ -69,6 +70,8 @@ def main() -> None:
         rm_size = (folder / "rm" / "adapter.safetensors").stat().st_size
         shira_size = (folder / "shira" / "adapter_model.safetensors").stat().st_size
         shira_r = json.loads((folder / "shira" / "adapter_config.json").read_text())["r"]
+        shira_entries = sum(t.numel() for k, t in load_file(str(folder / "shira" / "adapter_model.safetensors")).items()
+                            if k.endswith(".shira_weight"))
         name = str(dtype).removeprefix("torch.")
         print(f"[{name}] {len(adapters)} matrices, {nnz:,} trained entries (trainable_ratio={args.ratio:g})")
         print(f"  base fingerprint: {statistics.median(fingerprint) * 1e3:.1f} ms to compute "
@@ -79,7 +82,8 @@ def main() -> None:
               f"{statistics.median(without) * 1e3:.0f} ms without "
               f"(range {min(without) * 1e3:.0f}-{max(without) * 1e3:.0f})")
         print(f"  files: randmask {rm_size:,} B = {rm_size / nnz:.2f} B/entry; SHiRA (r={shira_r}, zero-padded) "
-              f"{shira_size:,} B = {shira_size / nnz:.2f} B/entry")
+              f"{shira_size:,} B = {shira_size / nnz:.2f} B/trained entry, {shira_size / shira_entries:.2f} B per "
+              f"stored entry ({shira_entries:,} stored)")
 
 
 if __name__ == "__main__":
