@@ -30,15 +30,16 @@ import peft
 import torch
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
 from randmask.integrity import base_fingerprint, check_base
-from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.layer import Block
 from randmask.masks import BUILTIN_KINDS, indices_checksum
 from randmask.model import block_densities, count_base_parameters, draw_mask
-from randmask.ops import masked_linear
+from randmask.peft_layer import RandMaskLayer
+from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
 
 PEFT_TYPE = "RANDMASK"
@@ -84,115 +85,6 @@ class RandMaskConfig(PeftConfig):
         """The equivalent ``randmask.MaskingConfig`` (validated)."""
         return MaskingConfig(targets=self.target_modules, trainable_ratio=self.trainable_ratio,
                              density=self.density, mask_kind=self.mask_kind, seed=self.seed)
-
-
-class RandMaskLayer(nn.Module, BaseTunerLayer):
-    """A Linear/Conv1D whose weight holds the live adapter's entries in place (PEFT tuner layer).
-
-    ``randmask_adapters[name]`` is a ``randmask.MaskAdapter`` (fp32 master ``values`` at fixed
-    ``indices``). At most one adapter is live (written into the weight) at a time; merging
-    writes it permanently and records the entries it overwrote, so unmerge is bit-exact.
-    """
-
-    adapter_layer_names = ("randmask_adapters",)
-    other_param_names = ()
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.randmask_adapters = nn.ModuleDict()
-        self._active_adapter = adapter_name
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._live: str | None = None  # adapter whose delta the weight holds (unmerged)
-        self._overwritten: dict[str, torch.Tensor] = {}  # merged adapter -> entries before its merge
-
-    def update_layer(self, adapter_name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
-                     inference_mode: bool = False) -> None:
-        if self.merged:
-            raise MaskingError("cannot add a randmask adapter to a merged layer; call unmerge_adapter() first.")
-        self._restore_live()  # so that base_values captures pristine W0
-        self.randmask_adapters[adapter_name] = MaskAdapter(indices, self.get_base_layer().weight,
-                                                           is_conv1d(self.get_base_layer()), blocks, kind, False)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def _restore_live(self) -> None:
-        if self._live is None:
-            return
-        adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
-        flat[adapter.indices] = adapter.base_values.to(flat.dtype)
-        self._live = None
-
-    def _make_live(self, name: str) -> MaskAdapter:
-        if self._live != name:
-            self._restore_live()
-            self._live = name
-        adapter, flat = self.randmask_adapters[name], self.get_base_layer().weight.data.view(-1)
-        target = adapter.target_entries(flat.dtype)
-        if not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
-            flat[adapter.indices] = target
-        return adapter
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            self._restore_live()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.randmask_adapters]
-        if not active:
-            self._restore_live()
-            return self.base_layer(x, *args, **kwargs)
-        if len(active) > 1:
-            raise MaskingError(f"randmask applies one adapter per layer at a time; {active} are active. Call "
-                               "model.set_adapter(name), or merge one first.")
-        adapter = self._make_live(active[0])
-        base = self.get_base_layer()
-        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern())
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write the adapters' deltas into the weight (W (+) values at their entries)."""
-        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.randmask_adapters]
-        self._restore_live()
-        flat = self.get_base_layer().weight.data.view(-1)
-        for name in names:
-            adapter = self.randmask_adapters[name]
-            before = flat[adapter.indices].clone()
-            # On a pristine weight ``before`` is base_values: the same sum as the live forward, bit for bit.
-            after = before + adapter.values.detach().to(flat.dtype)
-            if safe_merge and not torch.isfinite(after).all():
-                raise MaskingError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken.")
-            flat[adapter.indices] = after
-            self._overwritten[name] = before
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Put back, in reverse order, the entries each merge overwrote (bit-exact)."""
-        flat = self.get_base_layer().weight.data.view(-1)
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            flat[self.randmask_adapters[name].indices] = self._overwritten.pop(name)
-
-    def restore_base(self) -> None:
-        """Make the weight pristine W0 (unmerge everything, take the live delta out)."""
-        self.unmerge()
-        self._restore_live()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self.restore_base()
-        super().delete_adapter(adapter_name)
-
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense delta of one adapter, shaped like the stored weight (for inspection only)."""
-        adapter, weight = self.randmask_adapters[adapter_name], self.get_base_layer().weight
-        delta = torch.zeros(weight.numel(), dtype=adapter.values.dtype, device=weight.device)
-        delta[adapter.indices] = adapter.values.detach()
-        return delta.view_as(weight)
-
-    def __repr__(self) -> str:
-        return "randmask." + super().__repr__()
 
 
 class RandMaskModel(BaseTuner):
@@ -316,7 +208,7 @@ def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Ten
     if isinstance(layer, RandMaskLayer):
         if layer.merged:
             raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
-        layer._restore_live()
+        layer.restore_live()
     return module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
 
 
@@ -336,7 +228,5 @@ def _register() -> None:
 
 
 _register()
-
-from randmask.shira import export_shira, import_shira  # noqa: E402 - shira needs the registered method's classes
 
 __all__ = ["PEFT_TYPE", "RandMaskConfig", "RandMaskLayer", "RandMaskModel", "export_shira", "import_shira"]

@@ -25,7 +25,9 @@ from torch import nn
 from randmask.config import MaskingConfig, MaskingError
 from randmask.io import atomic_write_bytes, read_adapter_files
 from randmask.layer import MaskedLayer, is_conv1d
+from randmask.masks import BUILTIN_KINDS
 from randmask.model import apply_masking, block_densities, draw_mask, masked_layers
+from randmask.peft_layer import RandMaskLayer
 from randmask.targets import Target
 
 SHIRA_CONFIG = "adapter_config.json"
@@ -91,8 +93,6 @@ def _logical(name: str, indices: torch.Tensor, module: nn.Module) -> tuple[torch
 
 
 def _from_model(model: nn.Module, adapter_name: str) -> dict[str, tuple]:
-    from randmask.peft import RandMaskLayer  # registered method's layer (same package)
-
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, RandMaskLayer) and adapter_name in module.randmask_adapters:
@@ -110,7 +110,7 @@ def _from_model(model: nn.Module, adapter_name: str) -> dict[str, tuple]:
 def _from_folder(folder: Path) -> tuple[dict[str, tuple], str | None]:
     header, tensors = read_adapter_files(folder)
     config = MaskingConfig.from_dict(header["masking_config"])
-    targets, explicit = [], config.mask_kind not in ("random", "random_exact", "structured")
+    targets, explicit = [], config.mask_kind not in BUILTIN_KINDS
     for name, info in header["matrices"].items():
         if info["transposed"]:
             raise MaskingError(f"{name} is a transformers Conv1D (GPT-2); PEFT's SHiRA supports torch.nn.Linear "
