@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from randmask import MaskingError, __version__
-from randmask_lab.errors import LabError, MissingPackageError, StoreError
+from randmask_lab.errors import LabError, MissingPackageError, RunError, StoreError
 
 if TYPE_CHECKING:
     from randmask_lab.experiment.store import ResultStore
@@ -43,18 +43,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from randmask_lab.experiment.options import dataclass_from_args
     from randmask_lab.experiment.train import run_training
 
+    _no_dtype(args)
     config = dataclass_from_args(RunConfig, args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = run_training(config)
     if not _reports():
         return 0
     if record.created < started:
-        print(f"(finished earlier, on {record.created}: shown from the results store; --no-resume runs it again)")
+        print(f"(finished earlier, on {record.created}: shown from the results store; --restart runs it again)")
     metric = "n/a" if record.test_metric is None else f"{100 * record.test_metric:.2f}"
     print(f"{record.status}: {config.task} test {record.metric} = {metric} (best epoch {record.best_epoch} "
           f"by {config.select_by}); {record.trainable:,} trainable of {record.total:,}; "
           f"{record.wall_seconds:.0f} s; run folder {record.run_dir}")
     return 0
+
+
+def _no_dtype(args: argparse.Namespace) -> None:
+    """--dtype was removed: a one-line error naming its --precision equivalent."""
+    if getattr(args, "dtype", None):
+        from randmask_lab.experiment.config import LEGACY_DTYPES
+
+        raise RunError(f"--dtype was replaced by --precision: use --precision {LEGACY_DTYPES[args.dtype]} "
+                       "(float32 -> 32, bfloat16 -> bf16-true, float16 -> 16-mixed)")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -63,6 +73,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from randmask_lab.experiment.report import report_tables
     from randmask_lab.experiment.sweep import SweepConfig, run_sweep
 
+    _no_dtype(args)
     sweep = dataclass_from_args(SweepConfig, args)
     base = dataclass_from_args(RunConfig, args)
     records = run_sweep(sweep, base, say=_say)
@@ -164,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune one model on one task with one method; report the test metric",
                            description=RunConfig.__doc__)
     add_dataclass_options(train, RunConfig)
+    train.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=argparse.SUPPRESS)
     train.set_defaults(func=_cmd_train)
 
     sweep = sub.add_parser("sweep", help="run a grid (lr x ratio x seed x method x task), skipping finished runs",
@@ -171,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(sweep, SweepConfig)
     add_dataclass_options(sweep, RunConfig, skip=("model", "task", "method", "ratio", "density", "lr", "seed",
                                                   "data_seed", "mask_seed", "order_seed"))
+    sweep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=argparse.SUPPRESS)
     sweep.set_defaults(func=_cmd_sweep)
 
     rep = sub.add_parser("report", help="print the best-LR table per method/budget/task (Markdown)")

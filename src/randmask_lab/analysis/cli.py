@@ -3,9 +3,9 @@
 Wire into the main CLI with ``register(subparsers)``; each handler is stored as ``args.func`` and
 returns an exit code. Building the model and batches from the command line (model spec, task,
 method, budget, adapter directory) is the experiment runner's job: the handlers call
-``randmask_lab.experiment.build_model_and_batches(args) -> (model, batches)`` with the parsed
-arguments. The ``run_*`` functions hold the command logic and take a model directly (for tests
-and notebooks).
+``randmask_lab.experiment.build_model_and_batches(args) -> (model, batches, loss_fn)`` with the
+parsed arguments; ``loss_fn`` is the run's own training objective. The ``run_*`` functions hold
+the command logic and take a model directly (for tests and notebooks).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _build(args: argparse.Namespace) -> tuple[nn.Module, list, dict[str, Any]]:
+def _build(args: argparse.Namespace) -> tuple[nn.Module, list, LossFn, dict[str, Any]]:
     try:
         from randmask_lab.experiment import build_model_and_batches, describe_analysis_run
     except ImportError as err:
@@ -123,16 +123,18 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, list, dict[str, Any]]:
             raise
         raise SystemExit(
             f"`randmask {args.command}` needs randmask_lab.experiment.build_model_and_batches(args) -> "
-            "(model, batches), which this install does not have yet. From Python, call "
+            "(model, batches, loss_fn), which this install does not have yet. From Python, call "
             "randmask_lab.analysis.cli.run_hessian / run_distance / run_suggest_lr with a model instead."
         ) from None
-    model, batches = build_model_and_batches(args)
-    return model, list(batches), describe_analysis_run(args)
+    # loss_fn is the run's own training objective (not model(**batch).loss): see AnalysisInputs.
+    model, batches, loss_fn = build_model_and_batches(args)
+    return model, list(batches), loss_fn, describe_analysis_run(args)
 
 
 def _cmd_hessian(args: argparse.Namespace) -> int:
-    model, batches, meta = _build(args)
-    s = run_hessian(model, batches, args.out, tol=args.tol, max_iter=args.max_iter, seed=args.power_seed,
+    model, batches, loss_fn, meta = _build(args)
+    s = run_hessian(model, batches, args.out, loss_fn=loss_fn, tol=args.tol, max_iter=args.max_iter,
+                    seed=args.power_seed,
                     which=args.which, top_k=args.top_k, meta=meta)
     print(f"lambda_max = {s['lambda_max']:.6g} ({'converged' if s['converged'] else 'NOT converged'} "
           f"after {s['iterations']} HVPs); wrote {s['files']['json']}")
@@ -140,7 +142,7 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
 
 
 def _cmd_distance(args: argparse.Namespace) -> int:
-    model, _, meta = _build(args)
+    model, _, _, meta = _build(args)
     reference = load_state_dict(args.reference) if args.reference else None
     s = run_distance(model, args.out, reference, meta=meta)
     print(f"distance = {s['total']:.6g} over {len(s['per_matrix'])} matrices; wrote {s['files']['json']}")
@@ -148,8 +150,8 @@ def _cmd_distance(args: argparse.Namespace) -> int:
 
 
 def _cmd_suggest_lr(args: argparse.Namespace) -> int:
-    model, batches, meta = _build(args)
-    s = run_suggest_lr(model, batches, args.out, calibration=args.calibration, tol=args.tol,
+    model, batches, loss_fn, meta = _build(args)
+    s = run_suggest_lr(model, batches, args.out, loss_fn=loss_fn, calibration=args.calibration, tol=args.tol,
                        max_iter=args.max_iter, seed=args.power_seed, meta=meta)
     print(f"lambda_max = {s['lambda_max']:.4g}, GD bound 2/lambda = {s['gd_bound']:.4g}, "
           f"Adam lr ~ {s['adam_lr']:.3g} (try {s['adam_lr_low']:.3g} .. {s['adam_lr_high']:.3g}); "

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.build import check_names, load_data, load_model, prepare, resolve_mode, run_head_modules
-from randmask_lab.experiment.checkpoint import load_trainable
+from randmask_lab.experiment.build import (
+    TrainingLoss,
+    check_names,
+    load_data,
+    load_model,
+    make_objective,
+    prepare,
+    resolve_mode,
+    run_head_modules,
+)
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.data import LMItem, collate_head, epoch_order, pad
+from randmask_lab.experiment.data import epoch_order
 from randmask_lab.methods.prepared import TRAINABLE_FILE, is_head_param
+from randmask_lab.methods.trainable import load_trainable, read_tensors
 
 
 def _arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
@@ -42,7 +52,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
     """The run's config from a run folder given as --adapter, else from the options."""
     run = _run_folder(getattr(args, "adapter", None))
     if run is not None:
-        config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+        try:
+            config = RunConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunError(f"{run / 'config.json'} is not a run config ({e}); pass another --adapter") from None
     else:
         model, task = _arg(args, "model"), _arg(args, "task")
         if not model or not task:
@@ -66,7 +79,10 @@ def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> No
     """Trained weights from a run folder, or a randmask adapter folder (save_adapter) onto ``model``."""
     if run is not None:
         file = run / "trainable" / TRAINABLE_FILE
-        load_trainable(model, load_file(str(file)))
+        try:
+            load_trainable(model, read_tensors(file), source=str(file))
+        except (ValueError, OSError) as e:
+            raise RunError(f"--adapter {adapter}: {e}") from None
         return
     if (Path(adapter) / "adapter_config.json").is_file():
         from randmask import load_adapter, unload
@@ -90,23 +106,32 @@ def _freeze_head(model: nn.Module, config: RunConfig) -> None:
         raise RunError("--freeze-head left nothing trainable: the method trains only the head")
 
 
-def lm_batch(items: list[LMItem], pad_id: int) -> dict[str, torch.Tensor]:
-    """``context + target`` sequences; labels are -100 except on the target tokens."""
-    ids, mask = pad([x.context + x.target for x in items], pad_id)
-    labels = torch.full_like(ids, -100)
-    for i, x in enumerate(items):
-        labels[i, len(x.context):len(x.context) + len(x.target)] = ids[i, len(x.context):len(x.context) + len(x.target)]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+@dataclass(frozen=True)
+class AnalysisInputs:
+    """What an analysis measures: the prepared model, fixed training batches, and the run's loss.
+
+    ``loss_fn(model, batch)`` is the run's own loss (``build.TrainingLoss``: the objective plus the
+    method's extra terms, the object the training loop calls), so λ_max, distances and LR suggestions
+    are about the loss the run optimises:
+    cross-entropy over the candidates for classification prompts, the gold continuation's NLL for
+    generation, the head's cross-entropy in head mode.
+    """
+
+    model: nn.Module
+    batches: list[list[Any]]
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+
+    def __iter__(self) -> Iterator[Any]:  # model, batches, loss_fn = build_model_and_batches(args)
+        return iter((self.model, self.batches, self.loss_fn))
 
 
-def build_model_and_batches(args: argparse.Namespace) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """(prepared model in eval mode, batches) for ``args`` (--model --task --method --trainable-ratio
+def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
+    """(prepared model in eval mode, batches, loss_fn) for ``args`` (--model --task --method --trainable-ratio
     --seed --num-batches --batch-size --freeze-head; --adapter: a run folder, whose config and trained weights are
     used, or a randmask adapter folder loaded onto --model).
 
-    Each batch is a dict of tensors such that ``model(**batch).loss`` is the training objective:
-    cross-entropy of the head (head mode), or the mean NLL of the gold continuation's tokens
-    (LM mode; labels are -100 elsewhere). Batches follow the run's first-epoch training order.
+    Each batch is a list of the run's tokenised training items; ``loss_fn(model, batch)`` is the
+    training objective on it. Batches follow the run's first-epoch training order.
     """
     config = _config(args)
     spec = check_names(config)
@@ -121,12 +146,12 @@ def build_model_and_batches(args: argparse.Namespace) -> tuple[nn.Module, list[d
         _load_weights(prepared.model, adapter, _run_folder(adapter))
     if _arg(args, "freeze_head", default=False):
         _freeze_head(prepared.model, config)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    objective = make_objective(config, data, tokenizer)
     order = epoch_order(len(data.train), config.seeds[2], 0)
     batches = []
     for b in range(n_batches):
         items = [data.train[i] for i in order[b * size:(b + 1) * size]]
         if not items:
             break
-        batches.append(collate_head(items, pad_id) if mode == "head" else lm_batch(items, pad_id))
-    return prepared.model.eval(), batches
+        batches.append(items)
+    return AnalysisInputs(prepared.model.eval(), batches, TrainingLoss(objective, prepared))

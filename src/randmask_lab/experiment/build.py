@@ -15,12 +15,17 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import bos_prefix, encode_pair, encode_prompt
 from randmask_lab.experiment.head import HeadObjective
 from randmask_lab.experiment.lm import LMObjective
-from randmask_lab.methods import METHOD_NAMES, PreparedModel, default_head_modules, prepare_method
+from randmask_lab.experiment.sources import data_fingerprint, split_sources
+from randmask_lab.methods import (
+    METHOD_NAMES,
+    PreparedModel,
+    check_method_options,
+    default_head_modules,
+    prepare_method,
+)
 from randmask_lab.methods.common import seeded
 from randmask_lab.tasks import Pools, TaskSpec, TaskSplits, get_task, protocol_split
 from randmask_lab.zoo import load_causal_lm, load_sequence_classifier, model_family, prepends_bos
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -44,6 +49,10 @@ def check_names(config: RunConfig) -> TaskSpec:
     if config.method not in METHOD_NAMES:
         raise RunError(f"unknown method {config.method!r}; known methods: {', '.join(METHOD_NAMES)}")
     config.validate()
+    try:
+        check_method_options(config.method, config.method_options)
+    except ValueError as e:
+        raise RunError(f"--option: {e}") from None
     return spec
 
 
@@ -56,9 +65,8 @@ def resolve_mode(config: RunConfig, spec: TaskSpec) -> str:
     return mode
 
 
-def load_model(config: RunConfig, spec: TaskSpec, mode: str) -> tuple[Any, Any]:
-    """(base model, tokenizer); a fresh head is initialised from the mask seed."""
-    dtype = DTYPES[config.dtype]
+def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(base model, tokenizer) with weights in ``dtype``; a fresh head is initialised from the mask seed."""
     if mode == "head":
         with seeded(config.seeds[1]):
             return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
@@ -110,12 +118,33 @@ def sample_splits(config: RunConfig, spec: TaskSpec) -> TaskSplits:
                       tuple(notes))
 
 
+def split_record(config: RunConfig, spec: TaskSpec, splits: TaskSplits) -> dict[str, Any]:
+    """Where each split of a run came from (files, pool, rows) and the data fingerprint, for its record."""
+    pools = _pools(spec.name, config.data_dir, config.source)
+    fingerprint = data_fingerprint(spec.name, config.data_dir, config.source)
+    return split_sources(splits, fingerprint, pools.train_origin or pools.origin, pools.test_origin)
+
+
 def load_data(config: RunConfig, spec: TaskSpec, mode: str, tokenizer: Any,
               splits: TaskSplits | None = None) -> RunData:
     """Sample the protocol splits with the data seed (unless given) and tokenise them."""
     splits = splits or sample_splits(config, spec)
     items = [encode(config, spec, mode, tokenizer, part) for part in (splits.train, splits.val, splits.test)]
     return RunData(spec, mode, splits, *items)
+
+
+@dataclass(frozen=True)
+class TrainingLoss:
+    """The loss a run minimises on a batch of items: the task objective plus the method's extra terms
+    (AdaLoRA's orthogonality penalty). The training loop and the analysis commands call this one object."""
+
+    objective: LMObjective | HeadObjective
+    prepared: PreparedModel
+
+    def __call__(self, model: torch.nn.Module, items: Sequence[Any]) -> torch.Tensor:
+        loss = self.objective.loss(model, items)
+        extra = self.prepared.loss_terms()
+        return loss if extra is None else loss + extra
 
 
 def make_objective(config: RunConfig, data: RunData, tokenizer: Any) -> LMObjective | HeadObjective:

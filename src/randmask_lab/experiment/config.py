@@ -9,110 +9,118 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.precision import PRECISIONS, Precision
 
 MASKING_METHODS = ("randmask", "structured")
-# Fields that change how a run is executed or stored, not what it computes: left out of its id.
-NON_IDENTITY = frozenset({
-    "out_dir", "store", "progress", "resume", "checkpoint_every", "eval_batch_size", "device",
-    "threads", "save_adapter", "data_dir", "max_steps",
-})
+# Every field carries its role in its metadata: "identity" fields change what a run computes or reads
+# and go into its id; "execution" fields change only how or where it runs. A field without a role is an
+# error (tests/randmask_lab/experiment/test_config.py), so a new option cannot silently stay out of the id.
+ROLE = "role"
+IDENTITY = {ROLE: "identity"}
+EXECUTION = {ROLE: "execution"}
 
 
 @dataclass
 class RunConfig:
     """One fine-tuning run: model x task x method x budget x learning rate x seeds."""
 
-    model: str = "smollm2-135m"
+    model: str = field(default="smollm2-135m", metadata=IDENTITY)
     """Model: a short name (smollm2-135m, gemma3-270m, minilm-l6), a local model folder, or a Hub id."""
-    task: str = "sst2"
+    task: str = field(default="sst2", metadata=IDENTITY)
     """Task: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop."""
-    method: str = "randmask"
+    method: str = field(default="randmask", metadata=IDENTITY)
     """Fine-tuning method: randmask, structured, full, lora, adalora, prefix, bitfit, adapter; zeroshot (no training,
     the untouched model is evaluated; prompt scoring only)."""
-    ratio: float | None = None
+    ratio: float | None = field(default=None, metadata=IDENTITY)
     """Masking budget as a fraction of ALL model parameters (randmask/structured; the paper's 1e-5 is its
     0.001%). Default for masking methods: 1e-3."""
-    density: float | None = None
+    density: float | None = field(default=None, metadata=IDENTITY)
     """Alternative masking budget: keep probability per targeted matrix (randmask/structured)."""
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata=IDENTITY)
     """Peak learning rate (AdamW)."""
-    head_lr: float | None = None
+    head_lr: float | None = field(default=None, metadata=IDENTITY)
     """Learning rate of the task head (classification-head mode); default: the same as lr."""
-    epochs: int = 5
+    epochs: int = field(default=5, metadata=IDENTITY)
     """Training epochs (the paper: 5)."""
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=IDENTITY)
     """Examples per optimizer step and process (the paper: 8 per GPU)."""
-    grad_accum: int = 1
+    grad_accum: int = field(default=1, metadata=IDENTITY)
     """Split each batch into this many micro-batches (same result, less memory)."""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=IDENTITY)
     """AdamW weight decay."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=IDENTITY)
     """AdamW betas."""
-    adam_eps: float = 1e-8
+    adam_eps: float = field(default=1e-8, metadata=IDENTITY)
     """AdamW epsilon."""
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=IDENTITY)
     """Learning-rate schedule after warm-up (the paper: constant)."""
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata=IDENTITY)
     """Linear warm-up steps."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=IDENTITY)
     """Default for the three seeds below."""
-    data_seed: int | None = None
+    data_seed: int | None = field(default=None, metadata=IDENTITY)
     """Seed of the train/val/test sampling (default: seed)."""
-    mask_seed: int | None = None
+    mask_seed: int | None = field(default=None, metadata=IDENTITY)
     """Seed of the mask and of every random initialisation a method makes (default: seed)."""
-    order_seed: int | None = None
+    order_seed: int | None = field(default=None, metadata=IDENTITY)
     """Seed of the training order and dropout (default: seed)."""
-    n_train: int = 1000
+    n_train: int = field(default=1000, metadata=IDENTITY)
     """Training examples sampled from the original train split (the paper: 1000)."""
-    n_val: int = 500
+    n_val: int = field(default=500, metadata=IDENTITY)
     """Validation examples sampled from the original train split (the paper: 500)."""
-    n_test: int = 1000
+    n_test: int = field(default=1000, metadata=IDENTITY)
     """Test examples, at most, sampled from the original validation split (the paper: 1000)."""
-    mode: Literal["auto", "lm", "head"] = "auto"
+    mode: Literal["auto", "lm", "head"] = field(default="auto", metadata=IDENTITY)
     """lm: prompts scored by a causal LM; head: encoder + classification head; auto: from the model."""
-    targets: list[str] | None = None
+    targets: list[str] | None = field(default=None, metadata=IDENTITY)
     """Modules to adapt (name suffixes) for randmask/structured/lora/adalora; default: query and value."""
-    head_modules: list[str] | None = None
+    head_modules: list[str] | None = field(default=None, metadata=IDENTITY)
     """Task-head modules trained by every method (head mode); default: the model's classifier (+pooler)."""
-    method_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict, metadata=IDENTITY)
     """Method-specific options, e.g. r=16 for lora (CLI: --option r=16, repeatable)."""
-    max_length: int = 1024
+    max_length: int = field(default=1024, metadata=IDENTITY)
     """Longest token sequence; longer contexts are cut from the left so the answer is kept."""
-    max_new_tokens: int = 50
+    max_new_tokens: int = field(default=50, metadata=IDENTITY)
     """Greedy decoding length for generation tasks (SQuAD, DROP); decoding also stops at a newline."""
-    select_by: Literal["val_loss", "val_metric"] = "val_loss"
+    select_by: Literal["val_loss", "val_metric"] = field(default="val_loss", metadata=IDENTITY)
     """How the best epoch is chosen; its weights give the reported test metric."""
-    eval_initial: bool = False
+    eval_initial: bool = field(default=False, metadata=IDENTITY)
     """Also evaluate before training (recorded as epoch 0, never selected)."""
-    val_generate: bool = False
+    val_generate: bool = field(default=False, metadata=IDENTITY)
     """Generation tasks: also decode the validation set each epoch to get a validation F1 (slow)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Model weight dtype."""
-    device: str = "auto"
+    precision: Precision = field(default="32", metadata=IDENTITY)
+    """Numeric precision (Lightning's names): 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state);
+    bf16-true (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters);
+    16-mixed (fp16 autocast with loss scaling). Speed per precision: benchmarks/precision_step.py."""
+    device: str = field(default="auto", metadata=EXECUTION)
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
-    threads: int | None = None
+    threads: int | None = field(default=None, metadata=EXECUTION)
     """torch CPU threads (default: torch's choice)."""
-    data_dir: str | None = None
+    data_dir: str | None = field(default=None, metadata=EXECUTION)
     """Folder holding the original datasets (default: $RANDMASK_DATA_DIR or ../shared/data)."""
-    source: str | None = None
+    source: str | None = field(default=None, metadata=IDENTITY)
     """Override the task's data: a file or task folder in the original format, or hf[:<dataset id>]."""
-    out_dir: str = "runs"
+    out_dir: str = field(default="runs", metadata=EXECUTION)
     """Where run folders (checkpoints, logs, adapters) and the results store go."""
-    store: str | None = None
+    store: str | None = field(default=None, metadata=EXECUTION)
     """SQLite results store (default: <out_dir>/results.sqlite)."""
-    eval_batch_size: int = 16
+    eval_batch_size: int = field(default=16, metadata=EXECUTION)
     """Sequences per forward pass when evaluating."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = field(default=100, metadata=EXECUTION)
     """Checkpoint every this many optimizer steps and at each epoch's end; 0: epoch ends only; -1: never
     (a killed run then restarts). The checkpoint is deleted when the run ends."""
-    resume: bool = True
-    """Resume a killed run from its last checkpoint; skip a finished one."""
-    save_adapter: bool = True
+    restart: bool = field(default=False, metadata=EXECUTION)
+    """Discard this run's checkpoint and stored result and run it again (default: resume a killed run from its
+    last checkpoint; hand back a finished one)."""
+    lease_seconds: float = field(default=60.0, metadata=EXECUTION)
+    """A worker's claim on a run expires this long after its last heartbeat (sent every quarter of it); another
+    worker sharing the store then takes the run over and resumes it from its checkpoint."""
+    save_adapter: bool = field(default=True, metadata=EXECUTION)
     """Save the trained adapter (randmask: save_adapter; peft: save_pretrained) in the run folder."""
-    progress: bool = True
+    progress: bool = field(default=True, metadata=EXECUTION)
     """Show a progress bar."""
-    max_steps: int | None = None
-    """Stop each epoch early after this many steps (smoke tests only; not the protocol)."""
+    max_steps: int | None = field(default=None, metadata=IDENTITY)
+    """Stop each epoch early after this many steps (smoke tests only; not the protocol; part of the run id)."""
 
     def __post_init__(self) -> None:
         if self.method in MASKING_METHODS and self.ratio is None and self.density is None:
@@ -121,12 +129,36 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise RunError for values no run can use (names are checked when the run loads them)."""
-        positive = {"lr": self.lr, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "max_length": self.max_length,
-                    "eval_batch_size": self.eval_batch_size}
-        for name, value in positive.items():
-            if not value > 0:
-                raise RunError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        checks: list[tuple[str, object, bool, str]] = [
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("head-lr", self.head_lr, self.head_lr is None or self.head_lr > 0, "> 0"),
+            ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
+            ("batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("grad-accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
+            ("weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("adam-betas", list(self.adam_betas),
+             len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "two numbers in [0, 1)"),
+            ("adam-eps", self.adam_eps, self.adam_eps > 0, "> 0"),
+            ("warmup-steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
+            ("n-train", self.n_train, self.n_train >= 1, ">= 1"),
+            ("n-val", self.n_val, self.n_val >= 1, ">= 1"),
+            ("n-test", self.n_test, self.n_test >= 0, ">= 0"),
+            ("max-length", self.max_length, self.max_length >= 2, ">= 2"),
+            ("max-new-tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("eval-batch-size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
+            ("checkpoint-every", self.checkpoint_every, self.checkpoint_every >= -1, ">= -1"),
+            ("threads", self.threads, self.threads is None or self.threads >= 1, ">= 1"),
+            ("max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, ">= 1"),
+            ("lease-seconds", self.lease_seconds, self.lease_seconds > 0, "> 0"),
+        ]
+        for seed in ("seed", "data_seed", "mask_seed", "order_seed"):
+            value = getattr(self, seed)
+            checks.append((seed.replace("_", "-"), value, value is None or value >= 0, ">= 0"))
+        for name, value, ok, want in checks:
+            if not ok or value != value:  # value != value: NaN
+                raise RunError(f"--{name} must be {want}, got {value}")
+        if self.precision not in PRECISIONS:
+            raise RunError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
             raise RunError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if self.method not in MASKING_METHODS and (self.ratio is not None or self.density is not None):
@@ -152,7 +184,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Inverse of ``to_dict``; unknown keys are an error."""
+        """Inverse of ``to_dict``; unknown keys are an error. Reads config.json files of older versions
+        (``dtype`` -> ``precision``, ``resume`` -> ``restart``)."""
+        data = dict(data)
+        if "dtype" in data:
+            data.setdefault("precision", LEGACY_DTYPES.get(data.pop("dtype"), "32"))
+        if "resume" in data:
+            data.setdefault("restart", not data.pop("resume"))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -160,10 +198,20 @@ class RunConfig:
         return cls(**data)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define what the run computes (seeds resolved)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in NON_IDENTITY}
+        """What defines the run's result: every "identity" field (seeds resolved) and the data read.
+
+        ``data`` is the fingerprint of the task's original files (name, size, SHA-256 of each) or
+        the Hub dataset id, so a different copy of the data, or an edited file, is a different run.
+        """
+        from randmask_lab.experiment.sources import data_fingerprint
+
+        data = {f.name: v for f, v in zip(dataclasses.fields(self), self.to_dict().values(), strict=True)
+                if field_role(f) == "identity"}
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
         data.pop("seed")
+        data["data"] = data_fingerprint(self.task, self.data_dir, self.source)
+        if self.source is not None and "hub" not in data["data"]:
+            data["source"] = "local"  # a file or folder: its fingerprint is the identity, not where it lies
         return data
 
     @property
@@ -174,3 +222,15 @@ class RunConfig:
             f"-d{self.density:g}" if self.density is not None else "")
         model = self.model.rstrip("/").rsplit("/", 1)[-1]
         return f"{model}-{self.task}-{self.method}{budget}-lr{self.lr:g}-s{self.seed}-{digest}"
+
+
+LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
+
+
+def field_role(f: dataclasses.Field) -> str:
+    """ "identity" or "execution"; a RunError for a field that has neither (classify every new field)."""
+    role = f.metadata.get(ROLE)
+    if role not in ("identity", "execution"):
+        raise RunError(f"RunConfig field {f.name!r} has no role: give it metadata=IDENTITY (changes what the run "
+                       "computes or reads) or metadata=EXECUTION (only how or where it runs)")
+    return role

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from randmask_lab.errors import RunError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,10 +39,22 @@ class DistContext:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    """``auto``: this rank's GPU when CUDA is available, else the CPU. RunError for a device name torch
+    does not know, or a device this machine lacks."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise RunError(f"--device {name}: the runner supports cpu and cuda devices")
+    return dev
 
 
 def init_distributed(device: str = "auto") -> DistContext:

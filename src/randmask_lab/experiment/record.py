@@ -11,8 +11,10 @@ from typing import Any, Literal
 
 from randmask import __version__
 
-Status = Literal["done", "diverged", "failed"]
-FINISHED: tuple[str, ...] = ("done", "diverged")  # a sweep skips these; "failed" runs are retried
+Status = Literal["done", "diverged", "scale_collapsed", "failed"]
+# A sweep skips these (rerunning gives the same result); "failed" runs are retried.
+# scale_collapsed: a 16-mixed run whose fp16 loss scale collapsed (not a divergence of the model).
+FINISHED: tuple[str, ...] = ("done", "diverged", "scale_collapsed")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class RunRecord:
     created: str = ""
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # data-sampling notes, method notes
+    data: dict[str, Any] = field(default_factory=dict)  # where each split came from + the data fingerprint
+    attention: str = ""  # the SDPA backend choice the precision made (see experiment/precision.py)
     run_dir: str = ""
 
     def to_dict(self) -> dict[str, Any]:

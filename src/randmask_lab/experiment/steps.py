@@ -1,14 +1,15 @@
-"""Per-step pieces of the training loop: optimizer, LR schedule, AdaLoRA's penalty, the step CSV."""
+"""Per-step pieces of the training loop: optimizer, LR schedule, the step CSV."""
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from randmask import atomic_write_bytes
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.prepared import is_head_param
@@ -48,24 +49,6 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
-def orth_penalty(model: nn.Module) -> torch.Tensor | None:
-    """AdaLoRA's orthogonality regulariser (peft adds it only to a loss the model computes itself).
-
-    Same as peft's ``AdaLoraModel.forward``: mean over A/B of ||P P^T - I||_F, times orth_reg_weight.
-    """
-    tuner = getattr(model, "base_model", None)
-    if not hasattr(tuner, "rankallocator"):
-        return None
-    name = tuner.trainable_adapter_name
-    weight = tuner.peft_config[name].orth_reg_weight
-    terms = []
-    for n, p in model.named_parameters():
-        if ("lora_A" in n or "lora_B" in n) and name in n:
-            cov = p @ p.T if "lora_A" in n else p.T @ p
-            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=p.device, dtype=p.dtype)))
-    return weight * torch.stack(terms).mean() if terms else None
-
-
 class StepLog:
     """Append-only CSV of (step, epoch, loss, lr, seconds); on resume, rows past the checkpoint go."""
 
@@ -77,11 +60,12 @@ class StepLog:
         rows = []
         if path.is_file() and resume_step > 0:
             with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, LOG_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path, text.getvalue().encode())  # a kill now leaves the old log or the new one
 
     def write(self, step: int, epoch: int, loss: float, lr: float, seconds: float) -> None:
         """Add one row."""

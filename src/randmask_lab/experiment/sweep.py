@@ -1,19 +1,24 @@
-"""Grids over model x task x method x budget x lr x seed; resumable (finished runs are skipped)."""
+"""Grids over model x task x method x budget x lr x seed; resumable (finished runs are skipped), and
+safe to run as several workers on one store and out-dir (runs are leased, see store.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
+from randmask_lab.errors import LabError, RunError
 from randmask_lab.experiment.build import check_names
 from randmask_lab.experiment.config import MASKING_METHODS, RunConfig
 from randmask_lab.experiment.record import RunRecord, code_version
-from randmask_lab.experiment.store import ResultStore
-from randmask_lab.experiment.train import default_store, run_training
+from randmask_lab.experiment.store import Lease, ResultStore, new_owner
+from randmask_lab.experiment.train import LeaseLost, default_store, run_training
 
 # Starting LR grids per method (3 points, x~3 apart). The paper's finding: the sparser the mask,
 # the larger the best LR (up to ~1e-1 at 0.001%); `masking_lrs` follows that trend.
@@ -82,29 +87,77 @@ def failed_record(config: RunConfig, error: BaseException) -> RunRecord:
 
 
 def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = None,
-              say: Callable[[str], None] = print) -> list[RunRecord]:
-    """Run every unfinished run of the grid; a diverged or failed run does not stop the sweep."""
+              say: Callable[[str], None] = print, poll_seconds: float | None = None) -> list[RunRecord]:
+    """Run every unfinished run of the grid; a diverged or failed run does not stop the sweep.
+
+    Several sweeps may share one store and out-dir: each run is claimed (a lease in the store)
+    before it starts, and a sweep skips runs another live worker holds, coming back to them after
+    its pass. It returns once every run is finished or failed here; a run whose worker died is
+    taken over when that worker's lease expires and resumes from its checkpoint.
+    """
     configs = sweep_configs(sweep, base)
-    for config in configs:  # unknown names fail here, before hours of runs
+    for config in configs:  # unknown names and missing data fail here, before hours of runs
         check_names(config)
+    ids = [c.run_id for c in configs]
+    if len(set(ids)) < len(ids):
+        raise RunError("the sweep grid lists the same run twice (repeated values in --lrs / --seeds / --ratios?)")
     store = store or default_store(base)
-    records = []
-    for i, config in enumerate(configs, 1):
-        if config.resume and store.is_finished(config.run_id):
-            say(f"[{i}/{len(configs)}] skip (finished) {config.run_id}")
-            records.append(store.get(config.run_id))
-            continue
-        say(f"[{i}/{len(configs)}] {config.run_id}")
-        try:
-            record = run_training(config, store=store)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - one broken run must not end a sweep of hundreds
-            say(f"  failed: {type(e).__name__}: {e}")
+    poll = poll_seconds if poll_seconds is not None else max(0.5, min(10.0, base.lease_seconds / 4))
+    owner = new_owner()
+    results: dict[str, RunRecord] = {}
+    pending = list(enumerate(configs, 1))
+    announced: set[str] = set()
+    while pending:
+        waiting = []
+        for i, config in pending:
+            run_id = ids[i - 1]
+            if config.restart and run_id not in announced:
+                store.delete(run_id)  # --restart: this sweep runs every cell again, once
+            claim = store.claim(run_id, owner, config.lease_seconds)
+            if claim == "finished":
+                if run_id not in announced:
+                    say(f"[{i}/{len(configs)}] skip (finished) {run_id}")
+                results[run_id] = store.get(run_id)  # type: ignore[assignment]
+                continue
+            if claim == "busy":
+                if run_id not in announced:
+                    held = store.lease(run_id)
+                    say(f"[{i}/{len(configs)}] skip (running in {held.owner if held else 'another worker'}) {run_id}")
+                    announced.add(run_id)
+                waiting.append((i, config))
+                continue
+            if config.restart and run_id not in announced:
+                shutil.rmtree(Path(config.out_dir) / run_id / "checkpoint", ignore_errors=True)
+            announced.add(run_id)
+            say(f"[{i}/{len(configs)}] {run_id}")
+            record = _run_claimed(config, store, Lease(store, run_id, owner, config.lease_seconds), say)
+            if record is None:  # the lease was lost to another worker: it finishes the run
+                waiting.append((i, config))
+                continue
+            say(f"  {record.status}: test {record.metric} = {record.test_metric}, best epoch {record.best_epoch}, "
+                f"{record.wall_seconds:.0f} s")
+            results[run_id] = record
+        pending = waiting
+        if pending:
+            time.sleep(poll)  # runs in other workers: wait for them to finish or for their leases to expire
+    return [results[i] for i in ids if i in results]
+
+
+def _run_claimed(config: RunConfig, store: ResultStore, lease: Lease, say: Callable[[str], None]) -> RunRecord | None:
+    """Run a claimed cell; a failure is recorded (and the lease dropped), a lost lease gives None."""
+    try:
+        return run_training(dataclasses.replace(config, restart=False), store=store, lease=lease)
+    except KeyboardInterrupt:
+        raise
+    except LeaseLost as e:
+        say(f"  {e}")
+        return None
+    except Exception as e:  # noqa: BLE001 - one broken run must not end a sweep of hundreds
+        say(f"  failed: {type(e).__name__}: {e}")
+        if not isinstance(e, LabError):
             say("".join(traceback.format_exception(e)[-3:]).rstrip())
-            record = failed_record(config, e)
-            store.put(record)
-        say(f"  {record.status}: test {record.metric} = {record.test_metric}, best epoch {record.best_epoch}, "
-            f"{record.wall_seconds:.0f} s")
-        records.append(record)
-    return [r for r in records if r is not None]
+        record = failed_record(config, e)
+        store.put(record, owner=lease.owner)
+        return record
+    finally:
+        lease.release()

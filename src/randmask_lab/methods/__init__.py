@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from functools import partial
 
@@ -44,6 +46,7 @@ _COMMON = {"model", "kind", "total", "heads", "targets", "ratio", "density", "se
 __all__ = [
     "METHOD_NAMES",
     "PreparedModel",
+    "check_method_options",
     "TrainableReport",
     "count_parameters",
     "current_ranks",
@@ -98,9 +101,7 @@ def prepare_method(
         raise ValueError(f"ratio/density apply to randmask and structured only, not {name!r}")
     if targets is not None and "targets" not in accepted:
         raise ValueError(f"{name!r} does not take targets (its modules are fixed by the method)")
-    unknown = sorted(set(options) - (accepted - _COMMON))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {name!r}; it accepts {method_options(name)}")
+    check_method_options(name, options)
     heads = default_head_modules(model) if head_modules is None else list(head_modules)
     check_heads(model, heads)
     given = {"ratio": ratio, "density": density, "seed": seed, "total_steps": total_steps}
@@ -109,6 +110,39 @@ def prepare_method(
         kwargs["targets"] = list(targets) if targets is not None else None
     total = count_parameters(model)
     return _METHODS[name](model, total=total, heads=heads, **kwargs, **options)
+
+
+def _option_types(name: str) -> dict[str, tuple[type, ...]]:
+    """{option: the types its annotation allows (None dropped)} of method ``name``'s options."""
+    fn = _METHODS[name]
+    hints = typing.get_type_hints(getattr(fn, "func", fn))
+    out = {}
+    for key in method_options(name):
+        tp = hints.get(key)
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        out[key] = tuple(a for a in args if isinstance(a, type) and a is not type(None))
+    return out
+
+
+def check_method_options(name: str, options: dict[str, object]) -> None:
+    """ValueError for an unknown option, an option of the wrong type (r='abc') or a negative number."""
+    _check_name(name)
+    unknown = sorted(set(options) - set(method_options(name)))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {name!r}; it accepts {method_options(name)}")
+    allowed = _option_types(name)
+    for key, value in options.items():
+        kinds = allowed.get(key, ())
+        if not kinds or value is None:
+            continue
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # an int is fine where a float is expected
+        ok = any(isinstance(value, k) and not (k is int and isinstance(value, bool)) for k in kinds)
+        if not ok:
+            want = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"option {key}={value!r} of {name!r} must be a {want}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+            raise ValueError(f"option {key}={value!r} of {name!r} must be >= 0")
 
 
 def _check_name(name: str) -> None:

@@ -7,17 +7,20 @@ average of `target_r` (= LoRA's r=8 budget) on AdaLoRA's cubic schedule.
 
 Schedule defaults follow the AdaLoRA repo's GLUE scripts (RTE: warm-up 600 and final 1800 of
 3,900 steps, mask interval 1): `tinit` = 10% and `tfinal` = 40% of `total_steps`, `deltaT` = 1.
-The orthogonality penalty is added by peft to `outputs.loss`, so it applies only when the
-model computes the loss itself (labels passed to forward).
+peft adds the orthogonality penalty only to a loss the model computes itself (labels passed to
+forward); the runner computes its own loss, so `extra_loss` hands it the same penalty, and
+`get_state` / `set_state` carry the allocator's importance scores through checkpoints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import nn
 
-from randmask_lab.methods.common import fix_peft_heads, peft_task_type, seeded
+from randmask_lab.methods.common import fix_peft_heads, peft_saver, peft_task_type, seeded
 from randmask_lab.methods.prepared import PreparedModel, build_report
 from randmask_lab.methods.targets import resolve, restrict_to_blocks, target_names, uses_conv1d
 
@@ -81,7 +84,10 @@ def prepare_adalora(
     ]
     report = build_report("adalora", wrapped, total, heads, notes=notes, frozen={"adalora": frozen})
     return PreparedModel(wrapped, report, on_step=_allocator(wrapped, total_steps - tfinal),
-                         adapted=[t.label for t in resolved])
+                         adapted=[t.label for t in resolved], extra_loss=lambda: orth_penalty(wrapped),
+                         get_state=lambda: allocator_state(wrapped),
+                         set_state=lambda tensors, meta: restore_allocator_state(wrapped, tensors, meta),
+                         save_native=peft_saver(wrapped))
 
 
 def _allocator(wrapped: nn.Module, last_scoring_step: int) -> Callable[[int], None]:
@@ -111,3 +117,42 @@ def current_ranks(model: nn.Module) -> dict[str, int]:
             kept = pattern.get(name.removeprefix("base_model.model."))
             ranks[name.removesuffix(".lora_E.default")] = sum(kept) if kept is not None else p.shape[0]
     return ranks
+
+
+def orth_penalty(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality regulariser, as peft's ``AdaLoraModel.forward`` adds it to ``outputs.loss``:
+    mean over the A and B matrices of ||P P^T - I||_F, times orth_reg_weight."""
+    tuner = model.base_model
+    name = tuner.trainable_adapter_name
+    weight = tuner.peft_config[name].orth_reg_weight
+    terms = []
+    for n, p in model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and name in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p  # (r, r)
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=p.device, dtype=p.dtype)))
+    return weight * torch.stack(terms).mean() if terms else None
+
+
+_SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def allocator_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The rank allocator's state (importance scores, rank pattern) for a checkpoint."""
+    tuner = model.base_model
+    alloc = tuner.rankallocator
+    tensors = {f"{kind}.{n}": t.detach().cpu().contiguous()
+               for kind in _SCORES for n, t in getattr(alloc, kind).items()}
+    config = tuner.peft_config[tuner.trainable_adapter_name]
+    pattern = {k: [bool(b) for b in v] for k, v in (config.rank_pattern or {}).items()}
+    return tensors, {"rank_pattern": pattern or None}
+
+
+def restore_allocator_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Inverse of ``allocator_state``."""
+    tuner = model.base_model
+    alloc = tuner.rankallocator
+    device = next(model.parameters()).device
+    for kind in _SCORES:
+        setattr(alloc, kind, {n.split(".", 1)[1]: t.to(device) for n, t in tensors.items()
+                              if n.split(".", 1)[0] == kind})
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = meta.get("rank_pattern")

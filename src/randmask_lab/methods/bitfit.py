@@ -46,7 +46,7 @@ def prepare_bitfit(model: nn.Module, *, total: int, heads: list[str]) -> Prepare
     if added:
         notes.append(f"added {added} zero-initialised projection biases")
     report = build_report("bitfit", model, total, heads, label=lambda n: kinds.get(n, "other"), notes=notes)
-    return PreparedModel(model, report, adapted=[t.label for t in sites])
+    return PreparedModel(model, report, adapted=[t.label for t in sites], fp32_trainable=False)
 
 
 def _has_bias(module: nn.Module) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +46,11 @@ def peft_task_type(model: nn.Module) -> str | None:
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
     return None
+
+
+def peft_saver(wrapped: nn.Module) -> Callable[[Path], None]:
+    """The native adapter format of a peft method: ``save_pretrained`` into a folder."""
+    return lambda folder: wrapped.save_pretrained(str(folder))
 
 
 def fix_peft_heads(peft_model: nn.Module, heads: list[str]) -> None:

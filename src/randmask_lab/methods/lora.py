@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from randmask_lab.methods.common import fix_peft_heads, peft_task_type, seeded
+from randmask_lab.methods.common import fix_peft_heads, peft_saver, peft_task_type, seeded
 from randmask_lab.methods.prepared import PreparedModel, build_report
 from randmask_lab.methods.targets import resolve, restrict_to_blocks, target_names, uses_conv1d
 
@@ -40,4 +40,4 @@ def prepare_lora(
     labels = [t.label for t in resolved]
     report = build_report("lora", wrapped, total, heads, notes=[f"r={r}, alpha={alpha}, {len(labels)} matrices"],
                           frozen={"lora": frozen})
-    return PreparedModel(wrapped, report, adapted=labels)
+    return PreparedModel(wrapped, report, adapted=labels, save_native=peft_saver(wrapped))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from randmask import MaskingConfig, apply_masking, masked_layers, masking_summary
+from randmask import MaskingConfig, apply_masking, masked_layers, masking_summary, save_adapter
 from randmask_lab.methods.common import unfreeze_heads
 from randmask_lab.methods.prepared import PreparedModel, build_report
 
@@ -46,7 +46,8 @@ def prepare_masking(
         f"matrices ({', '.join(sorted(set(matrices)))})"
     ]
     report = build_report(name, masked, total, heads, label=lambda _: "values", notes=notes)
-    return PreparedModel(masked, report, adapted=_adapted_labels(masked))
+    return PreparedModel(masked, report, adapted=_adapted_labels(masked),
+                         save_native=lambda folder: save_adapter(masked, folder))
 
 
 def _adapted_labels(model: nn.Module) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from randmask_lab.methods.common import fix_peft_heads, peft_task_type, seeded
+from randmask_lab.methods.common import fix_peft_heads, peft_saver, peft_task_type, seeded
 from randmask_lab.methods.prepared import PreparedModel, build_report
 
 
@@ -56,7 +56,7 @@ def prepare_prefix(
         with torch.no_grad():
             weight.copy_(prefix.to(weight.dtype))
     report = build_report("prefix", wrapped, total, heads, notes=notes)
-    return PreparedModel(wrapped, report)
+    return PreparedModel(wrapped, report, save_native=peft_saver(wrapped))
 
 
 def _real_activations(model: nn.Module, n_tokens: int, seed: int) -> torch.Tensor:

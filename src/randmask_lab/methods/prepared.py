@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from randmask_lab.methods.trainable import load_trainable, read_tensors, trainable_tensors, write_json, write_tensors
 
 TRAINABLE_FILE = "trainable.safetensors"
 REPORT_FILE = "method.json"
@@ -47,13 +49,25 @@ class TrainableReport:
         )
 
 
+MethodState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+"""(tensors, JSON-ready metadata) a method keeps outside its parameters, for checkpoints."""
+
+
 @dataclass
 class PreparedModel:
-    """A model ready to train with one fine-tuning method.
+    """A model ready to train with one fine-tuning method, and everything the loop needs from it.
 
+    The training loop never names a method: what differs between methods lives here.
     `model` may be a peft wrapper; call it exactly like the base model. `on_step`, when not
     None, must be called by the training loop after every `optimizer.step()` and *before*
-    `optimizer.zero_grad()`, with the 0-based index of the step just taken.
+    `optimizer.zero_grad()`, with the 0-based index of the step just taken (AdaLoRA's
+    `update_and_allocate`). `extra_loss` returns a term to add to the task loss (AdaLoRA's
+    orthogonality penalty) or None. `get_state` / `set_state` save and restore training state
+    kept outside the parameters (AdaLoRA's importance scores and rank pattern). `save_native`
+    writes the method's own adapter format (randmask's `save_adapter`, peft's `save_pretrained`).
+    `fp32_trainable`: the method's trainable tensors are its own (adapters, masked values) and
+    stay fp32 under ``bf16-true``; False when it trains base weights (full, bitfit). `trains`: False
+    when nothing trains (zeroshot: the runner only evaluates).
     """
 
     model: nn.Module
@@ -62,6 +76,15 @@ class PreparedModel:
     adapted: list[str] = field(default_factory=list)
     """The matrices the method adapts (``name`` or ``name[q,v]`` for fused blocks), from
     ``randmask.resolve_targets``: the same on every method that takes targets."""
+    extra_loss: Callable[[], torch.Tensor | None] | None = None
+    get_state: Callable[[], MethodState] | None = None
+    set_state: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    save_native: Callable[[Path], None] | None = None
+    fp32_trainable: bool = True
+    trains: bool = True
+    """False: nothing trains (zeroshot); the runner only evaluates the model."""
+    needs_prompts: bool = False
+    """True: the method only makes sense with prompt scoring (zeroshot: an untrained head scores chance)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters to hand to the optimizer."""
@@ -69,45 +92,44 @@ class PreparedModel:
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the trainable tensors, by parameter name."""
-        return {
-            n: p.detach().cpu().contiguous().clone()
-            for n, p in self.model.named_parameters()
-            if p.requires_grad
-        }
+        return trainable_tensors(self.model)
+
+    def loss_terms(self) -> torch.Tensor | None:
+        """The method's extra loss term for this step (None: none)."""
+        return self.extra_loss() if self.extra_loss is not None else None
+
+    def after_step(self, step: int) -> None:
+        """The per-step hook (see class doc); a no-op for most methods."""
+        if self.on_step is not None:
+            self.on_step(step)
+
+    def method_state(self) -> MethodState:
+        """Training state the method keeps outside its parameters (empty for most methods)."""
+        return self.get_state() if self.get_state is not None else ({}, {})
+
+    def restore_method_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of `method_state`."""
+        if self.set_state is not None:
+            self.set_state(tensors, meta)
 
     def save(self, path: str | Path) -> Path:
-        """Write the trainable tensors and the report to the folder `path`; return it."""
-        from safetensors.torch import save_file
-
+        """Write the trainable tensors and the report to the folder `path` (atomically); return it."""
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state_dict(), str(out / TRAINABLE_FILE))
-        (out / REPORT_FILE).write_text(json.dumps(self.report.to_dict(), indent=2))
+        write_tensors(out / TRAINABLE_FILE, self.trainable_state_dict())
+        write_json(out / REPORT_FILE, self.report.to_dict())
         return out
+
+    def save_adapter(self, path: str | Path) -> None:
+        """The method's own adapter format in folder `path`, when it has one."""
+        if self.save_native is not None:
+            self.save_native(Path(path))
 
     def load(self, path: str | Path) -> None:
         """Load tensors written by `save` into a model prepared with the same method and options."""
-        from safetensors.torch import load_file
-
         file = Path(path) / TRAINABLE_FILE
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: pass the folder given to PreparedModel.save()")
-        saved = load_file(str(file))
-        params = dict(self.model.named_parameters())
-        missing = sorted(set(saved) - set(params))
-        if missing:
-            raise ValueError(
-                f"{len(missing)} saved tensors have no parameter here (first: {missing[0]!r}); "
-                "prepare the model with the same method, targets and options before loading"
-            )
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                if params[name].shape != tensor.shape:
-                    raise ValueError(
-                        f"shape mismatch for {name!r}: saved {tuple(tensor.shape)}, "
-                        f"model {tuple(params[name].shape)}; was it prepared with other options?"
-                    )
-                params[name].copy_(tensor)
+        load_trainable(self.model, read_tensors(file), source=str(file))
 
 
 def count_parameters(model: nn.Module) -> int:

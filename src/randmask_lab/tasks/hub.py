@@ -170,4 +170,6 @@ def load_hub_pools(task: str, source: str) -> Pools:
         return [x for x in out if x is not None]
 
     test = split(spec.test_split) if spec.test_split else None
-    return Pools(split(spec.train_split), test, origin=f"hf:{spec.path}:{spec.config or ''}")
+    origin = f"hf:{spec.path}:{spec.config or ''}"
+    return Pools(split(spec.train_split), test, origin=origin, train_origin=f"{origin} split {spec.train_split}",
+                 test_origin=f"{origin} split {spec.test_split}" if spec.test_split else None)

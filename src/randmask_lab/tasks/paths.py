@@ -33,6 +33,9 @@ class Layout:
     train: tuple[tuple[str, ...], ...]
     test: tuple[tuple[str, ...], ...]
     accept: Callable[[Path], bool] | None = None
+    single_pool: bool = False
+    """True: when only one split's files are present, every split may be carved from it (the sampler
+    records it). False: a missing split is an error naming its file."""
 
 
 def repo_root(start: Path | None = None) -> Path | None:
@@ -68,6 +71,21 @@ def _first_present(folder: Path, layout: Layout, role: str) -> list[Path] | None
         if all(p.is_file() and (layout.accept is None or layout.accept(p)) for p in paths):
             return paths
     return None
+
+
+def missing_split(folder: Path, layout: Layout, role: str) -> str:
+    """Why ``role``'s files ("train"/"test") are unusable in ``folder``: missing, empty, or rejected."""
+    reasons = []
+    for files in getattr(layout, role):
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                reasons.append(f"{path} not found")
+            elif path.stat().st_size == 0:
+                reasons.append(f"{path} is empty")
+            elif layout.accept is not None and not layout.accept(path):
+                reasons.append(f"{path} has no labels")
+    return "; ".join(reasons)
 
 
 def find_task_files(

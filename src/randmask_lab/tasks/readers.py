@@ -21,19 +21,38 @@ RTE_LABELS = ("entailment", "not_entailment")
 CB_LABELS = ("entailment", "contradiction", "neutral")
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file; bytes that are not UTF-8 are a
+    DataFormatError naming the file and the line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                                      ) from None
+
+
 def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{path}:{n}: not a JSON line ({e})") from e
+    for n, line in text_lines(path):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{n}: not a JSON line ({e})") from e
 
 
 def _json(path: Path) -> Any:
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def label_index(value: Any, names: tuple[Any, ...], path: object) -> int:
@@ -66,22 +85,25 @@ def _field(row: dict[str, Any], key: str, path: Path) -> Any:
 
 def read_sst2(path: Path) -> list[Example]:
     """GLUE TSV with a header naming `sentence` and `label` columns (60k rows: plain split, no csv)."""
-    with path.open(encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        if "sentence" not in header or "label" not in header:
-            raise DataFormatError(f"{path}: header {header} lacks 'sentence' and 'label' columns")
-        i_s, i_l = header.index("sentence"), header.index("label")
-        stem, out = path.stem, []
-        for n, line in enumerate(f, 2):
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) != len(header):
-                if not line.strip():
-                    continue
-                raise DataFormatError(f"{path}:{n}: expected {len(header)} tab-separated columns")
-            if cols[i_l] not in ("0", "1"):
-                raise DataFormatError(f"{path}:{n}: label {cols[i_l]!r} is not 0 or 1")
-            # uid: the 0-based data row, as GLUE's `idx`
-            out.append(Example(f"{stem}:{len(out)}", {"sentence": cols[i_s]}, label=int(cols[i_l])))
+    lines = text_lines(path)
+    first = next(lines, None)
+    if first is None:
+        return []  # an empty file: the loader names it
+    header = first[1].rstrip("\r\n").split("\t")
+    if "sentence" not in header or "label" not in header:
+        raise DataFormatError(f"{path}:1: header {header} lacks 'sentence' and 'label' columns")
+    i_s, i_l = header.index("sentence"), header.index("label")
+    stem, out = path.stem, []
+    for n, line in lines:
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) != len(header):
+            if not line.strip():
+                continue
+            raise DataFormatError(f"{path}:{n}: expected {len(header)} tab-separated columns")
+        if cols[i_l] not in ("0", "1"):
+            raise DataFormatError(f"{path}:{n}: label {cols[i_l]!r} is not 0 or 1")
+        # uid: the 0-based data row, as GLUE's `idx`
+        out.append(Example(f"{stem}:{len(out)}", {"sentence": cols[i_s]}, label=int(cols[i_l])))
     return out
 
 
@@ -89,8 +111,8 @@ def sst2_labelled(path: Path) -> bool:
     """True unless `path` is a TSV whose header has no `label` column (GLUE's own test.tsv)."""
     if path.suffix != ".tsv":
         return True
-    with path.open(encoding="utf-8") as f:
-        return "label" in f.readline().rstrip("\n").split("\t")
+    first = next(text_lines(path), None)
+    return first is not None and "label" in first[1].rstrip("\r\n").split("\t")
 
 
 def _flat(path: Path, keys: tuple[str, ...], label: Callable[[Any], int]) -> list[Example]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import readers as rd
 from .heads import LABEL_NAMES, NUM_LABELS, PAIR_RENDERERS
-from .loaders import Reader, Source, load_pools, read_file
+from .loaders import DataFiles, Reader, Source, load_pools, read_file, resolve_files
 from .metrics import accuracy, mean_f1
 from .paths import Layout
 from .sampling import protocol_split
@@ -45,6 +45,10 @@ class TaskSpec:
     def read(self, path: str | Path) -> list[Example]:
         """Parse one file in the task's original format."""
         return read_file(self.reader, Path(path), self.name)
+
+    def files(self, data_dir: Source = None, source: Source = None) -> DataFiles:
+        """The files (or Hub source) `load` would read, without reading them (see loaders.resolve_files)."""
+        return resolve_files(self.name, self.layout, data_dir, source)
 
     def load(self, data_dir: Source = None, source: Source = None) -> Pools:
         """The original train and test sources (see loaders.load_pools)."""
@@ -86,9 +90,9 @@ class TaskSpec:
         return mean_f1([str(p) for p in predictions], [p.answers for p in prompts])
 
 
-def _superglue(folder: str) -> Layout:
+def _superglue(folder: str, single_pool: bool = False) -> Layout:
     return Layout(f"superglue/{folder}", (("train.jsonl",),),
-                  (("val.jsonl",), ("validation.jsonl",), ("dev.jsonl",)))
+                  (("val.jsonl",), ("validation.jsonl",), ("dev.jsonl",)), single_pool=single_pool)
 
 
 def _spec(name: str, kind: Kind, loss: Loss, metric: Metric, layout: Layout,
@@ -109,7 +113,7 @@ TASKS: dict[str, TaskSpec] = {
                      accept=rd.sst2_labelled), rd.read_sst2),
         _spec("rte", _CLS, "candidates", "accuracy", _superglue("RTE"), rd.read_rte),
         _spec("cb", _CLS, "candidates", "accuracy", _superglue("CB"), rd.read_cb),
-        _spec("boolq", _CLS, "candidates", "accuracy", _superglue("BoolQ"), rd.read_boolq),
+        _spec("boolq", _CLS, "candidates", "accuracy", _superglue("BoolQ", single_pool=True), rd.read_boolq),
         _spec("wsc", _CLS, "candidates", "accuracy", _superglue("WSC"), rd.read_wsc),
         _spec("wic", _CLS, "candidates", "accuracy", _superglue("WiC"), rd.read_wic),
         _spec("multirc", _CLS, "candidates", "accuracy", _superglue("MultiRC"), rd.read_multirc),
@@ -123,7 +127,7 @@ TASKS: dict[str, TaskSpec] = {
               rd.read_squad),
         _spec("drop", _GEN, "lm", "f1",
               Layout("drop", (("drop_train_partial.json",), ("drop_dataset_train.json",)),
-                     (("drop_dataset_dev.json",),)),
+                     (("drop_dataset_dev.json",),), single_pool=True),
               rd.read_drop),
     )
 }

@@ -63,6 +63,8 @@ class Pools:
     train: list[Example]
     test: list[Example] | None
     origin: str = ""  # where the data came from, for logs and result records
+    train_origin: str = ""  # the files (or Hub split) of `train`
+    test_origin: str | None = None  # the files of `test`; None when it is absent
 
 
 @dataclass(frozen=True)

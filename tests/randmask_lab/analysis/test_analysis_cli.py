@@ -62,7 +62,7 @@ def test_handler_uses_the_experiment_hook(model_and_batches, tmp_path, monkeypat
     import types
 
     hook = types.ModuleType("randmask_lab.experiment")
-    hook.build_model_and_batches = lambda args: model_and_batches
+    hook.build_model_and_batches = lambda args: (*model_and_batches, None)  # (model, batches, loss_fn)
     hook.describe_analysis_run = lambda args: {"method": "randmask", "ratio": None, "trained": False}
     monkeypatch.setitem(sys.modules, "randmask_lab.experiment", hook)
     args = _parser().parse_args(["distance", "--out", str(tmp_path)])

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 
 from randmask_lab.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from randmask_lab.methods import PreparedModel, TrainableReport
 
 
-def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.AdamW]:
+def _model_and_optimizer(seed: int) -> tuple[PreparedModel, torch.optim.AdamW]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     model[0].bias.requires_grad_(False)
-    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    prepared = PreparedModel(model, TrainableReport("full", 0, 0))
+    return prepared, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def _train(model, optimizer, steps: int) -> None:
+def _train(prepared, optimizer, steps: int) -> None:
+    model = prepared.model
     for _ in range(steps):
         model(torch.randn(5, 4)).pow(2).mean().backward()
         optimizer.step()
@@ -28,14 +31,14 @@ def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
     best = {"0.weight": torch.ones(3, 4)}
     save_checkpoint(tmp_path, state, model, opt, best, "run-a")
     _train(model, opt, 2)
-    expected = [p.detach().clone() for p in model.parameters()]
+    expected = [p.detach().clone() for p in model.model.parameters()]
 
     model2, opt2 = _model_and_optimizer(0)  # the same base model (frozen weights come from it)...
     _train(model2, opt2, 1)  # ...with other trainable values, moments and RNG state
     loaded_state, loaded_best = load_checkpoint(tmp_path, model2, opt2, "run-a")
     assert loaded_state == state and torch.equal(loaded_best["0.weight"], best["0.weight"])
     _train(model2, opt2, 2)  # same RNG stream for the inputs, same Adam moments
-    for a, b in zip(expected, model2.parameters(), strict=True):
+    for a, b in zip(expected, model2.model.parameters(), strict=True):
         assert torch.equal(a, b)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best-epoch1.safetensors", "method-00000003.safetensors", "optimizer-00000003.safetensors",

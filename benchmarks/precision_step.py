@@ -1,0 +1,141 @@
+"""bf16 vs fp32 training-step time of the runner on SmolLM2-135M RTE prompts, side by side in one process.
+
+    python benchmarks/precision_step.py [--rounds 20] [--threads 2] [--json benchmarks/results/precision_step.json]
+
+Each variant is the runner's own step (``Trainer.step``: forward under the precision's autocast and
+attention backend, backward, AdamW step) of randmask at ratio 1e-3 on the same 8 RTE prompts
+(SmolLM2's tokenizer, max length 1024). Variants are built first and timed round-robin, one step each per
+round in a rotating order, so machine drift hits every variant alike; reported: the median time per
+variant, and the median of the per-round ratios 32 / variant with a bootstrap 95% CI.
+
+Variants: ``32``; ``bf16-mixed`` and ``bf16-true`` as the runner picks them (SDPA math backend on CPU);
+and ``bf16-true`` with PyTorch's default SDPA kernel, to show why the runner picks the math backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def build(name: str, attention: str, model_name: str, task: str, n: int, workdir: Path):
+    """A Trainer for one precision variant and the indices of its one batch."""
+    from randmask_lab.experiment import RunConfig
+    from randmask_lab.experiment.build import (
+        check_names,
+        load_data,
+        load_model,
+        make_objective,
+        prepare,
+        resolve_mode,
+        run_head_modules,
+        sample_splits,
+    )
+    from randmask_lab.experiment.distributed import DistContext
+    from randmask_lab.experiment.loop import Trainer
+    from randmask_lab.experiment.precision import PrecisionPlan
+
+    config = RunConfig(model=model_name, task=task, method="randmask", ratio=1e-3, lr=1e-3, n_train=n, n_val=1,
+                       n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
+                       out_dir=str(workdir))
+    spec = check_names(config)
+    mode = resolve_mode(config, spec)
+    plan = PrecisionPlan(name, torch.device("cpu"), attention)
+    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
+    data = load_data(config, spec, mode, tokenizer, sample_splits(config, spec))
+    prepared = prepare(config, model, total_steps=10)
+    plan.cast_trainable(prepared.model, prepared.fp32_trainable)
+    trainer = Trainer(config, prepared, data, make_objective(config, data, tokenizer), run_head_modules(config, model),
+                      plan, DistContext(), workdir / f"{name}-{attention}")
+    return trainer, list(range(len(data.train)))
+
+
+def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap CI of the median."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(reps))
+    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
+
+
+def summary(times: dict[tuple[str, str], list[float]], attention: dict[tuple[str, str], bool]) -> list[dict]:
+    """Per variant: median step time, median per-round speed-up over 32, its bootstrap 95% CI."""
+    base = times[("32", "auto")]
+    rows = []
+    for v, ts in times.items():
+        ratios = [b / t for b, t in zip(base, ts)]  # per round: fp32 time / variant time
+        lo, hi = bootstrap_ci(ratios)
+        rows.append({"precision": v[0], "attention": "math" if attention[v] else "default",
+                     "median_s": round(statistics.median(ts), 4), "speedup_vs_32": round(statistics.median(ratios), 3),
+                     "ci95": [round(lo, 3), round(hi, 3)], "rounds": len(ts)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| precision | SDPA backend | median step (s) | speed-up vs 32 | 95% CI |", "|---|---|---:|---:|---|"]
+    lines += [f"| {r['precision']} | {r['attention']} | {r['median_s']:.2f} | {r['speedup_vs_32']:.2f}x | "
+              f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (one step per variant each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--model", default="smollm2-135m", help="model (short name or folder)")
+    parser.add_argument("--task", default="rte", help="task whose prompts form the batch")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per step")
+    parser.add_argument("--variants", nargs="+", default=["32", "bf16-mixed", "bf16-true", "bf16-true:default"],
+                        help="PRECISION[:auto|math|default] to time (32 always included)")
+    parser.add_argument("--json", type=Path, help="write the results here (rewritten after every round)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = [tuple((v + ":auto").split(":")[:2]) for v in args.variants]
+    variants = [("32", "auto")] + [v for v in variants if v != ("32", "auto")]
+    meta = {"model": args.model, "task": args.task, "batch": args.batch, "threads": args.threads,
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "command": " ".join(["python", *sys.argv])}
+    with tempfile.TemporaryDirectory() as tmp:
+        built = {v: build(*v, args.model, args.task, args.batch, Path(tmp)) for v in variants}
+        meta["context_tokens"] = sum(len(x.context) for x in built[variants[0]][0].data.train)
+        attention = {v: built[v][0].plan.math_attention for v in variants}
+        times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+        for r in range(args.warmup + args.rounds):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
+            for v in order:
+                trainer, batch = built[v]
+                start = time.perf_counter()
+                trainer.step(batch)
+                if r >= args.warmup:
+                    times[v].append(time.perf_counter() - start)
+            if r < args.warmup:
+                continue
+            print(f"round {r - args.warmup + 1}/{args.rounds}: "
+                  + ", ".join(f"{a}/{b} {times[(a, b)][-1]:.2f} s" for a, b in variants), flush=True)
+            if args.json:  # every round, so an interrupted benchmark still leaves its numbers
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"meta": meta, "rows": summary(times, attention), "times": {
+                    f"{a}/{b}": t for (a, b), t in times.items()}}, indent=1) + "\n")
+    print(f"\n{args.model}, {args.task}, batch {args.batch} ({meta['context_tokens']} context tokens), randmask 1e-3, "
+          f"{args.threads} threads, {args.rounds} rounds; median step time and speed-up over 32 (bootstrap 95% CI):")
+    print(table(summary(times, attention)))
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

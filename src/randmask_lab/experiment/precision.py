@@ -1,0 +1,96 @@
+"""``--precision`` with Lightning's names: how weights are stored, where autocast runs, loss scaling.
+
+- ``32``: fp32 weights and math.
+- ``bf16-mixed``: fp32 weights (the optimizer's master copy, fp32 AdamW state, every method);
+  forward and backward under bf16 autocast.
+- ``bf16-true``: bf16 base weights; the trainable tensors stay fp32 where the method keeps its own
+  (randmask values, PEFT adapters, Houlsby adapters, prefixes) and are bf16 where it trains base
+  weights (full, bitfit); bf16 autocast (so fp32 adapters meet bf16 activations in bf16 matmuls).
+- ``16-mixed``: fp32 weights, fp16 autocast, ``torch.amp.GradScaler``; a loss scale that
+  collapses ends the run as ``scale_collapsed``, not ``diverged``.
+
+Attention backend: on a CPU in bf16, PyTorch's default SDPA kernel (flash) has a backward 3.5x
+slower than fp32's, and the math backend is the fastest of flash, math and eager (see
+benchmarks/precision_step.py for the measurement on SmolLM2-135M). So bf16 on CPU runs SDPA with
+the math backend; every other case keeps PyTorch's choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Precision = Literal["32", "bf16-mixed", "bf16-true", "16-mixed"]
+PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "bf16-true", "16-mixed")
+# A scale this small means the fp16 gradients overflow even unscaled: training cannot go on in fp16.
+COLLAPSED_SCALE = 1.0
+
+
+class ScaleCollapsed(RuntimeError):
+    """16-mixed: the loss scale fell below COLLAPSED_SCALE (every step overflowed in fp16)."""
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What a precision means on one device: load dtype, autocast dtype, attention backend, scaler."""
+
+    name: str
+    device: torch.device
+    attention: Literal["auto", "math", "default"] = "auto"
+    """SDPA backend: auto (math for bf16 on a CPU, else PyTorch's choice), or forced (benchmarks)."""
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the base model is loaded in."""
+        return torch.bfloat16 if self.name == "bf16-true" else torch.float32
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of forward passes (None: no autocast)."""
+        return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(self.name)
+
+    @property
+    def math_attention(self) -> bool:
+        """True when SDPA should use the math backend (bf16 on a CPU: fastest there, see module doc)."""
+        if self.attention != "auto":
+            return self.attention == "math"
+        return self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu"
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Autocast and the attention backend for one forward pass (the backward follows its choices)."""
+        with contextlib.ExitStack() as stack:
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            if self.math_attention:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            yield
+
+    def make_scaler(self) -> torch.amp.GradScaler | None:
+        """A GradScaler for 16-mixed, else None."""
+        return torch.amp.GradScaler(self.device.type) if self.name == "16-mixed" else None
+
+    def cast_trainable(self, model: nn.Module, fp32_trainable: bool) -> int:
+        """bf16-true: make the trainable parameters fp32 when the method keeps them so; returns how many."""
+        if self.name != "bf16-true" or not fp32_trainable:
+            return 0
+        n = 0
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32 and p.is_floating_point():
+                p.data = p.data.float()
+                n += 1
+        return n
+
+
+def check_scale(scaler: torch.amp.GradScaler | None) -> None:
+    """Raise ScaleCollapsed when a 16-mixed run's loss scale has collapsed."""
+    if scaler is not None and scaler.get_scale() < COLLAPSED_SCALE:
+        raise ScaleCollapsed(f"the fp16 loss scale fell to {scaler.get_scale():g} (< {COLLAPSED_SCALE:g}): "
+                             "gradients overflow fp16 even unscaled; use --precision bf16-mixed or 32")

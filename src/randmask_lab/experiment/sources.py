@@ -1,0 +1,56 @@
+"""What data a run reads: the fingerprint that goes into its id, and where each split came from.
+
+A fingerprint lists each original file the task reads (its name inside the data folder, its size and
+SHA-256), or the Hub source. Hashes are cached per process, keyed by (path, size, mtime), so a sweep
+hashes SST-2's 67k rows once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from randmask_lab.tasks import TaskSplits, get_task
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """{"file": the path's last three parts, "size", "sha256"} of one file (hash cached by path, size, mtime)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    # The name inside the data folder, not the absolute path: the same files elsewhere are the same data.
+    return {"file": "/".join(path.resolve().parts[-3:]), "size": stat.st_size, "sha256": _HASHES[key]}
+
+
+def data_fingerprint(task: str, data_dir: str | None, source: str | None) -> dict[str, Any]:
+    """The data a run of ``task`` reads: {"train": [file fingerprints], "test": [...]} or {"hub": source}.
+
+    Raises the task layer's DataError when the files are missing, before any model is loaded.
+    """
+    where = get_task(task).files(data_dir, source)
+    if where.hub is not None:
+        return {"hub": where.hub}
+    return {"train": [file_fingerprint(p) for p in where.train or ()],
+            "test": [file_fingerprint(p) for p in where.test or ()] if where.test else None}
+
+
+def split_sources(splits: TaskSplits, fingerprint: dict[str, Any], train_origin: str,
+                  test_origin: str | None) -> dict[str, Any]:
+    """For a record: where train, val and test came from, their sizes, and the data fingerprint."""
+    carved = test_origin is None
+    return {
+        "train": {"from": train_origin, "pool": "train", "rows": len(splits.train)},
+        "val": {"from": train_origin, "pool": "train", "rows": len(splits.val)},
+        "test": {"from": train_origin if carved else test_origin, "pool": "train (carved)" if carved else "test",
+                 "rows": len(splits.test)},
+        "fingerprint": fingerprint,
+    }

@@ -1,0 +1,68 @@
+"""The one save/load path for trainable weights: checkpoints, run folders and the analysis use it.
+
+Writes are atomic (a reader sees the old file or the new one); loads check every name and shape, so
+a 1-element tensor can never broadcast into a 52-value parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from randmask import atomic_write_bytes
+
+
+class TrainableMismatchError(ValueError):
+    """Saved tensors do not fit the model they are loaded into (names or shapes differ)."""
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the trainable parameters, by name."""
+    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "saved tensors") -> None:
+    """Copy ``tensors`` into the same-named parameters of ``model``, checking names and shapes first.
+
+    Nothing is copied unless everything fits. Dtypes are converted (a bf16 run's fp32 master
+    copy loads into an fp32 model). ``source`` names the file in errors.
+    """
+    params = dict(model.named_parameters())
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise TrainableMismatchError(
+            f"{source}: {len(missing)} tensor(s) have no parameter in this model (first: {missing[0]!r}); "
+            "prepare the model with the same method, targets and options before loading")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise TrainableMismatchError(
+                f"{source}: shape mismatch for {name!r}: saved {tuple(t.shape)}, model "
+                f"{tuple(params[name].shape)}; was it prepared with other options?")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device, params[name].dtype))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Atomically write ``tensors`` as one safetensors file."""
+    atomic_write_bytes(Path(path), st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a damaged one is a ValueError naming it."""
+    try:
+        return st_load(Path(path).read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON (every JSON file the runner writes goes through here)."""
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())

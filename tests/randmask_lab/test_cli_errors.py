@@ -1,0 +1,102 @@
+"""Every user error of `randmask train/sweep/report` is one line with exit code 2 (the issue-9 probes)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from experiment.tiny import make_tiny_lm
+
+from randmask_lab.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_lm(tmp_path_factory.mktemp("cli_errors_tiny")))
+
+
+def _fails(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _small(tiny: str, tmp_path: Path) -> list[str]:
+    return ["--model", tiny, "--task", "rte", "--out-dir", str(tmp_path / "runs"), "--n-train", "8", "--n-val", "4",
+            "--n-test", "4", "--epochs", "1", "--batch-size", "4", "--max-length", "96", "--no-progress"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--n-train", "-5"], "--n-train must be >= 1, got -5"),
+    (["--n-val", "0"], "--n-val must be >= 1"),
+    (["--head-lr", "-1"], "--head-lr must be > 0"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    (["--adam-betas", "2", "2"], "--adam-betas must be two numbers in [0, 1)"),
+    (["--adam-eps", "-1"], "--adam-eps must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--lease-seconds", "0"], "--lease-seconds must be > 0"),
+    (["--method", "lora", "--option", "r=abc"], "option r='abc' of 'lora' must be a int"),
+    (["--method", "lora", "--option", "dropout=-1"], "option dropout=-1.0 of 'lora' must be >= 0"),
+    (["--method", "lora", "--option", "rank=8"], "unknown option(s) ['rank']"),
+    (["--device", "bogus"], "--device 'bogus' is not a device name"),
+    (["--dtype", "float16"], "--dtype was replaced by --precision: use --precision 16-mixed"),
+])
+def test_bad_options(capsys, tmp_path, tiny, options, message):
+    assert message in _fails(capsys, "train", *_small(tiny, tmp_path), *options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu(capsys, tmp_path, tiny):
+    assert "no CUDA GPU is available" in _fails(capsys, "train", *_small(tiny, tmp_path), "--device", "cuda")
+
+
+def test_invalid_utf8_in_a_data_file(capsys, tmp_path, tiny):
+    bad = tmp_path / "rte.jsonl"
+    bad.write_bytes(b'{"premise": "p", "hypothesis": "h", "label": "entailment", "idx": 0}\n{"premise": "\xff"}\n')
+    assert "rte.jsonl:2: not UTF-8" in _fails(capsys, "train", *_small(tiny, tmp_path), "--source", str(bad))
+
+
+def test_an_empty_train_split_is_an_error(capsys, tmp_path, tiny):
+    folder = tmp_path / "data" / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("")
+    (folder / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    err = _fails(capsys, "train", *_small(tiny, tmp_path), "--task", "sst2", "--data-dir", str(tmp_path / "data"))
+    assert "train.tsv is empty" in err
+
+
+def test_a_damaged_checkpoint_names_the_fix(capsys, tmp_path, tiny):
+    args = ["train", *_small(tiny, tmp_path), "--max-steps", "1"]
+    assert main(args) == 0
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    (run_dir / "checkpoint").mkdir()
+    (run_dir / "checkpoint" / "state.json").write_text('{"run_id": "x", "fi')  # truncated by a crash
+    args[args.index("--max-steps") + 1] = "1"
+    assert main([*args, "--restart"]) == 0  # --restart discards it (and the finished record)
+    capsys.readouterr()
+    (run_dir / "checkpoint").mkdir()
+    (run_dir / "checkpoint" / "state.json").write_text('{"run_id": "x", "fi')
+    from randmask_lab.experiment.store import ResultStore
+
+    ResultStore(tmp_path / "runs" / "results.sqlite").delete(run_dir.name)  # the run is unfinished again
+    err = _fails(capsys, *args)
+    assert "checkpoint" in err and "is damaged" in err and "--restart" in err
+
+
+def test_a_corrupt_or_foreign_store_names_the_file(capsys, tmp_path, tiny):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database" * 100)
+    err = _fails(capsys, "report", "--store", str(garbage))
+    assert str(garbage) in err and "damaged or not a SQLite file" in err
+    assert str(garbage) in _fails(capsys, "train", *_small(tiny, tmp_path), "--store", str(garbage))
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE customers (name TEXT)")
+    assert "not a randmask results store" in _fails(capsys, "report", "--store", str(foreign))
