@@ -31,8 +31,9 @@ CIRCUMSTANCES = {"wall_seconds", "train_seconds", "created", "code_version", "ru
 def _grid(tiny_lm: str, out: Path, **run: object) -> tuple[SweepConfig, RunConfig]:
     sweep = SweepConfig(models=[tiny_lm], tasks=["rte"], methods=["randmask"], ratios=[0.02], lrs=[0.01, 0.03],
                         seeds=[0, 1])
-    base = RunConfig(n_train=12, n_val=6, n_test=6, epochs=1, batch_size=4, max_length=96, eval_batch_size=8,
-                     threads=1, checkpoint_every=1, out_dir=str(out), progress=False, **run)  # type: ignore[arg-type]
+    options = dict(n_train=12, n_val=6, n_test=6, epochs=1, batch_size=4, max_length=96, eval_batch_size=8,
+                   threads=1, checkpoint_every=1, out_dir=str(out), progress=False)
+    base = RunConfig(**{**options, **run})  # type: ignore[arg-type]
     return sweep, base
 
 
@@ -114,16 +115,19 @@ def test_a_ray_sweep_equals_a_local_sweep_and_a_rerun_executes_nothing(tiny_lm, 
 
 def test_a_concurrent_local_sweep_on_the_same_store_duplicates_nothing(tiny_lm, tmp_path, ray_instance):
     out = tmp_path / "runs"
-    sweep, base = _grid(tiny_lm, out, lease_seconds=30)
+    sweep, base = _grid(tiny_lm, out, lease_seconds=8)
     args = ["sweep", "--models", tiny_lm, "--tasks", "rte", "--methods", "randmask", "--ratios", "0.02",
             "--lrs", "0.01", "0.03", "--seeds", "0", "1", "--n-train", "12", "--n-val", "6", "--n-test", "6",
             "--epochs", "1", "--batch-size", "4", "--max-length", "96", "--eval-batch-size", "8", "--threads", "1",
-            "--checkpoint-every", "1", "--lease-seconds", "30", "--out-dir", str(out), "--no-progress"]
+            "--checkpoint-every", "1", "--lease-seconds", "8", "--out-dir", str(out), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RANDMASK_TEST_STEP_SLEEP": "0.3"}
     log = tmp_path / "local.log"
     local = subprocess.Popen([sys.executable, str(WORKER), *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
                              env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/config.json")) and local.poll() is None:
+        time.sleep(0.1)  # the local sweep has claimed its first cell and is running it (slowly)
     lines: list[str] = []
     remote = run_grid(RAY, sweep, base, say=lines.append)
     assert local.wait(timeout=300) == 0
@@ -132,6 +136,7 @@ def test_a_concurrent_local_sweep_on_the_same_store_duplicates_nothing(tiny_lm, 
     records = ResultStore(out / "results.sqlite").records()
     assert len(records) == 4 and all(r.status == "done" for r in records) and len(remote) == 4
     assert sorted(ran_locally + _submitted(lines)) == sorted(r.run_id for r in records)  # each cell exactly once
+    assert ran_locally and _submitted(lines) and any("skip (running in" in s for s in lines)  # both worked
     for r in records:
         assert _steps(out, r.run_id) == [1, 2, 3]
 
