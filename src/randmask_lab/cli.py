@@ -69,8 +69,8 @@ def _no_dtype(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from randmask_lab.experiment.config import RunConfig
-    from randmask_lab.experiment.options import dataclass_from_args
     from randmask_lab.experiment.executors import ExecutorConfig, run_grid
+    from randmask_lab.experiment.options import dataclass_from_args
     from randmask_lab.experiment.report import report_tables
     from randmask_lab.experiment.sweep import SweepConfig
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -65,12 +66,19 @@ class _RecordSink:
         self.record = record
 
 
-@dataclasses.dataclass(frozen=True)
 class _DriverLease:
-    """The driver holds (and renews) the lease; the worker only needs its owner name."""
+    """The driver holds (and renews) the lease; the worker needs its owner name, and ``lost``, which the
+    training loop checks every step: it turns True when this worker was orphaned (its raylet died with a
+    killed driver that had started a local Ray instance), so the run stops and keeps its checkpoint for the
+    re-run instead of racing it. (On a cluster Ray itself kills the tasks of a driver that died.)"""
 
-    owner: str
-    lost: bool = False
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._parent = os.getppid()  # the raylet that started this worker
+
+    @property
+    def lost(self) -> bool:
+        return os.getppid() != self._parent
 
 
 def run_cell(config_json: str, owner: str) -> dict[str, Any]:
@@ -107,7 +115,7 @@ def _connect(ray: Any, executor: ExecutorConfig) -> bool:
     src = str(Path(__file__).resolve().parents[3])
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
+             logging_level=logging.ERROR, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
 
 
@@ -159,10 +167,12 @@ class _Progress:
         if running is not None:
             self.running = running
         if self.bar is not None:
+            self.bar.set_postfix(done=self.counts["done"], running=self.running, failed=self.counts["failed"],
+                                 diverged=self.counts["diverged"] + self.counts["scale_collapsed"], refresh=False)
             if status is not None:
                 self.bar.update(1)
-            self.bar.set_postfix(done=self.counts["done"], running=self.running, failed=self.counts["failed"],
-                                 diverged=self.counts["diverged"] + self.counts["scale_collapsed"], refresh=True)
+            else:
+                self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
