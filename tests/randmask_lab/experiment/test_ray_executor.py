@@ -74,6 +74,14 @@ def test_executor_options_are_checked(tiny_lm, tmp_path, capsys, args, message):
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_a_ray_address_where_nothing_listens_is_a_one_line_error(tiny_lm, tmp_path, capsys):
+    pytest.importorskip("ray")
+    code = main(["sweep", "--models", tiny_lm, "--tasks", "rte", "--lrs", "0.01", "--seeds", "0", "--ratios", "0.02",
+                 "--out-dir", str(tmp_path), "--executor", "ray", "--ray-address", "127.0.0.1:1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no Ray cluster answers at 127.0.0.1:1" in err
+
+
 @pytest.fixture(scope="module")
 def ray_instance(tmp_path_factory):
     """A local Ray instance with 2 CPUs whose workers run ray_hooks.install (pid files, slow steps)."""
@@ -171,3 +179,45 @@ def test_a_killed_ray_worker_is_retried_and_resumes_from_its_checkpoint(tiny_lm,
     assert any(n.startswith("resumed from the checkpoint at step") for n in record.notes)
     assert _steps(out, run_id) == [1, 2, 3, 4, 5, 6]  # resumed: each step once
     assert ResultStore(out / "results.sqlite").get(run_id).status == "done"
+
+
+@pytest.mark.slow
+def test_a_killed_driver_loses_at_most_its_runs_in_flight(tiny_lm, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "runs"
+    args = ["sweep", "--models", tiny_lm, "--tasks", "rte", "--methods", "randmask", "--ratios", "0.02",
+            "--lrs", "0.01", "0.03", "--seeds", "0", "1", "--n-train", "240", "--n-val", "6", "--n-test", "6",
+            "--epochs", "1", "--batch-size", "2", "--max-length", "96", "--threads", "1", "--checkpoint-every", "5",
+            "--lease-seconds", "5", "--out-dir", str(out), "--no-progress", "--executor", "ray"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def sweep(log: Path, **kw: object) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "randmask_lab.cli", *args], stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, env=env, **kw)
+
+    driver = sweep(tmp_path / "a.log", start_new_session=True)  # its own process group, for the clean-up below
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(out.glob("*/checkpoint/state.json")):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(3)
+    logged = {p: len(p.read_text().splitlines()) for p in out.glob("*/steps.csv")}
+    time.sleep(3)
+    assert logged == {p: len(p.read_text().splitlines()) for p in out.glob("*/steps.csv")}  # its workers stopped
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)  # Ray's agents of the dead local instance
+    except ProcessLookupError:
+        pass
+    in_flight = [p.parent.name for p in out.glob("*/checkpoint")]
+    assert in_flight
+    assert sweep(tmp_path / "b.log").wait(timeout=600) == 0  # the same command finishes the grid
+    records = {r.run_id: r for r in ResultStore(out / "results.sqlite").records()}
+    assert len(records) == 4 and all(r.status == "done" for r in records.values())
+    for run_id in in_flight:
+        assert any(n.startswith("resumed from the checkpoint at step") for n in records[run_id].notes)
+    for run_id in records:
+        assert _steps(out, run_id) == list(range(1, 121))  # each step once: nothing ran twice
+    assert sweep(tmp_path / "c.log").wait(timeout=300) == 0
+    assert _submitted((tmp_path / "c.log").read_text().splitlines()) == []  # a third run executes nothing

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import traceback
 from collections import Counter
@@ -104,6 +105,7 @@ def _connect(ray: Any, executor: ExecutorConfig) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        _probe(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -117,6 +119,18 @@ def _connect(ray: Any, executor: ExecutorConfig) -> bool:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
              logging_level=logging.ERROR, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
+
+
+def _probe(address: str) -> None:
+    """A one-line error when nothing listens at a host:port address (ray.init would retry for minutes)."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise RunError(f"no Ray cluster answers at {address} ({e}); start one with `ray start --head` (it prints the "
+                       "address to join) or fix --ray-address / RAY_ADDRESS") from None
 
 
 def _slots(ray: Any, executor: ExecutorConfig) -> int:
