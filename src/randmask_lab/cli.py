@@ -69,14 +69,15 @@ def _no_dtype(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from randmask_lab.experiment.config import RunConfig
+    from randmask_lab.experiment.executors import ExecutorConfig, run_grid
     from randmask_lab.experiment.options import dataclass_from_args
     from randmask_lab.experiment.report import report_tables
-    from randmask_lab.experiment.sweep import SweepConfig, run_sweep
+    from randmask_lab.experiment.sweep import SweepConfig
 
     _no_dtype(args)
     sweep = dataclass_from_args(SweepConfig, args)
     base = dataclass_from_args(RunConfig, args)
-    records = run_sweep(sweep, base, say=_say)
+    records = run_grid(dataclass_from_args(ExecutorConfig, args), sweep, base, say=_say)  # --executor local / ray
     _say(report_tables(records, base.select_by))
     failed = sum(r.status == "failed" for r in records)
     if failed and _reports():
@@ -165,6 +166,7 @@ def _store_options(parser: argparse.ArgumentParser, filters: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``randmask`` command."""
     from randmask_lab.experiment.config import RunConfig
+    from randmask_lab.experiment.executors import ExecutorConfig
     from randmask_lab.experiment.options import add_dataclass_options
     from randmask_lab.experiment.sweep import SweepConfig
 
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(sweep, SweepConfig)
     add_dataclass_options(sweep, RunConfig, skip=("model", "task", "method", "ratio", "density", "lr", "seed",
                                                   "data_seed", "mask_seed", "order_seed"))
+    add_dataclass_options(sweep, ExecutorConfig)  # --executor, --cpus-per-run, --gpus-per-run, --ray-address
     sweep.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=argparse.SUPPRESS)
     sweep.set_defaults(func=_cmd_sweep)
 
