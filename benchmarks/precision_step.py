@@ -71,6 +71,26 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
     return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
 
 
+def summary(times: dict[tuple[str, str], list[float]], attention: dict[tuple[str, str], bool]) -> list[dict]:
+    """Per variant: median step time, median per-round speed-up over 32, its bootstrap 95% CI."""
+    base = times[("32", "auto")]
+    rows = []
+    for v, ts in times.items():
+        ratios = [b / t for b, t in zip(base, ts)]  # per round: fp32 time / variant time
+        lo, hi = bootstrap_ci(ratios)
+        rows.append({"precision": v[0], "attention": "math" if attention[v] else "default",
+                     "median_s": round(statistics.median(ts), 4), "speedup_vs_32": round(statistics.median(ratios), 3),
+                     "ci95": [round(lo, 3), round(hi, 3)], "rounds": len(ts)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| precision | SDPA backend | median step (s) | speed-up vs 32 | 95% CI |", "|---|---|---:|---:|---|"]
+    lines += [f"| {r['precision']} | {r['attention']} | {r['median_s']:.2f} | {r['speedup_vs_32']:.2f}x | "
+              f"{r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (one step per variant each)")
@@ -79,13 +99,19 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (short name or folder)")
     parser.add_argument("--task", default="rte", help="task whose prompts form the batch")
     parser.add_argument("--batch", type=int, default=8, help="prompts per step")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--variants", nargs="+", default=["32", "bf16-mixed", "bf16-true", "bf16-true:default"],
+                        help="PRECISION[:auto|math|default] to time (32 always included)")
+    parser.add_argument("--json", type=Path, help="write the results here (rewritten after every round)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants = [("32", "auto"), ("bf16-mixed", "auto"), ("bf16-true", "auto"), ("bf16-true", "default")]
+    variants = [tuple((v + ":auto").split(":")[:2]) for v in args.variants]
+    variants = [("32", "auto")] + [v for v in variants if v != ("32", "auto")]
+    meta = {"model": args.model, "task": args.task, "batch": args.batch, "threads": args.threads,
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "command": " ".join(["python", *sys.argv])}
     with tempfile.TemporaryDirectory() as tmp:
         built = {v: build(*v, args.model, args.task, args.batch, Path(tmp)) for v in variants}
-        tokens = sum(len(x.context) for x in built[variants[0]][0].data.train)
+        meta["context_tokens"] = sum(len(x.context) for x in built[variants[0]][0].data.train)
         attention = {v: built[v][0].plan.math_attention for v in variants}
         times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
         for r in range(args.warmup + args.rounds):
@@ -96,31 +122,18 @@ def main() -> None:
                 trainer.step(batch)
                 if r >= args.warmup:
                     times[v].append(time.perf_counter() - start)
-            if r >= args.warmup:
-                print(f"round {r - args.warmup + 1}/{args.rounds}: "
-                      + ", ".join(f"{a}/{b} {times[(a, b)][-1]:.2f} s" for a, b in variants), flush=True)
-    base = times[("32", "auto")]
-    rows = []
-    for v in variants:
-        ratios = [b / t for b, t in zip(base, times[v])]  # per round: fp32 time / variant time
-        lo, hi = bootstrap_ci(ratios)
-        rows.append({"precision": v[0], "attention": "math" if attention[v] else "default",
-                     "median_s": round(statistics.median(times[v]), 4),
-                     "speedup_vs_32": round(statistics.median(ratios), 3), "ci95": [round(lo, 3), round(hi, 3)]})
-    print(f"\n{args.model}, {args.task}, batch {args.batch} ({tokens} context tokens), randmask 1e-3, "
+            if r < args.warmup:
+                continue
+            print(f"round {r - args.warmup + 1}/{args.rounds}: "
+                  + ", ".join(f"{a}/{b} {times[(a, b)][-1]:.2f} s" for a, b in variants), flush=True)
+            if args.json:  # every round, so an interrupted benchmark still leaves its numbers
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"meta": meta, "rows": summary(times, attention), "times": {
+                    f"{a}/{b}": t for (a, b), t in times.items()}}, indent=1) + "\n")
+    print(f"\n{args.model}, {args.task}, batch {args.batch} ({meta['context_tokens']} context tokens), randmask 1e-3, "
           f"{args.threads} threads, {args.rounds} rounds; median step time and speed-up over 32 (bootstrap 95% CI):")
-    print("| precision | SDPA backend | median step (s) | speed-up vs 32 | 95% CI |")
-    print("|---|---|---:|---:|---|")
-    for row in rows:
-        print(f"| {row['precision']} | {row['attention']} | {row['median_s']:.2f} | {row['speedup_vs_32']:.2f}x | "
-              f"{row['ci95'][0]:.2f}-{row['ci95'][1]:.2f} |")
+    print(table(summary(times, attention)))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model, "task": args.task, "batch": args.batch, "threads": args.threads,
-                "rounds": args.rounds, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                "command": " ".join(["python", *sys.argv])}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "times": {f"{a}/{b}": t for (a, b), t in
-                                                                              times.items()}}, indent=1) + "\n")
         print(f"wrote {args.json}")
 
 

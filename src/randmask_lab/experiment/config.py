@@ -91,7 +91,7 @@ class RunConfig:
     precision: Precision = field(default="32", metadata=IDENTITY)
     """Numeric precision (Lightning's names): 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state);
     bf16-true (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters);
-    16-mixed (fp16 autocast with loss scaling). On this CPU bf16 trains about 2x faster than 32."""
+    16-mixed (fp16 autocast with loss scaling). Speed per precision: benchmarks/precision_step.py."""
     device: str = field(default="auto", metadata=EXECUTION)
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
     threads: int | None = field(default=None, metadata=EXECUTION)

@@ -69,3 +69,9 @@ def test_the_record_says_where_each_split_came_from(tiny_lm, run_kwargs):
     assert data["test"]["pool"] == "test" and data["test"]["rows"] == 6
     (train,) = data["fingerprint"]["train"]
     assert train["file"] == "superglue/RTE/train.jsonl" and train["size"] > 0
+
+
+def test_config_json_of_an_older_version_still_loads():
+    old = {k: v for k, v in RunConfig(task="rte").to_dict().items() if k not in ("precision", "restart")}
+    config = RunConfig.from_dict({**old, "dtype": "bfloat16", "resume": False})
+    assert config.precision == "bf16-true" and config.restart is True
