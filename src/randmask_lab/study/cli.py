@@ -55,8 +55,38 @@ def _cmd_findings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from randmask_lab.study.plan import StudySpec, needed_runs
+    from randmask_lab.study.run import run_study
+
+    spec = StudySpec.from_file(args.spec)
+    if args.plan:
+        from randmask_lab.experiment.store import ResultStore, store_file
+
+        path = store_file(None, args.out_dir)
+        needs = needed_runs(spec, ResultStore(path).records() if path.is_file() else [])
+        for n in needs:
+            print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
+        print(f"{len(needs)} runs planned next (more follow once the LR search has finished)")
+        return 0
+    execution = {"threads": args.threads, "progress": args.progress}
+    run_study(spec, args.out_dir, export=args.export, max_runs=args.max_runs, execution=execution)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``export`` and ``findings`` verbs."""
+    """Add the ``study``, ``export`` and ``findings`` verbs."""
+    std = sub.add_parser("study", help="run a study spec (LR search on one seed, grid-edge extension, then the "
+                                       "other seeds at the chosen LR), resumable, exporting as it goes")
+    std.add_argument("spec", help="the study spec (JSON), e.g. experiments/smollm2_study.json")
+    std.add_argument("--out-dir", default="runs/study", help="run folders and results.sqlite (default: runs/study)")
+    std.add_argument("--export", help="re-write this JSONL study file after every run")
+    std.add_argument("--max-runs", type=int, help="stop after this many runs (the next call goes on)")
+    std.add_argument("--threads", type=int, help="torch CPU threads per run")
+    std.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bars")
+    std.add_argument("--plan", action="store_true", help="print the runs planned next and exit")
+    std.set_defaults(func=_cmd_study)
+
     exp = sub.add_parser("export", help="write every record of a results store to a JSONL study file")
     exp.add_argument("--out", required=True, help="the JSONL file to write (e.g. experiments/results/<study>.jsonl)")
     exp.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
