@@ -85,7 +85,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _open_store(args: argparse.Namespace, made_by: str = "`randmask train`/`sweep`") -> ResultStore:
+def open_store(args: argparse.Namespace, made_by: str = "`randmask train`/`sweep`") -> ResultStore:
     """The existing results store named by --store / --out-dir (StoreError when there is none)."""
     from randmask_lab.experiment.store import ResultStore, store_file
 
@@ -103,7 +103,11 @@ def _filters(args: argparse.Namespace) -> dict[str, str]:
 def _cmd_report(args: argparse.Namespace) -> int:
     from randmask_lab.experiment.report import report
 
-    store, where = _open_store(args), _filters(args)
+    if args.from_file:  # a committed study file: no store needed
+        from randmask_lab.study.cli import report_from
+
+        return report_from(args)
+    store, where = open_store(args), _filters(args)
     if args.best_runs:
         from randmask_lab.experiment.report import best_runs, method_label
 
@@ -118,7 +122,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_curves(args: argparse.Namespace) -> int:
     from randmask_lab.analysis.curves import write_curves
 
-    png, curves = write_curves(_open_store(args), args.out, **_filters(args))
+    png, curves = write_curves(open_store(args), args.out, **_filters(args))
     for label, points in curves.items():
         print(f"{label}: " + ", ".join(f"{e}: {m:.4f}" for e, m, _ in points if m is not None))
     print(f"wrote {png}")
@@ -128,7 +132,7 @@ def _cmd_curves(args: argparse.Namespace) -> int:
 def _cmd_calibrate_lr(args: argparse.Namespace) -> int:
     from randmask_lab.analysis.calibrate_lr import calibration_pairs, calibration_report
 
-    store = _open_store(args, made_by="`randmask sweep`")
+    store = open_store(args, made_by="`randmask sweep`")
     print(calibration_report(calibration_pairs(args.folders, store, args.task)))
     return 0
 
@@ -196,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--best-runs", action="store_true",
                      help="instead of the table, one tab-separated line per cell: task, method_budget, chosen LR, "
                      "run folder (to feed the analysis commands' --adapter)")
+    rep.add_argument("--from", dest="from_file", help="a JSONL study file (randmask export) instead of a store: "
+                     "tables with 95%% intervals over seeds and paired differences")
+    rep.add_argument("--figures", help="with --from: also write the study's PNGs into this folder")
     rep.set_defaults(func=_cmd_report)
 
     cur = sub.add_parser("curves", help="plot validation score per epoch of stored runs (longer-training study)")
@@ -222,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="known tasks, methods and models")
     lst.set_defaults(func=_cmd_list)
 
-    for module in ("randmask_lab.theory.cli", "randmask_lab.analysis.cli"):
+    for module in ("randmask_lab.theory.cli", "randmask_lab.analysis.cli", "randmask_lab.study.cli"):
         # Their heavy imports happen when a verb runs; a missing package is then a one-line error.
         importlib.import_module(module).register(sub)
     return parser

@@ -1,0 +1,85 @@
+"""The study's cells: for every (model, protocol, task, method/budget), the chosen LR and its seeds.
+
+The LR is chosen as the paper does, by mean validation loss, over the seeds that every LR of the
+cell has (the LR search seed, seed 0, when seeds 1 and 2 ran only at the chosen LR). Seeds added
+at the chosen LR therefore never change the choice. A diverged run is infinitely bad on validation.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.report import method_label
+from randmask_lab.experiment.store import protocol_label
+
+CellKey = tuple[str, str, str, str]  # model, protocol, task, method label
+
+
+@dataclass
+class StudyCell:
+    """One cell: every run of it, the LR grid, the chosen LR and the test metric per seed there."""
+
+    key: CellKey
+    runs: list[RunRecord]
+    lrs: list[float] = field(default_factory=list)
+    lr: float | None = None  # None: every LR diverged (or zero-shot, which has no LR)
+    tests: dict[int, float] = field(default_factory=dict)  # seed -> test metric at the chosen LR
+    search_val_loss: dict[float, float] = field(default_factory=dict)  # LR -> mean val loss (search seeds)
+    val_by_lr: dict[float, list[float]] = field(default_factory=dict)  # LR -> val losses (all seeds)
+    test_by_lr: dict[float, list[float]] = field(default_factory=dict)  # LR -> test metrics (all seeds)
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].config["method"]
+
+    @property
+    def ratio(self) -> float | None:
+        return self.runs[0].config.get("ratio")
+
+    @property
+    def at_grid_edge(self) -> str | None:
+        """"low" / "high" when the chosen LR is the smallest / largest tried (the grid may be too narrow)."""
+        if self.lr is None or len(self.lrs) < 2:
+            return None
+        return "low" if self.lr == self.lrs[0] else "high" if self.lr == self.lrs[-1] else None
+
+
+def _val(r: RunRecord) -> float:
+    return r.val_loss if r.status == "done" and r.val_loss is not None and math.isfinite(r.val_loss) else math.inf
+
+
+def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
+    """Choose the cell's LR and collect its per-seed test metrics."""
+    cell = StudyCell(key, list(runs))
+    by_lr: dict[float, list[RunRecord]] = defaultdict(list)
+    for r in runs:
+        by_lr[float(r.config.get("lr") or 0.0)].append(r)
+    cell.lrs = sorted(by_lr)
+    for lr, rs in by_lr.items():
+        cell.val_by_lr[lr] = [_val(r) for r in rs]
+        cell.test_by_lr[lr] = [r.test_metric for r in rs if r.test_metric is not None and r.status == "done"]
+    common = set.intersection(*({r.config["seed"] for r in rs} for rs in by_lr.values()))
+    for lr, rs in by_lr.items():
+        search = [_val(r) for r in rs if r.config["seed"] in common]
+        cell.search_val_loss[lr] = statistics.fmean(search) if search and all(map(math.isfinite, search)) else math.inf
+    best = min(cell.lrs, key=lambda lr: (cell.search_val_loss[lr], lr))
+    if math.isfinite(cell.search_val_loss[best]):
+        cell.lr = best if cell.method != "zeroshot" else None
+        cell.tests = {r.config["seed"]: r.test_metric for r in by_lr[best]
+                      if r.status == "done" and r.test_metric is not None}
+    return cell
+
+
+def study_cells(records: Sequence[RunRecord]) -> dict[CellKey, StudyCell]:
+    """Every cell of the finished runs (done or diverged) in ``records``."""
+    grouped: dict[CellKey, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.status in ("done", "diverged"):
+            c = r.config
+            grouped[(c["model"], protocol_label(c), c["task"], method_label(c))].append(r)
+    return {key: build_cell(key, runs) for key, runs in grouped.items()}

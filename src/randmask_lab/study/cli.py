@@ -1,0 +1,102 @@
+"""`randmask export`, `randmask findings`, and `randmask report --from <jsonl>`."""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from randmask_lab.study.cells import StudyCell, study_cells
+from randmask_lab.study.records import export_jsonl, read_jsonl
+
+
+def _by_model(path: str) -> dict[str, list[StudyCell]]:
+    grouped: dict[str, list[StudyCell]] = defaultdict(list)
+    for key, cell in study_cells(read_jsonl(path)).items():
+        grouped[key[0]].append(cell)
+    return dict(grouped)
+
+
+def report_from(args: argparse.Namespace) -> int:
+    """Print the study tables of a JSONL file; with --figures, write its PNGs too."""
+    from randmask_lab.study.tables import study_tables
+
+    records = read_jsonl(args.from_file)
+    print(study_tables(study_cells(records)))
+    if getattr(args, "figures", None):
+        from randmask_lab.study.figures import plot_lr_curves, plot_structured_vs_random
+
+        for model, cells in _by_model(args.from_file).items():
+            slug = model.replace("/", "_")
+            written = [plot_lr_curves(cells, Path(args.figures) / f"{slug}_lr_curves.png", model),
+                       plot_structured_vs_random(cells, Path(args.figures) / f"{slug}_structured.png", model)]
+            for path in filter(None, written):
+                print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from randmask_lab.cli import open_store
+
+    store = open_store(args)
+    where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
+    n = export_jsonl(store.records(**where), args.out)
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from randmask_lab.study.findings import findings
+
+    for model, cells in sorted(_by_model(args.from_file).items()):
+        print(f"## {model}")
+        for verdict in findings(cells, args.analysis or (), args.theory):
+            print(verdict.text())
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from randmask_lab.study.plan import StudySpec, needed_runs
+    from randmask_lab.study.run import run_study
+
+    spec = StudySpec.from_file(args.spec)
+    if args.plan:
+        from randmask_lab.experiment.store import ResultStore, store_file
+
+        path = store_file(None, args.out_dir)
+        needs = needed_runs(spec, ResultStore(path).records() if path.is_file() else [])
+        for n in needs:
+            print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
+        print(f"{len(needs)} runs planned next (more follow once the LR search has finished)")
+        return 0
+    execution = {"threads": args.threads, "progress": args.progress}
+    run_study(spec, args.out_dir, export=args.export, max_runs=args.max_runs, execution=execution)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``study``, ``export`` and ``findings`` verbs."""
+    std = sub.add_parser("study", help="run a study spec (LR search on one seed, grid-edge extension, then the "
+                                       "other seeds at the chosen LR), resumable, exporting as it goes")
+    std.add_argument("spec", help="the study spec (JSON), e.g. experiments/smollm2_study.json")
+    std.add_argument("--out-dir", default="runs/study", help="run folders and results.sqlite (default: runs/study)")
+    std.add_argument("--export", help="re-write this JSONL study file after every run")
+    std.add_argument("--max-runs", type=int, help="stop after this many runs (the next call goes on)")
+    std.add_argument("--threads", type=int, help="torch CPU threads per run")
+    std.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bars")
+    std.add_argument("--plan", action="store_true", help="print the runs planned next and exit")
+    std.set_defaults(func=_cmd_study)
+
+    exp = sub.add_parser("export", help="write every record of a results store to a JSONL study file")
+    exp.add_argument("--out", required=True, help="the JSONL file to write (e.g. experiments/results/<study>.jsonl)")
+    exp.add_argument("--out-dir", default="runs", help="folder holding results.sqlite (default: runs)")
+    exp.add_argument("--store", help="results store file (default: <out-dir>/results.sqlite)")
+    for name in ("task", "model", "method"):
+        exp.add_argument(f"--{name}", help=f"only this {name}")
+    exp.set_defaults(func=_cmd_export)
+
+    fnd = sub.add_parser("findings", help="HOLDS / DOES NOT HOLD / INCONCLUSIVE for each of the paper's findings")
+    fnd.add_argument("--from", dest="from_file", required=True, help="a JSONL study file (randmask export)")
+    fnd.add_argument("--analysis", nargs="*", help="folders holding hessian.json / distance.json outputs (finding c)")
+    fnd.add_argument("--theory", help="theory_summary.json written by `randmask theory` (finding d)")
+    fnd.set_defaults(func=_cmd_findings)

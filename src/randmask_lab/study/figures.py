@@ -1,0 +1,74 @@
+"""The study's PNGs: Fig. 3's analogue (test metric and validation loss vs LR, one curve per ratio,
+per task) and structured vs random. Fig. 4 comes from `randmask figure4` on the analysis outputs."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from randmask_lab.study.cells import StudyCell
+from randmask_lab.study.stats import mean_interval
+
+
+def _save(fig: Figure, path: Path, title: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path:
+    """Per task: test metric and validation loss (mean over the seeds at each LR) vs LR, per ratio."""
+    masked = [c for c in cells if c.method == "randmask" and c.ratio is not None]
+    tasks = sorted({c.key[2] for c in masked})
+    fig = Figure(figsize=(4.2 * max(len(tasks), 1), 6.4))
+    for j, task in enumerate(tasks):
+        top, bottom = fig.add_subplot(2, len(tasks), j + 1), fig.add_subplot(2, len(tasks), len(tasks) + j + 1)
+        for cell in sorted((c for c in masked if c.key[2] == task), key=lambda c: -c.ratio):
+            lrs = [lr for lr in cell.lrs if cell.test_by_lr[lr]]
+            top.plot(lrs, [100 * statistics.fmean(cell.test_by_lr[lr]) for lr in lrs], "o-",
+                     label=f"{100 * cell.ratio:g}%")
+            finite = [lr for lr in cell.lrs if all(math.isfinite(v) for v in cell.val_by_lr[lr])]
+            bottom.plot(finite, [statistics.fmean(cell.val_by_lr[lr]) for lr in finite], "o-")
+            if cell.lr is not None:
+                bottom.plot([cell.lr], [statistics.fmean(cell.val_by_lr[cell.lr])], "k*", ms=10)
+        for ax, ylabel in ((top, "test metric ×100"), (bottom, "validation loss")):
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        top.set_title(task)
+        top.legend(title="trainable", fontsize=8)
+    return _save(fig, Path(path), f"{model}: randmask test metric and validation loss vs LR (★ = chosen LR)")
+
+
+def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path | None:
+    """Bars with 95% t intervals: random vs structured masking at each ratio and task both have."""
+    pairs = []
+    for c in cells:
+        if c.method != "structured" or not c.tests:
+            continue
+        twin = next((r for r in cells if r.method == "randmask" and r.ratio == c.ratio and r.key[2] == c.key[2]
+                     and r.tests), None)
+        if twin is not None:
+            pairs.append((f"{c.key[2]} {100 * c.ratio:g}%", twin, c))
+    if not pairs:
+        return None
+    pairs.sort(key=lambda p: p[0])
+    fig = Figure(figsize=(1.6 * len(pairs) + 2, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (_, rnd, st) in enumerate(pairs):
+        for offset, cell, color, name in ((-0.2, rnd, "C0", "random"), (0.2, st, "C1", "structured")):
+            est = mean_interval(list(cell.tests.values()))
+            err = None if est.low is None else [[100 * (est.mean - est.low)], [100 * (est.high - est.mean)]]
+            ax.bar(i + offset, 100 * est.mean, 0.4, yerr=err, color=color, capsize=3, label=name if i == 0 else None)
+    ax.set_xticks(range(len(pairs)), [p[0] for p in pairs])
+    ax.set_ylabel("test metric ×100")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path), f"{model}: random vs structured masking (mean, 95% t interval over seeds)")

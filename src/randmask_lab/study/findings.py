@@ -1,0 +1,160 @@
+"""Verdicts on the paper's findings from a study's records (and its analysis / theory outputs).
+
+Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it. The rules:
+(a) randmask 1e-3 within 1 point of LoRA and of full FT on the task average: the 95% interval of the
+    paired difference lies inside [-1, +1] points (HOLDS) or entirely outside it (DOES NOT HOLD).
+(b) the best LR rises as the ratio falls: on every task the chosen LR is non-decreasing from 1e-3 to
+    1e-5 and rises overall (HOLDS); a strict fall on a task where neither LR sits at a grid edge
+    is DOES NOT HOLD.
+(c) lambda_max after training falls as the ratio falls (one measurement per ratio: monotone or not).
+(d) the simulator's eigenvalues lie within Theorem 5.1's band for every p.
+(e) structured is worse than random at <= 1e-4: the interval of (random - structured), pooled per
+    seed over tasks and ratios, lies above 0 (HOLDS) or below 0 (DOES NOT HOLD).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from randmask_lab.study.cells import StudyCell
+from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
+
+HOLDS, FAILS, UNSURE = "HOLDS", "DOES NOT HOLD", "INCONCLUSIVE"
+RATIOS = (1e-3, 1e-4, 1e-5)
+
+
+@dataclass
+class Verdict:
+    """One finding's verdict and the numbers behind it."""
+
+    finding: str
+    claim: str
+    verdict: str
+    evidence: list[str]
+
+    def text(self) -> str:
+        lines = [f"({self.finding}) {self.claim}: {self.verdict}"]
+        return "\n".join(lines + [f"    {e}" for e in self.evidence])
+
+
+def _label(method: str, ratio: float | None = None) -> str:
+    return f"{method} {ratio:.0e}" if ratio is not None else method
+
+
+def _rows(cells: Sequence[StudyCell]) -> dict[str, dict[str, StudyCell]]:
+    rows: dict[str, dict[str, StudyCell]] = {}
+    for c in cells:
+        rows.setdefault(c.key[3], {})[c.key[2]] = c
+    return rows
+
+
+def _interval_verdict(est: Estimate, low: float, high: float) -> str:
+    if est.low is None:
+        return UNSURE
+    if low <= est.low and est.high <= high:
+        return HOLDS
+    if est.high < low or est.low > high:
+        return FAILS
+    return UNSURE
+
+
+def finding_a(cells: Sequence[StudyCell]) -> Verdict:
+    rows, evidence, verdicts = _rows(cells), [], []
+    left = _label("randmask", 1e-3)
+    for right in ("lora", "full"):
+        if left not in rows or right not in rows:
+            evidence.append(f"{left} or {right} has no runs")
+            verdicts.append(UNSURE)
+            continue
+        tasks = sorted(set(rows[left]) & set(rows[right]))
+        diff = paired_difference(average_by_seed({t: rows[left][t].tests for t in tasks}),
+                                 average_by_seed({t: rows[right][t].tests for t in tasks}))
+        verdicts.append(_interval_verdict(diff, -0.01, 0.01))
+        evidence.append(f"{left} − {right} on the average of {', '.join(tasks)}: {diff.text()} points "
+                        f"({diff.n} seeds) -> {verdicts[-1]}")
+    verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
+    return Verdict("a", "randmask 0.1% is within 1 point of LoRA and of full FT on the task average", verdict,
+                   evidence)
+
+
+def finding_b(cells: Sequence[StudyCell]) -> Verdict:
+    rows, evidence, falls, rises, edge_falls = _rows(cells), [], 0, 0, 0
+    tasks = sorted({t for r in RATIOS for t in rows.get(_label("randmask", r), {})})
+    for task in tasks:
+        chain = [rows.get(_label("randmask", r), {}).get(task) for r in RATIOS]
+        if any(c is None or c.lr is None for c in chain):
+            evidence.append(f"{task}: not every ratio has a chosen LR")
+            continue
+        for hi, lo in zip(chain, chain[1:]):
+            if lo.lr < hi.lr:
+                if hi.at_grid_edge or lo.at_grid_edge:
+                    edge_falls += 1
+                else:
+                    falls += 1
+        rises += chain[-1].lr > chain[0].lr
+        marks = ", ".join(f"{r:.0e}: {c.lr:.0e}{' (edge)' if c.at_grid_edge else ''}" for r, c in zip(RATIOS, chain))
+        evidence.append(f"{task}: best LR by ratio {marks}")
+    if falls:
+        verdict = FAILS
+    elif tasks and rises == len(tasks) and not edge_falls:
+        verdict = HOLDS
+    else:
+        verdict = UNSURE
+    return Verdict("b", "the best LR rises monotonically as the ratio falls", verdict, evidence)
+
+
+def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
+    claim = "λ_max (after training) falls as the ratio falls"
+    if not analysis_dirs:
+        return Verdict("c", claim, UNSURE, ["no analysis outputs given (--analysis)"])
+    from randmask_lab.analysis.figure4 import collect
+
+    rows = {r["ratio"]: r for r in collect(analysis_dirs) if r["method"] == "randmask"}
+    values = [(ratio, rows[ratio].get("after")) for ratio in sorted(rows, reverse=True)]
+    values = [(ratio, v) for ratio, v in values if v is not None]
+    evidence = [", ".join(f"ratio {ratio:.0e}: λ_max {v:.4g}" for ratio, v in values) or "no trained λ_max"]
+    if len(values) < 2:
+        return Verdict("c", claim, UNSURE, evidence)
+    falling = all(b < a for (_, a), (_, b) in zip(values, values[1:]))
+    rising = all(b > a for (_, a), (_, b) in zip(values, values[1:]))
+    evidence.append("one power-iteration measurement per ratio (no interval)")
+    return Verdict("c", claim, HOLDS if falling else FAILS if rising else UNSURE, evidence)
+
+
+def finding_d(theory_summary: dict[str, Any] | None) -> Verdict:
+    claim = "the simulator's eigenvalues lie within Theorem 5.1's band"
+    if theory_summary is None:
+        return Verdict("d", claim, UNSURE, ["no theory summary given (--theory theory_summary.json)"])
+    per_p = theory_summary["per_p"]
+    inside = {p: v["deviation_max"] <= v["thm51_bound"] for p, v in per_p.items()}
+    evidence = [f"p={p}: max |λ_i(XMXᵀ) − p λ_i(XXᵀ)| = {v['deviation_max']:.4g} vs bound {v['thm51_bound']:.4g}"
+                for p, v in per_p.items()]
+    return Verdict("d", claim, HOLDS if all(inside.values()) else FAILS, evidence)
+
+
+def finding_e(cells: Sequence[StudyCell]) -> Verdict:
+    rows, evidence, pooled_r, pooled_s = _rows(cells), [], {}, {}
+    for ratio in (1e-4, 1e-5):
+        rnd, st = rows.get(_label("randmask", ratio), {}), rows.get(_label("structured", ratio), {})
+        for task in sorted(set(rnd) & set(st)):
+            diff = paired_difference(rnd[task].tests, st[task].tests)
+            evidence.append(f"{task} {ratio:.0e}: random − structured {diff.text()} points")
+            pooled_r[f"{task}@{ratio}"], pooled_s[f"{task}@{ratio}"] = rnd[task].tests, st[task].tests
+    claim = "structured masking is worse than random at ≤ 0.01%"
+    if not pooled_r:
+        return Verdict("e", claim, UNSURE, ["no structured runs"])
+    diff = paired_difference(average_by_seed(pooled_r), average_by_seed(pooled_s))
+    evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points")
+    verdict = UNSURE if diff.low is None else HOLDS if diff.low > 0 else FAILS if diff.high < 0 else UNSURE
+    return Verdict("e", claim, verdict, evidence)
+
+
+def findings(cells: Sequence[StudyCell], analysis_dirs: Sequence[str | Path] = (),
+             theory_file: str | Path | None = None) -> list[Verdict]:
+    """All five verdicts."""
+    theory = json.loads(Path(theory_file).read_text()) if theory_file else None
+    return [finding_a(cells), finding_b(cells), finding_c(analysis_dirs), finding_d(theory), finding_e(cells)]

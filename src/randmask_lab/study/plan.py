@@ -1,0 +1,131 @@
+"""A study's protocol as a plan: which runs are still needed, given what the store holds.
+
+The paper's protocol, made resumable: seed ``search_seed`` over each cell's LR grid; an optimum at
+the grid's edge gets the next point of the 1-3-10 ladder (up to ``max_extend`` times per side);
+then the other seeds at the chosen LR. Each call of ``needed_runs`` looks only at finished records,
+so a killed study, or a second worker on the same store, picks up where the store stands.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.record import FINISHED, RunRecord
+
+LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One row of the study: a method (and masking ratio), its starting LR grid, its tasks."""
+
+    method: str
+    lrs: tuple[float, ...] = ()
+    ratio: float | None = None
+    tasks: tuple[str, ...] | None = None  # None: every task of the study
+
+
+@dataclass
+class StudySpec:
+    """A study: model, precision, per-task protocol, the cells, seeds. Read from JSON."""
+
+    name: str
+    model: str
+    precision: str
+    protocol: dict[str, dict[str, Any]]  # task -> RunConfig fields (n_train, n_val, n_test, epochs, ...)
+    cells: list[CellSpec]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    search_seed: int = 0
+    max_extend: int = 2
+    common: dict[str, Any] = field(default_factory=dict)  # RunConfig fields for every run (batch_size, ...)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> StudySpec:
+        """Parse a study spec; a one-line error naming the file and field when it is wrong."""
+        try:
+            data = json.loads(Path(path).read_text())
+            cells = [CellSpec(c["method"], tuple(map(float, c.get("lrs", ()))), c.get("ratio"),
+                              tuple(c["tasks"]) if c.get("tasks") else None) for c in data["cells"]]
+            spec = cls(data["name"], data["model"], data["precision"], data["protocol"], cells,
+                       tuple(data.get("seeds", (0, 1, 2))), data.get("search_seed", 0), data.get("max_extend", 2),
+                       data.get("common", {}))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise RunError(f"study spec {path}: {type(e).__name__}: {e}. "
+                           "See experiments/*.json for the format.") from None
+        for cell in spec.cells:
+            if cell.method != "zeroshot" and not cell.lrs:
+                raise RunError(f"study spec {path}: cell {cell.method} {cell.ratio} has no lrs.")
+            unknown = set(cell.tasks or ()) - set(spec.protocol)
+            if unknown:
+                raise RunError(f"study spec {path}: cell {cell.method} names tasks {sorted(unknown)} with no protocol.")
+        if spec.search_seed not in spec.seeds:
+            raise RunError(f"study spec {path}: search_seed {spec.search_seed} is not one of seeds {spec.seeds}.")
+        return spec
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run the study still needs."""
+
+    task: str
+    method: str
+    ratio: float | None
+    lr: float
+    seed: int
+
+
+def neighbour(lr: float, step: int) -> float | None:
+    """The next LR up (step=+1) or down (-1) on the 1-3-10 ladder; None past its ends."""
+    i = min(range(len(LADDER)), key=lambda k: abs(math.log(LADDER[k] / lr)))
+    j = i + step
+    return LADDER[j] if 0 <= j < len(LADDER) else None
+
+
+def _matches(r: RunRecord, task: str, cell: CellSpec, fixed: dict[str, Any]) -> bool:
+    c = r.config
+    return (c["task"] == task and c["method"] == cell.method and c.get("ratio") == cell.ratio
+            and all(c.get(k) == v for k, v in fixed.items()))
+
+
+def _val(r: RunRecord) -> float:
+    return r.val_loss if r.status == "done" and r.val_loss is not None and math.isfinite(r.val_loss) else math.inf
+
+
+def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRecord]) -> list[PlannedRun]:
+    fixed = {**spec.common, **spec.protocol[task]}
+    done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
+    if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)
+        lr = cell.lrs[0] if cell.lrs else 1e-3
+        return [PlannedRun(task, cell.method, None, lr, s) for s in spec.seeds
+                if not any(key[1] == s for key in done)]
+    grid = sorted({*cell.lrs, *(lr for lr, s in done if s == spec.search_seed)})
+    missing = [PlannedRun(task, cell.method, cell.ratio, lr, spec.search_seed) for lr in grid
+               if (lr, spec.search_seed) not in done]
+    if missing:
+        return missing
+    best = min(grid, key=lambda lr: (_val(done[(lr, spec.search_seed)]), lr))
+    if math.isfinite(_val(done[(best, spec.search_seed)])):
+        for edge, step in ((grid[-1], +1), (grid[0], -1)):
+            extended = sum(lr > max(cell.lrs) for lr in grid) if step > 0 else sum(lr < min(cell.lrs) for lr in grid)
+            nxt = neighbour(best, step)
+            if best == edge and extended < spec.max_extend and nxt is not None:
+                return [PlannedRun(task, cell.method, cell.ratio, nxt, spec.search_seed)]
+    else:
+        return []  # every LR diverged: the cell is reported as diverged
+    return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.seeds if (best, s) not in done]
+
+
+def needed_runs(spec: StudySpec, records: list[RunRecord]) -> list[PlannedRun]:
+    """Every run the study needs next, in spec order (cells x tasks), given the finished records."""
+    finished = [r for r in records if r.status in FINISHED and r.config.get("model") == spec.model
+                and r.config.get("precision", "32") == spec.precision]
+    out: list[PlannedRun] = []
+    for cell in spec.cells:
+        for task in cell.tasks or tuple(spec.protocol):
+            out += _cell_runs(spec, task, cell, finished)
+    return out

@@ -1,0 +1,86 @@
+"""`randmask study`: run a study spec to completion through the runner, exporting as it goes.
+
+The results store is the source of truth: after every run the plan is recomputed from it (the
+seeds to run depend on the LR search), and the study file is re-exported, so a killed study loses
+at most the run in flight and a second worker on the same store takes the runs this one does not
+hold (the runner's leases).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from randmask_lab.experiment.config import RunConfig
+from randmask_lab.experiment.loop import LeaseLost
+from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
+from randmask_lab.experiment.sweep import failed_record
+from randmask_lab.experiment.train import run_training
+from randmask_lab.study.plan import PlannedRun, StudySpec, needed_runs
+from randmask_lab.study.records import export_jsonl
+
+
+def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) -> RunConfig:
+    """The RunConfig of one planned run (spec's protocol and common fields + execution options)."""
+    return RunConfig(model=spec.model, task=run.task, method=run.method, ratio=run.ratio, lr=run.lr,
+                     seed=run.seed, precision=spec.precision, out_dir=out_dir,
+                     **{**spec.common, **spec.protocol[run.task]}, **execution)
+
+
+def _run_one(config: RunConfig, store: ResultStore, owner: str) -> RunRecord | None:
+    """Claim and run one cell; None when another worker holds it (or took it over mid-run)."""
+    claim = store.claim(config.run_id, owner, config.lease_seconds)
+    if claim == "finished":
+        return store.get(config.run_id)
+    if claim == "busy":
+        return None
+    lease = Lease(store, config.run_id, owner, config.lease_seconds)
+    try:
+        return run_training(config, store=store, lease=lease)
+    except LeaseLost:
+        return None
+    except Exception as e:  # noqa: BLE001 - a broken run is recorded as failed; the study goes on
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        record = failed_record(config, e)
+        store.put(record, owner=owner)
+        return record
+    finally:
+        lease.release()
+
+
+def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, max_runs: int | None = None,
+              execution: dict | None = None, say: Callable[[str], None] = print, wait_seconds: float = 30.0) -> int:
+    """Run what the plan needs until nothing is left (or ``max_runs``); return how many ran here.
+
+    A run that fails here is recorded as failed and not retried by this call (run the command
+    again to retry it), so one broken cell cannot loop forever.
+    """
+    store = ResultStore(store_file(None, out_dir))
+    owner, ran, failed = new_owner(), 0, set()
+    while max_runs is None or ran < max_runs:
+        needs = [n for n in needed_runs(spec, store.records())
+                 if run_config(spec, n, out_dir, execution or {}).run_id not in failed]
+        if not needs:
+            say(f"study {spec.name}: nothing left to run ({len(store)} records; {len(failed)} failed here)")
+            break
+        progressed = False
+        for need in needs:
+            config = run_config(spec, need, out_dir, execution or {})
+            record = _run_one(config, store, owner)
+            if record is None:
+                continue  # another worker runs it
+            ran, progressed = ran + 1, True
+            if record.status == "failed":
+                failed.add(config.run_id)
+            say(f"{record.status}: {need.task} {need.method} {need.ratio or ''} lr={need.lr:g} seed={need.seed} "
+                f"test={record.test_metric}")
+            if export:
+                export_jsonl(store.records(), export)
+            break  # re-plan: the LR search decides which runs come next
+        if not progressed:
+            say(f"every planned run is held by another worker; waiting {wait_seconds:.0f} s")
+            time.sleep(wait_seconds)
+    return ran

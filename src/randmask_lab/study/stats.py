@@ -1,0 +1,61 @@
+"""Intervals over seeds, and differences paired by seed.
+
+Why a t interval over seeds: a seed is one whole training run (its own data sample, mask and
+order), and the spread the paper's claims depend on is the spread between such runs. The records
+keep each run's test metric, not per-example predictions, so a bootstrap over seeds x examples is
+not available; with 3 seeds the t interval is wide, and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scipy.stats import t as student_t
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over n seeds, its sample std, and a two-sided t interval (None when n < 2)."""
+
+    mean: float
+    std: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+    def text(self, scale: float = 100.0, digits: int = 1) -> str:
+        """e.g. ``86.1 ± 0.8 [84.2, 88.0]`` (metric x100 by default)."""
+        f = lambda v: f"{scale * v:.{digits}f}"
+        if self.std is None:
+            return f"{f(self.mean)} (n=1)"
+        return f"{f(self.mean)} ± {f(self.std)} [{f(self.low)}, {f(self.high)}]"
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> Estimate:
+    """Mean and the ``level`` t interval of ``values`` (one per seed)."""
+    if not values:
+        raise ValueError("no values to summarise")
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return Estimate(mean, None, None, None, n)
+    std = statistics.stdev(values)
+    half = student_t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return Estimate(mean, std, mean - half, mean + half, n)
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> Estimate:
+    """``a - b`` over the seeds both have (dicts seed -> value), with a t interval of the differences."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise ValueError("the two sides share no seed; a paired difference needs the same seeds")
+    return mean_interval([a[s] - b[s] for s in seeds], level)
+
+
+def average_by_seed(per_task: Mapping[str, Mapping[int, float]]) -> dict[int, float]:
+    """Per seed, the mean over tasks; only seeds present in every task (so the average is paired)."""
+    seeds = set.intersection(*(set(v) for v in per_task.values())) if per_task else set()
+    return {s: statistics.fmean(v[s] for v in per_task.values()) for s in sorted(seeds)}

@@ -1,0 +1,129 @@
+"""The study's Markdown tables: mean ± std [95% t interval] over seeds, and paired differences."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from randmask_lab.experiment.report import TASK_LABELS
+from randmask_lab.study.cells import CellKey, StudyCell
+from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference
+
+METHOD_ORDER = ("zeroshot", "full", "lora", "adalora", "adapter", "bitfit", "prefix", "randmask", "structured")
+# The differences the study reports: (left, right) method labels, left - right, paired by seed.
+DIFFERENCES = (("randmask 1e-03", "lora"), ("randmask 1e-03", "full"), ("randmask 1e-04", "lora"),
+               ("randmask 1e-05", "lora"), ("randmask 1e-04", "structured 1e-04"),
+               ("randmask 1e-05", "structured 1e-05"))
+
+
+def task_order(task: str) -> int:
+    order = list(TASK_LABELS)
+    return order.index(task) if task in order else len(order)
+
+
+def method_order(label: str) -> tuple[int, float]:
+    method, _, budget = label.partition(" ")
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    try:
+        return rank, -float(budget)
+    except ValueError:
+        return rank, 0.0
+
+
+def by_model(cells: dict[CellKey, StudyCell]) -> dict[str, dict[str, dict[str, StudyCell]]]:
+    """model -> method label -> column -> cell. A column is a task, or "task [protocol]" when a task
+    ran under more than one protocol (runs are only compared within one protocol)."""
+    protocols: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for model, protocol, task, _ in cells:
+        protocols[(model, task)].add(protocol)
+    out: dict[str, dict[str, dict[str, StudyCell]]] = defaultdict(lambda: defaultdict(dict))
+    for (model, protocol, task, label), cell in cells.items():
+        column = task if len(protocols[(model, task)]) == 1 else f"{task} [{protocol}]"
+        out[model][label][column] = cell
+    return out
+
+
+def _column_order(column: str) -> tuple[int, str]:
+    return task_order(column.split(" [")[0]), column
+
+
+def _column_label(column: str) -> str:
+    task, _, rest = column.partition(" [")
+    return TASK_LABELS.get(task, task) + (f" [{rest}" if rest else "")
+
+
+def _cell_text(cell: StudyCell | None) -> str:
+    if cell is None:
+        return "-"
+    if not cell.tests:
+        return "diverged"
+    text = mean_interval(list(cell.tests.values())).text()
+    if cell.lr is not None:
+        text += f" @{cell.lr:.0e}" + ("†" if cell.at_grid_edge else "")
+    return text
+
+
+def _columns(rows: dict[str, dict[str, StudyCell]]) -> list[str]:
+    return sorted({t for per_task in rows.values() for t in per_task}, key=_column_order)
+
+
+def results_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str:
+    """One table: rows method/budget, columns tasks and the task average (paired by seed)."""
+    tasks = _columns(rows)
+    head = ["Method", *map(_column_label, tasks), "Avg"]
+    lines = [f"### {model}", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label in sorted(rows, key=method_order):
+        per_task = rows[label]
+        texts = [_cell_text(per_task.get(t)) for t in tasks]
+        complete = all(t in per_task and per_task[t].tests for t in tasks)
+        seeds = average_by_seed({t: per_task[t].tests for t in tasks}) if complete else {}
+        texts.append(mean_interval(list(seeds.values())).text() if seeds else "-")
+        lines.append("| " + " | ".join([label, *texts]) + " |")
+    protocols = {}
+    for per_task in rows.values():
+        for column, cell in per_task.items():
+            protocols[column] = cell.key[1]
+    lines += ["", "Protocols: " + "; ".join(f"{_column_label(c)}: {protocols[c]}" for c in tasks) + "."]
+    return "\n".join(lines)
+
+
+def difference_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str | None:
+    """left - right per task and on the average, paired by seed, with t intervals (points)."""
+    tasks = _columns(rows)
+    lines = []
+    for left, right in DIFFERENCES:
+        if left not in rows or right not in rows:
+            continue
+        texts = []
+        for t in tasks:
+            a, b = rows[left].get(t), rows[right].get(t)
+            shared = a is not None and b is not None and set(a.tests) & set(b.tests)
+            texts.append(paired_difference(a.tests, b.tests).text() if shared else "-")
+        both = [t for t in tasks if t in rows[left] and t in rows[right]]
+        avg_a = average_by_seed({t: rows[left][t].tests for t in both})
+        avg_b = average_by_seed({t: rows[right][t].tests for t in both})
+        texts.append(paired_difference(avg_a, avg_b).text() if set(avg_a) & set(avg_b) else "-")
+        lines.append("| " + " | ".join([f"{left} − {right}", *texts]) + " |")
+    if not lines:
+        return None
+    head = ["Difference (points)", *map(_column_label, tasks), "Avg"]
+    return "\n".join([f"#### Paired differences — {model}", "", "| " + " | ".join(head) + " |",
+                      "|---" * len(head) + "|", *lines])
+
+
+NOTE = ("Cells: test metric ×100 as mean ± std over seeds [95% t interval over seeds] @ the chosen LR (by mean "
+        "validation loss over the LR-search seeds; † = at the edge of the LR grid). Differences are paired by "
+        "seed (same data sample, mask and order seeds), with a t interval of the per-seed differences; the "
+        "average is taken per seed over the tasks that both sides have.")
+
+
+def study_tables(cells: dict[CellKey, StudyCell]) -> str:
+    """Every results table and difference table of the study, Markdown."""
+    if not cells:
+        return "No finished runs."
+    parts: list[str] = []
+    for model, rows in sorted(by_model(cells).items()):
+        parts.append(results_table(model, rows))
+        diff = difference_table(model, rows)
+        if diff:
+            parts.append(diff)
+    return "\n\n".join(parts) + "\n\n" + NOTE

@@ -1,0 +1,107 @@
+"""The study plan: LR search on one seed, grid-edge extension, then the other seeds at the chosen LR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.record import RunRecord
+from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs, neighbour
+
+PROTOCOL = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}
+
+
+def spec(**kw) -> StudySpec:
+    cells = kw.pop("cells", [CellSpec("randmask", (1e-2, 3e-2, 1e-1), 1e-4)])
+    return StudySpec("t", "tiny", "bf16-true", PROTOCOL, cells, **kw)
+
+
+def done(lr: float, seed: int, val: float, method: str = "randmask", ratio: float | None = 1e-4,
+         status: str = "done", **config) -> RunRecord:
+    cfg = {"model": "tiny", "task": "sst2", "method": method, "ratio": ratio, "lr": lr, "seed": seed,
+           "precision": "bf16-true", **PROTOCOL["sst2"], **config}
+    return RunRecord(f"{lr}-{seed}-{method}", cfg, status, "accuracy", val_loss=val, test_metric=0.5)
+
+
+def test_ladder_is_exact_decimals() -> None:
+    assert neighbour(1e-2, +1) == 3e-2 and neighbour(3e-2, +1) == 1e-1 and neighbour(1e-2, -1) == 3e-3
+
+
+def test_search_then_seeds() -> None:
+    s = spec()
+    assert [(n.lr, n.seed) for n in needed_runs(s, [])] == [(1e-2, 0), (3e-2, 0), (1e-1, 0)]
+    runs = [done(1e-2, 0, 0.9), done(3e-2, 0, 0.5), done(1e-1, 0, 0.7)]
+    assert [(n.lr, n.seed) for n in needed_runs(s, runs)] == [(3e-2, 1), (3e-2, 2)]
+    runs += [done(3e-2, 1, 0.6), done(3e-2, 2, 0.4)]
+    assert needed_runs(s, runs) == []
+
+
+def test_an_optimum_at_the_edge_extends_the_grid_up_to_max_extend() -> None:
+    s = spec(max_extend=1)
+    runs = [done(1e-2, 0, 0.9), done(3e-2, 0, 0.7), done(1e-1, 0, 0.5)]
+    assert [(n.lr, n.seed) for n in needed_runs(s, runs)] == [(3e-1, 0)]
+    runs.append(done(3e-1, 0, 0.4))  # still at the edge, but the one extension is spent
+    assert [(n.lr, n.seed) for n in needed_runs(s, runs)] == [(3e-1, 1), (3e-1, 2)]
+
+
+def test_other_protocols_precisions_and_failures_do_not_count() -> None:
+    s = spec()
+    runs = [done(1e-2, 0, 0.9, n_train=999), done(3e-2, 0, 0.5, precision="32"),
+            done(1e-1, 0, 0.7, status="failed")]
+    assert len(needed_runs(s, runs)) == 3
+
+
+def test_all_diverged_cells_plan_nothing_more() -> None:
+    runs = [done(lr, 0, float("nan"), status="diverged") for lr in (1e-2, 3e-2, 1e-1)]
+    assert needed_runs(spec(), runs) == []
+
+
+def test_zeroshot_runs_once_per_seed() -> None:
+    s = spec(cells=[CellSpec("zeroshot")])
+    assert [(n.method, n.seed) for n in needed_runs(s, [])] == [("zeroshot", 0), ("zeroshot", 1), ("zeroshot", 2)]
+
+
+def test_spec_file_errors_are_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"name": "x", "model": "m", "precision": "32", "protocol": {},
+                                "cells": [{"method": "lora"}]}))
+    with pytest.raises(RunError, match="has no lrs"):
+        StudySpec.from_file(path)
+    path.write_text("{")
+    with pytest.raises(RunError, match="JSONDecodeError"):
+        StudySpec.from_file(path)
+    real = StudySpec.from_file(Path(__file__).resolve().parents[3] / "experiments" / "smollm2_study.json")
+    assert len(real.cells) == 8 and set(real.protocol) == {"sst2", "rte", "cb", "boolq"}
+
+
+def test_a_tiny_study_runs_to_completion_and_exports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """End to end on a tiny Llama and the real RTE files: search, extension, seeds, export, report --from."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiment"))
+    from tests.conftest import DATA_DIR
+    from tiny import make_tiny_lm
+
+    from randmask_lab.cli import main
+
+    if not (DATA_DIR / "superglue" / "RTE").is_dir():
+        pytest.skip("no ../shared/data")
+    model = make_tiny_lm(tmp_path / "model")
+    study = {"name": "tiny", "model": str(model), "precision": "32", "seeds": [0, 1], "max_extend": 1,
+             "common": {"batch_size": 4, "max_length": 64, "mode": "lm"},
+             "protocol": {"rte": {"n_train": 8, "n_val": 4, "n_test": 4, "epochs": 1}},
+             "cells": [{"method": "randmask", "ratio": 1e-2, "lrs": [1e-2, 1e-1]}]}
+    (tmp_path / "s.json").write_text(json.dumps(study))
+    out = tmp_path / "runs"
+    export = tmp_path / "study.jsonl"
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out), "--plan"]) == 0
+    assert "2 runs planned next" in capsys.readouterr().out
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out), "--export", str(export)]) == 0
+    assert "nothing left to run" in capsys.readouterr().out
+    lines = export.read_text().splitlines()
+    assert 3 <= len(lines) <= 4  # 2 search LRs (+1 if the optimum was at an edge) + seed 1 at the chosen LR
+    assert main(["report", "--from", str(export)]) == 0
+    assert "| randmask 1e-02 |" in capsys.readouterr().out

@@ -1,0 +1,112 @@
+"""Study files, intervals, paired differences, tables, figures and verdicts, on records built here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats as scipy_stats
+
+from randmask_lab.cli import main
+from randmask_lab.errors import StoreError
+from randmask_lab.experiment.record import RunRecord
+from randmask_lab.study.cells import study_cells
+from randmask_lab.study.findings import FAILS, HOLDS, UNSURE, finding_a, finding_b, finding_e
+from randmask_lab.study.records import export_jsonl, read_jsonl
+from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference
+
+PROTOCOL = {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2, "batch_size": 8, "mode": "lm"}
+
+
+def record(task: str, method: str, lr: float, seed: int, test: float, val: float, ratio: float | None = None,
+           status: str = "done") -> RunRecord:
+    config = {"model": "tiny", "task": task, "method": method, "ratio": ratio, "density": None, "lr": lr,
+              "seed": seed, **PROTOCOL}
+    return RunRecord(run_id=f"{task}-{method}-{ratio}-{lr}-{seed}", config=config, status=status, metric="accuracy",
+                     val_loss=val if status == "done" else None, test_metric=test if status == "done" else None)
+
+
+def study(lora_shift: float = 0.0) -> list[RunRecord]:
+    """Two tasks; LR search on seed 0, seeds 1 and 2 at the chosen LR."""
+    records = []
+    for t, task in enumerate(("sst2", "rte")):
+        for method, ratio, grid, best in (("lora", None, (1e-4, 1e-3, 3e-3), 1e-3),
+                                          ("randmask", 1e-3, (1e-3, 1e-2, 3e-2), 1e-2),
+                                          ("randmask", 1e-4, (1e-2, 3e-2, 1e-1), 3e-2),
+                                          ("randmask", 1e-5, (3e-2, 1e-1, 3e-1), 1e-1),
+                                          ("structured", 1e-4, (1e-2, 3e-2, 1e-1), 3e-2)):
+            base = 0.80 - 0.1 * t + (lora_shift if method == "lora" else 0) - (0.05 if method == "structured" else 0)
+            for lr in grid:
+                gap = abs(math.log10(lr / best))
+                records.append(record(task, method, lr, 0, base - gap / 10, 0.5 + gap, ratio))
+            for seed in (1, 2):
+                records.append(record(task, method, best, seed, base + 0.002 * seed, 0.5 + 0.01 * seed, ratio))
+    return records
+
+
+def test_t_interval_matches_scipy() -> None:
+    values = [0.81, 0.84, 0.79]
+    est = mean_interval(values)
+    low, high = scipy_stats.t.interval(0.95, 2, loc=est.mean, scale=scipy_stats.sem(values))
+    assert est.low == pytest.approx(low) and est.high == pytest.approx(high)
+    assert mean_interval([0.5]).low is None
+
+
+def test_paired_difference_uses_shared_seeds_only() -> None:
+    diff = paired_difference({0: 0.9, 1: 0.8, 2: 0.7}, {0: 0.8, 1: 0.7, 5: 0.1})
+    assert diff.n == 2 and diff.mean == pytest.approx(0.1) and diff.std == pytest.approx(0.0)
+    assert average_by_seed({"a": {0: 1.0, 1: 0.0}, "b": {0: 0.0}}) == {0: 0.5}
+
+
+def test_lr_is_chosen_on_the_search_seed_and_extra_seeds_do_not_move_it() -> None:
+    cells = study_cells(study())
+    cell = next(c for k, c in cells.items() if k[2] == "sst2" and k[3] == "randmask 1e-04")
+    assert cell.lr == 3e-2 and set(cell.tests) == {0, 1, 2} and cell.at_grid_edge is None
+    edge = next(c for k, c in cells.items() if k[2] == "sst2" and k[3] == "randmask 1e-05")
+    assert edge.lr == 1e-1 and edge.at_grid_edge is None
+
+
+def test_diverged_lrs_are_never_chosen() -> None:
+    runs = [record("sst2", "lora", 1e-3, 0, 0.8, 0.4), record("sst2", "lora", 1e-2, 0, 0.0, 0.0, status="diverged")]
+    (cell,) = study_cells(runs).values()
+    assert cell.lr == 1e-3
+
+
+def test_jsonl_round_trip_and_damage(tmp_path: Path) -> None:
+    path = tmp_path / "study.jsonl"
+    assert export_jsonl(study(), path) == len(study())
+    assert [r.to_dict() for r in read_jsonl(path)] == sorted((r.to_dict() for r in study()), key=lambda d: d["run_id"])
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(StoreError, match=r"study.jsonl:\d+ is not a JSON line"):
+        read_jsonl(path)
+    path.write_text(json.dumps({"run_id": "x"}) + "\n")
+    with pytest.raises(StoreError, match="not a run record"):
+        read_jsonl(path)
+
+
+def test_findings_follow_the_data() -> None:
+    cells = list(study_cells(study(lora_shift=0.0)).values())
+    assert finding_b(cells).verdict == HOLDS
+    assert finding_e(cells).verdict == HOLDS  # structured is 5 points worse on every seed
+    assert finding_a(cells).verdict == UNSURE  # no full FT cell
+    worse = list(study_cells(study(lora_shift=0.05)).values())
+    a = finding_a(worse)
+    assert a.evidence[0].startswith("randmask 1e-03 − lora") and "DOES NOT HOLD" in a.evidence[0]
+    assert a.verdict == FAILS
+
+
+def test_report_from_and_findings_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "study.jsonl"
+    export_jsonl(study(), path)
+    assert main(["report", "--from", str(path), "--figures", str(tmp_path / "fig")]) == 0
+    out = capsys.readouterr().out
+    assert "| randmask 1e-03 |" in out and "[" in out and "randmask 1e-03 − lora" in out
+    assert (tmp_path / "fig" / "tiny_lr_curves.png").stat().st_size > 0
+    assert (tmp_path / "fig" / "tiny_structured.png").stat().st_size > 0
+    assert main(["findings", "--from", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "(b) the best LR rises monotonically as the ratio falls: HOLDS" in out
+    assert "(c)" in out and "INCONCLUSIVE" in out
+    assert main(["findings", "--from", str(tmp_path / "missing.jsonl")]) == 2
