@@ -10,16 +10,16 @@ from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern, dense_reference_linear, masked_linear, scatter_delta
 
 
-@pytest.fixture(params=["gather", "sampled", "dense"])
+@pytest.fixture(params=["gather", "compact", "compact-all", "dense"])
 def path(request, monkeypatch):
-    """Force each weight-gradient path of ``ops.sddmm``."""
+    """Force each weight-gradient path of ``ops.sddmm`` (compact: touched rows/columns only; -all: every one)."""
     if request.param == "gather":
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", 10**9)
         monkeypatch.setattr(ops, "GATHER_CHUNK_ELEMENTS", 7)  # several token chunks
     else:
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", -1)
-        monkeypatch.setattr(ops, "GATHER_MAX_DENSITY", -1.0)
-        monkeypatch.setattr(ops, "DENSE_GRAD_CROSSOVER", 2.0 if request.param == "sampled" else -1.0)
+        monkeypatch.setattr(ops, "DENSE_GRAD_CROSSOVER", -1.0 if request.param == "dense" else 2.0)
+        monkeypatch.setattr(ops, "COMPACT_MAX_FRACTION", 1.0 if request.param == "compact" else -1.0)
     return request.param
 
 
