@@ -27,7 +27,8 @@ def test_import_randmask_loads_only_torch_and_safetensors() -> None:
     assert new == "[]"
     code = ("import randmask, sys; print(sorted(m for m in ('transformers', 'peft', 'matplotlib', 'datasets', "
             "'randmask_lab') if m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def test_no_private_names_cross_modules() -> None:

@@ -243,11 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except ModuleNotFoundError as e:
-            if (e.name or "").split(".")[0] not in OPTIONAL_PACKAGES:
+            package = (e.name or "").split(".")[0]
+            if package not in OPTIONAL_PACKAGES:
                 raise
-            raise MissingPackageError(
-                f"`randmask {args.command}` needs the package {e.name!r}, which is not installed: "
-                "pip install 'randmask[lab]' (or pip install " + e.name.split(".")[0] + ")") from e
+            raise MissingPackageError(f"`randmask {args.command}` needs the package {package!r}, which is not "
+                                      f"installed: pip install 'randmask[lab]' (or pip install {package})") from e
     except USER_ERRORS as e:
         if os.environ.get("RANDMASK_DEBUG"):
             raise

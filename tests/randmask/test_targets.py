@@ -3,10 +3,10 @@
 import dataclasses
 
 import pytest
+from tests.conftest import TINY_ARCHS, tiny_model
 
 from randmask import MaskingError, architecture_targets, default_targets, resolve_targets
 from randmask.targets import ARCHITECTURES, TARGET_SETS, ArchitectureTargets
-from tests.conftest import TINY_ARCHS, tiny_model
 
 QV = {"opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn[q,v]"],
       "bert": ["query", "value"]}

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from experiment.tiny import make_tiny_lm
+
 from randmask_lab.cli import main
 
 
@@ -102,3 +102,23 @@ def test_sweep_runs_the_grid_and_prints_the_table(capsys, tmp_path, tiny):
         mp.setenv("RANK", "1")
         assert main(argv) == 0
     assert capsys.readouterr().out == ""
+
+
+def test_a_verb_whose_package_is_missing_names_it(capsys, tmp_path, monkeypatch):
+    """`randmask theory` without matplotlib: one line naming the package and the extra, exit 2."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.delitem(sys.modules, "randmask_lab.theory.plots", raising=False)
+    err = _fails(capsys, "theory", "--out", str(tmp_path), "--n", "4", "--d", "16", "--p-values", "0.5",
+                 "--seeds", "0", "--gd-steps", "10", "--noise-draws", "2")
+    assert "'matplotlib'" in err and "randmask[lab]" in err
+
+
+def test_every_verb_is_registered():
+    from randmask_lab.cli import build_parser
+
+    verbs = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"train", "sweep", "report", "main", "list", "theory", "hessian", "distance", "suggest-lr", "figure4",
+            "curves", "calibrate-lr"} <= verbs

@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from randmask import MaskingConfig, apply_masking, masked_layers
-from randmask_lab.analysis import HessianVectorProduct, hessian_top_eigenvalue, hessian_top_eigenvalues
 from randmask.ops import dense_reference_linear
+from randmask_lab.analysis import HessianVectorProduct, hessian_top_eigenvalue, hessian_top_eigenvalues
 
 
 class Net(nn.Module):

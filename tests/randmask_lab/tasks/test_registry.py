@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
+from randmask_lab.errors import DataError
 from randmask_lab.tasks import (
     ENV_VAR,
     TASK_NAMES,
@@ -127,9 +127,11 @@ def test_bad_inputs(tmp_path):
         get_task("cb").read(bad)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_hub_without_datasets_is_a_clear_error():
-    with pytest.raises(ImportError, match="pip install datasets"):
+def test_hub_without_datasets_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"needs the `datasets` package \(pip install 'randmask\[lab\]'\)"):
         load_task_splits("rte", 0, source="hf")
 
 
@@ -174,5 +176,5 @@ def test_hub_path_with_a_stub_datasets_module(monkeypatch):
     s = load_task_splits("rte", 0, n_train=10, n_val=5, source="hf")
     assert (len(s.train), len(s.val), len(s.test)) == (10, 5, 1)
     assert calls[0][:2] == ("aps/super_glue", "rte") and s.origin == "hf:aps/super_glue:rte"
-    with pytest.raises(RuntimeError, match="Could not load 'broken/id'.*no network"):
+    with pytest.raises(DataError, match="Could not load 'broken/id'.*no network"):
         load_task_splits("rte", 0, source="hf:broken/id")
