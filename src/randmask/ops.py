@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Path choice for the weight gradient, from benchmarks/sddmm_crossover.py (CPU, 2 threads, 1024 tokens,
-# OPT-125m shapes; see the table in that script's docstring):
-#   gather:     O(tokens * nnz) temporaries; cheapest only for a few dozen entries.
-#   compact:    copy g and x transposed (tokens last), only the rows/columns the mask touches, in fp32,
-#               then torch.sparse.sampled_addmm, whose CPU kernel is a vectorised dot per kept entry once
-#               both operands are tokens-contiguous (given the raw (T, features) activations it makes
-#               those copies itself, and that was ~83% of its time).
-#   dense:      g^T x then gather, above DENSE_GRAD_CROSSOVER.
+# Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
+# shapes, on a shared machine, so only the larger differences count):
+#   gather:  gathers the kept entries' columns of g and x (O(tokens * nnz) temporaries): as cheap as
+#            anything for a few dozen entries, 5-10x slower than dense g^T x at 1% density.
+#   compact: copies only the touched rows/columns of g and x tokens-last, in fp32, then calls
+#            torch.sparse.sampled_addmm, whose CPU kernel is then a vectorised dot per kept entry
+#            (handed the raw (T, features) activations it makes those transposed copies itself, of
+#            every row and column). 0.1-0.5x dense up to 1% density, beats dense up to 3% everywhere
+#            and up to 10% on two of the three shapes; dense wins at 20%.
+#   dense:   g^T x, then gather the kept entries.
 GATHER_MAX_NNZ = 64
-DENSE_GRAD_CROSSOVER = 0.12
+DENSE_GRAD_CROSSOVER = 0.06
 COMPACT_MAX_FRACTION = 0.8  # gather only the touched rows/columns when at most this fraction is touched
 GATHER_CHUNK_ELEMENTS = 1 << 22  # bound the gather path's (tokens x nnz) temporaries to ~16 MB each
 
