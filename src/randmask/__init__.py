@@ -8,6 +8,9 @@ or the lab). Public API::
 Everything in ``__all__`` is public and stable; so are the names in each submodule's own
 ``__all__`` (``randmask.ops``: the sparse op; ``randmask.targets``: the target tables). The lab
 (``randmask_lab``) uses nothing else.
+
+With peft installed, ``import randmask.peft`` registers randmask as a PEFT method
+(``get_peft_model(model, RandMaskConfig(...))``) and adds SHiRA export/import.
 """
 
 from randmask.config import MaskingConfig, MaskingError

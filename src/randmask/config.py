@@ -24,8 +24,9 @@ class MaskingConfig:
 
     targets: list[str] | str | None = None
     """Modules to mask. A list matches module-name suffixes (``"q_proj"`` matches
-    ``model.layers.0.self_attn.q_proj``); a string is a regex that must match the
-    whole module name. A fused projection can be restricted to column blocks:
+    ``model.layers.0.self_attn.q_proj``); a plain name string (``"q_proj"``) is the
+    same as ``["q_proj"]``; any other string is a regex that must match the whole module name.
+    A fused projection can be restricted to column blocks:
     ``"c_attn[q,v]"`` (GPT-2). ``None`` uses the architecture's default (attention
     query and value projections)."""
 
@@ -76,6 +77,10 @@ class MaskingConfig:
             )
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if isinstance(self.targets, list) and not all(isinstance(t, str) for t in self.targets):
+            raise MaskingError(f"targets={self.targets!r} must hold module-name strings only.")
+        if not isinstance(self.mask_kind, str):
+            raise MaskingError(f"mask_kind={self.mask_kind!r} must be a string such as 'random'.")
         if isinstance(self.targets, list) and not self.targets:
             raise MaskingError("targets is an empty list: name at least one module, or pass None.")
 
@@ -86,6 +91,8 @@ class MaskingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MaskingConfig:
         """Inverse of ``to_dict``; unknown keys are an error (a file from another tool)."""
+        if not isinstance(data, dict):
+            raise MaskingError(f"adapter masking_config is {type(data).__name__}, not an object; re-save the adapter.")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

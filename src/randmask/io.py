@@ -3,6 +3,10 @@
 Indices are not stored for the built-in mask kinds: they are regenerated from the
 seed on load and checked against a checksum, so a file costs ~2 bytes per trained
 entry in bf16 (4 in fp32). Custom kinds store their indices explicitly. No pickles.
+
+Format 2 adds a checksum of the config's own content and, per matrix, a short hash of W0 at
+the kept entries (``randmask.integrity``), so a removed matrix, another checkpoint of the same
+architecture, or a base that already has the delta merged in are refused at load.
 """
 
 from __future__ import annotations
@@ -20,8 +24,17 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.layer import Block, MaskedLayer, is_maskable
-from randmask.masks import indices_checksum
+from randmask.integrity import (
+    CONFIG_CHECKSUM_KEY,
+    base_fingerprint,
+    check_base,
+    check_blocks,
+    check_explicit_indices,
+    check_header,
+    config_checksum,
+)
+from randmask.layer import Block, MaskedLayer, is_conv1d, is_maskable, logical_shape
+from randmask.masks import BUILTIN_KINDS, indices_checksum
 from randmask.model import (
     adapter_meta,
     adapter_names,
@@ -37,14 +50,27 @@ from randmask.version import __version__
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "randmask-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config checksum and per-matrix base fingerprints
+MAX_CONFIG_BYTES = 64 << 20  # ~500 bytes per matrix: far above any real model's config
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one.
+
+    The file gets the permissions a plain ``open(path, "wb")`` would (0666 minus the umask),
+    not mkstemp's 0600.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -89,6 +115,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             "nnz": adapter.nnz,
             "indices_checksum": indices_checksum(adapter.indices),
             "explicit_indices": adapter.explicit_indices,
+            # base_values is pristine W0 at the kept entries (captured before any delta was written).
+            "base_fingerprint": base_fingerprint(adapter.base_values),
         }
     blob = st_save(tensors, metadata={"format": FORMAT})
     config: MaskingConfig = meta["config"]
@@ -105,9 +133,43 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "matrices": matrices,
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
+    header[CONFIG_CHECKSUM_KEY] = config_checksum(header)
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(header, indent=1) + "\n").encode())
     return out
+
+
+def _read_header(cfg_path: Path) -> dict:
+    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise MaskingError(f"{cfg_path} is {cfg_path.stat().st_size:,} bytes; a randmask adapter config is far "
+                           f"smaller (limit {MAX_CONFIG_BYTES:,}). It is not an adapter config.")
+    try:
+        header = json.loads(cfg_path.read_text(), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MaskingError(f"{cfg_path} is not valid JSON ({str(e)[:80]}); the file is corrupt or truncated. "
+                           "Re-save the adapter.") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise MaskingError(f"{cfg_path} is not a randmask adapter config (format != {FORMAT!r}).")
+    version = header.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MaskingError(f"{cfg_path}: format_version {version!r} is not an int; the config is corrupt. "
+                           "Re-save the adapter.")
+    if version > FORMAT_VERSION:
+        raise MaskingError(f"{cfg_path} has format_version {version}; this randmask ({__version__}) reads up "
+                           f"to {FORMAT_VERSION}. Upgrade randmask.")
+    if version < FORMAT_VERSION:
+        raise MaskingError(f"{cfg_path} has format_version {version}, which has no integrity checksum or base "
+                           "fingerprint. Load it with the randmask that wrote it and save it again with "
+                           f"randmask >= {__version__}.")
+    check_header(header, str(cfg_path))
+    if config_checksum(header) != header[CONFIG_CHECKSUM_KEY]:
+        raise MaskingError(f"{cfg_path} does not match its own {CONFIG_CHECKSUM_KEY}: the config was edited or "
+                           "damaged (e.g. a matrix removed). Re-save the adapter.")
+    return header
+
+
+def _no_constant(name: str) -> None:
+    raise MaskingError(f"adapter config holds {name}, which is not JSON; the file was edited. Re-save the adapter.")
 
 
 def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -118,40 +180,78 @@ def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
         if not p.is_file():
             raise MaskingError(f"{p} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
                                "as written by randmask.save_adapter.")
-    try:
-        header = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MaskingError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt or truncated. "
-                           "Re-save the adapter.") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise MaskingError(f"{cfg_path} is not a randmask adapter config (format != {FORMAT!r}).")
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise MaskingError(f"{cfg_path} has format_version {header['format_version']}; this randmask "
-                           f"({__version__}) reads up to {FORMAT_VERSION}. Upgrade randmask.")
+    header = _read_header(cfg_path)
     blob = weights_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != header.get("weights_sha256"):
+    if hashlib.sha256(blob).hexdigest() != header["weights_sha256"]:
         raise MaskingError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file is "
                            "truncated, corrupt, or from another save. Re-save the adapter.")
     try:
         tensors = st_load(blob)
     except (SafetensorError, ValueError) as e:
         raise MaskingError(f"{weights_path} is not a readable safetensors file ({e}).") from None
+    expected = {f"{n}.values" for n in header["matrices"]}
+    expected |= {f"{n}.indices" for n, info in header["matrices"].items() if info["explicit_indices"]}
+    if set(tensors) != expected:
+        raise MaskingError(f"{weights_path} holds tensors {sorted(set(tensors) ^ expected)[:4]} that do not match "
+                           f"the matrices in {CONFIG_NAME}; the files are from different saves. Re-save the adapter.")
     return header, tensors
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
-                 is_trainable: bool = False) -> nn.Module:
+                 is_trainable: bool = False, verify_base: bool = True) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` onto ``model`` (its base model), in place.
 
-    Checks that the file belongs to this base (module names, shapes, parameter count,
-    regenerated-mask checksums). ``is_trainable=True`` makes the values trainable (to
-    resume training); otherwise everything is frozen, as PEFT's ``from_pretrained`` does.
+    Checks, before allocating anything sized by the file, that the file is whole (checksums)
+    and belongs to this base (module names, shapes, parameter count, regenerated-mask
+    checksums), then that W0 at the kept entries matches the saved base fingerprint (another
+    checkpoint, or one with the delta already merged, is refused; ``verify_base=False`` skips
+    only this last check). ``is_trainable=True`` makes the values trainable (to resume
+    training); otherwise everything is frozen, as PEFT's ``from_pretrained`` does.
     """
     header, tensors = read_adapter_files(path)
     config = MaskingConfig.from_dict(header["masking_config"])
     if adapter_name in adapter_names(model):
         raise MaskingError(f"model already has an adapter named {adapter_name!r}; pass another "
                            "adapter_name to load a second adapter, or randmask.unload(model) first.")
+    total = _check_base_model(model, header)
+    explicit = config.mask_kind not in BUILTIN_KINDS
+    modules = dict(model.named_modules())
+    targets, saved_values = [], {}
+    for name, info in header["matrices"].items():
+        module = _saved_module(modules, name, info)
+        check_blocks(name, info, *logical_shape(module))
+        if info["explicit_indices"] != explicit:
+            raise MaskingError(f"{name}: explicit_indices={info['explicit_indices']} contradicts mask_kind "
+                               f"{config.mask_kind!r}; the adapter config was edited. Re-save the adapter.")
+        saved_values[name] = _saved_values(name, tensors[f"{name}.values"], info["nnz"])
+        targets.append(Target(name, module, [(b[0], b[1], b[2]) for b in info["blocks"]]))
+
+    # The saved matrices in saved order are apply_masking's targets: the same budget call gives
+    # the same floats, hence the same regenerated masks.
+    has_budget = config.density is not None or config.trainable_ratio is not None
+    densities = block_densities(config, total, targets) if has_budget and not explicit else [None] * len(targets)
+    masks = []
+    for target, target_densities in zip(targets, densities):
+        info = header["matrices"][target.name]
+        if explicit:
+            indices = check_explicit_indices(target.name, tensors[f"{target.name}.indices"], info,
+                                             logical_shape(target.module), is_conv1d(target.module))
+        else:  # bounded: check_blocks tied every block to a real (rows x in) range of this model
+            indices, _ = draw_mask(target, target_densities, config)
+        if indices_checksum(indices) != info["indices_checksum"]:
+            raise MaskingError(f"{target.name}: the mask regenerated from seed {config.seed} does not match the "
+                               "saved checksum: the adapter was saved from another base model or "
+                               "randmask version, or its config was edited.")
+        if verify_base:
+            check_base(target.name, _pristine_entries(modules[target.name], indices), info["base_fingerprint"])
+        masks.append((target, indices, [Block(*b) for b in info["blocks"]]))
+    attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
+                   trainable=is_trainable)
+    return model
+
+
+def _check_base_model(model: nn.Module, header: dict) -> int:
+    """Same model_type and parameter count as at save; returns the parameter count."""
     saved_type = header["base_model"].get("model_type")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if saved_type and model_type and saved_type != model_type:
@@ -161,43 +261,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if total != header["total_params"]:
         raise MaskingError(f"adapter was saved from a base model with {header['total_params']:,} parameters; "
                            f"this model has {total:,}. Load it onto the base model it was trained from.")
-    modules = dict(model.named_modules())
-    targets, saved_values = [], {}
-    for name, info in header["matrices"].items():
-        module = modules.get(name)
-        module = module.base_layer if isinstance(module, MaskedLayer) else module
-        if module is None or not is_maskable(module):
-            raise MaskingError(f"adapter matrix {name!r} is not a Linear/Conv1D module of this model; the "
-                               "adapter was saved from another base model (module names differ).")
-        if list(module.weight.shape) != info["stored_shape"]:
-            raise MaskingError(f"{name}: adapter shape {info['stored_shape']} != model weight shape "
-                               f"{list(module.weight.shape)}; the adapter was saved from another base model.")
-        values = tensors.get(f"{name}.values")
-        if values is None or values.ndim != 1 or values.numel() != info["nnz"]:
-            raise MaskingError(f"{name}: values missing or of the wrong length in {WEIGHTS_NAME}; the file "
-                               "is corrupt. Re-save the adapter.")
-        if not torch.isfinite(values).all():
-            raise MaskingError(f"{name}: adapter values are not finite (NaN/inf); refusing to load.")
-        targets.append(Target(name, module, [(b[0], b[1], b[2]) for b in info["blocks"]]))
-        saved_values[name] = values
+    return total
 
-    # The saved matrices in saved order are apply_masking's targets: the same budget call gives
-    # the same floats, hence the same regenerated masks.
-    has_budget = config.density is not None or config.trainable_ratio is not None
-    densities = block_densities(config, total, targets) if has_budget else [None] * len(targets)
-    masks = []
-    for target, target_densities in zip(targets, densities):
-        info = header["matrices"][target.name]
-        if info["explicit_indices"]:
-            indices = tensors[f"{target.name}.indices"]
-        else:
-            indices, _ = draw_mask(target, target_densities, config)
-        if indices_checksum(indices) != info["indices_checksum"]:
-            raise MaskingError(f"{target.name}: the mask regenerated from seed {config.seed} does not match the "
-                               "saved checksum: the adapter was saved from another base model or "
-                               "randmask version, or its config was edited.")
-        masks.append((target, indices, [Block(*b) for b in info["blocks"]]))
-    explicit = any(bool(info["explicit_indices"]) for info in header["matrices"].values())
-    attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
-                   trainable=is_trainable)
-    return model
+
+def _saved_module(modules: dict[str, nn.Module], name: str, info: dict) -> nn.Module:
+    """The Linear/Conv1D that adapter matrix ``name`` belongs to, with the saved shape and layout."""
+    module = modules.get(name)
+    module = module.base_layer if isinstance(module, MaskedLayer) else module
+    if module is None or not is_maskable(module):
+        raise MaskingError(f"adapter matrix {name!r} is not a Linear/Conv1D module of this model; the "
+                           "adapter was saved from another base model (module names differ).")
+    if list(module.weight.shape) != info["stored_shape"] or is_conv1d(module) != info["transposed"]:
+        raise MaskingError(f"{name}: adapter shape {info['stored_shape']} (transposed={info['transposed']}) != "
+                           f"model weight shape {list(module.weight.shape)}; the adapter was saved from another "
+                           "base model.")
+    return module
+
+
+def _saved_values(name: str, values: torch.Tensor, nnz: int) -> torch.Tensor:
+    if not values.is_floating_point() or values.ndim != 1 or values.numel() != nnz:
+        raise MaskingError(f"{name}: values must be {nnz} floats in {WEIGHTS_NAME}; got {values.dtype} of shape "
+                           f"{tuple(values.shape)}. The file is corrupt: re-save the adapter.")
+    if not torch.isfinite(values).all():
+        raise MaskingError(f"{name}: adapter values are not finite (NaN/inf); refusing to load.")
+    return values
+
+
+def _pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """W0 at ``indices``: a masked layer first writes its pristine weights back, then its delta again."""
+    if isinstance(module, MaskedLayer):
+        module.restore_base()
+        entries = module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+        module.sync()
+        return entries
+    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)]

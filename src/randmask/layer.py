@@ -9,6 +9,7 @@ user, and the forward itself is the unmodified dense layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,18 @@ class MaskAdapter(nn.Module):
     def target_entries(self, weight_dtype: torch.dtype) -> torch.Tensor:
         """W0 (+) values in the weight dtype: what the weight holds at the kept entries."""
         return self.base_values.to(weight_dtype) + self.values.detach().to(weight_dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
+        # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
+        # AdamW's update then underflows (NaN at LR 1e-3 in fp16). Follow device moves and fp64,
+        # keep everything else fp32; base_values and the weight do take the new dtype.
+        master = self.values.data
+        out = super()._apply(fn, recurse)
+        if self.values.dtype in (torch.float16, torch.bfloat16):
+            self.values.data = master.to(device=self.values.device, dtype=torch.float32)
+            if self.values.grad is not None:
+                self.values.grad = self.values.grad.float()
+        return out
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, nnz={self.nnz}, shape={self.stored_shape}"

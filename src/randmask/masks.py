@@ -135,14 +135,19 @@ def _choose_distinct(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.sort(picked[:k]).values
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 of a tensor's raw little-endian bytes (dtype and values, not shape)."""
+    flat = tensor.detach().to("cpu").reshape(-1).contiguous()
+    # safetensors writes tensor data little-endian after an 8-byte header length and the JSON
+    # header: slicing those off gives the raw bytes without needing numpy.
+    blob = st_save({"t": flat})
+    header_len = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + header_len:]).hexdigest()
+
+
 def indices_checksum(indices: torch.Tensor) -> str:
     """Hex SHA-256 (first 16 chars) of little-endian int64 flat indices."""
-    flat = indices.detach().to("cpu", torch.int64).reshape(-1).contiguous()
-    # safetensors writes tensor data little-endian after an 8-byte header length and the JSON
-    # header: slicing those off gives the raw "<i8" bytes without needing numpy.
-    blob = st_save({"i": flat})
-    header_len = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(blob[8 + header_len:]).hexdigest()[:16]
+    return tensor_sha256(indices.detach().to(torch.int64))[:16]
 
 
 def per_matrix_density(trainable_ratio: float, total_params: int, matrix_sizes: list[int]) -> list[float]:
@@ -182,4 +187,5 @@ __all__ = [
     "mask_kinds",
     "per_matrix_density",
     "register_mask_kind",
+    "tensor_sha256",
 ]

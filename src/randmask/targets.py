@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from randmask.config import MaskingError
-from randmask.layer import MaskedLayer, is_maskable, logical_shape
+from randmask.layer import is_maskable, logical_shape
 
 _BLOCK_SPEC = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<blocks>[a-z_,\s]+)\]$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -166,13 +166,19 @@ def candidate_names(model: nn.Module, limit: int = 30) -> list[str]:
     return names[:limit] + (["..."] if len(names) > limit else [])
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module a MaskedLayer or a PEFT tuner layer (both keep it as ``base_layer``) wraps."""
+    inner = getattr(module, "base_layer", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
 def _maskable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, MaskedLayer):
-            found.append((name, module.base_layer))
-        elif is_maskable(module) and not _inside_wrapper(name):
-            found.append((name, module))
+        if _inside_wrapper(name):
+            continue
+        if is_maskable(_unwrap(module)):
+            found.append((name, _unwrap(module)))
     return found
 
 
@@ -273,7 +279,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None) ->
     for name, module in model.named_modules():
         if name not in wanted:
             continue
-        inner = module.base_layer if isinstance(module, MaskedLayer) else module
+        inner = _unwrap(module)
         if not is_maskable(inner):
             raise MaskingError(
                 f"target {name!r} is a {type(inner).__name__}; randmask adapts torch.nn.Linear and "

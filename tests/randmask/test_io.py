@@ -12,6 +12,7 @@ import torch
 from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
 
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, save_adapter
+from randmask.integrity import config_checksum
 from randmask.io import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -47,7 +48,7 @@ def test_round_trip_in_a_fresh_process(tmp_path):
     save_adapter(model, tmp_path / "adapter")
     code = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(REPO_ROOT)!r})
+        sys.path[:0] = [{str(REPO_ROOT / "src")!r}, {str(REPO_ROOT)!r}]
         from tests.conftest import tiny_model, tiny_inputs, model_output
         from randmask import load_adapter
         model = load_adapter(tiny_model("llama"), {str(tmp_path / "adapter")!r})
@@ -102,18 +103,23 @@ def test_another_base_model_is_rejected(tmp_path):
 def _edit_header(tmp_path, fn):
     header = json.loads((tmp_path / CONFIG_NAME).read_text())
     fn(header)
+    header["config_sha256"] = config_checksum(header)  # a careful hand edit reseals the config
     (tmp_path / CONFIG_NAME).write_text(json.dumps(header))
 
 
 def test_seed_or_name_edits_are_detected(tmp_path):
     save_adapter(_trained("opt"), tmp_path)
+    original = (tmp_path / CONFIG_NAME).read_text()
+    (tmp_path / CONFIG_NAME).write_text(original.replace('"seed": 0', '"seed": 99'))
+    with pytest.raises(MaskingError, match="does not match its own config_sha256"):
+        load_adapter(tiny_model("opt"), tmp_path)
     _edit_header(tmp_path, lambda h: h["masking_config"].update(seed=99))
     with pytest.raises(MaskingError, match="does not match the saved checksum"):
         load_adapter(tiny_model("opt"), tmp_path)
     _edit_header(tmp_path, lambda h: h["masking_config"].update(seed=0))
     _edit_header(tmp_path, lambda h: h.update(matrices={k.replace("layers.0", "layers.9"): v
                                                        for k, v in h["matrices"].items()}))
-    with pytest.raises(MaskingError, match="not a Linear/Conv1D module"):
+    with pytest.raises(MaskingError, match="do not match the matrices|not a Linear/Conv1D module"):
         load_adapter(tiny_model("opt"), tmp_path)
 
 

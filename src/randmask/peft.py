@@ -1,0 +1,232 @@
+"""randmask as a registered PEFT method: ``get_peft_model(model, RandMaskConfig(...))``.
+
+Importing this module imports ``peft`` (``import randmask`` never does) and registers the
+method under the PEFT type ``"RANDMASK"``. Then the whole PEFT surface works:
+``save_pretrained`` / ``PeftModel.from_pretrained`` (after ``import randmask.peft``),
+``merge_and_unload``, ``disable_adapter``, named adapters, HF ``Trainer`` and TRL.
+
+How it registers: ``peft.utils.register_peft_method`` refuses names outside its ``PeftType``
+enum, and an external package cannot add enum members cleanly. But ``PeftType`` is a ``str``
+enum and every lookup (``PEFT_TYPE_TO_CONFIG_MAPPING[config.peft_type]`` and the tuner and
+prefix mappings) is a plain dict keyed by it, so the plain string ``"RANDMASK"`` is a valid
+key that round-trips through ``adapter_config.json``. ``_register`` writes the three mappings
+after the same checks ``register_peft_method`` makes; tests/randmask/test_peft.py pins this
+against the installed peft.
+
+The tuner layer keeps randmask's design: the trained entries live inside the frozen weight,
+the weight gradient is the sparse SDDMM of ``randmask.ops``, and the file holds only the
+values (in the weight's dtype: ~2 bytes/entry for a bf16 base); masks are regenerated from
+(seed, module name) and checked against checksums and base fingerprints stored in the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import torch
+from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from randmask.config import MaskingConfig, MaskingError
+from randmask.integrity import base_fingerprint, check_base
+from randmask.layer import Block
+from randmask.masks import BUILTIN_KINDS, indices_checksum
+from randmask.model import block_densities, count_base_parameters, draw_mask
+from randmask.peft_layer import RandMaskLayer
+from randmask.shira import export_shira, import_shira
+from randmask.targets import resolve_targets
+
+PEFT_TYPE = "RANDMASK"
+PREFIX = "randmask_"
+
+
+@dataclass
+class RandMaskConfig(PeftConfig):
+    """PEFT config of a Random Masking adapter (the fields of ``randmask.MaskingConfig``)."""
+
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "Module-name suffixes (['q_proj', 'v_proj']), a plain name, a regex, or GPT-2's "
+                "'c_attn[q,v]'; None: the architecture's attention query/value projections."})
+    trainable_ratio: float | None = field(default=None, metadata={
+        "help": "Trainable entries as a fraction of ALL model parameters (the paper's budget)."})
+    density: float | None = field(default=None, metadata={"help": "Per-matrix keep probability in (0, 1]."})
+    mask_kind: str = field(default="random", metadata={"help": "random, random_exact or structured."})
+    seed: int = field(default=0, metadata={"help": "Mask seed; each matrix's is derived from (seed, name)."})
+    modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Modules besides the masked ones to train and save (e.g. a classifier head)."})
+    total_params: int | None = field(default=None, metadata={
+        "help": "Base-model parameter count, recorded at injection (the budget's denominator)."})
+    checksums: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Per module: [indices checksum, base fingerprint], recorded at injection, checked at load."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.mask_kind not in BUILTIN_KINDS:
+            raise MaskingError(f"RandMaskConfig(mask_kind={self.mask_kind!r}): the PEFT path regenerates masks "
+                               f"from the seed, so use one of {list(BUILTIN_KINDS)}; for custom masks use "
+                               "randmask.apply_masking(custom_masks=...) and randmask.save_adapter.")
+        if self.total_params is not None and (not isinstance(self.total_params, int) or self.total_params <= 0):
+            raise MaskingError(f"RandMaskConfig.total_params={self.total_params!r} must be a positive int (it is "
+                               "recorded at injection); the adapter config was edited. Re-save the adapter.")
+        if self.checksums is not None and not isinstance(self.checksums, dict):
+            raise MaskingError("RandMaskConfig.checksums must be a dict (recorded at injection); re-save the adapter.")
+        self.masking_config()
+
+    def masking_config(self) -> MaskingConfig:
+        """The equivalent ``randmask.MaskingConfig`` (validated)."""
+        return MaskingConfig(targets=self.target_modules, trainable_ratio=self.trainable_ratio,
+                             density=self.density, mask_kind=self.mask_kind, seed=self.seed)
+
+
+class RandMaskModel(BaseTuner):
+    """The PEFT tuner: resolves targets with randmask's resolver and draws every mask up front."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = RandMaskLayer
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config  # target_modules=None: randmask's per-architecture default, resolved below
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        if config.checksums is None:  # a new adapter: record into a copy, so the user's config stays reusable
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        self._plan = _plan_masks(model, config)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._plan = {}
+
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
+        return key in getattr(self, "_plan", {})
+
+    def _create_and_replace(self, config: RandMaskConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str, **kwargs: Any) -> None:
+        indices, blocks = self._plan[current_key]
+        if isinstance(target, RandMaskLayer):
+            target.update_layer(adapter_name, indices, blocks, config.mask_kind, config.inference_mode)
+            return
+        layer = RandMaskLayer(target, adapter_name)
+        layer.update_layer(adapter_name, indices, blocks, config.mask_kind, config.inference_mode)
+        if adapter_name not in self.active_adapters:
+            layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, layer, target)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if not merge:  # unload(): hand back the pristine base weights
+            for module in self.model.modules():
+                if isinstance(module, RandMaskLayer):
+                    module.restore_base()
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]
+                                ) -> dict[str, torch.Tensor]:
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # Save values in a half base's dtype (~2 bytes/entry): the weight holds W0 (+) values.to(half),
+        # so this reproduces it bit for bit; fp32/fp64 bases keep their values' own dtype.
+        for name, module in model.named_modules():
+            if isinstance(module, RandMaskLayer):
+                dtype = module.get_base_layer().weight.dtype
+                key = f"{name}.randmask_adapters.{adapter_name}.values"
+                if key in out and dtype in (torch.float16, torch.bfloat16):
+                    out[key] = out[key].to(dtype)
+        return out
+
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # Every masked layer needs its values, of its length, finite; anything else is a damaged or
+        # partial file (PEFT alone would warn about missing keys and load the rest).
+        expected = {}
+        for name, module in model.named_modules():
+            if isinstance(module, RandMaskLayer) and adapter_name in module.randmask_adapters:
+                expected[f"{name}.randmask_adapters.{adapter_name}.values"] = module.randmask_adapters[adapter_name].nnz
+        found = {k for k in out if ".randmask_adapters." in k}
+        if found != set(expected):
+            raise MaskingError(f"the adapter weights hold {sorted(found ^ set(expected))[:3]}, which do not match the "
+                               "masked modules of this config; the files are partial or from different saves.")
+        for key, nnz in expected.items():
+            values = out[key]
+            if not values.is_floating_point() or values.shape != (nnz,) or not torch.isfinite(values).all():
+                raise MaskingError(f"{key}: expected {nnz} finite floats, got {values.dtype} of shape "
+                                   f"{tuple(values.shape)}; the adapter file is corrupt. Re-save it.")
+        return out
+
+
+def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torch.Tensor, list[Block]]]:
+    """Every target's mask, drawn as ``apply_masking`` draws it; records or checks the checksums."""
+    masking = config.masking_config()
+    targets = resolve_targets(model, config.target_modules)
+    total = count_base_parameters(model)
+    if config.total_params is None:
+        config.total_params = total
+    elif config.total_params != total:
+        raise MaskingError(f"this RandMask adapter was made for a base model with {config.total_params:,} "
+                           f"parameters; this one has {total:,}. Load it onto the base it was trained from.")
+    record = config.checksums is None
+    checksums = {} if record else config.checksums
+    plan = {}
+    for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
+        indices, blocks = draw_mask(target, densities, masking)
+        entries = _pristine(model, target.name, target.module, indices)
+        if record:
+            checksums[target.name] = [indices_checksum(indices), base_fingerprint(entries)]
+        else:
+            saved = checksums.get(target.name)
+            if not (isinstance(saved, list) and len(saved) == 2 and isinstance(saved[1], dict)):
+                raise MaskingError(f"{target.name}: the RandMask config has no checksum for this module; it was "
+                                   "saved for other target modules or edited. Re-save the adapter.")
+            if indices_checksum(indices) != saved[0]:
+                raise MaskingError(f"{target.name}: the regenerated mask does not match the saved checksum; the "
+                                   "adapter belongs to another base model or its config was edited.")
+            check_base(target.name, entries, saved[1])
+        plan[target.name] = (indices, blocks)
+    if not record and set(checksums) != set(plan):
+        raise MaskingError(f"the RandMask config lists modules {sorted(set(checksums) ^ set(plan))[:4]} that "
+                           "its targets do not resolve to on this model; re-save the adapter.")
+    config.checksums = checksums
+    return plan
+
+
+def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """W0 at ``indices`` (a layer that already holds another adapter's delta is asked to undo it first)."""
+    layer = model.get_submodule(name)
+    if isinstance(layer, RandMaskLayer):
+        if layer.merged:
+            raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
+        layer.restore_live()
+    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+
+
+def _register() -> None:
+    """Add RANDMASK to peft's three plain-dict mappings (what register_peft_method does, minus the enum check)."""
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_TYPE) is RandMaskConfig:
+        return  # module re-imported
+    if PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING or PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise MaskingError(f"peft already has a method {PEFT_TYPE!r}; randmask cannot register over it.")
+    if PREFIX in PEFT_TYPE_TO_PREFIX_MAPPING.values():
+        raise MaskingError(f"peft already uses the parameter prefix {PREFIX!r}.")
+    if not peft.__version__.startswith("0."):
+        warnings.warn(f"randmask.peft was tested with peft 0.21; this is peft {peft.__version__}.", stacklevel=2)
+    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = RandMaskConfig
+    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = RandMaskModel
+
+
+_register()
+
+__all__ = ["PEFT_TYPE", "RandMaskConfig", "RandMaskLayer", "RandMaskModel", "export_shira", "import_shira"]

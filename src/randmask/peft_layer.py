@@ -1,0 +1,129 @@
+"""The PEFT tuner layer of randmask: a Linear/Conv1D whose weight holds the live adapter in place.
+
+Imports peft (``BaseTunerLayer``); used by ``randmask.peft``, never by ``import randmask``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from randmask.config import MaskingError
+from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.ops import masked_linear
+
+
+class RandMaskLayer(nn.Module, BaseTunerLayer):
+    """A Linear/Conv1D whose weight holds the live adapter's entries in place (PEFT tuner layer).
+
+    ``randmask_adapters[name]`` is a ``randmask.MaskAdapter`` (fp32 master ``values`` at fixed
+    ``indices``). At most one adapter is live (written into the weight) at a time; merging
+    writes it permanently and records the entries it overwrote, so unmerge is bit-exact.
+    """
+
+    adapter_layer_names = ("randmask_adapters",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.randmask_adapters = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._live: str | None = None  # adapter whose delta the weight holds (unmerged)
+        self._overwritten: dict[str, torch.Tensor] = {}  # merged adapter -> entries before its merge
+
+    def update_layer(self, adapter_name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
+                     inference_mode: bool = False) -> None:
+        if self.merged:
+            raise MaskingError("cannot add a randmask adapter to a merged layer; call unmerge_adapter() first.")
+        self.restore_live()  # so that base_values captures pristine W0
+        self.randmask_adapters[adapter_name] = MaskAdapter(indices, self.get_base_layer().weight,
+                                                           is_conv1d(self.get_base_layer()), blocks, kind, False)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def restore_live(self) -> None:
+        """Write W0 back at the live adapter's entries (merged adapters stay merged)."""
+        if self._live is None:
+            return
+        adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
+        flat[adapter.indices] = adapter.base_values.to(flat.dtype)
+        self._live = None
+
+    def _make_live(self, name: str) -> MaskAdapter:
+        if self._live != name:
+            self.restore_live()
+            self._live = name
+        adapter, flat = self.randmask_adapters[name], self.get_base_layer().weight.data.view(-1)
+        target = adapter.target_entries(flat.dtype)
+        if not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
+            flat[adapter.indices] = target
+        return adapter
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            self.restore_live()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.randmask_adapters]
+        if not active:
+            self.restore_live()
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) > 1:
+            raise MaskingError(f"randmask applies one adapter per layer at a time; {active} are active. Call "
+                               "model.set_adapter(name), or merge one first.")
+        adapter = self._make_live(active[0])
+        base = self.get_base_layer()
+        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write the adapters' deltas into the weight (W (+) values at their entries)."""
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.randmask_adapters]
+        self.restore_live()
+        flat = self.get_base_layer().weight.data.view(-1)
+        for name in names:
+            adapter = self.randmask_adapters[name]
+            before = flat[adapter.indices].clone()
+            # On a pristine weight ``before`` is base_values: the same sum as the live forward, bit for bit.
+            after = before + adapter.values.detach().to(flat.dtype)
+            if safe_merge and not torch.isfinite(after).all():
+                raise MaskingError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken.")
+            flat[adapter.indices] = after
+            self._overwritten[name] = before
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Put back, in reverse order, the entries each merge overwrote (bit-exact)."""
+        flat = self.get_base_layer().weight.data.view(-1)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            flat[self.randmask_adapters[name].indices] = self._overwritten.pop(name)
+
+    def restore_base(self) -> None:
+        """Make the weight pristine W0 (unmerge everything, take the live delta out)."""
+        self.unmerge()
+        self.restore_live()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.restore_base()
+        super().delete_adapter(adapter_name)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense delta of one adapter, shaped like the stored weight (for inspection only)."""
+        adapter, weight = self.randmask_adapters[adapter_name], self.get_base_layer().weight
+        delta = torch.zeros(weight.numel(), dtype=adapter.values.dtype, device=weight.device)
+        delta[adapter.indices] = adapter.values.detach()
+        return delta.view_as(weight)
+
+    def __repr__(self) -> str:
+        return "randmask." + super().__repr__()
+
+
+__all__ = ["RandMaskLayer"]

@@ -1,0 +1,254 @@
+"""randmask as a registered PEFT method, against the installed peft: PEFT's invariant matrix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
+
+from randmask import MaskingError
+
+peft = pytest.importorskip("peft")
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+from randmask.peft import PEFT_TYPE, RandMaskConfig, RandMaskLayer  # noqa: E402
+
+ARCHS = ["opt", "llama", "gpt2"]
+
+
+def _peft_model(arch, dtype=torch.float32, **cfg):
+    return get_peft_model(tiny_model(arch).to(dtype), RandMaskConfig(**(cfg or {"density": 0.2})))
+
+
+def _train(model, arch, steps=3, lr=5e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(**tiny_inputs(arch)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, RandMaskLayer)}
+
+
+def test_registration_route_is_pinned_to_the_installed_peft():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType, register_peft_method
+
+    assert peft.__version__.startswith("0.21."), "re-check randmask.peft._register against this peft"
+    assert PEFT_TYPE not in list(PeftType)  # why register_peft_method cannot be used ...
+    with pytest.raises(ValueError, match="Unknown PEFT type"):
+        register_peft_method(name="randmask", config_cls=RandMaskConfig, model_cls=object)
+    assert issubclass(PeftType, str)  # ... and why a plain str key works in its plain-dict mappings
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] is RandMaskConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE].__name__ == "RandMaskModel"
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] == "randmask_"
+    assert isinstance(RandMaskConfig(density=0.1), peft.PeftConfig)
+
+
+def test_one_config_serves_several_models():
+    config = RandMaskConfig(density=0.2)
+    get_peft_model(tiny_model("opt"), config)
+    get_peft_model(tiny_model("llama"), config)  # what injection records goes into PEFT's own copy
+    assert config.checksums is None and config.total_params is None
+
+
+def test_config_is_validated():
+    with pytest.raises(MaskingError, match="exactly one budget"):
+        RandMaskConfig()
+    with pytest.raises(MaskingError, match="regenerates masks"):
+        RandMaskConfig(density=0.1, mask_kind="custom")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_at_init_and_only_kept_entries_move(arch):
+    inputs = tiny_inputs(arch)
+    base = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    expected = model_output(base, inputs)
+    model = get_peft_model(base, RandMaskConfig(trainable_ratio=2e-2))
+    assert torch.equal(model_output(model, inputs), expected)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".randmask_adapters.default.values") for n in trainable)
+    _train(model, arch)
+    layers = {n.removeprefix("base_model.model.") + ".base_layer.weight": m for n, m in _layers(model).items()}
+    for name, param in model.base_model.model.named_parameters():
+        if ".randmask_adapters." in name:
+            continue
+        original = before[name.replace(".base_layer.", ".")]
+        layer = layers.get(name)
+        if layer is None:
+            assert torch.equal(param, original), name
+            continue
+        idx = layer.randmask_adapters["default"].indices
+        changed = (param.detach().reshape(-1) != original.reshape(-1)).nonzero().reshape(-1)
+        assert changed.numel() > 0 and torch.isin(changed, idx).all(), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_equals_unmerged_and_unload_restores(arch):
+    inputs = tiny_inputs(arch)
+    base_out = model_output(tiny_model(arch), inputs)
+    model = _train(_peft_model(arch), arch)
+    out = model_output(model, inputs)
+    with model.disable_adapter():
+        assert torch.equal(model_output(model, inputs), base_out)
+    assert torch.equal(model_output(model, inputs), out)
+    model.merge_adapter()
+    assert torch.equal(model_output(model, inputs), out)
+    model.unmerge_adapter()
+    assert torch.equal(model_output(model, inputs), out)
+    assert torch.equal(model_output(model.merge_and_unload(), inputs), out)
+    unloaded = _train(_peft_model(arch), arch).unload()
+    assert torch.equal(model_output(unloaded, inputs), base_out)
+
+
+def test_save_load_in_a_fresh_process_is_bit_exact(tmp_path):
+    outs = {}
+    for arch in ARCHS:
+        model = _train(_peft_model(arch, trainable_ratio=2e-2, seed=3), arch)
+        model.save_pretrained(tmp_path / arch)
+        outs[arch] = model_output(model, tiny_inputs(arch))
+    torch.save(outs, tmp_path / "expected.pt")  # test artefact only
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path[:0] = [{str(REPO_ROOT / "src")!r}, {str(REPO_ROOT)!r}]
+        torch.manual_seed(999)  # another global seed must not matter
+        import randmask.peft  # registers the method
+        from peft import PeftModel
+        from tests.conftest import tiny_model, tiny_inputs, model_output
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        for arch in {ARCHS!r}:
+            model = PeftModel.from_pretrained(tiny_model(arch), {str(tmp_path)!r} + "/" + arch)
+            print(arch, "EQUAL" if torch.equal(model_output(model, tiny_inputs(arch)), expected[arch]) else "DIFF")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.stdout.split() == [w for arch in ARCHS for w in (arch, "EQUAL")], result.stderr[-3000:]
+
+
+def test_bf16_file_is_two_bytes_per_entry_and_reloads_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _train(_peft_model("llama", torch.bfloat16, density=0.5), "llama")
+    out = model_output(model, tiny_inputs("llama"))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    nnz = sum(t.numel() for t in tensors.values())
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values()) and set(tensors) == {
+        k for k in tensors if k.endswith(".randmask_adapters.values")}
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert size - 8 - 150 * len(tensors) <= 2 * nnz, (size, nnz)
+    fresh = PeftModel.from_pretrained(tiny_model("llama").to(torch.bfloat16), tmp_path)
+    assert torch.equal(model_output(fresh, tiny_inputs("llama")), out)
+    values = [p for n, p in fresh.named_parameters() if n.endswith(".values")]
+    assert values and all(v.dtype == torch.float32 and not v.requires_grad for v in values)
+
+
+def test_another_base_or_a_merged_base_is_refused(tmp_path):
+    model = _train(_peft_model("opt"), "opt")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(MaskingError, match="differ from the base"):
+        PeftModel.from_pretrained(tiny_model("opt", seed=1), tmp_path)
+    merged = model.merge_and_unload()
+    with pytest.raises(MaskingError, match="already has this adapter merged"):
+        PeftModel.from_pretrained(merged, tmp_path)
+
+
+def test_damaged_peft_files_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _train(_peft_model("opt"), "opt").save_pretrained(tmp_path)
+    weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
+    tensors = load_file(str(weights))
+    first = next(iter(tensors))
+    save_file({k: v for k, v in tensors.items() if k != first}, str(weights))
+    with pytest.raises(MaskingError, match="partial or from different saves"):
+        PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+    save_file({**tensors, first: tensors[first][:-1]}, str(weights))
+    with pytest.raises(MaskingError, match="corrupt"):
+        PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+    save_file(tensors, str(weights))
+    header = json.loads(config.read_text())
+    for edit, match in [({"total_params": "many"}, "positive int"), ({"density": 7}, "outside"),
+                        ({"seed": 5}, "does not match the saved checksum"), ({"checksums": {}}, "no checksum")]:
+        config.write_text(json.dumps({**header, **edit}))
+        with pytest.raises(MaskingError, match=match):
+            PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+
+
+def test_multiple_named_adapters(tmp_path):
+    inputs = tiny_inputs("llama")
+    model = _train(_peft_model("llama"), "llama")
+    first = model_output(model, inputs)
+    model.add_adapter("second", RandMaskConfig(density=0.1, seed=7))
+    assert torch.equal(model_output(model, inputs), first)  # the new adapter is not active yet
+    model.set_adapter("second")
+    assert all(p.requires_grad == (".second." in n) for n, p in model.named_parameters() if ".values" in n)
+    _train(model, "llama")
+    second = model_output(model, inputs)
+    assert not torch.equal(second, first)
+    model.set_adapter("default")
+    assert torch.equal(model_output(model, inputs), first)
+    model.save_pretrained(tmp_path)  # writes default/ at the root and second/ in a subfolder
+    fresh = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    fresh.load_adapter(tmp_path / "second", adapter_name="second")
+    assert torch.equal(model_output(fresh, inputs), first)
+    fresh.set_adapter("second")
+    assert torch.equal(model_output(fresh, inputs), second)
+    fresh.delete_adapter("default")
+    assert torch.equal(model_output(fresh, inputs), second)
+
+
+def _lm_rows(arch, n=8):
+    ids = tiny_inputs(arch, batch=n)["input_ids"]
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+
+
+def test_hf_trainer_trains_it_unchanged(tmp_path):
+    import transformers
+
+    model = _peft_model("opt")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, learning_rate=5e-2,
+                                          per_device_train_batch_size=4, report_to=[], save_strategy="no",
+                                          logging_strategy="no", use_cpu=True)
+    transformers.Trainer(model=model, args=args, train_dataset=_lm_rows("opt")).train()
+    layer = next(iter(_layers(model).values()))
+    adapter = layer.randmask_adapters["default"]
+    assert adapter.values.detach().abs().sum() > 0
+    model_output(model, tiny_inputs("opt"))
+    assert torch.equal(layer.get_base_layer().weight.detach().reshape(-1)[adapter.indices],
+                       adapter.target_entries(torch.float32))
+
+
+def test_trl_sft_trainer_trains_it_unchanged(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    model = tiny_model("llama")
+    config = RandMaskConfig(density=0.2)
+    rows = [{"input_ids": r["input_ids"], "completion_mask": [1] * len(r["input_ids"])} for r in _lm_rows("llama")]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, learning_rate=5e-2, per_device_train_batch_size=4,
+                         report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), peft_config=config,
+                             processing_class=_tokenizer())
+    trainer.train()
+    layers = _layers(trainer.model)
+    assert layers and any(m.randmask_adapters["default"].values.detach().abs().sum() > 0 for m in layers.values())
+
+
+def _tokenizer():
+    """A tiny word-level tokenizer (vocab 128) so that SFTTrainer has a processing class; no Hub."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")

@@ -1,0 +1,127 @@
+"""SHiRA interop against the installed peft: export loads in stock PEFT; import reproduces SHiRA."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
+
+from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, save_adapter
+
+peft = pytest.importorskip("peft")
+from peft import PeftModel, ShiraConfig, get_peft_model  # noqa: E402
+
+from randmask.peft import RandMaskConfig, export_shira, import_shira  # noqa: E402
+
+
+def _train(model, arch, steps=3, lr=5e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        model(**tiny_inputs(arch)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def _stock_peft_outputs(tmp_path, cases):
+    """Outputs of stock PeftModel.from_pretrained on SHiRA folders, in one process where randmask cannot import.
+
+    ``cases``: (arch, dtype name, folder) triples.
+    """
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["randmask"] = None  # plain PEFT: any import of randmask fails
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from peft import PeftModel
+        from tests.conftest import tiny_model, tiny_inputs, model_output
+        outs = []
+        for arch, dtype, folder in {[(a, d, str(f)) for a, d, f in cases]!r}:
+            model = PeftModel.from_pretrained(tiny_model(arch).to(getattr(torch, dtype)), folder)
+            outs.append(model_output(model, tiny_inputs(arch)))
+        assert "randmask" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+        torch.save(outs, {str(tmp_path / "stock.pt")!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "stock.pt", weights_only=True)
+
+
+def test_export_loads_in_stock_peft_without_randmask(tmp_path):
+    """fp32 OPT and Llama: equal to randmask's outputs; a bf16 base: equal within bf16 rounding."""
+    cases, expected = [], []
+    for arch, dtype, cfg in [("opt", "float32", {"trainable_ratio": 1e-2}), ("llama", "float32", {"density": 0.1}),
+                             ("opt", "bfloat16", {"density": 0.05})]:
+        base = tiny_model(arch).to(getattr(torch, dtype))
+        model = _train(get_peft_model(base, RandMaskConfig(**cfg)), arch)
+        expected.append(model_output(model, tiny_inputs(arch)))
+        folder = tmp_path / f"{arch}-{dtype}"
+        export_shira(model, folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["peft_type"] == "SHIRA" and config["r"] >= 1
+        cases.append((arch, dtype, folder))
+    outs = _stock_peft_outputs(tmp_path, cases)
+    torch.testing.assert_close(outs[0], expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs[1], expected[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(outs[2].float(), expected[2].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_export_from_a_randmask_folder_and_model(tmp_path):
+    model = _train(apply_masking(tiny_model("llama"), MaskingConfig(density=0.1, mask_kind="random_exact")), "llama")
+    expected = model_output(model, tiny_inputs("llama"))
+    save_adapter(model, tmp_path / "rm")
+    export_shira(tmp_path / "rm", tmp_path / "from_dir")
+    export_shira(model, tmp_path / "from_model")
+    for folder in ("from_dir", "from_model"):
+        shira = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / folder)
+        torch.testing.assert_close(model_output(shira, tiny_inputs("llama")), expected, rtol=0, atol=1e-6)
+
+
+def test_gpt2_conv1d_is_refused(tmp_path):
+    model = get_peft_model(tiny_model("gpt2"), RandMaskConfig(density=0.1))
+    with pytest.raises(MaskingError, match="SHiRA supports torch.nn.Linear only"):
+        export_shira(model, tmp_path)
+
+
+def test_file_sizes_side_by_side(tmp_path):
+    """randmask bf16 ~2 bytes/entry against SHiRA's ~12 (fp32 value + two int32 indices)."""
+    model = _train(apply_masking(tiny_model("llama").to(torch.bfloat16), MaskingConfig(density=0.5)), "llama")
+    save_adapter(model, tmp_path / "rm")
+    export_shira(model, tmp_path / "shira")
+    header = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())
+    nnz = header["trainable"]
+    rm_size = (tmp_path / "rm" / "adapter.safetensors").stat().st_size
+    shira_size = (tmp_path / "shira" / "adapter_model.safetensors").stat().st_size
+    print(f"entries {nnz}: randmask {rm_size} B ({rm_size / nnz:.2f} B/entry), "
+          f"SHiRA {shira_size} B ({shira_size / nnz:.2f} B/entry)")
+    assert rm_size / nnz < 2.6 and shira_size / nnz >= 12
+
+
+def test_import_reproduces_a_stock_shira_adapter(tmp_path):
+    torch.manual_seed(0)
+    shira = get_peft_model(tiny_model("opt"), ShiraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                          init_weights=False, random_seed=5))
+    expected = model_output(shira, tiny_inputs("opt"))
+    shira.save_pretrained(tmp_path / "shira")
+    model = import_shira(tmp_path / "shira", tiny_model("opt"))
+    torch.testing.assert_close(model_output(model, tiny_inputs("opt")), expected, rtol=0, atol=1e-6)
+    save_adapter(model, tmp_path / "rm")  # a custom-mask randmask adapter from here on
+    reloaded = load_adapter(tiny_model("opt"), tmp_path / "rm")
+    assert torch.equal(model_output(reloaded, tiny_inputs("opt")), model_output(model, tiny_inputs("opt")))
+
+
+def test_import_refuses_other_files_and_bases(tmp_path):
+    shira = get_peft_model(tiny_model("opt"), ShiraConfig(r=2, target_modules=["q_proj"]))
+    shira.save_pretrained(tmp_path / "shira")
+    with pytest.raises(MaskingError, match="not an nn.Linear of this model"):
+        import_shira(tmp_path / "shira", tiny_model("llama"))
+    model = get_peft_model(tiny_model("opt"), RandMaskConfig(density=0.1))
+    model.save_pretrained(tmp_path / "rm")
+    with pytest.raises(MaskingError, match="not a SHiRA adapter"):
+        import_shira(tmp_path / "rm", tiny_model("opt"))
+    with pytest.raises(MaskingError, match="not a readable PEFT SHiRA adapter"):
+        import_shira(tmp_path / "missing", tiny_model("opt"))
