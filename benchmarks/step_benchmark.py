@@ -73,8 +73,11 @@ class SddmmTimer:
 
 
 def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
-                   ci_target: float, log=print) -> list[dict]:
-    """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later)."""
+                   ci_target: float, log=print, max_minutes: float | None = None) -> list[dict]:
+    """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
+
+    ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
+    """
     base = build_base(quick, precision)
     ids = batch_ids(base, quick)
     models = make_all(base, precision)
@@ -85,7 +88,7 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
     for _ in range(warmup):  # also creates the optimizer state
         for step, _, _ in steps.values():
             step()
-    rounds = 0
+    rounds, capped, t_start = 0, False, time.time()
     with SddmmTimer() as timer:
         while True:
             order = list(steps) if rounds % 2 == 0 else list(reversed(steps))  # cancel position effects
@@ -103,6 +106,10 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
             finally:
                 gc.enable()
             rounds += 1
+            if max_minutes is not None and time.time() - t_start > 60 * max_minutes and rounds >= 3:
+                capped = rounds < min_rounds
+                log(f"[{precision}] round {rounds}: --max-minutes {max_minutes:g} reached")
+                break
             if rounds < min_rounds:
                 log(f"[{precision}] round {rounds}: floor {times['floor'][-1] * 1e3:.0f} ms")
                 continue
@@ -129,6 +136,7 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
             "ratio_ci_high": round(ratio.ci_high, 4),
             "ratio_to_lora": round(to_lora, 4),
             "rounds": rounds,
+            "time_capped": capped,
             "sddmm_share": round(statistics.median(sddmm_share[name]), 4) if name in sddmm_share else None,
             "optimizer_state_bytes": opt_bytes,
             "optimizer_bytes_per_trained_entry": round(opt_bytes / trainable, 2) if trainable else None,
@@ -242,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds (default 20; quick 3)")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap on rounds (default 40; quick 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop timing a precision after this many minutes even below --rounds (a shared "
+                             "machine's deadline); its rows then say time_capped")
     parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
@@ -262,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"masks for 80 x 5120^2 at p=1e-3: {mask_ms:.1f} ms")
     rows: list[dict] = []
     for precision in precisions:  # each precision complete (time, then memory) before the next
-        done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log)
+        done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
+                              args.max_minutes)
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done

@@ -66,7 +66,8 @@ def test_check_targets():
 
 def test_quick_run_writes_json_with_cis(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["--quick", "--precision", "bf16-true", "--rounds", "2", "--max-rounds", "2", "--warmup", "0",
+    # --max-minutes 0: stop after the first 3 rounds although --rounds asks for 5, and say so.
+    args = ["--quick", "--precision", "bf16-true", "--rounds", "5", "--max-minutes", "0", "--warmup", "0",
             "--threads", "1", "--no-memory", "--json", str(out)]
     assert step_benchmark.main(args) == 0
     payload = json.loads(out.read_text())
@@ -75,8 +76,24 @@ def test_quick_run_writes_json_with_cis(tmp_path, capsys):
     floor = rows["floor"]
     assert floor["ratio_to_floor"] == floor["ratio_ci_low"] == floor["ratio_ci_high"] == 1.0
     for r in rows.values():
-        assert r["precision"] == "bf16-true" and r["rounds"] == 2
+        assert r["precision"] == "bf16-true" and r["rounds"] == 3 and r["time_capped"]
         assert r["ratio_ci_low"] <= r["ratio_to_floor"] <= r["ratio_ci_high"]
     assert rows["randmask 0.1% q/v"]["optimizer_bytes_per_trained_entry"] == 8.0
     assert payload["mask_draw_ms_80x5120sq_p1e-3"] > 0
     assert "| randmask 1% all-linear |" in capsys.readouterr().out
+
+
+def test_merge_results(tmp_path):
+    import merge_results
+
+    rows = [_row("floor", 1.0, 1000, None, per_entry=None), _row("randmask 0.1% q/v", 1.01, 1010, 0.01)]
+    for name, precision in (("a", "fp32"), ("b", "bf16-mixed")):
+        payload = {"settings": {"precision": precision}, "mask_draw_ms_80x5120sq_p1e-3": 70.0,
+                   "rows": [{**r, "precision": precision} for r in rows], "targets": []}
+        (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+    merge_results.main([str(tmp_path / "out.json"), str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    merged = json.loads((tmp_path / "out.json").read_text())
+    assert [r["precision"] for r in merged["rows"]] == ["fp32", "fp32", "bf16-mixed", "bf16-mixed"]
+    assert {t["precision"] for t in merged["targets"]} == {"fp32", "bf16-mixed"}
+    with pytest.raises(SystemExit, match="overlap"):
+        merge_results.main([str(tmp_path / "out.json"), str(tmp_path / "a.json"), str(tmp_path / "a.json")])
