@@ -88,8 +88,16 @@ def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"unknown variant {name!r}")
 
 
-def make_all(base: torch.nn.Module, precision: str) -> dict[str, torch.nn.Module]:
-    return {name: make_variant(name, copy.deepcopy(base)) for name in variant_names(precision)}
+def make_all(base: torch.nn.Module, precision: str, only: list[str] | None = None) -> dict[str, torch.nn.Module]:
+    """Every variant at this precision (or the floor, each scope's LoRA and the ones in ``only``)."""
+    names = variant_names(precision)
+    if only is not None:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ValueError(f"unknown variants {unknown} at {precision}; known: {names}")
+        keep = {"floor", "lora r=8 q/v", "lora r=8 all-linear", *only}  # the ratios' references
+        names = [n for n in names if n in keep]
+    return {name: make_variant(name, copy.deepcopy(base)) for name in names}
 
 
 def _floor_hooks(model: torch.nn.Module) -> list:

@@ -45,6 +45,7 @@ from bench_models import (
     scope_of,
     state_bytes,
     trainable_count,
+    variant_names,
 )
 from bench_stats import paired_ratios, summarize
 from randmask import ops
@@ -73,14 +74,15 @@ class SddmmTimer:
 
 
 def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
-                   ci_target: float, log=print, max_minutes: float | None = None) -> list[dict]:
+                   ci_target: float, log=print, max_minutes: float | None = None,
+                   only: list[str] | None = None) -> list[dict]:
     """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
 
     ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
     """
     base = build_base(quick, precision)
     ids = batch_ids(base, quick)
-    models = make_all(base, precision)
+    models = make_all(base, precision, only)
     del base
     steps = {name: make_step(name, model, ids, precision) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop timing a precision after this many minutes even below --rounds (a shared "
                              "machine's deadline); its rows then say time_capped")
+    parser.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",")], default=None,
+                        help="comma-separated subset of variants (the floor and LoRA references are always in)")
     parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
@@ -263,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         parser.error(f"unknown precision {unknown}; use a subset of {','.join(PRECISIONS)}")
+    for precision in precisions:
+        unknown = sorted(set(args.variants or []) - set(variant_names(precision)))
+        if unknown:
+            parser.error(f"unknown variants {unknown} at {precision}; known: {', '.join(variant_names(precision))}")
     min_rounds = args.rounds or (3 if args.quick else 20)
     max_rounds = max(min_rounds, args.max_rounds or (3 if args.quick else 40))
     torch.set_num_threads(args.threads)
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for precision in precisions:  # each precision complete (time, then memory) before the next
         done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
-                              args.max_minutes)
+                              args.max_minutes, args.variants)
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done
