@@ -1,232 +1,300 @@
-"""Training-step time and memory of randmask vs its peers, side by side in one process.
+"""Training-step time and memory of randmask vs its peers: paired ratios with CIs, memory per process.
 
-    python benchmarks/step_benchmark.py [--quick] [--json PATH]
+    python benchmarks/step_benchmark.py [--quick] [--precision fp32,bf16-mixed,bf16-true] [--json PATH]
 
-OPT-125m-shaped random-init model, batch 8 x 128, causal-LM loss, CPU. Variants:
-floor (frozen model, input gradients only), full fine-tuning, PEFT LoRA r=8 and
-PEFT SHiRA (same count as LoRA r=8) on q/v, randmask at 0.1%, 0.01%, 0.001% of all
-parameters on q/v; and LoRA r=8, SHiRA r=8, randmask 1% on all linear layers.
-All variants are built first and timed round-robin (one step each per round), so
-machine drift hits every variant alike; only ratios are meaningful.
+Model, variants and precisions: see benchmarks/bench_models.py (OPT-125m shapes, batch 8 x 128,
+causal-LM loss, CPU). Two separate phases:
+
+Timing: at each precision every variant is built in this one process and stepped round-robin, one
+step each per round, the order reversed every other round. Each round gives a ratio per variant,
+its step time over the floor's step time in that same round; we report the median of those ratios
+and a bootstrap 95% CI of it. At least --rounds rounds after --warmup rounds, then more until every
+CI is within +-2% of its median or --max-rounds. Nothing else runs in the process while timing.
+
+Memory: each variant at each precision in a fresh subprocess (benchmarks/bench_memory.py): peak
+resident set above the model's load, plus the exact bytes of gradients and optimizer state.
+
+Also reported: the weight-gradient (SDDMM) share of randmask's step, and the time to draw the masks
+of 80 matrices of 5120 x 5120 at p = 1e-3.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import os
+import platform
 import statistics
 import sys
-import tempfile
-import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-warnings.filterwarnings("ignore")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-QV = ["q_proj", "v_proj"]
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-@dataclass
-class Row:
-    variant: str
-    trainable: int
-    step_ms_median: float
-    ratio_to_floor: float
-    ratio_to_lora: float
-    peak_mb: float
-    optimizer_state_bytes: int
-    adapter_bytes: int
-
-
-def build_base(quick: bool) -> torch.nn.Module:
-    import transformers
-
-    if quick:
-        cfg = transformers.OPTConfig(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
-                                     vocab_size=8192, max_position_embeddings=128, word_embed_proj_dim=256)
-    else:  # facebook/opt-125m's shapes
-        cfg = transformers.OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
-                                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)
-    torch.manual_seed(0)
-    return transformers.OPTForCausalLM(cfg).eval()  # eval: no dropout, same math for every variant
+from bench_memory import measure_in_subprocess
+from bench_models import (
+    PRECISIONS,
+    adapter_bytes,
+    batch_ids,
+    build_base,
+    make_all,
+    make_step,
+    scope_of,
+    state_bytes,
+    trainable_count,
+    variant_names,
+)
+from bench_stats import paired_ratios, summarize
+from randmask import ops
+from randmask.masks import bernoulli_mask, make_generator
 
 
-def make_variants(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """name -> model with exactly its trainable parameters requiring grad."""
-    from peft import LoraConfig, ShiraConfig, get_peft_model
-
-    from randmask import MaskingConfig, apply_masking
-
-    def frozen():
-        model = copy.deepcopy(base)
-        model.requires_grad_(False)
-        return model
-
-    variants: dict[str, torch.nn.Module] = {"floor": frozen()}
-    variants["full"] = copy.deepcopy(base).requires_grad_(True)
-    for scope, targets in (("q/v", QV), ("all-linear", ALL_LINEAR)):
-        variants[f"lora r=8 {scope}"] = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
-        variants[f"shira r=8 {scope}"] = get_peft_model(
-            copy.deepcopy(base), ShiraConfig(r=8, target_modules=targets))
-        ratios = (1e-3, 1e-4, 1e-5) if scope == "q/v" else (1e-2,)
-        for ratio in ratios:
-            variants[f"randmask {100 * ratio:g}% {scope}"] = apply_masking(
-                frozen(), MaskingConfig(targets=targets, trainable_ratio=ratio, seed=0))
-    return variants
-
-
-class PeakRSS:
-    """Peak resident-set growth (MB) while active, sampled from /proc/self/statm every ~1 ms."""
+class SddmmTimer:
+    """Accumulates the wall time spent in ``randmask.ops.sddmm`` (the masked weight gradient)."""
 
     def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.peak = 0
+        self.seconds = 0.0
+        self._inner = ops.sddmm
 
-    def rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except OSError:
-            return 0
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self._inner(*args)
+        self.seconds += time.perf_counter() - t0
+        return out
 
-    def __enter__(self) -> PeakRSS:
-        self.start = self.rss()
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+    def __enter__(self) -> SddmmTimer:
+        ops.sddmm = self  # the op's backward looks the name up in ops at call time
         return self
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self.rss())
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
+        ops.sddmm = self._inner
 
 
-def make_step(name: str, model: torch.nn.Module, ids: torch.Tensor):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
+                   ci_target: float, log=print, max_minutes: float | None = None,
+                   only: list[str] | None = None) -> list[dict]:
+    """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
 
-    def step() -> None:
-        if name == "floor":  # nothing trainable: backprop to the input embeddings only
-            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    return step, opt
-
-
-def adapter_bytes(name: str, model: torch.nn.Module) -> int:
-    if name == "floor":
-        return 0
-    if name == "full":
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        if name.startswith("randmask"):
-            from randmask import save_adapter
-
-            save_adapter(model, tmp)
-        else:
-            model.save_pretrained(tmp)
-        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-
-
-def state_bytes(opt) -> int:
-    if opt is None:
-        return 0
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t) and t.dim() > 0)
-
-
-def run(quick: bool, rounds: int, clock=time.perf_counter) -> list[Row]:
-    base = build_base(quick)
-    batch, seq = (4, 64) if quick else (8, 128)
-    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    variants = make_variants(base)
-    steps = {name: make_step(name, model, ids) for name, model in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    peaks: dict[str, float] = dict.fromkeys(variants, 0.0)
-    for step, _ in steps.values():  # warm-up round; creates optimizer state
-        step()
-    for r in range(rounds):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))  # cancel position effects
-        for name in order:
-            with PeakRSS() as mem:
-                t0 = clock()
-                steps[name][0]()
-                times[name].append(clock() - t0)
-            peaks[name] = max(peaks[name], mem.growth_mb)
-        print(f"round {r + 1}/{rounds} done", file=sys.stderr)
-    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
+    """
+    base = build_base(quick, precision)
+    ids = batch_ids(base, quick)
+    models = make_all(base, precision, only)
+    del base
+    steps = {name: make_step(name, model, ids, precision) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    sddmm_share: dict[str, list[float]] = {name: [] for name in models if name.startswith("randmask")}
+    for _ in range(warmup):  # also creates the optimizer state
+        for step, _, _ in steps.values():
+            step()
+    rounds, capped, t_start = 0, False, time.time()
+    with SddmmTimer() as timer:
+        while True:
+            order = list(steps) if rounds % 2 == 0 else list(reversed(steps))  # cancel position effects
+            gc.collect()
+            gc.disable()  # no collector pauses inside a timed step
+            try:
+                for name in order:
+                    timer.seconds = 0.0
+                    t0 = time.perf_counter()
+                    steps[name][0]()
+                    elapsed = time.perf_counter() - t0
+                    times[name].append(elapsed)
+                    if name in sddmm_share:
+                        sddmm_share[name].append(timer.seconds / elapsed)
+            finally:
+                gc.enable()
+            rounds += 1
+            if max_minutes is not None and time.time() - t_start > 60 * max_minutes and rounds >= 3:
+                capped = rounds < min_rounds
+                log(f"[{precision}] round {rounds}: --max-minutes {max_minutes:g} reached")
+                break
+            if rounds < min_rounds:
+                log(f"[{precision}] round {rounds}: floor {times['floor'][-1] * 1e3:.0f} ms")
+                continue
+            summaries = {n: summarize(paired_ratios(times[n], times["floor"])) for n in models if n != "floor"}
+            worst = max(summaries.values(), key=lambda s: s.half_width)
+            log(f"[{precision}] round {rounds}: floor {times['floor'][-1] * 1e3:.0f} ms, widest CI "
+                f"+-{100 * worst.half_width:.1f}%")
+            if worst.half_width <= ci_target or rounds >= max_rounds:
+                break
     rows = []
-    for name, model in variants.items():
-        lora = med["lora r=8 all-linear" if "all-linear" in name else "lora r=8 q/v"]
-        rows.append(Row(
-            variant=name,
-            trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            step_ms_median=round(med[name], 1),
-            ratio_to_floor=round(med[name] / med["floor"], 3),
-            ratio_to_lora=round(med[name] / lora, 3),
-            peak_mb=round(peaks[name], 1),
-            optimizer_state_bytes=state_bytes(steps[name][1]),
-            adapter_bytes=adapter_bytes(name, model),
-        ))
+    for name, model in models.items():
+        ratio = summarize(paired_ratios(times[name], times["floor"]))
+        lora = f"lora r=8 {scope_of(name)}"
+        to_lora = statistics.median(paired_ratios(times[name], times[lora]))
+        trainable = trainable_count(model)
+        opt_bytes = state_bytes(steps[name][1])
+        rows.append({
+            "variant": name,
+            "precision": precision,
+            "trainable": trainable,
+            "step_ms_median": round(statistics.median(times[name]) * 1e3, 1),
+            "ratio_to_floor": round(ratio.median, 4),
+            "ratio_ci_low": round(ratio.ci_low, 4),
+            "ratio_ci_high": round(ratio.ci_high, 4),
+            "ratio_to_lora": round(to_lora, 4),
+            "rounds": rounds,
+            "time_capped": capped,
+            "sddmm_share": round(statistics.median(sddmm_share[name]), 4) if name in sddmm_share else None,
+            "optimizer_state_bytes": opt_bytes,
+            "optimizer_bytes_per_trained_entry": round(opt_bytes / trainable, 2) if trainable else None,
+            "adapter_bytes": adapter_bytes(name, model),
+        })
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    head = "| variant | trainable | ratio to floor | ratio to LoRA | peak MB | optimizer state B | adapter B |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.variant} | {r.trainable:,} | {r.ratio_to_floor:.3f} | {r.ratio_to_lora:.3f} | "
-              f"{r.peak_mb:.0f} | {r.optimizer_state_bytes:,} | {r.adapter_bytes:,} |" for r in rows]
+def time_masks(repeats: int = 5) -> float:
+    """Median ms to draw Bernoulli(1e-3) masks for 80 matrices of 5120 x 5120 (a 13B model's q/v)."""
+    def draw() -> None:
+        for i in range(80):
+            bernoulli_mask((5120, 5120), 1e-3, make_generator(0, f"layers.{i}"))
+
+    draw()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        draw()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| variant | trainable | ratio to floor [95% CI] | ratio to LoRA | SDDMM share | peak RSS MB "
+            "(above load) | grads MB | optimizer B/entry | adapter B |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * r['sddmm_share']:.1f}%" if r["sddmm_share"] is not None else ""
+        per_entry = f"{r['optimizer_bytes_per_trained_entry']:g}" if r["optimizer_bytes_per_trained_entry"] else ""
+        lines.append(
+            f"| {r['variant']} | {r['trainable']:,} | {r['ratio_to_floor']:.3f} [{r['ratio_ci_low']:.3f}, "
+            f"{r['ratio_ci_high']:.3f}] | {r['ratio_to_lora']:.3f} | {share} | {r.get('peak_rss_total_mb', 0):.0f} "
+            f"({r.get('peak_rss_mb', 0):.0f}) | {r.get('grad_bytes', 0) / 2**20:.1f} | {per_entry} | "
+            f"{r['adapter_bytes']:,} |")
     return "\n".join(lines)
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, each evaluated on the median (its CI alongside)."""
+    by = {(r["precision"], r["variant"]): r for r in rows}
+    checks = []
+    for precision in dict.fromkeys(r["precision"] for r in rows):
+        floor = by[(precision, "floor")]
+
+        def add(what: str, holds: bool, detail: str, precision: str = precision) -> None:
+            checks.append({"precision": precision, "target": what, "holds": bool(holds), "detail": detail})
+
+        for r in (r for r in rows if r["precision"] == precision and r["variant"].startswith("randmask")):
+            ci = f"{r['ratio_to_floor']:.3f} [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]"
+            limit = 1.05 if scope_of(r["variant"]) == "all-linear" else 1.02
+            add(f"{r['variant']} <= {limit}x floor", r["ratio_to_floor"] <= limit, ci)
+            if scope_of(r["variant"]) == "all-linear":
+                for peer in ("lora r=8 all-linear", "shira r=8 all-linear"):
+                    p = by.get((precision, peer))
+                    if p is not None:
+                        add(f"{r['variant']} below {peer}", r["ratio_to_floor"] < p["ratio_to_floor"],
+                            f"{r['ratio_to_floor']:.3f} vs {p['ratio_to_floor']:.3f}")
+            add(f"{r['variant']} optimizer state 8 B/entry", r["optimizer_bytes_per_trained_entry"] == 8.0,
+                f"{r['optimizer_bytes_per_trained_entry']} B/entry")
+            if "peak_rss_total_mb" in r:
+                add(f"{r['variant']} peak memory <= floor + 3%",
+                    r["peak_rss_total_mb"] <= 1.03 * floor["peak_rss_total_mb"],
+                    f"{r['peak_rss_total_mb']:.0f} MB vs floor {floor['peak_rss_total_mb']:.0f} MB "
+                    f"(+{100 * (r['peak_rss_total_mb'] / floor['peak_rss_total_mb'] - 1):.1f}%)")
+            if r["sddmm_share"] is not None:
+                limit = 0.05 if scope_of(r["variant"]) == "all-linear" else 0.02
+                add(f"{r['variant']} weight gradient <= {100 * limit:g}% of the step",
+                    r["sddmm_share"] <= limit, f"{100 * r['sddmm_share']:.1f}%")
+    return checks
+
+
+def add_memory(rows: list[dict], quick: bool, threads: int, jobs: int, log) -> None:
+    """Fill in each row's memory from its own subprocess (``jobs`` at a time: each measures itself only)."""
+    def one(r: dict) -> dict:
+        log(f"memory: {r['variant']} at {r['precision']}")
+        return measure_in_subprocess(r["variant"], r["precision"], quick, threads)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for r, mem in zip(rows, pool.map(one, rows)):
+            if r["optimizer_state_bytes"] != mem["optimizer_state_bytes"]:
+                raise RuntimeError(f"{r['variant']}: optimizer state differs between the two phases")
+            r.update({k: mem[k] for k in ("load_rss_mb", "peak_rss_mb", "peak_rss_total_mb", "grad_bytes",
+                                          "hwm_reset")})
+
+
+def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: int, max_rounds: int,
+               started: float) -> None:
+    payload = {
+        "settings": {"quick": args.quick, "threads": args.threads, "min_rounds": min_rounds,
+                     "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
+                     "torch": torch.__version__, "python": platform.python_version(),
+                     "machine": platform.machine(), "cpus": os.cpu_count(),
+                     "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                     "minutes": round((time.time() - started) / 60, 1)},
+        "mask_draw_ms_80x5120sq_p1e-3": round(mask_ms, 1),
+        "rows": rows,
+        "targets": check_targets(rows),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)  # atomic: a half-written JSON never replaces the last good one
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model (4x256), batch 4x64: under a minute")
-    parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default 5; quick 3)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice; 1 with --clock cpu)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="wall: elapsed time; cpu: the main thread's CPU time with 1 thread by default, "
-                             "robust when other jobs share the machine")
+    parser.add_argument("--quick", action="store_true", help="small model (4x256), batch 4x64, few rounds")
+    parser.add_argument("--precision", default=",".join(PRECISIONS),
+                        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all)")
+    parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds (default 20; quick 3)")
+    parser.add_argument("--max-rounds", type=int, default=None, help="cap on rounds (default 40; quick 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop timing a precision after this many minutes even below --rounds (a shared "
+                             "machine's deadline); its rows then say time_capped")
+    parser.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",")], default=None,
+                        help="comma-separated subset of variants (the floor and LoRA references are always in)")
+    parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
+    parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
+    parser.add_argument("--json", type=Path, default=None, help="also write rows, targets and settings here")
     args = parser.parse_args(argv)
-    threads = args.threads or (1 if args.clock == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    # thread_time: with 1 torch thread the forward, backward and optimizer all run on this thread,
-    # and the memory-sampling thread's own CPU time is not counted.
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    print(f"clock={args.clock} threads={torch.get_num_threads()}", file=sys.stderr)
-    rows = run(args.quick, args.rounds or (3 if args.quick else 5), clock)
-    print(format_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        parser.error(f"unknown precision {unknown}; use a subset of {','.join(PRECISIONS)}")
+    for precision in precisions:
+        unknown = sorted(set(args.variants or []) - set(variant_names(precision)))
+        if unknown:
+            parser.error(f"unknown variants {unknown} at {precision}; known: {', '.join(variant_names(precision))}")
+    min_rounds = args.rounds or (3 if args.quick else 20)
+    max_rounds = max(min_rounds, args.max_rounds or (3 if args.quick else 40))
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.time()
+
+    mask_ms = time_masks()
+    log(f"masks for 80 x 5120^2 at p=1e-3: {mask_ms:.1f} ms")
+    rows: list[dict] = []
+    for precision in precisions:  # each precision complete (time, then memory) before the next
+        done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
+                              args.max_minutes, args.variants)
+        if not args.no_memory:
+            add_memory(done, args.quick, args.threads, args.memory_jobs, log)
+        rows += done
+        if args.json:  # after every precision, so an interrupted run keeps what it finished
+            write_json(args.json, rows, mask_ms, args, min_rounds, max_rounds, started)
+    for precision in precisions:
+        print(f"\n### {precision}\n")
+        print(format_table([r for r in rows if r["precision"] == precision]))
+    print(f"\nmasks for 80 matrices of 5120x5120 at p=1e-3: {mask_ms:.1f} ms (target <= 50 ms)")
+    print("\n| precision | target | holds | measured |\n|---|---|---|---|")
+    for t in check_targets(rows):
+        print(f"| {t['precision']} | {t['target']} | {'yes' if t['holds'] else 'NO'} | {t['detail']} |")
     return 0
 
 

@@ -19,15 +19,35 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# Path choice for the weight gradient, from benchmarks/sddmm_crossover.py on CPU (768x768 and
-# 3072x768, 1024 tokens; times relative to the dense g^T x):
-#   gather:        0.02 at 2 entries, 0.11 at 70, ~0.45 at 0.1% density, 4-7x slower at 1%
-#   sampled_addmm: a fixed cost of 0.25-0.5 up to ~1% density, 0.5-0.7 at 5-10%, >1 at 20%
-# so: gather up to 0.1% density (or a few hundred entries), sampled_addmm up to 12%, dense above.
-GATHER_MAX_NNZ = 512
-GATHER_MAX_DENSITY = 1e-3
-DENSE_GRAD_CROSSOVER = 0.12
+# Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
+# shapes, on a shared machine, so only the larger differences count):
+#   gather:  gathers the kept entries' columns of g and x (O(tokens * nnz) temporaries): as cheap as
+#            anything for a few dozen entries, 5-10x slower than dense g^T x at 1% density.
+#   compact: copies only the touched rows/columns of g and x tokens-last, in fp32, then calls
+#            torch.sparse.sampled_addmm, whose CPU kernel is then a vectorised dot per kept entry
+#            (handed the raw (T, features) activations it makes those transposed copies itself, of
+#            every row and column). 0.1-0.5x dense up to 1% density, beats dense up to 3% everywhere
+#            and up to 10% on two of the three shapes; dense wins at 20%.
+#   dense:   g^T x, then gather the kept entries.
+GATHER_MAX_NNZ = 64
+DENSE_GRAD_CROSSOVER = 0.06
+COMPACT_MAX_FRACTION = 0.8  # gather only the touched rows/columns when at most this fraction is touched
 GATHER_CHUNK_ELEMENTS = 1 << 22  # bound the gather path's (tokens x nnz) temporaries to ~16 MB each
+
+
+@dataclass(eq=False)
+class _Plan:
+    """The kept entries laid out for the compact SDDMM (built once per pattern and device).
+
+    Entries are ordered as a CSR over ``lhs`` (output features when ``lhs_is_out``, else input
+    features), with rows/columns renumbered to the touched ones only.
+    """
+
+    lhs_is_out: bool
+    lhs_touched: torch.Tensor | None  # touched lhs features (None: all of them)
+    rhs_touched: torch.Tensor | None
+    csr: torch.Tensor  # (n_lhs, n_rhs) CSR with zero fp32 values
+    order: torch.Tensor | None  # entry k of the CSR is kept entry order[k] (None: same order)
 
 
 @dataclass(eq=False)
@@ -44,15 +64,12 @@ class SparsePattern:
     transposed: bool = False
     rows: torch.Tensor = field(init=False)
     cols: torch.Tensor = field(init=False)
-    crow: torch.Tensor = field(init=False)
-    _csr_cache: dict = field(init=False, default_factory=dict, repr=False)
+    _plan: _Plan | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         n_cols = self.shape[1]
         self.rows = torch.div(self.indices, n_cols, rounding_mode="floor")
         self.cols = self.indices - self.rows * n_cols
-        counts = torch.bincount(self.rows, minlength=self.shape[0])
-        self.crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
     @property
     def nnz(self) -> int:
@@ -72,23 +89,67 @@ class SparsePattern:
         """Input feature of each kept entry."""
         return self.rows if self.transposed else self.cols
 
+    @property
+    def logical_shape(self) -> tuple[int, int]:
+        """(out_features, in_features)."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+
     def to(self, device: torch.device) -> SparsePattern:
         """A copy on ``device`` (no-op if already there)."""
         if self.indices.device == torch.device(device):
             return self
         return SparsePattern(self.indices.to(device), self.shape, self.transposed)
 
-    def csr_template(self, dtype: torch.dtype) -> torch.Tensor:
-        """A CSR tensor with this pattern (zero values): ``sampled_addmm``'s sampling input."""
-        key = (dtype, self.indices.device)
-        if key not in self._csr_cache:
-            with warnings.catch_warnings():  # "CSR support is in beta": we only use sampled_addmm
-                warnings.simplefilter("ignore", UserWarning)
-                self._csr_cache[key] = torch.sparse_csr_tensor(
-                    self.crow, self.cols, torch.zeros(self.nnz, dtype=dtype, device=self.indices.device),
-                    size=self.shape, check_invariants=False,
-                )
-        return self._csr_cache[key]
+    def plan(self) -> _Plan:
+        """The compact-SDDMM layout (cached)."""
+        if self._plan is None:
+            self._plan = _make_plan(self)
+        return self._plan
+
+
+def _touched(index: torch.Tensor, size: int) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """(touched features or None for all, each entry's renumbered feature, number of touched)."""
+    used = torch.zeros(size, dtype=torch.bool, device=index.device)
+    used[index] = True
+    n_used = int(used.sum())
+    if n_used > COMPACT_MAX_FRACTION * size:  # copying all is cheaper than an index_select
+        return None, index, size
+    touched = used.nonzero().squeeze(1)
+    renumber = torch.cumsum(used, 0) - 1  # feature -> its rank among the touched ones
+    return touched, renumber[index], n_used
+
+
+def _make_plan(pattern: SparsePattern) -> _Plan:
+    out_f, in_f = pattern.logical_shape
+    out_touched, out_new, n_out = _touched(pattern.out_index, out_f)
+    in_touched, in_new, n_in = _touched(pattern.in_index, in_f)
+    # The kernel reads its lhs rows in order and its rhs rows at random: put the smaller operand on
+    # the rhs so that it stays in cache (for fc2, 768 outputs x 3072 inputs, that is g^T).
+    lhs_is_out = n_out >= n_in
+    lhs, rhs, n_lhs, n_rhs = (out_new, in_new, n_out, n_in) if lhs_is_out else (in_new, out_new, n_in, n_out)
+    key = lhs * n_rhs + rhs
+    # The kept entries' own order is row-major in the stored weight; the CSR needs (lhs, rhs) order.
+    in_order = bool((key[1:] > key[:-1]).all()) if key.numel() > 1 else True
+    order = None if in_order else torch.argsort(key)
+    if order is not None:
+        lhs, rhs = lhs[order], rhs[order]
+    counts = torch.bincount(lhs, minlength=n_lhs)
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    with warnings.catch_warnings():  # "CSR support is in beta": we only use sampled_addmm
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(
+            crow, rhs, torch.zeros(pattern.nnz, dtype=torch.float32, device=pattern.indices.device),
+            size=(n_lhs, n_rhs), check_invariants=False,
+        )
+    return _Plan(lhs_is_out, out_touched if lhs_is_out else in_touched,
+                 in_touched if lhs_is_out else out_touched, csr, order)
+
+
+def _tokens_last(m2d: torch.Tensor, touched: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(T, F) -> (F', T) contiguous in ``dtype``, F' = the touched features only."""
+    if touched is not None:
+        m2d = m2d.index_select(1, touched)
+    return m2d.t().contiguous().to(dtype)
 
 
 def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
@@ -98,27 +159,45 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
         grad_out_2d: (T, out) gradient of the layer output.
         x_2d: (T, in) layer input.
     """
-    # Stored-weight gradient = a @ b: (out, T) @ (T, in) for Linear, (in, T) @ (T, out) for Conv1D.
-    a, b = (x_2d.t(), grad_out_2d) if pattern.transposed else (grad_out_2d.t(), x_2d)
+    # Accumulate in fp32 (fp64 for fp64 inputs): CPU sampled_addmm has no bf16/fp16 kernel (torch 2.13),
+    # and bf16 products summed over thousands of tokens would lose the small gradients we train on.
+    compute = torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
     if pattern.nnz == 0:
-        return grad_out_2d.new_zeros(0, dtype=torch.float32)
-    # Accumulate in fp32: CPU sampled_addmm has no bf16/fp16 kernel, and fp32 sums are more exact.
-    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
-    if pattern.nnz <= GATHER_MAX_NNZ or pattern.density <= GATHER_MAX_DENSITY:
-        return _sddmm_gather_chunked(grad_out_2d.to(compute), x_2d.to(compute), pattern)
-    a, b = a.to(compute), b.to(compute)
+        return grad_out_2d.new_zeros(0, dtype=compute)
+    if pattern.nnz <= GATHER_MAX_NNZ:
+        return _sddmm_gather_chunked(grad_out_2d, x_2d, pattern, compute)
     if pattern.density > DENSE_GRAD_CROSSOVER:
-        return (a @ b).reshape(-1)[pattern.indices]
-    out = torch.sparse.sampled_addmm(pattern.csr_template(compute), a, b, beta=0.0, alpha=1.0)
-    return out.values()
+        # Stored-weight gradient = a @ b: (out, T) @ (T, in) for Linear, (in, T) @ (T, out) for Conv1D.
+        a, b = (x_2d.t(), grad_out_2d) if pattern.transposed else (grad_out_2d.t(), x_2d)
+        return (a.to(compute) @ b.to(compute)).reshape(-1)[pattern.indices]
+    return _sddmm_compact(grad_out_2d, x_2d, pattern, compute)
 
 
-def _sddmm_gather_chunked(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """``sddmm_differentiable`` over token chunks, so temporaries stay small for long batches."""
+def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
+                   compute: torch.dtype) -> torch.Tensor:
+    plan = pattern.plan()
+    lhs_2d, rhs_2d = (grad_out_2d, x_2d) if plan.lhs_is_out else (x_2d, grad_out_2d)
+    lhs = _tokens_last(lhs_2d, plan.lhs_touched, compute)  # (n_lhs, T)
+    rhs = _tokens_last(rhs_2d, plan.rhs_touched, compute)  # (n_rhs, T)
+    csr = plan.csr if compute == torch.float32 else plan.csr.to(compute)
+    # lhs @ rhs^T at the CSR entries: rhs.t() is a view, so the kernel's own rhs^T copy is a no-op.
+    values = torch.sparse.sampled_addmm(csr, lhs, rhs.t(), beta=0.0, alpha=1.0).values()
+    if plan.order is None:
+        return values
+    return torch.empty_like(values).index_copy_(0, plan.order, values)
+
+
+def _sddmm_gather_chunked(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
+                          compute: torch.dtype) -> torch.Tensor:
+    """Gather the kept entries' columns, cast to ``compute``, multiply, sum over tokens; in token chunks
+    so the (tokens x nnz) temporaries stay small. Casting after the gather: bf16 -> fp32 on nnz columns only."""
+    out_idx, in_idx = pattern.out_index, pattern.in_index
     chunk = max(1, GATHER_CHUNK_ELEMENTS // max(1, pattern.nnz))
-    out = sddmm_differentiable(grad_out_2d[:chunk], x_2d[:chunk], pattern)
-    for start in range(chunk, grad_out_2d.shape[0], chunk):
-        out += sddmm_differentiable(grad_out_2d[start:start + chunk], x_2d[start:start + chunk], pattern)
+    out = torch.zeros(pattern.nnz, dtype=compute, device=grad_out_2d.device)
+    for start in range(0, grad_out_2d.shape[0], chunk):
+        g = grad_out_2d[start:start + chunk, out_idx].to(compute)  # (chunk, nnz)
+        x = x_2d[start:start + chunk, in_idx].to(compute)
+        out += (g * x).sum(0)
     return out
 
 
@@ -227,8 +306,8 @@ def dense_reference_linear(
 
 
 __all__ = [
+    "COMPACT_MAX_FRACTION",
     "DENSE_GRAD_CROSSOVER",
-    "GATHER_MAX_DENSITY",
     "GATHER_MAX_NNZ",
     "MaskedLinearFunction",
     "SparsePattern",

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from randmask import ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern, dense_reference_linear, masked_linear, scatter_delta
 
 
-@pytest.fixture(params=["gather", "sampled", "dense"])
+@pytest.fixture(params=["gather", "compact", "compact-all", "dense"])
 def path(request, monkeypatch):
-    """Force each weight-gradient path of ``ops.sddmm``."""
+    """Force each weight-gradient path of ``ops.sddmm`` (compact: touched rows/columns only; -all: every one)."""
     if request.param == "gather":
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", 10**9)
         monkeypatch.setattr(ops, "GATHER_CHUNK_ELEMENTS", 7)  # several token chunks
     else:
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", -1)
-        monkeypatch.setattr(ops, "GATHER_MAX_DENSITY", -1.0)
-        monkeypatch.setattr(ops, "DENSE_GRAD_CROSSOVER", 2.0 if request.param == "sampled" else -1.0)
+        monkeypatch.setattr(ops, "DENSE_GRAD_CROSSOVER", -1.0 if request.param == "dense" else 2.0)
+        monkeypatch.setattr(ops, "COMPACT_MAX_FRACTION", 1.0 if request.param == "compact" else -1.0)
     return request.param
 
 
@@ -135,3 +137,63 @@ def test_autocast_bf16():
     assert gx.dtype == torch.float32 and gv.dtype == torch.float32
     gv_ref = torch.autograd.grad(dense_reference_linear(xf, base, values, bias, pattern).sum(), values)[0]
     torch.testing.assert_close(gv, gv_ref, atol=0.1, rtol=0.02)
+
+
+def _sddmm_reference(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """Dense g^T x in float64, at the kept entries (stored-weight order)."""
+    dense = g.double().t() @ x.double()  # (out, in)
+    return (dense.t() if pattern.transposed else dense).reshape(-1)[pattern.indices]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_f=st.integers(1, 40), in_f=st.integers(1, 40), tokens=st.integers(1, 30),
+    p=st.sampled_from([0.0, 0.01, 0.05, 0.3, 1.0]), transposed=st.booleans(), seed=st.integers(0, 10**6),
+)
+def test_sddmm_every_path_matches_dense(out_f, in_f, tokens, p, transposed, seed):
+    """Every path (and both compact layouts) on random shapes, empty and full masks included."""
+    shape = (in_f, out_f) if transposed else (out_f, in_f)
+    indices = bernoulli_mask(shape, p, make_generator(seed, "w")) if p > 0 else torch.empty(0, dtype=torch.int64)
+    pattern = SparsePattern(indices, shape, transposed)
+    gen = torch.Generator().manual_seed(seed)
+    g, x = torch.randn(tokens, out_f, generator=gen), torch.randn(tokens, in_f, generator=gen)
+    expected = _sddmm_reference(g, x, pattern)
+    settings_by_path = {
+        "gather": {"GATHER_MAX_NNZ": 10**9, "GATHER_CHUNK_ELEMENTS": 5},
+        "compact": {"GATHER_MAX_NNZ": -1, "DENSE_GRAD_CROSSOVER": 2.0, "COMPACT_MAX_FRACTION": 1.0},
+        "compact-all": {"GATHER_MAX_NNZ": -1, "DENSE_GRAD_CROSSOVER": 2.0, "COMPACT_MAX_FRACTION": -1.0},
+        "dense": {"GATHER_MAX_NNZ": -1, "DENSE_GRAD_CROSSOVER": -1.0},
+    }
+    for name, overrides in settings_by_path.items():
+        with pytest.MonkeyPatch.context() as mp:
+            for attr, value in overrides.items():
+                mp.setattr(ops, attr, value)
+            got = ops.sddmm(g, x, SparsePattern(pattern.indices, shape, transposed))  # fresh plan per path
+        assert got.dtype == torch.float32 and got.shape == (pattern.nnz,), name
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_compact_plan_touches_only_used_rows_and_reorders():
+    """A Conv1D-style (transposed) pattern with few used features: compacted, and its CSR order differs."""
+    shape = (50, 40)  # stored (in, out)
+    indices = torch.tensor([3 * 40 + 7, 3 * 40 + 2, 9 * 40 + 7, 20 * 40 + 39]).sort().values
+    pattern = SparsePattern(indices, shape, transposed=True)
+    plan = pattern.plan()
+    assert plan.lhs_touched is not None and plan.rhs_touched is not None
+    assert plan.lhs_touched.numel() + plan.rhs_touched.numel() == 3 + 3  # outputs {2, 7, 39}, inputs {3, 9, 20}
+    g, x = torch.randn(6, 40), torch.randn(6, 50)
+    torch.testing.assert_close(ops._sddmm_compact(g, x, pattern, torch.float32).double(),
+                               _sddmm_reference(g, x, pattern), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_fp32(path, dtype):
+    """bf16/fp16 g and x: the result is the fp32 sum of exact products of the half values, on every path
+    (a half-precision accumulation over 4096 tokens would be off by far more than this tolerance)."""
+    shape = (24, 16)
+    pattern = SparsePattern(bernoulli_mask(shape, 0.3, make_generator(1, "w")), shape)
+    g = (torch.randn(4096, 24) + 3.0).to(dtype)  # a large common mean: a half-precision running sum drifts
+    x = (torch.randn(4096, 16) + 3.0).to(dtype)
+    got = ops.sddmm(g, x, pattern)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _sddmm_reference(g, x, pattern), rtol=2e-5, atol=1e-3)

@@ -1,0 +1,43 @@
+"""Merge step-benchmark JSONs run separately (e.g. one process per precision) into one file.
+
+    python benchmarks/merge_results.py OUT.json IN1.json IN2.json ...
+
+Rows are concatenated in input order (a precision may appear in only one input), the targets are
+re-evaluated over all rows, and each input's settings are kept under ``runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from step_benchmark import check_targets
+
+
+def merge(inputs: list[Path]) -> dict:
+    payloads = [json.loads(p.read_text()) for p in inputs]
+    rows = [r for p in payloads for r in p["rows"]]
+    seen = [(r["precision"], r["variant"]) for r in rows]
+    if len(seen) != len(set(seen)):
+        raise SystemExit("the inputs overlap: a (precision, variant) row appears twice")
+    return {
+        "runs": [{"file": str(path), **p["settings"]} for path, p in zip(inputs, payloads)],
+        "mask_draw_ms_80x5120sq_p1e-3": [p["mask_draw_ms_80x5120sq_p1e-3"] for p in payloads],
+        "rows": rows,
+        "targets": check_targets(rows),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        raise SystemExit(__doc__)
+    out, inputs = Path(argv[0]), [Path(a) for a in argv[1:]]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merge(inputs), indent=1) + "\n")
+    tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,47 @@
+"""The benchmark's statistics: paired per-round ratios and the bootstrap CI of their median."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_stats import paired_ratios, summarize  # noqa: E402
+
+
+def test_paired_ratios_are_per_round():
+    # A slow phase of the machine (round 2) doubles both times: the paired ratio does not move.
+    assert paired_ratios([1.1, 2.2, 1.1], [1.0, 2.0, 1.0]) == pytest.approx([1.1, 1.1, 1.1])
+
+
+def test_paired_ratios_reject_mismatched_rounds():
+    with pytest.raises(ValueError, match="same non-zero number of rounds"):
+        paired_ratios([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError):
+        paired_ratios([], [])
+
+
+def test_constant_ratios_give_a_zero_width_ci():
+    s = summarize([1.03] * 20)
+    assert (s.median, s.ci_low, s.ci_high, s.rounds) == pytest.approx((1.03, 1.03, 1.03, 20))
+    assert s.half_width == pytest.approx(0.0)
+
+
+def test_ci_brackets_the_median_and_narrows_with_more_rounds():
+    import random
+
+    rng = random.Random(0)
+    few = summarize([1.0 + rng.gauss(0, 0.05) for _ in range(10)])
+    many = summarize([1.0 + rng.gauss(0, 0.05) for _ in range(400)])
+    for s in (few, many):
+        assert s.ci_low <= s.median <= s.ci_high
+    assert many.half_width < few.half_width
+    assert many.ci_low < 1.0 < many.ci_high  # the true median is 1.0
+    assert many.half_width < 0.02
+
+
+def test_bootstrap_is_reproducible():
+    data = [1.0, 1.2, 0.9, 1.1, 1.05]
+    assert summarize(data) == summarize(data)
