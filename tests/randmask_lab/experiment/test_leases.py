@@ -84,12 +84,13 @@ def test_two_sweeps_on_one_out_dir_run_each_cell_once(tiny_lm, tmp_path):
     out = tmp_path / "runs"
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     workers = [_start(_sweep_args(tiny_lm, out, lease=30), log) for log in logs]
+    tails = lambda: "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)  # noqa: E731
     for w in workers:
-        assert w.wait(timeout=300) == 0
+        assert w.wait(timeout=300) == 0, tails()
     started = [_started(log) for log in logs]
     records = ResultStore(out / "results.sqlite").records()
-    assert len(records) == 4 and all(r.status == "done" for r in records)
-    assert sorted(started[0] + started[1]) == sorted(r.run_id for r in records)  # each cell exactly once
+    assert len(records) == 4 and all(r.status == "done" for r in records), tails()
+    assert sorted(started[0] + started[1]) == sorted(r.run_id for r in records), tails()  # each cell exactly once
     _check_steps(out, [r.run_id for r in records])
 
 
