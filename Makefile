@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow lint bench bench-quick clean
+.PHONY: setup run test test-slow lint bench bench-quick bench-precision clean
 
 # torch first, pinned to the CPU build on this machine's disk: otherwise a dependency
 # pulls a multi-GB CUDA build of torch.
@@ -36,6 +36,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/step_benchmark.py --quick
+
+bench-precision: $(STAMP)
+	$(BIN)/python benchmarks/precision_step.py --json benchmarks/results/precision_step.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
