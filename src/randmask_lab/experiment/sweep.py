@@ -86,6 +86,18 @@ def failed_record(config: RunConfig, error: BaseException) -> RunRecord:
                      code_version=code_version(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
+def checked_grid(sweep: SweepConfig, base: RunConfig) -> tuple[list[RunConfig], list[str]]:
+    """The grid's run configs and ids, checked before any run starts: unknown names and missing data
+    fail here (not hours later), and so does a grid that lists the same run twice."""
+    configs = sweep_configs(sweep, base)
+    for config in configs:
+        check_names(config)
+    ids = [c.run_id for c in configs]
+    if len(set(ids)) < len(ids):
+        raise RunError("the sweep grid lists the same run twice (repeated values in --lrs / --seeds / --ratios?)")
+    return configs, ids
+
+
 def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = None,
               say: Callable[[str], None] = print, poll_seconds: float | None = None) -> list[RunRecord]:
     """Run every unfinished run of the grid; a diverged or failed run does not stop the sweep.
@@ -95,12 +107,7 @@ def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = N
     its pass. It returns once every run is finished or failed here; a run whose worker died is
     taken over when that worker's lease expires and resumes from its checkpoint.
     """
-    configs = sweep_configs(sweep, base)
-    for config in configs:  # unknown names and missing data fail here, before hours of runs
-        check_names(config)
-    ids = [c.run_id for c in configs]
-    if len(set(ids)) < len(ids):
-        raise RunError("the sweep grid lists the same run twice (repeated values in --lrs / --seeds / --ratios?)")
+    configs, ids = checked_grid(sweep, base)
     store = store or default_store(base)
     poll = poll_seconds if poll_seconds is not None else max(0.5, min(10.0, base.lease_seconds / 4))
     owner = new_owner()

@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from randmask_lab.errors import LabError, MissingPackageError, RunError
-from randmask_lab.experiment.build import check_names
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.executors import ExecutorConfig
 from randmask_lab.experiment.record import RunRecord
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner
-from randmask_lab.experiment.sweep import SweepConfig, failed_record, sweep_configs
+from randmask_lab.experiment.sweep import SweepConfig, checked_grid, failed_record
 from randmask_lab.experiment.train import default_store, run_training
 
 __all__ = ["import_ray", "run_sweep_ray"]
@@ -197,12 +196,7 @@ def run_sweep_ray(sweep: SweepConfig, base: RunConfig, executor: ExecutorConfig,
                   say: Callable[[str], None] = print, poll_seconds: float | None = None) -> list[RunRecord]:
     """Run every unfinished cell of the grid as a Ray task; the records in grid order (see the module doc)."""
     ray = import_ray()
-    configs = sweep_configs(sweep, base)
-    for config in configs:  # unknown names and missing data fail here, before any task is submitted
-        check_names(config)
-    ids = [c.run_id for c in configs]
-    if len(set(ids)) < len(ids):
-        raise RunError("the sweep grid lists the same run twice (repeated values in --lrs / --seeds / --ratios?)")
+    configs, ids = checked_grid(sweep, base)  # before any task is submitted
     store = store or default_store(base)
     poll = poll_seconds if poll_seconds is not None else max(0.5, min(10.0, base.lease_seconds / 4))
     owner = new_owner()
