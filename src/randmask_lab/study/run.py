@@ -14,12 +14,12 @@ from pathlib import Path
 
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.loop import LeaseLost
-from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.record import FINISHED, RunRecord
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.sweep import failed_record
 from randmask_lab.experiment.train import run_training
 from randmask_lab.study.plan import PlannedRun, StudySpec, needed_runs
-from randmask_lab.study.records import export_jsonl
+from randmask_lab.study.records import export_jsonl, read_jsonl
 
 
 def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) -> RunConfig:
@@ -27,6 +27,17 @@ def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) 
     return RunConfig(model=spec.model, task=run.task, method=run.method, ratio=run.ratio, lr=run.lr,
                      seed=run.seed, precision=spec.precision, out_dir=out_dir,
                      **{**spec.common, **spec.protocol[run.task]}, **execution)
+
+
+def adopt_records(store: ResultStore, records: list[RunRecord]) -> int:
+    """Put the finished records of a committed study file into ``store`` where it lacks them, so a
+    study resumes on a fresh machine from the JSONL alone; return how many were added."""
+    added = 0
+    for record in records:
+        if record.status in FINISHED and store.get(record.run_id) is None:
+            store.put(record)
+            added += 1
+    return added
 
 
 def _run_one(config: RunConfig, store: ResultStore, owner: str) -> RunRecord | None:
@@ -59,6 +70,10 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
     again to retry it), so one broken cell cannot loop forever.
     """
     store = ResultStore(store_file(None, out_dir))
+    if export and Path(export).is_file():
+        adopted = adopt_records(store, read_jsonl(export))
+        if adopted:
+            say(f"study {spec.name}: took {adopted} finished records from {export} into the store")
     owner, ran, failed = new_owner(), 0, set()
     while max_runs is None or ran < max_runs:
         needs = [n for n in needed_runs(spec, store.records())

@@ -103,5 +103,9 @@ def test_a_tiny_study_runs_to_completion_and_exports(tmp_path: Path, capsys: pyt
     assert "nothing left to run" in capsys.readouterr().out
     lines = export.read_text().splitlines()
     assert 3 <= len(lines) <= 4  # 2 search LRs (+1 if the optimum was at an edge) + seed 1 at the chosen LR
+    # A fresh machine has only the committed JSONL: the study adopts it and runs nothing again.
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(tmp_path / "fresh"), "--export", str(export)]) == 0
+    said = capsys.readouterr().out
+    assert f"took {len(lines)} finished records" in said and "nothing left to run" in said and "done:" not in said
     assert main(["report", "--from", str(export)]) == 0
     assert "| randmask 1e-02 |" in capsys.readouterr().out
