@@ -94,11 +94,11 @@ def report_tables(records: Sequence[RunRecord], select_by: Select = "val_loss") 
         return "No finished runs in the store."
     out = []
     for (model, protocol), rows in sorted(groups.items()):
-        tasks = sorted({t for per_task in rows.values() for t in per_task}, key=_task_order)
+        tasks = sorted({t for per_task in rows.values() for t in per_task}, key=task_order)
         head = ["Method", "Params", *[TASK_LABELS.get(t, t) for t in tasks]] + (["Avg"] if len(tasks) > 1 else [])
         lines = [f"### {model} — {protocol}", "", "| " + " | ".join(head) + " |",
                  "|" + "---|" * len(head)]
-        for label, per_task in sorted(rows.items(), key=lambda kv: _method_order(kv[0])):
+        for label, per_task in sorted(rows.items(), key=lambda kv: method_order(kv[0])):
             cells = {t: best_cell(per_task[t], select_by) for t in tasks if t in per_task}
             texts = [cells[t].text() if t in cells else "-" for t in tasks]
             if len(tasks) > 1:
@@ -113,12 +113,12 @@ def report_tables(records: Sequence[RunRecord], select_by: Select = "val_loss") 
     return "\n\n".join(out) + "\n\n" + metric_note
 
 
-def _task_order(task: str) -> int:
+def task_order(task: str) -> int:
     order = list(TASK_LABELS)
     return order.index(task) if task in order else len(order)
 
 
-def _method_order(label: str) -> tuple[int, float]:
+def method_order(label: str) -> tuple[int, float]:
     names = ["zeroshot", "full", "lora", "adalora", "adapter", "bitfit", "prefix", "randmask", "structured"]
     method, _, budget = label.partition(" ")
     rank = names.index(method) if method in names else len(names)
@@ -135,7 +135,7 @@ def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss") -> l
         if r.status in ("done", "diverged"):
             cells[(r.config["model"], protocol_label(r.config), r.config["task"], method_label(r.config))].append(r)
     chosen = []
-    for key in sorted(cells, key=lambda k: (k[0], k[1], _task_order(k[2]), _method_order(k[3]))):
+    for key in sorted(cells, key=lambda k: (k[0], k[1], task_order(k[2]), method_order(k[3]))):
         cell = best_cell(cells[key], select_by)
         if cell.lr is not None:
             chosen.append(min((r for r in cells[key] if r.config["lr"] == cell.lr), key=lambda r: r.config["seed"]))

@@ -49,7 +49,8 @@ class StudyCell:
         return "low" if self.lr == self.lrs[0] else "high" if self.lr == self.lrs[-1] else None
 
 
-def _val(r: RunRecord) -> float:
+def search_loss(r: RunRecord) -> float:
+    """A run's validation loss for choosing the LR; inf when it diverged, failed or has none."""
     return r.val_loss if r.status == "done" and r.val_loss is not None and math.isfinite(r.val_loss) else math.inf
 
 
@@ -61,11 +62,11 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
         by_lr[float(r.config.get("lr") or 0.0)].append(r)
     cell.lrs = sorted(by_lr)
     for lr, rs in by_lr.items():
-        cell.val_by_lr[lr] = [_val(r) for r in rs]
+        cell.val_by_lr[lr] = [search_loss(r) for r in rs]
         cell.test_by_lr[lr] = [r.test_metric for r in rs if r.test_metric is not None and r.status == "done"]
     common = set.intersection(*({r.config["seed"] for r in rs} for rs in by_lr.values()))
     for lr, rs in by_lr.items():
-        search = [_val(r) for r in rs if r.config["seed"] in common]
+        search = [search_loss(r) for r in rs if r.config["seed"] in common]
         cell.search_val_loss[lr] = statistics.fmean(search) if search and all(map(math.isfinite, search)) else math.inf
     best = min(cell.lrs, key=lambda lr: (cell.search_val_loss[lr], lr))
     if math.isfinite(cell.search_val_loss[best]):

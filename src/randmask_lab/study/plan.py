@@ -16,6 +16,7 @@ from typing import Any
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.record import FINISHED, RunRecord
+from randmask_lab.study.cells import search_loss
 
 LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
 
@@ -92,10 +93,6 @@ def _matches(r: RunRecord, task: str, cell: CellSpec, fixed: dict[str, Any]) -> 
             and all(c.get(k) == v for k, v in fixed.items()))
 
 
-def _val(r: RunRecord) -> float:
-    return r.val_loss if r.status == "done" and r.val_loss is not None and math.isfinite(r.val_loss) else math.inf
-
-
 def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRecord]) -> list[PlannedRun]:
     fixed = {**spec.common, **spec.protocol[task]}
     done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
@@ -108,8 +105,8 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                if (lr, spec.search_seed) not in done]
     if missing:
         return missing
-    best = min(grid, key=lambda lr: (_val(done[(lr, spec.search_seed)]), lr))
-    if math.isfinite(_val(done[(best, spec.search_seed)])):
+    best = min(grid, key=lambda lr: (search_loss(done[(lr, spec.search_seed)]), lr))
+    if math.isfinite(search_loss(done[(best, spec.search_seed)])):
         for edge, step in ((grid[-1], +1), (grid[0], -1)):
             extended = sum(lr > max(cell.lrs) for lr in grid) if step > 0 else sum(lr < min(cell.lrs) for lr in grid)
             nxt = neighbour(best, step)

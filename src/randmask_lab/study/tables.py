@@ -4,29 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from randmask_lab.experiment.report import TASK_LABELS
+from randmask_lab.experiment.report import TASK_LABELS, method_order, task_order
 from randmask_lab.study.cells import CellKey, StudyCell
 from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference
 
-METHOD_ORDER = ("zeroshot", "full", "lora", "adalora", "adapter", "bitfit", "prefix", "randmask", "structured")
 # The differences the study reports: (left, right) method labels, left - right, paired by seed.
 DIFFERENCES = (("randmask 1e-03", "lora"), ("randmask 1e-03", "full"), ("randmask 1e-04", "lora"),
                ("randmask 1e-05", "lora"), ("randmask 1e-04", "structured 1e-04"),
                ("randmask 1e-05", "structured 1e-05"))
-
-
-def task_order(task: str) -> int:
-    order = list(TASK_LABELS)
-    return order.index(task) if task in order else len(order)
-
-
-def method_order(label: str) -> tuple[int, float]:
-    method, _, budget = label.partition(" ")
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    try:
-        return rank, -float(budget)
-    except ValueError:
-        return rank, 0.0
 
 
 def by_model(cells: dict[CellKey, StudyCell]) -> dict[str, dict[str, dict[str, StudyCell]]]:
