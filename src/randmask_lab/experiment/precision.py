@@ -9,10 +9,11 @@
 - ``16-mixed``: fp32 weights, fp16 autocast, ``torch.amp.GradScaler``; a loss scale that
   collapses ends the run as ``scale_collapsed``, not ``diverged``.
 
-Attention backend: on a CPU in bf16, PyTorch's default SDPA kernel (flash) has a backward 3.5x
-slower than fp32's, and the math backend is the fastest of flash, math and eager (see
-benchmarks/precision_step.py for the measurement on SmolLM2-135M). So bf16 on CPU runs SDPA with
-the math backend; every other case keeps PyTorch's choice.
+Attention: on a CPU in bf16, PyTorch's default SDPA kernel (flash) has a backward 3.5x slower than
+fp32's, its math backend is faster, and ``attention.folded_attention`` (grouped query heads folded
+into the query axis, fp32 softmax) is about twice as fast again (see that module for the numbers).
+So bf16 on CPU runs ``folded`` where the model takes a transformers attention function, with SDPA's
+math backend for whatever it hands back to SDPA; every other case keeps PyTorch's choice.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class PrecisionPlan:
 
     name: str
     device: torch.device
-    attention: Literal["auto", "math", "default"] = "auto"
-    """SDPA backend: auto (math for bf16 on a CPU, else PyTorch's choice), or forced (benchmarks)."""
+    attention: Literal["auto", "folded", "math", "default"] = "auto"
+    """Attention kernel: auto (folded for bf16 on a CPU, else PyTorch's choice), or forced (benchmarks)."""
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -55,11 +56,26 @@ class PrecisionPlan:
         return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(self.name)
 
     @property
-    def math_attention(self) -> bool:
-        """True when SDPA should use the math backend (bf16 on a CPU: fastest there, see module doc)."""
+    def attention_kernel(self) -> str:
+        """``folded``, ``math`` or ``default`` (see the module doc)."""
         if self.attention != "auto":
-            return self.attention == "math"
-        return self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu"
+            return self.attention
+        return "folded" if self.autocast_dtype == torch.bfloat16 and self.device.type == "cpu" else "default"
+
+    @property
+    def math_attention(self) -> bool:
+        """True when SDPA calls should use the math backend (the folded kernel's fallbacks included)."""
+        return self.attention_kernel in ("folded", "math")
+
+    def setup_attention(self, model: nn.Module) -> str:
+        """Give ``model`` this plan's attention kernel; return the one it runs (``folded`` needs a
+        transformers model on sdpa attention, else SDPA's ``math`` backend stands in)."""
+        kernel = self.attention_kernel
+        if kernel == "folded":
+            from randmask_lab.experiment.attention import use_folded_attention
+
+            return "folded" if use_folded_attention(model) else "math"
+        return kernel
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:

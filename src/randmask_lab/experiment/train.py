@@ -99,6 +99,7 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     plan = PrecisionPlan(config.precision, ctx.device)
     splits = sample_splits(config, spec)
     model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
+    attention = plan.setup_attention(model)
     data = load_data(config, spec, mode, tokenizer, splits)
     heads = run_head_modules(config, model)
     steps = _steps_per_epoch(config, len(data.train), ctx)
@@ -114,7 +115,7 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
             shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         write_json(run_dir / "config.json", config.to_dict())
     barrier(ctx)
-    info = {"data": split_record(config, spec, splits), "attention": "math" if plan.math_attention else "default"}
+    info = {"data": split_record(config, spec, splits), "attention": attention}
     if not prepared.trains:  # evaluation only (zeroshot)
         with_metric = data.spec.kind != "generation" or config.val_generate
         val_loss, val_metric = evaluate(prepared.model, objective, plan, ctx, data.val, with_metric)

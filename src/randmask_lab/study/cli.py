@@ -70,6 +70,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
         print(f"{len(needs)} runs planned next (more follow once the LR search has finished)")
         return 0
     execution = {"threads": args.threads, "progress": args.progress}
+    if args.lease_seconds is not None:
+        execution["lease_seconds"] = args.lease_seconds
     run_study(spec, args.out_dir, export=args.export, max_runs=args.max_runs, execution=execution)
     return 0
 
@@ -83,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     std.add_argument("--export", help="re-write this JSONL study file after every run")
     std.add_argument("--max-runs", type=int, help="stop after this many runs (the next call goes on)")
     std.add_argument("--threads", type=int, help="torch CPU threads per run")
+    std.add_argument("--lease-seconds", type=float, help="a run's lease expires this long after its last "
+                     "heartbeat (default 60); raise it when workers may be paused (kill -STOP)")
     std.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bars")
     std.add_argument("--plan", action="store_true", help="print the runs planned next and exit")
     std.set_defaults(func=_cmd_study)

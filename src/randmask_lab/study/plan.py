@@ -118,11 +118,13 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
 
 
 def needed_runs(spec: StudySpec, records: list[RunRecord]) -> list[PlannedRun]:
-    """Every run the study needs next, in spec order (cells x tasks), given the finished records."""
+    """Every run the study needs next, task by task (protocol order), cells in spec order within a task,
+    given the finished records. Task-major, so a study stopped part-way has whole tasks to report."""
     finished = [r for r in records if r.status in FINISHED and r.config.get("model") == spec.model
                 and r.config.get("precision", "32") == spec.precision]
     out: list[PlannedRun] = []
-    for cell in spec.cells:
-        for task in cell.tasks or tuple(spec.protocol):
-            out += _cell_runs(spec, task, cell, finished)
+    for task in spec.protocol:
+        for cell in spec.cells:
+            if cell.tasks is None or task in cell.tasks:
+                out += _cell_runs(spec, task, cell, finished)
     return out

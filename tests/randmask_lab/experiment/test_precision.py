@@ -47,7 +47,7 @@ def test_every_precision_trains(tiny_lm, run_kwargs, precision):
     record = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1, "precision": precision,
                                        "lr": 1e-2}))
     assert record.status == "done" and record.test_metric is not None
-    assert record.attention == ("math" if precision.startswith("bf16") else "default")
+    assert record.attention == ("folded" if precision.startswith("bf16") else "default")
 
 
 def test_a_collapsed_loss_scale_is_reported_as_such(tiny_lm, run_kwargs, monkeypatch):

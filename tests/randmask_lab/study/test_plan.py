@@ -64,6 +64,14 @@ def test_zeroshot_runs_once_per_seed() -> None:
     assert [(n.method, n.seed) for n in needed_runs(s, [])] == [("zeroshot", 0), ("zeroshot", 1), ("zeroshot", 2)]
 
 
+def test_runs_are_planned_task_by_task() -> None:
+    protocol = {"sst2": PROTOCOL["sst2"], "rte": PROTOCOL["sst2"]}
+    s = StudySpec("t", "tiny", "bf16-true", protocol, [CellSpec("zeroshot"), CellSpec("lora", (1e-3,)),
+                                                       CellSpec("full", (1e-5,), tasks=("rte",))], seeds=(0,))
+    assert [(n.task, n.method) for n in needed_runs(s, [])] == [
+        ("sst2", "zeroshot"), ("sst2", "lora"), ("rte", "zeroshot"), ("rte", "lora"), ("rte", "full")]
+
+
 def test_spec_file_errors_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"name": "x", "model": "m", "precision": "32", "protocol": {},
