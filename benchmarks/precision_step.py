@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (short name or folder)")
     parser.add_argument("--task", default="rte", help="task whose prompts form the batch")
     parser.add_argument("--batch", type=int, default=8, help="prompts per step")
-    parser.add_argument("--variants", nargs="+", default=["32", "bf16-mixed", "bf16-true", "bf16-true:math", "bf16-true:default"],
+    parser.add_argument("--variants", nargs="+",
+                        default=["32", "bf16-mixed", "bf16-true", "bf16-true:math", "bf16-true:default"],
                         help="PRECISION[:auto|folded|math|default] to time (32 always included)")
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every round)")
     args = parser.parse_args()

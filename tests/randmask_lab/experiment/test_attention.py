@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import model_output, tiny_inputs, tiny_model
 
 from randmask_lab.experiment import attention as attention_mod
 from randmask_lab.experiment.attention import ATTENTION_NAME, folded, folded_attention, use_folded_attention
 from randmask_lab.experiment.precision import PrecisionPlan
-from tests.conftest import model_output, tiny_inputs, tiny_model
 
 B, HQ, HKV, T, D = 3, 6, 2, 7, 8
 
