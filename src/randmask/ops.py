@@ -13,7 +13,9 @@ products): with ``create_graph=True`` it switches to plain differentiable ops.
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +34,13 @@ import torch.nn.functional as F
 GATHER_MAX_NNZ = 64
 DENSE_GRAD_CROSSOVER = 0.06
 COMPACT_MAX_FRACTION = 0.8  # gather only the touched rows/columns when at most this fraction is touched
+COMPACT_CHUNK_BYTES = 4 << 20  # the compact path copies its larger operand in blocks of at most this
 GATHER_CHUNK_ELEMENTS = 1 << 22  # bound the gather path's (tokens x nnz) temporaries to ~16 MB each
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    """int32 where it can hold every index (half the bytes of int64), else int64."""
+    return torch.int32 if n < 2**31 else torch.int64
 
 
 @dataclass(eq=False)
@@ -40,13 +48,17 @@ class _Plan:
     """The kept entries laid out for the compact SDDMM (built once per pattern and device).
 
     Entries are ordered as a CSR over ``lhs`` (output features when ``lhs_is_out``, else input
-    features), with rows/columns renumbered to the touched ones only.
+    features), with rows/columns renumbered to the touched ones only. Memory per kept entry: a
+    4-byte CSR column and, only when the CSR order differs from the stored order, a 4-byte
+    position; the CSR tensors are made per call (sampled_addmm only reads their structure).
     """
 
     lhs_is_out: bool
     lhs_touched: torch.Tensor | None  # touched lhs features (None: all of them)
     rhs_touched: torch.Tensor | None
-    csr: torch.Tensor  # (n_lhs, n_rhs) CSR with zero fp32 values
+    crow: torch.Tensor  # (n_lhs + 1,) CSR row pointers
+    col: torch.Tensor  # (nnz,) CSR column (renumbered rhs feature) of each entry
+    size: tuple[int, int]  # (n_lhs, n_rhs)
     order: torch.Tensor | None  # entry k of the CSR is kept entry order[k] (None: same order)
 
 
@@ -56,20 +68,25 @@ class SparsePattern:
 
     ``indices`` are sorted flat row-major indices into the *stored* weight of shape
     ``shape`` (``(out, in)`` for ``nn.Linear``; ``(in, out)`` for GPT-2's ``Conv1D``,
-    where ``transposed=True``).
+    where ``transposed=True``). Row and column of each entry are computed when asked for,
+    not stored: at 1% of every linear layer they would cost 16 bytes per entry for the
+    whole run, while only the small-nnz and double-backward paths read them.
     """
 
     indices: torch.Tensor
     shape: tuple[int, int]
     transposed: bool = False
-    rows: torch.Tensor = field(init=False)
-    cols: torch.Tensor = field(init=False)
     _plan: _Plan | None = field(init=False, default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        n_cols = self.shape[1]
-        self.rows = torch.div(self.indices, n_cols, rounding_mode="floor")
-        self.cols = self.indices - self.rows * n_cols
+    @property
+    def rows(self) -> torch.Tensor:
+        """Stored-weight row of each kept entry (computed, O(nnz))."""
+        return torch.div(self.indices, self.shape[1], rounding_mode="floor")
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """Stored-weight column of each kept entry (computed, O(nnz))."""
+        return self.indices % self.shape[1]
 
     @property
     def nnz(self) -> int:
@@ -131,25 +148,26 @@ def _make_plan(pattern: SparsePattern) -> _Plan:
     # The kept entries' own order is row-major in the stored weight; the CSR needs (lhs, rhs) order.
     in_order = bool((key[1:] > key[:-1]).all()) if key.numel() > 1 else True
     order = None if in_order else torch.argsort(key)
+    del key
     if order is not None:
         lhs, rhs = lhs[order], rhs[order]
+    index_dtype = _index_dtype(max(pattern.nnz, n_rhs) + 1)
     counts = torch.bincount(lhs, minlength=n_lhs)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    with warnings.catch_warnings():  # "CSR support is in beta": we only use sampled_addmm
-        warnings.simplefilter("ignore", UserWarning)
-        csr = torch.sparse_csr_tensor(
-            crow, rhs, torch.zeros(pattern.nnz, dtype=torch.float32, device=pattern.indices.device),
-            size=(n_lhs, n_rhs), check_invariants=False,
-        )
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(index_dtype)
     return _Plan(lhs_is_out, out_touched if lhs_is_out else in_touched,
-                 in_touched if lhs_is_out else out_touched, csr, order)
+                 in_touched if lhs_is_out else out_touched, crow, rhs.to(index_dtype), (n_lhs, n_rhs),
+                 None if order is None else order.to(_index_dtype(pattern.nnz)))
 
 
 def _tokens_last(m2d: torch.Tensor, touched: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """(T, F) -> (F', T) contiguous in ``dtype``, F' = the touched features only."""
+    """(T, F) -> (F', T) contiguous in ``dtype``, F' = the touched features only.
+
+    One allocation, cast and transpose in one copy: a bf16 input never has a bf16 transposed copy
+    alive beside the fp32 one (that was 1.5x the fp32 size at the backward's memory peak).
+    """
     if touched is not None:
         m2d = m2d.index_select(1, touched)
-    return m2d.t().contiguous().to(dtype)
+    return torch.empty((m2d.shape[1], m2d.shape[0]), dtype=dtype, device=m2d.device).copy_(m2d.t())
 
 
 def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
@@ -177,14 +195,37 @@ def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Spars
                    compute: torch.dtype) -> torch.Tensor:
     plan = pattern.plan()
     lhs_2d, rhs_2d = (grad_out_2d, x_2d) if plan.lhs_is_out else (x_2d, grad_out_2d)
-    lhs = _tokens_last(lhs_2d, plan.lhs_touched, compute)  # (n_lhs, T)
-    rhs = _tokens_last(rhs_2d, plan.rhs_touched, compute)  # (n_rhs, T)
-    csr = plan.csr if compute == torch.float32 else plan.csr.to(compute)
-    # lhs @ rhs^T at the CSR entries: rhs.t() is a view, so the kernel's own rhs^T copy is a no-op.
-    values = torch.sparse.sampled_addmm(csr, lhs, rhs.t(), beta=0.0, alpha=1.0).values()
+    rhs = _tokens_last(rhs_2d, plan.rhs_touched, compute)  # (n_rhs, T), the smaller operand
+    n_lhs, n_rhs = plan.size
+    # Half inputs: the lhs copy goes in row blocks of at most COMPACT_CHUNK_BYTES. It is made at the
+    # backward's memory peak (the first layers back still hold every activation), and whole it is
+    # twice the bf16 activation (fp32 (features x tokens), 12.6 MB for an OPT-125m fc1 at 1024 tokens).
+    # fp32 inputs copy it whole: blocks cost them ~35% of this op (strided column reads) and the
+    # copy is no larger than the activation (measured with benchmarks/bench_memory.py).
+    step = n_lhs if lhs_2d.dtype == compute else \
+        max(1, COMPACT_CHUNK_BYTES // (lhs_2d.shape[0] * torch.finfo(compute).bits // 8))
+    crow = plan.crow.tolist() if n_lhs > step else [0, pattern.nnz]
+    values = torch.empty(pattern.nnz, dtype=compute, device=grad_out_2d.device)
+    for r0 in range(0, n_lhs, step):
+        r1 = min(n_lhs, r0 + step)
+        e0, e1 = (crow[r0], crow[r1]) if n_lhs > step else (0, pattern.nnz)
+        if e0 == e1:
+            continue
+        if plan.lhs_touched is not None:
+            lhs = _tokens_last(lhs_2d, plan.lhs_touched[r0:r1], compute)  # (r1 - r0, T)
+        else:
+            lhs = _tokens_last(lhs_2d[:, r0:r1], None, compute)
+        with warnings.catch_warnings():  # "CSR support is in beta": we only use sampled_addmm
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(plan.crow[r0:r1 + 1] - e0, plan.col[e0:e1],
+                                          values.new_zeros(e1 - e0), size=(r1 - r0, n_rhs), check_invariants=False)
+        # lhs @ rhs^T at the CSR entries: rhs.t() is a view, so the kernel's own rhs^T copy is a no-op.
+        values[e0:e1] = torch.sparse.sampled_addmm(csr, lhs, rhs.t(), beta=0.0, alpha=1.0).values()
     if plan.order is None:
         return values
-    return torch.empty_like(values).index_copy_(0, plan.order, values)
+    out = torch.empty_like(values)
+    out[plan.order] = values  # CSR order -> stored order (index_copy_ would need an int64 index)
+    return out
 
 
 def _sddmm_gather_chunked(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
@@ -216,6 +257,31 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tr
     return F.linear(x, weight, bias)
 
 
+class _LastCast(threading.local):
+    """The last autocast cast of a layer input: q, k and v read one hidden-state tensor, and each
+    saves its cast for the backward's SDDMM, so sharing the cast saves two of three copies."""
+
+    source: weakref.ref | None = None
+    version: int = -1
+    cast: torch.Tensor | None = None
+
+
+_LAST_CAST = _LastCast()
+
+
+def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, reusing the previous call's result when it cast this same, unmodified tensor."""
+    if x.dtype == dtype:
+        return x
+    last = _LAST_CAST
+    if last.source is not None and last.source() is x and last.version == x._version \
+            and last.cast is not None and last.cast.dtype == dtype:
+        return last.cast
+    cast = x.to(dtype)
+    last.source, last.version, last.cast = weakref.ref(x), x._version, cast
+    return cast
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device):
@@ -236,7 +302,7 @@ class MaskedLinearFunction(torch.autograd.Function):
         ctx.input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
             if cast is not None:  # autocast: run the matmul in the autocast dtype like nn.Linear
-                x, weight = x.to(cast), weight.to(cast)
+                x, weight = _cast_input(x, cast), weight.to(cast)
                 bias = bias.to(cast) if bias is not None else None
             y = _linear(x, weight, bias, pattern.transposed)
         ctx.save_for_backward(x, values, weight)

@@ -181,9 +181,35 @@ def test_compact_plan_touches_only_used_rows_and_reorders():
     plan = pattern.plan()
     assert plan.lhs_touched is not None and plan.rhs_touched is not None
     assert plan.lhs_touched.numel() + plan.rhs_touched.numel() == 3 + 3  # outputs {2, 7, 39}, inputs {3, 9, 20}
+    assert plan.col.dtype == plan.crow.dtype == torch.int32 and (plan.order is None or plan.order.dtype == torch.int32)
     g, x = torch.randn(6, 40), torch.randn(6, 50)
     torch.testing.assert_close(ops._sddmm_compact(g, x, pattern, torch.float32).double(),
                                _sddmm_reference(g, x, pattern), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "transposed", "p"), [((96, 40), False, 0.05), ((40, 96), True, 0.05),
+                                                         ((96, 40), False, 0.005)])
+def test_the_compact_path_in_row_blocks_matches(monkeypatch, shape, transposed, p):
+    """Blocks of 3 lhs rows (touched or all, in stored or CSR order): the same values as one block."""
+    pattern = SparsePattern(bernoulli_mask(shape, p, make_generator(2, "w")), shape, transposed)
+    out_f, in_f = pattern.logical_shape
+    g, x = torch.randn(10, out_f).bfloat16(), torch.randn(10, in_f).bfloat16()  # half inputs go in blocks
+    whole = ops._sddmm_compact(g, x, pattern, torch.float32)
+    monkeypatch.setattr(ops, "COMPACT_CHUNK_BYTES", 3 * 10 * 4)
+    blocks = ops._sddmm_compact(g, x, SparsePattern(pattern.indices, shape, transposed), torch.float32)
+    torch.testing.assert_close(blocks, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocks.double(), _sddmm_reference(g, x, pattern), rtol=1e-5, atol=1e-5)
+
+
+def test_a_pattern_keeps_no_per_entry_tensors_beyond_its_plan():
+    """At 1% of every linear layer the per-entry index tensors are the memory overhead: the pattern holds
+    its indices and the plan 4 bytes per entry (CSR column), nothing else per entry."""
+    shape = (64, 48)
+    pattern = SparsePattern(bernoulli_mask(shape, 0.05, make_generator(0, "w")), shape)
+    plan = pattern.plan()
+    per_entry = [t for t in vars(plan).values() if isinstance(t, torch.Tensor) and t.numel() == pattern.nnz]
+    assert [t.dtype for t in per_entry] == [torch.int32]  # the column; Linear keeps row-major order: no order
+    assert not any(isinstance(v, torch.Tensor) for k, v in vars(pattern).items() if k != "indices")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
