@@ -203,7 +203,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
                 add(f"{r['variant']} peak memory <= floor + 3%",
                     r["peak_rss_total_mb"] <= 1.03 * floor["peak_rss_total_mb"],
                     f"{r['peak_rss_total_mb']:.0f} MB vs floor {floor['peak_rss_total_mb']:.0f} MB "
-                    f"(+{100 * (r['peak_rss_total_mb'] / floor['peak_rss_total_mb'] - 1):.1f}%)")
+                    f"({100 * (r['peak_rss_total_mb'] / floor['peak_rss_total_mb'] - 1):+.1f}%)")
             if r["sddmm_share"] is not None:
                 limit = 0.05 if scope_of(r["variant"]) == "all-linear" else 0.02
                 add(f"{r['variant']} weight gradient <= {100 * limit:g}% of the step",
