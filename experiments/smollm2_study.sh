@@ -5,7 +5,9 @@
 # the work (leased runs). Every finished run is exported to experiments/results/smollm2_study.jsonl; commit it.
 # Tables, figures and verdicts from the committed file alone:
 #   randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
-#   randmask findings --from experiments/results/smollm2_study.jsonl
+#   randmask findings --from experiments/results/smollm2_study.jsonl \
+#       --theory experiments/results/theory/theory_summary.json
+# (experiments/results/theory/ was written by `randmask theory --out experiments/results/theory`, 14 s.)
 set -euo pipefail
 randmask study experiments/smollm2_study.json --out-dir "${OUT:-runs/study}" \
   --export experiments/results/smollm2_study.jsonl --threads "${THREADS:-2}" "$@"
