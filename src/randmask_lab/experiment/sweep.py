@@ -118,24 +118,13 @@ def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = N
         waiting = []
         for i, config in pending:
             run_id = ids[i - 1]
-            if config.restart and run_id not in announced:
-                store.delete(run_id)  # --restart: this sweep runs every cell again, once
-            claim = store.claim(run_id, owner, config.lease_seconds)
-            if claim == "finished":
-                if run_id not in announced:
-                    say(f"[{i}/{len(configs)}] skip (finished) {run_id}")
-                results[run_id] = store.get(run_id)  # type: ignore[assignment]
+            state, record = claim_cell(store, config, run_id, owner, announced, say, f"[{i}/{len(configs)}]")
+            if state == "finished":
+                results[run_id] = record  # type: ignore[assignment]
                 continue
-            if claim == "busy":
-                if run_id not in announced:
-                    held = store.lease(run_id)
-                    say(f"[{i}/{len(configs)}] skip (running in {held.owner if held else 'another worker'}) {run_id}")
-                    announced.add(run_id)
+            if state == "busy":
                 waiting.append((i, config))
                 continue
-            if config.restart and run_id not in announced:
-                shutil.rmtree(Path(config.out_dir) / run_id / "checkpoint", ignore_errors=True)
-            announced.add(run_id)
             say(f"[{i}/{len(configs)}] {run_id}")
             record = _run_claimed(config, store, Lease(store, run_id, owner, config.lease_seconds), say)
             if record is None:  # the lease was lost to another worker: it finishes the run
@@ -148,6 +137,32 @@ def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = N
         if pending:
             time.sleep(poll)  # runs in other workers: wait for them to finish or for their leases to expire
     return [results[i] for i in ids if i in results]
+
+
+def claim_cell(store: ResultStore, config: RunConfig, run_id: str, owner: str, announced: set[str],
+               say: Callable[[str], None], tag: str) -> tuple[str, RunRecord | None]:
+    """Claim one grid cell for ``owner``: ``("finished", record)``, ``("busy", None)`` (another live worker
+    holds it) or ``("claimed", None)`` (run it now). Each skip is announced once per sweep (``announced``);
+    ``--restart`` deletes the cell's stored result and checkpoint the first time the sweep meets it."""
+    first = run_id not in announced
+    if config.restart and first:
+        store.delete(run_id)  # --restart: this sweep runs every cell again, once
+    claim = store.claim(run_id, owner, config.lease_seconds)
+    if claim == "finished":
+        if first:
+            say(f"{tag} skip (finished) {run_id}")
+        announced.add(run_id)
+        return "finished", store.get(run_id)
+    if claim == "busy":
+        if first:
+            held = store.lease(run_id)
+            say(f"{tag} skip (running in {held.owner if held else 'another worker'}) {run_id}")
+            announced.add(run_id)
+        return "busy", None
+    if config.restart and first:
+        shutil.rmtree(Path(config.out_dir) / run_id / "checkpoint", ignore_errors=True)
+    announced.add(run_id)
+    return "claimed", None
 
 
 def _run_claimed(config: RunConfig, store: ResultStore, lease: Lease, say: Callable[[str], None]) -> RunRecord | None:

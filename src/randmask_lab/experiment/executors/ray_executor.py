@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -36,7 +35,7 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.executors import ExecutorConfig
 from randmask_lab.experiment.record import RunRecord
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner
-from randmask_lab.experiment.sweep import SweepConfig, checked_grid, failed_record
+from randmask_lab.experiment.sweep import SweepConfig, checked_grid, claim_cell, failed_record
 from randmask_lab.experiment.train import default_store, run_training
 
 __all__ = ["import_ray", "run_sweep_ray"]
@@ -217,28 +216,15 @@ def run_sweep_ray(sweep: SweepConfig, base: RunConfig, executor: ExecutorConfig,
                 if len(inflight) >= slots:
                     waiting.append((i, config))
                     continue
-                if config.restart and run_id not in announced:
-                    store.delete(run_id)  # --restart: this sweep runs every cell again, once
-                claim = store.claim(run_id, owner, config.lease_seconds)
-                if claim == "finished":
-                    record = store.get(run_id)
-                    if run_id not in announced:
-                        progress.say(f"[{i}/{len(configs)}] skip (finished) {run_id}")
+                state, record = claim_cell(store, config, run_id, owner, announced, progress.say,
+                                           f"[{i}/{len(configs)}]")
+                if state == "finished":
                     results[run_id] = record  # type: ignore[assignment]
                     progress.update(record.status if record else "done")
-                    announced.add(run_id)
                     continue
-                if claim == "busy":
-                    if run_id not in announced:
-                        held = store.lease(run_id)
-                        progress.say(f"[{i}/{len(configs)}] skip (running in "
-                                     f"{held.owner if held else 'another worker'}) {run_id}")
-                        announced.add(run_id)
+                if state == "busy":
                     waiting.append((i, config))
                     continue
-                if config.restart and run_id not in announced:
-                    shutil.rmtree(Path(config.out_dir) / run_id / "checkpoint", ignore_errors=True)
-                announced.add(run_id)
                 lease = Lease(store, run_id, owner, config.lease_seconds)
                 ref = task.remote(json.dumps(_task_config(config, executor).to_dict()), owner)
                 inflight[ref] = (i, config, lease)
