@@ -69,6 +69,8 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
     A run that fails here is recorded as failed and not retried by this call (run the command
     again to retry it), so one broken cell cannot loop forever.
     """
+    for need in needed_runs(spec, []):  # a bad option or protocol value is one error now, not a failed record per run
+        run_config(spec, need, out_dir, execution or {}).validate()
     store = ResultStore(store_file(None, out_dir))
     if export and Path(export).is_file():
         adopted = adopt_records(store, read_jsonl(export))

@@ -117,3 +117,20 @@ def test_a_tiny_study_runs_to_completion_and_exports(tmp_path: Path, capsys: pyt
     assert f"took {len(lines)} finished records" in said and "nothing left to run" in said and "done:" not in said
     assert main(["report", "--from", str(export)]) == 0
     assert "| randmask 1e-02 |" in capsys.readouterr().out
+
+
+def test_bad_options_and_protocol_values_are_one_error_before_any_run(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from randmask_lab.cli import main
+
+    study = {"name": "bad", "model": "tiny", "precision": "32", "protocol": {"sst2": PROTOCOL["sst2"]},
+             "cells": [{"method": "lora", "lrs": [1e-3]}]}
+    (tmp_path / "s.json").write_text(json.dumps(study))
+    out = tmp_path / "runs"
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out), "--lease-seconds", "-1"]) == 2
+    assert "--lease-seconds must be > 0" in capsys.readouterr().err
+    study["protocol"]["sst2"] = {**PROTOCOL["sst2"], "n_train": -5}
+    (tmp_path / "s.json").write_text(json.dumps(study))
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out)]) == 2
+    assert "--n-train must be >= 1" in capsys.readouterr().err
+    assert not (out / "results.sqlite").exists()  # nothing ran, nothing was recorded as failed
