@@ -204,11 +204,11 @@ def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Spars
     # copy is no larger than the activation (measured with benchmarks/bench_memory.py).
     step = n_lhs if lhs_2d.dtype == compute else \
         max(1, COMPACT_CHUNK_BYTES // (lhs_2d.shape[0] * torch.finfo(compute).bits // 8))
-    crow = plan.crow.tolist() if n_lhs > step else [0, pattern.nnz]
+    starts = list(range(0, n_lhs, step))
+    edges = plan.crow[starts + [n_lhs]].tolist()  # the entries of block b are edges[b]:edges[b + 1]
     values = torch.empty(pattern.nnz, dtype=compute, device=grad_out_2d.device)
-    for r0 in range(0, n_lhs, step):
-        r1 = min(n_lhs, r0 + step)
-        e0, e1 = (crow[r0], crow[r1]) if n_lhs > step else (0, pattern.nnz)
+    for b, r0 in enumerate(starts):
+        r1, e0, e1 = min(n_lhs, r0 + step), edges[b], edges[b + 1]
         if e0 == e1:
             continue
         if plan.lhs_touched is not None:

@@ -92,6 +92,20 @@ def additive_bias(mask: torch.Tensor, batch: int, n_kv: int, groups: int, q_len:
     return bias
 
 
+def causal_bias(groups: int, q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(G*Tq, S) additive causal bias, bottom-right aligned (the last query sees every key, as over a longer
+    cache); it broadcasts over (B*Hkv). Built once per shape, reused by every layer: without padding,
+    transformers hands the layers no mask at all."""
+    key = ("causal", groups, q_len, kv_len, dtype, device)
+    last = _LAST_BIAS
+    if last.key == key and last.bias is not None:
+        return last.bias
+    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    bias = torch.zeros((q_len, kv_len), dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
+    last.source, last.key, last.bias = None, key, bias.repeat(groups, 1)
+    return last.bias
+
+
 def folded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
            causal: bool, scaling: float | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Attention of (B, Hq, Tq, D) queries over (B, Hkv, S, D) keys/values -> (B, Hq, Tq, D), any dtype.
@@ -108,14 +122,10 @@ def folded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
     # Query heads h = j*G + g share key-value head j (repeat_kv's order): stack them along the query axis.
     q = query.reshape(batch * n_kv, groups * q_len, dim)  # (B*Hkv, G*Tq, D)
     k_t = key.reshape(batch * n_kv, kv_len, dim).transpose(1, 2)  # (B*Hkv, D, S)
-    if attention_mask is None and causal:
-        # Bottom-right aligned: the last query sees every key (a query over a longer cache).
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    if attention_mask is not None:  # scale and mask inside the GEMM: no separate passes over the scores
-        bias = additive_bias(attention_mask, batch, n_kv, groups, q_len, kv_len, dtype)
-        scores = torch.baddbmm(bias, q, k_t, alpha=scale)  # (B*Hkv, G*Tq, S)
-    else:
-        scores = torch.bmm(q, k_t).mul_(scale) if q.dtype == k_t.dtype else torch.matmul(q, k_t) * scale
+    bias = (additive_bias(attention_mask, batch, n_kv, groups, q_len, kv_len, dtype) if attention_mask is not None
+            else causal_bias(groups, q_len, kv_len, dtype, query.device) if causal else None)
+    # Scale and mask inside the GEMM: no separate passes over the (B*Hkv, G*Tq, S) scores.
+    scores = torch.bmm(q, k_t).mul_(scale) if bias is None else torch.baddbmm(bias, q, k_t, alpha=scale)
     # Softmax in the scores' dtype: PyTorch's CPU kernel computes a bf16 softmax in fp32 and rounds only
     # its output (within 6e-5 of an fp32 softmax rounded to bf16), and it is ~1.5x faster than that.
     probs = torch.softmax(scores, dim=-1).to(value.dtype)

@@ -11,7 +11,7 @@
 
 Attention: on a CPU in bf16, PyTorch's default SDPA kernel (flash) has a backward 3.5x slower than
 fp32's, its math backend is faster, and ``attention.folded_attention`` (grouped query heads folded
-into the query axis, fp32 softmax) is about twice as fast again (see that module for the numbers).
+into the query axis, scale and mask inside one GEMM) is about twice as fast again (see that module).
 So bf16 on CPU runs ``folded`` where the model takes a transformers attention function, with SDPA's
 math backend for whatever it hands back to SDPA; every other case keeps PyTorch's choice.
 """

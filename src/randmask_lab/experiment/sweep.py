@@ -126,7 +126,7 @@ def run_sweep(sweep: SweepConfig, base: RunConfig, store: ResultStore | None = N
                 waiting.append((i, config))
                 continue
             say(f"[{i}/{len(configs)}] {run_id}")
-            record = _run_claimed(config, store, Lease(store, run_id, owner, config.lease_seconds), say)
+            record = run_claimed(config, store, Lease(store, run_id, owner, config.lease_seconds), say)
             if record is None:  # the lease was lost to another worker: it finishes the run
                 waiting.append((i, config))
                 continue
@@ -165,7 +165,7 @@ def claim_cell(store: ResultStore, config: RunConfig, run_id: str, owner: str, a
     return "claimed", None
 
 
-def _run_claimed(config: RunConfig, store: ResultStore, lease: Lease, say: Callable[[str], None]) -> RunRecord | None:
+def run_claimed(config: RunConfig, store: ResultStore, lease: Lease, say: Callable[[str], None]) -> RunRecord | None:
     """Run a claimed cell; a failure is recorded (and the lease dropped), a lost lease gives None."""
     try:
         return run_training(dataclasses.replace(config, restart=False), store=store, lease=lease)

@@ -13,11 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.loop import LeaseLost
 from randmask_lab.experiment.record import FINISHED, RunRecord
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
-from randmask_lab.experiment.sweep import failed_record
-from randmask_lab.experiment.train import run_training
+from randmask_lab.experiment.sweep import run_claimed
 from randmask_lab.study.plan import PlannedRun, StudySpec, needed_runs
 from randmask_lab.study.records import export_jsonl, read_jsonl
 
@@ -40,26 +38,14 @@ def adopt_records(store: ResultStore, records: list[RunRecord]) -> int:
     return added
 
 
-def _run_one(config: RunConfig, store: ResultStore, owner: str) -> RunRecord | None:
+def _run_one(config: RunConfig, store: ResultStore, owner: str, say: Callable[[str], None]) -> RunRecord | None:
     """Claim and run one cell; None when another worker holds it (or took it over mid-run)."""
     claim = store.claim(config.run_id, owner, config.lease_seconds)
     if claim == "finished":
         return store.get(config.run_id)
     if claim == "busy":
         return None
-    lease = Lease(store, config.run_id, owner, config.lease_seconds)
-    try:
-        return run_training(config, store=store, lease=lease)
-    except LeaseLost:
-        return None
-    except Exception as e:  # noqa: BLE001 - a broken run is recorded as failed; the study goes on
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        record = failed_record(config, e)
-        store.put(record, owner=owner)
-        return record
-    finally:
-        lease.release()
+    return run_claimed(config, store, Lease(store, config.run_id, owner, config.lease_seconds), say)
 
 
 def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, max_runs: int | None = None,
@@ -86,7 +72,7 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
         progressed = False
         for need in needs:
             config = run_config(spec, need, out_dir, execution or {})
-            record = _run_one(config, store, owner)
+            record = _run_one(config, store, owner, say)
             if record is None:
                 continue  # another worker runs it
             ran, progressed = ran + 1, True
