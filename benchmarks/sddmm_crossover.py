@@ -5,10 +5,11 @@
 For each OPT-125m weight shape and density: the gather path (O(tokens * nnz) temporaries),
 torch.sparse.sampled_addmm handed the raw (tokens, features) activations as before (it then copies
 both operands into tokens-last layout itself), the compact path (we copy only the touched rows and
-columns tokens-last, then sampled_addmm), and the dense g^T x then gather. Each time is the minimum of
+columns tokens-last, then sampled_addmm), the compiled kernel (randmask.native: reads g and x in place,
+in token blocks; blank where no C compiler), and the dense g^T x then gather. Each time is the minimum of
 --repeats runs (on a shared machine the minimum is the least disturbed run), shown relative to the
-dense path, plus the path ``randmask.ops.sddmm`` picks. GATHER_MAX_NNZ, DENSE_GRAD_CROSSOVER and
-COMPACT_MAX_FRACTION in src/randmask/ops.py come from this table.
+dense path, plus the path ``randmask.ops.sddmm`` picks. GATHER_MAX_NNZ, DENSE_GRAD_CROSSOVER,
+NATIVE_DENSE_CROSSOVER and COMPACT_MAX_FRACTION in src/randmask/ops.py come from this table.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import warnings
 
 import torch
 
-from randmask import ops
+from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
 
@@ -48,16 +49,19 @@ def raw_sampled(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> tor
 
 
 def time_paths(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, repeats: int
-               ) -> tuple[float, float, float]:
-    """Minimum ms of (gather, raw sampled_addmm, compact) for one pattern."""
+               ) -> tuple[float, float, float, float]:
+    """Minimum ms of (gather, raw sampled_addmm, compact, native kernel) for one pattern."""
     gather = (min_ms(lambda: ops._sddmm_gather_chunked(g, x, pattern, torch.float32), repeats)
               if pattern.nnz <= 30000 else float("nan"))
     sampled = min_ms(lambda: raw_sampled(g, x, pattern), repeats)
     compact = min_ms(lambda: ops._sddmm_compact(g, x, pattern, torch.float32), repeats)
-    return gather, sampled, compact
+    kernel = min_ms(lambda: ops._sddmm_native(g, x, pattern), repeats) if native.available() else float("nan")
+    return gather, sampled, compact, kernel
 
 
 def chosen_path(pattern: SparsePattern) -> str:
+    if native.available():
+        return "dense" if pattern.density > ops.NATIVE_DENSE_CROSSOVER else "native"
     if pattern.nnz <= ops.GATHER_MAX_NNZ:
         return "gather"
     return "dense" if pattern.density > ops.DENSE_GRAD_CROSSOVER else "compact"
@@ -73,17 +77,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(f"tokens={args.tokens} threads={args.threads} dtype={args.dtype}; times relative to dense g^T x\n")
-    print("| shape | density | nnz | dense ms | gather | sampled_addmm (raw) | compact | ops.sddmm picks |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| shape | density | nnz | dense ms | gather | sampled_addmm (raw) | compact | native | ops.sddmm picks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for out_f, in_f in [(768, 768), (3072, 768), (768, 3072)]:
         g = torch.randn(args.tokens, out_f).to(dtype)
         x = torch.randn(args.tokens, in_f).to(dtype)
         dense = min_ms(lambda g=g, x=x: g.t().float() @ x.float(), args.repeats)
         for p in [3e-5, 1e-4, 1e-3, 3e-3, 1e-2, 0.03, 0.1, 0.2, 0.4]:
             pattern = SparsePattern(bernoulli_mask((out_f, in_f), p, make_generator(0, "w")), (out_f, in_f))
-            gather, sampled, compact = time_paths(g, x, pattern, args.repeats)
+            gather, sampled, compact, kernel = time_paths(g, x, pattern, args.repeats)
             print(f"| {out_f}x{in_f} | {p:g} | {pattern.nnz} | {dense:.1f} | {gather / dense:.3f} | "
-                  f"{sampled / dense:.3f} | {compact / dense:.3f} | {chosen_path(pattern)} |", flush=True)
+                  f"{sampled / dense:.3f} | {compact / dense:.3f} | {kernel / dense:.3f} | {chosen_path(pattern)} |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

@@ -21,8 +21,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from randmask import native
+
 # Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
 # shapes, on a shared machine, so only the larger differences count):
+#   native:  the compiled kernel (randmask.native), where it builds, for CPU fp32/bf16 inputs: reads g and x
+#            in place in token blocks. 0.02-0.07x dense at <= 0.1% density, 0.08-0.19x at 1%, 2-4x
+#            faster than compact up to 1% and never slower than gather; ~dense at 10-20%. Otherwise:
 #   gather:  gathers the kept entries' columns of g and x (O(tokens * nnz) temporaries): as cheap as
 #            anything for a few dozen entries, 5-10x slower than dense g^T x at 1% density.
 #   compact: copies only the touched rows/columns of g and x tokens-last, in fp32, then calls
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 #   dense:   g^T x, then gather the kept entries.
 GATHER_MAX_NNZ = 64
 DENSE_GRAD_CROSSOVER = 0.06
+NATIVE_DENSE_CROSSOVER = 0.15  # the dense crossover when the native kernel runs instead of compact
 COMPACT_MAX_FRACTION = 0.8  # gather only the touched rows/columns when at most this fraction is touched
 COMPACT_CHUNK_BYTES = 4 << 20  # the compact path copies its larger operand in blocks of at most this
 GATHER_CHUNK_ELEMENTS = 1 << 22  # bound the gather path's (tokens x nnz) temporaries to ~16 MB each
@@ -182,13 +188,46 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
     compute = torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
     if pattern.nnz == 0:
         return grad_out_2d.new_zeros(0, dtype=compute)
+    if compute == torch.float32 and pattern.nnz < 2**31 - 1 and native.supports(grad_out_2d) \
+            and native.supports(x_2d) and native.available():
+        if pattern.density > NATIVE_DENSE_CROSSOVER:
+            return _sddmm_dense(grad_out_2d, x_2d, pattern, compute)
+        return _sddmm_native(grad_out_2d, x_2d, pattern)
     if pattern.nnz <= GATHER_MAX_NNZ:
         return _sddmm_gather_chunked(grad_out_2d, x_2d, pattern, compute)
     if pattern.density > DENSE_GRAD_CROSSOVER:
-        # Stored-weight gradient = a @ b: (out, T) @ (T, in) for Linear, (in, T) @ (T, out) for Conv1D.
-        a, b = (x_2d.t(), grad_out_2d) if pattern.transposed else (grad_out_2d.t(), x_2d)
-        return (a.to(compute) @ b.to(compute)).reshape(-1)[pattern.indices]
+        return _sddmm_dense(grad_out_2d, x_2d, pattern, compute)
     return _sddmm_compact(grad_out_2d, x_2d, pattern, compute)
+
+
+def weight_gradient_kernel() -> str:
+    """Which SDDMM the CPU backward runs for fp32/bf16 work: "native" (randmask.native) or "torch"."""
+    return "native" if native.available() else "torch"
+
+
+def _sddmm_dense(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
+                 compute: torch.dtype) -> torch.Tensor:
+    # Stored-weight gradient = a @ b: (out, T) @ (T, in) for Linear, (in, T) @ (T, out) for Conv1D.
+    a, b = (x_2d.t(), grad_out_2d) if pattern.transposed else (grad_out_2d.t(), x_2d)
+    return (a.to(compute) @ b.to(compute)).reshape(-1)[pattern.indices]
+
+
+def _to_stored_order(values: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Values in the plan's CSR order -> the pattern's stored order."""
+    if plan.order is None:
+        return values
+    out = torch.empty_like(values)
+    out[plan.order] = values  # index_copy_ would need an int64 index
+    return out
+
+
+def _sddmm_native(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """The compiled kernel on the plan's CSR: reads g and x where they lie, no tokens-last copies."""
+    plan = pattern.plan()
+    lhs_2d, rhs_2d = (grad_out_2d, x_2d) if plan.lhs_is_out else (x_2d, grad_out_2d)
+    values = native.sddmm_csr(lhs_2d, plan.lhs_touched, rhs_2d, plan.rhs_touched, plan.crow, plan.col,
+                              check_invariants=False)  # the plan is ours
+    return _to_stored_order(values, plan)
 
 
 def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
@@ -221,11 +260,7 @@ def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Spars
                                           values.new_zeros(e1 - e0), size=(r1 - r0, n_rhs), check_invariants=False)
         # lhs @ rhs^T at the CSR entries: rhs.t() is a view, so the kernel's own rhs^T copy is a no-op.
         values[e0:e1] = torch.sparse.sampled_addmm(csr, lhs, rhs.t(), beta=0.0, alpha=1.0).values()
-    if plan.order is None:
-        return values
-    out = torch.empty_like(values)
-    out[plan.order] = values  # CSR order -> stored order (index_copy_ would need an int64 index)
-    return out
+    return _to_stored_order(values, plan)
 
 
 def _sddmm_gather_chunked(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
@@ -382,4 +417,5 @@ __all__ = [
     "scatter_delta",
     "sddmm",
     "sddmm_differentiable",
+    "weight_gradient_kernel",
 ]

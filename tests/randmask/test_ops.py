@@ -7,14 +7,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from randmask import ops
+from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern, dense_reference_linear, masked_linear, scatter_delta
 
 
-@pytest.fixture(params=["gather", "compact", "compact-all", "dense"])
+@pytest.fixture(params=["native", "gather", "compact", "compact-all", "dense"])
 def path(request, monkeypatch):
-    """Force each weight-gradient path of ``ops.sddmm`` (compact: touched rows/columns only; -all: every one)."""
+    """Force each weight-gradient path of ``ops.sddmm`` (compact: touched rows/columns only; -all: every one).
+    The native kernel takes fp32 work (fp32/bf16 inputs) only: fp64 and fp16 tests fall back from it."""
+    if request.param == "native":
+        monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+        return request.param
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
     if request.param == "gather":
         monkeypatch.setattr(ops, "GATHER_MAX_NNZ", 10**9)
         monkeypatch.setattr(ops, "GATHER_CHUNK_ELEMENTS", 7)  # several token chunks
@@ -159,13 +164,18 @@ def test_sddmm_every_path_matches_dense(out_f, in_f, tokens, p, transposed, seed
     g, x = torch.randn(tokens, out_f, generator=gen), torch.randn(tokens, in_f, generator=gen)
     expected = _sddmm_reference(g, x, pattern)
     settings_by_path = {
+        "native": {"NATIVE_DENSE_CROSSOVER": 2.0},
         "gather": {"GATHER_MAX_NNZ": 10**9, "GATHER_CHUNK_ELEMENTS": 5},
         "compact": {"GATHER_MAX_NNZ": -1, "DENSE_GRAD_CROSSOVER": 2.0, "COMPACT_MAX_FRACTION": 1.0},
         "compact-all": {"GATHER_MAX_NNZ": -1, "DENSE_GRAD_CROSSOVER": 2.0, "COMPACT_MAX_FRACTION": -1.0},
         "dense": {"GATHER_MAX_NNZ": -1, "DENSE_GRAD_CROSSOVER": -1.0},
     }
     for name, overrides in settings_by_path.items():
+        if name == "native" and not native.available():
+            continue  # test_native.py fails where a compiler exists and the kernel does not build
         with pytest.MonkeyPatch.context() as mp:
+            if name != "native":
+                mp.setenv(native.DISABLE_ENV, "0")
             for attr, value in overrides.items():
                 mp.setattr(ops, attr, value)
             got = ops.sddmm(g, x, SparsePattern(pattern.indices, shape, transposed))  # fresh plan per path

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from randmask import __version__
+from randmask.ops import weight_gradient_kernel
 
 Status = Literal["done", "diverged", "scale_collapsed", "failed"]
 # A sweep skips these (rerunning gives the same result); "failed" runs are retried.
@@ -56,9 +57,11 @@ class RunRecord:
 
 @cache
 def code_version() -> dict[str, Any]:
-    """The package version, and the git commit (+ whether the tree is dirty) when run from a checkout."""
+    """The package version, the git commit (+ whether the tree is dirty) when run from a checkout, and the
+    weight-gradient kernel (the compiled one where a C compiler exists: same math, another summation order)."""
     root = Path(__file__).resolve().parents[3]
-    out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None}
+    out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None,
+                           "sddmm_kernel": weight_gradient_kernel()}
     if not (root / ".git").exists():
         return out
     try:

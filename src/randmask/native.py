@@ -1,0 +1,173 @@
+"""An optional compiled SDDMM kernel, built with the system C compiler on first use.
+
+``randmask.ops`` calls :func:`sddmm_csr` for the masked weight gradient when :func:`available`;
+otherwise (no compiler, a non-CPU tensor, ``RANDMASK_NATIVE=0``) it uses its pure-torch path. The
+kernel (``_native/sddmm.c``) reads the (tokens, features) activations in place, so it skips the
+tokens-last copies that ``torch.sparse.sampled_addmm`` needs (benchmarks/sddmm_crossover.py times
+both). It is plain C with no torch headers: it builds in about a second, and is called through
+ctypes (which releases the GIL) with the tensors' data pointers.
+
+The shared object is cached in ``$RANDMASK_CACHE/native`` (default ``~/.cache/randmask/native``),
+named by a hash of the source, the flags, the compiler and this CPU's feature flags (``-march=native``
+code must not run on another CPU). Set ``CC`` to choose the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_native") / "sddmm.c"
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC", "-pthread"]
+DISABLE_ENV = "RANDMASK_NATIVE"  # "0": never build or use the kernel
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RANDMASK_CACHE") or Path.home() / ".cache" / "randmask"
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    """This CPU's feature flags (Linux), else the machine name: part of the build's identity."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"sddmm-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent process sees the old state or the whole file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            errors = [line for line in lines if "error" in line.lower()]
+            raise RuntimeError((errors or lines or [f"{compiler} exited with {proc.returncode}"])[0].strip())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _tried
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        compiler = _compiler()
+        if compiler is None:
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(compiler)))
+        except (OSError, RuntimeError) as err:
+            warnings.warn(f"randmask: the native SDDMM kernel did not build ({err}); using the torch path. "
+                          f"Set {DISABLE_ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+            return None
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.randmask_sddmm.argtypes = [p, i64, i32, p, i64, p, i64, i32, p, i64, i64, p, p, i64, p, i32]
+        lib.randmask_sddmm.restype = ctypes.c_int
+        _library = lib
+        return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and enabled (builds it on the first call)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return False
+    return _load() is not None
+
+
+def supports(t: torch.Tensor) -> bool:
+    """Whether the kernel can read ``t`` as an operand: a CPU fp32/bf16 matrix with unit column stride."""
+    return t.device.type == "cpu" and t.dim() == 2 and t.dtype in (torch.float32, torch.bfloat16) \
+        and (t.stride(1) == 1 or t.shape[1] <= 1)
+
+
+def _check_csr(crow: torch.Tensor, col: torch.Tensor, n_rhs: int,
+               features: tuple[tuple[torch.Tensor | None, int], ...]) -> None:
+    if crow.numel() < 1 or int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError("sddmm_csr: crow must rise from 0 to len(col)")
+    for index, bound in ((col, n_rhs), *features):
+        if index is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+            raise ValueError("sddmm_csr: an index lies outside its operand")
+
+
+def sddmm_csr(lhs: torch.Tensor, lhs_features: torch.Tensor | None, rhs: torch.Tensor,
+              rhs_features: torch.Tensor | None, crow: torch.Tensor, col: torch.Tensor,
+              check_invariants: bool = True) -> torch.Tensor:
+    """``out[e] = sum_t lhs[t, lhs_features[r]] * rhs[t, rhs_features[col[e]]]`` for entry e of CSR row r.
+
+    Args:
+        lhs, rhs: (T, F) activations (see :func:`supports`), read in place.
+        lhs_features, rhs_features: int64 feature ids the CSR rows / columns stand for (None: all).
+        crow, col: int32 CSR structure over (len(lhs_features), len(rhs_features)).
+        check_invariants: check every index (O(nnz)) before the C code reads it; pass False only for
+            structures built by randmask itself (``SparsePattern.plan``), as torch's sparse tensors do.
+
+    Returns:
+        (nnz,) float32, in CSR order.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the native SDDMM kernel is not available; check native.available() first")
+    if not (supports(lhs) and supports(rhs)) or lhs.shape[0] != rhs.shape[0]:
+        raise ValueError("sddmm_csr: lhs and rhs must be CPU fp32/bf16 (T, F) matrices with the same T")
+    if crow.dtype != torch.int32 or col.dtype != torch.int32:
+        raise ValueError("sddmm_csr: crow and col must be int32")
+    feats = [None if f is None else f.to(torch.int64).contiguous() for f in (lhs_features, rhs_features)]
+    crow, col = crow.contiguous(), col.contiguous()
+    n_lhs = crow.numel() - 1
+    n_rhs = rhs.shape[1] if feats[1] is None else feats[1].numel()
+    if n_lhs != (lhs.shape[1] if feats[0] is None else feats[0].numel()):
+        raise ValueError("sddmm_csr: crow has one row per lhs feature")
+    if check_invariants:  # the C code trusts every index: a bad CSR must be an error, not a stray read
+        _check_csr(crow, col, n_rhs, ((feats[0], lhs.shape[1]), (feats[1], rhs.shape[1])))
+    out = torch.empty(col.numel(), dtype=torch.float32)
+
+    def ptr(t: torch.Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    status = lib.randmask_sddmm(
+        ptr(lhs), lhs.stride(0), int(lhs.dtype == torch.bfloat16), ptr(feats[0]), n_lhs,
+        ptr(rhs), rhs.stride(0), int(rhs.dtype == torch.bfloat16), ptr(feats[1]), n_rhs,
+        lhs.shape[0], ptr(crow), ptr(col), col.numel(), ptr(out), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the native SDDMM kernel ran out of memory for its token-block buffers")
+    return out
+
+
+__all__ = ["DISABLE_ENV", "available", "sddmm_csr", "supports"]

@@ -1,0 +1,122 @@
+"""The compiled SDDMM kernel: built here, equal to a float64 reference, and a clean fallback when it cannot build."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from randmask import native, ops
+from randmask.masks import bernoulli_mask, make_generator
+from randmask.ops import SparsePattern
+
+
+def _reference(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    return (g.double()[:, pattern.out_index] * x.double()[:, pattern.in_index]).sum(0)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty cache and no library loaded yet: the next call builds from scratch."""
+    monkeypatch.setenv("RANDMASK_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    return tmp_path
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_the_kernel_builds_where_a_compiler_exists(fresh_build):
+    """CI has a compiler: a broken build must fail here, not fall back silently everywhere else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "did not build" warning
+        assert native.available()
+    built = list((fresh_build / "native").glob("sddmm-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native._tried, native._library = False, None
+    assert native.available() and built[0].stat().st_mtime_ns == stamp  # the cached build is reused
+
+
+def test_a_failing_compiler_warns_once_and_ops_falls_back(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # exits 1 and writes nothing
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        assert not native.available()
+    assert not native.available()  # tried once: no second warning, no second build
+    g, x = torch.randn(5, 6), torch.randn(5, 4)
+    pattern = SparsePattern(bernoulli_mask((6, 4), 0.5, make_generator(0, "w")), (6, 4))
+    torch.testing.assert_close(ops.sddmm(g, x, pattern).double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert not native.available()
+
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="native kernel not built (no C compiler)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 150])
+@pytest.mark.parametrize(("shape", "transposed", "p"), [((96, 40), False, 0.05), ((40, 96), True, 0.05),
+                                                         ((96, 40), False, 0.004), ((30, 20), False, 0.9)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_matches_float64_reference(dtype, tokens, shape, transposed, p, threads, monkeypatch):
+    """Token-block edges (TB = 64), a tail block, touched subsets and the CSR reorder, 1 and 2 threads."""
+    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pattern = SparsePattern(bernoulli_mask(shape, p, make_generator(tokens, "w")), shape, transposed)
+        out_f, in_f = pattern.logical_shape
+        gen = torch.Generator().manual_seed(tokens)
+        g = torch.randn(tokens, out_f, generator=gen).to(dtype)
+        x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+        got = ops.sddmm(g, x, pattern)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.float32 and got.shape == (pattern.nnz,)
+    torch.testing.assert_close(got.double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_native_reads_row_strided_operands_in_place():
+    """A column slice of a wider activation (row stride != width) is read without a copy."""
+    wide_g, wide_x = torch.randn(70, 50), torch.randn(70, 33)
+    g, x = wide_g[:, 5:45], wide_x[:, :30]
+    assert not g.is_contiguous() and native.supports(g)
+    pattern = SparsePattern(bernoulli_mask((40, 30), 0.1, make_generator(3, "w")), (40, 30))
+    plan = pattern.plan()
+    lhs, rhs = (g, x) if plan.lhs_is_out else (x, g)
+    values = native.sddmm_csr(lhs, plan.lhs_touched, rhs, plan.rhs_touched, plan.crow, plan.col)
+    got = torch.empty_like(values)
+    got[plan.order if plan.order is not None else slice(None)] = values
+    torch.testing.assert_close(got.double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-5)
+
+
+def test_supports_only_what_the_kernel_reads():
+    assert native.supports(torch.zeros(3, 4)) and native.supports(torch.zeros(3, 4, dtype=torch.bfloat16))
+    assert not native.supports(torch.zeros(3, 4, dtype=torch.float16))
+    assert not native.supports(torch.zeros(3, 4, dtype=torch.float64))
+    assert not native.supports(torch.zeros(2, 3, 4))
+    assert not native.supports(torch.zeros(4, 3).t())  # column-strided
+
+
+@needs_kernel
+def test_sddmm_csr_rejects_what_it_cannot_read():
+    g, x = torch.randn(4, 3), torch.randn(4, 2)
+    crow, col = torch.tensor([0, 1, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="int32"):
+        native.sddmm_csr(g, None, x, None, crow.long(), col)
+    with pytest.raises(ValueError, match="same T"):
+        native.sddmm_csr(g, None, x[:3], None, crow, col)
+    with pytest.raises(ValueError, match="one row per lhs feature"):
+        native.sddmm_csr(g, None, x, None, crow[:3], col)
+    with pytest.raises(ValueError, match="rise from 0"):
+        native.sddmm_csr(g, None, x, None, torch.tensor([0, 2, 1, 2], dtype=torch.int32), col)
+    with pytest.raises(ValueError, match="outside"):
+        native.sddmm_csr(g, None, x, None, crow, torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="outside"):
+        native.sddmm_csr(g, torch.tensor([0, 1, 3]), x, None, crow, col)
