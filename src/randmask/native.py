@@ -29,6 +29,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("_native") / "sddmm.c"
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC", "-pthread"]
+# Tried first: OpenMP, so that the kernel runs on torch's own OpenMP pool (see _native/sddmm.c); without
+# it (a compiler with no OpenMP) the kernel starts its own pthreads.
+OPENMP_FLAGS = ["-fopenmp"]
 DISABLE_ENV = "RANDMASK_NATIVE"  # "0": never build or use the kernel
 
 _lock = threading.Lock()
@@ -56,10 +59,10 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"sddmm-{key}.so"
     if target.exists():
@@ -69,7 +72,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                               check=False)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
@@ -91,10 +94,15 @@ def _load() -> ctypes.CDLL | None:
         compiler = _compiler()
         if compiler is None:
             return None
-        try:
-            lib = ctypes.CDLL(str(_build(compiler)))
-        except (OSError, RuntimeError) as err:
-            warnings.warn(f"randmask: the native SDDMM kernel did not build ({err}); using the torch path. "
+        errors = []
+        for flags in ([*FLAGS, *OPENMP_FLAGS], FLAGS):
+            try:
+                lib = ctypes.CDLL(str(_build(compiler, flags)))
+                break
+            except (OSError, RuntimeError) as err:
+                errors.append(str(err))
+        else:
+            warnings.warn(f"randmask: the native SDDMM kernel did not build ({errors[0]}); using the torch path. "
                           f"Set {DISABLE_ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

@@ -120,3 +120,36 @@ def test_sddmm_csr_rejects_what_it_cannot_read():
         native.sddmm_csr(g, None, x, None, crow, torch.tensor([0, 2], dtype=torch.int32))
     with pytest.raises(ValueError, match="outside"):
         native.sddmm_csr(g, torch.tensor([0, 1, 3]), x, None, crow, col)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_portable_c_path_matches_too(fresh_build, monkeypatch, dtype):
+    """Where the compiler targets no AVX-512, the kernel's plain-C dot runs: build that one here and check it."""
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-DRANDMASK_PORTABLE"])
+    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    assert native.available()
+    shape = (96, 70)
+    pattern = SparsePattern(bernoulli_mask(shape, 0.2, make_generator(5, "w")), shape)
+    g, x = torch.randn(130, 96).to(dtype), torch.randn(130, 70).to(dtype)
+    torch.testing.assert_close(ops.sddmm(g, x, pattern).double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_without_openmp_the_kernel_builds_on_pthreads(fresh_build, monkeypatch):
+    """A compiler with no OpenMP: the first build fails, the second (pthreads) is used, with no warning."""
+    monkeypatch.setattr(native, "OPENMP_FLAGS", ["-fno-such-option-randmask"])
+    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.available()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shape = (80, 48)
+        pattern = SparsePattern(bernoulli_mask(shape, 0.1, make_generator(6, "w")), shape)
+        g, x = torch.randn(200, 80), torch.randn(200, 48)
+        got = ops.sddmm(g, x, pattern)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-4)
