@@ -232,6 +232,7 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
                      "torch": torch.__version__, "python": platform.python_version(),
                      "machine": platform.machine(), "cpus": os.cpu_count(),
+                     "sddmm_kernel": ops.weight_gradient_kernel(),
                      "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                      "minutes": round((time.time() - started) / 60, 1)},
         "mask_draw_ms_80x5120sq_p1e-3": round(mask_ms, 1),

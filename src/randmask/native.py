@@ -9,7 +9,8 @@ ctypes (which releases the GIL) with the tensors' data pointers.
 
 The shared object is cached in ``$RANDMASK_CACHE/native`` (default ``~/.cache/randmask/native``),
 named by a hash of the source, the flags, the compiler and this CPU's feature flags (``-march=native``
-code must not run on another CPU). Set ``CC`` to choose the compiler.
+code must not run on another CPU). Set ``CC`` to choose the compiler. The cache holds code this process
+loads and runs, as ``~/.cache/torch_extensions`` does: keep it private to the user.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ from randmask import native
 # Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
 # shapes, on a shared machine, so only the larger differences count):
 #   native:  the compiled kernel (randmask.native), where it builds, for CPU fp32/bf16 inputs: reads g and x
-#            in place in token blocks. 0.02-0.07x dense at <= 0.1% density, 0.08-0.19x at 1%, 2-4x
-#            faster than compact up to 1% and never slower than gather; ~dense at 10-20%. Otherwise:
+#            in place in token blocks. 0.005-0.02x dense up to 0.1% density, 0.02-0.05x at 1%, 5-10x
+#            faster than compact there and faster than gather at every size; 0.3-0.8x dense at 20%,
+#            0.6-1.3x at 40%. Otherwise:
 #   gather:  gathers the kept entries' columns of g and x (O(tokens * nnz) temporaries): as cheap as
 #            anything for a few dozen entries, 5-10x slower than dense g^T x at 1% density.
 #   compact: copies only the touched rows/columns of g and x tokens-last, in fp32, then calls
@@ -38,7 +39,7 @@ from randmask import native
 #   dense:   g^T x, then gather the kept entries.
 GATHER_MAX_NNZ = 64
 DENSE_GRAD_CROSSOVER = 0.06
-NATIVE_DENSE_CROSSOVER = 0.15  # the dense crossover when the native kernel runs instead of compact
+NATIVE_DENSE_CROSSOVER = 0.3  # the dense crossover when the native kernel runs instead of compact
 COMPACT_MAX_FRACTION = 0.8  # gather only the touched rows/columns when at most this fraction is touched
 # The native kernel transposes whole 16-feature tiles in registers but gathers touched features one by
 # one, and activations read from DRAM cost whole lines either way: at 0.1% (55% touched) all features
