@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_native") / "sddmm.c"
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-shared", "-fPIC", "-pthread"]
+BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
+# This CPU's instructions (AVX-512 where it has them: see _native/sddmm.c); x86 compilers otherwise
+# prefer 256-bit vectors on CPUs whose 512-bit units downclock.
+FLAGS = [*BASE_FLAGS, "-march=native"] + (["-mprefer-vector-width=512"] if platform.machine().lower() in
+                                          ("x86_64", "amd64") else [])
 # Tried first: OpenMP, so that the kernel runs on torch's own OpenMP pool (see _native/sddmm.c); without
 # it (a compiler with no OpenMP) the kernel starts its own pthreads.
 OPENMP_FLAGS = ["-fopenmp"]
@@ -96,7 +100,9 @@ def _load() -> ctypes.CDLL | None:
         if compiler is None:
             return None
         errors = []
-        for flags in ([*FLAGS, *OPENMP_FLAGS], FLAGS):
+        # OpenMP on this CPU's instructions, then pthreads, then plain -O3 (a compiler that knows neither
+        # OpenMP nor -march=native still gets the kernel).
+        for flags in ([*FLAGS, *OPENMP_FLAGS], FLAGS, BASE_FLAGS):
             try:
                 lib = ctypes.CDLL(str(_build(compiler, flags)))
                 break
