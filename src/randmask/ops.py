@@ -26,7 +26,7 @@ from randmask import native
 # Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
 # shapes, on a shared machine, so only the larger differences count):
 #   native:  the compiled kernel (randmask.native), where it builds, for CPU fp32/bf16 inputs: reads g and x
-#            in place in token blocks. 0.005-0.02x dense up to 0.1% density, 0.02-0.05x at 1%, 5-10x
+#            in place in token blocks. 0.005-0.02x dense up to 0.1% density, 0.04-0.06x at 1%, 4-7x
 #            faster than compact there and faster than gather at every size; 0.3-0.8x dense at 20%,
 #            0.6-1.3x at 40%. Otherwise:
 #   gather:  gathers the kept entries' columns of g and x (O(tokens * nnz) temporaries): as cheap as
