@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from bench_stats import summarize
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -66,24 +67,25 @@ def build(name: str, attention: str, model_name: str, task: str, n: int, workdir
     return trainer, list(range(len(data.train))), kernel
 
 
-def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap CI of the median."""
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(reps))
-    return meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
-
-
 def summary(times: dict[tuple[str, str], list[float]], attention: dict[tuple[str, str], str]) -> list[dict]:
-    """Per variant: median step time, median per-round speed-up over 32, its bootstrap 95% CI."""
+    """Per variant: median step time, median per-round speed-up over 32, its bootstrap 95% CI (the step
+    benchmark's ``bench_stats.summarize``)."""
     base = times[("32", "auto")]
     rows = []
     for v, ts in times.items():
-        ratios = [b / t for b, t in zip(base, ts)]  # per round: fp32 time / variant time
-        lo, hi = bootstrap_ci(ratios)
+        speedup = summarize([b / t for b, t in zip(base, ts)])  # per round: fp32 time / variant time
         rows.append({"precision": v[0], "attention": attention[v],
-                     "median_s": round(statistics.median(ts), 4), "speedup_vs_32": round(statistics.median(ratios), 3),
-                     "ci95": [round(lo, 3), round(hi, 3)], "rounds": len(ts)})
+                     "median_s": round(statistics.median(ts), 4), "speedup_vs_32": round(speedup.median, 3),
+                     "ci95": [round(speedup.ci_low, 3), round(speedup.ci_high, 3)], "rounds": len(ts)})
     return rows
+
+
+def resummarize(path: Path) -> tuple[dict, list[dict]]:
+    """(meta, rows) recomputed from a saved JSON's per-round times, without timing anything again."""
+    saved = json.loads(path.read_text())
+    keys = [tuple(k.split("/")) for k in saved["times"]]
+    attention = {k: row["attention"] for k, row in zip(keys, saved["rows"])}  # rows follow the times' order
+    return saved["meta"], summary({k: saved["times"]["/".join(k)] for k in keys}, attention)
 
 
 def table(rows: list[dict]) -> str:
@@ -105,7 +107,19 @@ def main() -> None:
                         default=["32", "bf16-mixed", "bf16-true", "bf16-true:math", "bf16-true:default"],
                         help="PRECISION[:auto|folded|math|default] to time (32 always included)")
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every round)")
+    parser.add_argument("--summarize", type=Path, metavar="JSON",
+                        help="print the table of a saved run from its per-round times (times nothing); "
+                             "with --json, rewrite its rows there")
     args = parser.parse_args()
+    if args.summarize:
+        meta, rows = resummarize(args.summarize)
+        print(f"{meta['command']}: {meta['model']}, {meta['task']}, batch {meta['batch']}, {meta['threads']} threads")
+        print(table(rows))
+        if args.json:
+            saved = json.loads(args.summarize.read_text())
+            args.json.write_text(json.dumps({**saved, "rows": rows}, indent=1) + "\n")
+            print(f"wrote {args.json}")
+        return
     torch.set_num_threads(args.threads)
     variants = [tuple((v + ":auto").split(":")[:2]) for v in args.variants]
     variants = [("32", "auto")] + [v for v in variants if v != ("32", "auto")]
