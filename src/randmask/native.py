@@ -90,6 +90,15 @@ def _build(compiler: str, flags: list[str]) -> Path:
     return target
 
 
+def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:
+    path = _build(compiler, flags)
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:  # a damaged cached build (truncated, overwritten): build it again, once
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(_build(compiler, flags)))
+
+
 def _load() -> ctypes.CDLL | None:
     global _library, _tried
     with _lock:
@@ -104,7 +113,7 @@ def _load() -> ctypes.CDLL | None:
         # OpenMP nor -march=native still gets the kernel).
         for flags in ([*FLAGS, *OPENMP_FLAGS], FLAGS, BASE_FLAGS):
             try:
-                lib = ctypes.CDLL(str(_build(compiler, flags)))
+                lib = _open(compiler, flags)
                 break
             except (OSError, RuntimeError) as err:
                 errors.append(str(err))

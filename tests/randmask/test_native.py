@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -37,6 +40,19 @@ def test_the_kernel_builds_where_a_compiler_exists(fresh_build):
     stamp = built[0].stat().st_mtime_ns
     native._tried, native._library = False, None
     assert native.available() and built[0].stat().st_mtime_ns == stamp  # the cached build is reused
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_a_damaged_cached_build_is_rebuilt(fresh_build):
+    assert native.available()
+    (built,) = (fresh_build / "native").glob("sddmm-*.so")
+    built.unlink()  # a new file, not an overwrite: this process still maps the loaded one
+    built.write_bytes(b"not an ELF file")
+    # A fresh interpreter (dlopen here would hand back the library already loaded under that name).
+    code = "import warnings; warnings.simplefilter('error'); from randmask import native; print(native.available())"
+    env = {**os.environ, "RANDMASK_CACHE": str(fresh_build)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_a_failing_compiler_warns_once_and_ops_falls_back(fresh_build, monkeypatch):
