@@ -9,6 +9,7 @@ bytes on every process, device and reload.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -112,6 +113,10 @@ def column_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch
     """Whole input columns (the paper's Structured Masking): round(p*cols) columns, >= 1."""
     rows, cols = shape
     k = max(1, round(p * cols))
+    if p > 0 and round(p * cols) < 1:  # the one-column floor exceeds the budget: say so, loudly
+        warnings.warn(f"structured mask: density {p:.3g} is under one column of a {rows}x{cols} matrix; "
+                      f"keeping one whole column (density {1 / cols:.3g}), more than the budget asked for. "
+                      "Use a larger ratio or a random mask.", RuntimeWarning, stacklevel=2)
     chosen = torch.sort(_choose_distinct(cols, k, gen)).values
     # (rows, k) grid of flat indices r*cols + c, already in row-major order.
     return (torch.arange(rows, dtype=torch.int64)[:, None] * cols + chosen[None, :]).reshape(-1)

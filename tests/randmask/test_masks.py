@@ -119,3 +119,11 @@ def test_register_custom_kind_and_unknown_kind():
         register_mask_kind("random")(first)
     with pytest.raises(MaskingError, match="unknown mask_kind"):
         get_sampler("nope")
+
+
+def test_structured_mask_under_one_column_warns_that_it_exceeds_the_budget():
+    import pytest
+
+    with pytest.warns(RuntimeWarning, match="under one column"):
+        idx = column_mask((8, 100), 0.001, make_generator(0, "s"))
+    assert idx.numel() == 8  # one whole column: 1% of the matrix, not the 0.1% asked for
