@@ -38,7 +38,7 @@ typedef struct {
 
 typedef struct {
     operand_t lhs, rhs;
-    const int32_t *crow, *col, *row_of; /* row_of[e]: the CSR row of entry e */
+    const int32_t *col, *row_of; /* row_of[e]: the CSR row of entry e */
     int64_t nnz;
     int64_t tokens, n_blocks_begin, n_blocks_end;
     float *acc; /* (nnz,) zeroed by the caller */
@@ -52,10 +52,6 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* buf[f * TB + t] = op[t0 + t, feat[f]] for t < nt, 0 for nt <= t < TB. In tiles of LANES tokens x
-   LANES features: LANES input rows are read forward together (few enough streams to prefetch) and
-   each tile writes whole 64-byte lines of buf (a TB-token sweep per feature tile would read TB rows
-   at once and run slower than the memory). */
 #ifdef RANDMASK_AVX512
 static inline __m512 pd_lo(__m512 a, __m512 b) {
     return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
@@ -189,10 +185,13 @@ static __m512i reduce16_order(void) {
     return _mm512_loadu_si512(order);
 }
 
-/* acc[e] += dot(lhs row of e, rhs row of e) for every entry, 16 entries at a time. */
+#endif
+
+/* acc[e] += dot(lhs row of e, rhs row of e) for every entry (AVX-512: 16 entries at a time). */
 static void accumulate(const job_t *job, const float *lbuf, const float *rbuf) {
-    __m512i order = reduce16_order(); /* ~50 instructions per token block */
     int64_t e0 = 0;
+#ifdef RANDMASK_AVX512
+    __m512i order = reduce16_order(); /* ~50 instructions per token block */
     for (; e0 + 16 <= job->nnz; e0 += 16) {
         __m512 v[16];
         for (int i = 0; i < 16; i++) {
@@ -204,19 +203,10 @@ static void accumulate(const job_t *job, const float *lbuf, const float *rbuf) {
         }
         _mm512_storeu_ps(job->acc + e0, _mm512_add_ps(_mm512_loadu_ps(job->acc + e0), reduce16(v, order)));
     }
-    for (int64_t e = e0; e < job->nnz; e++)
-        job->acc[e] += dot(lbuf + (int64_t)job->row_of[e] * TB, rbuf + (int64_t)job->col[e] * TB);
-}
-#else
-static void accumulate(const job_t *job, const float *lbuf, const float *rbuf) {
-    for (int64_t r = 0; r < job->lhs.n; r++) {
-        const float *a = lbuf + r * TB;
-        for (int64_t e = job->crow[r]; e < job->crow[r + 1]; e++)
-            job->acc[e] += dot(a, rbuf + (int64_t)job->col[e] * TB);
-    }
-}
 #endif
-
+    for (; e0 < job->nnz; e0++) /* the portable path, and the AVX-512 path's last nnz % 16 entries */
+        job->acc[e0] += dot(lbuf + (int64_t)job->row_of[e0] * TB, rbuf + (int64_t)job->col[e0] * TB);
+}
 
 static void *run_job(void *arg) {
     job_t *job = (job_t *)arg;
@@ -262,7 +252,6 @@ int randmask_sddmm(const void *lhs, int64_t lhs_stride, int lhs_bf16, const int6
         job_t *job = &jobs[i];
         job->lhs = (operand_t){lhs, lhs_stride, lhs_bf16, lhs_feat, n_lhs};
         job->rhs = (operand_t){rhs, rhs_stride, rhs_bf16, rhs_feat, n_rhs};
-        job->crow = crow;
         job->col = col;
         job->row_of = row_of;
         job->nnz = nnz;
