@@ -59,14 +59,6 @@ def time_paths(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, repeats
     return gather, sampled, compact, kernel
 
 
-def chosen_path(pattern: SparsePattern) -> str:
-    if native.available():
-        return "dense" if pattern.density > ops.NATIVE_DENSE_CROSSOVER else "native"
-    if pattern.nnz <= ops.GATHER_MAX_NNZ:
-        return "gather"
-    return "dense" if pattern.density > ops.DENSE_GRAD_CROSSOVER else "compact"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1024)
@@ -87,8 +79,8 @@ def main() -> None:
             pattern = SparsePattern(bernoulli_mask((out_f, in_f), p, make_generator(0, "w")), (out_f, in_f))
             gather, sampled, compact, kernel = time_paths(g, x, pattern, args.repeats)
             print(f"| {out_f}x{in_f} | {p:g} | {pattern.nnz} | {dense:.1f} | {gather / dense:.3f} | "
-                  f"{sampled / dense:.3f} | {compact / dense:.3f} | {kernel / dense:.3f} | {chosen_path(pattern)} |",
-                  flush=True)
+                  f"{sampled / dense:.3f} | {compact / dense:.3f} | {kernel / dense:.3f} | "
+                  f"{ops._choose_path(g, x, pattern)} |", flush=True)
 
 if __name__ == "__main__":
     main()

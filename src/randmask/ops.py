@@ -194,18 +194,28 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
     # Accumulate in fp32 (fp64 for fp64 inputs): CPU sampled_addmm has no bf16/fp16 kernel (torch 2.13),
     # and bf16 products summed over thousands of tokens would lose the small gradients we train on.
     compute = torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
-    if pattern.nnz == 0:
+    path = _choose_path(grad_out_2d, x_2d, pattern)
+    if path == "empty":
         return grad_out_2d.new_zeros(0, dtype=compute)
-    if compute == torch.float32 and pattern.nnz < 2**31 - 1 and native.supports(grad_out_2d) \
-            and native.supports(x_2d) and native.available():
-        if pattern.density > NATIVE_DENSE_CROSSOVER:
-            return _sddmm_dense(grad_out_2d, x_2d, pattern, compute)
+    if path == "native":
         return _sddmm_native(grad_out_2d, x_2d, pattern)
-    if pattern.nnz <= GATHER_MAX_NNZ:
+    if path == "gather":
         return _sddmm_gather_chunked(grad_out_2d, x_2d, pattern, compute)
-    if pattern.density > DENSE_GRAD_CROSSOVER:
+    if path == "dense":
         return _sddmm_dense(grad_out_2d, x_2d, pattern, compute)
     return _sddmm_compact(grad_out_2d, x_2d, pattern, compute)
+
+
+def _choose_path(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> str:
+    """The weight-gradient path ``sddmm`` takes: empty, native, gather, dense or compact (see the table above)."""
+    if pattern.nnz == 0:
+        return "empty"
+    if grad_out_2d.dtype != torch.float64 and pattern.nnz < 2**31 - 1 and native.supports(grad_out_2d) \
+            and native.supports(x_2d) and native.available():
+        return "dense" if pattern.density > NATIVE_DENSE_CROSSOVER else "native"
+    if pattern.nnz <= GATHER_MAX_NNZ:
+        return "gather"
+    return "dense" if pattern.density > DENSE_GRAD_CROSSOVER else "compact"
 
 
 def weight_gradient_kernel() -> str:
