@@ -107,6 +107,10 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         compiler = _compiler()
         if compiler is None:
+            if os.environ.get("CC"):  # asked for by name: say it is missing (no compiler at all is quiet)
+                warnings.warn(f"randmask: CC={os.environ['CC']!r} is not an executable; the native SDDMM kernel "
+                              "is not built, the torch path runs. Point CC at a C compiler.", RuntimeWarning,
+                              stacklevel=3)
             return None
         errors = []
         # OpenMP on this CPU's instructions, then pthreads, then plain -O3 (a compiler that knows neither
@@ -172,6 +176,9 @@ def sddmm_csr(lhs: torch.Tensor, lhs_features: torch.Tensor | None, rhs: torch.T
         raise ValueError("sddmm_csr: lhs and rhs must be CPU fp32/bf16 (T, F) matrices with the same T")
     if crow.dtype != torch.int32 or col.dtype != torch.int32:
         raise ValueError("sddmm_csr: crow and col must be int32")
+    if any(f is not None and (f.is_floating_point() or f.is_complex() or f.dim() != 1)
+           for f in (lhs_features, rhs_features)):
+        raise ValueError("sddmm_csr: lhs_features and rhs_features must be 1-D integer tensors (or None)")
     feats = [None if f is None else f.to(torch.int64).contiguous() for f in (lhs_features, rhs_features)]
     crow, col = crow.contiguous(), col.contiguous()
     n_lhs = crow.numel() - 1

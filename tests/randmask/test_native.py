@@ -65,6 +65,12 @@ def test_a_failing_compiler_warns_once_and_ops_falls_back(fresh_build, monkeypat
     torch.testing.assert_close(ops.sddmm(g, x, pattern).double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-5)
 
 
+def test_a_compiler_named_in_cc_but_missing_warns(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc-randmask")
+    with pytest.warns(RuntimeWarning, match="not an executable"):
+        assert not native.available()
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     assert not native.available()
@@ -130,6 +136,8 @@ def test_sddmm_csr_rejects_what_it_cannot_read():
         native.sddmm_csr(g, None, x[:3], None, crow, col)
     with pytest.raises(ValueError, match="one row per lhs feature"):
         native.sddmm_csr(g, None, x, None, crow[:3], col)
+    with pytest.raises(ValueError, match="integer"):
+        native.sddmm_csr(g, torch.tensor([0.0, 1.0, 2.0]), x, None, crow, col)
     with pytest.raises(ValueError, match="rise from 0"):
         native.sddmm_csr(g, None, x, None, torch.tensor([0, 2, 1, 2], dtype=torch.int32), col)
     with pytest.raises(ValueError, match="outside"):
