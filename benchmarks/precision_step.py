@@ -112,7 +112,10 @@ def main() -> None:
                              "with --json, rewrite its rows there")
     args = parser.parse_args()
     if args.summarize:
-        meta, rows = resummarize(args.summarize)
+        try:
+            meta, rows = resummarize(args.summarize)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # json errors are ValueErrors
+            parser.error(f"--summarize {args.summarize}: not a saved precision_step run ({type(e).__name__}: {e})")
         print(f"{meta['command']}: {meta['model']}, {meta['task']}, batch {meta['batch']}, {meta['threads']} threads")
         print(table(rows))
         if args.json:

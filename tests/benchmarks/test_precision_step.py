@@ -27,3 +27,16 @@ def test_resummarize_recomputes_paired_speedups_from_saved_times(tmp_path):
     low, high = rows[1]["ci95"]  # rounded to 3 decimals
     assert min(ratios) - 5e-4 <= low <= rows[1]["speedup_vs_32"] <= high <= max(ratios) + 5e-4
     assert rows[1]["median_s"] == round(statistics.median(fast), 4) and rows[1]["rounds"] == 5
+
+
+def test_summarize_of_a_missing_or_foreign_file_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"meta": {}}')
+    for path in (tmp_path / "missing.json", foreign):
+        monkeypatch.setattr(sys, "argv", ["precision_step.py", "--summarize", str(path)])
+        with pytest.raises(SystemExit) as exit_info:
+            precision_step.main()
+        assert exit_info.value.code == 2
+        assert "not a saved precision_step run" in capsys.readouterr().err
