@@ -16,7 +16,7 @@ With peft installed, ``import randmask.peft`` registers randmask as a PEFT metho
 from randmask.config import MaskingConfig, MaskingError
 from randmask.io import atomic_write_bytes, load_adapter, read_adapter_files, save_adapter
 from randmask.layer import MaskAdapter, MaskedLayer
-from randmask.masks import mask_kinds, register_mask_kind
+from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
 from randmask.model import (
     MaskingSummary,
     adapter_names,
@@ -37,6 +37,7 @@ __all__ = [
     "TARGET_SETS",
     "MaskAdapter",
     "MaskedLayer",
+    "MASK_KIND_VERSIONS",
     "MaskingConfig",
     "MaskingError",
     "MaskingSummary",

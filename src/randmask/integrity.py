@@ -100,7 +100,7 @@ def check_blocks(name: str, info: dict[str, Any], out_f: int, in_f: int) -> None
             raise MaskingError(f"{name}: block {block_name!r} rows [{start}, {stop}) are not an ordered, "
                                f"disjoint range within the {out_f} output rows; the adapter config was "
                                "edited or is from another base model. Re-save the adapter.")
-        if not 1 <= nnz <= (stop - start) * in_f:
+        if not 0 <= nnz <= (stop - start) * in_f:  # 0: a structured block allotted no column
             raise MaskingError(f"{name}: block {block_name!r} claims {nnz} entries in a "
                                f"{stop - start}x{in_f} block; re-save the adapter.")
         prev_stop = stop

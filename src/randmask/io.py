@@ -34,7 +34,7 @@ from randmask.integrity import (
     config_checksum,
 )
 from randmask.layer import Block, MaskedLayer, is_conv1d, is_maskable, logical_shape
-from randmask.masks import BUILTIN_KINDS, indices_checksum
+from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
     adapter_names,
@@ -126,6 +126,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "masking_config": config.to_dict(),
+        "mask_kind_version": MASK_KIND_VERSIONS.get(config.mask_kind, 1),
         "total_params": meta["total_params"],
         "trainable": sum(m["nnz"] for m in matrices.values()),
         "base_model": {"model_type": getattr(model_cfg, "model_type", None),
@@ -215,6 +216,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                            "adapter_name to load a second adapter, or randmask.unload(model) first.")
     total = _check_base_model(model, header)
     explicit = config.mask_kind not in BUILTIN_KINDS
+    _check_mask_kind_version(header, config.mask_kind, explicit)
     modules = dict(model.named_modules())
     targets, saved_values = [], {}
     for name, info in header["matrices"].items():
@@ -248,6 +250,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
                    trainable=is_trainable)
     return model
+
+
+def _check_mask_kind_version(header: dict, kind: str, explicit: bool) -> None:
+    """A built-in kind's mask is regenerated from the seed: it must be the sampler version that drew it."""
+    saved = header.get("mask_kind_version", 1)  # files written before the field existed: version 1
+    if explicit or saved == MASK_KIND_VERSIONS.get(kind, 1):
+        return
+    raise MaskingError(f"adapter mask_kind {kind!r} was drawn by sampler version {saved!r}; this randmask "
+                       f"({__version__}) draws version {MASK_KIND_VERSIONS.get(kind, 1)}, so its mask cannot be "
+                       "regenerated. Load it with the randmask that saved it, or train it again.")
 
 
 def _check_base_model(model: nn.Module, header: dict) -> int:

@@ -9,7 +9,6 @@ bytes on every process, device and reload.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,11 @@ MaskSampler = Callable[[tuple[int, int], float, torch.Generator], torch.Tensor]
 
 _SAMPLERS: dict[str, MaskSampler] = {}
 BUILTIN_KINDS = ("random", "random_exact", "structured")
+MASK_KIND_VERSIONS: dict[str, int] = {"random": 1, "random_exact": 1, "structured": 2}
+"""Version of each built-in sampler's draws, bumped whenever the same (config, seed) starts drawing
+other entries. Saved adapters record it, and the lab puts versions above 1 in a run's identity.
+structured 2 (randmask 0.4.0): columns are allocated model-wide to meet the budget (some matrices
+get none); version 1 kept at least one column per matrix, over budget below one column each."""
 
 
 def register_mask_kind(name: str) -> Callable[[MaskSampler], MaskSampler]:
@@ -110,16 +114,43 @@ def exact_count_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> 
 
 @register_mask_kind("structured")
 def column_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
-    """Whole input columns (the paper's Structured Masking): round(p*cols) columns, >= 1."""
+    """Whole input columns (the paper's Structured Masking): round(p*cols) columns, chosen uniformly.
+
+    ``block_densities`` gives this sampler p = k/cols with k the block's column count from
+    ``structured_column_counts``, so the model-wide total meets the budget; k may be 0.
+    """
     rows, cols = shape
-    k = max(1, round(p * cols))
-    if p > 0 and round(p * cols) < 1:  # the one-column floor exceeds the budget: say so, loudly
-        warnings.warn(f"structured mask: density {p:.3g} is under one column of a {rows}x{cols} matrix; "
-                      f"keeping one whole column (density {1 / cols:.3g}), more than the budget asked for. "
-                      "Use a larger ratio or a random mask.", RuntimeWarning, stacklevel=2)
-    chosen = torch.sort(_choose_distinct(cols, k, gen)).values
+    chosen = torch.sort(_choose_distinct(cols, round(p * cols), gen)).values
     # (rows, k) grid of flat indices r*cols + c, already in row-major order.
     return (torch.arange(rows, dtype=torch.int64)[:, None] * cols + chosen[None, :]).reshape(-1)
+
+
+def structured_column_counts(shapes: list[tuple[int, int]], expected_entries: list[float],
+                             gen: torch.Generator) -> list[int]:
+    """Whole columns per matrix for structured masking, so that the model-wide total meets the budget.
+
+    Matrix b should hold ``expected_entries[b]`` entries, i.e. c_b = entries / rows columns, which
+    is fractional and often under one (SmolLM2-135M at 1e-5 of all parameters: 22 entries per q/v
+    matrix, a column holds 192-576). Each matrix gets floor(c_b) columns plus one more with
+    probability frac(c_b), the extras placed by systematic sampling over the matrices in a random
+    order (one uniform offset): every matrix's expected count is exactly c_b, and the number of
+    extras is sum(frac) rounded down or up, so the total is within one column of the budget. Matrices
+    can get zero columns, as they must when the budget is under one column each.
+    """
+    if len(shapes) != len(expected_entries):
+        raise MaskingError(f"{len(shapes)} matrix shapes but {len(expected_entries)} budgets were given.")
+    wanted = [min(entries / rows, float(cols)) for (rows, cols), entries in zip(shapes, expected_entries)]
+    counts = [int(c) for c in wanted]
+    order = torch.randperm(len(shapes), generator=gen).tolist()
+    offset = float(torch.rand((), generator=gen, dtype=torch.float64))
+    # Systematic sampling: walking the matrices in random order, an extra column falls wherever the
+    # running sum of fractional parts (started at the offset) crosses an integer.
+    running = offset
+    for b in order:
+        before = int(running)
+        running += wanted[b] - counts[b]
+        counts[b] += int(running) - before
+    return counts
 
 
 def _choose_distinct(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -181,9 +212,11 @@ def per_matrix_density(trainable_ratio: float, total_params: int, matrix_sizes: 
 
 __all__ = [
     "BUILTIN_KINDS",
+    "MASK_KIND_VERSIONS",
     "MaskSampler",
     "bernoulli_mask",
     "column_mask",
+    "structured_column_counts",
     "derive_seed",
     "exact_count_mask",
     "get_sampler",

@@ -12,7 +12,13 @@ from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
 from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, logical_shape
-from randmask.masks import BUILTIN_KINDS, get_sampler, make_generator, per_matrix_density
+from randmask.masks import (
+    BUILTIN_KINDS,
+    get_sampler,
+    make_generator,
+    per_matrix_density,
+    structured_column_counts,
+)
 from randmask.targets import Target, resolve_targets
 
 logger = logging.getLogger("randmask")
@@ -78,17 +84,35 @@ def block_densities(config: MaskingConfig, total_params: int, targets: list[Targ
 
     ``apply_masking`` and ``load_adapter`` both call it, so the floats (and hence the
     regenerated masks) are identical. Custom masks have no budget: every p is 1.0 (unused).
+    Structured masks keep whole columns: their p is (columns allotted to the block) / in_features,
+    allotted model-wide by ``structured_column_counts`` (0.0 for a block that gets none).
     """
     sizes = [size for t in targets for size in t.block_sizes()]
     if config.trainable_ratio is not None:
         flat = per_matrix_density(config.trainable_ratio, total_params, sizes)
     else:
         flat = [config.density or 1.0] * len(sizes)
+    if config.mask_kind == "structured":
+        flat = _structured_densities(config, targets, flat)
     out, k = [], 0
     for target in targets:
         out.append(flat[k:k + len(target.blocks)])
         k += len(target.blocks)
     return out
+
+
+def _structured_densities(config: MaskingConfig, targets: list[Target], flat: list[float]) -> list[float]:
+    shapes = [(stop - start, logical_shape(t.module)[1]) for t in targets for _, start, stop in t.blocks]
+    entries = [p * rows * cols for p, (rows, cols) in zip(flat, shapes)]
+    # One generator for the allocation, apart from the per-matrix column draws.
+    counts = structured_column_counts(shapes, entries, make_generator(config.seed, "structured:column-allocation"))
+    if not any(counts):
+        raise MaskingError(
+            f"structured masking at this budget ({sum(entries):,.0f} entries) kept no whole column: one column "
+            f"holds {min(r for r, _ in shapes):,}-{max(r for r, _ in shapes):,} entries. Raise trainable_ratio/density, "
+            "or use mask_kind='random'."
+        )
+    return [k / cols for k, (_, cols) in zip(counts, shapes)]
 
 
 def draw_mask(target: Target, densities: list[float], config: MaskingConfig,
@@ -107,7 +131,7 @@ def draw_mask(target: Target, densities: list[float], config: MaskingConfig,
             local = _custom_block_indices(custom, target.name, (out_f, in_f), start, stop)
         else:
             local = get_sampler(config.mask_kind)((stop - start, in_f), p, make_generator(config.seed, key))
-        if local.numel() == 0:
+        if local.numel() == 0 and p != 0.0:  # p == 0: a structured block allotted no column
             raise MaskingError(
                 f"the mask of {key} ({stop - start}x{in_f}, keep probability {p:.3g}, expected "
                 f"{p * (stop - start) * in_f:.3g} entries) drew zero entries. Raise the budget "

@@ -1,4 +1,4 @@
 """The library's version, in a module of its own so that ``io`` can record it without importing
 the package ``__init__`` (which imports ``io``)."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

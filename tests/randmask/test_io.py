@@ -164,3 +164,22 @@ def test_ratio_budget_round_trip_on_fused_blocks(tmp_path):
     out = model_output(model, inputs)
     save_adapter(model, tmp_path)
     assert torch.equal(model_output(load_adapter(tiny_model("gpt2"), tmp_path), inputs), out)
+
+
+def test_structured_adapter_with_empty_matrices_round_trips(tmp_path):
+    # 2e-3 of the tiny llama: some q/v matrices are allotted no column (nnz 0) and are saved as such.
+    model = _trained("llama", trainable_ratio=2e-3, mask_kind="structured")
+    inputs = tiny_inputs("llama")
+    out = model_output(model, inputs)
+    save_adapter(model, tmp_path)
+    header = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert header["mask_kind_version"] == 2
+    assert any(info["nnz"] == 0 for info in header["matrices"].values())
+    assert torch.equal(model_output(load_adapter(tiny_model("llama"), tmp_path), inputs), out)
+
+
+def test_structured_adapter_of_the_old_sampler_is_refused_by_name(tmp_path):
+    save_adapter(_trained("llama", trainable_ratio=2e-3, mask_kind="structured"), tmp_path)
+    _edit_header(tmp_path, lambda h: h.pop("mask_kind_version"))  # as randmask < 0.4 wrote it
+    with pytest.raises(MaskingError, match="drawn by sampler version 1; this randmask .* draws version 2"):
+        load_adapter(tiny_model("llama"), tmp_path)

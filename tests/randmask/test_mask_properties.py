@@ -17,6 +17,7 @@ from randmask.masks import (
     indices_checksum,
     make_generator,
     per_matrix_density,
+    structured_column_counts,
 )
 
 PROPS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -59,8 +60,35 @@ def test_structured_keeps_whole_columns(shape, p, seed, name):
     idx = column_mask(shape, p, make_generator(seed, name))
     _well_formed(idx, rows * cols)
     kept_cols = torch.unique(idx % cols)
-    assert kept_cols.numel() == max(1, round(p * cols))
+    assert kept_cols.numel() == round(p * cols)
     assert idx.numel() == rows * kept_cols.numel()
+
+
+@PROPS
+@given(st.lists(st.tuples(st.integers(1, 600), st.integers(1, 600), st.floats(0.0, 1.0)), min_size=1, max_size=40),
+       seeds)
+def test_structured_allocation_meets_the_budget_within_one_column(matrices, seed):
+    shapes = [(rows, cols) for rows, cols, _ in matrices]
+    entries = [fill * rows * cols for rows, cols, fill in matrices]
+    counts = structured_column_counts(shapes, entries, make_generator(seed, "alloc"))
+    wanted = [e / rows for e, (rows, _) in zip(entries, shapes)]
+    # Each matrix: floor or ceil of its fractional column budget, never more columns than it has.
+    assert all(math.floor(w) <= k <= min(math.ceil(w), cols) for k, w, (_, cols) in zip(counts, wanted, shapes))
+    # Total: the fractional parts' sum, rounded down or up (systematic sampling).
+    assert abs(sum(counts) - sum(wanted)) < 1 + 1e-9
+    assert counts == structured_column_counts(shapes, entries, make_generator(seed, "alloc"))
+
+
+def test_structured_allocation_is_unbiased_per_matrix():
+    # 60 matrices each due 0.3 of a column: each must get its column 30% of the time, over seeds.
+    shapes, entries = [(100, 50)] * 60, [30.0] * 60
+    hits = torch.zeros(60)
+    for seed in range(2000):
+        counts = structured_column_counts(shapes, entries, make_generator(seed, "alloc"))
+        assert sum(counts) == 18  # 60 * 0.3, exactly: the fractions sum to an integer
+        hits += torch.tensor(counts, dtype=torch.float32)
+    rate = hits / 2000  # binomial sd of a rate: sqrt(0.3*0.7/2000) = 0.010
+    assert bool(((rate - 0.3).abs() < 0.06).all()), rate
 
 
 @PROPS

@@ -252,3 +252,15 @@ def _tokenizer():
     vocab = {f"t{i}": i for i in range(128)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+def test_structured_mask_with_empty_matrices_trains_merges_and_reloads(tmp_path):
+    inputs = tiny_inputs("llama")
+    model = _train(_peft_model("llama", trainable_ratio=2e-3, mask_kind="structured"), "llama")
+    nnz = [layer.randmask_adapters["default"].nnz for layer in _layers(model).values()]
+    assert 0 in nnz and sum(nnz) > 0  # under one column per matrix: some matrices hold none
+    out = model_output(model, inputs)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert torch.equal(model_output(reloaded, inputs), out)
+    assert torch.equal(model_output(model.merge_and_unload(), inputs), out)

@@ -202,14 +202,21 @@ class RunConfig:
 
         ``data`` is the fingerprint of the task's original files (name, size, SHA-256 of each) or
         the Hub dataset id, so a different copy of the data, or an edited file, is a different run.
+        ``mask_kind_version`` is the sampler version of a masking method whose draws have changed
+        (``randmask.masks.MASK_KIND_VERSIONS``): a record of the old sampler is another run.
         """
+        from randmask import MASK_KIND_VERSIONS
         from randmask_lab.experiment.sources import data_fingerprint
+        from randmask_lab.methods import MASK_KIND_OF
 
         data = {f.name: v for f, v in zip(dataclasses.fields(self), self.to_dict().values(), strict=True)
                 if field_role(f) == "identity"}
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
         data.pop("seed")
         data["data"] = data_fingerprint(self.task, self.data_dir, self.source)
+        kind = MASK_KIND_OF.get(self.method)
+        if kind is not None and MASK_KIND_VERSIONS[kind] > 1:  # above 1 only: older run ids stay valid
+            data["mask_kind_version"] = MASK_KIND_VERSIONS[kind]
         if self.source is not None and "hub" not in data["data"]:
             data["source"] = "local"  # a file or folder: its fingerprint is the identity, not where it lies
         return data

@@ -29,9 +29,11 @@ from randmask_lab.methods.prepared import PreparedModel, TrainableReport, count_
 from randmask_lab.methods.targets import default_head_modules
 from randmask_lab.methods.zeroshot import prepare_zeroshot
 
+MASK_KIND_OF: dict[str, str] = {"randmask": "random", "structured": "structured"}
+"""The randmask mask kind each masking method draws."""
+
 _METHODS: dict[str, Callable[..., PreparedModel]] = {
-    "randmask": partial(prepare_masking, kind="random"),
-    "structured": partial(prepare_masking, kind="structured"),
+    **{method: partial(prepare_masking, kind=kind) for method, kind in MASK_KIND_OF.items()},
     "full": prepare_full,
     "lora": prepare_lora,
     "adalora": prepare_adalora,
@@ -44,6 +46,7 @@ METHOD_NAMES: tuple[str, ...] = tuple(_METHODS)
 _COMMON = {"model", "kind", "total", "heads", "targets", "ratio", "density", "seed", "total_steps"}
 
 __all__ = [
+    "MASK_KIND_OF",
     "METHOD_NAMES",
     "PreparedModel",
     "check_method_options",

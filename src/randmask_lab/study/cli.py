@@ -57,14 +57,15 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from randmask_lab.study.plan import StudySpec, needed_runs
-    from randmask_lab.study.run import run_study
+    from randmask_lab.study.run import planned_run_id, run_study
 
     spec = StudySpec.from_file(args.spec)
     if args.plan:
         from randmask_lab.experiment.store import ResultStore, store_file
 
         path = store_file(None, args.out_dir)
-        needs = needed_runs(spec, ResultStore(path).records() if path.is_file() else [])
+        needs = needed_runs(spec, ResultStore(path).records() if path.is_file() else [],
+                            planned_run_id(spec, args.out_dir))
         for n in needs:
             print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
         print(f"{len(needs)} runs planned next (more follow once the LR search has finished)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ class PlannedRun:
     seed: int
 
 
+RunId = Callable[[PlannedRun], str]
+
+
 def neighbour(lr: float, step: int) -> float | None:
     """The next LR up (step=+1) or down (-1) on the 1-3-10 ladder; None past its ends."""
     i = min(range(len(LADDER)), key=lambda k: abs(math.log(LADDER[k] / lr)))
@@ -93,9 +97,13 @@ def _matches(r: RunRecord, task: str, cell: CellSpec, fixed: dict[str, Any]) -> 
             and all(c.get(k) == v for k, v in fixed.items()))
 
 
-def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRecord]) -> list[PlannedRun]:
+def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRecord],
+               run_id: RunId | None) -> list[PlannedRun]:
     fixed = {**spec.common, **spec.protocol[task]}
     done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
+    if run_id is not None:  # only the very run the spec asks for under this code (data, sampler version)
+        done = {key: r for key, r in done.items()
+                if r.run_id == run_id(PlannedRun(task, cell.method, cell.ratio, key[0], key[1]))}
     if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)
         lr = cell.lrs[0] if cell.lrs else 1e-3
         return [PlannedRun(task, cell.method, None, lr, s) for s in spec.seeds
@@ -117,14 +125,18 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
     return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.seeds if (best, s) not in done]
 
 
-def needed_runs(spec: StudySpec, records: list[RunRecord]) -> list[PlannedRun]:
+def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
     """Every run the study needs next, task by task (protocol order), cells in spec order within a task,
-    given the finished records. Task-major, so a study stopped part-way has whole tasks to report."""
+    given the finished records. Task-major, so a study stopped part-way has whole tasks to report.
+
+    ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
+    one the run would get now: a record of other data, or of a mask sampler since changed
+    (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
     finished = [r for r in records if r.status in FINISHED and r.config.get("model") == spec.model
                 and r.config.get("precision", "32") == spec.precision]
     out: list[PlannedRun] = []
     for task in spec.protocol:
         for cell in spec.cells:
             if cell.tasks is None or task in cell.tasks:
-                out += _cell_runs(spec, task, cell, finished)
+                out += _cell_runs(spec, task, cell, finished, run_id)
     return out

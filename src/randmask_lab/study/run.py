@@ -16,7 +16,7 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.record import FINISHED, RunRecord
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.sweep import run_claimed
-from randmask_lab.study.plan import PlannedRun, StudySpec, needed_runs
+from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
 from randmask_lab.study.records import export_jsonl, read_jsonl
 
 
@@ -25,6 +25,11 @@ def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) 
     return RunConfig(model=spec.model, task=run.task, method=run.method, ratio=run.ratio, lr=run.lr,
                      seed=run.seed, precision=spec.precision, out_dir=out_dir,
                      **{**spec.common, **spec.protocol[run.task]}, **execution)
+
+
+def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None) -> RunId:
+    """planned run -> the run id it gets under this code and data (for ``needed_runs``)."""
+    return lambda run: run_config(spec, run, out_dir, execution or {}).run_id
 
 
 def adopt_records(store: ResultStore, records: list[RunRecord]) -> int:
@@ -63,9 +68,9 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
         if adopted:
             say(f"study {spec.name}: took {adopted} finished records from {export} into the store")
     owner, ran, failed = new_owner(), 0, set()
+    run_id = planned_run_id(spec, out_dir, execution)
     while max_runs is None or ran < max_runs:
-        needs = [n for n in needed_runs(spec, store.records())
-                 if run_config(spec, n, out_dir, execution or {}).run_id not in failed]
+        needs = [n for n in needed_runs(spec, store.records(), run_id) if run_id(n) not in failed]
         if not needs:
             say(f"study {spec.name}: nothing left to run ({len(store)} records; {len(failed)} failed here)")
             break

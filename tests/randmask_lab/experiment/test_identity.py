@@ -75,3 +75,15 @@ def test_config_json_of_an_older_version_still_loads():
     old = {k: v for k, v in RunConfig(task="rte").to_dict().items() if k not in ("precision", "restart")}
     config = RunConfig.from_dict({**old, "dtype": "bfloat16", "resume": False})
     assert config.precision == "bf16-true" and config.restart is True
+
+
+def test_the_id_covers_a_changed_mask_sampler(monkeypatch):
+    import randmask
+
+    structured = RunConfig(task="rte", method="structured", ratio=1e-4)
+    random = RunConfig(task="rte", method="randmask", ratio=1e-4)
+    assert structured.identity()["mask_kind_version"] == randmask.MASK_KIND_VERSIONS["structured"] == 2
+    assert "mask_kind_version" not in random.identity()  # version 1: ids from before the field stay valid
+    before = structured.run_id
+    monkeypatch.setitem(randmask.MASK_KIND_VERSIONS, "structured", 3)
+    assert structured.run_id != before

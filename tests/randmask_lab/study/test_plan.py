@@ -134,3 +134,13 @@ def test_bad_options_and_protocol_values_are_one_error_before_any_run(tmp_path: 
     assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out)]) == 2
     assert "--n-train must be >= 1" in capsys.readouterr().err
     assert not (out / "results.sqlite").exists()  # nothing ran, nothing was recorded as failed
+
+
+def test_with_run_ids_a_stale_record_does_not_count() -> None:
+    # A record of the same config but another identity (a mask sampler since changed, other data)
+    # is not the run the spec asks for now: it is planned again.
+    runs = [done(1e-2, 0, 0.9), done(3e-2, 0, 0.5), done(1e-1, 0, 0.7)]
+    current = lambda run: f"{run.lr}-{run.seed}-{run.method}"  # the ids done() gives
+    assert [(n.lr, n.seed) for n in needed_runs(spec(), runs, current)] == [(3e-2, 1), (3e-2, 2)]
+    changed = lambda run: current(run) + ("-v2" if run.lr == 3e-2 else "")
+    assert [(n.lr, n.seed) for n in needed_runs(spec(), runs, changed)] == [(3e-2, 0)]
