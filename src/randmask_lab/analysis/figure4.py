@@ -2,6 +2,8 @@
 
 λ_max comes from ``hessian.json`` or ``suggest_lr.json`` (the same power iteration), distance from
 ``distance.json``; each file's ``run`` block says what was measured (method, budget, trained or not).
+A ``hessian.json`` measured with ``--which magnitude`` gives the Hessian norm ‖H‖₂ = max |λ| (the
+paper's "norm of the hessian ... using the power method"); one folder should not mix the two.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def _budget(run: dict[str, Any]) -> float:
 def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
     """One row per (method, budget): ``before`` / ``after`` λ_max and ``distance``, from every result file found."""
     rows: dict[tuple[str, float], dict[str, Any]] = {}
+    quantities: set[str] = set()
     for folder in folders:
         for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
             data = json.loads(path.read_text())
@@ -36,14 +39,26 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
             if path.name == "distance.json":
                 row["distance"] = data["total"]
             else:
-                row["after" if run.get("trained") else "before"] = data["lambda_max"]
+                norm = data.get("which") == "magnitude"  # signed dominant eigenvalue: its size is ‖H‖₂
+                row["after" if run.get("trained") else "before"] = abs(data["lambda_max"]) if norm else data["lambda_max"]
+                row["quantity"] = "norm" if norm else "top"
+                quantities.add(row["quantity"])
+    if len(quantities) > 1:
+        raise ValueError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
+                         "measure every cell the same way.")
     return sorted(rows.values(), key=lambda r: (r["method"], -r["ratio"]))
+
+
+def _quantity(rows: list[dict[str, Any]]) -> str:
+    """"norm" (max |λ|) or "top" (largest eigenvalue): what the rows' λ values are (``collect`` refuses a mix)."""
+    return next((r["quantity"] for r in rows if "quantity" in r), "top")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table."""
     fmt = lambda v: "-" if v is None else f"{v:.4g}"
-    lines = ["| Method | Trainable | Share | λ_max before | λ_max after | Distance |", "|---|---:|---:|---:|---:|---:|"]
+    name = "‖H‖₂" if _quantity(rows) == "norm" else "λ_max"
+    lines = [f"| Method | Trainable | Share | {name} before | {name} after | Distance |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r.get('before'))} | "
                      f"{fmt(r.get('after'))} | {fmt(r.get('distance'))} |")
@@ -58,7 +73,7 @@ def figure4(folders: Iterable[str | Path], out: str | Path) -> tuple[list[dict[s
     task = next((r["task"] for r in rows if r.get("task")), "") or ""
     files = []
     if any("before" in r or "after" in r for r in rows):
-        files.append(plot_lambda_max(rows, Path(out) / "lambda_max.png", task=task))
+        files.append(plot_lambda_max(rows, Path(out) / "lambda_max.png", task=task, norm=_quantity(rows) == "norm"))
     if any("distance" in r for r in rows):
         files.append(plot_distance(rows, Path(out) / "distance.png", task=task))
     return rows, files

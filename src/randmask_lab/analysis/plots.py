@@ -51,8 +51,9 @@ def _ratio_axis(ax, ylabel: str) -> None:
         ax.legend(fontsize=8)
 
 
-def plot_lambda_max(records: Sequence[Mapping], path: str | Path, task: str = "") -> Path:
-    """Fig. 4a: top Hessian eigenvalue before and after training vs trainable ratio, per method.
+def plot_lambda_max(records: Sequence[Mapping], path: str | Path, task: str = "", norm: bool = False) -> Path:
+    """Fig. 4a: top Hessian eigenvalue (or, ``norm``, the Hessian norm max |λ|) before and after
+    training vs trainable ratio, per method.
 
     ``records``: dicts with ``method`` (str), ``ratio`` (trainable fraction of all parameters, e.g.
     1e-3 for 0.1%; full fine-tuning is 1.0), ``before`` and/or ``after`` (λ_max, floats).
@@ -66,13 +67,15 @@ def plot_lambda_max(records: Sequence[Mapping], path: str | Path, task: str = ""
             if xs:
                 ax.plot(xs, ys, style, marker="o", color=f"C{i}", markerfacecolor=fill,
                         label=f"{method}, {key} training")
-    _ratio_axis(ax, "λ_max of the loss Hessian (log scale)")
+    name = "‖H‖₂ = max |λ|" if norm else "λ_max"
+    _ratio_axis(ax, f"{name} of the loss Hessian (log scale)")
     dropped = _dropped(records, ("before", "after"))
     caption = ("Hollow markers / dashed: at the pretrained weights; filled / solid: after fine-tuning. "
-               "Lower λ_max = flatter loss, larger stable learning rate (lr < 2/λ_max).")
+               f"Lower {name} = flatter loss, larger stable learning rate (lr < 2/λ).")
     if dropped:
         caption += f" {dropped} value(s) <= 0 not shown on the log axis."
-    return _finish(fig, path, f"Top Hessian eigenvalue vs trainable budget{' — ' + task if task else ''}", caption)
+    title = "Hessian norm" if norm else "Top Hessian eigenvalue"
+    return _finish(fig, path, f"{title} vs trainable budget{' — ' + task if task else ''}", caption)
 
 
 def plot_distance(records: Sequence[Mapping], path: str | Path, task: str = "") -> Path:

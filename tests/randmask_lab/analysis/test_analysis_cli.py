@@ -88,6 +88,24 @@ def test_figure4_pairs_before_and_after_by_method_and_budget(model_and_batches, 
     assert (tmp_path / "fig" / "lambda_max.png").is_file() and (tmp_path / "fig" / "distance.png").is_file()
 
 
+def test_figure4_reports_the_hessian_norm_of_magnitude_runs_and_refuses_a_mix(tmp_path):
+    from randmask_lab.analysis.figure4 import collect, markdown
+
+    def write(folder, value, which, trained):
+        run = {"method": "randmask", "ratio": 1e-3, "n_trainable": 10, "n_total": 10_000, "trained": trained}
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "hessian.json").write_text(json.dumps({"lambda_max": value, "which": which, "run": run}))
+
+    write("before", -76.0, "magnitude", False)  # a negative dominant eigenvalue: its size is the norm
+    write("after", 3.0, "magnitude", True)
+    rows = collect([tmp_path])
+    assert rows[0]["before"] == 76.0 and rows[0]["after"] == 3.0
+    assert "‖H‖₂ before" in markdown(rows)
+    write("other", 2.0, "top", True)
+    with pytest.raises(ValueError, match="mix top-eigenvalue and Hessian-norm"):
+        collect([tmp_path])
+
+
 def test_figure4_rejects_files_without_a_run_block(tmp_path):
     from randmask_lab.analysis.figure4 import collect
 
