@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from randmask_lab.study.stats import mean_interval
 
 def _save(fig: Figure, path: Path, title: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    lines = textwrap.wrap(title, width=int(9 * fig.get_figwidth()))  # ~9 characters per inch at size 11
+    fig.suptitle("\n".join(lines), fontsize=11)
+    fig.tight_layout()  # makes room for the suptitle itself (matplotlib >= 3.3)
     fig.savefig(path, dpi=110)
     return path
 
@@ -48,7 +50,8 @@ def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> 
 
 
 def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path | None:
-    """Bars with 95% t intervals: random vs structured masking at each ratio and task both have."""
+    """Means with 95% t intervals: random vs structured masking at each ratio and task both have (markers,
+    not bars: the differences are a few points, invisible on bars that start at zero)."""
     pairs = []
     for c in cells:
         if c.method != "structured" or not c.tests:
@@ -66,8 +69,10 @@ def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, mode
         for offset, cell, color, name in ((-0.2, rnd, "C0", "random"), (0.2, st, "C1", "structured")):
             est = mean_interval(list(cell.tests.values()))
             err = None if est.low is None else [[100 * (est.mean - est.low)], [100 * (est.high - est.mean)]]
-            ax.bar(i + offset, 100 * est.mean, 0.4, yerr=err, color=color, capsize=3, label=name if i == 0 else None)
+            ax.errorbar(i + offset, 100 * est.mean, yerr=err, fmt="o", color=color, capsize=4,
+                        label=name if i == 0 else None)
     ax.set_xticks(range(len(pairs)), [p[0] for p in pairs])
+    ax.set_xlim(-0.6, len(pairs) - 0.4)
     ax.set_ylabel("test metric ×100")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)

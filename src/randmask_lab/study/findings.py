@@ -113,10 +113,15 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
         return Verdict("c", claim, UNSURE, ["no analysis outputs given (--analysis)"])
     from randmask_lab.analysis.figure4 import collect
 
-    rows = {r["ratio"]: r for r in collect(analysis_dirs) if r["method"] == "randmask"}
+    found = collect(analysis_dirs)
+    rows = {r["ratio"]: r for r in found if r["method"] == "randmask"}
+    name = "‖H‖₂" if any(r.get("quantity") == "norm" for r in found) else "λ_max"
     values = [(ratio, rows[ratio].get("after")) for ratio in sorted(rows, reverse=True)]
     values = [(ratio, v) for ratio, v in values if v is not None]
-    evidence = [", ".join(f"ratio {ratio:.0e}: λ_max {v:.4g}" for ratio, v in values) or "no trained λ_max"]
+    evidence = [", ".join(f"ratio {ratio:.0e}: {name} {v:.4g}" for ratio, v in values) or f"no trained {name}"]
+    before = [(ratio, rows[ratio]["before"]) for ratio in sorted(rows, reverse=True) if "before" in rows[ratio]]
+    if before:
+        evidence.append("at the pretrained weights: " + ", ".join(f"ratio {r:.0e}: {v:.4g}" for r, v in before))
     if len(values) < 2:
         return Verdict("c", claim, UNSURE, evidence)
     falling = all(b < a for (_, a), (_, b) in zip(values, values[1:]))

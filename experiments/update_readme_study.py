@@ -1,0 +1,79 @@
+"""Regenerate the README's SmolLM2 study section from the committed files alone.
+
+Runs the project's own commands on experiments/results/ and writes their output verbatim between
+the README's `<!-- study:start -->` and `<!-- study:end -->` markers, so every number there was
+printed by a command a reader can rerun:
+  randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
+  randmask figure4 experiments/results/analysis_smollm2_sst2 --out experiments/results/analysis_smollm2_sst2
+  randmask findings --from ... --theory ... --analysis ...
+Usage: python experiments/update_readme_study.py   (from the repository root; takes ~10 s)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = "experiments/results/smollm2_study.jsonl"
+FIGURES = "experiments/results/smollm2_study"
+ANALYSIS = "experiments/results/analysis_smollm2_sst2"
+THEORY = "experiments/results/theory/theory_summary.json"
+START, END = "<!-- study:start -->", "<!-- study:end -->"
+
+
+def run(*args: str) -> str:
+    """Output of one randmask command (the CLI of this checkout's environment)."""
+    cli = Path(sys.executable).with_name("randmask")
+    done = subprocess.run([str(cli), *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def status() -> str:
+    """Records, runs per task, and the compute the finished runs took (sum of their wall times)."""
+    rows = [json.loads(line) for line in (ROOT / STUDY).read_text().splitlines() if line.strip()]
+    per_task: dict[str, int] = {}
+    for row in rows:
+        per_task[row["config"]["task"]] = per_task.get(row["config"]["task"], 0) + 1
+    hours = sum(row["wall_seconds"] for row in rows) / 3600
+    tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
+    return (f"`{STUDY}` holds {len(rows)} records (runs per task: {tasks}); their wall times sum to "
+            f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).")
+
+
+def section() -> str:
+    report = [line for line in run("report", "--from", STUDY, "--figures", FIGURES).splitlines()
+              if not line.startswith("wrote ")]
+    parts = [status(), "",
+             f"`randmask report --from {STUDY} --figures {FIGURES}` printed:", "", *report, "",
+             f"![Fig. 3 analogue]({FIGURES}/smollm2-135m_lr_curves.png)", ""]
+    if (ROOT / FIGURES / "smollm2-135m_structured.png").is_file():
+        parts += [f"![structured vs random]({FIGURES}/smollm2-135m_structured.png)", ""]
+    findings = ["findings", "--from", STUDY, "--theory", THEORY]
+    if (ROOT / ANALYSIS).is_dir():
+        table = run("figure4", ANALYSIS, "--out", ANALYSIS)
+        parts += [f"`randmask figure4 {ANALYSIS} --out {ANALYSIS}` (Fig. 4 on the chosen SST-2 runs, by "
+                  "`experiments/analysis_smollm2_sst2.sh`) printed:", "",
+                  *[line for line in table.splitlines() if not line.startswith("wrote ")], "",
+                  f"![Fig. 4a analogue]({ANALYSIS}/lambda_max.png) ![Fig. 4b analogue]({ANALYSIS}/distance.png)", ""]
+        findings += ["--analysis", ANALYSIS]
+    parts += [f"`randmask {' '.join(findings)}` printed:", "", "```", run(*findings), "```"]
+    return "\n".join(parts)
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        sys.exit(f"README.md lacks the {START} / {END} markers; put them where the study section goes.")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
+    print(f"updated the study section of {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
