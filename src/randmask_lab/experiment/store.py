@@ -60,6 +60,26 @@ def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def owner_is_dead(owner: str) -> bool:
+    """True when ``owner`` (``host:pid:uuid``) is a process of this host that no longer exists.
+
+    So a killed worker's runs are taken over at once rather than when its lease expires. Safe even
+    if the pid test errs (another pid namespace under the same host name): a live owner whose lease
+    is taken finds it lost at its next heartbeat and stops without writing.
+    """
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: the process exists under another user
+        return False
+    return False
+
+
 @dataclass(frozen=True)
 class LeaseInfo:
     """Who holds a run, and when their lease runs out (unix seconds)."""
@@ -178,7 +198,7 @@ class ResultStore:
 
         "finished": the store holds a finished record (nothing to do); "busy": another owner's
         lease has not expired; "claimed": the lease is ``owner``'s (new, taken over from an
-        expired owner, or renewed).
+        expired owner or from a dead process on this host, or renewed).
         """
         now = time.time() if now is None else now
         with self._connect() as db:  # BEGIN IMMEDIATE: one writer at a time, so check-then-insert is atomic
@@ -186,7 +206,7 @@ class ResultStore:
             if row and row[0] in FINISHED:
                 return "finished"
             lease = db.execute("SELECT owner, expires FROM leases WHERE run_id = ?", (run_id,)).fetchone()
-            if lease and lease[0] != owner and lease[1] > now:
+            if lease and lease[0] != owner and lease[1] > now and not owner_is_dead(lease[0]):
                 return "busy"
             db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)", (run_id, owner, now, now + ttl))
         return "claimed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from randmask_lab.experiment import ResultStore, RunConfig, RunError, run_training
-from randmask_lab.experiment.store import Lease, new_owner
+from randmask_lab.experiment.store import Lease, new_owner, owner_is_dead
 
 WORKER = Path(__file__).with_name("sweep_worker.py")
 SRC = Path(__file__).resolve().parents[3] / "src"
@@ -32,6 +33,20 @@ def test_claim_is_exclusive_until_the_lease_expires(tmp_path):
     assert store.heartbeat("run", b, ttl=10)
     store.release("run", b)
     assert store.lease("run") is None
+
+
+def test_a_dead_process_on_this_host_loses_its_lease_at_once(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(child.stdout)  # the child has exited: no process has this pid now (unless reused)
+    host = socket.gethostname()
+    assert store.claim("run", f"{host}:{dead_pid}:aaaa", ttl=3600) == "claimed"
+    assert owner_is_dead(f"{host}:{dead_pid}:aaaa")
+    assert store.claim("run", new_owner(), ttl=3600) == "claimed"  # taken over before the lease expires
+    assert store.claim("other", f"{host}:{os.getpid()}:bbbb", ttl=3600) == "claimed"
+    assert store.claim("other", new_owner(), ttl=3600) == "busy"  # its owner lives
+    assert store.claim("third", f"elsewhere:{dead_pid}:cccc", ttl=3600) == "claimed"
+    assert store.claim("third", new_owner(), ttl=3600) == "busy"  # another host: only the expiry counts
 
 
 def test_a_heartbeat_keeps_the_lease_alive(tmp_path):
@@ -108,6 +123,6 @@ def test_a_killed_workers_run_is_taken_over_and_resumed(tiny_lm, tmp_path):
     assert second.wait(timeout=300) == 0
     records = {r.run_id: r for r in ResultStore(out / "results.sqlite").records()}
     assert len(records) == 4 and all(r.status == "done" for r in records.values())
-    assert killed_run in _started(tmp_path / "b.log")  # taken over once the lease expired...
+    assert killed_run in _started(tmp_path / "b.log")  # taken over (its owner is dead)...
     assert any(n.startswith("resumed from the checkpoint at step") for n in records[killed_run].notes)
     _check_steps(out, list(records))  # ...and resumed: steps.csv has each step once
