@@ -8,24 +8,34 @@
 # Variables: MODEL, TASK, RUNS (the runs' out-dir), OUT, POWER (power-iteration flags), DISTANCE_FLAGS
 # (extra `randmask distance` flags, e.g. --freeze-head), WHICH (top: the largest eigenvalue, measured
 # before training by suggest-lr; magnitude: the Hessian norm max |λ|, the paper's quantity, measured
-# by `randmask hessian --which magnitude` before and after).
+# by `randmask hessian --which magnitude` before and after), SEEDS (default "0": the seeds to measure; a
+# seed sets the mask and the batch sample, and "after" uses that seed's run at the chosen LR). Resumable:
+# a measurement whose JSON exists is skipped. Layout: $OUT/{before,after}/<cell>/seed<S>/.
 set -euo pipefail
 : "${MODEL:?}" "${TASK:?}" "${RUNS:?}" "${OUT:?}" "${POWER:?}"
 DISTANCE_FLAGS=${DISTANCE_FLAGS:-}
 WHICH=${WHICH:-top}
+SEEDS=${SEEDS:-0}
 M="--model $MODEL --task $TASK $POWER"
-before() {  # before OUT_NAME METHOD_FLAGS...: the measurement at the pretrained weights
-  local name=$1; shift
-  if [ "$WHICH" = top ]; then randmask suggest-lr $M "$@" --calibration 1 --out "$OUT/before/$name"
-  else randmask hessian $M "$@" --which "$WHICH" --out "$OUT/before/$name"; fi
+before() {  # before OUT_DIR METHOD_FLAGS...: the measurement at the pretrained weights
+  local out=$1; shift
+  if [ "$WHICH" = top ]; then
+    [ -f "$out/suggest_lr.json" ] || randmask suggest-lr $M "$@" --calibration 1 --out "$out"
+  else
+    [ -f "$out/hessian.json" ] || randmask hessian $M "$@" --which "$WHICH" --out "$out"
+  fi
 }
-for r in 1e-3 1e-4 1e-5; do before "randmask_$r" --method randmask --trainable-ratio $r; done
-for m in full lora; do before "$m" --method $m; done
+for s in $SEEDS; do
+  for r in 1e-3 1e-4 1e-5; do before "$OUT/before/randmask_$r/seed$s" --method randmask --trainable-ratio $r --seed $s; done
+  for m in full lora; do before "$OUT/before/$m/seed$s" --method $m --seed $s; done
+done
 REFERENCE=$(python -c "from randmask_lab.zoo import resolve_model_path; print(resolve_model_path('$MODEL'))")/model.safetensors
-randmask report --out-dir "$RUNS" --task "$TASK" --best-runs | while IFS=$'\t' read -r task label lr dir; do
+randmask report --out-dir "$RUNS" --task "$TASK" --best-runs --all-seeds | while IFS=$'\t' read -r task label lr dir seed; do
   case $label in full|randmask_*) ;; *) continue;; esac
-  randmask hessian --adapter "$dir" $POWER --which "$WHICH" --out "$OUT/after/$label" < /dev/null
+  case " $SEEDS " in *" $seed "*) ;; *) continue;; esac
+  out="$OUT/after/$label/seed$seed"
+  [ -f "$out/hessian.json" ] || randmask hessian --adapter "$dir" $POWER --which "$WHICH" --out "$out" < /dev/null
   ref=(); [ "$label" = full ] && ref=(--reference "$REFERENCE")
-  randmask distance --adapter "$dir" $DISTANCE_FLAGS "${ref[@]}" --out "$OUT/after/$label" < /dev/null
+  [ -f "$out/distance.json" ] || randmask distance --adapter "$dir" $DISTANCE_FLAGS "${ref[@]}" --out "$out" < /dev/null
 done
 randmask figure4 "$OUT" --out "$OUT"

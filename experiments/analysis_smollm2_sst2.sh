@@ -7,6 +7,6 @@
 # resolve at tol 1e-2. One HVP is ~5-15 s on a shared core. POWER overrides the power-iteration settings
 # (a quick check: POWER="--num-batches 1 --batch-size 4 --max-iter 2 --tol 1e-1").
 set -euo pipefail
-export WHICH=${WHICH:-magnitude} MODEL=smollm2-135m TASK=sst2 RUNS=${RUNS:-runs/study} OUT=${OUT:-runs/analysis_smollm2_sst2}
+export WHICH=${WHICH:-magnitude} SEEDS=${SEEDS:-"0 1 2"} MODEL=smollm2-135m TASK=sst2 RUNS=${RUNS:-runs/study} OUT=${OUT:-runs/analysis_smollm2_sst2}
 export POWER=${POWER:-"--num-batches 1 --batch-size 8 --tol 1e-2 --max-iter 40"}
 exec bash "$(dirname "$0")/analysis_fig4.sh"

@@ -111,9 +111,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.best_runs:
         from randmask_lab.experiment.report import best_runs, method_label
 
-        for r in best_runs(store.records(**where), args.select):
+        for r in best_runs(store.records(**where), args.select, args.all_seeds):
             print("\t".join([r.config["task"], method_label(r.config).replace(" ", "_"), f"{r.config['lr']:g}",
-                             r.run_dir or ""]))
+                             r.run_dir or "", str(r.config["seed"])]))
         return 0
     print(report(store, args.select, **where))
     return 0
@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="choose each cell's LR by mean validation loss (default) or validation metric")
     rep.add_argument("--best-runs", action="store_true",
                      help="instead of the table, one tab-separated line per cell: task, method_budget, chosen LR, "
-                     "run folder (to feed the analysis commands' --adapter)")
+                     "run folder (to feed the analysis commands' --adapter), seed")
+    rep.add_argument("--all-seeds", action="store_true",
+                     help="with --best-runs: a line for every seed at the chosen LR, not only the first")
     rep.add_argument("--from", dest="from_file", help="a JSONL study file (randmask export) instead of a store: "
                      "tables with 95%% intervals over seeds and paired differences")
     rep.add_argument("--figures", help="with --from: also write the study's PNGs into this folder")

@@ -84,6 +84,7 @@ def test_sweep_runs_the_grid_and_prints_the_table(capsys, tmp_path, tiny):
     best = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert [b[:2] for b in best] == [["rte", "bitfit"], ["rte", "randmask_2e-02"]]
     assert all(b[2] in ("0.001", "0.01") and (tmp_path / Path(b[3]).name / "config.json").is_file() for b in best)
+    assert all(b[4] == "0" for b in best)  # the seed column
     # calibrate-lr pairs a suggestion (made at factor 1) with the cell of the same task, method and budget.
     chosen = float(best[1][2])
     for name, ratio in (("match", 0.02), ("other", 0.5)):

@@ -9,6 +9,7 @@ paper's "norm of the hessian ... using the power method"); one folder should not
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ def _budget(run: dict[str, Any]) -> float:
 
 
 def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """One row per (method, budget): ``before`` / ``after`` λ_max and ``distance``, from every result file found."""
+    """One row per (method, budget): ``before`` / ``after`` λ_max and ``distance``, from every result file found.
+
+    Measurements of several seeds (the ``run`` block's ``seed``: mask and batch sample) of one
+    (method, budget) are kept per seed in ``<key>_by_seed`` ({seed: value}); ``<key>`` is their mean.
+    """
     rows: dict[tuple[str, float], dict[str, Any]] = {}
     quantities: set[str] = set()
     for folder in folders:
@@ -37,12 +42,20 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
             row = rows.setdefault(key, {"method": run["method"], "ratio": key[1], "task": run.get("task"),
                                         "n_trainable": run["n_trainable"]})
             if path.name == "distance.json":
-                row["distance"] = data["total"]
+                name, value = "distance", data["total"]
             else:
                 norm = data.get("which") == "magnitude"  # signed dominant eigenvalue: its size is ‖H‖₂
-                row["after" if run.get("trained") else "before"] = abs(data["lambda_max"]) if norm else data["lambda_max"]
+                name = "after" if run.get("trained") else "before"
+                value = abs(data["lambda_max"]) if norm else data["lambda_max"]
                 row["quantity"] = "norm" if norm else "top"
                 quantities.add(row["quantity"])
+            by_seed = row.setdefault(f"{name}_by_seed", {})
+            seed = int(run.get("seed") or 0)
+            if seed in by_seed:
+                raise ValueError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
+                                 "keep one folder per (cell, seed).")
+            by_seed[seed] = value
+            row[name] = statistics.fmean(by_seed.values())
     if len(quantities) > 1:
         raise ValueError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
                          "measure every cell the same way.")
@@ -55,13 +68,19 @@ def _quantity(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table."""
-    fmt = lambda v: "-" if v is None else f"{v:.4g}"
+    """The rows as a Markdown table (a mean over n seeds says "(n=…)")."""
+
+    def fmt(row: dict[str, Any], key: str) -> str:
+        if row.get(key) is None:
+            return "-"
+        n = len(row.get(f"{key}_by_seed", ()))
+        return f"{row[key]:.4g}" + (f" (n={n})" if n > 1 else "")
+
     name = "‖H‖₂" if _quantity(rows) == "norm" else "λ_max"
     lines = [f"| Method | Trainable | Share | {name} before | {name} after | Distance |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r.get('before'))} | "
-                     f"{fmt(r.get('after'))} | {fmt(r.get('distance'))} |")
+        lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r, 'before')} | "
+                     f"{fmt(r, 'after')} | {fmt(r, 'distance')} |")
     return "\n".join(lines)
 
 

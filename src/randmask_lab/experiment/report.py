@@ -128,8 +128,9 @@ def method_order(label: str) -> tuple[int, float]:
         return rank, 0.0
 
 
-def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss") -> list[RunRecord]:
-    """The run (first seed) at the chosen LR of every (model, protocol, task, method/budget) cell."""
+def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss", all_seeds: bool = False) -> list[RunRecord]:
+    """The run (first seed; ``all_seeds``: every seed) at the chosen LR of every (model, protocol, task,
+    method/budget) cell."""
     cells: dict[tuple[str, str, str, str], list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.status in ("done", "diverged"):
@@ -138,7 +139,8 @@ def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss") -> l
     for key in sorted(cells, key=lambda k: (k[0], k[1], task_order(k[2]), method_order(k[3]))):
         cell = best_cell(cells[key], select_by)
         if cell.lr is not None:
-            chosen.append(min((r for r in cells[key] if r.config["lr"] == cell.lr), key=lambda r: r.config["seed"]))
+            at_lr = sorted((r for r in cells[key] if r.config["lr"] == cell.lr), key=lambda r: r.config["seed"])
+            chosen += at_lr if all_seeds else at_lr[:1]
     return chosen
 
 

@@ -15,6 +15,7 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,7 @@ def finding_b(cells: Sequence[StudyCell]) -> Verdict:
 
 
 def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
+    """Adjacent ratios compared by log10 λ after training, paired by seed (t interval over seeds)."""
     claim = "λ_max (after training) falls as the ratio falls"
     if not analysis_dirs:
         return Verdict("c", claim, UNSURE, ["no analysis outputs given (--analysis)"])
@@ -116,18 +118,27 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
     found = collect(analysis_dirs)
     rows = {r["ratio"]: r for r in found if r["method"] == "randmask"}
     name = "‖H‖₂" if any(r.get("quantity") == "norm" for r in found) else "λ_max"
-    values = [(ratio, rows[ratio].get("after")) for ratio in sorted(rows, reverse=True)]
-    values = [(ratio, v) for ratio, v in values if v is not None]
-    evidence = [", ".join(f"ratio {ratio:.0e}: {name} {v:.4g}" for ratio, v in values) or f"no trained {name}"]
-    before = [(ratio, rows[ratio]["before"]) for ratio in sorted(rows, reverse=True) if "before" in rows[ratio]]
-    if before:
-        evidence.append("at the pretrained weights: " + ", ".join(f"ratio {r:.0e}: {v:.4g}" for r, v in before))
-    if len(values) < 2:
-        return Verdict("c", claim, UNSURE, evidence)
-    falling = all(b < a for (_, a), (_, b) in zip(values, values[1:]))
-    rising = all(b > a for (_, a), (_, b) in zip(values, values[1:]))
-    evidence.append("one power-iteration measurement per ratio (no interval)")
-    return Verdict("c", claim, HOLDS if falling else FAILS if rising else UNSURE, evidence)
+    evidence = []
+    for key, when in (("before", "at the pretrained weights"), ("after", "after training")):
+        per = [(ratio, rows[ratio][f"{key}_by_seed"]) for ratio in sorted(rows, reverse=True)
+               if rows[ratio].get(f"{key}_by_seed")]
+        evidence.append(f"{name} {when}: " + "; ".join(
+            f"ratio {ratio:.0e}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items())) for ratio, vals in per))
+    after = [(ratio, rows[ratio]["after_by_seed"]) for ratio in sorted(rows, reverse=True)
+             if rows[ratio].get("after_by_seed")]
+    if len(after) < 2:
+        return Verdict("c", claim, UNSURE, evidence + [f"fewer than two ratios with a trained {name}"])
+    verdicts = []
+    for (hi, a), (lo, b) in zip(after, after[1:]):
+        logs = lambda vals: {s: math.log10(v) for s, v in vals.items() if v > 0}
+        if not set(logs(a)) & set(logs(b)):
+            verdicts.append(UNSURE)
+            continue
+        diff = paired_difference(logs(b), logs(a))  # log10 λ(lower ratio) - log10 λ(higher ratio)
+        evidence.append(f"log10 {name} at {lo:.0e} − at {hi:.0e}: {diff.text(scale=1.0, digits=2)} (seeds paired)")
+        verdicts.append(UNSURE if diff.low is None else HOLDS if diff.high < 0 else FAILS if diff.low > 0 else UNSURE)
+    verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
+    return Verdict("c", claim, verdict, evidence)
 
 
 def finding_d(theory_summary: dict[str, Any] | None) -> Verdict:

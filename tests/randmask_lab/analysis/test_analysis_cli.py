@@ -91,17 +91,23 @@ def test_figure4_pairs_before_and_after_by_method_and_budget(model_and_batches, 
 def test_figure4_reports_the_hessian_norm_of_magnitude_runs_and_refuses_a_mix(tmp_path):
     from randmask_lab.analysis.figure4 import collect, markdown
 
-    def write(folder, value, which, trained):
-        run = {"method": "randmask", "ratio": 1e-3, "n_trainable": 10, "n_total": 10_000, "trained": trained}
+    def write(folder, value, which, trained, seed=0, ratio=1e-3):
+        run = {"method": "randmask", "ratio": ratio, "n_trainable": 10, "n_total": 10_000, "trained": trained,
+               "seed": seed}
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "hessian.json").write_text(json.dumps({"lambda_max": value, "which": which, "run": run}))
 
     write("before", -76.0, "magnitude", False)  # a negative dominant eigenvalue: its size is the norm
     write("after", 3.0, "magnitude", True)
+    write("after_seed1", 5.0, "magnitude", True, seed=1)
     rows = collect([tmp_path])
-    assert rows[0]["before"] == 76.0 and rows[0]["after"] == 3.0
-    assert "‖H‖₂ before" in markdown(rows)
-    write("other", 2.0, "top", True)
+    assert rows[0]["before"] == 76.0 and rows[0]["after"] == 4.0 and rows[0]["after_by_seed"] == {0: 3.0, 1: 5.0}
+    assert "‖H‖₂ before" in markdown(rows) and "| 4 (n=2) |" in markdown(rows)
+    write("again", 6.0, "magnitude", True, seed=1)
+    with pytest.raises(ValueError, match="a second after measurement of randmask at 0.001, seed 1"):
+        collect([tmp_path])
+    (tmp_path / "again" / "hessian.json").unlink()
+    write("other", 2.0, "top", True, ratio=1e-4)
     with pytest.raises(ValueError, match="mix top-eigenvalue and Hessian-norm"):
         collect([tmp_path])
 

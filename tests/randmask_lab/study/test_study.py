@@ -110,3 +110,28 @@ def test_report_from_and_findings_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "(b) the best LR rises monotonically as the ratio falls: HOLDS" in out
     assert "(c)" in out and "INCONCLUSIVE" in out
     assert main(["findings", "--from", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
+    folder.mkdir(parents=True)
+    run = {"method": "randmask", "ratio": ratio, "n_trainable": 10, "n_total": 1000, "trained": True, "seed": seed}
+    (folder / "hessian.json").write_text(json.dumps({"lambda_max": value, "which": "magnitude", "run": run}))
+
+
+def test_finding_c_pairs_seeds_across_ratios(tmp_path: Path) -> None:
+    from randmask_lab.study.findings import finding_c
+
+    # Ten-fold falls in every seed (with some spread): HOLDS.
+    for seed, jitter in enumerate((1.0, 1.3, 0.8)):
+        for ratio, value in ((1e-3, 10.0), (1e-4, 1.0), (1e-5, 0.1)):
+            _hessian(tmp_path / "falls" / f"{ratio}" / f"seed{seed}", ratio, seed, value * jitter)
+    verdict = finding_c([tmp_path / "falls"])
+    assert verdict.verdict == HOLDS and "seeds paired" in verdict.evidence[-1]
+    # 1e-5 above 1e-4 in every seed: DOES NOT HOLD. One seed each: no interval, INCONCLUSIVE.
+    for seed, jitter in enumerate((1.0, 1.3, 0.8)):
+        for ratio, value in ((1e-3, 10.0), (1e-4, 1.0), (1e-5, 5.0)):
+            _hessian(tmp_path / "rises" / f"{ratio}" / f"seed{seed}", ratio, seed, value * jitter)
+    assert finding_c([tmp_path / "rises"]).verdict == FAILS
+    for ratio, value in ((1e-3, 10.0), (1e-4, 1.0)):
+        _hessian(tmp_path / "single" / f"{ratio}", ratio, 0, value)
+    assert finding_c([tmp_path / "single"]).verdict == UNSURE
