@@ -81,6 +81,16 @@ def test_export_from_a_randmask_folder_and_model(tmp_path):
         torch.testing.assert_close(model_output(shira, tiny_inputs("llama")), expected, rtol=0, atol=1e-6)
 
 
+def test_export_of_a_structured_adapter_with_empty_matrices(tmp_path):
+    # Under one column per matrix some matrices hold no entry: SHiRA gets them as all-zero updates.
+    model = _train(apply_masking(tiny_model("llama"), MaskingConfig(trainable_ratio=2e-3, mask_kind="structured")),
+                   "llama")
+    expected = model_output(model, tiny_inputs("llama"))
+    export_shira(model, tmp_path / "shira")
+    shira = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "shira")
+    torch.testing.assert_close(model_output(shira, tiny_inputs("llama")), expected, rtol=0, atol=1e-6)
+
+
 def test_gpt2_conv1d_is_refused(tmp_path):
     model = get_peft_model(tiny_model("gpt2"), RandMaskConfig(density=0.1))
     with pytest.raises(MaskingError, match="SHiRA supports torch.nn.Linear only"):
