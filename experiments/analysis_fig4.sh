@@ -3,7 +3,8 @@
 # analysis_smollm2_sst2.sh set the variables and call this):
 #   before: λ_max at the pretrained weights + the LR suggestion at calibration 1 (suggest-lr runs the same power
 #           iteration as `randmask hessian`), for randmask at 3 budgets, full fine-tuning and LoRA;
-#   after:  λ_max at the trained weights of each cell's best-LR run, and the distance travelled;
+#   after:  λ_max at the trained weights of each cell's best-LR run (full, LoRA, randmask), and the distance
+#           travelled (LoRA: its merged delta);
 #   then Fig. 4a/4b and the table (randmask figure4).
 # Variables: MODEL, TASK, RUNS (the runs' out-dir), OUT, POWER (power-iteration flags), DISTANCE_FLAGS
 # (extra `randmask distance` flags, e.g. --freeze-head), WHICH (top: the largest eigenvalue, measured
@@ -31,11 +32,11 @@ for s in $SEEDS; do
 done
 REFERENCE=$(python -c "from randmask_lab.zoo import resolve_model_path; print(resolve_model_path('$MODEL'))")/model.safetensors
 randmask report --out-dir "$RUNS" --task "$TASK" --best-runs --all-seeds | while IFS=$'\t' read -r task label lr dir seed; do
-  case $label in full|randmask_*) ;; *) continue;; esac
+  case $label in full|lora|randmask_*) ;; *) continue;; esac
   case " $SEEDS " in *" $seed "*) ;; *) continue;; esac
   out="$OUT/after/$label/seed$seed"
   [ -f "$out/hessian.json" ] || randmask hessian --adapter "$dir" $POWER --which "$WHICH" --out "$out" < /dev/null
-  ref=(); [ "$label" = full ] && ref=(--reference "$REFERENCE")
+  ref=(); case $label in full|lora) ref=(--reference "$REFERENCE");; esac  # lora: its delta merged, then compared
   [ -f "$out/distance.json" ] || randmask distance --adapter "$dir" $DISTANCE_FLAGS "${ref[@]}" --out "$out" < /dev/null
 done
 randmask figure4 "$OUT" --out "$OUT"

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from randmask import count_base_parameters, masked_layers
-from randmask_lab.analysis.distance import distance_from, masked_distance
+from randmask_lab.analysis.distance import distance_from, masked_distance, merge_peft_delta
 from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
 from randmask_lab.analysis.hvp import LossFn
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
@@ -75,19 +75,21 @@ def run_distance(model: nn.Module, out_dir: str | Path,
                  meta: Mapping[str, Any] | None = None) -> dict:
     """Distance from the pretrained weights; writes distance.json.
 
-    With a reference state dict: ``distance_from`` (any method); without one, a randmask model's
-    ``values`` (``masked_distance``).
+    With a reference state dict: ``distance_from`` (any method; a peft LoRA delta is merged into the
+    weights first, consuming ``model``); without one, a randmask model's ``values`` (``masked_distance``).
     """
+    run = _run_meta(model, meta)  # the counts before a LoRA merge turns the model into plain weights
     if reference_state_dict is not None:
+        model, merged = merge_peft_delta(model)
         # Only what the method trains: a head held fixed (--freeze-head) moved in training but is not the method's.
-        report = distance_from(model, reference_state_dict, trainable_only=True)
-        how = "weights vs reference state dict"
+        report = distance_from(model, reference_state_dict, trainable_only=True, also=merged)
+        how = "weights vs reference state dict" + (" (LoRA delta merged)" if merged else "")
     elif masked_layers(model):
         report, how = masked_distance(model), "norm of randmask values"
     else:
         raise ValueError("this model has no randmask layers: pass --reference PRETRAINED_WEIGHTS "
                          "(.safetensors or a torch state dict) to compare its weights with.")
-    summary = {"method": how, **report.to_dict(), "run": _run_meta(model, meta)}
+    summary = {"method": how, **report.to_dict(), "run": run}
     summary["files"] = {"json": str(_write_json(Path(out_dir), "distance.json", summary))}
     return summary
 

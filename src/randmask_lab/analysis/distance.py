@@ -3,7 +3,7 @@
 ``masked_distance`` reads randmask's ``values`` (the delta itself); ``distance_from`` compares a
 model's parameters with a pretrained state dict by name, so it works for every method whose delta
 lives in the weights (full FT, BitFit, randmask). For methods that keep the delta outside the
-weights (peft LoRA/AdaLoRA), merge first (``model.merge_and_unload()``) and then compare.
+weights (peft LoRA/AdaLoRA), ``merge_peft_delta`` merges it into the weights first.
 """
 
 from __future__ import annotations
@@ -77,8 +77,19 @@ def _reference_key(name: str, reference: Mapping[str, torch.Tensor]) -> str | No
     return None
 
 
+def merge_peft_delta(model: nn.Module) -> tuple[nn.Module, set[str]]:
+    """A peft LoRA-style model merged into plain weights (``merge_and_unload``), and the names of the weights
+    that took a delta; any other model unchanged, with no names. Merges in place: the model is consumed."""
+    wrapped = [name for name, m in model.named_modules() if getattr(m, "lora_A", None)]
+    if not wrapped or not hasattr(model, "merge_and_unload"):
+        return model, set()
+    merged = model.merge_and_unload()
+    return merged, {name.removeprefix(_PEFT_PREFIX) + ".weight" for name in wrapped}
+
+
 def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Tensor],
-                  skip_unchanged: bool = True, trainable_only: bool = False) -> DistanceReport:
+                  skip_unchanged: bool = True, trainable_only: bool = False,
+                  also: set[str] = frozenset()) -> DistanceReport:
     """||θ - θ_ref|| per parameter and in total, matching parameters to the reference by name.
 
     Names are matched exactly, or after removing ``.base_layer`` (randmask/peft wrappers) and
@@ -86,8 +97,9 @@ def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Ten
     without the backbone prefix (``bert.``), so a bare-encoder checkpoint serves a task model.
     randmask ``values`` are skipped (their delta is already in the weights, which are synced
     first). ``skip_unchanged`` drops parameters with zero distance from ``per_matrix``.
-    ``trainable_only`` counts only what the method trains: parameters with ``requires_grad`` and
-    the weights of masked layers (e.g. not a task head held fixed with ``--freeze-head``).
+    ``trainable_only`` counts only what the method trains: parameters with ``requires_grad``, the
+    weights of masked layers, and the parameters named in ``also`` (e.g. weights a LoRA delta was
+    merged into), not e.g. a task head held fixed with ``--freeze-head``.
     """
     layers = list(masked_layers(model).values())
     for layer in layers:
@@ -98,7 +110,7 @@ def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Ten
     for name, param in model.named_parameters():
         if id(param) in skip:
             continue
-        if trainable_only and not (param.requires_grad or id(param) in masked_weights):
+        if trainable_only and not (param.requires_grad or id(param) in masked_weights or name in also):
             continue
         key = _reference_key(name, reference_state_dict)
         if key is None:

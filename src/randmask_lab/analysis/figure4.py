@@ -9,6 +9,7 @@ paper's "norm of the hessian ... using the power method"); one folder should not
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,11 +25,19 @@ def _budget(run: dict[str, Any]) -> float:
     return float(run["ratio"]) if run.get("ratio") else run["n_trainable"] / run["n_total"]
 
 
+def seed_mean(values: list[float]) -> float:
+    """Geometric mean of positive values (Hessian norms and distances spread over orders of magnitude
+    between seeds, and are plotted on log axes), else the arithmetic mean."""
+    if all(v > 0 for v in values):
+        return math.exp(statistics.fmean(math.log(v) for v in values))
+    return statistics.fmean(values)
+
+
 def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
     """One row per (method, budget): ``before`` / ``after`` λ_max and ``distance``, from every result file found.
 
     Measurements of several seeds (the ``run`` block's ``seed``: mask and batch sample) of one
-    (method, budget) are kept per seed in ``<key>_by_seed`` ({seed: value}); ``<key>`` is their mean.
+    (method, budget) are kept per seed in ``<key>_by_seed`` ({seed: value}); ``<key>`` is ``seed_mean`` of them.
     """
     rows: dict[tuple[str, float], dict[str, Any]] = {}
     quantities: set[str] = set()
@@ -55,7 +64,7 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
                                  "keep one folder per (cell, seed).")
             by_seed[seed] = value
-            row[name] = statistics.fmean(by_seed.values())
+            row[name] = seed_mean(list(by_seed.values()))
     if len(quantities) > 1:
         raise ValueError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
                          "measure every cell the same way.")
@@ -68,7 +77,7 @@ def _quantity(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (a mean over n seeds says "(n=…)")."""
+    """The rows as a Markdown table; a value over n seeds is their ``seed_mean`` and says "(n=…)"."""
 
     def fmt(row: dict[str, Any], key: str) -> str:
         if row.get(key) is None:
@@ -81,6 +90,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r, 'before')} | "
                      f"{fmt(r, 'after')} | {fmt(r, 'distance')} |")
+    if any(len(r.get(f"{k}_by_seed", ())) > 1 for r in rows for k in ("before", "after", "distance")):
+        lines.append("\n(n=…): the geometric mean over n seeds (each seed: its own mask, batch and run).")
     return "\n".join(lines)
 
 

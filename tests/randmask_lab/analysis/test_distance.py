@@ -102,3 +102,26 @@ def test_trainable_only_leaves_out_frozen_parameters_but_keeps_masked_weights(tr
     assert "model.decoder.final_layer_norm.weight" in everything.per_matrix
     assert trained_only.per_matrix.keys() == masked_distance(model).per_matrix.keys()
     assert trained_only.total == pytest.approx(masked_distance(model).total)
+
+
+def test_a_lora_delta_is_merged_and_measured_as_scale_b_a():
+    peft = pytest.importorskip("peft")
+    from randmask_lab.analysis.distance import merge_peft_delta
+
+    base = tiny_model("llama")
+    reference = copy.deepcopy(base.state_dict())
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    expected = {}
+    for name, module in model.named_modules():
+        if getattr(module, "lora_A", None):
+            torch.nn.init.normal_(module.lora_B["default"].weight)  # B starts at zero: give it a delta
+            delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+            expected[name.removeprefix("base_model.model.") + ".weight"] = float(delta.double().norm())
+    merged, names = merge_peft_delta(model)
+    assert names == set(expected)
+    report = distance_from(merged, reference, trainable_only=True, also=names)
+    assert report.per_matrix.keys() == expected.keys()
+    for name, value in expected.items():
+        assert report.per_matrix[name] == pytest.approx(value, rel=1e-5)
+    plain, none = merge_peft_delta(tiny_model("llama"))  # not a peft model: unchanged
+    assert none == set() and not hasattr(plain, "peft_config")
