@@ -63,11 +63,22 @@ def _selection_score(records: Sequence[RunRecord], select_by: Select) -> float:
 
 
 def best_cell(records: Sequence[RunRecord], select_by: Select = "val_loss") -> Cell:
-    """Pick the LR with the best mean validation score; report its seeds' test metrics."""
+    """Pick the LR with the best mean validation score over the seeds every LR has; report its seeds' test metrics.
+
+    In a full grid that is every seed. In a study (seed 0 searched, seeds 1 and 2 at the chosen LR only)
+    it is the search seed, so seeds added at the chosen LR never move the choice (``study.cells`` alike).
+    """
     by_lr: dict[float, list[RunRecord]] = defaultdict(list)
     for r in records:
         by_lr[r.config["lr"]].append(r)
-    scored = sorted((_selection_score(rs, select_by), lr) for lr, rs in by_lr.items())
+    common = set.intersection(*({r.config["seed"] for r in rs} for rs in by_lr.values()))
+
+    def score(runs: list[RunRecord]) -> float:  # a diverged seed anywhere disqualifies the LR
+        if not math.isfinite(_selection_score(runs, select_by)):
+            return math.inf
+        return _selection_score([r for r in runs if not common or r.config["seed"] in common], select_by)
+
+    scored = sorted((score(rs), lr) for lr, rs in by_lr.items())
     score, lr = scored[0]
     if not math.isfinite(score):
         return Cell(None, [], len(by_lr), diverged=any(r.status == "diverged" for r in records))

@@ -17,6 +17,14 @@ def test_lr_is_chosen_by_mean_validation_loss_over_seeds():
     assert by_metric.lr == 1e-3  # validation accuracy 0.7 beats 0.5
 
 
+def test_seeds_added_at_one_lr_do_not_move_the_choice():
+    # A study: seed 0 over the grid, seeds 1 and 2 only at the chosen LR (and worse there on validation).
+    runs = [record(lr=1e-3, seed=0, val_loss=0.50), record(lr=1e-2, seed=0, val_loss=0.45, test_metric=0.8)]
+    runs += [record(lr=1e-2, seed=s, val_loss=0.70, test_metric=0.7) for s in (1, 2)]
+    cell = best_cell(runs)
+    assert cell.lr == 1e-2 and len(cell.tests) == 3  # over all seeds the mean (0.62) would pick 1e-3
+
+
 def test_a_diverged_seed_disqualifies_its_lr():
     runs = [record(lr=1e-1, val_loss=0.1), record(lr=1e-1, seed=1, status="diverged", val_loss=None),
             record(lr=1e-3, val_loss=0.9, test_metric=0.55)]
