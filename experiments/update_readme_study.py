@@ -11,10 +11,12 @@ Usage: python experiments/update_readme_study.py   (from the repository root; ta
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+
+from randmask_lab.study.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = "experiments/results/smollm2_study.jsonl"
@@ -33,13 +35,11 @@ def run(*args: str) -> str:
 
 def status() -> str:
     """Records, runs per task, and the compute the finished runs took (sum of their wall times)."""
-    rows = [json.loads(line) for line in (ROOT / STUDY).read_text().splitlines() if line.strip()]
-    per_task: dict[str, int] = {}
-    for row in rows:
-        per_task[row["config"]["task"]] = per_task.get(row["config"]["task"], 0) + 1
-    hours = sum(row["wall_seconds"] for row in rows) / 3600
+    records = read_jsonl(ROOT / STUDY)
+    per_task = Counter(r.config["task"] for r in records)
+    hours = sum(r.wall_seconds for r in records) / 3600
     tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
-    return (f"`{STUDY}` holds {len(rows)} records (runs per task: {tasks}); their wall times sum to "
+    return (f"`{STUDY}` holds {len(records)} records (runs per task: {tasks}); their wall times sum to "
             f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).")
 
 

@@ -91,7 +91,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r, 'before')} | "
                      f"{fmt(r, 'after')} | {fmt(r, 'distance')} |")
     if any(len(r.get(f"{k}_by_seed", ())) > 1 for r in rows for k in ("before", "after", "distance")):
-        lines.append("\n(n=…): the geometric mean over n seeds (each seed: its own mask, batch and run).")
+        lines.append("\n(n=…): the geometric mean over n seeds (arithmetic where a value is <= 0; each seed: its own "
+                     "mask, batch and run).")
     return "\n".join(lines)
 
 

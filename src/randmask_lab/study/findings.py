@@ -118,23 +118,21 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
     found = collect(analysis_dirs)
     rows = {r["ratio"]: r for r in found if r["method"] == "randmask"}
     name = "‖H‖₂" if any(r.get("quantity") == "norm" for r in found) else "λ_max"
-    evidence = []
-    for key, when in (("before", "at the pretrained weights"), ("after", "after training")):
-        per = [(ratio, rows[ratio][f"{key}_by_seed"]) for ratio in sorted(rows, reverse=True)
-               if rows[ratio].get(f"{key}_by_seed")]
-        evidence.append(f"{name} {when}: " + "; ".join(
-            f"ratio {ratio:.0e}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items())) for ratio, vals in per))
-    after = [(ratio, rows[ratio]["after_by_seed"]) for ratio in sorted(rows, reverse=True)
-             if rows[ratio].get("after_by_seed")]
+    # Per state, the ratios (largest first) that have measurements, with their values by seed.
+    series = {key: [(ratio, rows[ratio][f"{key}_by_seed"]) for ratio in sorted(rows, reverse=True)
+                    if rows[ratio].get(f"{key}_by_seed")] for key in ("before", "after")}
+    evidence = [f"{name} {when}: " + "; ".join(
+        f"ratio {ratio:.0e}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items())) for ratio, vals in series[key])
+        for key, when in (("before", "at the pretrained weights"), ("after", "after training"))]
+    after = [(ratio, {s: math.log10(v) for s, v in vals.items() if v > 0}) for ratio, vals in series["after"]]
     if len(after) < 2:
         return Verdict("c", claim, UNSURE, evidence + [f"fewer than two ratios with a trained {name}"])
     verdicts = []
-    for (hi, a), (lo, b) in zip(after, after[1:]):
-        logs = lambda vals: {s: math.log10(v) for s, v in vals.items() if v > 0}
-        if not set(logs(a)) & set(logs(b)):
+    for (hi, log_hi), (lo, log_lo) in zip(after, after[1:]):
+        if not set(log_hi) & set(log_lo):
             verdicts.append(UNSURE)
             continue
-        diff = paired_difference(logs(b), logs(a))  # log10 λ(lower ratio) - log10 λ(higher ratio)
+        diff = paired_difference(log_lo, log_hi)  # log10 λ(lower ratio) - log10 λ(higher ratio)
         evidence.append(f"log10 {name} at {lo:.0e} − at {hi:.0e}: {diff.text(scale=1.0, digits=2)} (seeds paired)")
         verdicts.append(UNSURE if diff.low is None else HOLDS if diff.high < 0 else FAILS if diff.low > 0 else UNSURE)
     verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
