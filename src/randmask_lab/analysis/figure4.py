@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from randmask_lab.analysis.plots import plot_distance, plot_lambda_max
+from randmask_lab.errors import RunError
 
 RESULT_FILES = ("hessian.json", "suggest_lr.json", "distance.json")
 
@@ -43,10 +44,13 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
     quantities: set[str] = set()
     for folder in folders:
         for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
-            data = json.loads(path.read_text())
-            run = data.get("run")
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RunError(f"{path} is not valid JSON ({e}); delete it and run its measurement again") from None
+            run = data.get("run") if isinstance(data, dict) else None
             if not run or "method" not in run:
-                raise ValueError(f"{path} has no 'run' block (written by an older randmask); run the command again")
+                raise RunError(f"{path} has no 'run' block (written by an older randmask); run the command again")
             key = (run["method"], _budget(run))
             row = rows.setdefault(key, {"method": run["method"], "ratio": key[1], "task": run.get("task"),
                                         "n_trainable": run["n_trainable"]})
@@ -61,12 +65,12 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
             by_seed = row.setdefault(f"{name}_by_seed", {})
             seed = int(run.get("seed") or 0)
             if seed in by_seed:
-                raise ValueError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
+                raise RunError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
                                  "keep one folder per (cell, seed).")
             by_seed[seed] = value
             row[name] = seed_mean(list(by_seed.values()))
     if len(quantities) > 1:
-        raise ValueError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
+        raise RunError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
                          "measure every cell the same way.")
     return sorted(rows.values(), key=lambda r: (r["method"], -r["ratio"]))
 
@@ -86,7 +90,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return f"{row[key]:.4g}" + (f" (n={n})" if n > 1 else "")
 
     name = "‖H‖₂" if _quantity(rows) == "norm" else "λ_max"
-    lines = [f"| Method | Trainable | Share | {name} before | {name} after | Distance |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| Method | Trainable | Share | {name} before | {name} after | Distance |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['n_trainable']:,} | {100 * r['ratio']:.4g}% | {fmt(r, 'before')} | "
                      f"{fmt(r, 'after')} | {fmt(r, 'distance')} |")
