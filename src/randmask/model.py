@@ -109,8 +109,8 @@ def _structured_densities(config: MaskingConfig, targets: list[Target], flat: li
     if not any(counts):
         raise MaskingError(
             f"structured masking at this budget ({sum(entries):,.0f} entries) kept no whole column: one column "
-            f"holds {min(r for r, _ in shapes):,}-{max(r for r, _ in shapes):,} entries. Raise trainable_ratio/density, "
-            "or use mask_kind='random'."
+            f"holds {min(r for r, _ in shapes):,}-{max(r for r, _ in shapes):,} entries. "
+            "Raise trainable_ratio/density, or use mask_kind='random'."
         )
     return [k / cols for k, (_, cols) in zip(counts, shapes)]
 
