@@ -80,7 +80,7 @@ def main() -> None:
             gather, sampled, compact, kernel = time_paths(g, x, pattern, args.repeats)
             print(f"| {out_f}x{in_f} | {p:g} | {pattern.nnz} | {dense:.1f} | {gather / dense:.3f} | "
                   f"{sampled / dense:.3f} | {compact / dense:.3f} | {kernel / dense:.3f} | "
-                  f"{ops._choose_path(g, x, pattern)} |", flush=True)
+                  f"{ops.weight_gradient_path(g, x, pattern)} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -44,6 +44,9 @@ _library: ctypes.CDLL | None = None
 _tried = False
 
 
+KEEP_BUILDS = 6  # cached builds kept: the flag fallbacks of this source, and a few other checkouts' versions
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("RANDMASK_CACHE") or Path.home() / ".cache" / "randmask"
     return Path(root) / "native"
@@ -87,7 +90,22 @@ def _build(compiler: str, flags: list[str]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _prune_old_builds(target.parent, keep=KEEP_BUILDS)
     return target
+
+
+def _prune_old_builds(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest cached builds. Each source, flag, compiler or CPU change builds a new
+    file and nothing else removes the old ones. A process that has one loaded keeps its mapping (POSIX unlink),
+    and one about to load a pruned file rebuilds it (``_open``)."""
+    builds = []
+    for path in folder.glob("sddmm-*.so"):
+        try:
+            builds.append((path.stat().st_mtime, path))
+        except OSError:  # removed meanwhile by another process's prune
+            pass
+    for _, path in sorted(builds, reverse=True)[keep:]:
+        path.unlink(missing_ok=True)
 
 
 def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:

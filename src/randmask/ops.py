@@ -89,6 +89,13 @@ class SparsePattern:
     transposed: bool = False
     _plan: _Plan | None = field(init=False, default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # A bool mask passed as ``indices`` would index by 0/1 and train the wrong entries without an error.
+        if self.indices.dim() != 1 or self.indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"SparsePattern.indices must be a 1-D int32/int64 tensor of flat indices, got "
+                            f"{self.indices.dim()}-D {self.indices.dtype}; for a bool mask pass "
+                            "mask.flatten().nonzero().squeeze(1)")
+
     @property
     def rows(self) -> torch.Tensor:
         """Stored-weight row of each kept entry (computed, O(nnz))."""
@@ -194,7 +201,7 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
     # Accumulate in fp32 (fp64 for fp64 inputs): CPU sampled_addmm has no bf16/fp16 kernel (torch 2.13),
     # and bf16 products summed over thousands of tokens would lose the small gradients we train on.
     compute = torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
-    path = _choose_path(grad_out_2d, x_2d, pattern)
+    path = weight_gradient_path(grad_out_2d, x_2d, pattern)
     if path == "empty":
         return grad_out_2d.new_zeros(0, dtype=compute)
     if path == "native":
@@ -206,7 +213,7 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
     return _sddmm_compact(grad_out_2d, x_2d, pattern, compute)
 
 
-def _choose_path(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> str:
+def weight_gradient_path(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> str:
     """The weight-gradient path ``sddmm`` takes: empty, native, gather, dense or compact (see the table above)."""
     if pattern.nnz == 0:
         return "empty"
@@ -218,9 +225,10 @@ def _choose_path(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparseP
     return "dense" if pattern.density > DENSE_GRAD_CROSSOVER else "compact"
 
 
-def weight_gradient_kernel() -> str:
-    """Which SDDMM the CPU backward runs for fp32/bf16 work: "native" (randmask.native) or "torch"."""
-    return "native" if native.available() else "torch"
+def weight_gradient_kernel(device: str | torch.device = "cpu") -> str:
+    """Which SDDMM the backward on ``device`` runs for fp32/bf16 work: "native" (randmask.native, CPU only)
+    or "torch"."""
+    return "native" if torch.device(device).type == "cpu" and native.available() else "torch"
 
 
 def _sddmm_dense(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
@@ -436,4 +444,5 @@ __all__ = [
     "sddmm",
     "sddmm_differentiable",
     "weight_gradient_kernel",
+    "weight_gradient_path",
 ]

@@ -100,9 +100,29 @@ def _filters(args: argparse.Namespace) -> dict[str, str]:
     return {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
 
 
+def _report_option_conflicts(args: argparse.Namespace) -> str | None:
+    """The first given option that the chosen report mode would ignore, as an error message; or None."""
+    if args.from_file:
+        store_only = [("--best-runs", args.best_runs), ("--all-seeds", args.all_seeds),
+                      ("--select val_metric", args.select != "val_loss"), ("--store", args.store),
+                      *((f"--{k}", v) for k, v in _filters(args).items())]
+        for flag, given in store_only:
+            if given:
+                return f"{flag} applies to a results store, not to --from (a study file's tables show every cell)"
+        return None
+    if args.figures:
+        return "--figures needs --from <study.jsonl>; for a store, export it first (randmask export)"
+    if args.all_seeds and not args.best_runs:
+        return "--all-seeds only changes --best-runs; add --best-runs"
+    return None
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from randmask_lab.experiment.report import report
 
+    conflict = _report_option_conflicts(args)
+    if conflict:
+        raise RunError(conflict)
     if args.from_file:  # a committed study file: no store needed
         from randmask_lab.study.cli import report_from
 

@@ -55,6 +55,22 @@ def test_a_damaged_cached_build_is_rebuilt(fresh_build):
     assert out.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_a_new_build_prunes_all_but_the_newest_builds(fresh_build):
+    folder = fresh_build / "native"
+    folder.mkdir()
+    old = [folder / f"sddmm-old{i}.so" for i in range(native.KEEP_BUILDS + 2)]
+    for i, path in enumerate(old):
+        path.write_bytes(b"an older build")
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))
+    other = folder / "notes.txt"
+    other.write_text("not a build")
+    assert native.available()
+    kept = set(folder.glob("sddmm-*.so"))
+    assert len(kept) == native.KEEP_BUILDS and set(old[-(native.KEEP_BUILDS - 1):]) < kept
+    assert other.exists()
+
+
 def test_a_failing_compiler_warns_once_and_ops_falls_back(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # exits 1 and writes nothing
     with pytest.warns(RuntimeWarning, match="did not build"):

@@ -233,3 +233,25 @@ def test_half_inputs_accumulate_in_fp32(path, dtype):
     got = ops.sddmm(g, x, pattern)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _sddmm_reference(g, x, pattern), rtol=2e-5, atol=1e-3)
+
+
+def test_the_path_fixture_forces_the_path_it_names(path):
+    """``weight_gradient_path`` reports the path each fixture forces (fp32 work; native only where it builds)."""
+    pattern, _, _, _, x = _setup(False, dtype=torch.float32)
+    g = torch.randn(12, 7)
+    got = ops.weight_gradient_path(g, x.detach().reshape(-1, 5), pattern)
+    if path == "native" and not native.available():
+        pytest.skip("no C compiler here: the native kernel is not built")
+    assert got == path.removesuffix("-all")
+
+
+def test_the_weight_gradient_kernel_is_native_only_on_the_cpu():
+    assert ops.weight_gradient_kernel("cuda") == "torch"
+    assert ops.weight_gradient_kernel("cpu") == ("native" if native.available() else "torch")
+    empty = SparsePattern(torch.zeros(0, dtype=torch.long), (7, 5), False)
+    assert ops.weight_gradient_path(torch.randn(3, 7), torch.randn(3, 5), empty) == "empty"
+
+
+def test_a_bool_mask_is_not_taken_for_indices():
+    with pytest.raises(TypeError, match="1-D int32/int64"):
+        SparsePattern(torch.ones(7, 5, dtype=torch.bool), (7, 5), False)

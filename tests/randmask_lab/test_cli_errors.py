@@ -100,3 +100,15 @@ def test_a_corrupt_or_foreign_store_names_the_file(capsys, tmp_path, tiny):
     with sqlite3.connect(foreign) as db:
         db.execute("CREATE TABLE customers (name TEXT)")
     assert "not a randmask results store" in _fails(capsys, "report", "--store", str(foreign))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--all-seeds"], "--all-seeds only changes --best-runs; add --best-runs"),
+    (["--figures", "figs"], "--figures needs --from"),
+    (["--from", "s.jsonl", "--best-runs"], "--best-runs applies to a results store, not to --from"),
+    (["--from", "s.jsonl", "--task", "rte"], "--task applies to a results store"),
+    (["--from", "s.jsonl", "--select", "val_metric"], "--select val_metric applies to a results store"),
+])
+def test_report_options_that_would_be_ignored(capsys, tmp_path, options, message):
+    """An option the chosen report mode ignores is an error, checked before any file is read."""
+    assert message in _fails(capsys, "report", "--out-dir", str(tmp_path), *options)

@@ -9,6 +9,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from randmask import __version__
 from randmask.ops import weight_gradient_kernel
 
@@ -55,13 +57,17 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-@cache
-def code_version() -> dict[str, Any]:
+def code_version(device: str | torch.device = "cpu") -> dict[str, Any]:
     """The package version, the git commit (+ whether the tree is dirty) when run from a checkout, and the
-    weight-gradient kernel (the compiled one where a C compiler exists: same math, another summation order)."""
+    weight-gradient kernel a run on ``device`` uses (the compiled one on a CPU where a C compiler exists: same
+    math, another summation order)."""
+    return {**_source_version(), "sddmm_kernel": weight_gradient_kernel(device)}
+
+
+@cache
+def _source_version() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[3]
-    out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None,
-                           "sddmm_kernel": weight_gradient_kernel()}
+    out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None}
     if not (root / ".git").exists():
         return out
     try:

@@ -159,7 +159,7 @@ def _finish(config: RunConfig, ctx: DistContext, store: ResultStore | None, leas
         trainable=report.trainable, total=report.total, trainable_report=report.to_dict(),
         wall_seconds=round(time.time() - started, 2),
         train_seconds=round(info.get("train_seconds", time.time() - started), 2),
-        code_version=code_version(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version=code_version(ctx.device), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*data.splits.notes, *report.notes, *info.get("notes", [])], run_dir=str(run_dir), data=info["data"],
         attention=info["attention"],
     )
