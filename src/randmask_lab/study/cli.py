@@ -62,13 +62,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
     spec = StudySpec.from_file(args.spec)
     if args.plan:
         from randmask_lab.experiment.store import ResultStore, store_file
+        from randmask_lab.study.forecast import forecast
 
         path = store_file(None, args.out_dir)
-        needs = needed_runs(spec, ResultStore(path).records() if path.is_file() else [],
-                            planned_run_id(spec, args.out_dir))
+        records = ResultStore(path).records() if path.is_file() else []
+        needs = needed_runs(spec, records, planned_run_id(spec, args.out_dir))
         for n in needs:
             print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
-        print(f"{len(needs)} runs planned next (more follow once the LR search has finished)")
+        print(forecast(spec, needs, records).text())
         return 0
     execution = {"threads": args.threads, "progress": args.progress}
     if args.lease_seconds is not None:

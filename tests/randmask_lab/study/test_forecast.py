@@ -1,0 +1,38 @@
+"""The study forecast: runs after the LR search are counted, and each run is priced by its own task and method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from test_plan import done, spec  # this folder is on sys.path (no __init__.py): the same module pytest loads
+
+from randmask_lab.study.forecast import forecast
+from randmask_lab.study.plan import CellSpec, needed_runs
+
+
+def _timed(record, seconds: float):
+    return dataclasses.replace(record, wall_seconds=seconds)
+
+
+def test_a_cell_in_its_search_counts_its_other_seeds_and_an_unfinished_method_is_not_priced() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2, 3e-2, 1e-1), 1e-4), CellSpec("full", (1e-5, 3e-5), None)])
+    records = [_timed(done(1e-2, 0, 0.9), 600.0), _timed(done(3e-2, 0, 0.5), 1200.0)]
+    planned = needed_runs(s, records)
+    assert [(n.method, n.lr, n.seed) for n in planned] == [("randmask", 1e-1, 0), ("full", 1e-5, 0),
+                                                           ("full", 3e-5, 0)]
+    f = forecast(s, planned, records)
+    assert (f.planned, f.after_search) == (3, 4)  # seeds 1 and 2 of both cells
+    assert f.hours == 3 * 900.0 / 3600  # randmask: 1 search run + 2 seeds at the median 900 s
+    assert f.unpriced == {("sst2", "full"): 4}
+    assert "at least 4 more" in f.text() and "sst2 full (4)" in f.text()
+
+
+def test_seeds_at_the_chosen_lr_add_nothing_more_and_a_finished_study_is_zero() -> None:
+    s = spec()
+    records = [_timed(done(lr, 0, v), 60.0) for lr, v in ((1e-2, 0.9), (3e-2, 0.5), (1e-1, 0.7))]
+    planned = needed_runs(s, records)
+    assert [(n.lr, n.seed) for n in planned] == [(3e-2, 1), (3e-2, 2)]
+    f = forecast(s, planned, records)
+    assert (f.planned, f.after_search, f.hours, f.unpriced) == (2, 0, 2 * 60.0 / 3600, {})
+    records += [_timed(done(3e-2, k, 0.5), 60.0) for k in (1, 2)]
+    assert forecast(s, needed_runs(s, records), records).text().startswith("0 runs planned next")
