@@ -23,6 +23,7 @@ from randmask import count_base_parameters, masked_layers
 from randmask_lab.analysis.distance import distance_from, masked_distance, merge_peft_delta
 from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
 from randmask_lab.analysis.hvp import LossFn
+from randmask_lab.analysis.localization import eigenvector_localization
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
 
 
@@ -60,6 +61,8 @@ def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *
         "n_trainable": _n_trainable(model), "n_batches": len(batches),
         "settings": {"tol": tol, "max_iter": max_iter, "seed": seed}, "run": _run_meta(model, meta),
     }
+    if res.vector is not None:
+        summary["localization"] = eigenvector_localization(model, res.vector)
     if top_k:
         summary["top_k"] = hessian_top_eigenvalues(model, batches, top_k, loss_fn, seed=seed)
     from randmask_lab.analysis.plots import plot_power_trace  # matplotlib only when a plot is drawn

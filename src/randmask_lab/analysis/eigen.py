@@ -35,6 +35,7 @@ class EigenResult:
         largest_magnitude: the signed eigenvalue of largest |λ| found by the first run.
         shifted: whether a second, shifted run was needed (the dominant eigenvalue was negative).
         residual: ||A v - λ v|| / |λ| at the final vector, an accuracy check (0 is exact).
+        vector: that final unit vector v (the eigenvector estimate), for ``eigenvector_localization``.
     """
 
     eigenvalue: float
@@ -44,6 +45,7 @@ class EigenResult:
     largest_magnitude: float = float("nan")
     shifted: bool = False
     residual: float = float("nan")
+    vector: torch.Tensor | None = field(default=None, repr=False, compare=False)  # unit; Rayleigh quotient = eigenvalue
 
 
 @dataclass
@@ -53,6 +55,7 @@ class _Run:
     converged: bool
     trace: list[float]
     residual: float
+    vector: torch.Tensor | None = None
 
 
 def random_unit(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -74,13 +77,13 @@ def _power(matvec: MatVec, v: torch.Tensor, tol: float, max_iter: int) -> _Run:
         norm = float(av.norm())
         residual = float((av - lam * v).norm()) / abs(lam) if lam != 0 else (0.0 if norm == 0 else float("inf"))
         if norm == 0.0:  # A v = 0 for a random v: A = 0 almost surely
-            return _Run(0.0, it, True, trace, 0.0)
+            return _Run(0.0, it, True, trace, 0.0, v)
         # Stop on the relative change of the estimate (the Rayleigh quotient converges
         # quadratically in the eigenvector error for symmetric A, so this is a tight criterion).
         if it > 1 and abs(lam - trace[-2]) <= tol * abs(lam):
-            return _Run(lam, it, True, trace, residual)
+            return _Run(lam, it, True, trace, residual, v)
         v = av / norm
-    return _Run(trace[-1], max_iter, False, trace, residual)
+    return _Run(trace[-1], max_iter, False, trace, residual, v)
 
 
 def power_iteration(matvec: MatVec, dim: int, *, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
@@ -101,7 +104,7 @@ def power_iteration(matvec: MatVec, dim: int, *, tol: float = 1e-3, max_iter: in
     start = random_unit(dim, seed, dtype, device)
     first = _power(matvec, start, tol, max_iter)
     result = EigenResult(first.value, first.iterations, first.converged, first.trace, first.value,
-                         False, first.residual)
+                         False, first.residual, first.vector)
     if which == "top" and first.value < 0:
         shift = first.value
         second = _power(lambda v: matvec(v) - shift * v, start, tol, max_iter)
@@ -109,7 +112,7 @@ def power_iteration(matvec: MatVec, dim: int, *, tol: float = 1e-3, max_iter: in
         result = EigenResult(
             top, first.iterations + second.iterations, first.converged and second.converged,
             [t + shift for t in second.trace], first.value, True,
-            second.residual * abs(second.value) / abs(top) if top != 0 else float("inf"),
+            second.residual * abs(second.value) / abs(top) if top != 0 else float("inf"), second.vector,
         )
     if not result.converged:
         warnings.warn(

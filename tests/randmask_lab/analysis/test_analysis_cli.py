@@ -32,6 +32,9 @@ def test_run_hessian_writes_json_and_png(model_and_batches, tmp_path):
     data = json.loads((tmp_path / "hessian.json").read_text())
     assert data["lambda_max"] == summary["lambda_max"] and len(data["trace"]) == data["iterations"] <= 3
     assert len(data["top_k"]) == 2 and data["n_trainable"] > 0
+    where = data["localization"]  # the eigenvector estimate's spread over the masked entries
+    assert where["dim"] == data["n_trainable"] and 1.0 <= where["participation"] <= where["dim"]
+    assert {"out_feature", "in_feature"} <= set(where["top_entries"][0])
     assert (tmp_path / "power_trace.png").is_file()
 
 
