@@ -165,10 +165,13 @@ def _cmd_suggest_lr(args: argparse.Namespace) -> int:
 
 
 def _cmd_figure4(args: argparse.Namespace) -> int:
-    from randmask_lab.analysis.figure4 import figure4, markdown
+    from randmask_lab.analysis.figure4 import figure4, localization_markdown, markdown
 
     rows, files = figure4(args.folders, args.out)
     print(markdown(rows))
+    where = localization_markdown(rows)
+    if where:
+        print(f"\nWhere the top Hessian direction lives:\n\n{where}")
     print("wrote " + ", ".join(map(str, files)))
     return 0
 

@@ -68,6 +68,8 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
                 raise RunError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
                                  "keep one folder per (cell, seed).")
             by_seed[seed] = value
+            if isinstance(data.get("localization"), dict):
+                row.setdefault(f"{name}_where_by_seed", {})[seed] = data["localization"]
             row[name] = seed_mean(list(by_seed.values()))
     if len(quantities) > 1:
         raise RunError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
@@ -98,6 +100,53 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     if any(len(r.get(f"{k}_by_seed", ())) > 1 for r in rows for k in ("before", "after", "distance")):
         lines.append("\n(n=…): the geometric mean over n seeds (arithmetic where a value is <= 0; each seed: its own "
                      "mask, batch and run).")
+    return "\n".join(lines)
+
+
+# Path components that say nothing in a table cell (module containers, adapter plumbing).
+WRAPPER_NAMES = {"base_model", "model", "layers", "h", "layer", "encoder", "decoder", "self_attn", "attention", "mlp",
+                 "values", "weight", "default", "base_layer"}
+
+
+def _short_param(name: str) -> str:
+    """``model.layers.1.self_attn.v_proj.adapters.default.values`` -> ``L1 v_proj`` (a table cell)."""
+    parts, out, skip_next = name.split("."), [], False
+    for part in parts:
+        if skip_next:
+            skip_next = False
+        elif part == "adapters":
+            skip_next = True  # and the adapter's name
+        elif part.isdigit():
+            out.append(f"L{part}")
+        elif part not in WRAPPER_NAMES:
+            out.append(part)
+    return " ".join(out) or name
+
+
+def _where(loc: dict[str, Any]) -> str:
+    top = loc["top_entries"][0]
+    at = (f"out {top['out_feature']}, in {top['in_feature']}" if "in_feature" in top
+          else f"row {top['row']}, col {top['col']}" if "row" in top else f"#{top['index']}")
+    return f"{loc['participation']:.3g}: {_short_param(top['param'])} [{at}] {100 * top['share']:.0f}%"
+
+
+def localization_markdown(rows: list[dict[str, Any]]) -> str:
+    """Where each measurement's top direction lives, one row per (method, budget, state), one column per seed:
+    the effective number of entries, and the largest entry with its share of ‖v‖². Empty if none say."""
+    if not any(r.get(f"{k}_where_by_seed") for r in rows for k in ("before", "after")):
+        return ""
+    seeds = sorted({s for r in rows for k in ("before", "after") for s in r.get(f"{k}_by_seed", {})})
+    lines = ["| Method | Share | State | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---:|---|" + "---|" * len(seeds)]
+    for r in rows:
+        for state in ("before", "after"):
+            where = r.get(f"{state}_where_by_seed", {})
+            if where:  # a cell measured before hessian.json said where is left out
+                cells = [_where(where[s]) if s in where else "-" for s in seeds]
+                lines.append(f"| {r['method']} | {100 * r['ratio']:.4g}% | {state} | " + " | ".join(cells) + " |")
+    lines.append("\nEach cell ('-': a seed's file predates this record): the effective number of entries the eigenvector spreads over (1 / Σ v_i⁴ for a "
+                 "unit v), then its largest entry (a masked entry: output and input feature of its weight) and "
+                 "that entry's share of ‖v‖².")
     return "\n".join(lines)
 
 

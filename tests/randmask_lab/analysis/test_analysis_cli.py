@@ -116,6 +116,29 @@ def test_figure4_reports_the_hessian_norm_of_magnitude_runs_and_refuses_a_mix(tm
         collect([tmp_path])
 
 
+def test_figure4_tables_where_each_seeds_top_direction_lives(model_and_batches, tmp_path):
+    """From real hessian.json files: one row per (cell, state), one column per seed; a file without it is a "-"."""
+    from randmask_lab.analysis.figure4 import _short_param, collect, localization_markdown
+
+    model, batches = model_and_batches
+    for seed in (0, 2):
+        run_hessian(model, batches, tmp_path / f"s{seed}", max_iter=2, meta={"method": "randmask", "ratio": 1e-3,
+                                                                               "trained": True, "seed": seed})
+    old = json.loads((tmp_path / "s2" / "hessian.json").read_text())
+    del old["localization"]  # written before hessian.json said where the direction lives
+    old["run"]["seed"] = 1
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "hessian.json").write_text(json.dumps(old))
+    table = localization_markdown(collect([tmp_path]))
+    header, _, row, *_ = table.splitlines()
+    assert header == "| Method | Share | State | seed 0 | seed 1 | seed 2 |"
+    assert row.startswith("| randmask | 0.1% | after | ") and row.split(" | ")[4] == "-"
+    assert ": L" in row and "[out " in row and ", in " in row
+    assert _short_param("model.layers.1.self_attn.v_proj.adapters.default.values") == "L1 v_proj"
+    assert _short_param("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "L3 q_proj lora_A"
+    assert localization_markdown(collect([tmp_path / "s1"])) == ""
+
+
 def test_figure4_rejects_files_without_a_run_block(tmp_path):
     from randmask_lab.analysis.figure4 import collect
 
