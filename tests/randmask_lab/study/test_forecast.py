@@ -36,3 +36,10 @@ def test_seeds_at_the_chosen_lr_add_nothing_more_and_a_finished_study_is_zero() 
     assert (f.planned, f.after_search, f.hours, f.unpriced) == (2, 0, 2 * 60.0 / 3600, {})
     records += [_timed(done(3e-2, k, 0.5), 60.0) for k in (1, 2)]
     assert forecast(s, needed_runs(s, records), records).text().startswith("0 runs planned next")
+
+
+def test_runs_of_another_model_do_not_set_the_price() -> None:
+    s = spec()
+    other = _timed(done(1e-2, 0, 0.9, model="another-model"), 6000.0)
+    f = forecast(s, needed_runs(s, [other]), [other])
+    assert f.hours == 0.0 and f.unpriced == {("sst2", "randmask"): 3 + 2}
