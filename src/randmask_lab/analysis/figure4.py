@@ -144,9 +144,9 @@ def localization_markdown(rows: list[dict[str, Any]]) -> str:
             if where:  # a cell measured before hessian.json said where is left out
                 cells = [_where(where[s]) if s in where else "-" for s in seeds]
                 lines.append(f"| {r['method']} | {100 * r['ratio']:.4g}% | {state} | " + " | ".join(cells) + " |")
-    lines.append("\nEach cell ('-': a seed's file predates this record): the effective number of entries the eigenvector spreads over (1 / Σ v_i⁴ for a "
-                 "unit v), then its largest entry (a masked entry: output and input feature of its weight) and "
-                 "that entry's share of ‖v‖².")
+    lines.append("\nEach cell ('-': a seed's file predates this record): the effective number of entries the "
+                 "eigenvector spreads over (1 / Σ v_i⁴ for a unit v), then its largest entry (a masked entry: output "
+                 "and input feature of its weight) and that entry's share of ‖v‖².")
     return "\n".join(lines)
 
 
