@@ -66,15 +66,26 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
             seed = int(run.get("seed") or 0)
             if seed in by_seed:
                 raise RunError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
-                                 "keep one folder per (cell, seed).")
+                               "keep one folder per (cell, seed).")
             by_seed[seed] = value
-            if isinstance(data.get("localization"), dict):
-                row.setdefault(f"{name}_where_by_seed", {})[seed] = data["localization"]
+            if "localization" in data:
+                row.setdefault(f"{name}_where_by_seed", {})[seed] = _checked_localization(path, data["localization"])
             row[name] = seed_mean(list(by_seed.values()))
     if len(quantities) > 1:
         raise RunError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
-                         "measure every cell the same way.")
+                       "measure every cell the same way.")
     return sorted(rows.values(), key=lambda r: (r["method"], -r["ratio"]))
+
+
+def _checked_localization(path: Path, loc: Any) -> dict[str, Any]:
+    """``loc`` if it has what ``localization_markdown`` reads; else a RunError naming the file."""
+    top = loc.get("top_entries") if isinstance(loc, dict) else None
+    first = top[0] if isinstance(top, list) and top else None
+    if not (isinstance(first, dict) and isinstance(first.get("param"), str)
+            and isinstance(first.get("share"), (int, float)) and isinstance(loc.get("participation"), (int, float))):
+        raise RunError(f"{path}: its 'localization' block is damaged (no participation or top entry); delete the "
+                       "file and run its measurement again")
+    return loc
 
 
 def _quantity(rows: list[dict[str, Any]]) -> str:

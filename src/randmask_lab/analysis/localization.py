@@ -9,6 +9,8 @@ activations, say) shows up as several top entries sharing ``in_feature``.
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 from typing import Any
 
 import torch
@@ -32,12 +34,10 @@ def eigenvector_localization(model: nn.Module, vector: torch.Tensor, top: int = 
                          f"{sum(sizes)} entries")
     weight = vector.detach().float().cpu() ** 2  # fp32, not fp64: full fine-tuning's vector has every weight
     total = float(weight.sum(dtype=torch.float64))
-    if total == 0.0 or total != total:
+    if not (math.isfinite(total) and total > 0.0):
         raise ValueError(f"the vector's squared norm is {total}: it has no direction to localize")
     weight /= total
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
+    starts = [0, *itertools.accumulate(sizes)]  # where each tensor begins in the flat vector
     spans = zip((name for name, _ in named), starts, starts[1:])
     shares = sorted(((float(weight[a:b].sum(dtype=torch.float64)), name, b - a) for name, a, b in spans), reverse=True)
     entries = []

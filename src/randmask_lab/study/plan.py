@@ -46,6 +46,10 @@ class StudySpec:
     max_extend: int = 2
     common: dict[str, Any] = field(default_factory=dict)  # RunConfig fields for every run (batch_size, ...)
 
+    def holds(self, record: RunRecord) -> bool:
+        """Whether ``record`` is a run of this study's model and precision (a store may hold other studies)."""
+        return record.config.get("model") == self.model and record.config.get("precision", "32") == self.precision
+
     @classmethod
     def from_file(cls, path: str | Path) -> StudySpec:
         """Parse a study spec; a one-line error naming the file and field when it is wrong."""
@@ -132,8 +136,7 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
-    finished = [r for r in records if r.status in FINISHED and r.config.get("model") == spec.model
-                and r.config.get("precision", "32") == spec.precision]
+    finished = [r for r in records if r.status in FINISHED and spec.holds(r)]
     out: list[PlannedRun] = []
     for task in spec.protocol:
         for cell in spec.cells:

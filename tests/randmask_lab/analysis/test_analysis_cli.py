@@ -147,6 +147,18 @@ def test_figure4_rejects_files_without_a_run_block(tmp_path):
         collect([tmp_path])
 
 
+@pytest.mark.parametrize("localization", [[], {}, {"participation": 1.0, "top_entries": []},
+                                          {"participation": 1.0, "top_entries": [{"share": 0.5}]}])
+def test_figure4_names_a_file_with_a_damaged_localization_block(tmp_path, localization):
+    from randmask_lab.analysis.figure4 import collect
+
+    run = {"method": "randmask", "ratio": 1e-3, "n_trainable": 10, "n_total": 10_000, "trained": True}
+    path = tmp_path / "hessian.json"
+    path.write_text(json.dumps({"lambda_max": 1.0, "run": run, "localization": localization}))
+    with pytest.raises(ValueError, match=f"{path}: its 'localization' block is damaged"):
+        collect([tmp_path])
+
+
 def test_missing_experiment_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "randmask_lab.experiment", None)  # import fails like a missing module
     args = _parser().parse_args(["hessian"])
