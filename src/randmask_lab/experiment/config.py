@@ -46,6 +46,8 @@ class RunConfig:
     """Examples per optimizer step and process (the paper: 8 per GPU)."""
     grad_accum: int = field(default=1, metadata=IDENTITY)
     """Split each batch into this many micro-batches (same result, less memory)."""
+    group_by_length: bool = field(default=False, metadata=IDENTITY)
+    """Batch examples of similar length together (transformers' group_by_length): less padding, same epochs."""
     weight_decay: float = field(default=0.0, metadata=IDENTITY)
     """AdamW weight decay."""
     adam_betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=IDENTITY)
@@ -213,6 +215,9 @@ class RunConfig:
                 if field_role(f) == "identity"}
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
         data.pop("seed")
+        for name, default in OMITTED_AT_DEFAULT.items():  # fields added after records existed
+            if data[name] == default:
+                data.pop(name)
         data["data"] = data_fingerprint(self.task, self.data_dir, self.source)
         kind = MASK_KIND_OF.get(self.method)
         if kind is not None and MASK_KIND_VERSIONS[kind] > 1:  # above 1 only: older run ids stay valid
@@ -230,6 +235,10 @@ class RunConfig:
         model = self.model.rstrip("/").rsplit("/", 1)[-1]
         return f"{model}-{self.task}-{self.method}{budget}-lr{self.lr:g}-s{self.seed}-{digest}"
 
+
+# Identity fields added after studies had committed records: left out of the identity at their
+# default, so every run id made before they existed stays the same.
+OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False}
 
 LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
 

@@ -107,6 +107,27 @@ def epoch_order(n: int, order_seed: int, epoch: int) -> list[int]:
     return order
 
 
+def item_length(item: LMItem | HeadItem) -> int:
+    """Tokens of the longest sequence a training step builds for ``item`` (its padded width)."""
+    if isinstance(item, HeadItem):
+        return len(item.input_ids)
+    return len(item.context) + max(len(x) for x in (*item.candidates, item.target))
+
+
+def length_grouped_order(order: Sequence[int], lengths: Sequence[int], step: int) -> list[int]:
+    """``order`` with examples of similar length brought together, as transformers' group_by_length.
+
+    The shuffled order is cut into mega-batches of ``k * step`` examples, k = min(n // (4 * step), 50)
+    (at least 1, so there are several mega-batches and batches still mix across the epoch), and
+    each mega-batch is sorted longest first. A step then pads to nearly its own length: on the
+    study's BoolQ sample, 1.24x the real tokens instead of 1.97x in the plain order
+    (``python benchmarks/length_grouping.py``).
+    """
+    mega = max(1, min(len(order) // (4 * step), 50)) * step
+    chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
+    return [i for chunk in chunks for i in sorted(chunk, key=lambda i: -lengths[i])]
+
+
 def step_batches(order: Sequence[int], batch_size: int, world: int = 1, rank: int = 0) -> list[list[int]]:
     """This process's example indices for each optimizer step of an epoch.
 

@@ -50,9 +50,10 @@ def store_file(store: str | Path | None, out_dir: str | Path) -> Path:
 
 
 def protocol_label(config: dict[str, Any]) -> str:
-    """Runs are only compared within one protocol: sample sizes, epochs, batch and mode."""
+    """Runs are only compared within one protocol: sample sizes, epochs, batch (and its grouping), mode."""
+    grouped = ", by length" if config.get("group_by_length") else ""  # absent from records made before
     return (f"{config['n_train']}/{config['n_val']}/{config['n_test']} ex, {config['epochs']} ep, "
-            f"bs {config['batch_size']}, {config['mode']}")
+            f"bs {config['batch_size']}{grouped}, {config['mode']}")
 
 
 def new_owner() -> str:

@@ -10,6 +10,8 @@ from randmask_lab.experiment.data import (
     encode_pair,
     encode_prompt,
     epoch_order,
+    item_length,
+    length_grouped_order,
     micro_batches,
     pad,
     step_batches,
@@ -68,3 +70,32 @@ def test_step_batches_single_and_distributed():
     rank0, rank1 = step_batches(order, 2, world=2, rank=0), step_batches(order, 2, world=2, rank=1)
     assert rank0 == [[0, 1], [4, 5]] and rank1 == [[2, 3], [6, 7]]  # partial global step dropped
     assert micro_batches([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+
+
+def _padded_tokens(batches, lengths):
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def test_length_grouping_sorts_within_mega_batches_only():
+    lengths = [(i * 37) % 101 + 1 for i in range(200)]
+    order = epoch_order(200, 0, 0)
+    grouped = length_grouped_order(order, lengths, step=8)
+    assert sorted(grouped) == list(range(200))
+    mega = 200 // (4 * 8) * 8  # transformers' rule: min(n // (4 * step), 50) steps per mega-batch
+    for start in range(0, 200, mega):
+        chunk = grouped[start:start + mega]
+        assert set(chunk) == set(order[start:start + mega])  # no example leaves its mega-batch
+        assert [lengths[i] for i in chunk] == sorted((lengths[i] for i in chunk), reverse=True)
+    plain = _padded_tokens(step_batches(order, 8), lengths)
+    assert _padded_tokens(step_batches(grouped, 8), lengths) < 0.8 * plain
+
+
+def test_length_grouping_keeps_the_order_of_equal_lengths_and_tiny_sets():
+    order = epoch_order(30, 1, 0)
+    assert length_grouped_order(order, [5] * 30, step=8) == order
+    assert sorted(length_grouped_order(order[:3], list(range(30)), step=8)) == sorted(order[:3])
+
+
+def test_item_length_is_the_longest_sequence_of_a_step(tok):
+    item = encode_prompt(tok, Prompt("t", "Is it?", " No way at all", (" Yes", " No way at all"), 1), 64)
+    assert item_length(item) == len(item.context) + len(item.candidates[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def test_an_unclassified_field_fails():
 def test_the_id_changes_with_what_the_run_computes():
     base = RunConfig(task="rte")
     changed = [dataclasses.replace(base, max_steps=1), dataclasses.replace(base, precision="bf16-true"),
-               dataclasses.replace(base, lr=2e-3), dataclasses.replace(base, method_options={"x": 1})]
-    assert len({base.run_id, *(c.run_id for c in changed)}) == 5
+               dataclasses.replace(base, lr=2e-3), dataclasses.replace(base, method_options={"x": 1}),
+               dataclasses.replace(base, group_by_length=True)]
+    assert len({base.run_id, *(c.run_id for c in changed)}) == 6
+    assert "group_by_length" not in base.identity()  # added later: absent at its default, old ids stand
     same = [dataclasses.replace(base, out_dir="elsewhere", threads=1, progress=False, restart=True,
                                 checkpoint_every=5, lease_seconds=5)]
     assert {c.run_id for c in same} == {base.run_id}
@@ -87,3 +90,12 @@ def test_the_id_covers_a_changed_mask_sampler(monkeypatch):
     before = structured.run_id
     monkeypatch.setitem(randmask.MASK_KIND_VERSIONS, "structured", 3)
     assert structured.run_id != before
+
+
+def test_committed_study_records_keep_their_run_ids():
+    # A change to the identity would orphan every committed record: the study would run them all again.
+    study = Path(__file__).resolve().parents[3] / "experiments" / "results" / "smollm2_study.jsonl"
+    rows = [json.loads(line) for line in study.read_text().splitlines()[:40:7]]
+    for row in rows:
+        config = RunConfig.from_dict({**row["config"], "data_dir": str(DATA)})
+        assert config.run_id == row["run_id"]

@@ -35,3 +35,12 @@ def test_finished_means_done_or_diverged(tmp_path):
     assert not store.is_finished("nope") and store.get("nope") is None
     store.put(record(seed=2))  # the retried run replaces the failed row
     assert store.is_finished(failed.run_id) and len(store) == 2
+
+
+def test_protocol_label_names_length_grouping_only_when_on():
+    from randmask_lab.experiment.store import protocol_label
+
+    old = {k: v for k, v in RunConfig(task="rte", mode="lm").to_dict().items() if k != "group_by_length"}
+    assert protocol_label(old) == protocol_label(RunConfig(task="rte", mode="lm").to_dict()) == \
+        "1000/500/1000 ex, 5 ep, bs 8, lm"
+    assert protocol_label({**old, "group_by_length": True}) == "1000/500/1000 ex, 5 ep, bs 8, by length, lm"

@@ -113,3 +113,21 @@ def test_randmask_run_saves_a_loadable_adapter(tiny_lm, run_kwargs):
     values = {n: p for n, p in model.named_parameters() if n.endswith(".values")}
     saved = _trainable(record)
     assert values and all(torch.equal(values[n], saved[n]) for n in values)
+
+
+def test_group_by_length_batches_similar_prompts(tiny_lm, run_kwargs, monkeypatch):
+    import randmask_lab.experiment.loop as loop
+
+    seen = []
+
+    def spy(order, lengths, step):
+        grouped = loop_grouped(order, lengths, step)
+        seen.append([lengths[i] for i in grouped])
+        return grouped
+
+    loop_grouped = loop.length_grouped_order
+    monkeypatch.setattr(loop, "length_grouped_order", spy)
+    config = RunConfig(model=tiny_lm, method="randmask", ratio=0.02, lr=1e-2, group_by_length=True, **run_kwargs)
+    record = run_training(config)
+    assert record.status == "done" and record.config["group_by_length"] is True
+    assert seen and all(widths == sorted(widths, reverse=True) for widths in seen)  # 12 examples: one mega-batch

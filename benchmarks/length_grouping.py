@@ -1,0 +1,124 @@
+"""Padding and step time of an epoch in the plain shuffled order vs grouped by length (``--group-by-length``).
+
+    python benchmarks/length_grouping.py [--task boolq] [--n-train 250] [--steps 32] [--threads 2]
+        [--json benchmarks/results/length_grouping.json]
+
+First, with the tokenizer only: the padded tokens of the study's epochs (the study's sample, order
+seed and batch 8) over the real tokens, for both orders, per task. Then, unless ``--steps 0``, the
+runner's own training step (``Trainer.step`` of randmask 1e-3, bf16-mixed, as the study runs it) on
+the first ``--steps`` batches of epoch 1 in each order, interleaved: round r times plain batch r and
+grouped batch r back to back, first in turn. The batches differ, so a round's ratio means little; the
+epoch's does: reported is sum(plain) / sum(grouped) with a bootstrap 95% CI over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from precision_step import build
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:
+    """Tokens a step computes (each batch padded to its longest) over the real tokens."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return padded / sum(lengths[i] for b in batches for i in b)
+
+
+def epoch_batches(lengths: list[int], order_seed: int, epoch: int, batch: int, grouped: bool) -> list[list[int]]:
+    """The runner's batches of one epoch, plain or grouped by length."""
+    from randmask_lab.experiment.data import epoch_order, length_grouped_order, step_batches
+
+    order = epoch_order(len(lengths), order_seed, epoch)
+    return step_batches(length_grouped_order(order, lengths, batch) if grouped else order, batch)
+
+
+def padding_table(model: str, protocol: dict[str, int], epochs: int, batch: int, seed: int) -> list[dict]:
+    """Per task: median prompt length and padded/real tokens over ``epochs`` epochs, both orders."""
+    from transformers import AutoTokenizer
+
+    from randmask_lab.experiment import RunConfig
+    from randmask_lab.experiment.build import check_names, encode, sample_splits
+    from randmask_lab.experiment.data import item_length
+    from randmask_lab.zoo import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    rows = []
+    for task, n_train in protocol.items():
+        config = RunConfig(model=model, task=task, n_train=n_train, n_val=1, n_test=0, mode="lm", seed=seed)
+        spec = check_names(config)
+        lengths = [item_length(x) for x in encode(config, spec, "lm", tokenizer, sample_splits(config, spec).train)]
+        ratio = {g: statistics.mean(padded_over_real(lengths, epoch_batches(lengths, seed, e, batch, g))
+                                    for e in range(epochs)) for g in (False, True)}
+        rows.append({"task": task, "n_train": n_train, "median_tokens": statistics.median(lengths),
+                     "plain": round(ratio[False], 3), "grouped": round(ratio[True], 3)})
+    return rows
+
+
+def epoch_ratio(plain: list[float], grouped: list[float], n_boot: int = 4000, seed: int = 0) -> dict:
+    """sum(plain) / sum(grouped) and its percentile-bootstrap 95% CI (rounds resampled in pairs)."""
+    p, g = torch.tensor(plain, dtype=torch.float64), torch.tensor(grouped, dtype=torch.float64)
+    idx = torch.randint(0, len(p), (n_boot, len(p)), generator=torch.Generator().manual_seed(seed))
+    boot = p[idx].sum(1) / g[idx].sum(1)
+    low, high = torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"speedup": round(float(p.sum() / g.sum()), 3), "ci95": [round(low, 3), round(high, 3)],
+            "rounds": len(p)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model (short name or folder)")
+    parser.add_argument("--task", default="boolq", help="task whose epoch is timed")
+    parser.add_argument("--n-train", type=int, default=250, help="training examples of the timed task")
+    parser.add_argument("--steps", type=int, default=32, help="timed rounds (0: padding table only)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    protocol = {"sst2": 500, "rte": 250, "cb": 200, "boolq": 250}  # experiments/smollm2_study.json
+    protocol[args.task] = args.n_train
+    rows = padding_table(args.model, protocol, epochs=3, batch=8, seed=0)
+    print(f"{args.model}, batch 8, 3 epochs, seed 0: tokens computed / real tokens")
+    print("| task | n_train | median tokens | plain order | grouped by length |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['task']} | {r['n_train']} | {r['median_tokens']:g} | {r['plain']:.2f}x | {r['grouped']:.2f}x |")
+    result = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__, "padding": rows}
+    if args.steps > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer, _, _ = build("bf16-mixed", "auto", args.model, args.task, args.n_train, Path(tmp))
+            from randmask_lab.experiment.data import item_length
+
+            lengths = [item_length(x) for x in trainer.data.train]
+            batches = {g: epoch_batches(lengths, 0, 0, 8, g)[: args.steps] for g in (False, True)}
+            trainer.step(batches[False][0])  # warm-up (allocations, attention kernel choice)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for r in range(min(len(batches[False]), len(batches[True]))):
+                for g in ((False, True) if r % 2 == 0 else (True, False)):
+                    start = time.perf_counter()
+                    trainer.step(batches[g][r])
+                    times[g].append(time.perf_counter() - start)
+        timing = epoch_ratio(times[False], times[True])
+        print(f"\n{args.task}, randmask 1e-3, bf16-mixed, {args.threads} threads, first {timing['rounds']} steps of "
+              f"epoch 1: plain / grouped time {timing['speedup']:.2f}x (bootstrap 95% CI "
+              f"{timing['ci95'][0]:.2f}-{timing['ci95'][1]:.2f})")
+        result["timing"] = {**timing, "task": args.task, "plain_s": times[False], "grouped_s": times[True]}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
