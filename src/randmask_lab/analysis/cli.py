@@ -1,4 +1,4 @@
-"""`randmask hessian | distance | suggest-lr`: the analysis commands, writing JSON (+ PNG) to --out.
+"""`randmask hessian | distance | suggest-lr | activations | figure4`: the analysis commands (JSON, PNG to --out).
 
 Wire into the main CLI with ``register(subparsers)``; each handler is stored as ``args.func`` and
 returns an exit code. Building the model and batches from the command line (model spec, task,
@@ -25,6 +25,7 @@ from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_ei
 from randmask_lab.analysis.hvp import LossFn
 from randmask_lab.analysis.localization import eigenvector_localization
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
+from randmask_lab.errors import RunError
 
 
 def _write_json(out: Path, name: str, data: dict) -> Path:
@@ -109,6 +110,40 @@ def run_suggest_lr(model: nn.Module, batches: Sequence[Any], out_dir: str | Path
     return summary
 
 
+def run_activations(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
+                    loss_fn: LossFn | None = None, modules: Sequence[str] | None = None, features: Sequence[int] = (),
+                    top: int = 3, meta: Mapping[str, Any] | None = None) -> dict:
+    """RMS of each input feature of ``modules`` (name suffixes; default: the masked layers) over the batches'
+    real tokens, with each module's outliers; writes activations.json (summary plus every RMS vector)."""
+    from randmask_lab.analysis.activations import feature_outliers, input_feature_rms, matching_modules
+
+    if modules:
+        names = matching_modules(model, modules)
+    else:
+        names = list(masked_layers(model))
+        if not names:
+            raise ValueError("this model has no randmask layers: pass --modules (e.g. v_proj) to name the "
+                             "linear layers whose inputs to measure")
+    rms = input_feature_rms(model, batches, names, loss_fn)
+    summary = {"modules": feature_outliers(rms, top=top, features=features), "n_batches": len(batches),
+               "run": _run_meta(model, meta), "rms": {n: r.tolist() for n, r in rms.items()}}
+    summary["files"] = {"json": str(_write_json(Path(out_dir), "activations.json", summary))}
+    return summary
+
+
+def activations_markdown(summary: dict, features: Sequence[int] = ()) -> str:
+    """One row per module: its median input RMS, its top features (× the median) and the asked features."""
+    head = "| module | median RMS | largest input features (× median) |" + "".join(
+        f" feature {f}: rank, × median |" for f in features)
+    lines = [head, "|---|---:|---|" + "---|" * len(features)]
+    for name, row in summary["modules"].items():
+        top = ", ".join(f"{t['feature']} ({t['x_median']:.1f}×)" for t in row["top"])
+        asked = "".join(f" {row['features'][str(f)]['rank'] + 1}, {row['features'][str(f)]['x_median']:.1f}× |"
+                        for f in features)
+        lines.append(f"| {name} | {row['median_rms']:.3g} | {top} |{asked}")
+    return "\n".join(lines)
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (loaded with ``weights_only=True``)."""
     path = Path(path)
@@ -149,7 +184,10 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
 def _cmd_distance(args: argparse.Namespace) -> int:
     model, _, _, meta = _build(args)
     reference = load_state_dict(args.reference) if args.reference else None
-    s = run_distance(model, args.out, reference, meta=meta)
+    try:
+        s = run_distance(model, args.out, reference, meta=meta)
+    except ValueError as e:  # a model with nothing to compare (no randmask layers, no --reference)
+        raise RunError(str(e)) from None
     print(f"distance = {s['total']:.6g} over {len(s['per_matrix'])} matrices; wrote {s['files']['json']}")
     return 0
 
@@ -161,6 +199,18 @@ def _cmd_suggest_lr(args: argparse.Namespace) -> int:
     print(f"lambda_max = {s['lambda_max']:.4g}, GD bound 2/lambda = {s['gd_bound']:.4g}, "
           f"Adam lr ~ {s['adam_lr']:.3g} (try {s['adam_lr_low']:.3g} .. {s['adam_lr_high']:.3g}); "
           f"wrote {s['files']['json']}")
+    return 0
+
+
+def _cmd_activations(args: argparse.Namespace) -> int:
+    model, batches, loss_fn, meta = _build(args)
+    try:
+        s = run_activations(model, batches, args.out, loss_fn=loss_fn, modules=args.modules,
+                            features=args.features, top=args.top, meta=meta)
+    except ValueError as e:  # no such module, a feature out of range: the user's options
+        raise RunError(str(e)) from None
+    print(activations_markdown(s, args.features))
+    print(f"wrote {s['files']['json']}")
     return 0
 
 
@@ -200,7 +250,7 @@ def _power_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``hessian``, ``distance`` and ``suggest-lr`` sub-commands to a parent's subparsers."""
+    """Add the analysis sub-commands (hessian, distance, suggest-lr, activations, figure4) to a parent's subparsers."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser("hessian", formatter_class=fmt,
                               help="top eigenvalue of the loss Hessian w.r.t. the trainable parameters",
@@ -231,6 +281,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=float, default=ADAM_CALIBRATION,
                    help="Adam calibration factor (see randmask_lab.analysis.suggest_lr)")
     p.set_defaults(func=_cmd_suggest_lr, command="suggest-lr")
+
+    p = subparsers.add_parser("activations", formatter_class=fmt,
+                              help="RMS of each input feature of linear layers (outlier hidden dimensions)",
+                              description="Runs the training batches through the model and reports, per layer, "
+                              "the input features with the largest RMS over real tokens, as multiples of the "
+                              "median feature. A masked entry on such a feature lies on a steep Hessian "
+                              "direction. Writes activations.json.")
+    _model_args(p, "runs/analysis")
+    p.add_argument("--modules", nargs="+", help="module name suffixes (e.g. v_proj); default: the masked layers")
+    p.add_argument("--features", nargs="+", type=int, default=[], help="input features to rank in every layer")
+    p.add_argument("--top", type=int, default=3, help="largest features to list per layer")
+    p.set_defaults(func=_cmd_activations, command="activations")
 
     p = subparsers.add_parser("figure4", formatter_class=fmt,
                               help="paper Fig. 4 (λ_max before/after, distance vs budget) from analysis outputs",

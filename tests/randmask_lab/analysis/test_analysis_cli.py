@@ -10,7 +10,14 @@ import pytest
 from tests.conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 
 from randmask import MaskingConfig, apply_masking
-from randmask_lab.analysis.cli import register, run_distance, run_hessian, run_suggest_lr
+from randmask_lab.analysis.cli import (
+    activations_markdown,
+    register,
+    run_activations,
+    run_distance,
+    run_hessian,
+    run_suggest_lr,
+)
 
 
 @pytest.fixture
@@ -163,4 +170,34 @@ def test_missing_experiment_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "randmask_lab.experiment", None)  # import fails like a missing module
     args = _parser().parse_args(["hessian"])
     with pytest.raises(SystemExit, match="build_model_and_batches"):
+        args.func(args)
+
+
+def test_run_activations_measures_the_masked_layers_by_default(model_and_batches, tmp_path):
+    model, batches = model_and_batches
+    summary = run_activations(model, batches, tmp_path, features=[3])
+    data = json.loads((tmp_path / "activations.json").read_text())
+    assert set(data["modules"]) == set(data["rms"]) and len(data["modules"]) == 4  # q and v of 2 layers
+    name = next(iter(data["modules"]))
+    assert len(data["rms"][name]) == 32 and data["modules"][name]["features"]["3"]["rank"] in range(32)
+    table = activations_markdown(summary, [3])
+    assert table.splitlines()[0].endswith("| feature 3: rank, × median |") and name in table
+    with pytest.raises(ValueError, match="no randmask layers"):
+        run_activations(tiny_model("opt"), batches, tmp_path)
+
+
+def test_activations_command_errors_are_one_line(model_and_batches, tmp_path, monkeypatch):
+    import types
+
+    from randmask_lab.errors import RunError
+
+    hook = types.ModuleType("randmask_lab.experiment")
+    hook.build_model_and_batches = lambda args: (*model_and_batches, None)
+    hook.describe_analysis_run = lambda args: {"method": "randmask", "trained": False}
+    monkeypatch.setitem(sys.modules, "randmask_lab.experiment", hook)
+    args = _parser().parse_args(["activations", "--modules", "value", "--out", str(tmp_path)])
+    with pytest.raises(RunError, match="pass --modules"):
+        args.func(args)
+    args = _parser().parse_args(["activations", "--modules", "v_proj", "--features", "99", "--out", str(tmp_path)])
+    with pytest.raises(RunError, match="feature 99 is outside"):
         args.func(args)
