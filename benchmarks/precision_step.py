@@ -34,8 +34,8 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def build(name: str, attention: str, model_name: str, task: str, n: int, workdir: Path):
-    """A Trainer for one precision variant and the indices of its one batch."""
+def build(name: str, attention: str, model_name: str, task: str, n: int, workdir: Path, max_length: int = 1024):
+    """A Trainer for one precision variant and the indices of its one batch (prompts cut at ``max_length``)."""
     from randmask_lab.experiment import RunConfig
     from randmask_lab.experiment.build import (
         check_names,
@@ -53,7 +53,7 @@ def build(name: str, attention: str, model_name: str, task: str, n: int, workdir
 
     config = RunConfig(model=model_name, task=task, method="randmask", ratio=1e-3, lr=1e-3, n_train=n, n_val=1,
                        n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
-                       out_dir=str(workdir))
+                       out_dir=str(workdir), max_length=max_length)
     spec = check_names(config)
     mode = resolve_mode(config, spec)
     plan = PrecisionPlan(name, torch.device("cpu"), attention)
