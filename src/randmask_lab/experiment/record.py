@@ -38,6 +38,8 @@ class RunRecord:
     trainable_report: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
+    cpu_seconds: float | None = None  # this process's CPU time for the run (all threads): unlike wall time, not
+    # inflated by a pause (kill -STOP) or a machine shared with other work; None in records made before it
     code_version: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     error: str | None = None

@@ -94,6 +94,7 @@ def run_training(config: RunConfig, store: ResultStore | None = None, stop_after
 def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | None, lease: Lease | None,
          stop_after: int | None) -> RunRecord:
     started = time.time()
+    info: dict[str, Any] = {"cpu_started": time.process_time()}
     run_dir = Path(config.out_dir) / config.run_id
     mode = resolve_mode(config, spec)
     plan = PrecisionPlan(config.precision, ctx.device)
@@ -115,7 +116,7 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
             shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
         write_json(run_dir / "config.json", config.to_dict())
     barrier(ctx)
-    info = {"data": split_record(config, spec, splits), "attention": attention}
+    info.update(data=split_record(config, spec, splits), attention=attention)
     if not prepared.trains:  # evaluation only (zeroshot)
         with_metric = data.spec.kind != "generation" or config.val_generate
         val_loss, val_metric = evaluate(prepared.model, objective, plan, ctx, data.val, with_metric)
@@ -159,6 +160,7 @@ def _finish(config: RunConfig, ctx: DistContext, store: ResultStore | None, leas
         trainable=report.trainable, total=report.total, trainable_report=report.to_dict(),
         wall_seconds=round(time.time() - started, 2),
         train_seconds=round(info.get("train_seconds", time.time() - started), 2),
+        cpu_seconds=round(time.process_time() - info["cpu_started"], 2),
         code_version=code_version(ctx.device), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*data.splits.notes, *report.notes, *info.get("notes", [])], run_dir=str(run_dir), data=info["data"],
         attention=info["attention"],

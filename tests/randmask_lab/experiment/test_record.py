@@ -18,3 +18,9 @@ def test_a_record_round_trips_and_ignores_unknown_keys():
     record = RunRecord("rid", {"task": "sst2"}, "done", metric="accuracy", code_version=code_version())
     data = {**record.to_dict(), "field_of_a_newer_version": 1}
     assert RunRecord.from_dict(data) == record
+
+
+def test_a_record_made_before_cpu_seconds_loads_without_it():
+    old = RunRecord("rid", {"task": "sst2"}, "done", metric="accuracy").to_dict()
+    del old["cpu_seconds"]
+    assert RunRecord.from_dict(old).cpu_seconds is None

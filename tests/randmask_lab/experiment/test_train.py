@@ -38,6 +38,7 @@ def test_zero_shot_evaluates_the_untouched_model(tiny_lm, run_kwargs):
     zero = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "zeroshot"}))
     assert zero.status == "done" and zero.trainable == 0 and zero.test_metric is not None
     assert [e["epoch"] for e in zero.epochs] == [0] and zero.best_epoch == 0
+    assert 0 < zero.cpu_seconds  # CPU time of the run itself (wall time counts pauses too)
     # The same numbers as the pre-training evaluation of a run that does train (same data seed).
     trained = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "bitfit", "lr": 1e-2,
                                         "epochs": 1, "eval_initial": True}))
