@@ -39,8 +39,11 @@ def status() -> str:
     per_task = Counter(r.config["task"] for r in records)
     hours = sum(r.wall_seconds for r in records) / 3600
     tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
+    timed = [r.cpu_seconds for r in records if r.cpu_seconds is not None]
+    cpu = (f" The {len(timed)} records made since runs record their CPU time took {sum(timed) / 3600:.1f} "
+           "CPU-hours (wall time also counts pauses of the workers).") if timed else ""
     return (f"`{STUDY}` holds {len(records)} records (runs per task: {tasks}); their wall times sum to "
-            f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).")
+            f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).{cpu}")
 
 
 def section() -> str:

@@ -49,6 +49,7 @@ def test_pair_encoding(tiny_bert):
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_bert)
     item = encode_pair(tokenizer, PairExample("a b", "c", 1), max_length=16)
     assert item.label == 1 and item.token_type_ids[-2:] == (1, 1)
+    assert item_length(item) == len(item.input_ids)  # what --group-by-length sorts head-mode pairs by
 
 
 def test_pad_right_and_left():
