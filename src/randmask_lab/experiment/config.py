@@ -156,6 +156,10 @@ class RunConfig:
         for seed in ("seed", "data_seed", "mask_seed", "order_seed"):
             value = getattr(self, seed)
             checks.append((seed.replace("_", "-"), value, value is None or value >= 0, ">= 0"))
+        for f in dataclasses.fields(self):  # a JSON spec's "false" (a string) would silently be true
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise RunError(f"--{f.name.replace('_', '-')} must be true or false, got {value!r}")
         for name, value, ok, want in checks:
             if not ok or value != value:  # value != value: NaN
                 raise RunError(f"--{name} must be {want}, got {value}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from randmask_lab.experiment import RunConfig
+import pytest
+
+from randmask_lab.experiment import RunConfig, RunError
 from randmask_lab.experiment.options import add_dataclass_options, dataclass_from_args, field_docs
 
 
@@ -31,3 +33,10 @@ def test_parsing_types():
     assert config.method_options == {"r": 16, "init": "random"}
     assert config.progress is False and config.adam_betas == (0.8, 0.9)
     assert dataclass_from_args(RunConfig, _parser().parse_args([])) == RunConfig()
+
+
+def test_a_flag_given_as_a_string_is_refused():
+    # From a JSON study spec: "false" is a non-empty string, so it would switch the option on.
+    with pytest.raises(RunError, match="--group-by-length must be true or false, got 'false'"):
+        RunConfig(group_by_length="false").validate()
+    RunConfig(group_by_length=True).validate()
