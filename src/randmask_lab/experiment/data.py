@@ -108,7 +108,7 @@ def epoch_order(n: int, order_seed: int, epoch: int) -> list[int]:
 
 
 def item_length(item: LMItem | HeadItem) -> int:
-    """Tokens of the longest sequence a training step builds for ``item`` (its padded width)."""
+    """Tokens of the longest sequence a training step builds for ``item``, to within one (a sort key)."""
     if isinstance(item, HeadItem):
         return len(item.input_ids)
     return len(item.context) + max(len(x) for x in (*item.candidates, item.target))
