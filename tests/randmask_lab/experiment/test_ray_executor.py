@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[2] / "src"
 WORKER = HERE / "sweep_worker.py"
 # What differs between two executions of the same run by nature: when and where it ran, how long it took.
-CIRCUMSTANCES = {"wall_seconds", "train_seconds", "created", "code_version", "run_dir"}
+CIRCUMSTANCES = {"wall_seconds", "train_seconds", "cpu_seconds", "created", "code_version", "run_dir"}
 
 
 def _grid(tiny_lm: str, out: Path, **run: object) -> tuple[SweepConfig, RunConfig]:
