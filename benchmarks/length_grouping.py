@@ -42,11 +42,10 @@ def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:
 
 
 def epoch_batches(lengths: list[int], order_seed: int, epoch: int, batch: int, grouped: bool) -> list[list[int]]:
-    """The runner's batches of one epoch, plain or grouped by length."""
-    from randmask_lab.experiment.data import epoch_order, length_grouped_order, step_batches
+    """The runner's batches of one epoch (one process), plain or grouped by length."""
+    from randmask_lab.experiment.data import epoch_batches as runner_batches
 
-    order = epoch_order(len(lengths), order_seed, epoch)
-    return step_batches(length_grouped_order(order, lengths, batch) if grouped else order, batch)
+    return runner_batches(len(lengths), order_seed, epoch, batch, lengths=lengths if grouped else None)
 
 
 def padding_table(model: str, protocol: dict[str, int], epochs: int, batch: int, seed: int) -> list[dict]:

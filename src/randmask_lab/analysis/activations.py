@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from randmask_lab.analysis.hvp import LossFn, default_loss
+from randmask_lab.methods.targets import match_modules
 
 
 def matching_modules(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
     """Names of the modules whose name is, or ends in ``.``, one of ``suffixes`` (``v_proj`` matches
     ``model.layers.3.self_attn.v_proj``), in model order; a ValueError when none matches."""
-    names = [n for n, _ in model.named_modules() if any(n == s or n.endswith("." + s) for s in suffixes)]
+    names = [n for n, _ in match_modules(model, list(suffixes))]
     if not names:
         raise ValueError(f"no module of {type(model).__name__} is named {list(suffixes)} or ends in one; "
                          "pass --modules with names of its linear layers (q_proj, v_proj, query, value, ...)")

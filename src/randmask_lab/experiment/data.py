@@ -142,6 +142,16 @@ def step_batches(order: Sequence[int], batch_size: int, world: int = 1, rank: in
             for s in range(n_steps)]
 
 
+def epoch_batches(n: int, order_seed: int, epoch: int, batch_size: int, world: int = 1, rank: int = 0,
+                  lengths: Sequence[int] | None = None) -> list[list[int]]:
+    """This process's example indices for each step of epoch ``epoch``: the seeded shuffled order, grouped
+    by length when ``lengths`` is given (``--group-by-length``), cut into steps by ``step_batches``."""
+    order = epoch_order(n, order_seed, epoch)
+    if lengths is not None:
+        order = length_grouped_order(order, lengths, batch_size * world)
+    return step_batches(order, batch_size, world, rank)
+
+
 def micro_batches(indices: Sequence[int], n: int) -> list[list[int]]:
     """Split one step's indices into ``n`` near-equal micro-batches (empty ones dropped)."""
     size = -(-len(indices) // n)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from randmask_lab.experiment.build import TrainingLoss
 from randmask_lab.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.data import epoch_order, item_length, length_grouped_order, micro_batches, step_batches
+from randmask_lab.experiment.data import epoch_batches, item_length, micro_batches
 from randmask_lab.experiment.distributed import DistContext, any_rank, barrier, gather_shards, shard, wrap_ddp
 from randmask_lab.experiment.precision import PrecisionPlan, ScaleCollapsed, check_scale
 from randmask_lab.experiment.steps import StepLog, build_optimizer, lr_factor, set_lr
@@ -61,6 +61,8 @@ class Trainer:
         self.model = prepared.model
         self.loss_fn = TrainingLoss(objective, prepared)  # task loss + the method's terms (AdaLoRA's penalty)
         self.started = time.time()
+        # Each item's padded width, for --group-by-length (None: the plain shuffled order).
+        self.lengths = [item_length(x) for x in data.train] if config.group_by_length else None
         self.steps_per_epoch = len(self._batches(0))
         self.optimizer = build_optimizer(prepared, config, heads)
         self.scaler = plan.make_scaler()
@@ -77,11 +79,8 @@ class Trainer:
         self.steps_here = 0
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        order = epoch_order(len(self.data.train), self.config.seeds[2], epoch)
-        if self.config.group_by_length:
-            lengths = [item_length(x) for x in self.data.train]
-            order = length_grouped_order(order, lengths, self.config.batch_size * self.ctx.world)
-        batches = step_batches(order, self.config.batch_size, self.ctx.world, self.ctx.rank)
+        batches = epoch_batches(len(self.data.train), self.config.seeds[2], epoch, self.config.batch_size,
+                                self.ctx.world, self.ctx.rank, self.lengths)
         return batches[: self.config.max_steps] if self.config.max_steps else batches
 
     def train(self) -> Outcome:

@@ -117,17 +117,17 @@ def test_randmask_run_saves_a_loadable_adapter(tiny_lm, run_kwargs):
 
 
 def test_group_by_length_batches_similar_prompts(tiny_lm, run_kwargs, monkeypatch):
-    import randmask_lab.experiment.loop as loop
+    import randmask_lab.experiment.data as data
 
     seen = []
 
     def spy(order, lengths, step):
-        grouped = loop_grouped(order, lengths, step)
+        grouped = real_grouping(order, lengths, step)
         seen.append([lengths[i] for i in grouped])
         return grouped
 
-    loop_grouped = loop.length_grouped_order
-    monkeypatch.setattr(loop, "length_grouped_order", spy)
+    real_grouping = data.length_grouped_order
+    monkeypatch.setattr(data, "length_grouped_order", spy)
     config = RunConfig(model=tiny_lm, method="randmask", ratio=0.02, lr=1e-2, group_by_length=True, **run_kwargs)
     record = run_training(config)
     assert record.status == "done" and record.config["group_by_length"] is True
