@@ -57,7 +57,7 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from randmask_lab.study.plan import StudySpec, needed_runs
-    from randmask_lab.study.run import planned_run_id, run_study
+    from randmask_lab.study.run import planned_run_id, run_study, with_committed
 
     spec = StudySpec.from_file(args.spec)
     if args.plan:
@@ -66,6 +66,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
         path = store_file(None, args.out_dir)
         records = ResultStore(path).records() if path.is_file() else []
+        if args.export and Path(args.export).is_file():  # what a run would adopt from the committed file
+            records = with_committed(records, read_jsonl(args.export))
         needs = needed_runs(spec, records, planned_run_id(spec, args.out_dir))
         for n in needs:
             print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
@@ -90,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     std.add_argument("--lease-seconds", type=float, help="a run's lease expires this long after its last "
                      "heartbeat (default 60); raise it when workers may be paused (kill -STOP)")
     std.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bars")
-    std.add_argument("--plan", action="store_true", help="print the runs planned next and exit")
+    std.add_argument("--plan", action="store_true", help="print the runs planned next and exit "
+                     "(counting the finished records of --export, as a run would)")
     std.set_defaults(func=_cmd_study)
 
     exp = sub.add_parser("export", help="write every record of a results store to a JSONL study file")

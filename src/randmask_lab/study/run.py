@@ -32,6 +32,13 @@ def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None)
     return lambda run: run_config(spec, run, out_dir, execution or {}).run_id
 
 
+def with_committed(records: list[RunRecord], committed: list[RunRecord]) -> list[RunRecord]:
+    """``records`` plus the finished ``committed`` records whose run id they lack (what ``adopt_records``
+    would add), without writing anything: the view ``--plan`` takes on a fresh machine."""
+    have = {r.run_id for r in records}
+    return records + [r for r in committed if r.status in FINISHED and r.run_id not in have]
+
+
 def adopt_records(store: ResultStore, records: list[RunRecord]) -> int:
     """Put the finished records of a committed study file into ``store`` where it lacks them, so a
     study resumes on a fresh machine from the JSONL alone; return how many were added."""

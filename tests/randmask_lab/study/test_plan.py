@@ -115,6 +115,10 @@ def test_a_tiny_study_runs_to_completion_and_exports(tmp_path: Path, capsys: pyt
     assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(tmp_path / "fresh"), "--export", str(export)]) == 0
     said = capsys.readouterr().out
     assert f"took {len(lines)} finished records" in said and "nothing left to run" in said and "done:" not in said
+    # --plan on a fresh machine counts the committed file too, as the run just did.
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(tmp_path / "fresh2"), "--export", str(export),
+                 "--plan"]) == 0
+    assert "0 runs planned next" in capsys.readouterr().out
     assert main(["report", "--from", str(export)]) == 0
     assert "| randmask 1e-02 |" in capsys.readouterr().out
 
