@@ -25,6 +25,7 @@ from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_ei
 from randmask_lab.analysis.hvp import LossFn
 from randmask_lab.analysis.localization import eigenvector_localization
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
+from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.errors import RunError
 
 
@@ -234,8 +235,8 @@ def _model_args(parser: argparse.ArgumentParser, out: str) -> None:
     g.add_argument("--task", help="task whose training batches define the loss")
     g.add_argument("--method", default="randmask", help="fine-tuning method (decides what is trainable)")
     g.add_argument("--trainable-ratio", type=float, help="budget: fraction of all parameters to train")
-    g.add_argument("--num-batches", type=int, default=4, help="batches the loss is averaged over")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per batch")
+    g.add_argument("--num-batches", type=positive_int, default=4, help="batches the loss is averaged over")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
     g.add_argument("--seed", type=int, default=0, help="seed of the mask and the batch sample")
     g.add_argument("--freeze-head", action="store_true",
                    help="classification-head mode: hold the task head fixed, so that only the method's own "
@@ -245,7 +246,7 @@ def _model_args(parser: argparse.ArgumentParser, out: str) -> None:
 
 def _power_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tol", type=float, default=1e-3, help="relative change of λ at which to stop")
-    parser.add_argument("--max-iter", type=int, default=100, help="cap on power-iteration steps (HVPs)")
+    parser.add_argument("--max-iter", type=positive_int, default=100, help="cap on power-iteration steps (HVPs)")
     parser.add_argument("--power-seed", type=int, default=0, help="seed of the random start vector")
 
 
@@ -261,7 +262,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=["top", "magnitude"], default="top",
                    help="top: largest eigenvalue (shifted re-run if the dominant one is negative); "
                    "magnitude: signed eigenvalue of largest |λ|")
-    p.add_argument("--top-k", type=int, default=0, help="also the k largest eigenvalues by Lanczos (0: off)")
+    p.add_argument("--top-k", type=non_negative_int, default=0,
+                   help="also the k largest eigenvalues by Lanczos (0: off)")
     p.set_defaults(func=_cmd_hessian, command="hessian")
 
     p = subparsers.add_parser("distance", formatter_class=fmt, help="L2 distance from the pretrained weights",
@@ -290,8 +292,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "direction. Writes activations.json.")
     _model_args(p, "runs/analysis")
     p.add_argument("--modules", nargs="+", help="module name suffixes (e.g. v_proj); default: the masked layers")
-    p.add_argument("--features", nargs="+", type=int, default=[], help="input features to rank in every layer")
-    p.add_argument("--top", type=int, default=3, help="largest features to list per layer")
+    p.add_argument("--features", nargs="+", type=non_negative_int, default=[],
+                   help="input features to rank in every layer")
+    p.add_argument("--top", type=positive_int, default=3, help="largest features to list per layer")
     p.set_defaults(func=_cmd_activations, command="activations")
 
     p = subparsers.add_parser("figure4", formatter_class=fmt,

@@ -57,10 +57,11 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from randmask_lab.study.plan import StudySpec, needed_runs
-    from randmask_lab.study.run import planned_run_id, run_study, with_committed
+    from randmask_lab.study.run import planned_run_id, run_study, validate_spec, with_committed
 
     spec = StudySpec.from_file(args.spec)
     if args.plan:
+        validate_spec(spec, args.out_dir)
         from randmask_lab.experiment.store import ResultStore, store_file
         from randmask_lab.study.forecast import forecast
 

@@ -60,6 +60,13 @@ def _run_one(config: RunConfig, store: ResultStore, owner: str, say: Callable[[s
     return run_claimed(config, store, Lease(store, config.run_id, owner, config.lease_seconds), say)
 
 
+def validate_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) -> None:
+    """Raise RunError on a bad option or protocol value of any first-round run: one error before
+    anything runs (or is planned), not a failed record per run."""
+    for need in needed_runs(spec, []):
+        run_config(spec, need, out_dir, execution or {}).validate()
+
+
 def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, max_runs: int | None = None,
               execution: dict | None = None, say: Callable[[str], None] = print, wait_seconds: float = 30.0) -> int:
     """Run what the plan needs until nothing is left (or ``max_runs``); return how many ran here.
@@ -67,8 +74,7 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
     A run that fails here is recorded as failed and not retried by this call (run the command
     again to retry it), so one broken cell cannot loop forever.
     """
-    for need in needed_runs(spec, []):  # a bad option or protocol value is one error now, not a failed record per run
-        run_config(spec, need, out_dir, execution or {}).validate()
+    validate_spec(spec, out_dir, execution)
     store = ResultStore(store_file(None, out_dir))
     if export and Path(export).is_file():
         adopted = adopt_records(store, read_jsonl(export))

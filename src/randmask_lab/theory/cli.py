@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from randmask_lab.argtypes import positive_int
 from randmask_lab.theory.experiment import fmt_table, run_sweep, summarise
 from randmask_lab.theory.linreg import check_p
 
@@ -81,13 +82,6 @@ def _p_value(text: str) -> float:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _cmd(args: argparse.Namespace) -> int:
     run_theory(
         args.out,
@@ -117,9 +111,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/theory"), help="output directory")
     parser.add_argument(
-        "--n", type=_positive_int, default=20, help="number of samples (the theory needs n < d)"
+        "--n", type=positive_int, default=20, help="number of samples (the theory needs n < d)"
     )
-    parser.add_argument("--d", type=_positive_int, default=2000, help="number of features / weights")
+    parser.add_argument("--d", type=positive_int, default=2000, help="number of features / weights")
     parser.add_argument(
         "--p-values",
         type=_p_value,
@@ -138,13 +132,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--delta", type=float, default=0.05, help="failure probability δ in Theorem 5.1")
     parser.add_argument(
         "--gd-steps",
-        type=_positive_int,
+        type=positive_int,
         default=4000,
         help="GD steps per trial when locating the critical learning rate",
     )
     parser.add_argument(
         "--noise-draws",
-        type=_positive_int,
+        type=positive_int,
         default=200,
         help="noise draws for the Monte Carlo E‖Δ∞‖² in Proposition 5.3",
     )

@@ -201,3 +201,17 @@ def test_activations_command_errors_are_one_line(model_and_batches, tmp_path, mo
     args = _parser().parse_args(["activations", "--modules", "v_proj", "--features", "99", "--out", str(tmp_path)])
     with pytest.raises(RunError, match="feature 99 is outside"):
         args.func(args)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["activations", "--num-batches", "0"], "--num-batches: must be a positive integer, got 0"),
+    (["activations", "--features", "-1"], "--features: must be an integer ≥ 0, got -1"),
+    (["activations", "--top", "0"], "--top: must be a positive integer, got 0"),
+    (["hessian", "--max-iter", "0"], "--max-iter: must be a positive integer"),
+    (["hessian", "--top-k", "-2"], "--top-k: must be an integer ≥ 0"),
+    (["suggest-lr", "--batch-size", "x"], "--batch-size: must be a positive integer, got 'x'"),
+])
+def test_counts_out_of_range_are_refused_before_the_model_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -138,6 +138,10 @@ def test_bad_options_and_protocol_values_are_one_error_before_any_run(tmp_path: 
     assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out)]) == 2
     assert "--n-train must be >= 1" in capsys.readouterr().err
     assert not (out / "results.sqlite").exists()  # nothing ran, nothing was recorded as failed
+    study["protocol"]["sst2"] = {**PROTOCOL["sst2"], "group_by_length": "false"}  # a string, not a bool
+    (tmp_path / "s.json").write_text(json.dumps(study))
+    assert main(["study", str(tmp_path / "s.json"), "--out-dir", str(out), "--plan"]) == 2  # --plan checks too
+    assert "--group-by-length must be true or false, got 'false'" in capsys.readouterr().err
 
 
 def test_with_run_ids_a_stale_record_does_not_count() -> None:
