@@ -24,7 +24,7 @@ from randmask_lab.experiment.build import (
     run_head_modules,
 )
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.data import epoch_batches, item_length
+from randmask_lab.experiment.data import epoch_batches, grouping_lengths
 from randmask_lab.methods.prepared import TRAINABLE_FILE, is_head_param
 from randmask_lab.methods.trainable import load_trainable, read_tensors
 
@@ -147,7 +147,7 @@ def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
     if _arg(args, "freeze_head", default=False):
         _freeze_head(prepared.model, config)
     objective = make_objective(config, data, tokenizer)
-    lengths = [item_length(x) for x in data.train] if config.group_by_length else None
+    lengths = grouping_lengths(data.train, config.group_by_length)
     steps = epoch_batches(len(data.train), config.seeds[2], 0, size, lengths=lengths)  # the loop's own batching
     batches = [[data.train[i] for i in step] for step in steps[:n_batches]]
     return AnalysisInputs(prepared.model.eval(), batches, TrainingLoss(objective, prepared))

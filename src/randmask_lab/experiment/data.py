@@ -152,6 +152,12 @@ def epoch_batches(n: int, order_seed: int, epoch: int, batch_size: int, world: i
     return step_batches(order, batch_size, world, rank)
 
 
+def grouping_lengths(train: Sequence[LMItem | HeadItem], group_by_length: bool) -> list[int] | None:
+    """The ``lengths`` that ``epoch_batches`` groups ``train`` by: each item's length under
+    ``--group-by-length``, else None (the plain shuffled order)."""
+    return [item_length(x) for x in train] if group_by_length else None
+
+
 def micro_batches(indices: Sequence[int], n: int) -> list[list[int]]:
     """Split one step's indices into ``n`` near-equal micro-batches (empty ones dropped)."""
     size = -(-len(indices) // n)

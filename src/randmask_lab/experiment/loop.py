@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from randmask_lab.experiment.build import TrainingLoss
 from randmask_lab.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.data import epoch_batches, item_length, micro_batches
+from randmask_lab.experiment.data import epoch_batches, grouping_lengths, micro_batches
 from randmask_lab.experiment.distributed import DistContext, any_rank, barrier, gather_shards, shard, wrap_ddp
 from randmask_lab.experiment.precision import PrecisionPlan, ScaleCollapsed, check_scale
 from randmask_lab.experiment.steps import StepLog, build_optimizer, lr_factor, set_lr
@@ -62,7 +62,7 @@ class Trainer:
         self.loss_fn = TrainingLoss(objective, prepared)  # task loss + the method's terms (AdaLoRA's penalty)
         self.started = time.time()
         # Each item's padded width, for --group-by-length (None: the plain shuffled order).
-        self.lengths = [item_length(x) for x in data.train] if config.group_by_length else None
+        self.lengths = grouping_lengths(data.train, config.group_by_length)
         self.steps_per_epoch = len(self._batches(0))
         self.optimizer = build_optimizer(prepared, config, heads)
         self.scaler = plan.make_scaler()

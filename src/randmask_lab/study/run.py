@@ -9,7 +9,7 @@ hold (the runner's leases).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from randmask_lab.experiment.config import RunConfig
@@ -36,17 +36,27 @@ def with_committed(records: list[RunRecord], committed: list[RunRecord]) -> list
     """``records`` plus the finished ``committed`` records whose run id they lack (what ``adopt_records``
     would add), without writing anything: the view ``--plan`` takes on a fresh machine."""
     have = {r.run_id for r in records}
-    return records + [r for r in committed if r.status in FINISHED and r.run_id not in have]
+    return records + list(_unheld_finished(committed, have.__contains__))
+
+
+def _unheld_finished(committed: Iterable[RunRecord], is_held: Callable[[str], bool]) -> Iterator[RunRecord]:
+    """The finished ``committed`` records whose run id ``is_held`` does not know, each id once (the
+    first, should a damaged file repeat one): the one rule by which a committed study file counts,
+    both for ``--plan`` and for a run."""
+    taken: set[str] = set()
+    for r in committed:
+        if r.status in FINISHED and r.run_id not in taken and not is_held(r.run_id):
+            taken.add(r.run_id)
+            yield r
 
 
 def adopt_records(store: ResultStore, records: list[RunRecord]) -> int:
     """Put the finished records of a committed study file into ``store`` where it lacks them, so a
     study resumes on a fresh machine from the JSONL alone; return how many were added."""
     added = 0
-    for record in records:
-        if record.status in FINISHED and store.get(record.run_id) is None:
-            store.put(record)
-            added += 1
+    for record in _unheld_finished(records, lambda run_id: store.get(run_id) is not None):
+        store.put(record)
+        added += 1
     return added
 
 

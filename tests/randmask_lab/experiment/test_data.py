@@ -10,6 +10,7 @@ from randmask_lab.experiment.data import (
     encode_pair,
     encode_prompt,
     epoch_order,
+    grouping_lengths,
     item_length,
     length_grouped_order,
     micro_batches,
@@ -100,3 +101,9 @@ def test_length_grouping_keeps_the_order_of_equal_lengths_and_tiny_sets():
 def test_item_length_is_the_longest_sequence_of_a_step(tok):
     item = encode_prompt(tok, Prompt("t", "Is it?", " No way at all", (" Yes", " No way at all"), 1), 64)
     assert item_length(item) == len(item.context) + len(item.candidates[1])
+
+
+def test_grouping_lengths_only_under_group_by_length(tok):
+    items = [encode_prompt(tok, Prompt("t", "Is it" + "?" * k, " No", (" Yes", " No"), 1), 64) for k in (1, 5)]
+    assert grouping_lengths(items, False) is None  # the plain shuffled order
+    assert grouping_lengths(items, True) == [item_length(x) for x in items]
