@@ -6,6 +6,7 @@ printed by a command a reader can rerun:
   randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
   randmask figure4 experiments/results/analysis_smollm2_sst2 --out experiments/results/analysis_smollm2_sst2
   randmask findings --from ... --theory ... --analysis ...
+  randmask study experiments/smollm2_study.json --export ... --plan   (what is left, into a scratch out-dir)
 Usage: python experiments/update_readme_study.py   (from the repository root; takes ~10 s)
 """
 
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 from randmask_lab.study.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+SPEC = "experiments/smollm2_study.json"
 STUDY = "experiments/results/smollm2_study.jsonl"
 FIGURES = "experiments/results/smollm2_study"
 ANALYSIS = "experiments/results/analysis_smollm2_sst2"
@@ -46,10 +49,22 @@ def status() -> str:
             f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).{cpu}")
 
 
+def progress() -> str:
+    """Whether the study is complete, by the plan a fresh machine would make from the committed file."""
+    with tempfile.TemporaryDirectory() as scratch:  # an empty out-dir: only the committed records count
+        left = run("study", SPEC, "--out-dir", scratch, "--export", STUDY, "--plan").splitlines()[-1]
+    command = f"`randmask study {SPEC} --export {STUDY} --plan`"
+    if left.startswith("0 runs planned next"):
+        return f"The study is complete: {command} plans no more runs."
+    return (f"The study is still running (it continues in the next session from the committed file); {command} "
+            f"printed \"{left}\". Cells with `(n=1)` wait for seeds 1 and 2 and are not results yet, and a "
+            "finding on fewer than four tasks is provisional.")
+
+
 def section() -> str:
     report = [line for line in run("report", "--from", STUDY, "--figures", FIGURES).splitlines()
               if not line.startswith("wrote ")]
-    parts = [status(), "",
+    parts = [status(), "", progress(), "",
              f"`randmask report --from {STUDY} --figures {FIGURES}` printed:", "", *report, "",
              f"![Fig. 3 analogue]({FIGURES}/smollm2-135m_lr_curves.png)", ""]
     if (ROOT / FIGURES / "smollm2-135m_structured.png").is_file():
