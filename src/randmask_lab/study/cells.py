@@ -49,6 +49,15 @@ class StudyCell:
         return "low" if self.lr == self.lrs[0] else "high" if self.lr == self.lrs[-1] else None
 
 
+    @property
+    def choice_margin(self) -> float | None:
+        """How decisively the LR was chosen: the runner-up LR's mean search validation loss minus the
+        chosen one's (None with fewer than two finite LRs). A margin of a few thousandths of a nat on a
+        small validation set is within its noise."""
+        finite = sorted(v for v in self.search_val_loss.values() if math.isfinite(v))
+        return finite[1] - finite[0] if self.lr is not None and len(finite) >= 2 else None
+
+
 def search_loss(r: RunRecord) -> float:
     """A run's validation loss for choosing the LR; inf when it diverged, failed or has none."""
     return r.val_loss if r.status == "done" and r.val_loss is not None and math.isfinite(r.val_loss) else math.inf

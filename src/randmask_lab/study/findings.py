@@ -97,8 +97,11 @@ def finding_b(cells: Sequence[StudyCell]) -> Verdict:
                 else:
                     falls += 1
         rises += chain[-1].lr > chain[0].lr
-        marks = ", ".join(f"{r:.0e}: {c.lr:.0e}{' (edge)' if c.at_grid_edge else ''}" for r, c in zip(RATIOS, chain))
+        marks = ", ".join(f"{r:.0e}: {c.lr:.0e}{' (edge)' if c.at_grid_edge else ''}{_margin(c)}"
+                          for r, c in zip(RATIOS, chain))
         evidence.append(f"{task}: best LR by ratio {marks}")
+    if tasks:
+        evidence.append("(margin: the runner-up LR's mean validation loss minus the chosen one's, search seed)")
     if falls:
         verdict = FAILS
     elif tasks and rises == len(tasks) and not edge_falls:
@@ -106,6 +109,10 @@ def finding_b(cells: Sequence[StudyCell]) -> Verdict:
     else:
         verdict = UNSURE
     return Verdict("b", "the best LR rises monotonically as the ratio falls", verdict, evidence)
+
+
+def _margin(cell: StudyCell) -> str:
+    return "" if cell.choice_margin is None else f" (margin {cell.choice_margin:.3f})"
 
 
 def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:

@@ -72,6 +72,14 @@ def test_diverged_lrs_are_never_chosen() -> None:
     runs = [record("sst2", "lora", 1e-3, 0, 0.8, 0.4), record("sst2", "lora", 1e-2, 0, 0.0, 0.0, status="diverged")]
     (cell,) = study_cells(runs).values()
     assert cell.lr == 1e-3
+    assert cell.choice_margin is None  # the only other LR diverged: nothing to be decisive against
+
+
+def test_choice_margin_is_the_runner_up_gap_and_finding_b_shows_it() -> None:
+    cells = study_cells(study())
+    cell = next(c for k, c in cells.items() if k[2] == "sst2" and k[3] == "randmask 1e-04")
+    assert cell.choice_margin == pytest.approx(math.log10(3))  # val 0.5 + |log10(lr / best)|: 1e-2 is next
+    assert "1e-04: 3e-02 (margin 0.477)" in finding_b(list(cells.values())).evidence[1]
 
 
 def test_jsonl_round_trip_and_damage(tmp_path: Path) -> None:
