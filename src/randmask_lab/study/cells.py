@@ -48,7 +48,6 @@ class StudyCell:
             return None
         return "low" if self.lr == self.lrs[0] else "high" if self.lr == self.lrs[-1] else None
 
-
     @property
     def choice_margin(self) -> float | None:
         """How decisively the LR was chosen: the runner-up LR's mean search validation loss minus the

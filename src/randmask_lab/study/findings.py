@@ -112,7 +112,8 @@ def finding_b(cells: Sequence[StudyCell]) -> Verdict:
 
 
 def _margin(cell: StudyCell) -> str:
-    return "" if cell.choice_margin is None else f" (margin {cell.choice_margin:.3f})"
+    margin = cell.choice_margin  # a property that sorts the grid: read it once
+    return "" if margin is None else f" (margin {margin:.3f})"
 
 
 def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
