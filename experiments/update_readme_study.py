@@ -37,16 +37,22 @@ def run(*args: str) -> str:
 
 
 def status() -> str:
-    """Records, runs per task, and the compute the finished runs took (sum of their wall times)."""
+    """Records, runs per task, and the compute the finished runs took (all attempts up to their checkpoints)."""
     records = read_jsonl(ROOT / STUDY)
     per_task = Counter(r.config["task"] for r in records)
-    hours = sum(r.wall_seconds for r in records) / 3600
+    hours = sum(r.compute_seconds for r in records) / 3600
     tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
-    timed = [r.cpu_seconds for r in records if r.cpu_seconds is not None]
-    cpu = (f" The {len(timed)} records made since runs record their CPU time took {sum(timed) / 3600:.1f} "
-           "CPU-hours (wall time also counts pauses of the workers).") if timed else ""
+    resumed = [r for r in records if r.resumed_at is not None]
+    carried = (f" That counts, for the {len(resumed)} runs resumed from a checkpoint, the time their earlier attempts "
+               "spent up to it; work lost after a checkpoint is not counted.") if resumed else ""
+    timed = [r for r in records if r.cpu_seconds is not None]
+    unknown = sum(1 for r in timed if r.resumed_at is not None and r.carried_cpu_seconds is None)
+    cpu = (f" The {len(timed)} records made since runs record their CPU time took "
+           f"{sum(r.compute_cpu_seconds or 0.0 for r in timed) / 3600:.1f} CPU-hours (wall time also counts pauses "
+           "of the workers" + (f"; {unknown} of them, resumed before earlier attempts' CPU time was kept, count "
+                                "their finishing attempt only" if unknown else "") + ").") if timed else ""
     return (f"`{STUDY}` holds {len(records)} records (runs per task: {tasks}); their wall times sum to "
-            f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).{cpu}")
+            f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).{carried}{cpu}")
 
 
 def progress() -> str:

@@ -38,6 +38,7 @@ class TrainState:
     loss_sum: float = 0.0  # this epoch's training loss so far
     loss_count: int = 0
     train_seconds: float = 0.0  # across resumes
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads) across resumes
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

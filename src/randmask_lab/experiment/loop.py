@@ -60,7 +60,7 @@ class Trainer:
         self.plan, self.ctx, self.lease, self.stop_after = plan, ctx, lease, stop_after
         self.model = prepared.model
         self.loss_fn = TrainingLoss(objective, prepared)  # task loss + the method's terms (AdaLoRA's penalty)
-        self.started = time.time()
+        self.started, self.cpu_started = time.time(), time.process_time()
         # Each item's padded width, for --group-by-length (None: the plain shuffled order).
         self.lengths = grouping_lengths(data.train, config.group_by_length)
         self.steps_per_epoch = len(self._batches(0))
@@ -74,6 +74,9 @@ class Trainer:
         if loaded is not None:
             self.state, self.best = loaded
             self.resumed_from = self.state.global_step
+        # Time earlier attempts spent up to the checkpoint this one resumed from (0 on a fresh start): with this
+        # attempt's own time it is the run's compute (work after that checkpoint died with its attempt).
+        self.carried_seconds, self.carried_cpu_seconds = self.state.train_seconds, self.state.cpu_seconds
         self.ddp = wrap_ddp(self.model, ctx)
         self.log = StepLog(run_dir / "steps.csv" if ctx.is_main else None, self.state.global_step)
         self.steps_here = 0
@@ -195,11 +198,12 @@ class Trainer:
         if self.config.checkpoint_every < 0:
             return
         if self.ctx.is_main:
-            seconds = self.state.train_seconds
+            seconds, cpu = self.state.train_seconds, self.state.cpu_seconds
             self.state.train_seconds = seconds + time.time() - self.started
+            self.state.cpu_seconds = cpu + time.process_time() - self.cpu_started
             save_checkpoint(self.ckpt, self.state, self.prepared, self.optimizer, self.best, self.config.run_id,
                             self.scaler)
-            self.state.train_seconds = seconds
+            self.state.train_seconds, self.state.cpu_seconds = seconds, cpu
         barrier(self.ctx)
 
     def load_best(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 from dataclasses import dataclass, field
 from functools import cache
@@ -18,6 +19,8 @@ Status = Literal["done", "diverged", "scale_collapsed", "failed"]
 # A sweep skips these (rerunning gives the same result); "failed" runs are retried.
 # scale_collapsed: a 16-mixed run whose fp16 loss scale collapsed (not a divergence of the model).
 FINISHED: tuple[str, ...] = ("done", "diverged", "scale_collapsed")
+RESUMED_NOTE = "resumed from the checkpoint at step {step}"
+_RESUMED = re.compile(RESUMED_NOTE.format(step=r"(\d+)"))
 
 
 @dataclass
@@ -40,6 +43,10 @@ class RunRecord:
     train_seconds: float = 0.0
     cpu_seconds: float | None = None  # this process's CPU time for the run (all threads): unlike wall time, not
     # inflated by a pause (kill -STOP) or a machine shared with other work; None in records made before it
+    # wall_seconds and cpu_seconds are the finishing attempt's. A run resumed from a checkpoint also carries the
+    # time its earlier attempts spent up to that checkpoint (their work after it is lost); None before this field.
+    carried_seconds: float | None = None
+    carried_cpu_seconds: float | None = None
     code_version: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     error: str | None = None
@@ -47,6 +54,35 @@ class RunRecord:
     data: dict[str, Any] = field(default_factory=dict)  # where each split came from + the data fingerprint
     attention: str = ""  # the SDPA backend choice the precision made (see experiment/precision.py)
     run_dir: str = ""
+
+    @property
+    def resumed_at(self) -> int | None:
+        """The global step of the checkpoint this run resumed from (None: it ran in one attempt)."""
+        found = next((m for m in map(_RESUMED.fullmatch, self.notes) if m), None)
+        return int(found.group(1)) if found else None
+
+    @property
+    def compute_seconds(self) -> float:
+        """Wall time of the whole run: the finishing attempt's plus what earlier ones carried in.
+
+        A record made before ``carried_seconds`` existed takes the carried time from its own history: the
+        cumulative training time at the last epoch end at or before the step it resumed from (a lower bound
+        should that checkpoint lie mid-epoch)."""
+        if self.carried_seconds is not None:
+            return self.wall_seconds + self.carried_seconds
+        step = self.resumed_at
+        if step is None:
+            return self.wall_seconds
+        reached = [h.get("seconds", 0.0) for h in self.epochs if h.get("steps") is not None and h["steps"] <= step]
+        return self.wall_seconds + (max(reached) if reached else 0.0)
+
+    @property
+    def compute_cpu_seconds(self) -> float | None:
+        """CPU time of the whole run, like ``compute_seconds`` (None in records made before CPU time was kept;
+        a resumed record made before ``carried_cpu_seconds`` counts its finishing attempt only)."""
+        if self.cpu_seconds is None:
+            return None
+        return self.cpu_seconds + (self.carried_cpu_seconds or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

@@ -32,7 +32,7 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.distributed import DistContext, barrier, broadcast_object, init_distributed
 from randmask_lab.experiment.loop import LeaseLost, RunInterrupted, Trainer, evaluate
 from randmask_lab.experiment.precision import PrecisionPlan
-from randmask_lab.experiment.record import RunRecord, code_version
+from randmask_lab.experiment.record import RESUMED_NOTE, RunRecord, code_version
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.methods.trainable import write_json
 
@@ -134,8 +134,9 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
             prepared.save(run_dir / "trainable")  # any method, reloadable by the lab
             prepared.save_adapter(run_dir / "adapter")  # the method's own format, where it has one
     info["train_seconds"] = trainer.state.train_seconds + time.time() - trainer.started
+    info["carried"] = (trainer.carried_seconds, trainer.carried_cpu_seconds)
     if trainer.resumed_from is not None:
-        info["notes"] = [f"resumed from the checkpoint at step {trainer.resumed_from}"]
+        info["notes"] = [RESUMED_NOTE.format(step=trainer.resumed_from)]
     return _finish(config, ctx, store, lease, prepared, data, trainer.state, outcome.status, test_metric, started,
                    info)
 
@@ -161,6 +162,8 @@ def _finish(config: RunConfig, ctx: DistContext, store: ResultStore | None, leas
         wall_seconds=round(time.time() - started, 2),
         train_seconds=round(info.get("train_seconds", time.time() - started), 2),
         cpu_seconds=round(time.process_time() - info["cpu_started"], 2),
+        carried_seconds=round(info.get("carried", (0.0, 0.0))[0], 2),
+        carried_cpu_seconds=round(info.get("carried", (0.0, 0.0))[1], 2),
         code_version=code_version(ctx.device), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*data.splits.notes, *report.notes, *info.get("notes", [])], run_dir=str(run_dir), data=info["data"],
         attention=info["attention"],

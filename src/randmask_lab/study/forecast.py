@@ -42,8 +42,8 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
     """The forecast for ``planned`` (``needed_runs``' answer for ``records``)."""
     walls: dict[tuple[str, str], list[float]] = {}
     for r in records:  # this study's runs only: another model or precision in the store costs otherwise
-        if r.status == "done" and r.wall_seconds and spec.holds(r):
-            walls.setdefault((r.config["task"], r.config["method"]), []).append(float(r.wall_seconds))
+        if r.status == "done" and r.wall_seconds and spec.holds(r):  # a resumed run's cost is all its attempts'
+            walls.setdefault((r.config["task"], r.config["method"]), []).append(r.compute_seconds)
     # A cell whose planned runs are all search-seed runs and is not zero-shot is still searching.
     by_cell: dict[tuple[str, str, float | None], set[int]] = {}
     for run in planned:

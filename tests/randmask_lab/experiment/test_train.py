@@ -63,6 +63,14 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_bert, run_kwargs, t
     assert state["state"]["global_step"] == 4
     resumed = run_training(killed)
     assert resumed.status == straight.status == "done"
+    # The killed attempt's time up to its checkpoint is carried into the record's compute.
+    assert resumed.resumed_at == 4 and straight.resumed_at is None
+    carried = state["state"]["train_seconds"], state["state"]["cpu_seconds"]
+    assert min(carried) > 0
+    assert (resumed.carried_seconds, resumed.carried_cpu_seconds) == pytest.approx(carried, abs=0.01)
+    assert resumed.compute_seconds == pytest.approx(resumed.wall_seconds + resumed.carried_seconds)
+    assert straight.carried_seconds == straight.carried_cpu_seconds == 0.0
+    assert straight.compute_cpu_seconds == straight.cpu_seconds
     assert [e["val_loss"] for e in resumed.epochs] == [e["val_loss"] for e in straight.epochs]
     assert resumed.test_metric == straight.test_metric
     a, b = _trainable(straight), _trainable(resumed)
