@@ -29,9 +29,10 @@ class StudyCell:
     lrs: list[float] = field(default_factory=list)
     lr: float | None = None  # None: every LR diverged (or zero-shot, which has no LR)
     tests: dict[int, float] = field(default_factory=dict)  # seed -> test metric at the chosen LR
-    search_val_loss: dict[float, float] = field(default_factory=dict)  # LR -> mean val loss (search seeds)
-    val_by_lr: dict[float, list[float]] = field(default_factory=dict)  # LR -> val losses (all seeds)
-    test_by_lr: dict[float, list[float]] = field(default_factory=dict)  # LR -> test metrics (all seeds)
+    # LR -> mean over the search seeds (those every LR has): what the choice compares, and the Fig. 3 curves. Not
+    # over all seeds: seeds 1 and 2 ran at the chosen LR only, and mixing them in compares unlike populations.
+    search_val_loss: dict[float, float] = field(default_factory=dict)
+    search_test: dict[float, float] = field(default_factory=dict)  # LRs whose search runs all have a test metric
 
     @property
     def method(self) -> str:
@@ -69,13 +70,14 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
     for r in runs:
         by_lr[float(r.config.get("lr") or 0.0)].append(r)
     cell.lrs = sorted(by_lr)
-    for lr, rs in by_lr.items():
-        cell.val_by_lr[lr] = [search_loss(r) for r in rs]
-        cell.test_by_lr[lr] = [r.test_metric for r in rs if r.test_metric is not None and r.status == "done"]
     common = set.intersection(*({r.config["seed"] for r in rs} for rs in by_lr.values()))
     for lr, rs in by_lr.items():
-        search = [search_loss(r) for r in rs if r.config["seed"] in common]
+        searched = [r for r in rs if r.config["seed"] in common]
+        search = [search_loss(r) for r in searched]
         cell.search_val_loss[lr] = statistics.fmean(search) if search and all(map(math.isfinite, search)) else math.inf
+        tests = [r.test_metric for r in searched if r.status == "done" and r.test_metric is not None]
+        if tests and len(tests) == len(searched):
+            cell.search_test[lr] = statistics.fmean(tests)
     best = min(cell.lrs, key=lambda lr: (cell.search_val_loss[lr], lr))
     if math.isfinite(cell.search_val_loss[best]):
         cell.lr = best if cell.method != "zeroshot" else None

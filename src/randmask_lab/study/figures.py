@@ -4,7 +4,6 @@ per task) and structured vs random. Fig. 4 comes from `randmask figure4` on the 
 from __future__ import annotations
 
 import math
-import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,20 +24,28 @@ def _save(fig: Figure, path: Path, title: str) -> Path:
 
 
 def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path:
-    """Per task: test metric and validation loss (mean over the seeds at each LR) vs LR, per ratio."""
+    """Per task, one curve per ratio: test metric and validation loss vs LR on the LR-search seeds (the runs
+    the choice compared, so ★ marks the lowest validation loss), and at the chosen LR the mean and 95% t
+    interval of the test metric over all its seeds."""
     masked = [c for c in cells if c.method == "randmask" and c.ratio is not None]
     tasks = sorted({c.key[2] for c in masked})
     fig = Figure(figsize=(4.2 * max(len(tasks), 1), 6.4))
     for j, task in enumerate(tasks):
         top, bottom = fig.add_subplot(2, len(tasks), j + 1), fig.add_subplot(2, len(tasks), len(tasks) + j + 1)
-        for cell in sorted((c for c in masked if c.key[2] == task), key=lambda c: -c.ratio):
-            lrs = [lr for lr in cell.lrs if cell.test_by_lr[lr]]
-            top.plot(lrs, [100 * statistics.fmean(cell.test_by_lr[lr]) for lr in lrs], "o-",
+        for i, cell in enumerate(sorted((c for c in masked if c.key[2] == task), key=lambda c: -c.ratio)):
+            color = f"C{i}"
+            lrs = sorted(cell.search_test)
+            top.plot(lrs, [100 * cell.search_test[lr] for lr in lrs], "o-", color=color,
                      label=f"{100 * cell.ratio:g}%")
-            finite = [lr for lr in cell.lrs if all(math.isfinite(v) for v in cell.val_by_lr[lr])]
-            bottom.plot(finite, [statistics.fmean(cell.val_by_lr[lr]) for lr in finite], "o-")
-            if cell.lr is not None:
-                bottom.plot([cell.lr], [statistics.fmean(cell.val_by_lr[cell.lr])], "k*", ms=10)
+            finite = [lr for lr in cell.lrs if math.isfinite(cell.search_val_loss[lr])]
+            bottom.plot(finite, [cell.search_val_loss[lr] for lr in finite], "o-", color=color)
+            if cell.lr is None:
+                continue
+            bottom.plot([cell.lr], [cell.search_val_loss[cell.lr]], "k*", ms=10)
+            est = mean_interval(list(cell.tests.values()))
+            err = None if est.low is None else [[100 * (est.mean - est.low)], [100 * (est.high - est.mean)]]
+            top.errorbar([cell.lr * 1.08], [100 * est.mean], yerr=err, fmt="s", mfc="white", color=color,
+                         capsize=3, ms=5)  # nudged right of the search point it would hide
         for ax, ylabel in ((top, "test metric ×100"), (bottom, "validation loss")):
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
@@ -46,7 +53,9 @@ def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> 
             ax.grid(alpha=0.3)
         top.set_title(task)
         top.legend(title="trainable", fontsize=8)
-    return _save(fig, Path(path), f"{model}: randmask test metric and validation loss vs LR (★ = chosen LR)")
+    return _save(fig, Path(path), f"{model}: randmask vs LR on the LR-search seed (● ; ★ = chosen LR, lowest "
+                                  "validation loss) and, at the chosen LR, test mean and 95% t interval over all "
+                                  "seeds (□)")
 
 
 def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path | None:
