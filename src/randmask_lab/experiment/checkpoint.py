@@ -37,8 +37,10 @@ class TrainState:
     best_score: float | None = None  # lower is better (val loss, or minus the val metric)
     loss_sum: float = 0.0  # this epoch's training loss so far
     loss_count: int = 0
-    train_seconds: float = 0.0  # across resumes
-    cpu_seconds: float = 0.0  # this process's CPU time (all threads) across resumes
+    # Time (wall; CPU, all threads) of earlier attempts up to the checkpoint this attempt resumed from, 0 on a
+    # fresh start: a checkpoint saves the running total and restores these, so they stay the carried-in time.
+    train_seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -74,9 +74,6 @@ class Trainer:
         if loaded is not None:
             self.state, self.best = loaded
             self.resumed_from = self.state.global_step
-        # Time earlier attempts spent up to the checkpoint this one resumed from (0 on a fresh start): with this
-        # attempt's own time it is the run's compute (work after that checkpoint died with its attempt).
-        self.carried_seconds, self.carried_cpu_seconds = self.state.train_seconds, self.state.cpu_seconds
         self.ddp = wrap_ddp(self.model, ctx)
         self.log = StepLog(run_dir / "steps.csv" if ctx.is_main else None, self.state.global_step)
         self.steps_here = 0

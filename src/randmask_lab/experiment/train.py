@@ -134,7 +134,6 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
             prepared.save(run_dir / "trainable")  # any method, reloadable by the lab
             prepared.save_adapter(run_dir / "adapter")  # the method's own format, where it has one
     info["train_seconds"] = trainer.state.train_seconds + time.time() - trainer.started
-    info["carried"] = (trainer.carried_seconds, trainer.carried_cpu_seconds)
     if trainer.resumed_from is not None:
         info["notes"] = [RESUMED_NOTE.format(step=trainer.resumed_from)]
     return _finish(config, ctx, store, lease, prepared, data, trainer.state, outcome.status, test_metric, started,
@@ -162,8 +161,8 @@ def _finish(config: RunConfig, ctx: DistContext, store: ResultStore | None, leas
         wall_seconds=round(time.time() - started, 2),
         train_seconds=round(info.get("train_seconds", time.time() - started), 2),
         cpu_seconds=round(time.process_time() - info["cpu_started"], 2),
-        carried_seconds=round(info.get("carried", (0.0, 0.0))[0], 2),
-        carried_cpu_seconds=round(info.get("carried", (0.0, 0.0))[1], 2),
+        # What earlier attempts carried in through the checkpoint (TrainState keeps it; 0 on a fresh start).
+        carried_seconds=round(state.train_seconds, 2), carried_cpu_seconds=round(state.cpu_seconds, 2),
         code_version=code_version(ctx.device), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*data.splits.notes, *report.notes, *info.get("notes", [])], run_dir=str(run_dir), data=info["data"],
         attention=info["attention"],
