@@ -11,6 +11,9 @@ from randmask_lab.errors import StoreError
 from randmask_lab.experiment.record import RunRecord
 
 REQUIRED = ("run_id", "config", "status", "metric")
+# Fields the tables, the forecast and the compute line do arithmetic on: a number or null where present.
+NUMERIC = ("val_loss", "val_metric", "test_metric", "wall_seconds", "train_seconds", "cpu_seconds", "carried_seconds",
+           "carried_cpu_seconds")
 
 
 def export_jsonl(records: Iterable[RunRecord], path: str | Path) -> int:
@@ -44,7 +47,15 @@ def read_jsonl(path: str | Path) -> list[RunRecord]:
         if missing or not isinstance(row.get("config"), dict):
             raise StoreError(f"{file}:{n} is not a run record (missing {missing or ['config']}); "
                              "export it again with `randmask export`.")
+        wrong = [k for k in NUMERIC if not _number_or_null(row.get(k))]
+        if wrong:
+            raise StoreError(f"{file}:{n} has a non-numeric {', '.join(wrong)}; the file is damaged or was not written "
+                             "by randmask. Export it again with `randmask export`.")
         records.append(RunRecord.from_dict(row))
     if not records:
         raise StoreError(f"{file} holds no records.")
     return records
+
+
+def _number_or_null(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))

@@ -103,6 +103,10 @@ def test_jsonl_round_trip_and_damage(tmp_path: Path) -> None:
     path.write_text(json.dumps({"run_id": "x"}) + "\n")
     with pytest.raises(StoreError, match="not a run record"):
         read_jsonl(path)
+    crafted = {**study()[0].to_dict(), "carried_seconds": "abc", "test_metric": True}
+    path.write_text(json.dumps(crafted) + "\n")
+    with pytest.raises(StoreError, match=r"study.jsonl:1 has a non-numeric test_metric, carried_seconds"):
+        read_jsonl(path)
 
 
 def test_findings_follow_the_data() -> None:
