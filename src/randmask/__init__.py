@@ -17,6 +17,8 @@ from randmask.config import MaskingConfig, MaskingError
 from randmask.io import atomic_write_bytes, load_adapter, read_adapter_files, save_adapter
 from randmask.layer import MaskAdapter, MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
+from randmask.merge import COMBINATION_TYPES, add_weighted_adapter
+from randmask.mixed import BASE_ADAPTER
 from randmask.model import (
     MaskingSummary,
     adapter_names,
@@ -26,6 +28,7 @@ from randmask.model import (
     masked_layers,
     masking_summary,
     merge_and_unload,
+    mixed_batch,
     print_trainable_parameters,
     set_adapter,
     unload,
@@ -34,6 +37,8 @@ from randmask.targets import TARGET_SETS, Target, architecture_targets, default_
 from randmask.version import __version__
 
 __all__ = [
+    "BASE_ADAPTER",
+    "COMBINATION_TYPES",
     "TARGET_SETS",
     "MaskAdapter",
     "MaskedLayer",
@@ -44,6 +49,7 @@ __all__ = [
     "Target",
     "__version__",
     "adapter_names",
+    "add_weighted_adapter",
     "apply_masking",
     "architecture_targets",
     "atomic_write_bytes",
@@ -55,6 +61,7 @@ __all__ = [
     "masked_layers",
     "masking_summary",
     "merge_and_unload",
+    "mixed_batch",
     "print_trainable_parameters",
     "read_adapter_files",
     "register_mask_kind",

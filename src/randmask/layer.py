@@ -4,7 +4,10 @@ Invariant, checked at every forward in O(nnz): at the active adapter's kept entr
 the wrapped weight equals ``W0 (+) values``, where (+) is addition in the weight's
 dtype. So an optimizer step (or ``load_state_dict``, or any in-place edit of
 ``values``) is reflected in the weight by the next forward with no call from the
-user, and the forward itself is the unmodified dense layer.
+user, and the forward itself is the unmodified dense layer (the in-place path).
+
+During a mixed batch (``row_groups`` set, see ``randmask.mixed``) the weight holds W0
+everywhere instead and each sample group's delta is added on the delta path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import SparsePattern, masked_linear
 
 
@@ -104,6 +108,7 @@ class MaskedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.row_groups: RowGroups | None = None  # set during a mixed batch: the delta path, W = W0
 
     @property
     def weight(self) -> torch.Tensor:
@@ -128,22 +133,39 @@ class MaskedLayer(nn.Module):
         return adapter
 
     def set_active(self, name: str | None) -> None:
-        """Switch the active adapter (``None``: none), restoring W0 at the old entries first."""
+        """Switch the active adapter (``None``: none): W0 back at the old entries, then the new ones written.
+
+        O(nnz of the two adapters): no dense copy, no reload (the hot-swap).
+        """
+        if name == self.active_adapter:
+            self.sync()
+            return
         self.restore_base()
         self.active_adapter = name
-        self.sync()
+        if name is None or self.disabled or self.row_groups is not None:
+            return
+        adapter = self.adapters[name]
+        self._write(adapter, adapter.target_entries(self.weight.dtype))  # known stale: no comparison
 
     def restore_base(self) -> None:
         """Write W0 back at the active adapter's entries (the weight becomes pristine)."""
         if self.active_adapter is None:
             return
         adapter = self.adapters[self.active_adapter]
-        with torch.no_grad():
-            self.weight.view(-1)[adapter.indices] = adapter.base_values.to(self.weight.dtype)
+        self._write(adapter, adapter.base_values.to(self.weight.dtype))
+
+    def _write(self, adapter: MaskAdapter, entries: torch.Tensor) -> None:
+        # scatter_ on a detached flat view: the weight's own storage, outside autograd (the weight is
+        # frozen), and its version counter still bumps. scatter_ runs 2-4x faster than index_put_
+        # (``w[idx] = v``) at a few thousand entries on CPU.
+        self.weight.detach().view(-1).scatter_(0, adapter.indices, entries)
 
     def sync(self) -> None:
-        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz))."""
-        if self.active_adapter is None or self.disabled:
+        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)).
+
+        A no-op during a mixed batch, whose weights must stay W0.
+        """
+        if self.active_adapter is None or self.disabled or self.row_groups is not None:
             return
         adapter = self.adapters[self.active_adapter]
         weight = self.weight
@@ -153,9 +175,11 @@ class MaskedLayer(nn.Module):
             # Only write when stale: a write bumps the weight's version counter, which would
             # invalidate graphs that saved it (e.g. a second forward before backward).
             if not torch.equal(flat[adapter.indices], target):
-                flat[adapter.indices] = target
+                self._write(adapter, target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_groups is not None:  # mixed batch: randmask.mixed_batch restored W0 on entry
+            return mixed_forward(self.base_layer, x, self.adapters, self.row_groups)
         if self.active_adapter is None or self.disabled:
             return self.base_layer(x)
         self.sync()

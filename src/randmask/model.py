@@ -1,10 +1,10 @@
-"""Apply Random Masking to a model; merge, unload, disable and switch adapters."""
+"""Apply Random Masking to a model; merge, unload, disable and switch adapters; mixed batches."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +16,16 @@ from randmask.masks import (
     BUILTIN_KINDS,
     get_sampler,
     make_generator,
+    partition_part,
     per_matrix_density,
     structured_column_counts,
 )
+from randmask.mixed import check_adapter_names, group_rows, row_groups_set
 from randmask.targets import Target, resolve_targets
 
 logger = logging.getLogger("randmask")
 _META_ATTR = "randmask_adapters"  # {adapter name: {"config": MaskingConfig, "total_params": int}}
+_LAYERS_ATTR = "randmask_layers"  # the masked layers, cached for set_adapter; dropped whenever one is added/removed
 
 
 @dataclass
@@ -130,7 +133,7 @@ def draw_mask(target: Target, densities: list[float], config: MaskingConfig,
         if custom is not None:
             local = _custom_block_indices(custom, target.name, (out_f, in_f), start, stop)
         else:
-            local = get_sampler(config.mask_kind)((stop - start, in_f), p, make_generator(config.seed, key))
+            local = _draw_block(config, (stop - start, in_f), p, key)
         if local.numel() == 0 and p != 0.0:  # p == 0: a structured block allotted no column
             raise MaskingError(
                 f"the mask of {key} ({stop - start}x{in_f}, keep probability {p:.3g}, expected "
@@ -142,6 +145,19 @@ def draw_mask(target: Target, densities: list[float], config: MaskingConfig,
         pieces.append(cols * out_f + rows if transposed else rows * in_f + cols)
         blocks.append(Block(block_name, start, stop, int(local.numel())))
     return torch.sort(torch.cat(pieces)).values, blocks
+
+
+def _draw_block(config: MaskingConfig, shape: tuple[int, int], p: float, key: str) -> torch.Tensor:
+    """One block's sorted local indices from the config's sampler (and its part, with ``partition``)."""
+    sampler = get_sampler(config.mask_kind)
+    if config.partition is None:
+        return sampler(shape, p, make_generator(config.seed, key))
+    part, parts = config.partition
+    if p * parts > 1.0:
+        raise MaskingError(f"partition={config.partition}: {parts} disjoint parts at keep probability {p:.3g} need "
+                           f"{p * parts:.3g} of {key}, more than all of it. Lower the budget or the number of parts.")
+    drawn = sampler(shape, p * parts, make_generator(config.seed, key))
+    return partition_part(drawn, part, parts, make_generator(config.seed, f"{key}:partition"))
 
 
 def _custom_block_indices(mask: torch.Tensor, name: str, shape: tuple[int, int], start: int,
@@ -191,6 +207,11 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
                 adapter.values.copy_(values[target.name].to(adapter.values.dtype))
             layer.sync()
         adapter.values.requires_grad_(trainable)
+    record_adapter(model, adapter_name, config, total_params)
+
+
+def record_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, total_params: int) -> None:
+    """Register adapter ``adapter_name`` (its config and budget denominator) for summaries, saving and switching."""
     model.__dict__.setdefault(_META_ATTR, {})[adapter_name] = {"config": config, "total_params": total_params}
 
 
@@ -243,6 +264,7 @@ def _wrap(model: nn.Module, target: Target) -> MaskedLayer:
     existing = model.get_submodule(target.name)
     if isinstance(existing, MaskedLayer):
         return existing
+    model.__dict__.pop(_LAYERS_ATTR, None)
     layer = MaskedLayer(existing)
     parent_name, _, child = target.name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
@@ -285,9 +307,17 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make ``adapter_name`` the active adapter of every masked layer (others restored to W0)."""
+    """Make ``adapter_name`` the active adapter of every masked layer (others restored to W0).
+
+    The hot-swap: per layer W0 is written back at the old adapter's entries and W0 + values at the
+    new one's, O(nnz) in all: no reload, no dense copy. The layers are found once and cached (the
+    cache is dropped whenever randmask wraps or unwraps a layer).
+    """
     adapter_meta(model, adapter_name)
-    for layer in masked_layers(model).values():
+    layers = model.__dict__.get(_LAYERS_ATTR)
+    if layers is None:  # model traversal costs about as much as the writes of 60 matrices at 1e-3
+        layers = model.__dict__[_LAYERS_ATTR] = tuple(masked_layers(model).values())
+    for layer in layers:
         layer.set_active(adapter_name if adapter_name in layer.adapters else None)
 
 
@@ -306,6 +336,37 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
             layer.sync()
 
 
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], rows_per_name: int = 1) -> Iterator[nn.Module]:
+    """Context manager: each sample of the batch runs through its own adapter (``"__base__"``: none).
+
+    ``adapter_names`` holds one name per sample, as PEFT's ``adapter_names=`` does; with
+    ``generate(num_beams=k)`` (or ``num_return_sequences=k``) pass one per prompt and
+    ``rows_per_name=k``. Inside, every masked layer keeps W0 in its weight and adds each sample
+    group's sparse delta (``randmask.mixed``); on exit the active adapter is written back (O(nnz)).
+    The outputs equal running each sample alone with its adapter set. Inference only (the model
+    must be in eval mode, as PEFT requires), not inside ``disable_adapter``, and not nested.
+    """
+    groups = group_rows(adapter_names, rows_per_name)
+    check_adapter_names(groups, model.__dict__.get(_META_ATTR, {}))  # (the parameter shadows adapter_names())
+    if model.training:
+        raise MaskingError("mixed batches are for inference: call model.eval() first (PEFT refuses adapter_names "
+                           "in training mode too).")
+    layers = list(masked_layers(model).values())
+    if any(layer.disabled for layer in layers):
+        raise MaskingError("mixed_batch inside disable_adapter(): name '__base__' for the samples that should run "
+                           "without an adapter instead.")
+    with row_groups_set(layers, groups):
+        for layer in layers:
+            layer.restore_base()  # W0 at the active adapter's entries: the delta path's base
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.row_groups = None
+                layer.sync()
+
+
 def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
     for name, layer in masked_layers(model).items():
         if keep_delta:
@@ -315,6 +376,7 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     model.__dict__.pop(_META_ATTR, None)
+    model.__dict__.pop(_LAYERS_ATTR, None)
     return model
 
 

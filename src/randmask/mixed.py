@@ -1,0 +1,136 @@
+"""Mixed batches: every sample of a batch through its own adapter, on the delta path.
+
+During a mixed batch no adapter lives in a weight: each masked layer computes the frozen layer
+on the whole batch, then adds, for every adapter named in the batch, that adapter's sparse delta
+on the rows (samples) that asked for it::
+
+    y = base(x)                                        # (B, ..., out), W = W0 everywhere
+    y[rows_a] += sparse_delta(x[rows_a], values_a, D_a)  # one SpMM per adapter group
+
+Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
+does not target this layer. The same function serves the free-function API (``mixed_batch``) and
+the PEFT tuner (``adapter_names=[...]`` in ``forward`` / ``generate``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from randmask.config import MaskingError
+from randmask.delta import sparse_delta
+
+if TYPE_CHECKING:
+    from randmask.layer import MaskAdapter
+
+BASE_ADAPTER = "__base__"
+"""The name that asks for the frozen base model (no adapter) in a mixed batch, as in PEFT."""
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """The rows of a batch grouped by adapter (``BASE_ADAPTER`` rows are in no group)."""
+
+    names: tuple[str, ...]  # adapter of each row
+    groups: tuple[tuple[str, torch.Tensor], ...]  # (adapter, sorted row indices), in first-seen order
+    spans: tuple[tuple[int, int] | None, ...]  # (start, stop) where a group's rows are contiguous
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.names)
+
+    def rows_on(self, device: torch.device) -> list[torch.Tensor]:
+        """Each group's row indices on ``device`` (cached)."""
+        if device not in self._on_device:
+            self._on_device[device] = [rows.to(device) for _, rows in self.groups]
+        return self._on_device[device]
+
+
+def group_rows(adapter_names: Sequence[str], rows_per_name: int = 1) -> RowGroups:
+    """Group the rows of a batch by adapter; each name covers ``rows_per_name`` consecutive rows.
+
+    ``rows_per_name`` > 1 is how ``generate`` lays out beams and returned sequences: every prompt
+    repeated that many times in a row (``repeat_interleave``).
+    """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise MaskingError(f"adapter_names must be a list with one adapter name per sample (or '{BASE_ADAPTER}'), "
+                           f"got {type(adapter_names).__name__}.")
+    if not adapter_names or not all(isinstance(n, str) for n in adapter_names):
+        raise MaskingError(f"adapter_names must be a non-empty list of strings, one per sample, got {adapter_names!r}.")
+    if not isinstance(rows_per_name, int) or rows_per_name < 1:
+        raise MaskingError(f"rows_per_name={rows_per_name!r} must be a positive int (e.g. num_beams).")
+    names = tuple(n for n in adapter_names for _ in range(rows_per_name))
+    positions: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        if name != BASE_ADAPTER:
+            positions.setdefault(name, []).append(row)
+    groups = tuple((name, torch.tensor(rows, dtype=torch.long)) for name, rows in positions.items())
+    spans = tuple((rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else None
+                  for rows in positions.values())
+    return RowGroups(names, groups, spans)
+
+
+def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str, MaskAdapter],
+                  groups: RowGroups) -> torch.Tensor:
+    """The frozen layer on every row plus each group's sparse delta on its rows: (B, ..., in) -> (B, ..., out).
+
+    The caller guarantees that ``base_layer``'s weight holds no adapter (W0 at every entry).
+    """
+    if x.dim() < 2 or x.shape[0] != groups.rows:
+        raise MaskingError(f"a mixed batch names {groups.rows} samples but a masked layer got input of shape "
+                           f"{tuple(x.shape)} (batch first expected). Pass one adapter name per sample; under "
+                           "generate() with num_beams or num_return_sequences, one per prompt (they are expanded).")
+    y = base_layer(x)  # (B, ..., out)
+    # In place when no graph is recorded (y is a fresh output); out of place otherwise, so autograd sees it.
+    in_place = not (torch.is_grad_enabled() and (x.requires_grad or _any_grad(adapters, groups)))
+    for (name, _), rows, span in zip(groups.groups, groups.rows_on(x.device), groups.spans):
+        if name not in adapters:  # this layer is not a target of that adapter: the frozen layer alone
+            continue
+        adapter = adapters[name]
+        if span is not None:  # contiguous rows: a view, no copy
+            start, stop = span
+            delta = sparse_delta(x[start:stop], adapter.values, adapter.pattern()).to(y.dtype)  # (b, ..., out)
+            if in_place:
+                y[start:stop] += delta
+            else:
+                y = torch.cat([y[:start], y[start:stop] + delta, y[stop:]])
+        else:
+            delta = sparse_delta(x.index_select(0, rows), adapter.values, adapter.pattern()).to(y.dtype)
+            y = y.index_add_(0, rows, delta) if in_place else y.index_add(0, rows, delta)
+    return y
+
+
+def _any_grad(adapters: Mapping[str, MaskAdapter], groups: RowGroups) -> bool:
+    return any(name in adapters and adapters[name].values.requires_grad for name, _ in groups.groups)
+
+
+def check_adapter_names(groups: RowGroups, known: Iterable[str]) -> None:
+    """MaskingError naming any adapter of ``groups`` that the model does not have."""
+    known = set(known)
+    unknown = sorted({name for name, _ in groups.groups} - known)
+    if unknown:
+        raise MaskingError(f"adapter_names holds {unknown}, which this model does not have; it has {sorted(known)} "
+                           f"(and '{BASE_ADAPTER}' for the base model).")
+
+
+@contextlib.contextmanager
+def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[None]:
+    """Set ``layer.row_groups`` on every layer for the duration (the layers then run ``mixed_forward``)."""
+    if any(getattr(layer, "row_groups", None) is not None for layer in layers):
+        raise MaskingError("a mixed batch is already running on this model; mixed batches do not nest.")
+    for layer in layers:
+        layer.row_groups = groups
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_groups = None
+
+
+__all__ = ["BASE_ADAPTER", "RowGroups", "check_adapter_names", "group_rows", "mixed_forward", "row_groups_set"]
