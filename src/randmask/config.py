@@ -46,6 +46,13 @@ class MaskingConfig:
     seed: int = 0
     """Global mask seed. Each matrix's mask seed is derived from (seed, module name)."""
 
+    partition: tuple[int, int] | None = None
+    """``(k, n)``: draw this adapter's mask as part k (0-based) of n disjoint parts of one draw
+    at n times the density, made from ``seed``. Adapters with the same seed, budget and n and
+    different k never share an entry (disjoint by construction, for merging), and each is still
+    regenerated from its own config alone. Each entry is kept with about the same probability as
+    without ``partition``. ``random`` and ``random_exact`` masks only; needs n * density <= 1."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -83,10 +90,29 @@ class MaskingConfig:
             raise MaskingError(f"mask_kind={self.mask_kind!r} must be a string such as 'random'.")
         if isinstance(self.targets, list) and not self.targets:
             raise MaskingError("targets is an empty list: name at least one module, or pass None.")
+        if self.partition is not None:
+            self._validate_partition()
+
+    def _validate_partition(self) -> None:
+        part = self.partition
+        ok = (isinstance(part, (tuple, list)) and len(part) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in part) and 0 <= part[0] < part[1])
+        if not ok or part[1] < 2:
+            raise MaskingError(f"partition={part!r} must be (k, n) with n >= 2 parts and 0 <= k < n, e.g. (0, 4) for "
+                               "the first of four adapters whose masks must not overlap.")
+        self.partition = (part[0], part[1])
+        if self.mask_kind not in ("random", "random_exact"):
+            raise MaskingError(f"partition splits random masks; mask_kind={self.mask_kind!r} is not one. Use "
+                               "mask_kind='random' or 'random_exact', or drop partition.")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (saved in ``adapter_config.json``)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (saved in ``adapter_config.json``); ``partition`` only when set."""
+        data = dataclasses.asdict(self)
+        if data["partition"] is None:
+            data.pop("partition")  # files of unpartitioned adapters stay as they were
+        else:
+            data["partition"] = list(data["partition"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MaskingConfig:

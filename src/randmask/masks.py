@@ -171,6 +171,17 @@ def _choose_distinct(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.sort(picked[:k]).values
 
 
+def partition_part(drawn: torch.Tensor, part: int, parts: int, gen: torch.Generator) -> torch.Tensor:
+    """Part ``part`` of ``parts`` disjoint parts of the sorted indices ``drawn``: a random split into near-equal parts.
+
+    Drawn at n times the density and split n ways, every entry lands in part k with about the
+    un-partitioned probability, and no entry in two parts.
+    """
+    perm = torch.randperm(drawn.numel(), generator=gen)
+    m = drawn.numel()
+    return torch.sort(drawn[perm[part * m // parts:(part + 1) * m // parts]]).values
+
+
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """Hex SHA-256 of a tensor's raw little-endian bytes (dtype and values, not shape)."""
     flat = tensor.detach().to("cpu").reshape(-1).contiguous()
@@ -222,6 +233,7 @@ __all__ = [
     "get_sampler",
     "indices_checksum",
     "make_generator",
+    "partition_part",
     "mask_kinds",
     "per_matrix_density",
     "register_mask_kind",

@@ -21,10 +21,12 @@ values (in the weight's dtype: ~2 bytes/entry for a bf16 base); masks are regene
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import peft
 import torch
@@ -39,6 +41,7 @@ from randmask.layer import Block
 from randmask.masks import BUILTIN_KINDS, indices_checksum
 from randmask.model import block_densities, count_base_parameters, draw_mask
 from randmask.peft_layer import RandMaskLayer
+from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
 from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
 
@@ -58,12 +61,16 @@ class RandMaskConfig(PeftConfig):
     density: float | None = field(default=None, metadata={"help": "Per-matrix keep probability in (0, 1]."})
     mask_kind: str = field(default="random", metadata={"help": "random, random_exact or structured."})
     seed: int = field(default=0, metadata={"help": "Mask seed; each matrix's is derived from (seed, name)."})
+    partition: list[int] | None = field(default=None, metadata={
+        "help": "[k, n]: part k of n disjoint parts of one draw (adapters that never share an entry)."})
     modules_to_save: list[str] | None = field(default=None, metadata={
         "help": "Modules besides the masked ones to train and save (e.g. a classifier head)."})
     total_params: int | None = field(default=None, metadata={
         "help": "Base-model parameter count, recorded at injection (the budget's denominator)."})
     checksums: dict[str, Any] | None = field(default=None, metadata={
         "help": "Per module: [indices checksum, base fingerprint], recorded at injection, checked at load."})
+    merged_from: list[str] | None = field(default=None, metadata={
+        "help": "Set by add_weighted_adapter: the adapters this one merges (in memory only; not saved)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,7 +91,8 @@ class RandMaskConfig(PeftConfig):
     def masking_config(self) -> MaskingConfig:
         """The equivalent ``randmask.MaskingConfig`` (validated)."""
         return MaskingConfig(targets=self.target_modules, trainable_ratio=self.trainable_ratio,
-                             density=self.density, mask_kind=self.mask_kind, seed=self.seed)
+                             density=self.density, mask_kind=self.mask_kind, seed=self.seed,
+                             partition=tuple(self.partition) if self.partition is not None else None)
 
 
 class RandMaskModel(BaseTuner):
@@ -106,6 +114,31 @@ class RandMaskModel(BaseTuner):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._plan = {}
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PeftModel.forward/generate call this: ``adapter_names=[...]`` runs a mixed batch (one adapter per sample)."""
+        with peft_mixed_batch(self, kwargs):
+            yield
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: Literal["linear", "ties", "dare_linear", "dare_ties",
+                                                       "magnitude_prune"] = "linear",
+                             svd_rank: int | None = None, svd_clamp: int | None = None,
+                             svd_full_matrices: bool = True, svd_driver: str | None = None,
+                             density: float | None = None,
+                             majority_sign_method: Literal["total", "frequency"] = "total", seed: int = 0) -> None:
+        """Add ``adapter_name``, the merge of ``adapters`` (LoRA's signature, randmask.merge's sparse methods).
+
+        The new adapter's mask per matrix is the union of the merged masks; ``density`` is the share
+        of each adapter's entries that ties / dare_* keep; ``seed`` seeds DARE's drops. It lives in
+        memory (forward, ``set_adapter``, ``adapter_names``, ``merge_and_unload``); saving it is refused.
+        The svd_* options belong to LoRA's SVD merges and are refused.
+        """
+        peft_add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, density,
+                                  majority_sign_method, seed,
+                                  {"svd_rank": svd_rank, "svd_clamp": svd_clamp, "svd_driver": svd_driver,
+                                   "svd_full_matrices": svd_full_matrices})
 
     def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
         return key in getattr(self, "_plan", {})
@@ -133,6 +166,12 @@ class RandMaskModel(BaseTuner):
     def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
                                 state_dict: dict[str, torch.Tensor], unwanted_adapter_names: list[str]
                                 ) -> dict[str, torch.Tensor]:
+        if getattr(config, "merged_from", None):
+            raise MaskingError(f"adapter {adapter_name!r} is a merge of {config.merged_from} made by "
+                               "add_weighted_adapter; its union mask is not regenerable from a seed, so the PEFT "
+                               "path does not save it. Leave it out (save_pretrained(selected_adapters=[...])), "
+                               "save the sources, or merge with randmask.add_weighted_adapter and save_adapter (which "
+                               "stores the indices), or merge_and_unload() into a plain model.")
         out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # Save values in a half base's dtype (~2 bytes/entry): the weight holds W0 (+) values.to(half),
         # so this reproduces it bit for bit; fp32/fp64 bases keep their values' own dtype.

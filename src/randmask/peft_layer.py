@@ -13,6 +13,7 @@ from torch import nn
 
 from randmask.config import MaskingError
 from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import masked_linear
 
 
@@ -36,6 +37,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._live: str | None = None  # adapter whose delta the weight holds (unmerged)
         self._overwritten: dict[str, torch.Tensor] = {}  # merged adapter -> entries before its merge
+        self.row_groups: RowGroups | None = None  # set during a mixed batch (adapter_names=[...])
 
     def update_layer(self, adapter_name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
                      inference_mode: bool = False) -> None:
@@ -55,16 +57,29 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         self._live = None
 
     def _make_live(self, name: str) -> MaskAdapter:
-        if self._live != name:
-            self.restore_live()
-            self._live = name
         adapter, flat = self.randmask_adapters[name], self.get_base_layer().weight.data.view(-1)
         target = adapter.target_entries(flat.dtype)
-        if not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
+        if self._live != name:  # a switch: W0 back at the old entries, the new ones written (O(nnz))
+            self.restore_live()
+            flat[adapter.indices] = target
+            self._live = name
+        elif not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
             flat[adapter.indices] = target
         return adapter
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's switch, plus the hot-swap's writes made now rather than at the next forward."""
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        active = [a for a in self.active_adapters if a in self.randmask_adapters]
+        if len(active) == 1 and not self.merged and not self.disable_adapters and self.row_groups is None:
+            self._make_live(active[0])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.row_groups is not None:  # mixed batch: W0 in the weight, each group's delta added
+            if self.merged:
+                raise MaskingError("adapter_names=[...] needs unmerged adapters: call model.unmerge_adapter() first.")
+            self.restore_live()  # O(nnz), and only once: _live is None afterwards
+            return mixed_forward(self.base_layer, x, self.randmask_adapters, self.row_groups)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

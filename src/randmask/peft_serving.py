@@ -1,0 +1,96 @@
+"""Serving on the PEFT path: ``adapter_names=[...]`` mixed batches and ``add_weighted_adapter`` merges.
+
+Used by ``randmask.peft.RandMaskModel`` (imports peft's types only through it). The work itself is
+the library's: ``randmask.mixed`` (the delta path per sample group) and ``randmask.merge``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from randmask.config import MaskingError
+from randmask.layer import MaskAdapter
+from randmask.merge import check_merge_args, merge_sparse, union_blocks
+from randmask.mixed import check_adapter_names, group_rows, row_groups_set
+from randmask.peft_layer import RandMaskLayer
+
+
+def _layers(model: nn.Module) -> list[RandMaskLayer]:
+    return [m for m in model.modules() if isinstance(m, RandMaskLayer)]
+
+
+def _rows_per_prompt(kwargs: dict[str, Any]) -> int:
+    """How many rows ``generate`` makes of each prompt: num_beams for beam search, else num_return_sequences."""
+    config = kwargs.get("generation_config")
+    def pick(key: str) -> int:
+        value = kwargs.get(key, getattr(config, key, None))
+        return int(value) if isinstance(value, int) and value > 1 else 1
+    beams = pick("num_beams")
+    return beams if beams > 1 else pick("num_return_sequences")
+
+
+@contextlib.contextmanager
+def peft_mixed_batch(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """``RandMaskModel._enable_peft_forward_hooks``: honour ``adapter_names`` (one per sample), refuse aLoRA."""
+    adapter_names = kwargs.get("adapter_names")
+    if kwargs.get("alora_offsets") is not None:
+        raise MaskingError("alora_offsets is an aLoRA option; randmask adapters do not take it. Drop it.")
+    if adapter_names is None:
+        yield
+        return
+    if tuner.training:
+        raise MaskingError("adapter_names=[...] is for inference: call model.eval() first (as PEFT requires).")
+    groups = group_rows(adapter_names, _rows_per_prompt(kwargs))
+    layers = _layers(tuner.model)
+    check_adapter_names(groups, {name for layer in layers for name in layer.randmask_adapters})
+    if any(layer.merged for layer in layers):
+        raise MaskingError("adapter_names=[...] needs unmerged adapters: call model.unmerge_adapter() first.")
+    with row_groups_set(layers, groups):
+        yield
+
+
+def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights: Sequence[float],
+                              adapter_name: str, combination_type: str, density: float | None,
+                              majority_sign_method: str, seed: int, unsupported: dict[str, Any]) -> None:
+    """``RandMaskModel.add_weighted_adapter``: a new in-memory adapter, the sparse merge of ``adapters``."""
+    given = {k: v for k, v in unsupported.items() if v not in (None, True)}
+    if given:
+        raise MaskingError(f"add_weighted_adapter: {sorted(given)} apply to LoRA's SVD merges; randmask merges sparse "
+                           "deltas exactly. Drop them.")
+    missing = [a for a in adapters if a not in tuner.peft_config]
+    if missing:
+        raise MaskingError(f"add_weighted_adapter: no adapters {missing}; the model has {list(tuner.peft_config)}.")
+    if adapter_name in tuner.peft_config:
+        raise MaskingError(f"adapter {adapter_name!r} already exists (PEFT's LoRA would silently keep the old one); "
+                           "pick another name or delete_adapter it first.")
+    check_merge_args(len(adapters), weights, combination_type, density, majority_sign_method)
+    layers = _layers(tuner.model)
+    if any(layer.merged for layer in layers):
+        raise MaskingError("add_weighted_adapter needs unmerged adapters: call model.unmerge_adapter() first.")
+    generator = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.randmask_adapters]
+        if not present:
+            continue
+        sources = [layer.randmask_adapters[a] for a, _ in present]
+        union, values = merge_sparse([(s.indices, s.values) for s in sources], [w for _, w in present],
+                                     combination_type, density, majority_sign_method, generator)
+        layer.restore_live()  # base_values must capture pristine W0
+        base = layer.get_base_layer()
+        merged = MaskAdapter(union, base.weight, sources[0].transposed, union_blocks(sources, union), "custom", True)
+        with torch.no_grad():
+            merged.values.copy_(values.to(merged.values.dtype))
+        merged.requires_grad_(False)
+        layer.randmask_adapters[adapter_name] = merged
+    first = tuner.peft_config[adapters[0]]
+    tuner.peft_config[adapter_name] = dataclasses.replace(first, merged_from=list(adapters), checksums=None,
+                                                          inference_mode=True)
+
+
+__all__ = ["peft_add_weighted_adapter", "peft_mixed_batch"]

@@ -1,0 +1,90 @@
+"""Hot-swap: switching the active adapter touches O(nnz) entries, allocates nothing dense, reloads nothing."""
+
+import pytest
+import torch
+from tests.conftest import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import randmask
+from randmask import MaskingConfig, apply_masking
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an op returns in new memory (views, detach, in-place: none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append(0 if t.untyped_storage().data_ptr() in inputs else t.numel())
+        return out
+
+
+def _two(arch):
+    model = tiny_model(arch)
+    for seed, name in enumerate(["a", "b"]):
+        apply_masking(model, MaskingConfig(density=0.02, seed=seed), adapter_name=name)
+        with torch.no_grad():
+            for layer in randmask.masked_layers(model).values():
+                layer.adapters[name].values.normal_()
+    return model
+
+
+def _touched_within_masks(before, after, layers, names):
+    for key, layer in layers.items():
+        changed = (before[key] != after[key]).view(-1).nonzero().squeeze(1)
+        allowed = torch.cat([layer.adapters[n].indices for n in names])
+        assert torch.isin(changed, allowed).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_set_adapter_writes_only_the_two_masks_and_allocates_o_nnz(arch):
+    model = _two(arch)
+    layers = randmask.masked_layers(model)
+    randmask.set_adapter(model, "a")
+    before = {k: layer.weight.detach().clone() for k, layer in layers.items()}
+    pointers = {k: layer.weight.data_ptr() for k, layer in layers.items()}
+    with _Allocations() as seen:
+        randmask.set_adapter(model, "b")
+    after = {k: layer.weight.detach().clone() for k, layer in layers.items()}
+    _touched_within_masks(before, after, layers, ["a", "b"])
+    largest_nnz = max(layer.adapters[n].nnz for layer in layers.values() for n in ("a", "b"))
+    smallest_weight = min(layer.weight.numel() for layer in layers.values())
+    assert max(seen.sizes) <= largest_nnz < smallest_weight  # nothing weight-sized was made
+    assert {k: layer.weight.data_ptr() for k, layer in layers.items()} == pointers  # written in place
+    for layer in layers.values():  # and the weight now holds W0 + b's values at b's entries
+        b = layer.adapters["b"]
+        torch.testing.assert_close(layer.weight.view(-1)[b.indices], b.base_values + b.values.detach())
+
+
+def test_peft_set_adapter_writes_eagerly_and_o_nnz():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from randmask.peft import RandMaskConfig, RandMaskLayer
+
+    model = get_peft_model(tiny_model("llama"), RandMaskConfig(density=0.02, seed=0), adapter_name="x")
+    model.add_adapter("y", RandMaskConfig(density=0.02, seed=1))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, RandMaskLayer)}
+    with torch.no_grad():
+        for layer in layers.values():
+            for adapter in layer.randmask_adapters.values():
+                adapter.values.normal_()
+    model.set_adapter("x")
+    before = {k: layer.get_base_layer().weight.detach().clone() for k, layer in layers.items()}
+    with _Allocations() as seen:
+        model.set_adapter("y")
+    after = {k: layer.get_base_layer().weight.detach().clone() for k, layer in layers.items()}
+    for key, layer in layers.items():
+        b = layer.randmask_adapters["y"]
+        torch.testing.assert_close(after[key].view(-1)[b.indices], b.base_values + b.values.detach())
+        changed = (before[key] != after[key]).view(-1).nonzero().squeeze(1)
+        assert torch.isin(changed, torch.cat([layer.randmask_adapters[n].indices for n in "xy"])).all()
+    largest_nnz = max(a.nnz for layer in layers.values() for a in layer.randmask_adapters.values())
+    assert max(seen.sizes) <= largest_nnz

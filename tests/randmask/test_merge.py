@@ -1,0 +1,156 @@
+"""Merging sparse adapters: each method's rule on overlapping entries, and add_weighted_adapter on a model."""
+
+import pytest
+import torch
+from tests.conftest import tiny_model
+
+import randmask
+from randmask import MaskingConfig, MaskingError, add_weighted_adapter, apply_masking, load_adapter, save_adapter
+from randmask.merge import merge_sparse
+
+
+def _dense(indices, values, n):
+    out = torch.zeros(n, dtype=torch.float64)
+    out[indices] = values.double()
+    return out
+
+
+def _deltas(n=400, sizes=(60, 80, 50), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randperm(n, generator=gen)[:k].sort().values, torch.randn(k, generator=gen)) for k in sizes]
+
+
+def test_linear_merge_is_the_weighted_sum_of_the_deltas():
+    deltas, weights = _deltas(), [1.0, -0.5, 2.0]
+    union, merged = merge_sparse(deltas, weights, "linear")
+    expected = sum(w * _dense(i, v, 400) for (i, v), w in zip(deltas, weights))
+    torch.testing.assert_close(_dense(union, merged, 400), expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(union, torch.unique(torch.cat([i for i, _ in deltas])))
+
+
+def test_ties_equals_peft_ties_where_the_masks_coincide():
+    """Identical masks: a share of an adapter's entries is a share of the tensor, so PEFT's dense rule applies as is."""
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.arange(0, 300, 3)
+    deltas = [(idx, torch.randn(idx.numel(), generator=gen)) for _ in range(3)]
+    weights = [1.0, 0.7, 1.3]
+    for method in ("total", "frequency"):
+        _, ours = merge_sparse(deltas, weights, "ties", density=0.4, majority_sign_method=method)
+        theirs = merge_utils.ties([v for _, v in deltas], torch.tensor(weights), 0.4, method)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_each_method_resolves_an_overlapping_entry_by_its_own_rule():
+    idx = torch.tensor([0, 5])  # entry 5 is in both masks, entry 0 and 7 in one each
+    a, b = (idx, torch.tensor([1.0, 3.0])), (torch.tensor([5, 7]), torch.tensor([-1.0, 2.0]))
+    _, lin = merge_sparse([a, b], [1.0, 1.0], "linear")
+    assert lin.tolist() == [1.0, 2.0, 2.0]  # union [0, 5, 7]: overlaps add
+    _, ties = merge_sparse([a, b], [1.0, 1.0], "ties", density=1.0)
+    assert ties.tolist() == [1.0, 3.0, 2.0]  # sign of 3 + (-1) is +: only the agreeing 3 is kept (mean of one)
+    _, same = merge_sparse([a, (torch.tensor([5, 7]), torch.tensor([1.0, 2.0]))], [1.0, 1.0], "ties", density=1.0)
+    assert same.tolist() == [1.0, 2.0, 2.0]  # both positive at 5: their mean
+    _, dare = merge_sparse([a, b], [1.0, 1.0], "dare_linear", density=1.0)
+    assert dare.tolist() == lin.tolist()  # density 1 drops nothing
+
+
+def test_dare_drops_with_the_given_density_and_rescales():
+    gen = torch.Generator().manual_seed(0)
+    idx, values = torch.arange(20000), torch.ones(20000)
+    _, out = merge_sparse([(idx, values)], [1.0], "dare_linear", density=0.25, generator=gen)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.25) < 0.02
+    assert torch.all(out[kept] == 4.0)  # 1 / density
+    _, again = merge_sparse([(idx, values)], [1.0], "dare_linear", density=0.25,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # seeded
+
+
+def test_bad_merge_arguments_are_refused():
+    deltas = _deltas()
+    for kwargs, match in [({"combination_type": "svd"}, "svd/cat"), ({"combination_type": "ties"}, "needs density"),
+                          ({"density": 0.5}, "no effect"), ({"majority_sign_method": "frequency"}, "applies to ties"),
+                          ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "x"}, "total")]:
+        with pytest.raises(MaskingError, match=match):
+            merge_sparse(deltas, [1.0] * 3, **kwargs)
+    with pytest.raises(MaskingError, match="one weight per adapter"):
+        merge_sparse(deltas, [1.0], "linear")
+    with pytest.raises(MaskingError, match="finite"):
+        merge_sparse(deltas, [1.0, float("nan"), 1.0], "linear")
+
+
+def _two_adapter_model(arch, density=0.3):
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(0)
+    for seed, name in enumerate(["a", "b"]):
+        apply_masking(model, MaskingConfig(density=density, seed=seed), adapter_name=name)
+        with torch.no_grad():
+            for layer in randmask.masked_layers(model).values():
+                layer.adapters[name].values.copy_(torch.randn(layer.adapters[name].nnz, generator=gen) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_add_weighted_adapter_linear_is_the_sum_of_the_deltas_in_the_model(arch, tmp_path):
+    model = _two_adapter_model(arch)
+    randmask.set_adapter(model, "a")
+    add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], "ab")
+    assert all(layer.active_adapter == "a" for layer in randmask.masked_layers(model).values())  # not switched
+    ids = torch.randint(0, 128, (2, 7))
+    randmask.set_adapter(model, "ab")
+    with torch.no_grad():
+        merged_out = model(ids).logits
+    # Reference: the pristine weights plus the dense sum of the two deltas.
+    reference = tiny_model(arch)
+    with torch.no_grad():
+        for name, layer in randmask.masked_layers(model).items():
+            delta = torch.zeros(layer.weight.numel())
+            for adapter, w in (("a", 1.0), ("b", 0.5)):
+                delta[layer.adapters[adapter].indices] += w * layer.adapters[adapter].values
+            reference.get_submodule(name).weight.view(-1).add_(delta)
+        torch.testing.assert_close(merged_out, reference(ids).logits, atol=1e-5, rtol=0)
+    save_adapter(model, tmp_path, "ab")  # a custom-mask adapter: its union indices are saved
+    reloaded = load_adapter(tiny_model(arch), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, merged_out)
+
+
+def test_add_weighted_adapter_refuses_what_it_cannot_do():
+    model = _two_adapter_model("llama")
+    with pytest.raises(MaskingError, match="no adapters"):
+        add_weighted_adapter(model, ["a", "zz"], [1.0, 1.0], "m")
+    with pytest.raises(MaskingError, match="already exists"):
+        add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "b")
+    with pytest.raises(MaskingError, match="needs density"):
+        add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "m", combination_type="dare_ties")
+    add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "m", combination_type="dare_ties", density=0.5)
+    assert randmask.masking_summary(model, "m").trainable > randmask.masking_summary(model, "a").trainable
+
+
+def test_disjoint_partition_masks_never_share_an_entry_and_reload(tmp_path):
+    model = tiny_model("llama")
+    for k in range(4):
+        apply_masking(model, MaskingConfig(density=0.05, seed=3, partition=(k, 4)), adapter_name=f"p{k}")
+    apply_masking(model, MaskingConfig(density=0.05, seed=3), adapter_name="plain")
+    for layer in randmask.masked_layers(model).values():
+        parts = torch.cat([layer.adapters[f"p{k}"].indices for k in range(4)])
+        assert torch.unique(parts).numel() == parts.numel()
+        counts = [layer.adapters[f"p{k}"].nnz for k in range(4)]
+        assert max(counts) - min(counts) <= 1  # a near-equal split of one draw at 4x the density
+    plain = randmask.masking_summary(model, "plain").trainable
+    assert abs(randmask.masking_summary(model, "p1").trainable - plain) < 0.25 * plain
+    save_adapter(model, tmp_path, "p2")
+    reloaded = load_adapter(tiny_model("llama"), tmp_path)
+    for name, layer in randmask.masked_layers(reloaded).items():
+        assert torch.equal(layer.adapters["default"].indices,
+                           randmask.masked_layers(model)[name].adapters["p2"].indices)
+
+
+def test_a_bad_partition_is_refused():
+    for partition, match in [((4, 4), "0 <= k < n"), ((0, 1), "n >= 2"), ("0/4", "must be")]:
+        with pytest.raises(MaskingError, match=match):
+            MaskingConfig(density=0.1, partition=partition)
+    with pytest.raises(MaskingError, match="splits random masks"):
+        MaskingConfig(density=0.1, partition=(0, 2), mask_kind="structured")
+    with pytest.raises(MaskingError, match="more than all of it"):
+        apply_masking(tiny_model("llama"), MaskingConfig(density=0.3, partition=(0, 4)))
