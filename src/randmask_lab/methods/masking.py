@@ -24,8 +24,13 @@ def prepare_masking(
     ratio: float | None,
     density: float | None,
     seed: int = 0,
+    partition: str | None = None,
 ) -> PreparedModel:
-    """Mask the `targets` matrices of `model` with mask kind `kind` ("random"/"structured")."""
+    """Mask the `targets` matrices of `model` with mask kind `kind` ("random"/"structured").
+
+    partition: "k/n" draws part k of n disjoint parts of one mask (``MaskingConfig.partition``):
+    adapters trained with the same seed and n and different k never share an entry.
+    """
     if (ratio is None) == (density is None):
         raise ValueError(
             f"{'randmask' if kind == 'random' else 'structured'} needs exactly one of ratio= (fraction "
@@ -33,12 +38,15 @@ def prepare_masking(
             f"ratio={ratio}, density={density}"
         )
     config = MaskingConfig(
-        targets=targets, trainable_ratio=ratio, density=density, mask_kind=kind, seed=seed
+        targets=targets, trainable_ratio=ratio, density=density, mask_kind=kind, seed=seed,
+        partition=_parse_partition(partition),
     )
     masked = apply_masking(model, config)
     unfreeze_heads(masked, heads)
     name = "randmask" if kind == "random" else "structured"
     budget = f"ratio={ratio}" if ratio is not None else f"density={density}"
+    if partition is not None:
+        budget += f", part {partition} of a disjoint partition"
     summary = masking_summary(masked)
     matrices = [m.name.rsplit(".", 1)[-1] for m in summary.matrices]
     notes = [
@@ -48,6 +56,16 @@ def prepare_masking(
     report = build_report(name, masked, total, heads, label=lambda _: "values", notes=notes)
     return PreparedModel(masked, report, adapted=_adapted_labels(masked),
                          save_native=lambda folder: save_adapter(masked, folder))
+
+
+def _parse_partition(text: str | None) -> tuple[int, int] | None:
+    """ "k/n" -> (k, n); a clear error for anything else."""
+    if text is None:
+        return None
+    k, sep, n = str(text).partition("/")
+    if not (sep and k.strip().isdigit() and n.strip().isdigit()):
+        raise ValueError(f"option partition={text!r} must be k/n, e.g. partition=0/4 (part 0 of 4 disjoint masks)")
+    return int(k), int(n)
 
 
 def _adapted_labels(model: nn.Module) -> list[str]:
