@@ -11,7 +11,7 @@ set -euo pipefail
 OUT="${OUT:-runs/merge}"
 read -r -a RM <<< "${RANDMASK:-randmask}"
 common=(--model smollm2-135m --seed 0 --precision 32 --batch-size 8 --mode lm --max-length 512 --epochs 3
-        --out-dir "$OUT" --threads "${THREADS:-1}" --no-progress)
+        --out-dir "$OUT" --threads "${THREADS:-2}" --no-progress)
 declare -A PROTO=([sst2]="--n-train 500 --n-val 250 --n-test 500" [rte]="--n-train 250 --n-val 125 --n-test 277"
                   [cb]="--n-train 200 --n-val 50 --n-test 56"
                   [boolq]="--n-train 250 --n-val 125 --n-test 500 --group-by-length")

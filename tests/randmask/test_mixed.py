@@ -6,6 +6,7 @@ from tests.conftest import tiny_model
 
 import randmask
 from randmask import BASE_ADAPTER, MaskingConfig, MaskingError, apply_masking, mixed_batch, set_adapter
+from randmask import mixed as mixed_module
 from randmask.mixed import group_rows
 
 NAMES = ["a", "b", "c"]
@@ -39,10 +40,17 @@ def _alone(model, ids, names):
     return torch.cat(rows)
 
 
+@pytest.fixture(params=["grouped", "per_group"])
+def kernel(request, monkeypatch):
+    """Both kernels of the mixed batch: one gather/scatter for all groups, or one SpMM per group."""
+    monkeypatch.setattr(mixed_module, "GROUPED_MAX_ELEMENTS", 1 << 40 if request.param == "grouped" else -1)
+    return request.param
+
+
 @pytest.mark.parametrize("arch", ["opt", "llama", "gpt2"])
 @pytest.mark.parametrize("names", [["a", BASE_ADAPTER, "c", "a", "b"],  # scattered rows: index_select path
                                    ["b", "b", "a", "a", BASE_ADAPTER]])  # contiguous rows: slice path
-def test_mixed_batch_equals_each_sample_alone_fp32(arch, names):
+def test_mixed_batch_equals_each_sample_alone_fp32(arch, names, kernel):
     model = _multi(arch)
     ids = torch.randint(0, 128, (len(names), 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), mixed_batch(model, names):
@@ -53,7 +61,7 @@ def test_mixed_batch_equals_each_sample_alone_fp32(arch, names):
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama", "gpt2"])
-def test_mixed_batch_bf16_within_stated_tolerance(arch):
+def test_mixed_batch_bf16_within_stated_tolerance(arch, kernel):
     """bf16: the delta path adds the delta (computed in fp32, rounded once) to the bf16 base output; the in-place
     path rounds W0 + v to bf16 first. Stated tolerance: 1e-2 absolute on logits of magnitude ~0.5, i.e. about two
     bf16 ulps there (measured: at most 3.9e-3, one ulp, on these three architectures)."""
@@ -67,7 +75,7 @@ def test_mixed_batch_bf16_within_stated_tolerance(arch):
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=0)
 
 
-def test_generate_with_a_mixed_batch_equals_each_prompt_alone():
+def test_generate_with_a_mixed_batch_equals_each_prompt_alone(kernel):
     model = _multi("llama")
     names = ["c", BASE_ADAPTER, "a"]
     ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(2))
