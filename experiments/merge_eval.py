@@ -1,0 +1,256 @@
+"""Issue 25: one merged model on SST-2, RTE, CB and BoolQ, randmask vs LoRA (SmolLM2-135M, fp32, CPU).
+
+    PYTHONPATH=src python experiments/merge_eval.py [--runs runs/merge] [--out experiments/results/merge_study.jsonl]
+        [--merges NAME ...] [--threads 1]
+    python experiments/merge_eval.py --table [--out ...]      # the table, from the committed file alone
+
+The single-task adapters are the runs of experiments/merge_train.sh (seed 0, the study's chosen LRs and
+per-task protocol, fp32). Each merge loads the four adapters of one method onto a fresh base model, merges
+them with ``add_weighted_adapter`` (randmask: ``randmask.add_weighted_adapter``; LoRA: PEFT's), makes the
+merge active and scores every task's test split with the lab's own evaluation (the same items, prompts and
+scoring as the training runs' test metric). Zero-shot: the untouched base model, scored the same way.
+Per task, the share of the single adapter's gain the merge keeps: (merged - zero-shot) / (single - zero-shot).
+
+Rows are appended to --out as they finish (the file is rewritten atomically) and a merge already in the file
+is skipped, so the script resumes. Settings are fixed in advance (no choice on test data): weights 1.0 for
+every adapter (task arithmetic with lambda = 1), density 0.5 for ties / dare_*, DARE seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+TASKS = ("sst2", "rte", "cb", "boolq")
+STUDY = Path(__file__).resolve().parent / "smollm2_study.json"
+DENSITY = 0.5
+MERGES = {  # name: (method, mask set, combination_type, density); in the order they are evaluated
+    "randmask-linear": ("randmask", "independent", "linear", None),
+    "randmask-ties": ("randmask", "independent", "ties", DENSITY),
+    "lora-linear": ("lora", None, "linear", None),
+    "lora-ties": ("lora", None, "ties", DENSITY),
+    "lora-dare_linear": ("lora", None, "dare_linear", DENSITY),
+    "lora-cat": ("lora", None, "cat", None),
+    "lora-dare_ties": ("lora", None, "dare_ties", DENSITY),
+    "randmask-dare_linear": ("randmask", "independent", "dare_linear", DENSITY),
+    "randmask-dare_ties": ("randmask", "independent", "dare_ties", DENSITY),
+    "randmask-disjoint-linear": ("randmask", "disjoint", "linear", None),
+    "randmask-disjoint-ties": ("randmask", "disjoint", "ties", DENSITY),
+    "randmask-shared-linear": ("randmask", "shared", "linear", None),
+    "randmask-shared-ties": ("randmask", "shared", "ties", DENSITY),
+}
+PART = {"cb": 0, "rte": 1, "sst2": 2, "boolq": 3}  # experiments/merge_train.sh: mask seed / part per task
+
+
+def _run_config(task: str, method: str = "zeroshot", **extra):
+    from randmask_lab.experiment.config import RunConfig
+
+    study = json.loads(STUDY.read_text())
+    protocol = {k: v for k, v in study["protocol"][task].items()}
+    return RunConfig(model=study["model"], task=task, method=method, seed=0, precision="32", device="cpu",
+                     **study["common"], **protocol, **extra)
+
+
+def find_adapters(runs: Path, method: str, mask_set: str | None) -> dict[str, dict]:
+    """{task: record} of the finished single-task runs of one method (and randmask mask set)."""
+    found = {}
+    for path in sorted(runs.glob("*/record.json")):
+        rec = json.loads(path.read_text())
+        cfg = rec["config"]
+        if rec["status"] != "done" or cfg["method"] != method or cfg["precision"] != "32" or cfg["seed"] != 0:
+            continue
+        if method == "randmask":
+            partition = cfg["method_options"].get("partition")
+            mask_seed = cfg["mask_seed"] if cfg["mask_seed"] is not None else cfg["seed"]
+            want = {"independent": (None, PART[cfg["task"]]), "disjoint": (f"{PART[cfg['task']]}/4", 0),
+                    "shared": (None, 0)}[mask_set]
+            if (partition, mask_seed) != want:
+                continue
+        found[cfg["task"]] = rec
+    return found
+
+
+class Scorer:
+    """Each task's test items and objective, built once; ``score(model, task)`` is the lab's test metric."""
+
+    def __init__(self) -> None:
+        from randmask_lab.experiment.build import check_names, load_data, make_objective, sample_splits
+        from randmask_lab.experiment.distributed import DistContext
+        from randmask_lab.experiment.precision import PrecisionPlan
+        from randmask_lab.zoo import load_causal_lm
+
+        self.plan = PrecisionPlan("32", torch.device("cpu"))
+        self.ctx = DistContext(rank=0, world=1, device=torch.device("cpu"))
+        _, tokenizer = load_causal_lm("smollm2-135m")
+        self.tasks = {}
+        for task in TASKS:
+            config = _run_config(task)
+            spec = check_names(config)
+            data = load_data(config, spec, "lm", tokenizer, sample_splits(config, spec))
+            self.tasks[task] = (data.test, make_objective(config, data, tokenizer))
+
+    def score(self, model, task: str) -> float:
+        from randmask_lab.experiment.loop import evaluate
+
+        items, objective = self.tasks[task]
+        return evaluate(model, objective, self.plan, self.ctx, items, True)[1]
+
+
+def base_model():
+    from randmask_lab.experiment.precision import PrecisionPlan
+    from randmask_lab.zoo import load_causal_lm
+
+    model, _ = load_causal_lm("smollm2-135m", dtype=torch.float32)
+    PrecisionPlan("32", torch.device("cpu")).setup_attention(model)  # as the training runs did
+    return model.eval()
+
+
+def merged_model(method: str, adapters: dict[str, dict], combination: str, density: float | None):
+    """A fresh base model with the four adapters loaded and their merge active."""
+    weights = [1.0] * len(TASKS)
+    model = base_model()
+    dirs = {t: Path(adapters[t]["run_dir"]) / "adapter" for t in TASKS}
+    if method == "randmask":
+        import randmask
+
+        for task in TASKS:
+            randmask.load_adapter(model, dirs[task], adapter_name=task)
+        randmask.add_weighted_adapter(model, list(TASKS), weights, "merged", combination_type=combination,
+                                      density=density)
+        randmask.set_adapter(model, "merged")
+        return model
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, dirs[TASKS[0]], adapter_name=TASKS[0])
+    for task in TASKS[1:]:
+        peft_model.load_adapter(dirs[task], adapter_name=task)
+    kwargs = {"density": density} if density is not None else {}
+    torch.manual_seed(0)  # PEFT's DARE draws from the global generator
+    peft_model.add_weighted_adapter(list(TASKS), weights, "merged", combination_type=combination, **kwargs)
+    peft_model.set_adapter("merged")
+    return peft_model.eval()
+
+
+def mask_overlap(adapters: dict[str, dict]) -> dict:
+    """How many kept entries the four randmask masks share (issue: independent masks overlap on ~d^2)."""
+    import randmask
+
+    model = base_model()
+    for task in TASKS:
+        randmask.load_adapter(model, Path(adapters[task]["run_dir"]) / "adapter", adapter_name=task)
+    total = shared = 0
+    for layer in randmask.masked_layers(model).values():
+        idx = torch.cat([layer.adapters[t].indices for t in TASKS])
+        counts = torch.unique(idx, return_counts=True)[1]
+        total += idx.numel()
+        shared += int(counts[counts > 1].sum())
+    return {"entries": total, "in_two_or_more_masks": shared, "share": shared / total}
+
+
+def _save(path: Path, rows: list[dict]) -> None:
+    from randmask import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def evaluate_all(args) -> None:
+    from randmask_lab.experiment.record import code_version
+
+    rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
+    done = {(r["row"], r.get("name"), r.get("task")) for r in rows}
+    rows.append({"row": "meta", "command": " ".join(sys.argv), "code_version": code_version("cpu"),
+                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    scorer = Scorer()
+    if not all(("zeroshot", None, t) in done for t in TASKS):
+        model = base_model()
+        for task in TASKS:
+            rows.append({"row": "zeroshot", "task": task, "metric": scorer.score(model, task)})
+            _save(args.out, rows)
+        del model
+    for name in args.merges:
+        method, mask_set, combination, density = MERGES[name]
+        adapters = find_adapters(args.runs, method, mask_set)
+        if set(adapters) != set(TASKS):
+            print(f"{name}: adapters for {sorted(set(TASKS) - set(adapters))} not trained yet; skipped")
+            continue
+        for task in TASKS:
+            if ("single", f"{method}-{mask_set}", task) not in done:
+                rec = adapters[task]
+                rows.append({"row": "single", "name": f"{method}-{mask_set}", "task": task, "run_id": rec["run_id"],
+                             "lr": rec["config"]["lr"], "metric": rec["test_metric"]})
+                done.add(("single", f"{method}-{mask_set}", task))
+        if method == "randmask" and ("overlap", mask_set, None) not in done:
+            rows.append({"row": "overlap", "name": mask_set, **mask_overlap(adapters)})
+            done.add(("overlap", mask_set, None))
+        if all(("merge", name, t) in done for t in TASKS):
+            continue
+        started = time.time()
+        model = merged_model(method, adapters, combination, density)
+        for task in TASKS:
+            rows.append({"row": "merge", "name": name, "method": method, "mask_set": mask_set, "task": task,
+                         "combination_type": combination, "density": density, "weights": [1.0] * len(TASKS),
+                         "metric": scorer.score(model, task)})
+            _save(args.out, rows)
+        print(f"{name}: {time.time() - started:.0f} s")
+        del model
+    _save(args.out, rows)
+
+
+def table(path: Path) -> str:
+    """Markdown: per merge, each task's metric and kept share of the single adapter's gain, and the mean share."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    zero = {r["task"]: r["metric"] for r in rows if r["row"] == "zeroshot"}
+    single = {(r["name"], r["task"]): r["metric"] for r in rows if r["row"] == "single"}
+    merges: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["row"] == "merge":
+            merges.setdefault(r["name"], {})[r["task"]] = r["metric"]
+    head = "| model | " + " | ".join(TASKS) + " | mean share kept |\n|---|" + "---|" * (len(TASKS) + 1) + "\n"
+    lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | |"]
+    for name in sorted({n for n, _ in single}):
+        lines.append(f"| single {name} | " + " | ".join(f"{single[(name, t)]:.3f}" for t in TASKS) + " | 100% |")
+    for name, metrics in merges.items():
+        if len(metrics) < len(TASKS):
+            continue
+        method, mask_set = MERGES[name][:2]
+        cells, shares = [], []
+        for t in TASKS:
+            gain = single[(f"{method}-{mask_set}", t)] - zero[t]
+            share = (metrics[t] - zero[t]) / gain if gain > 0 else None
+            if share is not None:
+                shares.append(share)
+            cells.append(f"{metrics[t]:.3f} ({100 * share:.0f}%)" if share is not None else f"{metrics[t]:.3f} (n/a)")
+        mean = f"{100 * statistics.mean(shares):.0f}%" if shares else "n/a"
+        lines.append(f"| merge {name} | " + " | ".join(cells) + f" | {mean} |")
+    overlaps = [f"{r['name']} masks: {r['in_two_or_more_masks']:,} of {r['entries']:,} kept entries "
+                f"({100 * r['share']:.3f}%) lie in two or more masks" for r in rows if r["row"] == "overlap"]
+    return head + "\n".join(lines) + "\n" + "".join(f"\n{o}" for o in overlaps) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
+    parser.add_argument("--out", type=Path, default=Path("experiments/results/merge_study.jsonl"))
+    parser.add_argument("--merges", nargs="+", default=list(MERGES), choices=list(MERGES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table", action="store_true", help="print the table from --out and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
+    torch.set_num_threads(args.threads)
+    import randmask.peft  # noqa: F401  (randmask's PEFT registration, for completeness of the environment)
+
+    evaluate_all(args)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
