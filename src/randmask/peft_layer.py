@@ -53,7 +53,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if self._live is None:
             return
         adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
-        flat[adapter.indices] = adapter.base_values.to(flat.dtype)
+        flat.scatter_(0, adapter.indices, adapter.base_values.to(flat.dtype))  # scatter_: see MaskedLayer._write
         self._live = None
 
     def _make_live(self, name: str) -> MaskAdapter:
@@ -61,7 +61,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         target = adapter.target_entries(flat.dtype)
         if self._live != name:  # a switch: W0 back at the old entries, the new ones written (O(nnz))
             self.restore_live()
-            flat[adapter.indices] = target
+            flat.scatter_(0, adapter.indices, target)
             self._live = name
         elif not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
             flat[adapter.indices] = target
