@@ -89,8 +89,10 @@ class SparseDeltaFunction(torch.autograd.Function):
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         layout = _layout(pattern)
         x2d = x.reshape(-1, in_f)  # (T, in)
+        # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
+        ordered = values.to(compute).index_select(0, layout.d_order)
         with torch.autocast(device, enabled=False):
-            y2d = _spmm(layout.d_crow, layout.d_col, values.to(compute)[layout.d_order], (out_f, in_f), x2d)
+            y2d = _spmm(layout.d_crow, layout.d_col, ordered, (out_f, in_f), x2d)
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
         return y2d.to(out_dtype).reshape(*x.shape[:-1], out_f)  # (..., out)
@@ -114,7 +116,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             layout, compute = _layout(pattern), _compute_dtype(grad_out)
             # dL/dx = g @ D = (D^T @ g^T)^T: (T, out) -> (T, in)
-            grad_x = _spmm(layout.t_crow, layout.t_col, values.to(compute)[layout.t_order], (in_f, out_f), g2d)
+            ordered = values.to(compute).index_select(0, layout.t_order)
+            grad_x = _spmm(layout.t_crow, layout.t_col, ordered, (in_f, out_f), g2d)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             # The in-place path's SDDMM, whatever kernel it picks; it expects g and x in one dtype.
