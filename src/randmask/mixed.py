@@ -7,10 +7,10 @@ on the rows (samples) that asked for it::
     y = base(x)                                        # (B, ..., out), W = W0 everywhere
     y[rows_a] += sparse_delta(x[rows_a], values_a, D_a)  # one SpMM per adapter group
 
-Two kernels compute the same sum, chosen per call: one ``sparse_delta`` per group (SpMM; best for
-many tokens per row, as in a long prefill), or ``grouped_sparse_delta`` (all groups in one gather and
-one index_add over the batch's (row, entry) pairs; best when a call per group is what costs, as in
-decode with one token per row). The choice: grouped while pairs x tokens <= ``GROUPED_MAX_ELEMENTS``.
+Two layouts of the same ``sparse_delta`` compute that sum, chosen per call: one call per group, or
+one call for the whole batch over its block-diagonal delta (``randmask.grouped_delta``: best when a
+call per group is what costs, as in decode with one token per row and many adapters). The choice:
+the block-diagonal call while (its entries) x (tokens per row) <= ``GROUPED_MAX_ELEMENTS``.
 
 Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
 does not target this layer. The same function serves the free-function API (``mixed_batch``) and
@@ -29,16 +29,17 @@ from torch import nn
 
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
-from randmask.grouped_delta import PairLayout, grouped_sparse_delta, pair_layout
+from randmask.grouped_delta import BlockDiagonal, block_diagonal, grouped_sparse_delta
 
 if TYPE_CHECKING:
     from randmask.layer import MaskAdapter
 
 BASE_ADAPTER = "__base__"
 """The name that asks for the frozen base model (no adapter) in a mixed batch, as in PEFT."""
-GROUPED_MAX_ELEMENTS = 1 << 21
-"""The grouped kernel's (pairs x tokens) temporary above which one SpMM per group runs instead
-(benchmarks/mixed_batch.py --kernels measures both; 8 MB of fp32 here)."""
+GROUPED_MAX_ELEMENTS = 1 << 22
+"""(Block-diagonal entries) x (tokens per row) above which one SpMM per group runs instead. Both do the
+same multiply-adds; the block-diagonal call saves a call per group but copies x tokens-first when a row
+has more than one token (benchmarks/mixed_batch.py --kernels times both)."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,18 @@ class RowGroups:
     groups: tuple[tuple[str, torch.Tensor], ...]  # (adapter, sorted row indices), in first-seen order
     spans: tuple[tuple[int, int] | None, ...]  # (start, stop) where a group's rows are contiguous
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
-    _layouts: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> PairLayout
+    _layouts: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> BlockDiagonal
 
     @property
     def rows(self) -> int:
         return len(self.names)
 
-    def layout(self, adapters: Mapping[str, MaskAdapter]) -> PairLayout:
-        """The grouped kernel's pair layout for one layer's adapters (built on first use, kept for the batch)."""
+    def block_diagonal(self, adapters: Mapping[str, MaskAdapter]) -> BlockDiagonal:
+        """One layer's block-diagonal delta pattern (built on first use, kept for the batch)."""
         key = id(adapters)
         if key not in self._layouts:
             patterns = {name: adapters[name].pattern() for name, _ in self.groups if name in adapters}
-            self._layouts[key] = pair_layout(self.groups, patterns, self.rows)
+            self._layouts[key] = block_diagonal(self.groups, patterns, self.rows)
         return self._layouts[key]
 
     def rows_on(self, device: torch.device) -> list[torch.Tensor]:
@@ -113,7 +114,7 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
     pairs = sum(rows.numel() * adapters[name].nnz for name, rows in present)
     if pairs * (x[0].numel() // x.shape[-1]) <= GROUPED_MAX_ELEMENTS:
         values = {name: adapters[name].values for name, _ in present}
-        delta = grouped_sparse_delta(x, values, groups.layout(adapters)).to(y.dtype)  # (B, ..., out)
+        delta = grouped_sparse_delta(x, values, groups.block_diagonal(adapters)).to(y.dtype)  # (B, ..., out)
         return y.add_(delta) if in_place else y + delta
     for (name, _), rows, span in zip(groups.groups, groups.rows_on(x.device), groups.spans):
         if name not in adapters:
