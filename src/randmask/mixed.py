@@ -51,10 +51,18 @@ class RowGroups:
     spans: tuple[tuple[int, int] | None, ...]  # (start, stop) where a group's rows are contiguous
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
     _layouts: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> BlockDiagonal
+    _pairs: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> block-diagonal nnz
 
     @property
     def rows(self) -> int:
         return len(self.names)
+
+    def pairs(self, adapters: Mapping[str, MaskAdapter]) -> int:
+        """Entries of one layer's block-diagonal delta (sum over rows of the row's adapter's nnz), cached."""
+        key = id(adapters)
+        if key not in self._pairs:
+            self._pairs[key] = sum(rows.numel() * adapters[name].nnz for name, rows in self.groups if name in adapters)
+        return self._pairs[key]
 
     def block_diagonal(self, adapters: Mapping[str, MaskAdapter]) -> BlockDiagonal:
         """One layer's block-diagonal delta pattern (built on first use, kept for the batch)."""
@@ -106,14 +114,13 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
                            f"{tuple(x.shape)} (batch first expected). Pass one adapter name per sample; under "
                            "generate() with num_beams or num_return_sequences, one per prompt (they are expanded).")
     y = base_layer(x)  # (B, ..., out)
-    present = [(name, rows) for name, rows in groups.groups if name in adapters]
-    if not present:  # no row asks for an adapter of this layer: the frozen layer alone
+    pairs = groups.pairs(adapters)
+    if pairs == 0:  # no row asks for an adapter of this layer (or its masks are empty): the frozen layer alone
         return y
     # In place when no graph is recorded (y is a fresh output); out of place otherwise, so autograd sees it.
     in_place = not (torch.is_grad_enabled() and (x.requires_grad or _any_grad(adapters, groups)))
-    pairs = sum(rows.numel() * adapters[name].nnz for name, rows in present)
     if pairs * (x[0].numel() // x.shape[-1]) <= GROUPED_MAX_ELEMENTS:
-        values = {name: adapters[name].values for name, _ in present}
+        values = {name: adapters[name].values for name, _ in groups.groups if name in adapters}
         delta = grouped_sparse_delta(x, values, groups.block_diagonal(adapters)).to(y.dtype)  # (B, ..., out)
         return y.add_(delta) if in_place else y + delta
     for (name, _), rows, span in zip(groups.groups, groups.rows_on(x.device), groups.spans):
