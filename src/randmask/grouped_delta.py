@@ -19,7 +19,7 @@ adapter's ``values`` per call, so gradients reach them (and x) through ``sparse_
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,22 @@ class BlockDiagonal:
     names: tuple[str, ...]  # the adapters whose values are concatenated, in order
     rows: int
     shape: tuple[int, int]  # one block's logical (out, in)
+    _values: tuple = field(default=(), repr=False)  # (values' versions, gathered values) when nothing needs grad
+
+    def gathered(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(P,) the pattern's values, gathered from each adapter's ``values``.
+
+        Kept between calls (decode steps) while the values are unchanged and no graph is recorded; gathered
+        anew, differentiably, otherwise.
+        """
+        tensors = [values[n] for n in self.names]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return torch.cat(tensors).index_select(0, self.value_index)
+        versions = tuple((id(t), t._version) for t in tensors)
+        if not self._values or self._values[0] != versions:
+            cat = torch.cat(tensors) if tensors else torch.zeros(0)
+            self._values = (versions, cat.index_select(0, self.value_index))
+        return self._values[1]
 
 
 def block_diagonal(groups: Sequence[tuple[str, torch.Tensor]], patterns: Mapping[str, SparsePattern],
@@ -67,8 +83,7 @@ def grouped_sparse_delta(x: torch.Tensor, values: Mapping[str, torch.Tensor], bl
     tokens = x[0].numel() // in_f  # L: tokens per row
     # (L, B*in): for L = 1 a view; else the tokens-first copy the stacked layout needs.
     x_flat = x.reshape(batch, tokens, in_f).transpose(0, 1).reshape(tokens, batch * in_f)
-    v = torch.cat([values[n] for n in block.names]) if block.names else x.new_zeros(0, dtype=torch.float32)
-    y_flat = sparse_delta(x_flat, v.index_select(0, block.value_index), block.pattern)  # (L, B*out)
+    y_flat = sparse_delta(x_flat, block.gathered(values), block.pattern)  # (L, B*out)
     return y_flat.view(tokens, batch, out_f).transpose(0, 1).reshape(*x.shape[:-1], out_f)
 
 

@@ -59,3 +59,16 @@ def test_fp32_and_bf16_inputs_keep_their_dtype():
     yb = grouped_sparse_delta(x.bfloat16(), values, block)
     assert y32.dtype == torch.float32 and yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), y32, atol=0.05, rtol=0.02)
+
+
+def test_gathered_values_are_kept_between_calls_only_while_unchanged():
+    patterns = {"a": _pattern((16, 8), 20, False, 0)}
+    groups = group_rows(["a", "__base__"])
+    block = block_diagonal(groups.groups, patterns, groups.rows)
+    x, values = torch.randn(2, 1, 8), {"a": torch.randn(20)}
+    with torch.no_grad():
+        first = grouped_sparse_delta(x, values, block)
+        assert torch.equal(grouped_sparse_delta(x, values, block), first)
+        values["a"].mul_(2)  # an in-place edit bumps the version: gathered anew
+        torch.testing.assert_close(grouped_sparse_delta(x, values, block), 2 * first)
+    assert torch.equal(first[1], torch.zeros_like(first[1]))  # the base row gets no delta
