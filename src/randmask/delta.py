@@ -34,10 +34,10 @@ class _CsrLayout:
 
     d_crow: torch.Tensor  # (out + 1,)
     d_col: torch.Tensor  # (nnz,) input feature of each entry, in D's CSR order
-    d_order: torch.Tensor  # (nnz,) stored-order position of D's CSR entry k
+    d_order: torch.Tensor | None  # (nnz,) stored-order position of D's CSR entry k (None: the same order)
     t_crow: torch.Tensor  # (in + 1,)
     t_col: torch.Tensor  # (nnz,) output feature, in D^T's CSR order
-    t_order: torch.Tensor
+    t_order: torch.Tensor | None
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[SparsePattern, _CsrLayout] = weakref.WeakKeyDictionary()
@@ -49,7 +49,9 @@ def _csr(major: torch.Tensor, minor: torch.Tensor, n_major: int) -> tuple[torch.
     order = torch.argsort(major * n_minor + minor)
     counts = torch.bincount(major, minlength=n_major)
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    return crow, minor[order], order
+    # Sorted row-major indices of a Linear weight are already in D's CSR order: no gather per call then.
+    same = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
+    return crow, minor[order], None if same else order
 
 
 def _layout(pattern: SparsePattern) -> _CsrLayout:
@@ -71,6 +73,10 @@ def _spmm(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple
         return torch.sparse.mm(csr, dense_2d.to(vals.dtype).t()).t()
 
 
+def _in_order(values: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return values if order is None else values.index_select(0, order)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -90,7 +96,7 @@ class SparseDeltaFunction(torch.autograd.Function):
         layout = _layout(pattern)
         x2d = x.reshape(-1, in_f)  # (T, in)
         # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
-        ordered = values.to(compute).index_select(0, layout.d_order)
+        ordered = _in_order(values.to(compute), layout.d_order)
         with torch.autocast(device, enabled=False):
             y2d = _spmm(layout.d_crow, layout.d_col, ordered, (out_f, in_f), x2d)
         ctx.save_for_backward(x, values)
@@ -116,7 +122,7 @@ class SparseDeltaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             layout, compute = _layout(pattern), _compute_dtype(grad_out)
             # dL/dx = g @ D = (D^T @ g^T)^T: (T, out) -> (T, in)
-            ordered = values.to(compute).index_select(0, layout.t_order)
+            ordered = _in_order(values.to(compute), layout.t_order)
             grad_x = _spmm(layout.t_crow, layout.t_col, ordered, (in_f, out_f), g2d)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
