@@ -8,8 +8,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.precision import PRECISIONS, Precision
+from randmask_lab.experiment.distributed import parse_device
+from randmask_lab.experiment.precision import AUTO, PRECISIONS, Precision, resolve_precision
 
 MASKING_METHODS = ("randmask", "structured")
 # Every field carries its role in its metadata: "identity" fields change what a run computes or reads
@@ -90,10 +93,13 @@ class RunConfig:
     """Also evaluate before training (recorded as epoch 0, never selected)."""
     val_generate: bool = field(default=False, metadata=IDENTITY)
     """Generation tasks: also decode the validation set each epoch to get a validation F1 (slow)."""
-    precision: Precision = field(default="32", metadata=IDENTITY)
-    """Numeric precision (Lightning's names): 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state);
-    bf16-true (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters);
-    16-mixed (fp16 autocast with loss scaling). Speed per precision: benchmarks/precision_step.py."""
+    precision: Precision = field(default="auto", metadata=IDENTITY)
+    """Numeric precision (Lightning's names): auto (bf16-mixed where the device runs bf16 natively: a GPU, or a CPU
+    with AMX/avx512_bf16; else 32); 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state); bf16-true
+    (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters); 16-mixed
+    (fp16 autocast with loss scaling). The run records, and is identified by, the precision auto resolved to."""
+    precision_requested: str | None = field(default=None, metadata=EXECUTION)
+    """Set by the runner: the --precision that was asked for (auto, or a name), beside the one that ran."""
     device: str = field(default="auto", metadata=EXECUTION)
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
     threads: int | None = field(default=None, metadata=EXECUTION)
@@ -163,8 +169,8 @@ class RunConfig:
         for name, value, ok, want in checks:
             if not ok or value != value:  # value != value: NaN
                 raise RunError(f"--{name} must be {want}, got {value}")
-        if self.precision not in PRECISIONS:
-            raise RunError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in (AUTO, *PRECISIONS):
+            raise RunError(f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
             raise RunError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
         if self.method not in MASKING_METHODS and (self.ratio is not None or self.density is not None):
@@ -175,6 +181,22 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise RunError(f"--{name} must be in (0, 1], got {value}")
+
+    @property
+    def device_type(self) -> str:
+        """``cpu`` or ``cuda``: the kind of device the run uses (``auto``: cuda when available)."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return parse_device(self.device).type
+
+    def resolved(self) -> RunConfig:
+        """This config with ``precision`` resolved for its device (``auto`` -> bf16-mixed or 32), the request
+        kept in ``precision_requested``: what a run records and hashes."""
+        if self.precision != AUTO:
+            return self if self.precision_requested is not None else dataclasses.replace(
+                self, precision_requested=self.precision)
+        return dataclasses.replace(self, precision=resolve_precision(AUTO, self.device_type),
+                                   precision_requested=AUTO)
 
     @property
     def seeds(self) -> tuple[int, int, int]:
@@ -217,6 +239,8 @@ class RunConfig:
 
         data = {f.name: v for f, v in zip(dataclasses.fields(self), self.to_dict().values(), strict=True)
                 if field_role(f) == "identity"}
+        # auto is never an identity: two machines may resolve it differently (see resolved()).
+        data["precision"] = resolve_precision(self.precision, self.device_type)
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
         data.pop("seed")
         for name, default in OMITTED_AT_DEFAULT.items():  # fields added after records existed

@@ -38,15 +38,20 @@ class DistContext:
         return self.world > 1
 
 
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``, a RunError naming the choices for a name torch does not know."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU. RunError for a device name torch
     does not know, or a device this machine lacks."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise RunError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    dev = parse_device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu (or auto)")

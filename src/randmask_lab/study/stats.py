@@ -26,6 +26,15 @@ class Estimate:
     high: float | None
     n: int
 
+    def one_sided(self, level: float = 0.95) -> tuple[float, float] | None:
+        """(lower, upper) one-sided ``level`` bounds: mean -/+ t_{level, n-1} std / sqrt(n) (None when n < 2).
+
+        Each is the bound of its own one-sided test: ``low > -margin`` shows non-inferiority at ``level``."""
+        if self.std is None:
+            return None
+        half = student_t.ppf(level, self.n - 1) * self.std / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
     def text(self, scale: float = 100.0, digits: int = 1) -> str:
         """e.g. ``86.1 ± 0.8 [84.2, 88.0]`` (metric x100 by default)."""
         f = lambda v: f"{scale * v:.{digits}f}"

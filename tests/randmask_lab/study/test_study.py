@@ -116,8 +116,35 @@ def test_findings_follow_the_data() -> None:
     assert finding_a(cells).verdict == UNSURE  # no full FT cell
     worse = list(study_cells(study(lora_shift=0.05)).values())
     a = finding_a(worse)
-    assert a.evidence[0].startswith("randmask 1e-03 − lora") and "DOES NOT HOLD" in a.evidence[0]
+    average = next(e for e in a.evidence if e.startswith("randmask 1e-03 − lora on the average"))
+    assert "non-inferior by 1 point: DOES NOT HOLD" in average and "equivalent within ±1: no" in average
+    assert any(e.startswith("  rte: randmask 1e-03 − lora") for e in a.evidence)  # per task too
     assert a.verdict == FAILS
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([-0.004, -0.006, -0.005, -0.003, -0.007], HOLDS),  # 0.5 points worse, tightly: not worse by 1 point
+    ([-0.02, 0.01, -0.03, 0.015, -0.01], UNSURE),  # the lower bound lies below -1, the upper above it
+    ([-0.031, -0.029, -0.030, -0.032, -0.028], FAILS),  # 3 points worse: the upper bound lies below -1
+    ([-0.005], UNSURE),  # one seed: no bound
+])
+def test_non_inferiority_reads_the_one_sided_bounds(diffs, verdict) -> None:
+    from randmask_lab.study.findings import MARGIN, greater_than
+    from randmask_lab.study.stats import mean_interval
+
+    assert greater_than(mean_interval(diffs), -MARGIN) == verdict
+
+
+def test_one_sided_bounds_are_the_t_quantile_at_the_level() -> None:
+    from scipy.stats import t as student_t
+
+    from randmask_lab.study.stats import mean_interval
+
+    est = mean_interval([0.1, 0.3, 0.2, 0.4])
+    low, high = est.one_sided(0.95)
+    half = student_t.ppf(0.95, 3) * est.std / 2
+    assert low == pytest.approx(est.mean - half) and high == pytest.approx(est.mean + half)
+    assert est.low < low < est.mean < high < est.high  # the one-sided 95% bound is the two-sided 90% one
 
 
 def test_report_from_and_findings_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
