@@ -20,8 +20,8 @@ math backend for whatever it hands back to SDPA; every other case keeps PyTorch'
 Which precision to ask for depends on the hardware: ``auto`` (the runner's default) resolves to
 ``bf16-mixed`` where bf16 is native (a CPU with AMX or avx512_bf16, by oneDNN's own check; a GPU
 that supports bf16) and to ``32`` everywhere else. On an AVX2-only CPU torch 2.13 runs a bf16
-matmul ~48x slower than fp32 (1024x768x3072 at 2 threads: fp32 84 ms, bf16 4,005 ms, fp16 6,005 ms;
-a SmolLM2 training step 20-60x slower), so an explicit half precision there still runs, with a
+matmul ~46x and an fp16 one ~64x slower than fp32 (1024x768x3072 at 2 threads, AMD EPYC:
+``python benchmarks/matmul_dtypes.py``), so an explicit half precision there still runs, with a
 one-line warning. The resolved precision is what a run records and hashes into its id, so ``auto``
 on two kinds of machine never gives one run id to two computations.
 """
@@ -41,8 +41,9 @@ from randmask_lab.machine import bf16_native, cpu_capability
 Precision = Literal["auto", "32", "bf16-mixed", "bf16-true", "16-mixed"]
 PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "bf16-true", "16-mixed")  # what a run can run in
 AUTO = "auto"
-# Measured on an AVX2-only AMD EPYC, torch 2.13, 2 threads (see the module doc): the slowdown to name.
-SLOW_HALF_ON_CPU = "bf16 ~48x and fp16 ~70x slower than fp32 in a matmul here, a training step 20-60x"
+# Measured on an AVX2-only AMD EPYC, torch 2.13, 2 threads (`python benchmarks/matmul_dtypes.py`: 45.7x and
+# 64.2x, median of 3 paired rounds): the slowdown the warning names.
+SLOW_HALF_ON_CPU = "a bf16 matmul runs ~46x and an fp16 one ~64x slower than fp32 on such a CPU"
 # A scale this small means the fp16 gradients overflow even unscaled: training cannot go on in fp16.
 COLLAPSED_SCALE = 1.0
 
