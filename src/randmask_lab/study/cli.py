@@ -24,12 +24,13 @@ def report_from(args: argparse.Namespace) -> int:
     records = read_jsonl(args.from_file)
     print(study_tables(study_cells(records)))
     if getattr(args, "figures", None):
-        from randmask_lab.study.figures import plot_lr_curves, plot_structured_vs_random
+        from randmask_lab.study.figures import plot_lr_curves, plot_sparsity_curve, plot_structured_vs_random
 
         for model, cells in _by_model(args.from_file).items():
             slug = model.replace("/", "_")
             written = [plot_lr_curves(cells, Path(args.figures) / f"{slug}_lr_curves.png", model),
-                       plot_structured_vs_random(cells, Path(args.figures) / f"{slug}_structured.png", model)]
+                       plot_structured_vs_random(cells, Path(args.figures) / f"{slug}_structured.png", model),
+                       plot_sparsity_curve(cells, Path(args.figures) / f"{slug}_sparsity.png", model)]
             for path in filter(None, written):
                 print(f"wrote {path}")
     return 0

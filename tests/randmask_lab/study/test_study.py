@@ -185,3 +185,22 @@ def test_finding_c_pairs_seeds_across_ratios(tmp_path: Path) -> None:
     for ratio, value in ((1e-3, 10.0), (1e-4, 1.0)):
         _hessian(tmp_path / "single" / f"{ratio}", ratio, 0, value)
     assert finding_c([tmp_path / "single"]).verdict == UNSURE
+
+
+def test_paper_rows_sit_beside_ours_and_the_sparsity_curve_is_drawn(tmp_path: Path) -> None:
+    from randmask_lab.study.figures import plot_sparsity_curve
+    from randmask_lab.study.tables import paper_table, study_tables
+
+    runs = [record("sst2", "randmask", 1e-2, s, 0.8 - r, 0.5, r) for r in (5e-2, 1e-3, 1e-4, 1e-5) for s in (0, 1)]
+    runs += [record("sst2", "lora", 1e-3, s, 0.81, 0.5) for s in (0, 1)]
+    for r in runs:
+        r.trainable, r.total = 10, 1000
+    cells = study_cells(runs)
+    table = paper_table("tiny", {c.key[3]: {c.key[2]: c} for c in cells.values()})
+    lora = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "| 86.5 |" in lora and "81.0 ± 0.0" in lora  # the paper's OPT-125m SST-2 LoRA, beside ours
+    assert "| randmask 5e-02 | 1% |" in table and "| 87.0 |" in table  # trainable 10 of 1000; the paper's 5% row
+    assert "Beside the paper's OPT-125m rows" in study_tables(cells)
+    path = plot_sparsity_curve(list(cells.values()), tmp_path / "s.png", "tiny")
+    assert path is not None and path.stat().st_size > 0
+    assert plot_sparsity_curve(list(cells.values()), tmp_path / "t.png", "tiny", min_ratios=5) is None
