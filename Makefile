@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow lint bench bench-quick bench-precision clean
+.PHONY: setup run test test-slow lint bench bench-quick bench-precision wheel-check clean
 
 # torch first, pinned to the CPU build on this machine's disk: otherwise a dependency
 # pulls a multi-GB CUDA build of torch.
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Build the wheel and install it in a fresh venv away from the source tree (import, native build, CLI).
+wheel-check: $(STAMP)
+	PY=$(PY) .ci/wheel_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
