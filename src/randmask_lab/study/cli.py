@@ -60,7 +60,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from randmask_lab.study.plan import StudySpec, needed_runs
     from randmask_lab.study.run import check_one_precision, planned_run_id, run_study, validate_spec, with_committed
 
-    spec = StudySpec.from_file(args.spec)
+    spec = StudySpec.from_file(args.spec).only_stages(args.stages)
     if args.plan:
         validate_spec(spec, args.out_dir)
         from randmask_lab.experiment.store import ResultStore, store_file
@@ -119,6 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "would)")
     std.add_argument("--power-from", help="with --plan: the study file (JSONL) whose per-seed spreads the power "
                      "calculation reads (default: this study's own finished runs)")
+    std.add_argument("--stages", type=int, nargs="+", help="only the cells of these stages (the spec's "
+                     "\"stage\" fields): lets two machines split a study without running one cell twice")
     std.add_argument("--allow-dirty", action="store_true", help="run even when the code has uncommitted changes "
                      "(its records then cannot be traced to a commit)")
     std.set_defaults(func=_cmd_study)

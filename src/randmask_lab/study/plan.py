@@ -8,9 +8,10 @@ so a killed study, or a second worker on the same store, picks up where the stor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,17 @@ class StudySpec:
         if spec.precision not in PRECISIONS:
             raise RunError(f"study spec {path}: precision {spec.precision!r} is not one of {', '.join(PRECISIONS)}.")
         return spec
+
+    def only_stages(self, stages: Sequence[int] | None) -> StudySpec:
+        """This spec with only the cells of ``stages`` (None: all): machines can split a study by stage."""
+        if not stages:
+            return self
+        have = {c.stage for c in self.cells}
+        missing = sorted(set(stages) - have)
+        if missing:
+            raise RunError(f"study {self.name} has no stage {', '.join(map(str, missing))}; its stages are "
+                           f"{', '.join(map(str, sorted(have)))}")
+        return dataclasses.replace(self, cells=[c for c in self.cells if c.stage in set(stages)])
 
     def cell_seeds(self, cell: CellSpec) -> tuple[int, ...]:
         """The seeds a cell runs at its chosen LR (its own, else the study's)."""

@@ -178,3 +178,10 @@ def test_a_cells_seeds_must_hold_the_search_seed(tmp_path: Path) -> None:
                                 "cells": [{"method": "full", "lrs": [1e-5], "seeds": [1, 2]}]}))
     with pytest.raises(RunError, match="search_seed 0 is not one of seeds"):
         StudySpec.from_file(path)
+
+
+def test_only_stages_keeps_their_cells_and_names_a_missing_stage() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2,), 1e-4, stage=1), CellSpec("full", (1e-5,), None)])
+    assert [c.method for c in s.only_stages([1]).cells] == ["randmask"] and s.only_stages(None) is s
+    with pytest.raises(RunError, match="has no stage 4; its stages are 0, 1"):
+        s.only_stages([4])
