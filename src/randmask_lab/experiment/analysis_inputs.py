@@ -148,6 +148,6 @@ def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
         _freeze_head(prepared.model, config)
     objective = make_objective(config, data, tokenizer)
     lengths = grouping_lengths(data.train, config.group_by_length)
-    steps = epoch_batches(len(data.train), config.seeds[2], 0, size, lengths=lengths)  # the loop's own batching
+    steps = epoch_batches(len(data.train), config.seeds.order, 0, size, lengths=lengths)  # the loop's own batching
     batches = [[data.train[i] for i in step] for step in steps[:n_batches]]
     return AnalysisInputs(prepared.model.eval(), batches, TrainingLoss(objective, prepared))

@@ -68,7 +68,7 @@ def resolve_mode(config: RunConfig, spec: TaskSpec) -> str:
 def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(base model, tokenizer) with weights in ``dtype``; a fresh head is initialised from the mask seed."""
     if mode == "head":
-        with seeded(config.seeds[1]):
+        with seeded(config.seeds.mask):
             return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
     return load_causal_lm(config.model, dtype=dtype)
 
@@ -82,7 +82,7 @@ def prepare(config: RunConfig, model: Any, total_steps: int) -> PreparedModel:
     """Apply the method; RunError naming the model and method when it cannot be applied."""
     try:
         return prepare_method(config.method, model, ratio=config.ratio, density=config.density,
-                              seed=config.seeds[1], targets=config.targets, total_steps=total_steps,
+                              seed=config.seeds.mask, targets=config.targets, total_steps=total_steps,
                               head_modules=config.head_modules, **config.method_options)
     except (ValueError, MaskingError) as e:
         raise RunError(f"cannot apply {config.method} to {config.model}: {e}") from None
@@ -108,13 +108,13 @@ def sample_splits(config: RunConfig, spec: TaskSpec) -> TaskSplits:
     Same as ``load_task_splits``, with the original files read once per process.
     """
     pools = _pools(spec.name, config.data_dir, config.source)
-    train, val, test, notes = protocol_split(pools.train, pools.test, data_seed=config.seeds[0],
+    train, val, test, notes = protocol_split(pools.train, pools.test, data_seed=config.seeds.data,
                                              n_train=config.n_train, n_val=config.n_val,
                                              n_test=config.n_test, salt=spec.name)
     if not train or not val:
         raise RunError(f"task {spec.name!r} gave {len(train)} train / {len(val)} val examples; "
                        "raise --n-train / --n-val")
-    return TaskSplits(spec.name, config.seeds[0], tuple(train), tuple(val), tuple(test), pools.origin,
+    return TaskSplits(spec.name, config.seeds.data, tuple(train), tuple(val), tuple(test), pools.origin,
                       tuple(notes))
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -15,9 +15,21 @@ from randmask_lab.experiment.distributed import parse_device
 from randmask_lab.experiment.precision import AUTO, PRECISIONS, Precision, resolve_precision
 
 MASKING_METHODS = ("randmask", "structured")
+
+
+class Seeds(NamedTuple):
+    """A run's three independent seeds (each defaults to ``--seed``)."""
+
+    data: int
+    """The train/val/test sample."""
+    mask: int
+    """The mask and every random initialisation a method makes."""
+    order: int
+    """The training order and dropout."""
+
 # Every field carries its role in its metadata: "identity" fields change what a run computes or reads
 # and go into its id; "execution" fields change only how or where it runs. A field without a role is an
-# error (tests/randmask_lab/experiment/test_config.py), so a new option cannot silently stay out of the id.
+# error (tests/randmask_lab/experiment/test_identity.py), so a new option cannot silently stay out of the id.
 ROLE = "role"
 IDENTITY = {ROLE: "identity"}
 EXECUTION = {ROLE: "execution"}
@@ -199,10 +211,10 @@ class RunConfig:
                                    precision_requested=AUTO)
 
     @property
-    def seeds(self) -> tuple[int, int, int]:
-        """(data_seed, mask_seed, order_seed) with defaults filled in."""
+    def seeds(self) -> Seeds:
+        """The three seeds with defaults filled in: ``seeds.data``, ``seeds.mask``, ``seeds.order``."""
         pick = lambda s: self.seed if s is None else s
-        return pick(self.data_seed), pick(self.mask_seed), pick(self.order_seed)
+        return Seeds(pick(self.data_seed), pick(self.mask_seed), pick(self.order_seed))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""

@@ -66,7 +66,7 @@ class Trainer:
         self.steps_per_epoch = len(self._batches(0))
         self.optimizer = build_optimizer(prepared, config, heads)
         self.scaler = plan.make_scaler()
-        torch.manual_seed(config.seeds[2])  # dropout stream: the order seed (saved in checkpoints)
+        torch.manual_seed(config.seeds.order)  # dropout stream: the order seed (saved in checkpoints)
         self.state, self.best = TrainState(), None
         self.ckpt = run_dir / "checkpoint"
         loaded = load_checkpoint(self.ckpt, prepared, self.optimizer, config.run_id, self.scaler)
@@ -79,7 +79,7 @@ class Trainer:
         self.steps_here = 0
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        batches = epoch_batches(len(self.data.train), self.config.seeds[2], epoch, self.config.batch_size,
+        batches = epoch_batches(len(self.data.train), self.config.seeds.order, epoch, self.config.batch_size,
                                 self.ctx.world, self.ctx.rank, self.lengths)
         return batches[: self.config.max_steps] if self.config.max_steps else batches
 
