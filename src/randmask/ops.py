@@ -457,7 +457,7 @@ class MaskedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, pattern: SparsePattern):  # noqa: D102
+    def forward(ctx, x, values, weight, bias, pattern: SparsePattern, refresh=None):  # noqa: D102
         cast = _autocast_dtype(x)
         ctx.input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -465,14 +465,17 @@ class MaskedLinearFunction(torch.autograd.Function):
                 x, weight = _cast_input(x, cast), weight.to(cast)
                 bias = bias.to(cast) if bias is not None else None
             y = _linear(x, weight, bias, pattern.transposed)
-        ctx.save_for_backward(x, values, weight)
+        ctx.save_for_backward(x, values, weight, refresh)
         ctx.pattern = pattern
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, values, weight = ctx.saved_tensors
+        x, values, weight, refresh = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
+        if refresh is not None:  # the weight was gathered again since the forward (FSDP2): write the delta again
+            with torch.no_grad():
+                weight.view(-1)[pattern.indices] = refresh.to(weight.dtype)
         create_graph = torch.is_grad_enabled()  # True only under backward(create_graph=True)
         g = grad_out.to(weight.dtype)
         g2d, x2d = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -499,7 +502,7 @@ class MaskedLinearFunction(torch.autograd.Function):
 
         if ctx.needs_input_grad[3]:
             grad_bias = g2d.sum(0)
-        return grad_x, grad_values, None, grad_bias, None
+        return grad_x, grad_values, None, grad_bias, None, None
 
 
 def masked_linear(
@@ -508,9 +511,14 @@ def masked_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     pattern: SparsePattern,
+    refresh: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply the masked linear op. ``weight`` must already equal W0 (+) values at the kept entries."""
-    return MaskedLinearFunction.apply(x, values, weight, bias, pattern)
+    """Apply the masked linear op. ``weight`` must already equal W0 (+) values at the kept entries.
+
+    ``refresh``: (nnz,) entries to write into ``weight`` again before the backward reads it, for a weight that is
+    gathered anew between forward and backward (FSDP2 frees it after the forward); None: the weight keeps them.
+    """
+    return MaskedLinearFunction.apply(x, values, weight, bias, pattern, refresh)
 
 
 def scatter_delta(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:

@@ -13,7 +13,6 @@ from randmask import MaskingError, native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern, dense_reference_linear, masked_linear, scatter_delta
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
