@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from randmask.config import MaskingError
 from randmask.ops import SparsePattern, masked_linear
 
 
@@ -91,6 +92,10 @@ class MaskAdapter(nn.Module):
     def __init__(self, indices: torch.Tensor, weight: torch.Tensor, transposed: bool,
                  blocks: list[Block], kind: str, explicit_indices: bool) -> None:
         super().__init__()
+        if weight.is_meta:
+            raise MaskingError("the weights are on the meta device (no values yet): randmask keeps W0 at the kept "
+                               "entries when it adds an adapter. Load the weights first (to_empty + load_state_dict), "
+                               "then apply masking; with FSDP2, apply masking before fully_shard.")
         master_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
         # so that updates smaller than a bf16 ulp still accumulate.

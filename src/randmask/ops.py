@@ -86,6 +86,8 @@ class _Plan:
     col: torch.Tensor  # (nnz,) CSR column (renumbered rhs feature) of each entry
     size: tuple[int, int]  # (n_lhs, n_rhs)
     order: torch.Tensor | None  # entry k of the CSR is kept entry order[k] (None: same order)
+    # The compact path's block edges per block size, read back once: on CUDA a .tolist() per call is a host sync.
+    edges: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -369,7 +371,9 @@ def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Spars
     step = n_lhs if lhs_2d.dtype == compute else \
         max(1, COMPACT_CHUNK_BYTES // (lhs_2d.shape[0] * torch.finfo(compute).bits // 8))
     starts = list(range(0, n_lhs, step))
-    edges = plan.crow[starts + [n_lhs]].tolist()  # the entries of block b are edges[b]:edges[b + 1]
+    edges = plan.edges.get(step)
+    if edges is None:  # the entries of block b are edges[b]:edges[b + 1]
+        edges = plan.edges[step] = plan.crow[starts + [n_lhs]].tolist()
     values = torch.empty(pattern.nnz, dtype=compute, device=grad_out_2d.device)
     for b, r0 in enumerate(starts):
         r1, e0, e1 = min(n_lhs, r0 + step), edges[b], edges[b + 1]
