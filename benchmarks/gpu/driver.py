@@ -59,6 +59,7 @@ def run_tests(dry_run: bool, log) -> dict:
 def gpu_peak_bytes(variant: str, shape: str, batch: tuple[int, int], device: str, precision: str) -> int | None:
     """torch.cuda.max_memory_allocated over one step of ``variant`` built alone (after two warm-up steps)."""
     import torch
+
     from bench_models import batch_ids, build_base, make_step, make_variant
 
     if device != "cuda":
@@ -157,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernel on the CPU
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks"), str(Path(__file__).resolve().parent)]
-    import torch
-
     import sddmm_gpu
+    import torch
     from report import summary, targets
+
     from randmask_lab.machine import describe, machine_info
 
     device = "cpu" if args.dry_run else "cuda"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from step_benchmark import format_table
-
 from sddmm_gpu import table as sddmm_table
+
+from step_benchmark import format_table
 
 
 def _ratio(rows: list[dict], shape: str, density: float, way: str) -> float | None:
