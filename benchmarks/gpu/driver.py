@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import statistics
@@ -56,28 +57,34 @@ def run_tests(dry_run: bool, log) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
-def gpu_peak_bytes(variant: str, shape: str, batch: tuple[int, int], device: str, precision: str) -> int | None:
-    """torch.cuda.max_memory_allocated over one step of ``variant`` built alone (after two warm-up steps)."""
+def gpu_peak_bytes(variant: str, base, batch: tuple[int, int], precision: str) -> int | None:
+    """torch.cuda.max_memory_allocated over one step of ``variant`` (a copy of ``base``, the only other model
+    on the GPU), after two warm-up steps; None on the CPU (where the same steps run: the dry run)."""
+    import copy
+
     import torch
 
-    from bench_models import batch_ids, build_base, make_step, make_variant
+    from bench_models import batch_ids, make_step, make_variant
 
-    if device != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    model = make_variant(variant, build_base(False, precision, shape, device))
+    cuda = next(base.parameters()).device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    model = make_variant(variant, copy.deepcopy(base))
     step, _, _ = make_step(variant, model, batch_ids(model, False, batch), precision)
     step()
     step()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     step()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
     del model, step
-    torch.cuda.empty_cache()
-    return int(peak)
+    if cuda:
+        torch.cuda.empty_cache()
+    return peak
 
 
 def run_step(dry_run: bool, device: str, max_minutes: float, log) -> list[dict]:
+    from bench_models import build_base
     from step_benchmark import time_precision
 
     # The dry run in fp32: this logic is precision-blind, and CPUs without native bf16 run it ~48x slower.
@@ -86,9 +93,11 @@ def run_step(dry_run: bool, device: str, max_minutes: float, log) -> list[dict]:
     only = ["shira r=8 q/v", "randmask 0.1% q/v", "randmask 1% all-linear"] if dry_run else None  # + floor, LoRA
     rows = time_precision(precision, False, rounds[0], rounds[1], 1 if dry_run else 2, 0.02, log, max_minutes,
                           only, shape, batch, device)
+    gc.collect()  # the timing phase's models leave the GPU before the memory phase
+    base = build_base(False, precision, shape, device)
     for r in rows:
         r["shape"], r["batch"] = shape, list(batch)
-        r["max_memory_allocated"] = gpu_peak_bytes(r["variant"], shape, batch, device, precision)
+        r["max_memory_allocated"] = gpu_peak_bytes(r["variant"], base, batch, precision)
     return rows
 
 
