@@ -44,26 +44,36 @@ def scope_of(name: str) -> str:
     return "all-linear" if name.endswith("all-linear") else "q/v"
 
 
-def build_base(quick: bool, precision: str) -> torch.nn.Module:
-    """OPT-125m's shapes (random init, seed 0), or a 4x256 model with --quick; bf16 for bf16-true."""
+# OPT shapes: (hidden, layers, ffn, heads, vocab, positions). "quick" is --quick; "tiny" is benchmarks/gpu's --dry-run.
+SHAPES = {
+    "tiny": (64, 2, 256, 4, 32768, 128),  # the vocabulary makes 1e-5 of all parameters ~5 entries per q/v matrix
+    "quick": (256, 4, 1024, 4, 8192, 128),
+    "opt-125m": (768, 12, 3072, 12, 50272, 2048),  # facebook/opt-125m
+    "opt-1.3b": (2048, 24, 8192, 32, 50272, 2048),  # facebook/opt-1.3b
+}
+
+
+def build_base(quick: bool, precision: str, shape: str | None = None, device: str = "cpu") -> torch.nn.Module:
+    """OPT-125m's shapes (random init, seed 0), a 4x256 model with --quick, or ``shape`` (a key of SHAPES);
+    bf16 for bf16-true; on ``device``."""
     import transformers
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
-    if quick:
-        cfg = transformers.OPTConfig(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
-                                     vocab_size=8192, max_position_embeddings=128, word_embed_proj_dim=256)
-    else:  # facebook/opt-125m
-        cfg = transformers.OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
-                                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)
+    hidden, layers, ffn, heads, vocab, positions = SHAPES[shape or ("quick" if quick else "opt-125m")]
+    cfg = transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
+                                 vocab_size=vocab, max_position_embeddings=positions, word_embed_proj_dim=hidden)
     torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(cfg).eval()  # eval: no dropout, the same math for every variant
+    with torch.device(device):  # initialised where it runs: a 1.3b model's CPU init would take most of a minute
+        model = transformers.OPTForCausalLM(cfg).eval()  # eval: no dropout, the same math for every variant
     return model.to(torch.bfloat16) if precision == "bf16-true" else model
 
 
-def batch_ids(model: torch.nn.Module, quick: bool) -> torch.Tensor:
-    batch, seq = (4, 64) if quick else (8, 128)
-    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+def batch_ids(model: torch.nn.Module, quick: bool, batch: tuple[int, int] | None = None) -> torch.Tensor:
+    """(batch, seq) token ids on the model's device: 4 x 64 with --quick, else 8 x 128, or ``batch``."""
+    batch, seq = batch or ((4, 64) if quick else (8, 128))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return ids.to(next(model.parameters()).device)
 
 
 def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
@@ -119,8 +129,10 @@ def make_step(name: str, model: torch.nn.Module, ids: torch.Tensor, precision: s
         _floor_hooks(model)
     record = {"grad_bytes": 0}
 
+    device = ids.device.type
+
     def step() -> None:
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
+        autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-mixed"
                     else contextlib.nullcontext())
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
@@ -129,6 +141,8 @@ def make_step(name: str, model: torch.nn.Module, ids: torch.Tensor, precision: s
             record["grad_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()  # the caller times the step: wait for the GPU to finish it
 
     return step, opt, record
 

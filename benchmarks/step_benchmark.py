@@ -75,18 +75,22 @@ class SddmmTimer:
 
 def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
                    ci_target: float, log=print, max_minutes: float | None = None,
-                   only: list[str] | None = None) -> list[dict]:
+                   only: list[str] | None = None, shape: str | None = None, batch: tuple[int, int] | None = None,
+                   device: str = "cpu") -> list[dict]:
     """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
 
     ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
+    ``shape``, ``batch``, ``device``: see ``bench_models.build_base`` / ``batch_ids`` (benchmarks/gpu uses them).
+    On CUDA the SDDMM share is left out (the op's launches return before the GPU has run them).
     """
-    base = build_base(quick, precision)
-    ids = batch_ids(base, quick)
+    base = build_base(quick, precision, shape, device)
+    ids = batch_ids(base, quick, batch)
     models = make_all(base, precision, only)
     del base
     steps = {name: make_step(name, model, ids, precision) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
-    sddmm_share: dict[str, list[float]] = {name: [] for name in models if name.startswith("randmask")}
+    sddmm_share: dict[str, list[float]] = {name: [] for name in models
+                                           if name.startswith("randmask") and device == "cpu"}
     for _ in range(warmup):  # also creates the optimizer state
         for step, _, _ in steps.values():
             step()

@@ -33,7 +33,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskedLayer, is_conv1d, is_maskable, logical_shape
+from randmask.layer import Block, MaskedLayer, full_tensor, is_conv1d, is_maskable, is_sharded, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
@@ -92,16 +92,22 @@ def _save_dtype(layer: MaskedLayer, dtype: torch.dtype | None) -> torch.dtype:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  dtype: torch.dtype | None = None) -> Path:
-    """Write the adapter to folder ``path`` (created if needed); returns the folder."""
+    """Write the adapter to folder ``path`` (created if needed); returns the folder.
+
+    A model sharded with FSDP2 (``fully_shard``: its values are DTensors): call it on every rank; the values are
+    gathered and rank 0 writes the file, the same bytes as an unsharded model's.
+    """
     meta = adapter_meta(model, adapter_name)
     out = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     matrices: dict[str, dict] = {}
+    sharded = False
     for name, layer in masked_layers(model).items():
         if adapter_name not in layer.adapters:
             continue
         adapter = layer.adapters[adapter_name]
-        values = adapter.values.detach()
+        sharded = sharded or is_sharded(adapter.values)
+        values = full_tensor(adapter.values.detach())  # a collective for DTensor values
         if not torch.isfinite(values).all():
             raise MaskingError(f"adapter values of {name} are not finite (NaN/inf): training diverged. "
                                "Lower the learning rate; nothing was saved.")
@@ -135,6 +141,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
     header[CONFIG_CHECKSUM_KEY] = config_checksum(header)
+    if sharded and torch.distributed.get_rank() != 0:
+        return out  # rank 0 writes
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(header, indent=1) + "\n").encode())
     return out

@@ -5,17 +5,59 @@ the wrapped weight equals ``W0 (+) values``, where (+) is addition in the weight
 dtype. So an optimizer step (or ``load_state_dict``, or any in-place edit of
 ``values``) is reflected in the weight by the next forward with no call from the
 user, and the forward itself is the unmodified dense layer.
+
+Sharded weights (FSDP2's ``fully_shard``): inside a forward the layer sees the all-gathered weight and
+writes the delta there; FSDP frees that copy after the forward and gathers it again from the shards
+for the backward, so the op is handed the entries to write again (``refresh``). Outside a forward
+the weight is a DTensor and writes touch this rank's shard only (``write_entries``).
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from randmask.config import MaskingError
 from randmask.ops import SparsePattern, masked_linear
+
+
+def _no_weight() -> None:
+    return None
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2 / tensor parallel). Never imports torch.distributed itself."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole of a DTensor (a collective: every rank of its mesh must call it)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def write_entries(weight: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
+    """``weight.view(-1)[indices] = entries`` in place; a DTensor weight writes only this rank's block, O(nnz)."""
+    with torch.no_grad():
+        if not is_sharded(weight):
+            weight.view(-1)[indices] = entries.to(weight.dtype)
+            return
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        (n_rows, n_cols), (r0, c0) = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh,
+                                                                           weight.placements)
+        local = weight.to_local()
+        cols = weight.shape[1]
+        rows, cs = torch.div(indices, cols, rounding_mode="floor"), indices % cols
+        mine = (rows >= r0) & (rows < r0 + n_rows) & (cs >= c0) & (cs < c0 + n_cols)
+        # view, not reshape: a copy would take the write and leave the shard as it was.
+        local.view(-1)[(rows[mine] - r0) * n_cols + (cs[mine] - c0)] = entries.to(local.device)[mine].to(local.dtype)
 
 
 @dataclass(frozen=True)
@@ -50,6 +92,10 @@ class MaskAdapter(nn.Module):
     def __init__(self, indices: torch.Tensor, weight: torch.Tensor, transposed: bool,
                  blocks: list[Block], kind: str, explicit_indices: bool) -> None:
         super().__init__()
+        if weight.is_meta:
+            raise MaskingError("the weights are on the meta device (no values yet): randmask keeps W0 at the kept "
+                               "entries when it adds an adapter. Load the weights first (to_empty + load_state_dict), "
+                               "then apply masking; with FSDP2, apply masking before fully_shard.")
         master_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
         # so that updates smaller than a bf16 ulp still accumulate.
@@ -64,10 +110,17 @@ class MaskAdapter(nn.Module):
         self.kind = kind
         self.explicit_indices = explicit_indices  # custom masks: indices are saved in the file
         self._pattern: SparsePattern | None = None
+        # The weight parameter this adapter writes into. Another object in its place at a forward (FSDP's
+        # all-gathered copy, freed after the forward) means the delta must be written again for the backward.
+        self._weight = weakref.ref(weight)
 
     @property
     def nnz(self) -> int:
         return int(self.indices.numel())
+
+    def __getstate__(self) -> dict:
+        # A weak reference does not pickle; a copy then refreshes at every backward (correct, O(nnz) more).
+        return {**super().__getstate__(), "_weight": _no_weight}
 
     def pattern(self) -> SparsePattern:
         """The sparse pattern on the indices' current device (cached)."""
@@ -76,8 +129,14 @@ class MaskAdapter(nn.Module):
         return self._pattern
 
     def target_entries(self, weight_dtype: torch.dtype) -> torch.Tensor:
-        """W0 (+) values in the weight dtype: what the weight holds at the kept entries."""
-        return self.base_values.to(weight_dtype) + self.values.detach().to(weight_dtype)
+        """W0 (+) values in the weight dtype: what the weight holds at the kept entries. Outside a forward of an
+        FSDP2 model ``values`` is a DTensor: its whole is gathered (every rank must call this)."""
+        return self.base_values.to(weight_dtype) + full_tensor(self.values.detach()).to(weight_dtype)
+
+    def refresh_for_backward(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """None when ``weight`` is the parameter this adapter writes into (it keeps the delta until the backward);
+        else the entries the op must write again before its backward reads ``weight`` (see the module doc)."""
+        return None if self._weight() is weight else self.target_entries(weight.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
         # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
@@ -138,15 +197,18 @@ class MaskedLayer(nn.Module):
         if self.active_adapter is None:
             return
         adapter = self.adapters[self.active_adapter]
-        with torch.no_grad():
-            self.weight.view(-1)[adapter.indices] = adapter.base_values.to(self.weight.dtype)
+        write_entries(self.weight, adapter.indices, adapter.base_values)
 
     def sync(self) -> None:
-        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz))."""
+        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)). A sharded (DTensor)
+        weight, outside a forward: this rank's shard only, and every rank must call it (values are gathered)."""
         if self.active_adapter is None or self.disabled:
             return
         adapter = self.adapters[self.active_adapter]
         weight = self.weight
+        if is_sharded(weight):
+            write_entries(weight, adapter.indices, adapter.target_entries(weight.dtype))
+            return
         with torch.no_grad():
             target = adapter.target_entries(weight.dtype)
             flat = weight.view(-1)
@@ -160,7 +222,9 @@ class MaskedLayer(nn.Module):
             return self.base_layer(x)
         self.sync()
         adapter = self.adapters[self.active_adapter]
-        return masked_linear(x, adapter.values, self.weight, self.bias, adapter.pattern())
+        weight = self.weight
+        return masked_linear(x, adapter.values, weight, self.bias, adapter.pattern(),
+                             refresh=adapter.refresh_for_backward(weight))
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.active_adapter!r}, disabled={self.disabled}"

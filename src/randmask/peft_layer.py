@@ -81,7 +81,8 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
                                "model.set_adapter(name), or merge one first.")
         adapter = self._make_live(active[0])
         base = self.get_base_layer()
-        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern())
+        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern(),
+                             refresh=adapter.refresh_for_backward(base.weight))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the adapters' deltas into the weight (W (+) values at their entries)."""

@@ -116,6 +116,10 @@ class RunConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
     threads: int | None = field(default=None, metadata=EXECUTION)
     """torch CPU threads (default: torch's choice)."""
+    fsdp: bool = field(default=False, metadata=EXECUTION)
+    """Under torchrun: shard the model across the processes with FSDP2 (fully_shard per decoder layer, then the
+    root) instead of replicating it with DDP, for models that outgrow one device. randmask/structured only, with
+    --checkpoint-every -1."""
     data_dir: str | None = field(default=None, metadata=EXECUTION)
     """Folder holding the original datasets (default: $RANDMASK_DATA_DIR or ../shared/data)."""
     source: str | None = field(default=None, metadata=IDENTITY)

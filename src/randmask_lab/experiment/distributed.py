@@ -89,6 +89,26 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
+def wrap_fsdp(model: nn.Module, ctx: DistContext, method: str) -> nn.Module:
+    """``model`` sharded in place with FSDP2: ``fully_shard`` on each decoder layer (the classes transformers lists in
+    ``_no_split_modules``), then on the root. RunError where that cannot run."""
+    if not ctx.active:
+        raise RunError("--fsdp shards the model across processes: start the run with torchrun --nproc-per-node N")
+    if method not in ("randmask", "structured"):
+        raise RunError(f"--fsdp runs the masking methods (randmask, structured), not {method!r}")
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RunError(f"--fsdp: {type(model).__name__} lists no decoder-layer class (transformers' _no_split_modules) "
+                       "to shard by; run it without --fsdp")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def shard(n: int, ctx: DistContext) -> list[int]:
     """This rank's share of ``range(n)`` (every world-th item), for evaluation."""
     return list(range(ctx.rank, n, ctx.world))

@@ -136,7 +136,8 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     if outcome.status == "done" and outcome.best is not None:
         trainer.load_best()
         test_metric = trainer.evaluate(data.test, with_metric=True)[1] if data.test else None
-        if ctx.is_main and config.save_adapter:
+        # --fsdp: every rank takes part (sharded tensors are gathered); the files are the same bytes on each.
+        if (ctx.is_main or config.fsdp) and config.save_adapter:
             prepared.save(run_dir / "trainable")  # any method, reloadable by the lab
             prepared.save_adapter(run_dir / "adapter")  # the method's own format, where it has one
     info["train_seconds"] = trainer.state.train_seconds + time.time() - trainer.started

@@ -19,13 +19,28 @@ from torch import nn
 from randmask import atomic_write_bytes
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the whole of a sharded (DTensor) parameter: a collective, every rank must call it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "device_mesh") else t
+
+
+def like_param(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``param``: this rank's shard of it when ``param`` is a DTensor."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return value.to(param.device, param.dtype)
+
+
 class TrainableMismatchError(ValueError):
     """Saved tensors do not fit the model they are loaded into (names or shapes differ)."""
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the trainable parameters, by name."""
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached CPU copies of the trainable parameters, by name (whole: sharded ones are gathered, on every rank)."""
+    return {n: full_tensor(p.detach()).cpu().clone().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "saved tensors") -> None:
@@ -47,7 +62,7 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
                 f"{tuple(params[name].shape)}; was it prepared with other options?")
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t.to(params[name].device, params[name].dtype))
+            params[name].copy_(like_param(params[name], t))
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
