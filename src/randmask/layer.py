@@ -1,10 +1,13 @@
 """The masked layer: wraps an ``nn.Linear`` / transformers ``Conv1D`` and trains kept entries.
 
-Invariant, checked at every forward in O(nnz): at the active adapter's kept entries
-the wrapped weight equals ``W0 (+) values``, where (+) is addition in the weight's
-dtype. So an optimizer step (or ``load_state_dict``, or any in-place edit of
-``values``) is reflected in the weight by the next forward with no call from the
-user, and the forward itself is the unmodified dense layer.
+Two ways to apply the active adapter's delta, picked per call (``uses_delta_path``):
+
+- in place, for float weights: at every forward, in O(nnz), the wrapped weight is made to hold
+  ``W0 (+) values`` at the kept entries ((+) is addition in the weight's dtype). So an optimizer
+  step (or ``load_state_dict``, or any in-place edit of ``values``) is reflected in the weight by
+  the next forward with no call from the user, and the forward itself is the unmodified dense layer.
+- the delta path, for weights that cannot hold the entries (bitsandbytes / torchao quantized):
+  ``y = base(x) + sparse_delta(x, values, pattern)``; the stored weight is never written.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from randmask.delta import sparse_delta
 from randmask.ops import SparsePattern, masked_linear
+from randmask.quantized import base_entries, is_quantized, stored_shape
 
 
 @dataclass(frozen=True)
@@ -39,26 +44,33 @@ def is_maskable(module: nn.Module) -> bool:
 
 
 def logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or Conv1D."""
-    out_f, in_f = module.weight.shape
+    """(out_features, in_features) of a Linear or Conv1D (quantized ones too)."""
+    out_f, in_f = stored_shape(module)
     return (in_f, out_f) if is_conv1d(module) else (out_f, in_f)
+
+
+def uses_delta_path(module: nn.Module) -> bool:
+    """Whether a masked layer over ``module`` adds its delta beside the weight (True: the weight is
+    quantized and cannot hold the trained entries) or writes it into the weight (False)."""
+    return is_quantized(module)
 
 
 class MaskAdapter(nn.Module):
     """One named adapter of a masked layer: trainable ``values`` at fixed ``indices``."""
 
-    def __init__(self, indices: torch.Tensor, weight: torch.Tensor, transposed: bool,
-                 blocks: list[Block], kind: str, explicit_indices: bool) -> None:
+    def __init__(self, indices: torch.Tensor, base_values: torch.Tensor, stored_shape: tuple[int, int],
+                 transposed: bool, blocks: list[Block], kind: str, explicit_indices: bool) -> None:
         super().__init__()
-        master_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        device = base_values.device
+        master_dtype = torch.float64 if base_values.dtype == torch.float64 else torch.float32
         # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
         # so that updates smaller than a bf16 ulp still accumulate.
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=weight.device))
-        idx = indices.to(weight.device)
-        self.register_buffer("indices", idx, persistent=False)
-        with torch.no_grad():
-            self.register_buffer("base_values", weight.reshape(-1)[idx].clone(), persistent=False)
-        self.stored_shape = tuple(weight.shape)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=device))
+        self.register_buffer("indices", indices.to(device), persistent=False)
+        # Pristine W0 at the kept entries (dequantized for a quantized base): the base fingerprint,
+        # and what restore_base writes back on the in-place path.
+        self.register_buffer("base_values", base_values.detach().clone(), persistent=False)
+        self.stored_shape = tuple(stored_shape)
         self.transposed = transposed
         self.blocks = blocks
         self.kind = kind
@@ -117,11 +129,17 @@ class MaskedLayer(nn.Module):
     def transposed(self) -> bool:
         return is_conv1d(self.base_layer)
 
+    @property
+    def delta_path(self) -> bool:
+        """True when the delta is added beside a quantized weight instead of written into it."""
+        return uses_delta_path(self.base_layer)
+
     def add_adapter(self, name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
                     explicit_indices: bool = False) -> MaskAdapter:
         """Add an adapter with these flat stored-weight indices and make it active."""
         self.restore_base()  # so base_values captures pristine W0 even where masks overlap
-        adapter = MaskAdapter(indices, self.weight, self.transposed, blocks, kind, explicit_indices)
+        adapter = MaskAdapter(indices, base_entries(self.base_layer, indices), stored_shape(self.base_layer),
+                              self.transposed, blocks, kind, explicit_indices)
         self.adapters[name] = adapter
         self.active_adapter = name
         self.sync()
@@ -135,7 +153,7 @@ class MaskedLayer(nn.Module):
 
     def restore_base(self) -> None:
         """Write W0 back at the active adapter's entries (the weight becomes pristine)."""
-        if self.active_adapter is None:
+        if self.active_adapter is None or self.delta_path:  # the delta path never writes the weight
             return
         adapter = self.adapters[self.active_adapter]
         with torch.no_grad():
@@ -143,7 +161,7 @@ class MaskedLayer(nn.Module):
 
     def sync(self) -> None:
         """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz))."""
-        if self.active_adapter is None or self.disabled:
+        if self.active_adapter is None or self.disabled or self.delta_path:
             return
         adapter = self.adapters[self.active_adapter]
         weight = self.weight
@@ -158,8 +176,12 @@ class MaskedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active_adapter is None or self.disabled:
             return self.base_layer(x)
-        self.sync()
         adapter = self.adapters[self.active_adapter]
+        if self.delta_path:
+            # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
+            # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
+            return self.base_layer(x) + sparse_delta(x, adapter.values, adapter.pattern())
+        self.sync()
         return masked_linear(x, adapter.values, self.weight, self.bias, adapter.pattern())
 
     def extra_repr(self) -> str:
