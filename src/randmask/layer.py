@@ -108,7 +108,8 @@ class MaskAdapter(nn.Module):
 
 
 class MaskedLayer(nn.Module):
-    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place."""
+    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place, or, over a
+    quantized weight, adds them beside it (the delta path)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
