@@ -7,6 +7,10 @@ LoRA r=8 and SHiRA (LoRA r=8's count) on q/v and on all linear layers, randmask 
 
 Precisions: fp32; bf16-mixed (fp32 weights and trainable state, forward under CPU bf16 autocast);
 bf16-true (bf16 frozen base, fp32 trainable state; full fine-tuning is left out: it has no frozen base).
+
+--quantize (the runner's schemes: nf4, fp4, int8, ao-int8): every linear layer but the LM head stored
+quantized, loaded through transformers' quantization_config as a QLoRA user would, computing in the
+precision's weight dtype; full fine-tuning is left out (the base is frozen), LoRA is then QLoRA.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 RANDMASK_RATIOS = {"q/v": (1e-3, 1e-4, 1e-5), "all-linear": (1e-2,)}
 
 
-def variant_names(precision: str) -> list[str]:
+def variant_names(precision: str, quantize: str = "none") -> list[str]:
     """All variants benchmarked at this precision, floor first."""
-    names = ["floor"] + ([] if precision == "bf16-true" else ["full"])
+    names = ["floor"] + ([] if precision == "bf16-true" or quantize != "none" else ["full"])
     for scope in ("q/v", "all-linear"):
         names += [f"lora r=8 {scope}", f"shira r=8 {scope}"]
         names += [f"randmask {100 * r:g}% {scope}" for r in RANDMASK_RATIOS[scope]]
@@ -53,9 +57,10 @@ SHAPES = {
 }
 
 
-def build_base(quick: bool, precision: str, shape: str | None = None, device: str = "cpu") -> torch.nn.Module:
+def build_base(quick: bool, precision: str, shape: str | None = None, device: str = "cpu",
+               quantize: str = "none") -> torch.nn.Module:
     """OPT-125m's shapes (random init, seed 0), a 4x256 model with --quick, or ``shape`` (a key of SHAPES);
-    bf16 for bf16-true; on ``device``."""
+    bf16 for bf16-true; on ``device``; stored quantized under ``quantize``."""
     import transformers
 
     if precision not in PRECISIONS:
@@ -66,7 +71,22 @@ def build_base(quick: bool, precision: str, shape: str | None = None, device: st
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 1.3b model's CPU init would take most of a minute
         model = transformers.OPTForCausalLM(cfg).eval()  # eval: no dropout, the same math for every variant
-    return model.to(torch.bfloat16) if precision == "bf16-true" else model
+    model = model.to(torch.bfloat16) if precision == "bf16-true" else model
+    return model if quantize == "none" else quantized_copy(model, quantize)
+
+
+def quantized_copy(model: torch.nn.Module, quantize: str) -> torch.nn.Module:
+    """``model`` reloaded with the runner's ``--quantize`` scheme (saved to a temporary folder first)."""
+    import transformers
+
+    from randmask_lab.experiment.quantize import quantization_config
+
+    dtype = next(model.parameters()).dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        config = quantization_config(quantize, dtype, torch.device("cpu"))
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=config,
+                                                                 device_map={"": "cpu"}).eval()
 
 
 def batch_ids(model: torch.nn.Module, quick: bool, batch: tuple[int, int] | None = None) -> torch.Tensor:
@@ -98,9 +118,10 @@ def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"unknown variant {name!r}")
 
 
-def make_all(base: torch.nn.Module, precision: str, only: list[str] | None = None) -> dict[str, torch.nn.Module]:
+def make_all(base: torch.nn.Module, precision: str, only: list[str] | None = None,
+             quantize: str = "none") -> dict[str, torch.nn.Module]:
     """Every variant at this precision (or the floor, each scope's LoRA and the ones in ``only``)."""
-    names = variant_names(precision)
+    names = variant_names(precision, quantize)
     if only is not None:
         unknown = sorted(set(only) - set(names))
         if unknown:

@@ -9,6 +9,9 @@ Everything in ``__all__`` is public and stable; so are the names in each submodu
 ``__all__`` (``randmask.ops``: the sparse op; ``randmask.targets``: the target tables). The lab
 (``randmask_lab``) uses nothing else.
 
+Quantized bases (bitsandbytes 4/8-bit, torchao weight-only) are adapted through the delta path
+(``randmask.delta``): the stored weight stays quantized and is never written; see ``randmask.quantized``.
+
 With peft installed, ``import randmask.peft`` registers randmask as a PEFT method
 (``get_peft_model(model, RandMaskConfig(...))``) and adds SHiRA export/import.
 """
@@ -30,6 +33,7 @@ from randmask.model import (
     set_adapter,
     unload,
 )
+from randmask.quantized import is_quantized, layer_bytes, logical_numel, quant_scheme
 from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
 from randmask.version import __version__
 
@@ -50,12 +54,16 @@ __all__ = [
     "count_base_parameters",
     "default_targets",
     "disable_adapter",
+    "is_quantized",
+    "layer_bytes",
     "load_adapter",
+    "logical_numel",
     "mask_kinds",
     "masked_layers",
     "masking_summary",
     "merge_and_unload",
     "print_trainable_parameters",
+    "quant_scheme",
     "read_adapter_files",
     "register_mask_kind",
     "resolve_targets",

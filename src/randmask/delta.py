@@ -82,12 +82,18 @@ class SparseDeltaFunction(torch.autograd.Function):
     def forward(ctx, x, values, pattern: SparsePattern):  # noqa: D102
         out_f, in_f = pattern.logical_shape
         compute = _compute_dtype(x)
+        # Under autocast the output takes the autocast dtype, as nn.Linear's would, so that it adds to the
+        # base layer's output without promoting it; the SpMM itself runs in fp32 with autocast off (it
+        # would cast the dense operand to bf16, which MKL's CSR kernel lacks).
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         layout = _layout(pattern)
         x2d = x.reshape(-1, in_f)  # (T, in)
-        y2d = _spmm(layout.d_crow, layout.d_col, values.to(compute)[layout.d_order], (out_f, in_f), x2d)  # (T, out)
+        with torch.autocast(device, enabled=False):
+            y2d = _spmm(layout.d_crow, layout.d_col, values.to(compute)[layout.d_order], (out_f, in_f), x2d)
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
-        return y2d.to(x.dtype).reshape(*x.shape[:-1], out_f)
+        return y2d.to(out_dtype).reshape(*x.shape[:-1], out_f)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
@@ -97,6 +103,11 @@ class SparseDeltaFunction(torch.autograd.Function):
             raise NotImplementedError("double backward through randmask.delta.sparse_delta is not supported; "
                                       "use sparse_delta_reference (plain differentiable ops) for Hessian-vector "
                                       "products")
+        with torch.autocast(x.device.type, enabled=False):
+            return SparseDeltaFunction._backward(ctx, grad_out, x, values, pattern)
+
+    @staticmethod
+    def _backward(ctx, grad_out, x, values, pattern: SparsePattern):
         out_f, in_f = pattern.logical_shape
         g2d, x2d = grad_out.reshape(-1, out_f), x.reshape(-1, in_f)
         grad_x = grad_values = None

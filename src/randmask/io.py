@@ -44,6 +44,7 @@ from randmask.model import (
     draw_mask,
     masked_layers,
 )
+from randmask.quantized import base_entries, quant_scheme, stored_shape
 from randmask.targets import Target
 from randmask.version import __version__
 
@@ -83,9 +84,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _save_dtype(layer: MaskedLayer, dtype: torch.dtype | None) -> torch.dtype:
     # Half-precision weights hold W0 (+) values.to(half): saving values in that dtype
-    # reproduces the weight bit for bit at ~2 bytes per entry.
+    # reproduces the weight bit for bit at ~2 bytes per entry. The delta path (quantized base)
+    # computes with the fp32 values themselves, so they are saved whole.
     if dtype is not None:
         return dtype
+    if layer.delta_path:
+        return torch.float32
     weight_dtype = layer.weight.dtype
     return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
 
@@ -253,7 +257,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                "saved checksum: the adapter was saved from another base model or "
                                "randmask version, or its config was edited.")
         if verify_base:
-            check_base(target.name, _pristine_entries(modules[target.name], indices), info["base_fingerprint"])
+            _verify_base(target.name, modules[target.name], indices, info["base_fingerprint"])
         masks.append((target, indices, [Block(*b) for b in info["blocks"]]))
     attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
                    trainable=is_trainable)
@@ -291,9 +295,9 @@ def _saved_module(modules: dict[str, nn.Module], name: str, info: dict) -> nn.Mo
     if module is None or not is_maskable(module):
         raise MaskingError(f"adapter matrix {name!r} is not a Linear/Conv1D module of this model; the "
                            "adapter was saved from another base model (module names differ).")
-    if list(module.weight.shape) != info["stored_shape"] or is_conv1d(module) != info["transposed"]:
+    if list(stored_shape(module)) != info["stored_shape"] or is_conv1d(module) != info["transposed"]:
         raise MaskingError(f"{name}: adapter shape {info['stored_shape']} (transposed={info['transposed']}) != "
-                           f"model weight shape {list(module.weight.shape)}; the adapter was saved from another "
+                           f"model weight shape {list(stored_shape(module))}; the adapter was saved from another "
                            "base model.")
     return module
 
@@ -307,11 +311,27 @@ def _saved_values(name: str, values: torch.Tensor, nnz: int) -> torch.Tensor:
     return values
 
 
+def _verify_base(name: str, module: nn.Module, indices: torch.Tensor, saved: dict[str, str]) -> None:
+    """``check_base`` on W0 at the kept entries (dequantized on a quantized base), with the way out named
+    when the base is quantized: the fingerprint is an exact hash, so an adapter trained on the float base
+    does not verify on its quantized copy (nor the reverse)."""
+    base = module.base_layer if isinstance(module, MaskedLayer) else module
+    try:
+        check_base(name, _pristine_entries(module, indices), saved)
+    except MaskingError as e:
+        scheme = quant_scheme(base)
+        if scheme is None:
+            raise
+        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of "
+                           "the same checkpoint (e.g. its bf16/fp32 weights) cannot match the exact fingerprint; "
+                           "if this is that checkpoint, load with verify_base=False.") from None
+
+
 def _pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """W0 at ``indices``: a masked layer first writes its pristine weights back, then its delta again."""
     if isinstance(module, MaskedLayer):
         module.restore_base()
-        entries = module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+        entries = base_entries(module.base_layer, indices)
         module.sync()
         return entries
-    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)]
+    return base_entries(module, indices)

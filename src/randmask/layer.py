@@ -1,14 +1,17 @@
 """The masked layer: wraps an ``nn.Linear`` / transformers ``Conv1D`` and trains kept entries.
 
-Invariant, checked at every forward in O(nnz): at the active adapter's kept entries
-the wrapped weight equals ``W0 (+) values``, where (+) is addition in the weight's
-dtype. So an optimizer step (or ``load_state_dict``, or any in-place edit of
-``values``) is reflected in the weight by the next forward with no call from the
-user, and the forward itself is the unmodified dense layer.
+Two ways to apply the active adapter's delta, picked per call (``uses_delta_path``):
 
-Sharded weights (FSDP2's ``fully_shard``): inside a forward the layer sees the all-gathered weight and
-writes the delta there; FSDP frees that copy after the forward and gathers it again from the shards
-for the backward, so the op is handed the entries to write again (``refresh``). Outside a forward
+- in place, for float weights: at every forward, in O(nnz), the wrapped weight is made to hold
+  ``W0 (+) values`` at the kept entries ((+) is addition in the weight's dtype). So an optimizer
+  step (or ``load_state_dict``, or any in-place edit of ``values``) is reflected in the weight by
+  the next forward with no call from the user, and the forward itself is the unmodified dense layer.
+- the delta path, for weights that cannot hold the entries (bitsandbytes / torchao quantized):
+  ``y = base(x) + sparse_delta(x, values, pattern)``; the stored weight is never written.
+
+Sharded weights (FSDP2's ``fully_shard``), in-place path: inside a forward the layer sees the all-gathered
+weight and writes the delta there; FSDP frees that copy after the forward and gathers it again from the
+shards for the backward, so the op is handed the entries to write again (``refresh``). Outside a forward
 the weight is a DTensor and writes touch this rank's shard only (``write_entries``).
 """
 
@@ -23,7 +26,9 @@ import torch
 from torch import nn
 
 from randmask.config import MaskingError
+from randmask.delta import sparse_delta
 from randmask.ops import SparsePattern, masked_linear
+from randmask.quantized import base_entries, is_quantized, stored_shape
 
 
 def _no_weight() -> None:
@@ -81,30 +86,34 @@ def is_maskable(module: nn.Module) -> bool:
 
 
 def logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or Conv1D."""
-    out_f, in_f = module.weight.shape
+    """(out_features, in_features) of a Linear or Conv1D (quantized ones too)."""
+    out_f, in_f = stored_shape(module)
     return (in_f, out_f) if is_conv1d(module) else (out_f, in_f)
+
+
+def uses_delta_path(module: nn.Module) -> bool:
+    """Whether a masked layer over ``module`` adds its delta beside the weight (True: the weight is
+    quantized and cannot hold the trained entries) or writes it into the weight (False)."""
+    return is_quantized(module)
 
 
 class MaskAdapter(nn.Module):
     """One named adapter of a masked layer: trainable ``values`` at fixed ``indices``."""
 
-    def __init__(self, indices: torch.Tensor, weight: torch.Tensor, transposed: bool,
-                 blocks: list[Block], kind: str, explicit_indices: bool) -> None:
+    def __init__(self, indices: torch.Tensor, base_values: torch.Tensor, stored_shape: tuple[int, int],
+                 transposed: bool, blocks: list[Block], kind: str, explicit_indices: bool,
+                 weight: torch.Tensor | None = None) -> None:
         super().__init__()
-        if weight.is_meta:
-            raise MaskingError("the weights are on the meta device (no values yet): randmask keeps W0 at the kept "
-                               "entries when it adds an adapter. Load the weights first (to_empty + load_state_dict), "
-                               "then apply masking; with FSDP2, apply masking before fully_shard.")
-        master_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        device = base_values.device
+        master_dtype = torch.float64 if base_values.dtype == torch.float64 else torch.float32
         # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
         # so that updates smaller than a bf16 ulp still accumulate.
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=weight.device))
-        idx = indices.to(weight.device)
-        self.register_buffer("indices", idx, persistent=False)
-        with torch.no_grad():
-            self.register_buffer("base_values", weight.reshape(-1)[idx].clone(), persistent=False)
-        self.stored_shape = tuple(weight.shape)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=device))
+        self.register_buffer("indices", indices.to(device), persistent=False)
+        # Pristine W0 at the kept entries (dequantized for a quantized base): the base fingerprint,
+        # and what restore_base writes back on the in-place path.
+        self.register_buffer("base_values", base_values.detach().clone(), persistent=False)
+        self.stored_shape = tuple(stored_shape)
         self.transposed = transposed
         self.blocks = blocks
         self.kind = kind
@@ -112,7 +121,7 @@ class MaskAdapter(nn.Module):
         self._pattern: SparsePattern | None = None
         # The weight parameter this adapter writes into. Another object in its place at a forward (FSDP's
         # all-gathered copy, freed after the forward) means the delta must be written again for the backward.
-        self._weight = weakref.ref(weight)
+        self._weight = weakref.ref(weight) if weight is not None else _no_weight
 
     @property
     def nnz(self) -> int:
@@ -155,7 +164,8 @@ class MaskAdapter(nn.Module):
 
 
 class MaskedLayer(nn.Module):
-    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place."""
+    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place, or, over a
+    quantized weight, adds them beside it (the delta path)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -176,11 +186,22 @@ class MaskedLayer(nn.Module):
     def transposed(self) -> bool:
         return is_conv1d(self.base_layer)
 
+    @property
+    def delta_path(self) -> bool:
+        """True when the delta is added beside a quantized weight instead of written into it."""
+        return uses_delta_path(self.base_layer)
+
     def add_adapter(self, name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
                     explicit_indices: bool = False) -> MaskAdapter:
         """Add an adapter with these flat stored-weight indices and make it active."""
+        if self.weight.is_meta:
+            raise MaskingError("the weights are on the meta device (no values yet): randmask keeps W0 at the kept "
+                               "entries when it adds an adapter. Load the weights first (to_empty + load_state_dict), "
+                               "then apply masking; with FSDP2, apply masking before fully_shard.")
         self.restore_base()  # so base_values captures pristine W0 even where masks overlap
-        adapter = MaskAdapter(indices, self.weight, self.transposed, blocks, kind, explicit_indices)
+        adapter = MaskAdapter(indices, base_entries(self.base_layer, indices), stored_shape(self.base_layer),
+                              self.transposed, blocks, kind, explicit_indices,
+                              weight=None if self.delta_path else self.weight)
         self.adapters[name] = adapter
         self.active_adapter = name
         self.sync()
@@ -194,7 +215,7 @@ class MaskedLayer(nn.Module):
 
     def restore_base(self) -> None:
         """Write W0 back at the active adapter's entries (the weight becomes pristine)."""
-        if self.active_adapter is None:
+        if self.active_adapter is None or self.delta_path:  # the delta path never writes the weight
             return
         adapter = self.adapters[self.active_adapter]
         write_entries(self.weight, adapter.indices, adapter.base_values)
@@ -202,7 +223,7 @@ class MaskedLayer(nn.Module):
     def sync(self) -> None:
         """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)). A sharded (DTensor)
         weight, outside a forward: this rank's shard only, and every rank must call it (values are gathered)."""
-        if self.active_adapter is None or self.disabled:
+        if self.active_adapter is None or self.disabled or self.delta_path:
             return
         adapter = self.adapters[self.active_adapter]
         weight = self.weight
@@ -220,8 +241,12 @@ class MaskedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active_adapter is None or self.disabled:
             return self.base_layer(x)
-        self.sync()
         adapter = self.adapters[self.active_adapter]
+        if self.delta_path:
+            # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
+            # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
+            return self.base_layer(x) + sparse_delta(x, adapter.values, adapter.pattern())
+        self.sync()
         weight = self.weight
         return masked_linear(x, adapter.values, weight, self.bias, adapter.pattern(),
                              refresh=adapter.refresh_for_backward(weight))

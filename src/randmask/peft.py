@@ -35,10 +35,11 @@ from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
 from randmask.integrity import base_fingerprint, check_base
-from randmask.layer import Block
+from randmask.layer import Block, uses_delta_path
 from randmask.masks import BUILTIN_KINDS, indices_checksum
-from randmask.model import block_densities, count_base_parameters, draw_mask
+from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal
 from randmask.peft_layer import RandMaskLayer
+from randmask.quantized import base_entries, check_weight, quant_scheme
 from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
 
@@ -122,7 +123,19 @@ class RandMaskModel(BaseTuner):
             layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, layer, target)
 
+    def _check_mergeable(self) -> None:
+        """Refuse a merge into any quantized layer before any layer is merged (see randmask.merge_refusal)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, RandMaskLayer) and uses_delta_path(module.get_base_layer()):
+                raise MaskingError(merge_refusal(name, quant_scheme(module.get_base_layer())))
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._check_mergeable()
+        super().merge_adapter(*args, **kwargs)
+
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if merge:
+            self._check_mergeable()
         if not merge:  # unload(): hand back the pristine base weights
             for module in self.model.modules():
                 if isinstance(module, RandMaskLayer):
@@ -140,7 +153,9 @@ class RandMaskModel(BaseTuner):
             if isinstance(module, RandMaskLayer):
                 dtype = module.get_base_layer().weight.dtype
                 key = f"{name}.randmask_adapters.{adapter_name}.values"
-                if key in out and dtype in (torch.float16, torch.bfloat16):
+                # The delta path (quantized base) computes with the fp32 values: those are saved whole.
+                half = dtype in (torch.float16, torch.bfloat16)
+                if key in out and half and not uses_delta_path(module.get_base_layer()):
                     out[key] = out[key].to(dtype)
         return out
 
@@ -181,6 +196,7 @@ def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[tor
     checksums = {} if record else config.checksums
     plan = {}
     for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
+        check_weight(target.name, target.module)
         indices, blocks = draw_mask(target, densities, masking)
         entries = _pristine(model, target.name, target.module, indices)
         if record:
@@ -193,7 +209,7 @@ def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[tor
             if indices_checksum(indices) != saved[0]:
                 raise MaskingError(f"{target.name}: the regenerated mask does not match the saved checksum; the "
                                    "adapter belongs to another base model or its config was edited.")
-            check_base(target.name, entries, saved[1])
+            _check_base(target, entries, saved[1])
         plan[target.name] = (indices, blocks)
     if not record and set(checksums) != set(plan):
         raise MaskingError(f"the RandMask config lists modules {sorted(set(checksums) ^ set(plan))[:4]} that "
@@ -209,7 +225,20 @@ def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Ten
         if layer.merged:
             raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
         layer.restore_live()
-    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+    return base_entries(module, indices)
+
+
+def _check_base(target: Any, entries: torch.Tensor, saved: dict) -> None:
+    try:
+        check_base(target.name, entries, saved)
+    except MaskingError as e:
+        scheme = quant_scheme(target.module)
+        if scheme is None:
+            raise
+        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of the "
+                           "same checkpoint cannot match the exact fingerprint. If this is that checkpoint, skip the "
+                           "check: cfg = PeftConfig.from_pretrained(path); cfg.checksums = None; "
+                           "PeftModel.from_pretrained(base, path, config=cfg).") from None
 
 
 def _register() -> None:

@@ -28,6 +28,7 @@ from randmask.layer import MaskedLayer, is_conv1d
 from randmask.masks import BUILTIN_KINDS
 from randmask.model import apply_masking, block_densities, draw_mask, masked_layers
 from randmask.peft_layer import RandMaskLayer
+from randmask.quantized import stored_shape
 from randmask.targets import Target
 
 SHIRA_CONFIG = "adapter_config.json"
@@ -88,7 +89,7 @@ def _logical(name: str, indices: torch.Tensor, module: nn.Module) -> tuple[torch
     if is_conv1d(module):
         raise MaskingError(f"{name} is a transformers Conv1D (GPT-2); PEFT's SHiRA supports torch.nn.Linear "
                            "only, so this adapter cannot be exported to SHiRA.")
-    in_f = module.weight.shape[1]
+    in_f = stored_shape(module)[1]
     return torch.div(indices, in_f, rounding_mode="floor"), indices % in_f
 
 
@@ -103,7 +104,7 @@ def _from_model(model: nn.Module, adapter_name: str) -> dict[str, tuple]:
             continue
         rows, cols = _logical(name, adapter.indices.cpu(), base)
         out[name.removeprefix(_PEFT_PREFIX)] = (rows, cols, adapter.values.detach().cpu().float(),
-                                                tuple(base.weight.shape))
+                                                stored_shape(base))
     return out
 
 
@@ -175,7 +176,7 @@ def _shira_entries(name: str, module: nn.Module | None, tensors: dict[str, torch
     if idx is None or idx.is_floating_point() or idx.ndim != 2 or idx.shape[0] != 2 or \
             weight.ndim != 1 or idx.shape[1] != weight.numel() or not weight.is_floating_point():
         raise MaskingError(f"{name}: shira_indices must be (2, k) integers beside k float shira_weight values.")
-    out_f, in_f = module.weight.shape
+    out_f, in_f = stored_shape(module)
     rows, cols = idx[0].to(torch.int64), idx[1].to(torch.int64)
     if ((rows < 0) | (rows >= out_f) | (cols < 0) | (cols >= in_f)).any():
         raise MaskingError(f"{name}: shira_indices fall outside the {out_f}x{in_f} weight; wrong base model.")

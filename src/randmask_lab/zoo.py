@@ -187,14 +187,20 @@ def load_config(name: str) -> Any:
                            ) from None
 
 
-def load_causal_lm(name: str, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a causal LM in eval mode; the tokenizer gets a pad token if it lacks one."""
+def load_causal_lm(name: str, dtype: Any = None, quantization_config: Any = None,
+                   device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a causal LM in eval mode; the tokenizer gets a pad token if it lacks one.
+
+    ``quantization_config`` (transformers' BitsAndBytesConfig / TorchAoConfig) loads the weights quantized,
+    on ``device`` (where the quantized kernels run: bitsandbytes quantizes at load, on that device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load_config(name)  # clear error for unknown names
     path = resolve_model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token_id is None:  # padding is masked out; any id works, eos is conventional
         tokenizer.pad_token = tokenizer.eos_token

@@ -56,3 +56,22 @@ def test_wrong_shapes_are_refused():
         sparse_delta(torch.randn(2, 8), torch.randn(5), pattern)
     with pytest.raises(ValueError, match="features"):
         sparse_delta(torch.randn(2, 9), torch.randn(4), pattern)
+
+
+def test_under_cpu_autocast_the_output_takes_the_autocast_dtype():
+    # The SpMM runs in fp32 with autocast off (MKL's CSR kernel has no bf16); its output is bf16 like
+    # nn.Linear's under autocast, and the gradients match the fp32 ones.
+    pattern = _pattern((32, 48), 100)
+    x = torch.randn(5, 48, requires_grad=True)
+    values = torch.randn(100, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_delta(x, values, pattern)
+    assert y.dtype == torch.bfloat16
+    ref = sparse_delta(x, values, pattern)
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    g = torch.randn(5, 32)
+    gx, gv = torch.autograd.grad(y, (x, values), g.bfloat16())
+    rx, rv = torch.autograd.grad(ref, (x, values), g.bfloat16().float())
+    assert gx.dtype == torch.float32 and gv.dtype == torch.float32
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gv, rv)

@@ -15,6 +15,7 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import bos_prefix, encode_pair, encode_prompt
 from randmask_lab.experiment.head import HeadObjective
 from randmask_lab.experiment.lm import LMObjective
+from randmask_lab.experiment.quantize import quantization_config
 from randmask_lab.experiment.sources import data_fingerprint, split_sources
 from randmask_lab.methods import (
     METHOD_NAMES,
@@ -65,12 +66,18 @@ def resolve_mode(config: RunConfig, spec: TaskSpec) -> str:
     return mode
 
 
-def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(base model, tokenizer) with weights in ``dtype``; a fresh head is initialised from the mask seed."""
+def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> tuple[Any, Any]:
+    """(base model, tokenizer) with weights in ``dtype`` (stored quantized under ``--quantize``, computing in
+    ``dtype``); a fresh head is initialised from the mask seed."""
     if mode == "head":
+        if config.quantize != "none":
+            raise RunError(f"--quantize {config.quantize} applies to causal LMs (--mode lm), not the head mode")
         with seeded(config.seeds.mask):
             return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
-    return load_causal_lm(config.model, dtype=dtype)
+    device = torch.device("cpu") if device is None else device
+    return load_causal_lm(config.model, dtype=dtype, device=device,
+                          quantization_config=quantization_config(config.quantize, dtype, device))
 
 
 def run_head_modules(config: RunConfig, model: Any) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.distributed import parse_device
 from randmask_lab.experiment.precision import AUTO, PRECISIONS, Precision, resolve_precision
+from randmask_lab.experiment.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 
 MASKING_METHODS = ("randmask", "structured")
 
@@ -112,6 +113,10 @@ class RunConfig:
     (fp16 autocast with loss scaling). The run records, and is identified by, the precision auto resolved to."""
     precision_requested: str | None = field(default=None, metadata=EXECUTION)
     """Set by the runner: the --precision that was asked for (auto, or a name), beside the one that ran."""
+    quantize: Quantize = field(default="none", metadata=IDENTITY)
+    """Frozen base stored quantized, QLoRA-style (causal LMs; randmask, structured, lora, zeroshot): nf4 / fp4
+    (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), ao-int8 (torchao int8 weight-only), ao-int4 (torchao
+    int4 weight-only: CUDA only); none: float weights. Needs the 'quantized' extra."""
     device: str = field(default="auto", metadata=EXECUTION)
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
     threads: int | None = field(default=None, metadata=EXECUTION)
@@ -189,6 +194,11 @@ class RunConfig:
             raise RunError(f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
             raise RunError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if self.quantize not in QUANTIZE_SCHEMES:
+            raise RunError(f"--quantize must be one of {', '.join(QUANTIZE_SCHEMES)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.method not in QUANTIZE_METHODS:
+            raise RunError(f"--quantize {self.quantize} works with {', '.join(QUANTIZE_METHODS)}, not {self.method!r} "
+                           "(it trains or wraps base weights that are stored quantized); use --quantize none")
         if self.method not in MASKING_METHODS and (self.ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
         if self.ratio is not None and self.density is not None:
@@ -282,7 +292,7 @@ class RunConfig:
 
 # Identity fields added after studies had committed records: left out of the identity at their
 # default, so every run id made before they existed stays the same.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none"}
 
 LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
 

@@ -105,7 +105,7 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     mode = resolve_mode(config, spec)
     plan = PrecisionPlan(config.precision, ctx.device)
     splits = sample_splits(config, spec)
-    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
+    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype, device=ctx.device)
     attention = plan.setup_attention(model)
     data = load_data(config, spec, mode, tokenizer, splits)
     heads = run_head_modules(config, model)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from randmask import logical_numel
 from randmask_lab.methods.trainable import load_trainable, read_tensors, trainable_tensors, write_json, write_tensors
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -133,8 +134,9 @@ class PreparedModel:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of `model`, shared (tied) tensors counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters of `model`, shared (tied) tensors counted once; a packed 4-bit weight counts
+    its entries (so a quantized base has its float base's count)."""
+    return sum(logical_numel(p) for p in model.parameters())
 
 
 def build_report(
