@@ -51,7 +51,7 @@ def measure(variant: str, precision: str, quick: bool, threads: int = 2, quantiz
     import randmask  # noqa: F401
 
     torch.set_num_threads(threads)
-    model = make_variant(variant, build_base(quick, precision, quantize))
+    model = make_variant(variant, build_base(quick, precision, quantize=quantize))
     ids = batch_ids(model, quick)
     step, opt, record = make_step(variant, model, ids, precision)
     load_kb = _status_kb("VmRSS")

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for precision in precisions:  # each precision complete (time, then memory) before the next
         done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
-                              args.max_minutes, args.variants, args.quantize)
+                              args.max_minutes, args.variants, quantize=args.quantize)
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done
