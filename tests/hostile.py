@@ -1,0 +1,81 @@
+"""Helpers for the hostile-file tests: non-regular files, a hang guard, a memory-limited subprocess.
+
+A reader that regresses must fail its test, not take the suite down: a FIFO would block an unguarded
+open forever (``hang_guard`` turns that into a TimeoutError), and ``/dev/zero`` would be read until
+memory runs out (``run_limited`` runs such a case in a subprocess whose address space is capped).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HEADROOM = 2 << 30  # bytes of address space a limited process may grow by after its imports
+
+
+def replace_with_fifo(path: Path) -> Path:
+    """Replace ``path`` by a named pipe (no writer: a blocking open would wait forever)."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def replace_with_dev_zero(path: Path) -> Path:
+    """Replace ``path`` by a symlink to /dev/zero (endless bytes)."""
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+    return path
+
+
+def make_sparse(path: Path, size: int = 8 << 30) -> Path:
+    """Grow ``path`` to ``size`` bytes without using the disk (a huge file to a naive reader)."""
+    with open(path, "ab") as f:
+        f.truncate(size)
+    return path
+
+
+@contextmanager
+def hang_guard(seconds: int = 60) -> Iterator[None]:
+    """Raise TimeoutError in the main thread if the block runs longer than ``seconds`` (e.g. blocked on a FIFO)."""
+    def _timeout(signum, frame):  # noqa: ARG001
+        raise TimeoutError(f"still blocked after {seconds} s: a non-regular file was opened or read")
+
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def limit_memory(headroom: int = HEADROOM) -> None:
+    """Cap this process's address space at its current size plus ``headroom`` (call after the imports)."""
+    import resource
+
+    size = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:"))) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom, size + headroom))
+
+
+def run_limited(body: str, imports: str = "", headroom: int = HEADROOM, timeout: int = 300
+                ) -> subprocess.CompletedProcess:
+    """Run ``imports`` then ``body`` in a fresh interpreter whose memory is capped before ``body`` runs."""
+    code = "\n".join([
+        "import sys",
+        f"sys.path[:0] = [{str(REPO_ROOT / 'src')!r}, {str(REPO_ROOT)!r}]",
+        "import tests.conftest  # thread count and quiet transformers, as under pytest",
+        textwrap.dedent(imports),
+        "from tests.hostile import limit_memory",
+        f"limit_memory({headroom})",
+        textwrap.dedent(body),
+    ])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=timeout)
