@@ -36,12 +36,25 @@ def _fail(error: ErrorType, problem: str, fix: str) -> Exception:
     return error(f"{problem}; {fix}" if fix else problem)
 
 
+def private_problem(info: os.stat_result) -> str | None:
+    """Why a file or folder with this ``stat`` is not private to this user (None when it is): another owner, or
+    write permission for group or others (anyone who can write it can plant code or data there)."""
+    if info.st_uid != os.getuid():
+        return f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
 @contextmanager
 def open_limited(path: str | os.PathLike, max_bytes: int, what: str = "file", *, fix: str = "",
-                 error: ErrorType = MaskingError) -> Iterator[tuple[BinaryIO, int]]:
+                 error: ErrorType = MaskingError, private: bool = False) -> Iterator[tuple[BinaryIO, int]]:
     """Open ``path`` for reading as ``(binary file, size)`` after checking it is a regular file (symlinks to
-    one are fine) of at most ``max_bytes``; ``error`` (naming ``what`` and ``fix``) otherwise."""
+    one are fine) of at most ``max_bytes``; ``error`` (naming ``what`` and ``fix``) otherwise. ``private``:
+    also refuse a symlink, and a file another user owns or can write (cached code, see ``randmask.native``)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if private:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -52,6 +65,8 @@ def open_limited(path: str | os.PathLike, max_bytes: int, what: str = "file", *,
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _fail(error, f"{path} is {_kind(info.st_mode)}, not a regular file ({what}); refused unread", fix)
+        if private and private_problem(info):
+            raise _fail(error, f"{path} {private_problem(info)} ({what}); refused unread", fix)
         if info.st_size > max_bytes:
             raise _fail(error, f"{path} is {info.st_size:,} bytes, above the limit for {what} files "
                                f"({max_bytes:,} bytes)", fix)
@@ -64,9 +79,10 @@ def open_limited(path: str | os.PathLike, max_bytes: int, what: str = "file", *,
 
 
 def read_limited(path: str | os.PathLike, max_bytes: int, what: str = "file", *, fix: str = "",
-                 error: ErrorType = MaskingError) -> bytes:
-    """The bytes of regular file ``path``, at most ``max_bytes`` of them (checked before reading)."""
-    with open_limited(path, max_bytes, what, fix=fix, error=error) as (file, _):
+                 error: ErrorType = MaskingError, private: bool = False) -> bytes:
+    """The bytes of regular file ``path``, at most ``max_bytes`` of them (checked before reading); ``private``
+    as in ``open_limited``."""
+    with open_limited(path, max_bytes, what, fix=fix, error=error, private=private) as (file, _):
         try:
             data = file.read(max_bytes + 1)
         except OSError as e:
@@ -82,10 +98,10 @@ def _no_constant(name: str) -> None:
 
 
 def read_json_limited(path: str | os.PathLike, max_bytes: int, what: str = "JSON file", *, fix: str = "",
-                      error: ErrorType = MaskingError) -> Any:
+                      error: ErrorType = MaskingError, private: bool = False) -> Any:
     """Strict JSON from regular file ``path`` (UTF-8; NaN/Infinity refused; nesting bounded by the parser)."""
-    return parse_json(read_limited(path, max_bytes, what, fix=fix, error=error), f"{path}", what, fix=fix,
-                      error=error)
+    return parse_json(read_limited(path, max_bytes, what, fix=fix, error=error, private=private), f"{path}", what,
+                      fix=fix, error=error)
 
 
 def parse_json(data: bytes | str, where: str, what: str = "JSON", *, fix: str = "",
@@ -139,4 +155,5 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-__all__ = ["atomic_write_bytes", "file_size", "open_limited", "parse_json", "read_json_limited", "read_limited"]
+__all__ = ["atomic_write_bytes", "file_size", "open_limited", "parse_json", "private_problem", "read_json_limited",
+           "read_limited"]
