@@ -26,7 +26,7 @@ from randmask_lab.experiment.build import (
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import epoch_batches, grouping_lengths
 from randmask_lab.methods.prepared import TRAINABLE_FILE, is_head_param
-from randmask_lab.methods.trainable import load_trainable, read_tensors
+from randmask_lab.methods.trainable import load_trainable, read_tensors, tensor_file_limit
 
 
 def _arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
@@ -80,7 +80,7 @@ def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> No
     if run is not None:
         file = run / "trainable" / TRAINABLE_FILE
         try:
-            load_trainable(model, read_tensors(file), source=str(file))
+            load_trainable(model, read_tensors(file, tensor_file_limit(model)), source=str(file))
         except (ValueError, OSError) as e:
             raise RunError(f"--adapter {adapter}: {e}") from None
         return

@@ -11,18 +11,34 @@ loss scaler's state. Tensor files carry the step in their name and
 from __future__ import annotations
 
 import base64
-import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from randmask import MaskingError, read_json_limited
 from randmask_lab.errors import RunError
 from randmask_lab.methods import PreparedModel
-from randmask_lab.methods.trainable import load_trainable, read_tensors, trainable_tensors, write_json, write_tensors
+from randmask_lab.methods.trainable import (
+    load_trainable,
+    read_tensors,
+    tensor_file_limit,
+    trainable_tensors,
+    write_json,
+    write_tensors,
+)
 
 STATE = "state.json"
+MAX_STATE_BYTES = 64 << 20  # counters, per-epoch history, RNG state, optimizer scalars: a few KB in practice
+# A checkpoint names its tensor files by role; each is a plain file name inside the checkpoint folder.
+FILE_ROLES = ("trainable", "optimizer", "method", "best")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.safetensors")
+# Copies per trainable entry a file of each role may hold: AdamW keeps two moments (+ a step); AdaLoRA's method
+# state keeps three importance statistics per entry.
+_COPIES = {"trainable": 1, "optimizer": 3, "method": 4, "best": 1}
 
 
 @dataclass
@@ -120,18 +136,20 @@ def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.opti
     is a RunError that names it and the fix (--restart).
     """
     path = folder / STATE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(header, dict) or not {"run_id", "files", "state", "optimizer", "rng"} <= set(header):
-            raise ValueError("it lacks the keys a checkpoint has")
-    except (ValueError, UnicodeDecodeError) as e:
+        header = read_json_limited(path, MAX_STATE_BYTES, "checkpoint header")
+    except MaskingError as e:
         raise _damaged(path, f"not a checkpoint header: {e}") from None
+    problem = _header_problem(header)
+    if problem:
+        raise _damaged(path, problem)
     if header["run_id"] != run_id:
         raise RunError(f"{path} belongs to run {header['run_id']!r}, not {run_id!r}; run with --restart to discard it")
     try:
-        read = lambda key: read_tensors(folder / header["files"][key])
+        read = lambda key: read_tensors(folder / header["files"][key],
+                                        tensor_file_limit(prepared.model, _COPIES[key]))
         load_trainable(prepared.model, read("trainable"), source=str(folder / header["files"]["trainable"]))
         optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"]))
         prepared.restore_method_state(read("method"), header.get("method") or {})
@@ -140,6 +158,53 @@ def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.opti
         if scaler is not None and header.get("scaler"):
             scaler.load_state_dict(header["scaler"])
         _set_rng_state(header["rng"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise _damaged(path, " ".join(str(e).split())) from None
+    # A header that passed the schema can still hold values torch refuses (a wrong RNG state size, optimizer
+    # groups that do not fit): any of them means the checkpoint is damaged, never a traceback.
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError) as e:
+        raise _damaged(path, " ".join(str(e).split())[:300]) from None
     return state, best
+
+
+def _header_problem(header: Any) -> str | None:
+    """What makes ``header`` not a checkpoint header this code wrote (types and ranges), or None."""
+    if not isinstance(header, dict) or not {"run_id", "files", "state", "optimizer", "rng"} <= set(header):
+        return "not a checkpoint header: it lacks the keys a checkpoint has"
+    files, optimizer, rng = header["files"], header["optimizer"], header["rng"]
+    if not isinstance(header["run_id"], str) or not isinstance(files, dict):
+        return "run_id or files has the wrong type"
+    if not {"trainable", "optimizer", "method"} <= set(files) or not set(files) <= set(FILE_ROLES):
+        return f"its file list {sorted(files)[:5]} is not {list(FILE_ROLES)}"
+    bad = [v for v in files.values() if not (isinstance(v, str) and _FILE_NAME.fullmatch(v))]
+    if bad:  # e.g. "/dev/zero" or "../x": a checkpoint's files lie in its own folder
+        return f"it names {str(bad[0])[:60]!r}, not a .safetensors file name in the checkpoint folder"
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+            and isinstance(optimizer.get("scalars"), dict)):
+        return "its optimizer state is not {param_groups: [...], scalars: {...}}"
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), str)) or not isinstance(header.get("method"),
+                                                                                          (dict, type(None))):
+        return "its RNG or method state has the wrong type"
+    if header.get("scaler") is not None and not isinstance(header["scaler"], dict):
+        return "its loss-scaler state is not an object"
+    return _state_problem(header["state"])
+
+
+def _state_problem(state: Any) -> str | None:
+    """Types and ranges of TrainState's fields (a negative step would divide by zero in the LR schedule)."""
+    if not isinstance(state, dict) or set(state) - {f.name for f in fields(TrainState)}:
+        return "its training state is not a TrainState"
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    for key in ("epoch", "step_in_epoch", "global_step", "loss_count"):
+        if key in state and not count(state[key]):
+            return f"state.{key} = {str(state[key])[:40]!r} is not a count >= 0"
+    for key in ("loss_sum", "train_seconds", "cpu_seconds"):
+        if key in state and not (number(state[key]) and (key == "loss_sum" or state[key] >= 0)):
+            return f"state.{key} = {str(state[key])[:40]!r} is not a finite number"
+    if state.get("best_epoch") is not None and not count(state["best_epoch"]):
+        return "state.best_epoch is not a count >= 0"
+    if state.get("best_score") is not None and not number(state["best_score"]):
+        return "state.best_score is not a finite number"
+    history = state.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        return "state.history is not a list of epoch records"
+    return None

@@ -16,7 +16,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from randmask import atomic_write_bytes
+from randmask import MaskingError, atomic_write_bytes, read_limited
+
+HEADER_SLACK = 16 << 20  # bytes beyond the tensors' data: the safetensors header (names, shapes, offsets)
 
 
 class TrainableMismatchError(ValueError):
@@ -45,6 +47,13 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             raise TrainableMismatchError(
                 f"{source}: shape mismatch for {name!r}: saved {tuple(t.shape)}, model "
                 f"{tuple(params[name].shape)}; was it prepared with other options?")
+    # Every trainable parameter must be in the file: one left out would silently keep its initial value
+    # (a resumed run would lose that part of its training).
+    absent = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
+    if absent:
+        raise TrainableMismatchError(
+            f"{source}: lacks {len(absent)} of the model's trainable parameters (first: {absent[0]!r}); the file is "
+            "damaged or was saved from a model prepared with other options")
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t.to(params[name].device, params[name].dtype))
@@ -55,11 +64,18 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(Path(path), st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a damaged one is a ValueError naming it."""
+def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:
+    """The most bytes a safetensors file of ``copies`` tensors per trainable parameter of ``model`` can need
+    (8 bytes per entry: fp64 at most), plus its header."""
+    return 8 * copies * sum(p.numel() for p in model.parameters() if p.requires_grad) + HEADER_SLACK
+
+
+def read_tensors(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Read a safetensors file through the bounded reader (a regular file of at most ``max_bytes``, checked before
+    reading); a damaged, oversized or non-regular one is a ValueError naming it."""
     try:
-        return st_load(Path(path).read_bytes())
-    except (SafetensorError, OSError) as e:
+        return st_load(read_limited(path, max_bytes, "tensor file", error=ValueError))
+    except (SafetensorError, MaskingError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
