@@ -68,8 +68,7 @@ def open_limited(path: str | os.PathLike, max_bytes: int, what: str = "file", *,
         if private and private_problem(info):
             raise _fail(error, f"{path} {private_problem(info)} ({what}); refused unread", fix)
         if info.st_size > max_bytes:
-            raise _fail(error, f"{path} is {info.st_size:,} bytes, above the limit for {what} files "
-                               f"({max_bytes:,} bytes)", fix)
+            raise _fail(error, f"{path} is {info.st_size:,} bytes, over the {max_bytes:,}-byte limit ({what})", fix)
         file = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -88,8 +87,7 @@ def read_limited(path: str | os.PathLike, max_bytes: int, what: str = "file", *,
         except OSError as e:
             raise _fail(error, f"cannot read {path} ({e.strerror})", fix) from None
     if len(data) > max_bytes:  # it grew while being read
-        raise _fail(error, f"{path} grew past the limit for {what} files ({max_bytes:,} bytes) while being read",
-                    fix)
+        raise _fail(error, f"{path} grew past the {max_bytes:,}-byte limit while being read ({what})", fix)
     return data
 
 

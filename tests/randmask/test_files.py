@@ -32,7 +32,7 @@ def test_non_regular_files_are_refused_unread(tmp_path, kind):
 
 def test_the_size_is_checked_before_reading(tmp_path):
     big = make_sparse(tmp_path / "big.bin")  # 8 GiB to a naive reader, nothing on disk
-    with pytest.raises(MaskingError, match="above the limit for test files"):
+    with pytest.raises(MaskingError, match="over the 1,048,576-byte limit .test."):
         read_limited(big, 1 << 20, "test")
     with open_limited(tmp_path / "big.bin", 16 << 30, "test") as (f, size):
         assert size == 8 << 30 and f.read(4) == b"\0\0\0\0"

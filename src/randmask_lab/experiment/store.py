@@ -159,7 +159,13 @@ class ResultStore:
         """The record of ``run_id``, or None."""
         with self._connect() as db:
             row = db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return RunRecord.from_dict(json.loads(row[0])) if row else None
+        if not row:
+            return None
+        try:
+            return RunRecord.from_dict(json.loads(row[0]))
+        except (TypeError, ValueError, RecursionError) as e:  # not JSON, not an object, or missing fields
+            raise StoreError(f"results store {self.path}: the record of run {run_id} is damaged ({str(e)[:80]}); "
+                             "run it again with --restart, or rebuild the store from its study file") from None
 
     def delete(self, run_id: str) -> None:
         """Forget the record of ``run_id`` (``--restart``)."""
