@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.precision import PRECISIONS, Precision
 
@@ -131,6 +132,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise RunError for values no run can use (names are checked when the run loads them)."""
+        if problem := type_problem(self):  # before any comparison: a JSON spec's "5" would raise TypeError
+            raise RunError(problem)
         checks: list[tuple[str, object, bool, str]] = [
             ("lr", self.lr, self.lr > 0, "> 0"),
             ("head-lr", self.head_lr, self.head_lr is None or self.head_lr > 0, "> 0"),
@@ -163,6 +166,8 @@ class RunConfig:
         for name, value, ok, want in checks:
             if not ok or value != value:  # value != value: NaN
                 raise RunError(f"--{name} must be {want}, got {value}")
+        if problem := bounds_problem(self):  # inf, lr 1e308, seed 1e23, lease 0.05 s (argtypes.py)
+            raise RunError(problem)
         if self.precision not in PRECISIONS:
             raise RunError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
