@@ -34,7 +34,8 @@ def test_type_and_bounds_problems_of_a_run_config() -> None:
                             ({"lr": "0.1"}, "--lr must be a number")]:
         assert message in (type_problem(RunConfig(**kwargs)) or ""), kwargs
     for kwargs, message in [({"lr": float("inf")}, "--lr must be a finite number"),
-                            ({"lr": 1e308}, "--lr must be at most 10"), ({"head_lr": 11.0}, "--head-lr must be at most"),
+                            ({"lr": 1e308}, "--lr must be at most 10"),
+                            ({"head_lr": 11.0}, "--head-lr must be at most"),
                             ({"seed": 10**23}, "--seed must be at most 2**63 - 1"),
                             ({"mask_seed": 2**63}, "--mask-seed must be at most"),
                             ({"lease_seconds": 0.05}, "--lease-seconds must be between 1 and 604800"),
