@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,3 +79,18 @@ def run_limited(body: str, imports: str = "", headroom: int = HEADROOM, timeout:
     ])
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
                           timeout=timeout)
+
+
+def make_read_only(path: Path) -> Callable[[], None]:
+    """Make the tree at ``path`` read-only for this process, also as root (``chattr +i``); returns the undo.
+    Skips the calling test where neither works (root on a file system without immutable files)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        return lambda: [p.chmod(m) for p, m in modes.items()] and None
+    if subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only for root here (no chattr +i)")
+    return lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True) and None
