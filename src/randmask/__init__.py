@@ -14,7 +14,7 @@ With peft installed, ``import randmask.peft`` registers randmask as a PEFT metho
 """
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.files import atomic_write_bytes, open_limited, parse_json, read_json_limited, read_limited
+from randmask.files import atomic_write_bytes, file_size, open_limited, parse_json, read_json_limited, read_limited
 from randmask.io import load_adapter, read_adapter_files, save_adapter
 from randmask.layer import MaskAdapter, MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
@@ -51,6 +51,7 @@ __all__ = [
     "count_base_parameters",
     "default_targets",
     "disable_adapter",
+    "file_size",
     "load_adapter",
     "mask_kinds",
     "masked_layers",
