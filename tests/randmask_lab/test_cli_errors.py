@@ -125,3 +125,15 @@ def test_careless_numbers_are_refused_before_the_run(capsys, tmp_path, tiny, opt
     """Issue 28: they used to run (--lr inf recorded as diverged), overflow in torch, or crash the lease thread."""
     assert message in _fails(capsys, "train", *_small(tiny, tmp_path), *options)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--method", "lora", "--option", "r=100000000"], "option r=100000000 of 'lora' must be between 1 and 16"),
+    (["--method", "adalora", "--option", "init_r=100000"], "option init_r=100000 of 'adalora' must be between 1"),
+    (["--method", "adalora", "--option", "init_r=8", "--option", "target_r=12"], "target_r=12 of 'adalora'"),
+    (["--method", "adapter", "--option", "width=10000000"], "option width=10000000 of 'adapter' must be between"),
+    (["--method", "prefix", "--option", "num_virtual_tokens=100000000"], "num_virtual_tokens=100000000 of 'prefix'"),
+])
+def test_size_options_are_bounded_by_the_model(capsys, tmp_path, tiny, options, message):
+    """Issue 28: --option r=100000000 attempted a 153 GB allocation on SmolLM2."""
+    assert message in _fails(capsys, "train", *_small(tiny, tmp_path), *options)
