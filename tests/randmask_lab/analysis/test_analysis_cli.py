@@ -227,9 +227,9 @@ def test_distance_reference_problems_are_one_line_run_errors(model_and_batches, 
     import types
 
     import torch
+    from tests.hostile import hang_guard, make_sparse, replace_with_fifo
 
     from randmask_lab.errors import RunError
-    from tests.hostile import hang_guard, make_sparse, replace_with_fifo
 
     hook = types.ModuleType("randmask_lab.experiment")
     hook.build_model_and_batches = lambda args: (*model_and_batches, None)
