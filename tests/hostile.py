@@ -94,3 +94,81 @@ def make_read_only(path: Path) -> Callable[[], None]:
     if subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode != 0:
         pytest.skip("cannot make a folder read-only for root here (no chattr +i)")
     return lambda: subprocess.run(["chattr", "-R", "-i", str(path)], check=True) and None
+
+
+# -- hypothesis mutations shared by the fuzz tests of each reader ------------------------------------------------
+
+
+def json_paths(obj: object, path: tuple = ()) -> Iterator[tuple]:
+    """Every node of a JSON value, as the path of keys / indices that reaches it."""
+    yield path
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from json_paths(v, (*path, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from json_paths(v, (*path, i))
+
+
+def odd_values():
+    """Values of every JSON type a field should not hold: None, bools, short strings, huge ints, NaN, lists."""
+    from hypothesis import strategies as st
+
+    return st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.integers(-10**20, 10**20),
+                     st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(-3, 3), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def mutate_json(obj: object, data, skip: Callable[[tuple], bool] = lambda path: False) -> object:
+    """One structural edit at a random node (not one ``skip`` names): drop, duplicate, retype, huge, negative,
+    NaN, or a string where a number was. Edits ``obj`` in place and returns it (or a replacement root)."""
+    import copy
+    import math
+
+    from hypothesis import strategies as st
+
+    paths = [p for p in json_paths(obj) if not skip(p)]
+    path = data.draw(st.sampled_from(paths))
+    op = data.draw(st.sampled_from(["drop", "duplicate", "retype", "huge", "negative", "nan", "string"]))
+    if not path:
+        return data.draw(odd_values())
+    parent = obj
+    for key in path[:-1]:
+        parent = parent[key]
+    key, value = path[-1], parent[path[-1]]
+    if op == "drop":
+        del parent[key]
+    elif op == "duplicate" and isinstance(parent, list):
+        parent.insert(key, copy.deepcopy(value))
+    elif op == "duplicate":  # a sibling key takes this value
+        parent[data.draw(st.sampled_from(list(parent)))] = copy.deepcopy(value)
+    elif op == "retype":
+        parent[key] = data.draw(odd_values())
+    elif op == "huge":
+        parent[key] = data.draw(st.sampled_from([10**12, 2**63, 10**30, 1e308, 1e9, -1e308]))
+    elif op == "negative":
+        parent[key] = -value if isinstance(value, (int, float)) and value else -1
+    elif op == "nan":
+        parent[key] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    else:
+        parent[key] = str(value)
+    return obj
+
+
+def damage_bytes(blob: bytes, data) -> bytes:
+    """Truncate, or flip one byte (raw disk damage)."""
+    from hypothesis import strategies as st
+
+    if not blob:
+        return blob
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    if data.draw(st.booleans()):
+        return blob[:pos]
+    return blob[:pos] + bytes([blob[pos] ^ data.draw(st.integers(1, 255))]) + blob[pos + 1:]
+
+
+def to_json_text(obj: object) -> bytes:
+    """JSON as a careless writer would produce it: NaN and Infinity written as such (json.dumps' default)."""
+    import json
+
+    return json.dumps(obj).encode()

@@ -11,6 +11,7 @@ loss scaler's state. Tensor files carry the step in their name and
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -72,15 +73,38 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The state dict to load: the checkpoint's per-parameter state, checked against the optimizer's parameters,
+    under the optimizer's own groups. The groups' hyperparameters come from the run's config (its id fixes them;
+    ``set_lr`` sets each step's lr), so an edited lr, betas or eps in the file cannot take effect."""
+    current = optimizer.state_dict()["param_groups"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = meta["param_groups"]
+    if len(saved) != len(current) or any(not isinstance(g, dict) or not isinstance(g.get("params"), list)
+                                         or len(g["params"]) != len(c["params"]) for g, c in zip(saved, current)):
+        raise ValueError("its optimizer parameter groups do not match this run's")
     state: dict[int, dict[str, Any]] = {}
+
+    def slot(index: str, name: str) -> dict[str, Any]:
+        i = int(index)
+        if not 0 <= i < len(params):
+            raise ValueError(f"optimizer state {name} names parameter {i} of {len(params)}")
+        return state.setdefault(i, {})
+
     for name, t in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+        _, index, key = name.split(".", 2)
+        into = slot(index, name)
+        if t.numel() != 1 and tuple(t.shape) != tuple(params[int(index)].shape):
+            raise ValueError(f"optimizer state {name} has shape {tuple(t.shape)}, its parameter "
+                             f"{tuple(params[int(index)].shape)}")
+        into[key] = t
     for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+        index, key = name.split(".", 1)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise ValueError(f"optimizer scalar {name} = {str(value)[:30]!r} is not a finite number")
+        slot(index, name)[key] = value
+    return {"state": state, "param_groups": current}
 
 
 def _rng_state() -> dict[str, str]:
@@ -107,14 +131,16 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
     tag = f"{state.global_step:08d}"
     files = {"trainable": f"trainable-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors",
              "method": f"method-{tag}.safetensors"}
-    write_tensors(folder / files["trainable"], trainable_tensors(prepared.model))
-    write_tensors(folder / files["optimizer"], opt_tensors)
-    write_tensors(folder / files["method"], m_tensors)
+    sha256 = {files["trainable"]: write_tensors(folder / files["trainable"], trainable_tensors(prepared.model)),
+              files["optimizer"]: write_tensors(folder / files["optimizer"], opt_tensors),
+              files["method"]: write_tensors(folder / files["method"], m_tensors)}
     if best is not None:
         files["best"] = f"best-epoch{state.best_epoch}.safetensors"
-        if not (folder / files["best"]).is_file():
-            write_tensors(folder / files["best"], best)
-    header = {"run_id": run_id, "files": files, "state": asdict(state), "optimizer": opt_meta,
+        if (folder / files["best"]).is_file():  # written at that epoch's end, unchanged since
+            sha256[files["best"]] = hashlib.sha256((folder / files["best"]).read_bytes()).hexdigest()
+        else:
+            sha256[files["best"]] = write_tensors(folder / files["best"], best)
+    header = {"run_id": run_id, "files": files, "sha256": sha256, "state": asdict(state), "optimizer": opt_meta,
               "method": m_meta, "rng": _rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
     write_json(folder / STATE, header)
     for old in folder.glob("*.safetensors"):  # files of older checkpoints
@@ -148,10 +174,10 @@ def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.opti
     if header["run_id"] != run_id:
         raise RunError(f"{path} belongs to run {header['run_id']!r}, not {run_id!r}; run with --restart to discard it")
     try:
-        read = lambda key: read_tensors(folder / header["files"][key],
-                                        tensor_file_limit(prepared.model, _COPIES[key]))
+        read = lambda key: read_tensors(folder / header["files"][key], tensor_file_limit(prepared.model, _COPIES[key]),
+                                        sha256=header.get("sha256", {}).get(header["files"][key]))
         load_trainable(prepared.model, read("trainable"), source=str(folder / header["files"]["trainable"]))
-        optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"]))
+        optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"], optimizer))
         prepared.restore_method_state(read("method"), header.get("method") or {})
         best = read("best") if "best" in header["files"] else None
         state = TrainState(**header["state"])
@@ -183,9 +209,21 @@ def _header_problem(header: Any) -> str | None:
     if not (isinstance(rng, dict) and isinstance(rng.get("torch"), str)) or not isinstance(header.get("method"),
                                                                                           (dict, type(None))):
         return "its RNG or method state has the wrong type"
-    if header.get("scaler") is not None and not isinstance(header["scaler"], dict):
-        return "its loss-scaler state is not an object"
+    scaler, sha256 = header.get("scaler"), header.get("sha256", {})  # sha256: absent in checkpoints before it
+    if scaler is not None and not (isinstance(scaler, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for k, v in scaler.items() if k != "_growth_tracker")):
+        return "its loss-scaler state is not an object of positive numbers"
+    if not (isinstance(sha256, dict) and all(isinstance(v, str) for v in sha256.values())):
+        return "its file checksums are not an object of SHA-256 digests"
     return _state_problem(header["state"])
+
+
+def _epoch_record(entry: Any) -> bool:
+    """An epoch of the history: its number, and numbers (finite), strings or nulls for the rest."""
+    return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and not isinstance(entry["epoch"], bool)
+            and all(v is None or isinstance(v, str) or (isinstance(v, (int, float)) and math.isfinite(v))
+                    for v in entry.values()))
 
 
 def _state_problem(state: Any) -> str | None:
@@ -205,6 +243,6 @@ def _state_problem(state: Any) -> str | None:
     if state.get("best_score") is not None and not number(state["best_score"]):
         return "state.best_score is not a finite number"
     history = state.get("history", [])
-    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+    if not (isinstance(history, list) and all(_epoch_record(h) for h in history)):
         return "state.history is not a list of epoch records"
     return None

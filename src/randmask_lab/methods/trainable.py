@@ -6,6 +6,7 @@ a 1-element tensor can never broadcast into a 52-value parameter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,11 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             params[name].copy_(t.to(params[name].device, params[name].dtype))
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomically write ``tensors`` as one safetensors file."""
-    atomic_write_bytes(Path(path), st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Atomically write ``tensors`` as one safetensors file; returns its SHA-256 (hex)."""
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(Path(path), blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
 def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:
@@ -70,11 +73,14 @@ def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:
     return 8 * copies * sum(p.numel() for p in model.parameters() if p.requires_grad) + HEADER_SLACK
 
 
-def read_tensors(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, max_bytes: int, sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a safetensors file through the bounded reader (a regular file of at most ``max_bytes``, checked before
-    reading); a damaged, oversized or non-regular one is a ValueError naming it."""
+    reading; with ``sha256``, those exact bytes); a damaged, oversized or non-regular one is a ValueError."""
+    blob = read_limited(path, max_bytes, "tensor file", error=ValueError)
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the checksum recorded when it was written (truncated or damaged)")
     try:
-        return st_load(read_limited(path, max_bytes, "tensor file", error=ValueError))
+        return st_load(blob)
     except (SafetensorError, MaskingError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 

@@ -79,7 +79,10 @@ def test_a_trainable_file_that_lacks_tensors_is_refused(tmp_path):
 
     model, opt = _saved(tmp_path)
     (file,) = tmp_path.glob("trainable-*.safetensors")
-    write_tensors(file, {"0.weight": torch.zeros(3, 4)})  # "1.weight" and "1.bias" left out
+    digest = write_tensors(file, {"0.weight": torch.zeros(3, 4)})  # "1.weight" and "1.bias" left out
+    with pytest.raises(RunError, match="is damaged .*does not match the checksum recorded"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+    _edit_state(tmp_path, lambda h: h["sha256"].update({file.name: digest}))  # as a checkpoint without checksums
     with pytest.raises(RunError, match="is damaged .*lacks 2 of the model's trainable parameters.*--restart"):
         load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
 
@@ -115,4 +118,18 @@ def test_impossible_counters_are_refused(tmp_path, key, value):
     _saved(tmp_path)
     _edit_state(tmp_path, lambda h: h["state"].update({key: value}))
     with pytest.raises(RunError, match=f"is damaged .*({key}|Infinity is not JSON)"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+
+
+def test_edited_optimizer_hyperparameters_never_take_effect(tmp_path):
+    """The run's config fixes lr, betas and eps: a checkpoint's copy of them is not loaded (fuzz-found: an edited
+    betas used to crash the next step, an edited lr to train silently at another rate)."""
+    _saved(tmp_path)
+    _edit_state(tmp_path, lambda h: h["optimizer"]["param_groups"][0].update(lr=5.0, betas=[0.1, 0.2], eps=1.0))
+    model, opt = _model_and_optimizer(1)
+    load_checkpoint(tmp_path, model, opt, "r")
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    _train(model, opt, 1)
+    _edit_state(tmp_path, lambda h: h["optimizer"]["scalars"].update({"9.step": 1}))
+    with pytest.raises(RunError, match="names parameter 9"):
         load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")

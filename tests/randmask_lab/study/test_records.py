@@ -114,3 +114,17 @@ def test_a_damaged_record_in_a_store_is_a_store_error(tmp_path, capsys):
     assert main(["report", "--store", str(tmp_path / "results.sqlite")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is damaged" in err
+
+
+def test_findings_on_sides_without_a_shared_seed_are_inconclusive(tmp_path, capsys):
+    """A valid file whose randmask runs used other seeds than LoRA's: no pairing, so INCONCLUSIVE (was a
+    ValueError traceback from the paired difference; found by test_fuzz_records)."""
+    rows = _rows()
+    for row in rows:
+        if row["config"]["method"] == "randmask":
+            row["config"]["seed"] += 10
+            row["run_id"] += "-other-seed"
+    path = _write(tmp_path / "s.jsonl", rows)
+    assert main(["findings", "--from", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no shared seed" in out and "(a) randmask 0.1% is within 1 point of LoRA" in out
