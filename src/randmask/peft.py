@@ -31,7 +31,7 @@ from typing import Any
 
 import peft
 import torch
-from peft.config import PeftConfig
+from peft.config import PeftConfig, PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
@@ -47,6 +47,7 @@ from randmask.peft_files import (
     check_base_named,
     check_sealed,
     check_weights_file,
+    guard_peft_type,
     read_config,
     seal,
     weights_file,
@@ -301,6 +302,8 @@ def _register() -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = RandMaskConfig
     PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = RandMaskModel
+    if not getattr(PeftConfigMixin._get_peft_type, "randmask_guard", False):  # the config's first reader: bounded
+        PeftConfigMixin._get_peft_type = classmethod(guard_peft_type(PeftConfigMixin._get_peft_type.__func__))
 
 
 _register()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,32 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
                       "PEFT adapter config", fix=_FIX + ".")
     check_config_data(data, str(path))
     return data
+
+
+def guard_peft_type(original: Callable[..., str]) -> Callable[..., str]:
+    """Wrap PEFT's ``PeftConfig._get_peft_type``, the first reader of every adapter config (it picks the config
+    class): a local config is read through randmask's bounded reader first, so a FIFO, a symlink to /dev/zero or
+    a huge file is refused unread, and text that is not JSON is a MaskingError (a ValueError, as peft's own
+    JSONDecodeError is) for every adapter type. A RandMask config is then checked field by field; any other
+    adapter's config goes on to peft's own reader unchanged."""
+    def _get_peft_type(cls: type, model_id: str, **kwargs: Any) -> str:
+        path = Path(model_id, kwargs.get("subfolder") or "", CONFIG_NAME)
+        if not (path.exists() or path.is_symlink()):
+            return original(cls, model_id, **kwargs)  # a Hub id: peft downloads the file
+        blob = read_limited(path, MAX_CONFIG_BYTES, "PEFT adapter config", fix="pass an adapter folder written by "
+                            "save_pretrained")
+        try:
+            loose = json.loads(blob.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            raise MaskingError(f"{path} is not valid JSON ({type(e).__name__}); it is not a PEFT adapter config. "
+                               "Re-save the adapter with save_pretrained.") from None
+        if isinstance(loose, dict) and loose.get("peft_type") == "RANDMASK":
+            check_config_data(parse_json(blob, str(path), "PEFT adapter config", fix=_FIX + "."), str(path))
+            return "RANDMASK"
+        return original(cls, model_id, **kwargs)
+
+    _get_peft_type.randmask_guard = True  # type: ignore[attr-defined]
+    return _get_peft_type
 
 
 def check_config_data(data: Any, where: str) -> None:
@@ -226,5 +253,5 @@ def check_weights_file(model: nn.Module, config: Any, plan: dict, load: dict[str
 
 
 __all__ = ["CONFIG_NAME", "OPT_OUT", "SEALED", "WEIGHTS_NAME", "check_base_named", "check_config_data",
-           "check_sealed", "check_weights_file", "config_checksum", "read_config", "read_weights", "resolve_weights",
-           "seal", "weights_file", "weights_limit"]
+           "check_sealed", "check_weights_file", "config_checksum", "guard_peft_type", "read_config", "read_weights",
+           "resolve_weights", "seal", "weights_file", "weights_limit"]

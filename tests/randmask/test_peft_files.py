@@ -10,13 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
+from tests.conftest import model_output, tiny_inputs, tiny_model
 
 from randmask import MaskingError
 
@@ -147,21 +144,17 @@ def test_a_truncated_weights_file_is_a_masking_error(saved, sealed):
 
 
 def test_a_weights_file_linked_to_dev_zero_is_refused_unread(saved):
-    code = textwrap.dedent(f"""
-        import os, sys
-        sys.path[:0] = [{str(REPO_ROOT / "src")!r}, {str(REPO_ROOT)!r}]
-        import randmask.peft
-        from peft import PeftModel
-        from randmask import MaskingError
-        from tests.conftest import tiny_model
-        os.unlink({str(saved / WEIGHTS_NAME)!r}); os.symlink("/dev/zero", {str(saved / WEIGHTS_NAME)!r})
+    from tests.hostile import replace_with_dev_zero, run_limited
+
+    replace_with_dev_zero(saved / WEIGHTS_NAME)
+    result = run_limited(f"""
         try:
             PeftModel.from_pretrained(tiny_model("opt"), {str(saved)!r})
         except MaskingError as e:
             print("REFUSED", e)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
-    assert "REFUSED" in out.stdout and "not a regular file" in out.stdout, out.stderr[-2000:]
+    """, imports="import randmask.peft\nfrom peft import PeftModel\nfrom randmask import MaskingError\n"
+                 "from tests.conftest import tiny_model")
+    assert "REFUSED" in result.stdout and "not a regular file" in result.stdout, result.stderr[-2000:]
 
 
 def test_a_weights_file_far_larger_than_the_masks_need_is_refused(saved):
@@ -201,3 +194,38 @@ def test_verify_base_false_is_the_named_way_past_the_fingerprint(saved):
     other = tiny_model("opt", seed=1)
     model = PeftModel.from_pretrained(other, saved, randmask_verify_base=False)
     assert any(n.endswith(".values") for n, _ in model.named_parameters())
+
+
+def test_peft_reads_every_local_config_through_the_bounded_reader(tmp_path, saved):
+    """PEFT's own first read of adapter_config.json (it picks the config class) goes through randmask's reader once
+    randmask.peft is imported: garbage is a MaskingError (a ValueError, as PEFT's JSONDecodeError is) and a FIFO is
+    refused unread, for every adapter type; other adapters load as before."""
+    from peft import LoraConfig
+
+    from tests.hostile import hang_guard, replace_with_fifo
+
+    lora = get_peft_model(tiny_model("opt"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    loaded = PeftModel.from_pretrained(tiny_model("opt"), tmp_path / "lora")
+    assert torch.equal(model_output(loaded, tiny_inputs("opt")), model_output(lora, tiny_inputs("opt")))
+    for folder in (saved, tmp_path / "lora"):
+        (folder / CONFIG_NAME).write_text('{"peft_type": "RAND')
+        with pytest.raises(MaskingError, match="is not valid JSON"):
+            PeftModel.from_pretrained(tiny_model("opt"), folder)
+        replace_with_fifo(folder / CONFIG_NAME)
+        with hang_guard(30), pytest.raises(MaskingError, match="not a regular file"):
+            PeftModel.from_pretrained(tiny_model("opt"), folder)
+
+
+def test_a_config_linked_to_dev_zero_is_refused_unread(saved):
+    from tests.hostile import replace_with_dev_zero, run_limited
+
+    replace_with_dev_zero(saved / CONFIG_NAME)
+    result = run_limited(f"""
+        try:
+            PeftModel.from_pretrained(tiny_model("opt"), {str(saved)!r})
+        except MaskingError as e:
+            print("REFUSED", e)
+    """, imports="import randmask.peft\nfrom peft import PeftModel\nfrom randmask import MaskingError\n"
+                 "from tests.conftest import tiny_model")
+    assert "REFUSED" in result.stdout and "not a regular file" in result.stdout, result.stderr[-2000:]
