@@ -201,7 +201,6 @@ def test_peft_reads_every_local_config_through_the_bounded_reader(tmp_path, save
     randmask.peft is imported: garbage is a MaskingError (a ValueError, as PEFT's JSONDecodeError is) and a FIFO is
     refused unread, for every adapter type; other adapters load as before."""
     from peft import LoraConfig
-
     from tests.hostile import hang_guard, replace_with_fifo
 
     lora = get_peft_model(tiny_model("opt"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
