@@ -92,6 +92,6 @@ def run_under_memory_limit() -> None:
 
 
 def test_fuzzed_checkpoints_under_memory_limit() -> None:
-    result = run_limited("run_under_memory_limit()",
-                         imports="from tests.randmask_lab.experiment.test_fuzz_checkpoint import run_under_memory_limit")
+    module = "tests.randmask_lab.experiment.test_fuzz_checkpoint"
+    result = run_limited("run_under_memory_limit()", imports=f"from {module} import run_under_memory_limit")
     assert result.returncode == 0 and "FUZZ-OK" in result.stdout, result.stderr[-4000:]
