@@ -55,10 +55,11 @@ def build_folder(folder: Path) -> Path:
         problem = private_problem(info) if stat.S_ISDIR(info.st_mode) else "is not a folder"
     if problem is None:
         return folder
-    warnings.warn(f"randmask: the native-kernel cache {folder} {problem}: a library planted there would run in this "
-                  "process, so the kernel is built in a private temporary folder instead (about a second per "
-                  f"process). Fix: chmod go-w {folder} (or chown it to yourself), or set RANDMASK_CACHE to a folder "
-                  "only you can write.", RuntimeWarning, stacklevel=6)
+    if _private_temp is None:  # once per process: every later build goes to the same private folder
+        warnings.warn(f"randmask: the native-kernel cache {folder} {problem}: a library planted there would run in "
+                      "this process, so the kernel is built in a private temporary folder instead (about a second "
+                      f"per process). Fix: chmod go-w {folder} (or chown it to yourself), or set RANDMASK_CACHE to a "
+                      "folder only you can write.", RuntimeWarning, stacklevel=6)
     return _temporary_folder()
 
 

@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       f"installed: pip install 'randmask[lab]' (or pip install {package})") from e
     except (*USER_ERRORS, OSError) as e:
         # A full disk or a read-only folder is the user's to fix (randmask_lab.fs); any other OSError is internal.
-        message = disk_problem(e) if isinstance(e, OSError) else str(e)
+        message = str(e) if isinstance(e, USER_ERRORS) else disk_problem(e)
         if message is None or os.environ.get("RANDMASK_DEBUG"):
             raise
         print(f"randmask {args.command}: error: {_one_line(message)}", file=sys.stderr)
