@@ -52,7 +52,8 @@ def export_shira(model_or_adapter_dir: nn.Module | str | os.PathLike, out_dir: s
     if isinstance(model_or_adapter_dir, nn.Module):
         matrices, name_or_path = _from_model(model_or_adapter_dir, adapter_name), _name_or_path(model_or_adapter_dir)
         if matrices:
-            _check_export_size({n: (v.numel(), shape) for n, (_, _, v, shape) in matrices.items()}, max_entries)
+            _check_export_size({n: (v.numel(), shape) for n, (_, _, v, shape) in matrices.items()}, max_entries,
+                               folder=False)
     else:
         matrices, name_or_path = _from_folder(Path(model_or_adapter_dir), max_entries)
     if not matrices:
@@ -82,16 +83,17 @@ def _shared_rank(sizes: dict[str, tuple[int, tuple[int, int]]]) -> int:
     return max(math.ceil(nnz / (out_f + in_f)) for nnz, (out_f, in_f) in sizes.values())
 
 
-def _check_export_size(sizes: dict[str, tuple[int, tuple[int, int]]], max_entries: int) -> None:
+def _check_export_size(sizes: dict[str, tuple[int, tuple[int, int]]], max_entries: int, folder: bool) -> None:
     """The export's entry count, r * (in + out) summed over the matrices, within ``max_entries``: checked from
     the entry counts and shapes alone, before any mask is drawn or padded."""
     r = _shared_rank(sizes)
     total = sum(r * (out_f + in_f) for _, (out_f, in_f) in sizes.values())
     if total > max_entries:
+        why = ("the adapter's shapes or entry counts are far larger than a real model's (an edited config?). Export "
+               "from the loaded model instead, or pass a larger max_entries if this is intended" if folder else
+               "SHiRA pads every matrix to r*(in+out) entries. Pass a larger max_entries if this is intended")
         raise MaskingError(f"the SHiRA export would hold {total:,} entries (r={r} over {len(sizes)} matrices), "
-                           f"above max_entries={max_entries:,}: the adapter's shapes or entry counts are far larger "
-                           "than a real model's (an edited config?). Export from the loaded model instead, or pass a "
-                           "larger max_entries if this is intended.")
+                           f"above max_entries={max_entries:,}: {why}.")
 
 
 def _pad(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, k: int,
@@ -147,7 +149,7 @@ def _from_folder(folder: Path, max_entries: int) -> tuple[dict[str, tuple], str 
         stub = nn.Linear(in_f, out_f, bias=False, device="meta")
         targets.append(Target(name, stub, [(b[0], b[1], b[2]) for b in info["blocks"]]))
     _check_export_size({n: (info["nnz"], tuple(info["stored_shape"])) for n, info in header["matrices"].items()},
-                       max_entries)
+                       max_entries, folder=True)
     densities = [None] * len(targets) if explicit else block_densities(config, header["total_params"], targets)
     out = {}
     for target, target_densities in zip(targets, densities):

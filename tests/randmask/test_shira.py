@@ -237,3 +237,11 @@ def test_import_refuses_non_finite_values(tmp_path, bad):
     with pytest.raises(MaskingError, match="NaN or inf"):
         import_shira(folder, model)
     assert torch.isfinite(model_output(model, tiny_inputs("opt"))).all()  # nothing was applied
+
+
+def test_max_entries_bounds_an_export_from_a_model_too(tmp_path):
+    model = apply_masking(tiny_model("llama"), MaskingConfig(density=0.1))
+    with pytest.raises(MaskingError, match="above max_entries=100: SHiRA pads every matrix"):
+        export_shira(model, tmp_path / "out", max_entries=100)
+    assert not (tmp_path / "out").exists()
+    export_shira(model, tmp_path / "out")  # the default bound is far above a real model's export
