@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from randmask import read_limited
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.build import (
     TrainingLoss,
@@ -53,8 +54,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
     run = _run_folder(getattr(args, "adapter", None))
     if run is not None:
         try:
-            config = RunConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError) as e:
+            text = read_limited(run / "config.json", 1 << 20, "run config", error=RunError,
+                                fix="pass another --adapter")
+            config = RunConfig.from_dict(json.loads(text.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as e:
             raise RunError(f"{run / 'config.json'} is not a run config ({e}); pass another --adapter") from None
     else:
         model, task = _arg(args, "model"), _arg(args, "task")

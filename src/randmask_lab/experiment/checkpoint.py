@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from randmask import MaskingError, read_json_limited
+from randmask import MaskingError, read_json_limited, read_limited
 from randmask_lab.errors import RunError
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import (
@@ -137,7 +137,9 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
     if best is not None:
         files["best"] = f"best-epoch{state.best_epoch}.safetensors"
         if (folder / files["best"]).is_file():  # written at that epoch's end, unchanged since
-            sha256[files["best"]] = hashlib.sha256((folder / files["best"]).read_bytes()).hexdigest()
+            blob = read_limited(folder / files["best"], tensor_file_limit(prepared.model), "tensor file",
+                                error=ValueError)
+            sha256[files["best"]] = hashlib.sha256(blob).hexdigest()
         else:
             sha256[files["best"]] = write_tensors(folder / files["best"], best)
     header = {"run_id": run_id, "files": files, "sha256": sha256, "state": asdict(state), "optimizer": opt_meta,
