@@ -17,7 +17,8 @@ With peft installed, ``import randmask.peft`` registers randmask as a PEFT metho
 """
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.io import atomic_write_bytes, load_adapter, read_adapter_files, save_adapter
+from randmask.files import atomic_write_bytes, file_size, open_limited, parse_json, read_json_limited, read_limited
+from randmask.io import load_adapter, read_adapter_files, save_adapter
 from randmask.layer import MaskAdapter, MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
 from randmask.model import (
@@ -54,6 +55,7 @@ __all__ = [
     "count_base_parameters",
     "default_targets",
     "disable_adapter",
+    "file_size",
     "is_quantized",
     "layer_bytes",
     "load_adapter",
@@ -62,9 +64,13 @@ __all__ = [
     "masked_layers",
     "masking_summary",
     "merge_and_unload",
+    "open_limited",
+    "parse_json",
     "print_trainable_parameters",
     "quant_scheme",
     "read_adapter_files",
+    "read_json_limited",
+    "read_limited",
     "register_mask_kind",
     "resolve_targets",
     "save_adapter",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
+from randmask.files import atomic_write_bytes, read_json_limited, read_limited
 from randmask.integrity import (
     CONFIG_CHECKSUM_KEY,
     base_fingerprint,
@@ -53,33 +53,6 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT = "randmask-adapter"
 FORMAT_VERSION = 2  # 2: config checksum and per-matrix base fingerprints
 MAX_CONFIG_BYTES = 64 << 20  # ~500 bytes per matrix: far above any real model's config
-
-
-def _umask() -> int:
-    # The only portable way to read the umask is to set it; put it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one.
-
-    The file gets the permissions a plain ``open(path, "wb")`` would (0666 minus the umask),
-    not mkstemp's 0600.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_dtype(layer: MaskedLayer, dtype: torch.dtype | None) -> torch.dtype:
@@ -152,15 +125,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return out
 
 
+_FIX = "Re-save the adapter with randmask.save_adapter."
+_NOT_FOUND = f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as written by randmask.save_adapter"
+
+
 def _read_header(cfg_path: Path) -> dict:
-    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise MaskingError(f"{cfg_path} is {cfg_path.stat().st_size:,} bytes; a randmask adapter config is far "
-                           f"smaller (limit {MAX_CONFIG_BYTES:,}). It is not an adapter config.")
-    try:
-        header = json.loads(cfg_path.read_text(), parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise MaskingError(f"{cfg_path} is not valid JSON ({str(e)[:80]}); the file is corrupt or truncated. "
-                           "Re-save the adapter.") from None
+    header = read_json_limited(cfg_path, MAX_CONFIG_BYTES, "randmask adapter config",
+                               fix=f"{_NOT_FOUND}. {_FIX}")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise MaskingError(f"{cfg_path} is not a randmask adapter config (format != {FORMAT!r}).")
     version = header.get("format_version")
@@ -181,20 +152,28 @@ def _read_header(cfg_path: Path) -> dict:
     return header
 
 
-def _no_constant(name: str) -> None:
-    raise MaskingError(f"adapter config holds {name}, which is not JSON; the file was edited. Re-save the adapter.")
+def weights_size_limit(header: dict) -> int:
+    """The most bytes the weights file of ``header`` can hold: values (up to 8 bytes each), stored indices,
+    and the safetensors header (names and offsets, well under 1 KB per tensor)."""
+    entries = sum(info["nnz"] * (16 if info["explicit_indices"] else 8) for info in header["matrices"].values())
+    return entries + 1024 * (2 * len(header["matrices"]) + 1) + 8
 
 
-def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify an adapter folder: (header dict, tensors). Clear errors when damaged."""
+def read_adapter_files(path: str | os.PathLike, max_entries: int | None = None
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify an adapter folder: (header dict, tensors). Clear errors when damaged.
+
+    ``max_entries`` bounds the trained entries the config may claim (``load_adapter``: the base model's
+    parameter count), so that nothing sized by the file is read or allocated past it.
+    """
     folder = Path(path)
     cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise MaskingError(f"{p} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
-                               "as written by randmask.save_adapter.")
     header = _read_header(cfg_path)
-    blob = weights_path.read_bytes()
+    if max_entries is not None and header["trainable"] > max_entries:
+        raise MaskingError(f"{cfg_path} claims {header['trainable']:,} trained entries, more than the "
+                           f"{max_entries:,} this base model has; it was saved from another model or edited. {_FIX}")
+    blob = read_limited(weights_path, weights_size_limit(header), "randmask adapter weights",
+                        fix=f"the file does not match {CONFIG_NAME}. {_FIX}")
     if hashlib.sha256(blob).hexdigest() != header["weights_sha256"]:
         raise MaskingError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file is "
                            "truncated, corrupt, or from another save. Re-save the adapter.")
@@ -221,7 +200,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     only this last check). ``is_trainable=True`` makes the values trainable (to resume
     training); otherwise everything is frozen, as PEFT's ``from_pretrained`` does.
     """
-    header, tensors = read_adapter_files(path)
+    header, tensors = read_adapter_files(path, max_entries=count_base_parameters(model))
     config = MaskingConfig.from_dict(header["masking_config"])
     if adapter_name in adapter_names(model):
         raise MaskingError(f"model already has an adapter named {adapter_name!r}; pass another "

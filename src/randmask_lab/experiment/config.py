@@ -10,6 +10,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.distributed import parse_device
 from randmask_lab.experiment.precision import AUTO, PRECISIONS, Precision, resolve_precision
@@ -158,6 +159,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise RunError for values no run can use (names are checked when the run loads them)."""
+        if problem := type_problem(self):  # before any comparison: a JSON spec's "5" would raise TypeError
+            raise RunError(problem)
         checks: list[tuple[str, object, bool, str]] = [
             ("lr", self.lr, self.lr > 0, "> 0"),
             ("head-lr", self.head_lr, self.head_lr is None or self.head_lr > 0, "> 0"),
@@ -190,6 +193,8 @@ class RunConfig:
         for name, value, ok, want in checks:
             if not ok or value != value:  # value != value: NaN
                 raise RunError(f"--{name} must be {want}, got {value}")
+        if problem := bounds_problem(self):  # inf, lr 1e308, seed 1e23, lease 0.05 s (argtypes.py)
+            raise RunError(problem)
         if self.precision not in (AUTO, *PRECISIONS):
             raise RunError(f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:

@@ -162,6 +162,8 @@ class Trainer:
         return self.scaler.get_scale() >= before  # the scale drops only when the step was skipped
 
     def _after_step(self, epoch: int, b: int, n_batches: int, loss: float) -> None:
+        if self.lease is not None and self.lease.lost:  # before writing: the new owner now writes this run's files
+            raise LeaseLost(f"the lease on {self.config.run_id} expired and another worker took the run over")
         state = self.state
         state.global_step += 1
         state.step_in_epoch = b + 1
@@ -173,8 +175,6 @@ class Trainer:
         if every > 0 and state.global_step % every == 0 and b + 1 < n_batches:
             self.checkpoint()
         self.steps_here += 1
-        if self.lease is not None and self.lease.lost:
-            raise LeaseLost(f"the lease on {self.config.run_id} expired and another worker took the run over")
         if self.stop_after is not None and self.steps_here >= self.stop_after:
             raise RunInterrupted(f"stopped after {self.steps_here} steps (stop_after)")
 

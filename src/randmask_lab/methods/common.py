@@ -21,6 +21,18 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def check_size_option(method: str, option: str, value: int, limit: int, why: str) -> None:
+    """ValueError unless 1 <= ``value`` <= ``limit``: a size option sets how much a method allocates, and past
+    the model's own dimensions it adds parameters, not capacity (r=100000000 asked for 153 GB)."""
+    if not 1 <= value <= limit:
+        raise ValueError(f"option {option}={value} of {method!r} must be between 1 and {limit} ({why})")
+
+
+def smallest_dim(modules: list[nn.Module]) -> int:
+    """The smallest dimension of the adapted weight matrices: a rank above it is never reached."""
+    return min(min(m.weight.shape) for m in modules)
+
+
 def check_heads(model: nn.Module, heads: list[str]) -> None:
     """Raise when a head name matches no module of `model`."""
     for head in heads:

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from randmask import logical_numel
-from randmask_lab.methods.trainable import load_trainable, read_tensors, trainable_tensors, write_json, write_tensors
+from randmask_lab.methods.trainable import (
+    load_trainable,
+    read_tensors,
+    tensor_file_limit,
+    trainable_tensors,
+    write_json,
+    write_tensors,
+)
 
 TRAINABLE_FILE = "trainable.safetensors"
 REPORT_FILE = "method.json"
@@ -130,7 +137,7 @@ class PreparedModel:
         file = Path(path) / TRAINABLE_FILE
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: pass the folder given to PreparedModel.save()")
-        load_trainable(self.model, read_tensors(file), source=str(file))
+        load_trainable(self.model, read_tensors(file, tensor_file_limit(self.model)), source=str(file))
 
 
 def count_parameters(model: nn.Module) -> int:

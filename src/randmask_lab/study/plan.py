@@ -20,6 +20,7 @@ from randmask_lab.errors import RunError
 from randmask_lab.experiment.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.record import FINISHED, RunRecord
 from randmask_lab.study.cells import search_loss
+from randmask_lab.study.spec_checks import check_spec_file
 
 LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
 
@@ -57,6 +58,7 @@ class StudySpec:
     @classmethod
     def from_file(cls, path: str | Path) -> StudySpec:
         """Parse a study spec; a one-line error naming the file and field when it is wrong."""
+        check_spec_file(path)  # bounded read, strict JSON, every field's type and range (spec_checks.py)
         try:
             data = json.loads(Path(path).read_text())
             cells = [CellSpec(c["method"], tuple(map(float, c.get("lrs", ()))), c.get("ratio"),
