@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from randmask.quantized import stored_shape
+
 from randmask_lab.methods.targets import match_modules
 
 
@@ -30,7 +32,8 @@ def check_size_option(method: str, option: str, value: int, limit: int, why: str
 
 def smallest_dim(modules: list[nn.Module]) -> int:
     """The smallest dimension of the adapted weight matrices: a rank above it is never reached."""
-    return min(min(m.weight.shape) for m in modules)
+    # stored_shape, not weight.shape: a packed 4-bit weight is an (n/2, 1) byte column
+    return min(min(stored_shape(m)) for m in modules)
 
 
 def check_heads(model: nn.Module, heads: list[str]) -> None:

@@ -127,4 +127,6 @@ def test_findings_on_sides_without_a_shared_seed_are_inconclusive(tmp_path, caps
     path = _write(tmp_path / "s.jsonl", rows)
     assert main(["findings", "--from", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "no shared seed" in out and "(a) randmask 0.1% is within 1 point of LoRA" in out
+    assert "no shared seed" in out and "(a) randmask 0.1% is not worse than LoRA or full FT" in out
+    headline_a = out[out.index("(a)"):].splitlines()[0]
+    assert headline_a.endswith(": INCONCLUSIVE"), headline_a
