@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from randmask.config import MaskingError
-from randmask.layer import MaskAdapter
+from randmask.layer import MaskAdapter, uses_delta_path
 from randmask.merge import check_merge_args, merge_sparse, union_blocks
 from randmask.mixed import check_adapter_names, group_rows, row_groups_set
 from randmask.peft_layer import RandMaskLayer
+from randmask.quantized import base_entries, stored_shape
 
 
 def _layers(model: nn.Module) -> list[RandMaskLayer]:
@@ -83,7 +84,9 @@ def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights
                                      combination_type, density, majority_sign_method, generator)
         layer.restore_live()  # base_values must capture pristine W0
         base = layer.get_base_layer()
-        merged = MaskAdapter(union, base.weight, sources[0].transposed, union_blocks(sources, union), "custom", True)
+        merged = MaskAdapter(union, base_entries(base, union), stored_shape(base), sources[0].transposed,
+                             union_blocks(sources, union), "custom", True,
+                             weight=None if uses_delta_path(base) else base.weight)
         with torch.no_grad():
             merged.values.copy_(values.to(merged.values.dtype))
         merged.requires_grad_(False)

@@ -109,3 +109,44 @@ def test_add_weighted_adapter_matches_the_free_function_merge_and_refuses_saving
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, adapter_names=["t", "xy"]).logits[1], merged[1],
                                    atol=1e-5, rtol=0)
+
+
+def test_adapter_names_in_bf16_within_the_stated_tolerance():
+    """bf16, as in the free API's test: the delta (fp32, rounded once) on the bf16 base output vs W0 + v rounded to
+    bf16 in the weight. Stated tolerance 1e-2 absolute on logits of magnitude ~0.5 (about two bf16 ulps)."""
+    model = _peft("llama").to(torch.bfloat16)
+    names = ["x", "__base__", "z", "y"]
+    ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), _alone(model, ids, names).float(), atol=1e-2, rtol=0)
+
+
+def test_a_partition_is_sealed_in_the_saved_config(tmp_path):
+    import json
+
+    from randmask.peft_files import CONFIG_NAME, config_checksum
+
+    model = peft.get_peft_model(tiny_model("llama"), RandMaskConfig(density=0.05, seed=3, partition=[1, 4]))
+    ids = torch.randint(1, 128, (2, 6))
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, RandMaskLayer):
+                layer.randmask_adapters["default"].values.normal_()
+        out = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, out)
+    path = tmp_path / CONFIG_NAME
+    data = json.loads(path.read_text())
+    data["partition"] = [2, 4]  # another part of the same draw: caught by the config checksum
+    path.write_text(json.dumps(data))
+    with pytest.raises(MaskingError):
+        peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    data["partition"] = [4, 4]
+    data["config_sha256"] = config_checksum(data)  # resealed: the field's own check refuses it
+    path.write_text(json.dumps(data))
+    with pytest.raises(MaskingError, match="partition"):
+        peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
