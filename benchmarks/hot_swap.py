@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import randmask  # noqa: E402
-from randmask import MaskingConfig, apply_masking, default_targets, masked_layers  # noqa: E402
+from randmask import MaskingConfig, apply_masking, atomic_write_bytes, default_targets, masked_layers  # noqa: E402
 
 SETTINGS = {"qv@1e-3": (1e-3, "qv"), "all_linear@1e-2": (1e-2, "all_linear")}
 
@@ -113,7 +113,8 @@ def main() -> None:
     from randmask_lab.machine import describe, machine_info
 
     torch.manual_seed(0)
-    results = {"machine": machine_info("cpu"), "threads": torch.get_num_threads(), "switches": args.switches,
+    results = {"command": " ".join(["python", *sys.argv]), "machine": machine_info("cpu"),
+               "threads": torch.get_num_threads(), "switches": args.switches,
                "settings": {}}
     print(describe(results["machine"]), f"threads={results['threads']}")
     for label, (ratio, target_set) in SETTINGS.items():
@@ -126,7 +127,7 @@ def main() -> None:
             print(f"{label:<16} {row['path']:<5} switch median {row['median_ms']:.3f} ms "
                   f"(p10 {row['p10_ms']:.3f}, p90 {row['p90_ms']:.3f}){extra}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ once, back to back (order reversed every other round); per round we take through
 (randmask / base, lora / base, randmask / lora) and report their median and min-max over rounds. Before
 timing, a correctness check on the real model: a mixed-batch forward of --check prompts against each
 prompt run alone with its adapter set (max |difference| of the logits). Run it under /work/quiet.sh.
+
+Duration on the 2-core AVX2 CPU: one generate of the default batch is ~13 s of prefill plus ~1.4 s per decode
+step with one thread while other jobs run, so one adapter count takes ~8-10 minutes at 3 rounds: run one
+count per quiet command (--adapters 8, then --adapters 32). Where other processes share the cores, pass
+--threads 1: two OpenMP threads on two busy cores stall each other (a 32-prompt generate ran >4 minutes).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from randmask import default_targets  # noqa: E402
+from randmask import atomic_write_bytes, default_targets  # noqa: E402
 
 
 def _randomize(model, seed: int) -> None:
@@ -118,6 +123,7 @@ def run(base, n_adapters: int, args) -> dict:
                 "lora": (build(base, "lora", n_adapters), names)}
     if args.kernels:
         variants["per_group"] = (randmask_model, names)
+    print(f"  {n_adapters} adapters: models built", flush=True)
     errors = {k: check(variants[k][0], ids[:args.check], names[:args.check]) for k in ("randmask", "lora")}
     for key, (model, n) in variants.items():  # warm-up
         generate_seconds(model, ids[:4], n[:4] if n else None, 2, per_group=key == "per_group")
@@ -127,6 +133,7 @@ def run(base, n_adapters: int, args) -> dict:
         for key in order:
             model, n = variants[key]
             seconds[key].append(generate_seconds(model, ids, n, args.new_tokens, per_group=key == "per_group"))
+            print(f"  {n_adapters} adapters, round {r + 1}: {key} {seconds[key][-1]:.1f} s", flush=True)
     tokens = args.batch * args.new_tokens
     def ratios(num: str, den: str) -> dict:  # throughput num / den per round = time den / time num
         rs = [d / n for n, d in zip(seconds[num], seconds[den])]
@@ -158,7 +165,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base, _ = load_causal_lm("smollm2-135m", dtype=torch.float32)
     base.eval()
-    result = {"machine": machine_info("cpu"), "threads": torch.get_num_threads(), "dtype": "float32",
+    result = {"command": " ".join(["python", *sys.argv]), "machine": machine_info("cpu"),
+              "threads": torch.get_num_threads(), "dtype": "float32",
               "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "rounds": args.rounds, "runs": []}
     print(describe(result["machine"]), f"threads={result['threads']}, fp32, batch {args.batch} x "
@@ -166,6 +174,8 @@ def main() -> None:
     for n in args.adapters:
         row = run(base, n, args)
         result["runs"].append(row)
+        if args.json:  # after each adapter count: a run stopped later (quiet.sh's 10 minutes) keeps what it measured
+            atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())
         tps = row["tokens_per_s"]
         fmt = lambda r: f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"  # noqa: E731
         print(f"{n:>3} adapters: tokens/s base {tps['base']:.1f}, randmask {tps['randmask']:.1f}, "
@@ -176,8 +186,6 @@ def main() -> None:
               + " | max |mixed - alone| "
               + ", ".join(f"{k} {v['max_abs_diff']:.2e} (logits up to {v['max_abs_logit']:.1f})"
                           for k, v in row["max_abs_error_vs_alone"].items()))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
