@@ -177,15 +177,14 @@ def evaluate_all(args) -> None:
     for name in args.merges:
         method, mask_set, combination, density = MERGES[name]
         adapters = find_adapters(args.runs, method, mask_set)
-        if set(adapters) != set(TASKS):
-            print(f"{name}: adapters for {sorted(set(TASKS) - set(adapters))} not trained yet; skipped")
-            continue
-        for task in TASKS:
+        for task, rec in adapters.items():  # every finished single-task run, even while others still train
             if ("single", f"{method}-{mask_set}", task) not in done:
-                rec = adapters[task]
                 rows.append({"row": "single", "name": f"{method}-{mask_set}", "task": task, "run_id": rec["run_id"],
                              "lr": rec["config"]["lr"], "metric": rec["test_metric"]})
                 done.add(("single", f"{method}-{mask_set}", task))
+        if set(adapters) != set(TASKS):
+            print(f"{name}: adapters for {sorted(set(TASKS) - set(adapters))} not trained yet; merge skipped")
+            continue
         if method == "randmask" and ("overlap", mask_set, None) not in done:
             rows.append({"row": "overlap", "name": mask_set, **mask_overlap(adapters)})
             done.add(("overlap", mask_set, None))
@@ -215,7 +214,8 @@ def table(path: Path) -> str:
     head = "| model | " + " | ".join(TASKS) + " | mean share kept |\n|---|" + "---|" * (len(TASKS) + 1) + "\n"
     lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | |"]
     for name in sorted({n for n, _ in single}):
-        lines.append(f"| single {name} | " + " | ".join(f"{single[(name, t)]:.3f}" for t in TASKS) + " | 100% |")
+        cells = [f"{single[(name, t)]:.3f}" if (name, t) in single else "not trained yet" for t in TASKS]
+        lines.append(f"| single {name} | " + " | ".join(cells) + " | |")
     for name, metrics in merges.items():
         if len(metrics) < len(TASKS):
             continue
