@@ -215,7 +215,7 @@ def table(path: Path) -> str:
     lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | |"]
     for name in sorted({n for n, _ in single}):
         cells = [f"{single[(name, t)]:.3f}" if (name, t) in single else "not trained yet" for t in TASKS]
-        lines.append(f"| single {name} | " + " | ".join(cells) + " | |")
+        lines.append(f"| single {name.removesuffix('-None')} | " + " | ".join(cells) + " | |")
     for name, metrics in merges.items():
         if len(metrics) < len(TASKS):
             continue
