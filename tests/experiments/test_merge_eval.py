@@ -1,0 +1,37 @@
+"""experiments/merge_eval.py's table: per merge the kept share of each single adapter's gain, with tasks still
+training marked (never a KeyError), and the mean over the tasks whose single adapter gained."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "merge_eval.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("merge_eval", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_partial_singles_are_marked_and_a_full_merge_gets_its_shares(tmp_path):
+    table = _module().table
+    zero = [{"row": "zeroshot", "task": t, "metric": m} for t, m in
+            [("sst2", 0.5), ("rte", 0.5), ("cb", 0.5), ("boolq", 0.6)]]
+    partial = [{"row": "single", "name": "lora-None", "task": "cb", "metric": 0.7}]
+    _write(tmp_path / "p.jsonl", zero + partial)
+    text = table(tmp_path / "p.jsonl")
+    assert "| single lora | not trained yet | not trained yet | 0.700 | not trained yet | |" in text
+    singles = [{"row": "single", "name": "randmask-independent", "task": t, "metric": m} for t, m in
+               [("sst2", 0.9), ("rte", 0.7), ("cb", 0.7), ("boolq", 0.5)]]  # boolq: no gain
+    merge = [{"row": "merge", "name": "randmask-linear", "task": t, "metric": m} for t, m in
+             [("sst2", 0.8), ("rte", 0.6), ("cb", 0.7), ("boolq", 0.6)]]
+    _write(tmp_path / "f.jsonl", zero + singles + merge)
+    line = next(x for x in table(tmp_path / "f.jsonl").splitlines() if x.startswith("| merge randmask-linear"))
+    # shares: (0.8-0.5)/(0.9-0.5)=75%, (0.6-0.5)/(0.7-0.5)=50%, 100%, n/a; mean of three: 75%
+    assert line == "| merge randmask-linear | 0.800 (75%) | 0.600 (50%) | 0.700 (100%) | 0.600 (n/a) | 75% |"
