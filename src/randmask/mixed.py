@@ -156,8 +156,13 @@ def check_adapter_names(groups: RowGroups, known: Iterable[str]) -> None:
 @contextlib.contextmanager
 def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[None]:
     """Set ``layer.row_groups`` on every layer for the duration (the layers then run ``mixed_forward``)."""
+    from randmask.layer import is_sharded  # (randmask.layer imports this module)
+
     if any(getattr(layer, "row_groups", None) is not None for layer in layers):
         raise MaskingError("a mixed batch is already running on this model; mixed batches do not nest.")
+    if any(is_sharded(layer.base_layer.weight) for layer in layers):
+        raise MaskingError("mixed batches run on unsharded weights; this model is sharded (FSDP2 / DTensor). Serve "
+                           "an unsharded copy (load the adapters onto a plain model), or set_adapter per batch.")
     for layer in layers:
         layer.row_groups = groups
     try:

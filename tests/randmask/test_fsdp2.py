@@ -74,6 +74,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     layer0 = model.model.layers[0].self_attn.q_proj
     sharded = {"weight": randmask.layer.is_sharded(layer0.weight),
                "values": randmask.layer.is_sharded(layer0.adapters["default"].values)}
+    try:  # mixed batches are for unsharded weights: refused, the weights untouched
+        with randmask.mixed_batch(model, ["default", randmask.BASE_ADAPTER]):
+            pass
+        sharded["mixed_batch_refused"] = False
+    except randmask.MaskingError as e:
+        sharded["mixed_batch_refused"] = "sharded" in str(e)
     losses = _train(model, slice(2 * rank, 2 * rank + 2))
     save_adapter(model, Path(out) / "sharded")  # every rank calls it; rank 0 writes
     probe = _probe()
@@ -104,7 +110,8 @@ def test_fsdp2_trains_saves_and_loads_like_one_process(tmp_path):
         pytest.skip("torch.distributed is not available in this torch build")
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "rank0.pt")
-    assert json.loads((tmp_path / "sharded.json").read_text()) == {"weight": True, "values": True}
+    assert json.loads((tmp_path / "sharded.json").read_text()) == {"weight": True, "values": True,
+                                                                           "mixed_batch_refused": True}
 
     single = apply_masking(_base(), MaskingConfig(**CONFIG))
     losses = _train(single, slice(None))
