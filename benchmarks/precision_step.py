@@ -37,16 +37,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def build(name: str, attention: str, model_name: str, task: str, n: int, workdir: Path, max_length: int = 1024):
     """A Trainer for one precision variant and the indices of its one batch (prompts cut at ``max_length``)."""
     from randmask_lab.experiment import RunConfig
-    from randmask_lab.experiment.build import (
-        check_names,
-        load_data,
-        load_model,
-        make_objective,
-        prepare,
-        resolve_mode,
-        run_head_modules,
-        sample_splits,
-    )
+    from randmask_lab.experiment.build import assemble
     from randmask_lab.experiment.distributed import DistContext
     from randmask_lab.experiment.loop import Trainer
     from randmask_lab.experiment.precision import PrecisionPlan
@@ -54,17 +45,9 @@ def build(name: str, attention: str, model_name: str, task: str, n: int, workdir
     config = RunConfig(model=model_name, task=task, method="randmask", ratio=1e-3, lr=1e-3, n_train=n, n_val=1,
                        n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
                        out_dir=str(workdir), max_length=max_length)
-    spec = check_names(config)
-    mode = resolve_mode(config, spec)
-    plan = PrecisionPlan(name, torch.device("cpu"), attention)
-    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
-    kernel = plan.setup_attention(model)
-    data = load_data(config, spec, mode, tokenizer, sample_splits(config, spec))
-    prepared = prepare(config, model, total_steps=10)
-    plan.cast_trainable(prepared.model, prepared.fp32_trainable)
-    trainer = Trainer(config, prepared, data, make_objective(config, data, tokenizer), run_head_modules(config, model),
-                      plan, DistContext(), workdir / f"{name}-{attention}")
-    return trainer, list(range(len(data.train))), kernel
+    parts = assemble(config, plan=PrecisionPlan(name, torch.device("cpu"), attention), total_steps=10)
+    trainer = Trainer(parts, DistContext(), workdir / f"{name}-{attention}")
+    return trainer, list(range(len(parts.data.train))), parts.attention
 
 
 def summary(times: dict[tuple[str, str], list[float]], attention: dict[tuple[str, str], str]) -> list[dict]:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from randmask.quantized import stored_shape
-
 from randmask_lab.methods.targets import match_modules
 
 
