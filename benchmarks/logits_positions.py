@@ -37,7 +37,7 @@ def build(batch: int):
 
     hf_logging.disable_progress_bar()
 
-    config = RunConfig(model="smollm2-135m", task="rte", method="randmask", ratio=1e-4, n_train=batch,
+    config = RunConfig(model="smollm2-135m", task="rte", method="randmask", trainable_ratio=1e-4, n_train=batch,
                        n_val=1, n_test=0)
     spec = check_names(config)
     model, tokenizer = load_model(config, spec, "lm")

@@ -42,8 +42,8 @@ def build(name: str, attention: str, model_name: str, task: str, n: int, workdir
     from randmask_lab.experiment.loop import Trainer
     from randmask_lab.experiment.precision import PrecisionPlan
 
-    config = RunConfig(model=model_name, task=task, method="randmask", ratio=1e-3, lr=1e-3, n_train=n, n_val=1,
-                       n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
+    config = RunConfig(model=model_name, task=task, method="randmask", trainable_ratio=1e-3, lr=1e-3, n_train=n,
+                       n_val=1, n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
                        out_dir=str(workdir), max_length=max_length)
     parts = assemble(config, plan=PrecisionPlan(name, torch.device("cpu"), attention), total_steps=10)
     trainer = Trainer(parts, DistContext(), workdir / f"{name}-{attention}")

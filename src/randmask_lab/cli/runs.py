@@ -66,7 +66,7 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="run a grid (lr x ratio x seed x method x task), skipping finished runs",
                            description=SweepConfig.__doc__)
     add_dataclass_options(sweep, SweepConfig)
-    add_dataclass_options(sweep, RunConfig, skip=("model", "task", "method", "ratio", "density", "lr", "seed",
+    add_dataclass_options(sweep, RunConfig, skip=("model", "task", "method", "trainable_ratio", "density", "lr", "seed",
                                                   "data_seed", "mask_seed", "order_seed"))
     add_dataclass_options(sweep, ExecutorConfig)  # --executor, --cpus-per-run, --gpus-per-run, --ray-address
     sweep.add_argument("--dtype", choices=LEGACY_DTYPE_CHOICES, help=argparse.SUPPRESS)

@@ -56,7 +56,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         if not model or not task:
             raise RunError("give --model and --task (or --adapter with a run folder written by `randmask train`)")
         config = RunConfig(model=model, task=task, method=_arg(args, "method", default="randmask"),
-                           ratio=_arg(args, "trainable_ratio", "ratio"), seed=_arg(args, "seed", default=0))
+                           trainable_ratio=_arg(args, "trainable_ratio", "ratio"), seed=_arg(args, "seed", default=0))
     need = _arg(args, "num_batches", "n_batches", default=1) * _arg(args, "batch_size", default=8)
     config.n_train, config.n_val, config.n_test = max(need, 1), 1, 0
     return config
@@ -65,7 +65,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def describe_analysis_run(args: argparse.Namespace) -> dict[str, Any]:
     """What an analysis command measured: model, task, method, budget, and whether trained weights were loaded."""
     config = _config(args)
-    return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.ratio,
+    return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.trainable_ratio,
             "density": config.density, "seed": config.seed, "trained": bool(getattr(args, "adapter", None)),
             "adapter": str(args.adapter) if getattr(args, "adapter", None) else None}
 

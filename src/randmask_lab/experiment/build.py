@@ -94,7 +94,7 @@ def run_head_modules(config: RunConfig, model: Any) -> list[str]:
 def prepare(config: RunConfig, model: Any, total_steps: int) -> PreparedModel:
     """Apply the method; RunError naming the model and method when it cannot be applied."""
     try:
-        return prepare_method(config.method, model, ratio=config.ratio, density=config.density,
+        return prepare_method(config.method, model, ratio=config.trainable_ratio, density=config.density,
                               seed=config.seeds.mask, targets=config.targets, total_steps=total_steps,
                               head_modules=config.head_modules, **config.method_options)
     except (ValueError, MaskingError) as e:
