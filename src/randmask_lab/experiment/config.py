@@ -201,6 +201,10 @@ class RunConfig:
                 raise RunError(f"--{name} must be {want}, got {value}")
         if problem := bounds_problem(self):  # inf, lr 1e308, seed 1e23, lease 0.05 s (argtypes.py)
             raise RunError(problem)
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        """RunError for a precision, quantization or budget the run's method cannot use."""
         if self.precision not in (AUTO, *PRECISIONS):
             raise RunError(f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
