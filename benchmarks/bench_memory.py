@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.variant, args.precision, args.quick, args.threads)))
+    from randmask_lab.machine import machine_info  # after measure(): not part of the measured load
+
+    print(json.dumps({**measure(args.variant, args.precision, args.quick, args.threads), "machine": machine_info()}))
     return 0
 
 

@@ -2,6 +2,13 @@
 
     python benchmarks/step_benchmark.py [--quick] [--precision fp32,bf16-mixed,bf16-true] [--json PATH]
 
+PATH may hold ``{cpu}``, replaced by this CPU's kind (``randmask_lab.machine.cpu_kind``: e.g.
+``avx2-no-bf16``), so that runs on different kinds of CPU write different files (``make bench`` does).
+By default every precision is timed, except the bf16 ones on a CPU without native bf16 (oneDNN's own
+check: no AMX or avx512_bf16), where a bf16 step runs many times slower than fp32: the run says it
+skipped them, and ``--precision`` naming them runs them anyway. The JSON's ``settings.machine`` and the
+printed tables name the CPU.
+
 Model, variants and precisions: see benchmarks/bench_models.py (OPT-125m shapes, batch 8 x 128,
 causal-LM loss, CPU). Two separate phases:
 
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from bench_machine import choose_precisions, json_path, kernel_line
 from bench_memory import measure_in_subprocess
 from bench_models import (
     PRECISIONS,
@@ -48,8 +56,9 @@ from bench_models import (
     variant_names,
 )
 from bench_stats import paired_ratios, summarize
-from randmask import ops
+from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
+from randmask_lab.machine import bf16_native, describe, machine_info
 
 
 class SddmmTimer:
@@ -226,13 +235,14 @@ def add_memory(rows: list[dict], quick: bool, threads: int, jobs: int, log) -> N
 
 
 def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: int, max_rounds: int,
-               started: float) -> None:
+               started: float, skipped: list[str]) -> None:
     payload = {
         "settings": {"quick": args.quick, "threads": args.threads, "min_rounds": min_rounds,
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
+                     "max_minutes": args.max_minutes, "skipped_precisions": skipped,
                      "torch": torch.__version__, "python": platform.python_version(),
-                     "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "sddmm_kernel": ops.weight_gradient_kernel(),
+                     "machine": machine_info(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                     "sddmm_kernel": ops.weight_gradient_kernel(), "sddmm_kernel_path": native.compiled_path(),
                      "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                      "minutes": round((time.time() - started) / 60, 1)},
         "mask_draw_ms_80x5120sq_p1e-3": round(mask_ms, 1),
@@ -248,8 +258,9 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model (4x256), batch 4x64, few rounds")
-    parser.add_argument("--precision", default=",".join(PRECISIONS),
-                        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all)")
+    parser.add_argument("--precision", default=None,
+                        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all where bf16 is "
+                             "native, else fp32 only)")
     parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds (default 20; quick 3)")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap on rounds (default 40; quick 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write rows, targets and settings here")
     args = parser.parse_args(argv)
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    precisions, skipped, note = choose_precisions(PRECISIONS, args.precision, bf16_native("cpu"))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         parser.error(f"unknown precision {unknown}; use a subset of {','.join(PRECISIONS)}")
@@ -277,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     started = time.time()
+    print(f"on {describe()}; {kernel_line()}", flush=True)
+    if note:
+        print(note, flush=True)
+    out = json_path(args.json) if args.json else None
 
     mask_ms = time_masks()
     log(f"masks for 80 x 5120^2 at p=1e-3: {mask_ms:.1f} ms")
@@ -287,15 +302,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done
-        if args.json:  # after every precision, so an interrupted run keeps what it finished
-            write_json(args.json, rows, mask_ms, args, min_rounds, max_rounds, started)
+        if out:  # after every precision, so an interrupted run keeps what it finished
+            write_json(out, rows, mask_ms, args, min_rounds, max_rounds, started, skipped)
     for precision in precisions:
-        print(f"\n### {precision}\n")
+        print(f"\n### {precision} (on {describe()})\n")
         print(format_table([r for r in rows if r["precision"] == precision]))
     print(f"\nmasks for 80 matrices of 5120x5120 at p=1e-3: {mask_ms:.1f} ms (target <= 50 ms)")
     print("\n| precision | target | holds | measured |\n|---|---|---|---|")
     for t in check_targets(rows):
         print(f"| {t['precision']} | {t['target']} | {'yes' if t['holds'] else 'NO'} | {t['detail']} |")
+    if skipped:
+        print(f"\nnot timed here: {', '.join(skipped)} (no native bf16 on this CPU)")
+    print(f"\n{(time.time() - started) / 60:.1f} minutes" + (f"; wrote {out}" if out else ""))
     return 0
 
 

@@ -91,4 +91,5 @@ def describe(info: dict[str, Any] | None = None) -> str:
     info = info or machine_info()
     bf16 = "bf16 native" if info.get("cpu_bf16_native") else "bf16 not native"
     where = "" if info.get("device", "cpu") == "cpu" else f", on {info['device']}"
-    return f"{info.get('cpu_model', '?')} ({info.get('cpu_capability', '?')}, {bf16}), torch {info.get('torch', '?')}{where}"
+    cpu = f"{info.get('cpu_model', '?')} ({info.get('cpu_capability', '?')}, {bf16})"
+    return f"{cpu}, torch {info.get('torch', '?')}{where}"
