@@ -122,6 +122,10 @@ static inline void pack_tile16(const operand_t *op, int64_t t, int64_t f0, float
 #endif
 
 #ifdef RANDMASK_AVX2
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 128
+#endif
+
 /* In: r[i] = row i of an 8x8 tile. Out: r[j] = column j, rows in order (the 8-lane transpose16). */
 static inline void transpose8(__m256 r[8]) {
     __m256 t[8], q[8];
@@ -143,6 +147,12 @@ static inline void transpose8(__m256 r[8]) {
 
 /* A full 16-token x 16-feature tile as four 8x8 register transposes: each store is half a line of buf. */
 static inline void pack_tile16(const operand_t *op, int64_t t, int64_t f0, float *out) {
+    /* The 16 rows are 16 streams, more than this CPU's prefetcher follows: fetch each row 128 bytes
+       ahead (an AVX2 EPYC, 1 thread: the kernel 1.4x faster; 64 to 256 bytes alike, 1024 slower). */
+    size_t elem = op->bf16 ? 2 : 4;
+    if (f0 + (int64_t)(PREFETCH_BYTES / elem) < op->n)
+        for (int i = 0; i < 16; i++)
+            _mm_prefetch((const char *)op->data + ((t + i) * op->stride + f0) * elem + PREFETCH_BYTES, _MM_HINT_T0);
     for (int fh = 0; fh < 16; fh += 8)
         for (int th = 0; th < 16; th += 8) {
             __m256 r[8];
