@@ -1,6 +1,6 @@
 """The native SDDMM kernel's vector paths side by side: the kernel alone, and its share of a training step.
 
-    python benchmarks/native_paths.py [--rounds 12] [--threads 2] [--quick] [--no-step] [--json PATH]
+    python benchmarks/native_paths.py [--rounds 12] [--threads 2] [--cpu-time] [--quick] [--no-step] [--json PATH]
 
 Builds every path this CPU runs (``randmask.native.PATH_DEFINES``: its best, AVX-512 or AVX2 + FMA,
 and the portable C; an AVX-512 CPU also runs the AVX2 one), then, in one process:
@@ -13,6 +13,8 @@ and the portable C; an AVX-512 CPU also runs the AVX2 one), then, in one process
   between steps); reported per path: the weight gradient's share of its step, and step / floor.
 
 Ratios are per-round medians with a bootstrap 95% CI (benchmarks/bench_stats.py), never bare times.
+Times are wall times; with ``--threads 1 --cpu-time`` they are the thread's CPU time, which other
+processes on a busy machine inflate far less (they still share its caches and memory bandwidth).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from bench_machine import json_path
 from bench_stats import paired_ratios, summarize
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
@@ -84,7 +87,7 @@ def ratio_row(times: list[float], reference: list[float]) -> dict:
     return {"ratio": round(s.median, 4), "ci_low": round(s.ci_low, 4), "ci_high": round(s.ci_high, 4)}
 
 
-def time_kernel(libs: dict, dtype: torch.dtype, tokens: int, rounds: int, repeats: int = 3) -> dict:
+def time_kernel(libs: dict, dtype: torch.dtype, tokens: int, rounds: int, clock, repeats: int = 3) -> dict:
     """One layer's weight gradients per path: the minimum of ``repeats`` runs per round, ratio to portable."""
     gen = torch.Generator().manual_seed(0)
     work = []
@@ -98,10 +101,10 @@ def time_kernel(libs: dict, dtype: torch.dtype, tokens: int, rounds: int, repeat
         use(lib)
         best = float("inf")
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             for g, x, pattern in work:
                 ops.sddmm(g, x, pattern)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         return best
 
     for g, x, pattern in work:
@@ -111,7 +114,7 @@ def time_kernel(libs: dict, dtype: torch.dtype, tokens: int, rounds: int, repeat
             for p, t in times.items()}
 
 
-def time_step(libs: dict, rounds: int, quick: bool) -> dict:
+def time_step(libs: dict, rounds: int, quick: bool, clock) -> dict:
     """Floor and randmask 1% all-linear fp32 steps, the latter once per path per round."""
     import copy
 
@@ -124,14 +127,14 @@ def time_step(libs: dict, rounds: int, quick: bool) -> dict:
     masked_step = make_step("randmask 1% all-linear", make_variant("randmask 1% all-linear", base), ids, "fp32")[0]
     shares: dict[str, list[float]] = {p: [] for p in libs}
 
-    with SddmmTimer() as timer:
+    with SddmmTimer(clock) as timer:
         def run(path: str | None) -> float:
             if path is not None:
                 use(libs[path])
             timer.seconds = 0.0
-            t0 = time.perf_counter()
+            t0 = clock()
             (floor_step if path is None else masked_step)()
-            elapsed = time.perf_counter() - t0
+            elapsed = clock() - t0
             if path is not None:
                 shares[path].append(timer.seconds / elapsed)
             return elapsed
@@ -156,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of the kernel part (default 1024)")
     parser.add_argument("--quick", action="store_true", help="the step part on the small (4x256) model")
     parser.add_argument("--no-step", action="store_true", help="the kernel part only")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--cpu-time", action="store_true", help="time by the thread's CPU time (needs --threads 1)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results here ({cpu}: this CPU's kind, as in step_benchmark.py)")
     args = parser.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time measures the calling thread only: use it with --threads 1")
     torch.set_num_threads(args.threads)
     info = machine_info()
     saved = native._tried, native._library
@@ -168,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, info: dict, libs: dict) -> int:
-    print(f"{describe(info)}; {args.threads} threads; kernel paths built: {', '.join(libs)}")
-    result: dict = {"machine": info, "settings": {"rounds": args.rounds, "threads": args.threads,
+    clock, clock_name = (time.thread_time, "thread CPU time") if args.cpu_time else (time.perf_counter, "wall time")
+    print(f"{describe(info)}; {args.threads} threads; {clock_name}; kernel paths built: {', '.join(libs)}")
+    result: dict = {"machine": info, "settings": {"rounds": args.rounds, "threads": args.threads, "clock": clock_name,
                                                   "tokens": args.tokens, "quick": args.quick}, "kernel": {}}
     print(f"\nOne OPT-125m layer's all-linear 1% weight gradients, {args.tokens} tokens: time / portable path "
           f"(median of {args.rounds} paired rounds [95% CI])\n")
     print("| activations | " + " | ".join(libs) + " |\n|---|" + "---:|" * len(libs))
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        rows = result["kernel"][name] = time_kernel(libs, dtype, args.tokens, args.rounds)
+        rows = result["kernel"][name] = time_kernel(libs, dtype, args.tokens, args.rounds, clock)
         print(f"| {name} | " + " | ".join(f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
                                           for r in rows.values()) + " |", flush=True)
     if not args.no_step:
@@ -183,18 +191,19 @@ def run(args: argparse.Namespace, info: dict, libs: dict) -> int:
         print(f"\nrandmask 1% all-linear fp32 training step ({model}), per kernel path, {args.rounds} rounds\n")
         print("| path | weight-gradient share of the step [95% CI] | step / floor [95% CI] "
               "| step / portable [95% CI] |\n|---|---:|---:|---:|")
-        result["step"] = time_step(libs, args.rounds, args.quick)
+        result["step"] = time_step(libs, args.rounds, args.quick, clock)
         for p, r in result["step"].items():
             f, q = r["step_to_floor"], r["step_to_portable"]
             print(f"| {p} | {100 * r['sddmm_share']:.1f}% [{100 * r['share_ci_low']:.1f}, "
                   f"{100 * r['share_ci_high']:.1f}] | {f['ratio']:.3f} [{f['ci_low']:.3f}, {f['ci_high']:.3f}] | "
                   f"{q['ratio']:.3f} [{q['ci_low']:.3f}, {q['ci_high']:.3f}] |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
+        out = json_path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **result}, indent=1) + "\n")
-        tmp.replace(args.json)
-        print(f"\nwrote {args.json}")
+        tmp.replace(out)
+        print(f"\nwrote {out}")
     return 0
 
 

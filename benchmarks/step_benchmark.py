@@ -62,16 +62,18 @@ from randmask_lab.machine import bf16_native, describe, machine_info
 
 
 class SddmmTimer:
-    """Accumulates the wall time spent in ``randmask.ops.sddmm`` (the masked weight gradient)."""
+    """Accumulates the time spent in ``randmask.ops.sddmm`` (the masked weight gradient): wall time, or
+    ``clock``'s (``time.thread_time`` for a 1-thread run on a busy machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
         self.seconds = 0.0
         self._inner = ops.sddmm
+        self._clock = clock
 
     def __call__(self, *args):
-        t0 = time.perf_counter()
+        t0 = self._clock()
         out = self._inner(*args)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += self._clock() - t0
         return out
 
     def __enter__(self) -> SddmmTimer:
@@ -239,7 +241,8 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
     payload = {
         "settings": {"quick": args.quick, "threads": args.threads, "min_rounds": min_rounds,
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
-                     "max_minutes": args.max_minutes, "skipped_precisions": skipped,
+                     "max_minutes": args.max_minutes, "budget_minutes": args.budget_minutes,
+                     "skipped_precisions": skipped,
                      "torch": torch.__version__, "python": platform.python_version(),
                      "machine": machine_info(), "arch": platform.machine(), "cpus": os.cpu_count(),
                      "sddmm_kernel": ops.weight_gradient_kernel(), "sddmm_kernel_path": native.compiled_path(),
@@ -267,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop timing a precision after this many minutes even below --rounds (a shared "
                              "machine's deadline); its rows then say time_capped")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="the timing phase's minutes over all precisions timed here, shared equally (make bench: "
+                             "the same bound on a machine that times fp32 only and on one that times all three)")
     parser.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",")], default=None,
                         help="comma-separated subset of variants (the floor and LoRA references are always in)")
     parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
@@ -283,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(args.variants or []) - set(variant_names(precision)))
         if unknown:
             parser.error(f"unknown variants {unknown} at {precision}; known: {', '.join(variant_names(precision))}")
+    if args.budget_minutes is not None:
+        share = args.budget_minutes / len(precisions)
+        args.max_minutes = share if args.max_minutes is None else min(args.max_minutes, share)
     min_rounds = args.rounds or (3 if args.quick else 20)
     max_rounds = max(min_rounds, args.max_rounds or (3 if args.quick else 40))
     torch.set_num_threads(args.threads)

@@ -103,21 +103,32 @@ def test_precisions_fit_the_cpu():
     assert choose_precisions(known, "bf16-mixed", bf16_ok=True) == (["bf16-mixed"], [], None)
 
 
-def test_default_run_skips_bf16_where_it_is_not_native(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(step_benchmark, "bf16_native", lambda device: False)
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_default_run_skips_bf16_where_it_is_not_native(tmp_path, capsys, monkeypatch, native_bf16):
+    """make bench on either CPU: fp32 only without native bf16 (said so), all three with it; one time budget."""
+    monkeypatch.setattr(step_benchmark, "bf16_native", lambda device: native_bf16)
     monkeypatch.setattr(step_benchmark, "PRECISIONS", ("fp32", "bf16-mixed", "bf16-true"))
     seen = []
-    monkeypatch.setattr(step_benchmark, "time_precision", lambda precision, *a, **k: seen.append(precision) or [
-        {**_row("floor", 1.0, 1000, None, precision=precision, per_entry=None), "trainable": 0,
-         "ratio_to_lora": 1.0, "adapter_bytes": 0}])
+
+    def fake_timing(precision, quick, min_rounds, max_rounds, warmup, ci_target, log, max_minutes, only):
+        seen.append((precision, max_minutes))
+        return [{**_row("floor", 1.0, 1000, None, precision=precision, per_entry=None), "trainable": 0,
+                 "ratio_to_lora": 1.0, "adapter_bytes": 0}]
+
+    monkeypatch.setattr(step_benchmark, "time_precision", fake_timing)
     monkeypatch.setattr(step_benchmark, "time_masks", lambda: 1.0)
-    assert step_benchmark.main(["--quick", "--no-memory", "--json", str(tmp_path / "b.json")]) == 0
-    assert seen == ["fp32"]
+    args = ["--quick", "--no-memory", "--budget-minutes", "30", "--json", str(tmp_path / "b.json")]
+    assert step_benchmark.main(args) == 0
     printed = capsys.readouterr().out
-    assert "skipping bf16-mixed, bf16-true: this CPU has no native bf16" in printed
-    assert "not timed here: bf16-mixed, bf16-true" in printed
     settings = json.loads((tmp_path / "b.json").read_text())["settings"]
-    assert settings["skipped_precisions"] == ["bf16-mixed", "bf16-true"]
+    if native_bf16:
+        assert seen == [("fp32", 10.0), ("bf16-mixed", 10.0), ("bf16-true", 10.0)]
+        assert "skipping" not in printed and settings["skipped_precisions"] == []
+    else:
+        assert seen == [("fp32", 30.0)]
+        assert "skipping bf16-mixed, bf16-true: this CPU has no native bf16" in printed
+        assert "not timed here: bf16-mixed, bf16-true" in printed
+        assert settings["skipped_precisions"] == ["bf16-mixed", "bf16-true"]
 
 
 def test_merge_results(tmp_path):
