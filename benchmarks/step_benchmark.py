@@ -245,6 +245,9 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
                      "skipped_precisions": skipped,
                      "torch": torch.__version__, "python": platform.python_version(),
                      "machine": machine_info(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                     # other processes' demand on the CPUs (1, 5, 15 min), at the start and now: a shared
+                     # machine's ratios are as good as their CIs, and this says why those are wide
+                     "load_average": {"start": args.load_at_start, "end": [round(x, 2) for x in os.getloadavg()]},
                      "sddmm_kernel": ops.weight_gradient_kernel(), "sddmm_kernel_path": native.compiled_path(),
                      "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                      "minutes": round((time.time() - started) / 60, 1)},
@@ -297,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     started = time.time()
+    args.load_at_start = [round(x, 2) for x in os.getloadavg()]
     print(f"on {describe()}; {kernel_line()}", flush=True)
     if note:
         print(note, flush=True)
