@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, info: dict, libs: dict) -> int:
     print(f"{describe(info)}; {args.threads} threads; {clock_name}; kernel paths built: {', '.join(libs)}")
     result: dict = {"machine": info, "settings": {"rounds": args.rounds, "threads": args.threads, "clock": clock_name,
                                                   "tokens": args.tokens, "quick": args.quick,
-                                                  "load_average_start": list(os.getloadavg())}, "kernel": {}}
+                                                  "load_average_start": [round(x, 2) for x in os.getloadavg()]}, "kernel": {}}
     print(f"\nOne OPT-125m layer's all-linear 1% weight gradients, {args.tokens} tokens: time / portable path "
           f"(median of {args.rounds} paired rounds [95% CI])\n")
     print("| activations | " + " | ".join(libs) + " |\n|---|" + "---:|" * len(libs))
