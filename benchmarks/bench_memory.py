@@ -1,6 +1,6 @@
 """Peak memory of one variant, measured in a process of its own.
 
-    python benchmarks/bench_memory.py VARIANT PRECISION [--quick]   (prints one JSON line)
+    python benchmarks/bench_memory.py VARIANT PRECISION [--quick] [--quantize nf4]   (prints one JSON line)
 
 The process builds the model and the variant, notes its resident set (the "load"), resets the kernel's
 high-water mark (``/proc/self/clear_refs``), runs training steps and reads ``VmHWM``: the peak resident
@@ -44,14 +44,14 @@ def _reset_peak() -> bool:
     return True
 
 
-def measure(variant: str, precision: str, quick: bool, threads: int = 2) -> dict:
+def measure(variant: str, precision: str, quick: bool, threads: int = 2, quantize: str = "none") -> dict:
     import peft  # noqa: F401  -- every child imports the same modules, so the loads compare
     import transformers  # noqa: F401
 
     import randmask  # noqa: F401
 
     torch.set_num_threads(threads)
-    model = make_variant(variant, build_base(quick, precision))
+    model = make_variant(variant, build_base(quick, precision, quantize=quantize))
     ids = batch_ids(model, quick)
     step, opt, record = make_step(variant, model, ids, precision)
     load_kb = _status_kb("VmRSS")
@@ -75,9 +75,10 @@ def measure(variant: str, precision: str, quick: bool, threads: int = 2) -> dict
     }
 
 
-def measure_in_subprocess(variant: str, precision: str, quick: bool, threads: int = 2) -> dict:
+def measure_in_subprocess(variant: str, precision: str, quick: bool, threads: int = 2, quantize: str = "none") -> dict:
     """Run ``measure`` in a fresh interpreter (so no other variant's memory is in its resident set)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), variant, precision, "--threads", str(threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), variant, precision, "--threads", str(threads),
+           "--quantize", quantize]
     if quick:
         cmd.append("--quick")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -92,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("precision")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", default="none")
     args = parser.parse_args(argv)
     from randmask_lab.machine import machine_info  # after measure(): not part of the measured load
 
-    print(json.dumps({**measure(args.variant, args.precision, args.quick, args.threads), "machine": machine_info()}))
+    measured = measure(args.variant, args.precision, args.quick, args.threads, args.quantize)
+    print(json.dumps({**measured, "machine": machine_info()}))
     return 0
 
 

@@ -7,6 +7,10 @@ LoRA r=8 and SHiRA (LoRA r=8's count) on q/v and on all linear layers, randmask 
 
 Precisions: fp32; bf16-mixed (fp32 weights and trainable state, forward under CPU bf16 autocast);
 bf16-true (bf16 frozen base, fp32 trainable state; full fine-tuning is left out: it has no frozen base).
+
+--quantize (the runner's schemes: nf4, fp4, int8, ao-int8): every linear layer but the LM head stored
+quantized, loaded through transformers' quantization_config as a QLoRA user would, computing in the
+precision's weight dtype; full fine-tuning is left out (the base is frozen), LoRA is then QLoRA.
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 RANDMASK_RATIOS = {"q/v": (1e-3, 1e-4, 1e-5), "all-linear": (1e-2,)}
 
 
-def variant_names(precision: str) -> list[str]:
+def variant_names(precision: str, quantize: str = "none") -> list[str]:
     """All variants benchmarked at this precision, floor first."""
-    names = ["floor"] + ([] if precision == "bf16-true" else ["full"])
+    names = ["floor"] + ([] if precision == "bf16-true" or quantize != "none" else ["full"])
     for scope in ("q/v", "all-linear"):
         names += [f"lora r=8 {scope}", f"shira r=8 {scope}"]
         names += [f"randmask {100 * r:g}% {scope}" for r in RANDMASK_RATIOS[scope]]
@@ -44,26 +48,52 @@ def scope_of(name: str) -> str:
     return "all-linear" if name.endswith("all-linear") else "q/v"
 
 
-def build_base(quick: bool, precision: str) -> torch.nn.Module:
-    """OPT-125m's shapes (random init, seed 0), or a 4x256 model with --quick; bf16 for bf16-true."""
+# OPT shapes: (hidden, layers, ffn, heads, vocab, positions). "quick" is --quick; "tiny" is benchmarks/gpu's --dry-run.
+SHAPES = {
+    "tiny": (64, 2, 256, 4, 32768, 128),  # the vocabulary makes 1e-5 of all parameters ~5 entries per q/v matrix
+    "quick": (256, 4, 1024, 4, 8192, 128),
+    "opt-125m": (768, 12, 3072, 12, 50272, 2048),  # facebook/opt-125m
+    "opt-1.3b": (2048, 24, 8192, 32, 50272, 2048),  # facebook/opt-1.3b
+}
+
+
+def build_base(quick: bool, precision: str, shape: str | None = None, device: str = "cpu",
+               quantize: str = "none") -> torch.nn.Module:
+    """OPT-125m's shapes (random init, seed 0), a 4x256 model with --quick, or ``shape`` (a key of SHAPES);
+    bf16 for bf16-true; on ``device``; stored quantized under ``quantize``."""
     import transformers
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
-    if quick:
-        cfg = transformers.OPTConfig(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4,
-                                     vocab_size=8192, max_position_embeddings=128, word_embed_proj_dim=256)
-    else:  # facebook/opt-125m
-        cfg = transformers.OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
-                                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)
+    hidden, layers, ffn, heads, vocab, positions = SHAPES[shape or ("quick" if quick else "opt-125m")]
+    cfg = transformers.OPTConfig(hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=heads,
+                                 vocab_size=vocab, max_position_embeddings=positions, word_embed_proj_dim=hidden)
     torch.manual_seed(0)
-    model = transformers.OPTForCausalLM(cfg).eval()  # eval: no dropout, the same math for every variant
-    return model.to(torch.bfloat16) if precision == "bf16-true" else model
+    with torch.device(device):  # initialised where it runs: a 1.3b model's CPU init would take most of a minute
+        model = transformers.OPTForCausalLM(cfg).eval()  # eval: no dropout, the same math for every variant
+    model = model.to(torch.bfloat16) if precision == "bf16-true" else model
+    return model if quantize == "none" else quantized_copy(model, quantize)
 
 
-def batch_ids(model: torch.nn.Module, quick: bool) -> torch.Tensor:
-    batch, seq = (4, 64) if quick else (8, 128)
-    return torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+def quantized_copy(model: torch.nn.Module, quantize: str) -> torch.nn.Module:
+    """``model`` reloaded with the runner's ``--quantize`` scheme (saved to a temporary folder first)."""
+    import transformers
+
+    from randmask_lab.experiment.quantize import quantization_config
+
+    dtype = next(model.parameters()).dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        config = quantization_config(quantize, dtype, torch.device("cpu"))
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=config,
+                                                                 device_map={"": "cpu"}).eval()
+
+
+def batch_ids(model: torch.nn.Module, quick: bool, batch: tuple[int, int] | None = None) -> torch.Tensor:
+    """(batch, seq) token ids on the model's device: 4 x 64 with --quick, else 8 x 128, or ``batch``."""
+    batch, seq = batch or ((4, 64) if quick else (8, 128))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return ids.to(next(model.parameters()).device)
 
 
 def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
@@ -88,9 +118,10 @@ def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"unknown variant {name!r}")
 
 
-def make_all(base: torch.nn.Module, precision: str, only: list[str] | None = None) -> dict[str, torch.nn.Module]:
+def make_all(base: torch.nn.Module, precision: str, only: list[str] | None = None,
+             quantize: str = "none") -> dict[str, torch.nn.Module]:
     """Every variant at this precision (or the floor, each scope's LoRA and the ones in ``only``)."""
-    names = variant_names(precision)
+    names = variant_names(precision, quantize)
     if only is not None:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -119,8 +150,10 @@ def make_step(name: str, model: torch.nn.Module, ids: torch.Tensor, precision: s
         _floor_hooks(model)
     record = {"grad_bytes": 0}
 
+    device = ids.device.type
+
     def step() -> None:
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed"
+        autocast = (torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-mixed"
                     else contextlib.nullcontext())
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
@@ -129,6 +162,8 @@ def make_step(name: str, model: torch.nn.Module, ids: torch.Tensor, precision: s
             record["grad_bytes"] = sum(p.grad.nbytes for p in params if p.grad is not None)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()  # the caller times the step: wait for the GPU to finish it
 
     return step, opt, record
 

@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, info: dict, libs: dict) -> int:
     clock, clock_name = (time.thread_time, "thread CPU time") if args.cpu_time else (time.perf_counter, "wall time")
     print(f"{describe(info)}; {args.threads} threads; {clock_name}; kernel paths built: {', '.join(libs)}")
-    result: dict = {"machine": info, "settings": {"rounds": args.rounds, "threads": args.threads, "clock": clock_name,
-                                                  "tokens": args.tokens, "quick": args.quick,
-                                                  "load_average_start": [round(x, 2) for x in os.getloadavg()]}, "kernel": {}}
+    settings = {"rounds": args.rounds, "threads": args.threads, "clock": clock_name, "tokens": args.tokens,
+                "quick": args.quick, "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    result: dict = {"machine": info, "settings": settings, "kernel": {}}
     print(f"\nOne OPT-125m layer's all-linear 1% weight gradients, {args.tokens} tokens: time / portable path "
           f"(median of {args.rounds} paired rounds [95% CI])\n")
     print("| activations | " + " | ".join(libs) + " |\n|---|" + "---:|" * len(libs))

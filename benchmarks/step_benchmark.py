@@ -1,6 +1,6 @@
 """Training-step time and memory of randmask vs its peers: paired ratios with CIs, memory per process.
 
-    python benchmarks/step_benchmark.py [--quick] [--precision fp32,bf16-mixed,bf16-true] [--json PATH]
+    python benchmarks/step_benchmark.py [--quick] [--precision fp32,bf16-mixed,bf16-true] [--quantize nf4] [--json PATH]
 
 PATH may hold ``{cpu}``, replaced by this CPU's kind (``randmask_lab.machine.cpu_kind``: e.g.
 ``avx2-no-bf16``), so that runs on different kinds of CPU write different files (``make bench`` does).
@@ -86,18 +86,22 @@ class SddmmTimer:
 
 def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
                    ci_target: float, log=print, max_minutes: float | None = None,
-                   only: list[str] | None = None) -> list[dict]:
+                   only: list[str] | None = None, shape: str | None = None, batch: tuple[int, int] | None = None,
+                   device: str = "cpu", quantize: str = "none") -> list[dict]:
     """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
 
     ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
+    ``shape``, ``batch``, ``device``: see ``bench_models.build_base`` / ``batch_ids`` (benchmarks/gpu uses them).
+    On CUDA the SDDMM share is left out (the op's launches return before the GPU has run them).
     """
-    base = build_base(quick, precision)
-    ids = batch_ids(base, quick)
-    models = make_all(base, precision, only)
+    base = build_base(quick, precision, shape, device, quantize)
+    ids = batch_ids(base, quick, batch)
+    models = make_all(base, precision, only, quantize)
     del base
     steps = {name: make_step(name, model, ids, precision) for name, model in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
-    sddmm_share: dict[str, list[float]] = {name: [] for name in models if name.startswith("randmask")}
+    sddmm_share: dict[str, list[float]] = {name: [] for name in models
+                                           if name.startswith("randmask") and device == "cpu"}
     for _ in range(warmup):  # also creates the optimizer state
         for step, _, _ in steps.values():
             step()
@@ -142,6 +146,7 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
         rows.append({
             "variant": name,
             "precision": precision,
+            "quantize": quantize,
             "trainable": trainable,
             "step_ms_median": round(statistics.median(times[name]) * 1e3, 1),
             "ratio_to_floor": round(ratio.median, 4),
@@ -226,7 +231,7 @@ def add_memory(rows: list[dict], quick: bool, threads: int, jobs: int, log) -> N
     """Fill in each row's memory from its own subprocess (``jobs`` at a time: each measures itself only)."""
     def one(r: dict) -> dict:
         log(f"memory: {r['variant']} at {r['precision']}")
-        return measure_in_subprocess(r["variant"], r["precision"], quick, threads)
+        return measure_in_subprocess(r["variant"], r["precision"], quick, threads, r.get("quantize", "none"))
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for r, mem in zip(rows, pool.map(one, rows)):
@@ -239,7 +244,7 @@ def add_memory(rows: list[dict], quick: bool, threads: int, jobs: int, log) -> N
 def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: int, max_rounds: int,
                started: float, skipped: list[str]) -> None:
     payload = {
-        "settings": {"quick": args.quick, "threads": args.threads, "min_rounds": min_rounds,
+        "settings": {"quick": args.quick, "threads": args.threads, "quantize": args.quantize, "min_rounds": min_rounds,
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
                      "max_minutes": args.max_minutes, "budget_minutes": args.budget_minutes,
                      "skipped_precisions": skipped,
@@ -279,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",")], default=None,
                         help="comma-separated subset of variants (the floor and LoRA references are always in)")
     parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
+    parser.add_argument("--quantize", default="none", choices=("none", "nf4", "fp4", "int8", "ao-int8"),
+                        help="store the base quantized (the runner's --quantize; CPU schemes); LoRA is then QLoRA")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
     parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
@@ -289,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown precision {unknown}; use a subset of {','.join(PRECISIONS)}")
     for precision in precisions:
-        unknown = sorted(set(args.variants or []) - set(variant_names(precision)))
+        known = variant_names(precision, args.quantize)
+        unknown = sorted(set(args.variants or []) - set(known))
         if unknown:
-            parser.error(f"unknown variants {unknown} at {precision}; known: {', '.join(variant_names(precision))}")
+            parser.error(f"unknown variants {unknown} at {precision}; known: {', '.join(known)}")
     if args.budget_minutes is not None:
         share = args.budget_minutes / len(precisions)
         args.max_minutes = share if args.max_minutes is None else min(args.max_minutes, share)
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for precision in precisions:  # each precision complete (time, then memory) before the next
         done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
-                              args.max_minutes, args.variants)
+                              args.max_minutes, args.variants, quantize=args.quantize)
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done

@@ -1,13 +1,14 @@
-"""Regenerate the README's SmolLM2 study section from the committed files alone.
+"""Regenerate the SmolLM2 study's results (docs/results.md) and the README's headline table from the committed files.
 
 Runs the project's own commands on experiments/results/ and writes their output verbatim between
-the README's `<!-- study:start -->` and `<!-- study:end -->` markers, so every number there was
-printed by a command a reader can rerun:
+docs/results.md's `<!-- study:start -->` and `<!-- study:end -->` markers, and the report's first table
+(with its protocol and legend lines) between README.md's `<!-- headline:start -->` and `<!-- headline:end -->`,
+so every number in either was printed by a command a reader can rerun:
   randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
   randmask figure4 experiments/results/analysis_smollm2_sst2 --out experiments/results/analysis_smollm2_sst2
   randmask findings --from ... --theory ... --analysis ...
   randmask study experiments/smollm2_study.json --export ... --plan   (what is left, into a scratch out-dir)
-Usage: python experiments/update_readme_study.py   (from the repository root; takes ~10 s)
+Usage: python experiments/update_readme_study.py   (from the repository root; it runs the four commands above)
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ STUDY = "experiments/results/smollm2_study.jsonl"
 FIGURES = "experiments/results/smollm2_study"
 ANALYSIS = "experiments/results/analysis_smollm2_sst2"
 THEORY = "experiments/results/theory/theory_summary.json"
-START, END = "<!-- study:start -->", "<!-- study:end -->"
+STUDY_MARKERS = ("<!-- study:start -->", "<!-- study:end -->")
+HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
 
 
 def run(*args: str) -> str:
@@ -58,7 +60,9 @@ def status() -> str:
 def progress() -> str:
     """Whether the study is complete, by the plan a fresh machine would make from the committed file."""
     with tempfile.TemporaryDirectory() as scratch:  # an empty out-dir: only the committed records count
-        left = run("study", SPEC, "--out-dir", scratch, "--export", STUDY, "--plan").splitlines()[-1]
+        plan = run("study", SPEC, "--out-dir", scratch, "--export", STUDY, "--plan").splitlines()
+    # the summary line (a power calculation follows it since --plan has one)
+    left = next(line for line in plan if " runs planned next" in line)
     command = f"`randmask study {SPEC} --export {STUDY} --plan`"
     if left.startswith("0 runs planned next"):
         return f"The study is complete: {command} plans no more runs."
@@ -67,14 +71,30 @@ def progress() -> str:
             "finding on fewer than four tasks is provisional.")
 
 
-def section() -> str:
-    report = [line for line in run("report", "--from", STUDY, "--figures", FIGURES).splitlines()
-              if not line.startswith("wrote ")]
+def report() -> list[str]:
+    """`randmask report`'s lines (it also rewrites the figures), less its "wrote <file>" notes."""
+    return [line for line in run("report", "--from", STUDY, "--figures", FIGURES).splitlines()
+            if not line.startswith("wrote ")]
+
+
+def headline(lines: list[str]) -> str:
+    """The README's short version: the report's first table (the study's main one), its protocol and legend lines."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    notes = [line for line in lines if line.startswith(("Protocols:", "Cells:"))]
+    return "\n".join([f"`randmask report --from {STUDY}` printed (the main table; the paired differences, figures and "
+                      "the paper's findings are in [the study results](docs/results.md)):", "",
+                      *lines[start:end], "", *notes])
+
+
+def section(lines: list[str], up: str) -> str:
+    """The full study section; ``up`` leads from the page it goes into to the repository root (for figures)."""
+    FIGURES_, ANALYSIS_ = up + FIGURES, up + ANALYSIS
     parts = [status(), "", progress(), "",
-             f"`randmask report --from {STUDY} --figures {FIGURES}` printed:", "", *report, "",
-             f"![Fig. 3 analogue]({FIGURES}/smollm2-135m_lr_curves.png)", ""]
+             f"`randmask report --from {STUDY} --figures {FIGURES}` printed:", "", *lines, "",
+             f"![Fig. 3 analogue]({FIGURES_}/smollm2-135m_lr_curves.png)", ""]
     if (ROOT / FIGURES / "smollm2-135m_structured.png").is_file():
-        parts += [f"![structured vs random]({FIGURES}/smollm2-135m_structured.png)", ""]
+        parts += [f"![structured vs random]({FIGURES_}/smollm2-135m_structured.png)", ""]
     findings = ["findings", "--from", STUDY, "--theory", THEORY]
     if (ROOT / ANALYSIS).is_dir():
         table = run("figure4", ANALYSIS, "--out", ANALYSIS)
@@ -86,21 +106,30 @@ def section() -> str:
                   "each cell's chosen LR; seeds 0-2 (each seed its own mask, batch and run); the distance is the "
                   "L2 norm of the weight delta (LoRA: of its merged delta):", "",
                   *[line for line in table.splitlines() if not line.startswith("wrote ")], "",
-                  f"![Fig. 4a analogue]({ANALYSIS}/lambda_max.png) ![Fig. 4b analogue]({ANALYSIS}/distance.png)", ""]
+                  f"![Fig. 4a analogue]({ANALYSIS_}/lambda_max.png) ![Fig. 4b analogue]({ANALYSIS_}/distance.png)", ""]
         findings += ["--analysis", ANALYSIS]
     parts += [f"`randmask {' '.join(findings)}` printed:", "", "```", run(*findings), "```"]
     return "\n".join(parts)
 
 
+def replace_between(path: Path, markers: tuple[str, str], body: str) -> None:
+    """Write ``body`` between the two markers of the file at ``path`` (atomically: a temporary file, then a rename)."""
+    start, end = markers
+    text = path.read_text()
+    if start not in text or end not in text:
+        sys.exit(f"{path.relative_to(ROOT)} lacks the {start} / {end} markers; put them where the section goes.")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+    scratch.replace(path)
+    print(f"updated {path.relative_to(ROOT)} between {start} and {end}")
+
+
 def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        sys.exit(f"README.md lacks the {START} / {END} markers; put them where the study section goes.")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{section()}\n{END}{tail}")
-    print(f"updated the study section of {readme}")
+    lines = report()
+    replace_between(ROOT / "docs" / "results.md", STUDY_MARKERS, section(lines, up="../"))
+    replace_between(ROOT / "README.md", HEADLINE_MARKERS, headline(lines))
     return 0
 
 

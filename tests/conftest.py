@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU, Triton kernels (randmask[gpu]) run in Triton's CPU interpreter. Set before triton is first
+# imported: @triton.jit decides at decoration time whether it compiles or interprets.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("RANDMASK_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))

@@ -9,12 +9,16 @@ Everything in ``__all__`` is public and stable; so are the names in each submodu
 ``__all__`` (``randmask.ops``: the sparse op; ``randmask.targets``: the target tables). The lab
 (``randmask_lab``) uses nothing else.
 
+Quantized bases (bitsandbytes 4/8-bit, torchao weight-only) are adapted through the delta path
+(``randmask.delta``): the stored weight stays quantized and is never written; see ``randmask.quantized``.
+
 With peft installed, ``import randmask.peft`` registers randmask as a PEFT method
 (``get_peft_model(model, RandMaskConfig(...))``) and adds SHiRA export/import.
 """
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.io import atomic_write_bytes, load_adapter, read_adapter_files, save_adapter
+from randmask.files import atomic_write_bytes, file_size, open_limited, parse_json, read_json_limited, read_limited
+from randmask.io import load_adapter, read_adapter_files, save_adapter
 from randmask.layer import MaskAdapter, MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
 from randmask.model import (
@@ -30,6 +34,7 @@ from randmask.model import (
     set_adapter,
     unload,
 )
+from randmask.quantized import is_quantized, layer_bytes, logical_numel, quant_scheme
 from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
 from randmask.version import __version__
 
@@ -50,13 +55,22 @@ __all__ = [
     "count_base_parameters",
     "default_targets",
     "disable_adapter",
+    "file_size",
+    "is_quantized",
+    "layer_bytes",
     "load_adapter",
+    "logical_numel",
     "mask_kinds",
     "masked_layers",
     "masking_summary",
     "merge_and_unload",
+    "open_limited",
+    "parse_json",
     "print_trainable_parameters",
+    "quant_scheme",
     "read_adapter_files",
+    "read_json_limited",
+    "read_limited",
     "register_mask_kind",
     "resolve_targets",
     "save_adapter",

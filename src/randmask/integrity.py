@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import torch
@@ -111,6 +112,19 @@ def check_blocks(name: str, info: dict[str, Any], out_f: int, in_f: int) -> None
                            "re-save the adapter.")
 
 
+def check_draw_size(name: str, info: dict[str, Any], densities: list[float], kind: str) -> None:
+    """Before a built-in mask is regenerated from a file's config without a model to check its shape against
+    (SHiRA export from a folder), bound the sampler's work by the saved entry count: each block's expected
+    entry count (p x rows x in) must be near its saved nnz, so an edited shape or budget cannot make it
+    allocate gigabytes. Bernoulli draws stay within a few standard deviations; the other kinds are exact."""
+    in_f = info["stored_shape"][1]
+    for (block_name, start, stop, nnz), p in zip(info["blocks"], densities):
+        expected = p * (stop - start) * in_f
+        if expected > 2 * nnz + 6 * math.sqrt(nnz) + 64:
+            raise MaskingError(f"{name}: block {block_name!r} would draw about {expected:,.0f} {kind} entries but "
+                               f"the adapter saved {nnz:,}; its shape or budget was edited. Re-save the adapter.")
+
+
 def check_explicit_indices(name: str, indices: torch.Tensor, info: dict[str, Any], logical: tuple[int, int],
                            transposed: bool) -> torch.Tensor:
     """Stored custom indices: int64, 1-D, nnz long, strictly increasing, in range, inside the blocks."""
@@ -155,5 +169,5 @@ def check_base(name: str, entries: torch.Tensor, saved: dict[str, str]) -> None:
                            "has this adapter merged in). Load it onto the original, unmerged base model.")
 
 
-__all__ = ["CONFIG_CHECKSUM_KEY", "base_fingerprint", "check_base", "check_blocks", "check_explicit_indices",
-           "check_header", "config_checksum"]
+__all__ = ["CONFIG_CHECKSUM_KEY", "base_fingerprint", "check_base", "check_blocks", "check_draw_size",
+           "check_explicit_indices", "check_header", "config_checksum"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
+from randmask.files import atomic_write_bytes, read_json_limited, read_limited
 from randmask.integrity import (
     CONFIG_CHECKSUM_KEY,
     base_fingerprint,
@@ -33,7 +33,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskedLayer, is_conv1d, is_maskable, logical_shape
+from randmask.layer import Block, MaskedLayer, full_tensor, is_conv1d, is_maskable, is_sharded, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
@@ -44,6 +44,7 @@ from randmask.model import (
     draw_mask,
     masked_layers,
 )
+from randmask.quantized import base_entries, quant_scheme, stored_shape
 from randmask.targets import Target
 from randmask.version import __version__
 
@@ -54,54 +55,36 @@ FORMAT_VERSION = 2  # 2: config checksum and per-matrix base fingerprints
 MAX_CONFIG_BYTES = 64 << 20  # ~500 bytes per matrix: far above any real model's config
 
 
-def _umask() -> int:
-    # The only portable way to read the umask is to set it; put it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one.
-
-    The file gets the permissions a plain ``open(path, "wb")`` would (0666 minus the umask),
-    not mkstemp's 0600.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_dtype(layer: MaskedLayer, dtype: torch.dtype | None) -> torch.dtype:
     # Half-precision weights hold W0 (+) values.to(half): saving values in that dtype
-    # reproduces the weight bit for bit at ~2 bytes per entry.
+    # reproduces the weight bit for bit at ~2 bytes per entry. The delta path (quantized base)
+    # computes with the fp32 values themselves, so they are saved whole.
     if dtype is not None:
         return dtype
+    if layer.delta_path:
+        return torch.float32
     weight_dtype = layer.weight.dtype
     return weight_dtype if weight_dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
                  dtype: torch.dtype | None = None) -> Path:
-    """Write the adapter to folder ``path`` (created if needed); returns the folder."""
+    """Write the adapter to folder ``path`` (created if needed); returns the folder.
+
+    A model sharded with FSDP2 (``fully_shard``: its values are DTensors): call it on every rank; the values are
+    gathered and rank 0 writes the file, the same bytes as an unsharded model's.
+    """
     meta = adapter_meta(model, adapter_name)
     out = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     matrices: dict[str, dict] = {}
+    sharded = False
     for name, layer in masked_layers(model).items():
         if adapter_name not in layer.adapters:
             continue
         adapter = layer.adapters[adapter_name]
-        values = adapter.values.detach()
+        sharded = sharded or is_sharded(adapter.values)
+        values = full_tensor(adapter.values.detach())  # a collective for DTensor values
         if not torch.isfinite(values).all():
             raise MaskingError(f"adapter values of {name} are not finite (NaN/inf): training diverged. "
                                "Lower the learning rate; nothing was saved.")
@@ -135,20 +118,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
     header[CONFIG_CHECKSUM_KEY] = config_checksum(header)
+    if sharded and torch.distributed.get_rank() != 0:
+        return out  # rank 0 writes
     atomic_write_bytes(out / WEIGHTS_NAME, blob)
     atomic_write_bytes(out / CONFIG_NAME, (json.dumps(header, indent=1) + "\n").encode())
     return out
 
 
+_FIX = "Re-save the adapter with randmask.save_adapter."
+_NOT_FOUND = f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as written by randmask.save_adapter"
+
+
 def _read_header(cfg_path: Path) -> dict:
-    if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-        raise MaskingError(f"{cfg_path} is {cfg_path.stat().st_size:,} bytes; a randmask adapter config is far "
-                           f"smaller (limit {MAX_CONFIG_BYTES:,}). It is not an adapter config.")
-    try:
-        header = json.loads(cfg_path.read_text(), parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise MaskingError(f"{cfg_path} is not valid JSON ({str(e)[:80]}); the file is corrupt or truncated. "
-                           "Re-save the adapter.") from None
+    header = read_json_limited(cfg_path, MAX_CONFIG_BYTES, "randmask adapter config",
+                               fix=f"{_NOT_FOUND}. {_FIX}")
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise MaskingError(f"{cfg_path} is not a randmask adapter config (format != {FORMAT!r}).")
     version = header.get("format_version")
@@ -169,20 +152,28 @@ def _read_header(cfg_path: Path) -> dict:
     return header
 
 
-def _no_constant(name: str) -> None:
-    raise MaskingError(f"adapter config holds {name}, which is not JSON; the file was edited. Re-save the adapter.")
+def weights_size_limit(header: dict) -> int:
+    """The most bytes the weights file of ``header`` can hold: values (up to 8 bytes each), stored indices,
+    and the safetensors header (names and offsets, well under 1 KB per tensor)."""
+    entries = sum(info["nnz"] * (16 if info["explicit_indices"] else 8) for info in header["matrices"].values())
+    return entries + 1024 * (2 * len(header["matrices"]) + 1) + 8
 
 
-def read_adapter_files(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify an adapter folder: (header dict, tensors). Clear errors when damaged."""
+def read_adapter_files(path: str | os.PathLike, max_entries: int | None = None
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify an adapter folder: (header dict, tensors). Clear errors when damaged.
+
+    ``max_entries`` bounds the trained entries the config may claim (``load_adapter``: the base model's
+    parameter count), so that nothing sized by the file is read or allocated past it.
+    """
     folder = Path(path)
     cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise MaskingError(f"{p} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
-                               "as written by randmask.save_adapter.")
     header = _read_header(cfg_path)
-    blob = weights_path.read_bytes()
+    if max_entries is not None and header["trainable"] > max_entries:
+        raise MaskingError(f"{cfg_path} claims {header['trainable']:,} trained entries, more than the "
+                           f"{max_entries:,} this base model has; it was saved from another model or edited. {_FIX}")
+    blob = read_limited(weights_path, weights_size_limit(header), "randmask adapter weights",
+                        fix=f"the file does not match {CONFIG_NAME}. {_FIX}")
     if hashlib.sha256(blob).hexdigest() != header["weights_sha256"]:
         raise MaskingError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file is "
                            "truncated, corrupt, or from another save. Re-save the adapter.")
@@ -209,7 +200,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     only this last check). ``is_trainable=True`` makes the values trainable (to resume
     training); otherwise everything is frozen, as PEFT's ``from_pretrained`` does.
     """
-    header, tensors = read_adapter_files(path)
+    header, tensors = read_adapter_files(path, max_entries=count_base_parameters(model))
     config = MaskingConfig.from_dict(header["masking_config"])
     if adapter_name in adapter_names(model):
         raise MaskingError(f"model already has an adapter named {adapter_name!r}; pass another "
@@ -245,7 +236,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                "saved checksum: the adapter was saved from another base model or "
                                "randmask version, or its config was edited.")
         if verify_base:
-            check_base(target.name, _pristine_entries(modules[target.name], indices), info["base_fingerprint"])
+            _verify_base(target.name, modules[target.name], indices, info["base_fingerprint"])
         masks.append((target, indices, [Block(*b) for b in info["blocks"]]))
     attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
                    trainable=is_trainable)
@@ -283,9 +274,9 @@ def _saved_module(modules: dict[str, nn.Module], name: str, info: dict) -> nn.Mo
     if module is None or not is_maskable(module):
         raise MaskingError(f"adapter matrix {name!r} is not a Linear/Conv1D module of this model; the "
                            "adapter was saved from another base model (module names differ).")
-    if list(module.weight.shape) != info["stored_shape"] or is_conv1d(module) != info["transposed"]:
+    if list(stored_shape(module)) != info["stored_shape"] or is_conv1d(module) != info["transposed"]:
         raise MaskingError(f"{name}: adapter shape {info['stored_shape']} (transposed={info['transposed']}) != "
-                           f"model weight shape {list(module.weight.shape)}; the adapter was saved from another "
+                           f"model weight shape {list(stored_shape(module))}; the adapter was saved from another "
                            "base model.")
     return module
 
@@ -299,11 +290,27 @@ def _saved_values(name: str, values: torch.Tensor, nnz: int) -> torch.Tensor:
     return values
 
 
+def _verify_base(name: str, module: nn.Module, indices: torch.Tensor, saved: dict[str, str]) -> None:
+    """``check_base`` on W0 at the kept entries (dequantized on a quantized base), with the way out named
+    when the base is quantized: the fingerprint is an exact hash, so an adapter trained on the float base
+    does not verify on its quantized copy (nor the reverse)."""
+    base = module.base_layer if isinstance(module, MaskedLayer) else module
+    try:
+        check_base(name, _pristine_entries(module, indices), saved)
+    except MaskingError as e:
+        scheme = quant_scheme(base)
+        if scheme is None:
+            raise
+        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of "
+                           "the same checkpoint (e.g. its bf16/fp32 weights) cannot match the exact fingerprint; "
+                           "if this is that checkpoint, load with verify_base=False.") from None
+
+
 def _pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """W0 at ``indices``: a masked layer first writes its pristine weights back, then its delta again."""
     if isinstance(module, MaskedLayer):
         module.restore_base()
-        entries = module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+        entries = base_entries(module.base_layer, indices)
         module.sync()
         return entries
-    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)]
+    return base_entries(module, indices)

@@ -1,21 +1,68 @@
 """The masked layer: wraps an ``nn.Linear`` / transformers ``Conv1D`` and trains kept entries.
 
-Invariant, checked at every forward in O(nnz): at the active adapter's kept entries
-the wrapped weight equals ``W0 (+) values``, where (+) is addition in the weight's
-dtype. So an optimizer step (or ``load_state_dict``, or any in-place edit of
-``values``) is reflected in the weight by the next forward with no call from the
-user, and the forward itself is the unmodified dense layer.
+Two ways to apply the active adapter's delta, picked per call (``uses_delta_path``):
+
+- in place, for float weights: at every forward, in O(nnz), the wrapped weight is made to hold
+  ``W0 (+) values`` at the kept entries ((+) is addition in the weight's dtype). So an optimizer
+  step (or ``load_state_dict``, or any in-place edit of ``values``) is reflected in the weight by
+  the next forward with no call from the user, and the forward itself is the unmodified dense layer.
+- the delta path, for weights that cannot hold the entries (bitsandbytes / torchao quantized):
+  ``y = base(x) + sparse_delta(x, values, pattern)``; the stored weight is never written.
+
+Sharded weights (FSDP2's ``fully_shard``), in-place path: inside a forward the layer sees the all-gathered
+weight and writes the delta there; FSDP frees that copy after the forward and gathers it again from the
+shards for the backward, so the op is handed the entries to write again (``refresh``). Outside a forward
+the weight is a DTensor and writes touch this rank's shard only (``write_entries``).
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from randmask.config import MaskingError
+from randmask.delta import sparse_delta
 from randmask.ops import SparsePattern, masked_linear
+from randmask.quantized import base_entries, is_quantized, stored_shape
+
+
+def _no_weight() -> None:
+    return None
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2 / tensor parallel). Never imports torch.distributed itself."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and isinstance(t, cls)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole of a DTensor (a collective: every rank of its mesh must call it)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def write_entries(weight: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
+    """``weight.view(-1)[indices] = entries`` in place; a DTensor weight writes only this rank's block, O(nnz)."""
+    with torch.no_grad():
+        if not is_sharded(weight):
+            weight.view(-1)[indices] = entries.to(weight.dtype)
+            return
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        (n_rows, n_cols), (r0, c0) = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh,
+                                                                           weight.placements)
+        local = weight.to_local()
+        cols = weight.shape[1]
+        rows, cs = torch.div(indices, cols, rounding_mode="floor"), indices % cols
+        mine = (rows >= r0) & (rows < r0 + n_rows) & (cs >= c0) & (cs < c0 + n_cols)
+        # view, not reshape: a copy would take the write and leave the shard as it was.
+        local.view(-1)[(rows[mine] - r0) * n_cols + (cs[mine] - c0)] = entries.to(local.device)[mine].to(local.dtype)
 
 
 @dataclass(frozen=True)
@@ -39,35 +86,50 @@ def is_maskable(module: nn.Module) -> bool:
 
 
 def logical_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or Conv1D."""
-    out_f, in_f = module.weight.shape
+    """(out_features, in_features) of a Linear or Conv1D (quantized ones too)."""
+    out_f, in_f = stored_shape(module)
     return (in_f, out_f) if is_conv1d(module) else (out_f, in_f)
+
+
+def uses_delta_path(module: nn.Module) -> bool:
+    """Whether a masked layer over ``module`` adds its delta beside the weight (True: the weight is
+    quantized and cannot hold the trained entries) or writes it into the weight (False)."""
+    return is_quantized(module)
 
 
 class MaskAdapter(nn.Module):
     """One named adapter of a masked layer: trainable ``values`` at fixed ``indices``."""
 
-    def __init__(self, indices: torch.Tensor, weight: torch.Tensor, transposed: bool,
-                 blocks: list[Block], kind: str, explicit_indices: bool) -> None:
+    def __init__(self, indices: torch.Tensor, base_values: torch.Tensor, stored_shape: tuple[int, int],
+                 transposed: bool, blocks: list[Block], kind: str, explicit_indices: bool,
+                 weight: torch.Tensor | None = None) -> None:
         super().__init__()
-        master_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        device = base_values.device
+        master_dtype = torch.float64 if base_values.dtype == torch.float64 else torch.float32
         # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
         # so that updates smaller than a bf16 ulp still accumulate.
-        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=weight.device))
-        idx = indices.to(weight.device)
-        self.register_buffer("indices", idx, persistent=False)
-        with torch.no_grad():
-            self.register_buffer("base_values", weight.reshape(-1)[idx].clone(), persistent=False)
-        self.stored_shape = tuple(weight.shape)
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=device))
+        self.register_buffer("indices", indices.to(device), persistent=False)
+        # Pristine W0 at the kept entries (dequantized for a quantized base): the base fingerprint,
+        # and what restore_base writes back on the in-place path.
+        self.register_buffer("base_values", base_values.detach().clone(), persistent=False)
+        self.stored_shape = tuple(stored_shape)
         self.transposed = transposed
         self.blocks = blocks
         self.kind = kind
         self.explicit_indices = explicit_indices  # custom masks: indices are saved in the file
         self._pattern: SparsePattern | None = None
+        # The weight parameter this adapter writes into. Another object in its place at a forward (FSDP's
+        # all-gathered copy, freed after the forward) means the delta must be written again for the backward.
+        self._weight = weakref.ref(weight) if weight is not None else _no_weight
 
     @property
     def nnz(self) -> int:
         return int(self.indices.numel())
+
+    def __getstate__(self) -> dict:
+        # A weak reference does not pickle; a copy then refreshes at every backward (correct, O(nnz) more).
+        return {**super().__getstate__(), "_weight": _no_weight}
 
     def pattern(self) -> SparsePattern:
         """The sparse pattern on the indices' current device (cached)."""
@@ -76,8 +138,14 @@ class MaskAdapter(nn.Module):
         return self._pattern
 
     def target_entries(self, weight_dtype: torch.dtype) -> torch.Tensor:
-        """W0 (+) values in the weight dtype: what the weight holds at the kept entries."""
-        return self.base_values.to(weight_dtype) + self.values.detach().to(weight_dtype)
+        """W0 (+) values in the weight dtype: what the weight holds at the kept entries. Outside a forward of an
+        FSDP2 model ``values`` is a DTensor: its whole is gathered (every rank must call this)."""
+        return self.base_values.to(weight_dtype) + full_tensor(self.values.detach()).to(weight_dtype)
+
+    def refresh_for_backward(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """None when ``weight`` is the parameter this adapter writes into (it keeps the delta until the backward);
+        else the entries the op must write again before its backward reads ``weight`` (see the module doc)."""
+        return None if self._weight() is weight else self.target_entries(weight.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
         # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
@@ -96,7 +164,8 @@ class MaskAdapter(nn.Module):
 
 
 class MaskedLayer(nn.Module):
-    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place."""
+    """A Linear/Conv1D whose weight carries the active adapter's trained entries in place, or, over a
+    quantized weight, adds them beside it (the delta path)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -117,11 +186,22 @@ class MaskedLayer(nn.Module):
     def transposed(self) -> bool:
         return is_conv1d(self.base_layer)
 
+    @property
+    def delta_path(self) -> bool:
+        """True when the delta is added beside a quantized weight instead of written into it."""
+        return uses_delta_path(self.base_layer)
+
     def add_adapter(self, name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
                     explicit_indices: bool = False) -> MaskAdapter:
         """Add an adapter with these flat stored-weight indices and make it active."""
+        if self.weight.is_meta:
+            raise MaskingError("the weights are on the meta device (no values yet): randmask keeps W0 at the kept "
+                               "entries when it adds an adapter. Load the weights first (to_empty + load_state_dict), "
+                               "then apply masking; with FSDP2, apply masking before fully_shard.")
         self.restore_base()  # so base_values captures pristine W0 even where masks overlap
-        adapter = MaskAdapter(indices, self.weight, self.transposed, blocks, kind, explicit_indices)
+        adapter = MaskAdapter(indices, base_entries(self.base_layer, indices), stored_shape(self.base_layer),
+                              self.transposed, blocks, kind, explicit_indices,
+                              weight=None if self.delta_path else self.weight)
         self.adapters[name] = adapter
         self.active_adapter = name
         self.sync()
@@ -135,18 +215,21 @@ class MaskedLayer(nn.Module):
 
     def restore_base(self) -> None:
         """Write W0 back at the active adapter's entries (the weight becomes pristine)."""
-        if self.active_adapter is None:
+        if self.active_adapter is None or self.delta_path:  # the delta path never writes the weight
             return
         adapter = self.adapters[self.active_adapter]
-        with torch.no_grad():
-            self.weight.view(-1)[adapter.indices] = adapter.base_values.to(self.weight.dtype)
+        write_entries(self.weight, adapter.indices, adapter.base_values)
 
     def sync(self) -> None:
-        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz))."""
-        if self.active_adapter is None or self.disabled:
+        """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)). A sharded (DTensor)
+        weight, outside a forward: this rank's shard only, and every rank must call it (values are gathered)."""
+        if self.active_adapter is None or self.disabled or self.delta_path:
             return
         adapter = self.adapters[self.active_adapter]
         weight = self.weight
+        if is_sharded(weight):
+            write_entries(weight, adapter.indices, adapter.target_entries(weight.dtype))
+            return
         with torch.no_grad():
             target = adapter.target_entries(weight.dtype)
             flat = weight.view(-1)
@@ -158,9 +241,15 @@ class MaskedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.active_adapter is None or self.disabled:
             return self.base_layer(x)
-        self.sync()
         adapter = self.adapters[self.active_adapter]
-        return masked_linear(x, adapter.values, self.weight, self.bias, adapter.pattern())
+        if self.delta_path:
+            # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
+            # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
+            return self.base_layer(x) + sparse_delta(x, adapter.values, adapter.pattern())
+        self.sync()
+        weight = self.weight
+        return masked_linear(x, adapter.values, weight, self.bias, adapter.pattern(),
+                             refresh=adapter.refresh_for_backward(weight))
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.active_adapter!r}, disabled={self.disabled}"

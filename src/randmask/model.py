@@ -19,6 +19,7 @@ from randmask.masks import (
     per_matrix_density,
     structured_column_counts,
 )
+from randmask.quantized import check_weight, logical_numel, quant_scheme
 from randmask.targets import Target, resolve_targets
 
 logger = logging.getLogger("randmask")
@@ -68,14 +69,17 @@ def masked_layers(model: nn.Module) -> dict[str, MaskedLayer]:
 
 
 def count_base_parameters(model: nn.Module) -> int:
-    """Number of model parameters, not counting randmask's own ``values`` (shared ones once)."""
+    """Number of model parameters, not counting randmask's own ``values`` (shared ones once).
+
+    A packed 4-bit weight counts its (out x in) entries, so a model and its quantized copy have the same
+    count, hence the same budget and the same masks."""
     adapter_params = {id(m.values) for m in model.modules() if isinstance(m, MaskAdapter)}
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
         if id(p) not in seen and id(p) not in adapter_params:
             seen.add(id(p))
-            total += p.numel()
+            total += logical_numel(p)
     return total
 
 
@@ -183,6 +187,8 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
         )
     for param in model.parameters():
         param.requires_grad_(False)
+    for target, _, _ in masks:
+        check_weight(target.name, target.module)
     for target, indices, blocks in masks:
         layer = _wrap(model, target)
         adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind, explicit_indices)
@@ -307,6 +313,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
+    if keep_delta:
+        check_mergeable(model)
     for name, layer in masked_layers(model).items():
         if keep_delta:
             layer.sync()
@@ -318,8 +326,25 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
     return model
 
 
+def check_mergeable(model: nn.Module) -> None:
+    """Refuse to merge into a quantized weight (before anything is changed): see ``merge_and_unload``."""
+    for name, layer in masked_layers(model).items():
+        if layer.delta_path and layer.active_adapter is not None:
+            raise MaskingError(merge_refusal(name, quant_scheme(layer.base_layer)))
+
+
+def merge_refusal(name: str, scheme: str | None) -> str:
+    """Why a delta is not merged into a quantized weight, and what to do instead (one message for both APIs)."""
+    return (f"{name} is quantized ({scheme}): merging would requantize it: every trained entry rounded back to the "
+            "4/8-bit grid (up to half a grid step of error each) and its block's scale possibly changed. Refused. "
+            "Keep the adapter unmerged (the delta path costs one sparse product per layer), or load the float "
+            "base, load_adapter(..., verify_base=False) onto it, merge there, and quantize the merged model.")
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """An ordinary model whose weights hold W0 (+) delta of the active adapter; wrappers removed."""
+    """An ordinary model whose weights hold W0 (+) delta of the active adapter; wrappers removed.
+
+    Refused (``MaskingError``, nothing changed) when an adapted weight is quantized: see ``merge_refusal``."""
     return _replace_with_base(model, keep_delta=True)
 
 

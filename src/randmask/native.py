@@ -10,11 +10,13 @@ ctypes (which releases the GIL) with the tensors' data pointers.
 The shared object is cached in ``$RANDMASK_CACHE/native`` (default ``~/.cache/randmask/native``),
 named by a hash of the source, the flags, the compiler and this CPU's feature flags (``-march=native``
 code must not run on another CPU). Set ``CC`` to choose the compiler. The cache holds code this process
-loads and runs, as ``~/.cache/torch_extensions`` does: keep it private to the user.
+loads and runs, so a cached build is loaded only from a folder private to the user and only when it is
+byte for byte the build randmask recorded (``randmask.native_cache``); anything else is built again.
 
 The vector path (AVX-512, else AVX2 + FMA, else portable C) is the best this CPU runs;
 ``RANDMASK_NATIVE_PATH=avx2`` or ``portable`` builds a lesser one (to test or time it), ``compiled_path()``
-says which one is loaded.
+says which one is loaded. Each path is its own recorded build (its flags are part of the key), verified
+like any other.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from randmask import native_cache
 from randmask.config import MaskingError
 
 SOURCE = Path(__file__).with_name("_native") / "sddmm.c"
@@ -83,12 +86,12 @@ def _build(compiler: str, flags: list[str]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"sddmm-{key}.so"
-    if target.exists():
+    folder = native_cache.build_folder(_cache_dir())  # a private folder: see native_cache
+    target = folder / f"sddmm-{key}.so"
+    if native_cache.is_recorded(target):  # exactly the file randmask built and recorded; else build it again
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: a concurrent process sees the old state or the whole file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
         proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
@@ -97,11 +100,14 @@ def _build(compiler: str, flags: list[str]) -> Path:
             lines = proc.stderr.strip().splitlines()
             errors = [line for line in lines if "error" in line.lower()]
             raise RuntimeError((errors or lines or [f"{compiler} exited with {proc.returncode}"])[0].strip())
+        os.chmod(tmp, 0o700)
+        native_cache.record(Path(tmp), target)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    _prune_old_builds(target.parent, keep=KEEP_BUILDS)
+    _prune_old_builds(folder, keep=KEEP_BUILDS)
+    native_cache.prune_records(folder)
     return target
 
 
@@ -120,12 +126,16 @@ def _prune_old_builds(folder: Path, keep: int) -> None:
 
 
 def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:
-    path = _build(compiler, flags)
+    path = _build(compiler, flags)  # checked against its build record (native_cache)
     try:
-        return ctypes.CDLL(str(path))
-    except OSError:  # a damaged cached build (truncated, overwritten): build it again, once
-        path.unlink(missing_ok=True)
-        return ctypes.CDLL(str(_build(compiler, flags)))
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a recorded build the loader still refuses: build it again, once
+        native_cache.discard(path)
+        lib = ctypes.CDLL(str(_build(compiler, flags)))
+    if not hasattr(lib, "randmask_sddmm"):  # never randmask's own build: drop it (the next process builds anew)
+        native_cache.discard(path)
+        raise RuntimeError(f"{path} does not export randmask_sddmm")
+    return lib
 
 
 def _path_flags() -> list[str]:

@@ -13,15 +13,20 @@ products): with ``create_graph=True`` it switches to plain differentiable ops.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from randmask import native
+from randmask.config import MaskingError
 
 # Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
 # shapes, on a shared machine, so only the larger differences count):
@@ -37,6 +42,10 @@ from randmask import native
 #            every row and column). 0.1-0.5x dense up to 1% density, beats dense up to 3% everywhere
 #            and up to 10% on two of the three shapes; dense wins at 20%.
 #   dense:   g^T x, then gather the kept entries.
+#   triton:  randmask.triton_sddmm (extra randmask[gpu]), for CUDA fp32/bf16/fp16 inputs: the plan's CSR, one
+#            program per (lhs row, up to 64 of its entries). Not measured on a GPU yet (benchmarks/gpu/run.sh
+#            measures it): its dense crossover below is the native kernel's, a placeholder.
+# Which kernel runs: weight_gradient_kernel (RANDMASK_KERNEL=auto|native|triton|torch).
 GATHER_MAX_NNZ = 64
 DENSE_GRAD_CROSSOVER = 0.06
 NATIVE_DENSE_CROSSOVER = 0.3  # the dense crossover when the native kernel runs instead of compact
@@ -47,6 +56,12 @@ COMPACT_MAX_FRACTION = 0.8  # gather only the touched rows/columns when at most 
 NATIVE_COMPACT_MAX_FRACTION = 0.25
 COMPACT_CHUNK_BYTES = 4 << 20  # the compact path copies its larger operand in blocks of at most this
 GATHER_CHUNK_ELEMENTS = 1 << 22  # bound the gather path's (tokens x nnz) temporaries to ~16 MB each
+TRITON_DENSE_CROSSOVER = 0.3  # not measured yet (see the table above)
+
+KERNEL_ENV = "RANDMASK_KERNEL"
+KERNELS = ("auto", "native", "triton", "torch")
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -71,6 +86,8 @@ class _Plan:
     col: torch.Tensor  # (nnz,) CSR column (renumbered rhs feature) of each entry
     size: tuple[int, int]  # (n_lhs, n_rhs)
     order: torch.Tensor | None  # entry k of the CSR is kept entry order[k] (None: same order)
+    # The compact path's block edges per block size, read back once: on CUDA a .tolist() per call is a host sync.
+    edges: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -206,6 +223,8 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
         return grad_out_2d.new_zeros(0, dtype=compute)
     if path == "native":
         return _sddmm_native(grad_out_2d, x_2d, pattern)
+    if path == "triton":
+        return _sddmm_triton(grad_out_2d, x_2d, pattern)
     if path == "gather":
         return _sddmm_gather_chunked(grad_out_2d, x_2d, pattern, compute)
     if path == "dense":
@@ -214,21 +233,94 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
 
 
 def weight_gradient_path(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> str:
-    """The weight-gradient path ``sddmm`` takes: empty, native, gather, dense or compact (see the table above)."""
+    """The weight-gradient path ``sddmm`` takes: empty, native, triton, gather, dense or compact (see the table
+    above). A kernel forced with ``RANDMASK_KERNEL`` runs at every density; ``auto`` switches to dense above it."""
     if pattern.nnz == 0:
         return "empty"
-    if grad_out_2d.dtype != torch.float64 and pattern.nnz < 2**31 - 1 and native.supports(grad_out_2d) \
-            and native.supports(x_2d) and native.available():
-        return "dense" if pattern.density > NATIVE_DENSE_CROSSOVER else "native"
+    kernel = weight_gradient_kernel(grad_out_2d.device, grad_out_2d.dtype)
+    forced = kernel_setting() == kernel
+    if kernel == "native" and x_2d.dtype in NATIVE_DTYPES and pattern.nnz < 2**31 - 1 \
+            and native.supports(grad_out_2d) and native.supports(x_2d):
+        return "native" if forced or pattern.density <= NATIVE_DENSE_CROSSOVER else "dense"
+    if kernel == "triton" and x_2d.dtype in TRITON_DTYPES:
+        return "triton" if forced or pattern.density <= TRITON_DENSE_CROSSOVER else "dense"
     if pattern.nnz <= GATHER_MAX_NNZ:
         return "gather"
     return "dense" if pattern.density > DENSE_GRAD_CROSSOVER else "compact"
 
 
-def weight_gradient_kernel(device: str | torch.device = "cpu") -> str:
-    """Which SDDMM the backward on ``device`` runs for fp32/bf16 work: "native" (randmask.native, CPU only)
-    or "torch"."""
-    return "native" if torch.device(device).type == "cpu" and native.available() else "torch"
+def kernel_setting() -> str:
+    """``$RANDMASK_KERNEL`` (auto when unset); ``RANDMASK_NATIVE=0``, the older switch, means ``torch``."""
+    value = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
+    if value not in KERNELS:
+        raise MaskingError(f"{KERNEL_ENV}={os.environ[KERNEL_ENV]!r} is not a kernel; use one of {', '.join(KERNELS)}.")
+    if os.environ.get(native.DISABLE_ENV) == "0":
+        if value not in ("auto", "torch"):
+            raise MaskingError(f"{KERNEL_ENV}={value} contradicts {native.DISABLE_ENV}=0 (an alias of "
+                               f"{KERNEL_ENV}=torch); unset one of them.")
+        return "torch"
+    return value
+
+
+def weight_gradient_kernel(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The SDDMM kernel the backward runs for work on ``device`` in ``dtype``: "native" (randmask.native, CPU
+    fp32/bf16), "triton" (randmask.triton_sddmm, CUDA fp32/bf16/fp16) or "torch" (the torch paths).
+
+    The one place the kernel is chosen. ``RANDMASK_KERNEL=auto`` (default) takes native on the CPU where it builds
+    and triton on CUDA where it is installed, else torch; ``native``/``triton``/``torch`` force one, and a forced
+    kernel that cannot run here is a MaskingError, never a quiet fallback. Work in a dtype the kernel does not
+    take (fp64; fp16 for native) runs the torch paths.
+    """
+    setting = kernel_setting()
+    kind = torch.device(device).type
+    if setting == "torch":
+        return "torch"
+    if setting == "native" or (setting == "auto" and kind == "cpu"):
+        if kind != "cpu":
+            raise MaskingError(f"{KERNEL_ENV}=native: the native kernel runs on CPU tensors, this work is on {kind}. "
+                               f"Use {KERNEL_ENV}=auto or triton.")
+        if dtype not in NATIVE_DTYPES:
+            return "torch"
+        if native.available():
+            return "native"
+        if setting == "native":
+            raise MaskingError(f"{KERNEL_ENV}=native but the native kernel did not build here (no C compiler, or "
+                               f"a build error warned about above). Use {KERNEL_ENV}=auto.")
+        return "torch"
+    if setting == "auto" and kind != "cuda":
+        return "torch"
+    # triton: forced, or auto on CUDA
+    if dtype not in TRITON_DTYPES:
+        return "torch"
+    if setting == "triton":
+        if kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on"):
+            raise MaskingError(f"{KERNEL_ENV}=triton: Triton runs CUDA tensors; on CPU tensors only under "
+                               f"TRITON_INTERPRET=1 (slow: for tests). Use a CUDA device or {KERNEL_ENV}=auto.")
+        if kind not in ("cpu", "cuda"):
+            raise MaskingError(f"{KERNEL_ENV}=triton: Triton runs CUDA tensors, this work is on {kind}.")
+        _triton(required=True)
+        return "triton"
+    return "triton" if _triton(required=False) is not None else "torch"
+
+
+_TRITON: list[ModuleType | None] = []  # [module or None] once tried
+
+
+def _triton(required: bool) -> ModuleType | None:
+    """randmask.triton_sddmm, imported on first use (None when triton is missing, unless ``required``)."""
+    if not _TRITON:
+        module = None
+        if importlib.util.find_spec("triton") is not None:
+            try:
+                module = importlib.import_module("randmask.triton_sddmm")
+            except (ImportError, RuntimeError) as err:  # a triton that does not load here (driver, version)
+                warnings.warn(f"randmask: triton is installed but does not load ({err}); the torch paths run. "
+                              f"Set {KERNEL_ENV}=torch to skip the attempt.", RuntimeWarning, stacklevel=4)
+        _TRITON.append(module)
+    if _TRITON[0] is None and required:
+        raise MaskingError(f"{KERNEL_ENV}=triton but triton is not installed (or did not load): pip install "
+                           "'randmask[gpu]'.")
+    return _TRITON[0]
 
 
 def _sddmm_dense(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
@@ -256,6 +348,15 @@ def _sddmm_native(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Sparse
     return _to_stored_order(values, plan)
 
 
+def _sddmm_triton(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """The Triton kernel on the plan's CSR (tokens-last copies of the touched features, in the input dtype)."""
+    plan = pattern.plan()
+    lhs_2d, rhs_2d = (grad_out_2d, x_2d) if plan.lhs_is_out else (x_2d, grad_out_2d)
+    values = _triton(required=True).sddmm_csr(lhs_2d, plan.lhs_touched, rhs_2d, plan.rhs_touched, plan.crow,
+                                              plan.col, plan_key=plan)
+    return _to_stored_order(values, plan)
+
+
 def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern,
                    compute: torch.dtype) -> torch.Tensor:
     plan = pattern.plan()
@@ -270,7 +371,9 @@ def _sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Spars
     step = n_lhs if lhs_2d.dtype == compute else \
         max(1, COMPACT_CHUNK_BYTES // (lhs_2d.shape[0] * torch.finfo(compute).bits // 8))
     starts = list(range(0, n_lhs, step))
-    edges = plan.crow[starts + [n_lhs]].tolist()  # the entries of block b are edges[b]:edges[b + 1]
+    edges = plan.edges.get(step)
+    if edges is None:  # the entries of block b are edges[b]:edges[b + 1]
+        edges = plan.edges[step] = plan.crow[starts + [n_lhs]].tolist()
     values = torch.empty(pattern.nnz, dtype=compute, device=grad_out_2d.device)
     for b, r0 in enumerate(starts):
         r1, e0, e1 = min(n_lhs, r0 + step), edges[b], edges[b + 1]
@@ -358,7 +461,7 @@ class MaskedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, pattern: SparsePattern):  # noqa: D102
+    def forward(ctx, x, values, weight, bias, pattern: SparsePattern, refresh=None):  # noqa: D102
         cast = _autocast_dtype(x)
         ctx.input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -366,14 +469,17 @@ class MaskedLinearFunction(torch.autograd.Function):
                 x, weight = _cast_input(x, cast), weight.to(cast)
                 bias = bias.to(cast) if bias is not None else None
             y = _linear(x, weight, bias, pattern.transposed)
-        ctx.save_for_backward(x, values, weight)
+        ctx.save_for_backward(x, values, weight, refresh)
         ctx.pattern = pattern
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, values, weight = ctx.saved_tensors
+        x, values, weight, refresh = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
+        if refresh is not None:  # the weight was gathered again since the forward (FSDP2): write the delta again
+            with torch.no_grad():
+                weight.view(-1)[pattern.indices] = refresh.to(weight.dtype)
         create_graph = torch.is_grad_enabled()  # True only under backward(create_graph=True)
         g = grad_out.to(weight.dtype)
         g2d, x2d = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -400,7 +506,7 @@ class MaskedLinearFunction(torch.autograd.Function):
 
         if ctx.needs_input_grad[3]:
             grad_bias = g2d.sum(0)
-        return grad_x, grad_values, None, grad_bias, None
+        return grad_x, grad_values, None, grad_bias, None, None
 
 
 def masked_linear(
@@ -409,9 +515,14 @@ def masked_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     pattern: SparsePattern,
+    refresh: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply the masked linear op. ``weight`` must already equal W0 (+) values at the kept entries."""
-    return MaskedLinearFunction.apply(x, values, weight, bias, pattern)
+    """Apply the masked linear op. ``weight`` must already equal W0 (+) values at the kept entries.
+
+    ``refresh``: (nnz,) entries to write into ``weight`` again before the backward reads it, for a weight that is
+    gathered anew between forward and backward (FSDP2 frees it after the forward); None: the weight keeps them.
+    """
+    return MaskedLinearFunction.apply(x, values, weight, bias, pattern, refresh)
 
 
 def scatter_delta(base_weight: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
@@ -438,7 +549,10 @@ __all__ = [
     "GATHER_MAX_NNZ",
     "MaskedLinearFunction",
     "SparsePattern",
+    "KERNELS",
+    "KERNEL_ENV",
     "dense_reference_linear",
+    "kernel_setting",
     "masked_linear",
     "scatter_delta",
     "sddmm",

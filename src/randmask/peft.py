@@ -22,23 +22,38 @@ values (in the weight's dtype: ~2 bytes/entry for a bf16 base); masks are regene
 from __future__ import annotations
 
 import copy
+import json
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import peft
 import torch
-from peft.config import PeftConfig
+from peft.config import PeftConfig, PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.integrity import base_fingerprint, check_base
-from randmask.layer import Block
-from randmask.masks import BUILTIN_KINDS, indices_checksum
-from randmask.model import block_densities, count_base_parameters, draw_mask
+from randmask.integrity import base_fingerprint
+from randmask.layer import Block, uses_delta_path
+from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
+from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal
+from randmask.peft_files import (
+    CONFIG_NAME,
+    OPT_OUT,
+    check_base_named,
+    check_sealed,
+    check_weights_file,
+    guard_peft_type,
+    read_config,
+    seal,
+    weights_file,
+)
 from randmask.peft_layer import RandMaskLayer
+from randmask.quantized import base_entries, check_weight, quant_scheme
 from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
 
@@ -64,6 +79,12 @@ class RandMaskConfig(PeftConfig):
         "help": "Base-model parameter count, recorded at injection (the budget's denominator)."})
     checksums: dict[str, Any] | None = field(default=None, metadata={
         "help": "Per module: [indices checksum, base fingerprint], recorded at injection, checked at load."})
+    mask_kind_version: int | None = field(default=None, metadata={
+        "help": "Version of the sampler that drew the masks (randmask.MASK_KIND_VERSIONS), recorded at injection."})
+    weights_sha256: str | None = field(default=None, metadata={
+        "help": "SHA-256 of adapter_model.safetensors, recorded when the config is saved beside it."})
+    config_sha256: str | None = field(default=None, metadata={
+        "help": "SHA-256 of this config's randmask fields (randmask.peft_files.SEALED), recorded at save."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +107,43 @@ class RandMaskConfig(PeftConfig):
         return MaskingConfig(targets=self.target_modules, trainable_ratio=self.trainable_ratio,
                              density=self.density, mask_kind=self.mask_kind, seed=self.seed)
 
+    def _json_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.to_dict(), default=sorted))
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's save, sealed: the SHA-256 of the weights file PEFT wrote into the same folder just before, and a
+        checksum of the randmask fields."""
+        self.weights_sha256 = self.config_sha256 = None
+        sealed = seal(self._json_dict(), Path(save_directory))
+        self.weights_sha256, self.config_sha256 = sealed["weights_sha256"], sealed["config_sha256"]
+        super().save_pretrained(save_directory, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """The config file, read bounded and strict (randmask.files), every randmask field's type checked."""
+        data = read_config(path_json_file)
+        data.pop("runtime_config", None)  # a runtime-only field, as peft's own reader drops it
+        return data
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None,
+                        **kwargs: Any) -> RandMaskConfig:
+        """PEFT's config loader plus randmask's checks. ``randmask_allow_unverified=True`` loads a config without
+        checksums (as randmask before them wrote); ``randmask_verify_base=False`` skips only the base-fingerprint
+        check. Both pass through ``PeftModel.from_pretrained(model, path, ...)``."""
+        allow = kwargs.pop(OPT_OUT, False)
+        verify_base = kwargs.pop("randmask_verify_base", True)
+        if not isinstance(allow, bool) or not isinstance(verify_base, bool):
+            raise MaskingError(f"{OPT_OUT} and randmask_verify_base must be True or False.")
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, RandMaskConfig):
+            raise MaskingError(f"{pretrained_model_name_or_path} is not a RandMask adapter config.")
+        where = os.path.join(pretrained_model_name_or_path, subfolder or "", CONFIG_NAME)
+        verified = check_sealed(config._json_dict(), where, allow)
+        config._randmask_load = {"weights": weights_file(pretrained_model_name_or_path, subfolder, kwargs),
+                                 "verified": verified, "verify_base": verify_base}
+        return config
+
 
 class RandMaskModel(BaseTuner):
     """The PEFT tuner: resolves targets with randmask's resolver and draws every mask up front."""
@@ -102,6 +160,9 @@ class RandMaskModel(BaseTuner):
         if config.checksums is None:  # a new adapter: record into a copy, so the user's config stays reusable
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
         self._plan = _plan_masks(model, config)
+        load = getattr(config, "_randmask_load", None)
+        if load is not None:  # from_pretrained: check the weights file before peft reads it
+            check_weights_file(model, config, self._plan, load)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
@@ -122,7 +183,19 @@ class RandMaskModel(BaseTuner):
             layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, layer, target)
 
+    def _check_mergeable(self) -> None:
+        """Refuse a merge into any quantized layer before any layer is merged (see randmask.merge_refusal)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, RandMaskLayer) and uses_delta_path(module.get_base_layer()):
+                raise MaskingError(merge_refusal(name, quant_scheme(module.get_base_layer())))
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._check_mergeable()
+        super().merge_adapter(*args, **kwargs)
+
     def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        if merge:
+            self._check_mergeable()
         if not merge:  # unload(): hand back the pristine base weights
             for module in self.model.modules():
                 if isinstance(module, RandMaskLayer):
@@ -140,7 +213,9 @@ class RandMaskModel(BaseTuner):
             if isinstance(module, RandMaskLayer):
                 dtype = module.get_base_layer().weight.dtype
                 key = f"{name}.randmask_adapters.{adapter_name}.values"
-                if key in out and dtype in (torch.float16, torch.bfloat16):
+                # The delta path (quantized base) computes with the fp32 values: those are saved whole.
+                half = dtype in (torch.float16, torch.bfloat16)
+                if key in out and half and not uses_delta_path(module.get_base_layer()):
                     out[key] = out[key].to(dtype)
         return out
 
@@ -159,6 +234,14 @@ class RandMaskModel(BaseTuner):
         if found != set(expected):
             raise MaskingError(f"the adapter weights hold {sorted(found ^ set(expected))[:3]}, which do not match the "
                                "masked modules of this config; the files are partial or from different saves.")
+        saved = {f"{name}.modules_to_save.{adapter_name}.{p}" for name, m in model.named_modules()
+                 if isinstance(getattr(m, "modules_to_save", None), nn.ModuleDict) and adapter_name in m.modules_to_save
+                 for p, _ in m.modules_to_save[adapter_name].named_parameters()}
+        unexpected = sorted(set(out) - set(expected) - saved)
+        if unexpected:  # e.g. a tensor named like a base weight: loading it would overwrite that weight
+            raise MaskingError(f"the adapter weights hold {unexpected[:3]}, which are neither randmask values nor "
+                               "modules_to_save parameters of this config; refusing to load them over the base model. "
+                               "Re-save the adapter with save_pretrained.")
         for key, nnz in expected.items():
             values = out[key]
             if not values.is_floating_point() or values.shape != (nnz,) or not torch.isfinite(values).all():
@@ -178,9 +261,18 @@ def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[tor
         raise MaskingError(f"this RandMask adapter was made for a base model with {config.total_params:,} "
                            f"parameters; this one has {total:,}. Load it onto the base it was trained from.")
     record = config.checksums is None
+    version = MASK_KIND_VERSIONS.get(config.mask_kind, 1)
+    if record:
+        config.mask_kind_version = version
+    elif (config.mask_kind_version or 1) != version:
+        raise MaskingError(f"this RandMask adapter's {config.mask_kind!r} masks were drawn by sampler version "
+                           f"{config.mask_kind_version or 1}; this randmask draws version {version}, so they cannot be "
+                           "regenerated. Load it with the randmask that saved it, or train it again.")
+    verify_base = getattr(config, "_randmask_load", {}).get("verify_base", True)
     checksums = {} if record else config.checksums
     plan = {}
     for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
+        check_weight(target.name, target.module)
         indices, blocks = draw_mask(target, densities, masking)
         entries = _pristine(model, target.name, target.module, indices)
         if record:
@@ -193,7 +285,8 @@ def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[tor
             if indices_checksum(indices) != saved[0]:
                 raise MaskingError(f"{target.name}: the regenerated mask does not match the saved checksum; the "
                                    "adapter belongs to another base model or its config was edited.")
-            check_base(target.name, entries, saved[1])
+            if verify_base:
+                _check_base(target, entries, saved[1])
         plan[target.name] = (indices, blocks)
     if not record and set(checksums) != set(plan):
         raise MaskingError(f"the RandMask config lists modules {sorted(set(checksums) ^ set(plan))[:4]} that "
@@ -209,7 +302,20 @@ def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Ten
         if layer.merged:
             raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
         layer.restore_live()
-    return module.weight.detach().reshape(-1)[indices.to(module.weight.device)].clone()
+    return base_entries(module, indices)
+
+
+def _check_base(target: Any, entries: torch.Tensor, saved: dict) -> None:
+    """The base-fingerprint check of PEFT's loader; on a quantized base the error says why it cannot match."""
+    try:
+        check_base_named(target.name, entries, saved)
+    except MaskingError as e:
+        scheme = quant_scheme(target.module)
+        if scheme is None:
+            raise
+        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of the "
+                           "same checkpoint cannot match the exact fingerprint; if this is that checkpoint, "
+                           "randmask_verify_base=False skips this check alone.") from None
 
 
 def _register() -> None:
@@ -225,6 +331,8 @@ def _register() -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
     PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = RandMaskConfig
     PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = RandMaskModel
+    if not getattr(PeftConfigMixin._get_peft_type, "randmask_guard", False):  # the config's first reader: bounded
+        PeftConfigMixin._get_peft_type = classmethod(guard_peft_type(PeftConfigMixin._get_peft_type.__func__))
 
 
 _register()

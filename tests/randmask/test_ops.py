@@ -246,7 +246,7 @@ def test_the_path_fixture_forces_the_path_it_names(path):
 
 
 def test_the_weight_gradient_kernel_is_native_only_on_the_cpu():
-    assert ops.weight_gradient_kernel("cuda") == "torch"
+    assert ops.weight_gradient_kernel("cuda") in ("triton", "torch")  # triton where randmask[gpu] is installed
     assert ops.weight_gradient_kernel("cpu") == ("native" if native.available() else "torch")
     empty = SparsePattern(torch.zeros(0, dtype=torch.long), (7, 5), False)
     assert ops.weight_gradient_path(torch.randn(3, 7), torch.randn(3, 5), empty) == "empty"

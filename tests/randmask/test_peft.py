@@ -164,22 +164,31 @@ def test_damaged_peft_files_are_refused(tmp_path):
     import json
 
     from safetensors.torch import load_file, save_file
+    from tests.randmask.test_peft_files import reseal
 
     _train(_peft_model("opt"), "opt").save_pretrained(tmp_path)
     weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
     tensors = load_file(str(weights))
     first = next(iter(tensors))
+    header = json.loads(config.read_text())
     save_file({k: v for k, v in tensors.items() if k != first}, str(weights))
-    with pytest.raises(MaskingError, match="partial or from different saves"):
+    with pytest.raises(MaskingError, match="does not match the weights_sha256"):
+        PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+    reseal(tmp_path)  # a careful edit: the checksums recomputed, so the structural checks must hold
+    with pytest.raises(MaskingError, match="lacks"):
         PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
     save_file({**tensors, first: tensors[first][:-1]}, str(weights))
+    reseal(tmp_path)
     with pytest.raises(MaskingError, match="corrupt"):
         PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
     save_file(tensors, str(weights))
-    header = json.loads(config.read_text())
     for edit, match in [({"total_params": "many"}, "positive int"), ({"density": 7}, "outside"),
                         ({"seed": 5}, "does not match the saved checksum"), ({"checksums": {}}, "no checksum")]:
         config.write_text(json.dumps({**header, **edit}))
+        if "density" not in edit and "total_params" not in edit:
+            with pytest.raises(MaskingError, match="does not match its own config_sha256"):
+                PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
+        reseal(tmp_path)
         with pytest.raises(MaskingError, match=match):
             PeftModel.from_pretrained(tiny_model("opt"), tmp_path)
 

@@ -135,3 +135,113 @@ def test_import_refuses_other_files_and_bases(tmp_path):
         import_shira(tmp_path / "rm", tiny_model("opt"))
     with pytest.raises(MaskingError, match="not a readable PEFT SHiRA adapter"):
         import_shira(tmp_path / "missing", tiny_model("opt"))
+
+
+# -- issue 28: SHiRA interop is bounded and checked ----------------------------------------------------------------
+
+
+def _reseal_randmask(folder, fn):
+    from randmask.integrity import CONFIG_CHECKSUM_KEY, config_checksum
+
+    header = json.loads((folder / "adapter_config.json").read_text())
+    fn(header)
+    header[CONFIG_CHECKSUM_KEY] = config_checksum(header)
+    (folder / "adapter_config.json").write_text(json.dumps(header))
+
+
+@pytest.mark.parametrize("shape", [[100_000, 100_000], [100_000_000, 100_000_000]])
+def test_an_edited_stored_shape_is_refused_before_allocating(tmp_path, shape):
+    """A 2 KB config whose shape (checksum recomputed) asks for 4-16 GB: refused under a 2 GB memory cap."""
+    from tests.hostile import run_limited
+
+    save_adapter(apply_masking(tiny_model("llama"), MaskingConfig(density=0.1)), tmp_path / "rm")
+
+    def edit(h):
+        first = next(iter(h["matrices"].values()))
+        first["stored_shape"], first["blocks"][0][2] = shape, shape[0]
+
+    _reseal_randmask(tmp_path / "rm", edit)
+    result = run_limited(f"""
+        try:
+            export_shira({str(tmp_path / "rm")!r}, {str(tmp_path / "out")!r})
+        except MaskingError as e:
+            print("REFUSED", e)
+    """, imports="from randmask import MaskingError\nfrom randmask.peft import export_shira")
+    assert "REFUSED" in result.stdout and ("would draw about" in result.stdout or "above max_entries" in
+                                           result.stdout), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_edited_budget_cannot_dodge_the_size_bound(tmp_path):
+    save_adapter(apply_masking(tiny_model("llama"), MaskingConfig(density=0.1)), tmp_path / "rm")
+
+    def edit(h):  # a tiny density on a huge matrix draws almost nothing, but SHiRA's r*(in+out) is huge
+        h["masking_config"]["density"] = 1e-16
+        first = next(iter(h["matrices"].values()))
+        first["stored_shape"], first["blocks"][0][2] = [100_000_000, 100_000_000], 100_000_000
+
+    _reseal_randmask(tmp_path / "rm", edit)
+    with pytest.raises(MaskingError, match="above max_entries"):
+        export_shira(tmp_path / "rm", tmp_path / "out")
+
+
+def test_an_edited_seed_is_caught_by_the_index_checksum(tmp_path):
+    save_adapter(apply_masking(tiny_model("llama"), MaskingConfig(density=0.1)), tmp_path / "rm")
+    _reseal_randmask(tmp_path / "rm", lambda h: h["masking_config"].update(seed=9))
+    with pytest.raises(MaskingError, match="does not match its saved checksum"):
+        export_shira(tmp_path / "rm", tmp_path / "out")
+
+
+def _stock_shira(folder):
+    shira = get_peft_model(tiny_model("opt"), ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    shira.save_pretrained(folder)
+    return folder
+
+
+def test_import_refuses_a_weights_file_linked_to_dev_zero(tmp_path):
+    from tests.hostile import replace_with_dev_zero, run_limited
+
+    replace_with_dev_zero(_stock_shira(tmp_path / "shira") / "adapter_model.safetensors")
+    result = run_limited(f"""
+        try:
+            import_shira({str(tmp_path / "shira")!r}, tiny_model("opt"))
+        except MaskingError as e:
+            print("REFUSED", e)
+    """, imports="from randmask import MaskingError\nfrom randmask.peft import import_shira\n"
+                 "from tests.conftest import tiny_model")
+    assert "REFUSED" in result.stdout and "not a regular file" in result.stdout, result.stderr[-2000:]
+
+
+def test_import_refuses_a_fifo_and_an_oversized_file(tmp_path):
+    from tests.hostile import hang_guard, make_sparse, replace_with_fifo
+
+    folder = _stock_shira(tmp_path / "shira")
+    make_sparse(folder / "adapter_model.safetensors")
+    with pytest.raises(MaskingError, match="over the .*-byte limit"):
+        import_shira(folder, tiny_model("opt"))
+    replace_with_fifo(folder / "adapter_config.json")
+    with hang_guard(30), pytest.raises(MaskingError, match="not a regular file"):
+        import_shira(folder, tiny_model("opt"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_import_refuses_non_finite_values(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    folder = _stock_shira(tmp_path / "shira")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("shira_weight"))
+    tensors[key][3] = bad
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = tiny_model("opt")
+    with pytest.raises(MaskingError, match="NaN or inf"):
+        import_shira(folder, model)
+    assert torch.isfinite(model_output(model, tiny_inputs("opt"))).all()  # nothing was applied
+
+
+def test_max_entries_bounds_an_export_from_a_model_too(tmp_path):
+    model = apply_masking(tiny_model("llama"), MaskingConfig(density=0.1))
+    with pytest.raises(MaskingError, match="above max_entries=100: SHiRA pads every matrix"):
+        export_shira(model, tmp_path / "out", max_entries=100)
+    assert not (tmp_path / "out").exists()
+    export_shira(model, tmp_path / "out")  # the default bound is far above a real model's export

@@ -19,3 +19,27 @@ def test_non_negative_int() -> None:
     for bad in ("-1", "2.0", "abc"):
         with pytest.raises(argparse.ArgumentTypeError, match="integer ≥ 0"):
             non_negative_int(bad)
+
+
+def test_type_and_bounds_problems_of_a_run_config() -> None:
+    """Issue 28: values from a JSON spec or the command line that used to pass or end in a traceback."""
+    from randmask_lab.argtypes import bounds_problem, type_problem
+    from randmask_lab.experiment.config import RunConfig
+
+    assert type_problem(RunConfig()) is None and bounds_problem(RunConfig()) is None
+    for kwargs, message in [({"epochs": "5"}, "--epochs must be an integer, got '5'"),
+                            ({"seed": 1e30}, "--seed must be an integer, got 1e+30"),
+                            ({"group_by_length": "false"}, "--group-by-length must be true or false"),
+                            ({"targets": ["q_proj", 3]}, "--targets must be"),
+                            ({"lr": "0.1"}, "--lr must be a number")]:
+        assert message in (type_problem(RunConfig(**kwargs)) or ""), kwargs
+    for kwargs, message in [({"lr": float("inf")}, "--lr must be a finite number"),
+                            ({"lr": 1e308}, "--lr must be at most 10"),
+                            ({"head_lr": 11.0}, "--head-lr must be at most"),
+                            ({"seed": 10**23}, "--seed must be at most 2**63 - 1"),
+                            ({"mask_seed": 2**63}, "--mask-seed must be at most"),
+                            ({"lease_seconds": 0.05}, "--lease-seconds must be between 1 and 604800"),
+                            ({"lease_seconds": float("inf")}, "--lease-seconds must be a finite number"),
+                            ({"weight_decay": float("inf")}, "--weight-decay must be a finite number")]:
+        assert message in (bounds_problem(RunConfig(**kwargs)) or ""), kwargs
+    assert bounds_problem(RunConfig(lr=10.0, lease_seconds=3600.0, seed=2**63 - 1)) is None

@@ -112,3 +112,28 @@ def test_a_corrupt_or_foreign_store_names_the_file(capsys, tmp_path, tiny):
 def test_report_options_that_would_be_ignored(capsys, tmp_path, options, message):
     """An option the chosen report mode ignores is an error, checked before any file is read."""
     assert message in _fails(capsys, "report", "--out-dir", str(tmp_path), *options)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "1e308"], "--lr must be at most 10"),
+    (["--seed", str(10**23)], "--seed must be at most 2**63 - 1"),
+    (["--lease-seconds", "0.05"], "--lease-seconds must be between 1 and 604800"),
+    (["--lease-seconds", "inf"], "--lease-seconds must be a finite number"),
+])
+def test_careless_numbers_are_refused_before_the_run(capsys, tmp_path, tiny, options, message):
+    """Issue 28: they used to run (--lr inf recorded as diverged), overflow in torch, or crash the lease thread."""
+    assert message in _fails(capsys, "train", *_small(tiny, tmp_path), *options)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--method", "lora", "--option", "r=100000000"], "option r=100000000 of 'lora' must be between 1 and 16"),
+    (["--method", "adalora", "--option", "init_r=100000"], "option init_r=100000 of 'adalora' must be between 1"),
+    (["--method", "adalora", "--option", "init_r=8", "--option", "target_r=12"], "target_r=12 of 'adalora'"),
+    (["--method", "adapter", "--option", "width=10000000"], "option width=10000000 of 'adapter' must be between"),
+    (["--method", "prefix", "--option", "num_virtual_tokens=100000000"], "num_virtual_tokens=100000000 of 'prefix'"),
+])
+def test_size_options_are_bounded_by_the_model(capsys, tmp_path, tiny, options, message):
+    """Issue 28: --option r=100000000 attempted a 153 GB allocation on SmolLM2."""
+    assert message in _fails(capsys, "train", *_small(tiny, tmp_path), *options)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from randmask import read_limited
 from randmask_lab.analysis.suggest_lr import calibrate
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.report import best_runs, method_label
@@ -22,7 +23,13 @@ def calibration_pairs(folders: list[Path], store: ResultStore, task: str) -> lis
     best = {method_label(r.config): r.config["lr"] for r in best_runs(store.records(task=task))}
     rows = []
     for path in sorted(p for folder in folders for p in Path(folder).rglob("suggest_lr.json")):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(read_limited(path, 1 << 20, "suggest-lr result", error=RunError,
+                                           fix="delete it and run suggest-lr again"))
+        except (ValueError, RecursionError) as e:
+            raise RunError(f"{path} is not valid JSON ({str(e)[:80]}); delete it and run suggest-lr again") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{path} is not a suggest-lr result; delete it and run suggest-lr again")
         run = data.get("run") or {}
         if run.get("task") != task:
             continue

@@ -11,6 +11,7 @@ the command logic and take a model directly (for tests and notebooks).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from randmask import count_base_parameters, masked_layers
+from randmask import count_base_parameters, masked_layers, read_limited
 from randmask_lab.analysis.distance import distance_from, masked_distance, merge_peft_delta
 from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
 from randmask_lab.analysis.hvp import LossFn
@@ -145,15 +146,36 @@ def activations_markdown(summary: dict, features: Sequence[int] = ()) -> str:
     return "\n".join(lines)
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (loaded with ``weights_only=True``)."""
+def load_state_dict(path: str | Path, max_bytes: int = 1 << 40) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file, read through the bounded reader (a regular file of at
+    most ``max_bytes``). A torch file goes through torch's ``weights_only`` loader: plain tensors only, anything
+    else in the pickle is refused (never run) with a one-line RunError."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference weights {path} not found; pass a .safetensors or .pt/.bin file.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    data = read_limited(path, max_bytes, "reference weights", error=RunError,
+                        fix="pass the pretrained model's .safetensors (or a torch state dict of tensors only)")
+    try:
+        if path.suffix == ".safetensors":
+            return st_load(data)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
+        raise RunError(f"reference weights {path} cannot be read safely ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:100]}); randmask never runs the code a pickle holds. Save the "
+                       "reference as .safetensors (safetensors.torch.save_file)") from None
+    if not (isinstance(loaded, dict) and all(isinstance(v, torch.Tensor) for v in loaded.values())):
+        raise RunError(f"reference weights {path} are not a state dict of tensors; pass the pretrained model's "
+                       ".safetensors")
+    return loaded
+
+
+def reference_limit(model: nn.Module) -> int:
+    """The most bytes a reference state dict of ``model`` can need: two fp64 copies of its parameters (buffers and
+    tied names included), plus the file's header."""
+    return 16 * count_base_parameters(model) + (64 << 20)
 
 
 def _build(args: argparse.Namespace) -> tuple[nn.Module, list, LossFn, dict[str, Any]]:
@@ -184,7 +206,7 @@ def _cmd_hessian(args: argparse.Namespace) -> int:
 
 def _cmd_distance(args: argparse.Namespace) -> int:
     model, _, _, meta = _build(args)
-    reference = load_state_dict(args.reference) if args.reference else None
+    reference = load_state_dict(args.reference, reference_limit(model)) if args.reference else None
     try:
         s = run_distance(model, args.out, reference, meta=meta)
     except ValueError as e:  # a model with nothing to compare (no randmask layers, no --reference)

@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from randmask import read_limited
 from randmask_lab.analysis.plots import plot_distance, plot_lambda_max
 from randmask_lab.errors import RunError
 
 RESULT_FILES = ("hessian.json", "suggest_lr.json", "distance.json")
+MAX_RESULT_BYTES = 256 << 20  # a result JSON: a few numbers and a power-iteration trace
 
 
 def _budget(run: dict[str, Any]) -> float:
@@ -45,8 +47,9 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
     for folder in folders:
         for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
             try:
-                data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                data = json.loads(read_limited(path, MAX_RESULT_BYTES, "analysis result", error=RunError,
+                                               fix="delete it and run its measurement again"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise RunError(f"{path} is not valid JSON ({e}); delete it and run its measurement again") from None
             run = data.get("run") if isinstance(data, dict) else None
             if not run or "method" not in run:

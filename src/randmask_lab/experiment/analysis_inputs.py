@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from randmask import read_limited
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.build import (
     TrainingLoss,
@@ -26,7 +27,7 @@ from randmask_lab.experiment.build import (
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import epoch_batches, grouping_lengths
 from randmask_lab.methods.prepared import TRAINABLE_FILE, is_head_param
-from randmask_lab.methods.trainable import load_trainable, read_tensors
+from randmask_lab.methods.trainable import load_trainable, read_tensors, tensor_file_limit
 
 
 def _arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
@@ -53,8 +54,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
     run = _run_folder(getattr(args, "adapter", None))
     if run is not None:
         try:
-            config = RunConfig.from_dict(json.loads((run / "config.json").read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError) as e:
+            text = read_limited(run / "config.json", 1 << 20, "run config", error=RunError,
+                                fix="pass another --adapter")
+            config = RunConfig.from_dict(json.loads(text.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as e:
             raise RunError(f"{run / 'config.json'} is not a run config ({e}); pass another --adapter") from None
     else:
         model, task = _arg(args, "model"), _arg(args, "task")
@@ -80,7 +83,7 @@ def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> No
     if run is not None:
         file = run / "trainable" / TRAINABLE_FILE
         try:
-            load_trainable(model, read_tensors(file), source=str(file))
+            load_trainable(model, read_tensors(file, tensor_file_limit(model)), source=str(file))
         except (ValueError, OSError) as e:
             raise RunError(f"--adapter {adapter}: {e}") from None
         return
@@ -148,6 +151,6 @@ def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
         _freeze_head(prepared.model, config)
     objective = make_objective(config, data, tokenizer)
     lengths = grouping_lengths(data.train, config.group_by_length)
-    steps = epoch_batches(len(data.train), config.seeds[2], 0, size, lengths=lengths)  # the loop's own batching
+    steps = epoch_batches(len(data.train), config.seeds.order, 0, size, lengths=lengths)  # the loop's own batching
     batches = [[data.train[i] for i in step] for step in steps[:n_batches]]
     return AnalysisInputs(prepared.model.eval(), batches, TrainingLoss(objective, prepared))

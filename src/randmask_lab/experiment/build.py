@@ -15,6 +15,7 @@ from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import bos_prefix, encode_pair, encode_prompt
 from randmask_lab.experiment.head import HeadObjective
 from randmask_lab.experiment.lm import LMObjective
+from randmask_lab.experiment.quantize import quantization_config
 from randmask_lab.experiment.sources import data_fingerprint, split_sources
 from randmask_lab.methods import (
     METHOD_NAMES,
@@ -65,12 +66,18 @@ def resolve_mode(config: RunConfig, spec: TaskSpec) -> str:
     return mode
 
 
-def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(base model, tokenizer) with weights in ``dtype``; a fresh head is initialised from the mask seed."""
+def load_model(config: RunConfig, spec: TaskSpec, mode: str, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> tuple[Any, Any]:
+    """(base model, tokenizer) with weights in ``dtype`` (stored quantized under ``--quantize``, computing in
+    ``dtype``); a fresh head is initialised from the mask seed."""
     if mode == "head":
-        with seeded(config.seeds[1]):
+        if config.quantize != "none":
+            raise RunError(f"--quantize {config.quantize} applies to causal LMs (--mode lm), not the head mode")
+        with seeded(config.seeds.mask):
             return load_sequence_classifier(config.model, spec.num_labels or 2, dtype=dtype)
-    return load_causal_lm(config.model, dtype=dtype)
+    device = torch.device("cpu") if device is None else device
+    return load_causal_lm(config.model, dtype=dtype, device=device,
+                          quantization_config=quantization_config(config.quantize, dtype, device))
 
 
 def run_head_modules(config: RunConfig, model: Any) -> list[str]:
@@ -82,7 +89,7 @@ def prepare(config: RunConfig, model: Any, total_steps: int) -> PreparedModel:
     """Apply the method; RunError naming the model and method when it cannot be applied."""
     try:
         return prepare_method(config.method, model, ratio=config.ratio, density=config.density,
-                              seed=config.seeds[1], targets=config.targets, total_steps=total_steps,
+                              seed=config.seeds.mask, targets=config.targets, total_steps=total_steps,
                               head_modules=config.head_modules, **config.method_options)
     except (ValueError, MaskingError) as e:
         raise RunError(f"cannot apply {config.method} to {config.model}: {e}") from None
@@ -108,13 +115,13 @@ def sample_splits(config: RunConfig, spec: TaskSpec) -> TaskSplits:
     Same as ``load_task_splits``, with the original files read once per process.
     """
     pools = _pools(spec.name, config.data_dir, config.source)
-    train, val, test, notes = protocol_split(pools.train, pools.test, data_seed=config.seeds[0],
+    train, val, test, notes = protocol_split(pools.train, pools.test, data_seed=config.seeds.data,
                                              n_train=config.n_train, n_val=config.n_val,
                                              n_test=config.n_test, salt=spec.name)
     if not train or not val:
         raise RunError(f"task {spec.name!r} gave {len(train)} train / {len(val)} val examples; "
                        "raise --n-train / --n-val")
-    return TaskSplits(spec.name, config.seeds[0], tuple(train), tuple(val), tuple(test), pools.origin,
+    return TaskSplits(spec.name, config.seeds.data, tuple(train), tuple(val), tuple(test), pools.origin,
                       tuple(notes))
 
 

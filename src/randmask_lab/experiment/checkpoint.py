@@ -11,18 +11,35 @@ loss scaler's state. Tensor files carry the step in their name and
 from __future__ import annotations
 
 import base64
-import json
-from dataclasses import asdict, dataclass, field
+import hashlib
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from randmask import MaskingError, read_json_limited, read_limited
 from randmask_lab.errors import RunError
 from randmask_lab.methods import PreparedModel
-from randmask_lab.methods.trainable import load_trainable, read_tensors, trainable_tensors, write_json, write_tensors
+from randmask_lab.methods.trainable import (
+    load_trainable,
+    read_tensors,
+    tensor_file_limit,
+    trainable_tensors,
+    write_json,
+    write_tensors,
+)
 
 STATE = "state.json"
+MAX_STATE_BYTES = 64 << 20  # counters, per-epoch history, RNG state, optimizer scalars: a few KB in practice
+# A checkpoint names its tensor files by role; each is a plain file name inside the checkpoint folder.
+FILE_ROLES = ("trainable", "optimizer", "method", "best")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.safetensors")
+# Copies per trainable entry a file of each role may hold: AdamW keeps two moments (+ a step); AdaLoRA's method
+# state keeps three importance statistics per entry.
+_COPIES = {"trainable": 1, "optimizer": 3, "method": 4, "best": 1}
 
 
 @dataclass
@@ -56,15 +73,38 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The state dict to load: the checkpoint's per-parameter state, checked against the optimizer's parameters,
+    under the optimizer's own groups. The groups' hyperparameters come from the run's config (its id fixes them;
+    ``set_lr`` sets each step's lr), so an edited lr, betas or eps in the file cannot take effect."""
+    current = optimizer.state_dict()["param_groups"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = meta["param_groups"]
+    if len(saved) != len(current) or any(not isinstance(g, dict) or not isinstance(g.get("params"), list)
+                                         or len(g["params"]) != len(c["params"]) for g, c in zip(saved, current)):
+        raise ValueError("its optimizer parameter groups do not match this run's")
     state: dict[int, dict[str, Any]] = {}
+
+    def slot(index: str, name: str) -> dict[str, Any]:
+        i = int(index)
+        if not 0 <= i < len(params):
+            raise ValueError(f"optimizer state {name} names parameter {i} of {len(params)}")
+        return state.setdefault(i, {})
+
     for name, t in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = t
+        _, index, key = name.split(".", 2)
+        into = slot(index, name)
+        if t.numel() != 1 and tuple(t.shape) != tuple(params[int(index)].shape):
+            raise ValueError(f"optimizer state {name} has shape {tuple(t.shape)}, its parameter "
+                             f"{tuple(params[int(index)].shape)}")
+        into[key] = t
     for name, value in meta["scalars"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+        index, key = name.split(".", 1)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise ValueError(f"optimizer scalar {name} = {str(value)[:30]!r} is not a finite number")
+        slot(index, name)[key] = value
+    return {"state": state, "param_groups": current}
 
 
 def _rng_state() -> dict[str, str]:
@@ -91,14 +131,18 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
     tag = f"{state.global_step:08d}"
     files = {"trainable": f"trainable-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors",
              "method": f"method-{tag}.safetensors"}
-    write_tensors(folder / files["trainable"], trainable_tensors(prepared.model))
-    write_tensors(folder / files["optimizer"], opt_tensors)
-    write_tensors(folder / files["method"], m_tensors)
+    sha256 = {files["trainable"]: write_tensors(folder / files["trainable"], trainable_tensors(prepared.model)),
+              files["optimizer"]: write_tensors(folder / files["optimizer"], opt_tensors),
+              files["method"]: write_tensors(folder / files["method"], m_tensors)}
     if best is not None:
         files["best"] = f"best-epoch{state.best_epoch}.safetensors"
-        if not (folder / files["best"]).is_file():
-            write_tensors(folder / files["best"], best)
-    header = {"run_id": run_id, "files": files, "state": asdict(state), "optimizer": opt_meta,
+        if (folder / files["best"]).is_file():  # written at that epoch's end, unchanged since
+            blob = read_limited(folder / files["best"], tensor_file_limit(prepared.model), "tensor file",
+                                error=ValueError)
+            sha256[files["best"]] = hashlib.sha256(blob).hexdigest()
+        else:
+            sha256[files["best"]] = write_tensors(folder / files["best"], best)
+    header = {"run_id": run_id, "files": files, "sha256": sha256, "state": asdict(state), "optimizer": opt_meta,
               "method": m_meta, "rng": _rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
     write_json(folder / STATE, header)
     for old in folder.glob("*.safetensors"):  # files of older checkpoints
@@ -120,26 +164,87 @@ def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.opti
     is a RunError that names it and the fix (--restart).
     """
     path = folder / STATE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(header, dict) or not {"run_id", "files", "state", "optimizer", "rng"} <= set(header):
-            raise ValueError("it lacks the keys a checkpoint has")
-    except (ValueError, UnicodeDecodeError) as e:
+        header = read_json_limited(path, MAX_STATE_BYTES, "checkpoint header")
+    except MaskingError as e:
         raise _damaged(path, f"not a checkpoint header: {e}") from None
+    problem = _header_problem(header)
+    if problem:
+        raise _damaged(path, problem)
     if header["run_id"] != run_id:
         raise RunError(f"{path} belongs to run {header['run_id']!r}, not {run_id!r}; run with --restart to discard it")
     try:
-        read = lambda key: read_tensors(folder / header["files"][key])
+        read = lambda key: read_tensors(folder / header["files"][key], tensor_file_limit(prepared.model, _COPIES[key]),
+                                        sha256=header.get("sha256", {}).get(header["files"][key]))
         load_trainable(prepared.model, read("trainable"), source=str(folder / header["files"]["trainable"]))
-        optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"]))
+        optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"], optimizer))
         prepared.restore_method_state(read("method"), header.get("method") or {})
         best = read("best") if "best" in header["files"] else None
         state = TrainState(**header["state"])
         if scaler is not None and header.get("scaler"):
             scaler.load_state_dict(header["scaler"])
         _set_rng_state(header["rng"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise _damaged(path, " ".join(str(e).split())) from None
+    # A header that passed the schema can still hold values torch refuses (a wrong RNG state size, optimizer
+    # groups that do not fit): any of them means the checkpoint is damaged, never a traceback.
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError) as e:
+        raise _damaged(path, " ".join(str(e).split())[:300]) from None
     return state, best
+
+
+def _header_problem(header: Any) -> str | None:
+    """What makes ``header`` not a checkpoint header this code wrote (types and ranges), or None."""
+    if not isinstance(header, dict) or not {"run_id", "files", "state", "optimizer", "rng"} <= set(header):
+        return "not a checkpoint header: it lacks the keys a checkpoint has"
+    files, optimizer, rng = header["files"], header["optimizer"], header["rng"]
+    if not isinstance(header["run_id"], str) or not isinstance(files, dict):
+        return "run_id or files has the wrong type"
+    if not {"trainable", "optimizer", "method"} <= set(files) or not set(files) <= set(FILE_ROLES):
+        return f"its file list {sorted(files)[:5]} is not {list(FILE_ROLES)}"
+    bad = [v for v in files.values() if not (isinstance(v, str) and _FILE_NAME.fullmatch(v))]
+    if bad:  # e.g. "/dev/zero" or "../x": a checkpoint's files lie in its own folder
+        return f"it names {str(bad[0])[:60]!r}, not a .safetensors file name in the checkpoint folder"
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+            and isinstance(optimizer.get("scalars"), dict)):
+        return "its optimizer state is not {param_groups: [...], scalars: {...}}"
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), str)) or not isinstance(header.get("method"),
+                                                                                          (dict, type(None))):
+        return "its RNG or method state has the wrong type"
+    scaler, sha256 = header.get("scaler"), header.get("sha256", {})  # sha256: absent in checkpoints before it
+    if scaler is not None and not (isinstance(scaler, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for k, v in scaler.items() if k != "_growth_tracker")):
+        return "its loss-scaler state is not an object of positive numbers"
+    if not (isinstance(sha256, dict) and all(isinstance(v, str) for v in sha256.values())):
+        return "its file checksums are not an object of SHA-256 digests"
+    return _state_problem(header["state"])
+
+
+def _epoch_record(entry: Any) -> bool:
+    """An epoch of the history: its number, and numbers (finite), strings or nulls for the rest."""
+    return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and not isinstance(entry["epoch"], bool)
+            and all(v is None or isinstance(v, str) or (isinstance(v, (int, float)) and math.isfinite(v))
+                    for v in entry.values()))
+
+
+def _state_problem(state: Any) -> str | None:
+    """Types and ranges of TrainState's fields (a negative step would divide by zero in the LR schedule)."""
+    if not isinstance(state, dict) or set(state) - {f.name for f in fields(TrainState)}:
+        return "its training state is not a TrainState"
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    for key in ("epoch", "step_in_epoch", "global_step", "loss_count"):
+        if key in state and not count(state[key]):
+            return f"state.{key} = {str(state[key])[:40]!r} is not a count >= 0"
+    for key in ("loss_sum", "train_seconds", "cpu_seconds"):
+        if key in state and not (number(state[key]) and (key == "loss_sum" or state[key] >= 0)):
+            return f"state.{key} = {str(state[key])[:40]!r} is not a finite number"
+    if state.get("best_epoch") is not None and not count(state["best_epoch"]):
+        return "state.best_epoch is not a count >= 0"
+    if state.get("best_score") is not None and not number(state["best_score"]):
+        return "state.best_score is not a finite number"
+    history = state.get("history", [])
+    if not (isinstance(history, list) and all(_epoch_record(h) for h in history)):
+        return "state.history is not a list of epoch records"
+    return None

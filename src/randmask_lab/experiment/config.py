@@ -6,15 +6,32 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import torch
+
+from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.precision import PRECISIONS, Precision
+from randmask_lab.experiment.distributed import parse_device
+from randmask_lab.experiment.precision import AUTO, PRECISIONS, Precision, resolve_precision
+from randmask_lab.experiment.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 
 MASKING_METHODS = ("randmask", "structured")
+
+
+class Seeds(NamedTuple):
+    """A run's three independent seeds (each defaults to ``--seed``)."""
+
+    data: int
+    """The train/val/test sample."""
+    mask: int
+    """The mask and every random initialisation a method makes."""
+    order: int
+    """The training order and dropout."""
+
 # Every field carries its role in its metadata: "identity" fields change what a run computes or reads
 # and go into its id; "execution" fields change only how or where it runs. A field without a role is an
-# error (tests/randmask_lab/experiment/test_config.py), so a new option cannot silently stay out of the id.
+# error (tests/randmask_lab/experiment/test_identity.py), so a new option cannot silently stay out of the id.
 ROLE = "role"
 IDENTITY = {ROLE: "identity"}
 EXECUTION = {ROLE: "execution"}
@@ -90,14 +107,25 @@ class RunConfig:
     """Also evaluate before training (recorded as epoch 0, never selected)."""
     val_generate: bool = field(default=False, metadata=IDENTITY)
     """Generation tasks: also decode the validation set each epoch to get a validation F1 (slow)."""
-    precision: Precision = field(default="32", metadata=IDENTITY)
-    """Numeric precision (Lightning's names): 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state);
-    bf16-true (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters);
-    16-mixed (fp16 autocast with loss scaling). Speed per precision: benchmarks/precision_step.py."""
+    precision: Precision = field(default="auto", metadata=IDENTITY)
+    """Numeric precision (Lightning's names): auto (bf16-mixed where the device runs bf16 natively: a GPU, or a CPU
+    with AMX/avx512_bf16; else 32); 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state); bf16-true
+    (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters); 16-mixed
+    (fp16 autocast with loss scaling). The run records, and is identified by, the precision auto resolved to."""
+    precision_requested: str | None = field(default=None, metadata=EXECUTION)
+    """Set by the runner: the --precision that was asked for (auto, or a name), beside the one that ran."""
+    quantize: Quantize = field(default="none", metadata=IDENTITY)
+    """Frozen base stored quantized, QLoRA-style (causal LMs; randmask, structured, lora, zeroshot): nf4 / fp4
+    (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), ao-int8 (torchao int8 weight-only), ao-int4 (torchao
+    int4 weight-only: CUDA only); none: float weights. Needs the 'quantized' extra."""
     device: str = field(default="auto", metadata=EXECUTION)
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
     threads: int | None = field(default=None, metadata=EXECUTION)
     """torch CPU threads (default: torch's choice)."""
+    fsdp: bool = field(default=False, metadata=EXECUTION)
+    """Under torchrun: shard the model across the processes with FSDP2 (fully_shard per decoder layer, then the
+    root) instead of replicating it with DDP, for models that outgrow one device. randmask/structured only, with
+    --checkpoint-every -1."""
     data_dir: str | None = field(default=None, metadata=EXECUTION)
     """Folder holding the original datasets (default: $RANDMASK_DATA_DIR or ../shared/data)."""
     source: str | None = field(default=None, metadata=IDENTITY)
@@ -131,6 +159,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise RunError for values no run can use (names are checked when the run loads them)."""
+        if problem := type_problem(self):  # before any comparison: a JSON spec's "5" would raise TypeError
+            raise RunError(problem)
         checks: list[tuple[str, object, bool, str]] = [
             ("lr", self.lr, self.lr > 0, "> 0"),
             ("head-lr", self.head_lr, self.head_lr is None or self.head_lr > 0, "> 0"),
@@ -163,10 +193,17 @@ class RunConfig:
         for name, value, ok, want in checks:
             if not ok or value != value:  # value != value: NaN
                 raise RunError(f"--{name} must be {want}, got {value}")
-        if self.precision not in PRECISIONS:
-            raise RunError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if problem := bounds_problem(self):  # inf, lr 1e308, seed 1e23, lease 0.05 s (argtypes.py)
+            raise RunError(problem)
+        if self.precision not in (AUTO, *PRECISIONS):
+            raise RunError(f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
             raise RunError(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if self.quantize not in QUANTIZE_SCHEMES:
+            raise RunError(f"--quantize must be one of {', '.join(QUANTIZE_SCHEMES)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.method not in QUANTIZE_METHODS:
+            raise RunError(f"--quantize {self.quantize} works with {', '.join(QUANTIZE_METHODS)}, not {self.method!r} "
+                           "(it trains or wraps base weights that are stored quantized); use --quantize none")
         if self.method not in MASKING_METHODS and (self.ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
         if self.ratio is not None and self.density is not None:
@@ -177,10 +214,26 @@ class RunConfig:
                 raise RunError(f"--{name} must be in (0, 1], got {value}")
 
     @property
-    def seeds(self) -> tuple[int, int, int]:
-        """(data_seed, mask_seed, order_seed) with defaults filled in."""
+    def device_type(self) -> str:
+        """``cpu`` or ``cuda``: the kind of device the run uses (``auto``: cuda when available)."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return parse_device(self.device).type
+
+    def resolved(self) -> RunConfig:
+        """This config with ``precision`` resolved for its device (``auto`` -> bf16-mixed or 32), the request
+        kept in ``precision_requested``: what a run records and hashes."""
+        if self.precision != AUTO:
+            return self if self.precision_requested is not None else dataclasses.replace(
+                self, precision_requested=self.precision)
+        return dataclasses.replace(self, precision=resolve_precision(AUTO, self.device_type),
+                                   precision_requested=AUTO)
+
+    @property
+    def seeds(self) -> Seeds:
+        """The three seeds with defaults filled in: ``seeds.data``, ``seeds.mask``, ``seeds.order``."""
         pick = lambda s: self.seed if s is None else s
-        return pick(self.data_seed), pick(self.mask_seed), pick(self.order_seed)
+        return Seeds(pick(self.data_seed), pick(self.mask_seed), pick(self.order_seed))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
@@ -217,6 +270,8 @@ class RunConfig:
 
         data = {f.name: v for f, v in zip(dataclasses.fields(self), self.to_dict().values(), strict=True)
                 if field_role(f) == "identity"}
+        # auto is never an identity: two machines may resolve it differently (see resolved()).
+        data["precision"] = resolve_precision(self.precision, self.device_type)
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
         data.pop("seed")
         for name, default in OMITTED_AT_DEFAULT.items():  # fields added after records existed
@@ -242,7 +297,7 @@ class RunConfig:
 
 # Identity fields added after studies had committed records: left out of the identity at their
 # default, so every run id made before they existed stays the same.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none"}
 
 LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
 

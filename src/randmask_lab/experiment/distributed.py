@@ -3,7 +3,7 @@
 Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain
 ``python``/``randmask`` call has none of them and runs as a single process. Masks need no
 communication: each matrix's mask is drawn from (mask seed, module name), so every rank draws
-the same one (tests/experiment/test_distributed.py checks it, with the gradients).
+the same one (tests/randmask_lab/experiment/test_distributed.py checks it, with the gradients).
 """
 
 from __future__ import annotations
@@ -38,15 +38,20 @@ class DistContext:
         return self.world > 1
 
 
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``, a RunError naming the choices for a name torch does not know."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU. RunError for a device name torch
     does not know, or a device this machine lacks."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise RunError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    dev = parse_device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu (or auto)")
@@ -82,6 +87,26 @@ def wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
     params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
+
+
+def wrap_fsdp(model: nn.Module, ctx: DistContext, method: str) -> nn.Module:
+    """``model`` sharded in place with FSDP2: ``fully_shard`` on each decoder layer (the classes transformers lists in
+    ``_no_split_modules``), then on the root. RunError where that cannot run."""
+    if not ctx.active:
+        raise RunError("--fsdp shards the model across processes: start the run with torchrun --nproc-per-node N")
+    if method not in ("randmask", "structured"):
+        raise RunError(f"--fsdp runs the masking methods (randmask, structured), not {method!r}")
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise RunError(f"--fsdp: {type(model).__name__} lists no decoder-layer class (transformers' _no_split_modules) "
+                       "to shard by; run it without --fsdp")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
 
 
 def shard(n: int, ctx: DistContext) -> list[int]:

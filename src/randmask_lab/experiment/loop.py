@@ -22,11 +22,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from randmask_lab.errors import RunError
 from randmask_lab.experiment.build import TrainingLoss
 from randmask_lab.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import epoch_batches, grouping_lengths, micro_batches
-from randmask_lab.experiment.distributed import DistContext, any_rank, barrier, gather_shards, shard, wrap_ddp
+from randmask_lab.experiment.distributed import (
+    DistContext,
+    any_rank,
+    barrier,
+    gather_shards,
+    shard,
+    wrap_ddp,
+    wrap_fsdp,
+)
 from randmask_lab.experiment.precision import PrecisionPlan, ScaleCollapsed, check_scale
 from randmask_lab.experiment.steps import StepLog, build_optimizer, lr_factor, set_lr
 from randmask_lab.experiment.store import Lease
@@ -64,9 +73,13 @@ class Trainer:
         # Each item's padded width, for --group-by-length (None: the plain shuffled order).
         self.lengths = grouping_lengths(data.train, config.group_by_length)
         self.steps_per_epoch = len(self._batches(0))
+        if config.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones, in place
+            if config.checkpoint_every != -1:
+                raise RunError("--fsdp: checkpoints of a sharded run are not written yet; pass --checkpoint-every -1")
+            self.ddp = wrap_fsdp(self.model, ctx, config.method)
         self.optimizer = build_optimizer(prepared, config, heads)
         self.scaler = plan.make_scaler()
-        torch.manual_seed(config.seeds[2])  # dropout stream: the order seed (saved in checkpoints)
+        torch.manual_seed(config.seeds.order)  # dropout stream: the order seed (saved in checkpoints)
         self.state, self.best = TrainState(), None
         self.ckpt = run_dir / "checkpoint"
         loaded = load_checkpoint(self.ckpt, prepared, self.optimizer, config.run_id, self.scaler)
@@ -74,12 +87,12 @@ class Trainer:
         if loaded is not None:
             self.state, self.best = loaded
             self.resumed_from = self.state.global_step
-        self.ddp = wrap_ddp(self.model, ctx)
+        self.ddp = wrap_ddp(self.model, ctx) if not config.fsdp else self.ddp
         self.log = StepLog(run_dir / "steps.csv" if ctx.is_main else None, self.state.global_step)
         self.steps_here = 0
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        batches = epoch_batches(len(self.data.train), self.config.seeds[2], epoch, self.config.batch_size,
+        batches = epoch_batches(len(self.data.train), self.config.seeds.order, epoch, self.config.batch_size,
                                 self.ctx.world, self.ctx.rank, self.lengths)
         return batches[: self.config.max_steps] if self.config.max_steps else batches
 
@@ -120,7 +133,7 @@ class Trainer:
         total, value = len(indices), 0.0
         self.model.train()
         for j, mb in enumerate(micro):
-            sync = j == len(micro) - 1 or not self.ctx.active
+            sync = j == len(micro) - 1 or not self.ctx.active or self.config.fsdp  # FSDP2: reduce each one
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with self.plan.forward_context():
                     loss = self.loss_fn(self.ddp, [self.data.train[i] for i in mb])
@@ -149,6 +162,8 @@ class Trainer:
         return self.scaler.get_scale() >= before  # the scale drops only when the step was skipped
 
     def _after_step(self, epoch: int, b: int, n_batches: int, loss: float) -> None:
+        if self.lease is not None and self.lease.lost:  # before writing: the new owner now writes this run's files
+            raise LeaseLost(f"the lease on {self.config.run_id} expired and another worker took the run over")
         state = self.state
         state.global_step += 1
         state.step_in_epoch = b + 1
@@ -160,8 +175,6 @@ class Trainer:
         if every > 0 and state.global_step % every == 0 and b + 1 < n_batches:
             self.checkpoint()
         self.steps_here += 1
-        if self.lease is not None and self.lease.lost:
-            raise LeaseLost(f"the lease on {self.config.run_id} expired and another worker took the run over")
         if self.stop_after is not None and self.steps_here >= self.stop_after:
             raise RunInterrupted(f"stopped after {self.steps_here} steps (stop_after)")
 
@@ -209,8 +222,10 @@ class Trainer:
             load_trainable(self.model, self.best, source="the best epoch's tensors")
 
     def evaluate(self, items: list[Any], with_metric: bool) -> tuple[float, float | None]:
-        """(mean loss, metric or None) over ``items``, split across ranks."""
-        return evaluate(self.model, self.objective, self.plan, self.ctx, items, with_metric)
+        """(mean loss, metric or None) over ``items``, split across ranks; under --fsdp every rank runs every item
+        (each forward is a collective: the ranks must run the same number)."""
+        ctx = DistContext(0, 1, self.ctx.device) if self.config.fsdp else self.ctx
+        return evaluate(self.model, self.objective, self.plan, ctx, items, with_metric)
 
 
 def evaluate(model: torch.nn.Module, objective: Any, plan: PrecisionPlan, ctx: DistContext, items: list[Any],

@@ -1,5 +1,7 @@
 """``--precision`` with Lightning's names: how weights are stored, where autocast runs, loss scaling.
 
+- ``auto`` (the default): ``bf16-mixed`` where the device runs bf16 natively, else ``32`` (below).
+
 - ``32``: fp32 weights and math.
 - ``bf16-mixed``: fp32 weights (the optimizer's master copy, fp32 AdamW state, every method);
   forward and backward under bf16 autocast.
@@ -14,6 +16,14 @@ fp32's, its math backend is faster, and ``attention.folded_attention`` (grouped 
 into the query axis, scale and mask inside one GEMM) is about twice as fast again (see that module).
 So bf16 on CPU runs ``folded`` where the model takes a transformers attention function, with SDPA's
 math backend for whatever it hands back to SDPA; every other case keeps PyTorch's choice.
+
+Which precision to ask for depends on the hardware: ``auto`` (the runner's default) resolves to
+``bf16-mixed`` where bf16 is native (a CPU with AMX or avx512_bf16, by oneDNN's own check; a GPU
+that supports bf16) and to ``32`` everywhere else. On an AVX2-only CPU torch 2.13 runs a bf16
+matmul ~46x and an fp16 one ~64x slower than fp32 (1024x768x3072 at 2 threads, AMD EPYC:
+``python benchmarks/matmul_dtypes.py``), so an explicit half precision there still runs, with a
+one-line warning. The resolved precision is what a run records and hashes into its id, so ``auto``
+on two kinds of machine never gives one run id to two computations.
 """
 
 from __future__ import annotations
@@ -26,10 +36,32 @@ from typing import Literal
 import torch
 from torch import nn
 
-Precision = Literal["32", "bf16-mixed", "bf16-true", "16-mixed"]
-PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "bf16-true", "16-mixed")
+from randmask_lab.machine import bf16_native, cpu_capability
+
+Precision = Literal["auto", "32", "bf16-mixed", "bf16-true", "16-mixed"]
+PRECISIONS: tuple[str, ...] = ("32", "bf16-mixed", "bf16-true", "16-mixed")  # what a run can run in
+AUTO = "auto"
+# Measured on an AVX2-only AMD EPYC, torch 2.13, 2 threads (`python benchmarks/matmul_dtypes.py`: 45.7x and
+# 64.2x, median of 3 paired rounds): the slowdown the warning names.
+SLOW_HALF_ON_CPU = "a bf16 matmul runs ~46x and an fp16 one ~64x slower than fp32 on such a CPU"
 # A scale this small means the fp16 gradients overflow even unscaled: training cannot go on in fp16.
 COLLAPSED_SCALE = 1.0
+
+
+def resolve_precision(requested: str, device: torch.device | str) -> str:
+    """The precision a run on ``device`` uses: ``auto`` -> bf16-mixed where bf16 is native, else 32;
+    any other name is kept as asked."""
+    if requested != AUTO:
+        return requested
+    return "bf16-mixed" if bf16_native(device) else "32"
+
+
+def slow_precision_warning(precision: str, device: torch.device | str) -> str | None:
+    """One line for an explicit half precision on a CPU without native bf16 (None when it is fine)."""
+    if precision == "32" or torch.device(device).type != "cpu" or bf16_native("cpu"):
+        return None
+    return (f"--precision {precision} on a CPU without native bf16 ({cpu_capability()}; no AMX/avx512_bf16): "
+            f"{SLOW_HALF_ON_CPU}; use --precision 32 (or auto)")
 
 
 class ScaleCollapsed(RuntimeError):

@@ -53,6 +53,9 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)  # data-sampling notes, method notes
     data: dict[str, Any] = field(default_factory=dict)  # where each split came from + the data fingerprint
     attention: str = ""  # the SDPA backend choice the precision made (see experiment/precision.py)
+    # The machine the times above were measured on (randmask_lab.machine.machine_info: CPU model, torch CPU
+    # capability, native bf16, device); empty in records made before it was kept.
+    machine: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
 
     @property
@@ -95,15 +98,22 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# What "dirty" looks at: the code a run executes. A study's own exported results file (tracked, rewritten
+# after every run) and the README are not code, and made 121 of the first study's 176 records "dirty".
+CODE_PATHS = ("src", "pyproject.toml")
+
+
 def code_version(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The package version, the git commit (+ whether the tree is dirty) when run from a checkout, and the
-    weight-gradient kernel a run on ``device`` uses (the compiled one on a CPU where a C compiler exists: same
-    math, another summation order)."""
-    return {**_source_version(), "sddmm_kernel": weight_gradient_kernel(device)}
+    """The package version, the git commit (+ whether the code under it, ``CODE_PATHS``, has uncommitted
+    changes) when run from a checkout, and the weight-gradient kernel a run on ``device`` uses (the compiled
+    one on a CPU where a C compiler exists: same math, another summation order)."""
+    return {**source_version(), "sddmm_kernel": weight_gradient_kernel(device)}
 
 
 @cache
-def _source_version() -> dict[str, Any]:
+def source_version() -> dict[str, Any]:
+    """``{"package", "commit", "dirty"}`` of the code this process runs (commit and dirty None outside a git
+    checkout, e.g. an installed wheel: the package version is then the provenance). Read once per process."""
     root = Path(__file__).resolve().parents[3]
     out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None}
     if not (root / ".git").exists():
@@ -114,7 +124,7 @@ def _source_version() -> dict[str, Any]:
         head = git("rev-parse", "HEAD")
         if head.returncode == 0:
             out["commit"] = head.stdout.strip()
-            status = git("status", "--porcelain", "--untracked-files=no")
+            status = git("status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS)
             out["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass

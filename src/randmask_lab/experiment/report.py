@@ -43,12 +43,13 @@ class Cell:
 
 
 def method_label(config: dict[str, Any]) -> str:
-    """e.g. "randmask 1e-04", "lora"."""
+    """e.g. "randmask 1e-04", "lora", "lora nf4" (a quantized base is another cell)."""
+    quantized = f" {config['quantize']}" if config.get("quantize", "none") != "none" else ""  # absent in old records
     if config.get("ratio") is not None:
-        return f"{config['method']} {config['ratio']:.0e}"
+        return f"{config['method']} {config['ratio']:.0e}{quantized}"
     if config.get("density") is not None:
-        return f"{config['method']} p={config['density']:g}"
-    return config["method"]
+        return f"{config['method']} p={config['density']:g}{quantized}"
+    return config["method"] + quantized
 
 
 def _selection_score(records: Sequence[RunRecord], select_by: Select) -> float:

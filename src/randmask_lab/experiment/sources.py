@@ -11,7 +11,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from randmask import open_limited
+from randmask_lab.errors import DataFormatError
 from randmask_lab.tasks import TaskSplits, get_task
+from randmask_lab.tasks.readers import MAX_DATA_BYTES
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -23,7 +26,7 @@ def file_fingerprint(path: Path) -> dict[str, Any]:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
         digest = hashlib.sha256()
-        with path.open("rb") as f:
+        with open_limited(path, MAX_DATA_BYTES, "task data file", error=DataFormatError) as (f, _):
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         _HASHES[key] = digest.hexdigest()

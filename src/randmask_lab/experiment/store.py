@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from randmask_lab.errors import StoreError
 from randmask_lab.experiment.record import FINISHED, RunRecord
+from randmask_lab.fs import RESUME, sqlite_problem
 
 FORMAT = "randmask-results/2"
 _SCHEMA = (
@@ -42,6 +43,10 @@ COLUMNS = ("run_id", "model", "task", "method", "ratio", "density", "lr", "data_
            "order_seed", "protocol", "status", "best_epoch", "val_loss", "val_metric", "test_metric",
            "metric", "trainable", "total", "wall_seconds", "created", "record")
 Claim = Literal["claimed", "finished", "busy"]
+
+
+class StoreReadOnlyError(StoreError):
+    """The results store cannot be written here (read-only folder or file); it is not damaged."""
 
 
 def store_file(store: str | Path | None, out_dir: str | Path) -> Path:
@@ -95,27 +100,47 @@ class ResultStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.read_only = False  # a healthy store in a folder this process cannot write: reads only
         if self.path.is_dir():
             raise StoreError(f"results store {self.path} is a folder; pass a .sqlite file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables - {"runs", "leases", "meta"}:
-                raise StoreError(f"{self.path} is a SQLite file of another program (tables "
-                                 f"{sorted(tables)}), not a randmask results store; pass another --store")
-            if "runs" in tables:
-                cols = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
-                if tuple(cols) != COLUMNS:
-                    raise StoreError(f"{self.path} has a `runs` table with other columns than a randmask results "
-                                     "store; pass another --store")
-            for statement in _SCHEMA:
-                db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the folder of results store {self.path} ({e.strerror}); pass a writable "
+                             "--out-dir (or --store)") from None
+        try:
+            with self._connect() as db:
+                self._check_tables(db)
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
+        except StoreReadOnlyError:
+            if not self.path.is_file():
+                raise
+            self.read_only = True  # report, export, findings still read it
+            with self._connect(write=False) as db:
+                if "runs" not in self._check_tables(db):
+                    raise StoreError(f"{self.path} is not a randmask results store (no runs table)") from None
+
+    def _check_tables(self, db: sqlite3.Connection) -> set[str]:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables - {"runs", "leases", "meta"}:
+            raise StoreError(f"{self.path} is a SQLite file of another program (tables "
+                             f"{sorted(tables)}), not a randmask results store; pass another --store")
+        if "runs" in tables:
+            cols = [r[1] for r in db.execute("PRAGMA table_info(runs)")]
+            if tuple(cols) != COLUMNS:
+                raise StoreError(f"{self.path} has a `runs` table with other columns than a randmask results "
+                                 "store; pass another --store")
+        return tables
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         # A long timeout and WAL let several workers write to one store; isolation_level=None so
         # that `claim` can open its own BEGIN IMMEDIATE transaction.
+        if self.read_only:
+            yield from self._read_only(write)
+            return
         try:
             db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
         except sqlite3.Error as e:
@@ -133,6 +158,33 @@ class ResultStore:
         except sqlite3.DatabaseError as e:
             if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                 raise  # contention beyond the timeout: an internal problem, keep the traceback
+            problem = sqlite_problem(e)
+            if problem == "read-only":
+                raise StoreReadOnlyError(self._read_only_message(e)) from None
+            if problem == "full":
+                raise StoreError(f"the disk holding results store {self.path} is full ({e}): free some space, then "
+                                 f"{RESUME}") from None
+            raise StoreError(f"results store {self.path} is damaged or not a SQLite file ({e}); move it away "
+                             "or pass another --store") from None
+        finally:
+            db.close()
+
+    def _read_only_message(self, error: object) -> str:
+        return (f"results store {self.path} cannot be written ({error}): its folder or file is read-only or not "
+                "yours. The store itself is fine (report and export still read it); run in a writable --out-dir "
+                f"(or pass --store), or make {self.path.parent} writable")
+
+    def _read_only(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """A connection to a store nobody here can write: SQLite's immutable mode (no WAL files to create)."""
+        if write:
+            raise StoreReadOnlyError(self._read_only_message("read-only"))
+        try:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open results store {self.path} read-only: {e}") from None
+        try:
+            yield db
+        except sqlite3.DatabaseError as e:
             raise StoreError(f"results store {self.path} is damaged or not a SQLite file ({e}); move it away "
                              "or pass another --store") from None
         finally:
@@ -157,9 +209,15 @@ class ResultStore:
 
     def get(self, run_id: str) -> RunRecord | None:
         """The record of ``run_id``, or None."""
-        with self._connect() as db:
+        with self._connect(write=False) as db:
             row = db.execute("SELECT record FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return RunRecord.from_dict(json.loads(row[0])) if row else None
+        if not row:
+            return None
+        try:
+            return RunRecord.from_dict(json.loads(row[0]))
+        except (TypeError, ValueError, RecursionError) as e:  # not JSON, not an object, or missing fields
+            raise StoreError(f"results store {self.path}: the record of run {run_id} is damaged ({str(e)[:80]}); "
+                             "run it again with --restart, or rebuild the store from its study file") from None
 
     def delete(self, run_id: str) -> None:
         """Forget the record of ``run_id`` (``--restart``)."""
@@ -168,7 +226,7 @@ class ResultStore:
 
     def is_finished(self, run_id: str) -> bool:
         """True when the run ended (done, diverged, scale_collapsed): a sweep skips it."""
-        with self._connect() as db:
+        with self._connect(write=False) as db:
             row = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return bool(row) and row[0] in FINISHED
 
@@ -179,7 +237,7 @@ class ResultStore:
             raise ValueError(f"unknown store columns {sorted(bad)}; known: {', '.join(COLUMNS)}")
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
         cols = [c for c in COLUMNS if c != "record"]
-        with self._connect() as db:
+        with self._connect(write=False) as db:
             found = db.execute(f"SELECT {', '.join(cols)} FROM runs WHERE {clause} ORDER BY created",
                                tuple(where.values())).fetchall()
         return [dict(zip(cols, r, strict=True)) for r in found]
@@ -189,7 +247,7 @@ class ResultStore:
         return [r for r in (self.get(row["run_id"]) for row in self.rows(**where)) if r is not None]
 
     def __len__(self) -> int:
-        with self._connect() as db:
+        with self._connect(write=False) as db:
             return int(db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
 
     # -- leases ---------------------------------------------------------------------------------
@@ -227,7 +285,7 @@ class ResultStore:
 
     def lease(self, run_id: str) -> LeaseInfo | None:
         """The current lease on ``run_id``, expired or not."""
-        with self._connect() as db:
+        with self._connect(write=False) as db:
             row = db.execute("SELECT owner, heartbeat, expires FROM leases WHERE run_id = ?", (run_id,)).fetchone()
         return LeaseInfo(*row) if row else None
 

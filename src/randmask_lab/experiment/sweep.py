@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from randmask_lab.errors import LabError, RunError
+from randmask_lab.errors import LabError, RunError, StoreError
 from randmask_lab.experiment.build import check_names
 from randmask_lab.experiment.config import MASKING_METHODS, RunConfig
 from randmask_lab.experiment.record import RunRecord, code_version
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner
 from randmask_lab.experiment.train import LeaseLost, default_store, run_training
+from randmask_lab.fs import disk_problem
 
 # Starting LR grids per method (3 points, x~3 apart). The paper's finding: the sparser the mask,
 # the larger the best LR (up to ~1e-1 at 0.001%); `masking_lrs` follows that trend.
@@ -175,6 +176,8 @@ def run_claimed(config: RunConfig, store: ResultStore, lease: Lease, say: Callab
         say(f"  {e}")
         return None
     except Exception as e:  # noqa: BLE001 - one broken run must not end a sweep of hundreds
+        if disk_problem(e) or isinstance(e, StoreError):  # the disk or the store, not this run: stop, lose nothing
+            raise
         say(f"  failed: {type(e).__name__}: {e}")
         if not isinstance(e, LabError):
             say("".join(traceback.format_exception(e)[-3:]).rstrip())

@@ -8,6 +8,7 @@ taken over once its lease expires and resumes from its checkpoint.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,9 +32,10 @@ from randmask_lab.experiment.checkpoint import TrainState
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.distributed import DistContext, barrier, broadcast_object, init_distributed
 from randmask_lab.experiment.loop import LeaseLost, RunInterrupted, Trainer, evaluate
-from randmask_lab.experiment.precision import PrecisionPlan
+from randmask_lab.experiment.precision import PrecisionPlan, slow_precision_warning
 from randmask_lab.experiment.record import RESUMED_NOTE, RunRecord, code_version
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
+from randmask_lab.machine import machine_info
 from randmask_lab.methods.trainable import write_json
 
 __all__ = ["LeaseLost", "RunInterrupted", "default_store", "run_training", "store_path"]
@@ -58,7 +60,11 @@ def run_training(config: RunConfig, store: ResultStore | None = None, stop_after
     is a RunError. ``stop_after`` (tests) stops as if the process were killed after that many steps.
     """
     spec = check_names(config)
+    config = config.resolved()  # auto -> the precision this device runs well: recorded and hashed as such
     ctx = ctx or init_distributed(config.device)
+    slow = slow_precision_warning(config.precision, ctx.device)
+    if slow and ctx.is_main:
+        print(f"warning: {slow}", file=sys.stderr)
     if config.threads:
         torch.set_num_threads(config.threads)
     run_id = config.run_id
@@ -99,7 +105,7 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     mode = resolve_mode(config, spec)
     plan = PrecisionPlan(config.precision, ctx.device)
     splits = sample_splits(config, spec)
-    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
+    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype, device=ctx.device)
     attention = plan.setup_attention(model)
     data = load_data(config, spec, mode, tokenizer, splits)
     heads = run_head_modules(config, model)
@@ -130,7 +136,8 @@ def _run(config: RunConfig, spec: Any, ctx: DistContext, store: ResultStore | No
     if outcome.status == "done" and outcome.best is not None:
         trainer.load_best()
         test_metric = trainer.evaluate(data.test, with_metric=True)[1] if data.test else None
-        if ctx.is_main and config.save_adapter:
+        # --fsdp: every rank takes part (sharded tensors are gathered); the files are the same bytes on each.
+        if (ctx.is_main or config.fsdp) and config.save_adapter:
             prepared.save(run_dir / "trainable")  # any method, reloadable by the lab
             prepared.save_adapter(run_dir / "adapter")  # the method's own format, where it has one
     info["train_seconds"] = trainer.state.train_seconds + time.time() - trainer.started
@@ -165,7 +172,7 @@ def _finish(config: RunConfig, ctx: DistContext, store: ResultStore | None, leas
         carried_seconds=round(state.train_seconds, 2), carried_cpu_seconds=round(state.cpu_seconds, 2),
         code_version=code_version(ctx.device), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*data.splits.notes, *report.notes, *info.get("notes", [])], run_dir=str(run_dir), data=info["data"],
-        attention=info["attention"],
+        attention=info["attention"], machine=machine_info(ctx.device),
     )
     if ctx.is_main:
         write_json(run_dir / "record.json", record.to_dict())

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from randmask_lab.methods.common import fix_peft_heads, peft_saver, peft_task_type, seeded
+from randmask_lab.methods.common import (
+    check_size_option,
+    fix_peft_heads,
+    peft_saver,
+    peft_task_type,
+    seeded,
+    smallest_dim,
+)
 from randmask_lab.methods.prepared import PreparedModel, build_report
 from randmask_lab.methods.targets import resolve, restrict_to_blocks, target_names, uses_conv1d
 
@@ -53,6 +60,9 @@ def prepare_adalora(
             "rank budget: prepare_method('adalora', model, total_steps=...)"
         )
     resolved = resolve(model, targets)
+    rank_limit = smallest_dim([t.module for t in resolved])
+    check_size_option("adalora", "init_r", init_r, rank_limit, "the rank of a matrix is at most its smallest dimension")
+    check_size_option("adalora", "target_r", target_r, init_r, "the rank budget only shrinks from init_r")
     tinit = int(0.1 * total_steps) if tinit is None else tinit
     tfinal = int(0.4 * total_steps) if tfinal is None else tfinal
     config = AdaLoraConfig(

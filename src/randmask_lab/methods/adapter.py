@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from randmask_lab.methods.common import seeded, unfreeze_heads
+from randmask_lab.methods.common import check_size_option, seeded, smallest_dim, unfreeze_heads
 from randmask_lab.methods.prepared import PreparedModel, build_report
 from randmask_lab.methods.targets import resolve
 
@@ -54,6 +54,8 @@ def prepare_adapter(
     """Insert a bottleneck after every attention and MLP output projection; freeze the rest."""
     resolved = resolve(model, None, "attention_out") + resolve(model, None, "mlp_out")
     sites = [(t.name, t.module) for t in resolved]
+    check_size_option("adapter", "width", width, smallest_dim([m for _, m in sites]),
+                      "a bottleneck is narrower than the layer it adapts")
     model.requires_grad_(False)
     with seeded(seed):  # `down` is randomly initialised
         for name, proj in sites:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from randmask.quantized import stored_shape
 from randmask_lab.methods.targets import match_modules
 
 
@@ -19,6 +20,19 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def check_size_option(method: str, option: str, value: int, limit: int, why: str) -> None:
+    """ValueError unless 1 <= ``value`` <= ``limit``: a size option sets how much a method allocates, and past
+    the model's own dimensions it adds parameters, not capacity (r=100000000 asked for 153 GB)."""
+    if not 1 <= value <= limit:
+        raise ValueError(f"option {option}={value} of {method!r} must be between 1 and {limit} ({why})")
+
+
+def smallest_dim(modules: list[nn.Module]) -> int:
+    """The smallest dimension of the adapted weight matrices: a rank above it is never reached."""
+    # stored_shape, not weight.shape: a packed 4-bit weight is an (n/2, 1) byte column
+    return min(min(stored_shape(m)) for m in modules)
 
 
 def check_heads(model: nn.Module, heads: list[str]) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from randmask_lab.methods.common import fix_peft_heads, peft_saver, peft_task_type, seeded
+from randmask_lab.methods.common import (
+    check_size_option,
+    fix_peft_heads,
+    peft_saver,
+    peft_task_type,
+    seeded,
+    smallest_dim,
+)
 from randmask_lab.methods.prepared import PreparedModel, build_report
 from randmask_lab.methods.targets import resolve, restrict_to_blocks, target_names, uses_conv1d
 
@@ -24,6 +31,8 @@ def prepare_lora(
     from peft import LoraConfig, get_peft_model
 
     resolved = resolve(model, targets)
+    check_size_option("lora", "r", r, smallest_dim([t.module for t in resolved]),
+                      "the rank of a matrix is at most its smallest dimension")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from randmask_lab.methods.common import fix_peft_heads, peft_saver, peft_task_type, seeded
+from randmask_lab.methods.common import (
+    check_size_option,
+    fix_peft_heads,
+    peft_saver,
+    peft_task_type,
+    seeded,
+)
 from randmask_lab.methods.prepared import PreparedModel, build_report
 
 
@@ -36,6 +42,9 @@ def prepare_prefix(
             "peft 0.21 prefix-tunes sequence classifiers only through a forward argument "
             "`past_key_values`, which transformers 5 renamed to `cache`. Load an *ForCausalLM model"
         )
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
+    check_size_option("prefix", "num_virtual_tokens", num_virtual_tokens, positions,
+                      "the prefix and the prompt must fit the model's positions")
     if init not in ("real", "random"):
         raise ValueError(f"prefix init must be 'real' or 'random', got {init!r}")
     prefix = _real_activations(model, num_virtual_tokens, seed) if init == "real" else None

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from randmask_lab.methods.trainable import load_trainable, read_tensors, trainable_tensors, write_json, write_tensors
+from randmask import logical_numel
+from randmask_lab.methods.trainable import (
+    load_trainable,
+    read_tensors,
+    tensor_file_limit,
+    trainable_tensors,
+    write_json,
+    write_tensors,
+)
 
 TRAINABLE_FILE = "trainable.safetensors"
 REPORT_FILE = "method.json"
@@ -129,12 +137,13 @@ class PreparedModel:
         file = Path(path) / TRAINABLE_FILE
         if not file.exists():
             raise FileNotFoundError(f"{file} not found: pass the folder given to PreparedModel.save()")
-        load_trainable(self.model, read_tensors(file), source=str(file))
+        load_trainable(self.model, read_tensors(file, tensor_file_limit(self.model)), source=str(file))
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of `model`, shared (tied) tensors counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters of `model`, shared (tied) tensors counted once; a packed 4-bit weight counts
+    its entries (so a quantized base has its float base's count)."""
+    return sum(logical_numel(p) for p in model.parameters())
 
 
 def build_report(

@@ -6,6 +6,7 @@ a 1-element tensor can never broadcast into a 52-value parameter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,23 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from randmask import atomic_write_bytes
+from randmask import MaskingError, atomic_write_bytes, read_limited
+
+HEADER_SLACK = 16 << 20  # bytes beyond the tensors' data: the safetensors header (names, shapes, offsets)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or the whole of a sharded (DTensor) parameter: a collective, every rank must call it."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "device_mesh") else t
+
+
+def like_param(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``param``: this rank's shard of it when ``param`` is a DTensor."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return value.to(param.device, param.dtype)
 
 
 class TrainableMismatchError(ValueError):
@@ -24,8 +41,9 @@ class TrainableMismatchError(ValueError):
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the trainable parameters, by name."""
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached CPU copies of the trainable parameters, by name (whole: sharded ones are gathered, on every rank)."""
+    return {n: full_tensor(p.detach()).cpu().clone().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "saved tensors") -> None:
@@ -45,21 +63,40 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             raise TrainableMismatchError(
                 f"{source}: shape mismatch for {name!r}: saved {tuple(t.shape)}, model "
                 f"{tuple(params[name].shape)}; was it prepared with other options?")
+    # Every trainable parameter must be in the file: one left out would silently keep its initial value
+    # (a resumed run would lose that part of its training).
+    absent = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
+    if absent:
+        raise TrainableMismatchError(
+            f"{source}: lacks {len(absent)} of the model's trainable parameters (first: {absent[0]!r}); the file is "
+            "damaged or was saved from a model prepared with other options")
     with torch.no_grad():
         for name, t in tensors.items():
-            params[name].copy_(t.to(params[name].device, params[name].dtype))
+            params[name].copy_(like_param(params[name], t))
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Atomically write ``tensors`` as one safetensors file."""
-    atomic_write_bytes(Path(path), st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Atomically write ``tensors`` as one safetensors file; returns its SHA-256 (hex)."""
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    atomic_write_bytes(Path(path), blob)
+    return hashlib.sha256(blob).hexdigest()
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a damaged one is a ValueError naming it."""
+def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:
+    """The most bytes a safetensors file of ``copies`` tensors per trainable parameter of ``model`` can need
+    (8 bytes per entry: fp64 at most), plus its header."""
+    return 8 * copies * sum(p.numel() for p in model.parameters() if p.requires_grad) + HEADER_SLACK
+
+
+def read_tensors(path: Path, max_bytes: int, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file through the bounded reader (a regular file of at most ``max_bytes``, checked before
+    reading; with ``sha256``, those exact bytes); a damaged, oversized or non-regular one is a ValueError."""
+    blob = read_limited(path, max_bytes, "tensor file", error=ValueError)
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match the checksum recorded when it was written (truncated or damaged)")
     try:
-        return st_load(Path(path).read_bytes())
-    except (SafetensorError, OSError) as e:
+        return st_load(blob)
+    except (SafetensorError, MaskingError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 

@@ -24,12 +24,13 @@ def report_from(args: argparse.Namespace) -> int:
     records = read_jsonl(args.from_file)
     print(study_tables(study_cells(records)))
     if getattr(args, "figures", None):
-        from randmask_lab.study.figures import plot_lr_curves, plot_structured_vs_random
+        from randmask_lab.study.figures import plot_lr_curves, plot_sparsity_curve, plot_structured_vs_random
 
         for model, cells in _by_model(args.from_file).items():
             slug = model.replace("/", "_")
             written = [plot_lr_curves(cells, Path(args.figures) / f"{slug}_lr_curves.png", model),
-                       plot_structured_vs_random(cells, Path(args.figures) / f"{slug}_structured.png", model)]
+                       plot_structured_vs_random(cells, Path(args.figures) / f"{slug}_structured.png", model),
+                       plot_sparsity_curve(cells, Path(args.figures) / f"{slug}_sparsity.png", model)]
             for path in filter(None, written):
                 print(f"wrote {path}")
     return 0
@@ -57,9 +58,9 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from randmask_lab.study.plan import StudySpec, needed_runs
-    from randmask_lab.study.run import planned_run_id, run_study, validate_spec, with_committed
+    from randmask_lab.study.run import check_one_precision, planned_run_id, run_study, validate_spec, with_committed
 
-    spec = StudySpec.from_file(args.spec)
+    spec = StudySpec.from_file(args.spec).only_stages(args.stages)
     if args.plan:
         validate_spec(spec, args.out_dir)
         from randmask_lab.experiment.store import ResultStore, store_file
@@ -68,17 +69,37 @@ def _cmd_study(args: argparse.Namespace) -> int:
         path = store_file(None, args.out_dir)
         records = ResultStore(path).records() if path.is_file() else []
         if args.export and Path(args.export).is_file():  # what a run would adopt from the committed file
-            records = with_committed(records, read_jsonl(args.export))
+            committed = read_jsonl(args.export)
+            check_one_precision(spec, committed, args.export)
+            records = with_committed(records, committed)
         needs = needed_runs(spec, records, planned_run_id(spec, args.out_dir))
         for n in needs:
             print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
         print(forecast(spec, needs, records).text())
+        _print_power(spec, records, args.power_from)
         return 0
     execution = {"threads": args.threads, "progress": args.progress}
     if args.lease_seconds is not None:
         execution["lease_seconds"] = args.lease_seconds
-    run_study(spec, args.out_dir, export=args.export, max_runs=args.max_runs, execution=execution)
+    run_study(spec, args.out_dir, export=args.export, max_runs=args.max_runs, execution=execution,
+              allow_dirty=args.allow_dirty)
     return 0
+
+
+def _print_power(spec, records: list, power_from: str | None) -> None:
+    """The power calculation of ``--plan``: seeds each comparison needs, from measured per-seed spreads."""
+    from randmask_lab.study.findings import MARGIN
+    from randmask_lab.study.power import power_table
+
+    source = read_jsonl(power_from) if power_from else [r for r in records if spec.holds(r)]
+    rows = power_table(list(study_cells(source).values()), MARGIN)
+    where = power_from or "this study's finished runs"
+    if not rows:
+        print(f"power: no comparison has 2+ paired seeds in {where} yet (give --power-from <an earlier study.jsonl>)")
+        return
+    print(f"power (per-seed spreads measured in {where}; a planning figure, re-read as seeds come in):")
+    for row in rows:
+        print(f"  {row.text(MARGIN)}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,8 +114,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     std.add_argument("--lease-seconds", type=float, help="a run's lease expires this long after its last "
                      "heartbeat (default 60); raise it when workers may be paused (kill -STOP)")
     std.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bars")
-    std.add_argument("--plan", action="store_true", help="print the runs planned next and exit "
-                     "(counting the finished records of --export, as a run would)")
+    std.add_argument("--plan", action="store_true", help="print the runs planned next, the compute left and the "
+                     "seeds each comparison needs, and exit (counting the finished records of --export, as a run "
+                     "would)")
+    std.add_argument("--power-from", help="with --plan: the study file (JSONL) whose per-seed spreads the power "
+                     "calculation reads (default: this study's own finished runs)")
+    std.add_argument("--stages", type=int, nargs="+", help="only the cells of these stages (the spec's "
+                     "\"stage\" fields): lets two machines split a study without running one cell twice")
+    std.add_argument("--allow-dirty", action="store_true", help="run even when the code has uncommitted changes "
+                     "(its records then cannot be traced to a commit)")
     std.set_defaults(func=_cmd_study)
 
     exp = sub.add_parser("export", help="write every record of a results store to a JSONL study file")

@@ -1,5 +1,6 @@
 """The study's PNGs: Fig. 3's analogue (test metric and validation loss vs LR, one curve per ratio,
-per task) and structured vs random. Fig. 4 comes from `randmask figure4` on the analysis outputs."""
+per task), structured vs random, and Table 5's sparsity curve beside the paper's OPT-125m row. Fig. 4
+comes from `randmask figure4` on the analysis outputs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from randmask_lab.study.cells import StudyCell
+from randmask_lab.study.paper import PAPER_MODEL, PAPER_RATIOS, paper_value
 from randmask_lab.study.stats import mean_interval
 
 
@@ -86,3 +88,49 @@ def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, mode
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, Path(path), f"{model}: random vs structured masking (mean, 95% t interval over seeds)")
+
+
+def _errorbar(cell: StudyCell) -> tuple[float, list[list[float]] | None]:
+    """(mean x100, matplotlib yerr of the 95% t interval or None) of a cell's seeds."""
+    est = mean_interval(list(cell.tests.values()))
+    err = None if est.low is None else [[100 * (est.mean - est.low)], [100 * (est.high - est.mean)]]
+    return 100 * est.mean, err
+
+
+def plot_sparsity_curve(cells: Sequence[StudyCell], path: str | Path, model: str, min_ratios: int = 4
+                        ) -> Path | None:
+    """Table 5's analogue as a curve, per task with at least ``min_ratios`` randmask ratios: test metric (mean and
+    95% t interval over seeds, at each ratio's chosen LR) against the trainable ratio, beside the paper's OPT-125m
+    row; the study's full FT and LoRA means as horizontal lines. None when no task has enough ratios."""
+    by_task: dict[str, list[StudyCell]] = {}
+    for c in cells:
+        if c.method == "randmask" and c.ratio is not None and c.tests:
+            by_task.setdefault(c.key[2], []).append(c)
+    tasks = sorted(t for t, cs in by_task.items() if len(cs) >= min_ratios)
+    if not tasks:
+        return None
+    fig = Figure(figsize=(5.2 * len(tasks), 4.2))
+    for j, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), j + 1)
+        ours = sorted(by_task[task], key=lambda c: c.ratio)
+        for cell in ours:
+            mean, err = _errorbar(cell)
+            ax.errorbar([100 * cell.ratio], [mean], yerr=err, fmt="o", color="C0", capsize=3)
+        ax.plot([100 * c.ratio for c in ours], [_errorbar(c)[0] for c in ours], "-", color="C0",
+                label=f"randmask, {model} (mean, 95% t interval)")
+        paper = [(100 * r, paper_value(task, f"randmask {r:.0e}")) for r in PAPER_RATIOS]
+        paper = [(x, y) for x, y in paper if y is not None]
+        if paper:
+            ax.plot(*zip(*paper), "x--", color="0.45", label=f"paper, {PAPER_MODEL} (its Table 5)")
+        for method, color in (("full", "C3"), ("lora", "C2")):
+            twin = next((c for c in cells if c.method == method and c.key[2] == task and c.tests), None)
+            if twin is not None:
+                ax.axhline(_errorbar(twin)[0], color=color, lw=1, label=f"{method} (this study, mean)")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters, % of all")
+        ax.set_ylabel("test metric ×100")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, Path(path), f"{model}: test metric vs trainable ratio (Table 5's analogue), beside the "
+                                  f"paper's {PAPER_MODEL} row")

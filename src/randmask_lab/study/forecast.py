@@ -4,7 +4,9 @@
 and its other seeds follow once the search ends. The forecast adds those (a lower bound: a grid-edge
 extension adds one more search run) and prices every run at the median wall time of finished runs of
 the same task and method, the only honest price on this machine: RTE prompts are several times
-SST-2's, and full fine-tuning costs about twice a masked run.
+SST-2's, and full fine-tuning costs about twice a masked run. Only runs made on the same kind of CPU
+count (``randmask_lab.machine.cpu_kind``: torch's CPU capability and native bf16): an AVX2 machine
+and an AMX one differ several-fold, and a record made before records named their CPU has no kind.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from randmask_lab.experiment.record import RunRecord
+from randmask_lab.machine import cpu_kind
 from randmask_lab.study.plan import PlannedRun, StudySpec
 
 
@@ -25,6 +28,7 @@ class Forecast:
     after_search: int  # other seeds of cells still searching (at least; extensions add more)
     hours: float  # for the (task, method) pairs that have a price
     unpriced: dict[tuple[str, str], int]  # (task, method) -> runs with no finished run to price them by
+    kind: str = ""  # the CPU kind whose runs set the prices
 
     def text(self) -> str:
         left = self.planned + self.after_search
@@ -32,27 +36,35 @@ class Forecast:
                f"{left} runs")
         if left:
             out += f", {self.hours:.1f} worker-hours by the median wall time of finished runs"
+        if left:
+            out += f" on this kind of CPU ({self.kind})"
         if self.unpriced:
             pairs = ", ".join(f"{t} {m} ({n})" for (t, m), n in sorted(self.unpriced.items()))
-            out += f"; not priced yet (no finished run of that task and method): {pairs}"
+            out += f"; not priced yet (no finished run of that task and method on a {self.kind} CPU): {pairs}"
         return out
 
 
-def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord]) -> Forecast:
-    """The forecast for ``planned`` (``needed_runs``' answer for ``records``)."""
+def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord], kind: str | None = None
+             ) -> Forecast:
+    """The forecast for ``planned`` (``needed_runs``' answer for ``records``), priced by finished runs made on
+    a CPU of ``kind`` (default: this machine's) on the CPU (not a GPU)."""
+    kind = kind or cpu_kind()
     walls: dict[tuple[str, str], list[float]] = {}
     for r in records:  # this study's runs only: another model or precision in the store costs otherwise
-        if r.status == "done" and r.wall_seconds and spec.holds(r):  # a resumed run's cost is all its attempts'
+        same_machine = r.machine.get("cpu_kind") == kind and r.machine.get("device", "cpu") == "cpu"
+        if r.status == "done" and r.wall_seconds and spec.holds(r) and same_machine:
+            # a resumed run's cost is all its attempts'
             walls.setdefault((r.config["task"], r.config["method"]), []).append(r.compute_seconds)
     # A cell whose planned runs are all search-seed runs and is not zero-shot is still searching.
     by_cell: dict[tuple[str, str, float | None], set[int]] = {}
     for run in planned:
         by_cell.setdefault((run.task, run.method, run.ratio), set()).add(run.seed)
     later: Counter[tuple[str, str]] = Counter()
-    for (task, method, _), seeds in by_cell.items():
+    for (task, method, ratio), seeds in by_cell.items():
         if method != "zeroshot" and seeds == {spec.search_seed}:
-            later[(task, method)] += len(spec.seeds) - 1
+            cell = next((c for c in spec.cells if c.method == method and c.ratio == ratio), None)
+            later[(task, method)] += len(spec.cell_seeds(cell) if cell else spec.seeds) - 1
     counts = Counter((run.task, run.method) for run in planned) + later
     hours = sum(n * statistics.median(walls[key]) for key, n in counts.items() if key in walls) / 3600
     return Forecast(len(planned), sum(later.values()), hours,
-                    {key: n for key, n in counts.items() if key not in walls})
+                    {key: n for key, n in counts.items() if key not in walls}, kind)

@@ -8,16 +8,19 @@ so a killed study, or a second worker on the same store, picks up where the stor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.record import FINISHED, RunRecord
 from randmask_lab.study.cells import search_loss
+from randmask_lab.study.spec_checks import check_spec_file
 
 LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
 
@@ -30,6 +33,8 @@ class CellSpec:
     lrs: tuple[float, ...] = ()
     ratio: float | None = None
     tasks: tuple[str, ...] | None = None  # None: every task of the study
+    seeds: tuple[int, ...] | None = None  # None: the study's seeds (a cell may need more or fewer)
+    stage: int = 0  # runs are planned stage by stage (then task by task): what matters most goes first
 
 
 @dataclass
@@ -53,10 +58,13 @@ class StudySpec:
     @classmethod
     def from_file(cls, path: str | Path) -> StudySpec:
         """Parse a study spec; a one-line error naming the file and field when it is wrong."""
+        check_spec_file(path)  # bounded read, strict JSON, every field's type and range (spec_checks.py)
         try:
             data = json.loads(Path(path).read_text())
             cells = [CellSpec(c["method"], tuple(map(float, c.get("lrs", ()))), c.get("ratio"),
-                              tuple(c["tasks"]) if c.get("tasks") else None) for c in data["cells"]]
+                              tuple(c["tasks"]) if c.get("tasks") else None,
+                              tuple(c["seeds"]) if c.get("seeds") is not None else None, int(c.get("stage", 0)))
+                     for c in data["cells"]]
             spec = cls(data["name"], data["model"], data["precision"], data["protocol"], cells,
                        tuple(data.get("seeds", (0, 1, 2))), data.get("search_seed", 0), data.get("max_extend", 2),
                        data.get("common", {}))
@@ -69,9 +77,31 @@ class StudySpec:
             unknown = set(cell.tasks or ()) - set(spec.protocol)
             if unknown:
                 raise RunError(f"study spec {path}: cell {cell.method} names tasks {sorted(unknown)} with no protocol.")
-        if spec.search_seed not in spec.seeds:
-            raise RunError(f"study spec {path}: search_seed {spec.search_seed} is not one of seeds {spec.seeds}.")
+        for seeds in (spec.seeds, *(c.seeds for c in spec.cells if c.seeds is not None)):
+            if spec.search_seed not in seeds:
+                raise RunError(f"study spec {path}: search_seed {spec.search_seed} is not one of seeds {seeds}.")
+        if spec.precision == AUTO:
+            raise RunError(f"study spec {path}: precision 'auto' resolves to bf16-mixed on machines with native "
+                           "bf16 and to 32 elsewhere, and a study keeps one precision: name one (32 runs at full "
+                           "speed on every CPU; bf16-mixed only where bf16 is native).")
+        if spec.precision not in PRECISIONS:
+            raise RunError(f"study spec {path}: precision {spec.precision!r} is not one of {', '.join(PRECISIONS)}.")
         return spec
+
+    def only_stages(self, stages: Sequence[int] | None) -> StudySpec:
+        """This spec with only the cells of ``stages`` (None: all): machines can split a study by stage."""
+        if not stages:
+            return self
+        have = {c.stage for c in self.cells}
+        missing = sorted(set(stages) - have)
+        if missing:
+            raise RunError(f"study {self.name} has no stage {', '.join(map(str, missing))}; its stages are "
+                           f"{', '.join(map(str, sorted(have)))}")
+        return dataclasses.replace(self, cells=[c for c in self.cells if c.stage in set(stages)])
+
+    def cell_seeds(self, cell: CellSpec) -> tuple[int, ...]:
+        """The seeds a cell runs at its chosen LR (its own, else the study's)."""
+        return self.seeds if cell.seeds is None else cell.seeds
 
 
 @dataclass(frozen=True)
@@ -110,7 +140,7 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                 if r.run_id == run_id(PlannedRun(task, cell.method, cell.ratio, key[0], key[1]))}
     if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)
         lr = cell.lrs[0] if cell.lrs else 1e-3
-        return [PlannedRun(task, cell.method, None, lr, s) for s in spec.seeds
+        return [PlannedRun(task, cell.method, None, lr, s) for s in spec.cell_seeds(cell)
                 if not any(key[1] == s for key in done)]
     grid = sorted({*cell.lrs, *(lr for lr, s in done if s == spec.search_seed)})
     missing = [PlannedRun(task, cell.method, cell.ratio, lr, spec.search_seed) for lr in grid
@@ -126,20 +156,22 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                 return [PlannedRun(task, cell.method, cell.ratio, nxt, spec.search_seed)]
     else:
         return []  # every LR diverged: the cell is reported as diverged
-    return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.seeds if (best, s) not in done]
+    return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.cell_seeds(cell) if (best, s) not in done]
 
 
 def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
-    """Every run the study needs next, task by task (protocol order), cells in spec order within a task,
-    given the finished records. Task-major, so a study stopped part-way has whole tasks to report.
+    """Every run the study needs next, stage by stage (cells' ``stage``, 0 first), then task by task (protocol
+    order), cells in spec order within a task, given the finished records. Task-major within a stage, so a
+    study stopped part-way has whole tasks to report; stages put what matters most first.
 
     ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
     finished = [r for r in records if r.status in FINISHED and spec.holds(r)]
     out: list[PlannedRun] = []
-    for task in spec.protocol:
-        for cell in spec.cells:
-            if cell.tasks is None or task in cell.tasks:
-                out += _cell_runs(spec, task, cell, finished, run_id)
+    for stage in sorted({cell.stage for cell in spec.cells}):
+        for task in spec.protocol:
+            for cell in spec.cells:
+                if cell.stage == stage and (cell.tasks is None or task in cell.tasks):
+                    out += _cell_runs(spec, task, cell, finished, run_id)
     return out

@@ -6,10 +6,12 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from randmask import atomic_write_bytes
+from randmask import atomic_write_bytes, read_limited
 from randmask_lab.errors import StoreError
 from randmask_lab.experiment.record import RunRecord
+from randmask_lab.study.record_checks import record_problem
 
+MAX_STUDY_BYTES = 1 << 30  # ~10 KB per record: a hundred thousand runs fit
 REQUIRED = ("run_id", "config", "status", "metric")
 # Fields the tables, the forecast and the compute line do arithmetic on: a number or null where present.
 NUMERIC = ("val_loss", "val_metric", "test_metric", "wall_seconds", "train_seconds", "cpu_seconds", "carried_seconds",
@@ -25,24 +27,23 @@ def export_jsonl(records: Iterable[RunRecord], path: str | Path) -> int:
 
 
 def read_jsonl(path: str | Path) -> list[RunRecord]:
-    """The records of a study file; a clear error naming the file and line when it is damaged."""
+    """The records of a study file; a clear error naming the file and line when it is damaged.
+
+    Every field the study reads is checked (``record_checks``). A run id that appears twice with the same
+    record is read once; twice with different records (a bad merge or an edit) is an error, since the
+    tables would otherwise take one of them silently."""
     file = Path(path)
-    if not file.is_file():
-        raise StoreError(f"{file} not found: pass a study file written by `randmask export` "
-                         "(experiments/results/<study>.jsonl).")
-    records = []
+    data = read_limited(file, MAX_STUDY_BYTES, "study file", error=StoreError,
+                        fix="pass a study file written by `randmask export` (experiments/results/<study>.jsonl)")
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise StoreError(f"{file} is not UTF-8 text ({e}); it is not a study file.") from None
+    records, seen = [], {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{file}:{n} is not a JSON line ({e.msg}); the file is damaged. "
-                             "Export it again with `randmask export`.") from None
+        row = _parse_line(file, n, line)
         missing = [k for k in REQUIRED if not isinstance(row, dict) or k not in row]
         if missing or not isinstance(row.get("config"), dict):
             raise StoreError(f"{file}:{n} is not a run record (missing {missing or ['config']}); "
@@ -51,10 +52,41 @@ def read_jsonl(path: str | Path) -> list[RunRecord]:
         if wrong:
             raise StoreError(f"{file}:{n} has a non-numeric {', '.join(wrong)}; the file is damaged or was not written "
                              "by randmask. Export it again with `randmask export`.")
+        problem = record_problem(row)
+        if problem:
+            raise StoreError(f"{file}:{n} {problem}; the file is damaged or was not written by randmask. Export it "
+                             "again with `randmask export`.")
+        if row["run_id"] in seen:
+            first, earlier = seen[row["run_id"]]
+            if earlier != row:
+                differ = sorted(k for k in {*earlier, *row} if earlier.get(k) != row.get(k))
+                raise StoreError(f"{file}:{n} repeats run {row['run_id']} of line {first} with other results "
+                                 f"({', '.join(differ[:4])} differ); a table would silently take one of them. Keep "
+                                 "the right line (or export the file again with `randmask export`).")
+            continue  # an identical repeat: read once
+        seen[row["run_id"]] = (n, row)
         records.append(RunRecord.from_dict(row))
     if not records:
         raise StoreError(f"{file} holds no records.")
     return records
+
+
+def _parse_line(file: Path, n: int, line: str) -> object:
+    """One line as strict JSON (NaN/Infinity and deep nesting refused, as ``randmask.parse_json`` does)."""
+    try:
+        return json.loads(line, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        why = e.msg
+    except RecursionError:
+        why = "nested deeper than the parser allows"
+    except ValueError as e:
+        why = str(e)
+    raise StoreError(f"{file}:{n} is not a JSON line ({why}); the file is damaged. "
+                     "Export it again with `randmask export`.")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _number_or_null(value: object) -> bool:

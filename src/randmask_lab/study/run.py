@@ -12,8 +12,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from randmask_lab.errors import RunError
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.record import FINISHED, RunRecord
+from randmask_lab.experiment.record import CODE_PATHS, FINISHED, RunRecord, source_version
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.sweep import run_claimed
 from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
@@ -70,6 +71,28 @@ def _run_one(config: RunConfig, store: ResultStore, owner: str, say: Callable[[s
     return run_claimed(config, store, Lease(store, config.run_id, owner, config.lease_seconds), say)
 
 
+def check_provenance(allow_dirty: bool) -> dict:
+    """The code version a study's runs will record; a RunError when the code has uncommitted changes (the runs
+    could not be traced to a commit) unless ``allow_dirty``."""
+    version = source_version()
+    if version.get("dirty") and not allow_dirty:
+        raise RunError(f"the code has uncommitted changes ({' '.join(CODE_PATHS)} differ from commit "
+                       f"{str(version.get('commit'))[:12]}): a study's records must name the exact code that made "
+                       "them; commit (or stash) first, or pass --allow-dirty to run anyway")
+    return version
+
+
+def check_one_precision(spec: StudySpec, records: Iterable[RunRecord], source: str | Path) -> None:
+    """A RunError when ``records`` (a committed study file) hold runs of this study's model in another precision
+    than the spec's: one study keeps one precision, so its cells compare like with like."""
+    others = sorted({str(r.config.get("precision", "32")) for r in records if r.config.get("model") == spec.model}
+                    - {spec.precision})
+    if others:
+        raise RunError(f"{source} holds {spec.model} runs in precision {', '.join(others)} and the spec says "
+                       f"{spec.precision}: a study keeps one precision; export to a new file, or set the spec's "
+                       f"precision to {others[0]}")
+
+
 def validate_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) -> None:
     """Raise RunError on a bad option or protocol value of any first-round run: one error before
     anything runs (or is planned), not a failed record per run."""
@@ -78,16 +101,23 @@ def validate_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) 
 
 
 def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, max_runs: int | None = None,
-              execution: dict | None = None, say: Callable[[str], None] = print, wait_seconds: float = 30.0) -> int:
+              execution: dict | None = None, say: Callable[[str], None] = print, wait_seconds: float = 30.0,
+              allow_dirty: bool = False) -> int:
     """Run what the plan needs until nothing is left (or ``max_runs``); return how many ran here.
 
     A run that fails here is recorded as failed and not retried by this call (run the command
-    again to retry it), so one broken cell cannot loop forever.
+    again to retry it), so one broken cell cannot loop forever. Refuses uncommitted code (unless
+    ``allow_dirty``) and a committed study file in another precision.
     """
     validate_spec(spec, out_dir, execution)
+    version = check_provenance(allow_dirty)
+    committed = read_jsonl(export) if export and Path(export).is_file() else []
+    check_one_precision(spec, committed, export or "")
+    say(f"study {spec.name}: code {version.get('package')} at commit {version.get('commit')}"
+        f"{' (uncommitted changes: --allow-dirty)' if version.get('dirty') else ''}")
     store = ResultStore(store_file(None, out_dir))
-    if export and Path(export).is_file():
-        adopted = adopt_records(store, read_jsonl(export))
+    if committed:
+        adopted = adopt_records(store, committed)
         if adopted:
             say(f"study {spec.name}: took {adopted} finished records from {export} into the store")
     owner, ran, failed = new_owner(), 0, set()

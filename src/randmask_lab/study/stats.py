@@ -18,7 +18,7 @@ from scipy.stats import t as student_t
 
 @dataclass(frozen=True)
 class Estimate:
-    """Mean over n seeds, its sample std, and a two-sided t interval (None when n < 2)."""
+    """Mean over n seeds, its sample std, and a two-sided t interval (None when n < 2; n = 0: nothing paired)."""
 
     mean: float
     std: float | None
@@ -26,9 +26,20 @@ class Estimate:
     high: float | None
     n: int
 
+    def one_sided(self, level: float = 0.95) -> tuple[float, float] | None:
+        """(lower, upper) one-sided ``level`` bounds: mean -/+ t_{level, n-1} std / sqrt(n) (None when n < 2).
+
+        Each is the bound of its own one-sided test: ``low > -margin`` shows non-inferiority at ``level``."""
+        if self.std is None:
+            return None
+        half = student_t.ppf(level, self.n - 1) * self.std / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
     def text(self, scale: float = 100.0, digits: int = 1) -> str:
         """e.g. ``86.1 ± 0.8 [84.2, 88.0]`` (metric x100 by default)."""
         f = lambda v: f"{scale * v:.{digits}f}"
+        if self.n == 0:
+            return "no shared seed"
         if self.std is None:
             return f"{f(self.mean)} (n=1)"
         return f"{f(self.mean)} ± {f(self.std)} [{f(self.low)}, {f(self.high)}]"
@@ -50,8 +61,8 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Estimate:
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> Estimate:
     """``a - b`` over the seeds both have (dicts seed -> value), with a t interval of the differences."""
     seeds = sorted(set(a) & set(b))
-    if not seeds:
-        raise ValueError("the two sides share no seed; a paired difference needs the same seeds")
+    if not seeds:  # e.g. the two sides ran on other seeds: nothing to pair, so no interval (and no verdict)
+        return Estimate(math.nan, None, None, None, 0)
     return mean_interval([a[s] - b[s] for s in seeds], level)
 
 

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 from randmask_lab.experiment.report import TASK_LABELS, method_order, task_order
 from randmask_lab.study.cells import CellKey, StudyCell
+from randmask_lab.study.paper import PAPER_MODEL, PAPER_PROTOCOL, paper_value
 from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference
 
 # The differences the study reports: (left, right) method labels, left - right, paired by seed.
@@ -95,6 +96,33 @@ def difference_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str |
                       "|---" * len(head) + "|", *lines])
 
 
+def paper_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str | None:
+    """Every row the paper also reports (Table 1/5 and B.1 on OPT-125m), ours beside the paper's, per task.
+
+    The paper's columns are its published numbers (``randmask_lab.study.paper``), not runs of this project."""
+    tasks = [t for t in _columns(rows) if " [" not in t]
+    labels = [label for label in sorted(rows, key=method_order)
+              if any(paper_value(t, label) is not None and t in rows[label] for t in tasks)]
+    if not labels:
+        return None
+    head = ["Method", "Trainable"]
+    for t in tasks:
+        head += [f"{_column_label(t)} (this study)", f"{_column_label(t)} (paper)"]
+    lines = [f"#### Beside the paper's {PAPER_MODEL} rows — {model}", "", "| " + " | ".join(head) + " |",
+             "|---" * len(head) + "|"]
+    for label in labels:
+        first = next(iter(rows[label].values())).runs[0]
+        share = f"{100 * first.trainable / first.total:.3g}%" if first.total else "-"
+        texts = [label, share]
+        for t in tasks:
+            value = paper_value(t, label)
+            texts += [_cell_text(rows[label].get(t)), "-" if value is None else f"{value:.1f}"]
+        lines.append("| " + " | ".join(texts) + " |")
+    lines += ["", f"Paper: its Table 5 (OPT-125m; {PAPER_PROTOCOL}), verbatim. Trainable: this study's count "
+                  "over all of the model's parameters (first run of the row; the paper's ratios are of OPT-125m's)."]
+    return "\n".join(lines)
+
+
 NOTE = ("Cells: test metric ×100 as mean ± std over seeds [95% t interval over seeds] @ the chosen LR (by mean "
         "validation loss over the LR-search seeds; † = at the edge of the LR grid). Differences are paired by "
         "seed (same data sample, mask and order seeds), with a t interval of the per-seed differences; the "
@@ -108,7 +136,7 @@ def study_tables(cells: dict[CellKey, StudyCell]) -> str:
     parts: list[str] = []
     for model, rows in sorted(by_model(cells).items()):
         parts.append(results_table(model, rows))
-        diff = difference_table(model, rows)
-        if diff:
-            parts.append(diff)
+        for extra in (difference_table(model, rows), paper_table(model, rows)):
+            if extra:
+                parts.append(extra)
     return "\n\n".join(parts) + "\n\n" + NOTE

@@ -120,16 +120,31 @@ def load_pools(
         return load_hub_pools(task, where.hub)
     train = _read_pool(reader, where.train, task) if where.train else None
     test = _read_pool(reader, where.test, task) if where.test else None
-    origin = ", ".join(str(p) for p in where.files)
+    # Files found under the data root are named relative to it (a record then reads the same on every machine);
+    # a user's own --source keeps the path it was given.
+    folder = layout.folder if source is None else None
+    origin = ", ".join(_name(p, folder) for p in where.files)
     if train is not None and test is not None:
-        return Pools(train, test, origin=origin, train_origin=_names(where.train), test_origin=_names(where.test))
+        return Pools(train, test, origin=origin, train_origin=_names(where.train, folder),
+                     test_origin=_names(where.test, folder))
     # Only one original split exists (BoolQ's validation file, DROP's train file): carve all from it.
     only = where.train or where.test or ()
-    return Pools(train if train is not None else test or [], None, origin=origin, train_origin=_names(only))
+    return Pools(train if train is not None else test or [], None, origin=origin, train_origin=_names(only, folder))
 
 
-def _names(paths: Sequence[Path] | None) -> str:
-    return " + ".join(str(p) for p in paths or ())
+def _name(path: Path, layout_folder: str | None) -> str:
+    """``path`` relative to the data root that holds ``layout_folder`` (e.g. ``glue/SST-2/train.tsv``), else as is."""
+    if layout_folder is None:
+        return str(path)
+    parts, folder = Path(path).parts, Path(layout_folder).parts
+    for start in range(len(parts) - len(folder), -1, -1):
+        if parts[start:start + len(folder)] == folder:
+            return "/".join(parts[start:])
+    return str(path)
+
+
+def _names(paths: Sequence[Path] | None, layout_folder: str | None = None) -> str:
+    return " + ".join(_name(p, layout_folder) for p in paths or ())
 
 
 def _read_pool(reader: Reader, paths: Sequence[Path], task: str) -> list[Example]:

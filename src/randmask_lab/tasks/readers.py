@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from randmask import open_limited, read_limited
 from randmask_lab.errors import DataFormatError
 
 from .types import Example
 
+MAX_DATA_BYTES = 8 << 30  # the largest original file of the paper's tasks is ~100 MB (ReCoRD)
 RTE_LABELS = ("entailment", "not_entailment")
 CB_LABELS = ("entailment", "contradiction", "neutral")
 
@@ -24,7 +26,7 @@ CB_LABELS = ("entailment", "contradiction", "neutral")
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of a UTF-8 text file; bytes that are not UTF-8 are a
     DataFormatError naming the file and the line."""
-    with path.open("rb") as f:
+    with open_limited(path, MAX_DATA_BYTES, "task data file", error=DataFormatError) as (f, _):
         for n, raw in enumerate(f, 1):
             try:
                 yield n, raw.decode("utf-8")
@@ -43,7 +45,7 @@ def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _json(path: Path) -> Any:
-    data = path.read_bytes()
+    data = read_limited(path, MAX_DATA_BYTES, "task data file", error=DataFormatError)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

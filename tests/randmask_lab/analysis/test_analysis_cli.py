@@ -215,3 +215,51 @@ def test_counts_out_of_range_are_refused_before_the_model_loads(argv, message, c
     with pytest.raises(SystemExit) as exit_:
         _parser().parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+class _NotATensor:
+    """Pickled into a .pt file: torch's weights_only loader must refuse it (and never run code from it)."""
+
+
+@pytest.mark.parametrize("kind", ["pickled object", "missing", "fifo", "huge", "garbage"])
+def test_distance_reference_problems_are_one_line_run_errors(model_and_batches, tmp_path, monkeypatch, kind):
+    """Issue 28: a pickled .pt was refused safely, but as a traceback."""
+    import types
+
+    import torch
+    from tests.hostile import hang_guard, make_sparse, replace_with_fifo
+
+    from randmask_lab.errors import RunError
+
+    hook = types.ModuleType("randmask_lab.experiment")
+    hook.build_model_and_batches = lambda args: (*model_and_batches, None)
+    hook.describe_analysis_run = lambda args: {"method": "randmask", "ratio": None, "trained": False}
+    monkeypatch.setitem(sys.modules, "randmask_lab.experiment", hook)
+    ref = tmp_path / "ref.pt"
+    if kind == "pickled object":
+        torch.save({"w": _NotATensor()}, ref)
+    elif kind == "fifo":
+        replace_with_fifo(ref)
+    elif kind == "huge":
+        make_sparse(ref, 64 << 30)
+    elif kind == "garbage":
+        ref.write_bytes(b"not a pickle at all")
+    args = _parser().parse_args(["distance", "--reference", str(ref), "--out", str(tmp_path / "out")])
+    match = {"pickled object": "cannot be read safely .*never runs the code", "missing": "not found",
+             "fifo": "not a regular file", "huge": "over the .*-byte limit", "garbage": "cannot be read safely"}[kind]
+    with hang_guard(30), pytest.raises(RunError, match=match):
+        args.func(args)
+
+
+def test_distance_reference_state_dicts_load(model_and_batches, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from randmask_lab.analysis.cli import load_state_dict
+
+    state = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    save_file(state, str(tmp_path / "r.safetensors"))
+    torch.save(state, tmp_path / "r.pt")
+    for name in ("r.safetensors", "r.pt"):
+        loaded = load_state_dict(tmp_path / name, 1 << 20)
+        assert set(loaded) == {"a", "b"} and torch.equal(loaded["a"], state["a"])

@@ -86,3 +86,15 @@ def test_a_run_folder_brings_its_config_and_weights(tiny_lm, run_kwargs, tmp_pat
 def test_missing_model_or_task():
     with pytest.raises(RunError, match="--model and --task"):
         build_model_and_batches(_args())
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '{"lr": 1e999'])
+def test_a_damaged_run_config_is_a_run_error(tmp_path, text):
+    """Issue 28: --adapter with a run folder whose config.json is not a config object is one RunError."""
+    from randmask_lab.errors import RunError
+
+    run = tmp_path / "run"
+    (run / "trainable").mkdir(parents=True)
+    (run / "config.json").write_text(text)
+    with pytest.raises(RunError, match="is not a run config"):
+        build_model_and_batches(_args(adapter=str(run)))

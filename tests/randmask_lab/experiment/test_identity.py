@@ -99,3 +99,10 @@ def test_committed_study_records_keep_their_run_ids():
     for row in rows:
         config = RunConfig.from_dict({**row["config"], "data_dir": str(DATA)})
         assert config.run_id == row["run_id"]
+
+
+def test_records_name_data_files_relative_to_the_data_root(tiny_lm, run_kwargs):
+    record = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1}))
+    for split in ("train", "val", "test"):
+        origin = record.data[split]["from"]
+        assert not origin.startswith("/") and origin.startswith(("superglue/", "glue/")), origin

@@ -55,3 +55,38 @@ def test_a_collapsed_loss_scale_is_reported_as_such(tiny_lm, run_kwargs, monkeyp
     record = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1, "precision": "16-mixed"}))
     assert record.status == "scale_collapsed" and record.test_metric is None
     assert "loss scale fell" in record.epochs[-1]["note"]
+
+
+@pytest.mark.parametrize("native, resolved", [(True, "bf16-mixed"), (False, "32")])
+def test_auto_resolves_by_the_hardware_and_the_id_hashes_the_resolved_name(monkeypatch, native, resolved):
+    monkeypatch.setattr(precision_mod, "bf16_native", lambda device: native)
+    config = RunConfig(model="m", task="sst2", device="cpu")
+    assert config.precision == "auto" and precision_mod.resolve_precision("auto", "cpu") == resolved
+    ran = config.resolved()
+    assert (ran.precision, ran.precision_requested) == (resolved, "auto")
+    # auto never reaches an id: it is the id of the explicit run of the same precision
+    assert config.run_id == ran.run_id == RunConfig(model="m", task="sst2", device="cpu", precision=resolved).run_id
+    explicit = RunConfig(model="m", task="sst2", device="cpu", precision="16-mixed").resolved()
+    assert (explicit.precision, explicit.precision_requested) == ("16-mixed", "16-mixed")
+
+
+def test_half_precision_on_a_cpu_without_native_bf16_warns_in_one_line(monkeypatch):
+    monkeypatch.setattr(precision_mod, "bf16_native", lambda device: False)
+    line = precision_mod.slow_precision_warning("bf16-mixed", "cpu")
+    assert "\n" not in line and "--precision 32" in line and "46x" in line
+    assert precision_mod.slow_precision_warning("32", "cpu") is None
+    monkeypatch.setattr(precision_mod, "bf16_native", lambda device: True)
+    assert precision_mod.slow_precision_warning("bf16-true", "cpu") is None
+
+
+def test_a_record_keeps_the_precision_asked_for_and_the_machine(tiny_lm, run_kwargs, monkeypatch, capsys):
+    monkeypatch.setattr(precision_mod, "bf16_native", lambda device: False)
+    record = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1, "lr": 1e-2}))
+    assert record.config["precision"] == "32" and record.config["precision_requested"] == "auto"
+    assert record.machine["cpu_capability"] and "cpu_bf16_native" in record.machine
+    assert record.machine["device"] == "cpu"
+    assert "warning" not in capsys.readouterr().err
+    run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1, "lr": 1e-2, "precision": "bf16-true",
+                              "max_steps": 1}))
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert "--precision bf16-true on a CPU without native bf16" in line

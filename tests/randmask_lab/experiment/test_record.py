@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from randmask import native
 from randmask_lab.experiment.record import RunRecord, code_version
 
 
-def test_a_gpu_run_names_the_torch_kernel():
-    assert code_version(torch.device("cuda", 0))["sddmm_kernel"] == "torch"
+def test_a_gpu_run_names_its_kernel():
+    gpu = "triton" if importlib.util.find_spec("triton") is not None else "torch"  # randmask[gpu] brings triton
+    assert code_version(torch.device("cuda", 0))["sddmm_kernel"] == gpu
     assert code_version("cpu")["sddmm_kernel"] == ("native" if native.available() else "torch")
     assert code_version("cuda")["package"] == code_version("cpu")["package"]
 

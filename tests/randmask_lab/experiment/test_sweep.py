@@ -28,9 +28,14 @@ def test_unknown_names_fail_before_any_run(tmp_path):
         run_sweep(SweepConfig(tasks=["rte", "nope"]), RunConfig(out_dir=str(tmp_path)))
 
 
-def test_sweep_goes_on_after_divergence_and_skips_finished_runs(tiny_lm, run_kwargs):
+def test_sweep_goes_on_after_divergence_and_skips_finished_runs(tiny_lm, run_kwargs, monkeypatch):
+    from randmask_lab.experiment import loop
+
+    step = loop.Trainer.step  # the run at lr 10 diverges: its loss made non-finite (LRs above 10 are refused)
+    monkeypatch.setattr(loop.Trainer, "step",
+                        lambda self, ix: float("nan") if self.config.lr == 10.0 else step(self, ix))
     base = RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1})
-    sweep = SweepConfig(models=[tiny_lm], tasks=["rte"], methods=["bitfit"], lrs=[1e12, 1e-3], seeds=[0])
+    sweep = SweepConfig(models=[tiny_lm], tasks=["rte"], methods=["bitfit"], lrs=[10.0, 1e-3], seeds=[0])
     said: list[str] = []
     records = run_sweep(sweep, base, say=said.append)
     assert [r.status for r in records] == ["diverged", "done"]

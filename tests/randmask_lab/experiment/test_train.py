@@ -86,8 +86,13 @@ def test_finished_run_is_not_run_again(tiny_lm, run_kwargs):
     assert again.created == first.created and again.to_dict() == first.to_dict()
 
 
-def test_huge_lr_is_recorded_as_diverged(tiny_lm, run_kwargs):
-    config = RunConfig(model=tiny_lm, method="full", lr=1e12, **run_kwargs)
+def test_a_diverged_run_is_recorded_as_diverged(tiny_lm, run_kwargs, monkeypatch):
+    """A non-finite training loss ends the run as diverged. (An LR above 10 is refused before the run since issue
+    28, so the loss is made non-finite directly.)"""
+    from randmask_lab.experiment import loop
+
+    monkeypatch.setattr(loop.Trainer, "step", lambda self, indices: float("nan"))
+    config = RunConfig(model=tiny_lm, method="full", lr=10.0, **run_kwargs)
     record = run_training(config)
     assert record.status == "diverged" and record.test_metric is None
     stored = ResultStore(Path(config.out_dir) / "results.sqlite").get(config.run_id)

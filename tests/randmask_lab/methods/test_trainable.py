@@ -40,9 +40,9 @@ def test_prepared_save_load_round_trip_is_atomic(tiny_lm_model, tmp_path):
     assert all(torch.equal(saved[n], t) for n, t in prepared.trainable_state_dict().items())
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 3)
     with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
-        read_tensors(tmp_path / "bad.safetensors")
+        read_tensors(tmp_path / "bad.safetensors", 1 << 20)
     write_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
-    assert torch.equal(read_tensors(tmp_path / "x.safetensors")["a"], torch.ones(2))
+    assert torch.equal(read_tensors(tmp_path / "x.safetensors", 1 << 20)["a"], torch.ones(2))
 
 
 def test_adalora_brings_its_loss_term_hook_and_state(tiny_lm_model):
@@ -72,3 +72,12 @@ def tiny_lm_model():
     from tests.conftest import tiny_model
 
     return tiny_model("llama")
+
+
+def test_a_file_missing_some_trainable_tensors_is_refused(tiny_lm_model):
+    """Issue 28: a resumed run (or `randmask distance`) must not keep some parameters at their initial values."""
+    prepared = prepare_method("randmask", tiny_lm_model, ratio=0.02, seed=0)
+    saved = prepared.trainable_state_dict()
+    first = next(iter(saved))
+    with pytest.raises(TrainableMismatchError, match=f"lacks 1 of the model's trainable parameters .*{first}"):
+        load_trainable(prepared.model, {k: v for k, v in saved.items() if k != first}, source="t.safetensors")

@@ -9,9 +9,11 @@ from test_plan import done, spec  # this folder is on sys.path (no __init__.py):
 from randmask_lab.study.forecast import forecast
 from randmask_lab.study.plan import CellSpec, needed_runs
 
+KIND = "AVX512/bf16"  # the CPU kind the tests price on (forecast's kind=)
 
-def _timed(record, seconds: float):
-    return dataclasses.replace(record, wall_seconds=seconds)
+
+def _timed(record, seconds: float, kind: str = KIND, device: str = "cpu"):
+    return dataclasses.replace(record, wall_seconds=seconds, machine={"cpu_kind": kind, "device": device})
 
 
 def test_a_cell_in_its_search_counts_its_other_seeds_and_an_unfinished_method_is_not_priced() -> None:
@@ -20,7 +22,7 @@ def test_a_cell_in_its_search_counts_its_other_seeds_and_an_unfinished_method_is
     planned = needed_runs(s, records)
     assert [(n.method, n.lr, n.seed) for n in planned] == [("randmask", 1e-1, 0), ("full", 1e-5, 0),
                                                            ("full", 3e-5, 0)]
-    f = forecast(s, planned, records)
+    f = forecast(s, planned, records, kind=KIND)
     assert (f.planned, f.after_search) == (3, 4)  # seeds 1 and 2 of both cells
     assert f.hours == 3 * 900.0 / 3600  # randmask: 1 search run + 2 seeds at the median 900 s
     assert f.unpriced == {("sst2", "full"): 4}
@@ -32,14 +34,29 @@ def test_seeds_at_the_chosen_lr_add_nothing_more_and_a_finished_study_is_zero() 
     records = [_timed(done(lr, 0, v), 60.0) for lr, v in ((1e-2, 0.9), (3e-2, 0.5), (1e-1, 0.7))]
     planned = needed_runs(s, records)
     assert [(n.lr, n.seed) for n in planned] == [(3e-2, 1), (3e-2, 2)]
-    f = forecast(s, planned, records)
+    f = forecast(s, planned, records, kind=KIND)
     assert (f.planned, f.after_search, f.hours, f.unpriced) == (2, 0, 2 * 60.0 / 3600, {})
     records += [_timed(done(3e-2, k, 0.5), 60.0) for k in (1, 2)]
-    assert forecast(s, needed_runs(s, records), records).text().startswith("0 runs planned next")
+    assert forecast(s, needed_runs(s, records), records, kind=KIND).text().startswith("0 runs planned next")
 
 
 def test_runs_of_another_model_do_not_set_the_price() -> None:
     s = spec()
     other = _timed(done(1e-2, 0, 0.9, model="another-model"), 6000.0)
-    f = forecast(s, needed_runs(s, [other]), [other])
+    f = forecast(s, needed_runs(s, [other]), [other], kind=KIND)
     assert f.hours == 0.0 and f.unpriced == {("sst2", "randmask"): 3 + 2}
+
+
+def test_only_runs_on_the_same_kind_of_cpu_set_the_price() -> None:
+    s = spec()
+    records = [_timed(done(1e-2, 0, 0.9), 60.0, kind="AVX2/no-bf16"), _timed(done(3e-2, 0, 0.5), 60.0, device="cuda"),
+               dataclasses.replace(done(1e-1, 0, 0.7), wall_seconds=60.0)]  # made before records named their CPU
+    f = forecast(s, needed_runs(s, records), records, kind=KIND)
+    assert f.hours == 0.0 and f.unpriced == {("sst2", "randmask"): 2}
+    assert f"on a {KIND} CPU" in f.text()
+
+
+def test_a_cell_with_its_own_seeds_counts_them() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2, 3e-2), 1e-4, seeds=(0, 1, 2, 3, 4))])
+    planned = needed_runs(s, [])
+    assert forecast(s, planned, [], kind=KIND).after_search == 4

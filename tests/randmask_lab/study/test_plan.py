@@ -152,3 +152,36 @@ def test_with_run_ids_a_stale_record_does_not_count() -> None:
     assert [(n.lr, n.seed) for n in needed_runs(spec(), runs, current)] == [(3e-2, 1), (3e-2, 2)]
     changed = lambda run: current(run) + ("-v2" if run.lr == 3e-2 else "")
     assert [(n.lr, n.seed) for n in needed_runs(spec(), runs, changed)] == [(3e-2, 0)]
+
+
+def test_a_cells_own_seeds_and_stages_order_the_plan() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2,), 1e-4, stage=1), CellSpec("full", (1e-5,), None, seeds=(0, 1, 2, 3))],
+             max_extend=0)
+    assert [(n.method, n.seed) for n in needed_runs(s, [])] == [("full", 0), ("randmask", 0)]  # stage 0 first
+    runs = [done(1e-5, 0, 0.5, method="full", ratio=None), done(1e-2, 0, 0.5)]
+    assert [(n.method, n.seed) for n in needed_runs(s, runs)] == [("full", 1), ("full", 2), ("full", 3),
+                                                                 ("randmask", 1), ("randmask", 2)]
+
+
+@pytest.mark.parametrize("precision, match", [("auto", "a study keeps one precision"), ("fp8", "not one of")])
+def test_a_spec_names_one_runnable_precision(tmp_path: Path, precision: str, match: str) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"name": "s", "model": "tiny", "precision": precision, "protocol": PROTOCOL,
+                                "cells": [{"method": "full", "lrs": [1e-5]}]}))
+    with pytest.raises(RunError, match=match):
+        StudySpec.from_file(path)
+
+
+def test_a_cells_seeds_must_hold_the_search_seed(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"name": "s", "model": "tiny", "precision": "32", "protocol": PROTOCOL,
+                                "cells": [{"method": "full", "lrs": [1e-5], "seeds": [1, 2]}]}))
+    with pytest.raises(RunError, match="search_seed 0 is not one of seeds"):
+        StudySpec.from_file(path)
+
+
+def test_only_stages_keeps_their_cells_and_names_a_missing_stage() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2,), 1e-4, stage=1), CellSpec("full", (1e-5,), None)])
+    assert [c.method for c in s.only_stages([1]).cells] == ["randmask"] and s.only_stages(None) is s
+    with pytest.raises(RunError, match="has no stage 4; its stages are 0, 1"):
+        s.only_stages([4])

@@ -29,3 +29,32 @@ def test_adopt_and_plan_view_count_the_same_committed_records(tmp_path: Path) ->
     assert adopt_records(store, committed) == 2  # the run takes the same two into its store
     assert sorted(r.run_id for r in store.records()) == ["a", "b", "c"]
     assert store.get("a").test_metric == 0.9 and store.get("b").test_metric == 0.5  # a repeated id: the first
+
+
+def test_a_study_refuses_uncommitted_code_unless_allowed(monkeypatch) -> None:
+    import pytest
+
+    from randmask_lab.errors import RunError
+    from randmask_lab.study import run as run_mod
+
+    monkeypatch.setattr(run_mod, "source_version", lambda: {"package": "x", "commit": "abc", "dirty": True})
+    with pytest.raises(RunError, match="uncommitted changes .* --allow-dirty"):
+        run_mod.check_provenance(allow_dirty=False)
+    assert run_mod.check_provenance(allow_dirty=True)["commit"] == "abc"
+    monkeypatch.setattr(run_mod, "source_version", lambda: {"package": "x", "commit": None, "dirty": None})
+    assert run_mod.check_provenance(allow_dirty=False)["commit"] is None  # an installed wheel: no tree to check
+
+
+def test_a_study_file_in_another_precision_is_refused() -> None:
+    import pytest
+
+    from randmask_lab.errors import RunError
+    from randmask_lab.study.plan import CellSpec, StudySpec
+    from randmask_lab.study.run import check_one_precision
+
+    spec = StudySpec("s", "tiny", "32", PROTOCOL, [CellSpec("lora", (1e-3,))])
+    same, other = record("a"), record("b")
+    same.config["precision"], other.config["precision"] = "32", "bf16-mixed"
+    check_one_precision(spec, [same], "f.jsonl")
+    with pytest.raises(RunError, match="f.jsonl holds tiny runs in precision bf16-mixed and the spec says 32"):
+        check_one_precision(spec, [same, other], "f.jsonl")

@@ -116,8 +116,35 @@ def test_findings_follow_the_data() -> None:
     assert finding_a(cells).verdict == UNSURE  # no full FT cell
     worse = list(study_cells(study(lora_shift=0.05)).values())
     a = finding_a(worse)
-    assert a.evidence[0].startswith("randmask 1e-03 − lora") and "DOES NOT HOLD" in a.evidence[0]
+    average = next(e for e in a.evidence if e.startswith("randmask 1e-03 − lora on the average"))
+    assert "non-inferior by 1 point: DOES NOT HOLD" in average and "equivalent within ±1: no" in average
+    assert any(e.startswith("  rte: randmask 1e-03 − lora") for e in a.evidence)  # per task too
     assert a.verdict == FAILS
+
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([-0.004, -0.006, -0.005, -0.003, -0.007], HOLDS),  # 0.5 points worse, tightly: not worse by 1 point
+    ([-0.02, 0.01, -0.03, 0.015, -0.01], UNSURE),  # the lower bound lies below -1, the upper above it
+    ([-0.031, -0.029, -0.030, -0.032, -0.028], FAILS),  # 3 points worse: the upper bound lies below -1
+    ([-0.005], UNSURE),  # one seed: no bound
+])
+def test_non_inferiority_reads_the_one_sided_bounds(diffs, verdict) -> None:
+    from randmask_lab.study.findings import MARGIN, greater_than
+    from randmask_lab.study.stats import mean_interval
+
+    assert greater_than(mean_interval(diffs), -MARGIN) == verdict
+
+
+def test_one_sided_bounds_are_the_t_quantile_at_the_level() -> None:
+    from scipy.stats import t as student_t
+
+    from randmask_lab.study.stats import mean_interval
+
+    est = mean_interval([0.1, 0.3, 0.2, 0.4])
+    low, high = est.one_sided(0.95)
+    half = student_t.ppf(0.95, 3) * est.std / 2
+    assert low == pytest.approx(est.mean - half) and high == pytest.approx(est.mean + half)
+    assert est.low < low < est.mean < high < est.high  # the one-sided 95% bound is the two-sided 90% one
 
 
 def test_report_from_and_findings_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -158,3 +185,22 @@ def test_finding_c_pairs_seeds_across_ratios(tmp_path: Path) -> None:
     for ratio, value in ((1e-3, 10.0), (1e-4, 1.0)):
         _hessian(tmp_path / "single" / f"{ratio}", ratio, 0, value)
     assert finding_c([tmp_path / "single"]).verdict == UNSURE
+
+
+def test_paper_rows_sit_beside_ours_and_the_sparsity_curve_is_drawn(tmp_path: Path) -> None:
+    from randmask_lab.study.figures import plot_sparsity_curve
+    from randmask_lab.study.tables import paper_table, study_tables
+
+    runs = [record("sst2", "randmask", 1e-2, s, 0.8 - r, 0.5, r) for r in (5e-2, 1e-3, 1e-4, 1e-5) for s in (0, 1)]
+    runs += [record("sst2", "lora", 1e-3, s, 0.81, 0.5) for s in (0, 1)]
+    for r in runs:
+        r.trainable, r.total = 10, 1000
+    cells = study_cells(runs)
+    table = paper_table("tiny", {c.key[3]: {c.key[2]: c} for c in cells.values()})
+    lora = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "| 86.5 |" in lora and "81.0 ± 0.0" in lora  # the paper's OPT-125m SST-2 LoRA, beside ours
+    assert "| randmask 5e-02 | 1% |" in table and "| 87.0 |" in table  # trainable 10 of 1000; the paper's 5% row
+    assert "Beside the paper's OPT-125m rows" in study_tables(cells)
+    path = plot_sparsity_curve(list(cells.values()), tmp_path / "s.png", "tiny")
+    assert path is not None and path.stat().st_size > 0
+    assert plot_sparsity_curve(list(cells.values()), tmp_path / "t.png", "tiny", min_ratios=5) is None

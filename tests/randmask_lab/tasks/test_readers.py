@@ -92,3 +92,18 @@ def test_sst2_reads_tsv_fields(pools):
     ex = pools("sst2").test[0]
     assert ex.uid == "test:0" and ex.label == 1
     assert ex.fields["sentence"] == "it 's a charming and often affecting journey . "
+
+
+def test_data_files_are_read_through_the_bounded_reader(tmp_path):
+    """Issue 28: a task data file that is a FIFO or a device is a DataFormatError, never a blocked read."""
+    from tests.hostile import hang_guard, replace_with_dev_zero, replace_with_fifo
+
+    from randmask_lab.errors import DataFormatError
+    from randmask_lab.experiment.sources import file_fingerprint
+    from randmask_lab.tasks.readers import _json, text_lines
+
+    for replace in (replace_with_fifo, replace_with_dev_zero):
+        path = replace(tmp_path / "train.jsonl")
+        for read in (lambda p: list(text_lines(p)), _json, file_fingerprint):
+            with hang_guard(30), pytest.raises(DataFormatError, match="not a regular file"):
+                read(path)

@@ -1,0 +1,45 @@
+"""File-system problems that are the user's to fix, not the code's: a full disk, a read-only folder.
+
+``disk_problem`` turns such an ``OSError`` into a one-line message naming the file and what to do; the
+CLI prints it with exit code 2 and a sweep or study stops on it (rather than recording every later
+run as failed). Nothing is lost: every file the lab writes is written atomically (a reader sees the
+old file or the new one) and a checkpoint's ``state.json`` is replaced last, so the same command run
+again resumes from the last whole checkpoint. ``sqlite_problem`` classifies the same two conditions
+for the results store.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+RESUME = ("run the same command again: a run resumes from its last checkpoint (files are written atomically, "
+          "so none is half-written)")
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """A one-line message for a full disk or a read-only / forbidden path; None for any other error."""
+    if not isinstance(error, OSError) or error.errno not in DISK_FULL | READ_ONLY:
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    if error.errno in DISK_FULL:
+        return f"no space left on the device{where} ({error.strerror}): free some space, then {RESUME}"
+    return (f"cannot write{where or ' a file'} ({error.strerror}): the folder is read-only or not yours. Pass a "
+            f"writable --out-dir (or fix its permissions), then {RESUME}")
+
+
+def sqlite_problem(error: sqlite3.Error) -> str | None:
+    """"full" or "read-only" for those conditions of a SQLite store, None for anything else."""
+    name = getattr(error, "sqlite_errorname", "")  # Python >= 3.11; the message is the fallback
+    text = str(error).lower()
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        return "full"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")) or (
+            "readonly" in text or "unable to open database file" in text):
+        return "read-only"
+    return None
+
+
+__all__ = ["DISK_FULL", "READ_ONLY", "disk_problem", "sqlite_problem"]

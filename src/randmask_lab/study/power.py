@@ -1,0 +1,95 @@
+"""How many seeds a comparison needs, from the per-seed standard deviations a study has measured.
+
+A seed is one whole training run, so the spread of a paired difference over seeds is what an interval
+over seeds is made of. For a comparison whose per-seed differences have standard deviation ``sd``:
+
+- **precision**: the fewest seeds n whose two-sided 95% t interval has half-width ``t_{0.975, n-1} sd / sqrt(n)``
+  at most the margin (1 point): what "the interval is narrow enough to decide" asks for;
+- **the one-sided test** a finding decides (``difference > bound``: ``-margin`` for (a)'s non-inferiority, 0 for
+  (e)): the fewest n at which the one-sided 95% lower bound ``mean - t_{0.95, n-1} sd / sqrt(n)`` clears the
+  bound, if the true difference were the mean measured so far (none when that mean is itself at or below the
+  bound: then no seed count shows it).
+
+Both read an sd measured on few seeds, which is itself uncertain (with 3 seeds its 95% interval spans about
+0.5x to 6x): the answer is a planning figure, to be re-read as the study's own seeds come in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scipy.stats import t as student_t
+
+from randmask_lab.study.cells import StudyCell
+from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
+
+MAX_SEEDS = 1000  # beyond this, "not within reach" is the honest answer
+
+
+def seeds_for_half_width(sd: float, margin: float, level: float = 0.95) -> int | None:
+    """The fewest seeds (>= 2) whose two-sided ``level`` t interval has half-width <= ``margin``."""
+    if sd == 0:
+        return 2
+    for n in range(2, MAX_SEEDS + 1):
+        if student_t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) <= margin:
+            return n
+    return None
+
+
+def seeds_for_lower_bound(mean: float, sd: float, bound: float, level: float = 0.95) -> int | None:
+    """The fewest seeds (>= 2) whose one-sided ``level`` lower bound lies above ``bound`` at this mean and sd
+    (None when the mean itself is at or below ``bound``, or beyond MAX_SEEDS)."""
+    if mean <= bound:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if mean - student_t.ppf(level, n - 1) * sd / math.sqrt(n) > bound:
+            return n
+    return None
+
+
+@dataclass(frozen=True)
+class PowerRow:
+    """One comparison: what was measured and how many seeds it needs."""
+
+    name: str
+    measured: Estimate
+    bound: float  # the one-sided test is difference > bound
+    half_width: int | None
+    one_sided: int | None
+
+    def text(self, margin: float) -> str:
+        m = self.measured
+        need = lambda n: "out of reach" if n is None else str(n)
+        return (f"{self.name}: mean {100 * m.mean:+.2f}, per-seed sd {100 * (m.std or 0):.2f} points over "
+                f"{m.n} seeds -> seeds for a 95% half-width <= {100 * margin:g}: {need(self.half_width)}; "
+                f"for a one-sided 95% lower bound > {100 * self.bound:+g} at this mean: {need(self.one_sided)}")
+
+
+# The comparisons the findings decide, with the bound each one-sided test clears: (a) randmask 1e-3 against LoRA
+# and full FT (non-inferiority, -1 point), (e) random against structured (> 0).
+COMPARISONS = (("randmask 1e-03", "lora", -0.01), ("randmask 1e-03", "full", -0.01),
+               ("randmask 1e-04", "structured 1e-04", 0.0), ("randmask 1e-05", "structured 1e-05", 0.0))
+
+
+def power_table(cells: Sequence[StudyCell], margin: float = 0.01,
+                comparisons: Sequence[tuple[str, str, float]] = COMPARISONS) -> list[PowerRow]:
+    """A row per comparison and task (and on the task average) with at least 2 paired seeds."""
+    rows: dict[str, dict[str, StudyCell]] = {}
+    for c in cells:
+        rows.setdefault(c.key[3], {})[c.key[2]] = c
+    out: list[PowerRow] = []
+    for left, right, bound in comparisons:
+        tasks = sorted(set(rows.get(left, {})) & set(rows.get(right, {})))
+        sides = [(task, rows[left][task].tests, rows[right][task].tests) for task in tasks]
+        if len(tasks) > 1:
+            sides.append(("average", average_by_seed({t: rows[left][t].tests for t in tasks}),
+                          average_by_seed({t: rows[right][t].tests for t in tasks})))
+        for task, a, b in sides:
+            if len(set(a) & set(b)) < 2:
+                continue
+            est = paired_difference(a, b)
+            out.append(PowerRow(f"{task}: {left} − {right}", est, bound, seeds_for_half_width(est.std or 0.0, margin),
+                                seeds_for_lower_bound(est.mean, est.std or 0.0, bound)))
+    return out

@@ -1,0 +1,136 @@
+"""A study spec's JSON checked before any of it is used: types, ranges and names, one RunError each.
+
+``StudySpec.from_file`` calls :func:`check_spec_file` first: the file is read through the bounded reader
+(a symlink to /dev/zero, a FIFO or a huge file is refused unread), parsed strictly (NaN, Infinity and
+deep nesting refused) and every field checked by :func:`check_spec_data`. So an LR of 1e300, a seed of
+1e30, ``max_extend: "x"`` or a protocol key the runner does not know is a one-line error naming the
+file and the field, never a traceback or a study that runs with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from randmask import read_limited
+from randmask_lab.argtypes import MAX_LR, MAX_SEED
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.config import RunConfig
+
+MAX_SPEC_BYTES = 1 << 20
+TOP_LEVEL = {"name", "model", "precision", "protocol", "cells", "seeds", "search_seed", "max_extend", "common",
+             "stage"}
+CELL_KEYS = {"method", "lrs", "ratio", "tasks", "seeds", "stage"}
+# RunConfig fields a spec's protocol/common may set: not the ones each planned run sets itself (model, task,
+# method, budget, lr, seeds, precision, out_dir) or the execution options of `randmask study` (threads, ...).
+_SET_BY_THE_PLAN = {"model", "task", "method", "ratio", "lr", "seed", "data_seed", "mask_seed", "order_seed",
+                    "precision", "out_dir", "threads", "progress", "lease_seconds"}
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - _SET_BY_THE_PLAN
+LADDER_STEPS = 16  # the 1-3-10 LR ladder has 16 points: no grid can be extended further
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fail(path: str | Path, problem: str) -> RunError:
+    return RunError(f"study spec {path}: {problem}. See experiments/*.json for the format.")
+
+
+def _seeds(path: str | Path, where: str, seeds: Any) -> None:
+    if not (isinstance(seeds, list) and seeds and all(_int(s) and 0 <= s <= MAX_SEED for s in seeds)):
+        raise _fail(path, f"{where} must be a non-empty list of integer seeds in [0, 2**63 - 1], got "
+                          f"{str(seeds)[:60]}")
+    if len(set(seeds)) != len(seeds):
+        raise _fail(path, f"{where} {seeds} repeats a seed")
+
+
+def _run_fields(path: str | Path, where: str, fields: Any) -> None:
+    if not isinstance(fields, dict):
+        raise _fail(path, f"{where} must be an object of run options, got {str(fields)[:60]}")
+    unknown = sorted(set(fields) - RUN_FIELDS)
+    if unknown:
+        raise _fail(path, f"{where} sets {unknown}, which a spec cannot set (unknown, or set by the plan itself: "
+                          f"{', '.join(sorted(_SET_BY_THE_PLAN))})")
+
+
+def _cell(path: str | Path, n: int, cell: Any, tasks: set[str]) -> None:
+    where = f"cells[{n}]"
+    if not isinstance(cell, dict):
+        raise _fail(path, f"{where} must be an object, got {str(cell)[:60]}")
+    unknown = sorted(set(cell) - CELL_KEYS)
+    if unknown:
+        raise _fail(path, f"{where} has unknown keys {unknown} (known: {', '.join(sorted(CELL_KEYS))})")
+    if not (isinstance(cell.get("method"), str) and cell["method"]):
+        raise _fail(path, f"{where} needs a method name, got {str(cell.get('method'))[:40]!r}")
+    lrs = cell.get("lrs", [])
+    if not (isinstance(lrs, list) and all(_number(lr) and 0 < lr <= MAX_LR for lr in lrs)):
+        raise _fail(path, f"{where} ({cell['method']}): lrs must be a list of learning rates in (0, {MAX_LR:g}], "
+                          f"got {str(lrs)[:60]}")
+    ratio = cell.get("ratio")
+    if ratio is not None and not (_number(ratio) and 0 < ratio <= 1):
+        raise _fail(path, f"{where} ({cell['method']}): ratio must be a fraction in (0, 1] or absent, got {ratio!r}")
+    if cell.get("tasks") is not None:
+        if not (isinstance(cell["tasks"], list) and cell["tasks"] and all(isinstance(t, str) for t in cell["tasks"])):
+            raise _fail(path, f"{where} ({cell['method']}): tasks must be a non-empty list of task names")
+        if set(cell["tasks"]) - tasks:
+            raise _fail(path, f"{where} ({cell['method']}) names tasks {sorted(set(cell['tasks']) - tasks)} "
+                              "with no protocol")
+    if "seeds" in cell:
+        _seeds(path, f"{where}.seeds", cell["seeds"])
+
+
+def check_spec_data(data: dict, path: str | Path) -> None:
+    """RunError naming ``path`` and the first field of a parsed spec that no study can run with."""
+    if not isinstance(data, dict):
+        raise _fail(path, f"the file holds a {type(data).__name__}, not an object")
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise _fail(path, f"unknown keys {unknown} (known: {', '.join(sorted(TOP_LEVEL))})")
+    for key in ("name", "model", "precision"):
+        if not (isinstance(data.get(key), str) and data[key]):
+            raise _fail(path, f"{key} must be a non-empty string, got {str(data.get(key))[:40]!r}")
+    protocol = data.get("protocol")
+    if not (isinstance(protocol, dict) and all(isinstance(t, str) and t for t in protocol)):
+        raise _fail(path, "protocol must be an object of task name -> run options")
+    for task, fields in protocol.items():
+        _run_fields(path, f"protocol[{task!r}]", fields)
+    _run_fields(path, "common", data.get("common", {}))
+    cells = data.get("cells")
+    if not (isinstance(cells, list) and cells):
+        raise _fail(path, "cells must be a non-empty list")
+    for n, cell in enumerate(cells):
+        _cell(path, n, cell, set(protocol))
+    _seeds(path, "seeds", data.get("seeds", [0, 1, 2]))
+    search = data.get("search_seed", 0)
+    if not (_int(search) and 0 <= search <= MAX_SEED):
+        raise _fail(path, f"search_seed must be an integer seed, got {search!r}")
+    extend = data.get("max_extend", 2)
+    if not (_int(extend) and 0 <= extend <= LADDER_STEPS):
+        raise _fail(path, f"max_extend must be an integer in [0, {LADDER_STEPS}], got {extend!r}")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_spec_file(path: str | Path) -> dict:
+    """The spec's JSON, read bounded and strict, after :func:`check_spec_data`."""
+    text = read_limited(path, MAX_SPEC_BYTES, "study spec", error=RunError,
+                        fix="pass a study spec (JSON); see experiments/*.json for the format")
+    try:  # strict: NaN and Infinity are not JSON (an LR of Infinity would otherwise pass as a float)
+        data = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, the constants
+        raise _fail(path, f"{type(e).__name__}: {str(e)[:100]}") from None
+    check_spec_data(data, path)
+    return data
+
+
+__all__ = ["CELL_KEYS", "RUN_FIELDS", "TOP_LEVEL", "check_spec_data", "check_spec_file"]

@@ -1,0 +1,72 @@
+"""Fuzzed study specs: from_file / validate_spec raise RunError, or the plan works through two rounds.
+
+Each example edits one node of a valid spec (or damages its bytes). An accepted spec must plan its first
+round, take fake results for it and plan the next one (the grid-edge extension and the other seeds)
+without any other exception. Run in a subprocess under a memory cap (tests/hostile.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.hostile import damage_bytes, mutate_json, run_limited, to_json_text
+
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+SPEC = {"name": "s", "model": "tiny", "precision": "32", "seeds": [0, 1], "search_seed": 0, "max_extend": 1,
+        "common": {"batch_size": 4, "mode": "lm"},
+        "protocol": {"rte": {"n_train": 8, "n_val": 4, "n_test": 4, "epochs": 1},
+                     "sst2": {"n_train": 8, "n_val": 4, "n_test": 4, "epochs": 2}},
+        "cells": [{"method": "zeroshot"}, {"method": "lora", "lrs": [1e-4, 1e-3]},
+                  {"method": "randmask", "ratio": 1e-3, "lrs": [1e-3, 1e-2], "tasks": ["rte"]}]}
+
+
+def _plan_two_rounds(spec, out_dir: str, data) -> None:
+    from randmask_lab.experiment.record import RunRecord
+    from randmask_lab.study.plan import needed_runs
+    from randmask_lab.study.run import run_config
+
+    first = needed_runs(spec, [])
+    records = []
+    for i, need in enumerate(first):  # every first-round run finished, one validation loss per LR
+        config = run_config(spec, need, out_dir, {}).to_dict()
+        loss = data.draw(st.floats(0.1, 3.0)) if i % 2 else 0.5 + need.lr
+        records.append(RunRecord(f"r{i}", config, "done", "accuracy", val_loss=loss, test_metric=0.5))
+    needed_runs(spec, records)
+
+
+@FUZZ
+@given(st.data())
+def fuzz_specs(data) -> None:
+    from randmask_lab.errors import RunError
+    from randmask_lab.study.plan import StudySpec
+    from randmask_lab.study.run import validate_spec
+
+    text = to_json_text(mutate_json(copy.deepcopy(SPEC), data))
+    if data.draw(st.booleans()):
+        text = damage_bytes(json.dumps(SPEC).encode(), data)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "spec.json"
+        path.write_bytes(text)
+        try:
+            spec = StudySpec.from_file(path)
+            validate_spec(spec, str(Path(d) / "runs"))
+        except RunError:
+            return
+        _plan_two_rounds(spec, str(Path(d) / "runs"), data)
+
+
+def run_under_memory_limit() -> None:
+    fuzz_specs()
+    print("FUZZ-OK")
+
+
+def test_fuzzed_study_specs_under_memory_limit() -> None:
+    result = run_limited("run_under_memory_limit()",
+                         imports="from tests.randmask_lab.study.test_fuzz_spec import run_under_memory_limit")
+    assert result.returncode == 0 and "FUZZ-OK" in result.stdout, result.stderr[-4000:]

@@ -1,0 +1,37 @@
+"""The power calculation: seeds for a half-width and for a one-sided bound, read off the t distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy.stats import t as student_t
+from test_study import record  # this folder is on sys.path (no __init__.py)
+
+from randmask_lab.study.cells import study_cells
+from randmask_lab.study.power import power_table, seeds_for_half_width, seeds_for_lower_bound
+
+
+@pytest.mark.parametrize("sd", [0.005, 0.0127, 0.03])
+def test_half_width_seeds_are_the_smallest_that_fit(sd: float) -> None:
+    n = seeds_for_half_width(sd, 0.01)
+    width = lambda k: student_t.ppf(0.975, k - 1) * sd / math.sqrt(k)
+    assert width(n) <= 0.01 and (n == 2 or width(n - 1) > 0.01)
+
+
+def test_one_sided_seeds_and_out_of_reach() -> None:
+    n = seeds_for_lower_bound(0.005, 0.01, -0.01)
+    low = lambda k: 0.005 - student_t.ppf(0.95, k - 1) * 0.01 / math.sqrt(k)
+    assert low(n) > -0.01 and low(n - 1) <= -0.01
+    assert seeds_for_lower_bound(-0.02, 0.01, -0.01) is None  # the mean is already past the bound
+    assert seeds_for_half_width(10.0, 0.01) is None  # beyond any affordable count
+
+
+def test_power_table_pairs_seeds_and_names_each_comparison() -> None:
+    runs = []
+    for seed, (rm, lo) in enumerate([(0.80, 0.79), (0.82, 0.80), (0.81, 0.82), (0.83, 0.81)]):
+        runs += [record("sst2", "randmask", 1e-2, seed, rm, 0.5, 1e-3), record("sst2", "lora", 1e-3, seed, lo, 0.5)]
+    (row,) = power_table(list(study_cells(runs).values()))
+    assert row.name == "sst2: randmask 1e-03 − lora" and row.measured.n == 4 and row.bound == -0.01
+    assert row.half_width == seeds_for_half_width(row.measured.std, 0.01)
+    assert "seeds for a 95% half-width <= 1" in row.text(0.01)
