@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -244,7 +245,8 @@ def add_memory(rows: list[dict], quick: bool, threads: int, jobs: int, log) -> N
 def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: int, max_rounds: int,
                started: float, skipped: list[str]) -> None:
     payload = {
-        "settings": {"quick": args.quick, "threads": args.threads, "quantize": args.quantize, "min_rounds": min_rounds,
+        "settings": {"command": args.command, "quick": args.quick, "threads": args.threads, "quantize": args.quantize,
+                     "min_rounds": min_rounds,
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
                      "max_minutes": args.max_minutes, "budget_minutes": args.budget_minutes,
                      "skipped_precisions": skipped,
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write rows, targets and settings here")
     args = parser.parse_args(argv)
+    # the command that printed these numbers, kept in the JSON beside them
+    args.command = shlex.join(["python", "benchmarks/step_benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     precisions, skipped, note = choose_precisions(PRECISIONS, args.precision, bf16_native("cpu"))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:

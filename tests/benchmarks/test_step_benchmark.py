@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -122,6 +123,7 @@ def test_default_run_skips_bf16_where_it_is_not_native(tmp_path, capsys, monkeyp
     assert step_benchmark.main(args) == 0
     printed = capsys.readouterr().out
     settings = json.loads((tmp_path / "b.json").read_text())["settings"]
+    assert settings["command"] == "python benchmarks/step_benchmark.py " + shlex.join(args)  # what printed it
     if native_bf16:
         assert seen == [("fp32", 10.0), ("bf16-mixed", 10.0), ("bf16-true", 10.0)]
         assert "skipping" not in printed and settings["skipped_precisions"] == []
