@@ -88,8 +88,11 @@ class SddmmTimer:
 def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
                    ci_target: float, log=print, max_minutes: float | None = None,
                    only: list[str] | None = None, shape: str | None = None, batch: tuple[int, int] | None = None,
-                   device: str = "cpu", quantize: str = "none") -> list[dict]:
+                   device: str = "cpu", quantize: str = "none", clock=time.perf_counter) -> list[dict]:
     """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
+
+    ``clock`` times the steps and the SDDMM share: wall time, or ``time.thread_time`` (``--cpu-time``: one
+    thread's CPU time, which other processes on a busy machine inflate far less than wall time).
 
     ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
     ``shape``, ``batch``, ``device``: see ``bench_models.build_base`` / ``batch_ids`` (benchmarks/gpu uses them).
@@ -107,7 +110,7 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
         for step, _, _ in steps.values():
             step()
     rounds, capped, t_start = 0, False, time.time()
-    with SddmmTimer() as timer:
+    with SddmmTimer(clock) as timer:
         while True:
             order = list(steps) if rounds % 2 == 0 else list(reversed(steps))  # cancel position effects
             gc.collect()
@@ -115,9 +118,9 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
             try:
                 for name in order:
                     timer.seconds = 0.0
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     steps[name][0]()
-                    elapsed = time.perf_counter() - t0
+                    elapsed = clock() - t0
                     times[name].append(elapsed)
                     if name in sddmm_share:
                         sddmm_share[name].append(timer.seconds / elapsed)
@@ -246,7 +249,7 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
                started: float, skipped: list[str]) -> None:
     payload = {
         "settings": {"command": args.command, "quick": args.quick, "threads": args.threads, "quantize": args.quantize,
-                     "min_rounds": min_rounds,
+                     "min_rounds": min_rounds, "clock": "thread CPU time" if args.cpu_time else "wall time",
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
                      "max_minutes": args.max_minutes, "budget_minutes": args.budget_minutes,
                      "skipped_precisions": skipped,
@@ -289,11 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", default="none", choices=("none", "nf4", "fp4", "int8", "ao-int8"),
                         help="store the base quantized (the runner's --quantize; CPU schemes); LoRA is then QLoRA")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the thread's CPU time instead of wall time (needs --threads 1): a busy shared "
+                             "machine inflates it far less; the time budget stays in wall minutes")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
     parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write rows, targets and settings here")
     args = parser.parse_args(argv)
     # the command that printed these numbers, kept in the JSON beside them
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time measures one thread's CPU time: use it with --threads 1")
     args.command = shlex.join(["python", "benchmarks/step_benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     precisions, skipped, note = choose_precisions(PRECISIONS, args.precision, bf16_native("cpu"))
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -323,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for precision in precisions:  # each precision complete (time, then memory) before the next
         done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
-                              args.max_minutes, args.variants, quantize=args.quantize)
+                              args.max_minutes, args.variants, quantize=args.quantize,
+                              clock=time.thread_time if args.cpu_time else time.perf_counter)
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -112,7 +114,7 @@ def test_default_run_skips_bf16_where_it_is_not_native(tmp_path, capsys, monkeyp
     seen = []
 
     def fake_timing(precision, quick, min_rounds, max_rounds, warmup, ci_target, log, max_minutes, only,
-                    quantize="none"):
+                    quantize="none", clock=None):
         seen.append((precision, max_minutes))
         return [{**_row("floor", 1.0, 1000, None, precision=precision, per_entry=None), "trainable": 0,
                  "ratio_to_lora": 1.0, "adapter_bytes": 0}]
@@ -154,3 +156,27 @@ def test_merge_results(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(payload))
     with pytest.raises(SystemExit, match=r"different kinds of CPU \(AVX2/no-bf16, AVX512/bf16\)"):
         merge_results.main([str(tmp_path / "out.json"), str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+
+
+def test_cpu_time_needs_one_thread_and_reaches_the_timing(tmp_path, monkeypatch):
+    """--cpu-time times one thread's CPU time (a busy machine inflates it less); with 2 threads it would miss
+    the other thread's work, so it is refused."""
+    with pytest.raises(SystemExit):
+        step_benchmark.main(["--quick", "--cpu-time", "--threads", "2"])
+    clocks = []
+
+    def fake_timing(precision, *args, clock=None, **kwargs):
+        clocks.append(clock)
+        return [{**_row("floor", 1.0, 1000, None, precision=precision, per_entry=None), "trainable": 0,
+                 "ratio_to_lora": 1.0, "adapter_bytes": 0}]
+
+    monkeypatch.setattr(step_benchmark, "time_precision", fake_timing)
+    monkeypatch.setattr(step_benchmark, "time_masks", lambda: 1.0)
+    before = torch.get_num_threads()
+    try:
+        assert step_benchmark.main(["--quick", "--no-memory", "--precision", "fp32", "--cpu-time", "--threads", "1",
+                                    "--json", str(tmp_path / "c.json")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert clocks == [time.thread_time]
+    assert json.loads((tmp_path / "c.json").read_text())["settings"]["clock"] == "thread CPU time"
