@@ -1,14 +1,17 @@
-"""Regenerate the SmolLM2 study's results (docs/results.md) and the README's headline table from the committed files.
+"""Regenerate the studies' result pages and the README's study sections from the committed files.
 
-Runs the project's own commands on experiments/results/ and writes their output verbatim between
-docs/results.md's `<!-- study:start -->` and `<!-- study:end -->` markers, and the report's first table
-(with its protocol and legend lines) between README.md's `<!-- headline:start -->` and `<!-- headline:end -->`,
-so every number in either was printed by a command a reader can rerun:
-  randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
-  randmask figure4 experiments/results/analysis_smollm2_sst2 --out experiments/results/analysis_smollm2_sst2
-  randmask findings --from ... --theory ... --analysis ...
-  randmask study experiments/smollm2_study.json --export ... --plan   (what is left, into a scratch out-dir)
-Usage: python experiments/update_readme_study.py   (from the repository root; it runs the four commands above)
+Runs the project's own commands on experiments/results/ and writes their output verbatim between markers, so every
+number in the pages or the README was printed by a command a reader can rerun:
+- the exploratory study (experiments/smollm2_study.json) into docs/results.md (`<!-- study:start/end -->`) and its
+  main table into README.md (`<!-- headline:start/end -->`):
+    randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
+    randmask figure4 experiments/results/analysis_smollm2_sst2 --out experiments/results/analysis_smollm2_sst2
+    randmask findings --from ... --theory ... --analysis ...
+    randmask study experiments/smollm2_study.json --export ... --plan   (what is left, into a scratch out-dir)
+- the confirmatory study (experiments/smollm2_confirm.json) into docs/confirmatory.md (`<!-- confirm:start/end -->`)
+  and its verdicts into README.md (`<!-- verdicts:start/end -->`): the same report and findings, and the plan's
+  power calculation (from the study's own per-seed spreads once it has them, else from the exploratory study's).
+Usage: python experiments/update_readme_study.py [exploratory|confirm ...]   (from the repository root; both by default)
 """
 
 from __future__ import annotations
@@ -17,18 +20,37 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from randmask_lab.study.records import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = "experiments/smollm2_study.json"
-STUDY = "experiments/results/smollm2_study.jsonl"
-FIGURES = "experiments/results/smollm2_study"
-ANALYSIS = "experiments/results/analysis_smollm2_sst2"
 THEORY = "experiments/results/theory/theory_summary.json"
-STUDY_MARKERS = ("<!-- study:start -->", "<!-- study:end -->")
-HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
+ANALYSIS = "experiments/results/analysis_smollm2_sst2"
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study: its spec, its committed records, where its figures go and which markers its sections fill."""
+
+    spec: str
+    records: str
+    figures: str
+    page: str
+    page_markers: tuple[str, str]
+    readme_markers: tuple[str, str]
+
+
+EXPLORATORY = Study("experiments/smollm2_study.json", "experiments/results/smollm2_study.jsonl",
+                    "experiments/results/smollm2_study", "docs/results.md",
+                    ("<!-- study:start -->", "<!-- study:end -->"),
+                    ("<!-- headline:start -->", "<!-- headline:end -->"))
+CONFIRM = Study("experiments/smollm2_confirm.json", "experiments/results/smollm2_confirm.jsonl",
+                "experiments/results/smollm2_confirm", "docs/confirmatory.md",
+                ("<!-- confirm:start -->", "<!-- confirm:end -->"),
+                ("<!-- verdicts:start -->", "<!-- verdicts:end -->"))
+STUDIES = {"exploratory": EXPLORATORY, "confirm": CONFIRM}
 
 
 def run(*args: str) -> str:
@@ -38,9 +60,9 @@ def run(*args: str) -> str:
     return done.stdout.strip()
 
 
-def status() -> str:
-    """Records, runs per task, and the compute the finished runs took (all attempts up to their checkpoints)."""
-    records = read_jsonl(ROOT / STUDY)
+def status(study: Study) -> str:
+    """Records, runs per task, the machines they ran on, and the compute the finished runs took."""
+    records = read_jsonl(ROOT / study.records)
     per_task = Counter(r.config["task"] for r in records)
     hours = sum(r.compute_seconds for r in records) / 3600
     tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
@@ -53,49 +75,62 @@ def status() -> str:
            f"{sum(r.compute_cpu_seconds or 0.0 for r in timed) / 3600:.1f} CPU-hours (wall time also counts pauses "
            "of the workers" + (f"; {unknown} of them, resumed before earlier attempts' CPU time was kept, count "
                                 "their finishing attempt only" if unknown else "") + ").") if timed else ""
-    return (f"`{STUDY}` holds {len(records)} records (runs per task: {tasks}); their wall times sum to "
-            f"{hours:.1f} worker-hours (one thread each, two workers sharing the two cores).{carried}{cpu}")
+    machines = Counter(f"{r.machine['cpu_model']} ({r.machine['cpu_kind']})" if r.machine else "not recorded"
+                       for r in records)
+    where = ", ".join(f"{name} {n}" for name, n in machines.most_common())
+    return (f"`{study.records}` holds {len(records)} records (runs per task: {tasks}; machines: {where}); their wall "
+            f"times sum to {hours:.1f} worker-hours (one thread each, two workers sharing the two cores)."
+            f"{carried}{cpu}")
 
 
-def progress() -> str:
-    """Whether the study is complete, by the plan a fresh machine would make from the committed file."""
+def plan(study: Study, *extra: str) -> list[str]:
+    """`randmask study --plan` as a fresh machine would print it from the committed file alone."""
     with tempfile.TemporaryDirectory() as scratch:  # an empty out-dir: only the committed records count
-        plan = run("study", SPEC, "--out-dir", scratch, "--export", STUDY, "--plan").splitlines()
-    # the summary line (a power calculation follows it since --plan has one)
-    left = next(line for line in plan if " runs planned next" in line)
-    command = f"`randmask study {SPEC} --export {STUDY} --plan`"
+        return run("study", study.spec, "--out-dir", scratch, "--export", study.records, "--plan", *extra).splitlines()
+
+
+def progress(study: Study, lines: list[str]) -> str:
+    """Whether the study is complete, from its plan's summary line."""
+    left = next(line for line in lines if " runs planned next" in line)
+    command = f"`randmask study {study.spec} --export {study.records} --plan`"
     if left.startswith("0 runs planned next"):
         return f"The study is complete: {command} plans no more runs."
     return (f"The study is still running (it continues in the next session from the committed file); {command} "
-            f"printed \"{left}\". Cells with `(n=1)` wait for seeds 1 and 2 and are not results yet, and a "
-            "finding on fewer than four tasks is provisional.")
+            f"printed \"{left}\". Cells with `(n=1)` wait for more seeds and are not results yet, and a "
+            "finding on fewer tasks than the study has is provisional.")
 
 
-def report() -> list[str]:
+def report(study: Study) -> list[str]:
     """`randmask report`'s lines (it also rewrites the figures), less its "wrote <file>" notes."""
-    return [line for line in run("report", "--from", STUDY, "--figures", FIGURES).splitlines()
+    return [line for line in run("report", "--from", study.records, "--figures", study.figures).splitlines()
             if not line.startswith("wrote ")]
 
 
-def headline(lines: list[str]) -> str:
+def headline(study: Study, lines: list[str]) -> str:
     """The README's short version: the report's first table (the study's main one), its protocol and legend lines."""
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     notes = [line for line in lines if line.startswith(("Protocols:", "Cells:"))]
-    return "\n".join([f"`randmask report --from {STUDY}` printed (the main table; the paired differences, figures and "
-                      "the paper's findings are in [the study results](docs/results.md)):", "",
+    return "\n".join([f"`randmask report --from {study.records}` printed (the main table; the paired differences, "
+                      f"figures and the paper's findings are in [the study results]({study.page})):", "",
                       *lines[start:end], "", *notes])
 
 
-def section(lines: list[str], up: str) -> str:
-    """The full study section; ``up`` leads from the page it goes into to the repository root (for figures)."""
-    FIGURES_, ANALYSIS_ = up + FIGURES, up + ANALYSIS
-    parts = [status(), "", progress(), "",
-             f"`randmask report --from {STUDY} --figures {FIGURES}` printed:", "", *lines, "",
-             f"![Fig. 3 analogue]({FIGURES_}/smollm2-135m_lr_curves.png)", ""]
-    if (ROOT / FIGURES / "smollm2-135m_structured.png").is_file():
-        parts += [f"![structured vs random]({FIGURES_}/smollm2-135m_structured.png)", ""]
-    findings = ["findings", "--from", STUDY, "--theory", THEORY]
+def figure_lines(study: Study, up: str) -> list[str]:
+    """Markdown images for the figures the report wrote, that exist."""
+    shown = [("lr_curves", "Fig. 3 analogue"), ("structured", "structured vs random"),
+             ("sparsity", "Table 5 analogue: test accuracy against the trainable ratio, beside the paper's "
+                          "OPT-125m row")]
+    return [f"![{alt}]({up}{study.figures}/smollm2-135m_{name}.png)\n" for name, alt in shown
+            if (ROOT / study.figures / f"smollm2-135m_{name}.png").is_file()]
+
+
+def exploratory_section(study: Study, lines: list[str], up: str) -> str:
+    """The exploratory study's page section; ``up`` leads from the page to the repository root (for figures)."""
+    parts = [status(study), "", progress(study, plan(study)), "",
+             f"`randmask report --from {study.records} --figures {study.figures}` printed:", "", *lines, "",
+             *figure_lines(study, up)]
+    findings = ["findings", "--from", study.records, "--theory", THEORY]
     if (ROOT / ANALYSIS).is_dir():
         table = run("figure4", ANALYSIS, "--out", ANALYSIS)
         parts += [f"`randmask figure4 {ANALYSIS} --out {ANALYSIS}` printed the Fig. 4 analogue, measured by "
@@ -106,10 +141,46 @@ def section(lines: list[str], up: str) -> str:
                   "each cell's chosen LR; seeds 0-2 (each seed its own mask, batch and run); the distance is the "
                   "L2 norm of the weight delta (LoRA: of its merged delta):", "",
                   *[line for line in table.splitlines() if not line.startswith("wrote ")], "",
-                  f"![Fig. 4a analogue]({ANALYSIS_}/lambda_max.png) ![Fig. 4b analogue]({ANALYSIS_}/distance.png)", ""]
+                  f"![Fig. 4a analogue]({up}{ANALYSIS}/lambda_max.png) "
+                  f"![Fig. 4b analogue]({up}{ANALYSIS}/distance.png)",
+                  ""]
         findings += ["--analysis", ANALYSIS]
     parts += [f"`randmask {' '.join(findings)}` printed:", "", "```", run(*findings), "```"]
     return "\n".join(parts)
+
+
+def confirm_plan(study: Study) -> list[str]:
+    """The plan with its power calculation: the study's own spreads once it has paired seeds, else the first study's."""
+    own = plan(study)
+    if any(line.startswith("power (per-seed spreads measured in this study's finished runs") for line in own):
+        return own
+    return plan(study, "--power-from", EXPLORATORY.records)
+
+
+def confirm_findings(study: Study) -> str:
+    return run("findings", "--from", study.records)
+
+
+def confirm_section(study: Study, lines: list[str], up: str) -> str:
+    """The confirmatory study's page section: compute, progress, power, report, figures, the decided rules."""
+    planned = confirm_plan(study)
+    power = planned[next((i for i, line in enumerate(planned) if line.startswith("power")), len(planned)):]
+    return "\n".join([
+        status(study), "", progress(study, planned), "",
+        "The seed counts come from this power calculation (`randmask study ... --plan`; the spec's 10 seeds is the "
+        "issue's floor, SST-2's randmask − LoRA needs 9):", "", "```", *power, "```", "",
+        f"`randmask report --from {study.records} --figures {study.figures}` printed:", "", *lines, "",
+        *figure_lines(study, up),
+        f"`randmask findings --from {study.records}` printed:", "", "```", confirm_findings(study), "```"])
+
+
+def verdicts(study: Study) -> str:
+    """The README's short version of the confirmatory study: the headline of each rule, and the compute spent."""
+    rules = [line for line in confirm_findings(study).splitlines() if line.startswith(("(a)", "(e)"))]
+    curve = [line for line in figure_lines(study, "") if "_sparsity.png" in line]
+    return "\n".join([f"`randmask findings --from {study.records}` printed (rules (a) and (e); the rest, the tables "
+                      f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
+                      status(study), "", *curve])
 
 
 def replace_between(path: Path, markers: tuple[str, str], body: str) -> None:
@@ -126,12 +197,28 @@ def replace_between(path: Path, markers: tuple[str, str], body: str) -> None:
     print(f"updated {path.relative_to(ROOT)} between {start} and {end}")
 
 
-def main() -> int:
-    lines = report()
-    replace_between(ROOT / "docs" / "results.md", STUDY_MARKERS, section(lines, up="../"))
-    replace_between(ROOT / "README.md", HEADLINE_MARKERS, headline(lines))
+def update(name: str) -> None:
+    study = STUDIES[name]
+    if not (ROOT / study.records).is_file():
+        print(f"{study.records} does not exist yet: nothing to write for the {name} study")
+        return
+    lines = report(study)
+    if study is EXPLORATORY:
+        replace_between(ROOT / study.page, study.page_markers, exploratory_section(study, lines, up="../"))
+        replace_between(ROOT / "README.md", study.readme_markers, headline(study, lines))
+    else:
+        replace_between(ROOT / study.page, study.page_markers, confirm_section(study, lines, up="../"))
+        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study))
+
+
+def main(argv: list[str]) -> int:
+    unknown = sorted(set(argv) - set(STUDIES))
+    if unknown:
+        sys.exit(f"unknown study {unknown[0]!r}; choose from {', '.join(STUDIES)} (or none for both)")
+    for name in argv or list(STUDIES):
+        update(name)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -6,6 +6,7 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
+from randmask_lab.argtypes import positive_int
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.records import export_jsonl, read_jsonl
 
@@ -109,8 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     std.add_argument("spec", help="the study spec (JSON), e.g. experiments/smollm2_study.json")
     std.add_argument("--out-dir", default="runs/study", help="run folders and results.sqlite (default: runs/study)")
     std.add_argument("--export", help="re-write this JSONL study file after every run")
-    std.add_argument("--max-runs", type=int, help="stop after this many runs (the next call goes on)")
-    std.add_argument("--threads", type=int, help="torch CPU threads per run")
+    std.add_argument("--max-runs", type=positive_int, help="stop after this many runs (the next call goes on)")
+    std.add_argument("--threads", type=positive_int, help="torch CPU threads per run")
     std.add_argument("--lease-seconds", type=float, help="a run's lease expires this long after its last "
                      "heartbeat (default 60); raise it when workers may be paused (kill -STOP)")
     std.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False, help="progress bars")

@@ -18,13 +18,14 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from randmask import read_json_limited
+from randmask_lab.errors import RunError
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
@@ -173,6 +174,9 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
     return Verdict("c", claim, verdict, evidence)
 
 
+MAX_THEORY_BYTES = 1 << 20  # a summary is a few KB; a bigger file is not one
+
+
 def finding_d(theory_summary: dict[str, Any] | None) -> Verdict:
     claim = "the simulator's eigenvalues lie within Theorem 5.1's band"
     if theory_summary is None:
@@ -182,6 +186,22 @@ def finding_d(theory_summary: dict[str, Any] | None) -> Verdict:
     evidence = [f"p={p}: max |λ_i(XMXᵀ) − p λ_i(XXᵀ)| = {v['deviation_max']:.4g} vs bound {v['thm51_bound']:.4g}"
                 for p, v in per_p.items()]
     return Verdict("d", claim, HOLDS if all(inside.values()) else FAILS, evidence)
+
+
+def read_theory_summary(path: str | Path) -> dict[str, Any]:
+    """The ``theory_summary.json`` that `randmask theory` wrote, checked: a bounded read, and a ``per_p`` table of
+    finite ``deviation_max`` / ``thm51_bound`` numbers (RunError naming the file otherwise, never a KeyError)."""
+    fix = "give the theory_summary.json that `randmask theory` wrote"
+    summary = read_json_limited(path, MAX_THEORY_BYTES, "theory summary", fix=fix, error=RunError)
+    per_p = summary.get("per_p") if isinstance(summary, dict) else None
+    if not isinstance(per_p, dict) or not per_p:
+        raise RunError(f"theory summary {path} has no per_p table; {fix}")
+    for p, row in per_p.items():
+        if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) and math.isfinite(row[k])
+                for k in ("deviation_max", "thm51_bound")):
+            raise RunError(f"theory summary {path}: per_p[{p!r}] lacks finite deviation_max and thm51_bound; {fix}")
+    return summary
 
 
 def finding_e(cells: Sequence[StudyCell]) -> Verdict:
@@ -205,5 +225,5 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
 def findings(cells: Sequence[StudyCell], analysis_dirs: Sequence[str | Path] = (),
              theory_file: str | Path | None = None) -> list[Verdict]:
     """All five verdicts."""
-    theory = json.loads(Path(theory_file).read_text()) if theory_file else None
+    theory = read_theory_summary(theory_file) if theory_file else None
     return [finding_a(cells), finding_b(cells), finding_c(analysis_dirs), finding_d(theory), finding_e(cells)]

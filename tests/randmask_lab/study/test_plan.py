@@ -185,3 +185,13 @@ def test_only_stages_keeps_their_cells_and_names_a_missing_stage() -> None:
     assert [c.method for c in s.only_stages([1]).cells] == ["randmask"] and s.only_stages(None) is s
     with pytest.raises(RunError, match="has no stage 4; its stages are 0, 1"):
         s.only_stages([4])
+
+
+@pytest.mark.parametrize("option", [["--max-runs", "-1"], ["--max-runs", "0"], ["--threads", "0"]])
+def test_study_counts_must_be_positive(option, capsys):
+    """`--max-runs -1` was taken (and ran nothing); now argparse names the option."""
+    from randmask_lab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", "experiments/smollm2_confirm.json", *option, "--plan"])
+    assert exit_.value.code == 2 and f"argument {option[0]}: must be a positive integer" in capsys.readouterr().err
