@@ -40,8 +40,10 @@ wheel-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 
+# {cpu}: this CPU's kind (avx2-no-bf16, avx512-bf16, ...): each kind of machine keeps its own table. The bf16
+# precisions run only where bf16 is native; 40 minutes of timing in all, plus the memory phase.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_benchmark.py --json benchmarks/results/step_benchmark.json
+	$(BIN)/python benchmarks/step_benchmark.py --budget-minutes 40 --json 'benchmarks/results/step_benchmark_{cpu}.json'
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/step_benchmark.py --quick

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from randmask_lab.experiment.attention import folded
+from randmask_lab.machine import bf16_native, describe
 
 B, HQ, HKV, T, D = 8, 9, 3, 184, 64
 
@@ -63,7 +64,10 @@ def main() -> None:
             run()
             if r >= 3:  # 3 warm-up rounds
                 times[name].append(time.perf_counter() - start)
-    print(f"one attention layer, forward + backward, {args.threads} threads, median of {args.rounds} rounds:")
+    print(f"one attention layer, forward + backward, {args.threads} threads, median of {args.rounds} rounds, "
+          f"on {describe()}:")
+    if not bf16_native("cpu"):
+        print("(this CPU has no native bf16: its bf16 rows time emulated bf16 matmuls)")
     print("| kernel | ms |\n|---|---:|")
     for name, ts in times.items():
         print(f"| {name} | {1e3 * statistics.median(ts):.1f} |")

@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="none")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.variant, args.precision, args.quick, args.threads, args.quantize)))
+    from randmask_lab.machine import machine_info  # after measure(): not part of the measured load
+
+    measured = measure(args.variant, args.precision, args.quick, args.threads, args.quantize)
+    print(json.dumps({**measured, "machine": machine_info()}))
     return 0
 
 

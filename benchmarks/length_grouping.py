@@ -5,8 +5,9 @@
 
 First, with the tokenizer only: the padded tokens of the study's epochs (the study's sample, order
 seed and batch 8) over the real tokens, for both orders, per task. Then, unless ``--steps 0``, the
-runner's own training step (``Trainer.step`` of randmask 1e-3, bf16-mixed, prompts cut at 512 tokens,
-as the study runs it) on the first ``--steps`` batches of epoch 1 in each order, interleaved: round r
+runner's own training step (``Trainer.step`` of randmask 1e-3, prompts cut at 512 tokens, as the study
+runs it; bf16-mixed where this CPU has native bf16, else 32: ``--precision`` picks) on the first
+``--steps`` batches of epoch 1 in each order, interleaved: round r
 times plain batch r and grouped batch r back to back, first in turn. The batches differ, so a round's
 ratio means little; the epoch's does: reported is sum(plain) / sum(grouped) per pass over the steps
 (``--repeats``: the spread between passes is the timing noise), and for all passes pooled a bootstrap
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from precision_step import build
+from randmask_lab.machine import bf16_native, describe, machine_info
 
 MAX_LENGTH = 512  # the study's prompts are cut here (experiments/smollm2_study.json)
 
@@ -89,8 +91,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="timed rounds (0: padding table only)")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the timed steps")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--precision", choices=["32", "bf16-mixed"], default=None,
+                        help="precision of the timed steps (default: bf16-mixed where bf16 is native, else 32)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
+    precision = args.precision or ("bf16-mixed" if bf16_native("cpu") else "32")
     torch.set_num_threads(args.threads)
     protocol = {"sst2": 500, "rte": 250, "cb": 200, "boolq": 250}  # experiments/smollm2_study.json
     protocol[args.task] = args.n_train
@@ -99,10 +104,11 @@ def main() -> None:
     print("| task | n_train | median tokens | plain order | grouped by length |\n|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['task']} | {r['n_train']} | {r['median_tokens']:g} | {r['plain']:.2f}x | {r['grouped']:.2f}x |")
-    result = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__, "padding": rows}
+    result = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__, "machine": machine_info(),
+              "padding": rows}
     if args.steps > 0:
         with tempfile.TemporaryDirectory() as tmp:
-            trainer, _, _ = build("bf16-mixed", "auto", args.model, args.task, args.n_train, Path(tmp), MAX_LENGTH)
+            trainer, _, _ = build(precision, "auto", args.model, args.task, args.n_train, Path(tmp), MAX_LENGTH)
             from randmask_lab.experiment.data import item_length
 
             lengths = [item_length(x) for x in trainer.data.train]
@@ -121,11 +127,13 @@ def main() -> None:
                         times[g].append(time.perf_counter() - start)
                 passes.append(round(sum(times[False][done:]) / sum(times[True][done:]), 3))
         timing = epoch_ratio(times[False], times[True])
-        print(f"\n{args.task}, randmask 1e-3, bf16-mixed, {args.threads} threads, first {len(batches[False])} steps "
+        print(f"\n{args.task}, randmask 1e-3, {precision}, {args.threads} threads, on {describe()}, "
+              f"first {len(batches[False])} steps "
               f"of epoch 1, {args.repeats} passes: plain / grouped time {', '.join(f'{p:.2f}x' for p in passes)}; "
               f"pooled {timing['speedup']:.2f}x (bootstrap 95% CI over rounds {timing['ci95'][0]:.2f}-"
               f"{timing['ci95'][1]:.2f})")
-        result["timing"] = {**timing, "passes": passes, "task": args.task, "plain_s": times[False],
+        result["timing"] = {**timing, "passes": passes, "task": args.task, "precision": precision,
+                            "plain_s": times[False],
                             "grouped_s": times[True]}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from randmask_lab.machine import describe, machine_info
+
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -37,7 +39,7 @@ def build(batch: int):
 
     hf_logging.disable_progress_bar()
 
-    config = RunConfig(model="smollm2-135m", task="rte", method="randmask", ratio=1e-4, n_train=batch,
+    config = RunConfig(model="smollm2-135m", task="rte", method="randmask", trainable_ratio=1e-4, n_train=batch,
                        n_val=1, n_test=0)
     spec = check_names(config)
     model, tokenizer = load_model(config, spec, "lm")
@@ -91,6 +93,7 @@ def main() -> None:
             times[v].append(time.perf_counter() - t)
     median = {v: statistics.median(ts) for v, ts in times.items()}
     result = {
+        "machine": machine_info(),
         "model": "smollm2-135m", "task": "rte", "batch": args.batch, "rounds": args.rounds,
         "tokens_per_prompt_mean": statistics.fmean(tokens), "scored_positions_per_prompt": 1,
         "threads": torch.get_num_threads(),
@@ -99,7 +102,7 @@ def main() -> None:
         "speedup_positions_only_vs_per_candidate_full": median["per_candidate_full"] / median["positions_only"],
     }
     print(f"RTE prompts: {statistics.fmean(tokens):.0f} tokens on average, batch {args.batch}, "
-          f"{args.rounds} rounds, {torch.get_num_threads()} threads")
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads, on {describe(result['machine'])}")
     for v in variants:
         print(f"  {v:<20} {median[v] / median['positions_only']:.2f}x the positions-only step time")
     print(f"positions-only logits: {result['speedup_positions_only_vs_full_logits']:.2f}x faster than full "

@@ -3,7 +3,8 @@
     python benchmarks/merge_results.py OUT.json IN1.json IN2.json ...
 
 Rows are concatenated in input order (a precision may appear in only one input), the targets are
-re-evaluated over all rows, and each input's settings are kept under ``runs``.
+re-evaluated over all rows, and each input's settings are kept under ``runs``. Inputs measured on
+different kinds of CPU (``settings.machine.cpu_kind``) are refused.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ from pathlib import Path
 from step_benchmark import check_targets
 
 
+def _cpu_kind(settings: dict) -> str:
+    machine = settings.get("machine")
+    return machine.get("cpu_kind", "unknown") if isinstance(machine, dict) else "not recorded"
+
+
 def merge(inputs: list[Path]) -> dict:
     payloads = [json.loads(p.read_text()) for p in inputs]
     rows = [r for p in payloads for r in p["rows"]]
     seen = [(r["precision"], r["variant"]) for r in rows]
     if len(seen) != len(set(seen)):
         raise SystemExit("the inputs overlap: a (precision, variant) row appears twice")
+    kinds = {_cpu_kind(p["settings"]) for p in payloads}
+    if len(kinds) > 1:  # one table, one kind of CPU: ratios from an AVX2 and an AMX machine do not mix
+        raise SystemExit(f"the inputs were measured on different kinds of CPU ({', '.join(sorted(kinds))}); "
+                         "merge runs of one kind only")
     return {
         "runs": [{"file": str(path), **p["settings"]} for path, p in zip(inputs, payloads)],
         "mask_draw_ms_80x5120sq_p1e-3": [p["mask_draw_ms_80x5120sq_p1e-3"] for p in payloads],

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench_stats import summarize
+from randmask_lab.machine import bf16_native, describe, machine_info
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -37,34 +38,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def build(name: str, attention: str, model_name: str, task: str, n: int, workdir: Path, max_length: int = 1024):
     """A Trainer for one precision variant and the indices of its one batch (prompts cut at ``max_length``)."""
     from randmask_lab.experiment import RunConfig
-    from randmask_lab.experiment.build import (
-        check_names,
-        load_data,
-        load_model,
-        make_objective,
-        prepare,
-        resolve_mode,
-        run_head_modules,
-        sample_splits,
-    )
+    from randmask_lab.experiment.build import assemble
     from randmask_lab.experiment.distributed import DistContext
     from randmask_lab.experiment.loop import Trainer
     from randmask_lab.experiment.precision import PrecisionPlan
 
-    config = RunConfig(model=model_name, task=task, method="randmask", ratio=1e-3, lr=1e-3, n_train=n, n_val=1,
-                       n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
+    config = RunConfig(model=model_name, task=task, method="randmask", trainable_ratio=1e-3, lr=1e-3, n_train=n,
+                       n_val=1, n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,
                        out_dir=str(workdir), max_length=max_length)
-    spec = check_names(config)
-    mode = resolve_mode(config, spec)
-    plan = PrecisionPlan(name, torch.device("cpu"), attention)
-    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype)
-    kernel = plan.setup_attention(model)
-    data = load_data(config, spec, mode, tokenizer, sample_splits(config, spec))
-    prepared = prepare(config, model, total_steps=10)
-    plan.cast_trainable(prepared.model, prepared.fp32_trainable)
-    trainer = Trainer(config, prepared, data, make_objective(config, data, tokenizer), run_head_modules(config, model),
-                      plan, DistContext(), workdir / f"{name}-{attention}")
-    return trainer, list(range(len(data.train))), kernel
+    parts = assemble(config, plan=PrecisionPlan(name, torch.device("cpu"), attention), total_steps=10)
+    trainer = Trainer(parts, DistContext(), workdir / f"{name}-{attention}")
+    return trainer, list(range(len(parts.data.train))), parts.attention
 
 
 def summary(times: dict[tuple[str, str], list[float]], attention: dict[tuple[str, str], str]) -> list[dict]:
@@ -116,7 +100,8 @@ def main() -> None:
             meta, rows = resummarize(args.summarize)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # json errors are ValueErrors
             parser.error(f"--summarize {args.summarize}: not a saved precision_step run ({type(e).__name__}: {e})")
-        print(f"{meta['command']}: {meta['model']}, {meta['task']}, batch {meta['batch']}, {meta['threads']} threads")
+        print(f"{meta['command']}: {meta['model']}, {meta['task']}, batch {meta['batch']}, {meta['threads']} threads, "
+              f"on {describe(meta['machine']) if 'machine' in meta else 'a CPU it did not record'}")
         print(table(rows))
         if args.json:
             saved = json.loads(args.summarize.read_text())
@@ -128,7 +113,11 @@ def main() -> None:
     variants = [("32", "auto")] + [v for v in variants if v != ("32", "auto")]
     meta = {"model": args.model, "task": args.task, "batch": args.batch, "threads": args.threads,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "command": " ".join(["python", *sys.argv])}
+            "machine": machine_info(), "command": " ".join(["python", *sys.argv])}
+    print(f"on {describe(meta['machine'])}", flush=True)
+    if not bf16_native("cpu") and any(v[0].startswith("bf16") for v in variants):
+        print("warning: this CPU has no native bf16 (no AMX or avx512_bf16): its bf16 steps run many times slower "
+              "than fp32, so this takes hours (--variants with fewer bf16 ones is shorter)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         built = {v: build(*v, args.model, args.task, args.batch, Path(tmp)) for v in variants}
         meta["context_tokens"] = sum(len(x.context) for x in built[variants[0]][0].data.train)
@@ -151,7 +140,8 @@ def main() -> None:
                 args.json.write_text(json.dumps({"meta": meta, "rows": summary(times, attention), "times": {
                     f"{a}/{b}": t for (a, b), t in times.items()}}, indent=1) + "\n")
     print(f"\n{args.model}, {args.task}, batch {args.batch} ({meta['context_tokens']} context tokens), randmask 1e-3, "
-          f"{args.threads} threads, {args.rounds} rounds; median step time and speed-up over 32 (bootstrap 95% CI):")
+          f"{args.threads} threads, {args.rounds} rounds, on {describe(meta['machine'])}; median step time and "
+          "speed-up over 32 (bootstrap 95% CI):")
     print(table(summary(times, attention)))
     if args.json:
         print(f"wrote {args.json}")

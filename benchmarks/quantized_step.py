@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench_stats import paired_ratios, summarize
+from randmask_lab.machine import describe, machine_info
 
 warnings.filterwarnings("ignore")
 VARIANTS = ("randmask 1e-3 {q}", "randmask 1e-3 float", "qlora r=8 {q}", "shira r=8 {q}")
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.threads), "--memory-of", row["variant"]]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"on {describe()}, {args.threads} threads\n")
     print("| variant | step time / QLoRA's [95% CI] | peak RSS MB (above load) | trainable |")
     print("|---|---:|---:|---:|")
     for r in rows:
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.get('trainable', '')} |")
     if args.json:
         payload = {"settings": {"quantize": args.quantize, "rounds": args.rounds, "warmup": args.warmup,
-                                "threads": args.threads, "torch": torch.__version__,
+                                "threads": args.threads, "torch": torch.__version__, "machine": machine_info(),
                                 "command": "python benchmarks/quantized_step.py " + " ".join(argv or sys.argv[1:])},
                    "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)

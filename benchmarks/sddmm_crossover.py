@@ -23,6 +23,7 @@ import torch
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
+from randmask_lab.machine import describe
 
 warnings.filterwarnings("ignore")
 
@@ -68,7 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    print(f"tokens={args.tokens} threads={args.threads} dtype={args.dtype}; times relative to dense g^T x\n")
+    print(f"tokens={args.tokens} threads={args.threads} dtype={args.dtype}; times relative to dense g^T x; "
+          f"on {describe()}, native kernel path: {native.compiled_path() or 'not built'}\n")
     print("| shape | density | nnz | dense ms | gather | sampled_addmm (raw) | compact | native | ops.sddmm picks |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for out_f, in_f in [(768, 768), (3072, 768), (768, 3072)]:

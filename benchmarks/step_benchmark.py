@@ -2,6 +2,13 @@
 
     python benchmarks/step_benchmark.py [--quick] [--precision fp32,bf16-mixed,bf16-true] [--quantize nf4] [--json PATH]
 
+PATH may hold ``{cpu}``, replaced by this CPU's kind (``randmask_lab.machine.cpu_kind``: e.g.
+``avx2-no-bf16``), so that runs on different kinds of CPU write different files (``make bench`` does).
+By default every precision is timed, except the bf16 ones on a CPU without native bf16 (oneDNN's own
+check: no AMX or avx512_bf16), where a bf16 step runs many times slower than fp32: the run says it
+skipped them, and ``--precision`` naming them runs them anyway. The JSON's ``settings.machine`` and the
+printed tables name the CPU.
+
 Model, variants and precisions: see benchmarks/bench_models.py (OPT-125m shapes, batch 8 x 128,
 causal-LM loss, CPU). Two separate phases:
 
@@ -25,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -34,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from bench_machine import choose_precisions, json_path, kernel_line
 from bench_memory import measure_in_subprocess
 from bench_models import (
     PRECISIONS,
@@ -48,21 +57,24 @@ from bench_models import (
     variant_names,
 )
 from bench_stats import paired_ratios, summarize
-from randmask import ops
+from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
+from randmask_lab.machine import bf16_native, describe, machine_info
 
 
 class SddmmTimer:
-    """Accumulates the wall time spent in ``randmask.ops.sddmm`` (the masked weight gradient)."""
+    """Accumulates the time spent in ``randmask.ops.sddmm`` (the masked weight gradient): wall time, or
+    ``clock``'s (``time.thread_time`` for a 1-thread run on a busy machine)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
         self.seconds = 0.0
         self._inner = ops.sddmm
+        self._clock = clock
 
     def __call__(self, *args):
-        t0 = time.perf_counter()
+        t0 = self._clock()
         out = self._inner(*args)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += self._clock() - t0
         return out
 
     def __enter__(self) -> SddmmTimer:
@@ -76,8 +88,11 @@ class SddmmTimer:
 def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int, warmup: int,
                    ci_target: float, log=print, max_minutes: float | None = None,
                    only: list[str] | None = None, shape: str | None = None, batch: tuple[int, int] | None = None,
-                   device: str = "cpu", quantize: str = "none") -> list[dict]:
+                   device: str = "cpu", quantize: str = "none", clock=time.perf_counter) -> list[dict]:
     """The timing phase at one precision: rows with ratio medians and CIs (memory filled in later).
+
+    ``clock`` times the steps and the SDDMM share: wall time, or ``time.thread_time`` (``--cpu-time``: one
+    thread's CPU time, which other processes on a busy machine inflate far less than wall time).
 
     ``max_minutes`` (of timed rounds) may stop it before ``min_rounds``: the rows then say ``time_capped``.
     ``shape``, ``batch``, ``device``: see ``bench_models.build_base`` / ``batch_ids`` (benchmarks/gpu uses them).
@@ -95,7 +110,7 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
         for step, _, _ in steps.values():
             step()
     rounds, capped, t_start = 0, False, time.time()
-    with SddmmTimer() as timer:
+    with SddmmTimer(clock) as timer:
         while True:
             order = list(steps) if rounds % 2 == 0 else list(reversed(steps))  # cancel position effects
             gc.collect()
@@ -103,9 +118,9 @@ def time_precision(precision: str, quick: bool, min_rounds: int, max_rounds: int
             try:
                 for name in order:
                     timer.seconds = 0.0
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     steps[name][0]()
-                    elapsed = time.perf_counter() - t0
+                    elapsed = clock() - t0
                     times[name].append(elapsed)
                     if name in sddmm_share:
                         sddmm_share[name].append(timer.seconds / elapsed)
@@ -231,13 +246,19 @@ def add_memory(rows: list[dict], quick: bool, threads: int, jobs: int, log) -> N
 
 
 def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: int, max_rounds: int,
-               started: float) -> None:
+               started: float, skipped: list[str]) -> None:
     payload = {
-        "settings": {"quick": args.quick, "threads": args.threads, "quantize": args.quantize, "min_rounds": min_rounds,
+        "settings": {"command": args.command, "quick": args.quick, "threads": args.threads, "quantize": args.quantize,
+                     "min_rounds": min_rounds, "clock": "thread CPU time" if args.cpu_time else "wall time",
                      "max_rounds": max_rounds, "warmup": args.warmup, "ci_target": args.ci_target,
+                     "max_minutes": args.max_minutes, "budget_minutes": args.budget_minutes,
+                     "skipped_precisions": skipped,
                      "torch": torch.__version__, "python": platform.python_version(),
-                     "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "sddmm_kernel": ops.weight_gradient_kernel(),
+                     "machine": machine_info(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                     # other processes' demand on the CPUs (1, 5, 15 min), at the start and now: a shared
+                     # machine's ratios are as good as their CIs, and this says why those are wide
+                     "load_average": {"start": args.load_at_start, "end": [round(x, 2) for x in os.getloadavg()]},
+                     "sddmm_kernel": ops.weight_gradient_kernel(), "sddmm_kernel_path": native.compiled_path(),
                      "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
                      "minutes": round((time.time() - started) / 60, 1)},
         "mask_draw_ms_80x5120sq_p1e-3": round(mask_ms, 1),
@@ -253,25 +274,36 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model (4x256), batch 4x64, few rounds")
-    parser.add_argument("--precision", default=",".join(PRECISIONS),
-                        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all)")
+    parser.add_argument("--precision", default=None,
+                        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all where bf16 is "
+                             "native, else fp32 only)")
     parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds (default 20; quick 3)")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap on rounds (default 40; quick 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop timing a precision after this many minutes even below --rounds (a shared "
                              "machine's deadline); its rows then say time_capped")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="the timing phase's minutes over all precisions timed here, shared equally (make bench: "
+                             "the same bound on a machine that times fp32 only and on one that times all three)")
     parser.add_argument("--variants", type=lambda s: [v.strip() for v in s.split(",")], default=None,
                         help="comma-separated subset of variants (the floor and LoRA references are always in)")
     parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
     parser.add_argument("--quantize", default="none", choices=("none", "nf4", "fp4", "int8", "ao-int8"),
                         help="store the base quantized (the runner's --quantize; CPU schemes); LoRA is then QLoRA")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the thread's CPU time instead of wall time (needs --threads 1): a busy shared "
+                             "machine inflates it far less; the time budget stays in wall minutes")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
     parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write rows, targets and settings here")
     args = parser.parse_args(argv)
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    # the command that printed these numbers, kept in the JSON beside them
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time measures one thread's CPU time: use it with --threads 1")
+    args.command = shlex.join(["python", "benchmarks/step_benchmark.py", *(sys.argv[1:] if argv is None else argv)])
+    precisions, skipped, note = choose_precisions(PRECISIONS, args.precision, bf16_native("cpu"))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         parser.error(f"unknown precision {unknown}; use a subset of {','.join(PRECISIONS)}")
@@ -280,30 +312,42 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(args.variants or []) - set(known))
         if unknown:
             parser.error(f"unknown variants {unknown} at {precision}; known: {', '.join(known)}")
+    if args.budget_minutes is not None:
+        share = args.budget_minutes / len(precisions)
+        args.max_minutes = share if args.max_minutes is None else min(args.max_minutes, share)
     min_rounds = args.rounds or (3 if args.quick else 20)
     max_rounds = max(min_rounds, args.max_rounds or (3 if args.quick else 40))
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     started = time.time()
+    args.load_at_start = [round(x, 2) for x in os.getloadavg()]
+    print(f"on {describe()}; {kernel_line()}", flush=True)
+    if note:
+        print(note, flush=True)
+    out = json_path(args.json) if args.json else None
 
     mask_ms = time_masks()
     log(f"masks for 80 x 5120^2 at p=1e-3: {mask_ms:.1f} ms")
     rows: list[dict] = []
     for precision in precisions:  # each precision complete (time, then memory) before the next
         done = time_precision(precision, args.quick, min_rounds, max_rounds, args.warmup, args.ci_target, log,
-                              args.max_minutes, args.variants, quantize=args.quantize)
+                              args.max_minutes, args.variants, quantize=args.quantize,
+                              clock=time.thread_time if args.cpu_time else time.perf_counter)
         if not args.no_memory:
             add_memory(done, args.quick, args.threads, args.memory_jobs, log)
         rows += done
-        if args.json:  # after every precision, so an interrupted run keeps what it finished
-            write_json(args.json, rows, mask_ms, args, min_rounds, max_rounds, started)
+        if out:  # after every precision, so an interrupted run keeps what it finished
+            write_json(out, rows, mask_ms, args, min_rounds, max_rounds, started, skipped)
     for precision in precisions:
-        print(f"\n### {precision}\n")
+        print(f"\n### {precision} (on {describe()})\n")
         print(format_table([r for r in rows if r["precision"] == precision]))
     print(f"\nmasks for 80 matrices of 5120x5120 at p=1e-3: {mask_ms:.1f} ms (target <= 50 ms)")
     print("\n| precision | target | holds | measured |\n|---|---|---|---|")
     for t in check_targets(rows):
         print(f"| {t['precision']} | {t['target']} | {'yes' if t['holds'] else 'NO'} | {t['detail']} |")
+    if skipped:
+        print(f"\nnot timed here: {', '.join(skipped)} (no native bf16 on this CPU)")
+    print(f"\n{(time.time() - started) / 60:.1f} minutes" + (f"; wrote {out}" if out else ""))
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import randmask
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-LIBRARY_SUBMODULES_WITH_PUBLIC_ALL = ("randmask.ops", "randmask.masks", "randmask.targets", "randmask.quantized")
+LIBRARY_SUBMODULES_WITH_PUBLIC_ALL = ("randmask.ops", "randmask.masks", "randmask.targets")
 
 
 def _imports(package: str):

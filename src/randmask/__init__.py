@@ -37,7 +37,7 @@ from randmask.model import (
     set_adapter,
     unload,
 )
-from randmask.quantized import is_quantized, layer_bytes, logical_numel, quant_scheme
+from randmask.quantized import is_quantized, layer_bytes, logical_numel, quant_scheme, stored_shape
 from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
 from randmask.version import __version__
 
@@ -82,5 +82,6 @@ __all__ = [
     "resolve_targets",
     "save_adapter",
     "set_adapter",
+    "stored_shape",
     "unload",
 ]

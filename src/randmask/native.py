@@ -12,6 +12,11 @@ named by a hash of the source, the flags, the compiler and this CPU's feature fl
 code must not run on another CPU). Set ``CC`` to choose the compiler. The cache holds code this process
 loads and runs, so a cached build is loaded only from a folder private to the user and only when it is
 byte for byte the build randmask recorded (``randmask.native_cache``); anything else is built again.
+
+The vector path (AVX-512, else AVX2 + FMA, else portable C) is the best this CPU runs;
+``RANDMASK_NATIVE_PATH=avx2`` or ``portable`` builds a lesser one (to test or time it), ``compiled_path()``
+says which one is loaded. Each path is its own recorded build (its flags are part of the key), verified
+like any other.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 import torch
 
 from randmask import native_cache
+from randmask.config import MaskingError
 
 SOURCE = Path(__file__).with_name("_native") / "sddmm.c"
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -41,6 +47,11 @@ FLAGS = [*BASE_FLAGS, "-march=native"] + (["-mprefer-vector-width=512"] if platf
 # it (a compiler with no OpenMP) the kernel starts its own pthreads.
 OPENMP_FLAGS = ["-fopenmp"]
 DISABLE_ENV = "RANDMASK_NATIVE"  # "0": never build or use the kernel
+PATH_ENV = "RANDMASK_NATIVE_PATH"  # which vector path to compile: see PATH_DEFINES
+# The kernel's vector path is chosen when it is compiled (_native/sddmm.c): "auto" builds the best one
+# this CPU runs (AVX-512, else AVX2 + FMA, else portable C); the others force a lesser one, so that a
+# machine can build and test every path it can run. Each is its own cached build (the flags differ).
+PATH_DEFINES = {"auto": [], "avx2": ["-DRANDMASK_NO_AVX512"], "portable": ["-DRANDMASK_PORTABLE"]}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -127,8 +138,37 @@ def _open(compiler: str, flags: list[str]) -> ctypes.CDLL:
     return lib
 
 
+def _path_flags() -> list[str]:
+    """The defines for the path ``RANDMASK_NATIVE_PATH`` asks for (unset: ``auto``)."""
+    choice = os.environ.get(PATH_ENV, "").strip().lower() or "auto"
+    if choice not in PATH_DEFINES:
+        raise MaskingError(f"{PATH_ENV}={os.environ[PATH_ENV]!r} is not a native kernel path; use one of "
+                           f"{', '.join(PATH_DEFINES)} (or unset it)")
+    return PATH_DEFINES[choice]
+
+
+def _declare_path(lib: ctypes.CDLL) -> None:
+    """Declare ``randmask_sddmm_path`` and warn when a forced path did not build (a CPU or compiler without it)."""
+    lib.randmask_sddmm_path.argtypes = []
+    lib.randmask_sddmm_path.restype = ctypes.c_char_p
+    asked = os.environ.get(PATH_ENV, "").strip().lower() or "auto"
+    built = lib.randmask_sddmm_path().decode()
+    if asked != "auto" and built != asked:
+        warnings.warn(f"randmask: {PATH_ENV}={asked} asked for the {asked} SDDMM path, but this CPU and compiler "
+                      f"built the {built} one", RuntimeWarning, stacklevel=4)
+
+
+def compiled_path() -> str | None:
+    """The vector path the loaded kernel was compiled with: ``avx512``, ``avx2``, ``portable``; None without one."""
+    if not available():
+        return None
+    assert _library is not None
+    return _library.randmask_sddmm_path().decode()
+
+
 def _load() -> ctypes.CDLL | None:
     global _library, _tried
+    path_flags = _path_flags()  # before _tried: a bad value fails every call, not just the first
     with _lock:
         if _tried:
             return _library
@@ -143,7 +183,7 @@ def _load() -> ctypes.CDLL | None:
         errors = []
         # OpenMP on this CPU's instructions, then pthreads, then plain -O3 (a compiler that knows neither
         # OpenMP nor -march=native still gets the kernel).
-        for flags in ([*FLAGS, *OPENMP_FLAGS], FLAGS, BASE_FLAGS):
+        for flags in ([*FLAGS, *OPENMP_FLAGS, *path_flags], [*FLAGS, *path_flags], [*BASE_FLAGS, *path_flags]):
             try:
                 lib = _open(compiler, flags)
                 break
@@ -156,6 +196,7 @@ def _load() -> ctypes.CDLL | None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.randmask_sddmm.argtypes = [p, i64, i32, p, i64, p, i64, i32, p, i64, i64, p, p, i64, p, i32]
         lib.randmask_sddmm.restype = ctypes.c_int
+        _declare_path(lib)
         _library = lib
         return lib
 
@@ -229,4 +270,4 @@ def sddmm_csr(lhs: torch.Tensor, lhs_features: torch.Tensor | None, rhs: torch.T
     return out
 
 
-__all__ = ["DISABLE_ENV", "available", "sddmm_csr", "supports"]
+__all__ = ["DISABLE_ENV", "PATH_ENV", "available", "compiled_path", "sddmm_csr", "supports"]

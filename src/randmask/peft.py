@@ -5,13 +5,14 @@ method under the PEFT type ``"RANDMASK"``. Then the whole PEFT surface works:
 ``save_pretrained`` / ``PeftModel.from_pretrained`` (after ``import randmask.peft``),
 ``merge_and_unload``, ``disable_adapter``, named adapters, HF ``Trainer`` and TRL.
 
-How it registers: ``peft.utils.register_peft_method`` refuses names outside its ``PeftType``
-enum, and an external package cannot add enum members cleanly. But ``PeftType`` is a ``str``
-enum and every lookup (``PEFT_TYPE_TO_CONFIG_MAPPING[config.peft_type]`` and the tuner and
-prefix mappings) is a plain dict keyed by it, so the plain string ``"RANDMASK"`` is a valid
-key that round-trips through ``adapter_config.json``. ``_register`` writes the three mappings
-after the same checks ``register_peft_method`` makes; tests/randmask/test_peft.py pins this
-against the installed peft.
+How it registers (``_register``; needs peft >= 0.21, no upper bound): first through peft's public
+``peft.utils.register_peft_method``, for a peft that accepts the name. peft 0.21 refuses names outside
+its ``PeftType`` enum, and an external package cannot add enum members cleanly; but ``PeftType`` is a
+``str`` enum and every lookup (``PEFT_TYPE_TO_CONFIG_MAPPING[config.peft_type]`` and the tuner and
+prefix mappings) is a plain dict keyed by it, so the plain string ``"RANDMASK"`` is a valid key that
+round-trips through ``adapter_config.json``. ``_register`` then writes the three mappings after the same
+checks ``register_peft_method`` makes, finding them by name: a peft without them is a MaskingError naming
+the version that has them. tests/randmask/test_peft.py checks the route against the installed peft.
 
 The tuner layer keeps randmask's design: the trained entries live inside the frozen weight,
 the weight gradient is the sparse SDDMM of ``randmask.ops``, and the file holds only the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import os
 import warnings
@@ -34,7 +36,6 @@ from typing import Any, Literal
 import peft
 import torch
 from peft.config import PeftConfig, PeftConfigMixin
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -357,21 +358,70 @@ def _check_base(target: Any, entries: torch.Tensor, saved: dict) -> None:
                            "randmask_verify_base=False skips this check alone.") from None
 
 
+MIN_PEFT = (0, 21)
+"""The oldest peft this module works with (its tests run against it and against the newest peft installed)."""
+MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+
+
+def _peft_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: ``0.21.2`` -> (0, 21), ``1.0.0rc1`` -> (1, 0)."""
+    parts = [int("".join(itertools.takewhile(str.isdigit, p)) or 0) for p in version.split(".")[:2]]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def _check_version(version: str) -> None:
+    """MaskingError for a peft older than ``MIN_PEFT``."""
+    if _peft_version(version) < MIN_PEFT:
+        need = ".".join(map(str, MIN_PEFT))
+        raise MaskingError(f"randmask.peft needs peft >= {need}; this is peft {version}: pip install -U 'peft>={need}'")
+
+
+def _mappings() -> list[dict]:
+    """peft's config, tuner and prefix registries, found by name (a peft that moved them: a MaskingError)."""
+    import peft.mapping
+
+    found = [getattr(peft.mapping, name, None) for name in MAPPINGS]
+    missing = [name for name, mapping in zip(MAPPINGS, found) if not isinstance(mapping, dict)]
+    if missing:
+        raise MaskingError(f"randmask.peft cannot register with peft {peft.__version__}: peft.mapping has no "
+                           f"{', '.join(missing)} (peft 0.21 has them); install peft 0.21.x (pip install "
+                           "'peft>=0.21,<0.22') or a randmask made for this peft")
+    return found
+
+
+def _register_public() -> bool:
+    """Register through ``peft.utils.register_peft_method``; False when this peft refuses the name."""
+    register = getattr(peft.utils, "register_peft_method", None)
+    if register is None:
+        return False
+    try:
+        register(name=PEFT_TYPE.lower(), config_cls=RandMaskConfig, model_cls=RandMaskModel, prefix=PREFIX)
+    except ValueError:  # peft 0.21: "Unknown PEFT type RANDMASK" (only PeftType's own members are accepted)
+        return False
+    return True
+
+
 def _register() -> None:
-    """Add RANDMASK to peft's three plain-dict mappings (what register_peft_method does, minus the enum check)."""
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(PEFT_TYPE) is RandMaskConfig:
+    """Make RANDMASK a PEFT method: peft's public registration where it accepts the name, else the three plain-dict
+    mappings (what register_peft_method does, minus the enum check)."""
+    _check_version(peft.__version__)
+    config_map, tuner_map, prefix_map = _mappings()
+    if config_map.get(PEFT_TYPE) is RandMaskConfig:
         return  # module re-imported
-    if PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING or PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING:
+    if PEFT_TYPE in config_map or PEFT_TYPE in tuner_map:
         raise MaskingError(f"peft already has a method {PEFT_TYPE!r}; randmask cannot register over it.")
-    if PREFIX in PEFT_TYPE_TO_PREFIX_MAPPING.values():
+    if PREFIX in prefix_map.values():
         raise MaskingError(f"peft already uses the parameter prefix {PREFIX!r}.")
-    if not peft.__version__.startswith("0."):
-        warnings.warn(f"randmask.peft was tested with peft 0.21; this is peft {peft.__version__}.", stacklevel=2)
-    PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
-    PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = RandMaskConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = RandMaskModel
-    if not getattr(PeftConfigMixin._get_peft_type, "randmask_guard", False):  # the config's first reader: bounded
-        PeftConfigMixin._get_peft_type = classmethod(guard_peft_type(PeftConfigMixin._get_peft_type.__func__))
+    if not _register_public():
+        prefix_map[PEFT_TYPE] = PREFIX
+        config_map[PEFT_TYPE] = RandMaskConfig
+        tuner_map[PEFT_TYPE] = RandMaskModel
+    reader = getattr(PeftConfigMixin, "_get_peft_type", None)  # the config's first reader: bounded
+    if reader is None:
+        warnings.warn(f"peft {peft.__version__} has no PeftConfigMixin._get_peft_type: its first read of an "
+                      "adapter_config.json is not size-bounded by randmask", stacklevel=2)
+    elif not getattr(reader, "randmask_guard", False):
+        PeftConfigMixin._get_peft_type = classmethod(guard_peft_type(reader.__func__))
 
 
 _register()

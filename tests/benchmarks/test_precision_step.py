@@ -40,3 +40,17 @@ def test_summarize_of_a_missing_or_foreign_file_is_a_one_line_error(tmp_path, mo
             precision_step.main()
         assert exit_info.value.code == 2
         assert "not a saved precision_step run" in capsys.readouterr().err
+
+
+def test_build_gives_the_runner_s_trainer(tmp_path):
+    import torch
+    import transformers
+    from tests.randmask_lab.experiment.tiny import make_tiny_lm
+
+    transformers.logging.set_verbosity_error()
+    model = make_tiny_lm(tmp_path / "lm")
+    trainer, batch, kernel = precision_step.build("32", "auto", str(model), "rte", 2, tmp_path, max_length=64)
+    assert kernel == "default" and batch == [0, 1] and trainer.plan.name == "32"
+    before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert torch.isfinite(torch.tensor(trainer.step(batch)))
+    assert any(not torch.equal(v, dict(trainer.model.named_parameters())[k]) for k, v in before.items())

@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from randmask import native, ops
+from randmask.config import MaskingError
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
 
@@ -50,7 +52,8 @@ def test_a_damaged_cached_build_is_rebuilt(fresh_build):
     built.write_bytes(b"not an ELF file")
     # A fresh interpreter (dlopen here would hand back the library already loaded under that name).
     code = "import warnings; warnings.simplefilter('error'); from randmask import native; print(native.available())"
-    env = {**os.environ, "RANDMASK_CACHE": str(fresh_build)}
+    src = str(Path(native.__file__).parents[1])  # this checkout's randmask, not whichever one is installed
+    env = {**os.environ, "RANDMASK_CACHE": str(fresh_build), "PYTHONPATH": src}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "True" and built.read_bytes()[:4] == b"\x7fELF"
 
@@ -94,16 +97,55 @@ def test_disabled_by_environment(monkeypatch):
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="native kernel not built (no C compiler)")
 
+# Each vector path of the kernel (see native.PATH_DEFINES), and the paths a CPU whose best is the key runs.
+PATHS = ("avx512", "avx2", "portable")
+RUNS = {"avx512": PATHS, "avx2": ("avx2", "portable"), "portable": ("portable",)}
 
-@needs_kernel
+
+@pytest.fixture(scope="module")
+def path_builds(tmp_path_factory):
+    """Every path this CPU runs, each built once (in a private cache) and loaded: {path: library}."""
+    if not native.available():
+        return {}
+    saved = native._tried, native._library
+    cache = tmp_path_factory.mktemp("native-paths")
+    builds = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANDMASK_CACHE", str(cache))
+        for asked in ("auto", "avx2", "portable"):
+            mp.setenv(native.PATH_ENV, asked)
+            native._tried, native._library = False, None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "avx2" on a CPU without it: checked below
+                assert native.available()
+            builds.setdefault(native.compiled_path(), native._library)
+    native._tried, native._library = saved
+    best = next(p for p in PATHS if p in builds)
+    assert set(builds) == set(RUNS[best]), f"a {best} CPU built {sorted(builds)}"  # each forced path built
+    return builds
+
+
+@pytest.fixture(params=PATHS)
+def kernel_path(request, path_builds, monkeypatch):
+    """The kernel's ``request.param`` path is the one ops calls (skipped where this CPU cannot run it)."""
+    if request.param not in path_builds:
+        pytest.skip(f"this CPU does not run the {request.param} path" if path_builds else "no native kernel")
+    monkeypatch.setattr(native, "_tried", True)
+    monkeypatch.setattr(native, "_library", path_builds[request.param])
+    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    assert native.compiled_path() == request.param
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 63, 64, 65, 150])
 @pytest.mark.parametrize(("shape", "transposed", "p"), [((96, 40), False, 0.05), ((40, 96), True, 0.05),
                                                          ((96, 40), False, 0.004), ((30, 20), False, 0.9)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_matches_float64_reference(dtype, tokens, shape, transposed, p, threads, monkeypatch):
-    """Token-block edges (TB = 64), a tail block, touched subsets and the CSR reorder, 1 and 2 threads."""
-    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+def test_native_matches_float64_reference(kernel_path, dtype, tokens, shape, transposed, p, threads):
+    """Every path: token-block edges (TB = 64), a tail block, touched subsets (gathered packing) and all
+    features (register-transposed tiles, with partial tiles at 40 and 20 features), entry tails of the
+    8- and 16-entry dot blocks, the CSR reorder, 1 and 2 threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -162,17 +204,42 @@ def test_sddmm_csr_rejects_what_it_cannot_read():
         native.sddmm_csr(g, torch.tensor([0, 1, 3]), x, None, crow, col)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_portable_c_path_matches_too(fresh_build, monkeypatch, dtype):
-    """Where the compiler targets no AVX-512, the kernel's plain-C dot runs: build that one here and check it."""
-    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-DRANDMASK_PORTABLE"])
-    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
-    assert native.available()
-    shape = (96, 70)
+@pytest.mark.parametrize("shape", [(96, 70), (256, 192)])
+def test_every_path_matches_on_wider_layers(kernel_path, dtype, shape):
+    """Many full 16x16 tiles (the vector paths' register transposes) and thousands of entries, 2 threads."""
     pattern = SparsePattern(bernoulli_mask(shape, 0.2, make_generator(5, "w")), shape)
-    g, x = torch.randn(130, 96).to(dtype), torch.randn(130, 70).to(dtype)
-    torch.testing.assert_close(ops.sddmm(g, x, pattern).double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-4)
+    gen = torch.Generator().manual_seed(7)
+    g, x = (torch.randn(200, f, generator=gen).to(dtype) for f in shape)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = ops.sddmm(g, x, pattern)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.double(), _reference(g, x, pattern), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_the_path_is_chosen_by_environment(fresh_build, monkeypatch):
+    """RANDMASK_NATIVE_PATH=portable builds the portable path; an unknown value is a one-line error."""
+    monkeypatch.setenv(native.PATH_ENV, "portable")
+    assert native.available() and native.compiled_path() == "portable"
+    monkeypatch.setenv(native.PATH_ENV, "avx9")
+    native._tried, native._library = False, None
+    with pytest.raises(MaskingError, match="RANDMASK_NATIVE_PATH='avx9' is not a native kernel path; use one of"):
+        native.available()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+def test_a_forced_path_that_does_not_build_warns(fresh_build, monkeypatch):
+    """Forcing AVX2 where the compiler targets no AVX2 (no -march=native: the last fallback) says so."""
+    monkeypatch.setattr(native, "FLAGS", native.BASE_FLAGS)  # the compiler's default target: no AVX2
+    monkeypatch.setenv(native.PATH_ENV, "avx2")
+    with pytest.warns(RuntimeWarning, match="asked for the avx2 SDDMM path, but this CPU and compiler built the "
+                                            "portable one"):
+        assert native.available()
+    assert native.compiled_path() == "portable"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")

@@ -160,3 +160,26 @@ def test_records_of_pruned_builds_go_too(tmp_path, monkeypatch):
     assert native.available()
     assert not (folder / "sddmm-gone.so.sha256").exists()
     assert len(list(folder.glob("*.sha256"))) == len(list(folder.glob("sddmm-*.so"))) == 1
+
+
+@pytest.mark.parametrize("path", ["avx2", "portable"])
+def test_a_lesser_path_build_is_recorded_and_checked_too(tmp_path, monkeypatch, path):
+    """RANDMASK_NATIVE_PATH (issue 29) builds its own file, keyed by its flags, and it goes through the same
+    record check: a planted library in its place is rebuilt, never run."""
+    monkeypatch.setenv(native.PATH_ENV, path)
+    cache = tmp_path / "cache"
+    assert _probe(cache, tmp_path).stdout.split() == ["AVAILABLE", "RIGHT", "CLEAN"]
+    (library,) = (cache / "native").glob("sddmm-*.so")
+    assert native_cache.is_recorded(library)
+    monkeypatch.delenv(native.PATH_ENV)
+    monkeypatch.setenv("RANDMASK_CACHE", str(cache))
+    default = native._build(native._compiler(), [*native.FLAGS, *native.OPENMP_FLAGS])
+    assert default != library  # the path's flags are part of the build's key
+    monkeypatch.setenv(native.PATH_ENV, path)
+    source = tmp_path / "planted.c"
+    source.write_text(PLANTED % (tmp_path / "planted-ran"))
+    library.unlink()
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)  # no record of it
+    result = _probe(cache, tmp_path)
+    assert result.stdout.split() == ["AVAILABLE", "RIGHT", "CLEAN"], result.stderr[-2000:]
+    assert native_cache.is_recorded(library)

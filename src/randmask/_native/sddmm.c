@@ -9,7 +9,9 @@
    private accumulators, summed at the end. Inputs fp32 or bf16; products and sums in fp32.
 
    Built on first use by randmask/native.py (cc -O3 -march=native -fopenmp -shared -fPIC, or with
-   pthreads where the compiler has no OpenMP); the torch path is the fallback wherever neither builds. */
+   pthreads where the compiler has no OpenMP); the torch path is the fallback wherever neither builds.
+   The packing transposes and the dot products have AVX-512 (16-lane) and AVX2 + FMA (8-lane) forms;
+   any other CPU runs the portable C, which the compiler vectorises as it can. */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,10 +25,28 @@
 #define LANES 16 /* independent partial sums per dot: vectorises without reassociating */
 #endif
 
-#if defined(__AVX512F__) && !defined(RANDMASK_PORTABLE) && TB % 16 == 0 && LANES == 16
+/* The vector path is chosen at build time from what the compiler targets (-march=native: this CPU):
+   AVX-512, else AVX2 + FMA, else the portable C below. RANDMASK_PORTABLE forces the portable path and
+   RANDMASK_NO_AVX512 the AVX2 one (randmask.native's RANDMASK_NATIVE_PATH; the tests build each). */
+#if defined(__AVX512F__) && !defined(RANDMASK_PORTABLE) && !defined(RANDMASK_NO_AVX512) && TB % 16 == 0 \
+    && LANES == 16
 #define RANDMASK_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(RANDMASK_PORTABLE) && TB % 16 == 0 && LANES == 16
+#define RANDMASK_AVX2 1
+#include <immintrin.h>
 #endif
+
+/* Which path this build compiled: randmask.native reports it (and the tests check the one they asked for). */
+const char *randmask_sddmm_path(void) {
+#if defined(RANDMASK_AVX512)
+    return "avx512";
+#elif defined(RANDMASK_AVX2)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
 
 typedef struct {
     const void *data;    /* (tokens, stride) row-major, fp32 or bf16 */
@@ -101,6 +121,57 @@ static inline void pack_tile16(const operand_t *op, int64_t t, int64_t f0, float
 }
 #endif
 
+#ifdef RANDMASK_AVX2
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 128
+#endif
+
+/* In: r[i] = row i of an 8x8 tile. Out: r[j] = column j, rows in order (the 8-lane transpose16). */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], q[8];
+    for (int i = 0; i < 4; i++) { /* per 128-bit half h of t[2i] / t[2i+1]: columns 4h, 4h+1 / 4h+2, 4h+3 of rows 2i, 2i+1 */
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) { /* half h of q[4i + m]: column 4h + m of rows 4i .. 4i+3 */
+        q[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        q[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        q[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        q[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int m = 0; m < 4; m++) { /* column m: low halves of q[m], q[4+m]; column 4+m: their high halves */
+        r[m] = _mm256_permute2f128_ps(q[m], q[4 + m], 0x20);
+        r[4 + m] = _mm256_permute2f128_ps(q[m], q[4 + m], 0x31);
+    }
+}
+
+/* A full 16-token x 16-feature tile as four 8x8 register transposes: each store is half a line of buf. */
+static inline void pack_tile16(const operand_t *op, int64_t t, int64_t f0, float *out) {
+    /* The 16 rows are 16 streams, more than this CPU's prefetcher follows: fetch each row 128 bytes
+       ahead (an AVX2 EPYC, 1 thread: the kernel 1.4x faster; 64 to 256 bytes alike, 1024 slower). */
+    size_t elem = op->bf16 ? 2 : 4;
+    if (f0 + (int64_t)(PREFETCH_BYTES / elem) < op->n)
+        for (int i = 0; i < 16; i++)
+            _mm_prefetch((const char *)op->data + ((t + i) * op->stride + f0) * elem + PREFETCH_BYTES, _MM_HINT_T0);
+    for (int fh = 0; fh < 16; fh += 8)
+        for (int th = 0; th < 16; th += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                int64_t at = (t + th + i) * op->stride + f0 + fh;
+                if (op->bf16) { /* bf16 -> fp32: the 16 bits become the high half */
+                    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)op->data + at));
+                    r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+                } else {
+                    r[i] = _mm256_loadu_ps((const float *)op->data + at);
+                }
+            }
+            transpose8(r);
+            for (int j = 0; j < 8; j++)
+                _mm256_store_ps(out + (fh + j) * TB + th, r[j]);
+        }
+}
+#endif
+
 /* buf[f * TB + t] = op[t0 + t, feat[f]] for t < nt, 0 for nt <= t < TB. In tiles of LANES tokens x
    LANES features: LANES input rows are read forward together (few enough streams to prefetch) and
    each tile writes whole 64-byte lines of buf (a TB-token sweep per feature tile would read TB rows
@@ -117,7 +188,7 @@ static void pack(const operand_t *op, int64_t t0, int64_t nt, int64_t tokens, fl
             if (op->feat)
                 for (int64_t t = ts; t < te && t0 + t + LANES < tokens; t++)
                     __builtin_prefetch((const char *)op->data + ((t0 + t + LANES) * op->stride + f_first) * elem, 0, 2);
-#ifdef RANDMASK_AVX512
+#if defined(RANDMASK_AVX512) || defined(RANDMASK_AVX2)
             if (!op->feat && te - ts == 16 && f1 - f0 == 16) {
                 pack_tile16(op, t0 + ts, f0, buf + f0 * TB + ts);
                 continue;
@@ -187,7 +258,25 @@ static __m512i reduce16_order(void) {
 
 #endif
 
-/* acc[e] += dot(lhs row of e, rhs row of e) for every entry (AVX-512: 16 entries at a time). */
+#ifdef RANDMASK_AVX2
+/* The 8-lane reduce16: lane k of the result = the sum of the 8 lanes of v[slot(k)], where entry k sits in
+   slot(k) = 2 * (k % 4) + k / 4. Three shuffle-and-add levels (8 -> 4 -> 2 -> 1 partials per entry) leave
+   the entries in that order, so no final permute: ~2.6 instructions per entry. */
+static inline int reduce8_slot(int k) { return 2 * (k & 3) + (k >> 2); }
+
+static inline __m256 reduce8(const __m256 v[8]) {
+    __m256 a[4], b[2];
+    for (int i = 0; i < 4; i++) /* [v.lo128 + v.hi128 | w.lo128 + w.hi128] */
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; i++) /* within each half: 2 partials of two entries */
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xDD));
+}
+#endif
+
+/* acc[e] += dot(lhs row of e, rhs row of e) for every entry (AVX-512: 16 entries at a time; AVX2: 8). */
 static void accumulate(const job_t *job, const float *lbuf, const float *rbuf) {
     int64_t e0 = 0;
 #ifdef RANDMASK_AVX512
@@ -203,8 +292,24 @@ static void accumulate(const job_t *job, const float *lbuf, const float *rbuf) {
         }
         _mm512_storeu_ps(job->acc + e0, _mm512_add_ps(_mm512_loadu_ps(job->acc + e0), reduce16(v, order)));
     }
+#elif defined(RANDMASK_AVX2)
+    for (; e0 + 8 <= job->nnz; e0 += 8) {
+        __m256 v[8];
+        for (int k = 0; k < 8; k++) {
+            const float *a = lbuf + (int64_t)job->row_of[e0 + k] * TB, *b = rbuf + (int64_t)job->col[e0 + k] * TB;
+            /* two accumulators: 16 partial sums per entry, as the portable dot keeps */
+            __m256 s0 = _mm256_mul_ps(_mm256_load_ps(a), _mm256_load_ps(b));
+            __m256 s1 = _mm256_mul_ps(_mm256_load_ps(a + 8), _mm256_load_ps(b + 8));
+            for (int t = 16; t < TB; t += 16) {
+                s0 = _mm256_fmadd_ps(_mm256_load_ps(a + t), _mm256_load_ps(b + t), s0);
+                s1 = _mm256_fmadd_ps(_mm256_load_ps(a + t + 8), _mm256_load_ps(b + t + 8), s1);
+            }
+            v[reduce8_slot(k)] = _mm256_add_ps(s0, s1);
+        }
+        _mm256_storeu_ps(job->acc + e0, _mm256_add_ps(_mm256_loadu_ps(job->acc + e0), reduce8(v)));
+    }
 #endif
-    for (; e0 < job->nnz; e0++) /* the portable path, and the AVX-512 path's last nnz % 16 entries */
+    for (; e0 < job->nnz; e0++) /* the portable path, and the vector paths' last nnz % 16 (or % 8) entries */
         job->acc[e0] += dot(lbuf + (int64_t)job->row_of[e0] * TB, rbuf + (int64_t)job->col[e0] * TB);
 }
 

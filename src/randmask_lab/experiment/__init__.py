@@ -2,7 +2,7 @@
 
     from randmask_lab.experiment import RunConfig, run_training
     record = run_training(RunConfig(model="smollm2-135m", task="rte", method="randmask",
-                                    ratio=1e-4, lr=1e-2, seed=0))
+                                    trainable_ratio=1e-4, lr=1e-2, seed=0))
     print(record.status, record.test_metric)
 """
 

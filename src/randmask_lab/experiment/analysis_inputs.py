@@ -14,18 +14,10 @@ from torch import nn
 
 from randmask import read_limited
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.build import (
-    TrainingLoss,
-    check_names,
-    load_data,
-    load_model,
-    make_objective,
-    prepare,
-    resolve_mode,
-    run_head_modules,
-)
+from randmask_lab.experiment.build import assemble, run_head_modules
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import epoch_batches, grouping_lengths
+from randmask_lab.experiment.precision import PrecisionPlan
 from randmask_lab.methods.prepared import TRAINABLE_FILE, is_head_param
 from randmask_lab.methods.trainable import load_trainable, read_tensors, tensor_file_limit
 
@@ -64,7 +56,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         if not model or not task:
             raise RunError("give --model and --task (or --adapter with a run folder written by `randmask train`)")
         config = RunConfig(model=model, task=task, method=_arg(args, "method", default="randmask"),
-                           ratio=_arg(args, "trainable_ratio", "ratio"), seed=_arg(args, "seed", default=0))
+                           trainable_ratio=_arg(args, "trainable_ratio", "ratio"), seed=_arg(args, "seed", default=0))
     need = _arg(args, "num_batches", "n_batches", default=1) * _arg(args, "batch_size", default=8)
     config.n_train, config.n_val, config.n_test = max(need, 1), 1, 0
     return config
@@ -73,7 +65,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def describe_analysis_run(args: argparse.Namespace) -> dict[str, Any]:
     """What an analysis command measured: model, task, method, budget, and whether trained weights were loaded."""
     config = _config(args)
-    return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.ratio,
+    return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.trainable_ratio,
             "density": config.density, "seed": config.seed, "trained": bool(getattr(args, "adapter", None)),
             "adapter": str(args.adapter) if getattr(args, "adapter", None) else None}
 
@@ -137,20 +129,17 @@ def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
     training objective on it. Batches follow the run's first-epoch training order.
     """
     config = _config(args)
-    spec = check_names(config)
-    mode = resolve_mode(config, spec)
-    base, tokenizer = load_model(config, spec, mode)
-    data = load_data(config, spec, mode, tokenizer)
     n_batches = _arg(args, "num_batches", "n_batches", default=1)
     size = _arg(args, "batch_size", default=8)
-    prepared = prepare(config, base, total_steps=max(1, n_batches))
+    # fp32 on the CPU whatever the run used: curvature and distances are measured at full precision.
+    parts = assemble(config, plan=PrecisionPlan("32", torch.device("cpu")), total_steps=max(1, n_batches))
     adapter = getattr(args, "adapter", None)
     if adapter:
-        _load_weights(prepared.model, adapter, _run_folder(adapter))
+        _load_weights(parts.model, adapter, _run_folder(adapter))
     if _arg(args, "freeze_head", default=False):
-        _freeze_head(prepared.model, config)
-    objective = make_objective(config, data, tokenizer)
+        _freeze_head(parts.model, config)
+    data = parts.data
     lengths = grouping_lengths(data.train, config.group_by_length)
     steps = epoch_batches(len(data.train), config.seeds.order, 0, size, lengths=lengths)  # the loop's own batching
     batches = [[data.train[i] for i in step] for step in steps[:n_batches]]
-    return AnalysisInputs(prepared.model.eval(), batches, TrainingLoss(objective, prepared))
+    return AnalysisInputs(parts.model.eval(), batches, parts.loss())

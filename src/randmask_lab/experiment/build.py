@@ -1,10 +1,14 @@
-"""From a RunConfig to the pieces of a run: data, tokenised items, the prepared model, the objective."""
+"""From a RunConfig to the pieces of a run: ``assemble(config) -> RunParts`` (data, tokenised items, the prepared
+model, the objective, the precision plan), the one build path of training, the analysis commands and the benchmarks.
+The steps it is made of (``sample_splits``, ``load_model``, ``prepare``...) stay public for the benchmarks that
+need one piece alone."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +17,10 @@ from randmask import MaskingError
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import bos_prefix, encode_pair, encode_prompt
+from randmask_lab.experiment.distributed import DistContext
 from randmask_lab.experiment.head import HeadObjective
 from randmask_lab.experiment.lm import LMObjective
+from randmask_lab.experiment.precision import PrecisionPlan, resolve_precision
 from randmask_lab.experiment.quantize import quantization_config
 from randmask_lab.experiment.sources import data_fingerprint, split_sources
 from randmask_lab.methods import (
@@ -88,7 +94,7 @@ def run_head_modules(config: RunConfig, model: Any) -> list[str]:
 def prepare(config: RunConfig, model: Any, total_steps: int) -> PreparedModel:
     """Apply the method; RunError naming the model and method when it cannot be applied."""
     try:
-        return prepare_method(config.method, model, ratio=config.ratio, density=config.density,
+        return prepare_method(config.method, model, ratio=config.trainable_ratio, density=config.density,
                               seed=config.seeds.mask, targets=config.targets, total_steps=total_steps,
                               head_modules=config.head_modules, **config.method_options)
     except (ValueError, MaskingError) as e:
@@ -160,3 +166,82 @@ def make_objective(config: RunConfig, data: RunData, tokenizer: Any) -> LMObject
     if data.mode == "head":
         return HeadObjective(pad_id, eval_batch_size=max(config.eval_batch_size, 8))
     return LMObjective(data.spec, tokenizer, pad_id, config.eval_batch_size, config.max_new_tokens)
+
+
+@dataclass
+class RunParts:
+    """Everything a run's training loop needs, built from its config by ``assemble``."""
+
+    config: RunConfig
+    spec: TaskSpec
+    plan: PrecisionPlan
+    """The precision: weight dtype, autocast, attention kernel, loss scaler."""
+    data: RunData
+    tokenizer: Any
+    prepared: PreparedModel
+    """The base model with the method applied (``prepared.model``), on the run's device."""
+    objective: LMObjective | HeadObjective
+    heads: list[str]
+    """The task-head modules (head mode), trained by every method."""
+    attention: str
+    """The attention kernel the model runs (recorded)."""
+    total_steps: int
+    """Optimizer steps of the whole run (the methods' schedules read it: AdaLoRA's budget)."""
+    run_id: str
+    """``config.run_id``, computed once (it hashes the task's data files)."""
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder: ``<out_dir>/<run id>``."""
+        return Path(self.config.out_dir) / self.run_id
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The prepared model."""
+        return self.prepared.model
+
+    def loss(self) -> TrainingLoss:
+        """The loss the run minimises: the objective plus the method's extra terms."""
+        return TrainingLoss(self.objective, self.prepared)
+
+    def data_record(self) -> dict[str, Any]:
+        """Where each split came from and the data fingerprint, for the run's record."""
+        return split_record(self.config, self.spec, self.data.splits)
+
+
+def steps_per_epoch(config: RunConfig, n_train: int, world: int = 1) -> int:
+    """Optimizer steps in one epoch of ``n_train`` items over ``world`` processes (``--max-steps`` caps it)."""
+    step = config.batch_size * world
+    n = n_train // step if world > 1 else -(-n_train // step)  # several ranks: drop the ragged last batch
+    return min(n, config.max_steps) if config.max_steps else n
+
+
+def assemble(config: RunConfig, ctx: DistContext | None = None, *, plan: PrecisionPlan | None = None,
+             total_steps: int | None = None, spec: TaskSpec | None = None, run_id: str | None = None) -> RunParts:
+    """Build a run from its config: task data (sampled with the data seed, before any model is loaded, so data
+    errors come first), the model in the plan's precision on ``ctx``'s device, the method applied with the mask
+    seed, and the objective. RunError for anything a run cannot use.
+
+    ``plan`` defaults to the config's precision on ``ctx.device`` (``auto`` resolved there); ``total_steps`` to
+    the run's own (epochs x steps per epoch); ``spec`` to ``check_names(config)``; ``run_id`` to ``config.run_id``.
+    """
+    ctx = ctx or DistContext()
+    spec = spec or check_names(config)
+    mode = resolve_mode(config, spec)
+    plan = plan or PrecisionPlan(resolve_precision(config.precision, ctx.device), ctx.device)
+    splits = sample_splits(config, spec)
+    model, tokenizer = load_model(config, spec, mode, dtype=plan.weight_dtype, device=ctx.device)
+    attention = plan.setup_attention(model)
+    data = load_data(config, spec, mode, tokenizer, splits)
+    heads = run_head_modules(config, model)
+    if total_steps is None:
+        total_steps = steps_per_epoch(config, len(data.train), ctx.world) * config.epochs
+    prepared = prepare(config, model, total_steps=total_steps)
+    if prepared.needs_prompts and mode == "head":
+        raise RunError(f"method {config.method!r} needs prompt scoring (--mode lm): in head mode the classifier is "
+                       "untrained, so its score is chance, not the model's zero-shot ability")
+    prepared.model.to(ctx.device)
+    plan.cast_trainable(prepared.model, prepared.fp32_trainable)
+    objective = make_objective(config, data, tokenizer)
+    return RunParts(config, spec, plan, data, tokenizer, prepared, objective, heads, attention, total_steps,
+                    run_id or config.run_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -10,9 +11,11 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from randmask import MaskingConfig, MaskingError
 from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.distributed import parse_device
+from randmask_lab.experiment.options import FLAGS
 from randmask_lab.experiment.precision import AUTO, PRECISIONS, Precision, resolve_precision
 from randmask_lab.experiment.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 
@@ -35,6 +38,9 @@ class Seeds(NamedTuple):
 ROLE = "role"
 IDENTITY = {ROLE: "identity"}
 EXECUTION = {ROLE: "execution"}
+# The budget's name in RunConfig's dict form (config.json, records, study specs, the run id's hash): its name
+# before it became ``trainable_ratio``, kept so every stored record and run id stays valid.
+STORED_NAMES = {"trainable_ratio": "ratio"}
 
 
 @dataclass
@@ -48,9 +54,9 @@ class RunConfig:
     method: str = field(default="randmask", metadata=IDENTITY)
     """Fine-tuning method: randmask, structured, full, lora, adalora, prefix, bitfit, adapter; zeroshot (no training,
     the untouched model is evaluated; prompt scoring only)."""
-    ratio: float | None = field(default=None, metadata=IDENTITY)
+    trainable_ratio: float | None = field(default=None, metadata={**IDENTITY, FLAGS: ("--ratio",)})
     """Masking budget as a fraction of ALL model parameters (randmask/structured; the paper's 1e-5 is its
-    0.001%). Default for masking methods: 1e-3."""
+    0.001%; --ratio is the same option). Default for masking methods: 1e-3."""
     density: float | None = field(default=None, metadata=IDENTITY)
     """Alternative masking budget: keep probability per targeted matrix (randmask/structured)."""
     lr: float = field(default=1e-3, metadata=IDENTITY)
@@ -153,8 +159,8 @@ class RunConfig:
     """Stop each epoch early after this many steps (smoke tests only; not the protocol; part of the run id)."""
 
     def __post_init__(self) -> None:
-        if self.method in MASKING_METHODS and self.ratio is None and self.density is None:
-            self.ratio = 1e-3
+        if self.method in MASKING_METHODS and self.trainable_ratio is None and self.density is None:
+            self.trainable_ratio = 1e-3
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
 
     def validate(self) -> None:
@@ -195,6 +201,10 @@ class RunConfig:
                 raise RunError(f"--{name} must be {want}, got {value}")
         if problem := bounds_problem(self):  # inf, lr 1e308, seed 1e23, lease 0.05 s (argtypes.py)
             raise RunError(problem)
+        self._check_choices()
+
+    def _check_choices(self) -> None:
+        """RunError for a precision, quantization or budget the run's method cannot use."""
         if self.precision not in (AUTO, *PRECISIONS):
             raise RunError(f"--precision must be one of {AUTO}, {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
@@ -204,14 +214,22 @@ class RunConfig:
         if self.quantize != "none" and self.method not in QUANTIZE_METHODS:
             raise RunError(f"--quantize {self.quantize} works with {', '.join(QUANTIZE_METHODS)}, not {self.method!r} "
                            "(it trains or wraps base weights that are stored quantized); use --quantize none")
-        if self.method not in MASKING_METHODS and (self.ratio is not None or self.density is not None):
+        if self.method not in MASKING_METHODS and (self.trainable_ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
-        if self.ratio is not None and self.density is not None:
-            raise RunError("give --ratio or --density, not both")
-        for name in ("ratio", "density"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value <= 1:
-                raise RunError(f"--{name} must be in (0, 1], got {value}")
+        if self.method in MASKING_METHODS:
+            try:  # the budget's rule is the library's (randmask.MaskingConfig): checked there, once
+                MaskingConfig(trainable_ratio=self.trainable_ratio, density=self.density)
+            except MaskingError as e:
+                raise RunError(f"--trainable-ratio (--ratio) / --density: {e}") from None
+
+    @property
+    def ratio(self) -> float | None:
+        """The former name of ``trainable_ratio`` (still the key in config.json, records and study specs)."""
+        return self.trainable_ratio
+
+    @ratio.setter
+    def ratio(self, value: float | None) -> None:
+        self.trainable_ratio = value
 
     @property
     def device_type(self) -> str:
@@ -236,8 +254,8 @@ class RunConfig:
         return Seeds(pick(self.data_seed), pick(self.mask_seed), pick(self.order_seed))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of every field."""
-        data = dataclasses.asdict(self)
+        """JSON-ready dict of every field, in field order, under its stored name (``trainable_ratio`` -> ``ratio``)."""
+        data = {STORED_NAMES.get(k, k): v for k, v in dataclasses.asdict(self).items()}
         data["adam_betas"] = list(self.adam_betas)
         return data
 
@@ -250,6 +268,11 @@ class RunConfig:
             data.setdefault("precision", LEGACY_DTYPES.get(data.pop("dtype"), "32"))
         if "resume" in data:
             data.setdefault("restart", not data.pop("resume"))
+        for name, stored in STORED_NAMES.items():
+            if stored in data:
+                if data.get(name) is not None:
+                    raise RunError(f"give {name} or its former name {stored}, not both")
+                data[name] = data.pop(stored)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -268,8 +291,8 @@ class RunConfig:
         from randmask_lab.experiment.sources import data_fingerprint
         from randmask_lab.methods import MASK_KIND_OF
 
-        data = {f.name: v for f, v in zip(dataclasses.fields(self), self.to_dict().values(), strict=True)
-                if field_role(f) == "identity"}
+        data = {STORED_NAMES.get(f.name, f.name): v for f, v in zip(dataclasses.fields(self), self.to_dict().values(),
+                                                                     strict=True) if field_role(f) == "identity"}
         # auto is never an identity: two machines may resolve it differently (see resolved()).
         data["precision"] = resolve_precision(self.precision, self.device_type)
         data["data_seed"], data["mask_seed"], data["order_seed"] = self.seeds
@@ -289,7 +312,7 @@ class RunConfig:
     def run_id(self) -> str:
         """Stable id: a readable prefix plus a hash of `identity()`."""
         digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
-        budget = f"-r{self.ratio:g}" if self.ratio is not None else (
+        budget = f"-r{self.trainable_ratio:g}" if self.trainable_ratio is not None else (
             f"-d{self.density:g}" if self.density is not None else "")
         model = self.model.rstrip("/").rsplit("/", 1)[-1]
         return f"{model}-{self.task}-{self.method}{budget}-lr{self.lr:g}-s{self.seed}-{digest}"
@@ -300,6 +323,22 @@ class RunConfig:
 OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none"}
 
 LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
+
+
+def _accept_former_names(init: Any) -> Any:
+    """``RunConfig(ratio=...)``, the budget's former name, keeps working (``ratio`` given wins over the field)."""
+
+    @functools.wraps(init)
+    def __init__(self: RunConfig, *args: Any, **kwargs: Any) -> None:
+        for name, stored in STORED_NAMES.items():
+            if stored in kwargs:
+                kwargs[name] = kwargs.pop(stored)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+RunConfig.__init__ = _accept_former_names(RunConfig.__init__)  # type: ignore[method-assign]
 
 
 def field_role(f: dataclasses.Field) -> str:

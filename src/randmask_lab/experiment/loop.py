@@ -23,9 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.build import TrainingLoss
+from randmask_lab.experiment.build import RunParts
 from randmask_lab.experiment.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from randmask_lab.experiment.config import RunConfig
 from randmask_lab.experiment.data import epoch_batches, grouping_lengths, micro_batches
 from randmask_lab.experiment.distributed import (
     DistContext,
@@ -39,7 +38,6 @@ from randmask_lab.experiment.distributed import (
 from randmask_lab.experiment.precision import PrecisionPlan, ScaleCollapsed, check_scale
 from randmask_lab.experiment.steps import StepLog, build_optimizer, lr_factor, set_lr
 from randmask_lab.experiment.store import Lease
-from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import load_trainable, trainable_tensors
 
 
@@ -60,15 +58,16 @@ class Outcome:
 
 
 class Trainer:
-    """Trains a prepared model on a run's data with its objective; evaluates with the same objective."""
+    """Trains a run's prepared model (``build.assemble``) on its data with its objective; evaluates with the same
+    objective."""
 
-    def __init__(self, config: RunConfig, prepared: PreparedModel, data: Any, objective: Any, heads: list[str],
-                 plan: PrecisionPlan, ctx: DistContext, run_dir: Path, lease: Lease | None = None,
+    def __init__(self, parts: RunParts, ctx: DistContext, run_dir: Path, lease: Lease | None = None,
                  stop_after: int | None = None) -> None:
-        self.config, self.prepared, self.data, self.objective = config, prepared, data, objective
-        self.plan, self.ctx, self.lease, self.stop_after = plan, ctx, lease, stop_after
-        self.model = prepared.model
-        self.loss_fn = TrainingLoss(objective, prepared)  # task loss + the method's terms (AdaLoRA's penalty)
+        config, prepared, data = parts.config, parts.prepared, parts.data
+        self.config, self.prepared, self.data, self.objective = config, prepared, data, parts.objective
+        self.plan, self.ctx, self.lease, self.stop_after = parts.plan, ctx, lease, stop_after
+        self.model, self.run_id = prepared.model, parts.run_id
+        self.loss_fn = parts.loss()  # task loss + the method's terms (AdaLoRA's penalty)
         self.started, self.cpu_started = time.time(), time.process_time()
         # Each item's padded width, for --group-by-length (None: the plain shuffled order).
         self.lengths = grouping_lengths(data.train, config.group_by_length)
@@ -77,12 +76,12 @@ class Trainer:
             if config.checkpoint_every != -1:
                 raise RunError("--fsdp: checkpoints of a sharded run are not written yet; pass --checkpoint-every -1")
             self.ddp = wrap_fsdp(self.model, ctx, config.method)
-        self.optimizer = build_optimizer(prepared, config, heads)
-        self.scaler = plan.make_scaler()
+        self.optimizer = build_optimizer(prepared, config, parts.heads)
+        self.scaler = self.plan.make_scaler()
         torch.manual_seed(config.seeds.order)  # dropout stream: the order seed (saved in checkpoints)
         self.state, self.best = TrainState(), None
         self.ckpt = run_dir / "checkpoint"
-        loaded = load_checkpoint(self.ckpt, prepared, self.optimizer, config.run_id, self.scaler)
+        loaded = load_checkpoint(self.ckpt, prepared, self.optimizer, self.run_id, self.scaler)
         self.resumed_from = None
         if loaded is not None:
             self.state, self.best = loaded
@@ -163,7 +162,7 @@ class Trainer:
 
     def _after_step(self, epoch: int, b: int, n_batches: int, loss: float) -> None:
         if self.lease is not None and self.lease.lost:  # before writing: the new owner now writes this run's files
-            raise LeaseLost(f"the lease on {self.config.run_id} expired and another worker took the run over")
+            raise LeaseLost(f"the lease on {self.run_id} expired and another worker took the run over")
         state = self.state
         state.global_step += 1
         state.step_in_epoch = b + 1
@@ -211,7 +210,7 @@ class Trainer:
             seconds, cpu = self.state.train_seconds, self.state.cpu_seconds
             self.state.train_seconds = seconds + time.time() - self.started
             self.state.cpu_seconds = cpu + time.process_time() - self.cpu_started
-            save_checkpoint(self.ckpt, self.state, self.prepared, self.optimizer, self.best, self.config.run_id,
+            save_checkpoint(self.ckpt, self.state, self.prepared, self.optimizer, self.best, self.run_id,
                             self.scaler)
             self.state.train_seconds, self.state.cpu_seconds = seconds, cpu
         barrier(self.ctx)

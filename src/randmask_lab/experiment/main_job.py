@@ -59,7 +59,7 @@ def main_configs(protocol: Protocol, out_dir: str, **options: object) -> list[Ru
     base = RunConfig(model=MODEL, task=TASK, n_train=protocol.n_train, n_val=protocol.n_val,
                      n_test=protocol.n_test, epochs=protocol.epochs, head_lr=HEAD_LR, out_dir=out_dir,
                      eval_batch_size=64, checkpoint_every=-1, **options)  # type: ignore[arg-type]
-    return [dataclasses.replace(base, method=method, ratio=ratio, lr=lr, seed=seed)
+    return [dataclasses.replace(base, method=method, trainable_ratio=ratio, lr=lr, seed=seed)
             for method, ratio, lrs in ENTRIES for lr in lrs for seed in protocol.seeds]
 
 

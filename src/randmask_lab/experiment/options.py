@@ -12,6 +12,9 @@ import typing
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
 
+FLAGS = "flags"
+"""Field metadata: the field's further option names (``--ratio`` beside ``--trainable-ratio``)."""
+
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
@@ -81,7 +84,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
         name = "--" + f.name.replace("_", "-")
         if get_origin(_strip_optional(hints[f.name])[0]) is dict:
             name = "--option" if f.name == "method_options" else name
-        parser.add_argument(name, dest=f.name, default=defaults.get(f.name), help=help_text, **kwargs)
+        parser.add_argument(name, *f.metadata.get(FLAGS, ()), dest=f.name, default=defaults.get(f.name), help=help_text,
+                            **kwargs)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -75,7 +75,7 @@ def sweep_configs(sweep: SweepConfig, base: RunConfig) -> list[RunConfig]:
                     for lr in lrs:
                         for seed in sweep.seeds:
                             runs.append(dataclasses.replace(
-                                base, model=model, task=task, method=method, ratio=ratio,
+                                base, model=model, task=task, method=method, trainable_ratio=ratio,
                                 density=None, lr=lr, seed=seed, data_seed=None, mask_seed=None,
                                 order_seed=None))
     return runs

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from randmask.quantized import stored_shape
+from randmask import stored_shape
 from randmask_lab.methods.targets import match_modules
 
 

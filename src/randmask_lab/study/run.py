@@ -23,7 +23,7 @@ from randmask_lab.study.records import export_jsonl, read_jsonl
 
 def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) -> RunConfig:
     """The RunConfig of one planned run (spec's protocol and common fields + execution options)."""
-    return RunConfig(model=spec.model, task=run.task, method=run.method, ratio=run.ratio, lr=run.lr,
+    return RunConfig(model=spec.model, task=run.task, method=run.method, trainable_ratio=run.ratio, lr=run.lr,
                      seed=run.seed, precision=spec.precision, out_dir=out_dir,
                      **{**spec.common, **spec.protocol[run.task]}, **execution)
 

@@ -18,7 +18,7 @@ import pytest
 
 from randmask_lab.cli import main
 from randmask_lab.experiment import ResultStore, RunConfig, RunRecord, SweepConfig
-from randmask_lab.experiment.config import field_role
+from randmask_lab.experiment.config import STORED_NAMES, field_role
 from randmask_lab.experiment.executors import ExecutorConfig, run_grid
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +40,7 @@ def _grid(tiny_lm: str, out: Path, **run: object) -> tuple[SweepConfig, RunConfi
 def _result(record: RunRecord) -> dict:
     """Everything a run computed (and its identity), without the circumstances of its execution."""
     data = {k: v for k, v in record.to_dict().items() if k not in CIRCUMSTANCES}
-    roles = {f.name: field_role(f) for f in dataclasses.fields(RunConfig)}
+    roles = {STORED_NAMES.get(f.name, f.name): field_role(f) for f in dataclasses.fields(RunConfig)}  # dict keys
     data["config"] = {k: v for k, v in data["config"].items() if roles[k] == "identity"}
     data["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in data["epochs"]]
     return data

@@ -42,6 +42,8 @@ MALFORMED = {
     "misspelt option": (_with(lambda s: s["protocol"]["rte"].update(n_trian=8)), "\\['n_trian'\\]"),
     "protocol sets lr": (_with(lambda s: s["protocol"]["rte"].update(lr=1e-3)), "\\['lr'\\], which a spec cannot"),
     "common sets threads": (_with(lambda s: s["common"].update(threads=2)), "common sets \\['threads'\\]"),
+    "common sets the budget": (_with(lambda s: s["common"].update(trainable_ratio=1e-3)),
+                               "common sets \\['trainable_ratio'\\]"),  # each cell's own (its "ratio")
     "common not an object": (_with(lambda s: s.update(common=[1])), "common must be an object"),
     "no cells": (_with(lambda s: s.pop("cells")), "cells must be a non-empty list"),
     "empty cells": (_with(lambda s: s.update(cells=[])), "cells must be a non-empty list"),

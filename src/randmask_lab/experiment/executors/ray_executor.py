@@ -32,7 +32,7 @@ from typing import Any
 
 from randmask_lab.errors import LabError, MissingPackageError, RunError
 from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.executors import ExecutorConfig
+from randmask_lab.experiment.executors.config import ExecutorConfig
 from randmask_lab.experiment.record import RunRecord
 from randmask_lab.experiment.store import Lease, ResultStore, new_owner
 from randmask_lab.experiment.sweep import SweepConfig, checked_grid, claim_cell, failed_record

@@ -1,4 +1,4 @@
-"""`randmask export`, `randmask findings`, and `randmask report --from <jsonl>`."""
+"""`randmask study`, `randmask export`, `randmask findings`, and `randmask report --from <jsonl>`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ from collections import defaultdict
 from pathlib import Path
 
 from randmask_lab.argtypes import positive_int
+from randmask_lab.cli.common import filters, open_store
+from randmask_lab.experiment.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
+from randmask_lab.study.findings import MARGIN, findings
+from randmask_lab.study.forecast import forecast
+from randmask_lab.study.plan import StudySpec, needed_runs
+from randmask_lab.study.power import power_table
 from randmask_lab.study.records import export_jsonl, read_jsonl
+from randmask_lab.study.run import check_one_precision, planned_run_id, run_study, validate_spec, with_committed
+from randmask_lab.study.tables import study_tables
 
 
 def _by_model(path: str) -> dict[str, list[StudyCell]]:
@@ -20,11 +28,10 @@ def _by_model(path: str) -> dict[str, list[StudyCell]]:
 
 def report_from(args: argparse.Namespace) -> int:
     """Print the study tables of a JSONL file; with --figures, write its PNGs too."""
-    from randmask_lab.study.tables import study_tables
-
     records = read_jsonl(args.from_file)
     print(study_tables(study_cells(records)))
     if getattr(args, "figures", None):
+        # matplotlib: only when figures are asked for
         from randmask_lab.study.figures import plot_lr_curves, plot_sparsity_curve, plot_structured_vs_random
 
         for model, cells in _by_model(args.from_file).items():
@@ -38,18 +45,13 @@ def report_from(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from randmask_lab.cli import open_store
-
     store = open_store(args)
-    where = {k: v for k, v in (("task", args.task), ("model", args.model), ("method", args.method)) if v}
-    n = export_jsonl(store.records(**where), args.out)
+    n = export_jsonl(store.records(**filters(args)), args.out)
     print(f"wrote {n} records to {args.out}")
     return 0
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
-    from randmask_lab.study.findings import findings
-
     for model, cells in sorted(_by_model(args.from_file).items()):
         print(f"## {model}")
         for verdict in findings(cells, args.analysis or (), args.theory):
@@ -58,15 +60,9 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from randmask_lab.study.plan import StudySpec, needed_runs
-    from randmask_lab.study.run import check_one_precision, planned_run_id, run_study, validate_spec, with_committed
-
     spec = StudySpec.from_file(args.spec).only_stages(args.stages)
     if args.plan:
         validate_spec(spec, args.out_dir)
-        from randmask_lab.experiment.store import ResultStore, store_file
-        from randmask_lab.study.forecast import forecast
-
         path = store_file(None, args.out_dir)
         records = ResultStore(path).records() if path.is_file() else []
         if args.export and Path(args.export).is_file():  # what a run would adopt from the committed file
@@ -89,9 +85,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def _print_power(spec, records: list, power_from: str | None) -> None:
     """The power calculation of ``--plan``: seeds each comparison needs, from measured per-seed spreads."""
-    from randmask_lab.study.findings import MARGIN
-    from randmask_lab.study.power import power_table
-
     source = read_jsonl(power_from) if power_from else [r for r in records if spec.holds(r)]
     rows = power_table(list(study_cells(source).values()), MARGIN)
     where = power_from or "this study's finished runs"
