@@ -9,6 +9,8 @@
 # (one line in the log) and resumes a killed run from its last checkpoint (every 10 steps and at each epoch's
 # end). On a fresh machine, bring the $OUT folder along (copy runs/merge, or point OUT= at it) and run the
 # script again: only the runs not yet finished train. Run ids do not depend on OUT, THREADS or NICE.
+# The finished single-task runs are also committed (adapter, record, config) in experiments/results/merge_runs/,
+# so that a fresh machine keeps them; the runner does not yet take them back into a store (to do: an importer).
 # Usage: PYTHON=.venv/bin/python OUT=runs/merge THREADS=1 nohup experiments/merge_train.sh >> runs/merge/train.log 2>&1 &
 # Three randmask sets at ratio 1e-3:
 #   independent: mask seeds 0-3, one per task (independent masks: two overlap on ~d^2 of their entries);
