@@ -33,7 +33,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskedLayer, full_tensor, is_conv1d, is_maskable, is_sharded, logical_shape
+from randmask.layer import Block, MaskedLayer, is_conv1d, is_maskable, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
@@ -45,6 +45,7 @@ from randmask.model import (
     masked_layers,
 )
 from randmask.quantized import base_entries, quant_scheme, stored_shape
+from randmask.sharding import full_tensor, is_sharded
 from randmask.targets import Target
 from randmask.version import __version__
 

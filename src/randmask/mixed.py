@@ -30,6 +30,7 @@ from torch import nn
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.grouped_delta import BlockDiagonal, block_diagonal, grouped_sparse_delta
+from randmask.sharding import is_sharded
 
 if TYPE_CHECKING:
     from randmask.layer import MaskAdapter
@@ -156,7 +157,6 @@ def check_adapter_names(groups: RowGroups, known: Iterable[str]) -> None:
 @contextlib.contextmanager
 def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[None]:
     """Set ``layer.row_groups`` on every layer for the duration (the layers then run ``mixed_forward``)."""
-    from randmask.layer import is_sharded  # (randmask.layer imports this module)
 
     if any(getattr(layer, "row_groups", None) is not None for layer in layers):
         raise MaskingError("a mixed batch is already running on this model; mixed batches do not nest.")
