@@ -18,7 +18,8 @@ trim). Where no two masks overlap, linear keeps every adapter's delta exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,6 +101,20 @@ def _prune(values: torch.Tensor, combination_type: str, density: float | None,
     return torch.where(keep, values / density, torch.zeros_like(values))
 
 
+def merge_layer_adapters(layer_adapters: Mapping[str, Any], adapters: Sequence[str], weights: Sequence[float],
+                         combination_type: str, density: float | None, majority_sign_method: str,
+                         generator: torch.Generator) -> tuple[list[Any], torch.Tensor, torch.Tensor] | None:
+    """One layer's share of a weighted merge, for both APIs: the merged adapters this layer holds (``sources``),
+    and ``merge_sparse`` of their (indices, values); None when the layer holds none of them."""
+    present = [(a, w) for a, w in zip(adapters, weights) if a in layer_adapters]
+    if not present:
+        return None
+    sources = [layer_adapters[a] for a, _ in present]
+    union, values = merge_sparse([(s.indices, s.values) for s in sources], [w for _, w in present],
+                                 combination_type, density, majority_sign_method, generator)
+    return sources, union, values
+
+
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "linear", density: float | None = None,
                          majority_sign_method: str = "total", seed: int = 0) -> nn.Module:
@@ -124,12 +139,11 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     generator = torch.Generator().manual_seed(seed)
     merged_layers = []
     for name, layer in masked_layers(model).items():
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
-        if not present:
+        merged = merge_layer_adapters(layer.adapters, adapters, weights, combination_type, density,
+                                      majority_sign_method, generator)
+        if merged is None:
             continue
-        sources = [layer.adapters[a] for a, _ in present]
-        union, values = merge_sparse([(s.indices, s.values) for s in sources], [w for _, w in present],
-                                     combination_type, density, majority_sign_method, generator)
+        sources, union, values = merged
         active = layer.active_adapter
         new = layer.add_adapter(adapter_name, union, union_blocks(sources, union), "custom", explicit_indices=True)
         with torch.no_grad():
@@ -150,4 +164,5 @@ def union_blocks(sources: Sequence[MaskAdapter], union: torch.Tensor) -> list[Bl
             for name, start, stop in sorted(spans, key=lambda s: s[1])]
 
 
-__all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "check_merge_args", "merge_sparse", "union_blocks"]
+__all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "check_merge_args", "merge_layer_adapters", "merge_sparse",
+           "union_blocks"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from randmask.config import MaskingError
 from randmask.layer import MaskAdapter, uses_delta_path
-from randmask.merge import check_merge_args, merge_sparse, union_blocks
+from randmask.merge import check_merge_args, merge_layer_adapters, union_blocks
 from randmask.mixed import check_adapter_names, group_rows, row_groups_set
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import base_entries, stored_shape
@@ -76,12 +76,11 @@ def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights
         raise MaskingError("add_weighted_adapter needs unmerged adapters: call model.unmerge_adapter() first.")
     generator = torch.Generator().manual_seed(seed)
     for layer in layers:
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.randmask_adapters]
-        if not present:
+        merged = merge_layer_adapters(layer.randmask_adapters, adapters, weights, combination_type, density,
+                                      majority_sign_method, generator)
+        if merged is None:
             continue
-        sources = [layer.randmask_adapters[a] for a, _ in present]
-        union, values = merge_sparse([(s.indices, s.values) for s in sources], [w for _, w in present],
-                                     combination_type, density, majority_sign_method, generator)
+        sources, union, values = merged
         layer.restore_live()  # base_values must capture pristine W0
         base = layer.get_base_layer()
         merged = MaskAdapter(union, base_entries(base, union), stored_shape(base), sources[0].transposed,
