@@ -3,13 +3,14 @@
 # protocol (500 train / 250 val / 500 test, 3 epochs, batch 8, prompts cut at 512), fp32 compute (this CPU
 # has no native bf16), 3 seeds, at the study's chosen LRs (randmask 1e-3: 1e-2; LoRA: 1e-3). One run at a
 # time, niced: a background study competes. Then the table of test accuracy per seed, mean and std.
-#   OUT=runs/quantized_sst2 bash experiments/quantized_sst2.sh
+#   OUT=runs/quantized_sst2 THREADS=1 bash experiments/quantized_sst2.sh   (THREADS: torch threads per run, default 1)
 set -euo pipefail
 OUT=${OUT:-runs/quantized_sst2}
+read -r -a RM <<< "${RANDMASK:-randmask}"  # the CLI; RANDMASK="python -m randmask_lab.cli" runs a checkout
 COMMON=(--models smollm2-135m --tasks sst2 --mode lm --n-train 500 --n-val 250 --n-test 500 --epochs 3
-        --batch-size 8 --max-length 512 --precision 32 --seeds 0 1 2 --out-dir "$OUT" --no-progress)
-nice -n 5 randmask sweep "${COMMON[@]}" --methods randmask --ratios 1e-3 --lrs 1e-2 --quantize nf4
-nice -n 5 randmask sweep "${COMMON[@]}" --methods lora --lrs 1e-3 --quantize nf4
-nice -n 5 randmask sweep "${COMMON[@]}" --methods randmask --ratios 1e-3 --lrs 1e-2
-randmask export --store "$OUT/results.sqlite" --out experiments/results/quantized_sst2.jsonl
-randmask report --from experiments/results/quantized_sst2.jsonl
+        --batch-size 8 --max-length 512 --precision 32 --seeds 0 1 2 --out-dir "$OUT" --threads "${THREADS:-1}" --no-progress)
+nice -n "${NICE:-5}" "${RM[@]}" sweep "${COMMON[@]}" --methods randmask --ratios 1e-3 --lrs 1e-2 --quantize nf4
+nice -n "${NICE:-5}" "${RM[@]}" sweep "${COMMON[@]}" --methods lora --lrs 1e-3 --quantize nf4
+nice -n "${NICE:-5}" "${RM[@]}" sweep "${COMMON[@]}" --methods randmask --ratios 1e-3 --lrs 1e-2
+"${RM[@]}" export --store "$OUT/results.sqlite" --out experiments/results/quantized_sst2.jsonl
+"${RM[@]}" report --from experiments/results/quantized_sst2.jsonl
