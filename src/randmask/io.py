@@ -33,7 +33,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskedLayer, is_conv1d, is_maskable, logical_shape
+from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, is_maskable, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
@@ -85,24 +85,40 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             continue
         adapter = layer.adapters[adapter_name]
         sharded = sharded or is_sharded(adapter.values)
-        values = full_tensor(adapter.values.detach())  # a collective for DTensor values
-        if not torch.isfinite(values).all():
-            raise MaskingError(f"adapter values of {name} are not finite (NaN/inf): training diverged. "
-                               "Lower the learning rate; nothing was saved.")
-        tensors[f"{name}.values"] = values.to(_save_dtype(layer, dtype)).cpu().contiguous()
-        if adapter.explicit_indices:
-            tensors[f"{name}.indices"] = adapter.indices.cpu().to(torch.int64)
-        matrices[name] = {
-            "stored_shape": list(adapter.stored_shape),
-            "transposed": adapter.transposed,
-            "blocks": [[b.name, b.start, b.stop, b.nnz] for b in adapter.blocks],
-            "nnz": adapter.nnz,
-            "indices_checksum": indices_checksum(adapter.indices),
-            "explicit_indices": adapter.explicit_indices,
-            # base_values is pristine W0 at the kept entries (captured before any delta was written).
-            "base_fingerprint": base_fingerprint(adapter.base_values),
-        }
+        matrices[name] = _save_matrix(name, layer, adapter, dtype, tensors)
     blob = st_save(tensors, metadata={"format": FORMAT})
+    header = _adapter_header(model, meta, matrices, blob)
+    if sharded and torch.distributed.get_rank() != 0:
+        return out  # rank 0 writes
+    atomic_write_bytes(out / WEIGHTS_NAME, blob)
+    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(header, indent=1) + "\n").encode())
+    return out
+
+
+def _save_matrix(name: str, layer: MaskedLayer, adapter: MaskAdapter, dtype: torch.dtype | None,
+                 tensors: dict[str, torch.Tensor]) -> dict:
+    """Put one layer's values (and stored indices) into ``tensors``; returns its entry of the header's matrices."""
+    values = full_tensor(adapter.values.detach())  # a collective for DTensor values
+    if not torch.isfinite(values).all():
+        raise MaskingError(f"adapter values of {name} are not finite (NaN/inf): training diverged. "
+                           "Lower the learning rate; nothing was saved.")
+    tensors[f"{name}.values"] = values.to(_save_dtype(layer, dtype)).cpu().contiguous()
+    if adapter.explicit_indices:
+        tensors[f"{name}.indices"] = adapter.indices.cpu().to(torch.int64)
+    return {
+        "stored_shape": list(adapter.stored_shape),
+        "transposed": adapter.transposed,
+        "blocks": [[b.name, b.start, b.stop, b.nnz] for b in adapter.blocks],
+        "nnz": adapter.nnz,
+        "indices_checksum": indices_checksum(adapter.indices),
+        "explicit_indices": adapter.explicit_indices,
+        # base_values is pristine W0 at the kept entries (captured before any delta was written).
+        "base_fingerprint": base_fingerprint(adapter.base_values),
+    }
+
+
+def _adapter_header(model: nn.Module, meta: dict, matrices: dict[str, dict], blob: bytes) -> dict:
+    """The adapter config (JSON) for weights file ``blob``, checksummed over itself."""
     config: MaskingConfig = meta["config"]
     model_cfg = getattr(model, "config", None)
     header = {
@@ -119,11 +135,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         "weights_sha256": hashlib.sha256(blob).hexdigest(),
     }
     header[CONFIG_CHECKSUM_KEY] = config_checksum(header)
-    if sharded and torch.distributed.get_rank() != 0:
-        return out  # rank 0 writes
-    atomic_write_bytes(out / WEIGHTS_NAME, blob)
-    atomic_write_bytes(out / CONFIG_NAME, (json.dumps(header, indent=1) + "\n").encode())
-    return out
+    return header
 
 
 _FIX = "Re-save the adapter with randmask.save_adapter."
@@ -210,6 +222,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     explicit = config.mask_kind not in BUILTIN_KINDS
     _check_mask_kind_version(header, config.mask_kind, explicit)
     modules = dict(model.named_modules())
+    targets, saved_values = _saved_targets(modules, header, tensors, config, explicit)
+    masks = _loaded_masks(modules, header, tensors, config, total, targets, explicit, verify_base)
+    attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
+                   trainable=is_trainable)
+    return model
+
+
+def _saved_targets(modules: dict[str, nn.Module], header: dict, tensors: dict[str, torch.Tensor],
+                   config: MaskingConfig, explicit: bool) -> tuple[list[Target], dict[str, torch.Tensor]]:
+    """The saved matrices in saved order as targets of this model, and their checked values."""
     targets, saved_values = [], {}
     for name, info in header["matrices"].items():
         module = _saved_module(modules, name, info)
@@ -219,7 +241,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                f"{config.mask_kind!r}; the adapter config was edited. Re-save the adapter.")
         saved_values[name] = _saved_values(name, tensors[f"{name}.values"], info["nnz"])
         targets.append(Target(name, module, [(b[0], b[1], b[2]) for b in info["blocks"]]))
+    return targets, saved_values
 
+
+def _loaded_masks(modules: dict[str, nn.Module], header: dict, tensors: dict[str, torch.Tensor],
+                  config: MaskingConfig, total: int, targets: list[Target], explicit: bool,
+                  verify_base: bool) -> list[tuple[Target, torch.Tensor, list[Block]]]:
+    """Each target's mask (regenerated from the seed, or the stored indices), checked against the saved
+    checksum and, with ``verify_base``, W0 at its entries against the saved base fingerprint."""
     # The saved matrices in saved order are apply_masking's targets: the same budget call gives
     # the same floats, hence the same regenerated masks.
     has_budget = config.density is not None or config.trainable_ratio is not None
@@ -239,9 +268,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if verify_base:
             _verify_base(target.name, modules[target.name], indices, info["base_fingerprint"])
         masks.append((target, indices, [Block(*b) for b in info["blocks"]]))
-    attach_adapter(model, adapter_name, config, total, masks, explicit_indices=explicit, values=saved_values,
-                   trainable=is_trainable)
-    return model
+    return masks
 
 
 def _check_mask_kind_version(header: dict, kind: str, explicit: bool) -> None:

@@ -272,10 +272,18 @@ def _power_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--power-seed", type=int, default=0, help="seed of the random start vector")
 
 
+_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the analysis sub-commands (hessian, distance, suggest-lr, activations, figure4) to a parent's subparsers."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = subparsers.add_parser("hessian", formatter_class=fmt,
+    for add in (_add_hessian, _add_distance, _add_suggest_lr, _add_activations, _add_figure4):
+        add(subparsers)
+
+
+def _add_hessian(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``hessian`` sub-command."""
+    p = subparsers.add_parser("hessian", formatter_class=_FMT,
                               help="top eigenvalue of the loss Hessian w.r.t. the trainable parameters",
                               description="Power iteration on exact Hessian-vector products (paper Fig. 4a). "
                               "Writes hessian.json and power_trace.png.")
@@ -288,7 +296,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also the k largest eigenvalues by Lanczos (0: off)")
     p.set_defaults(func=_cmd_hessian, command="hessian")
 
-    p = subparsers.add_parser("distance", formatter_class=fmt, help="L2 distance from the pretrained weights",
+
+def _add_distance(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``distance`` sub-command."""
+    p = subparsers.add_parser("distance", formatter_class=_FMT, help="L2 distance from the pretrained weights",
                               description="Per-matrix and total L2 norm of the fine-tuning delta (paper "
                               "Fig. 4b). Writes distance.json.")
     _model_args(p, "runs/analysis")
@@ -296,7 +307,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pretrained weights (.safetensors / torch state dict); optional for randmask")
     p.set_defaults(func=_cmd_distance, command="distance")
 
-    p = subparsers.add_parser("suggest-lr", formatter_class=fmt,
+
+def _add_suggest_lr(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``suggest-lr`` sub-command."""
+    p = subparsers.add_parser("suggest-lr", formatter_class=_FMT,
                               help="suggest an Adam learning rate from λ_max (2/λ_max stability bound)",
                               description="Measures λ_max and the gradient scale, suggests "
                               "lr = calibration * grad_rms * 2/λ_max and a range. Writes suggest_lr.json.")
@@ -306,7 +320,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Adam calibration factor (see randmask_lab.analysis.suggest_lr)")
     p.set_defaults(func=_cmd_suggest_lr, command="suggest-lr")
 
-    p = subparsers.add_parser("activations", formatter_class=fmt,
+
+def _add_activations(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``activations`` sub-command."""
+    p = subparsers.add_parser("activations", formatter_class=_FMT,
                               help="RMS of each input feature of linear layers (outlier hidden dimensions)",
                               description="Runs the training batches through the model and reports, per layer, "
                               "the input features with the largest RMS over real tokens, as multiples of the "
@@ -319,7 +336,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=positive_int, default=3, help="largest features to list per layer")
     p.set_defaults(func=_cmd_activations, command="activations")
 
-    p = subparsers.add_parser("figure4", formatter_class=fmt,
+
+def _add_figure4(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``figure4`` sub-command."""
+    p = subparsers.add_parser("figure4", formatter_class=_FMT,
                               help="paper Fig. 4 (λ_max before/after, distance vs budget) from analysis outputs",
                               description="Reads every hessian.json / suggest_lr.json / distance.json under the "
                               "folders, prints a table and writes lambda_max.png and distance.png.")

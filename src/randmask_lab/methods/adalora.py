@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from randmask import Target
 from randmask_lab.methods.common import (
     check_size_option,
     fix_peft_heads,
@@ -54,6 +55,32 @@ def prepare_adalora(
     """Wrap `model` with peft AdaLoRA on `targets`; `on_step` runs the rank reallocation."""
     from peft import AdaLoraConfig, get_peft_model
 
+    resolved = _checked_targets(model, targets, total_steps, init_r, target_r)
+    tinit = int(0.1 * total_steps) if tinit is None else tinit
+    tfinal = int(0.4 * total_steps) if tfinal is None else tfinal
+    schedule = dict(total_step=total_steps, tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=beta1, beta2=beta2)
+    config = AdaLoraConfig(
+        init_r=init_r,
+        target_r=target_r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_names(resolved),
+        fan_in_fan_out=uses_conv1d(resolved),
+        **schedule,
+        orth_reg_weight=orth_reg_weight,
+        modules_to_save=list(heads) or None,
+        task_type=peft_task_type(model),
+    )
+    with seeded(seed):
+        wrapped = get_peft_model(model, config)
+    fix_peft_heads(wrapped, heads)
+    frozen = restrict_to_blocks(wrapped, resolved)
+    return _prepared(wrapped, resolved, total, heads, frozen, schedule, init_r, target_r)
+
+
+def _checked_targets(model: nn.Module, targets: list[str] | None, total_steps: int | None, init_r: int,
+                     target_r: int) -> list[Target]:
+    """The resolved target matrices, once the schedule's step count and the ranks are known to fit them."""
     if total_steps is None or total_steps < 1:
         raise ValueError(
             "adalora needs total_steps (the number of optimizer steps of the run) to schedule its "
@@ -63,29 +90,13 @@ def prepare_adalora(
     rank_limit = smallest_dim([t.module for t in resolved])
     check_size_option("adalora", "init_r", init_r, rank_limit, "the rank of a matrix is at most its smallest dimension")
     check_size_option("adalora", "target_r", target_r, init_r, "the rank budget only shrinks from init_r")
-    tinit = int(0.1 * total_steps) if tinit is None else tinit
-    tfinal = int(0.4 * total_steps) if tfinal is None else tfinal
-    config = AdaLoraConfig(
-        init_r=init_r,
-        target_r=target_r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_names(resolved),
-        fan_in_fan_out=uses_conv1d(resolved),
-        total_step=total_steps,
-        tinit=tinit,
-        tfinal=tfinal,
-        deltaT=delta_t,
-        beta1=beta1,
-        beta2=beta2,
-        orth_reg_weight=orth_reg_weight,
-        modules_to_save=list(heads) or None,
-        task_type=peft_task_type(model),
-    )
-    with seeded(seed):
-        wrapped = get_peft_model(model, config)
-    fix_peft_heads(wrapped, heads)
-    frozen = restrict_to_blocks(wrapped, resolved)
+    return resolved
+
+
+def _prepared(wrapped: nn.Module, resolved: list[Target], total: int, heads: list[str], frozen: int,
+              schedule: dict[str, Any], init_r: int, target_r: int) -> PreparedModel:
+    """The wrapped model with its report and hooks: rank reallocation, orthogonality penalty, allocator state."""
+    total_steps, tinit, tfinal, delta_t = (schedule[k] for k in ("total_step", "tinit", "tfinal", "deltaT"))
     n_matrices = len(current_ranks(wrapped))
     notes = [
         f"rank budget {init_r}x{n_matrices} -> {target_r}x{n_matrices} over total_step={total_steps} "

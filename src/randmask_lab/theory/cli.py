@@ -18,6 +18,13 @@ from randmask_lab.theory.linreg import check_p
 DEFAULT_P_VALUES = (0.05, 0.1, 0.2, 0.5, 1.0)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 FIGURES = {"a": "eigen_concentration.png", "b": "stable_lr.png", "c": "solution_norm.png"}
+# The statements the summary's numbers test, written into it so that a reader of the JSON has them at hand.
+FORMULAS = {
+    "thm51_bound": "|lambda_i(X M X^T) - p lambda_i(X X^T)| <= B^2 n sqrt(2 d (4 n + ln(1/delta))), "
+    "w.p. >= 1 - delta over the mask, B = max|X_ij|",
+    "prop52_threshold": "GD on 1/2||X(w0 + m*Delta) - y||^2 converges iff lr < 2 / lambda_1(X M X^T)",
+    "prop53_bound": "E_noise ||Delta_inf||^2 >= (||X w*||^2 + n sigma^2) / lambda_1(X M X^T)",
+}
 
 
 def run_theory(
@@ -41,13 +48,7 @@ def run_theory(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = run_sweep(n, d, p_values, list(seeds), sigma, delta, gd_steps, noise_draws)
-    from randmask_lab.theory import plots  # matplotlib only when the plots are drawn
-
-    paths = {
-        "a": plots.plot_eigen_concentration(records, out / FIGURES["a"], n, d, delta),
-        "b": plots.plot_stable_lr(records, out / FIGURES["b"], n, d),
-        "c": plots.plot_solution_norm(records, out / FIGURES["c"], n, d, sigma),
-    }
+    paths = _draw_figures(records, out, n, d, sigma, delta)
     summary = {
         "config": {
             "n": n,
@@ -59,12 +60,7 @@ def run_theory(
             "gd_steps": gd_steps,
             "noise_draws": noise_draws,
         },
-        "formulas": {
-            "thm51_bound": "|lambda_i(X M X^T) - p lambda_i(X X^T)| <= B^2 n sqrt(2 d (4 n + ln(1/delta))), "
-            "w.p. >= 1 - delta over the mask, B = max|X_ij|",
-            "prop52_threshold": "GD on 1/2||X(w0 + m*Delta) - y||^2 converges iff lr < 2 / lambda_1(X M X^T)",
-            "prop53_bound": "E_noise ||Delta_inf||^2 >= (||X w*||^2 + n sigma^2) / lambda_1(X M X^T)",
-        },
+        "formulas": dict(FORMULAS),
         "per_p": summarise(records),
         "files": {k: str(v) for k, v in paths.items()},
     }
@@ -74,6 +70,17 @@ def run_theory(
         print(f"wrote {', '.join(FIGURES.values())} and theory_summary.json to {out}")
     return summary
 
+
+
+def _draw_figures(records: list, out: Path, n: int, d: int, sigma: float, delta: float) -> dict[str, Path]:
+    """Draw figures a, b and c into ``out``; their paths by letter."""
+    from randmask_lab.theory import plots  # matplotlib only when the plots are drawn
+
+    return {
+        "a": plots.plot_eigen_concentration(records, out / FIGURES["a"], n, d, delta),
+        "b": plots.plot_stable_lr(records, out / FIGURES["b"], n, d),
+        "c": plots.plot_solution_norm(records, out / FIGURES["c"], n, d, sigma),
+    }
 
 def _p_value(text: str) -> float:
     try:

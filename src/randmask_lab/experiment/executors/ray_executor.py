@@ -191,6 +191,83 @@ class _Progress:
             self.bar.close()
 
 
+@dataclasses.dataclass
+class _Driver:
+    """The cells of one Ray sweep in flight and finished, and the moves that submit, collect and cancel them."""
+
+    ray: Any
+    store: ResultStore
+    executor: ExecutorConfig
+    ids: list[str]
+    owner: str
+    progress: _Progress
+    task: Any = None
+    slots: int = 0
+    inflight: dict[Any, tuple[int, RunConfig, Lease]] = dataclasses.field(default_factory=dict)
+    results: dict[str, RunRecord] = dataclasses.field(default_factory=dict)
+    announced: set[str] = dataclasses.field(default_factory=set)
+
+    def submit(self, pending: list[tuple[int, RunConfig]]) -> list[tuple[int, RunConfig]]:
+        """Claim and submit pending cells while slots are free; the cells still waiting (busy or no slot)."""
+        waiting = []
+        for i, config in pending:
+            run_id = self.ids[i - 1]
+            if len(self.inflight) >= self.slots:
+                waiting.append((i, config))
+                continue
+            state, record = claim_cell(self.store, config, run_id, self.owner, self.announced, self.progress.say,
+                                       f"[{i}/{len(self.ids)}]")
+            if state == "finished":
+                self.results[run_id] = record  # type: ignore[assignment]
+                self.progress.update(record.status if record else "done")
+                continue
+            if state == "busy":
+                waiting.append((i, config))
+                continue
+            lease = Lease(self.store, run_id, self.owner, config.lease_seconds)
+            ref = self.task.remote(json.dumps(_task_config(config, self.executor).to_dict()), self.owner)
+            self.inflight[ref] = (i, config, lease)
+            self.progress.say(f"[{i}/{len(self.ids)}] submitted {run_id}")
+        return waiting
+
+    def collect(self, done: list[Any]) -> list[tuple[int, RunConfig]]:
+        """Store the records of finished tasks; the cells whose lease was lost meanwhile (to retry)."""
+        retry = []
+        for ref in done:
+            i, config, lease = self.inflight.pop(ref)
+            record = _collect(self.ray, ref, config, self.progress)
+            if lease.lost:  # the driver stalled past its lease: the new owner's record counts
+                lease.release()
+                self.progress.say(f"  lease on {config.run_id} lost to another worker; its result is theirs")
+                retry.append((i, config))
+                continue
+            self.store.put(record, owner=self.owner)
+            lease.release()
+            self.results[record.run_id] = record
+            self.progress.update(record.status, running=len(self.inflight))
+            self.progress.say(f"[{i}/{len(self.ids)}] {record.status}: {record.run_id}: test {record.metric} = "
+                              f"{record.test_metric}, best epoch {record.best_epoch}, {record.wall_seconds:.0f} s")
+        return retry
+
+    def cancel_lost(self) -> list[tuple[int, RunConfig]]:
+        """Cancel the tasks whose lease another worker took over; their cells (to retry)."""
+        retry = []
+        for ref, (i, config, lease) in list(self.inflight.items()):
+            if lease.lost:  # taken over by another worker: stop this copy
+                self.ray.cancel(ref, force=True)
+                del self.inflight[ref]
+                lease.release()
+                self.progress.say(f"  lease on {config.run_id} lost to another worker; cancelled here")
+                retry.append((i, config))
+        return retry
+
+    def cancel_all(self) -> None:
+        """Stop every task in flight and free its cell (its checkpoints stay, so the next sweep resumes it)."""
+        for ref, (_, _, lease) in self.inflight.items():
+            self.ray.cancel(ref, force=True)
+            lease.release()
+
+
 def run_sweep_ray(sweep: SweepConfig, base: RunConfig, executor: ExecutorConfig, store: ResultStore | None = None,
                   say: Callable[[str], None] = print, poll_seconds: float | None = None) -> list[RunRecord]:
     """Run every unfinished cell of the grid as a Ray task; the records in grid order (see the module doc)."""
@@ -200,75 +277,31 @@ def run_sweep_ray(sweep: SweepConfig, base: RunConfig, executor: ExecutorConfig,
     poll = poll_seconds if poll_seconds is not None else max(0.5, min(10.0, base.lease_seconds / 4))
     owner = new_owner()
     started = _connect(ray, executor)
-    progress = _Progress(len(configs), base.progress, say)
-    inflight: dict[Any, tuple[int, RunConfig, Lease]] = {}
+    driver = _Driver(ray, store, executor, ids, owner, _Progress(len(configs), base.progress, say))
     try:
-        slots = _slots(ray, executor)
-        task = ray.remote(run_cell).options(num_cpus=executor.cpus_per_run, num_gpus=executor.gpus_per_run,
-                                            max_retries=executor.max_retries, retry_exceptions=False)
-        results: dict[str, RunRecord] = {}
+        driver.slots = _slots(ray, executor)
+        driver.task = ray.remote(run_cell).options(num_cpus=executor.cpus_per_run, num_gpus=executor.gpus_per_run,
+                                                   max_retries=executor.max_retries, retry_exceptions=False)
         pending = list(enumerate(configs, 1))
-        announced: set[str] = set()
-        while pending or inflight:
-            waiting = []
-            for i, config in pending:
-                run_id = ids[i - 1]
-                if len(inflight) >= slots:
-                    waiting.append((i, config))
-                    continue
-                state, record = claim_cell(store, config, run_id, owner, announced, progress.say,
-                                           f"[{i}/{len(configs)}]")
-                if state == "finished":
-                    results[run_id] = record  # type: ignore[assignment]
-                    progress.update(record.status if record else "done")
-                    continue
-                if state == "busy":
-                    waiting.append((i, config))
-                    continue
-                lease = Lease(store, run_id, owner, config.lease_seconds)
-                ref = task.remote(json.dumps(_task_config(config, executor).to_dict()), owner)
-                inflight[ref] = (i, config, lease)
-                progress.say(f"[{i}/{len(configs)}] submitted {run_id}")
-            pending = waiting
-            progress.update(running=len(inflight))
-            if not inflight:
+        while pending or driver.inflight:
+            pending = driver.submit(pending)
+            driver.progress.update(running=len(driver.inflight))
+            if not driver.inflight:
                 if pending:
                     time.sleep(poll)  # every remaining cell is held by another worker
                 continue
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=poll)
-            for ref in done:
-                i, config, lease = inflight.pop(ref)
-                record = _collect(ray, ref, config, progress)
-                if lease.lost:  # the driver stalled past its lease: the new owner's record counts
-                    lease.release()
-                    progress.say(f"  lease on {config.run_id} lost to another worker; its result is theirs")
-                    pending.append((i, config))
-                    continue
-                store.put(record, owner=owner)
-                lease.release()
-                results[record.run_id] = record
-                progress.update(record.status, running=len(inflight))
-                progress.say(f"[{i}/{len(configs)}] {record.status}: {record.run_id}: test {record.metric} = "
-                             f"{record.test_metric}, best epoch {record.best_epoch}, {record.wall_seconds:.0f} s")
-            for ref, (i, config, lease) in list(inflight.items()):
-                if lease.lost:  # taken over by another worker: stop this copy
-                    ray.cancel(ref, force=True)
-                    del inflight[ref]
-                    lease.release()
-                    progress.say(f"  lease on {config.run_id} lost to another worker; cancelled here")
-                    pending.append((i, config))
+            done, _ = ray.wait(list(driver.inflight), num_returns=1, timeout=poll)
+            pending += driver.collect(done)
+            pending += driver.cancel_lost()
     except BaseException:
-        # Ctrl-C (or an error in the driver): stop the tasks in flight and free their cells at once;
-        # their checkpoints stay, so the next sweep resumes them.
-        for ref, (_, _, lease) in inflight.items():
-            ray.cancel(ref, force=True)
-            lease.release()
+        # Ctrl-C (or an error in the driver): stop the tasks in flight and free their cells at once.
+        driver.cancel_all()
         raise
     finally:
-        progress.close()
+        driver.progress.close()
         if started:
             ray.shutdown()
-    return [results[i] for i in ids if i in results]
+    return [driver.results[i] for i in ids if i in driver.results]
 
 
 def _collect(ray: Any, ref: Any, config: RunConfig, progress: _Progress) -> RunRecord:
