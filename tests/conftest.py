@@ -72,6 +72,26 @@ def model_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tor
         return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
 
 
+
+def train_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: int = 3,
+                lr: float = 5e-2) -> list[float]:
+    """``steps`` AdamW steps of the trainable parameters on one batch; the loss before each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def trained(model: torch.nn.Module, arch: str, steps: int = 3, lr: float = 5e-2) -> torch.nn.Module:
+    """``model`` after ``train_steps`` on ``tiny_inputs(arch)`` (so that its adapter values are not zero)."""
+    train_steps(model, tiny_inputs(arch), steps, lr)
+    return model
+
 @pytest.fixture(params=TINY_ARCHS)
 def arch(request) -> str:
     return request.param

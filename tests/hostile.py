@@ -1,4 +1,5 @@
-"""Helpers for the hostile-file tests: non-regular files, a hang guard, a memory-limited subprocess.
+"""Helpers for the hostile-file tests: copies to damage, non-regular files, a hang guard, a memory-limited
+subprocess, and the mutations and settings of the fuzz tests.
 
 A reader that regresses must fail its test, not take the suite down: a FIFO would block an unguarded
 open forever (``hang_guard`` turns that into a TimeoutError), and ``/dev/zero`` would be read until
@@ -7,18 +8,32 @@ memory runs out (``run_limited`` runs such a case in a subprocess whose address 
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEADROOM = 2 << 30  # bytes of address space a limited process may grow by after its imports
 
+
+
+def fresh_copy(source: Path, dest: Path, names: Iterable[str]) -> Path:
+    """Copy the files ``names`` of ``source`` into ``dest``: a test's own copy of a saved adapter to damage
+    (the adapter is trained and saved once per module); returns ``dest``."""
+    for name in names:
+        shutil.copyfile(source / name, dest / name)
+    return dest
 
 def replace_with_fifo(path: Path) -> Path:
     """Replace ``path`` by a named pipe (no writer: a blocking open would wait forever)."""
@@ -58,8 +73,6 @@ def hang_guard(seconds: int = 60) -> Iterator[None]:
 
 def limit_memory(headroom: int = HEADROOM) -> None:
     """Cap this process's address space at its current size plus ``headroom`` (call after the imports)."""
-    import resource
-
     size = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
                     if line.startswith("VmSize:"))) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (size + headroom, size + headroom))
@@ -99,6 +112,41 @@ def make_read_only(path: Path) -> Callable[[], None]:
 # -- hypothesis mutations shared by the fuzz tests of each reader ------------------------------------------------
 
 
+
+def fuzz_settings(max_examples: int):
+    """The fuzz tests' hypothesis settings: reproducible (derandomized, no example database), no deadline, and no
+    health check (a slow reference build or a filtered draw is expected)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def perturb_trainable(model, std: float = 0.05):
+    """Draw every trainable parameter of ``model`` from N(0, std²) in place (a reference adapter whose files hold
+    values that change the output); returns the model."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+    return model
+
+
+def load_or_refuse(files: dict[str, bytes], load: Callable[[str], object]) -> object | None:
+    """Write ``files`` (name -> bytes) into a fresh folder and ``load`` it: the result, or None after a
+    MaskingError (any other exception fails the property)."""
+    from randmask import MaskingError
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, blob in files.items():
+            (Path(d) / name).write_bytes(blob)
+        try:
+            return load(d)
+        except MaskingError:
+            return None
+
 def json_paths(obj: object, path: tuple = ()) -> Iterator[tuple]:
     """Every node of a JSON value, as the path of keys / indices that reaches it."""
     yield path
@@ -122,9 +170,6 @@ def odd_values():
 def mutate_json(obj: object, data, skip: Callable[[tuple], bool] = lambda path: False) -> object:
     """One structural edit at a random node (not one ``skip`` names): drop, duplicate, retype, huge, negative,
     NaN, or a string where a number was. Edits ``obj`` in place and returns it (or a replacement root)."""
-    import copy
-    import math
-
     from hypothesis import strategies as st
 
     paths = [p for p in json_paths(obj) if not skip(p)]
@@ -167,8 +212,37 @@ def damage_bytes(blob: bytes, data) -> bytes:
     return blob[:pos] + bytes([blob[pos] ^ data.draw(st.integers(1, 255))]) + blob[pos + 1:]
 
 
+
+def mutated_config_text(config: dict, data, reseal: Callable[[dict], None],
+                        skip: Callable[[tuple], bool] = lambda path: False) -> bytes:
+    """A copy of ``config`` after one ``mutate_json`` edit, resealed half the time (``reseal`` recomputes the
+    checksums, as a careful hand edit does; only when the edit left a dict), as JSON text whose bytes are
+    damaged half the time."""
+    from hypothesis import strategies as st
+
+    config = mutate_json(copy.deepcopy(config), data, skip=skip)
+    if isinstance(config, dict) and data.draw(st.booleans()):
+        reseal(config)
+    text = to_json_text(config)
+    if data.draw(st.booleans()):
+        text = damage_bytes(text, data)
+    return text
+
+
+def damaged_weights(config: dict, weights: bytes, data, reseal: Callable[[dict, bytes], None]
+                    ) -> tuple[bytes, bytes, bool]:
+    """``weights`` with ``damage_bytes``, and a copy of ``config`` as JSON text, resealed over the damaged bytes
+    half the time (then the checksums match, and parsing and the tensor checks must hold):
+    (config text, weights, resealed)."""
+    from hypothesis import strategies as st
+
+    weights = damage_bytes(weights, data)
+    config = copy.deepcopy(config)
+    resealed = data.draw(st.booleans())
+    if resealed:
+        reseal(config, weights)
+    return to_json_text(config), weights, resealed
+
 def to_json_text(obj: object) -> bytes:
     """JSON as a careless writer would produce it: NaN and Infinity written as such (json.dumps' default)."""
-    import json
-
     return json.dumps(obj).encode()

@@ -2,35 +2,22 @@
 
 import pytest
 import torch
+from tests.randmask.sparse_patterns import dense_delta, random_pattern
 
 from randmask.delta import sparse_delta, sparse_delta_reference
-from randmask.ops import SparsePattern
-
-
-def _pattern(shape, nnz, transposed=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(shape[0] * shape[1], generator=g)[:nnz].sort().values
-    return SparsePattern(idx, shape, transposed)
-
-
-def _dense_delta(values, pattern):
-    d = torch.zeros(pattern.shape[0] * pattern.shape[1], dtype=torch.float64)
-    d[pattern.indices] = values.double()
-    d = d.view(pattern.shape)
-    return d.t() if pattern.transposed else d  # logical (out, in)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("nnz", [0, 1, 17, 300])
 @pytest.mark.parametrize("tokens", [1, 65])
 def test_matches_dense_reference(transposed, nnz, tokens):
-    pattern = _pattern((24, 40), nnz, transposed)
+    pattern = random_pattern((24, 40), nnz, transposed)
     out_f, in_f = pattern.logical_shape
     x = torch.randn(2, tokens, in_f, requires_grad=True)
     values = torch.randn(nnz, requires_grad=True)
     y = sparse_delta(x, values, pattern)
     assert y.shape == (2, tokens, out_f)
-    d = _dense_delta(values.detach(), pattern)
+    d = dense_delta(values.detach(), pattern)
     torch.testing.assert_close(y.double(), x.detach().double() @ d.t(), atol=1e-5, rtol=1e-5)
     g = torch.randn_like(y)
     gx, gv = torch.autograd.grad(y, (x, values), g)
@@ -42,7 +29,7 @@ def test_matches_dense_reference(transposed, nnz, tokens):
 
 
 def test_reference_agrees_and_bf16_runs():
-    pattern = _pattern((32, 48), 100)
+    pattern = random_pattern((32, 48), 100)
     x, values = torch.randn(5, 48), torch.randn(100)
     torch.testing.assert_close(sparse_delta(x, values, pattern), sparse_delta_reference(x, values, pattern))
     yb = sparse_delta(x.bfloat16(), values, pattern)
@@ -51,7 +38,7 @@ def test_reference_agrees_and_bf16_runs():
 
 
 def test_wrong_shapes_are_refused():
-    pattern = _pattern((8, 8), 4)
+    pattern = random_pattern((8, 8), 4)
     with pytest.raises(ValueError, match="values has shape"):
         sparse_delta(torch.randn(2, 8), torch.randn(5), pattern)
     with pytest.raises(ValueError, match="features"):
@@ -61,7 +48,7 @@ def test_wrong_shapes_are_refused():
 def test_under_cpu_autocast_the_output_takes_the_autocast_dtype():
     # The SpMM runs in fp32 with autocast off (MKL's CSR kernel has no bf16); its output is bf16 like
     # nn.Linear's under autocast, and the gradients match the fp32 ones.
-    pattern = _pattern((32, 48), 100)
+    pattern = random_pattern((32, 48), 100)
     x = torch.randn(5, 48, requires_grad=True)
     values = torch.randn(100, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_inputs, tiny_model
+from tests.conftest import tiny_inputs, tiny_model, train_steps
 
 import randmask
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, merge_and_unload, save_adapter
@@ -27,11 +27,7 @@ def _trained(arch: str, device: str):
     """A masked tiny model on ``device`` after two AdamW steps (so its values are not zero)."""
     model = apply_masking(tiny_model(arch).to(device), MaskingConfig(**CONFIG))
     inputs = {k: v.to(device) for k, v in tiny_inputs(arch).items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        model(**inputs).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, inputs, steps=2, lr=1e-2)
     return model
 
 

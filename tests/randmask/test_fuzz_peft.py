@@ -8,7 +8,6 @@ too. Run in a subprocess under a memory cap, as test_fuzz_loader does for randma
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import tempfile
@@ -16,15 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from tests.conftest import model_output, tiny_inputs, tiny_model
-from tests.hostile import damage_bytes, mutate_json, run_limited, to_json_text
+from tests.hostile import (
+    damaged_weights,
+    fuzz_settings,
+    load_or_refuse,
+    mutated_config_text,
+    perturb_trainable,
+    run_limited,
+)
 
 pytest.importorskip("peft")
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(max_examples=40)
 NOT_OURS = ("peft_type", "task_type")
 _STATE: dict = {}
 
@@ -36,11 +41,7 @@ def _reference() -> dict:
 
         from randmask.peft import RandMaskConfig
 
-        model = get_peft_model(tiny_model("opt"), RandMaskConfig(trainable_ratio=2e-2))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.05)
+        model = perturb_trainable(get_peft_model(tiny_model("opt"), RandMaskConfig(trainable_ratio=2e-2)))
         folder = Path(tempfile.mkdtemp())
         model.save_pretrained(folder)
         _STATE.update(config=json.loads((folder / "adapter_config.json").read_text()),
@@ -59,28 +60,16 @@ def _reseal(config: dict, weights: bytes) -> None:
 def _load_or_refuse(config_text: bytes, weights: bytes):
     from peft import PeftModel
 
-    from randmask import MaskingError
-
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "adapter_config.json").write_bytes(config_text)
-        (Path(d) / "adapter_model.safetensors").write_bytes(weights)
-        try:
-            return PeftModel.from_pretrained(tiny_model("opt"), d)
-        except MaskingError:
-            return None
+    return load_or_refuse({"adapter_config.json": config_text, "adapter_model.safetensors": weights},
+                          lambda folder: PeftModel.from_pretrained(tiny_model("opt"), folder))
 
 
 @FUZZ
 @given(st.data())
 def fuzz_peft_config(data) -> None:
     ref = _reference()
-    skip = lambda path: not path or path[0] in NOT_OURS  # noqa: E731
-    config = mutate_json(copy.deepcopy(ref["config"]), data, skip=skip)
-    if data.draw(st.booleans()):
-        _reseal(config, ref["weights"])
-    text = to_json_text(config)
-    if data.draw(st.booleans()):
-        text = damage_bytes(text, data)
+    text = mutated_config_text(ref["config"], data, reseal=lambda config: _reseal(config, ref["weights"]),
+                               skip=lambda path: not path or path[0] in NOT_OURS)
     model = _load_or_refuse(text, ref["weights"])
     if model is not None:  # the weights are untouched, so a load must reproduce the adapter exactly
         assert torch.equal(model_output(model, tiny_inputs("opt")), ref["expected"])
@@ -92,12 +81,8 @@ def fuzz_peft_weights(data) -> None:
     from safetensors.torch import load as st_load
 
     ref = _reference()
-    weights = damage_bytes(ref["weights"], data)
-    config = copy.deepcopy(ref["config"])
-    resealed = data.draw(st.booleans())
-    if resealed:
-        _reseal(config, weights)
-    model = _load_or_refuse(json.dumps(config).encode(), weights)
+    text, weights, resealed = damaged_weights(ref["config"], ref["weights"], data, reseal=_reseal)
+    model = _load_or_refuse(text, weights)
     if model is None:
         return
     if not resealed:

@@ -2,31 +2,18 @@
 
 import pytest
 import torch
+from tests.randmask.sparse_patterns import dense_delta, random_pattern
 
 from randmask.grouped_delta import block_diagonal, grouped_sparse_delta
 from randmask.mixed import group_rows
-from randmask.ops import SparsePattern
-
-
-def _pattern(shape, nnz, transposed, seed):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(shape[0] * shape[1], generator=g)[:nnz].sort().values
-    return SparsePattern(idx, shape, transposed)
-
-
-def _dense(values, pattern):
-    d = torch.zeros(pattern.shape[0] * pattern.shape[1], dtype=torch.float64)
-    d[pattern.indices] = values.double()
-    d = d.view(pattern.shape)
-    return d.t() if pattern.transposed else d  # logical (out, in)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_matches_the_dense_reference_with_gradients(transposed, tokens):
     shape = (24, 40)
-    patterns = {"a": _pattern(shape, 50, transposed, 0), "b": _pattern(shape, 1, transposed, 1),
-                "c": _pattern(shape, 0, transposed, 2)}  # an empty mask too
+    patterns = {"a": random_pattern(shape, 50, transposed, 0), "b": random_pattern(shape, 1, transposed, 1),
+                "c": random_pattern(shape, 0, transposed, 2)}  # an empty mask too
     names = ["b", "a", "__base__", "a", "c", "missing"]  # "missing": no pattern in this layer, gets nothing
     groups = group_rows(names)
     out_f, in_f = patterns["a"].logical_shape
@@ -34,7 +21,7 @@ def test_matches_the_dense_reference_with_gradients(transposed, tokens):
     values = {k: torch.randn(p.nnz, dtype=torch.float64, requires_grad=True) for k, p in patterns.items()}
     y = grouped_sparse_delta(x, values, block_diagonal(groups.groups, patterns, groups.rows))
     assert y.shape == (len(names), tokens, out_f)
-    expected = torch.stack([x[t] @ _dense(values[n].detach(), patterns[n]).t() if n in patterns
+    expected = torch.stack([x[t] @ dense_delta(values[n].detach(), patterns[n]).t() if n in patterns
                             else torch.zeros(tokens, out_f, dtype=torch.float64) for t, n in enumerate(names)])
     torch.testing.assert_close(y, expected, atol=1e-9, rtol=0)
     g = torch.randn_like(y)
@@ -50,7 +37,7 @@ def test_matches_the_dense_reference_with_gradients(transposed, tokens):
 
 
 def test_fp32_and_bf16_inputs_keep_their_dtype():
-    patterns = {"a": _pattern((16, 8), 20, False, 0)}
+    patterns = {"a": random_pattern((16, 8), 20, False, 0)}
     groups = group_rows(["a", "a"])
     block = block_diagonal(groups.groups, patterns, groups.rows)
     x = torch.randn(2, 3, 8)
@@ -62,7 +49,7 @@ def test_fp32_and_bf16_inputs_keep_their_dtype():
 
 
 def test_gathered_values_are_kept_between_calls_only_while_unchanged():
-    patterns = {"a": _pattern((16, 8), 20, False, 0)}
+    patterns = {"a": random_pattern((16, 8), 20, False, 0)}
     groups = group_rows(["a", "__base__"])
     block = block_diagonal(groups.groups, patterns, groups.rows)
     x, values = torch.randn(2, 1, 8), {"a": torch.randn(20)}

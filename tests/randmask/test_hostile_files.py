@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 
 import pytest
 import torch
-from tests.conftest import model_output, tiny_inputs, tiny_model
+from tests.conftest import model_output, tiny_inputs, tiny_model, trained
+from tests.hostile import fresh_copy
 
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, merge_and_unload, save_adapter
 from randmask.integrity import CONFIG_CHECKSUM_KEY, config_checksum
@@ -17,13 +17,7 @@ from randmask.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 
 
 def _trained(arch="opt", **cfg):
-    model = apply_masking(tiny_model(arch), MaskingConfig(**(cfg or {"density": 0.2})))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(2):
-        model(**tiny_inputs(arch)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model
+    return trained(apply_masking(tiny_model(arch), MaskingConfig(**(cfg or {"density": 0.2}))), arch, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +30,7 @@ def _saved_once(tmp_path_factory):
 @pytest.fixture
 def saved(tmp_path, _saved_once):
     """A fresh copy of one trained adapter (trained once per module) for each test to edit."""
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copyfile(_saved_once / name, tmp_path / name)
-    return tmp_path
+    return fresh_copy(_saved_once, tmp_path, (CONFIG_NAME, WEIGHTS_NAME))
 
 
 def edit_header(folder, fn, reseal=True):

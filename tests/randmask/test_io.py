@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
+from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model, trained
 
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, save_adapter
 from randmask.integrity import config_checksum
@@ -19,12 +19,7 @@ from randmask.io import CONFIG_NAME, WEIGHTS_NAME
 def _trained(arch="opt", dtype=torch.float32, **cfg):
     model = tiny_model(arch).to(dtype)
     apply_masking(model, MaskingConfig(**(cfg or {"density": 0.2})))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(2):
-        model(**tiny_inputs(arch)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model
+    return trained(model, arch, steps=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

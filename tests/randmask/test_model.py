@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import model_output, tiny_inputs, tiny_model
+from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
 
 from randmask import (
     MaskingConfig,
@@ -20,18 +20,6 @@ from randmask import (
     set_adapter,
     unload,
 )
-
-
-def _train(model, inputs, steps=3, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def _weights(model):
@@ -61,7 +49,7 @@ def test_training_moves_only_kept_entries(arch):
     inputs = tiny_inputs(arch)
     pristine = _weights(model)
     apply_masking(model, MaskingConfig(density=0.2))
-    losses = _train(model, inputs, lr=5e-2)
+    losses = train_steps(model, inputs)
     assert losses[-1] < losses[0]
     model_output(model, inputs)  # any forward syncs; weights must now hold W0 + delta
     layers = masked_layers(model)
@@ -87,7 +75,7 @@ def test_merge_equals_unmerged_and_unload_restores(arch):
     pristine = _weights(model)
     base_out = model_output(model, inputs)
     apply_masking(model, MaskingConfig(density=0.2))
-    _train(model, inputs, lr=5e-2)
+    train_steps(model, inputs)
     trained_out = model_output(model, inputs)
     assert not torch.equal(trained_out, base_out)
 
@@ -113,13 +101,13 @@ def test_second_adapter_and_switching():
     inputs = tiny_inputs(arch)
     base_out = model_output(model, inputs)
     apply_masking(model, MaskingConfig(density=0.3, seed=0), adapter_name="a")
-    _train(model, inputs, lr=5e-2)
+    train_steps(model, inputs)
     out_a = model_output(model, inputs)
     apply_masking(model, MaskingConfig(density=0.3, seed=1), adapter_name="b")
     # The new adapter is active and starts from the pristine base, even where the masks overlap.
     assert torch.equal(model_output(model, inputs), base_out)
     assert all(n.endswith(".b.values") for n, p in model.named_parameters() if p.requires_grad)
-    _train(model, inputs, lr=5e-2)
+    train_steps(model, inputs)
     out_b = model_output(model, inputs)
     assert not torch.equal(out_b, out_a)
     set_adapter(model, "a")
@@ -152,14 +140,14 @@ def test_regex_targets_and_vit_default():
     apply_masking(vit, MaskingConfig(density=0.1))
     assert len(masked_layers(vit)) == 4
     assert torch.equal(model_output(vit, inputs), before)
-    losses = _train(vit, inputs, steps=4, lr=5e-2)
+    losses = train_steps(vit, inputs, steps=4)
     assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("kind", ["random_exact", "structured"])
 def test_other_mask_kinds_train(kind):
     model = apply_masking(tiny_model("opt"), MaskingConfig(density=0.25, mask_kind=kind))
-    losses = _train(model, tiny_inputs("opt"), lr=5e-2)
+    losses = train_steps(model, tiny_inputs("opt"))
     assert losses[-1] < losses[0]
 
 
@@ -193,7 +181,7 @@ def test_bf16_model_trains_and_merges():
     model = tiny_model("llama").to(torch.bfloat16)
     inputs = tiny_inputs("llama")
     apply_masking(model, MaskingConfig(density=0.2))
-    losses = _train(model, inputs, lr=5e-2)
+    losses = train_steps(model, inputs)
     assert losses[-1] < losses[0]
     values = [p for p in model.parameters() if p.requires_grad]
     assert all(v.dtype == torch.float32 for v in values)  # fp32 master values

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
+from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model, trained
 
 from randmask import MaskingError
 
@@ -22,15 +22,6 @@ ARCHS = ["opt", "llama", "gpt2"]
 
 def _peft_model(arch, dtype=torch.float32, **cfg):
     return get_peft_model(tiny_model(arch).to(dtype), RandMaskConfig(**(cfg or {"density": 0.2})))
-
-
-def _train(model, arch, steps=3, lr=5e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        model(**tiny_inputs(arch)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model
 
 
 def _layers(model):
@@ -114,7 +105,7 @@ def test_identity_at_init_and_only_kept_entries_move(arch):
     assert torch.equal(model_output(model, inputs), expected)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(".randmask_adapters.default.values") for n in trainable)
-    _train(model, arch)
+    trained(model, arch)
     layers = {n.removeprefix("base_model.model.") + ".base_layer.weight": m for n, m in _layers(model).items()}
     for name, param in model.base_model.model.named_parameters():
         if ".randmask_adapters." in name:
@@ -133,7 +124,7 @@ def test_identity_at_init_and_only_kept_entries_move(arch):
 def test_merge_equals_unmerged_and_unload_restores(arch):
     inputs = tiny_inputs(arch)
     base_out = model_output(tiny_model(arch), inputs)
-    model = _train(_peft_model(arch), arch)
+    model = trained(_peft_model(arch), arch)
     out = model_output(model, inputs)
     with model.disable_adapter():
         assert torch.equal(model_output(model, inputs), base_out)
@@ -143,14 +134,14 @@ def test_merge_equals_unmerged_and_unload_restores(arch):
     model.unmerge_adapter()
     assert torch.equal(model_output(model, inputs), out)
     assert torch.equal(model_output(model.merge_and_unload(), inputs), out)
-    unloaded = _train(_peft_model(arch), arch).unload()
+    unloaded = trained(_peft_model(arch), arch).unload()
     assert torch.equal(model_output(unloaded, inputs), base_out)
 
 
 def test_save_load_in_a_fresh_process_is_bit_exact(tmp_path):
     outs = {}
     for arch in ARCHS:
-        model = _train(_peft_model(arch, trainable_ratio=2e-2, seed=3), arch)
+        model = trained(_peft_model(arch, trainable_ratio=2e-2, seed=3), arch)
         model.save_pretrained(tmp_path / arch)
         outs[arch] = model_output(model, tiny_inputs(arch))
     torch.save(outs, tmp_path / "expected.pt")  # test artefact only
@@ -173,7 +164,7 @@ def test_save_load_in_a_fresh_process_is_bit_exact(tmp_path):
 def test_bf16_file_is_two_bytes_per_entry_and_reloads_bit_exact(tmp_path):
     from safetensors.torch import load_file
 
-    model = _train(_peft_model("llama", torch.bfloat16, density=0.5), "llama")
+    model = trained(_peft_model("llama", torch.bfloat16, density=0.5), "llama")
     out = model_output(model, tiny_inputs("llama"))
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -189,7 +180,7 @@ def test_bf16_file_is_two_bytes_per_entry_and_reloads_bit_exact(tmp_path):
 
 
 def test_another_base_or_a_merged_base_is_refused(tmp_path):
-    model = _train(_peft_model("opt"), "opt")
+    model = trained(_peft_model("opt"), "opt")
     model.save_pretrained(tmp_path)
     with pytest.raises(MaskingError, match="differ from the base"):
         PeftModel.from_pretrained(tiny_model("opt", seed=1), tmp_path)
@@ -204,7 +195,7 @@ def test_damaged_peft_files_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
     from tests.randmask.test_peft_files import reseal
 
-    _train(_peft_model("opt"), "opt").save_pretrained(tmp_path)
+    trained(_peft_model("opt"), "opt").save_pretrained(tmp_path)
     weights, config = tmp_path / "adapter_model.safetensors", tmp_path / "adapter_config.json"
     tensors = load_file(str(weights))
     first = next(iter(tensors))
@@ -233,13 +224,13 @@ def test_damaged_peft_files_are_refused(tmp_path):
 
 def test_multiple_named_adapters(tmp_path):
     inputs = tiny_inputs("llama")
-    model = _train(_peft_model("llama"), "llama")
+    model = trained(_peft_model("llama"), "llama")
     first = model_output(model, inputs)
     model.add_adapter("second", RandMaskConfig(density=0.1, seed=7))
     assert torch.equal(model_output(model, inputs), first)  # the new adapter is not active yet
     model.set_adapter("second")
     assert all(p.requires_grad == (".second." in n) for n, p in model.named_parameters() if ".values" in n)
-    _train(model, "llama")
+    trained(model, "llama")
     second = model_output(model, inputs)
     assert not torch.equal(second, first)
     model.set_adapter("default")
@@ -303,7 +294,7 @@ def _tokenizer():
 
 def test_structured_mask_with_empty_matrices_trains_merges_and_reloads(tmp_path):
     inputs = tiny_inputs("llama")
-    model = _train(_peft_model("llama", trainable_ratio=2e-3, mask_kind="structured"), "llama")
+    model = trained(_peft_model("llama", trainable_ratio=2e-3, mask_kind="structured"), "llama")
     nnz = [layer.randmask_adapters["default"].nnz for layer in _layers(model).values()]
     assert 0 in nnz and sum(nnz) > 0  # under one column per matrix: some matrices hold none
     out = model_output(model, inputs)

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("peft")
 
 from peft import PeftModel, get_peft_model  # noqa: E402
-from tests.conftest import model_output, tiny_inputs, tiny_model  # noqa: E402
+from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps  # noqa: E402
 from tests.randmask.quantized_models import load_quantized, save_tiny_llama  # noqa: E402
 from tests.randmask.test_peft import _lm_rows, _tokenizer  # noqa: E402
 
@@ -26,22 +26,13 @@ def _layers(model) -> dict[str, RandMaskLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, RandMaskLayer)}
 
 
-def _train(model, steps: int = 8) -> None:
-    inputs = tiny_inputs("llama")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(steps):
-        model(**inputs).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-
 @pytest.mark.parametrize("scheme", ["nf4", "bnb-int8", "ao-int8"])
 def test_get_peft_model_trains_saves_and_reloads(llama_dir, scheme, tmp_path):
     model = get_peft_model(load_quantized(llama_dir, scheme), RandMaskConfig(target_modules=["q_proj", "v_proj"],
                                                                              density=0.2))
     layers = _layers(model)
     assert len(layers) == 4
-    _train(model)
+    train_steps(model, tiny_inputs("llama"), steps=8)
     assert all(quant_scheme(layer.get_base_layer()) is not None for layer in layers.values())  # still quantized
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".randmask_adapters.default.values" in n for n in trainable)
@@ -60,7 +51,7 @@ def test_get_peft_model_trains_saves_and_reloads(llama_dir, scheme, tmp_path):
 
 def test_a_float_base_peft_adapter_on_its_quantized_base_names_the_way_out(llama_dir, tmp_path):
     model = get_peft_model(tiny_model("llama"), RandMaskConfig(target_modules=["q_proj", "v_proj"], density=0.2))
-    _train(model, steps=3)
+    train_steps(model, tiny_inputs("llama"), steps=3)
     model.save_pretrained(tmp_path)
     with pytest.raises(MaskingError, match="quantized .*randmask_verify_base=False skips this check alone"):
         PeftModel.from_pretrained(load_quantized(llama_dir, "nf4"), tmp_path)

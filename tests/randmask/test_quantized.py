@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import model_output, tiny_inputs, tiny_model
+from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
 from tests.randmask.quantized_models import SCHEME_NAMES, SCHEMES, load_quantized, save_tiny_llama
 
 from randmask import (
@@ -61,20 +61,6 @@ def _stored(layer: MaskedLayer) -> list[torch.Tensor]:
     return out
 
 
-def _train(model, steps: int = 12, lr: float = 5e-2) -> list[float]:
-    inputs = tiny_inputs("llama")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_tiny_llama_trains_on_each_quantized_base(llama_dir, scheme):
     model = load_quantized(llama_dir, scheme)
     apply_masking(model, CFG)
@@ -88,7 +74,7 @@ def test_tiny_llama_trains_on_each_quantized_base(llama_dir, scheme):
     assert len(with_grad) == 4 and all(n.endswith(".adapters.default.values") for n in with_grad)  # only values
     assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in with_grad)
     model.zero_grad(set_to_none=True)
-    losses = _train(model)
+    losses = train_steps(model, tiny_inputs("llama"), steps=12)
     assert losses[-1] < losses[0] - 0.05, losses  # the loss falls
     for name, layer in layers.items():  # still quantized, stored bytes untouched
         assert quant_scheme(layer.base_layer) == SCHEME_NAMES[scheme]
@@ -98,7 +84,7 @@ def test_tiny_llama_trains_on_each_quantized_base(llama_dir, scheme):
 def test_adapter_saves_and_loads_with_identical_outputs(llama_dir, scheme, tmp_path):
     model = load_quantized(llama_dir, scheme)
     apply_masking(model, CFG)
-    _train(model, steps=5)
+    train_steps(model, tiny_inputs("llama"), steps=5)
     inputs = tiny_inputs("llama")
     out = model_output(model, inputs)
     save_adapter(model, tmp_path)
@@ -164,7 +150,7 @@ def test_same_budget_and_masks_as_the_float_base(llama_dir, scheme, tmp_path):
 
 def test_float_base_adapter_loads_on_its_quantized_base_only_with_verify_base_false(llama_dir, tmp_path):
     float_model = apply_masking(tiny_model("llama"), CFG)
-    _train(float_model, steps=5)
+    train_steps(float_model, tiny_inputs("llama"), steps=5)
     save_adapter(float_model, tmp_path)
     with pytest.raises(MaskingError, match="quantized \\(bnb-nf4\\).*verify_base=False"):
         load_adapter(load_quantized(llama_dir, "nf4"), tmp_path)
@@ -186,7 +172,7 @@ def test_quantized_base_adapter_verifies_on_the_same_quantized_base_only(llama_d
 
 def test_merge_into_a_quantized_weight_is_refused_and_changes_nothing(llama_dir):
     model = apply_masking(load_quantized(llama_dir, "nf4"), CFG)
-    _train(model, steps=3)
+    train_steps(model, tiny_inputs("llama"), steps=3)
     inputs = tiny_inputs("llama")
     out = model_output(model, inputs)
     with pytest.raises(MaskingError, match="quantized \\(bnb-nf4\\): merging would requantize"):
@@ -203,10 +189,10 @@ def test_several_adapters_switch_and_disable(llama_dir):
     inputs = tiny_inputs("llama")
     base = model_output(model, inputs)
     apply_masking(model, CFG, adapter_name="a")
-    _train(model, steps=3)
+    train_steps(model, tiny_inputs("llama"), steps=3)
     out_a = model_output(model, inputs)
     apply_masking(model, MaskingConfig(targets=["q_proj"], density=0.1, seed=1), adapter_name="b")
-    _train(model, steps=3)
+    train_steps(model, tiny_inputs("llama"), steps=3)
     set_adapter(model, "b")  # v_proj has no "b": it runs its base alone
     out_b = model_output(model, inputs)
     assert not torch.equal(out_a, out_b) and not torch.equal(out_b, base)

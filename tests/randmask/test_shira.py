@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model
+from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model, trained
 
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, save_adapter
 
@@ -17,15 +17,6 @@ peft = pytest.importorskip("peft")
 from peft import PeftModel, ShiraConfig, get_peft_model  # noqa: E402
 
 from randmask.peft import RandMaskConfig, export_shira, import_shira  # noqa: E402
-
-
-def _train(model, arch, steps=3, lr=5e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        model(**tiny_inputs(arch)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model
 
 
 def _stock_peft_outputs(tmp_path, cases):
@@ -57,7 +48,7 @@ def test_export_loads_in_stock_peft_without_randmask(tmp_path):
     for arch, dtype, cfg in [("opt", "float32", {"trainable_ratio": 1e-2}), ("llama", "float32", {"density": 0.1}),
                              ("opt", "bfloat16", {"density": 0.05})]:
         base = tiny_model(arch).to(getattr(torch, dtype))
-        model = _train(get_peft_model(base, RandMaskConfig(**cfg)), arch)
+        model = trained(get_peft_model(base, RandMaskConfig(**cfg)), arch)
         expected.append(model_output(model, tiny_inputs(arch)))
         folder = tmp_path / f"{arch}-{dtype}"
         export_shira(model, folder)
@@ -71,7 +62,7 @@ def test_export_loads_in_stock_peft_without_randmask(tmp_path):
 
 
 def test_export_from_a_randmask_folder_and_model(tmp_path):
-    model = _train(apply_masking(tiny_model("llama"), MaskingConfig(density=0.1, mask_kind="random_exact")), "llama")
+    model = trained(apply_masking(tiny_model("llama"), MaskingConfig(density=0.1, mask_kind="random_exact")), "llama")
     expected = model_output(model, tiny_inputs("llama"))
     save_adapter(model, tmp_path / "rm")
     export_shira(tmp_path / "rm", tmp_path / "from_dir")
@@ -83,7 +74,7 @@ def test_export_from_a_randmask_folder_and_model(tmp_path):
 
 def test_export_of_a_structured_adapter_with_empty_matrices(tmp_path):
     # Under one column per matrix some matrices hold no entry: SHiRA gets them as all-zero updates.
-    model = _train(apply_masking(tiny_model("llama"), MaskingConfig(trainable_ratio=2e-3, mask_kind="structured")),
+    model = trained(apply_masking(tiny_model("llama"), MaskingConfig(trainable_ratio=2e-3, mask_kind="structured")),
                    "llama")
     expected = model_output(model, tiny_inputs("llama"))
     export_shira(model, tmp_path / "shira")
@@ -99,7 +90,7 @@ def test_gpt2_conv1d_is_refused(tmp_path):
 
 def test_file_sizes_side_by_side(tmp_path):
     """randmask bf16 ~2 bytes/entry against SHiRA's ~12 (fp32 value + two int32 indices)."""
-    model = _train(apply_masking(tiny_model("llama").to(torch.bfloat16), MaskingConfig(density=0.5)), "llama")
+    model = trained(apply_masking(tiny_model("llama").to(torch.bfloat16), MaskingConfig(density=0.5)), "llama")
     save_adapter(model, tmp_path / "rm")
     export_shira(model, tmp_path / "shira")
     header = json.loads((tmp_path / "rm" / "adapter_config.json").read_text())

@@ -14,12 +14,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from tests.hostile import damage_bytes, mutate_json, run_limited, to_json_text
+from tests.hostile import damage_bytes, fuzz_settings, mutate_json, run_limited, to_json_text
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(max_examples=200)
 _STATE: dict = {}
 
 

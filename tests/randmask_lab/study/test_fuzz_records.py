@@ -12,12 +12,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from tests.hostile import damage_bytes, mutate_json, run_limited
+from tests.hostile import damage_bytes, fuzz_settings, mutate_json, run_limited
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(max_examples=150)
 
 
 def _rows() -> list[dict]:

@@ -12,12 +12,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from tests.hostile import damage_bytes, mutate_json, run_limited, to_json_text
+from tests.hostile import damage_bytes, fuzz_settings, mutate_json, run_limited, to_json_text
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = fuzz_settings(max_examples=200)
 SPEC = {"name": "s", "model": "tiny", "precision": "32", "seeds": [0, 1], "search_seed": 0, "max_extend": 1,
         "common": {"batch_size": 4, "mode": "lm"},
         "protocol": {"rte": {"n_train": 8, "n_val": 4, "n_test": 4, "epochs": 1},
