@@ -50,7 +50,7 @@ PART = {"cb": 0, "rte": 1, "sst2": 2, "boolq": 3}  # experiments/merge_train.sh:
 
 
 def _run_config(task: str, method: str = "zeroshot", **extra):
-    from randmask_lab.experiment.config import RunConfig
+    from randmask_lab.experiment.run.config import RunConfig
 
     study = json.loads(STUDY.read_text())
     protocol = {k: v for k, v in study["protocol"][task].items()}
@@ -81,9 +81,9 @@ class Scorer:
     """Each task's test items and objective, built once; ``score(model, task)`` is the lab's test metric."""
 
     def __init__(self) -> None:
-        from randmask_lab.experiment.build import check_names, load_data, make_objective, sample_splits
-        from randmask_lab.experiment.distributed import DistContext
-        from randmask_lab.experiment.precision import PrecisionPlan
+        from randmask_lab.experiment.numerics.precision import PrecisionPlan
+        from randmask_lab.experiment.parts.assemble import check_names, load_data, make_objective, sample_splits
+        from randmask_lab.experiment.training.distributed import DistContext
         from randmask_lab.zoo import load_causal_lm
 
         self.plan = PrecisionPlan("32", torch.device("cpu"))
@@ -97,14 +97,14 @@ class Scorer:
             self.tasks[task] = (data.test, make_objective(config, data, tokenizer))
 
     def score(self, model, task: str) -> float:
-        from randmask_lab.experiment.loop import evaluate
+        from randmask_lab.experiment.training.loop import evaluate
 
         items, objective = self.tasks[task]
         return evaluate(model, objective, self.plan, self.ctx, items, True)[1]
 
 
 def base_model():
-    from randmask_lab.experiment.precision import PrecisionPlan
+    from randmask_lab.experiment.numerics.precision import PrecisionPlan
     from randmask_lab.zoo import load_causal_lm
 
     model, _ = load_causal_lm("smollm2-135m", dtype=torch.float32)
@@ -161,7 +161,7 @@ def _save(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_all(args) -> None:
-    from randmask_lab.experiment.record import code_version
+    from randmask_lab.experiment.results.record import code_version
 
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
     done = {(r["row"], r.get("name"), r.get("task")) for r in rows}

@@ -1,5 +1,10 @@
 """The experimental system: one run, sweeps, the results store, reports, the default main job.
 
+Its sub-packages, by job: ``run`` (what a run is: ``RunConfig``), ``parts`` (building it: ``assemble``),
+``numerics`` (precision, quantization, the bf16 attention kernel), ``training`` (``run_training`` and the loop),
+``results`` (records, the store, reports), ``sweeps`` (grids, executors, ``randmask main``). The names below are
+the public entry points:
+
     from randmask_lab.experiment import RunConfig, run_training
     record = run_training(RunConfig(model="smollm2-135m", task="rte", method="randmask",
                                     trainable_ratio=1e-4, lr=1e-2, seed=0))
@@ -7,13 +12,13 @@
 """
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.analysis_inputs import build_model_and_batches, describe_analysis_run
-from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.record import RunRecord, code_version
-from randmask_lab.experiment.report import report, report_tables
-from randmask_lab.experiment.store import ResultStore
-from randmask_lab.experiment.sweep import SweepConfig, default_lrs, run_sweep, sweep_configs
-from randmask_lab.experiment.train import RunInterrupted, run_training
+from randmask_lab.experiment.parts.analysis_inputs import build_model_and_batches, describe_analysis_run
+from randmask_lab.experiment.results.record import RunRecord, code_version
+from randmask_lab.experiment.results.report import report, report_tables
+from randmask_lab.experiment.results.store import ResultStore
+from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.sweeps.sweep import SweepConfig, default_lrs, run_sweep, sweep_configs
+from randmask_lab.experiment.training.train import RunInterrupted, run_training
 
 __all__ = [
     "ResultStore", "RunConfig", "RunError", "RunInterrupted", "RunRecord", "SweepConfig",
