@@ -81,9 +81,9 @@ class Scorer:
     """Each task's test items and objective, built once; ``score(model, task)`` is the lab's test metric."""
 
     def __init__(self) -> None:
-        from randmask_lab.experiment.numerics.precision import PrecisionPlan
+        from randmask_lab.experiment.compute.distributed import DistContext
+        from randmask_lab.experiment.compute.precision import PrecisionPlan
         from randmask_lab.experiment.parts.assemble import check_names, load_data, make_objective, sample_splits
-        from randmask_lab.experiment.training.distributed import DistContext
         from randmask_lab.zoo import load_causal_lm
 
         self.plan = PrecisionPlan("32", torch.device("cpu"))
@@ -104,7 +104,7 @@ class Scorer:
 
 
 def base_model():
-    from randmask_lab.experiment.numerics.precision import PrecisionPlan
+    from randmask_lab.experiment.compute.precision import PrecisionPlan
     from randmask_lab.zoo import load_causal_lm
 
     model, _ = load_causal_lm("smollm2-135m", dtype=torch.float32)

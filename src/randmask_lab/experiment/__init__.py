@@ -1,9 +1,15 @@
 """The experimental system: one run, sweeps, the results store, reports, the default main job.
 
-Its sub-packages, by job: ``run`` (what a run is: ``RunConfig``), ``parts`` (building it: ``assemble``),
-``numerics`` (precision, quantization, the bf16 attention kernel), ``training`` (``run_training`` and the loop),
-``results`` (records, the store, reports), ``sweeps`` (grids, executors, ``randmask main``). The names below are
-the public entry points:
+Its sub-packages, by job (each imports only those before it in this list):
+
+- ``compute``: how a run computes (device and processes, precision, quantization, the bf16 attention kernel);
+- ``results``: what runs leave behind (``RunRecord``, ``ResultStore``, best-LR reports);
+- ``run``: what a run is (``RunConfig``, its CLI options, the data it reads);
+- ``parts``: building a run (``assemble(config) -> RunParts``; the analysis verbs' inputs);
+- ``training``: training it (``run_training``, the loop, checkpoints);
+- ``sweeps``: many runs (grids, the local and Ray executors, ``randmask main``).
+
+The names below are the public entry points:
 
     from randmask_lab.experiment import RunConfig, run_training
     record = run_training(RunConfig(model="smollm2-135m", task="rte", method="randmask",

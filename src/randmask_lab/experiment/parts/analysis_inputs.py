@@ -14,7 +14,7 @@ from torch import nn
 
 from randmask import read_limited
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.numerics.precision import PrecisionPlan
+from randmask_lab.experiment.compute.precision import PrecisionPlan
 from randmask_lab.experiment.parts.assemble import assemble, run_head_modules
 from randmask_lab.experiment.parts.data import epoch_batches, grouping_lengths
 from randmask_lab.experiment.run.config import RunConfig

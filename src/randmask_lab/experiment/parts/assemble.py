@@ -15,14 +15,14 @@ import torch
 
 from randmask import MaskingError
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.numerics.precision import PrecisionPlan, resolve_precision
-from randmask_lab.experiment.numerics.quantize import quantization_config
+from randmask_lab.experiment.compute.distributed import DistContext
+from randmask_lab.experiment.compute.precision import PrecisionPlan, resolve_precision
+from randmask_lab.experiment.compute.quantize import quantization_config
 from randmask_lab.experiment.parts.data import bos_prefix, encode_pair, encode_prompt
 from randmask_lab.experiment.parts.head import HeadObjective
 from randmask_lab.experiment.parts.lm import LMObjective
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.run.sources import data_fingerprint, split_sources
-from randmask_lab.experiment.training.distributed import DistContext
 from randmask_lab.methods import (
     METHOD_NAMES,
     PreparedModel,

@@ -52,7 +52,7 @@ class RunRecord:
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # data-sampling notes, method notes
     data: dict[str, Any] = field(default_factory=dict)  # where each split came from + the data fingerprint
-    attention: str = ""  # the SDPA backend choice the precision made (see experiment/numerics/precision.py)
+    attention: str = ""  # the SDPA backend choice the precision made (see experiment/compute/precision.py)
     # The machine the times above were measured on (randmask_lab.machine.machine_info: CPU model, torch CPU
     # capability, native bf16, device); empty in records made before it was kept.
     machine: dict[str, Any] = field(default_factory=dict)

@@ -14,10 +14,10 @@ import torch
 from randmask import MaskingConfig, MaskingError
 from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.numerics.precision import AUTO, PRECISIONS, Precision, resolve_precision
-from randmask_lab.experiment.numerics.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
+from randmask_lab.experiment.compute.distributed import parse_device
+from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS, Precision, resolve_precision
+from randmask_lab.experiment.compute.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 from randmask_lab.experiment.run.options import FLAGS
-from randmask_lab.experiment.training.distributed import parse_device
 
 MASKING_METHODS = ("randmask", "structured")
 

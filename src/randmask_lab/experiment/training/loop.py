@@ -23,12 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.numerics.precision import PrecisionPlan, ScaleCollapsed, check_scale
-from randmask_lab.experiment.parts.assemble import RunParts
-from randmask_lab.experiment.parts.data import epoch_batches, grouping_lengths, micro_batches
-from randmask_lab.experiment.results.store import Lease
-from randmask_lab.experiment.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from randmask_lab.experiment.training.distributed import (
+from randmask_lab.experiment.compute.distributed import (
     DistContext,
     any_rank,
     barrier,
@@ -37,6 +32,11 @@ from randmask_lab.experiment.training.distributed import (
     wrap_ddp,
     wrap_fsdp,
 )
+from randmask_lab.experiment.compute.precision import PrecisionPlan, ScaleCollapsed, check_scale
+from randmask_lab.experiment.parts.assemble import RunParts
+from randmask_lab.experiment.parts.data import epoch_batches, grouping_lengths, micro_batches
+from randmask_lab.experiment.results.store import Lease
+from randmask_lab.experiment.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from randmask_lab.experiment.training.steps import StepLog, build_optimizer, lr_factor, set_lr
 from randmask_lab.methods.trainable import load_trainable, trainable_tensors
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.numerics.precision import slow_precision_warning
+from randmask_lab.experiment.compute.distributed import DistContext, barrier, broadcast_object, init_distributed
+from randmask_lab.experiment.compute.precision import slow_precision_warning
 from randmask_lab.experiment.parts.assemble import RunParts, assemble, check_names
 from randmask_lab.experiment.results.record import RESUMED_NOTE, RunRecord, code_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.training.checkpoint import TrainState
-from randmask_lab.experiment.training.distributed import DistContext, barrier, broadcast_object, init_distributed
 from randmask_lab.experiment.training.loop import LeaseLost, RunInterrupted, Trainer, evaluate
 from randmask_lab.machine import machine_info
 from randmask_lab.methods.trainable import write_json

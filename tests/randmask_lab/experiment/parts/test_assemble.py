@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from randmask_lab.experiment import RunConfig, RunError, build_model_and_batches
-from randmask_lab.experiment.numerics.precision import PrecisionPlan
+from randmask_lab.experiment.compute.precision import PrecisionPlan
 from randmask_lab.experiment.parts.assemble import assemble, steps_per_epoch
 from randmask_lab.methods.trainable import trainable_tensors
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from randmask import masked_layers
 from randmask_lab.experiment import RunConfig, run_training
-from randmask_lab.experiment.training.distributed import init_distributed, wrap_ddp
+from randmask_lab.experiment.compute.distributed import init_distributed, wrap_ddp
 from randmask_lab.methods import prepare_method
 
 WORLD = 2

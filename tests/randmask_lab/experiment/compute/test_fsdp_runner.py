@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment import RunConfig, run_training
-from randmask_lab.experiment.training.distributed import init_distributed
+from randmask_lab.experiment.compute.distributed import init_distributed
 
 WORLD = 2
 

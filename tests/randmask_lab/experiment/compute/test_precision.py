@@ -7,8 +7,8 @@ import torch
 import transformers as tf
 
 from randmask_lab.experiment import RunConfig, run_training
-from randmask_lab.experiment.numerics import precision as precision_mod
-from randmask_lab.experiment.numerics.precision import PrecisionPlan
+from randmask_lab.experiment.compute import precision as precision_mod
+from randmask_lab.experiment.compute.precision import PrecisionPlan
 from randmask_lab.methods import prepare_method
 
 CPU = torch.device("cpu")

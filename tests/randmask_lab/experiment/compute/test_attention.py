@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import model_output, tiny_inputs, tiny_model
 
-from randmask_lab.experiment.numerics import attention as attention_mod
-from randmask_lab.experiment.numerics.attention import ATTENTION_NAME, folded, folded_attention, use_folded_attention
-from randmask_lab.experiment.numerics.precision import PrecisionPlan
+from randmask_lab.experiment.compute import attention as attention_mod
+from randmask_lab.experiment.compute.attention import ATTENTION_NAME, folded, folded_attention, use_folded_attention
+from randmask_lab.experiment.compute.precision import PrecisionPlan
 
 B, HQ, HKV, T, D = 3, 6, 2, 7, 8
 

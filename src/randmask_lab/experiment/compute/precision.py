@@ -104,7 +104,7 @@ class PrecisionPlan:
         transformers model on sdpa attention, else SDPA's ``math`` backend stands in)."""
         kernel = self.attention_kernel
         if kernel == "folded":
-            from randmask_lab.experiment.numerics.attention import use_folded_attention
+            from randmask_lab.experiment.compute.attention import use_folded_attention
 
             return "folded" if use_folded_attention(model) else "math"
         return kernel

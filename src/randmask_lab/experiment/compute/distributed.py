@@ -3,7 +3,7 @@
 Both launchers set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain
 ``python``/``randmask`` call has none of them and runs as a single process. Masks need no
 communication: each matrix's mask is drawn from (mask seed, module name), so every rank draws
-the same one (tests/randmask_lab/experiment/training/test_distributed.py checks it, with the gradients).
+the same one (tests/randmask_lab/experiment/compute/test_distributed.py checks it, with the gradients).
 """
 
 from __future__ import annotations
