@@ -1,5 +1,6 @@
-"""experiment/'s sub-packages are layered by job: each imports only the ones below it, so a job can be read (and
-changed) without the jobs that use it. The order is the one the package docstring and docs/architecture.md give."""
+"""experiment/'s sub-packages are layered by job: each imports only the ones listed before it in ``LAYERS``, so a
+job can be read (and changed) without the jobs that use it. The order is the one the package docstring and
+docs/architecture.md give."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tests.test_import_cycles import import_graph
 import randmask_lab.experiment as experiment
 
 PREFIX = "randmask_lab.experiment."
-# Lowest first: a package may import those before it, never one after it.
+# Lowest first: a package may import those listed before it, never one listed after it.
 LAYERS = ("compute", "results", "run", "parts", "training", "sweeps")
 
 
