@@ -5,7 +5,7 @@
 Shapes of SmolLM2-135M on a batch of 8 RTE prompts (9 query / 3 key-value heads, head dim 64, 184
 tokens, right padding with a causal mask): PyTorch's default SDPA in fp32 (what a `32` run uses), the
 default (flash) and math SDPA backends in bf16 (with repeat_kv, as transformers calls them), and
-``randmask_lab.experiment.attention.folded``. Reported: the median over rounds, kernels interleaved.
+``randmask_lab.experiment.compute.attention.folded``. Reported: the median over rounds, kernels interleaved.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from randmask_lab.experiment.attention import folded
+from randmask_lab.experiment.compute.attention import folded
 from randmask_lab.machine import bf16_native, describe
 
 B, HQ, HKV, T, D = 8, 9, 3, 184, 64

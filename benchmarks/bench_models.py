@@ -79,7 +79,7 @@ def quantized_copy(model: torch.nn.Module, quantize: str) -> torch.nn.Module:
     """``model`` reloaded with the runner's ``--quantize`` scheme (saved to a temporary folder first)."""
     import transformers
 
-    from randmask_lab.experiment.quantize import quantization_config
+    from randmask_lab.experiment.compute.quantize import quantization_config
 
     dtype = next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ SRC = ROOT / "src"
 
 
 def _module_of(filename: str) -> str | None:
-    """``randmask_lab.experiment.train`` for a file under src/, else None."""
+    """``randmask_lab.experiment.training.train`` for a file under src/, else None."""
     try:
         rel = Path(filename).resolve().relative_to(SRC)
     except ValueError:

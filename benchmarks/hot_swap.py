@@ -9,7 +9,8 @@ new one's: O(nnz), no dense copy, no reload) and PEFT's ``model.set_adapter(name
 60 matrices) and ratio 1e-2 on all linear layers (~1.35M entries, 210 matrices), fp32. Reported per
 setting: median and 10th/90th percentiles of the per-switch time (after 20 warm-up switches), and the
 switch time relative to one 1-token decode forward of batch 1 (measured in the same rounds), so the
-number reads on any machine. Run it under /work/quiet.sh on a shared machine.
+number reads on any machine, and the floor: the same random writes into one flat buffer with two ``scatter_``
+calls (the memory cost of the writes, no per-matrix dispatch). Run it with background jobs paused.
 """
 
 from __future__ import annotations
@@ -81,9 +82,32 @@ def bench_free(ratio: float, target_set: str, switches: int) -> dict:
         _fill(layers, name, seed)
     nnz = randmask.masking_summary(model, "a").trainable
     times = _time_switches(lambda n: randmask.set_adapter(model, n), ["a", "b"], switches)
+    floor = _time_switches(_write_floor(layers, ["a", "b"]), ["a", "b"], switches)
     decode = _decode_step_seconds(model)
     return {"path": "free", "nnz": nnz, "matrices": len(layers), **_quantiles(times),
+            "floor": _quantiles(floor), "switch_over_floor": statistics.median(times) / statistics.median(floor),
             "decode_step_ms": 1e3 * decode, "switch_over_decode_step": statistics.median(times) / decode}
+
+
+def _write_floor(layers, names: list[str]):
+    """The same writes with no per-matrix dispatch: one flat fp32 buffer the size of all adapted matrices, each
+    adapter's entries at their offsets; a switch is two ``scatter_`` calls (old entries back, new ones written).
+    What is left is the memory cost of the random writes themselves: the floor a switch cannot go under."""
+    offsets, total = [], 0
+    for layer in layers:
+        offsets.append(total)
+        total += layer.weight.numel()
+    buffer = torch.zeros(total)
+    flat = {n: torch.cat([layer.adapters[n].indices + off for layer, off in zip(layers, offsets)]) for n in names}
+    entries = {n: torch.randn(flat[n].numel()) for n in names}
+    state = {"active": names[0]}
+
+    def switch(name: str) -> None:
+        old = state["active"]
+        buffer.scatter_(0, flat[old], entries[old])
+        buffer.scatter_(0, flat[name], entries[name])
+        state["active"] = name
+    return switch
 
 
 def bench_peft(ratio: float, target_set: str, switches: int) -> dict:
@@ -121,7 +145,9 @@ def main() -> None:
         rows = [bench_free(ratio, target_set, args.switches), bench_peft(ratio, target_set, args.switches)]
         results["settings"][label] = rows
         for row in rows:
-            extra = (f"  nnz={row['nnz']:,} in {row['matrices']} matrices; one decode step "
+            extra = (f"  nnz={row['nnz']:,} in {row['matrices']} matrices; the writes alone (one flat buffer) "
+                     f"{row['floor']['median_ms']:.3f} ms (switch = {row['switch_over_floor']:.2f}x that); "
+                     f"one decode step "
                      f"{row['decode_step_ms']:.1f} ms (switch = {row['switch_over_decode_step']:.3f} of it)"
                      if "nnz" in row else "")
             print(f"{label:<16} {row['path']:<5} switch median {row['median_ms']:.3f} ms "

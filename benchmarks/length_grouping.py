@@ -45,7 +45,7 @@ def padded_over_real(lengths: list[int], batches: list[list[int]]) -> float:
 
 def epoch_batches(lengths: list[int], order_seed: int, epoch: int, batch: int, grouped: bool) -> list[list[int]]:
     """The runner's batches of one epoch (one process), plain or grouped by length."""
-    from randmask_lab.experiment.data import epoch_batches as runner_batches
+    from randmask_lab.experiment.parts.data import epoch_batches as runner_batches
 
     return runner_batches(len(lengths), order_seed, epoch, batch, lengths=lengths if grouped else None)
 
@@ -55,8 +55,8 @@ def padding_table(model: str, protocol: dict[str, int], epochs: int, batch: int,
     from transformers import AutoTokenizer
 
     from randmask_lab.experiment import RunConfig
-    from randmask_lab.experiment.build import check_names, encode, sample_splits
-    from randmask_lab.experiment.data import item_length
+    from randmask_lab.experiment.parts.assemble import check_names, encode, sample_splits
+    from randmask_lab.experiment.parts.data import item_length
     from randmask_lab.zoo import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
@@ -109,7 +109,7 @@ def main() -> None:
     if args.steps > 0:
         with tempfile.TemporaryDirectory() as tmp:
             trainer, _, _ = build(precision, "auto", args.model, args.task, args.n_train, Path(tmp), MAX_LENGTH)
-            from randmask_lab.experiment.data import item_length
+            from randmask_lab.experiment.parts.data import item_length
 
             lengths = [item_length(x) for x in trainer.data.train]
             batches = {g: epoch_batches(lengths, 0, 0, 8, g)[: args.steps] for g in (False, True)}

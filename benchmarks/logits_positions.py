@@ -35,7 +35,7 @@ def build(batch: int):
     from transformers.utils import logging as hf_logging
 
     from randmask_lab.experiment import RunConfig
-    from randmask_lab.experiment.build import check_names, load_data, load_model, prepare
+    from randmask_lab.experiment.parts.assemble import check_names, load_data, load_model, prepare
 
     hf_logging.disable_progress_bar()
 
@@ -51,7 +51,7 @@ def build(batch: int):
 
 
 def step_fn(variant: str, model, optimizer, items, pad_id: int):
-    from randmask_lab.experiment.lm import Span, candidate_scores, span_logprobs
+    from randmask_lab.experiment.parts.lm import Span, candidate_scores, span_logprobs
 
     golds = torch.tensor([x.gold for x in items])
 

@@ -19,12 +19,13 @@ Adapter values are random (B != 0 for LoRA), so every delta is computed. Per rou
 once, back to back (order reversed every other round); per round we take throughput ratios
 (randmask / base, lora / base, randmask / lora) and report their median and min-max over rounds. Before
 timing, a correctness check on the real model: a mixed-batch forward of --check prompts against each
-prompt run alone with its adapter set (max |difference| of the logits). Run it under /work/quiet.sh.
+prompt run alone with its adapter set (max |difference| of the logits, and relative to the largest logit:
+randmask's mixed path adds W0 x + D x where the prompt alone runs (W0 + D) x, so fp32 rounding differs).
+Run it with background jobs paused: every variant gets one untimed full-size generate first.
 
-Duration on the 2-core AVX2 CPU: one generate of the default batch is ~13 s of prefill plus ~1.4 s per decode
-step with one thread while other jobs run, so one adapter count takes ~8-10 minutes at 3 rounds: run one
-count per quiet command (--adapters 8, then --adapters 32). Where other processes share the cores, pass
---threads 1: two OpenMP threads on two busy cores stall each other (a 32-prompt generate ran >4 minutes).
+Duration on the 2-core AVX2 CPU, quiet, --threads 2: one generate of the default batch takes ~9 s, so one
+adapter count takes ~3-4 minutes at 5 rounds. Where other processes share the cores, pass --threads 1: two
+OpenMP threads on two busy cores stall each other (a 32-prompt generate ran >4 minutes).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def check(model, ids: torch.Tensor, names: list[str]) -> dict[str, float]:
             model.set_adapter(name)
             alone.append(model(input_ids=ids[i:i + 1]).logits)
     alone = torch.cat(alone)
-    return {"max_abs_diff": float((mixed - alone).abs().max()), "max_abs_logit": float(alone.abs().max())}
+    diff, scale = float((mixed - alone).abs().max()), float(alone.abs().max())
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "relative": diff / scale}
 
 
 def generate_seconds(model, ids: torch.Tensor, names: list[str] | None, new_tokens: int,
@@ -125,8 +127,8 @@ def run(base, n_adapters: int, args) -> dict:
         variants["per_group"] = (randmask_model, names)
     print(f"  {n_adapters} adapters: models built", flush=True)
     errors = {k: check(variants[k][0], ids[:args.check], names[:args.check]) for k in ("randmask", "lora")}
-    for key, (model, n) in variants.items():  # warm-up
-        generate_seconds(model, ids[:4], n[:4] if n else None, 2, per_group=key == "per_group")
+    for key, (model, n) in variants.items():  # warm-up at full size: the first generate of a shape runs slower
+        generate_seconds(model, ids, n, args.new_tokens, per_group=key == "per_group")
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -174,7 +176,7 @@ def main() -> None:
     for n in args.adapters:
         row = run(base, n, args)
         result["runs"].append(row)
-        if args.json:  # after each adapter count: a run stopped later (quiet.sh's 10 minutes) keeps what it measured
+        if args.json:  # after each adapter count: a run stopped later keeps what it measured
             atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())
         tps = row["tokens_per_s"]
         fmt = lambda r: f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"  # noqa: E731
@@ -184,7 +186,8 @@ def main() -> None:
               f"randmask/lora {fmt(row['randmask_over_lora'])}"
               + (f", per_group/lora {fmt(row['per_group_over_lora'])}" if args.kernels else "")
               + " | max |mixed - alone| "
-              + ", ".join(f"{k} {v['max_abs_diff']:.2e} (logits up to {v['max_abs_logit']:.1f})"
+              + ", ".join(f"{k} {v['max_abs_diff']:.2e} (logits up to {v['max_abs_logit']:.1f}: relative "
+                          f"{v['relative']:.1e})"
                           for k, v in row["max_abs_error_vs_alone"].items()))
 
 

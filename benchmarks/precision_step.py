@@ -9,7 +9,7 @@ round in a rotating order, so machine drift hits every variant alike; reported: 
 variant, and the median of the per-round ratios 32 / variant with a bootstrap 95% CI.
 
 Variants: ``32``; ``bf16-mixed`` and ``bf16-true`` as the runner picks them (the folded attention kernel of
-``randmask_lab.experiment.attention`` on CPU); and ``bf16-true`` with SDPA's math backend and with PyTorch's
+``randmask_lab.experiment.compute.attention`` on CPU); and ``bf16-true`` with SDPA's math backend and with PyTorch's
 default SDPA kernel, to show why the runner picks the folded kernel.
 """
 
@@ -38,10 +38,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def build(name: str, attention: str, model_name: str, task: str, n: int, workdir: Path, max_length: int = 1024):
     """A Trainer for one precision variant and the indices of its one batch (prompts cut at ``max_length``)."""
     from randmask_lab.experiment import RunConfig
-    from randmask_lab.experiment.build import assemble
-    from randmask_lab.experiment.distributed import DistContext
-    from randmask_lab.experiment.loop import Trainer
-    from randmask_lab.experiment.precision import PrecisionPlan
+    from randmask_lab.experiment.compute.distributed import DistContext
+    from randmask_lab.experiment.compute.precision import PrecisionPlan
+    from randmask_lab.experiment.parts.assemble import assemble
+    from randmask_lab.experiment.training.loop import Trainer
 
     config = RunConfig(model=model_name, task=task, method="randmask", trainable_ratio=1e-3, lr=1e-3, n_train=n,
                        n_val=1, n_test=0, batch_size=n, epochs=1, precision=name, progress=False, checkpoint_every=-1,

@@ -41,7 +41,7 @@ def build(variant: str, quantize: str):
     from peft import ShiraConfig, get_peft_model
 
     from randmask_lab.experiment import RunConfig
-    from randmask_lab.experiment.build import check_names, load_data, load_model, make_objective, prepare
+    from randmask_lab.experiment.parts.assemble import check_names, load_data, load_model, make_objective, prepare
 
     q = "none" if variant.endswith("float") else quantize
     method = "randmask" if variant.startswith("randmask") else "lora" if variant.startswith("qlora") else "zeroshot"

@@ -1,6 +1,7 @@
 """Issue 25: one merged model on SST-2, RTE, CB and BoolQ, randmask vs LoRA (SmolLM2-135M, fp32, CPU).
 
-    PYTHONPATH=src python experiments/merge_eval.py [--runs runs/merge] [--out experiments/results/merge_study.jsonl]
+    PYTHONPATH=src python experiments/merge_eval.py [--runs runs/merge experiments/results/merge_runs]
+        [--out experiments/results/merge_study.jsonl]
         [--merges NAME ...] [--threads 1]
     python experiments/merge_eval.py --table [--out ...]      # the table, from the committed file alone
 
@@ -46,11 +47,12 @@ MERGES = {  # name: (method, mask set, combination_type, density); in the order 
     "randmask-shared-linear": ("randmask", "shared", "linear", None),
     "randmask-shared-ties": ("randmask", "shared", "ties", DENSITY),
 }
+COMMITTED_RUNS = Path(__file__).resolve().parent / "results" / "merge_runs"  # finished runs, committed
 PART = {"cb": 0, "rte": 1, "sst2": 2, "boolq": 3}  # experiments/merge_train.sh: mask seed / part per task
 
 
 def _run_config(task: str, method: str = "zeroshot", **extra):
-    from randmask_lab.experiment.config import RunConfig
+    from randmask_lab.experiment.run.config import RunConfig
 
     study = json.loads(STUDY.read_text())
     protocol = {k: v for k, v in study["protocol"][task].items()}
@@ -58,10 +60,13 @@ def _run_config(task: str, method: str = "zeroshot", **extra):
                      **study["common"], **protocol, **extra)
 
 
-def find_adapters(runs: Path, method: str, mask_set: str | None) -> dict[str, dict]:
-    """{task: record} of the finished single-task runs of one method (and randmask mask set)."""
-    found = {}
-    for path in sorted(runs.glob("*/record.json")):
+def find_adapters(runs: list[Path], method: str, mask_set: str | None) -> dict[str, dict]:
+    """{task: record} of the finished single-task runs of one method (and randmask mask set), each record with
+    ``folder``: the run folder it was read from. The folders in ``runs`` are searched in order and the first run
+    found for a task is kept: a training output folder first, then the committed copies
+    (experiments/results/merge_runs), so that a fresh machine evaluates what an earlier one trained."""
+    found: dict[str, dict] = {}
+    for path in (p for folder in runs for p in sorted(folder.glob("*/record.json"))):
         rec = json.loads(path.read_text())
         cfg = rec["config"]
         if rec["status"] != "done" or cfg["method"] != method or cfg["precision"] != "32" or cfg["seed"] != 0:
@@ -73,7 +78,7 @@ def find_adapters(runs: Path, method: str, mask_set: str | None) -> dict[str, di
                     "shared": (None, 0)}[mask_set]
             if (partition, mask_seed) != want:
                 continue
-        found[cfg["task"]] = rec
+        found.setdefault(cfg["task"], {**rec, "folder": str(path.parent)})
     return found
 
 
@@ -81,9 +86,9 @@ class Scorer:
     """Each task's test items and objective, built once; ``score(model, task)`` is the lab's test metric."""
 
     def __init__(self) -> None:
-        from randmask_lab.experiment.build import check_names, load_data, make_objective, sample_splits
-        from randmask_lab.experiment.distributed import DistContext
-        from randmask_lab.experiment.precision import PrecisionPlan
+        from randmask_lab.experiment.compute.distributed import DistContext
+        from randmask_lab.experiment.compute.precision import PrecisionPlan
+        from randmask_lab.experiment.parts.assemble import check_names, load_data, make_objective, sample_splits
         from randmask_lab.zoo import load_causal_lm
 
         self.plan = PrecisionPlan("32", torch.device("cpu"))
@@ -97,14 +102,14 @@ class Scorer:
             self.tasks[task] = (data.test, make_objective(config, data, tokenizer))
 
     def score(self, model, task: str) -> float:
-        from randmask_lab.experiment.loop import evaluate
+        from randmask_lab.experiment.training.loop import evaluate
 
         items, objective = self.tasks[task]
         return evaluate(model, objective, self.plan, self.ctx, items, True)[1]
 
 
 def base_model():
-    from randmask_lab.experiment.precision import PrecisionPlan
+    from randmask_lab.experiment.compute.precision import PrecisionPlan
     from randmask_lab.zoo import load_causal_lm
 
     model, _ = load_causal_lm("smollm2-135m", dtype=torch.float32)
@@ -116,7 +121,7 @@ def merged_model(method: str, adapters: dict[str, dict], combination: str, densi
     """A fresh base model with the four adapters loaded and their merge active."""
     weights = [1.0] * len(TASKS)
     model = base_model()
-    dirs = {t: Path(adapters[t]["run_dir"]) / "adapter" for t in TASKS}
+    dirs = {t: Path(adapters[t]["folder"]) / "adapter" for t in TASKS}
     if method == "randmask":
         import randmask
 
@@ -144,7 +149,7 @@ def mask_overlap(adapters: dict[str, dict]) -> dict:
 
     model = base_model()
     for task in TASKS:
-        randmask.load_adapter(model, Path(adapters[task]["run_dir"]) / "adapter", adapter_name=task)
+        randmask.load_adapter(model, Path(adapters[task]["folder"]) / "adapter", adapter_name=task)
     total = shared = 0
     for layer in randmask.masked_layers(model).values():
         idx = torch.cat([layer.adapters[t].indices for t in TASKS])
@@ -161,7 +166,7 @@ def _save(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate_all(args) -> None:
-    from randmask_lab.experiment.record import code_version
+    from randmask_lab.experiment.results.record import code_version
 
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.exists() else []
     done = {(r["row"], r.get("name"), r.get("task")) for r in rows}
@@ -236,7 +241,8 @@ def table(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=Path("runs/merge"))
+    parser.add_argument("--runs", type=Path, nargs="+", default=[Path("runs/merge"), COMMITTED_RUNS],
+                        help="folders of single-task run folders, searched in order")
     parser.add_argument("--out", type=Path, default=Path("experiments/results/merge_study.jsonl"))
     parser.add_argument("--merges", nargs="+", default=list(MERGES), choices=list(MERGES))
     parser.add_argument("--threads", type=int, default=1)

@@ -95,8 +95,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_lab_and_the_library():
     graph = import_graph()
-    assert "randmask_lab.experiment.train" in graph["randmask_lab.experiment"]  # a package's own imports count
-    assert "randmask_lab.experiment.build" in graph["randmask_lab.experiment.train"]
+    assert "randmask_lab.experiment.training.train" in graph["randmask_lab.experiment"]  # a package's own imports count
+    assert "randmask_lab.experiment.parts.assemble" in graph["randmask_lab.experiment.training.train"]
     assert "randmask.config" in graph["randmask.model"]
 
 

@@ -3,7 +3,7 @@
 Why it matters: machines of one kind differ. An AVX2-only CPU (no AVX-512, no AMX) runs a bf16
 matmul ~48x slower than fp32 in torch 2.13, while an AMX CPU runs it ~4x faster. So a step time,
 a benchmark ratio or a forecast means something only beside the CPU it was measured on, and the
-precision a run should use depends on it (``randmask_lab.experiment.precision.resolve_precision``).
+precision a run should use depends on it (``randmask_lab.experiment.compute.precision.resolve_precision``).
 """
 
 from __future__ import annotations

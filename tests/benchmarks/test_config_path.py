@@ -19,7 +19,7 @@ def test_summary_counts_returns_to_a_module_already_left():
 
 def test_module_names_come_from_the_source_tree():
     src = config_path.SRC
-    train = src / "randmask_lab" / "experiment" / "train.py"
-    assert config_path._module_of(str(train)) == "randmask_lab.experiment.train"
+    train = src / "randmask_lab" / "experiment" / "training" / "train.py"
+    assert config_path._module_of(str(train)) == "randmask_lab.experiment.training.train"
     assert config_path._module_of(str(src / "randmask_lab" / "cli" / "__init__.py")) == "randmask_lab.cli"
     assert config_path._module_of("/usr/lib/python3/json/__init__.py") is None

@@ -35,3 +35,26 @@ def test_partial_singles_are_marked_and_a_full_merge_gets_its_shares(tmp_path):
     line = next(x for x in table(tmp_path / "f.jsonl").splitlines() if x.startswith("| merge randmask-linear"))
     # shares: (0.8-0.5)/(0.9-0.5)=75%, (0.6-0.5)/(0.7-0.5)=50%, 100%, n/a; mean of three: 75%
     assert line == "| merge randmask-linear | 0.800 (75%) | 0.600 (50%) | 0.700 (100%) | 0.600 (n/a) | 75% |"
+
+
+def _record(folder, task, method, **cfg):
+    run = folder / f"{task}-{method}"
+    run.mkdir(parents=True)
+    config = {"task": task, "method": method, "precision": "32", "seed": 0, "mask_seed": None,
+              "method_options": {}, **cfg}
+    (run / "record.json").write_text(json.dumps({"status": "done", "config": config, "run_id": run.name,
+                                                 "run_dir": "/elsewhere/runs/merge/" + run.name}))
+    return run
+
+
+def test_adapters_come_from_their_own_folder_and_the_first_folder_wins(tmp_path):
+    find = _module().find_adapters
+    fresh, committed = tmp_path / "runs", tmp_path / "committed"
+    fresh_cb = _record(fresh, "cb", "lora")
+    _record(committed, "cb", "lora")
+    committed_rte = _record(committed, "rte", "lora")
+    _record(committed, "sst2", "lora", precision="bf16")  # another precision: not this study's
+    found = find([fresh, committed], "lora", None)
+    assert set(found) == {"cb", "rte"}
+    # the folder the record lies in, never the run_dir another machine wrote into it
+    assert found["cb"]["folder"] == str(fresh_cb) and found["rte"]["folder"] == str(committed_rte)

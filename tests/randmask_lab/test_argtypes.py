@@ -24,7 +24,7 @@ def test_non_negative_int() -> None:
 def test_type_and_bounds_problems_of_a_run_config() -> None:
     """Issue 28: values from a JSON spec or the command line that used to pass or end in a traceback."""
     from randmask_lab.argtypes import bounds_problem, type_problem
-    from randmask_lab.experiment.config import RunConfig
+    from randmask_lab.experiment.run.config import RunConfig
 
     assert type_problem(RunConfig()) is None and bounds_problem(RunConfig()) is None
     for kwargs, message in [({"epochs": "5"}, "--epochs must be an integer, got '5'"),

@@ -83,7 +83,7 @@ def test_a_damaged_checkpoint_names_the_fix(capsys, tmp_path, tiny):
     capsys.readouterr()
     (run_dir / "checkpoint").mkdir()
     (run_dir / "checkpoint" / "state.json").write_text('{"run_id": "x", "fi')
-    from randmask_lab.experiment.store import ResultStore
+    from randmask_lab.experiment.results.store import ResultStore
 
     ResultStore(tmp_path / "runs" / "results.sqlite").delete(run_dir.name)  # the run is unfinished again
     err = _fails(capsys, *args)

@@ -11,7 +11,7 @@ from experiment.tiny import make_tiny_lm
 from tests.hostile import make_read_only
 
 from randmask_lab.cli import main
-from randmask_lab.experiment.store import ResultStore
+from randmask_lab.experiment.results.store import ResultStore
 from randmask_lab.fs import disk_problem
 
 
@@ -43,7 +43,7 @@ def test_disk_problem_names_the_file_and_the_fix():
 def test_a_full_disk_mid_run_loses_nothing(tiny, tmp_path, capsys, monkeypatch):
     """The disk fills at the third checkpoint: one line, exit 2; run again, it resumes and ends where an
     uninterrupted run ends."""
-    from randmask_lab.experiment import checkpoint
+    from randmask_lab.experiment.training import checkpoint
 
     assert main(_args(tiny, tmp_path / "clean")) == 0
     capsys.readouterr()
@@ -85,7 +85,7 @@ def test_a_read_only_out_dir_is_named_and_its_store_still_reads(tiny, tmp_path, 
 
 
 def test_a_read_only_store_file_reads_in_python(tmp_path):
-    from randmask_lab.experiment.record import RunRecord
+    from randmask_lab.experiment.results.record import RunRecord
 
     store = ResultStore(tmp_path / "results.sqlite")
     config = {"model": "m", "task": "rte", "method": "full", "lr": 1e-3, "seed": 0, "n_train": 1, "n_val": 1,

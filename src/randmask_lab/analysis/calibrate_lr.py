@@ -14,8 +14,8 @@ from typing import Any
 from randmask import read_limited
 from randmask_lab.analysis.suggest_lr import calibrate
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.report import best_runs, method_label
-from randmask_lab.experiment.store import ResultStore
+from randmask_lab.experiment.results.report import best_runs, method_label
+from randmask_lab.experiment.results.store import ResultStore
 
 
 def calibration_pairs(folders: list[Path], store: ResultStore, task: str) -> list[dict[str, Any]]:

@@ -11,9 +11,9 @@ from typing import Any
 
 from randmask_lab.analysis.plots import plot_epoch_curves
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.record import RunRecord
-from randmask_lab.experiment.report import method_label
-from randmask_lab.experiment.store import ResultStore
+from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.report import method_label
+from randmask_lab.experiment.results.store import ResultStore
 
 
 def epoch_curves(records: list[RunRecord]) -> dict[str, list[tuple[int, Any, Any]]]:

@@ -6,8 +6,8 @@ import argparse
 import os
 
 from randmask_lab.errors import RunError, StoreError
-from randmask_lab.experiment.config import LEGACY_DTYPES
-from randmask_lab.experiment.store import ResultStore, store_file
+from randmask_lab.experiment.results.store import ResultStore, store_file
+from randmask_lab.experiment.run.config import LEGACY_DTYPES
 
 
 def reports() -> bool:

@@ -8,7 +8,7 @@ from randmask_lab.analysis.calibrate_lr import calibration_pairs, calibration_re
 from randmask_lab.cli.common import filters, open_store, store_options
 from randmask_lab.cli.study import report_from
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.report import best_runs, method_label, report
+from randmask_lab.experiment.results.report import best_runs, method_label, report
 from randmask_lab.methods import METHOD_NAMES
 from randmask_lab.tasks import TASKS
 from randmask_lab.zoo import model_names

@@ -7,13 +7,13 @@ import sys
 from datetime import datetime, timezone
 
 from randmask_lab.cli.common import no_dtype, reports, say
-from randmask_lab.experiment.config import RunConfig
-from randmask_lab.experiment.executors import ExecutorConfig, run_grid
-from randmask_lab.experiment.main_job import run_main_job
-from randmask_lab.experiment.options import add_dataclass_options, dataclass_from_args
-from randmask_lab.experiment.report import report_tables
-from randmask_lab.experiment.sweep import SweepConfig
-from randmask_lab.experiment.train import run_training
+from randmask_lab.experiment.results.report import report_tables
+from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.run.options import add_dataclass_options, dataclass_from_args
+from randmask_lab.experiment.sweeps.executors import ExecutorConfig, run_grid
+from randmask_lab.experiment.sweeps.main_job import run_main_job
+from randmask_lab.experiment.sweeps.sweep import SweepConfig
+from randmask_lab.experiment.training.train import run_training
 
 LEGACY_DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 

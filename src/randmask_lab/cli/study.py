@@ -8,7 +8,7 @@ from pathlib import Path
 
 from randmask_lab.argtypes import positive_int
 from randmask_lab.cli.common import filters, open_store
-from randmask_lab.experiment.store import ResultStore, store_file
+from randmask_lab.experiment.results.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.findings import MARGIN, findings
 from randmask_lab.study.forecast import forecast

@@ -13,9 +13,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from randmask_lab.experiment.record import RunRecord
-from randmask_lab.experiment.report import method_label
-from randmask_lab.experiment.store import protocol_label
+from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.report import method_label
+from randmask_lab.experiment.results.store import protocol_label
 
 CellKey = tuple[str, str, str, str]  # model, protocol, task, method label
 

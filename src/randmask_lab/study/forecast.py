@@ -15,7 +15,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
-from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.machine import cpu_kind
 from randmask_lab.study.plan import PlannedRun, StudySpec
 

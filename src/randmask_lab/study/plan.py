@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.precision import AUTO, PRECISIONS
-from randmask_lab.experiment.record import FINISHED, RunRecord
+from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS
+from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.study.cells import search_loss
 from randmask_lab.study.spec_checks import check_spec_file
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from randmask import atomic_write_bytes, read_limited
 from randmask_lab.errors import StoreError
-from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.study.record_checks import record_problem
 
 MAX_STUDY_BYTES = 1 << 30  # ~10 KB per record: a hundred thousand runs fit

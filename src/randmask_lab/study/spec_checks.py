@@ -18,7 +18,7 @@ from typing import Any
 from randmask import read_limited
 from randmask_lab.argtypes import MAX_LR, MAX_SEED
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.config import RunConfig
+from randmask_lab.experiment.run.config import RunConfig
 
 MAX_SPEC_BYTES = 1 << 20
 TOP_LEVEL = {"name", "model", "precision", "protocol", "cells", "seeds", "search_seed", "max_extend", "common",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from randmask_lab.experiment.report import TASK_LABELS, method_order, task_order
+from randmask_lab.experiment.results.report import TASK_LABELS, method_order, task_order
 from randmask_lab.study.cells import CellKey, StudyCell
 from randmask_lab.study.paper import PAPER_MODEL, PAPER_PROTOCOL, paper_value
 from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference

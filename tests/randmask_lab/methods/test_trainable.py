@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as tf
 
-from randmask_lab.experiment import loop, train
+from randmask_lab.experiment.training import loop, train
 from randmask_lab.methods import METHOD_NAMES, prepare_method
 from randmask_lab.methods.trainable import TrainableMismatchError, load_trainable, read_tensors, write_tensors
 

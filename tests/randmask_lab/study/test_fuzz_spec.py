@@ -26,7 +26,7 @@ SPEC = {"name": "s", "model": "tiny", "precision": "32", "seeds": [0, 1], "searc
 
 
 def _plan_two_rounds(spec, out_dir: str, data) -> None:
-    from randmask_lab.experiment.record import RunRecord
+    from randmask_lab.experiment.results.record import RunRecord
     from randmask_lab.study.plan import needed_runs
     from randmask_lab.study.run import run_config
 

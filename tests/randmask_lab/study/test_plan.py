@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs, neighbour
 
 PROTOCOL = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}

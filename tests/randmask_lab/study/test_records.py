@@ -102,7 +102,7 @@ def test_the_committed_study_file_passes_every_check():
 def test_a_damaged_record_in_a_store_is_a_store_error(tmp_path, capsys):
     import sqlite3
 
-    from randmask_lab.experiment.store import ResultStore
+    from randmask_lab.experiment.results.store import ResultStore
 
     store = ResultStore(tmp_path / "results.sqlite")
     for r in study()[:2]:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from tests.randmask_lab.study.test_plan import PROTOCOL
 
-from randmask_lab.experiment.record import RunRecord
-from randmask_lab.experiment.store import ResultStore
+from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.store import ResultStore
 from randmask_lab.study.run import adopt_records, with_committed
 
 

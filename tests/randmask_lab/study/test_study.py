@@ -11,7 +11,7 @@ from scipy import stats as scipy_stats
 
 from randmask_lab.cli import main
 from randmask_lab.errors import StoreError
-from randmask_lab.experiment.record import RunRecord
+from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.study.cells import study_cells
 from randmask_lab.study.findings import FAILS, HOLDS, UNSURE, finding_a, finding_b, finding_e
 from randmask_lab.study.records import export_jsonl, read_jsonl

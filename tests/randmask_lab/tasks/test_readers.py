@@ -99,7 +99,7 @@ def test_data_files_are_read_through_the_bounded_reader(tmp_path):
     from tests.hostile import hang_guard, replace_with_dev_zero, replace_with_fifo
 
     from randmask_lab.errors import DataFormatError
-    from randmask_lab.experiment.sources import file_fingerprint
+    from randmask_lab.experiment.run.sources import file_fingerprint
     from randmask_lab.tasks.readers import _json, text_lines
 
     for replace in (replace_with_fifo, replace_with_dev_zero):

@@ -1,0 +1,62 @@
+"""The runner's --fsdp: two CPU processes (gloo) shard a tiny Llama with FSDP2 and end where one process ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from randmask_lab.errors import RunError
+from randmask_lab.experiment import RunConfig, run_training
+from randmask_lab.experiment.compute.distributed import init_distributed
+
+WORLD = 2
+
+
+def _worker(rank: int, port: int, run_kwargs: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    record = run_training(RunConfig(**run_kwargs), ctx=ctx)
+    if rank == 0:
+        (Path(out) / "run_dir").write_text(record.run_dir)
+        (Path(out) / "test").write_text(repr(record.test_metric))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_matches_one_process(tiny_lm, run_kwargs, tmp_path):
+    kwargs = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "threads": None,
+              "checkpoint_every": -1}
+    sharded = {**kwargs, "batch_size": 2, "fsdp": True, "out_dir": str(tmp_path / "fsdp")}  # 2 ranks x 2 = 4
+    mp.spawn(_worker, args=(_free_port(), sharded, str(tmp_path)), nprocs=WORLD, join=True)
+    run_dir = Path((tmp_path / "run_dir").read_text())
+    single = run_training(RunConfig(**{**kwargs, "batch_size": 4, "out_dir": str(tmp_path / "one")}))
+    trained = load_file(str(Path(single.run_dir) / "trainable" / "trainable.safetensors"))
+    got = load_file(str(run_dir / "trainable" / "trainable.safetensors"))
+    assert set(got) == set(trained)
+    for name, value in trained.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5)
+    assert float((tmp_path / "test").read_text()) == pytest.approx(single.test_metric)
+    assert (run_dir / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_fsdp_needs_several_processes_and_no_checkpoints(tiny_lm, run_kwargs):
+    with pytest.raises(RunError, match="checkpoint-every -1"):
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "fsdp": True}))
+    with pytest.raises(RunError, match="torchrun"):
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "fsdp": True,
+                                  "checkpoint_every": -1}))

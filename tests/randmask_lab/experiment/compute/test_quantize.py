@@ -1,0 +1,57 @@
+"""``--quantize``: an identity field absent at its default, refused where it cannot apply, and a run on a
+quantized tiny Llama (bitsandbytes NF4, torchao int8) that trains the masked values only."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from randmask_lab.experiment import RunConfig, RunError, run_training
+from randmask_lab.experiment.results.report import method_label
+from randmask_lab.experiment.run.config import OMITTED_AT_DEFAULT
+
+
+def test_quantize_is_identity_and_absent_at_its_default():
+    base = RunConfig(task="rte")
+    assert OMITTED_AT_DEFAULT["quantize"] == "none" and "quantize" not in base.identity()  # old ids stand
+    nf4 = dataclasses.replace(base, quantize="nf4")
+    assert nf4.identity()["quantize"] == "nf4" and nf4.run_id != base.run_id
+    assert method_label(nf4.to_dict()) == "randmask 1e-03 nf4" and method_label(base.to_dict()) == "randmask 1e-03"
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "adapter", "prefix", "adalora"])
+def test_methods_that_train_or_wrap_base_weights_are_refused(method):
+    with pytest.raises(RunError, match=f"works with randmask, structured, lora, zeroshot, not '{method}'"):
+        RunConfig(method=method, quantize="nf4").validate()
+
+
+def test_an_unknown_scheme_is_refused():
+    with pytest.raises(RunError, match="--quantize must be one of none, nf4, fp4, int8, ao-int8, ao-int4"):
+        RunConfig(quantize="int3").validate()
+
+
+@pytest.mark.parametrize(("method", "scheme"), [("randmask", "nf4"), ("randmask", "ao-int8"), ("lora", "nf4")])
+def test_a_run_on_a_quantized_tiny_llama(method, scheme, tiny_lm, run_kwargs):
+    package = "torchao" if scheme.startswith("ao-") else "bitsandbytes"
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    budget = {"ratio": 0.01} if method == "randmask" else {}
+    record = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": method, "lr": 1e-2, "epochs": 1,
+                                       "quantize": scheme, **budget}))
+    assert record.status == "done" and record.test_metric is not None and record.config["quantize"] == scheme
+    unquantized = run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": method, "lr": 1e-2,
+                                            "epochs": 1, **budget}))
+    assert record.total == unquantized.total and record.trainable == unquantized.trainable  # same budget, masks
+    names = load_file(str(Path(record.run_dir) / "trainable" / "trainable.safetensors"))
+    assert all((".values" in n) if method == "randmask" else ("lora_" in n) for n in names)
+
+
+def test_ao_int4_on_a_cpu_names_the_schemes_that_run(tiny_lm, run_kwargs):
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed")
+    with pytest.raises(RunError, match="ao-int4 .* runs on CUDA only .* use ao-int8, nf4 or fp4"):
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "quantize": "ao-int4", "device": "cpu"}))

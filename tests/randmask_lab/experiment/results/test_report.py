@@ -1,0 +1,51 @@
+"""Best-LR tables: LR chosen on validation, test metric reported, divergence handled."""
+
+from __future__ import annotations
+
+from randmask_lab.experiment.results.report import best_cell, report_tables
+
+from .test_store import record
+
+
+def test_lr_is_chosen_by_mean_validation_loss_over_seeds():
+    runs = [record(lr=1e-3, seed=s, val_loss=0.5, test_metric=0.70) for s in (0, 1)]
+    runs += [record(lr=1e-2, seed=s, val_loss=0.4, test_metric=t) for s, t in ((0, 0.60), (1, 0.62))]
+    cell = best_cell(runs, "val_loss")
+    assert cell.lr == 1e-2 and cell.tests == [0.60, 0.62]
+    assert cell.text() == "61.0 ±1.4 (1e-02)"
+    by_metric = best_cell([*runs[:2], record(lr=1e-2, val_metric=0.5)], "val_metric")
+    assert by_metric.lr == 1e-3  # validation accuracy 0.7 beats 0.5
+
+
+def test_seeds_added_at_one_lr_do_not_move_the_choice():
+    # A study: seed 0 over the grid, seeds 1 and 2 only at the chosen LR (and worse there on validation).
+    runs = [record(lr=1e-3, seed=0, val_loss=0.50), record(lr=1e-2, seed=0, val_loss=0.45, test_metric=0.8)]
+    runs += [record(lr=1e-2, seed=s, val_loss=0.70, test_metric=0.7) for s in (1, 2)]
+    cell = best_cell(runs)
+    assert cell.lr == 1e-2 and len(cell.tests) == 3  # over all seeds the mean (0.62) would pick 1e-3
+
+
+def test_a_diverged_seed_disqualifies_its_lr():
+    runs = [record(lr=1e-1, val_loss=0.1), record(lr=1e-1, seed=1, status="diverged", val_loss=None),
+            record(lr=1e-3, val_loss=0.9, test_metric=0.55)]
+    assert best_cell(runs).lr == 1e-3
+    only = best_cell([record(status="diverged", val_loss=None, test_metric=None)])
+    assert only.text() == "diverged"
+
+
+def test_markdown_table_has_methods_tasks_and_average():
+    runs = [record(task="rte"), record(task="sst2", test_metric=0.9)]
+    text = report_tables(runs)
+    assert "| Method | Params | SST-2 | RTE | Avg |" in text
+    assert "| randmask 1e-03 | 1% | 90.0 (1e-03) | 60.0 (1e-03) | 75.0 |" in text
+    assert "validation loss" in text
+    assert report_tables([]) == "No finished runs in the store."
+
+
+def test_zero_shot_row_comes_first_and_shows_no_lr():
+    zero = record(test_metric=0.55)
+    zero.config.update(method="zeroshot", ratio=None)
+    text = report_tables([zero, record(test_metric=0.9)])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert rows[0].startswith("| zeroshot |") and "| 55.0 |" in rows[0]
+    assert rows[1].startswith("| randmask 1e-03 |")

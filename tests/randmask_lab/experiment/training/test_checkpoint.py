@@ -1,0 +1,135 @@
+"""Checkpoints: optimizer state survives the safetensors round trip; no pickles; old files pruned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from randmask_lab.methods import PreparedModel, TrainableReport
+
+
+def _model_and_optimizer(seed: int) -> tuple[PreparedModel, torch.optim.AdamW]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].bias.requires_grad_(False)
+    prepared = PreparedModel(model, TrainableReport("full", 0, 0))
+    return prepared, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _train(prepared, optimizer, steps: int) -> None:
+    model = prepared.model
+    for _ in range(steps):
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    _train(model, opt, 3)
+    state = TrainState(epoch=1, global_step=3, history=[{"epoch": 1, "val_loss": 0.5}], best_epoch=1)
+    best = {"0.weight": torch.ones(3, 4)}
+    save_checkpoint(tmp_path, state, model, opt, best, "run-a")
+    _train(model, opt, 2)
+    expected = [p.detach().clone() for p in model.model.parameters()]
+
+    model2, opt2 = _model_and_optimizer(0)  # the same base model (frozen weights come from it)...
+    _train(model2, opt2, 1)  # ...with other trainable values, moments and RNG state
+    loaded_state, loaded_best = load_checkpoint(tmp_path, model2, opt2, "run-a")
+    assert loaded_state == state and torch.equal(loaded_best["0.weight"], best["0.weight"])
+    _train(model2, opt2, 2)  # same RNG stream for the inputs, same Adam moments
+    for a, b in zip(expected, model2.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best-epoch1.safetensors", "method-00000003.safetensors", "optimizer-00000003.safetensors",
+                     "state.json", "trainable-00000003.safetensors"]
+
+
+def test_a_new_checkpoint_replaces_the_old_files(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    save_checkpoint(tmp_path, TrainState(global_step=1), model, opt, None, "r")
+    save_checkpoint(tmp_path, TrainState(global_step=2), model, opt, None, "r")
+    assert not list(tmp_path.glob("*00000001*")) and list(tmp_path.glob("*00000002*"))
+    assert load_checkpoint(tmp_path / "missing", model, opt, "r") is None
+
+
+# -- issue 28: a damaged or hostile checkpoint is a one-line RunError, read bounded ---------------------------------
+
+
+def _saved(tmp_path, steps: int = 2):
+    model, opt = _model_and_optimizer(0)
+    _train(model, opt, steps)
+    save_checkpoint(tmp_path, TrainState(epoch=1, global_step=steps), model, opt, None, "r")
+    return model, opt
+
+
+def _edit_state(tmp_path, fn) -> None:
+    import json
+
+    header = json.loads((tmp_path / "state.json").read_text())
+    fn(header)
+    (tmp_path / "state.json").write_text(json.dumps(header))
+
+
+def test_a_trainable_file_that_lacks_tensors_is_refused(tmp_path):
+    """Accepting it would resume with some parameters back at their initial values (training silently lost)."""
+    from randmask_lab.methods.trainable import write_tensors
+
+    model, opt = _saved(tmp_path)
+    (file,) = tmp_path.glob("trainable-*.safetensors")
+    digest = write_tensors(file, {"0.weight": torch.zeros(3, 4)})  # "1.weight" and "1.bias" left out
+    with pytest.raises(RunError, match="is damaged .*does not match the checksum recorded"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+    _edit_state(tmp_path, lambda h: h["sha256"].update({file.name: digest}))  # as a checkpoint without checksums
+    with pytest.raises(RunError, match="is damaged .*lacks 2 of the model's trainable parameters.*--restart"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../../etc/passwd", "sub/x.safetensors", 7])
+def test_file_names_outside_the_checkpoint_folder_are_refused_unread(tmp_path, name):
+    _saved(tmp_path)
+    _edit_state(tmp_path, lambda h: h["files"].update(trainable=name))
+    with pytest.raises(RunError, match="is damaged .*not a .safetensors file name"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+
+
+def test_non_regular_and_oversized_tensor_files_are_refused(tmp_path):
+    from tests.hostile import hang_guard, make_sparse, replace_with_fifo
+
+    _saved(tmp_path)
+    (file,) = tmp_path.glob("optimizer-*.safetensors")
+    make_sparse(file, 4 << 30)
+    with pytest.raises(RunError, match="over the .*-byte limit"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+    replace_with_fifo(file)
+    with hang_guard(30), pytest.raises(RunError, match="not a regular file"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+    replace_with_fifo(tmp_path / "state.json")
+    with hang_guard(30), pytest.raises(RunError, match="not a regular file"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+
+
+@pytest.mark.parametrize(("key", "value"), [("global_step", -1), ("epoch", -3), ("step_in_epoch", 1.5),
+                                            ("loss_sum", float("inf")), ("best_epoch", "1"), ("history", {})])
+def test_impossible_counters_are_refused(tmp_path, key, value):
+    """A negative global_step used to end in a ZeroDivisionError in the LR warm-up."""
+    _saved(tmp_path)
+    _edit_state(tmp_path, lambda h: h["state"].update({key: value}))
+    with pytest.raises(RunError, match=f"is damaged .*({key}|Infinity is not JSON)"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+
+
+def test_edited_optimizer_hyperparameters_never_take_effect(tmp_path):
+    """The run's config fixes lr, betas and eps: a checkpoint's copy of them is not loaded (fuzz-found: an edited
+    betas used to crash the next step, an edited lr to train silently at another rate)."""
+    _saved(tmp_path)
+    _edit_state(tmp_path, lambda h: h["optimizer"]["param_groups"][0].update(lr=5.0, betas=[0.1, 0.2], eps=1.0))
+    model, opt = _model_and_optimizer(1)
+    load_checkpoint(tmp_path, model, opt, "r")
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    _train(model, opt, 1)
+    _edit_state(tmp_path, lambda h: h["optimizer"]["scalars"].update({"9.step": 1}))
+    with pytest.raises(RunError, match="names parameter 9"):
+        load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
