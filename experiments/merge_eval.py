@@ -159,6 +159,18 @@ def mask_overlap(adapters: dict[str, dict]) -> dict:
     return {"entries": total, "in_two_or_more_masks": shared, "share": shared / total}
 
 
+def value_norms(adapters: dict[str, dict]) -> dict[str, float]:
+    """{task: L2 norm of its randmask adapter's values}: how strongly each delta pulls a merge at equal weights."""
+    from safetensors.torch import load_file
+
+    norms = {}
+    for task, rec in adapters.items():
+        tensors = load_file(Path(rec["folder"]) / "adapter" / "adapter.safetensors")
+        values = [t.double().flatten() for name, t in tensors.items() if name.endswith("values")]
+        norms[task] = float(torch.cat(values).norm())
+    return norms
+
+
 def _save(path: Path, rows: list[dict]) -> None:
     from randmask import atomic_write_bytes
 
@@ -247,9 +259,15 @@ def main() -> None:
     parser.add_argument("--merges", nargs="+", default=list(MERGES), choices=list(MERGES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the table from --out and exit")
+    parser.add_argument("--norms", action="store_true",
+                        help="print the L2 norm of each independent-mask randmask adapter's values and exit")
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
+        return
+    if args.norms:
+        for task, norm in value_norms(find_adapters(args.runs, "randmask", "independent")).items():
+            print(f"{task}: L2 norm of the values {norm:.1f}")
         return
     torch.set_num_threads(args.threads)
     import randmask.peft  # noqa: F401  (randmask's PEFT registration, for completeness of the environment)
