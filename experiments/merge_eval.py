@@ -47,6 +47,7 @@ MERGES = {  # name: (method, mask set, combination_type, density); in the order 
     "randmask-shared-linear": ("randmask", "shared", "linear", None),
     "randmask-shared-ties": ("randmask", "shared", "ties", DENSITY),
 }
+MAX_ADAPTER_BYTES = 8 * 135_000_000 + 2**20  # SmolLM2-135M's every parameter in fp64, plus a header
 COMMITTED_RUNS = Path(__file__).resolve().parent / "results" / "merge_runs"  # finished runs, committed
 PART = {"cb": 0, "rte": 1, "sst2": 2, "boolq": 3}  # experiments/merge_train.sh: mask seed / part per task
 
@@ -161,11 +162,11 @@ def mask_overlap(adapters: dict[str, dict]) -> dict:
 
 def value_norms(adapters: dict[str, dict]) -> dict[str, float]:
     """{task: L2 norm of its randmask adapter's values}: how strongly each delta pulls a merge at equal weights."""
-    from safetensors.torch import load_file
+    from randmask_lab.methods.trainable import read_tensors
 
     norms = {}
-    for task, rec in adapters.items():
-        tensors = load_file(Path(rec["folder"]) / "adapter" / "adapter.safetensors")
+    for task, rec in adapters.items():  # through the project's bounded reader, as every file it reads
+        tensors = read_tensors(Path(rec["folder"]) / "adapter" / "adapter.safetensors", MAX_ADAPTER_BYTES)
         values = [t.double().flatten() for name, t in tensors.items() if name.endswith("values")]
         norms[task] = float(torch.cat(values).norm())
     return norms
