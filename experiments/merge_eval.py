@@ -267,7 +267,15 @@ def main() -> None:
         print(table(args.out))
         return
     if args.norms:
-        for task, norm in value_norms(find_adapters(args.runs, "randmask", "independent")).items():
+        adapters = find_adapters(args.runs, "randmask", "independent")
+        if not adapters:
+            raise SystemExit(f"no finished randmask run (independent masks) in {', '.join(map(str, args.runs))}; "
+                             "train them with experiments/merge_train.sh or point --runs at their folder")
+        try:
+            norms = value_norms(adapters)
+        except ValueError as e:  # a damaged or oversized adapter file: one line, not a traceback
+            raise SystemExit(str(e)) from None
+        for task, norm in norms.items():
             print(f"{task}: L2 norm of the values {norm:.1f}")
         return
     torch.set_num_threads(args.threads)
