@@ -110,13 +110,26 @@ def code_version(device: str | torch.device = "cpu") -> dict[str, Any]:
     return {**source_version(), "sddmm_kernel": weight_gradient_kernel(device)}
 
 
+def checkout_root() -> Path | None:
+    """The git checkout this package runs from (the folder holding ``src/randmask_lab`` and ``.git``, a
+    folder or a worktree's file), or None for an installed copy. Found from the package's own location,
+    not from this module's depth, so moving the module does not lose the commit."""
+    import randmask_lab  # the package itself (already imported: this module is inside it)
+
+    package = Path(randmask_lab.__file__).resolve().parent
+    root = package.parent.parent
+    if package.parent.name != "src" or not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
+    return root
+
+
 @cache
 def source_version() -> dict[str, Any]:
     """``{"package", "commit", "dirty"}`` of the code this process runs (commit and dirty None outside a git
     checkout, e.g. an installed wheel: the package version is then the provenance). Read once per process."""
-    root = Path(__file__).resolve().parents[3]
+    root = checkout_root()
     out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None}
-    if not (root / ".git").exists():
+    if root is None:
         return out
     try:
         git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,

@@ -49,3 +49,25 @@ def test_a_resumed_record_made_before_carried_seconds_takes_it_from_its_history(
     assert record.compute_cpu_seconds == 90.0  # earlier attempts' CPU time was not kept then
     once = RunRecord("rid", {"task": "sst2"}, "done", metric="accuracy", wall_seconds=100.0, epochs=epochs)
     assert once.resumed_at is None and once.compute_seconds == 100.0 and once.compute_cpu_seconds is None
+
+
+def test_a_run_from_a_checkout_names_its_commit() -> None:
+    """A record made from a git checkout names HEAD. (It once read the root from this module's depth, and a
+    move into a sub-package made every record's commit None.)"""
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    import randmask_lab
+    from randmask_lab.experiment.results.record import checkout_root, source_version
+
+    repo = Path(__file__).resolve().parents[4]
+    if Path(randmask_lab.__file__).resolve().parent != repo / "src" / "randmask_lab" or not (repo / ".git").exists():
+        pytest.skip("the package under test is not this checkout's src/ (an installed copy): no commit to name")
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip(f"git cannot read {repo}: {head.stderr.strip()}")
+    assert checkout_root() == repo
+    source_version.cache_clear()
+    assert source_version()["commit"] == head.stdout.strip()

@@ -221,3 +221,12 @@ def test_a_killed_driver_loses_at_most_its_runs_in_flight(tiny_lm, tmp_path):
         assert _steps(out, run_id) == list(range(1, 121))  # each step once: nothing ran twice
     assert sweep(tmp_path / "c.log").wait(timeout=300) == 0
     assert _submitted((tmp_path / "c.log").read_text().splitlines()) == []  # a third run executes nothing
+
+
+def test_local_ray_workers_import_the_lab_from_where_the_driver_does() -> None:
+    """The PYTHONPATH a local Ray instance hands its workers is the folder holding the driver's randmask_lab
+    (it once pointed inside the package after a module move, so workers imported an installed copy)."""
+    import randmask_lab
+    from randmask_lab.experiment.sweeps.executors.ray_executor import source_folder
+
+    assert (source_folder() / "randmask_lab" / "__init__.py").resolve() == Path(randmask_lab.__file__).resolve()

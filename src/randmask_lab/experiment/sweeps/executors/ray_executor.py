@@ -112,11 +112,19 @@ def _connect(ray: Any, executor: ExecutorConfig) -> bool:
         return False
     # A local instance sized to this machine. Its workers import the lab from where this driver does
     # (a source checkout may not be what site-packages holds).
-    src = str(Path(__file__).resolve().parents[3])
+    src = str(source_folder())
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
              logging_level=logging.ERROR, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
+
+
+def source_folder() -> Path:
+    """The folder that holds this driver's ``randmask_lab`` package (a checkout's src/, or site-packages),
+    found from the package itself so that moving this module cannot point Ray's workers elsewhere."""
+    import randmask_lab
+
+    return Path(randmask_lab.__file__).resolve().parent.parent
 
 
 def _probe(address: str) -> None:
