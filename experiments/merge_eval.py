@@ -14,16 +14,26 @@ Per task, the share of the single adapter's gain the merge keeps: (merged - zero
 
 Rows are appended to --out as they finish (the file is rewritten atomically) and a merge already in the file
 is skipped, so the script resumes. Settings are fixed in advance (no choice on test data): weights 1.0 for
-every adapter (task arithmetic with lambda = 1), density 0.5 for ties / dare_*, DARE seed 0.
+every adapter (task arithmetic with lambda = 1), density 0.5 for ties / dare_*, DARE seed 0. The ``*-min-norm``
+merges weight each adapter by (smallest delta norm) / (its delta norm), so that every task's delta enters the merge
+with the norm of the weakest one and none is amplified: a rule from the adapters alone, fixed before any merge ran,
+for the case where one adapter's delta is many times the others' (BoolQ's, at LR 1e-1).
+
+Every scored row also records ``top_share``: the share of the test items given the model's most frequent answer
+(1.0: one answer for every item), and a ``majority`` row per task the share of the most frequent gold answer, so
+that a merge that answers every item alike (and scores the majority share) is visible as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import statistics
 import sys
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,7 +42,7 @@ import torch
 TASKS = ("sst2", "rte", "cb", "boolq")
 STUDY = Path(__file__).resolve().parent / "smollm2_study.json"
 DENSITY = 0.5
-MERGES = {  # name: (method, mask set, combination_type, density); in the order they are evaluated
+MERGES = {  # name: (method, mask set, combination_type, density[, weighting]); in the order they are evaluated
     "randmask-linear": ("randmask", "independent", "linear", None),
     "randmask-ties": ("randmask", "independent", "ties", DENSITY),
     "lora-linear": ("lora", None, "linear", None),
@@ -46,7 +56,10 @@ MERGES = {  # name: (method, mask set, combination_type, density); in the order 
     "randmask-disjoint-ties": ("randmask", "disjoint", "ties", DENSITY),
     "randmask-shared-linear": ("randmask", "shared", "linear", None),
     "randmask-shared-ties": ("randmask", "shared", "ties", DENSITY),
+    "randmask-linear-min-norm": ("randmask", "independent", "linear", None, "min-norm"),
+    "lora-linear-min-norm": ("lora", None, "linear", None, "min-norm"),
 }
+WEIGHTINGS = ("equal", "min-norm")
 MAX_ADAPTER_BYTES = 8 * 135_000_000 + 2**20  # SmolLM2-135M's every parameter in fp64, plus a header
 COMMITTED_RUNS = Path(__file__).resolve().parent / "results" / "merge_runs"  # finished runs, committed
 PART = {"cb": 0, "rte": 1, "sst2": 2, "boolq": 3}  # experiments/merge_train.sh: mask seed / part per task
@@ -102,11 +115,23 @@ class Scorer:
             data = load_data(config, spec, "lm", tokenizer, sample_splits(config, spec))
             self.tasks[task] = (data.test, make_objective(config, data, tokenizer))
 
-    def score(self, model, task: str) -> float:
-        from randmask_lab.experiment.training.loop import evaluate
-
+    def score(self, model, task: str) -> dict[str, float]:
+        """``{"metric": the lab's test metric, "top_share": share of items given the most frequent answer}``."""
         items, objective = self.tasks[task]
-        return evaluate(model, objective, self.plan, self.ctx, items, True)[1]
+        model.eval()
+        with self.plan.forward_context():
+            preds = objective.evaluate(model, items, True)[1]
+        return {"metric": objective.metric(preds, items), "top_share": top_share(preds)}
+
+    def majority(self, task: str) -> float | None:
+        """Share of the most frequent gold answer in ``task``'s test items (None for free-text answers)."""
+        items = self.tasks[task][0]
+        return top_share([x.gold for x in items]) if items[0].gold is not None else None
+
+
+def top_share(answers: list) -> float:
+    """Share of ``answers`` equal to the most frequent one."""
+    return max(Counter(map(str, answers)).values()) / len(answers)
 
 
 def base_model():
@@ -118,9 +143,26 @@ def base_model():
     return model.eval()
 
 
-def merged_model(method: str, adapters: dict[str, dict], combination: str, density: float | None):
-    """A fresh base model with the four adapters loaded and their merge active."""
-    weights = [1.0] * len(TASKS)
+def min_norm_weights(norms: dict[str, float]) -> list[float]:
+    """Per task (in TASKS order): the smallest delta norm over its own, so each weighted delta has that norm."""
+    return [min(norms.values()) / norms[t] for t in TASKS]
+
+
+def lora_delta_norms(peft_model) -> dict[str, float]:
+    """{adapter: Frobenius norm of its whole delta, sqrt(sum over layers of ||scale * B @ A||^2)}."""
+    from peft.tuners.lora import LoraLayer
+
+    squares = dict.fromkeys(TASKS, 0.0)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for task in TASKS:
+                squares[task] += float(module.get_delta_weight(task).double().pow(2).sum())
+    return {t: v ** 0.5 for t, v in squares.items()}
+
+
+def merged_model(method: str, adapters: dict[str, dict], combination: str, density: float | None,
+                 weighting: str = "equal") -> tuple[torch.nn.Module, list[float]]:
+    """A fresh base model with the four adapters loaded and their merge active, and the weights it used."""
     model = base_model()
     dirs = {t: Path(adapters[t]["folder"]) / "adapter" for t in TASKS}
     if method == "randmask":
@@ -128,20 +170,22 @@ def merged_model(method: str, adapters: dict[str, dict], combination: str, densi
 
         for task in TASKS:
             randmask.load_adapter(model, dirs[task], adapter_name=task)
+        weights = min_norm_weights(value_norms(adapters)) if weighting == "min-norm" else [1.0] * len(TASKS)
         randmask.add_weighted_adapter(model, list(TASKS), weights, "merged", combination_type=combination,
                                       density=density)
         randmask.set_adapter(model, "merged")
-        return model
+        return model, weights
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, dirs[TASKS[0]], adapter_name=TASKS[0])
     for task in TASKS[1:]:
         peft_model.load_adapter(dirs[task], adapter_name=task)
+    weights = min_norm_weights(lora_delta_norms(peft_model)) if weighting == "min-norm" else [1.0] * len(TASKS)
     kwargs = {"density": density} if density is not None else {}
     torch.manual_seed(0)  # PEFT's DARE draws from the global generator
     peft_model.add_weighted_adapter(list(TASKS), weights, "merged", combination_type=combination, **kwargs)
     peft_model.set_adapter("merged")
-    return peft_model.eval()
+    return peft_model.eval(), weights
 
 
 def mask_overlap(adapters: dict[str, dict]) -> dict:
@@ -178,6 +222,18 @@ def _save(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold ``<out>.lock`` for the whole evaluation: two processes rewriting one --out would lose rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another merge_eval.py is writing {out}; wait for it, or pass another --out") from None
+        yield
+
+
 def evaluate_all(args) -> None:
     from randmask_lab.experiment.results.record import code_version
 
@@ -189,11 +245,14 @@ def evaluate_all(args) -> None:
     if not all(("zeroshot", None, t) in done for t in TASKS):
         model = base_model()
         for task in TASKS:
-            rows.append({"row": "zeroshot", "task": task, "metric": scorer.score(model, task)})
+            rows.append({"row": "zeroshot", "task": task, **scorer.score(model, task)})
             _save(args.out, rows)
         del model
+    for task in TASKS:
+        if ("majority", None, task) not in done:
+            rows.append({"row": "majority", "task": task, "metric": scorer.majority(task)})
     for name in args.merges:
-        method, mask_set, combination, density = MERGES[name]
+        method, mask_set, combination, density, weighting = (*MERGES[name], "equal")[:5]
         adapters = find_adapters(args.runs, method, mask_set)
         for task, rec in adapters.items():  # every finished single-task run, even while others still train
             if ("single", f"{method}-{mask_set}", task) not in done:
@@ -209,11 +268,11 @@ def evaluate_all(args) -> None:
         if all(("merge", name, t) in done for t in TASKS):
             continue
         started = time.time()
-        model = merged_model(method, adapters, combination, density)
+        model, weights = merged_model(method, adapters, combination, density, weighting)
         for task in TASKS:
             rows.append({"row": "merge", "name": name, "method": method, "mask_set": mask_set, "task": task,
-                         "combination_type": combination, "density": density, "weights": [1.0] * len(TASKS),
-                         "metric": scorer.score(model, task)})
+                         "combination_type": combination, "density": density, "weighting": weighting,
+                         "weights": weights, **scorer.score(model, task)})
             _save(args.out, rows)
         print(f"{name}: {time.time() - started:.0f} s")
         del model
@@ -225,12 +284,17 @@ def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     zero = {r["task"]: r["metric"] for r in rows if r["row"] == "zeroshot"}
     single = {(r["name"], r["task"]): r["metric"] for r in rows if r["row"] == "single"}
+    majority = {r["task"]: r["metric"] for r in rows if r["row"] == "majority"}
     merges: dict[str, dict[str, float]] = {}
+    one_answer = {(r["name"], r["task"]) for r in rows if r["row"] == "merge" and r.get("top_share") == 1.0}
     for r in rows:
         if r["row"] == "merge":
             merges.setdefault(r["name"], {})[r["task"]] = r["metric"]
     head = "| model | " + " | ".join(TASKS) + " | mean share kept |\n|---|" + "---|" * (len(TASKS) + 1) + "\n"
     lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | |"]
+    if majority:
+        lines.append("| the most frequent answer, for every item | "
+                     + " | ".join(f"{majority[t]:.3f}" if majority.get(t) is not None else "" for t in TASKS) + " | |")
     for name in sorted({n for n, _ in single}):
         cells = [f"{single[(name, t)]:.3f}" if (name, t) in single else "not trained yet" for t in TASKS]
         lines.append(f"| single {name.removesuffix('-None')} | " + " | ".join(cells) + " | |")
@@ -244,12 +308,15 @@ def table(path: Path) -> str:
             share = (metrics[t] - zero[t]) / gain if gain > 0 else None
             if share is not None:
                 shares.append(share)
-            cells.append(f"{metrics[t]:.3f} ({100 * share:.0f}%)" if share is not None else f"{metrics[t]:.3f} (n/a)")
+            mark = " †" if (name, t) in one_answer else ""
+            cells.append(f"{metrics[t]:.3f}{mark} ({100 * share:.0f}%)" if share is not None
+                         else f"{metrics[t]:.3f}{mark} (n/a)")
         mean = f"{100 * statistics.mean(shares):.0f}%" if shares else "n/a"
         lines.append(f"| merge {name} | " + " | ".join(cells) + f" | {mean} |")
     overlaps = [f"{r['name']} masks: {r['in_two_or_more_masks']:,} of {r['entries']:,} kept entries "
                 f"({100 * r['share']:.3f}%) lie in two or more masks" for r in rows if r["row"] == "overlap"]
-    return head + "\n".join(lines) + "\n" + "".join(f"\n{o}" for o in overlaps) + "\n"
+    notes = overlaps + (["† the merged model gave every test item the same answer"] if one_answer else [])
+    return head + "\n".join(lines) + "\n" + "".join(f"\n{o}" for o in notes) + "\n"
 
 
 def main() -> None:
@@ -281,7 +348,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import randmask.peft  # noqa: F401  (randmask's PEFT registration, for completeness of the environment)
 
-    evaluate_all(args)
+    with exclusive(args.out):
+        evaluate_all(args)
     print(table(args.out))
 
 

@@ -58,3 +58,41 @@ def test_adapters_come_from_their_own_folder_and_the_first_folder_wins(tmp_path)
     assert set(found) == {"cb", "rte"}
     # the folder the record lies in, never the run_dir another machine wrote into it
     assert found["cb"]["folder"] == str(fresh_cb) and found["rte"]["folder"] == str(committed_rte)
+
+
+def test_min_norm_weights_bring_every_delta_to_the_smallest_norm_and_amplify_none():
+    module = _module()
+    norms = {"sst2": 30.0, "rte": 60.0, "cb": 90.0, "boolq": 300.0}
+    weights = module.min_norm_weights(norms)
+    assert weights == [1.0, 0.5, 30.0 / 90.0, 0.1]  # TASKS order: sst2, rte, cb, boolq
+    assert all(w * norms[t] == 30.0 or abs(w * norms[t] - 30.0) < 1e-12 for w, t in zip(weights, module.TASKS))
+
+
+def test_a_merge_that_gives_every_item_one_answer_is_marked_beside_the_majority_row(tmp_path):
+    module = _module()
+    assert module.top_share([1, 1, 0, 1]) == 0.75 and module.top_share(["yes"] * 3) == 1.0
+    zero = [{"row": "zeroshot", "task": t, "metric": 0.5} for t in module.TASKS]
+    majority = [{"row": "majority", "task": t, "metric": m} for t, m in
+                [("sst2", 0.512), ("rte", 0.527), ("cb", 0.411), ("boolq", 0.628)]]
+    singles = [{"row": "single", "name": "lora-None", "task": t, "metric": 0.8} for t in module.TASKS]
+    merge = [{"row": "merge", "name": "lora-linear", "task": t, "metric": m, "top_share": s} for t, m, s in
+             [("sst2", 0.512, 1.0), ("rte", 0.65, 0.6), ("cb", 0.7, 0.5), ("boolq", 0.628, 1.0)]]
+    _write(tmp_path / "m.jsonl", zero + majority + singles + merge)
+    text = module.table(tmp_path / "m.jsonl")
+    assert "| the most frequent answer, for every item | 0.512 | 0.527 | 0.411 | 0.628 | |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| merge lora-linear"))
+    assert line.startswith("| merge lora-linear | 0.512 † (4%) | 0.650 (50%) | 0.700 (67%) | 0.628 † (43%) |")
+    assert "† the merged model gave every test item the same answer" in text
+
+
+def test_a_second_writer_of_one_out_file_is_refused(tmp_path):
+    import pytest
+
+    exclusive = _module().exclusive
+    out = tmp_path / "merge.jsonl"
+    with exclusive(out):
+        with pytest.raises(SystemExit, match="another merge_eval.py is writing .*merge.jsonl; wait for it, or pass"):
+            with exclusive(out):
+                pass
+    with exclusive(out):  # released: the next run goes ahead
+        pass
