@@ -290,32 +290,36 @@ def table(path: Path) -> str:
     for r in rows:
         if r["row"] == "merge":
             merges.setdefault(r["name"], {})[r["task"]] = r["metric"]
-    head = "| model | " + " | ".join(TASKS) + " | mean share kept |\n|---|" + "---|" * (len(TASKS) + 1) + "\n"
-    lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | |"]
+    head = ("| model | " + " | ".join(TASKS) + " | mean share kept | mean share kept, learned tasks |\n|---|"
+            + "---|" * (len(TASKS) + 2) + "\n")
+    lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | | |"]
     if majority:
         lines.append("| the most frequent answer, for every item | "
-                     + " | ".join(f"{majority[t]:.3f}" if majority.get(t) is not None else "" for t in TASKS) + " | |")
+                     + " | ".join(f"{majority[t]:.3f}" if majority.get(t) is not None else "" for t in TASKS) + " | | |")
     for name in sorted({n for n, _ in single}):
         cells = [f"{single[(name, t)]:.3f}" if (name, t) in single else "not trained yet" for t in TASKS]
-        lines.append(f"| single {name.removesuffix('-None')} | " + " | ".join(cells) + " | |")
+        lines.append(f"| single {name.removesuffix('-None')} | " + " | ".join(cells) + " | | |")
     for name, metrics in merges.items():
         if len(metrics) < len(TASKS):
             continue
         method, mask_set = MERGES[name][:2]
-        cells, shares = [], []
+        cells, shares, learned = [], [], []
         for t in TASKS:
             gain = single[(f"{method}-{mask_set}", t)] - zero[t]
             share = (metrics[t] - zero[t]) / gain if gain > 0 else None
             if share is not None:
                 shares.append(share)
+                if single[(f"{method}-{mask_set}", t)] > (majority.get(t) or 0.0):  # more than one answer for all
+                    learned.append(share)
             mark = " †" if (name, t) in one_answer else ""
             cells.append(f"{metrics[t]:.3f}{mark} ({100 * share:.0f}%)" if share is not None
                          else f"{metrics[t]:.3f}{mark} (n/a)")
-        mean = f"{100 * statistics.mean(shares):.0f}%" if shares else "n/a"
-        lines.append(f"| merge {name} | " + " | ".join(cells) + f" | {mean} |")
+        means = [f"{100 * statistics.mean(x):.0f}%" if x else "n/a" for x in (shares, learned)]
+        lines.append(f"| merge {name} | " + " | ".join(cells) + f" | {means[0]} |" + (f" {means[1]} |" if majority else " |"))
     overlaps = [f"{r['name']} masks: {r['in_two_or_more_masks']:,} of {r['entries']:,} kept entries "
                 f"({100 * r['share']:.3f}%) lie in two or more masks" for r in rows if r["row"] == "overlap"]
     notes = overlaps + (["† the merged model gave every test item the same answer"] if one_answer else [])
+    notes += ["learned tasks: those whose single adapter beats zero-shot and the most frequent answer"] if majority else []
     return head + "\n".join(lines) + "\n" + "".join(f"\n{o}" for o in notes) + "\n"
 
 
