@@ -52,6 +52,7 @@ def run_training(config: RunConfig, store: ResultStore | None = None, stop_after
     spec = check_names(config)
     config = config.resolved()  # auto -> the precision this device runs well: recorded and hashed as such
     ctx = ctx or init_distributed(config.device)
+    code_version(ctx.device)  # read (and cached) now: the commit named is the one this run started from
     slow = slow_precision_warning(config.precision, ctx.device)
     if slow and ctx.is_main:
         print(f"warning: {slow}", file=sys.stderr)
