@@ -160,6 +160,16 @@ def lora_delta_norms(peft_model) -> dict[str, float]:
     return {t: v ** 0.5 for t, v in squares.items()}
 
 
+def load_lora(model: torch.nn.Module, dirs: dict[str, Path]):
+    """A PeftModel over ``model`` holding every task's LoRA adapter, each named after its task."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, dirs[TASKS[0]], adapter_name=TASKS[0])
+    for task in TASKS[1:]:
+        peft_model.load_adapter(dirs[task], adapter_name=task)
+    return peft_model
+
+
 def merged_model(method: str, adapters: dict[str, dict], combination: str, density: float | None,
                  weighting: str = "equal") -> tuple[torch.nn.Module, list[float]]:
     """A fresh base model with the four adapters loaded and their merge active, and the weights it used."""
@@ -175,11 +185,7 @@ def merged_model(method: str, adapters: dict[str, dict], combination: str, densi
                                       density=density)
         randmask.set_adapter(model, "merged")
         return model, weights
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, dirs[TASKS[0]], adapter_name=TASKS[0])
-    for task in TASKS[1:]:
-        peft_model.load_adapter(dirs[task], adapter_name=task)
+    peft_model = load_lora(model, dirs)
     weights = min_norm_weights(lora_delta_norms(peft_model)) if weighting == "min-norm" else [1.0] * len(TASKS)
     kwargs = {"density": density} if density is not None else {}
     torch.manual_seed(0)  # PEFT's DARE draws from the global generator
@@ -348,6 +354,11 @@ def main() -> None:
             raise SystemExit(str(e)) from None
         for task, norm in norms.items():
             print(f"{task}: L2 norm of the values {norm:.1f}")
+        lora = find_adapters(args.runs, "lora", None)
+        if set(lora) == set(TASKS):
+            dirs = {t: Path(lora[t]["folder"]) / "adapter" for t in TASKS}
+            for task, norm in lora_delta_norms(load_lora(base_model(), dirs)).items():
+                print(f"{task}: LoRA delta, Frobenius norm {norm:.1f}")
         return
     torch.set_num_threads(args.threads)
     import randmask.peft  # noqa: F401  (randmask's PEFT registration, for completeness of the environment)
