@@ -21,7 +21,10 @@ for the case where one adapter's delta is many times the others' (BoolQ's, at LR
 
 Every scored row also records ``top_share``: the share of the test items given the model's most frequent answer
 (1.0: one answer for every item), and a ``majority`` row per task the share of the most frequent gold answer, so
-that a merge that answers every item alike (and scores the majority share) is visible as such.
+that a merge that answers every item alike (and scores the majority share) is visible as such. ``--table`` prints
+two means of the kept share: the issue's, over every task whose single adapter gained on zero-shot, and one over the
+learned tasks alone (single adapter above zero-shot and above the most frequent answer), since a gain of a point or
+two (an adapter that learned the majority answer) makes the share a ratio of noise.
 """
 
 from __future__ import annotations
