@@ -110,15 +110,21 @@ def code_version(device: str | torch.device = "cpu") -> dict[str, Any]:
     return {**source_version(), "sddmm_kernel": weight_gradient_kernel(device)}
 
 
-def checkout_root() -> Path | None:
-    """The git checkout this package runs from (the folder holding ``src/randmask_lab`` and ``.git``, a
-    folder or a worktree's file), or None for an installed copy. Found from the package's own location,
-    not from this module's depth, so moving the module does not lose the commit."""
+def source_folder() -> Path:
+    """The folder that holds the ``randmask_lab`` package this process runs (a checkout's src/, or
+    site-packages), found from the package itself, not from any module's depth, so moving a module cannot
+    change it."""
     import randmask_lab  # the package itself (already imported: this module is inside it)
 
-    package = Path(randmask_lab.__file__).resolve().parent
-    root = package.parent.parent
-    if package.parent.name != "src" or not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+    return Path(randmask_lab.__file__).resolve().parent.parent
+
+
+def checkout_root() -> Path | None:
+    """The git checkout this package runs from (the folder holding ``src/randmask_lab`` and ``.git``, a
+    folder or a worktree's file), or None for an installed copy."""
+    src = source_folder()
+    root = src.parent
+    if src.name != "src" or not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
         return None
     return root
 

@@ -52,7 +52,6 @@ def run_training(config: RunConfig, store: ResultStore | None = None, stop_after
     spec = check_names(config)
     config = config.resolved()  # auto -> the precision this device runs well: recorded and hashed as such
     ctx = ctx or init_distributed(config.device)
-    code_version(ctx.device)  # read (and cached) now: the commit named is the one this run started from
     slow = slow_precision_warning(config.precision, ctx.device)
     if slow and ctx.is_main:
         print(f"warning: {slow}", file=sys.stderr)
@@ -63,7 +62,7 @@ def run_training(config: RunConfig, store: ResultStore | None = None, stop_after
     if claim.finished is not None:
         return claim.finished
     try:
-        started = RunResult.start()
+        started = RunResult.start(ctx.device)
         return _run(assemble(config, ctx, spec=spec, run_id=run_id), ctx, claim.store, claim.lease, stop_after,
                     started)
     finally:
@@ -118,11 +117,13 @@ class RunResult:
     train_seconds: float | None = None
     """Training time over every attempt (None: the whole attempt's wall time)."""
     notes: list[str] = field(default_factory=list)
+    code: dict = field(default_factory=dict)
+    """``code_version`` read at the start: a checkout updated mid-run must not be named as the code that ran."""
 
     @classmethod
-    def start(cls) -> RunResult:
-        """A result whose clocks start now."""
-        return cls(TrainState(), started=time.time(), cpu_started=time.process_time())
+    def start(cls, device: torch.device) -> RunResult:
+        """A result whose clocks and code version are taken now."""
+        return cls(TrainState(), started=time.time(), cpu_started=time.process_time(), code=code_version(device))
 
 
 def _run(parts: RunParts, ctx: DistContext, store: ResultStore | None, lease: Lease | None,
@@ -184,7 +185,7 @@ def _finish(parts: RunParts, ctx: DistContext, store: ResultStore | None, lease:
         cpu_seconds=round(time.process_time() - result.cpu_started, 2),
         # What earlier attempts carried in through the checkpoint (TrainState keeps it; 0 on a fresh start).
         carried_seconds=round(state.train_seconds, 2), carried_cpu_seconds=round(state.cpu_seconds, 2),
-        code_version=code_version(ctx.device), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version=result.code, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*parts.data.splits.notes, *report.notes, *result.notes], run_dir=str(run_dir),
         data=parts.data_record(), attention=parts.attention, machine=machine_info(ctx.device),
     )

@@ -27,11 +27,10 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from randmask_lab.errors import LabError, MissingPackageError, RunError
-from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.record import RunRecord, source_folder
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.sweeps.executors.config import ExecutorConfig
@@ -117,14 +116,6 @@ def _connect(ray: Any, executor: ExecutorConfig) -> bool:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
              logging_level=logging.ERROR, runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
-
-
-def source_folder() -> Path:
-    """The folder that holds this driver's ``randmask_lab`` package (a checkout's src/, or site-packages),
-    found from the package itself so that moving this module cannot point Ray's workers elsewhere."""
-    import randmask_lab
-
-    return Path(randmask_lab.__file__).resolve().parent.parent
 
 
 def _probe(address: str) -> None:
