@@ -62,7 +62,6 @@ MERGES = {  # name: (method, mask set, combination_type, density[, weighting]); 
     "randmask-linear-min-norm": ("randmask", "independent", "linear", None, "min-norm"),
     "lora-linear-min-norm": ("lora", None, "linear", None, "min-norm"),
 }
-WEIGHTINGS = ("equal", "min-norm")
 MAX_ADAPTER_BYTES = 8 * 135_000_000 + 2**20  # SmolLM2-135M's every parameter in fp64, plus a header
 COMMITTED_RUNS = Path(__file__).resolve().parent / "results" / "merge_runs"  # finished runs, committed
 PART = {"cb": 0, "rte": 1, "sst2": 2, "boolq": 3}  # experiments/merge_train.sh: mask seed / part per task
@@ -99,17 +98,20 @@ def find_adapters(runs: list[Path], method: str, mask_set: str | None) -> dict[s
     return found
 
 
+def adapter_dirs(adapters: dict[str, dict]) -> dict[str, Path]:
+    """{task: its run's adapter folder}, for the records ``find_adapters`` returns."""
+    return {task: Path(rec["folder"]) / "adapter" for task, rec in adapters.items()}
+
+
 class Scorer:
     """Each task's test items and objective, built once; ``score(model, task)`` is the lab's test metric."""
 
     def __init__(self) -> None:
-        from randmask_lab.experiment.compute.distributed import DistContext
         from randmask_lab.experiment.compute.precision import PrecisionPlan
         from randmask_lab.experiment.parts.assemble import check_names, load_data, make_objective, sample_splits
         from randmask_lab.zoo import load_causal_lm
 
         self.plan = PrecisionPlan("32", torch.device("cpu"))
-        self.ctx = DistContext(rank=0, world=1, device=torch.device("cpu"))
         _, tokenizer = load_causal_lm("smollm2-135m")
         self.tasks = {}
         for task in TASKS:
@@ -166,10 +168,16 @@ def lora_delta_norms(peft_model) -> dict[str, float]:
 def load_lora(model: torch.nn.Module, dirs: dict[str, Path]):
     """A PeftModel over ``model`` holding every task's LoRA adapter, each named after its task."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    peft_model = PeftModel.from_pretrained(model, dirs[TASKS[0]], adapter_name=TASKS[0])
-    for task in TASKS[1:]:
-        peft_model.load_adapter(dirs[task], adapter_name=task)
+    task = TASKS[0]
+    try:
+        peft_model = PeftModel.from_pretrained(model, dirs[task], adapter_name=task)
+        for task in TASKS[1:]:
+            peft_model.load_adapter(dirs[task], adapter_name=task)
+    except (SafetensorError, OSError, ValueError) as e:  # a damaged adapter: one line naming it, not a traceback
+        raise SystemExit(f"cannot load the LoRA adapter in {dirs[task]} ({e}); retrain it with "
+                         "experiments/merge_train.sh or restore it from git") from None
     return peft_model
 
 
@@ -177,7 +185,7 @@ def merged_model(method: str, adapters: dict[str, dict], combination: str, densi
                  weighting: str = "equal") -> tuple[torch.nn.Module, list[float]]:
     """A fresh base model with the four adapters loaded and their merge active, and the weights it used."""
     model = base_model()
-    dirs = {t: Path(adapters[t]["folder"]) / "adapter" for t in TASKS}
+    dirs = adapter_dirs(adapters)
     if method == "randmask":
         import randmask
 
@@ -201,9 +209,9 @@ def mask_overlap(adapters: dict[str, dict]) -> dict:
     """How many kept entries the four randmask masks share (issue: independent masks overlap on ~d^2)."""
     import randmask
 
-    model = base_model()
+    model, dirs = base_model(), adapter_dirs(adapters)
     for task in TASKS:
-        randmask.load_adapter(model, Path(adapters[task]["folder"]) / "adapter", adapter_name=task)
+        randmask.load_adapter(model, dirs[task], adapter_name=task)
     total = shared = 0
     for layer in randmask.masked_layers(model).values():
         idx = torch.cat([layer.adapters[t].indices for t in TASKS])
@@ -218,8 +226,8 @@ def value_norms(adapters: dict[str, dict]) -> dict[str, float]:
     from randmask_lab.methods.trainable import read_tensors
 
     norms = {}
-    for task, rec in adapters.items():  # through the project's bounded reader, as every file it reads
-        tensors = read_tensors(Path(rec["folder"]) / "adapter" / "adapter.safetensors", MAX_ADAPTER_BYTES)
+    for task, folder in adapter_dirs(adapters).items():  # through the project's bounded reader, as every file
+        tensors = read_tensors(folder / "adapter.safetensors", MAX_ADAPTER_BYTES)
         values = [t.double().flatten() for name, t in tensors.items() if name.endswith("values")]
         norms[task] = float(torch.cat(values).norm())
     return norms
@@ -304,7 +312,8 @@ def table(path: Path) -> str:
     lines = ["| zero-shot | " + " | ".join(f"{zero[t]:.3f}" for t in TASKS) + " | | |"]
     if majority:
         lines.append("| the most frequent answer, for every item | "
-                     + " | ".join(f"{majority[t]:.3f}" if majority.get(t) is not None else "" for t in TASKS) + " | | |")
+                     + " | ".join(f"{majority[t]:.3f}" if majority.get(t) is not None else "" for t in TASKS)
+                     + " | | |")
     for name in sorted({n for n, _ in single}):
         cells = [f"{single[(name, t)]:.3f}" if (name, t) in single else "not trained yet" for t in TASKS]
         lines.append(f"| single {name.removesuffix('-None')} | " + " | ".join(cells) + " | | |")
@@ -324,11 +333,13 @@ def table(path: Path) -> str:
             cells.append(f"{metrics[t]:.3f}{mark} ({100 * share:.0f}%)" if share is not None
                          else f"{metrics[t]:.3f}{mark} (n/a)")
         means = [f"{100 * statistics.mean(x):.0f}%" if x else "n/a" for x in (shares, learned)]
-        lines.append(f"| merge {name} | " + " | ".join(cells) + f" | {means[0]} |" + (f" {means[1]} |" if majority else " |"))
+        learned_cell = f" {means[1]} |" if majority else " |"
+        lines.append(f"| merge {name} | " + " | ".join(cells) + f" | {means[0]} |" + learned_cell)
     overlaps = [f"{r['name']} masks: {r['in_two_or_more_masks']:,} of {r['entries']:,} kept entries "
                 f"({100 * r['share']:.3f}%) lie in two or more masks" for r in rows if r["row"] == "overlap"]
     notes = overlaps + (["† the merged model gave every test item the same answer"] if one_answer else [])
-    notes += ["learned tasks: those whose single adapter beats zero-shot and the most frequent answer"] if majority else []
+    if majority:
+        notes.append("learned tasks: those whose single adapter beats zero-shot and the most frequent answer")
     return head + "\n".join(lines) + "\n" + "".join(f"\n{o}" for o in notes) + "\n"
 
 
@@ -341,7 +352,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="print the table from --out and exit")
     parser.add_argument("--norms", action="store_true",
-                        help="print the L2 norm of each independent-mask randmask adapter's values and exit")
+                        help="print the L2 norm of each independent-mask randmask adapter's values (and of each LoRA "
+                             "adapter's delta, when all four are trained) and exit")
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
@@ -359,15 +371,17 @@ def main() -> None:
             print(f"{task}: L2 norm of the values {norm:.1f}")
         lora = find_adapters(args.runs, "lora", None)
         if set(lora) == set(TASKS):
-            dirs = {t: Path(lora[t]["folder"]) / "adapter" for t in TASKS}
-            for task, norm in lora_delta_norms(load_lora(base_model(), dirs)).items():
+            for task, norm in lora_delta_norms(load_lora(base_model(), adapter_dirs(lora))).items():
                 print(f"{task}: LoRA delta, Frobenius norm {norm:.1f}")
         return
     torch.set_num_threads(args.threads)
     import randmask.peft  # noqa: F401  (randmask's PEFT registration, for completeness of the environment)
 
     with exclusive(args.out):
-        evaluate_all(args)
+        try:
+            evaluate_all(args)
+        except randmask.MaskingError as e:  # a damaged or foreign randmask adapter: the library's one line
+            raise SystemExit(str(e)) from None
     print(table(args.out))
 
 
