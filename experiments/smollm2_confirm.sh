@@ -13,8 +13,10 @@
 # What is left, its worker-hours on this kind of CPU, and the seeds each comparison needs:
 #   randmask study experiments/smollm2_confirm.json --export experiments/results/smollm2_confirm.jsonl --plan
 # Tables and verdicts from the committed file alone:
-#   randmask report --from experiments/results/smollm2_confirm.jsonl --figures experiments/results/smollm2_confirm
-#   randmask findings --from experiments/results/smollm2_confirm.jsonl
+#   randmask report --from experiments/results/smollm2_confirm.jsonl --spec experiments/smollm2_confirm.json \
+#       --figures experiments/results/smollm2_confirm
+#   randmask findings --from experiments/results/smollm2_confirm.jsonl --spec experiments/smollm2_confirm.json
+# (--spec: a cell whose LR search is still running shows as the best so far and is left out of the findings.)
 set -euo pipefail
 randmask study experiments/smollm2_confirm.json --out-dir "${OUT:-runs/confirm}" \
   --export "${EXPORT:-experiments/results/smollm2_confirm.jsonl}" --threads "${THREADS:-1}" --lease-seconds 3600 "$@"

@@ -4,8 +4,9 @@
 # experiments/smollm2_study.json. Resumable: run it again to go on; a second copy on the same out-dir shares
 # the work (leased runs). Every finished run is exported to experiments/results/smollm2_study.jsonl; commit it.
 # Tables, figures and verdicts from the committed file alone:
-#   randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
-#   randmask findings --from experiments/results/smollm2_study.jsonl \
+#   randmask report --from experiments/results/smollm2_study.jsonl --spec experiments/smollm2_study.json \
+#       --figures experiments/results/smollm2_study
+#   randmask findings --from experiments/results/smollm2_study.jsonl --spec experiments/smollm2_study.json \
 #       --theory experiments/results/theory/theory_summary.json
 # (experiments/results/theory/ was written by `randmask theory --out experiments/results/theory`, 14 s.)
 set -euo pipefail

@@ -4,7 +4,8 @@ Runs the project's own commands on experiments/results/ and writes their output 
 number in the pages or the README was printed by a command a reader can rerun:
 - the exploratory study (experiments/smollm2_study.json) into docs/results.md (`<!-- study:start/end -->`) and its
   main table into README.md (`<!-- headline:start/end -->`):
-    randmask report --from experiments/results/smollm2_study.jsonl --figures experiments/results/smollm2_study
+    randmask report --from experiments/results/smollm2_study.jsonl --spec experiments/smollm2_study.json \
+        --figures experiments/results/smollm2_study
     randmask figure4 experiments/results/analysis_smollm2_sst2 --out experiments/results/analysis_smollm2_sst2
     randmask findings --from ... --theory ... --analysis ...
     randmask study experiments/smollm2_study.json --export ... --plan   (what is left, into a scratch out-dir)
@@ -102,8 +103,21 @@ def progress(study: Study, lines: list[str]) -> str:
 
 def report(study: Study) -> list[str]:
     """`randmask report`'s lines (it also rewrites the figures), less its "wrote <file>" notes."""
-    return [line for line in run("report", "--from", study.records, "--figures", study.figures).splitlines()
-            if not line.startswith("wrote ")]
+    return [line for line in run(*report_args(study)).splitlines() if not line.startswith("wrote ")]
+
+
+def report_args(study: Study, figures: bool = True) -> list[str]:
+    """`randmask report`'s arguments for a study's file: its spec marks cells whose LR search is unfinished."""
+    return ["report", "--from", study.records, "--spec", study.spec, *(["--figures", study.figures] * figures)]
+
+
+def findings_args(study: Study) -> list[str]:
+    return ["findings", "--from", study.records, "--spec", study.spec]
+
+
+def shown(args: list[str]) -> str:
+    """A command as the pages quote it."""
+    return f"`randmask {' '.join(args)}`"
 
 
 def headline(study: Study, lines: list[str]) -> str:
@@ -111,7 +125,7 @@ def headline(study: Study, lines: list[str]) -> str:
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     notes = [line for line in lines if line.startswith(("Protocols:", "Cells:"))]
-    return "\n".join([f"`randmask report --from {study.records}` printed (the main table; the paired differences, "
+    return "\n".join([f"{shown(report_args(study, figures=False))} printed (the main table; the paired differences, "
                       f"figures and the paper's findings are in [the study results]({study.page})):", "",
                       *lines[start:end], "", *notes])
 
@@ -128,9 +142,9 @@ def figure_lines(study: Study, up: str) -> list[str]:
 def exploratory_section(study: Study, lines: list[str], up: str) -> str:
     """The exploratory study's page section; ``up`` leads from the page to the repository root (for figures)."""
     parts = [status(study), "", progress(study, plan(study)), "",
-             f"`randmask report --from {study.records} --figures {study.figures}` printed:", "", *lines, "",
+             f"{shown(report_args(study))} printed:", "", *lines, "",
              *figure_lines(study, up)]
-    findings = ["findings", "--from", study.records, "--theory", THEORY]
+    findings = [*findings_args(study), "--theory", THEORY]
     if (ROOT / ANALYSIS).is_dir():
         table = run("figure4", ANALYSIS, "--out", ANALYSIS)
         parts += [f"`randmask figure4 {ANALYSIS} --out {ANALYSIS}` printed the Fig. 4 analogue, measured by "
@@ -145,7 +159,7 @@ def exploratory_section(study: Study, lines: list[str], up: str) -> str:
                   f"![Fig. 4b analogue]({up}{ANALYSIS}/distance.png)",
                   ""]
         findings += ["--analysis", ANALYSIS]
-    parts += [f"`randmask {' '.join(findings)}` printed:", "", "```", run(*findings), "```"]
+    parts += [f"{shown(findings)} printed:", "", "```", run(*findings), "```"]
     return "\n".join(parts)
 
 
@@ -158,7 +172,7 @@ def confirm_plan(study: Study) -> list[str]:
 
 
 def confirm_findings(study: Study) -> str:
-    return run("findings", "--from", study.records)
+    return run(*findings_args(study))
 
 
 def confirm_section(study: Study, lines: list[str], up: str) -> str:
@@ -169,16 +183,16 @@ def confirm_section(study: Study, lines: list[str], up: str) -> str:
         status(study), "", progress(study, planned), "",
         "The seed counts come from this power calculation (`randmask study ... --plan`; the spec's 10 seeds is the "
         "issue's floor, SST-2's randmask − LoRA needs 9):", "", "```", *power, "```", "",
-        f"`randmask report --from {study.records} --figures {study.figures}` printed:", "", *lines, "",
+        f"{shown(report_args(study))} printed:", "", *lines, "",
         *figure_lines(study, up),
-        f"`randmask findings --from {study.records}` printed:", "", "```", confirm_findings(study), "```"])
+        f"{shown(findings_args(study))} printed:", "", "```", confirm_findings(study), "```"])
 
 
 def verdicts(study: Study) -> str:
     """The README's short version of the confirmatory study: the headline of each rule, and the compute spent."""
     rules = [line for line in confirm_findings(study).splitlines() if line.startswith(("(a)", "(e)"))]
     curve = [line for line in figure_lines(study, "") if "_sparsity.png" in line]
-    return "\n".join([f"`randmask findings --from {study.records}` printed (rules (a) and (e); the rest, the tables "
+    return "\n".join([f"{shown(findings_args(study))} printed (rules (a) and (e); the rest, the tables "
                       f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
                       status(study), "", *curve])
 

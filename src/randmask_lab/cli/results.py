@@ -6,7 +6,7 @@ import argparse
 
 from randmask_lab.analysis.calibrate_lr import calibration_pairs, calibration_report
 from randmask_lab.cli.common import filters, open_store, store_options
-from randmask_lab.cli.study import report_from
+from randmask_lab.cli.study import SPEC_HELP, report_from
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.report import best_runs, method_label, report
 from randmask_lab.methods import METHOD_NAMES
@@ -24,8 +24,9 @@ def _report_option_conflicts(args: argparse.Namespace) -> str | None:
             if given:
                 return f"{flag} applies to a results store, not to --from (a study file's tables show every cell)"
         return None
-    if args.figures:
-        return "--figures needs --from <study.jsonl>; for a store, export it first (randmask export)"
+    for flag, given in (("--figures", args.figures), ("--spec", args.spec)):
+        if given:
+            return f"{flag} needs --from <study.jsonl>; for a store, export it first (randmask export)"
     if args.all_seeds and not args.best_runs:
         return "--all-seeds only changes --best-runs; add --best-runs"
     return None
@@ -85,6 +86,7 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--from", dest="from_file", help="a JSONL study file (randmask export) instead of a store: "
                      "tables with 95%% intervals over seeds and paired differences")
     rep.add_argument("--figures", help="with --from: also write the study's PNGs into this folder")
+    rep.add_argument("--spec", help="with --from: " + SPEC_HELP)
     rep.set_defaults(func=_cmd_report)
 
 

@@ -8,37 +8,48 @@ from pathlib import Path
 
 from randmask_lab.argtypes import positive_int
 from randmask_lab.cli.common import filters, open_store
+from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.findings import MARGIN, findings
 from randmask_lab.study.forecast import forecast
-from randmask_lab.study.plan import StudySpec, needed_runs
+from randmask_lab.study.plan import StudySpec, needed_runs, unfinished_searches
 from randmask_lab.study.power import power_table
 from randmask_lab.study.records import export_jsonl, read_jsonl
 from randmask_lab.study.run import check_one_precision, planned_run_id, run_study, validate_spec, with_committed
 from randmask_lab.study.tables import study_tables
 
 
-def _by_model(path: str) -> dict[str, list[StudyCell]]:
+def _cells(args: argparse.Namespace) -> dict[str, list[StudyCell]]:
+    """model -> the cells of the ``--from`` file, those whose LR search ``--spec``'s plan has not finished marked."""
+    records = read_jsonl(args.from_file)
+    unfinished: set = set()
+    if getattr(args, "spec", None):
+        spec = StudySpec.from_file(args.spec)
+        if not any(spec.holds(r) for r in records):
+            raise RunError(f"--spec {args.spec} is a study of {spec.model} at precision {spec.precision}, and no "
+                           f"record of {args.from_file} is; give the spec that made this file")
+        unfinished = unfinished_searches(spec, records)
     grouped: dict[str, list[StudyCell]] = defaultdict(list)
-    for key, cell in study_cells(read_jsonl(path)).items():
+    for key, cell in study_cells(records, unfinished).items():
         grouped[key[0]].append(cell)
     return dict(grouped)
 
 
 def report_from(args: argparse.Namespace) -> int:
     """Print the study tables of a JSONL file; with --figures, write its PNGs too."""
-    records = read_jsonl(args.from_file)
-    print(study_tables(study_cells(records)))
+    by_model = _cells(args)
+    print(study_tables({cell.key: cell for cells in by_model.values() for cell in cells}))
     if getattr(args, "figures", None):
         # matplotlib: only when figures are asked for
         from randmask_lab.study.figures import plot_lr_curves, plot_sparsity_curve, plot_structured_vs_random
 
-        for model, cells in _by_model(args.from_file).items():
+        for model, cells in by_model.items():
             slug = model.replace("/", "_")
+            chosen = [c for c in cells if not c.search_unfinished]  # the search curves show every LR tried
             written = [plot_lr_curves(cells, Path(args.figures) / f"{slug}_lr_curves.png", model),
-                       plot_structured_vs_random(cells, Path(args.figures) / f"{slug}_structured.png", model),
-                       plot_sparsity_curve(cells, Path(args.figures) / f"{slug}_sparsity.png", model)]
+                       plot_structured_vs_random(chosen, Path(args.figures) / f"{slug}_structured.png", model),
+                       plot_sparsity_curve(chosen, Path(args.figures) / f"{slug}_sparsity.png", model)]
             for path in filter(None, written):
                 print(f"wrote {path}")
     return 0
@@ -52,7 +63,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
-    for model, cells in sorted(_by_model(args.from_file).items()):
+    for model, cells in sorted(_cells(args).items()):
         print(f"## {model}")
         for verdict in findings(cells, args.analysis or (), args.theory):
             print(verdict.text())
@@ -96,6 +107,10 @@ def _print_power(spec, records: list, power_from: str | None) -> None:
         print(f"  {row.text(MARGIN)}")
 
 
+SPEC_HELP = ("the study spec that made the --from file: cells whose LR search its plan has not finished are shown as "
+             "the best so far and left out of the findings (records alone cannot tell them from chosen LRs)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``study``, ``export`` and ``findings`` verbs."""
     std = sub.add_parser("study", help="run a study spec (LR search on one seed, grid-edge extension, then the "
@@ -131,4 +146,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     fnd.add_argument("--from", dest="from_file", required=True, help="a JSONL study file (randmask export)")
     fnd.add_argument("--analysis", nargs="*", help="folders holding hessian.json / distance.json outputs (finding c)")
     fnd.add_argument("--theory", help="theory_summary.json written by `randmask theory` (finding d)")
+    fnd.add_argument("--spec", help=SPEC_HELP)
     fnd.set_defaults(func=_cmd_findings)

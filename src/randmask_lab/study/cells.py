@@ -3,6 +3,10 @@
 The LR is chosen as the paper does, by mean validation loss, over the seeds that every LR of the
 cell has (the LR search seed, seed 0, when seeds 1 and 2 ran only at the chosen LR). Seeds added
 at the chosen LR therefore never change the choice. A diverged run is infinitely bad on validation.
+
+Records alone cannot tell a chosen LR from the best one so far of a search still running: the study's spec
+can (``study.plan.unfinished_searches``), and a cell it names is marked ``search_unfinished``, so tables show
+it as the best so far and findings leave it out.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.results.report import method_label
@@ -33,6 +38,7 @@ class StudyCell:
     # over all seeds: seeds 1 and 2 ran at the chosen LR only, and mixing them in compares unlike populations.
     search_val_loss: dict[float, float] = field(default_factory=dict)
     search_test: dict[float, float] = field(default_factory=dict)  # LRs whose search runs all have a test metric
+    search_unfinished: bool = False  # the spec's plan still has LRs to try: ``lr`` is the best so far, not chosen
 
     @property
     def method(self) -> str:
@@ -86,11 +92,19 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
     return cell
 
 
-def study_cells(records: Sequence[RunRecord]) -> dict[CellKey, StudyCell]:
-    """Every cell of the finished runs (done or diverged) in ``records``."""
+def cell_key(config: dict[str, Any]) -> CellKey:
+    """The cell a run belongs to: its model, protocol, task and method/budget."""
+    return config["model"], protocol_label(config), config["task"], method_label(config)
+
+
+def study_cells(records: Sequence[RunRecord], unfinished: Collection[CellKey] = ()) -> dict[CellKey, StudyCell]:
+    """Every cell of the finished runs (done or diverged) in ``records``; the cells in ``unfinished`` (those whose
+    LR search the study's plan has not finished) are marked ``search_unfinished``."""
     grouped: dict[CellKey, list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.status in ("done", "diverged"):
-            c = r.config
-            grouped[(c["model"], protocol_label(c), c["task"], method_label(c))].append(r)
-    return {key: build_cell(key, runs) for key, runs in grouped.items()}
+            grouped[cell_key(r.config)].append(r)
+    cells = {key: build_cell(key, runs) for key, runs in grouped.items()}
+    for key in set(unfinished) & set(cells):
+        cells[key].search_unfinished = True
+    return cells

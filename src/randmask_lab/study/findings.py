@@ -14,6 +14,7 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
 (e) structured is worse than random at <= 1e-4: the one-sided 95% lower bound of (random - structured),
     pooled per seed over tasks and ratios, lies above 0 (HOLDS); its one-sided 95% upper bound lies below
     0 (DOES NOT HOLD); INCONCLUSIVE otherwise. The two-sided 95% interval is printed beside it.
+A cell whose LR search is unfinished (known from the study's spec) is left out of every rule, and named.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
     left = _label("randmask", 1e-3)
     for right in ("lora", "full"):
         if left not in rows or right not in rows:
-            evidence.append(f"{left} or {right} has no runs")
+            evidence.append(f"{left} or {right} has no cell with a chosen LR")
             verdicts.append(UNSURE)
             continue
         tasks = sorted(set(rows[left]) & set(rows[right]))
@@ -222,8 +223,26 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
     return Verdict("e", claim + " (random − structured > 0, one-sided 95%)", verdict, evidence)
 
 
+# The cells each finding reads, by method label: a cell among them whose LR search is unfinished is left out, and
+# the verdict says so.
+READS = {"a": (_label("randmask", 1e-3), "lora", "full"), "b": tuple(_label("randmask", r) for r in RATIOS),
+         "e": tuple(_label(m, r) for m in ("randmask", "structured") for r in (1e-4, 1e-5))}
+
+
+def _left_out(verdict: Verdict, unfinished: Sequence[StudyCell]) -> Verdict:
+    names = [f"{c.key[2]} {c.key[3]} ({len(c.lrs)} LR{'s' * (len(c.lrs) > 1)} tried)" for c in unfinished
+             if c.key[3] in READS.get(verdict.finding, ())]
+    if names:
+        verdict.evidence.append("left out, their LR search unfinished (the study's plan has LRs to try): "
+                                + ", ".join(names))
+    return verdict
+
+
 def findings(cells: Sequence[StudyCell], analysis_dirs: Sequence[str | Path] = (),
              theory_file: str | Path | None = None) -> list[Verdict]:
-    """All five verdicts."""
+    """All five verdicts. Cells marked ``search_unfinished`` are left out (their LR is not chosen yet)."""
     theory = read_theory_summary(theory_file) if theory_file else None
-    return [finding_a(cells), finding_b(cells), finding_c(analysis_dirs), finding_d(theory), finding_e(cells)]
+    chosen = [c for c in cells if not c.search_unfinished]
+    unfinished = [c for c in cells if c.search_unfinished]
+    verdicts = [finding_a(chosen), finding_b(chosen), finding_c(analysis_dirs), finding_d(theory), finding_e(chosen)]
+    return [_left_out(v, unfinished) for v in verdicts]

@@ -19,7 +19,7 @@ from typing import Any
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.results.record import FINISHED, RunRecord
-from randmask_lab.study.cells import search_loss
+from randmask_lab.study.cells import CellKey, cell_key, search_loss
 from randmask_lab.study.spec_checks import check_spec_file
 
 LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
@@ -159,6 +159,16 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
     return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.cell_seeds(cell) if (best, s) not in done]
 
 
+def _task_cells(spec: StudySpec) -> list[tuple[str, CellSpec]]:
+    """Every (task, cell) of the study in plan order: stage by stage, task by task, cells in spec order."""
+    return [(task, cell) for stage in sorted({cell.stage for cell in spec.cells}) for task in spec.protocol
+            for cell in spec.cells if cell.stage == stage and (cell.tasks is None or task in cell.tasks)]
+
+
+def _finished(spec: StudySpec, records: list[RunRecord]) -> list[RunRecord]:
+    return [r for r in records if r.status in FINISHED and spec.holds(r)]
+
+
 def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
     """Every run the study needs next, stage by stage (cells' ``stage``, 0 first), then task by task (protocol
     order), cells in spec order within a task, given the finished records. Task-major within a stage, so a
@@ -167,11 +177,18 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
-    finished = [r for r in records if r.status in FINISHED and spec.holds(r)]
-    out: list[PlannedRun] = []
-    for stage in sorted({cell.stage for cell in spec.cells}):
-        for task in spec.protocol:
-            for cell in spec.cells:
-                if cell.stage == stage and (cell.tasks is None or task in cell.tasks):
-                    out += _cell_runs(spec, task, cell, finished, run_id)
+    finished = _finished(spec, records)
+    return [run for task, cell in _task_cells(spec) for run in _cell_runs(spec, task, cell, finished, run_id)]
+
+
+def unfinished_searches(spec: StudySpec, records: list[RunRecord]) -> set[CellKey]:
+    """The cells (``study.cells`` keys) of ``records`` whose LR search the plan has not finished: it still plans a
+    run of the search seed for them, so their best LR so far is not yet the chosen one."""
+    finished, out = _finished(spec, records), set()
+    for task, cell in _task_cells(spec):
+        if cell.method == "zeroshot":
+            continue
+        if any(run.seed == spec.search_seed for run in _cell_runs(spec, task, cell, finished, None)):
+            fixed = {**spec.common, **spec.protocol[task]}
+            out |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
     return out

@@ -43,6 +43,9 @@ def _cell_text(cell: StudyCell | None) -> str:
     if not cell.tests:
         return "diverged"
     text = mean_interval(list(cell.tests.values())).text()
+    if cell.search_unfinished:
+        tried = len(cell.lrs)
+        return f"{text}, LR search unfinished (best so far @{cell.lr:.0e} of {tried} LR{'s' * (tried > 1)} tried)"
     if cell.lr is not None:
         text += f" @{cell.lr:.0e}" + ("†" if cell.at_grid_edge else "")
     return text
@@ -60,7 +63,7 @@ def results_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str:
     for label in sorted(rows, key=method_order):
         per_task = rows[label]
         texts = [_cell_text(per_task.get(t)) for t in tasks]
-        complete = all(t in per_task and per_task[t].tests for t in tasks)
+        complete = all(t in per_task and per_task[t].tests and not per_task[t].search_unfinished for t in tasks)
         seeds = average_by_seed({t: per_task[t].tests for t in tasks}) if complete else {}
         texts.append(mean_interval(list(seeds.values())).text() if seeds else "-")
         lines.append("| " + " | ".join([label, *texts]) + " |")
@@ -83,8 +86,11 @@ def difference_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str |
         for t in tasks:
             a, b = rows[left].get(t), rows[right].get(t)
             shared = a is not None and b is not None and set(a.tests) & set(b.tests)
-            texts.append(paired_difference(a.tests, b.tests).text() if shared else "-")
-        both = [t for t in tasks if t in rows[left] and t in rows[right]]
+            unfinished = shared and (a.search_unfinished or b.search_unfinished)
+            texts.append("LR search unfinished" if unfinished else
+                         paired_difference(a.tests, b.tests).text() if shared else "-")
+        both = [t for t in tasks if t in rows[left] and t in rows[right]
+                and not (rows[left][t].search_unfinished or rows[right][t].search_unfinished)]
         avg_a = average_by_seed({t: rows[left][t].tests for t in both})
         avg_b = average_by_seed({t: rows[right][t].tests for t in both})
         texts.append(paired_difference(avg_a, avg_b).text() if set(avg_a) & set(avg_b) else "-")
@@ -124,7 +130,9 @@ def paper_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str | None
 
 
 NOTE = ("Cells: test metric ×100 as mean ± std over seeds [95% t interval over seeds] @ the chosen LR (by mean "
-        "validation loss over the LR-search seeds; † = at the edge of the LR grid). Differences are paired by "
+        "validation loss over the LR-search seeds; † = at the edge of the LR grid; \"LR search unfinished\": the "
+        "study's plan still has LRs to try for the cell, so its LR is the best so far and its value is not a result, "
+        "known only when the study's spec is given, --spec). Differences are paired by "
         "seed (same data sample, mask and order seeds), with a t interval of the per-seed differences; the "
         "average is taken per seed over the tasks that both sides have.")
 

@@ -9,7 +9,7 @@ import pytest
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.record import RunRecord
-from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs, neighbour
+from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs, neighbour, unfinished_searches
 
 PROTOCOL = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}
 
@@ -22,7 +22,7 @@ def spec(**kw) -> StudySpec:
 def done(lr: float, seed: int, val: float, method: str = "randmask", ratio: float | None = 1e-4,
          status: str = "done", **config) -> RunRecord:
     cfg = {"model": "tiny", "task": "sst2", "method": method, "ratio": ratio, "lr": lr, "seed": seed,
-           "precision": "bf16-true", **PROTOCOL["sst2"], **config}
+           "precision": "bf16-true", "batch_size": 8, "mode": "lm", **PROTOCOL["sst2"], **config}
     return RunRecord(f"{lr}-{seed}-{method}", cfg, status, "accuracy", val_loss=val, test_metric=0.5)
 
 
@@ -45,6 +45,18 @@ def test_an_optimum_at_the_edge_extends_the_grid_up_to_max_extend() -> None:
     assert [(n.lr, n.seed) for n in needed_runs(s, runs)] == [(3e-1, 0)]
     runs.append(done(3e-1, 0, 0.4))  # still at the edge, but the one extension is spent
     assert [(n.lr, n.seed) for n in needed_runs(s, runs)] == [(3e-1, 1), (3e-1, 2)]
+
+
+def test_a_search_is_unfinished_until_the_plan_chooses_its_lr() -> None:
+    s = spec(max_extend=1)
+    runs = [done(1e-2, 0, 0.9)]
+    assert [key[2:] for key in unfinished_searches(s, runs)] == [("sst2", "randmask 1e-04")]
+    assert unfinished_searches(s, runs + [done(3e-2, 0, 0.5), done(1e-1, 0, 0.7)]) == set()  # seeds 1, 2 to go
+    at_edge = runs + [done(3e-2, 0, 0.7), done(1e-1, 0, 0.5)]  # the ladder goes on upwards: not chosen yet
+    assert len(unfinished_searches(s, at_edge)) == 1
+    assert unfinished_searches(s, at_edge + [done(3e-1, 0, 0.6)]) == set()
+    assert unfinished_searches(spec(cells=[CellSpec("zeroshot")]), [done(1e-3, 0, 0.9, method="zeroshot",
+                                                                         ratio=None)]) == set()
 
 
 def test_other_protocols_precisions_and_failures_do_not_count() -> None:

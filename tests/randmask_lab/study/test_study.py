@@ -13,9 +13,10 @@ from randmask_lab.cli import main
 from randmask_lab.errors import StoreError
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.study.cells import study_cells
-from randmask_lab.study.findings import FAILS, HOLDS, UNSURE, finding_a, finding_b, finding_e
+from randmask_lab.study.findings import FAILS, HOLDS, UNSURE, finding_a, finding_b, finding_e, findings
 from randmask_lab.study.records import export_jsonl, read_jsonl
 from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference
+from randmask_lab.study.tables import study_tables
 
 PROTOCOL = {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2, "batch_size": 8, "mode": "lm"}
 
@@ -160,6 +161,49 @@ def test_report_from_and_findings_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "(b) the best LR rises monotonically as the ratio falls: HOLDS" in out
     assert "(c)" in out and "INCONCLUSIVE" in out
     assert main(["findings", "--from", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_an_unfinished_search_reads_as_the_best_so_far_and_is_left_out_of_findings() -> None:
+    records = study()
+    assert findings(list(study_cells(records).values()))[1].verdict == HOLDS
+    unfinished = {key for key in study_cells(records) if key[3] == "randmask 1e-05"}
+    cells = study_cells(records, unfinished)
+    text = study_tables(cells)
+    assert "LR search unfinished (best so far @1e-01 of 3 LRs tried)" in text and "@1e-01 |" not in text
+    assert "| randmask 1e-05 − lora | LR search unfinished | LR search unfinished | - |" in text
+    b = findings(list(cells.values()))[1]  # without the 1e-5 cell the LR ladder cannot be read
+    assert b.verdict == UNSURE and "not every ratio has a chosen LR" in b.evidence[0]
+    assert b.evidence[-1].startswith("left out, their LR search unfinished") and "randmask 1e-05 (3 LRs" in b.evidence[-1]
+
+
+def _spec(path: Path, lrs_1e5: list[float], model: str = "tiny") -> Path:
+    protocol = {k: PROTOCOL[k] for k in ("n_train", "n_val", "n_test", "epochs")}
+    path.write_text(json.dumps({"name": "t", "model": model, "precision": "32", "seeds": [0, 1, 2],
+                                "common": {"batch_size": 8, "mode": "lm"},
+                                "protocol": {"sst2": protocol, "rte": protocol},
+                                "cells": [{"method": "lora", "lrs": [1e-4, 1e-3, 3e-3]},
+                                          {"method": "randmask", "ratio": 1e-5, "lrs": lrs_1e5}]}))
+    return path
+
+
+def test_report_and_findings_read_the_search_state_from_the_spec(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "study.jsonl"
+    export_jsonl(study(), path)
+    finished = _spec(tmp_path / "done.json", [3e-2, 1e-1, 3e-1])
+    assert main(["report", "--from", str(path), "--spec", str(finished)]) == 0
+    assert "unfinished" not in capsys.readouterr().out.split("Cells:")[0]
+    running = _spec(tmp_path / "running.json", [3e-2, 1e-1, 3e-1, 1.0])  # 1.0 not run yet
+    assert main(["report", "--from", str(path), "--spec", str(running)]) == 0
+    out = capsys.readouterr().out
+    assert out.split("####")[0].count("LR search unfinished (best so far @1e-01 of 3 LRs tried)") == 2  # sst2, rte
+    assert main(["findings", "--from", str(path), "--spec", str(running)]) == 0
+    assert "left out, their LR search unfinished" in capsys.readouterr().out
+    other = _spec(tmp_path / "other.json", [1e-1], model="another-model")
+    assert main(["findings", "--from", str(path), "--spec", str(other)]) == 2
+    assert "no record of" in capsys.readouterr().err
+    assert main(["report", "--spec", str(finished)]) == 2
+    assert "--spec needs --from" in capsys.readouterr().err
 
 
 def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
