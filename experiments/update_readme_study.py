@@ -79,9 +79,12 @@ def status(study: Study) -> str:
     machines = Counter(f"{r.machine['cpu_model']} ({r.machine['cpu_kind']})" if r.machine else "not recorded"
                        for r in records)
     where = ", ".join(f"{name} {n}" for name, n in machines.most_common())
+    moved = sum(1 for r in records if r.earlier_code_versions)
+    code = (f" {moved} of them were resumed under another commit than they started at; each names every commit "
+            "it ran (`earlier_code_versions`).") if moved else ""
     return (f"`{study.records}` holds {len(records)} records (runs per task: {tasks}; machines: {where}); their wall "
             f"times sum to {hours:.1f} worker-hours (one thread each, two workers sharing the two cores)."
-            f"{carried}{cpu}")
+            f"{carried}{cpu}{code}")
 
 
 def plan(study: Study, *extra: str) -> list[str]:

@@ -44,6 +44,8 @@ _RECORD = {
     "notes": (lambda x: isinstance(x, list) and all(isinstance(n, str) for n in x), "a list of strings"),
     "epochs": (lambda x: isinstance(x, list) and all(_epoch_ok(e) for e in x), "a list of epoch records"),
     "code_version": (lambda x: isinstance(x, dict), "an object"),
+    "earlier_code_versions": (lambda x: isinstance(x, list) and all(isinstance(v, dict) for v in x),
+                              "a list of objects"),
     "data": (lambda x: isinstance(x, dict), "an object"),
     "trainable_report": (lambda x: isinstance(x, dict), "an object"),
     "created": (lambda x: isinstance(x, str), "a string"),

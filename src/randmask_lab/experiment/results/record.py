@@ -47,7 +47,10 @@ class RunRecord:
     # time its earlier attempts spent up to that checkpoint (their work after it is lost); None before this field.
     carried_seconds: float | None = None
     carried_cpu_seconds: float | None = None
-    code_version: dict[str, Any] = field(default_factory=dict)
+    code_version: dict[str, Any] = field(default_factory=dict)  # the code of the attempt that finished the run
+    # A run resumed from a checkpoint under other code (a checkout moved on between sessions): the versions its
+    # earlier attempts ran, oldest first. Empty when every attempt ran ``code_version`` (or made before this field).
+    earlier_code_versions: list[dict[str, Any]] = field(default_factory=list)
     created: str = ""
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # data-sampling notes, method notes

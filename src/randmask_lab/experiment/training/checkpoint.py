@@ -58,6 +58,9 @@ class TrainState:
     # fresh start: a checkpoint saves the running total and restores these, so they stay the carried-in time.
     train_seconds: float = 0.0
     cpu_seconds: float = 0.0
+    # ``code_version`` of each attempt so far, oldest first, one entry per change: a run resumed under other code
+    # (a checkout moved between sessions) names every version it ran, not only the one it finished under.
+    code_versions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -247,4 +250,13 @@ def _state_problem(state: Any) -> str | None:
     history = state.get("history", [])
     if not (isinstance(history, list) and all(_epoch_record(h) for h in history)):
         return "state.history is not a list of epoch records"
+    versions = state.get("code_versions", [])
+    if not (isinstance(versions, list) and all(code_version_ok(v) for v in versions)):
+        return "state.code_versions is not a list of code versions"
     return None
+
+
+def code_version_ok(version: Any) -> bool:
+    """A ``code_version`` object: strings, booleans and nulls (package, commit, dirty, kernel)."""
+    return isinstance(version, dict) and all(isinstance(k, str) and (v is None or isinstance(v, (str, bool)))
+                                             for k, v in version.items())

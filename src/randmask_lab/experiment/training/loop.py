@@ -62,7 +62,8 @@ class Trainer:
     objective."""
 
     def __init__(self, parts: RunParts, ctx: DistContext, run_dir: Path, lease: Lease | None = None,
-                 stop_after: int | None = None) -> None:
+                 stop_after: int | None = None, code: dict[str, Any] | None = None) -> None:
+        """``code``: this attempt's ``code_version``, added to the state's (and so the checkpoints') list."""
         config, prepared, data = parts.config, parts.prepared, parts.data
         self.config, self.prepared, self.data, self.objective = config, prepared, data, parts.objective
         self.plan, self.ctx, self.lease, self.stop_after = parts.plan, ctx, lease, stop_after
@@ -86,6 +87,8 @@ class Trainer:
         if loaded is not None:
             self.state, self.best = loaded
             self.resumed_from = self.state.global_step
+        if code and self.state.code_versions[-1:] != [code]:  # checkpoints carry it to the next attempt
+            self.state.code_versions.append(code)
         self.ddp = wrap_ddp(self.model, ctx) if not config.fsdp else self.ddp
         self.log = StepLog(run_dir / "steps.csv" if ctx.is_main else None, self.state.global_step)
         self.steps_here = 0

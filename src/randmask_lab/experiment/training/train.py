@@ -155,7 +155,7 @@ def _train(parts: RunParts, ctx: DistContext, run_dir: Path, lease: Lease | None
            result: RunResult) -> None:
     """Train (resuming from a checkpoint), then test the best epoch and save its adapter."""
     config, data = parts.config, parts.data
-    trainer = Trainer(parts, ctx, run_dir, lease, stop_after)
+    trainer = Trainer(parts, ctx, run_dir, lease, stop_after, code=result.code)
     outcome = trainer.train()
     result.status, result.state = outcome.status, trainer.state
     if outcome.status == "done" and outcome.best is not None:
@@ -185,7 +185,8 @@ def _finish(parts: RunParts, ctx: DistContext, store: ResultStore | None, lease:
         cpu_seconds=round(time.process_time() - result.cpu_started, 2),
         # What earlier attempts carried in through the checkpoint (TrainState keeps it; 0 on a fresh start).
         carried_seconds=round(state.train_seconds, 2), carried_cpu_seconds=round(state.cpu_seconds, 2),
-        code_version=result.code, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version=result.code, earlier_code_versions=[v for v in state.code_versions if v != result.code],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         notes=[*parts.data.splits.notes, *report.notes, *result.notes], run_dir=str(run_dir),
         data=parts.data_record(), attention=parts.attention, machine=machine_info(ctx.device),
     )

@@ -112,7 +112,8 @@ def test_non_regular_and_oversized_tensor_files_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value"), [("global_step", -1), ("epoch", -3), ("step_in_epoch", 1.5),
-                                            ("loss_sum", float("inf")), ("best_epoch", "1"), ("history", {})])
+                                            ("loss_sum", float("inf")), ("best_epoch", "1"), ("history", {}),
+                                            ("code_versions", [{"commit": [1]}]), ("code_versions", "abc")])
 def test_impossible_counters_are_refused(tmp_path, key, value):
     """A negative global_step used to end in a ZeroDivisionError in the LR warm-up."""
     _saved(tmp_path)

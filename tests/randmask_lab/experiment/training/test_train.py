@@ -79,6 +79,25 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_bert, run_kwargs, t
     assert [int(r.split(",")[0]) for r in steps[1:]] == list(range(1, 10))  # no duplicated rows
 
 
+def test_a_run_resumed_under_other_code_names_every_version_it_ran(tiny_lm, run_kwargs, tmp_path, monkeypatch):
+    from randmask_lab.experiment.training import train
+
+    version = lambda commit: {"package": "t", "commit": commit * 40, "dirty": False, "sddmm_kernel": "k"}  # noqa: E731
+    config = RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "bitfit", "lr": 1e-3, "epochs": 2,
+                          "checkpoint_every": 1, "out_dir": str(tmp_path / "a")})
+    monkeypatch.setattr(train, "code_version", lambda device: version("a"))
+    with pytest.raises(RunInterrupted):
+        run_training(config, stop_after=2)
+    with pytest.raises(RunInterrupted):  # a second attempt under the same code adds nothing
+        run_training(config, stop_after=3)
+    monkeypatch.setattr(train, "code_version", lambda device: version("b"))
+    record = run_training(config)
+    assert record.resumed_at == 5 and record.code_version["commit"] == "b" * 40  # 2 steps, then 3 more
+    assert record.earlier_code_versions == [version("a")]
+    same = run_training(RunConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "b")}))
+    assert same.earlier_code_versions == []
+
+
 def test_finished_run_is_not_run_again(tiny_lm, run_kwargs):
     config = RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "bitfit", "lr": 1e-3, "epochs": 1})
     first = run_training(config)
