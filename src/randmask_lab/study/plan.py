@@ -171,14 +171,20 @@ def _finished(spec: StudySpec, records: list[RunRecord]) -> list[RunRecord]:
 
 def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
     """Every run the study needs next, stage by stage (cells' ``stage``, 0 first), then task by task (protocol
-    order), cells in spec order within a task, given the finished records. Task-major within a stage, so a
-    study stopped part-way has whole tasks to report; stages put what matters most first.
+    order), given the finished records. Within a task, every cell's LR-search runs (and zero-shot evaluations)
+    come before any cell's further seeds, each part in spec order: a study stopped part-way has its LRs chosen
+    (and its compute priced) before it has many seeds of a few cells. Task-major within a stage, so it has
+    whole tasks to report; stages put what matters most first.
 
     ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
     finished = _finished(spec, records)
-    return [run for task, cell in _task_cells(spec) for run in _cell_runs(spec, task, cell, finished, run_id)]
+    groups: dict[tuple[int, str], list[PlannedRun]] = {}  # (stage, task) -> its runs in spec order
+    for task, cell in _task_cells(spec):
+        groups.setdefault((cell.stage, task), []).extend(_cell_runs(spec, task, cell, finished, run_id))
+    further_seed = lambda run: run.method != "zeroshot" and run.seed != spec.search_seed  # noqa: E731
+    return [run for runs in groups.values() for run in sorted(runs, key=further_seed)]  # stable: spec order kept
 
 
 def unfinished_searches(spec: StudySpec, records: list[RunRecord]) -> set[CellKey]:

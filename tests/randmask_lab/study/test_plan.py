@@ -84,6 +84,15 @@ def test_runs_are_planned_task_by_task() -> None:
         ("sst2", "zeroshot"), ("sst2", "lora"), ("rte", "zeroshot"), ("rte", "lora"), ("rte", "full")]
 
 
+def test_every_cells_lr_search_comes_before_any_cells_further_seeds() -> None:
+    s = spec(cells=[CellSpec("lora", (1e-3, 3e-3)), CellSpec("randmask", (1e-2, 3e-2), 1e-4),
+                    CellSpec("full", (1e-5,), stage=1)], max_extend=0)
+    lora = [done(1e-3, 0, 0.5, method="lora", ratio=None), done(3e-3, 0, 0.9, method="lora", ratio=None)]
+    planned = [(n.method, n.lr, n.seed) for n in needed_runs(s, lora)]
+    assert planned == [("randmask", 1e-2, 0), ("randmask", 3e-2, 0), ("lora", 1e-3, 1), ("lora", 1e-3, 2),
+                       ("full", 1e-5, 0)]  # a later stage still waits for the earlier one's seeds
+
+
 def test_spec_file_errors_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"name": "x", "model": "m", "precision": "32", "protocol": {},
