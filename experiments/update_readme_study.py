@@ -68,8 +68,9 @@ def status(study: Study) -> str:
     hours = sum(r.compute_seconds for r in records) / 3600
     tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
     resumed = [r for r in records if r.resumed_at is not None]
-    carried = (f" That counts, for the {len(resumed)} runs resumed from a checkpoint, the time their earlier attempts "
-               "spent up to it; work lost after a checkpoint is not counted.") if resumed else ""
+    runs = f"{len(resumed)} run{'s' * (len(resumed) != 1)}"
+    carried = (f" That counts, for the {runs} resumed from a checkpoint, the time their earlier attempts spent up to "
+               "it; work lost after a checkpoint is not counted.") if resumed else ""
     timed = [r for r in records if r.cpu_seconds is not None]
     unknown = sum(1 for r in timed if r.resumed_at is not None and r.carried_cpu_seconds is None)
     cpu = (f" The {len(timed)} records made since runs record their CPU time took "
@@ -191,13 +192,24 @@ def confirm_section(study: Study, lines: list[str], up: str) -> str:
         f"{shown(findings_args(study))} printed:", "", "```", confirm_findings(study), "```"])
 
 
-def verdicts(study: Study) -> str:
-    """The README's short version of the confirmatory study: the headline of each rule, and the compute spent."""
+def verdicts(study: Study, lines: list[str]) -> str:
+    """The README's short version of the confirmatory study: the headline of each rule, the rows the paper also
+    reports (Table 1 and Table 5 analogues) from the report's ``lines``, the compute spent, the sparsity curve."""
     rules = [line for line in confirm_findings(study).splitlines() if line.startswith(("(a)", "(e)"))]
     curve = [line for line in figure_lines(study, "") if "_sparsity.png" in line]
     return "\n".join([f"{shown(findings_args(study))} printed (rules (a) and (e); the rest, the tables "
                       f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
-                      status(study), "", *curve])
+                      *beside_the_paper(study, lines), status(study), "", *curve])
+
+
+def beside_the_paper(study: Study, lines: list[str]) -> list[str]:
+    """The report's table of the rows the paper also reports, ours beside its OPT-125m numbers (none: nothing)."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("#### Beside the paper's")), None)
+    if start is None:
+        return []
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("Paper:"))
+    return [f"{shown(report_args(study, figures=False))} printed, among its tables (a cell reads \"LR search "
+            "unfinished\" until the study's plan has chosen its LR):", "", *lines[start + 2:end + 1], ""]
 
 
 def replace_between(path: Path, markers: tuple[str, str], body: str) -> None:
@@ -225,7 +237,7 @@ def update(name: str) -> None:
         replace_between(ROOT / "README.md", study.readme_markers, headline(study, lines))
     else:
         replace_between(ROOT / study.page, study.page_markers, confirm_section(study, lines, up="../"))
-        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study))
+        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study, lines))
 
 
 def main(argv: list[str]) -> int:
