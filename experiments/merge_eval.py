@@ -122,10 +122,11 @@ class Scorer:
 
     def score(self, model, task: str) -> dict[str, float]:
         """``{"metric": the lab's test metric, "top_share": share of items given the most frequent answer}``."""
+        from randmask_lab.experiment.compute.distributed import DistContext
+        from randmask_lab.experiment.training.loop import predict
+
         items, objective = self.tasks[task]
-        model.eval()
-        with self.plan.forward_context():
-            preds = objective.evaluate(model, items, True)[1]
+        preds = predict(model, objective, self.plan, DistContext(), items, True)[1]  # one process, on the CPU
         return {"metric": objective.metric(preds, items), "top_share": top_share(preds)}
 
     def majority(self, task: str) -> float | None:

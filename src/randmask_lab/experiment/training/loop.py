@@ -230,15 +230,21 @@ class Trainer:
         return evaluate(self.model, self.objective, self.plan, ctx, items, with_metric)
 
 
-def evaluate(model: torch.nn.Module, objective: Any, plan: PrecisionPlan, ctx: DistContext, items: list[Any],
-             with_metric: bool) -> tuple[float, float | None]:
-    """(mean loss, metric or None) of ``model`` over ``items`` with the run's objective, split across ranks."""
+def predict(model: torch.nn.Module, objective: Any, plan: PrecisionPlan, ctx: DistContext, items: list[Any],
+            with_metric: bool) -> tuple[list[float], list[Any] | None]:
+    """Per-item losses and predictions (None unless ``with_metric``) of ``model`` over ``items`` with the run's
+    objective, split across ranks and gathered back in item order."""
     model.eval()
     mine = shard(len(items), ctx)
     with plan.forward_context():
         losses, preds = objective.evaluate(model, [items[i] for i in mine], with_metric)
     losses = gather_shards(losses, len(items), ctx)
+    return losses, None if preds is None else gather_shards(preds, len(items), ctx)
+
+
+def evaluate(model: torch.nn.Module, objective: Any, plan: PrecisionPlan, ctx: DistContext, items: list[Any],
+             with_metric: bool) -> tuple[float, float | None]:
+    """(mean loss, metric or None) of ``model`` over ``items`` with the run's objective, split across ranks."""
+    losses, preds = predict(model, objective, plan, ctx, items, with_metric)
     loss = sum(losses) / len(losses) if losses else float("nan")
-    if preds is None:
-        return loss, None
-    return loss, objective.metric(gather_shards(preds, len(items), ctx), items)
+    return loss, None if preds is None else objective.metric(preds, items)
