@@ -2,9 +2,11 @@
 
 ``needed_runs`` plans only what can run now: a cell still in its LR search lists its search-seed runs,
 and its other seeds follow once the search ends. The forecast adds those (a lower bound: a grid-edge
-extension adds one more search run) and prices every run at the median wall time of finished runs of
-the same task and method, the only honest price on this machine: RTE prompts are several times
-SST-2's, and full fine-tuning costs about twice a masked run. Only runs made on the same kind of CPU
+extension adds one more search run) and prices every run at the median time of finished runs of the
+same task and method, the only honest price on this machine: RTE prompts are several times SST-2's,
+and full fine-tuning costs about twice a masked run. A run's time is its CPU time over its threads
+(``run_seconds``): wall time also counts the pauses of a worker (kill -STOP while the machine does other
+work), which doubled the first confirmatory runs' wall times. Only runs made on the same kind of CPU
 count (``randmask_lab.machine.cpu_kind``: torch's CPU capability and native bf16): an AVX2 machine
 and an AMX one differ several-fold, and a record made before records named their CPU has no kind.
 """
@@ -35,13 +37,23 @@ class Forecast:
         out = (f"{self.planned} runs planned next, at least {self.after_search} more once the LR searches end: "
                f"{left} runs")
         if left:
-            out += f", {self.hours:.1f} worker-hours by the median wall time of finished runs"
+            out += f", {self.hours:.1f} worker-hours by the median time of finished runs (CPU time per thread)"
         if left:
             out += f" on this kind of CPU ({self.kind})"
         if self.unpriced:
             pairs = ", ".join(f"{t} {m} ({n})" for (t, m), n in sorted(self.unpriced.items()))
             out += f"; not priced yet (no finished run of that task and method on a {self.kind} CPU): {pairs}"
         return out
+
+
+def run_seconds(r: RunRecord) -> float:
+    """What ``r`` cost a worker that had its cores: CPU time over the threads it ran, over all its attempts, not
+    inflated by pauses; its wall time where the record lacks either (or its earlier attempts' CPU time)."""
+    cpu, threads = r.compute_cpu_seconds, r.config.get("threads")
+    carried_known = r.resumed_at is None or r.carried_cpu_seconds is not None
+    if cpu and carried_known and isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+        return cpu / threads
+    return r.compute_seconds
 
 
 def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord], kind: str | None = None
@@ -53,8 +65,7 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
     for r in records:  # this study's runs only: another model or precision in the store costs otherwise
         same_machine = r.machine.get("cpu_kind") == kind and r.machine.get("device", "cpu") == "cpu"
         if r.status == "done" and r.wall_seconds and spec.holds(r) and same_machine:
-            # a resumed run's cost is all its attempts'
-            walls.setdefault((r.config["task"], r.config["method"]), []).append(r.compute_seconds)
+            walls.setdefault((r.config["task"], r.config["method"]), []).append(run_seconds(r))
     # A cell whose planned runs are all search-seed runs and is not zero-shot is still searching.
     by_cell: dict[tuple[str, str, float | None], set[int]] = {}
     for run in planned:

@@ -6,7 +6,7 @@ import dataclasses
 
 from test_plan import done, spec  # this folder is on sys.path (no __init__.py): the same module pytest loads
 
-from randmask_lab.study.forecast import forecast
+from randmask_lab.study.forecast import forecast, run_seconds
 from randmask_lab.study.plan import CellSpec, needed_runs
 
 KIND = "AVX512/bf16"  # the CPU kind the tests price on (forecast's kind=)
@@ -60,3 +60,16 @@ def test_a_cell_with_its_own_seeds_counts_them() -> None:
     s = spec(cells=[CellSpec("randmask", (1e-2, 3e-2), 1e-4, seeds=(0, 1, 2, 3, 4))])
     planned = needed_runs(s, [])
     assert forecast(s, planned, [], kind=KIND).after_search == 4
+
+
+def test_a_paused_run_is_priced_by_its_cpu_time_per_thread() -> None:
+    s = spec()
+    paused = dataclasses.replace(_timed(done(1e-2, 0, 0.9, threads=1), 9000.0), cpu_seconds=1500.0)
+    two = dataclasses.replace(_timed(done(3e-2, 0, 0.5, threads=2), 1000.0), cpu_seconds=1800.0)
+    resumed_before_carried_cpu = dataclasses.replace(
+        _timed(done(1e-1, 0, 0.7, threads=1), 700.0), cpu_seconds=100.0, carried_seconds=600.0,
+        notes=["resumed from the checkpoint at step 5"])
+    assert [run_seconds(r) for r in (paused, two, resumed_before_carried_cpu)] == [1500.0, 900.0, 1300.0]
+    assert run_seconds(_timed(done(1e-2, 0, 0.9), 400.0)) == 400.0  # no CPU time recorded: the wall time
+    f = forecast(s, needed_runs(s, [paused]), [paused], kind=KIND)
+    assert f.hours == (2 + 2) * 1500.0 / 3600  # 2 more search runs, then seeds 1 and 2
