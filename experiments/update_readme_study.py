@@ -17,6 +17,7 @@ Usage: python experiments/update_readme_study.py [exploratory|confirm ...]   (fr
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -175,6 +176,13 @@ def confirm_plan(study: Study) -> list[str]:
     return plan(study, "--power-from", EXPLORATORY.records)
 
 
+def sst2_need(power: list[str]) -> str:
+    """", SST-2's randmask − LoRA needs N" as the power lines print it (nothing when they lack that line)."""
+    line = next((line for line in power if line.strip().startswith("sst2: randmask 1e-03 − lora:")), "")
+    found = re.search(r"half-width <= 1: (\d+|out of reach)", line)
+    return f", SST-2's randmask − LoRA needs {found.group(1)} for a 95% half-width of 1 point" if found else ""
+
+
 def confirm_findings(study: Study) -> str:
     return run(*findings_args(study))
 
@@ -186,7 +194,7 @@ def confirm_section(study: Study, lines: list[str], up: str) -> str:
     return "\n".join([
         status(study), "", progress(study, planned), "",
         "The seed counts come from this power calculation (`randmask study ... --plan`; the spec's 10 seeds is the "
-        "issue's floor, SST-2's randmask − LoRA needs 9):", "", "```", *power, "```", "",
+        f"issue's floor{sst2_need(power)}):", "", "```", *power, "```", "",
         f"{shown(report_args(study))} printed:", "", *lines, "",
         *figure_lines(study, up),
         f"{shown(findings_args(study))} printed:", "", "```", confirm_findings(study), "```"])
