@@ -137,3 +137,16 @@ def test_careless_numbers_are_refused_before_the_run(capsys, tmp_path, tiny, opt
 def test_size_options_are_bounded_by_the_model(capsys, tmp_path, tiny, options, message):
     """Issue 28: --option r=100000000 attempted a 153 GB allocation on SmolLM2."""
     assert message in _fails(capsys, "train", *_small(tiny, tmp_path), *options)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`randmask report --from ... | head` used to end in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    study = Path(__file__).resolve().parents[2] / "experiments" / "results" / "smollm2_study.jsonl"
+    child = subprocess.Popen([sys.executable, "-m", "randmask_lab.cli", "report", "--from", str(study)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the command prints: its first write finds no reader
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and "Traceback" not in err and "Exception ignored" not in err, err

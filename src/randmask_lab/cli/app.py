@@ -55,6 +55,16 @@ def _one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
 
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``randmask report ... | head``): end quietly, as a shell tool does, with
+    128 + SIGPIPE; stdout is pointed at /dev/null so that the flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (an in-process capture)
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``randmask`` command; returns the exit code."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -67,13 +77,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         try:
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a reader gone away (`| head`) shows here, not as a traceback at exit
+            return code
         except ModuleNotFoundError as e:
             package = (e.name or "").split(".")[0]
             if package not in OPTIONAL_PACKAGES:
                 raise
             raise MissingPackageError(f"`randmask {args.command}` needs the package {package!r}, which is not "
                                       f"installed: pip install 'randmask[lab]' (or pip install {package})") from e
+    except BrokenPipeError:
+        return _stdout_gone()
     except (*USER_ERRORS, OSError) as e:
         # A full disk or a read-only folder is the user's to fix (randmask_lab.fs); any other OSError is internal.
         message = str(e) if isinstance(e, USER_ERRORS) else disk_problem(e)
