@@ -70,8 +70,9 @@ def status(study: Study) -> str:
     tasks = ", ".join(f"{task} {n}" for task, n in per_task.items())
     resumed = [r for r in records if r.resumed_at is not None]
     runs = f"{len(resumed)} run{'s' * (len(resumed) != 1)}"
-    carried = (f" That counts, for the {runs} resumed from a checkpoint, the time their earlier attempts spent up to "
-               "it; work lost after a checkpoint is not counted.") if resumed else ""
+    their = "its" if len(resumed) == 1 else "their"
+    carried = (f" That counts, for the {runs} resumed from a checkpoint, the time {their} earlier attempts spent up "
+               "to it; work lost after a checkpoint is not counted.") if resumed else ""
     timed = [r for r in records if r.cpu_seconds is not None]
     unknown = sum(1 for r in timed if r.resumed_at is not None and r.carried_cpu_seconds is None)
     cpu = (f" The {len(timed)} records made since runs record their CPU time took "
