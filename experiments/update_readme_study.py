@@ -188,7 +188,7 @@ def confirm_findings(study: Study) -> str:
     return run(*findings_args(study))
 
 
-def confirm_section(study: Study, lines: list[str], up: str) -> str:
+def confirm_section(study: Study, lines: list[str], found: str, up: str) -> str:
     """The confirmatory study's page section: compute, progress, power, report, figures, the decided rules."""
     planned = confirm_plan(study)
     power = planned[next((i for i, line in enumerate(planned) if line.startswith("power")), len(planned)):]
@@ -198,13 +198,14 @@ def confirm_section(study: Study, lines: list[str], up: str) -> str:
         f"issue's floor{sst2_need(power)}):", "", "```", *power, "```", "",
         f"{shown(report_args(study))} printed:", "", *lines, "",
         *figure_lines(study, up),
-        f"{shown(findings_args(study))} printed:", "", "```", confirm_findings(study), "```"])
+        f"{shown(findings_args(study))} printed:", "", "```", found, "```"])
 
 
-def verdicts(study: Study, lines: list[str]) -> str:
+def verdicts(study: Study, lines: list[str], found: str) -> str:
     """The README's short version of the confirmatory study: the headline of each rule, the rows the paper also
-    reports (Table 1 and Table 5 analogues) from the report's ``lines``, the compute spent, the sparsity curve."""
-    rules = [line for line in confirm_findings(study).splitlines() if line.startswith(("(a)", "(e)"))]
+    reports (Table 1 and Table 5 analogues) from the report's ``lines``, the compute spent, the sparsity curve;
+    ``found``: what `randmask findings` printed."""
+    rules = [line for line in found.splitlines() if line.startswith(("(a)", "(e)"))]
     curve = [line for line in figure_lines(study, "") if "_sparsity.png" in line]
     return "\n".join([f"{shown(findings_args(study))} printed (rules (a) and (e); the rest, the tables "
                       f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
@@ -245,8 +246,9 @@ def update(name: str) -> None:
         replace_between(ROOT / study.page, study.page_markers, exploratory_section(study, lines, up="../"))
         replace_between(ROOT / "README.md", study.readme_markers, headline(study, lines))
     else:
-        replace_between(ROOT / study.page, study.page_markers, confirm_section(study, lines, up="../"))
-        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study, lines))
+        found = confirm_findings(study)  # once, for the page and the README
+        replace_between(ROOT / study.page, study.page_markers, confirm_section(study, lines, found, up="../"))
+        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study, lines, found))
 
 
 def main(argv: list[str]) -> int:

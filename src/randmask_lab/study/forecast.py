@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.machine import cpu_kind
-from randmask_lab.study.plan import PlannedRun, StudySpec
+from randmask_lab.study.plan import PlannedRun, StudySpec, is_search_run
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,12 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
         same_machine = r.machine.get("cpu_kind") == kind and r.machine.get("device", "cpu") == "cpu"
         if r.status == "done" and r.wall_seconds and spec.holds(r) and same_machine:
             walls.setdefault((r.config["task"], r.config["method"]), []).append(run_seconds(r))
-    # A cell whose planned runs are all search-seed runs and is not zero-shot is still searching.
-    by_cell: dict[tuple[str, str, float | None], set[int]] = {}
-    for run in planned:
-        by_cell.setdefault((run.task, run.method, run.ratio), set()).add(run.seed)
+    # A cell the plan gives search runs is still searching: its other seeds come after.
+    searching = {(run.task, run.method, run.ratio) for run in planned if is_search_run(spec, run)}
     later: Counter[tuple[str, str]] = Counter()
-    for (task, method, ratio), seeds in by_cell.items():
-        if method != "zeroshot" and seeds == {spec.search_seed}:
-            cell = next((c for c in spec.cells if c.method == method and c.ratio == ratio), None)
-            later[(task, method)] += len(spec.cell_seeds(cell) if cell else spec.seeds) - 1
+    for task, method, ratio in searching:
+        cell = next((c for c in spec.cells if c.method == method and c.ratio == ratio), None)
+        later[(task, method)] += len(spec.cell_seeds(cell) if cell else spec.seeds) - 1
     counts = Counter((run.task, run.method) for run in planned) + later
     hours = sum(n * statistics.median(walls[key]) for key, n in counts.items() if key in walls) / 3600
     return Forecast(len(planned), sum(later.values()), hours,

@@ -159,6 +159,12 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
     return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.cell_seeds(cell) if (best, s) not in done]
 
 
+def is_search_run(spec: StudySpec, run: PlannedRun) -> bool:
+    """Whether ``run`` belongs to its cell's LR search: the search seed of a cell that has an LR (zero-shot has
+    none). A cell the plan still gives such a run is still searching; its other seeds follow the choice."""
+    return run.method != "zeroshot" and run.seed == spec.search_seed
+
+
 def _task_cells(spec: StudySpec) -> list[tuple[str, CellSpec]]:
     """Every (task, cell) of the study in plan order: stage by stage, task by task, cells in spec order."""
     return [(task, cell) for stage in sorted({cell.stage for cell in spec.cells}) for task in spec.protocol
@@ -183,7 +189,7 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     groups: dict[tuple[int, str], list[PlannedRun]] = {}  # (stage, task) -> its runs in spec order
     for task, cell in _task_cells(spec):
         groups.setdefault((cell.stage, task), []).extend(_cell_runs(spec, task, cell, finished, run_id))
-    further_seed = lambda run: run.method != "zeroshot" and run.seed != spec.search_seed  # noqa: E731
+    further_seed = lambda run: run.method != "zeroshot" and not is_search_run(spec, run)  # noqa: E731
     return [run for runs in groups.values() for run in sorted(runs, key=further_seed)]  # stable: spec order kept
 
 
@@ -192,9 +198,7 @@ def unfinished_searches(spec: StudySpec, records: list[RunRecord]) -> set[CellKe
     run of the search seed for them, so their best LR so far is not yet the chosen one."""
     finished, out = _finished(spec, records), set()
     for task, cell in _task_cells(spec):
-        if cell.method == "zeroshot":
-            continue
-        if any(run.seed == spec.search_seed for run in _cell_runs(spec, task, cell, finished, None)):
+        if any(is_search_run(spec, run) for run in _cell_runs(spec, task, cell, finished, None)):
             fixed = {**spec.common, **spec.protocol[task]}
             out |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
     return out
