@@ -4,7 +4,7 @@
     common.py   what the verbs share (the results store a verb reads, who prints under torchrun)
     runs.py     train, sweep, main
     results.py  report, curves, calibrate-lr, list
-    study.py    study, export, findings, report --from
+    study.py    study, export, merge, findings, report --from
 The analysis and theory verbs register from ``randmask_lab.analysis.cli`` and ``randmask_lab.theory.cli``.
 """
 

@@ -1,4 +1,4 @@
-"""`randmask study`, `randmask export`, `randmask findings`, and `randmask report --from <jsonl>`."""
+"""`randmask study`, `randmask export`, `randmask merge`, `randmask findings`, and `randmask report --from <jsonl>`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from randmask_lab.study.findings import MARGIN, findings
 from randmask_lab.study.forecast import forecast
 from randmask_lab.study.plan import StudySpec, needed_runs, unfinished_searches
 from randmask_lab.study.power import power_table
-from randmask_lab.study.records import export_jsonl, read_jsonl
+from randmask_lab.study.records import export_jsonl, merge_jsonl, read_jsonl
 from randmask_lab.study.run import check_one_precision, planned_run_id, run_study, validate_spec, with_committed
 from randmask_lab.study.tables import study_tables
 
@@ -59,6 +59,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     store = open_store(args)
     n = export_jsonl(store.records(**filters(args)), args.out)
     print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    records = merge_jsonl(args.files)
+    n = export_jsonl(records, args.out)
+    print(f"wrote {n} records to {args.out} (from {len(args.files)} files)")
     return 0
 
 
@@ -112,7 +119,7 @@ SPEC_HELP = ("the study spec that made the --from file: cells whose LR search it
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``study``, ``export`` and ``findings`` verbs."""
+    """Add the ``study``, ``export``, ``merge`` and ``findings`` verbs."""
     std = sub.add_parser("study", help="run a study spec (LR search on one seed, grid-edge extension, then the "
                                        "other seeds at the chosen LR), resumable, exporting as it goes")
     std.add_argument("spec", help="the study spec (JSON), e.g. experiments/smollm2_study.json")
@@ -141,6 +148,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name in ("task", "model", "method"):
         exp.add_argument(f"--{name}", help=f"only this {name}")
     exp.set_defaults(func=_cmd_export)
+
+    mrg = sub.add_parser("merge", help="join study files (a GPU session's export and the CPU workers') into one, "
+                                       "each run once")
+    mrg.add_argument("files", nargs="+", help="the JSONL study files to join (the same run in two must be the same "
+                     "record, or finished in one and failed in the other)")
+    mrg.add_argument("--out", required=True, help="the JSONL file to write (may be one of the inputs)")
+    mrg.set_defaults(func=_cmd_merge)
 
     fnd = sub.add_parser("findings", help="HOLDS / DOES NOT HOLD / INCONCLUSIVE for each of the paper's findings")
     fnd.add_argument("--from", dest="from_file", required=True, help="a JSONL study file (randmask export)")

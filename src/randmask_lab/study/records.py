@@ -8,7 +8,7 @@ from pathlib import Path
 
 from randmask import atomic_write_bytes, read_limited
 from randmask_lab.errors import StoreError
-from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.study.record_checks import record_problem
 
 MAX_STUDY_BYTES = 1 << 30  # ~10 KB per record: a hundred thousand runs fit
@@ -69,6 +69,30 @@ def read_jsonl(path: str | Path) -> list[RunRecord]:
     if not records:
         raise StoreError(f"{file} holds no records.")
     return records
+
+
+def merge_jsonl(paths: Iterable[str | Path]) -> list[RunRecord]:
+    """The records of several study files (the CPU workers' and a GPU session's), each run once.
+
+    A run held by two files must be the same record there, except that a finished record wins over a failed one
+    (a failed attempt is retried; the other machine finished it). Two finished records of one run with other
+    results are a StoreError naming both files: which one is right is for a person to decide, not for the merge."""
+    merged: dict[str, tuple[RunRecord, str]] = {}
+    for path in paths:
+        for record in read_jsonl(path):
+            held = merged.get(record.run_id)
+            if held is None or (held[0].status not in FINISHED and record.status in FINISHED):
+                merged[record.run_id] = (record, str(path))
+                continue
+            if record.status not in FINISHED and held[0].status in FINISHED:
+                continue
+            earlier, new = held[0].to_dict(), record.to_dict()
+            if earlier != new:
+                differ = sorted(k for k in {*earlier, *new} if earlier.get(k) != new.get(k))
+                raise StoreError(f"run {record.run_id} is in {held[1]} and in {path} with other results "
+                                 f"({', '.join(differ[:4])} differ); keep the right one of the two lines and merge "
+                                 "again")
+    return [record for record, _ in merged.values()]
 
 
 def _parse_line(file: Path, n: int, line: str) -> object:

@@ -130,3 +130,30 @@ def test_findings_on_sides_without_a_shared_seed_are_inconclusive(tmp_path, caps
     assert "no shared seed" in out and "(a) randmask 0.1% is not worse than LoRA or full FT" in out
     headline_a = out[out.index("(a)"):].splitlines()[0]
     assert headline_a.endswith(": INCONCLUSIVE"), headline_a
+
+
+def test_merge_joins_two_machines_files_each_run_once(tmp_path, capsys):
+    """A GPU session's export (which began as a copy of the committed file) joins the CPU workers' file."""
+    rows = _rows()
+    cpu = _write(tmp_path / "cpu.jsonl", rows[:5])
+    gpu = _write(tmp_path / "gpu.jsonl", rows[3:])  # rows 3 and 4 are in both, identical
+    failed_here = copy.deepcopy(rows[6])
+    failed_here.update(status="failed", test_metric=None)
+    with_failed = _write(tmp_path / "failed.jsonl", [failed_here])
+    out = tmp_path / "joined.jsonl"
+    assert main(["merge", str(with_failed), str(cpu), str(gpu), "--out", str(out)]) == 0
+    assert f"wrote {len(rows)} records" in capsys.readouterr().out
+    joined = {r.run_id: r.to_dict() for r in read_jsonl(out)}
+    assert joined == {r["run_id"]: r for r in (x.to_dict() for x in study())}  # the finished record won
+
+
+def test_merge_refuses_one_run_with_two_results(tmp_path, capsys):
+    rows = _rows()
+    other = copy.deepcopy(rows[0])
+    other["test_metric"] = 0.123
+    a, b = _write(tmp_path / "a.jsonl", rows), _write(tmp_path / "b.jsonl", [other])
+    out = tmp_path / "joined.jsonl"
+    assert main(["merge", str(a), str(b), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a.jsonl and in" in err and "b.jsonl with other results (test_metric differ)" in err
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ import torch
 
 from randmask import __version__
 from randmask.ops import weight_gradient_kernel
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.results.source_manifest import MANIFEST_ENV, manifest_version
 
 Status = Literal["done", "diverged", "scale_collapsed", "failed"]
 # A sweep skips these (rerunning gives the same result); "failed" runs are retried.
@@ -134,11 +137,19 @@ def checkout_root() -> Path | None:
 
 @cache
 def source_version() -> dict[str, Any]:
-    """``{"package", "commit", "dirty"}`` of the code this process runs (commit and dirty None outside a git
-    checkout, e.g. an installed wheel: the package version is then the provenance). Read once per process."""
+    """``{"package", "commit", "dirty"}`` of the code this process runs. Outside a git checkout, commit and dirty
+    come from the source manifest that ``$RANDMASK_SOURCE_MANIFEST`` names (a copy of a checkout without its .git,
+    on a lent GPU machine: ``source_manifest``), else they are None (an installed wheel: the package version is
+    then the provenance). Read once per process."""
     root = checkout_root()
     out: dict[str, Any] = {"package": __version__, "commit": None, "dirty": None}
     if root is None:
+        manifest = os.environ.get(MANIFEST_ENV)
+        if manifest:
+            if source_folder().name != "src":
+                raise RunError(f"{MANIFEST_ENV} is set, but randmask_lab runs from {source_folder()}, not from a copy "
+                               "of a checkout's src/: the manifest cannot name its commit; unset it")
+            out.update(manifest_version(source_folder().parent, Path(manifest)))
         return out
     try:
         git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,
