@@ -18,7 +18,7 @@ stops the run: records of other weights or unknown code would not belong in the 
     # back here: join its export (under the device's files_at) with the CPU workers' file, then regenerate pages:
     randmask merge experiments/results/smollm2_confirm.jsonl <files_at>/smollm2_confirm_gpu.jsonl \\
         --out experiments/results/smollm2_confirm.jsonl
-    python experiments/gpu_confirm.py --dry-run     # here: all of the above on the CPU, tiny protocol (~5 min)
+    python experiments/gpu_confirm.py --dry-run     # here: all of the above on the CPU, tiny protocol (~3 min)
 
 ``--run`` runs ``randmask study --stages 2 3`` in several workers sharing one store (the runner's leases: no cell
 runs twice), from a copy of the committed study file (so it skips what is finished), until ``--minutes`` pass;
@@ -301,7 +301,8 @@ def run(carry: Path, stash_dir: Path, out: Path, spec: str, stages: list[int], w
 
 def dry_run(data_root: Path) -> int:
     """Everything on the CPU: prepare (fast compression), a copy of the tree without .git standing in for the
-    device's, both calls, and a tiny protocol (16 training examples, 1 epoch) for two workers, one run each."""
+    device's, both calls, and a tiny protocol (16 training examples, 1 epoch) for two workers: one run of every
+    stage-2/3 cell (each method the GPU would run). Passes when every run is done and names the commit."""
     scratch = Path(tempfile.mkdtemp(prefix="randmask-gpu-dry-run-"))
     tree = scratch / "tree"
     names = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
@@ -315,19 +316,22 @@ def dry_run(data_root: Path) -> int:
     spec = json.loads((ROOT / SPEC).read_text())
     spec["name"] += "_dry_run"
     spec["protocol"] = {"sst2": {"n_train": 16, "n_val": 8, "n_test": 8, "epochs": 1}}
-    spec["cells"] = [c for c in spec["cells"] if c.get("stage") == 2]
+    spec["max_extend"] = 0  # one LR per cell, seed 0: every stage-2/3 cell's method runs once, no grid extension
+    spec["cells"] = [{**c, "lrs": c["lrs"][:1], "seeds": [0]} for c in spec["cells"] if c.get("stage") in (2, 3)]
     (tree / "dry_run_spec.json").write_text(json.dumps(spec))
     script, env = tree / "experiments" / "gpu_confirm.py", {**os.environ, "PYTHONPATH": ""}
     subprocess.run([sys.executable, str(script), "--stash", "--stash-dir", str(scratch / "stash")], cwd=tree,
                    env=env, check=True)
     shutil.rmtree(tree / ".gpu_confirm" / "part1")  # as on the device, where call 2's carry has only part2
     code = subprocess.run([sys.executable, str(script), "--run", "--stash-dir", str(scratch / "stash"), "--out",
-                           str(scratch / "out"), "--spec", "dry_run_spec.json", "--stages", "2", "--workers", "2",
-                           "--threads", "1", "--max-runs", "1", "--minutes", "10"], cwd=tree, env=env).returncode
+                           str(scratch / "out"), "--spec", "dry_run_spec.json", "--workers", "2", "--threads", "1",
+                           "--minutes", "10"], cwd=tree, env=env).returncode
     summary = json.loads((scratch / "out" / "gpu_confirm_summary.json").read_text())
     made = summary.get("records", {})
-    ok = code == 0 and made.get("new", 0) >= 1 and made.get("new_naming_the_commit") == made.get("new")
-    print(f"dry run {'passed' if ok else 'FAILED'}: exit {code}, {made.get('new', 0)} new records, "
+    done = made.get("new_by_status", {}).get("done", 0)
+    ok = code == 0 and made.get("new", 0) >= 1 and done == made["new"] and made.get("new_naming_the_commit") == done
+    print(f"dry run {'passed' if ok else 'FAILED'}: exit {code}, {made.get('new', 0)} new records "
+          f"({made.get('new_by_status', {})}), "
           f"{made.get('new_naming_the_commit', 0)} naming commit {summary.get('code', {}).get('commit')}; "
           f"files in {scratch}")
     return 0 if ok else 1

@@ -27,6 +27,7 @@ from typing import Any
 
 from randmask import read_json_limited
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.results.report import ratio_text
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
@@ -51,7 +52,7 @@ class Verdict:
 
 
 def _label(method: str, ratio: float | None = None) -> str:
-    return f"{method} {ratio:.0e}" if ratio is not None else method
+    return f"{method} {ratio_text(ratio)}" if ratio is not None else method  # as method_label names the cell
 
 
 def _rows(cells: Sequence[StudyCell]) -> dict[str, dict[str, StudyCell]]:
@@ -158,7 +159,7 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
     series = {key: [(ratio, rows[ratio][f"{key}_by_seed"]) for ratio in sorted(rows, reverse=True)
                     if rows[ratio].get(f"{key}_by_seed")] for key in ("before", "after")}
     evidence = [f"{name} {when}: " + "; ".join(
-        f"ratio {ratio:.0e}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items())) for ratio, vals in series[key])
+        f"ratio {ratio_text(ratio)}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items())) for ratio, vals in series[key])
         for key, when in (("before", "at the pretrained weights"), ("after", "after training"))]
     after = [(ratio, {s: math.log10(v) for s, v in vals.items() if v > 0}) for ratio, vals in series["after"]]
     if len(after) < 2:
@@ -211,7 +212,7 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
         rnd, st = rows.get(_label("randmask", ratio), {}), rows.get(_label("structured", ratio), {})
         for task in sorted(set(rnd) & set(st)):
             diff = paired_difference(rnd[task].tests, st[task].tests)
-            evidence.append(f"{task} {ratio:.0e}: random − structured {diff.text()} points")
+            evidence.append(f"{task} {ratio_text(ratio)}: random − structured {diff.text()} points")
             pooled_r[f"{task}@{ratio}"], pooled_s[f"{task}@{ratio}"] = rnd[task].tests, st[task].tests
     claim = "structured masking is worse than random at ≤ 0.01%"
     if not pooled_r:

@@ -42,11 +42,21 @@ class Cell:
         return f"{mean:.1f}{spread}" + (f" ({self.lr:.0e})" if self.trained else "")
 
 
+def ratio_text(ratio: float) -> str:
+    """``1e-04``, or as many digits as the ratio needs (``4.9e-02``): a label never rounds one budget to another's
+    name (4.9% must not read as the paper's 5% row)."""
+    for digits in range(6):
+        text = f"{ratio:.{digits}e}"
+        if float(text) == ratio:
+            return text
+    return f"{ratio:.6e}"
+
+
 def method_label(config: dict[str, Any]) -> str:
     """e.g. "randmask 1e-04", "lora", "lora nf4" (a quantized base is another cell)."""
     quantized = f" {config['quantize']}" if config.get("quantize", "none") != "none" else ""  # absent in old records
     if config.get("ratio") is not None:
-        return f"{config['method']} {config['ratio']:.0e}{quantized}"
+        return f"{config['method']} {ratio_text(config['ratio'])}{quantized}"
     if config.get("density") is not None:
         return f"{config['method']} p={config['density']:g}{quantized}"
     return config["method"] + quantized

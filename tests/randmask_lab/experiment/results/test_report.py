@@ -49,3 +49,13 @@ def test_zero_shot_row_comes_first_and_shows_no_lr():
     rows = [line for line in text.splitlines() if line.startswith("| ") and "Method" not in line]
     assert rows[0].startswith("| zeroshot |") and "| 55.0 |" in rows[0]
     assert rows[1].startswith("| randmask 1e-03 |")
+
+
+def test_a_ratio_label_never_rounds_one_budget_to_anothers_name():
+    """SmolLM2 caps the paper's even spread at 4.93%: its 4.9% cell must not be labelled (and put beside the paper's
+    row) as 5e-02."""
+    from randmask_lab.experiment.results.report import method_label, ratio_text
+
+    assert [ratio_text(r) for r in (1e-3, 5e-5, 4.9e-2, 0.0493)] == ["1e-03", "5e-05", "4.9e-02", "4.93e-02"]
+    assert method_label({"method": "randmask", "ratio": 4.9e-2}) == "randmask 4.9e-02"
+    assert method_label({"method": "structured", "ratio": 1e-4}) == "structured 1e-04"
