@@ -184,8 +184,9 @@ def setup(carry: Path, stash_dir: Path, work: Path, checks: dict) -> tuple[dict,
         tar.extractall(work / "data", filter="data")
     wheels = sorted((part2 / "wheels").iterdir())
     _check({w.name: sha256_file(w) for w in wheels} == expect["wheels"], "the wheels", checks)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--target", str(site), *map(str, wheels)], check=True)
+    if wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *map(str, wheels)], check=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(site)]),
            "RANDMASK_CACHE": str(work / "cache"), "RANDMASK_DATA_DIR": str(work / "data"),
            "RANDMASK_SOURCE_MANIFEST": str(part2 / "source_manifest.json"), "HF_HUB_OFFLINE": "1",

@@ -159,7 +159,8 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
     series = {key: [(ratio, rows[ratio][f"{key}_by_seed"]) for ratio in sorted(rows, reverse=True)
                     if rows[ratio].get(f"{key}_by_seed")] for key in ("before", "after")}
     evidence = [f"{name} {when}: " + "; ".join(
-        f"ratio {ratio_text(ratio)}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items())) for ratio, vals in series[key])
+        f"ratio {ratio_text(ratio)}: " + ", ".join(f"{v:.4g}" for _, v in sorted(vals.items()))
+        for ratio, vals in series[key])
         for key, when in (("before", "at the pretrained weights"), ("after", "after training"))]
     after = [(ratio, {s: math.log10(v) for s, v in vals.items() if v > 0}) for ratio, vals in series["after"]]
     if len(after) < 2:
