@@ -167,6 +167,7 @@ def setup(carry: Path, stash_dir: Path, work: Path, checks: dict) -> tuple[dict,
     """Call 2, before any run: rebuild and verify the weights package, data and wheels in ``work``; return the
     environment the workers run in and the expectations."""
     part2 = carry / "part2"
+    _check((part2 / "expect.json").is_file(), f"{part2} is here (carry .gpu_confirm/part2, made by --prepare)", checks)
     expect = json.loads((part2 / "expect.json").read_text())
     first = next((p for p in (stash_dir / "weights.xz.1", carry / "part1" / "weights.xz.1") if p.is_file()), None)
     _check(first is not None, "the first piece of the weights is here (call 1 ran on this machine)", checks)

@@ -52,7 +52,7 @@ def test_the_pieces_join_into_the_checked_package_and_data(carry: Path, tmp_path
     (carry / "part1" / "weights.xz.1").unlink()  # call 2 carries only part2: the piece comes from the stash
     checks: dict = {}
     env, _ = m.setup(carry, tmp_path / "stash", tmp_path / "work", checks)
-    assert all(checks.values()) and len(checks) == 5
+    assert all(checks.values()) and len(checks) == 6
     gguf = tmp_path / "work" / "site" / "llm_fake" / "m.gguf"
     assert gguf.read_bytes().startswith(b"GGUF") and (gguf.parent / "__init__.py").is_file()
     assert (Path(env["RANDMASK_DATA_DIR"]) / "glue" / "SST-2" / "dev.tsv").is_file()
@@ -64,6 +64,7 @@ def test_the_pieces_join_into_the_checked_package_and_data(carry: Path, tmp_path
      "the joined weights stream"),
     (lambda c: (c / "part1" / "weights.xz.1").unlink(), "the first piece of the weights is here"),
     (lambda c: (c / "part2" / "data.tar.xz").write_bytes(b"not the data"), "the SST-2 files"),
+    (lambda c: (c / "part2" / "expect.json").unlink(), "carry .gpu_confirm/part2"),
 ])
 def test_anything_changed_on_the_way_stops_the_run_before_it_starts(carry, tmp_path, tamper, failed, capsys):
     m = _module()
