@@ -47,8 +47,8 @@ def write_manifest(root: Path, code_paths: Sequence[str], path: Path) -> dict[st
         raise RunError(f"{', '.join(code_paths)} have uncommitted changes in {root}: commit them first, so that the "
                        "manifest names the code that will run")
     files = {}
-    for line in git("ls-tree", "-r", "HEAD", "--", *code_paths).splitlines():
-        meta, name = line.split("\t", 1)
+    for entry in filter(None, git("ls-tree", "-r", "-z", "HEAD", "--", *code_paths).split("\0")):
+        meta, name = entry.split("\t", 1)  # -z: names verbatim, never quoted
         files[name] = meta.split()[2]
     manifest = {"commit": git("rev-parse", "HEAD").strip(), "code_paths": list(code_paths), "files": files}
     atomic_write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())

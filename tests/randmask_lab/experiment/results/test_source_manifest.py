@@ -28,6 +28,7 @@ def repo(tmp_path: Path) -> Path:
     (repo / "src" / "pkg").mkdir(parents=True)
     (repo / "src" / "pkg" / "__init__.py").write_text("x = 1\n")
     (repo / "src" / "pkg" / "data.bin").write_bytes(b"\0\1\2")
+    (repo / "src" / "pkg" / "a b ü.txt").write_text("a name git would quote\n")
     (repo / "pyproject.toml").write_text("[project]\nname = 'pkg'\n")
     (repo / "README.md").write_text("not code\n")
     _git(repo, "init", "-q")
@@ -50,7 +51,7 @@ def test_a_copy_of_the_commit_names_it_and_any_change_makes_it_dirty(repo: Path,
     written = write_manifest(repo, CODE, manifest)
     head = _git(repo, "rev-parse", "HEAD").strip()
     assert written["commit"] == head and set(written["files"]) == {"src/pkg/__init__.py", "src/pkg/data.bin",
-                                                                   "pyproject.toml"}
+                                                                   "src/pkg/a b ü.txt", "pyproject.toml"}
     copy = _copy_without_git(repo, tmp_path / "copy")
     (copy / "src" / "pkg" / "__pycache__").mkdir()
     (copy / "src" / "pkg" / "__pycache__" / "x.pyc").write_bytes(b"compiled")  # Python's leftovers are not code
