@@ -62,6 +62,14 @@ def run(*args: str) -> str:
     return done.stdout.strip()
 
 
+def _machine(info: dict) -> str:
+    """``AMD EPYC (AVX2/no-bf16)``, with the GPU where a run used one (``..., on NVIDIA H200``)."""
+    if not info:
+        return "not recorded"
+    gpu = f", on {info['device']}" if info.get("device", "cpu") != "cpu" else ""
+    return f"{info['cpu_model']} ({info['cpu_kind']}){gpu}"
+
+
 def status(study: Study) -> str:
     """Records, runs per task, the machines they ran on, and the compute the finished runs took."""
     records = read_jsonl(ROOT / study.records)
@@ -79,11 +87,11 @@ def status(study: Study) -> str:
            f"{sum(r.compute_cpu_seconds or 0.0 for r in timed) / 3600:.1f} CPU-hours (wall time also counts pauses "
            "of the workers" + (f"; {unknown} of them, resumed before earlier attempts' CPU time was kept, count "
                                 "their finishing attempt only" if unknown else "") + ").") if timed else ""
-    machines = Counter(f"{r.machine['cpu_model']} ({r.machine['cpu_kind']})" if r.machine else "not recorded"
-                       for r in records)
+    machines = Counter(_machine(r.machine) for r in records)
     where = ", ".join(f"{name} {n}" for name, n in machines.most_common())
     moved = sum(1 for r in records if r.earlier_code_versions)
-    code = (f" {moved} of them were resumed under another commit than they started at; each names every commit "
+    was, they = ("was", "it") if moved == 1 else ("were", "they")
+    code = (f" {moved} of them {was} resumed under another commit than {they} started at; each names every commit "
             "it ran (`earlier_code_versions`).") if moved else ""
     return (f"`{study.records}` holds {len(records)} records (runs per task: {tasks}; machines: {where}); their wall "
             f"times sum to {hours:.1f} worker-hours (one thread each, two workers sharing the two cores)."
