@@ -21,7 +21,8 @@ stops the run: records of other weights or unknown code would not belong in the 
     python experiments/gpu_confirm.py --dry-run     # here: all of the above on the CPU, tiny protocol (~3 min)
 
 ``--run`` runs ``randmask study --stages 2 3`` in several workers sharing one store (the runner's leases: no cell
-runs twice), from a copy of the committed study file (so it skips what is finished), until ``--minutes`` pass;
+runs twice), from a copy of the committed study file (so it skips what is finished), until ``--minutes`` after
+``--run`` began, less a reserve for stopping them and the summary;
 what a worker has in flight then is lost, as when a CPU session ends. It writes under ``$OUT``: the export, one
 log, and a summary (device, library versions, checks, records made).
 """
@@ -51,6 +52,7 @@ COMMITTED = "experiments/results/smollm2_confirm.jsonl"
 EXPORT_NAME = "smollm2_confirm_gpu.jsonl"
 CALL_LIMIT = 64 * 2**20  # bytes one device call may carry, working tree included
 MARGIN = 2**20  # for files the tree gains between --prepare and the call (a log, a note)
+STOP_RESERVE = 40.0  # seconds --run keeps for stopping the workers (20 s grace) and writing the summary
 WHEELS = ("gguf", "peft")  # the device image lacks gguf; peft is pinned to the CPU records' version
 PROBE_TASK_FILE = Path("glue") / "SST-2" / "dev.tsv"  # tokenized for the tokenizer's fingerprint
 
@@ -222,9 +224,10 @@ def _probe_here() -> None:
                       "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}))
 
 
-def run_workers(env: dict, spec: str, stages: list[int], workers: int, minutes: float, out: Path, work: Path,
+def run_workers(env: dict, spec: str, stages: list[int], workers: int, deadline: float, out: Path, work: Path,
                 threads: int, max_runs: int | None) -> dict:
-    """``workers`` copies of ``randmask study --stages`` on one store until they finish or ``minutes`` pass."""
+    """``workers`` copies of ``randmask study --stages`` on one store until they finish or ``deadline`` (a
+    ``time.monotonic()`` value) passes."""
     export = out / EXPORT_NAME
     shutil.copyfile(ROOT / COMMITTED, export)  # the workers adopt what is finished and skip it
     log = open(out / "gpu_confirm.log", "ab")
@@ -236,7 +239,7 @@ def run_workers(env: dict, spec: str, stages: list[int], workers: int, minutes: 
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
         time.sleep(3)  # stagger the first claims on the store
-    deadline, stopped = time.monotonic() + minutes * 60, False
+    stopped, began = False, time.monotonic()
     while any(p.poll() is None for p in procs):
         if time.monotonic() > deadline:
             stopped = True
@@ -253,7 +256,7 @@ def run_workers(env: dict, spec: str, stages: list[int], workers: int, minutes: 
             break
         time.sleep(5)
     log.close()
-    return {"workers": workers, "minutes": minutes, "stopped_at_deadline": stopped,
+    return {"workers": workers, "seconds": round(time.monotonic() - began, 1), "stopped_at_deadline": stopped,
             "exit_codes": [p.wait() for p in procs]}
 
 
@@ -287,7 +290,8 @@ def run(carry: Path, stash_dir: Path, out: Path, spec: str, stages: list[int], w
         _check(seen["code"].get("commit") == expect["commit"] and seen["code"].get("dirty") is False,
                "the code is the manifest's commit, unchanged", summary["checks"])
         before = {json.loads(line)["run_id"] for line in (ROOT / COMMITTED).read_text().splitlines() if line.strip()}
-        summary["workers"] = run_workers(env, spec, stages, workers, minutes, out, work, threads, max_runs)
+        deadline = started + minutes * 60 - STOP_RESERVE
+        summary["workers"] = run_workers(env, spec, stages, workers, deadline, out, work, threads, max_runs)
         summary["records"] = count_records(out / EXPORT_NAME, expect["commit"], before)
         return 0
     except (RuntimeError, OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
@@ -355,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--workers", type=int, default=6, help="study workers sharing the GPU (default 6)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per worker (default 2)")
-    parser.add_argument("--minutes", type=float, default=8.0, help="stop the workers after this long (default 8: "
-                        "call 2's setup and the summary fit the device's 10 minutes a call)")
+    parser.add_argument("--minutes", type=float, default=9.0, help="all of --run, setup included, ends within this "
+                        "long (default 9: inside the device's 10 minutes a call); the workers stop 40 s before")
     parser.add_argument("--max-runs", type=int, help="runs per worker (default: until --minutes)")
     args = parser.parse_args(argv)
     if args.probe:
