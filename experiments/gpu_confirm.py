@@ -134,7 +134,7 @@ def prepare(root: Path, carry: Path, data_root: Path, preset: int = 9 | lzma.PRE
     (part2 / "weights.xz.2").write_bytes(stream[cut:])
     folder = _converted_folder()
     expect = {"commit": manifest["commit"], "model": MODEL, "gguf": gguf.name, "gguf_package": gguf.parent.name,
-              "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+              "gguf_sha256": sha256_file(gguf),
               "stream_sha256": hashlib.sha256(stream).hexdigest(),
               "data_sha256": sha256_file(part2 / "data.tar.xz"),
               "wheels": {w.name: sha256_file(w) for w in sorted((part2 / "wheels").iterdir())},
