@@ -17,6 +17,7 @@ from randmask_lab.experiment.results.record import CODE_PATHS, FINISHED, RunReco
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.sweeps.sweep import run_claimed
+from randmask_lab.study.budget import check_budgets
 from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
 from randmask_lab.study.records import export_jsonl, read_jsonl
 
@@ -100,6 +101,12 @@ def validate_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) 
         run_config(spec, need, out_dir, execution or {}).validate()
 
 
+def check_spec_budgets(spec: StudySpec, out_dir: str, execution: dict | None = None) -> None:
+    """RunError when a masking cell asks for a budget its model cannot take (``budget.check_budgets``), before
+    anything runs or is planned."""
+    check_budgets(run_config(spec, need, out_dir, execution or {}) for need in needed_runs(spec, []))
+
+
 def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, max_runs: int | None = None,
               execution: dict | None = None, say: Callable[[str], None] = print, wait_seconds: float = 30.0,
               allow_dirty: bool = False) -> int:
@@ -107,9 +114,10 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
 
     A run that fails here is recorded as failed and not retried by this call (run the command
     again to retry it), so one broken cell cannot loop forever. Refuses uncommitted code (unless
-    ``allow_dirty``) and a committed study file in another precision.
+    ``allow_dirty``), a committed study file in another precision, and a masking budget a cell's model cannot take.
     """
     validate_spec(spec, out_dir, execution)
+    check_spec_budgets(spec, out_dir, execution)
     version = check_provenance(allow_dirty)
     committed = read_jsonl(export) if export and Path(export).is_file() else []
     check_one_precision(spec, committed, export or "")
