@@ -4,6 +4,6 @@
 ``stats``: t intervals over seeds, differences paired by seed. ``cells``: the best-LR cell of every
 (model, protocol, task, method). ``tables``, ``figures``: the study's tables and PNGs.
 ``findings``: HOLDS / DOES NOT HOLD / INCONCLUSIVE for each of the paper's findings.
-``plan``, ``run``: what a spec needs next, and running it; ``budget``: every masking ratio fits its model before
-anything runs. ``forecast``, ``power``: the compute left and the seeds each comparison needs.
+``plan``, ``run``: what a spec needs next, and running it. ``forecast``, ``power``: the compute left and the seeds
+each comparison needs.
 """

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import CODE_PATHS, FINISHED, RunRecord, source_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.sweeps.sweep import run_claimed
-from randmask_lab.study.budget import check_budgets
 from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
 from randmask_lab.study.records import export_jsonl, read_jsonl
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from randmask_lab.errors import LabError, RunError, StoreError
 from randmask_lab.experiment.parts.assemble import check_names
+from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import RunRecord, code_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner
 from randmask_lab.experiment.run.config import MASKING_METHODS, RunConfig
@@ -89,13 +90,15 @@ def failed_record(config: RunConfig, error: BaseException) -> RunRecord:
 
 def checked_grid(sweep: SweepConfig, base: RunConfig) -> tuple[list[RunConfig], list[str]]:
     """The grid's run configs and ids, checked before any run starts: unknown names and missing data
-    fail here (not hours later), and so does a grid that lists the same run twice."""
+    fail here (not hours later), and so do a grid that lists the same run twice and a masking ratio the model
+    cannot take."""
     configs = sweep_configs(sweep, base)
     for config in configs:
         check_names(config)
     ids = [c.run_id for c in configs]
     if len(set(ids)) < len(ids):
         raise RunError("the sweep grid lists the same run twice (repeated values in --lrs / --seeds / --ratios?)")
+    check_budgets(configs)  # a ratio the model cannot take, from its shapes alone
     return configs, ids
 
 

@@ -28,6 +28,16 @@ def test_unknown_names_fail_before_any_run(tmp_path):
         run_sweep(SweepConfig(tasks=["rte", "nope"]), RunConfig(out_dir=str(tmp_path)))
 
 
+def test_a_ratio_the_model_cannot_take_fails_before_any_run(tiny_lm, run_kwargs):
+    """The tiny Llama's smallest q/v target caps the even spread; a grid asking for more stops with one error."""
+    base = RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1})
+    sweep = SweepConfig(models=[tiny_lm], tasks=["rte"], methods=["randmask"], ratios=[1e-2, 0.5], lrs=[1e-2],
+                        seeds=[0])
+    with pytest.raises(RunError, match=r"^1 cell cannot run: rte randmask ratio 0.5: .*smallest target"):
+        run_sweep(sweep, base)
+    assert not ResultStore(f"{run_kwargs['out_dir']}/results.sqlite").records()  # nothing ran
+
+
 def test_sweep_goes_on_after_divergence_and_skips_finished_runs(tiny_lm, run_kwargs, monkeypatch):
     from randmask_lab.experiment.training import loop
 

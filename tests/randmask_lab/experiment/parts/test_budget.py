@@ -1,5 +1,5 @@
-"""A masking budget a cell's model cannot take stops `randmask study` (and --plan) before anything runs: the confirm
-spec first asked SmolLM2 for 5%, which its 576x192 v projections cap at 4.93%, and every such run failed."""
+"""A masking budget a cell's model cannot take stops a sweep, `randmask study` and --plan before anything runs: the
+confirm spec first asked SmolLM2 for 5%, which its 576x192 v projections cap at 4.93%, and every such run failed."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.parts.budget import budget_problem, check_budgets
 from randmask_lab.experiment.run.config import RunConfig
-from randmask_lab.study.budget import budget_problem, check_budgets
 
 PROTOCOL = {"n_train": 8, "n_val": 4, "n_test": 4, "epochs": 1}
 
@@ -49,8 +49,8 @@ def test_what_has_no_budget_to_check_passes(smollm2_shapes: Path, tmp_path: Path
 
 def test_check_budgets_names_every_cell_that_cannot_run(smollm2_shapes: Path) -> None:
     configs = [_config(smollm2_shapes, trainable_ratio=r, lr=lr) for r in (5e-2, 1e-3, 0.2) for lr in (1e-3, 1e-2)]
-    with pytest.raises(RunError, match=r"^2 cells of the spec cannot run: sst2 randmask ratio 0.05: .*; sst2 "
-                                       r"randmask ratio 0.2: .*\. Change those ratios in the spec$"):
+    with pytest.raises(RunError, match=r"^2 cells cannot run: sst2 randmask ratio 0.05: .*; sst2 "
+                                       r"randmask ratio 0.2: .*\. Change those ratios$"):
         check_budgets(configs)
     check_budgets(configs[2:4])
 
@@ -67,13 +67,13 @@ def test_study_and_its_plan_refuse_the_spec_before_anything_runs(smollm2_shapes:
     out = tmp_path / "runs"
     for extra in (["--plan"], []):
         assert main(["study", str(spec), "--out-dir", str(out), *extra]) == 2
-        assert "1 cell of the spec cannot run: sst2 randmask ratio 0.05" in capsys.readouterr().err
+        assert "1 cell cannot run: sst2 randmask ratio 0.05" in capsys.readouterr().err
     assert not out.exists()  # no store, no run folder: nothing ran
 
 
 def test_the_committed_confirm_spec_fits_smollm2(smollm2_shapes: Path) -> None:
     """Every masking ratio of experiments/smollm2_confirm.json fits SmolLM2's shapes."""
-    spec = json.loads((Path(__file__).resolve().parents[3] / "experiments" / "smollm2_confirm.json").read_text())
+    spec = json.loads((Path(__file__).resolve().parents[4] / "experiments" / "smollm2_confirm.json").read_text())
     ratios = sorted({c["ratio"] for c in spec["cells"] if "ratio" in c})
     check_budgets(_config(smollm2_shapes, method=m, trainable_ratio=r) for r in ratios for m in ("randmask",
                                                                                                   "structured"))

@@ -1,10 +1,10 @@
-"""Before a study runs: every masking cell's budget fits its model.
+"""Before a sweep or a study runs: every masking cell's budget fits its model.
 
 The paper spreads a ratio evenly, the same count in every targeted matrix (``randmask.masks.per_matrix_density``),
 so the smallest target caps the ratio and one entry per matrix floors it: SmolLM2's 576x192 v projections cap it at
-4.93%. A run refuses such a budget in its first seconds, but in a study that is a failed record per attempt, found
-hours in. Here the check runs on a weightless copy of the model (meta device: shapes only, nothing loaded), once per
-model, mode, target set and budget, before anything runs.
+4.93%. A run refuses such a budget in its first seconds, but in a sweep or a study that is a failed record per
+attempt, found hours in. Here the check runs on a weightless copy of the model (meta device: shapes only, nothing
+loaded), once per model, mode, target set and budget, before anything runs.
 """
 
 from __future__ import annotations
@@ -69,5 +69,5 @@ def check_budgets(configs: Iterable[RunConfig]) -> None:
         if problem := budget_problem(config, models):
             problems.append(problem)
     if problems:
-        raise RunError(f"{len(problems)} cell{'s' * (len(problems) > 1)} of the spec cannot run: "
-                       + "; ".join(problems) + ". Change those ratios in the spec")
+        raise RunError(f"{len(problems)} cell{'s' * (len(problems) > 1)} cannot run: " + "; ".join(problems)
+                       + ". Change those ratios")
