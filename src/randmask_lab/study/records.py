@@ -20,6 +20,8 @@ NUMERIC = ("val_loss", "val_metric", "test_metric", "wall_seconds", "train_secon
 
 def export_jsonl(records: Iterable[RunRecord], path: str | Path) -> int:
     """Write ``records`` (sorted by run id, one JSON object a line) atomically; return how many."""
+    if Path(path).is_dir():
+        raise StoreError(f"{path} is a folder; give the study file's name (e.g. {Path(path) / 'study.jsonl'})")
     rows = sorted((r.to_dict() for r in records), key=lambda d: d["run_id"])
     text = "".join(json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in rows)
     atomic_write_bytes(Path(path), text.encode())

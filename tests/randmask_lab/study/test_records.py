@@ -157,3 +157,15 @@ def test_merge_refuses_one_run_with_two_results(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a.jsonl and in" in err and "b.jsonl with other results (test_metric differ)" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("verb", [["export", "--out-dir", "{runs}"], ["merge", "{committed}"]])
+def test_a_folder_given_as_the_output_file_is_one_clear_error(tmp_path, capsys, verb):
+    """`randmask merge ... --out /tmp` ended in an IsADirectoryError traceback."""
+    from randmask_lab.experiment.results.store import ResultStore
+
+    (tmp_path / "runs").mkdir()
+    ResultStore(tmp_path / "runs" / "results.sqlite").put(study()[0])
+    args = [a.format(runs=tmp_path / "runs", committed=COMMITTED) for a in verb]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder; give the study file's name" in capsys.readouterr().err
