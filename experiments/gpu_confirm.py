@@ -101,25 +101,34 @@ def _converted_folder() -> Path:
 
 def prepare(root: Path, carry: Path, data_root: Path, preset: int = 9 | lzma.PRESET_EXTREME) -> dict:
     """Fill ``carry``/part1 and part2 from committed code and the installed weights; return the expectations."""
-    sys.path.insert(0, str(root / "src"))
     from randmask_lab.experiment.results.record import CODE_PATHS
     from randmask_lab.experiment.results.source_manifest import write_manifest
-    from randmask_lab.zoo import gguf_file
 
     shutil.rmtree(carry, ignore_errors=True)
     part1, part2 = carry / "part1", carry / "part2"
     (part2 / "wheels").mkdir(parents=True)
     part1.mkdir()
-    manifest = write_manifest(root, CODE_PATHS, part2 / "source_manifest.json")  # refuses uncommitted code
+    try:
+        manifest = write_manifest(root, CODE_PATHS, part2 / "source_manifest.json")  # refuses uncommitted code
+        return _fill(root, part1, part2, data_root, preset, manifest)
+    except BaseException:
+        shutil.rmtree(carry, ignore_errors=True)  # no half-prepared carry to send by mistake
+        raise
+
+
+def _fill(root: Path, part1: Path, part2: Path, data_root: Path, preset: int, manifest: dict) -> dict:
+    """``prepare``'s work once the manifest is written (the code is committed)."""
+    from randmask_lab.zoo import gguf_file
+
     gguf = gguf_file(MODEL)
     print(f"compressing {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB, xz preset {preset & 0xF}) ...", flush=True)
     stream = lzma.compress(gguf.read_bytes(), preset=preset)
     with tarfile.open(part2 / "data.tar.xz", "w:xz") as tar:
         tar.add(data_root / "glue" / "SST-2", arcname="glue/SST-2")
+    from importlib.metadata import version
+
     versions = {}
     for name in WHEELS:
-        from importlib.metadata import version
-
         versions[name] = version(name)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                         "-d", str(part2 / "wheels"), f"{name}=={versions[name]}"], check=True)
@@ -141,7 +150,7 @@ def prepare(root: Path, carry: Path, data_root: Path, preset: int = 9 | lzma.PRE
               "versions_here": versions, "fingerprint": fingerprint(folder, data_root / PROBE_TASK_FILE)}
     (part2 / "expect.json").write_text(json.dumps(expect, indent=1) + "\n")
     sizes = [sum(p.stat().st_size for p in part.rglob("*") if p.is_file()) for part in (part1, part2)]
-    print(f"prepared {carry}: part1 {sizes[0] / 2**20:.1f} MiB, part2 {sizes[1] / 2**20:.1f} MiB, tree "
+    print(f"prepared {part1.parent}: part1 {sizes[0] / 2**20:.1f} MiB, part2 {sizes[1] / 2**20:.1f} MiB, tree "
           f"{tree_bytes(root) / 2**20:.1f} MiB (each call at most {CALL_LIMIT / 2**20:.0f} MiB), commit "
           f"{manifest['commit'][:12]}")
     return expect
@@ -367,7 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         _probe_here()
         return 0
     if args.prepare:
-        prepare(ROOT, CARRY, args.data_dir)
+        sys.path.insert(0, str(ROOT / "src"))  # here only: on the device, --stash and --run import no randmask_lab
+        from randmask import MaskingError
+        from randmask_lab.errors import LabError
+
+        try:
+            prepare(ROOT, CARRY, args.data_dir)
+        except (LabError, MaskingError) as e:  # uncommitted code, no SmolLM2 package, no data: one line
+            print(f"gpu_confirm --prepare: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         return 0
     if args.stash:
         stash(CARRY, args.stash_dir)
