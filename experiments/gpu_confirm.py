@@ -206,11 +206,11 @@ def setup(carry: Path, stash_dir: Path, work: Path, checks: dict) -> tuple[dict,
     return env, expect
 
 
-def probe(env: dict) -> dict:
+def probe(env: dict, seconds: float) -> dict:
     """In the workers' environment: convert the weights (once, into the cache the workers read), fingerprint them,
-    and read the code version and library versions the records will carry."""
+    and read the code version and library versions the records will carry (within ``seconds``)."""
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe"], env=env, capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT, timeout=max(seconds, 1.0))
     if done.returncode != 0:
         raise RuntimeError(f"the probe failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -280,17 +280,20 @@ def count_records(path: Path, commit: str, before: set[str]) -> dict:
 
 
 def run(carry: Path, stash_dir: Path, out: Path, spec: str, stages: list[int], workers: int, minutes: float,
-        threads: int, max_runs: int | None) -> int:
-    """Call 2: verify everything, then run the workers; the summary says what passed and what was made."""
+        threads: int, max_runs: int | None, allow_cpu: bool = False) -> int:
+    """Call 2: verify everything, then run the workers; the summary says what passed and what was made.
+    ``allow_cpu``: run without a GPU (the dry run); else a machine whose torch sees no GPU stops here."""
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="randmask-gpu-confirm-"))
     summary: dict = {"checks": {}, "spec": spec, "stages": stages}
     started = time.monotonic()
     try:
         env, expect = setup(carry, stash_dir, work, summary["checks"])
-        seen = probe(env)
+        deadline = started + minutes * 60 - STOP_RESERVE
+        seen = probe(env, deadline - time.monotonic())
         summary.update(device=seen["device"], cuda=seen["cuda"], versions=seen["versions"], code=seen["code"],
                        versions_here=expect["versions_here"], setup_seconds=round(time.monotonic() - started, 1))
+        _check(seen["cuda"] or allow_cpu, "torch sees a GPU", summary["checks"])
         _check(seen["fingerprint"] == expect["fingerprint"], "the converted weights and tokenizer match the CPU's",
                summary["checks"])
         _check(Path(seen["source_folder"]) == ROOT / "src", "the workers import this tree's src/", summary["checks"])
@@ -299,11 +302,10 @@ def run(carry: Path, stash_dir: Path, out: Path, spec: str, stages: list[int], w
         _check(seen["code"].get("commit") == expect["commit"] and seen["code"].get("dirty") is False,
                "the code is the manifest's commit, unchanged", summary["checks"])
         before = {json.loads(line)["run_id"] for line in (ROOT / COMMITTED).read_text().splitlines() if line.strip()}
-        deadline = started + minutes * 60 - STOP_RESERVE
         summary["workers"] = run_workers(env, spec, stages, workers, deadline, out, work, threads, max_runs)
         summary["records"] = count_records(out / EXPORT_NAME, expect["commit"], before)
         return 0
-    except (RuntimeError, OSError, subprocess.CalledProcessError, KeyError, ValueError) as e:
+    except (RuntimeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
         summary["error"] = str(e)
         print(f"gpu_confirm: {e}", file=sys.stderr)
         return 3
@@ -340,7 +342,7 @@ def dry_run(data_root: Path) -> int:
     shutil.rmtree(tree / ".gpu_confirm" / "part1")  # as on the device, where call 2's carry has only part2
     code = subprocess.run([sys.executable, str(script), "--run", "--stash-dir", str(scratch / "stash"), "--out",
                            str(scratch / "out"), "--spec", "dry_run_spec.json", "--workers", "2", "--threads", "1",
-                           "--minutes", "10"], cwd=tree, env=env).returncode
+                           "--minutes", "10", "--allow-cpu"], cwd=tree, env=env).returncode
     summary = json.loads((scratch / "out" / "gpu_confirm_summary.json").read_text())
     made = summary.get("records", {})
     done = made.get("new_by_status", {}).get("done", 0)
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=9.0, help="all of --run, setup included, ends within this "
                         "long (default 9: inside the device's 10 minutes a call); the workers stop 40 s before")
     parser.add_argument("--max-runs", type=int, help="runs per worker (default: until --minutes)")
+    parser.add_argument("--allow-cpu", action="store_true", help="--run without a GPU (what --dry-run does); "
+                        "without it, a machine whose torch sees no GPU stops before any run")
     args = parser.parse_args(argv)
     if args.probe:
         _probe_here()
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(args.data_dir)
     return run(CARRY, args.stash_dir, args.out, args.spec, args.stages, args.workers, args.minutes, args.threads,
-               args.max_runs)
+               args.max_runs, args.allow_cpu)
 
 
 if __name__ == "__main__":

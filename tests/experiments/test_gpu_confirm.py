@@ -74,3 +74,36 @@ def test_anything_changed_on_the_way_stops_the_run_before_it_starts(carry, tmp_p
     summary = json.loads((out / "gpu_confirm_summary.json").read_text())
     assert failed in summary["error"] and summary["checks"][next(k for k in summary["checks"] if failed in k)] is False
     assert "workers" not in summary and not (out / m.EXPORT_NAME).exists()  # nothing ran
+
+
+@pytest.mark.parametrize("seen, failed", [
+    ({"cuda": False}, "torch sees a GPU"),
+    ({"fingerprint": {"weights": "other", "tokenizer": "t"}}, "the converted weights and tokenizer match the CPU's"),
+    ({"code": {"commit": "a" * 40, "dirty": True}}, "the code is the manifest's commit, unchanged"),
+])
+def test_a_machine_that_would_make_other_records_stops_before_any_run(carry, tmp_path, monkeypatch, seen, failed):
+    """What the probe finds in the workers' environment: no GPU, other weights, changed code."""
+    m = _module()
+    expect = json.loads((carry / "part2" / "expect.json").read_text())
+    expect.update(commit="a" * 40, fingerprint={"weights": "w", "tokenizer": "t"}, versions_here={})
+    (carry / "part2" / "expect.json").write_text(json.dumps(expect))
+    good = {"cuda": True, "device": "GPU", "versions": {}, "fingerprint": {"weights": "w", "tokenizer": "t"},
+            "source_folder": str(m.ROOT / "src"), "code": {"commit": "a" * 40, "dirty": False}}
+    monkeypatch.setattr(m, "probe", lambda env, seconds: {**good, "gguf": str(tmp_path / "work"), **seen})
+    monkeypatch.setattr(m.tempfile, "mkdtemp", lambda prefix: str((tmp_path / "work").mkdir() or tmp_path / "work"))
+    ran = []
+    out = tmp_path / "out"
+
+    def workers(*args):  # as run_workers leaves it: the committed file, copied as the workers' export
+        ran.append(args)
+        (out / m.EXPORT_NAME).write_text((m.ROOT / m.COMMITTED).read_text())
+        return {}
+
+    monkeypatch.setattr(m, "run_workers", workers)
+    assert m.run(carry, tmp_path / "no-stash", out, m.SPEC, [2, 3], 1, 1.0, 1, None) == 3
+    summary = json.loads((out / "gpu_confirm_summary.json").read_text())
+    assert summary["checks"][failed] is False and failed in summary["error"] and not ran
+    monkeypatch.setattr(m, "probe", lambda env, seconds: {**good, "gguf": str(tmp_path / "work")})
+    assert m.run(carry, tmp_path / "no-stash", out, m.SPEC, [2, 3], 1, 1.0, 1, None) == 0
+    assert len(ran) == 1  # every check passed: the workers ran
+    assert json.loads((out / "gpu_confirm_summary.json").read_text())["records"]["new"] == 0
