@@ -61,9 +61,8 @@ def read_jsonl(path: str | Path) -> list[RunRecord]:
         if row["run_id"] in seen:
             first, earlier = seen[row["run_id"]]
             if earlier != row:
-                differ = sorted(k for k in {*earlier, *row} if earlier.get(k) != row.get(k))
                 raise StoreError(f"{file}:{n} repeats run {row['run_id']} of line {first} with other results "
-                                 f"({', '.join(differ[:4])} differ); a table would silently take one of them. Keep "
+                                 f"({_differing(earlier, row)} differ); a table would silently take one of them. Keep "
                                  "the right line (or export the file again with `randmask export`).")
             continue  # an identical repeat: read once
         seen[row["run_id"]] = (n, row)
@@ -90,11 +89,15 @@ def merge_jsonl(paths: Iterable[str | Path]) -> list[RunRecord]:
                 continue
             earlier, new = held[0].to_dict(), record.to_dict()
             if earlier != new:
-                differ = sorted(k for k in {*earlier, *new} if earlier.get(k) != new.get(k))
                 raise StoreError(f"run {record.run_id} is in {held[1]} and in {path} with other results "
-                                 f"({', '.join(differ[:4])} differ); keep the right one of the two lines and merge "
+                                 f"({_differing(earlier, new)} differ); keep the right one of the two lines and merge "
                                  "again")
     return [record for record, _ in merged.values()]
+
+
+def _differing(a: dict, b: dict) -> str:
+    """The first four fields two versions of one record disagree on, for an error message."""
+    return ", ".join(sorted(k for k in {*a, *b} if a.get(k) != b.get(k))[:4])
 
 
 def _parse_line(file: Path, n: int, line: str) -> object:
