@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -16,7 +15,12 @@ import torch
 from randmask import __version__
 from randmask.ops import weight_gradient_kernel
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.results.source_manifest import MANIFEST_ENV, manifest_version
+from randmask_lab.experiment.results.source_manifest import (
+    MANIFEST_ENV,
+    has_uncommitted_changes,
+    manifest_version,
+    run_git,
+)
 
 Status = Literal["done", "diverged", "scale_collapsed", "failed"]
 # A sweep skips these (rerunning gives the same result); "failed" runs are retried.
@@ -152,13 +156,11 @@ def source_version() -> dict[str, Any]:
             out.update(manifest_version(source_folder().parent, Path(manifest)))
         return out
     try:
-        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,
-                                        timeout=10)
-        head = git("rev-parse", "HEAD")
-        if head.returncode == 0:
-            out["commit"] = head.stdout.strip()
-            status = git("status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS)
-            out["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
+        out["commit"] = run_git(root, "rev-parse", "HEAD", timeout=10).strip()
+    except RunError:
+        return out  # not a commit yet, or no git: the package version is the provenance
+    try:
+        out["dirty"] = has_uncommitted_changes(root, CODE_PATHS, timeout=10)
+    except RunError:
         pass
     return out

@@ -33,24 +33,35 @@ def blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def run_git(root: Path, *args: str, timeout: float = 60) -> str:
+    """``git -C root args...``'s stdout; a RunError naming the command when git is missing, hangs or fails."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RunError(f"git {' '.join(args[:2])} could not run in {root}: {exc}") from exc
+    if done.returncode != 0:
+        raise RunError(f"git {' '.join(args[:2])} failed in {root}: {done.stderr.strip()[:200]}")
+    return done.stdout
+
+
+def has_uncommitted_changes(root: Path, code_paths: Sequence[str], timeout: float = 60) -> bool:
+    """Whether the checkout at ``root`` has uncommitted (or untracked, not ignored) files under ``code_paths``."""
+    return bool(run_git(root, "status", "--porcelain", "--untracked-files=normal", "--", *code_paths,
+                        timeout=timeout).strip())
+
+
 def write_manifest(root: Path, code_paths: Sequence[str], path: Path) -> dict[str, Any]:
     """List HEAD's tracked files under ``code_paths`` of the checkout at ``root`` with their blob ids into
     ``path`` (JSON); a RunError when those files have uncommitted changes (the manifest would name a commit that
     is not the code)."""
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            raise RunError(f"git {' '.join(args[:2])} failed in {root}: {done.stderr.strip()[:200]}")
-        return done.stdout
-
-    if git("status", "--porcelain", "--untracked-files=normal", "--", *code_paths).strip():
+    if has_uncommitted_changes(root, code_paths):
         raise RunError(f"{', '.join(code_paths)} have uncommitted changes in {root}: commit them first, so that the "
                        "manifest names the code that will run")
     files = {}
-    for entry in filter(None, git("ls-tree", "-r", "-z", "HEAD", "--", *code_paths).split("\0")):
+    for entry in filter(None, run_git(root, "ls-tree", "-r", "-z", "HEAD", "--", *code_paths).split("\0")):
         meta, name = entry.split("\t", 1)  # -z: names verbatim, never quoted
         files[name] = meta.split()[2]
-    manifest = {"commit": git("rev-parse", "HEAD").strip(), "code_paths": list(code_paths), "files": files}
+    manifest = {"commit": run_git(root, "rev-parse", "HEAD").strip(), "code_paths": list(code_paths), "files": files}
     atomic_write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
 

@@ -112,3 +112,30 @@ def test_source_version_reads_the_manifest_outside_a_checkout(monkeypatch, tmp_p
         assert record.source_version()["commit"] is None
     finally:
         record.source_version.cache_clear()
+
+
+def test_git_status_of_the_code_paths_is_shared_by_records_and_manifests(monkeypatch, repo: Path) -> None:
+    """``has_uncommitted_changes`` is the one check ``record.source_version`` and ``write_manifest`` make: an
+    edit or a new file under the code paths counts, one elsewhere does not, and a missing git is a RunError that
+    ``source_version`` turns into "no commit" rather than a crash."""
+    from randmask_lab.experiment.results import record
+    from randmask_lab.experiment.results.source_manifest import has_uncommitted_changes
+
+    assert not has_uncommitted_changes(repo, CODE)
+    (repo / "README.md").write_text("edited, but not code\n")
+    assert not has_uncommitted_changes(repo, CODE)
+    (repo / "src" / "pkg" / "new.py").write_text("y = 2\n")
+    assert has_uncommitted_changes(repo, CODE)
+
+    monkeypatch.setattr(record, "checkout_root", lambda: repo)
+    record.source_version.cache_clear()
+    try:
+        assert record.source_version()["commit"] == _git(repo, "rev-parse", "HEAD").strip()
+        assert record.source_version()["dirty"] is True
+        monkeypatch.setenv("PATH", "")  # no git at all
+        with pytest.raises(RunError, match=r"git status --porcelain could not run in .*No such file"):
+            has_uncommitted_changes(repo, CODE)
+        record.source_version.cache_clear()
+        assert record.source_version()["commit"] is None and record.source_version()["dirty"] is None
+    finally:
+        record.source_version.cache_clear()
