@@ -13,7 +13,7 @@ from randmask_lab.experiment.results.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.findings import MARGIN, findings
 from randmask_lab.study.forecast import forecast
-from randmask_lab.study.plan import StudySpec, needed_runs, unfinished_searches
+from randmask_lab.study.plan import StudySpec, needed_runs, runs_left, unfinished_searches
 from randmask_lab.study.power import power_table
 from randmask_lab.study.records import export_jsonl, merge_jsonl, read_jsonl
 from randmask_lab.study.run import (
@@ -27,25 +27,29 @@ from randmask_lab.study.run import (
 from randmask_lab.study.tables import study_tables
 
 
-def _cells(args: argparse.Namespace) -> dict[str, list[StudyCell]]:
-    """model -> the cells of the ``--from`` file, those whose LR search ``--spec``'s plan has not finished marked."""
+def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[str, dict]]:
+    """model -> the cells of the ``--from`` file, those whose LR search ``--spec``'s plan has not finished marked;
+    and model -> the runs ``--spec``'s plan has left per (task, method) cell (``study.plan.runs_left``; no spec:
+    none known)."""
     records = read_jsonl(args.from_file)
     unfinished: set = set()
+    left: dict[str, dict] = {}
     if getattr(args, "spec", None):
         spec = StudySpec.from_file(args.spec)
         if not any(spec.holds(r) for r in records):
             raise RunError(f"--spec {args.spec} is a study of {spec.model} at precision {spec.precision}, and no "
                            f"record of {args.from_file} is; give the spec that made this file")
         unfinished = unfinished_searches(spec, records)
+        left[spec.model] = runs_left(spec, records)
     grouped: dict[str, list[StudyCell]] = defaultdict(list)
     for key, cell in study_cells(records, unfinished).items():
         grouped[key[0]].append(cell)
-    return dict(grouped)
+    return dict(grouped), left
 
 
 def report_from(args: argparse.Namespace) -> int:
     """Print the study tables of a JSONL file; with --figures, write its PNGs too."""
-    by_model = _cells(args)
+    by_model, _ = _cells(args)
     print(study_tables({cell.key: cell for cells in by_model.values() for cell in cells}))
     if getattr(args, "figures", None):
         # matplotlib: only when figures are asked for
@@ -77,9 +81,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
-    for model, cells in sorted(_cells(args).items()):
+    by_model, left = _cells(args)
+    for model, cells in sorted(by_model.items()):
         print(f"## {model}")
-        for verdict in findings(cells, args.analysis or (), args.theory):
+        for verdict in findings(cells, args.analysis or (), args.theory, left.get(model)):
             print(verdict.text())
     return 0
 

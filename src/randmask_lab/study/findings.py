@@ -15,12 +15,15 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
     pooled per seed over tasks and ratios, lies above 0 (HOLDS); its one-sided 95% upper bound lies below
     0 (DOES NOT HOLD); INCONCLUSIVE otherwise. The two-sided 95% interval is printed beside it.
 A cell whose LR search is unfinished (known from the study's spec) is left out of every rule, and named.
+A study is a fixed-seed design: while its spec's plan has runs left for the cells a rule reads (any run for (a)
+and (e), an LR-search run for (b), which reads only the choices), the rule is INCONCLUSIVE, marked interim, with
+its numbers so far. Deciding at a peek and again at every later one would inflate the rules' error rates.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from randmask import read_json_limited
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.report import ratio_text
 from randmask_lab.study.cells import StudyCell
+from randmask_lab.study.plan import RunsLeft
 from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
 HOLDS, FAILS, UNSURE = "HOLDS", "DOES NOT HOLD", "INCONCLUSIVE"
@@ -45,9 +49,11 @@ class Verdict:
     claim: str
     verdict: str
     evidence: list[str]
+    interim: str = ""  # why the verdict waits (the plan's runs left), or "" when the rule was read on all its runs
 
     def text(self) -> str:
-        lines = [f"({self.finding}) {self.claim}: {self.verdict}"]
+        interim = f", interim ({self.interim})" if self.interim else ""
+        lines = [f"({self.finding}) {self.claim}: {self.verdict}{interim}"]
         return "\n".join(lines + [f"    {e}" for e in self.evidence])
 
 
@@ -240,11 +246,34 @@ def _left_out(verdict: Verdict, unfinished: Sequence[StudyCell]) -> Verdict:
     return verdict
 
 
+def _interim(verdict: Verdict, left: Mapping[tuple[str, str], RunsLeft]) -> Verdict:
+    """``verdict`` made INCONCLUSIVE, and marked interim, while the plan has runs left for the cells it reads."""
+    search_only = verdict.finding == "b"  # (b) reads the LR choices, which further seeds never change
+    waiting = {key: n for key, n in sorted(left.items())
+               if key[1] in READS.get(verdict.finding, ()) and (n.search if search_only else n.total)}
+    if not waiting:
+        return verdict
+    count = lambda n: f"{n.search if search_only else n.total}{'+' * bool(n.search)}"  # noqa: E731
+    more = any(n.search for n in waiting.values())  # a search still running plans its seeds (or an edge) later
+    total = sum(n.search if search_only else n.total for n in waiting.values())
+    verdict.verdict = UNSURE
+    verdict.interim = f"{total}{'+' * more} planned run{'s' * (total > 1 or more)} left"
+    verdict.evidence.append(
+        f"interim, not a verdict: the study's plan has {'LR-search ' * search_only}runs left for "
+        + ", ".join(f"{task} {label} ({count(n)})" for (task, label), n in waiting.items())
+        + " ('+': more once its LR search ends)" * more
+        + "; the rule is read once they are in (a fixed-seed design: deciding at a peek inflates its error rate)")
+    return verdict
+
+
 def findings(cells: Sequence[StudyCell], analysis_dirs: Sequence[str | Path] = (),
-             theory_file: str | Path | None = None) -> list[Verdict]:
-    """All five verdicts. Cells marked ``search_unfinished`` are left out (their LR is not chosen yet)."""
+             theory_file: str | Path | None = None,
+             runs_left: Mapping[tuple[str, str], RunsLeft] | None = None) -> list[Verdict]:
+    """All five verdicts. Cells marked ``search_unfinished`` are left out (their LR is not chosen yet).
+    ``runs_left`` (``study.plan.runs_left`` of the study's spec): rules whose cells still have planned runs are
+    INCONCLUSIVE, marked interim."""
     theory = read_theory_summary(theory_file) if theory_file else None
     chosen = [c for c in cells if not c.search_unfinished]
     unfinished = [c for c in cells if c.search_unfinished]
     verdicts = [finding_a(chosen), finding_b(chosen), finding_c(analysis_dirs), finding_d(theory), finding_e(chosen)]
-    return [_left_out(v, unfinished) for v in verdicts]
+    return [_interim(_left_out(v, unfinished), runs_left or {}) for v in verdicts]

@@ -19,6 +19,7 @@ from typing import Any
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.results.record import FINISHED, RunRecord
+from randmask_lab.experiment.results.report import method_label
 from randmask_lab.study.cells import CellKey, cell_key, search_loss
 from randmask_lab.study.spec_checks import check_spec_file
 
@@ -201,4 +202,24 @@ def unfinished_searches(spec: StudySpec, records: list[RunRecord]) -> set[CellKe
         if any(is_search_run(spec, run) for run in _cell_runs(spec, task, cell, finished, None)):
             fixed = {**spec.common, **spec.protocol[task]}
             out |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
+    return out
+
+
+@dataclass(frozen=True)
+class RunsLeft:
+    """How many runs the plan still has for one (task, method/budget) cell: of its LR search, and in all."""
+
+    search: int
+    total: int
+
+
+def runs_left(spec: StudySpec, records: list[RunRecord]) -> dict[tuple[str, str], RunsLeft]:
+    """(task, method label as ``report.method_label`` names it) -> the runs the plan still has for that cell, for
+    every cell with runs left (a cell with none is absent). What makes a verdict interim: the study is a
+    fixed-seed design, and a rule read before its planned seeds are in is a peek."""
+    out: dict[tuple[str, str], RunsLeft] = {}
+    for run in needed_runs(spec, records):
+        label = method_label({**spec.common, **spec.protocol[run.task], "method": run.method, "ratio": run.ratio})
+        before = out.get((run.task, label), RunsLeft(0, 0))
+        out[(run.task, label)] = RunsLeft(before.search + is_search_run(spec, run), before.total + 1)
     return out

@@ -207,6 +207,45 @@ def test_report_and_findings_read_the_search_state_from_the_spec(tmp_path: Path,
     assert "--spec needs --from" in capsys.readouterr().err
 
 
+def test_a_rule_waits_for_the_planned_seeds_of_the_cells_it_reads(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A fixed-seed design: while the spec plans further seeds of a cell a rule reads, the rule is INCONCLUSIVE
+    and says it is interim, even where the numbers so far would decide it; a rule whose cells are complete is
+    read as before, and (b), which reads only the LR choices, waits for LR-search runs only."""
+    from randmask_lab.study.plan import StudySpec, runs_left
+
+    path = tmp_path / "study.jsonl"
+    worse = study(lora_shift=0.05)
+    worse += [record(task, "full", 1e-4, seed, 0.9, 0.5) for task in ("sst2", "rte") for seed in (0, 1, 2)]
+    export_jsonl(worse, path)
+    assert main(["findings", "--from", str(path)]) == 0
+    assert "full FT by more than 1 point on the task average (non-inferiority, one-sided 95%): DOES NOT HOLD\n" \
+        in capsys.readouterr().out  # no spec: read on what is there, as before
+
+    spec = json.loads(_spec(tmp_path / "s.json", [3e-2, 1e-1, 3e-1]).read_text())
+    spec["cells"].insert(0, {"method": "full", "lrs": [1e-4]})
+    spec["seeds"], spec["max_extend"] = [0, 1, 2, 3], 0  # seed 3 of every cell is still planned
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    left = runs_left(StudySpec.from_file(tmp_path / "s.json"), worse)
+    assert left[("sst2", "lora")].total == 1 and left[("sst2", "lora")].search == 0
+    assert main(["findings", "--from", str(path), "--spec", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "(non-inferiority, one-sided 95%): INCONCLUSIVE, interim (4 planned runs left)" in out
+    assert "runs left for rte full (1), rte lora (1), sst2 full (1), sst2 lora (1);" in out
+    assert "non-inferior by 1 point: DOES NOT HOLD" in out  # the numbers so far are still shown
+    assert "(b) the best LR rises monotonically as the ratio falls: HOLDS\n" in out  # its LR searches are done
+    assert "(e) structured masking is worse than random at ≤ 0.01% (random − structured > 0, one-sided 95%): " \
+        "INCONCLUSIVE, interim (2 planned runs left)" in out  # it reads randmask 1e-5 too
+    assert "-> random − structured > 0: HOLDS" in out and "LR search ends" not in out
+
+    spec["cells"][2]["lrs"] = [3e-2, 1e-1, 3e-1, 1.0]  # randmask 1e-5's search has an LR left: (b) waits too
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    assert main(["findings", "--from", str(path), "--spec", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "(b) the best LR rises monotonically as the ratio falls: INCONCLUSIVE, interim (2+ planned runs left)" \
+        in out and "LR-search runs left for rte randmask 1e-05 (1+), sst2 randmask 1e-05 (1+)" in out
+
+
 def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
     folder.mkdir(parents=True)
     run = {"method": "randmask", "ratio": ratio, "n_trainable": 10, "n_total": 1000, "trained": True, "seed": seed}
