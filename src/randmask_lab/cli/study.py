@@ -128,7 +128,8 @@ def _print_power(spec, records: list, power_from: str | None) -> None:
 
 
 SPEC_HELP = ("the study spec that made the --from file: cells whose LR search its plan has not finished are shown as "
-             "the best so far and left out of the findings (records alone cannot tell them from chosen LRs)")
+             "the best so far and left out of the findings (records alone cannot tell them from chosen LRs); a "
+             "finding whose cells still have planned runs reads INCONCLUSIVE, interim (read once the seeds are in)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
