@@ -316,10 +316,12 @@ def run(carry: Path, stash_dir: Path, out: Path, spec: str, stages: list[int], w
         shutil.rmtree(work, ignore_errors=True)
 
 
-def dry_run(data_root: Path) -> int:
+def dry_run(data_root: Path, device_python: str = sys.executable) -> int:
     """Everything on the CPU: prepare (fast compression), a copy of the tree without .git standing in for the
     device's, both calls, and a tiny protocol (16 training examples, 1 epoch) for two workers: one run of every
-    stage-2/3 cell (each method the GPU would run). Passes when every run is done and names the commit."""
+    stage-2/3 cell (each method the GPU would run). Passes when every run is done and names the commit.
+    ``device_python`` plays the device's interpreter in both calls (prepare runs here): a Python environment with
+    the device image's library versions (transformers, tokenizers, ...) tries them before a GPU session does."""
     scratch = Path(tempfile.mkdtemp(prefix="randmask-gpu-dry-run-"))
     tree = scratch / "tree"
     names = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
@@ -337,10 +339,10 @@ def dry_run(data_root: Path) -> int:
     spec["cells"] = [{**c, "lrs": c["lrs"][:1], "seeds": [0]} for c in spec["cells"] if c.get("stage") in (2, 3)]
     (tree / "dry_run_spec.json").write_text(json.dumps(spec))
     script, env = tree / "experiments" / "gpu_confirm.py", {**os.environ, "PYTHONPATH": ""}
-    subprocess.run([sys.executable, str(script), "--stash", "--stash-dir", str(scratch / "stash")], cwd=tree,
+    subprocess.run([device_python, str(script), "--stash", "--stash-dir", str(scratch / "stash")], cwd=tree,
                    env=env, check=True)
     shutil.rmtree(tree / ".gpu_confirm" / "part1")  # as on the device, where call 2's carry has only part2
-    code = subprocess.run([sys.executable, str(script), "--run", "--stash-dir", str(scratch / "stash"), "--out",
+    code = subprocess.run([device_python, str(script), "--run", "--stash-dir", str(scratch / "stash"), "--out",
                            str(scratch / "out"), "--spec", "dry_run_spec.json", "--workers", "2", "--threads", "1",
                            "--minutes", "10", "--allow-cpu"], cwd=tree, env=env).returncode
     summary = json.loads((scratch / "out" / "gpu_confirm_summary.json").read_text())
@@ -366,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_confirm_out")))
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("RANDMASK_DATA_DIR", ROOT.parent /
                                                                            "shared" / "data")))
+    parser.add_argument("--device-python", default=sys.executable,
+                        help="--dry-run: the interpreter that plays the device in both calls (say, a venv with the "
+                             "device image's transformers and tokenizers); default: this one")
     parser.add_argument("--spec", default=SPEC)
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--workers", type=int, default=6, help="study workers sharing the GPU (default 6)")
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         stash(CARRY, args.stash_dir)
         return 0
     if args.dry_run:
-        return dry_run(args.data_dir)
+        return dry_run(args.data_dir, args.device_python)
     return run(CARRY, args.stash_dir, args.out, args.spec, args.stages, args.workers, args.minutes, args.threads,
                args.max_runs, args.allow_cpu)
 
