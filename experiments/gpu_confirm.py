@@ -293,7 +293,8 @@ def run(carry: Path, stash_dir: Path, out: Path, spec: str, stages: list[int], w
         seen = probe(env, deadline - time.monotonic())
         summary.update(device=seen["device"], cuda=seen["cuda"], versions=seen["versions"], code=seen["code"],
                        versions_here=expect["versions_here"], setup_seconds=round(time.monotonic() - started, 1))
-        _check(seen["cuda"] or allow_cpu, "torch sees a GPU", summary["checks"])
+        _check(seen["cuda"] or allow_cpu, "torch sees a GPU" if not allow_cpu else
+               f"torch sees a GPU, or --allow-cpu (it sees {'one' if seen['cuda'] else 'none'})", summary["checks"])
         _check(seen["fingerprint"] == expect["fingerprint"], "the converted weights and tokenizer match the CPU's",
                summary["checks"])
         _check(Path(seen["source_folder"]) == ROOT / "src", "the workers import this tree's src/", summary["checks"])

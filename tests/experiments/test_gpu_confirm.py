@@ -107,3 +107,8 @@ def test_a_machine_that_would_make_other_records_stops_before_any_run(carry, tmp
     assert m.run(carry, tmp_path / "no-stash", out, m.SPEC, [2, 3], 1, 1.0, 1, None) == 0
     assert len(ran) == 1  # every check passed: the workers ran
     assert json.loads((out / "gpu_confirm_summary.json").read_text())["records"]["new"] == 0
+    # --allow-cpu (the dry run) passes without a GPU, and the summary says so rather than "torch sees a GPU"
+    monkeypatch.setattr(m, "probe", lambda env, seconds: {**good, "cuda": False, "gguf": str(tmp_path / "work")})
+    assert m.run(carry, tmp_path / "no-stash", out, m.SPEC, [2, 3], 1, 1.0, 1, None, True) == 0
+    checks = json.loads((out / "gpu_confirm_summary.json").read_text())["checks"]
+    assert checks.get("torch sees a GPU, or --allow-cpu (it sees none)") is True and "torch sees a GPU" not in checks
