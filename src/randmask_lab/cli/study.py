@@ -13,7 +13,7 @@ from randmask_lab.experiment.results.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.findings import MARGIN, findings
 from randmask_lab.study.forecast import forecast
-from randmask_lab.study.plan import StudySpec, needed_runs, runs_left, unfinished_searches
+from randmask_lab.study.plan import StudySpec, needed_runs, plan_progress
 from randmask_lab.study.power import power_table
 from randmask_lab.study.records import export_jsonl, merge_jsonl, read_jsonl
 from randmask_lab.study.run import (
@@ -29,18 +29,18 @@ from randmask_lab.study.tables import study_tables
 
 def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[str, dict]]:
     """model -> the cells of the ``--from`` file, those whose LR search ``--spec``'s plan has not finished marked;
-    and model -> the runs ``--spec``'s plan has left per (task, method) cell (``study.plan.runs_left``; no spec:
-    none known)."""
+    and model -> the runs ``--spec``'s plan has left per (task, method) cell (``study.plan.plan_progress``; no
+    spec: none known)."""
     records = read_jsonl(args.from_file)
-    unfinished: set = set()
+    unfinished: frozenset = frozenset()
     left: dict[str, dict] = {}
     if getattr(args, "spec", None):
         spec = StudySpec.from_file(args.spec)
         if not any(spec.holds(r) for r in records):
             raise RunError(f"--spec {args.spec} is a study of {spec.model} at precision {spec.precision}, and no "
                            f"record of {args.from_file} is; give the spec that made this file")
-        unfinished = unfinished_searches(spec, records)
-        left[spec.model] = runs_left(spec, records)
+        progress = plan_progress(spec, records)
+        unfinished, left[spec.model] = progress.unfinished_searches, progress.runs_left
     grouped: dict[str, list[StudyCell]] = defaultdict(list)
     for key, cell in study_cells(records, unfinished).items():
         grouped[key[0]].append(cell)

@@ -5,7 +5,7 @@ cell has (the LR search seed, seed 0, when seeds 1 and 2 ran only at the chosen 
 at the chosen LR therefore never change the choice. A diverged run is infinitely bad on validation.
 
 Records alone cannot tell a chosen LR from the best one so far of a search still running: the study's spec
-can (``study.plan.unfinished_searches``), and a cell it names is marked ``search_unfinished``, so tables show
+can (``study.plan.plan_progress``), and a cell it names is marked ``search_unfinished``, so tables show
 it as the best so far and findings leave it out.
 """
 

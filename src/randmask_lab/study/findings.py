@@ -270,8 +270,8 @@ def findings(cells: Sequence[StudyCell], analysis_dirs: Sequence[str | Path] = (
              theory_file: str | Path | None = None,
              runs_left: Mapping[tuple[str, str], RunsLeft] | None = None) -> list[Verdict]:
     """All five verdicts. Cells marked ``search_unfinished`` are left out (their LR is not chosen yet).
-    ``runs_left`` (``study.plan.runs_left`` of the study's spec): rules whose cells still have planned runs are
-    INCONCLUSIVE, marked interim."""
+    ``runs_left`` (``study.plan.plan_progress(spec, records).runs_left``): rules whose cells still have planned
+    runs are INCONCLUSIVE, marked interim."""
     theory = read_theory_summary(theory_file) if theory_file else None
     chosen = [c for c in cells if not c.search_unfinished]
     unfinished = [c for c in cells if c.search_unfinished]

@@ -194,17 +194,6 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     return [run for runs in groups.values() for run in sorted(runs, key=further_seed)]  # stable: spec order kept
 
 
-def unfinished_searches(spec: StudySpec, records: list[RunRecord]) -> set[CellKey]:
-    """The cells (``study.cells`` keys) of ``records`` whose LR search the plan has not finished: it still plans a
-    run of the search seed for them, so their best LR so far is not yet the chosen one."""
-    finished, out = _finished(spec, records), set()
-    for task, cell in _task_cells(spec):
-        if any(is_search_run(spec, run) for run in _cell_runs(spec, task, cell, finished, None)):
-            fixed = {**spec.common, **spec.protocol[task]}
-            out |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
-    return out
-
-
 @dataclass(frozen=True)
 class RunsLeft:
     """How many runs the plan still has for one (task, method/budget) cell: of its LR search, and in all."""
@@ -213,13 +202,36 @@ class RunsLeft:
     total: int
 
 
-def runs_left(spec: StudySpec, records: list[RunRecord]) -> dict[tuple[str, str], RunsLeft]:
-    """(task, method label as ``report.method_label`` names it) -> the runs the plan still has for that cell, for
-    every cell with runs left (a cell with none is absent). What makes a verdict interim: the study is a
-    fixed-seed design, and a rule read before its planned seeds are in is a peek."""
-    out: dict[tuple[str, str], RunsLeft] = {}
-    for run in needed_runs(spec, records):
-        label = method_label({**spec.common, **spec.protocol[run.task], "method": run.method, "ratio": run.ratio})
-        before = out.get((run.task, label), RunsLeft(0, 0))
-        out[(run.task, label)] = RunsLeft(before.search + is_search_run(spec, run), before.total + 1)
-    return out
+@dataclass(frozen=True)
+class PlanProgress:
+    """Where a study's plan stands on a set of records: what its tables and verdicts must not yet present as
+    final.
+
+    ``unfinished_searches``: the cells (``study.cells`` keys) of the records whose LR search the plan has not
+    finished (it still plans a run of the search seed for them), so their best LR so far is not yet the chosen
+    one. ``runs_left``: (task, method label as ``report.method_label`` names it) -> the runs the plan still has
+    for that cell, for every cell with runs left (a cell with none is absent), records or not. What makes a
+    verdict interim: the study is a fixed-seed design, and a rule read before its planned seeds are in is a
+    peek."""
+
+    unfinished_searches: frozenset[CellKey]
+    runs_left: dict[tuple[str, str], RunsLeft]
+
+
+def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
+    """One walk over the plan's cells (the runs ``needed_runs`` would give, uncounted by run id) -> its progress."""
+    finished = _finished(spec, records)
+    unfinished: set[CellKey] = set()
+    left: dict[tuple[str, str], RunsLeft] = {}
+    for task, cell in _task_cells(spec):
+        runs = _cell_runs(spec, task, cell, finished, None)
+        if not runs:
+            continue
+        fixed = {**spec.common, **spec.protocol[task]}
+        searching = sum(is_search_run(spec, run) for run in runs)
+        if searching:  # keyed as the records' cells are (study.cells), protocol fields included
+            unfinished |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
+        label = method_label({**fixed, "method": cell.method, "ratio": cell.ratio})
+        before = left.get((task, label), RunsLeft(0, 0))
+        left[(task, label)] = RunsLeft(before.search + searching, before.total + len(runs))
+    return PlanProgress(frozenset(unfinished), left)

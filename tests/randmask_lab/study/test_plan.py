@@ -9,7 +9,7 @@ import pytest
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.record import RunRecord
-from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs, neighbour, unfinished_searches
+from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs, neighbour, plan_progress
 
 PROTOCOL = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}
 
@@ -49,14 +49,28 @@ def test_an_optimum_at_the_edge_extends_the_grid_up_to_max_extend() -> None:
 
 def test_a_search_is_unfinished_until_the_plan_chooses_its_lr() -> None:
     s = spec(max_extend=1)
+    unfinished = lambda s, runs: plan_progress(s, runs).unfinished_searches  # noqa: E731
     runs = [done(1e-2, 0, 0.9)]
-    assert [key[2:] for key in unfinished_searches(s, runs)] == [("sst2", "randmask 1e-04")]
-    assert unfinished_searches(s, runs + [done(3e-2, 0, 0.5), done(1e-1, 0, 0.7)]) == set()  # seeds 1, 2 to go
+    assert [key[2:] for key in unfinished(s, runs)] == [("sst2", "randmask 1e-04")]
+    assert unfinished(s, runs + [done(3e-2, 0, 0.5), done(1e-1, 0, 0.7)]) == set()  # seeds 1, 2 to go
     at_edge = runs + [done(3e-2, 0, 0.7), done(1e-1, 0, 0.5)]  # the ladder goes on upwards: not chosen yet
-    assert len(unfinished_searches(s, at_edge)) == 1
-    assert unfinished_searches(s, at_edge + [done(3e-1, 0, 0.6)]) == set()
-    assert unfinished_searches(spec(cells=[CellSpec("zeroshot")]), [done(1e-3, 0, 0.9, method="zeroshot",
-                                                                         ratio=None)]) == set()
+    assert len(unfinished(s, at_edge)) == 1
+    assert unfinished(s, at_edge + [done(3e-1, 0, 0.6)]) == set()
+    assert unfinished(spec(cells=[CellSpec("zeroshot")]), [done(1e-3, 0, 0.9, method="zeroshot",
+                                                                 ratio=None)]) == set()
+
+
+def test_the_runs_left_per_cell_are_the_plans_next_runs_counted() -> None:
+    s = spec(max_extend=1)
+    for runs in ([], [done(1e-2, 0, 0.9)], [done(1e-2, 0, 0.9), done(3e-2, 0, 0.5), done(1e-1, 0, 0.7)],
+                 [done(lr, seed, 0.5) for lr in (1e-2, 3e-2, 1e-1) for seed in (0, 1, 2)]):
+        planned = needed_runs(s, runs)
+        left = plan_progress(s, runs).runs_left
+        assert sum(v.total for v in left.values()) == len(planned)
+        assert sum(v.search for v in left.values()) == sum(run.seed == s.search_seed for run in planned)
+        assert set(left) <= {("sst2", "randmask 1e-04")}
+    finished = [done(1e-2, 0, 0.9), done(3e-2, 0, 0.5), done(1e-1, 0, 0.7), done(3e-2, 1, 0.6), done(3e-2, 2, 0.4)]
+    assert plan_progress(spec(), finished).runs_left == {}  # a finished cell is absent
 
 
 def test_other_protocols_precisions_and_failures_do_not_count() -> None:

@@ -212,7 +212,7 @@ def test_a_rule_waits_for_the_planned_seeds_of_the_cells_it_reads(tmp_path: Path
     """A fixed-seed design: while the spec plans further seeds of a cell a rule reads, the rule is INCONCLUSIVE
     and says it is interim, even where the numbers so far would decide it; a rule whose cells are complete is
     read as before, and (b), which reads only the LR choices, waits for LR-search runs only."""
-    from randmask_lab.study.plan import StudySpec, runs_left
+    from randmask_lab.study.plan import StudySpec, plan_progress
 
     path = tmp_path / "study.jsonl"
     worse = study(lora_shift=0.05)
@@ -226,7 +226,7 @@ def test_a_rule_waits_for_the_planned_seeds_of_the_cells_it_reads(tmp_path: Path
     spec["cells"].insert(0, {"method": "full", "lrs": [1e-4]})
     spec["seeds"], spec["max_extend"] = [0, 1, 2, 3], 0  # seed 3 of every cell is still planned
     (tmp_path / "s.json").write_text(json.dumps(spec))
-    left = runs_left(StudySpec.from_file(tmp_path / "s.json"), worse)
+    left = plan_progress(StudySpec.from_file(tmp_path / "s.json"), worse).runs_left
     assert left[("sst2", "lora")].total == 1 and left[("sst2", "lora")].search == 0
     assert main(["findings", "--from", str(path), "--spec", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
