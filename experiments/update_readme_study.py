@@ -17,7 +17,7 @@ Usage: python experiments/update_readme_study.py [exploratory|confirm ...]   (fr
 
 from __future__ import annotations
 
-import re
+import json
 import subprocess
 import sys
 import tempfile
@@ -177,19 +177,15 @@ def exploratory_section(study: Study, lines: list[str], up: str) -> str:
     return "\n".join(parts)
 
 
-def confirm_plan(study: Study) -> list[str]:
-    """The plan with its power calculation: the study's own spreads once it has paired seeds, else the first study's."""
-    own = plan(study)
-    if any(line.startswith("power (per-seed spreads measured in this study's finished runs") for line in own):
-        return own
-    return plan(study, "--power-from", EXPLORATORY.records)
+def power_lines(lines: list[str]) -> list[str]:
+    """The power calculation's block of `--plan`'s lines (nothing when it has none)."""
+    return lines[next((i for i, line in enumerate(lines) if line.startswith("power")), len(lines)):]
 
 
-def sst2_need(power: list[str]) -> str:
-    """", SST-2's randmask − LoRA needs N" as the power lines print it (nothing when they lack that line)."""
-    line = next((line for line in power if line.strip().startswith("sst2: randmask 1e-03 − lora:")), "")
-    found = re.search(r"half-width <= 1: (\d+|out of reach)", line)
-    return f", SST-2's randmask − LoRA needs {found.group(1)} for a 95% half-width of 1 point" if found else ""
+def tasks_without_power(study: Study, power: list[str]) -> list[str]:
+    """The spec's tasks that no row of the power block covers (they have no paired seeds yet)."""
+    covered = {line.strip().split(":")[0] for line in power[1:]}
+    return [task for task in json.loads((ROOT / study.spec).read_text())["protocol"] if task not in covered]
 
 
 def confirm_findings(study: Study) -> str:
@@ -197,13 +193,21 @@ def confirm_findings(study: Study) -> str:
 
 
 def confirm_section(study: Study, lines: list[str], found: str, up: str) -> str:
-    """The confirmatory study's page section: compute, progress, power, report, figures, the decided rules."""
-    planned = confirm_plan(study)
-    power = planned[next((i for i, line in enumerate(planned) if line.startswith("power")), len(planned)):]
+    """The confirmatory study's page section: compute, progress, seeds and power, report, figures, the rules."""
+    planned = plan(study)
+    own = power_lines(planned)
+    missing = tasks_without_power(study, own)
+    earlier = power_lines(plan(study, "--power-from", EXPLORATORY.records)) if missing else []
+    seeds = [line for line in planned if line.startswith("seeds")]
     return "\n".join([
         status(study), "", progress(study, planned), "",
-        "The seed counts come from this power calculation (`randmask study ... --plan`; the spec's 10 seeds is the "
-        f"issue's floor{sst2_need(power)}):", "", "```", *power, "```", "",
+        "The spec plans 10 seeds per cell (the issue's floor). Its `reestimate` rule then sets the seed count of the "
+        "cells that rule (a) compares once, from the spread of those planned seeds alone, never their mean "
+        "(an internal pilot: see the rules above); `randmask study ... --plan` printed:", "",
+        "```", *seeds, *own, "```", "",
+        *([f"No paired seeds of {', '.join(missing)} yet: on the exploratory study's spreads (its protocol is "
+           "shorter, so a planning figure only) the same calculation printed:", "", "```", *earlier, "```", ""]
+          if earlier else []),
         f"{shown(report_args(study))} printed:", "", *lines, "",
         *figure_lines(study, up),
         f"{shown(findings_args(study))} printed:", "", "```", found, "```"])

@@ -13,7 +13,7 @@ from randmask_lab.experiment.results.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.findings import MARGIN, findings
 from randmask_lab.study.forecast import forecast
-from randmask_lab.study.plan import StudySpec, needed_runs, plan_progress
+from randmask_lab.study.plan import StudySpec, needed_runs, plan_progress, seeds_decided
 from randmask_lab.study.power import power_table
 from randmask_lab.study.records import export_jsonl, merge_jsonl, read_jsonl
 from randmask_lab.study.run import (
@@ -104,6 +104,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         for n in needs:
             print(f"{n.task}\t{n.method}\t{n.ratio or ''}\tlr={n.lr:g}\tseed={n.seed}")
         print(forecast(spec, needs, records).text())
+        _print_reestimate(spec, records)
         _print_power(spec, records, args.power_from)
         return 0
     execution = {"threads": args.threads, "progress": args.progress}
@@ -114,15 +115,31 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_reestimate(spec: StudySpec, records: list) -> None:
+    """The spec's seed re-estimation: what it decided, or what it waits for."""
+    rule = spec.reestimate
+    if rule is None:
+        return
+    decided = seeds_decided(spec, records)
+    if decided is not None:
+        print(decided.text())
+        return
+    named = sorted({label for pair in rule.compare for label in pair})
+    print(f"seeds: re-estimated once {', '.join(named)} have their planned seeds on every task (from their spread "
+          f"alone: a 95% half-width of at most {100 * rule.half_width:g} point{'s' * (rule.half_width != 0.01)}, at "
+          f"most {rule.max_seeds} seeds)")
+
+
 def _print_power(spec, records: list, power_from: str | None) -> None:
     """The power calculation of ``--plan``: seeds each comparison needs, from measured per-seed spreads."""
     source = read_jsonl(power_from) if power_from else [r for r in records if spec.holds(r)]
-    rows = power_table(list(study_cells(source).values()), MARGIN)
+    rows = power_table(list(study_cells(source).values()), MARGIN, tasks=set(spec.protocol))  # the average it decides
     where = power_from or "this study's finished runs"
     if not rows:
         print(f"power: no comparison has 2+ paired seeds in {where} yet (give --power-from <an earlier study.jsonl>)")
         return
-    print(f"power (per-seed spreads measured in {where}; a planning figure, re-read as seeds come in):")
+    print(f"power (per-seed spreads measured in {where}, on this study's tasks {', '.join(spec.protocol)}; a planning "
+          "figure, re-read as seeds come in):")
     for row in rows:
         print(f"  {row.text(MARGIN)}")
 

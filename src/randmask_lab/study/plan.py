@@ -20,7 +20,8 @@ from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.experiment.results.report import method_label
-from randmask_lab.study.cells import CellKey, cell_key, search_loss
+from randmask_lab.study.cells import CellKey, cell_key, search_loss, study_cells
+from randmask_lab.study.power import power_table
 from randmask_lab.study.spec_checks import check_spec_file
 
 LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
@@ -38,6 +39,23 @@ class CellSpec:
     stage: int = 0  # runs are planned stage by stage (then task by task): what matters most goes first
 
 
+@dataclass(frozen=True)
+class Reestimate:
+    """Sample-size re-estimation, made once from the planned seeds' spread (an internal pilot).
+
+    When every cell named in ``compare`` has run all its planned seeds on every task, each comparison's
+    per-seed sd (of its paired difference on the task average; on one task, that task's) over those planned
+    seeds gives the seeds a two-sided 95% interval needs for a half-width of at most ``half_width``
+    (``power.seeds_for_half_width``). If the most any comparison needs exceeds the planned count, every cell
+    named gets further seeds up to it, at most ``max_seeds``. It reads no mean difference, so it cannot steer a
+    rule towards a verdict; and it reads only the planned seeds, so it is made once (further seeds never move it).
+    """
+
+    compare: tuple[tuple[str, str], ...]  # pairs of method labels as the tables name them ("randmask 1e-03")
+    max_seeds: int
+    half_width: float = 0.01
+
+
 @dataclass
 class StudySpec:
     """A study: model, precision, per-task protocol, the cells, seeds. Read from JSON."""
@@ -51,6 +69,7 @@ class StudySpec:
     search_seed: int = 0
     max_extend: int = 2
     common: dict[str, Any] = field(default_factory=dict)  # RunConfig fields for every run (batch_size, ...)
+    reestimate: Reestimate | None = None  # None: every cell runs its planned seeds, no more
 
     def holds(self, record: RunRecord) -> bool:
         """Whether ``record`` is a run of this study's model and precision (a store may hold other studies)."""
@@ -66,9 +85,13 @@ class StudySpec:
                               tuple(c["tasks"]) if c.get("tasks") else None,
                               tuple(c["seeds"]) if c.get("seeds") is not None else None, int(c.get("stage", 0)))
                      for c in data["cells"]]
+            rule = data.get("reestimate")
+            reestimate = None if rule is None else Reestimate(
+                tuple((left, right) for left, right in rule["compare"]), rule["max_seeds"],
+                float(rule.get("half_width", 0.01)))
             spec = cls(data["name"], data["model"], data["precision"], data["protocol"], cells,
                        tuple(data.get("seeds", (0, 1, 2))), data.get("search_seed", 0), data.get("max_extend", 2),
-                       data.get("common", {}))
+                       data.get("common", {}), reestimate)
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise RunError(f"study spec {path}: {type(e).__name__}: {e}. "
                            "See experiments/*.json for the format.") from None
@@ -81,6 +104,12 @@ class StudySpec:
         for seeds in (spec.seeds, *(c.seeds for c in spec.cells if c.seeds is not None)):
             if spec.search_seed not in seeds:
                 raise RunError(f"study spec {path}: search_seed {spec.search_seed} is not one of seeds {seeds}.")
+        if spec.reestimate is not None:
+            labels = {spec.label(task, cell) for task, cell in _task_cells(spec)}
+            unknown = sorted({x for pair in spec.reestimate.compare for x in pair} - labels)
+            if unknown:
+                raise RunError(f"study spec {path}: reestimate.compare names {unknown}, which are not cells of the "
+                               f"study (its cells: {', '.join(sorted(labels))})")
         if spec.precision == AUTO:
             raise RunError(f"study spec {path}: precision 'auto' resolves to bf16-mixed on machines with native "
                            "bf16 and to 32 elsewhere, and a study keeps one precision: name one (32 runs at full "
@@ -101,8 +130,12 @@ class StudySpec:
         return dataclasses.replace(self, cells=[c for c in self.cells if c.stage in set(stages)])
 
     def cell_seeds(self, cell: CellSpec) -> tuple[int, ...]:
-        """The seeds a cell runs at its chosen LR (its own, else the study's)."""
+        """The seeds a cell plans at its chosen LR (its own, else the study's); ``reestimate`` may add more."""
         return self.seeds if cell.seeds is None else cell.seeds
+
+    def label(self, task: str, cell: CellSpec) -> str:
+        """The cell's method label on ``task``, as the tables and ``reestimate.compare`` name it."""
+        return method_label({**self.common, **self.protocol[task], "method": cell.method, "ratio": cell.ratio})
 
 
 @dataclass(frozen=True)
@@ -133,7 +166,9 @@ def _matches(r: RunRecord, task: str, cell: CellSpec, fixed: dict[str, Any]) -> 
 
 
 def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRecord],
-               run_id: RunId | None) -> list[PlannedRun]:
+               run_id: RunId | None, seeds: tuple[int, ...] | None = None) -> list[PlannedRun]:
+    """The runs one cell still needs on one task (at ``seeds``: the cell's planned seeds unless given)."""
+    seeds = spec.cell_seeds(cell) if seeds is None else seeds
     fixed = {**spec.common, **spec.protocol[task]}
     done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
     if run_id is not None:  # only the very run the spec asks for under this code (data, sampler version)
@@ -141,8 +176,7 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                 if r.run_id == run_id(PlannedRun(task, cell.method, cell.ratio, key[0], key[1]))}
     if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)
         lr = cell.lrs[0] if cell.lrs else 1e-3
-        return [PlannedRun(task, cell.method, None, lr, s) for s in spec.cell_seeds(cell)
-                if not any(key[1] == s for key in done)]
+        return [PlannedRun(task, cell.method, None, lr, s) for s in seeds if not any(key[1] == s for key in done)]
     grid = sorted({*cell.lrs, *(lr for lr, s in done if s == spec.search_seed)})
     missing = [PlannedRun(task, cell.method, cell.ratio, lr, spec.search_seed) for lr in grid
                if (lr, spec.search_seed) not in done]
@@ -157,7 +191,7 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                 return [PlannedRun(task, cell.method, cell.ratio, nxt, spec.search_seed)]
     else:
         return []  # every LR diverged: the cell is reported as diverged
-    return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in spec.cell_seeds(cell) if (best, s) not in done]
+    return [PlannedRun(task, cell.method, cell.ratio, best, s) for s in seeds if (best, s) not in done]
 
 
 def is_search_run(spec: StudySpec, run: PlannedRun) -> bool:
@@ -176,6 +210,62 @@ def _finished(spec: StudySpec, records: list[RunRecord]) -> list[RunRecord]:
     return [r for r in records if r.status in FINISHED and spec.holds(r)]
 
 
+@dataclass(frozen=True)
+class SeedsDecided:
+    """What the spec's ``reestimate`` rule decided, once its cells' planned seeds were in."""
+
+    needs: tuple[tuple[str, float, int | None], ...]  # per comparison: its name, per-seed sd, seeds it needs
+    planned: int  # the seeds the named cells planned
+    seeds: int  # the seeds they run: the planned count, or more (at most the rule's max_seeds)
+
+    def text(self) -> str:
+        needs = "; ".join(f"{name}: per-seed sd {100 * sd:.2f} points -> {'out of reach' if n is None else n}"
+                          for name, sd, n in self.needs)
+        verdict = (f"the {self.planned} planned suffice" if self.seeds == self.planned
+                   else f"{self.seeds} seeds instead of the {self.planned} planned")
+        return f"seeds re-estimated from the planned seeds' spread (no mean read): {needs or 'nothing to compare'}: " \
+               f"{verdict}"
+
+
+def seeds_decided(spec: StudySpec, records: list[RunRecord]) -> SeedsDecided | None:
+    """The spec's ``reestimate`` decision on ``records``; None without the rule, or until every cell it names
+    has run its planned seeds on every task."""
+    return _seeds_decided(spec, _finished(spec, records))
+
+
+def _seeds_decided(spec: StudySpec, finished: list[RunRecord]) -> SeedsDecided | None:
+    rule = spec.reestimate
+    if rule is None:
+        return None
+    named = {label for pair in rule.compare for label in pair}
+    involved = [(task, cell) for task, cell in _task_cells(spec) if spec.label(task, cell) in named]
+    if not involved or any(_cell_runs(spec, task, cell, finished, None) for task, cell in involved):
+        return None
+    pilot = [r for task, cell in involved for r in finished  # only the planned seeds: the decision is made once
+             if _matches(r, task, cell, {**spec.common, **spec.protocol[task]})
+             and r.config["seed"] in spec.cell_seeds(cell)]
+    cells = list(study_cells(pilot).values())
+    needs = []
+    for left, right in rule.compare:
+        rows = power_table(cells, rule.half_width, [(left, right, -rule.half_width)], tasks=set(spec.protocol))
+        row = next((r for r in rows if r.name.startswith("average: ")), rows[0] if len(rows) == 1 else None)
+        if row is not None:
+            needs.append((row.name, row.measured.std or 0.0, row.half_width))
+    planned = max(len(spec.cell_seeds(cell)) for _, cell in involved)
+    most = max((rule.max_seeds if n is None else n for _, _, n in needs), default=planned)
+    return SeedsDecided(tuple(needs), planned, max(planned, min(most, rule.max_seeds)))
+
+
+def _seeds_for(spec: StudySpec, task: str, cell: CellSpec, decided: SeedsDecided | None) -> tuple[int, ...]:
+    """The seeds a cell runs: its planned ones, and the further seeds ``decided`` gives the cells it names."""
+    planned = spec.cell_seeds(cell)
+    if decided is None or decided.seeds <= len(planned) or spec.reestimate is None or \
+            spec.label(task, cell) not in {label for pair in spec.reestimate.compare for label in pair}:
+        return planned
+    start = max(planned) + 1
+    return planned + tuple(range(start, start + decided.seeds - len(planned)))
+
+
 def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
     """Every run the study needs next, stage by stage (cells' ``stage``, 0 first), then task by task (protocol
     order), given the finished records. Within a task, every cell's LR-search runs (and zero-shot evaluations)
@@ -187,9 +277,11 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
     finished = _finished(spec, records)
+    decided = _seeds_decided(spec, finished)
     groups: dict[tuple[int, str], list[PlannedRun]] = {}  # (stage, task) -> its runs in spec order
     for task, cell in _task_cells(spec):
-        groups.setdefault((cell.stage, task), []).extend(_cell_runs(spec, task, cell, finished, run_id))
+        seeds = _seeds_for(spec, task, cell, decided)
+        groups.setdefault((cell.stage, task), []).extend(_cell_runs(spec, task, cell, finished, run_id, seeds))
     further_seed = lambda run: run.method != "zeroshot" and not is_search_run(spec, run)  # noqa: E731
     return [run for runs in groups.values() for run in sorted(runs, key=further_seed)]  # stable: spec order kept
 
@@ -223,15 +315,16 @@ def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
     finished = _finished(spec, records)
     unfinished: set[CellKey] = set()
     left: dict[tuple[str, str], RunsLeft] = {}
+    decided = _seeds_decided(spec, finished)
     for task, cell in _task_cells(spec):
-        runs = _cell_runs(spec, task, cell, finished, None)
+        runs = _cell_runs(spec, task, cell, finished, None, _seeds_for(spec, task, cell, decided))
         if not runs:
             continue
         fixed = {**spec.common, **spec.protocol[task]}
         searching = sum(is_search_run(spec, run) for run in runs)
         if searching:  # keyed as the records' cells are (study.cells), protocol fields included
             unfinished |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
-        label = method_label({**fixed, "method": cell.method, "ratio": cell.ratio})
+        label = spec.label(task, cell)
         before = left.get((task, label), RunsLeft(0, 0))
         left[(task, label)] = RunsLeft(before.search + searching, before.total + len(runs))
     return PlanProgress(frozenset(unfinished), left)

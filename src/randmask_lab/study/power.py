@@ -17,11 +17,12 @@ Both read an sd measured on few seeds, which is itself uncertain (with 3 seeds i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from scipy.stats import t as student_t
 
+from randmask_lab.errors import RunError
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
@@ -74,22 +75,36 @@ COMPARISONS = (("randmask 1e-03", "lora", -0.01), ("randmask 1e-03", "full", -0.
 
 
 def power_table(cells: Sequence[StudyCell], margin: float = 0.01,
-                comparisons: Sequence[tuple[str, str, float]] = COMPARISONS) -> list[PowerRow]:
-    """A row per comparison and task (and on the task average) with at least 2 paired seeds."""
-    rows: dict[str, dict[str, StudyCell]] = {}
+                comparisons: Sequence[tuple[str, str, float]] = COMPARISONS,
+                tasks: Collection[str] | None = None) -> list[PowerRow]:
+    """A row per model, comparison and task (and on the task average) with at least 2 paired seeds.
+
+    ``tasks``: only these tasks, so the average is the one the planned study decides on (an average over other
+    tasks has another spread). Rows are named by model when ``cells`` hold more than one. A RunError when one
+    model's task and method come in more than one protocol: their seeds would be paired across protocols."""
+    by_model: dict[str, dict[str, dict[str, StudyCell]]] = {}  # model -> method -> task -> cell
     for c in cells:
-        rows.setdefault(c.key[3], {})[c.key[2]] = c
+        model, protocol, task, method = c.key
+        if tasks is not None and task not in tasks:
+            continue
+        other = by_model.setdefault(model, {}).setdefault(method, {}).setdefault(task, c)
+        if other.key[1] != protocol:
+            raise RunError(f"power: the {model} {task} {method} runs come in two protocols ({other.key[1]}; "
+                           f"{protocol}): give a study file of one protocol per task")
     out: list[PowerRow] = []
-    for left, right, bound in comparisons:
-        tasks = sorted(set(rows.get(left, {})) & set(rows.get(right, {})))
-        sides = [(task, rows[left][task].tests, rows[right][task].tests) for task in tasks]
-        if len(tasks) > 1:
-            sides.append(("average", average_by_seed({t: rows[left][t].tests for t in tasks}),
-                          average_by_seed({t: rows[right][t].tests for t in tasks})))
-        for task, a, b in sides:
-            if len(set(a) & set(b)) < 2:
-                continue
-            est = paired_difference(a, b)
-            out.append(PowerRow(f"{task}: {left} − {right}", est, bound, seeds_for_half_width(est.std or 0.0, margin),
-                                seeds_for_lower_bound(est.mean, est.std or 0.0, bound)))
+    for model, rows in sorted(by_model.items()):
+        prefix = f"{model} " if len(by_model) > 1 else ""
+        for left, right, bound in comparisons:
+            shared = sorted(set(rows.get(left, {})) & set(rows.get(right, {})))
+            sides = [(task, rows[left][task].tests, rows[right][task].tests) for task in shared]
+            if len(shared) > 1:
+                sides.append(("average", average_by_seed({t: rows[left][t].tests for t in shared}),
+                              average_by_seed({t: rows[right][t].tests for t in shared})))
+            for task, a, b in sides:
+                if len(set(a) & set(b)) < 2:
+                    continue
+                est = paired_difference(a, b)
+                out.append(PowerRow(f"{prefix}{task}: {left} − {right}", est, bound,
+                                    seeds_for_half_width(est.std or 0.0, margin),
+                                    seeds_for_lower_bound(est.mean, est.std or 0.0, bound)))
     return out

@@ -22,7 +22,9 @@ from randmask_lab.experiment.run.config import RunConfig
 
 MAX_SPEC_BYTES = 1 << 20
 TOP_LEVEL = {"name", "model", "precision", "protocol", "cells", "seeds", "search_seed", "max_extend", "common",
-             "stage"}
+             "stage", "reestimate"}
+REESTIMATE_KEYS = {"compare", "half_width", "max_seeds"}
+MAX_REESTIMATED_SEEDS = 1000
 CELL_KEYS = {"method", "lrs", "ratio", "tasks", "seeds", "stage"}
 # RunConfig fields a spec's protocol/common may set: not the ones each planned run sets itself (model, task,
 # method, budget, lr, seeds, precision, out_dir) or the execution options of `randmask study` (threads, ...).
@@ -87,6 +89,27 @@ def _cell(path: str | Path, n: int, cell: Any, tasks: set[str]) -> None:
         _seeds(path, f"{where}.seeds", cell["seeds"])
 
 
+def _reestimate(path: str | Path, rule: Any) -> None:
+    if not isinstance(rule, dict):
+        raise _fail(path, f"reestimate must be an object, got {str(rule)[:60]}")
+    unknown = sorted(set(rule) - REESTIMATE_KEYS)
+    if unknown:
+        raise _fail(path, f"reestimate has unknown keys {unknown} (known: {', '.join(sorted(REESTIMATE_KEYS))})")
+    compare = rule.get("compare")
+    if not (isinstance(compare, list) and compare and all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)
+            for pair in compare)):
+        raise _fail(path, 'reestimate.compare must be a non-empty list of [left, right] cell labels, e.g. '
+                          f'[["randmask 1e-03", "lora"]], got {str(compare)[:60]}')
+    width = rule.get("half_width", 0.01)
+    if not (_number(width) and 0 < width <= 1):
+        raise _fail(path, f"reestimate.half_width must be a fraction in (0, 1] (0.01: 1 point), got {width!r}")
+    most = rule.get("max_seeds")
+    if not (_int(most) and 2 <= most <= MAX_REESTIMATED_SEEDS):
+        raise _fail(path, f"reestimate.max_seeds must be an integer in [2, {MAX_REESTIMATED_SEEDS}] (the cap on "
+                          f"the compute it may add), got {most!r}")
+
+
 def check_spec_data(data: dict, path: str | Path) -> None:
     """RunError naming ``path`` and the first field of a parsed spec that no study can run with."""
     if not isinstance(data, dict):
@@ -115,6 +138,8 @@ def check_spec_data(data: dict, path: str | Path) -> None:
     extend = data.get("max_extend", 2)
     if not (_int(extend) and 0 <= extend <= LADDER_STEPS):
         raise _fail(path, f"max_extend must be an integer in [0, {LADDER_STEPS}], got {extend!r}")
+    if "reestimate" in data:
+        _reestimate(path, data["reestimate"])
 
 
 def _no_constant(name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,72 @@ def test_study_counts_must_be_positive(option, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["study", "experiments/smollm2_confirm.json", *option, "--plan"])
     assert exit_.value.code == 2 and f"argument {option[0]}: must be a positive integer" in capsys.readouterr().err
+
+
+def _scored(method: str, ratio: float | None, lr: float, seed: int, test: float, task: str = "sst2") -> RunRecord:
+    run = done(lr, seed, 0.5, method=method, ratio=ratio, task=task)
+    return RunRecord(f"{run.run_id}-{ratio}-{task}", run.config, "done", "accuracy", val_loss=0.5, test_metric=test)
+
+
+def _pair(seed: int, diff: float, task: str = "sst2") -> list[RunRecord]:
+    return [_scored("randmask", 1e-4, 1e-2, seed, 0.80 + diff, task), _scored("lora", None, 1e-3, seed, 0.80, task)]
+
+
+def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> None:
+    from randmask_lab.study.plan import Reestimate, RunsLeft, seeds_decided
+
+    rule = Reestimate((("randmask 1e-04", "lora"),), max_seeds=8, half_width=0.01)
+    s = spec(cells=[CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)], max_extend=0, reestimate=rule)
+    noisy = _pair(0, 0.03) + _pair(1, -0.02) + _pair(2, 0.01)  # sd 2.5 points: 1 point needs ~28 seeds
+    assert seeds_decided(s, noisy[:4]) is None  # seed 2 still planned: nothing is decided before the pilot is in
+    assert [(n.method, n.seed) for n in needed_runs(s, noisy[:4])] == [("lora", 2), ("randmask", 2)]
+    decided = seeds_decided(s, noisy)
+    assert decided is not None and (decided.planned, decided.seeds) == (3, 8)  # capped at max_seeds
+    assert decided.needs[0][0] == "sst2: randmask 1e-04 − lora" and decided.needs[0][2] > 8
+    assert "8 seeds instead of the 3 planned" in decided.text() and "no mean read" in decided.text()
+    assert [(n.method, n.seed) for n in needed_runs(s, noisy)] == [(m, seed) for m in ("lora", "randmask")
+                                                                   for seed in range(3, 8)]
+    assert plan_progress(s, noisy).runs_left == {("sst2", "lora"): RunsLeft(0, 5),
+                                                 ("sst2", "randmask 1e-04"): RunsLeft(0, 5)}
+    extended = noisy + [r for seed in range(3, 8) for r in _pair(seed, 0.0)]  # the further seeds agree exactly...
+    assert seeds_decided(s, extended) == decided and needed_runs(s, extended) == []  # ...and never move the count
+
+    tight = _pair(0, 0.001) + _pair(1, 0.002) + _pair(2, 0.0)  # sd 0.1 points: the planned 3 suffice
+    assert seeds_decided(s, tight).seeds == 3 and needed_runs(s, tight) == []
+    assert "the 3 planned suffice" in seeds_decided(s, tight).text()
+    assert seeds_decided(spec(cells=s.cells, max_extend=0), noisy) is None  # no rule: the plan as written
+
+
+def test_a_reestimate_rule_is_checked_when_the_spec_is_read(tmp_path: Path) -> None:
+    base = {"name": "t", "model": "tiny", "precision": "32", "protocol": PROTOCOL,
+            "cells": [{"method": "lora", "lrs": [1e-3]}, {"method": "randmask", "ratio": 1e-4, "lrs": [1e-2]}]}
+    path = tmp_path / "spec.json"
+    for rule, message in [({"compare": [["randmask 1e-04", "full"]], "max_seeds": 20},
+                           r"reestimate.compare names \['full'\], which are not cells of the study \(its cells: "
+                           r"lora, randmask 1e-04\)"),
+                          ({"compare": [["randmask 1e-04", "lora"]]}, r"reestimate.max_seeds must be an integer"),
+                          ({"compare": [["randmask 1e-04", "lora"]], "max_seeds": 20, "half_width": 5},
+                           r"reestimate.half_width must be a fraction"),
+                          ({"compare": "lora", "max_seeds": 20}, r"reestimate.compare must be a non-empty list"),
+                          ({"compare": [["lora", "lora"]], "max_seeds": 20, "pilot": 3}, r"unknown keys \['pilot'\]")]:
+        path.write_text(json.dumps({**base, "reestimate": rule}))
+        with pytest.raises(RunError, match=message):
+            StudySpec.from_file(path)
+    path.write_text(json.dumps({**base, "reestimate": {"compare": [["randmask 1e-04", "lora"]], "max_seeds": 20}}))
+    assert StudySpec.from_file(path).reestimate.compare == (("randmask 1e-04", "lora"),)
+
+
+def test_on_two_tasks_the_seed_count_is_read_off_the_task_average() -> None:
+    from randmask_lab.study.plan import Reestimate, seeds_decided
+
+    rule = Reestimate((("randmask 1e-04", "lora"),), max_seeds=40)
+    cells = [CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)]
+    s = StudySpec("t", "tiny", "bf16-true", {"sst2": PROTOCOL["sst2"], "cb": PROTOCOL["sst2"]}, cells,
+                  max_extend=0, reestimate=rule)
+    runs = [r for seed, (sst2, cb) in enumerate([(0.0, 0.04), (0.001, -0.03), (0.0, 0.0)])
+            for r in _pair(seed, sst2) + _pair(seed, cb, "cb")]  # cb is noisy, sst2 is not
+    decided = seeds_decided(s, runs)
+    (name, sd, need), = decided.needs
+    per_seed_average = [(0.0 + 0.04) / 2, (0.001 - 0.03) / 2, 0.0]
+    assert name == "average: randmask 1e-04 − lora" and sd == pytest.approx(statistics.stdev(per_seed_average))
+    assert decided.seeds == need > 3  # the average's spread, not sst2's alone, sets the count

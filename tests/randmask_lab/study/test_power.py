@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import t as student_t
 from test_study import record  # this folder is on sys.path (no __init__.py)
 
+from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.study.cells import study_cells
 from randmask_lab.study.power import power_table, seeds_for_half_width, seeds_for_lower_bound
 
@@ -35,3 +36,28 @@ def test_power_table_pairs_seeds_and_names_each_comparison() -> None:
     assert row.name == "sst2: randmask 1e-03 − lora" and row.measured.n == 4 and row.bound == -0.01
     assert row.half_width == seeds_for_half_width(row.measured.std, 0.01)
     assert "seeds for a 95% half-width <= 1" in row.text(0.01)
+
+
+def test_power_table_reads_only_the_planned_studys_tasks_and_never_pairs_two_protocols() -> None:
+    from randmask_lab.errors import RunError
+
+    runs = []
+    for seed, (sst2, rte) in enumerate([(0.01, 0.08), (0.00, -0.06), (0.02, 0.05)]):  # rte: the noisy task
+        for task, diff in (("sst2", sst2), ("rte", rte)):
+            runs += [record(task, "randmask", 1e-2, seed, 0.8 + diff, 0.5, 1e-3),
+                     record(task, "lora", 1e-3, seed, 0.8, 0.5)]
+    cells = list(study_cells(runs).values())
+    names = [row.name for row in power_table(cells)]
+    assert names == ["rte: randmask 1e-03 − lora", "sst2: randmask 1e-03 − lora", "average: randmask 1e-03 − lora"]
+    (row,) = power_table(cells, tasks={"sst2", "cb"})  # a study of sst2 and cb: rte's spread is not its average's
+    assert row.name == "sst2: randmask 1e-03 − lora" and row.measured.std == pytest.approx(0.01)
+
+    other_model = [RunRecord(r.run_id + "-big", {**r.config, "model": "big"}, r.status, r.metric,
+                             val_loss=r.val_loss, test_metric=r.test_metric) for r in runs]
+    rows = power_table(list(study_cells(runs + other_model).values()), tasks={"sst2"})
+    assert [row.name for row in rows] == ["big sst2: randmask 1e-03 − lora", "tiny sst2: randmask 1e-03 − lora"]
+
+    longer = [RunRecord(r.run_id + "-5ep", {**r.config, "epochs": 5}, r.status, r.metric, val_loss=r.val_loss,
+                        test_metric=r.test_metric) for r in runs if r.config["task"] == "sst2"]
+    with pytest.raises(RunError, match=r"tiny sst2 \S+ .*runs come in two protocols \(64/32/64 ex, 2 ep.*5 ep"):
+        power_table(list(study_cells(runs + longer).values()))
