@@ -110,6 +110,9 @@ class StudySpec:
             if unknown:
                 raise RunError(f"study spec {path}: reestimate.compare names {unknown}, which are not cells of the "
                                f"study (its cells: {', '.join(sorted(labels))})")
+            same = [left for left, right in spec.reestimate.compare if left == right]
+            if same:
+                raise RunError(f"study spec {path}: reestimate.compare compares {same[0]} with itself; name two cells")
         if spec.precision == AUTO:
             raise RunError(f"study spec {path}: precision 'auto' resolves to bf16-mixed on machines with native "
                            "bf16 and to 32 elsewhere, and a study keeps one precision: name one (32 runs at full "
@@ -233,17 +236,19 @@ def seeds_decided(spec: StudySpec, records: list[RunRecord]) -> SeedsDecided | N
     return _seeds_decided(spec, _finished(spec, records))
 
 
-def _seeds_decided(spec: StudySpec, finished: list[RunRecord]) -> SeedsDecided | None:
+def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | None = None) -> SeedsDecided | None:
     rule = spec.reestimate
     if rule is None:
         return None
     named = {label for pair in rule.compare for label in pair}
     involved = [(task, cell) for task, cell in _task_cells(spec) if spec.label(task, cell) in named]
-    if not involved or any(_cell_runs(spec, task, cell, finished, None) for task, cell in involved):
+    if not involved or any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
         return None
+    current = lambda r, task, cell: run_id is None or r.run_id == run_id(  # noqa: E731 (as _cell_runs counts)
+        PlannedRun(task, cell.method, cell.ratio, float(r.config["lr"]), r.config["seed"]))
     pilot = [r for task, cell in involved for r in finished  # only the planned seeds: the decision is made once
              if _matches(r, task, cell, {**spec.common, **spec.protocol[task]})
-             and r.config["seed"] in spec.cell_seeds(cell)]
+             and r.config["seed"] in spec.cell_seeds(cell) and current(r, task, cell)]
     cells = list(study_cells(pilot).values())
     needs = []
     for left, right in rule.compare:
@@ -277,7 +282,7 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
     finished = _finished(spec, records)
-    decided = _seeds_decided(spec, finished)
+    decided = _seeds_decided(spec, finished, run_id)
     groups: dict[tuple[int, str], list[PlannedRun]] = {}  # (stage, task) -> its runs in spec order
     for task, cell in _task_cells(spec):
         seeds = _seeds_for(spec, task, cell, decided)

@@ -258,6 +258,8 @@ def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> N
                                                                    for seed in range(3, 8)]
     assert plan_progress(s, noisy).runs_left == {("sst2", "lora"): RunsLeft(0, 5),
                                                  ("sst2", "randmask 1e-04"): RunsLeft(0, 5)}
+    stale = needed_runs(s, noisy, run_id=lambda run: "made by other code")  # records the plan does not count...
+    assert [(n.method, n.seed) for n in stale] == [("lora", 0), ("randmask", 0)]  # ...decide nothing either
     extended = noisy + [r for seed in range(3, 8) for r in _pair(seed, 0.0)]  # the further seeds agree exactly...
     assert seeds_decided(s, extended) == decided and needed_runs(s, extended) == []  # ...and never move the count
 
@@ -278,7 +280,8 @@ def test_a_reestimate_rule_is_checked_when_the_spec_is_read(tmp_path: Path) -> N
                           ({"compare": [["randmask 1e-04", "lora"]], "max_seeds": 20, "half_width": 5},
                            r"reestimate.half_width must be a fraction"),
                           ({"compare": "lora", "max_seeds": 20}, r"reestimate.compare must be a non-empty list"),
-                          ({"compare": [["lora", "lora"]], "max_seeds": 20, "pilot": 3}, r"unknown keys \['pilot'\]")]:
+                          ({"compare": [["lora", "lora"]], "max_seeds": 20, "pilot": 3}, r"unknown keys \['pilot'\]"),
+                          ({"compare": [["lora", "lora"]], "max_seeds": 20}, r"compares lora with itself")]:
         path.write_text(json.dumps({**base, "reestimate": rule}))
         with pytest.raises(RunError, match=message):
             StudySpec.from_file(path)
