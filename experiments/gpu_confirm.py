@@ -338,6 +338,7 @@ def dry_run(data_root: Path, device_python: str = sys.executable) -> int:
     spec["protocol"] = {"sst2": {"n_train": 16, "n_val": 8, "n_test": 8, "epochs": 1}}
     spec["max_extend"] = 0  # one LR per cell, seed 0: every stage-2/3 cell's method runs once, no grid extension
     spec["cells"] = [{**c, "lrs": c["lrs"][:1], "seeds": [0]} for c in spec["cells"] if c.get("stage") in (2, 3)]
+    spec.pop("reestimate", None)  # it names stage-0 cells, which the dry run's spec has not
     (tree / "dry_run_spec.json").write_text(json.dumps(spec))
     script, env = tree / "experiments" / "gpu_confirm.py", {**os.environ, "PYTHONPATH": ""}
     subprocess.run([device_python, str(script), "--stash", "--stash-dir", str(scratch / "stash")], cwd=tree,
