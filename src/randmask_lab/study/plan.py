@@ -231,8 +231,8 @@ class SeedsDecided:
 
 
 def seeds_decided(spec: StudySpec, records: list[RunRecord]) -> SeedsDecided | None:
-    """The spec's ``reestimate`` decision on ``records``; None without the rule, or until every cell it names
-    has run its planned seeds on every task."""
+    """The spec's ``reestimate`` decision on ``records``; None without the rule, when the spec (cut by
+    ``only_stages``) lacks a cell it names, or until every cell it names has run its planned seeds on every task."""
     return _seeds_decided(spec, _finished(spec, records))
 
 
@@ -242,7 +242,9 @@ def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | N
         return None
     named = {label for pair in rule.compare for label in pair}
     involved = [(task, cell) for task, cell in _task_cells(spec) if spec.label(task, cell) in named]
-    if not involved or any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
+    if {spec.label(task, cell) for task, cell in involved} != named:
+        return None  # --stages left out a cell it names: deciding on part of the comparisons would decide otherwise
+    if any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
         return None
     current = lambda r, task, cell: run_id is None or r.run_id == run_id(  # noqa: E731 (as _cell_runs counts)
         PlannedRun(task, cell.method, cell.ratio, float(r.config["lr"]), r.config["seed"]))

@@ -267,6 +267,10 @@ def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> N
     assert seeds_decided(s, tight).seeds == 3 and needed_runs(s, tight) == []
     assert "the 3 planned suffice" in seeds_decided(s, tight).text()
     assert seeds_decided(spec(cells=s.cells, max_extend=0), noisy) is None  # no rule: the plan as written
+    staged = spec(cells=[CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4, stage=1)], max_extend=0,
+                  reestimate=rule)
+    assert seeds_decided(staged, noisy).seeds == 8
+    assert seeds_decided(staged.only_stages([0]), noisy) is None  # a worker of stage 0 alone decides nothing
 
 
 def test_a_reestimate_rule_is_checked_when_the_spec_is_read(tmp_path: Path) -> None:
