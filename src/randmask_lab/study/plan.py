@@ -136,6 +136,11 @@ class StudySpec:
         """The seeds a cell plans at its chosen LR (its own, else the study's); ``reestimate`` may add more."""
         return self.seeds if cell.seeds is None else cell.seeds
 
+    def reestimated_cells(self) -> list[tuple[str, CellSpec]]:
+        """Every (task, cell) whose label ``reestimate`` names, in plan order (none without the rule)."""
+        named = {x for pair in self.reestimate.compare for x in pair} if self.reestimate else set()
+        return [(task, cell) for task, cell in _task_cells(self) if self.label(task, cell) in named]
+
     def label(self, task: str, cell: CellSpec) -> str:
         """The cell's method label on ``task``, as the tables and ``reestimate.compare`` name it."""
         return method_label({**self.common, **self.protocol[task], "method": cell.method, "ratio": cell.ratio})
@@ -241,7 +246,7 @@ def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | N
     if rule is None:
         return None
     named = {label for pair in rule.compare for label in pair}
-    involved = [(task, cell) for task, cell in _task_cells(spec) if spec.label(task, cell) in named]
+    involved = spec.reestimated_cells()
     if {spec.label(task, cell) for task, cell in involved} != named:
         return None  # --stages left out a cell it names: deciding on part of the comparisons would decide otherwise
     if any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
