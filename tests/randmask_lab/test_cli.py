@@ -123,3 +123,22 @@ def test_every_verb_is_registered():
     verbs = set(build_parser()._subparsers._group_actions[0].choices)
     assert {"train", "sweep", "report", "main", "list", "theory", "hessian", "distance", "suggest-lr", "figure4",
             "curves", "calibrate-lr"} <= verbs
+
+
+def test_only_the_known_dependency_noise_is_quieted(caplog):
+    import logging
+
+    from randmask_lab.cli import main
+
+    assert main(["list"]) == 0 and main(["list"]) == 0  # twice: the filters are added once
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    assert len(torchao.filters) == 1 and len(pytree.filters) == 1
+    caplog.clear()
+    torchao.warning("Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load")
+    torchao.warning("Failed to load /venv/torchao/_C_cutlass_90a.abi3.so: Could not load this library")
+    pytree.warning("<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile")
+    torchao.warning("Failed to load /venv/torchao/_C_int4.so: Could not load")  # a kernel it might use: shown
+    pytree.warning("some other pytree warning")
+    err = caplog.text
+    assert "mxfp8" not in err and "cutlass" not in err and "KernelPreference" not in err
+    assert "_C_int4.so" in err and "some other pytree warning" in err

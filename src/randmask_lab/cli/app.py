@@ -8,7 +8,9 @@ a one-line message; set RANDMASK_DEBUG=1 to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -51,6 +53,30 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
 
 
+class _DropMessages(logging.Filter):
+    """Drops a logger's records whose message matches one of ``patterns``; lets every other record through."""
+
+    def __init__(self, *patterns: str) -> None:
+        super().__init__()
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p.search(record.getMessage()) for p in self.patterns)
+
+
+def _quiet_torchao() -> None:
+    """No "Failed to load .../_C_mxfp8....so" on every command. transformers imports torchao whenever it is installed
+    (the ``quantized`` extra), and torchao 0.18's wheel carries CUDA kernels (MX-FP8, CUTLASS sm90a) built for
+    another Python and GPU that never load here; randmask uses none of them (its torchao bases are int8/int4
+    weight-only). Also torch's note that torchao's enum registration is deprecated, which is for torchao's
+    developers. Every other torchao or torch message still shows."""
+    for name, pattern in (("torchao", r"^Failed to load \S*_C_(mxfp8|cutlass)"),
+                          ("torch.utils._pytree", r"is an Enum subclass and is now natively supported")):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):  # main() runs many times in one test process
+            logger.addFilter(_DropMessages(pattern))
+
+
 def _one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
@@ -69,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``randmask`` command; returns the exit code."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_torchao()  # before _quiet_transformers imports transformers (and with it torchao)
     _quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
