@@ -249,19 +249,26 @@ def _left_out(verdict: Verdict, unfinished: Sequence[StudyCell]) -> Verdict:
 def _interim(verdict: Verdict, left: Mapping[tuple[str, str], RunsLeft]) -> Verdict:
     """``verdict`` made INCONCLUSIVE, and marked interim, while the plan has runs left for the cells it reads."""
     search_only = verdict.finding == "b"  # (b) reads the LR choices, which further seeds never change
-    waiting = {key: n for key, n in sorted(left.items())
-               if key[1] in READS.get(verdict.finding, ()) and (n.search if search_only else n.total)}
+    # '+': more runs follow later: a search still running plans its seeds (or an edge) once it ends, and a
+    # pending re-estimation may add seeds (which (b)'s LR choices never depend on)
+    reestimating = lambda n: n.reestimate_pending and not search_only  # noqa: E731
+    waiting = {key: n for key, n in sorted(left.items()) if key[1] in READS.get(verdict.finding, ())
+               and (n.search if search_only else n.total or reestimating(n))}
     if not waiting:
         return verdict
-    count = lambda n: f"{n.search if search_only else n.total}{'+' * bool(n.search)}"  # noqa: E731
-    more = any(n.search for n in waiting.values())  # a search still running plans its seeds (or an edge) later
+    plus = lambda n: bool(n.search) or reestimating(n)  # noqa: E731
+    count = lambda n: f"{n.search if search_only else n.total}{'+' * plus(n)}"  # noqa: E731
+    more = any(plus(n) for n in waiting.values())
+    why = [reason for reason, applies in (("once its LR search ends", any(n.search for n in waiting.values())),
+                                          ("if the seed count is re-estimated upwards",
+                                           any(reestimating(n) for n in waiting.values()))) if applies]
     total = sum(n.search if search_only else n.total for n in waiting.values())
     verdict.verdict = UNSURE
     verdict.interim = f"{total}{'+' * more} planned run{'s' * (total > 1 or more)} left"
     verdict.evidence.append(
         f"interim, not a verdict: the study's plan has {'LR-search ' * search_only}runs left for "
         + ", ".join(f"{task} {label} ({count(n)})" for (task, label), n in waiting.items())
-        + " ('+': more once its LR search ends)" * more
+        + f" ('+': more {', or '.join(why)})" * more
         + "; the rule is read once they are in (a fixed-seed design: deciding at a peek inflates its error rate)")
     return verdict
 

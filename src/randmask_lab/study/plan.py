@@ -300,10 +300,12 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
 
 @dataclass(frozen=True)
 class RunsLeft:
-    """How many runs the plan still has for one (task, method/budget) cell: of its LR search, and in all."""
+    """How many runs the plan still has for one (task, method/budget) cell: of its LR search, and in all; and
+    whether the spec's ``reestimate`` rule, not yet decided, may give it further seeds."""
 
     search: int
     total: int
+    reestimate_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -314,9 +316,9 @@ class PlanProgress:
     ``unfinished_searches``: the cells (``study.cells`` keys) of the records whose LR search the plan has not
     finished (it still plans a run of the search seed for them), so their best LR so far is not yet the chosen
     one. ``runs_left``: (task, method label as ``report.method_label`` names it) -> the runs the plan still has
-    for that cell, for every cell with runs left (a cell with none is absent), records or not. What makes a
-    verdict interim: the study is a fixed-seed design, and a rule read before its planned seeds are in is a
-    peek."""
+    for that cell, for every cell with runs left or a pending re-estimation (others are absent), records or not.
+    What makes a verdict interim: the study is a fixed-seed design, and a rule read before its planned seeds are
+    in is a peek."""
 
     unfinished_searches: frozenset[CellKey]
     runs_left: dict[tuple[str, str], RunsLeft]
@@ -328,9 +330,10 @@ def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
     unfinished: set[CellKey] = set()
     left: dict[tuple[str, str], RunsLeft] = {}
     decided = _seeds_decided(spec, finished)
+    pending = {(task, id(cell)) for task, cell in spec.reestimated_cells()} if decided is None else set()
     for task, cell in _task_cells(spec):
         runs = _cell_runs(spec, task, cell, finished, None, _seeds_for(spec, task, cell, decided))
-        if not runs:
+        if not runs and (task, id(cell)) not in pending:  # a cell done with its planned seeds may still get more
             continue
         fixed = {**spec.common, **spec.protocol[task]}
         searching = sum(is_search_run(spec, run) for run in runs)
@@ -338,5 +341,6 @@ def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
             unfinished |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
         label = spec.label(task, cell)
         before = left.get((task, label), RunsLeft(0, 0))
-        left[(task, label)] = RunsLeft(before.search + searching, before.total + len(runs))
+        left[(task, label)] = RunsLeft(before.search + searching, before.total + len(runs),
+                                       before.reestimate_pending or (task, id(cell)) in pending)
     return PlanProgress(frozenset(unfinished), left)

@@ -249,6 +249,7 @@ def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> N
     s = spec(cells=[CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)], max_extend=0, reestimate=rule)
     noisy = _pair(0, 0.03) + _pair(1, -0.02) + _pair(2, 0.01)  # sd 2.5 points: 1 point needs ~28 seeds
     assert seeds_decided(s, noisy[:4]) is None  # seed 2 still planned: nothing is decided before the pilot is in
+    assert plan_progress(s, noisy[:4]).runs_left[("sst2", "lora")] == RunsLeft(0, 1, reestimate_pending=True)
     assert [(n.method, n.seed) for n in needed_runs(s, noisy[:4])] == [("lora", 2), ("randmask", 2)]
     decided = seeds_decided(s, noisy)
     assert decided is not None and (decided.planned, decided.seeds) == (3, 8)  # capped at max_seeds
@@ -265,6 +266,7 @@ def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> N
 
     tight = _pair(0, 0.001) + _pair(1, 0.002) + _pair(2, 0.0)  # sd 0.1 points: the planned 3 suffice
     assert seeds_decided(s, tight).seeds == 3 and needed_runs(s, tight) == []
+    assert plan_progress(s, tight).runs_left == {}  # decided: nothing pending, nothing left
     assert "the 3 planned suffice" in seeds_decided(s, tight).text()
     assert seeds_decided(spec(cells=s.cells, max_extend=0), noisy) is None  # no rule: the plan as written
     staged = spec(cells=[CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4, stage=1)], max_extend=0,

@@ -288,3 +288,16 @@ def test_paper_rows_sit_beside_ours_and_the_sparsity_curve_is_drawn(tmp_path: Pa
     path = plot_sparsity_curve(list(cells.values()), tmp_path / "s.png", "tiny")
     assert path is not None and path.stat().st_size > 0
     assert plot_sparsity_curve(list(cells.values()), tmp_path / "t.png", "tiny", min_ratios=5) is None
+
+
+def test_a_pending_seed_reestimation_keeps_the_rules_that_read_its_cells_interim() -> None:
+    from randmask_lab.study.findings import findings
+    from randmask_lab.study.plan import RunsLeft
+
+    left = {("sst2", "lora"): RunsLeft(0, 0, reestimate_pending=True),
+            ("sst2", "randmask 1e-03"): RunsLeft(0, 2, reestimate_pending=True)}
+    a, b = findings([], runs_left=left)[:2]
+    assert a.interim == "2+ planned runs left"
+    assert "sst2 lora (0+), sst2 randmask 1e-03 (2+) ('+': more if the seed count is re-estimated upwards)" \
+        in a.evidence[-1]
+    assert b.interim == ""  # (b) reads LR choices: further seeds never change them
