@@ -124,7 +124,7 @@ def _print_reestimate(spec: StudySpec, records: list) -> None:
     if decided is not None:
         print(decided.text())
         return
-    named = sorted({label for pair in rule.compare for label in pair})
+    named = sorted(rule.labels)
     most = sum(max(0, rule.max_seeds - len(spec.cell_seeds(cell))) for _, cell in spec.reestimated_cells())
     print(f"seeds: re-estimated once {', '.join(named)} have their planned seeds on every task (from their spread "
           f"alone: a 95% half-width of at most {100 * rule.half_width:g} point{'s' * (rule.half_width != 0.01)}, at "

@@ -55,6 +55,11 @@ class Reestimate:
     max_seeds: int
     half_width: float = 0.01
 
+    @property
+    def labels(self) -> set[str]:
+        """The labels of every cell it names."""
+        return {label for pair in self.compare for label in pair}
+
 
 @dataclass
 class StudySpec:
@@ -106,7 +111,7 @@ class StudySpec:
                 raise RunError(f"study spec {path}: search_seed {spec.search_seed} is not one of seeds {seeds}.")
         if spec.reestimate is not None:
             labels = {spec.label(task, cell) for task, cell in _task_cells(spec)}
-            unknown = sorted({x for pair in spec.reestimate.compare for x in pair} - labels)
+            unknown = sorted(spec.reestimate.labels - labels)
             if unknown:
                 raise RunError(f"study spec {path}: reestimate.compare names {unknown}, which are not cells of the "
                                f"study (its cells: {', '.join(sorted(labels))})")
@@ -138,7 +143,7 @@ class StudySpec:
 
     def reestimated_cells(self) -> list[tuple[str, CellSpec]]:
         """Every (task, cell) whose label ``reestimate`` names, in plan order (none without the rule)."""
-        named = {x for pair in self.reestimate.compare for x in pair} if self.reestimate else set()
+        named = self.reestimate.labels if self.reestimate else set()
         return [(task, cell) for task, cell in _task_cells(self) if self.label(task, cell) in named]
 
     def label(self, task: str, cell: CellSpec) -> str:
@@ -245,9 +250,8 @@ def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | N
     rule = spec.reestimate
     if rule is None:
         return None
-    named = {label for pair in rule.compare for label in pair}
     involved = spec.reestimated_cells()
-    if {spec.label(task, cell) for task, cell in involved} != named:
+    if {spec.label(task, cell) for task, cell in involved} != rule.labels:
         return None  # --stages left out a cell it names: deciding on part of the comparisons would decide otherwise
     if any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
         return None
@@ -272,7 +276,7 @@ def _seeds_for(spec: StudySpec, task: str, cell: CellSpec, decided: SeedsDecided
     """The seeds a cell runs: its planned ones, and the further seeds ``decided`` gives the cells it names."""
     planned = spec.cell_seeds(cell)
     if decided is None or decided.seeds <= len(planned) or spec.reestimate is None or \
-            spec.label(task, cell) not in {label for pair in spec.reestimate.compare for label in pair}:
+            spec.label(task, cell) not in spec.reestimate.labels:
         return planned
     start = max(planned) + 1
     return planned + tuple(range(start, start + decided.seeds - len(planned)))
