@@ -199,11 +199,12 @@ def confirm_section(study: Study, lines: list[str], found: str, up: str) -> str:
     missing = tasks_without_power(study, own)
     earlier = power_lines(plan(study, "--power-from", EXPLORATORY.records)) if missing else []
     seeds = [line for line in planned if line.startswith("seeds")]
+    count = len(json.loads((ROOT / study.spec).read_text())["seeds"])
     return "\n".join([
         status(study), "", progress(study, planned), "",
-        "The spec plans 10 seeds per cell (the issue's floor). Its `reestimate` rule then sets the seed count of the "
-        "cells that rule (a) compares once, from the spread of those planned seeds alone, never their mean "
-        "(an internal pilot: see the rules above); `randmask study ... --plan` printed:", "",
+        f"The spec plans {count} seeds per cell (the issue's floor is 10). Its `reestimate` rule then sets the seed "
+        "count of the cells that rule (a) compares once, from the spread of those planned seeds alone, never their "
+        "mean (an internal pilot: see the rules above); `randmask study ... --plan` printed:", "",
         "```", *seeds, *own, "```", "",
         *([f"No paired seeds of {', '.join(missing)} yet: on the exploratory study's spreads (its protocol is "
            "shorter, so a planning figure only) the same calculation printed:", "", "```", *earlier, "```", ""]
