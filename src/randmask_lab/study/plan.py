@@ -21,7 +21,7 @@ from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.experiment.results.report import method_label
 from randmask_lab.study.cells import CellKey, cell_key, search_loss, study_cells
-from randmask_lab.study.power import power_table
+from randmask_lab.study.reestimate import Reestimate, SeedsDecided, decide
 from randmask_lab.study.spec_checks import check_spec_file
 
 LADDER = [float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3)]  # exact decimal LRs: 1e-7, 3e-7, ... 3e0
@@ -37,28 +37,6 @@ class CellSpec:
     tasks: tuple[str, ...] | None = None  # None: every task of the study
     seeds: tuple[int, ...] | None = None  # None: the study's seeds (a cell may need more or fewer)
     stage: int = 0  # runs are planned stage by stage (then task by task): what matters most goes first
-
-
-@dataclass(frozen=True)
-class Reestimate:
-    """Sample-size re-estimation, made once from the planned seeds' spread (an internal pilot).
-
-    When every cell named in ``compare`` has run all its planned seeds on every task, each comparison's
-    per-seed sd (of its paired difference on the task average; on one task, that task's) over those planned
-    seeds gives the seeds a two-sided 95% interval needs for a half-width of at most ``half_width``
-    (``power.seeds_for_half_width``). If the most any comparison needs exceeds the planned count, every cell
-    named gets further seeds up to it, at most ``max_seeds``. It reads no mean difference, so it cannot steer a
-    rule towards a verdict; and it reads only the planned seeds, so it is made once (further seeds never move it).
-    """
-
-    compare: tuple[tuple[str, str], ...]  # pairs of method labels as the tables name them ("randmask 1e-03")
-    max_seeds: int
-    half_width: float = 0.01
-
-    @property
-    def labels(self) -> set[str]:
-        """The labels of every cell it names."""
-        return {label for pair in self.compare for label in pair}
 
 
 @dataclass
@@ -223,23 +201,6 @@ def _finished(spec: StudySpec, records: list[RunRecord]) -> list[RunRecord]:
     return [r for r in records if r.status in FINISHED and spec.holds(r)]
 
 
-@dataclass(frozen=True)
-class SeedsDecided:
-    """What the spec's ``reestimate`` rule decided, once its cells' planned seeds were in."""
-
-    needs: tuple[tuple[str, float, int | None], ...]  # per comparison: its name, per-seed sd, seeds it needs
-    planned: int  # the seeds the named cells planned
-    seeds: int  # the seeds they run: the planned count, or more (at most the rule's max_seeds)
-
-    def text(self) -> str:
-        needs = "; ".join(f"{name}: per-seed sd {100 * sd:.2f} points -> {'out of reach' if n is None else n}"
-                          for name, sd, n in self.needs)
-        verdict = (f"the {self.planned} planned suffice" if self.seeds == self.planned
-                   else f"{self.seeds} seeds instead of the {self.planned} planned")
-        return f"seeds re-estimated from the planned seeds' spread (no mean read): {needs or 'nothing to compare'}: " \
-               f"{verdict}"
-
-
 def seeds_decided(spec: StudySpec, records: list[RunRecord]) -> SeedsDecided | None:
     """The spec's ``reestimate`` decision on ``records``; None without the rule, when the spec (cut by
     ``only_stages``) lacks a cell it names, or until every cell it names has run its planned seeds on every task."""
@@ -260,16 +221,8 @@ def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | N
     pilot = [r for task, cell in involved for r in finished  # only the planned seeds: the decision is made once
              if _matches(r, task, cell, {**spec.common, **spec.protocol[task]})
              and r.config["seed"] in spec.cell_seeds(cell) and current(r, task, cell)]
-    cells = list(study_cells(pilot).values())
-    needs = []
-    for left, right in rule.compare:
-        rows = power_table(cells, rule.half_width, [(left, right, -rule.half_width)], tasks=set(spec.protocol))
-        row = next((r for r in rows if r.name.startswith("average: ")), rows[0] if len(rows) == 1 else None)
-        if row is not None:
-            needs.append((row.name, row.measured.std or 0.0, row.half_width))
     planned = max(len(spec.cell_seeds(cell)) for _, cell in involved)
-    most = max((rule.max_seeds if n is None else n for _, _, n in needs), default=planned)
-    return SeedsDecided(tuple(needs), planned, max(planned, min(most, rule.max_seeds)))
+    return decide(rule, list(study_cells(pilot).values()), set(spec.protocol), planned)
 
 
 def _seeds_for(spec: StudySpec, task: str, cell: CellSpec, decided: SeedsDecided | None) -> tuple[int, ...]:

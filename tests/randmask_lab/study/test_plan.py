@@ -243,7 +243,8 @@ def _pair(seed: int, diff: float, task: str = "sst2") -> list[RunRecord]:
 
 
 def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> None:
-    from randmask_lab.study.plan import Reestimate, RunsLeft, seeds_decided
+    from randmask_lab.study.plan import RunsLeft, seeds_decided
+    from randmask_lab.study.reestimate import Reestimate
 
     rule = Reestimate((("randmask 1e-04", "lora"),), max_seeds=8, half_width=0.01)
     s = spec(cells=[CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)], max_extend=0, reestimate=rule)
@@ -296,7 +297,8 @@ def test_a_reestimate_rule_is_checked_when_the_spec_is_read(tmp_path: Path) -> N
 
 
 def test_on_two_tasks_the_seed_count_is_read_off_the_task_average() -> None:
-    from randmask_lab.study.plan import Reestimate, seeds_decided
+    from randmask_lab.study.plan import seeds_decided
+    from randmask_lab.study.reestimate import Reestimate
 
     rule = Reestimate((("randmask 1e-04", "lora"),), max_seeds=40)
     cells = [CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)]
