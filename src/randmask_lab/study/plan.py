@@ -156,15 +156,20 @@ def _matches(r: RunRecord, task: str, cell: CellSpec, fixed: dict[str, Any]) -> 
             and all(c.get(k) == v for k, v in fixed.items()))
 
 
+def _is_current(r: RunRecord, task: str, cell: CellSpec, run_id: RunId | None) -> bool:
+    """Whether ``r`` is the very run the spec asks for under this code (data, sampler version); any run when
+    ``run_id`` is None."""
+    return run_id is None or r.run_id == run_id(
+        PlannedRun(task, cell.method, cell.ratio, float(r.config["lr"]), r.config["seed"]))
+
+
 def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRecord],
                run_id: RunId | None, seeds: tuple[int, ...] | None = None) -> list[PlannedRun]:
     """The runs one cell still needs on one task (at ``seeds``: the cell's planned seeds unless given)."""
     seeds = spec.cell_seeds(cell) if seeds is None else seeds
     fixed = {**spec.common, **spec.protocol[task]}
     done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
-    if run_id is not None:  # only the very run the spec asks for under this code (data, sampler version)
-        done = {key: r for key, r in done.items()
-                if r.run_id == run_id(PlannedRun(task, cell.method, cell.ratio, key[0], key[1]))}
+    done = {key: r for key, r in done.items() if _is_current(r, task, cell, run_id)}
     if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)
         lr = cell.lrs[0] if cell.lrs else 1e-3
         return [PlannedRun(task, cell.method, None, lr, s) for s in seeds if not any(key[1] == s for key in done)]
@@ -216,11 +221,9 @@ def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | N
         return None  # --stages left out a cell it names: deciding on part of the comparisons would decide otherwise
     if any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
         return None
-    current = lambda r, task, cell: run_id is None or r.run_id == run_id(  # noqa: E731 (as _cell_runs counts)
-        PlannedRun(task, cell.method, cell.ratio, float(r.config["lr"]), r.config["seed"]))
     pilot = [r for task, cell in involved for r in finished  # only the planned seeds: the decision is made once
              if _matches(r, task, cell, {**spec.common, **spec.protocol[task]})
-             and r.config["seed"] in spec.cell_seeds(cell) and current(r, task, cell)]
+             and r.config["seed"] in spec.cell_seeds(cell) and _is_current(r, task, cell, run_id)]
     planned = max(len(spec.cell_seeds(cell)) for _, cell in involved)
     return decide(rule, list(study_cells(pilot).values()), set(spec.protocol), planned)
 
