@@ -18,10 +18,9 @@ from randmask_lab.study.power import power_table
 from randmask_lab.study.records import export_jsonl, merge_jsonl, read_jsonl
 from randmask_lab.study.run import (
     check_one_precision,
-    check_spec_budgets,
+    check_spec,
     planned_run_id,
     run_study,
-    validate_spec,
     with_committed,
 )
 from randmask_lab.study.tables import study_tables
@@ -92,8 +91,7 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 def _cmd_study(args: argparse.Namespace) -> int:
     spec = StudySpec.from_file(args.spec).only_stages(args.stages)
     if args.plan:
-        validate_spec(spec, args.out_dir)
-        check_spec_budgets(spec, args.out_dir)
+        check_spec(spec, args.out_dir)
         path = store_file(None, args.out_dir)
         records = ResultStore(path).records() if path.is_file() else []
         if args.export and Path(args.export).is_file():  # what a run would adopt from the committed file

@@ -94,17 +94,19 @@ def check_one_precision(spec: StudySpec, records: Iterable[RunRecord], source: s
                        f"precision to {others[0]}")
 
 
-def validate_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) -> None:
-    """Raise RunError on a bad option or protocol value of any first-round run: one error before
-    anything runs (or is planned), not a failed record per run."""
-    for need in needed_runs(spec, []):
-        run_config(spec, need, out_dir, execution or {}).validate()
+def validate_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) -> list[RunConfig]:
+    """The first-round runs' configs, each validated: a RunError on a bad option or protocol value of any of
+    them, one error before anything runs (or is planned), not a failed record per run. Loads no model."""
+    configs = [run_config(spec, need, out_dir, execution or {}) for need in needed_runs(spec, [])]
+    for config in configs:
+        config.validate()
+    return configs
 
 
-def check_spec_budgets(spec: StudySpec, out_dir: str, execution: dict | None = None) -> None:
-    """RunError when a masking cell asks for a budget its model cannot take (``budget.check_budgets``), before
-    anything runs or is planned."""
-    check_budgets(run_config(spec, need, out_dir, execution or {}) for need in needed_runs(spec, []))
+def check_spec(spec: StudySpec, out_dir: str, execution: dict | None = None) -> None:
+    """``validate_spec``, then a RunError when a masking cell asks for a budget its model cannot take
+    (``budget.check_budgets``, on a weightless copy of the model): before anything runs or is planned."""
+    check_budgets(validate_spec(spec, out_dir, execution))
 
 
 def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, max_runs: int | None = None,
@@ -116,8 +118,7 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
     again to retry it), so one broken cell cannot loop forever. Refuses uncommitted code (unless
     ``allow_dirty``), a committed study file in another precision, and a masking budget a cell's model cannot take.
     """
-    validate_spec(spec, out_dir, execution)
-    check_spec_budgets(spec, out_dir, execution)
+    check_spec(spec, out_dir, execution)
     version = check_provenance(allow_dirty)
     committed = read_jsonl(export) if export and Path(export).is_file() else []
     check_one_precision(spec, committed, export or "")
