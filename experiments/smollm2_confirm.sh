@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The confirmatory SmolLM2-135M study of issue 26, as specified in experiments/smollm2_confirm.json: the paper's
 # protocol (SST-2 1000 train / 500 validation / 872 test, CB 200 / 50 / 56, 5 epochs), fp32 (see README: the
-# precision that runs at full speed on every CPU this project gets), 10 seeds for the cells the findings compare,
+# precision that runs at full speed on every CPU this project gets), 10 seeds for the cells the findings compare
+# (for finding (a)'s cells, re-estimated once from the study's own spread, up to 30: the spec's "reestimate"),
 # Table 5's sparsity curve and Appendix B.1's baselines on SST-2 at 3 seeds. Stages order the work: stage 0 is
 # finding (a) (LoRA, randmask 1e-3, full FT), stage 1 finding (e) and the other ratios, stage 2 Table 5,
 # stage 3 the B.1 baselines.
