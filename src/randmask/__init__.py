@@ -37,7 +37,7 @@ from randmask.model import (
     set_adapter,
     unload,
 )
-from randmask.quantized import is_quantized, layer_bytes, logical_numel, quant_scheme, stored_shape
+from randmask.quantized import disable_bnb_cpu_repacking, is_quantized, layer_bytes, logical_numel, quant_scheme, stored_shape
 from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
 from randmask.version import __version__
 
@@ -61,6 +61,7 @@ __all__ = [
     "count_base_parameters",
     "default_targets",
     "disable_adapter",
+    "disable_bnb_cpu_repacking",
     "file_size",
     "is_quantized",
     "layer_bytes",

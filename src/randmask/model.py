@@ -21,7 +21,7 @@ from randmask.masks import (
     structured_column_counts,
 )
 from randmask.mixed import check_adapter_names, group_rows, row_groups_set
-from randmask.quantized import check_weight, logical_numel, quant_scheme
+from randmask.quantized import check_weight, disable_bnb_cpu_repacking, logical_numel, quant_scheme
 from randmask.targets import Target, resolve_targets
 
 logger = logging.getLogger("randmask")
@@ -203,6 +203,7 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
         )
     for param in model.parameters():
         param.requires_grad_(False)
+    disable_bnb_cpu_repacking(model)  # gradients pass through every frozen 4-bit layer, on any CPU
     for target, _, _ in masks:
         check_weight(target.name, target.module)
     for target, indices, blocks in masks:

@@ -57,7 +57,7 @@ from randmask.peft_files import (
 )
 from randmask.peft_layer import RandMaskLayer
 from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
-from randmask.quantized import base_entries, check_weight, quant_scheme
+from randmask.quantized import base_entries, check_weight, disable_bnb_cpu_repacking, quant_scheme
 from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
 
@@ -168,6 +168,7 @@ class RandMaskModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.checksums is None:  # a new adapter: record into a copy, so the user's config stays reusable
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        disable_bnb_cpu_repacking(model)  # before W0 is read; gradients pass through every frozen 4-bit layer
         self._plan = _plan_masks(model, config)
         load = getattr(config, "_randmask_load", None)
         if load is not None:  # from_pretrained: check the weights file before peft reads it

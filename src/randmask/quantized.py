@@ -42,6 +42,37 @@ def quant_scheme(module: nn.Module) -> str | None:
     return None
 
 
+def disable_bnb_cpu_repacking(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit weight of ``model`` in its standard packing; return how many layers it set.
+
+    On a CPU with AVX512-bf16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight in place for its fused
+    kernel at the layer's first eval-mode forward without gradients. Measured on such a CPU: after that,
+    ``dequantize_4bit`` reads wrong values (off by up to 0.18 on a 128x128 NF4 layer) and a training
+    forward through the layer carries no gradient to its input, so every layer below it would train on a
+    wrong gradient, silently. Its inverse is best-effort (the scales stay rounded to bf16). randmask reads
+    W0 and trains through frozen 4-bit layers, so it turns the repacking off for every such layer of the
+    model (the layers then compute as they do on any other CPU), and refuses a weight already repacked.
+    """
+    changed = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ != "Params4bit" or not type(weight).__module__.startswith("bitsandbytes"):
+            continue
+        _check_standard_packing(name, weight)
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def _check_standard_packing(name: str, weight: torch.Tensor) -> None:
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise MaskingError(f"{name or 'the layer'}: its 4-bit weight was repacked in place by bitsandbytes' "
+                           "AVX512-bf16 CPU inference path (an eval forward without gradients), which rounds its "
+                           "scales to bf16 and passes no gradient through the layer. Reload the model and apply "
+                           "randmask before its first eval forward (randmask then keeps the standard packing).")
+
+
 def is_quantized(module: nn.Module) -> bool:
     """Whether ``module``'s weight is stored quantized (the masked layer then takes the delta path)."""
     return quant_scheme(module) is not None
@@ -87,6 +118,7 @@ def dequantized(module: nn.Module) -> torch.Tensor:
 
         if scheme == "bnb-int8":
             return bnbf.int8_vectorwise_dequant(weight.data, _int8_row_scales(module))  # (out, in) fp32
+        _check_standard_packing("", weight)  # a repacked weight would dequantize to wrong values
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)  # (out, in), quant_state.dtype
     with torch.no_grad():
         return weight.dequantize()
@@ -150,5 +182,5 @@ def layer_bytes(module: nn.Module) -> int:
     return total
 
 
-__all__ = ["base_entries", "check_weight", "dequantized", "is_quantized", "layer_bytes", "logical_numel",
-           "quant_scheme", "stored_shape"]
+__all__ = ["base_entries", "check_weight", "dequantized", "disable_bnb_cpu_repacking", "is_quantized", "layer_bytes",
+           "logical_numel", "quant_scheme", "stored_shape"]

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from safetensors import SafetensorError
 
-from randmask import file_size, read_json_limited
+from randmask import disable_bnb_cpu_repacking, file_size, read_json_limited
 from randmask_lab.errors import ModelError
 
 CACHE_ENV = "RANDMASK_CACHE"
@@ -253,7 +253,9 @@ def load_causal_lm(name: str, dtype: Any = None, quantization_config: Any = None
     """(model, tokenizer) of a causal LM in eval mode; the tokenizer gets a pad token if it lacks one.
 
     ``quantization_config`` (transformers' BitsAndBytesConfig / TorchAoConfig) loads the weights quantized,
-    on ``device`` (where the quantized kernels run: bitsandbytes quantizes at load, on that device)."""
+    on ``device`` (where the quantized kernels run: bitsandbytes quantizes at load, on that device), with
+    bitsandbytes' in-place CPU repacking of 4-bit weights off (``randmask.disable_bnb_cpu_repacking``): every
+    method (LoRA too) trains through them, and a run computes the same on every CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load_config(name)  # clear error for unknown names
@@ -264,6 +266,8 @@ def load_causal_lm(name: str, dtype: Any = None, quantization_config: Any = None
     with _loading(name, path):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization_config is not None:
+        disable_bnb_cpu_repacking(model)
     if tokenizer.pad_token_id is None:  # padding is masked out; any id works, eos is conventional
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

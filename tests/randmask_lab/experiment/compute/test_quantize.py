@@ -55,3 +55,19 @@ def test_ao_int4_on_a_cpu_names_the_schemes_that_run(tiny_lm, run_kwargs):
         pytest.skip("torchao is not installed")
     with pytest.raises(RunError, match="ao-int4 .* runs on CUDA only .* use ao-int8, nf4 or fp4"):
         run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "quantize": "ao-int4", "device": "cpu"}))
+
+
+def test_a_4bit_base_loads_with_bitsandbytes_cpu_repacking_off(tiny_lm, monkeypatch):
+    """bitsandbytes repacks 4-bit weights in place on an AVX512-bf16 CPU at an eval forward, and then passes no
+    gradient through them: every method (LoRA too) trains through them, so the loader turns it off."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+    import torch
+
+    from randmask_lab.experiment.compute.quantize import quantization_config
+    from randmask_lab.zoo import load_causal_lm
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # as on such a CPU
+    model, _ = load_causal_lm(tiny_lm, torch.float32, quantization_config("nf4", torch.float32, torch.device("cpu")))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb_modules.Linear4bit)]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
