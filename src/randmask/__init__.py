@@ -37,7 +37,14 @@ from randmask.model import (
     set_adapter,
     unload,
 )
-from randmask.quantized import disable_bnb_cpu_repacking, is_quantized, layer_bytes, logical_numel, quant_scheme, stored_shape
+from randmask.quantized import (
+    disable_bnb_cpu_repacking,
+    is_quantized,
+    layer_bytes,
+    logical_numel,
+    quant_scheme,
+    stored_shape,
+)
 from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
 from randmask.version import __version__
 
