@@ -132,13 +132,17 @@ def test_only_the_known_dependency_noise_is_quieted(caplog):
 
     assert main(["list"]) == 0 and main(["list"]) == 0  # twice: the filters are added once
     torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
-    assert len(torchao.filters) == 1 and len(pytree.filters) == 1
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(torchao.filters) == 1 and len(pytree.filters) == 1 and len(bnb_cpu.filters) == 1
     caplog.clear()
     torchao.warning("Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load")
     torchao.warning("Failed to load /venv/torchao/_C_cutlass_90a.abi3.so: Could not load this library")
     pytree.warning("<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile")
     torchao.warning("Failed to load /venv/torchao/_C_int4.so: Could not load")  # a kernel it might use: shown
     pytree.warning("some other pytree warning")
+    bnb_cpu.warning("Failed to load CPU gemm_4bit_forward from kernels-community: Kernel repository could not verify "
+                    "publisher trust status. Please make sure you already `pip install kernels`")
+    bnb_cpu.warning("another bitsandbytes CPU warning")
     err = caplog.text
-    assert "mxfp8" not in err and "cutlass" not in err and "KernelPreference" not in err
-    assert "_C_int4.so" in err and "some other pytree warning" in err
+    assert "mxfp8" not in err and "cutlass" not in err and "KernelPreference" not in err and "gemm_4bit" not in err
+    assert "_C_int4.so" in err and "some other pytree warning" in err and "another bitsandbytes" in err

@@ -64,14 +64,18 @@ class _DropMessages(logging.Filter):
         return not any(p.search(record.getMessage()) for p in self.patterns)
 
 
-def _quiet_torchao() -> None:
+def _quiet_quantization_backends() -> None:
     """No "Failed to load .../_C_mxfp8....so" on every command. transformers imports torchao whenever it is installed
     (the ``quantized`` extra), and torchao 0.18's wheel carries CUDA kernels (MX-FP8, CUTLASS sm90a) built for
     another Python and GPU that never load here; randmask uses none of them (its torchao bases are int8/int4
     weight-only). Also torch's note that torchao's enum registration is deprecated, which is for torchao's
-    developers. Every other torchao or torch message still shows."""
+    developers. And bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" on a CPU with
+    AVX512-bf16: a fused kernel for repacked 4-bit weights, native code from the Hub that its ``kernels`` package
+    refuses (unverified publisher; randmask loads no unverified native code), and that randmask never calls, as it
+    keeps the repacking off (``randmask.disable_bnb_cpu_repacking``). Every other message of theirs still shows."""
     for name, pattern in (("torchao", r"^Failed to load \S*_C_(mxfp8|cutlass)"),
-                          ("torch.utils._pytree", r"is an Enum subclass and is now natively supported")):
+                          ("torch.utils._pytree", r"is an Enum subclass and is now natively supported"),
+                          ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-")):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):  # main() runs many times in one test process
             logger.addFilter(_DropMessages(pattern))
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``randmask`` command; returns the exit code."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    _quiet_torchao()  # before _quiet_transformers imports transformers (and with it torchao)
+    _quiet_quantization_backends()  # before _quiet_transformers imports transformers (and with it torchao)
     _quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
