@@ -1,7 +1,8 @@
 """Tiny Llamas stored quantized the way users get them: transformers' ``quantization_config`` at load
 (bitsandbytes 4-bit NF4/FP4 and LLM.int8; torchao int8 weight-only), or torchao's ``quantize_`` (int4
 weight-only on CPU: ``IntxWeightOnlyConfig(int4, group 32)``). Each scheme is skipped where its package
-is missing; all of them run on this CPU (AVX2) with bitsandbytes 0.50.2 and torchao 0.18.0."""
+is missing; all of them run on an AVX2 CPU (AMD EPYC) and an AVX512-bf16 one (Intel Xeon) with bitsandbytes
+0.50.2 and torchao 0.18.0."""
 
 from __future__ import annotations
 
