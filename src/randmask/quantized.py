@@ -28,7 +28,7 @@ def quant_scheme(module: nn.Module) -> str | None:
     cls = type(weight)
     origin = cls.__module__
     if origin.startswith("bitsandbytes"):
-        if cls.__name__ == "Params4bit":
+        if _is_bnb_4bit(weight):
             if not getattr(weight, "bnb_quantized", False) or weight.quant_state is None:
                 raise MaskingError(f"{type(module).__name__}'s 4-bit weight is not quantized yet (bitsandbytes "
                                    "quantizes it when the model moves to its device): move the model to its "
@@ -56,13 +56,18 @@ def disable_bnb_cpu_repacking(model: nn.Module) -> int:
     changed = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if type(weight).__name__ != "Params4bit" or not type(weight).__module__.startswith("bitsandbytes"):
+        if not _is_bnb_4bit(weight):
             continue
         _check_standard_packing(name, weight)
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
+
+
+def _is_bnb_4bit(weight: object) -> bool:
+    """Whether ``weight`` is a bitsandbytes ``Params4bit`` (recognised by type, without importing bitsandbytes)."""
+    return type(weight).__name__ == "Params4bit" and type(weight).__module__.startswith("bitsandbytes")
 
 
 def _check_standard_packing(name: str, weight: torch.Tensor) -> None:
