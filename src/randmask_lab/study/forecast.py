@@ -7,8 +7,11 @@ same task and method, the only honest price on this machine: RTE prompts are sev
 and full fine-tuning costs about twice a masked run. A run's time is its CPU time over its threads
 (``run_seconds``): wall time also counts the pauses of a worker (kill -STOP while the machine does other
 work), which doubled the first confirmatory runs' wall times. Only runs made on the same kind of CPU
-count (``randmask_lab.machine.cpu_kind``: torch's CPU capability and native bf16): an AVX2 machine
-and an AMX one differ several-fold, and a record made before records named their CPU has no kind.
+count at face value (``randmask_lab.machine.cpu_kind``: torch's CPU capability and native bf16): an AVX2
+machine and an AMX one differ several-fold, and a record made before records named their CPU has no kind.
+A (task, method) pair with no run on this kind but runs on another is priced by those runs times the two
+kinds' measured speed ratio (the median, over the pairs both kinds ran, of this kind's median time over the
+other's), and the text says how much of the total is such an estimate; with no shared pair it stays unpriced.
 """
 
 from __future__ import annotations
@@ -23,6 +26,21 @@ from randmask_lab.study.plan import PlannedRun, StudySpec, is_search_run
 
 
 @dataclass(frozen=True)
+class SpeedScaling:
+    """Hours priced from another CPU kind's runs, scaled by the two kinds' measured speed ratio."""
+
+    hours: float  # included in Forecast.hours
+    other_kind: str
+    ratio: float  # this kind's run time over the other kind's, median over the shared pairs
+    shared_pairs: int  # (task, method) pairs both kinds finished runs of
+
+    def text(self) -> str:
+        return (f"{self.hours:.1f} of them estimated from {self.other_kind} runs at this CPU's measured speed "
+                f"(x{self.ratio:.2f} their time, the median over the {self.shared_pairs} task-method "
+                f"pair{'s' if self.shared_pairs != 1 else ''} both ran)")
+
+
+@dataclass(frozen=True)
 class Forecast:
     """Runs left (planned now + after the searches) and their price in worker-hours."""
 
@@ -31,6 +49,7 @@ class Forecast:
     hours: float  # for the (task, method) pairs that have a price
     unpriced: dict[tuple[str, str], int]  # (task, method) -> runs with no finished run to price them by
     kind: str = ""  # the CPU kind whose runs set the prices
+    scaled: SpeedScaling | None = None  # the part priced from another kind's runs, if any
 
     def text(self) -> str:
         left = self.planned + self.after_search
@@ -40,9 +59,12 @@ class Forecast:
             out += f", {self.hours:.1f} worker-hours by the median time of finished runs (CPU time per thread)"
         if left:
             out += f" on this kind of CPU ({self.kind})"
+        if left and self.scaled:
+            out += f", {self.scaled.text()}"
         if self.unpriced:
             pairs = ", ".join(f"{t} {m} ({n})" for (t, m), n in sorted(self.unpriced.items()))
-            out += f"; not priced yet (no finished run of that task and method on a {self.kind} CPU): {pairs}"
+            out += (f"; not priced yet (no finished run of that task and method on a {self.kind} CPU, nor on one "
+                    f"whose speed beside it is measured): {pairs}")
         return out
 
 
@@ -61,11 +83,14 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
     """The forecast for ``planned`` (``needed_runs``' answer for ``records``), priced by finished runs made on
     a CPU of ``kind`` (default: this machine's) on the CPU (not a GPU)."""
     kind = kind or cpu_kind()
-    walls: dict[tuple[str, str], list[float]] = {}
+    walls_by_kind: dict[str, dict[tuple[str, str], list[float]]] = {}
     for r in records:  # this study's runs only: another model or precision in the store costs otherwise
-        same_machine = r.machine.get("cpu_kind") == kind and r.machine.get("device", "cpu") == "cpu"
-        if r.status == "done" and r.wall_seconds and spec.holds(r) and same_machine:
-            walls.setdefault((r.config["task"], r.config["method"]), []).append(run_seconds(r))
+        run_kind, on_cpu = r.machine.get("cpu_kind"), r.machine.get("device", "cpu") == "cpu"
+        if r.status == "done" and r.wall_seconds and spec.holds(r) and on_cpu and isinstance(run_kind, str):
+            walls_by_kind.setdefault(run_kind, {}).setdefault(
+                (r.config["task"], r.config["method"]), []).append(run_seconds(r))
+    medians = {k: {key: statistics.median(v) for key, v in pairs.items()} for k, pairs in walls_by_kind.items()}
+    here = medians.pop(kind, {})
     # A cell the plan gives search runs is still searching: its other seeds come after.
     searching = {(run.task, run.method, run.ratio) for run in planned if is_search_run(spec, run)}
     later: Counter[tuple[str, str]] = Counter()
@@ -73,6 +98,32 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
         cell = next((c for c in spec.cells if c.method == method and c.ratio == ratio), None)
         later[(task, method)] += len(spec.cell_seeds(cell) if cell else spec.seeds) - 1
     counts = Counter((run.task, run.method) for run in planned) + later
-    hours = sum(n * statistics.median(walls[key]) for key, n in counts.items() if key in walls) / 3600
-    return Forecast(len(planned), sum(later.values()), hours,
-                    {key: n for key, n in counts.items() if key not in walls}, kind)
+    hours = sum(n * here[key] for key, n in counts.items() if key in here) / 3600
+    unpriced = {key: n for key, n in counts.items() if key not in here}
+    scaled = _scaled_from_another_kind(here, medians, unpriced)
+    if scaled:
+        price, scaling = scaled
+        unpriced = {key: n for key, n in unpriced.items() if key not in price}
+        hours += scaling.hours
+    return Forecast(len(planned), sum(later.values()), hours, unpriced, kind, scaled[1] if scaled else None)
+
+
+def _scaled_from_another_kind(here: dict[tuple[str, str], float], others: dict[str, dict[tuple[str, str], float]],
+                              unpriced: dict[tuple[str, str], int]
+                              ) -> tuple[dict[tuple[str, str], float], SpeedScaling] | None:
+    """Prices for ``unpriced`` pairs from the other CPU kind that shares the most pairs with this one (then
+    prices the most runs), scaled by the median of this kind's time over that kind's on the shared pairs."""
+    best: tuple[tuple[int, int], str] | None = None
+    for other, times in others.items():
+        shared = sum(1 for key in here if key in times)
+        covered = sum(n for key, n in unpriced.items() if key in times)
+        if shared and covered and (best is None or (shared, covered) > best[0]):
+            best = ((shared, covered), other)
+    if best is None:
+        return None
+    other = best[1]
+    times = others[other]
+    ratio = statistics.median(here[key] / times[key] for key in here if key in times)
+    price = {key: times[key] * ratio for key in unpriced if key in times}
+    hours = sum(unpriced[key] * p for key, p in price.items()) / 3600
+    return price, SpeedScaling(hours, other, ratio, best[0][0])

@@ -73,3 +73,17 @@ def test_a_paused_run_is_priced_by_its_cpu_time_per_thread() -> None:
     assert run_seconds(_timed(done(1e-2, 0, 0.9), 400.0)) == 400.0  # no CPU time recorded: the wall time
     f = forecast(s, needed_runs(s, [paused]), [paused], kind=KIND)
     assert f.hours == (2 + 2) * 1500.0 / 3600  # 2 more search runs, then seeds 1 and 2
+
+
+def test_a_pair_run_only_on_another_kind_of_cpu_is_priced_at_the_measured_speed_ratio() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2, 3e-2, 1e-1), 1e-4), CellSpec("full", (1e-5, 3e-5), None)])
+    here = [_timed(done(1e-5, 0, 0.9, method="full", ratio=None), 300.0)]  # full: 300 s here, 600 s on the other kind
+    other = [_timed(done(1e-5, 0, 0.9, method="full", ratio=None), 600.0, kind="AVX2/no-bf16"),
+             _timed(done(1e-2, 0, 0.9), 2000.0, kind="AVX2/no-bf16")]  # randmask ran on the other kind only
+    records = here + other
+    f = forecast(s, needed_runs(s, records), records, kind=KIND)
+    assert f.scaled is not None and (f.scaled.other_kind, f.scaled.ratio, f.scaled.shared_pairs) == (
+        "AVX2/no-bf16", 0.5, 1)
+    # randmask: 2 more search runs + 2 seeds at 2000 s x 0.5; full: 1 search run + 2 seeds at 300 s.
+    assert f.scaled.hours == 4 * 1000.0 / 3600 and f.hours == (4 * 1000.0 + 3 * 300.0) / 3600
+    assert f.unpriced == {} and "estimated from AVX2/no-bf16 runs" in f.text() and "x0.50" in f.text()
