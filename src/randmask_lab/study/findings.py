@@ -78,6 +78,10 @@ def greater_than(est: Estimate, bound: float, level: float = LEVEL) -> str:
     return HOLDS if low > bound else FAILS if high < bound else UNSURE
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def _bounds_text(est: Estimate, level: float = LEVEL) -> str:
     bounds = est.one_sided(level)
     if bounds is None:
@@ -104,13 +108,13 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
         tasks = sorted(set(rows[left]) & set(rows[right]))
         for task in tasks if len(tasks) > 1 else ():
             per_task = paired_difference(rows[left][task].tests, rows[right][task].tests)
-            evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({per_task.n} seeds), "
+            evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({_seeds(per_task.n)}), "
                             f"{_bounds_text(per_task)} -> {greater_than(per_task, -MARGIN)}")
         diff = paired_difference(average_by_seed({t: rows[left][t].tests for t in tasks}),
                                  average_by_seed({t: rows[right][t].tests for t in tasks}))
         verdicts.append(greater_than(diff, -MARGIN))
         evidence.append(f"{left} − {right} on the average of {', '.join(tasks)}: {diff.text()} points "
-                        f"({diff.n} seeds), {_bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
+                        f"({_seeds(diff.n)}), {_bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
                         f"{verdicts[-1]}; equivalent within ±{100 * MARGIN:g}: {_equivalent(diff, MARGIN)}")
     verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
     return Verdict("a", f"randmask 0.1% is not worse than LoRA or full FT by more than {100 * MARGIN:g} point "
@@ -226,7 +230,7 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
         return Verdict("e", claim, UNSURE, ["no structured runs"])
     diff = paired_difference(average_by_seed(pooled_r), average_by_seed(pooled_s))
     verdict = greater_than(diff, 0.0)
-    evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({diff.n} seeds), "
+    evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({_seeds(diff.n)}), "
                     f"{_bounds_text(diff)} -> random − structured > 0: {verdict}")
     return Verdict("e", claim + " (random − structured > 0, one-sided 95%)", verdict, evidence)
 

@@ -86,9 +86,10 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
     walls_by_kind: dict[str, dict[tuple[str, str], list[float]]] = {}
     for r in records:  # this study's runs only: another model or precision in the store costs otherwise
         run_kind, on_cpu = r.machine.get("cpu_kind"), r.machine.get("device", "cpu") == "cpu"
-        if r.status == "done" and r.wall_seconds and spec.holds(r) and on_cpu and isinstance(run_kind, str):
-            walls_by_kind.setdefault(run_kind, {}).setdefault(
-                (r.config["task"], r.config["method"]), []).append(run_seconds(r))
+        seconds = run_seconds(r) if r.status == "done" and r.wall_seconds else 0.0
+        if seconds > 0 and spec.holds(r) and on_cpu and isinstance(run_kind, str):  # > 0: a ratio divides by it
+            pair = (r.config["task"], r.config["method"])
+            walls_by_kind.setdefault(run_kind, {}).setdefault(pair, []).append(seconds)
     medians = {k: {key: statistics.median(v) for key, v in pairs.items()} for k, pairs in walls_by_kind.items()}
     here = medians.pop(kind, {})
     # A cell the plan gives search runs is still searching: its other seeds come after.
