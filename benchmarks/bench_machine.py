@@ -5,6 +5,7 @@ The fields themselves (CPU model, torch CPU capability, native bf16) come from `
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from randmask import native, ops
@@ -36,6 +37,14 @@ def choose_precisions(known: tuple[str, ...], asked: str | None, bf16_ok: bool
 def json_path(path: Path) -> Path:
     """``path`` with ``{cpu}`` replaced by this CPU's kind as a file-name part (``AVX2/no-bf16``: ``avx2-no-bf16``)."""
     return Path(str(path).replace("{cpu}", cpu_kind().lower().replace("/", "-")))
+
+
+def save_json(path: Path, payload: object) -> None:
+    """Write ``payload`` to ``path`` atomically (a half-written file never replaces the last good one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def kernel_line() -> str:

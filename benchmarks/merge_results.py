@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench_machine import save_json
 from step_benchmark import check_targets
 
 
@@ -23,6 +24,10 @@ def _cpu_kind(settings: dict) -> str:
 
 def merge(inputs: list[Path]) -> dict:
     payloads = [json.loads(p.read_text()) for p in inputs]
+    for path, payload in zip(inputs, payloads):
+        if not isinstance(payload, dict) or not isinstance(payload.get("settings"), dict) or "rows" not in payload:
+            raise SystemExit(f"{path} is not one step-benchmark run (no 'settings' and 'rows'; a merged file keeps "
+                             "its runs under 'runs'): give the runs it came from")
     rows = [r for p in payloads for r in p["rows"]]
     seen = [(r["precision"], r["variant"]) for r in rows]
     if len(seen) != len(set(seen)):
@@ -43,9 +48,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise SystemExit(__doc__)
     out, inputs = Path(argv[0]), [Path(a) for a in argv[1:]]
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merge(inputs), indent=1) + "\n")
-    tmp.replace(out)
+    save_json(out, merge(inputs))
     return 0
 
 

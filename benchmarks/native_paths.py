@@ -20,7 +20,6 @@ processes on a busy machine inflate far less (they still share its caches and me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench_machine import json_path
+from bench_machine import json_path, save_json
 from bench_stats import paired_ratios, summarize
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
@@ -200,10 +199,7 @@ def run(args: argparse.Namespace, info: dict, libs: dict) -> int:
                   f"{q['ratio']:.3f} [{q['ci_low']:.3f}, {q['ci_high']:.3f}] |")
     if args.json:
         out = json_path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), **result}, indent=1) + "\n")
-        tmp.replace(out)
+        save_json(out, {"command": " ".join(["python", *sys.argv]), **result})
         print(f"\nwrote {out}")
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bench_machine import save_json
 from bench_stats import paired_ratios, summarize
 from randmask_lab.machine import describe, machine_info
 
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ratio_standard_to_repacked": round(s.median, 4), "ci_low": round(s.ci_low, 4),
                    "ci_high": round(s.ci_high, 4), "rounds": s.rounds,
                    "loss": {k: round(v, 6) for k, v in losses.items()}}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        tmp.replace(args.json)
+        save_json(args.json, payload)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench_machine import save_json
 from bench_stats import paired_ratios, summarize
 from randmask_lab.machine import describe, machine_info
 
@@ -157,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "threads": args.threads, "torch": torch.__version__, "machine": machine_info(),
                                 "command": "python benchmarks/quantized_step.py " + " ".join(argv or sys.argv[1:])},
                    "rows": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        tmp.replace(args.json)
+        save_json(args.json, payload)
     return 0
 
 

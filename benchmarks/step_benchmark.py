@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import shlex
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench_machine import choose_precisions, json_path, kernel_line
+from bench_machine import choose_precisions, json_path, kernel_line, save_json
 from bench_memory import measure_in_subprocess
 from bench_models import (
     PRECISIONS,
@@ -265,10 +264,7 @@ def write_json(path: Path, rows: list[dict], mask_ms: float, args, min_rounds: i
         "rows": rows,
         "targets": check_targets(rows),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)  # atomic: a half-written JSON never replaces the last good one
+    save_json(path, payload)
 
 
 def main(argv: list[str] | None = None) -> int:
