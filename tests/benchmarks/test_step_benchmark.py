@@ -150,6 +150,8 @@ def test_merge_results(tmp_path):
     assert {t["precision"] for t in merged["targets"]} == {"fp32", "bf16-mixed"}
     with pytest.raises(SystemExit, match="overlap"):
         merge_results.main([str(tmp_path / "out.json"), str(tmp_path / "a.json"), str(tmp_path / "a.json")])
+    with pytest.raises(SystemExit, match="out.json is not one step-benchmark run"):  # a merged file is not an input
+        merge_results.main([str(tmp_path / "again.json"), str(tmp_path / "out.json"), str(tmp_path / "b.json")])
     for name, kind in (("a", "AVX2/no-bf16"), ("b", "AVX512/bf16")):  # two kinds of CPU: one table cannot hold both
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         payload["settings"]["machine"] = {"cpu_kind": kind}
