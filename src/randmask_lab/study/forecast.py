@@ -33,6 +33,7 @@ class SpeedScaling:
     other_kind: str
     ratio: float  # this kind's run time over the other kind's, median over the shared pairs
     shared_pairs: int  # (task, method) pairs both kinds finished runs of
+    priced: frozenset[tuple[str, str]] = frozenset()  # the (task, method) pairs it priced
 
     def text(self) -> str:
         return (f"{self.hours:.1f} of them estimated from {self.other_kind} runs at this CPU's measured speed "
@@ -103,28 +104,23 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
     unpriced = {key: n for key, n in counts.items() if key not in here}
     scaled = _scaled_from_another_kind(here, medians, unpriced)
     if scaled:
-        price, scaling = scaled
-        unpriced = {key: n for key, n in unpriced.items() if key not in price}
-        hours += scaling.hours
-    return Forecast(len(planned), sum(later.values()), hours, unpriced, kind, scaled[1] if scaled else None)
+        unpriced = {key: n for key, n in unpriced.items() if key not in scaled.priced}
+        hours += scaled.hours
+    return Forecast(len(planned), sum(later.values()), hours, unpriced, kind, scaled)
 
 
 def _scaled_from_another_kind(here: dict[tuple[str, str], float], others: dict[str, dict[tuple[str, str], float]],
-                              unpriced: dict[tuple[str, str], int]
-                              ) -> tuple[dict[tuple[str, str], float], SpeedScaling] | None:
-    """Prices for ``unpriced`` pairs from the other CPU kind that shares the most pairs with this one (then
-    prices the most runs), scaled by the median of this kind's time over that kind's on the shared pairs."""
-    best: tuple[tuple[int, int], str] | None = None
-    for other, times in others.items():
-        shared = sum(1 for key in here if key in times)
-        covered = sum(n for key, n in unpriced.items() if key in times)
-        if shared and covered and (best is None or (shared, covered) > best[0]):
-            best = ((shared, covered), other)
-    if best is None:
+                              unpriced: dict[tuple[str, str], int]) -> SpeedScaling | None:
+    """``unpriced`` priced by the other CPU kind that shares the most pairs with this one (then prices the most
+    runs), scaled by the median of this kind's time over that kind's on the shared pairs."""
+    candidates = [(sum(key in times for key in here), sum(n for key, n in unpriced.items() if key in times), other)
+                  for other, times in others.items()]
+    usable = [c for c in candidates if c[0] and c[1]]
+    if not usable:
         return None
-    other = best[1]
+    shared, _, other = max(usable)
     times = others[other]
     ratio = statistics.median(here[key] / times[key] for key in here if key in times)
-    price = {key: times[key] * ratio for key in unpriced if key in times}
-    hours = sum(unpriced[key] * p for key, p in price.items()) / 3600
-    return price, SpeedScaling(hours, other, ratio, best[0][0])
+    priced = frozenset(key for key in unpriced if key in times)
+    hours = sum(unpriced[key] * times[key] * ratio for key in priced) / 3600
+    return SpeedScaling(hours, other, ratio, shared, priced)
