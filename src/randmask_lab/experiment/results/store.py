@@ -95,6 +95,26 @@ class LeaseInfo:
     expires: float
 
 
+def _enable_wal(db: sqlite3.Connection, timeout: float = 120.0) -> None:
+    """Put the store in WAL mode, waiting out another process that is creating the same store.
+
+    Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "database is locked" at once,
+    without its busy timeout, when another connection holds a lock it is waiting to upgrade (the deadlock
+    rule). Two workers started together on one new --out-dir met it; retry until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
 class ResultStore:
     """Run records in a SQLite file: ``put`` a record, ``get`` one, list them; ``claim`` runs to execute."""
 
@@ -146,7 +166,7 @@ class ResultStore:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open results store {self.path}: {e}") from None
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db

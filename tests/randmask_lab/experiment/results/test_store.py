@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+
 import pytest
 
 from randmask_lab.experiment import ResultStore, RunConfig, RunRecord
@@ -44,3 +47,22 @@ def test_protocol_label_names_length_grouping_only_when_on():
     assert protocol_label(old) == protocol_label(RunConfig(task="rte", mode="lm").to_dict()) == \
         "1000/500/1000 ex, 5 ep, bs 8, lm"
     assert protocol_label({**old, "group_by_length": True}) == "1000/500/1000 ex, 5 ep, bs 8, by length, lm"
+
+
+def test_opening_a_new_store_waits_for_another_process_creating_it(tmp_path):
+    # Two workers started together on one new --out-dir: the first holds a write lock on the still
+    # rollback-journal file while the second asks for WAL, which SQLite refuses at once ("database is
+    # locked") without its busy timeout. The store must wait for the lock instead of failing.
+    path = tmp_path / "results.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE scratch(x)")
+    release = threading.Timer(0.3, lambda: other.execute("ROLLBACK"))
+    release.start()
+    try:
+        store = ResultStore(path)
+    finally:
+        release.join()
+        other.close()
+    store.put(record())
+    assert [r.status for r in store.records()] == ["done"]
