@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from randmask_lab.argtypes import positive_int
 from randmask_lab.experiment.compute.attention import folded
 from randmask_lab.machine import bf16_native, describe
 
@@ -26,8 +27,8 @@ B, HQ, HKV, T, D = 8, 9, 3, 184, 64
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=20)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench_models import batch_ids, build_base, make_step, make_variant, state_bytes, trainable_count
+from randmask_lab.argtypes import positive_int
 
 STEPS = 2  # step 1 creates the optimizer state; step 2 runs forward/backward with it alive
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("variant")
     parser.add_argument("precision")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quantize", default="none")
     args = parser.parse_args(argv)
     from randmask_lab.machine import machine_info  # after measure(): not part of the measured load

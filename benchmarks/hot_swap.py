@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import randmask  # noqa: E402
 from randmask import MaskingConfig, apply_masking, atomic_write_bytes, default_targets, masked_layers  # noqa: E402
+from randmask_lab.argtypes import positive_int
 
 SETTINGS = {"qv@1e-3": (1e-3, "qv"), "all_linear@1e-2": (1e-2, "all_linear")}
 
@@ -131,7 +132,7 @@ def bench_peft(ratio: float, target_set: str, switches: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--switches", type=int, default=300)
+    parser.add_argument("--switches", type=positive_int, default=300)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     from randmask_lab.machine import describe, machine_info

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from precision_step import build
+from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.machine import bf16_native, describe, machine_info
 
 MAX_LENGTH = 512  # the study's prompts are cut here (experiments/smollm2_study.json)
@@ -87,10 +88,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="model (short name or folder)")
     parser.add_argument("--task", default="boolq", help="task whose epoch is timed")
-    parser.add_argument("--n-train", type=int, default=250, help="training examples of the timed task")
-    parser.add_argument("--steps", type=int, default=32, help="timed rounds (0: padding table only)")
-    parser.add_argument("--repeats", type=int, default=2, help="passes over the timed steps")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--n-train", type=positive_int, default=250, help="training examples of the timed task")
+    parser.add_argument("--steps", type=non_negative_int, default=32, help="timed rounds (0: padding table only)")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="passes over the timed steps")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--precision", choices=["32", "bf16-mixed"], default=None,
                         help="precision of the timed steps (default: bf16-mixed where bf16 is native, else 32)")
     parser.add_argument("--json", type=Path, help="write the results here")

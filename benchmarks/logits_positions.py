@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
 warnings.filterwarnings("ignore")
@@ -74,8 +75,8 @@ def step_fn(variant: str, model, optimizer, items, pad_id: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (one step per variant each)")
-    parser.add_argument("--batch", type=int, default=8, help="RTE prompts per step")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="timed rounds (one step per variant each)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="RTE prompts per step")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 

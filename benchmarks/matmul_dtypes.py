@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,9 +24,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="paired rounds: each times every dtype once")
-    parser.add_argument("--shape", type=int, nargs=3, default=(1024, 768, 3072), metavar=("M", "K", "N"))
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=5, help="paired rounds: each times every dtype once")
+    parser.add_argument("--shape", type=positive_int, nargs=3, default=(1024, 768, 3072), metavar=("M", "K", "N"))
     parser.add_argument("--json", help="write the per-round times and ratios here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

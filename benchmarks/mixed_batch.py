@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from randmask import atomic_write_bytes, default_targets  # noqa: E402
+from randmask_lab.argtypes import positive_int  # noqa: E402
 
 
 def _randomize(model, seed: int) -> None:
@@ -149,14 +150,14 @@ def run(base, n_adapters: int, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapters", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--check", type=int, default=4, help="prompts in the correctness check")
+    parser.add_argument("--adapters", type=positive_int, nargs="+", default=[8, 32])
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--prompt-len", type=positive_int, default=16)
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
+    parser.add_argument("--check", type=positive_int, default=4, help="prompts in the correctness check")
     parser.add_argument("--kernels", action="store_true", help="also time one SpMM per group (per_group)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     import randmask.peft  # noqa: F401  (registers the PEFT method)

@@ -35,6 +35,7 @@ from bench_stats import paired_ratios, summarize
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
+from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
 LAYER = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]  # (out, in): q, k, v, out_proj, fc1, fc2
@@ -153,9 +154,9 @@ def time_step(libs: dict, rounds: int, quick: bool, clock) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=12, help="timed rounds of each part (default 12)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens of the kernel part (default 1024)")
+    parser.add_argument("--rounds", type=positive_int, default=12, help="timed rounds of each part (default 12)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--tokens", type=positive_int, default=1024, help="tokens of the kernel part (default 1024)")
     parser.add_argument("--quick", action="store_true", help="the step part on the small (4x256) model")
     parser.add_argument("--no-step", action="store_true", help="the kernel part only")
     parser.add_argument("--cpu-time", action="store_true", help="time by the thread's CPU time (needs --threads 1)")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench_stats import summarize
+from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.machine import bf16_native, describe, machine_info
 
 warnings.filterwarnings("ignore")
@@ -81,12 +82,12 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (one step per variant each)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--rounds", type=positive_int, default=20, help="timed rounds (one step per variant each)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     parser.add_argument("--model", default="smollm2-135m", help="model (short name or folder)")
     parser.add_argument("--task", default="rte", help="task whose prompts form the batch")
-    parser.add_argument("--batch", type=int, default=8, help="prompts per step")
+    parser.add_argument("--batch", type=positive_int, default=8, help="prompts per step")
     parser.add_argument("--variants", nargs="+",
                         default=["32", "bf16-mixed", "bf16-true", "bf16-true:math", "bf16-true:default"],
                         help="PRECISION[:auto|folded|math|default] to time (32 always included)")

@@ -25,6 +25,7 @@ import torch
 
 from bench_machine import save_json
 from bench_stats import paired_ratios, summarize
+from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
 warnings.filterwarnings("ignore")
@@ -61,9 +62,9 @@ def build(quantize: str, repacking: bool, batch_size: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantize", default="nf4", choices=("nf4", "fp4"))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=8, help="validation prompts per forward")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--batch", type=positive_int, default=8, help="validation prompts per forward")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -30,6 +30,7 @@ import torch
 
 from bench_machine import save_json
 from bench_stats import paired_ratios, summarize
+from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.machine import describe, machine_info
 
 warnings.filterwarnings("ignore")
@@ -118,9 +119,9 @@ def time_variants(names: list[str], quantize: str, rounds: int, warmup: int, log
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantize", default="nf4", choices=("nf4", "fp4", "int8", "ao-int8"))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the subprocess's own job

@@ -23,6 +23,7 @@ import torch
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
+from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe
 
 warnings.filterwarnings("ignore")
@@ -62,9 +63,9 @@ def time_paths(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, repeats
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--tokens", type=positive_int, default=1024)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of g and x")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

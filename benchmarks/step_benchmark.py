@@ -58,6 +58,7 @@ from bench_models import (
 from bench_stats import paired_ratios, summarize
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
+from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.machine import bf16_native, describe, machine_info
 
 
@@ -273,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=None,
                         help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all where bf16 is "
                              "native, else fp32 only)")
-    parser.add_argument("--rounds", type=int, default=None, help="minimum timed rounds (default 20; quick 3)")
-    parser.add_argument("--max-rounds", type=int, default=None, help="cap on rounds (default 40; quick 3)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="minimum timed rounds (default 20; quick 3)")
+    parser.add_argument("--max-rounds", type=positive_int, default=None, help="cap on rounds (default 40; quick 3)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop timing a precision after this many minutes even below --rounds (a shared "
                              "machine's deadline); its rows then say time_capped")
@@ -287,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ci-target", type=float, default=0.02, help="stop once every CI is within this")
     parser.add_argument("--quantize", default="none", choices=("none", "nf4", "fp4", "int8", "ao-int8"),
                         help="store the base quantized (the runner's --quantize; CPU schemes); LoRA is then QLoRA")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time the thread's CPU time instead of wall time (needs --threads 1): a busy shared "
                              "machine inflates it far less; the time budget stays in wall minutes")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process memory phase")
-    parser.add_argument("--memory-jobs", type=int, default=3, help="memory subprocesses at a time (default 3)")
+    parser.add_argument("--memory-jobs", type=positive_int, default=3, help="memory subprocesses at a time (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write rows, targets and settings here")
     args = parser.parse_args(argv)
     # the command that printed these numbers, kept in the JSON beside them
