@@ -192,13 +192,18 @@ def confirm_findings(study: Study) -> str:
     return run(*findings_args(study))
 
 
-def confirm_section(study: Study, lines: list[str], found: str, up: str) -> str:
-    """The confirmatory study's page section: compute, progress, seeds and power, report, figures, the rules."""
-    planned = plan(study)
+def seeds_lines(planned: list[str]) -> list[str]:
+    """`--plan`'s line on the seed count: the re-estimation's decision once it is made, else what it waits for."""
+    return [line for line in planned if line.startswith("seeds")]
+
+
+def confirm_section(study: Study, lines: list[str], found: str, planned: list[str], up: str) -> str:
+    """The confirmatory study's page section: compute, progress, seeds and power, report, figures, the rules;
+    ``planned``: what `randmask study --plan` printed."""
     own = power_lines(planned)
     missing = tasks_without_power(study, own)
     earlier = power_lines(plan(study, "--power-from", EXPLORATORY.records)) if missing else []
-    seeds = [line for line in planned if line.startswith("seeds")]
+    seeds = seeds_lines(planned)
     count = len(json.loads((ROOT / study.spec).read_text())["seeds"])
     return "\n".join([
         status(study), "", progress(study, planned), "",
@@ -214,14 +219,17 @@ def confirm_section(study: Study, lines: list[str], found: str, up: str) -> str:
         f"{shown(findings_args(study))} printed:", "", "```", found, "```"])
 
 
-def verdicts(study: Study, lines: list[str], found: str) -> str:
-    """The README's short version of the confirmatory study: the headline of each rule, the rows the paper also
-    reports (Table 1 and Table 5 analogues) from the report's ``lines``, the compute spent, the sparsity curve;
-    ``found``: what `randmask findings` printed."""
+def verdicts(study: Study, lines: list[str], found: str, planned: list[str]) -> str:
+    """The README's short version of the confirmatory study: the headline of each rule, the seed count rule (a)
+    reads, the rows the paper also reports (Table 1 and Table 5 analogues) from the report's ``lines``, the
+    compute spent, the sparsity curve; ``found``: what `randmask findings` printed, ``planned``: `--plan`'s lines."""
     rules = [line for line in found.splitlines() if line.startswith(("(a)", "(e)"))]
     curve = [line for line in figure_lines(study, "") if "_sparsity.png" in line]
+    seeds = seeds_lines(planned)
     return "\n".join([f"{shown(findings_args(study))} printed (rules (a) and (e); the rest, the tables "
                       f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
+                      *([f"The seed count of rule (a)'s cells: `randmask study {study.spec} --export "
+                         f"{study.records} --plan` printed:", "", "```", *seeds, "```", ""] if seeds else []),
                       *beside_the_paper(study, lines), status(study), "", *curve])
 
 
@@ -259,9 +267,9 @@ def update(name: str) -> None:
         replace_between(ROOT / study.page, study.page_markers, exploratory_section(study, lines, up="../"))
         replace_between(ROOT / "README.md", study.readme_markers, headline(study, lines))
     else:
-        found = confirm_findings(study)  # once, for the page and the README
-        replace_between(ROOT / study.page, study.page_markers, confirm_section(study, lines, found, up="../"))
-        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study, lines, found))
+        found, planned = confirm_findings(study), plan(study)  # once each, for the page and the README
+        replace_between(ROOT / study.page, study.page_markers, confirm_section(study, lines, found, planned, up="../"))
+        replace_between(ROOT / "README.md", study.readme_markers, verdicts(study, lines, found, planned))
 
 
 def main(argv: list[str]) -> int:
