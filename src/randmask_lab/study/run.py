@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Literal
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.parts.budget import check_budgets
@@ -62,13 +63,15 @@ def adopt_records(store: ResultStore, records: list[RunRecord]) -> int:
     return added
 
 
-def _run_one(config: RunConfig, store: ResultStore, owner: str, say: Callable[[str], None]) -> RunRecord | None:
-    """Claim and run one cell; None when another worker holds it (or took it over mid-run)."""
+def _run_one(config: RunConfig, store: ResultStore, owner: str,
+             say: Callable[[str], None]) -> RunRecord | Literal["finished"] | None:
+    """Claim and run one cell: its record; "finished" when another worker finished it since the plan was read
+    (plan again); None when another worker holds it (or took it over mid-run)."""
     claim = store.claim(config.run_id, owner, config.lease_seconds)
-    if claim == "finished":
-        return store.get(config.run_id)
     if claim == "busy":
         return None
+    if claim == "finished":
+        return "finished"
     return run_claimed(config, store, Lease(store, config.run_id, owner, config.lease_seconds), say)
 
 
@@ -142,6 +145,9 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
             record = _run_one(config, store, owner, say)
             if record is None:
                 continue  # another worker runs it
+            if record == "finished":  # not run here, so neither said nor counted (--max-runs counts runs made)
+                progressed = True
+                break  # another worker's record may change the plan (an LR search ended): re-plan
             ran, progressed = ran + 1, True
             if record.status == "failed":
                 failed.add(config.run_id)
