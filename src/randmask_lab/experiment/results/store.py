@@ -95,12 +95,16 @@ class LeaseInfo:
     expires: float
 
 
-def _enable_wal(db: sqlite3.Connection, timeout: float = 120.0) -> None:
+BUSY_SECONDS = 120.0  # how long one store operation waits for another worker's lock before it fails
+
+
+def _enable_wal(db: sqlite3.Connection, timeout: float = BUSY_SECONDS) -> None:
     """Put the store in WAL mode, waiting out another process that is creating the same store.
 
     Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "database is locked" at once,
     without its busy timeout, when another connection holds a lock it is waiting to upgrade (the deadlock
-    rule). Two workers started together on one new --out-dir met it; retry until ``timeout``.
+    rule). Two workers started together on one new --out-dir met it; retry until ``timeout``, the busy
+    timeout every other store operation gets from SQLite.
     """
     deadline = time.monotonic() + timeout
     pause = 0.01
@@ -162,7 +166,7 @@ class ResultStore:
             yield from self._read_only(write)
             return
         try:
-            db = sqlite3.connect(self.path, timeout=120, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open results store {self.path}: {e}") from None
         try:
