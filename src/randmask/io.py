@@ -77,6 +77,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """
     meta = adapter_meta(model, adapter_name)
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MaskingError(f"{out} is a file; save_adapter writes a folder (adapter_config.json + "
+                           "adapter.safetensors). Pass a folder path.")
     tensors: dict[str, torch.Tensor] = {}
     matrices: dict[str, dict] = {}
     sharded = False

@@ -27,6 +27,17 @@ from randmask.targets import Target, resolve_targets
 logger = logging.getLogger("randmask")
 _META_ATTR = "randmask_adapters"  # {adapter name: {"config": MaskingConfig, "total_params": int}}
 _LAYERS_ATTR = "randmask_layers"  # the masked layers, cached for set_adapter; dropped whenever one is added/removed
+_GUARD_ATTR = "randmask_forward_guard"  # handle of the root pre-hook that refuses PEFT-only forward kwargs
+
+# PEFT's forward arguments (``PeftModel.special_peft_forward_args``) that a model adapted by the free-function API
+# does not honour: transformers' forward would swallow them into **kwargs and run the active adapter for every
+# sample. Refused instead, with what does the job.
+UNHONOURED_FORWARD_KWARGS = {
+    "adapter_names": "for one adapter per sample, run the forward or generate inside "
+                     "`with randmask.mixed_batch(model, adapter_names):`, or load the adapters through PEFT "
+                     "(`import randmask.peft`), whose forward takes adapter_names=",
+    "alora_offsets": "it belongs to PEFT's activated LoRA; randmask adapters apply to every token",
+}
 
 
 @dataclass
@@ -220,6 +231,15 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
 def record_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, total_params: int) -> None:
     """Register adapter ``adapter_name`` (its config and budget denominator) for summaries, saving and switching."""
     model.__dict__.setdefault(_META_ATTR, {})[adapter_name] = {"config": config, "total_params": total_params}
+    if _GUARD_ATTR not in model.__dict__:
+        model.__dict__[_GUARD_ATTR] = model.register_forward_pre_hook(_refuse_unhonoured_kwargs, with_kwargs=True)
+
+
+def _refuse_unhonoured_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of an adapted model's root: a PEFT-only keyword is an error, not silently dropped."""
+    for key in UNHONOURED_FORWARD_KWARGS.keys() & kwargs.keys():
+        raise MaskingError(f"{key}= was passed to the forward of a model adapted with randmask.apply_masking / "
+                           f"load_adapter, which would ignore it: {UNHONOURED_FORWARD_KWARGS[key]}.")
 
 
 def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "default",
@@ -386,6 +406,9 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     model.__dict__.pop(_META_ATTR, None)
     model.__dict__.pop(_LAYERS_ATTR, None)
+    guard = model.__dict__.pop(_GUARD_ATTR, None)
+    if guard is not None:
+        guard.remove()
     return model
 
 

@@ -143,6 +143,14 @@ def test_non_finite_values_are_refused(tmp_path):
     assert not (tmp_path / WEIGHTS_NAME).exists()
 
 
+def test_saving_onto_a_file_is_refused_by_name(tmp_path):
+    target = tmp_path / "adapter.bin"
+    target.write_bytes(b"keep")
+    with pytest.raises(MaskingError, match="is a file; save_adapter writes a folder"):
+        save_adapter(_trained("opt"), target)
+    assert target.read_bytes() == b"keep"
+
+
 def test_loading_twice_under_one_name(tmp_path):
     save_adapter(_trained("opt"), tmp_path)
     model = load_adapter(tiny_model("opt"), tmp_path)

@@ -1,5 +1,7 @@
 """Mixed batches (free-function API): each sample through its own adapter equals running it alone."""
 
+import copy
+
 import pytest
 import torch
 from tests.conftest import tiny_model
@@ -140,6 +142,26 @@ def test_what_a_mixed_batch_does_not_honour_is_refused():
     model.train()
     with pytest.raises(MaskingError, match="eval"), mixed_batch(model, ["a", "b"]):
         pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_peft_forward_kwargs_are_refused_not_swallowed(arch):
+    """transformers' forward takes **kwargs, so without the guard adapter_names= ran the active adapter on every row."""
+    model = _multi(arch).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(MaskingError, match=r"adapter_names=.*randmask.mixed_batch"):
+        model(ids, adapter_names=["a", "b"])
+    with pytest.raises(MaskingError, match="alora_offsets="):
+        model(input_ids=ids, alora_offsets=[1, 1])
+    clone = copy.deepcopy(model)
+    with pytest.raises(MaskingError, match="adapter_names="):
+        clone(ids, adapter_names=["a", "b"])
+    with mixed_batch(model, ["a", "b"]):  # the way that honours it
+        model(ids)
+    plain = randmask.unload(clone)  # an ordinary model again: its forward is the model's own
+    assert not plain._forward_pre_hooks
+    with pytest.raises(MaskingError, match="adapter_names="):
+        model(ids, adapter_names=["a", "b"])  # the original keeps its guard
 
 
 def test_group_rows_spans_and_indices():
