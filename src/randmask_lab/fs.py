@@ -1,4 +1,5 @@
-"""File-system problems that are the user's to fix, not the code's: a full disk, a read-only folder.
+"""File-system problems that are the user's to fix, not the code's: a full disk, a read-only folder, a file
+where a folder goes.
 
 ``disk_problem`` turns such an ``OSError`` into a one-line message naming the file and what to do; the
 CLI prints it with exit code 2 and a sweep or study stops on it (rather than recording every later
@@ -15,14 +16,20 @@ import sqlite3
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+IN_THE_WAY = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}  # a file where a folder goes, or the reverse
 RESUME = ("run the same command again: a run resumes from its last checkpoint (files are written atomically, "
           "so none is half-written)")
 
 
 def disk_problem(error: BaseException) -> str | None:
-    """A one-line message for a full disk or a read-only / forbidden path; None for any other error."""
-    if not isinstance(error, OSError) or error.errno not in DISK_FULL | READ_ONLY:
+    """A one-line message for a full disk, a read-only / forbidden path or a file in a folder's place (or the
+    reverse); None for any other error."""
+    if not isinstance(error, OSError) or error.errno not in DISK_FULL | READ_ONLY | IN_THE_WAY:
         return None
+    if error.errno in IN_THE_WAY:
+        return (f"cannot use {error.filename or 'an output path'} ({error.strerror}): a file stands where a folder is "
+                "needed, or a folder where a file is. Pass another output path (--out / --out-dir), or move what is "
+                "in the way")
     where = f" writing {error.filename}" if error.filename else ""
     if error.errno in DISK_FULL:
         return f"no space left on the device{where} ({error.strerror}): free some space, then {RESUME}"
@@ -42,4 +49,4 @@ def sqlite_problem(error: sqlite3.Error) -> str | None:
     return None
 
 
-__all__ = ["DISK_FULL", "READ_ONLY", "disk_problem", "sqlite_problem"]
+__all__ = ["DISK_FULL", "IN_THE_WAY", "READ_ONLY", "disk_problem", "sqlite_problem"]

@@ -11,8 +11,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from randmask_lab.argtypes import positive_int
-from randmask_lab.theory.experiment import fmt_table, run_sweep, summarise
+from randmask_lab.argtypes import non_negative_int, positive_int
+from randmask_lab.errors import LabError
+from randmask_lab.theory.experiment import check_sweep, fmt_table, run_sweep, summarise
 from randmask_lab.theory.linreg import check_p
 
 DEFAULT_P_VALUES = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -90,6 +91,10 @@ def _p_value(text: str) -> float:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    try:  # the settings' checks only (no work yet): a ValueError here is the user's to fix
+        check_sweep(args.n, args.d, args.p_values, args.seeds, args.sigma, args.delta)
+    except ValueError as err:
+        raise LabError(f"{err}.") from err
     run_theory(
         args.out,
         n=args.n,
@@ -130,7 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=list(DEFAULT_SEEDS),
         help="seeds; each fixes X, w0, w*, the noise and the masks",

@@ -110,6 +110,27 @@ def _record(problem: Any, lam: Array, p: float, seed: int, delta: float, gd_step
     }
 
 
+def check_sweep(n: int, d: int, p_values: Sequence[float], seeds: Sequence[int], sigma: float,
+                delta: float) -> list[float]:
+    """Raise ``ValueError`` naming the first setting ``run_sweep`` cannot run, before any work; the checked p's."""
+    ps = [check_p(p) for p in p_values]
+    check_shape(n, d)
+    if not seeds:
+        raise ValueError("need at least one seed")
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
+    if not sigma >= 0:  # also rejects NaN
+        raise ValueError(f"noise level sigma must be >= 0, got sigma={sigma!r}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"failure probability delta must be in (0, 1), got delta={delta!r}")
+    if min(ps) * d < 2 * n:
+        raise ValueError(
+            f"p={min(ps)} keeps about {min(ps) * d:.0f} of d={d} coordinates, fewer than 2n={2 * n}: "
+            "X M X^T would be (near) singular and Proposition 5.3 does not apply; raise p or d, or lower n"
+        )
+    return ps
+
+
 def run_sweep(
     n: int,
     d: int,
@@ -121,15 +142,7 @@ def run_sweep(
     noise_draws: int = 200,
 ) -> list[dict]:
     """One record per (p, seed); each seed fixes X, w0, w*, the noise and the (nested) masks."""
-    ps = [check_p(p) for p in p_values]
-    check_shape(n, d)
-    if not seeds:
-        raise ValueError("need at least one seed")
-    if min(ps) * d < 2 * n:
-        raise ValueError(
-            f"p={min(ps)} keeps about {min(ps) * d:.0f} of d={d} coordinates, fewer than 2n={2 * n}: "
-            "X M X^T would be (near) singular and Proposition 5.3 does not apply; raise p or d, or lower n"
-        )
+    ps = check_sweep(n, d, p_values, seeds, sigma, delta)
     records = []
     for seed in seeds:
         problem = make_problem(n, d, sigma, seed)

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -71,3 +72,38 @@ def test_subcommand_rejects_bad_p(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["theory", "--p-values", "0"])
     assert "(0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--sigma", "-1"], "sigma must be >= 0"),
+    (["--sigma", "nan"], "sigma must be >= 0"),
+    (["--delta", "1"], r"delta must be in \(0, 1\)"),
+    (["--n", "60"], "fewer than 2n=120"),
+    (["--seeds", "-1"], "must be an integer ≥ 0, got -1"),
+])
+def test_impossible_settings_are_one_line_errors_before_any_work(tmp_path, capsys, options, message):
+    from randmask_lab.cli import main
+
+    out = tmp_path / "theory"
+    try:
+        code = main(["theory", "--out", str(out), "--d", "100", "--p-values", "0.5", *options])
+    except SystemExit as exit_:  # argparse's own refusal (a type check): its usage, then one error line, exit 2
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    err = err.splitlines()[-1]
+    assert code == 2 and err.startswith("randmask theory: error: "), err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    from randmask_lab.cli import main
+
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("keep")
+    code = main(["theory", "--out", str(in_the_way / "theory"), "--n", "5", "--d", "100", "--p-values", "0.5",
+                 "--seeds", "0", "--gd-steps", "10", "--noise-draws", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "a file stands where a folder is needed" in err and str(in_the_way) in err, err
+    assert in_the_way.read_text() == "keep"
