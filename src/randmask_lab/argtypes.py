@@ -37,6 +37,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer ≥ 0")
 
 
+def positive_float(text: str) -> float:
+    """``--option X`` with X finite and > 0 (a tolerance, a factor, minutes): NaN would never stop or compare."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _allowed(tp: Any) -> tuple[list[Any], bool]:
     """(the types or Literal choices an annotation allows, whether None is allowed)."""
     if typing.get_origin(tp) in (Union, types.UnionType):
@@ -105,5 +116,6 @@ def bounds_problem(obj: Any) -> str | None:
     return None
 
 
-__all__ = ["LEASE_SECONDS", "MAX_LR", "MAX_SEED", "bounds_problem", "non_negative_int", "positive_int",
+__all__ = ["LEASE_SECONDS", "MAX_LR", "MAX_SEED", "bounds_problem", "non_negative_int", "positive_float",
+           "positive_int",
            "type_problem"]

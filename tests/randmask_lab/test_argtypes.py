@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from randmask_lab.argtypes import non_negative_int, positive_int
+from randmask_lab.argtypes import non_negative_int, positive_float, positive_int
 
 
 def test_positive_int() -> None:
@@ -19,6 +19,25 @@ def test_non_negative_int() -> None:
     for bad in ("-1", "2.0", "abc"):
         with pytest.raises(argparse.ArgumentTypeError, match="integer ≥ 0"):
             non_negative_int(bad)
+
+
+def test_positive_float() -> None:
+    assert positive_float("1e-3") == 1e-3 and positive_float("2") == 2.0
+    for bad in ("0", "-1e-3", "nan", "inf", "-inf", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive number|finite number > 0"):
+            positive_float(bad)
+
+
+def test_analysis_tolerances_and_factors_are_checked_by_the_parser() -> None:
+    """--tol nan never converged (the run went on to --max-iter) and --calibration nan wrote "lr ~ nan"."""
+    from randmask_lab.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["hessian", "--tol", "nan"], ["hessian", "--tol", "0"], ["suggest-lr", "--calibration", "nan"],
+                 ["suggest-lr", "--calibration", "-1"], ["hessian", "--power-seed", "-3"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    assert parser.parse_args(["suggest-lr", "--tol", "1e-4", "--calibration", "0.5"]).calibration == 0.5
 
 
 def test_type_and_bounds_problems_of_a_run_config() -> None:

@@ -26,7 +26,7 @@ from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_ei
 from randmask_lab.analysis.hvp import LossFn
 from randmask_lab.analysis.localization import eigenvector_localization
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
-from randmask_lab.argtypes import non_negative_int, positive_int
+from randmask_lab.argtypes import non_negative_int, positive_float, positive_int
 from randmask_lab.errors import RunError
 
 
@@ -267,9 +267,9 @@ def _model_args(parser: argparse.ArgumentParser, out: str) -> None:
 
 
 def _power_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tol", type=float, default=1e-3, help="relative change of λ at which to stop")
+    parser.add_argument("--tol", type=positive_float, default=1e-3, help="relative change of λ at which to stop")
     parser.add_argument("--max-iter", type=positive_int, default=100, help="cap on power-iteration steps (HVPs)")
-    parser.add_argument("--power-seed", type=int, default=0, help="seed of the random start vector")
+    parser.add_argument("--power-seed", type=non_negative_int, default=0, help="seed of the random start vector")
 
 
 _FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -316,7 +316,7 @@ def _add_suggest_lr(subparsers: argparse._SubParsersAction) -> None:
                               "lr = calibration * grad_rms * 2/λ_max and a range. Writes suggest_lr.json.")
     _model_args(p, "runs/analysis")
     _power_args(p)
-    p.add_argument("--calibration", type=float, default=ADAM_CALIBRATION,
+    p.add_argument("--calibration", type=positive_float, default=ADAM_CALIBRATION,
                    help="Adam calibration factor (see randmask_lab.analysis.suggest_lr)")
     p.set_defaults(func=_cmd_suggest_lr, command="suggest-lr")
 
