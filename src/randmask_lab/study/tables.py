@@ -7,7 +7,7 @@ from collections import defaultdict
 from randmask_lab.experiment.results.report import TASK_LABELS, method_order, task_order
 from randmask_lab.study.cells import CellKey, StudyCell
 from randmask_lab.study.paper import PAPER_MODEL, PAPER_PROTOCOL, paper_value
-from randmask_lab.study.stats import average_by_seed, mean_interval, paired_difference
+from randmask_lab.study.stats import FAR_OFF_Z, average_by_seed, far_off_seeds, mean_interval, paired_difference
 
 # The differences the study reports: (left, right) method labels, left - right, paired by seed.
 DIFFERENCES = (("randmask 1e-03", "lora"), ("randmask 1e-03", "full"), ("randmask 1e-04", "lora"),
@@ -129,6 +129,24 @@ def paper_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str | None
     return "\n".join(lines)
 
 
+def far_off_lines(model: str, rows: dict[str, dict[str, StudyCell]]) -> str | None:
+    """The seeds far from their cell (``stats.far_off_seeds``), one line each; None when there are none."""
+    lines = []
+    for label in sorted(rows, key=method_order):
+        for column, cell in sorted(rows[label].items(), key=lambda kv: _column_order(kv[0])):
+            for f in far_off_seeds(cell.tests):
+                lines.append(f"- {_column_label(column)}, {label} @{cell.lr:.0e}: seed {f.seed} at {100 * f.value:.1f} "
+                             f"(the cell's median {100 * f.median:.1f}, robust std {100 * f.robust_std:.1f}: "
+                             f"z = {f.z:+.0f})")
+    if not lines:
+        return None
+    return "\n".join([f"#### Far-off seeds — {model}", "",
+                      f"Seeds more than {FAR_OFF_Z:g} robust standard deviations (1.4826 × the median absolute "
+                      "deviation over the cell's seeds) from their cell's median. They are real runs and stay in "
+                      "every mean, interval and rule above; the list shows when one run carries a cell's spread.",
+                      "", *lines])
+
+
 NOTE = ("Cells: test metric ×100 as mean ± std over seeds [95% t interval over seeds] @ the chosen LR (by mean "
         "validation loss over the LR-search seeds; † = at the edge of the LR grid; \"LR search unfinished\": the "
         "study's plan still has LRs to try for the cell, so its LR is the best so far and its value is not a result, "
@@ -144,7 +162,7 @@ def study_tables(cells: dict[CellKey, StudyCell]) -> str:
     parts: list[str] = []
     for model, rows in sorted(by_model(cells).items()):
         parts.append(results_table(model, rows))
-        for extra in (difference_table(model, rows), paper_table(model, rows)):
+        for extra in (difference_table(model, rows), paper_table(model, rows), far_off_lines(model, rows)):
             if extra:
                 parts.append(extra)
     return "\n\n".join(parts) + "\n\n" + NOTE

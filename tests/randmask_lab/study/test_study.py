@@ -301,3 +301,21 @@ def test_a_pending_seed_reestimation_keeps_the_rules_that_read_its_cells_interim
     assert "sst2 lora (0+), sst2 randmask 1e-03 (2+) ('+': more if the seed count is re-estimated upwards)" \
         in a.evidence[-1]
     assert b.interim == ""  # (b) reads LR choices: further seeds never change them
+
+
+def test_a_collapsed_seed_is_listed_and_stays_in_the_mean() -> None:
+    from randmask_lab.study.stats import far_off_seeds
+
+    spread = [0.86, 0.87, 0.865, 0.855, 0.875, 0.86, 0.87, 0.862, 0.868, 0.858]
+    tests = dict(enumerate(spread + [0.68]))
+    (far,) = far_off_seeds(tests)
+    assert far.seed == 10 and far.z < -8
+    assert far_off_seeds(dict(enumerate(spread))) == []  # a plain spread lists nothing
+    assert far_off_seeds(dict(enumerate([0.86, 0.87, 0.68]))) == []  # too few seeds to measure against
+    assert far_off_seeds(dict(enumerate([0.5] * 12))) == []  # no spread (zero-shot): nothing to measure by
+
+    runs = [record("sst2", "lora", 1e-3, s, v, 0.5) for s, v in tests.items()]
+    text = study_tables(study_cells(runs))
+    assert "Far-off seeds" in text and "seed 10 at 68.0" in text
+    assert f"{100 * sum(tests.values()) / len(tests):.1f} ± " in text  # the mean keeps it
+    assert "Far-off seeds" not in study_tables(study_cells(runs[:-1]))
