@@ -55,10 +55,12 @@ def store_file(store: str | Path | None, out_dir: str | Path) -> Path:
 
 
 def protocol_label(config: dict[str, Any]) -> str:
-    """Runs are only compared within one protocol: sample sizes, epochs, batch (and its grouping), mode."""
+    """Runs are only compared within one protocol: sample sizes, epochs, batch (and its grouping), gradient
+    clipping, mode."""
     grouped = ", by length" if config.get("group_by_length") else ""  # absent from records made before
+    clipped = f", clip {config['max_grad_norm']:g}" if config.get("max_grad_norm") else ""  # likewise
     return (f"{config['n_train']}/{config['n_val']}/{config['n_test']} ex, {config['epochs']} ep, "
-            f"bs {config['batch_size']}{grouped}, {config['mode']}")
+            f"bs {config['batch_size']}{grouped}{clipped}, {config['mode']}")
 
 
 def new_owner() -> str:

@@ -77,6 +77,9 @@ class RunConfig:
     """AdamW betas."""
     adam_eps: float = field(default=1e-8, metadata=IDENTITY)
     """AdamW epsilon."""
+    max_grad_norm: float | None = field(default=None, metadata=IDENTITY)
+    """Clip the gradient's global L2 norm to this before each step (transformers' max_grad_norm, whose Trainer
+    clips at 1.0 by default); default: no clipping, as the paper states none."""
     schedule: Literal["constant", "linear", "cosine"] = field(default="constant", metadata=IDENTITY)
     """Learning-rate schedule after warm-up (the paper: constant)."""
     warmup_steps: int = field(default=0, metadata=IDENTITY)
@@ -177,6 +180,7 @@ class RunConfig:
             ("adam-betas", list(self.adam_betas),
              len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "two numbers in [0, 1)"),
             ("adam-eps", self.adam_eps, self.adam_eps > 0, "> 0"),
+            ("max-grad-norm", self.max_grad_norm, self.max_grad_norm is None or self.max_grad_norm > 0, "> 0"),
             ("warmup-steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0"),
             ("n-train", self.n_train, self.n_train >= 1, ">= 1"),
             ("n-val", self.n_val, self.n_val >= 1, ">= 1"),
@@ -320,7 +324,7 @@ class RunConfig:
 
 # Identity fields added after studies had committed records: left out of the identity at their
 # default, so every run id made before they existed stays the same.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none"}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none", "max_grad_norm": None}
 
 LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
 

@@ -154,14 +154,23 @@ class Trainer:
     def _optimizer_step(self) -> bool:
         """optimizer.step(), through the loss scaler under 16-mixed; False when the scaler skipped it."""
         if self.scaler is None:
+            self._clip()
             self.optimizer.step()
             return True
-        self.scaler.unscale_(self.optimizer)  # true gradients for the step hook (AdaLoRA scores them)
+        self.scaler.unscale_(self.optimizer)  # true gradients for the step hook (AdaLoRA scores them) and clipping
+        self._clip()
         before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         check_scale(self.scaler)
         return self.scaler.get_scale() >= before  # the scale drops only when the step was skipped
+
+    def _clip(self) -> None:
+        """--max-grad-norm: scale the gradients so that their global L2 norm (over every trained tensor; DDP's are
+        already averaged, FSDP2's DTensor shards are reduced by torch) is at most the limit."""
+        if self.config.max_grad_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
 
     def _after_step(self, epoch: int, b: int, n_batches: int, loss: float) -> None:
         if self.lease is not None and self.lease.lost:  # before writing: the new owner now writes this run's files

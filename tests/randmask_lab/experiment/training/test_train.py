@@ -164,3 +164,31 @@ def test_group_by_length_batches_similar_prompts(tiny_lm, run_kwargs, monkeypatc
     record = run_training(config)
     assert record.status == "done" and record.config["group_by_length"] is True
     assert seen and all(widths == sorted(widths, reverse=True) for widths in seen)  # 12 examples: one mega-batch
+
+
+def test_max_grad_norm_clips_every_step_and_is_part_of_the_run(tiny_lm, run_kwargs, monkeypatch):
+    """The norm the optimizer sees is at most the limit; unset, nothing is clipped and old run ids stand."""
+    from randmask_lab.experiment.results.store import protocol_label
+
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    common = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "epochs": 1}
+    plain = run_training(RunConfig(**common))
+    unclipped, seen[:] = list(seen), []
+    limit = min(unclipped) / 2  # below every step's norm: each step is clipped
+    clipped = run_training(RunConfig(**common, max_grad_norm=limit))
+    assert seen and all(norm == pytest.approx(limit, rel=1e-4) for norm in seen), (limit, seen)
+    assert clipped.run_id != plain.run_id and clipped.config["max_grad_norm"] == limit
+    assert "max_grad_norm" not in RunConfig(**common).identity()  # absent at its default: earlier ids unchanged
+    assert protocol_label(clipped.config) != protocol_label(plain.config)
+    assert f"clip {limit:g}" in protocol_label(clipped.config)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RunError, match="max-grad-norm"):
+            RunConfig(**common, max_grad_norm=bad).validate()
