@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from randmask_lab.study.records import read_jsonl
+from randmask_lab.study.stats import FAR_OFF_Z
 
 ROOT = Path(__file__).resolve().parents[1]
 THEORY = "experiments/results/theory/theory_summary.json"
@@ -230,7 +231,18 @@ def verdicts(study: Study, lines: list[str], found: str, planned: list[str]) -> 
                       f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
                       *([f"The seed count of rule (a)'s cells: `randmask study {study.spec} --export "
                          f"{study.records} --plan` printed:", "", "```", *seeds, "```", ""] if seeds else []),
-                      *beside_the_paper(study, lines), status(study), "", *curve])
+                      *beside_the_paper(study, lines), *far_off(lines), status(study), "", *curve])
+
+
+def far_off(lines: list[str]) -> list[str]:
+    """The report's far-off seeds (runs far from their cell, kept in every number), as it printed them; none:
+    nothing."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("#### Far-off seeds")), None)
+    if start is None:
+        return []
+    listed = [line for line in lines[start + 1:] if line.startswith("- ")]
+    return [f"Far-off seeds, from the same report (seeds more than {FAR_OFF_Z:g} robust standard deviations from "
+            "their cell's median; real runs, kept in every mean, interval and rule):", "", *listed, ""]
 
 
 def beside_the_paper(study: Study, lines: list[str]) -> list[str]:

@@ -34,6 +34,7 @@ def test_the_readme_and_pages_show_what_the_committed_records_print():
         else:
             rules = [line for line in u.confirm_findings(study).splitlines() if line.startswith(("(a)", "(e)"))]
             seeds = u.seeds_lines(u.plan(study))  # the re-estimated seed count reads the records alone
-            shown = [*rules, *seeds, "\n".join(u.beside_the_paper(study, lines)).strip(), u.status(study)]
+            shown = [*rules, *seeds, "\n".join(u.beside_the_paper(study, lines)).strip(),
+                     "\n".join(u.far_off(lines)).strip(), u.status(study)]
         for part in shown:
             assert part in readme, f"README.md does not show what {study.records} prints now ({part[:60]}...): {FIX}"
