@@ -117,5 +117,4 @@ def bounds_problem(obj: Any) -> str | None:
 
 
 __all__ = ["LEASE_SECONDS", "MAX_LR", "MAX_SEED", "bounds_problem", "non_negative_int", "positive_float",
-           "positive_int",
-           "type_problem"]
+           "positive_int", "type_problem"]

@@ -134,8 +134,9 @@ def far_off_lines(model: str, rows: dict[str, dict[str, StudyCell]]) -> str | No
     lines = []
     for label in sorted(rows, key=method_order):
         for column, cell in sorted(rows[label].items(), key=lambda kv: _column_order(kv[0])):
+            at = f" @{cell.lr:.0e}" if cell.lr is not None else ""  # zero-shot has no LR
             for f in far_off_seeds(cell.tests):
-                lines.append(f"- {_column_label(column)}, {label} @{cell.lr:.0e}: seed {f.seed} at {100 * f.value:.1f} "
+                lines.append(f"- {_column_label(column)}, {label}{at}: seed {f.seed} at {100 * f.value:.1f} "
                              f"(the cell's median {100 * f.median:.1f}, robust std {100 * f.robust_std:.1f}: "
                              f"z = {f.z:+.0f})")
     if not lines:

@@ -319,3 +319,5 @@ def test_a_collapsed_seed_is_listed_and_stays_in_the_mean() -> None:
     assert "Far-off seeds" in text and "seed 10 at 68.0" in text
     assert f"{100 * sum(tests.values()) / len(tests):.1f} ± " in text  # the mean keeps it
     assert "Far-off seeds" not in study_tables(study_cells(runs[:-1]))
+    zeroshot = [record("sst2", "zeroshot", 0.0, s, v, 0.5) for s, v in tests.items()]  # a cell without an LR
+    assert "sst2, zeroshot: seed 10 at 68.0" in study_tables(study_cells(zeroshot)).replace("SST-2", "sst2")
