@@ -92,9 +92,10 @@ def test_the_id_covers_a_changed_mask_sampler(monkeypatch):
     assert structured.run_id != before
 
 
-def test_committed_study_records_keep_their_run_ids():
+@pytest.mark.parametrize("name", ["smollm2_study.jsonl", "smollm2_confirm.jsonl"])
+def test_committed_study_records_keep_their_run_ids(name):
     # A change to the identity would orphan every committed record: the study would run them all again.
-    study = Path(__file__).resolve().parents[4] / "experiments" / "results" / "smollm2_study.jsonl"
+    study = Path(__file__).resolve().parents[4] / "experiments" / "results" / name
     rows = [json.loads(line) for line in study.read_text().splitlines()[:40:7]]
     for row in rows:
         config = RunConfig.from_dict({**row["config"], "data_dir": str(DATA)})
