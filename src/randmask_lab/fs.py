@@ -28,8 +28,8 @@ def disk_problem(error: BaseException) -> str | None:
         return None
     if error.errno in IN_THE_WAY:
         return (f"cannot use {error.filename or 'an output path'} ({error.strerror}): a file stands where a folder is "
-                "needed, or a folder where a file is. Pass another output path (--out / --out-dir), or move what is "
-                "in the way")
+                "needed, or a folder where a file is. Point the command's output option (--out, --out-dir, "
+                "--figures, ...) at another path, or move what is in the way")
     where = f" writing {error.filename}" if error.filename else ""
     if error.errno in DISK_FULL:
         return f"no space left on the device{where} ({error.strerror}): free some space, then {RESUME}"
