@@ -29,7 +29,8 @@ CELL_KEYS = {"method", "lrs", "ratio", "tasks", "seeds", "stage"}
 # RunConfig fields a spec's protocol/common may set: not the ones each planned run sets itself (model, task,
 # method, budget, lr, seeds, precision, out_dir) or the execution options of `randmask study` (threads, ...).
 _SET_BY_THE_PLAN = {"model", "task", "method", "ratio", "trainable_ratio", "lr", "seed", "data_seed", "mask_seed",
-                    "order_seed", "precision", "out_dir", "threads", "progress", "lease_seconds"}
+                    "order_seed", "precision", "precision_requested", "out_dir", "threads", "progress",
+                    "lease_seconds"}
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - _SET_BY_THE_PLAN
 LADDER_STEPS = 16  # the 1-3-10 LR ladder has 16 points: no grid can be extended further
 

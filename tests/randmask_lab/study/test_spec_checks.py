@@ -44,6 +44,8 @@ MALFORMED = {
     "common sets threads": (_with(lambda s: s["common"].update(threads=2)), "common sets \\['threads'\\]"),
     "common sets the budget": (_with(lambda s: s["common"].update(trainable_ratio=1e-3)),
                                "common sets \\['trainable_ratio'\\]"),  # each cell's own (its "ratio")
+    "common sets the requested precision": (_with(lambda s: s["common"].update(precision_requested="auto")),
+                                            "common sets \\['precision_requested'\\]"),  # the runner's to write
     "common not an object": (_with(lambda s: s.update(common=[1])), "common must be an object"),
     "no cells": (_with(lambda s: s.pop("cells")), "cells must be a non-empty list"),
     "empty cells": (_with(lambda s: s.update(cells=[])), "cells must be a non-empty list"),

@@ -17,7 +17,7 @@ from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.distributed import parse_device
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS, Precision, resolve_precision
 from randmask_lab.experiment.compute.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
-from randmask_lab.experiment.run.options import FLAGS
+from randmask_lab.experiment.run.options import FLAGS, SET_BY_RUNNER
 
 MASKING_METHODS = ("randmask", "structured")
 
@@ -121,7 +121,7 @@ class RunConfig:
     with AMX/avx512_bf16; else 32); 32; bf16-mixed (bf16 autocast, fp32 weights and optimizer state); bf16-true
     (bf16 base weights, fp32 trainable tensors where the method keeps them: randmask values, adapters); 16-mixed
     (fp16 autocast with loss scaling). The run records, and is identified by, the precision auto resolved to."""
-    precision_requested: str | None = field(default=None, metadata=EXECUTION)
+    precision_requested: str | None = field(default=None, metadata={**EXECUTION, SET_BY_RUNNER: True})
     """Set by the runner: the --precision that was asked for (auto, or a name), beside the one that ran."""
     quantize: Quantize = field(default="none", metadata=IDENTITY)
     """Frozen base stored quantized, QLoRA-style (causal LMs; randmask, structured, lora, zeroshot): nf4 / fp4

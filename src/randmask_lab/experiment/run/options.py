@@ -14,6 +14,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 FLAGS = "flags"
 """Field metadata: the field's further option names (``--ratio`` beside ``--trainable-ratio``)."""
+SET_BY_RUNNER = "set_by_runner"
+"""Field metadata: the runner fills the field in (what was asked for, beside what ran); it gets no option, so a
+record cannot be made to claim another request."""
 
 
 @cache
@@ -74,7 +77,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
     docs = field_docs(cls)
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get(SET_BY_RUNNER):
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = docs.get(f.name, "").replace("%", "%%")

@@ -90,3 +90,14 @@ def test_a_record_keeps_the_precision_asked_for_and_the_machine(tiny_lm, run_kwa
                               "max_steps": 1}))
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert "--precision bf16-true on a CPU without native bf16" in line
+
+
+def test_the_requested_precision_is_the_runners_to_record_not_an_option():
+    """--precision-requested was an option: `--precision 32 --precision-requested auto` made a record claim a
+    request that was never made."""
+    from randmask_lab.cli import build_parser
+
+    for verb in ("train", "sweep"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([verb, "--precision-requested", "auto"])
+    assert build_parser().parse_args(["train", "--precision", "32"]).precision == "32"
