@@ -94,7 +94,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         check_spec(spec, args.out_dir)
         path = store_file(None, args.out_dir)
         records = ResultStore(path).records() if path.is_file() else []
-        if args.export and Path(args.export).is_file():  # what a run would adopt from the committed file
+        if args.export and Path(args.export).exists():  # what a run would adopt (a folder: refused, as a run does)
             committed = read_jsonl(args.export)
             check_one_precision(spec, committed, args.export)
             records = with_committed(records, committed)

@@ -123,7 +123,9 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
     """
     check_spec(spec, out_dir, execution)
     version = check_provenance(allow_dirty)
-    committed = read_jsonl(export) if export and Path(export).is_file() else []
+    # exists(), not is_file(): a folder or device named as the study file is refused here, before any run, not
+    # after an hour of training when the first export fails (read_jsonl refuses anything but a regular file)
+    committed = read_jsonl(export) if export and Path(export).exists() else []
     check_one_precision(spec, committed, export or "")
     say(f"study {spec.name}: code {version.get('package')} at commit {version.get('commit')}"
         f"{' (uncommitted changes: --allow-dirty)' if version.get('dirty') else ''}")

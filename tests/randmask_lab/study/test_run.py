@@ -58,3 +58,24 @@ def test_a_study_file_in_another_precision_is_refused() -> None:
     check_one_precision(spec, [same], "f.jsonl")
     with pytest.raises(RunError, match="f.jsonl holds tiny runs in precision bf16-mixed and the spec says 32"):
         check_one_precision(spec, [same, other], "f.jsonl")
+
+
+def test_a_study_file_that_is_not_a_file_is_refused_before_any_run(tmp_path: Path, capsys) -> None:
+    """A folder or a device named as --export was taken for "no study file yet": a run trained, then its export
+    failed. Now it is refused up front, as --plan refuses it."""
+    import json
+
+    from tests.randmask_lab.study.test_spec_checks import GOOD
+
+    from randmask_lab.cli import main
+
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps(GOOD))
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "runs"
+    for export in (tmp_path / "folder", Path("/dev/null")):
+        for extra in ([], ["--plan"]):
+            code = main(["study", str(spec), "--out-dir", str(out), "--export", str(export), "--allow-dirty", *extra])
+            err = capsys.readouterr().err.strip()
+            assert code == 2 and "not a regular file (study file); refused unread" in err, err
+    assert not (out / "results.sqlite").exists()  # nothing ran
