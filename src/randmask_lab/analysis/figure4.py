@@ -166,9 +166,13 @@ def localization_markdown(rows: list[dict[str, Any]]) -> str:
 
 def figure4(folders: Iterable[str | Path], out: str | Path) -> tuple[list[dict[str, Any]], list[Path]]:
     """Collect the results under ``folders``; draw lambda_max.png and distance.png into ``out``."""
+    folders = list(folders)  # read twice: by collect, and by the message when nothing is found
     rows = collect(folders)
     if not rows:
-        raise ValueError(f"no {', '.join(RESULT_FILES)} under {list(map(str, folders))}")
+        missing = [str(f) for f in folders if not Path(f).is_dir()]
+        where = f" ({', '.join(missing)}: no such folder)" if missing else ""
+        raise RunError(f"no {', '.join(RESULT_FILES)} under {list(map(str, folders))}{where}; pass the --out folders "
+                       "of `randmask hessian`, `suggest-lr` or `distance`")
     task = next((r["task"] for r in rows if r.get("task")), "") or ""
     files = []
     if any("before" in r or "after" in r for r in rows):

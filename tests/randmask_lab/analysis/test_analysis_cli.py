@@ -263,3 +263,14 @@ def test_distance_reference_state_dicts_load(model_and_batches, tmp_path):
     for name in ("r.safetensors", "r.pt"):
         loaded = load_state_dict(tmp_path / name, 1 << 20)
         assert set(loaded) == {"a", "b"} and torch.equal(loaded["a"], state["a"])
+
+
+def test_figure4_without_results_is_a_one_line_error(tmp_path, capsys):
+    """It was a ValueError traceback; a folder that does not exist is named."""
+    from randmask_lab.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["figure4", str(tmp_path / "empty"), str(tmp_path / "typo"), "--out", str(tmp_path / "fig")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "no hessian.json" in err and f"{tmp_path / 'typo'}: no such folder" in err and "randmask hessian" in err
