@@ -17,8 +17,10 @@ from randmask_lab.theory.linreg import (
     Array,
     bernoulli_mask,
     bernstein_deviation,
+    check_delta,
     check_p,
     check_shape,
+    check_sigma,
     expected_sq_norm,
     gd_masked,
     gram_eigvals,
@@ -119,10 +121,8 @@ def check_sweep(n: int, d: int, p_values: Sequence[float], seeds: Sequence[int],
         raise ValueError("need at least one seed")
     if any(seed < 0 for seed in seeds):
         raise ValueError(f"seeds must be non-negative integers, got {list(seeds)}")
-    if not sigma >= 0:  # also rejects NaN
-        raise ValueError(f"noise level sigma must be >= 0, got sigma={sigma!r}")
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"failure probability delta must be in (0, 1), got delta={delta!r}")
+    check_sigma(sigma)
+    check_delta(delta)
     if min(ps) * d < 2 * n:
         raise ValueError(
             f"p={min(ps)} keeps about {min(ps) * d:.0f} of d={d} coordinates, fewer than 2n={2 * n}: "

@@ -37,6 +37,18 @@ def check_p(p: float) -> float:
     return p
 
 
+def check_sigma(sigma: float) -> None:
+    """Raise ``ValueError`` unless the noise level is >= 0 (also rejects NaN)."""
+    if not sigma >= 0:
+        raise ValueError(f"noise level sigma must be >= 0, got sigma={sigma!r}")
+
+
+def check_delta(delta: float) -> None:
+    """Raise ``ValueError`` unless the failure probability lies in (0, 1) (also rejects NaN)."""
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"failure probability delta must be in (0, 1), got delta={delta!r}")
+
+
 def check_shape(n: int, d: int) -> None:
     """Raise on non-positive sizes; warn when n >= d, which leaves the paper's regime."""
     if n < 1 or d < 1:
@@ -77,8 +89,7 @@ def make_problem(n: int, d: int, sigma: float = 0.5, seed: int = 0) -> Problem:
     The 1/d variance keeps each x_i . w_star of order one, comparable to the noise.
     """
     check_shape(n, d)
-    if not sigma >= 0:
-        raise ValueError(f"noise level sigma must be >= 0, got sigma={sigma!r}")
+    check_sigma(sigma)
     rng = np.random.default_rng([seed, 0])
     X = rng.uniform(-1.0, 1.0, size=(n, d))
     w0 = rng.normal(0.0, 1.0 / math.sqrt(d), size=d)
@@ -131,8 +142,7 @@ def theorem51_deviation(n: int, d: int, delta: float = 0.05, entry_bound: float 
     s above, and Weyl's inequality turns ||Z|| into the eigenvalue statement. The theorem assumes
     entries in [-1, 1]; for |X_ij| <= B, Z scales by B^2.
     """
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"failure probability delta must be in (0, 1), got delta={delta!r}")
+    check_delta(delta)
     return entry_bound**2 * n * math.sqrt(2.0 * d * (4.0 * n + math.log(1.0 / delta)))
 
 
