@@ -19,6 +19,7 @@ from randmask import read_limited
 from randmask_lab.argtypes import MAX_LR, MAX_SEED
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.run.options import SET_BY_RUNNER
 
 MAX_SPEC_BYTES = 1 << 20
 TOP_LEVEL = {"name", "model", "precision", "protocol", "cells", "seeds", "search_seed", "max_extend", "common",
@@ -29,9 +30,9 @@ CELL_KEYS = {"method", "lrs", "ratio", "tasks", "seeds", "stage"}
 # RunConfig fields a spec's protocol/common may set: not the ones each planned run sets itself (model, task,
 # method, budget, lr, seeds, precision, out_dir) or the execution options of `randmask study` (threads, ...).
 _SET_BY_THE_PLAN = {"model", "task", "method", "ratio", "trainable_ratio", "lr", "seed", "data_seed", "mask_seed",
-                    "order_seed", "precision", "precision_requested", "out_dir", "threads", "progress",
-                    "lease_seconds"}
-RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - _SET_BY_THE_PLAN
+                    "order_seed", "precision", "out_dir", "threads", "progress", "lease_seconds"}
+_SET_BY_THE_RUNNER = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get(SET_BY_RUNNER)}
+RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - _SET_BY_THE_PLAN - _SET_BY_THE_RUNNER
 LADDER_STEPS = 16  # the 1-3-10 LR ladder has 16 points: no grid can be extended further
 
 
@@ -61,7 +62,7 @@ def _run_fields(path: str | Path, where: str, fields: Any) -> None:
     unknown = sorted(set(fields) - RUN_FIELDS)
     if unknown:
         raise _fail(path, f"{where} sets {unknown}, which a spec cannot set (unknown, or set by the plan itself: "
-                          f"{', '.join(sorted(_SET_BY_THE_PLAN))})")
+                          f"{', '.join(sorted(_SET_BY_THE_PLAN | _SET_BY_THE_RUNNER))})")
 
 
 def _cell(path: str | Path, n: int, cell: Any, tasks: set[str]) -> None:
