@@ -241,8 +241,9 @@ def _seeds_for(spec: StudySpec, task: str, cell: CellSpec, decided: SeedsDecided
 def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
     """Every run the study needs next, stage by stage (cells' ``stage``, 0 first), then task by task (protocol
     order), given the finished records. Within a task, every cell's LR-search runs (and zero-shot evaluations)
-    come before any cell's further seeds, each part in spec order: a study stopped part-way has its LRs chosen
-    (and its compute priced) before it has many seeds of a few cells. Task-major within a stage, so it has
+    come before any cell's further seeds; the searches in spec order, the further seeds seed by seed (each seed's
+    cells in spec order): a study stopped part-way has its LRs chosen (and its compute priced), then whole
+    pairs of seeds for the paired comparisons, not many seeds of a few cells. Task-major within a stage, so it has
     whole tasks to report; stages put what matters most first.
 
     ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
@@ -254,8 +255,16 @@ def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None 
     for task, cell in _task_cells(spec):
         seeds = _seeds_for(spec, task, cell, decided)
         groups.setdefault((cell.stage, task), []).extend(_cell_runs(spec, task, cell, finished, run_id, seeds))
-    further_seed = lambda run: run.method != "zeroshot" and not is_search_run(spec, run)  # noqa: E731
-    return [run for runs in groups.values() for run in sorted(runs, key=further_seed)]  # stable: spec order kept
+    return [run for runs in groups.values() for run in sorted(runs, key=lambda run: _order_in_task(spec, run))]
+
+
+def _order_in_task(spec: StudySpec, run: PlannedRun) -> tuple[bool, int]:
+    """Sort key within one (stage, task): LR searches and zero-shot first, then further seeds seed by seed.
+    Seed-major because the verdicts compare cells seed by seed (paired differences): a study stopped part-way
+    then has whole pairs, not many seeds of one cell that no other cell can pair with. Python's stable sort
+    keeps spec order within each key."""
+    further = run.method != "zeroshot" and not is_search_run(spec, run)
+    return further, run.seed if further else 0
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,16 @@ def test_every_cells_lr_search_comes_before_any_cells_further_seeds() -> None:
                        ("full", 1e-5, 0)]  # a later stage still waits for the earlier one's seeds
 
 
+def test_further_seeds_go_seed_by_seed_across_cells_so_a_stopped_study_has_pairs() -> None:
+    s = spec(cells=[CellSpec("zeroshot"), CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)],
+             seeds=(0, 1, 2, 3), max_extend=0)
+    searched = [done(1e-3, 0, 0.5, method="lora", ratio=None), done(1e-2, 0, 0.5),
+                done(1e-3, 1, 0.5, method="lora", ratio=None)]  # lora is a seed ahead
+    planned = [(n.method, n.seed) for n in needed_runs(s, searched)]
+    assert planned == [("zeroshot", 0), ("zeroshot", 1), ("zeroshot", 2), ("zeroshot", 3),
+                       ("randmask", 1), ("lora", 2), ("randmask", 2), ("lora", 3), ("randmask", 3)]
+
+
 def test_spec_file_errors_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"name": "x", "model": "m", "precision": "32", "protocol": {},
@@ -256,8 +266,8 @@ def test_the_seed_count_is_reestimated_once_from_the_planned_seeds_spread() -> N
     assert decided is not None and (decided.planned, decided.seeds) == (3, 8)  # capped at max_seeds
     assert decided.needs[0][0] == "sst2: randmask 1e-04 − lora" and decided.needs[0][2] > 8
     assert "8 seeds instead of the 3 planned" in decided.text() and "no mean read" in decided.text()
-    assert [(n.method, n.seed) for n in needed_runs(s, noisy)] == [(m, seed) for m in ("lora", "randmask")
-                                                                   for seed in range(3, 8)]
+    assert [(n.method, n.seed) for n in needed_runs(s, noisy)] == [(m, seed) for seed in range(3, 8)
+                                                                   for m in ("lora", "randmask")]
     assert plan_progress(s, noisy).runs_left == {("sst2", "lora"): RunsLeft(0, 5),
                                                  ("sst2", "randmask 1e-04"): RunsLeft(0, 5)}
     stale = needed_runs(s, noisy, run_id=lambda run: "made by other code")  # records the plan does not count...
