@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from randmask.compiled import compiled_masked_linear
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.mixed import RowGroups, mixed_forward
@@ -123,10 +124,14 @@ class MaskAdapter(nn.Module):
         FSDP2 model ``values`` is a DTensor: its whole is gathered (every rank must call this)."""
         return torch.add(_as(self.base_values, weight_dtype), _as(full_tensor(self.values.detach()), weight_dtype))
 
+    def writes_into(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is the parameter this adapter writes into (so it keeps the delta until the backward)."""
+        return self._weight() is weight
+
     def refresh_for_backward(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """None when ``weight`` is the parameter this adapter writes into (it keeps the delta until the backward);
-        else the entries the op must write again before its backward reads ``weight`` (see the module doc)."""
-        return None if self._weight() is weight else self.target_entries(weight.dtype)
+        """None when this adapter writes into ``weight``; else the entries the op must write again before its
+        backward reads ``weight`` (see the module doc)."""
+        return None if self.writes_into(weight) else self.target_entries(weight.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
         # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
@@ -249,6 +254,9 @@ class MaskedLayer(nn.Module):
             # (an optimizer step) make the weight stale for certain: write without the gather-and-compare, O(nnz)
             # random reads, about half of a sync. An unchanged version proves nothing (a write through ``.data``
             # does not bump it), so then the entries are compared as before: the shortcut only ever writes.
+            if torch.compiler.is_compiling():
+                self._write(adapter, target)
+                return
             version = adapter.values._version
             if version != adapter.synced_version or not torch.equal(weight.view(-1)[adapter.indices], target):
                 self._write(adapter, target)
@@ -266,6 +274,11 @@ class MaskedLayer(nn.Module):
             return self.base_layer(x) + sparse_delta(x, adapter.values, adapter.pattern())
         self.sync()
         weight = self.weight
+        # Traced without a graph break (randmask.compiled), unless the weight is FSDP2's gathered copy, gathered
+        # again for the backward: then the eager op below, which writes the delta again (a break, run eagerly).
+        if torch.compiler.is_compiling() and adapter.writes_into(weight):
+            return compiled_masked_linear(x, adapter.values, weight, self.bias, adapter.indices,
+                                          adapter.stored_shape, self.transposed)
         return masked_linear(x, adapter.values, weight, self.bias, adapter.pattern(),
                              refresh=adapter.refresh_for_backward(weight))
 

@@ -26,6 +26,8 @@ def quant_scheme(module: nn.Module) -> str | None:
     if weight is None:
         return None
     cls = type(weight)
+    if cls is nn.Parameter or cls is torch.Tensor:  # the common float weight, answered before any string test
+        return None
     origin = cls.__module__
     if origin.startswith("bitsandbytes"):
         if _is_bnb_4bit(weight):

@@ -1,0 +1,104 @@
+"""The masked linear op as ``torch.compile`` traces it: no graph break per masked layer.
+
+The eager op (``randmask.ops.MaskedLinearFunction``) picks a weight-gradient kernel, caches a plan on its
+``SparsePattern`` and reuses autocast casts through weak references: Python that Dynamo cannot trace, so a
+compiled model broke its graph four or five times at every masked layer (19 graphs for a 2-layer Llama with
+q and v masked). Under ``torch.compiler.is_compiling()`` a masked layer calls ``compiled_masked_linear``
+instead:
+
+- the forward is the plain dense layer (the weight already holds W0 (+) values at the kept entries), traced
+  and fused like any ``nn.Linear``;
+- the backward's dL/dx is the dense ``g @ W``, traced; dL/dvalues is ``torch.ops.randmask.sddmm``, one opaque
+  custom op (``torch.library.custom_op``) that Dynamo sees only through its output shape, (nnz,), and that runs
+  ``randmask.ops.sddmm`` eagerly: the same kernels, still never the dense dL/dW.
+
+Not traced (they still break the graph, and still compute the right thing): mixed batches, quantized bases
+(the delta path), double backward (Hessian-vector products), and FSDP2-sharded weights (the eager op writes
+the delta into the weight FSDP2 gathers again for the backward).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from randmask.ops import SparsePattern, sddmm
+
+# id(indices) -> (a weak reference to that tensor, its pattern): the pattern caches the compact-SDDMM plan, which
+# a custom op, handed tensors only, would otherwise rebuild at every backward.
+_PATTERNS: dict[int, tuple[weakref.ref, int, SparsePattern]] = {}
+
+
+def _pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, transposed: bool) -> SparsePattern:
+    """The cached ``SparsePattern`` of this very ``indices`` tensor (unmodified since), else a new one."""
+    key = id(indices)
+    hit = _PATTERNS.get(key)
+    if hit is not None:
+        ref, version, pattern = hit
+        if ref() is indices and version == indices._version and pattern.shape == (stored_rows, stored_cols) \
+                and pattern.transposed == transposed:
+            return pattern
+    pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)
+    # The callback drops the entry when the tensor dies, before its id can be reused.
+    ref = weakref.ref(indices, lambda _, key=key, cache=_PATTERNS: cache.pop(key, None))
+    _PATTERNS[key] = (ref, indices._version, pattern)
+    return pattern
+
+
+def _compute_dtype(grad_out_2d: torch.Tensor) -> torch.dtype:
+    return torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("randmask::sddmm", mutates_args=())
+def sddmm_op(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
+             stored_cols: int, transposed: bool) -> torch.Tensor:
+    """``randmask.ops.sddmm`` as one custom op: (T, out) and (T, in) -> (nnz,) fp32 (fp64 for fp64 inputs)."""
+    out = sddmm(grad_out_2d, x_2d, _pattern_for(indices, stored_rows, stored_cols, transposed))
+    return out.to(_compute_dtype(grad_out_2d))  # the op's declared dtype, whichever kernel ran
+
+
+@sddmm_op.register_fake
+def _sddmm_shape(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
+                 stored_cols: int, transposed: bool) -> torch.Tensor:
+    return grad_out_2d.new_empty(indices.shape[0], dtype=_compute_dtype(grad_out_2d))
+
+
+class CompiledMaskedLinear(torch.autograd.Function):
+    """y = linear(x, W, b) with W holding W0 (+) values; dvalues through ``sddmm_op``. Traceable by Dynamo."""
+
+    @staticmethod
+    def forward(ctx, x, values, weight, bias, indices, stored_shape: tuple[int, int], transposed: bool):  # noqa: D102
+        # Under autocast, F.linear casts here as nn.Linear does (the eager op casts by hand to share the cast).
+        if transposed:  # Conv1D: y = x @ W + b with W of shape (in, out)
+            y = x @ weight
+            y = y + bias if bias is not None else y
+        else:
+            y = torch.nn.functional.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, indices)
+        ctx.stored_shape, ctx.transposed, ctx.values_dtype = stored_shape, transposed, values.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, weight, indices = ctx.saved_tensors
+        g = grad_out.to(weight.dtype)
+        g2d, x2d = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g @ W (Linear, W: (out, in)) or g @ W^T (Conv1D, W: (in, out))
+            grad_x = (g2d @ (weight.t() if ctx.transposed else weight)).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_values = sddmm_op(g2d, x2d, indices, *ctx.stored_shape, ctx.transposed).to(ctx.values_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g2d.sum(0)
+        return grad_x, grad_values, None, grad_bias, None, None, None
+
+
+def compiled_masked_linear(x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           indices: torch.Tensor, stored_shape: tuple[int, int], transposed: bool) -> torch.Tensor:
+    """The masked linear op for a forward traced by ``torch.compile``; ``weight`` must hold W0 (+) values until the
+    backward (not FSDP2's gathered copy, freed after the forward: the caller takes the eager op for that)."""
+    return CompiledMaskedLinear.apply(x, values, weight, bias, indices, stored_shape, transposed)
+
+
+__all__ = ["CompiledMaskedLinear", "compiled_masked_linear", "sddmm_op"]

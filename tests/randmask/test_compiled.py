@@ -1,0 +1,81 @@
+"""torch.compile of a randmask model: one graph, the eager op's numbers (randmask.compiled)."""
+
+import weakref
+
+import pytest
+import torch
+from tests.conftest import tiny_inputs, tiny_model, train_steps
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from randmask import MaskingConfig, apply_masking, masked_layers
+from randmask.compiled import sddmm_op
+from randmask.ops import SparsePattern, sddmm
+
+ARCHS = ["llama", "gpt2"]  # nn.Linear and GPT-2's transposed Conv1D
+
+
+def _masked(arch: str) -> torch.nn.Module:
+    model = tiny_model(arch)
+    apply_masking(model, MaskingConfig(density=0.05, seed=1))
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_training_is_one_graph_and_matches_eager_training(arch: str) -> None:
+    """AOTAutograd (the aot_eager backend: no C++ compiler needed) runs the traced forward and backward. Before
+    randmask.compiled, each masked layer broke the graph 4-5 times (19 graphs, not 1, for 2 Llama layers)."""
+    torch._dynamo.reset()
+    eager, compiled = _masked(arch), _masked(arch)
+    inputs = tiny_inputs(arch)
+    eager_losses = train_steps(eager, inputs)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_losses = train_steps(torch.compile(compiled, backend=counter), inputs)
+    plain = torch._dynamo.explain(tiny_model(arch))(**inputs).graph_count  # GPT-2's own loss breaks once
+    assert counter.frame_count == plain  # masking adds no graph, and nothing recompiles over the three steps
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-6)
+    assert compiled_losses[-1] < compiled_losses[0]  # it trained...
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.requires_grad:  # ...the same adapter values, and its weights hold them for an eager forward
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        ids = {k: v for k, v in inputs.items() if k != "labels"}
+        torch.testing.assert_close(compiled(**ids).logits, eager(**ids).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_training_matches_eager_training() -> None:
+    """The default backend generates C++ (a compiler and a minute or two here)."""
+    torch._dynamo.reset()
+    eager, compiled = _masked("llama"), _masked("llama")
+    inputs = tiny_inputs("llama")
+    assert train_steps(torch.compile(compiled), inputs) == pytest.approx(train_steps(eager, inputs), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_sddmm_op_is_the_eager_sddmm_and_passes_opcheck(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    g, x = torch.randn(12, 8, generator=gen, dtype=dtype), torch.randn(12, 6, generator=gen, dtype=dtype)
+    indices = torch.randperm(48, generator=gen)[:10].sort().values
+    out = sddmm_op(g, x, indices, 8, 6, False)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out, sddmm(g, x, SparsePattern(indices, (8, 6))).to(out.dtype))
+    torch.library.opcheck(sddmm_op, (g, x, indices, 8, 6, False))  # schema, fake (shape-only) impl, dispatch
+
+
+@pytest.mark.slow  # its eager op breaks the graph: ~20 graphs to compile, a minute or two here
+def test_a_weight_gathered_anew_for_the_backward_takes_the_eager_op_under_compile() -> None:
+    """FSDP2 frees its gathered weight after the forward; the eager op writes the delta again for the backward, so
+    a compiled forward over such a weight runs it (a graph break) and gets the eager gradients."""
+    torch._dynamo.reset()
+    eager, compiled = _masked("llama"), _masked("llama")
+    stand_in = torch.zeros(1)  # as FSDP2's all-gathered copy: not the parameter the adapter writes into
+    for model in (eager, compiled):
+        for layer in masked_layers(model).values():
+            for adapter in layer.adapters.values():
+                adapter._weight = weakref.ref(stand_in)
+    inputs = tiny_inputs("llama")
+    eager(**inputs).loss.backward()
+    torch.compile(compiled, backend="aot_eager")(**inputs).loss.backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
