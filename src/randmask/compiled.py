@@ -69,12 +69,20 @@ class CompiledMaskedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, weight, bias, indices, stored_shape: tuple[int, int], transposed: bool):  # noqa: D102
-        # Under autocast, F.linear casts here as nn.Linear does (the eager op casts by hand to share the cast).
-        if transposed:  # Conv1D: y = x @ W + b with W of shape (in, out)
-            y = x @ weight
-            y = y + bias if bias is not None else y
-        else:
-            y = torch.nn.functional.linear(x, weight, bias)
+        ctx.input_dtype = x.dtype
+        device = x.device.type
+        with torch.autocast(device, enabled=False):
+            if x.is_floating_point() and torch.is_autocast_enabled(device):
+                # As the eager op and nn.Linear: the matmul in the autocast dtype; the casts are what the backward
+                # reads, so dx and the SDDMM run in that dtype too (bf16 in, fp32 sums).
+                cast = torch.get_autocast_dtype(device)
+                x, weight = x.to(cast), weight.to(cast)
+                bias = bias.to(cast) if bias is not None else None
+            if transposed:  # Conv1D: y = x @ W + b with W of shape (in, out)
+                y = x @ weight
+                y = y + bias if bias is not None else y
+            else:
+                y = torch.nn.functional.linear(x, weight, bias)
         ctx.save_for_backward(x, weight, indices)
         ctx.stored_shape, ctx.transposed, ctx.values_dtype = stored_shape, transposed, values.dtype
         return y
@@ -83,10 +91,10 @@ class CompiledMaskedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         x, weight, indices = ctx.saved_tensors
         g = grad_out.to(weight.dtype)
-        g2d, x2d = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        g2d, x2d = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:  # dL/dx = g @ W (Linear, W: (out, in)) or g @ W^T (Conv1D, W: (in, out))
-            grad_x = (g2d @ (weight.t() if ctx.transposed else weight)).reshape(x.shape).to(x.dtype)
+            grad_x = (g2d @ (weight.t() if ctx.transposed else weight)).reshape(x.shape).to(ctx.input_dtype)
         if ctx.needs_input_grad[1]:
             grad_values = sddmm_op(g2d, x2d, indices, *ctx.stored_shape, ctx.transposed).to(ctx.values_dtype)
         if ctx.needs_input_grad[3]:

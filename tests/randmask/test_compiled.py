@@ -42,6 +42,22 @@ def test_compiled_training_is_one_graph_and_matches_eager_training(arch: str) ->
         torch.testing.assert_close(compiled(**ids).logits, eager(**ids).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_autocast_matches_eager_autocast() -> None:
+    """Under bf16 autocast both ops run the matmuls and the SDDMM on the bf16 casts (fp32 sums)."""
+    torch._dynamo.reset()
+    eager, compiled = _masked("llama"), _masked("llama")
+    inputs = tiny_inputs("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager(**inputs).loss.backward()
+        counter = CompileCounterWithBackend("aot_eager")
+        torch.compile(compiled, backend=counter)(**inputs).loss.backward()
+    assert counter.frame_count == 1  # autocast adds no graph break either
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.requires_grad:
+            assert b.grad.dtype == a.grad.dtype == torch.float32
+            torch.testing.assert_close(b.grad, a.grad, rtol=2e-2, atol=2e-4, msg=name)
+
+
 @pytest.mark.slow
 def test_inductor_training_matches_eager_training() -> None:
     """The default backend generates C++ (a compiler and a minute or two here)."""
