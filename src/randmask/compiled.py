@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from randmask.ops import SparsePattern, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, dense_linear, sddmm
 
 # id(indices) -> (a weak reference to that tensor, its pattern): the pattern caches the compact-SDDMM plan, which
 # a custom op, handed tensors only, would otherwise rebuild at every backward.
@@ -70,19 +70,14 @@ class CompiledMaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, weight, bias, indices, stored_shape: tuple[int, int], transposed: bool):  # noqa: D102
         ctx.input_dtype = x.dtype
-        device = x.device.type
-        with torch.autocast(device, enabled=False):
-            if x.is_floating_point() and torch.is_autocast_enabled(device):
+        cast = autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            if cast is not None:
                 # As the eager op and nn.Linear: the matmul in the autocast dtype; the casts are what the backward
                 # reads, so dx and the SDDMM run in that dtype too (bf16 in, fp32 sums).
-                cast = torch.get_autocast_dtype(device)
                 x, weight = x.to(cast), weight.to(cast)
                 bias = bias.to(cast) if bias is not None else None
-            if transposed:  # Conv1D: y = x @ W + b with W of shape (in, out)
-                y = x @ weight
-                y = y + bias if bias is not None else y
-            else:
-                y = torch.nn.functional.linear(x, weight, bias)
+            y = dense_linear(x, weight, bias, transposed)
         ctx.save_for_backward(x, weight, indices)
         ctx.stored_shape, ctx.transposed, ctx.values_dtype = stored_shape, transposed, values.dtype
         return y

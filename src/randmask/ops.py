@@ -414,7 +414,9 @@ def sddmm_differentiable(
     return (grad_out_2d[:, pattern.out_index] * x_2d[:, pattern.in_index]).sum(0)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """The layer's dense product with the stored weight: ``F.linear`` (W: (out, in)), or ``x @ W + b`` when
+    ``transposed`` (GPT-2's Conv1D, W: (in, out))."""
     if transposed:  # Conv1D: y = x @ W + b with W of shape (in, out)
         y = x @ weight
         return y + bias if bias is not None else y
@@ -446,7 +448,8 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul on ``x`` in, or None when autocast is off (or ``x`` is not float)."""
     device = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -462,13 +465,13 @@ class MaskedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, weight, bias, pattern: SparsePattern, refresh=None):  # noqa: D102
-        cast = _autocast_dtype(x)
+        cast = autocast_dtype(x)
         ctx.input_dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):
             if cast is not None:  # autocast: run the matmul in the autocast dtype like nn.Linear
                 x, weight = _cast_input(x, cast), weight.to(cast)
                 bias = bias.to(cast) if bias is not None else None
-            y = _linear(x, weight, bias, pattern.transposed)
+            y = dense_linear(x, weight, bias, pattern.transposed)
         ctx.save_for_backward(x, values, weight, refresh)
         ctx.pattern = pattern
         return y
@@ -540,7 +543,7 @@ def dense_reference_linear(
     pattern: SparsePattern,
 ) -> torch.Tensor:
     """Plain dense reference for tests: autograd computes the dense dL/dW, masked by the scatter."""
-    return _linear(x, scatter_delta(base_weight, values, pattern), bias, pattern.transposed)
+    return dense_linear(x, scatter_delta(base_weight, values, pattern), bias, pattern.transposed)
 
 
 __all__ = [
@@ -551,6 +554,8 @@ __all__ = [
     "SparsePattern",
     "KERNELS",
     "KERNEL_ENV",
+    "autocast_dtype",
+    "dense_linear",
     "dense_reference_linear",
     "kernel_setting",
     "masked_linear",

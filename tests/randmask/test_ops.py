@@ -60,7 +60,7 @@ def test_gradients_equal_dense_reference(path, transposed):
     torch.testing.assert_close(gv, gv_ref)
     # The reference gradient is the dense dL/dW masked: check it that way too.
     w = base.clone().requires_grad_()
-    (gw,) = torch.autograd.grad(ops._linear(x, w, bias, transposed), w, grad_out)
+    (gw,) = torch.autograd.grad(ops.dense_linear(x, w, bias, transposed), w, grad_out)
     torch.testing.assert_close(gv, gw.reshape(-1)[pattern.indices])
 
 
@@ -124,7 +124,7 @@ def test_half_precision_weights(path, dtype):
     gx, gv = torch.autograd.grad(y.float().sum(), (xh, values32))
     assert gx.dtype == dtype and gv.dtype == torch.float32
     w_ref = weight.float().requires_grad_()
-    (gw,) = torch.autograd.grad(ops._linear(xh.float(), w_ref, bias, False).sum(), w_ref)
+    (gw,) = torch.autograd.grad(ops.dense_linear(xh.float(), w_ref, bias, False).sum(), w_ref)
     torch.testing.assert_close(gv, gw.reshape(-1)[pattern.indices], atol=0.05, rtol=0.02)
 
 
