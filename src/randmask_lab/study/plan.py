@@ -36,7 +36,7 @@ class CellSpec:
     ratio: float | None = None
     tasks: tuple[str, ...] | None = None  # None: every task of the study
     seeds: tuple[int, ...] | None = None  # None: the study's seeds (a cell may need more or fewer)
-    stage: int = 0  # runs are planned stage by stage (then task by task): what matters most goes first
+    stage: int = 0  # runs are planned stage by stage: what matters most goes first
 
 
 @dataclass
@@ -239,30 +239,30 @@ def _seeds_for(spec: StudySpec, task: str, cell: CellSpec, decided: SeedsDecided
 
 
 def needed_runs(spec: StudySpec, records: list[RunRecord], run_id: RunId | None = None) -> list[PlannedRun]:
-    """Every run the study needs next, stage by stage (cells' ``stage``, 0 first), then task by task (protocol
-    order), given the finished records. Within a task, every cell's LR-search runs (and zero-shot evaluations)
-    come before any cell's further seeds; the searches in spec order, the further seeds seed by seed (each seed's
-    cells in spec order): a study stopped part-way has its LRs chosen (and its compute priced), then whole
-    pairs of seeds for the paired comparisons, not many seeds of a few cells. Task-major within a stage, so it has
-    whole tasks to report; stages put what matters most first.
+    """Every run the study needs next, stage by stage (cells' ``stage``, 0 first). Within a stage, every LR-search
+    run (and zero-shot evaluation) comes first, task by task (protocol order), cells in spec order; then the further
+    seeds seed by seed, each seed's tasks in protocol order and cells in spec order. So a study stopped part-way has
+    its LRs chosen (and its compute priced), then whole pairs of seeds for the paired comparisons, on every task:
+    the findings compare cells seed by seed, per task and on the task average, which pairs a seed only where every
+    task has it. Not many seeds of a few cells, or of one task, that nothing pairs with. Stages put what matters
+    most first.
 
     ``run_id`` (planned run -> the run id it would get) makes a record count only when its id is the
     one the run would get now: a record of other data, or of a mask sampler since changed
     (``randmask.MASK_KIND_VERSIONS``), is stale, and its run is planned again."""
     finished = _finished(spec, records)
     decided = _seeds_decided(spec, finished, run_id)
-    groups: dict[tuple[int, str], list[PlannedRun]] = {}  # (stage, task) -> its runs in spec order
+    stages: dict[int, list[PlannedRun]] = {}  # stage -> its runs, task by task, cells in spec order
     for task, cell in _task_cells(spec):
         seeds = _seeds_for(spec, task, cell, decided)
-        groups.setdefault((cell.stage, task), []).extend(_cell_runs(spec, task, cell, finished, run_id, seeds))
-    return [run for runs in groups.values() for run in sorted(runs, key=lambda run: _order_in_task(spec, run))]
+        stages.setdefault(cell.stage, []).extend(_cell_runs(spec, task, cell, finished, run_id, seeds))
+    return [run for runs in stages.values() for run in sorted(runs, key=lambda run: _order_in_stage(spec, run))]
 
 
-def _order_in_task(spec: StudySpec, run: PlannedRun) -> tuple[bool, int]:
-    """Sort key within one (stage, task): LR searches and zero-shot first, then further seeds seed by seed.
-    Seed-major because the verdicts compare cells seed by seed (paired differences): a study stopped part-way
-    then has whole pairs, not many seeds of one cell that no other cell can pair with. Python's stable sort
-    keeps spec order within each key."""
+def _order_in_stage(spec: StudySpec, run: PlannedRun) -> tuple[bool, int]:
+    """Sort key within one stage: LR searches and zero-shot first, then further seeds seed by seed. Seed-major
+    because the verdicts compare cells seed by seed (paired differences), on each task and on the task average.
+    Python's stable sort keeps the rest of the order: task by task, cells in spec order, within each key."""
     further = run.method != "zeroshot" and not is_search_run(spec, run)
     return further, run.seed if further else 0
 

@@ -7,8 +7,9 @@ over seeds is made of. For a comparison whose per-seed differences have standard
   at most the margin (1 point): what "the interval is narrow enough to decide" asks for;
 - **the one-sided test** a finding decides (``difference > bound``: ``-margin`` for (a)'s non-inferiority, 0 for
   (e)): the fewest n at which the one-sided 95% lower bound ``mean - t_{0.95, n-1} sd / sqrt(n)`` clears the
-  bound, if the true difference were the mean measured so far (none when that mean is itself at or below the
-  bound: then no seed count shows it).
+  bound, if the true difference were the mean measured so far; and, when that mean lies below the bound, the
+  fewest n at which the one-sided upper bound ``mean + t_{0.95, n-1} sd / sqrt(n)`` falls below it: the test
+  decided the other way (DOES NOT HOLD). A mean on the bound decides neither way at any seed count.
 
 Both read an sd measured on few seeds, which is itself uncertain (with 3 seeds its 95% interval spans about
 0.5x to 6x): the answer is a planning figure, to be re-read as the study's own seeds come in.
@@ -50,6 +51,12 @@ def seeds_for_lower_bound(mean: float, sd: float, bound: float, level: float = 0
     return None
 
 
+def seeds_for_upper_bound(mean: float, sd: float, bound: float, level: float = 0.95) -> int | None:
+    """The fewest seeds (>= 2) whose one-sided ``level`` upper bound lies below ``bound`` at this mean and sd: the
+    mirror of ``seeds_for_lower_bound`` (None when the mean is at or above ``bound``, or beyond MAX_SEEDS)."""
+    return seeds_for_lower_bound(-mean, sd, -bound, level)
+
+
 @dataclass(frozen=True)
 class PowerRow:
     """One comparison: what was measured and how many seeds it needs."""
@@ -58,14 +65,18 @@ class PowerRow:
     measured: Estimate
     bound: float  # the one-sided test is difference > bound
     half_width: int | None
-    one_sided: int | None
+    one_sided: int | None  # seeds for the lower bound to clear ``bound`` (the test HOLDS)
+    one_sided_against: int | None = None  # seeds for the upper bound to fall below ``bound`` (DOES NOT HOLD)
 
     def text(self, margin: float) -> str:
         m = self.measured
         need = lambda n: "out of reach" if n is None else str(n)
+        bound = f"{100 * self.bound:+g}"
+        against = (f" (its upper bound < {bound}, which decides against it: {need(self.one_sided_against)})"
+                   if m.mean < self.bound else "")
         return (f"{self.name}: mean {100 * m.mean:+.2f}, per-seed sd {100 * (m.std or 0):.2f} points over "
                 f"{m.n} seeds -> seeds for a 95% half-width <= {100 * margin:g}: {need(self.half_width)}; "
-                f"for a one-sided 95% lower bound > {100 * self.bound:+g} at this mean: {need(self.one_sided)}")
+                f"for a one-sided 95% lower bound > {bound} at this mean: {need(self.one_sided)}{against}")
 
 
 # The comparisons the findings decide, with the bound each one-sided test clears: (a) randmask 1e-3 against LoRA
@@ -106,5 +117,6 @@ def power_table(cells: Sequence[StudyCell], margin: float = 0.01,
                 est = paired_difference(a, b)
                 out.append(PowerRow(f"{prefix}{task}: {left} − {right}", est, bound,
                                     seeds_for_half_width(est.std or 0.0, margin),
-                                    seeds_for_lower_bound(est.mean, est.std or 0.0, bound)))
+                                    seeds_for_lower_bound(est.mean, est.std or 0.0, bound),
+                                    seeds_for_upper_bound(est.mean, est.std or 0.0, bound)))
     return out

@@ -17,7 +17,7 @@ PROTOCOL = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}
 
 def spec(**kw) -> StudySpec:
     cells = kw.pop("cells", [CellSpec("randmask", (1e-2, 3e-2, 1e-1), 1e-4)])
-    return StudySpec("t", "tiny", "bf16-true", PROTOCOL, cells, **kw)
+    return StudySpec("t", "tiny", "bf16-true", kw.pop("protocol", PROTOCOL), cells, **kw)
 
 
 def done(lr: float, seed: int, val: float, method: str = "randmask", ratio: float | None = 1e-4,
@@ -116,6 +116,18 @@ def test_further_seeds_go_seed_by_seed_across_cells_so_a_stopped_study_has_pairs
     planned = [(n.method, n.seed) for n in needed_runs(s, searched)]
     assert planned == [("zeroshot", 0), ("zeroshot", 1), ("zeroshot", 2), ("zeroshot", 3),
                        ("randmask", 1), ("lora", 2), ("randmask", 2), ("lora", 3), ("randmask", 3)]
+
+
+def test_further_seeds_go_seed_by_seed_across_tasks_so_the_task_average_has_pairs() -> None:
+    """The findings' task average pairs a seed only where every task has it: a study whose tasks ran their
+    further seeds one task after the other had, stopped part-way, one task's seeds that the average could not use."""
+    s = spec(cells=[CellSpec("lora", (1e-3,)), CellSpec("randmask", (1e-2,), 1e-4)], seeds=(0, 1, 2),
+             max_extend=0, protocol={"rte": PROTOCOL["sst2"], "cb": PROTOCOL["sst2"]})
+    searched = [done(1e-3, 0, 0.5, method="lora", ratio=None, task=task) for task in ("rte", "cb")] + \
+        [done(1e-2, 0, 0.5, task="rte")]  # cb's randmask search is still to run: it comes before any further seed
+    planned = [(n.task, n.method, n.seed) for n in needed_runs(s, searched)]
+    assert planned == [("cb", "randmask", 0), ("rte", "lora", 1), ("rte", "randmask", 1), ("cb", "lora", 1),
+                       ("rte", "lora", 2), ("rte", "randmask", 2), ("cb", "lora", 2)]
 
 
 def test_spec_file_errors_are_one_line(tmp_path: Path) -> None:

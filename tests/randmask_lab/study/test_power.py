@@ -10,7 +10,12 @@ from test_study import record  # this folder is on sys.path (no __init__.py)
 
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.study.cells import study_cells
-from randmask_lab.study.power import power_table, seeds_for_half_width, seeds_for_lower_bound
+from randmask_lab.study.power import (
+    power_table,
+    seeds_for_half_width,
+    seeds_for_lower_bound,
+    seeds_for_upper_bound,
+)
 
 
 @pytest.mark.parametrize("sd", [0.005, 0.0127, 0.03])
@@ -28,6 +33,23 @@ def test_one_sided_seeds_and_out_of_reach() -> None:
     assert seeds_for_half_width(10.0, 0.01) is None  # beyond any affordable count
 
 
+def test_a_mean_below_the_bound_gives_the_seeds_that_decide_against() -> None:
+    n = seeds_for_upper_bound(-0.0313, 0.0309, -0.01)  # the confirm study's SST-2 + CB randmask - full, at 10 seeds
+    high = lambda k: -0.0313 + student_t.ppf(0.95, k - 1) * 0.0309 / math.sqrt(k)
+    assert high(n) < -0.01 and high(n - 1) >= -0.01
+    assert seeds_for_upper_bound(0.0, 0.01, -0.01) is None  # above the bound: only the lower bound can decide
+    assert seeds_for_upper_bound(-0.01, 0.01, -0.01) is None and seeds_for_lower_bound(-0.01, 0.01, -0.01) is None
+
+    runs = []
+    for seed, (rm, full) in enumerate([(0.80, 0.83), (0.79, 0.83), (0.81, 0.83), (0.80, 0.84)]):
+        runs += [record("sst2", "randmask", 1e-2, seed, rm, 0.5, 1e-3), record("sst2", "full", 1e-4, seed, full, 0.5)]
+    (row,) = power_table(list(study_cells(runs).values()))
+    assert row.one_sided is None and row.one_sided_against == seeds_for_upper_bound(
+        row.measured.mean, row.measured.std, -0.01)
+    assert row.text(0.01).endswith(f"at this mean: out of reach (its upper bound < -1, which decides against it: "
+                                   f"{row.one_sided_against})")
+
+
 def test_power_table_pairs_seeds_and_names_each_comparison() -> None:
     runs = []
     for seed, (rm, lo) in enumerate([(0.80, 0.79), (0.82, 0.80), (0.81, 0.82), (0.83, 0.81)]):
@@ -35,7 +57,7 @@ def test_power_table_pairs_seeds_and_names_each_comparison() -> None:
     (row,) = power_table(list(study_cells(runs).values()))
     assert row.name == "sst2: randmask 1e-03 − lora" and row.measured.n == 4 and row.bound == -0.01
     assert row.half_width == seeds_for_half_width(row.measured.std, 0.01)
-    assert "seeds for a 95% half-width <= 1" in row.text(0.01)
+    assert "seeds for a 95% half-width <= 1" in row.text(0.01) and "against" not in row.text(0.01)
 
 
 def test_power_table_reads_only_the_planned_studys_tasks_and_never_pairs_two_protocols() -> None:
