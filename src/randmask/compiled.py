@@ -3,8 +3,8 @@
 The eager op (``randmask.ops.MaskedLinearFunction``) picks a weight-gradient kernel, caches a plan on its
 ``SparsePattern`` and reuses autocast casts through weak references: Python that Dynamo cannot trace, so a
 compiled model broke its graph four or five times at every masked layer (19 graphs for a 2-layer Llama with
-q and v masked). Under ``torch.compiler.is_compiling()`` a masked layer calls ``compiled_masked_linear``
-instead:
+q and v masked). Under ``torch.compiler.is_compiling()`` a masked layer (``randmask.MaskedLayer``, and the PEFT
+path's ``RandMaskLayer``) calls ``compiled_masked_linear`` instead:
 
 - the forward is the plain dense layer (the weight already holds W0 (+) values at the kept entries), traced
   and fused like any ``nn.Linear``;

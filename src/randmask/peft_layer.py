@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from randmask.compiled import compiled_masked_linear
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
@@ -64,7 +65,13 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         self._live = None
 
     def _make_live(self, name: str) -> MaskAdapter:
-        adapter, flat = self.randmask_adapters[name], self.get_base_layer().weight.data.view(-1)
+        adapter, weight = self.randmask_adapters[name], self.get_base_layer().weight
+        if self._live == name and torch.compiler.is_compiling():
+            # Traced: write without the data-dependent compare, which would break the graph (as MaskedLayer.sync);
+            # through detach(), which Dynamo traces, where the eager path below goes through .data.
+            weight.detach().view(-1).scatter_(0, adapter.indices, adapter.target_entries(weight.dtype))
+            return adapter
+        flat = weight.data.view(-1)
         target = adapter.target_entries(flat.dtype)
         if self._live != name:  # a switch: W0 back at the old entries, the new ones written (O(nnz))
             self.restore_live()
@@ -107,6 +114,9 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
             adapter = self.randmask_adapters[active[0]]
             return self.base_layer(x, *args, **kwargs) + sparse_delta(x, adapter.values, adapter.pattern())
         adapter = self._make_live(active[0])
+        if torch.compiler.is_compiling() and adapter.writes_into(base.weight):  # traced, no graph break
+            return compiled_masked_linear(x, adapter.values, base.weight, base.bias, adapter.indices,
+                                          adapter.stored_shape, adapter.transposed)
         return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern(),
                              refresh=adapter.refresh_for_backward(base.weight))
 

@@ -14,18 +14,26 @@ from randmask.ops import SparsePattern, sddmm
 ARCHS = ["llama", "gpt2"]  # nn.Linear and GPT-2's transposed Conv1D
 
 
-def _masked(arch: str) -> torch.nn.Module:
+def _masked(arch: str, path: str = "model") -> torch.nn.Module:
+    """A tiny model with q and v masked, by ``apply_masking`` or as a PEFT model (``get_peft_model``)."""
+    if path == "peft":
+        peft = pytest.importorskip("peft")
+        from randmask.peft import RandMaskConfig
+
+        return peft.get_peft_model(tiny_model(arch), RandMaskConfig(density=0.05, seed=1))
     model = tiny_model(arch)
     apply_masking(model, MaskingConfig(density=0.05, seed=1))
     return model
 
 
+@pytest.mark.parametrize("path", ["model", "peft"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_compiled_training_is_one_graph_and_matches_eager_training(arch: str) -> None:
+def test_compiled_training_is_one_graph_and_matches_eager_training(arch: str, path: str) -> None:
     """AOTAutograd (the aot_eager backend: no C++ compiler needed) runs the traced forward and backward. Before
-    randmask.compiled, each masked layer broke the graph 4-5 times (19 graphs, not 1, for 2 Llama layers)."""
+    randmask.compiled, each masked layer broke the graph 4-5 times (19 graphs, not 1, for 2 Llama layers); the
+    PEFT layer's stale-weight compare broke it at every masked layer too (19 graphs)."""
     torch._dynamo.reset()
-    eager, compiled = _masked(arch), _masked(arch)
+    eager, compiled = _masked(arch, path), _masked(arch, path)
     inputs = tiny_inputs(arch)
     eager_losses = train_steps(eager, inputs)
     counter = CompileCounterWithBackend("aot_eager")
@@ -95,3 +103,46 @@ def test_a_weight_gathered_anew_for_the_backward_takes_the_eager_op_under_compil
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_compiled_peft_model_follows_switches_disabling_and_merges_as_eager_does() -> None:
+    """PEFT's lifecycle between compiled calls changes Python state the traced forward read (which adapter is
+    live, disabled, merged): Dynamo's guards must recompile, never replay a stale graph."""
+    peft = pytest.importorskip("peft")
+    from randmask.peft import RandMaskConfig
+
+    torch._dynamo.reset()
+    inputs = {k: v for k, v in tiny_inputs("llama").items() if k != "labels"}
+
+    def two_adapters() -> torch.nn.Module:
+        model = peft.get_peft_model(tiny_model("llama"), RandMaskConfig(density=0.05, seed=1))
+        model.add_adapter("other", RandMaskConfig(density=0.05, seed=2))
+        with torch.no_grad():
+            for seed, (_, p) in enumerate(n for n in model.named_parameters() if "randmask_adapters" in n[0]):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+        return model
+
+    eager, model = two_adapters(), two_adapters()
+    compiled = torch.compile(model, backend="aot_eager")
+
+    def same(what: str) -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(**inputs).logits, eager(**inputs).logits, msg=what)
+
+    same("default")
+    for m in (eager, model):
+        m.set_adapter("other")
+    same("after set_adapter")
+    with eager.disable_adapter(), model.disable_adapter():
+        same("adapters disabled")
+    same("enabled again")
+    for m in (eager, model):
+        m.merge_adapter()
+    same("merged")
+    for m in (eager, model):
+        m.unmerge_adapter()
+        m.set_adapter("default")
+    same("unmerged, back to default")
+    with torch.no_grad():
+        plain = tiny_model("llama")(**inputs).logits
+    assert not torch.allclose(compiled(**inputs).logits, plain)  # the adapters do change the output
