@@ -146,3 +146,25 @@ def test_a_compiled_peft_model_follows_switches_disabling_and_merges_as_eager_do
     with torch.no_grad():
         plain = tiny_model("llama")(**inputs).logits
     assert not torch.allclose(compiled(**inputs).logits, plain)  # the adapters do change the output
+
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_two_compiled_forwards_before_one_backward_get_eager_gradients(backend: str) -> None:
+    """Two towers of one model (a sentence-embedding loss), or a chosen and a rejected pass: each compiled forward
+    writes the weight again. Writing it in place (a custom op that declares the mutation, which saves inductor a
+    copy of each masked weight per forward) made the second write fail the first backward's version check; the
+    traced write is functionalized instead, and the backward reads the copy its own forward made."""
+    torch._dynamo.reset()
+    eager, compiled = _masked("llama"), _masked("llama")
+    for model in (eager, compiled):
+        with torch.no_grad():
+            for seed, p in enumerate(p for p in model.parameters() if p.requires_grad):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    inputs = tiny_inputs("llama")
+    (eager(**inputs).loss + eager(**inputs).loss).backward()
+    run = torch.compile(compiled, backend=backend)
+    (run(**inputs).loss + run(**inputs).loss).backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
