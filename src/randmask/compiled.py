@@ -23,6 +23,7 @@ import weakref
 
 import torch
 
+from randmask.delta import delta_matmul
 from randmask.ops import SparsePattern, autocast_dtype, dense_linear, sddmm
 
 # id(indices) -> (a weak reference to that tensor, its pattern): the pattern caches the compact-SDDMM plan, which
@@ -62,6 +63,60 @@ def sddmm_op(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tenso
 def _sddmm_shape(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                  stored_cols: int, transposed: bool) -> torch.Tensor:
     return grad_out_2d.new_empty(indices.shape[0], dtype=_compute_dtype(grad_out_2d))
+
+
+def _logical_shape(stored_rows: int, stored_cols: int, transposed: bool) -> tuple[int, int]:
+    return (stored_cols, stored_rows) if transposed else (stored_rows, stored_cols)  # (out, in)
+
+
+@torch.library.custom_op("randmask::delta_matmul", mutates_args=())
+def delta_matmul_op(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,
+                    stored_cols: int, transposed: bool, transpose: bool) -> torch.Tensor:
+    """``randmask.delta.delta_matmul`` as one custom op: (T, in) -> (T, out) fp32 (fp64 for fp64 inputs), or with
+    ``transpose`` (T, out) -> (T, in)."""
+    out = delta_matmul(dense_2d, values, _pattern_for(indices, stored_rows, stored_cols, transposed), transpose)
+    return out.contiguous()  # the CSR product comes back as a transposed view; the op declares row-major
+
+
+@delta_matmul_op.register_fake
+def _delta_matmul_shape(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,
+                        stored_cols: int, transposed: bool, transpose: bool) -> torch.Tensor:
+    out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
+    return dense_2d.new_empty(dense_2d.shape[0], in_f if transpose else out_f, dtype=_compute_dtype(dense_2d))
+
+
+class CompiledSparseDelta(torch.autograd.Function):
+    """``x @ D^T`` for the delta path (a quantized base): both SpMMs and the SDDMM as custom ops. Traceable."""
+
+    @staticmethod
+    def forward(ctx, x, values, indices, stored_shape: tuple[int, int], transposed: bool):  # noqa: D102
+        # As randmask.delta: the output in the autocast dtype (it adds to the base layer's), the SpMM in fp32.
+        out_dtype = autocast_dtype(x) or x.dtype
+        out_f, in_f = _logical_shape(*stored_shape, transposed)
+        y2d = delta_matmul_op(x.reshape(-1, in_f), values, indices, *stored_shape, transposed, False)
+        ctx.save_for_backward(x, values, indices)
+        ctx.stored_shape, ctx.transposed = stored_shape, transposed
+        return y2d.to(out_dtype).reshape(*x.shape[:-1], out_f)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, values, indices = ctx.saved_tensors
+        out_f, in_f = _logical_shape(*ctx.stored_shape, ctx.transposed)
+        g2d, x2d = grad_out.reshape(-1, out_f), x.reshape(-1, in_f)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g @ D: (T, out) -> (T, in)
+            grad_x = delta_matmul_op(g2d, values, indices, *ctx.stored_shape, ctx.transposed, True)
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_values = sddmm_op(g2d.to(x.dtype), x2d, indices, *ctx.stored_shape, ctx.transposed)
+            grad_values = grad_values.to(values.dtype)
+        return grad_x, grad_values, None, None, None
+
+
+def compiled_sparse_delta(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                          stored_shape: tuple[int, int], transposed: bool) -> torch.Tensor:
+    """``randmask.delta.sparse_delta`` for a forward traced by ``torch.compile``: (..., in) -> (..., out)."""
+    return CompiledSparseDelta.apply(x, values, indices, tuple(stored_shape), transposed)
 
 
 class CompiledMaskedLinear(torch.autograd.Function):
@@ -104,4 +159,5 @@ def compiled_masked_linear(x: torch.Tensor, values: torch.Tensor, weight: torch.
     return CompiledMaskedLinear.apply(x, values, weight, bias, indices, stored_shape, transposed)
 
 
-__all__ = ["CompiledMaskedLinear", "compiled_masked_linear", "sddmm_op"]
+__all__ = ["CompiledMaskedLinear", "CompiledSparseDelta", "compiled_masked_linear", "compiled_sparse_delta",
+           "delta_matmul_op", "sddmm_op"]

@@ -81,24 +81,35 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def delta_matmul(dense_2d: torch.Tensor, values: torch.Tensor, pattern: SparsePattern,
+                 transpose: bool = False) -> torch.Tensor:
+    """The sparse delta D (out, in) at ``pattern``'s kept entries applied to token rows, autocast off, in fp32 (fp64
+    for fp64 input): ``dense_2d @ D^T``, (T, in) -> (T, out); with ``transpose``, ``dense_2d @ D``, (T, out) -> (T, in).
+    """
+    out_f, in_f = pattern.logical_shape
+    layout = _layout(pattern)
+    compute = _compute_dtype(dense_2d)
+    # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
+    with torch.autocast(dense_2d.device.type, enabled=False):
+        if transpose:  # g @ D = (D^T @ g^T)^T
+            ordered = _in_order(values.to(compute), layout.t_order)
+            return _spmm(layout.t_crow, layout.t_col, ordered, (in_f, out_f), dense_2d)
+        ordered = _in_order(values.to(compute), layout.d_order)
+        return _spmm(layout.d_crow, layout.d_col, ordered, (out_f, in_f), dense_2d)
+
+
 class SparseDeltaFunction(torch.autograd.Function):
     """``spmm(x, D)``: (..., in) -> (..., out) with D the sparse delta at ``pattern``'s kept entries."""
 
     @staticmethod
     def forward(ctx, x, values, pattern: SparsePattern):  # noqa: D102
         out_f, in_f = pattern.logical_shape
-        compute = _compute_dtype(x)
         # Under autocast the output takes the autocast dtype, as nn.Linear's would, so that it adds to the
         # base layer's output without promoting it; the SpMM itself runs in fp32 with autocast off (it
         # would cast the dense operand to bf16, which MKL's CSR kernel lacks).
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        layout = _layout(pattern)
-        x2d = x.reshape(-1, in_f)  # (T, in)
-        # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
-        ordered = _in_order(values.to(compute), layout.d_order)
-        with torch.autocast(device, enabled=False):
-            y2d = _spmm(layout.d_crow, layout.d_col, ordered, (out_f, in_f), x2d)
+        y2d = delta_matmul(x.reshape(-1, in_f), values, pattern)  # (T, in) -> (T, out)
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
         return y2d.to(out_dtype).reshape(*x.shape[:-1], out_f)  # (..., out)
@@ -119,12 +130,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         out_f, in_f = pattern.logical_shape
         g2d, x2d = grad_out.reshape(-1, out_f), x.reshape(-1, in_f)
         grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            layout, compute = _layout(pattern), _compute_dtype(grad_out)
-            # dL/dx = g @ D = (D^T @ g^T)^T: (T, out) -> (T, in)
-            ordered = _in_order(values.to(compute), layout.t_order)
-            grad_x = _spmm(layout.t_crow, layout.t_col, ordered, (in_f, out_f), g2d)
-            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[0]:  # dL/dx = g @ D: (T, out) -> (T, in)
+            grad_x = delta_matmul(g2d, values, pattern, transpose=True).to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             # The in-place path's SDDMM, whatever kernel it picks; it expects g and x in one dtype.
             grad_values = sddmm(g2d.to(x.dtype), x2d, pattern).to(values.dtype)
@@ -154,4 +161,4 @@ def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, pattern: Spars
     return y2d.reshape(*x.shape[:-1], out_f)
 
 
-__all__ = ["SparseDeltaFunction", "sparse_delta", "sparse_delta_reference"]
+__all__ = ["SparseDeltaFunction", "delta_matmul", "sparse_delta", "sparse_delta_reference"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from randmask.compiled import compiled_masked_linear
+from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.mixed import RowGroups, mixed_forward
@@ -271,6 +271,9 @@ class MaskedLayer(nn.Module):
         if self.delta_path:
             # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
             # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
+            if torch.compiler.is_compiling():  # traced without a graph break (randmask.compiled)
+                return self.base_layer(x) + compiled_sparse_delta(x, adapter.values, adapter.indices,
+                                                                  adapter.stored_shape, adapter.transposed)
             return self.base_layer(x) + sparse_delta(x, adapter.values, adapter.pattern())
         self.sync()
         weight = self.weight

@@ -11,7 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from randmask.compiled import compiled_masked_linear
+from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
@@ -112,6 +112,9 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         if uses_delta_path(base):
             adapter = self.randmask_adapters[active[0]]
+            if torch.compiler.is_compiling():  # traced without a graph break (randmask.compiled)
+                return self.base_layer(x, *args, **kwargs) + compiled_sparse_delta(
+                    x, adapter.values, adapter.indices, adapter.stored_shape, adapter.transposed)
             return self.base_layer(x, *args, **kwargs) + sparse_delta(x, adapter.values, adapter.pattern())
         adapter = self._make_live(active[0])
         if torch.compiler.is_compiling() and adapter.writes_into(base.weight):  # traced, no graph break

@@ -39,7 +39,7 @@ def quant_scheme(module: nn.Module) -> str | None:
         if cls.__name__ == "Int8Params" and weight.dtype == torch.int8:
             return "bnb-int8"
         return None  # e.g. Int8Params with has_fp16_weights=True: a float weight, trained in place
-    if origin.startswith("torchao") and callable(getattr(weight, "dequantize", None)):
+    if origin.startswith("torchao") and callable(getattr(cls, "dequantize", None)):  # on the class: Dynamo traces it
         return f"torchao-{cls.__name__}"
     return None
 

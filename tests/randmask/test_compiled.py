@@ -8,7 +8,8 @@ from tests.conftest import tiny_inputs, tiny_model, train_steps
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from randmask import MaskingConfig, apply_masking, masked_layers
-from randmask.compiled import sddmm_op
+from randmask.compiled import delta_matmul_op, sddmm_op
+from randmask.delta import delta_matmul
 from randmask.ops import SparsePattern, sddmm
 
 ARCHS = ["llama", "gpt2"]  # nn.Linear and GPT-2's transposed Conv1D
@@ -168,3 +169,41 @@ def test_two_compiled_forwards_before_one_backward_get_eager_gradients(backend: 
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "ao-int8"])  # bitsandbytes 4-bit and a torchao tensor subclass
+def test_a_quantized_base_compiles_to_its_own_graphs_and_trains_as_eager(scheme: str, tmp_path) -> None:
+    """The delta path (the weight cannot hold the entries): SpMM forward, its transpose for dL/dx and the SDDMM
+    as custom ops. Before, the CSR layout's data-dependent Python broke the graph 36-40 times."""
+    from tests.randmask.quantized_models import load_quantized, save_tiny_llama
+
+    torch._dynamo.reset()
+    folder = save_tiny_llama(tmp_path / "llama")
+    inputs = tiny_inputs("llama")
+    plain = torch._dynamo.explain(load_quantized(folder, scheme))(**inputs).graph_count
+    eager, compiled = load_quantized(folder, scheme), load_quantized(folder, scheme)
+    for model in (eager, compiled):
+        apply_masking(model, MaskingConfig(targets=["q_proj", "v_proj"], density=0.2, seed=0))
+    eager_losses = train_steps(eager, inputs)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_losses = train_steps(torch.compile(compiled, backend=counter), inputs)
+    assert counter.frame_count == plain
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert compiled_losses[-1] < compiled_losses[0]
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_delta_matmul_op_is_the_eager_spmm_and_passes_opcheck(transposed: bool, transpose: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.randperm(48, generator=gen)[:10].sort().values
+    pattern = SparsePattern(indices, (8, 6), transposed)
+    out_f, in_f = pattern.logical_shape
+    dense = torch.randn(5, out_f if transpose else in_f, generator=gen)
+    values = torch.randn(10, generator=gen)
+    out = delta_matmul_op(dense, values, indices, 8, 6, transposed, transpose)
+    torch.testing.assert_close(out, delta_matmul(dense, values, pattern, transpose))
+    torch.library.opcheck(delta_matmul_op, (dense, values, indices, 8, 6, transposed, transpose))
