@@ -207,3 +207,19 @@ def test_delta_matmul_op_is_the_eager_spmm_and_passes_opcheck(transposed: bool, 
     out = delta_matmul_op(dense, values, indices, 8, 6, transposed, transpose)
     torch.testing.assert_close(out, delta_matmul(dense, values, pattern, transpose))
     torch.library.opcheck(delta_matmul_op, (dense, values, indices, 8, 6, transposed, transpose))
+
+
+def test_fullgraph_compiles_and_new_sequence_lengths_recompile_as_the_unadapted_model_does() -> None:
+    """``fullgraph=True`` raises at any graph break; the custom ops' fake implementations read token counts
+    symbolically, so lengths after the first compile one dynamic-shape graph, as for the model unadapted."""
+
+    def frames(model: torch.nn.Module) -> int:
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for length in (12, 20, 28):
+            ids = torch.randint(0, 100, (2, length), generator=torch.Generator().manual_seed(length))
+            compiled(input_ids=ids, labels=ids).loss.backward()
+        return counter.frame_count
+
+    assert frames(_masked("llama")) == frames(tiny_model("llama")) == 2
