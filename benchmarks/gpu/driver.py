@@ -7,7 +7,9 @@ Sections, each writing ``<out>/gpu_<section>.json`` (with ``randmask_lab.machine
     sddmm   the masked weight gradient alone at OPT-1.3b shapes (sddmm_gpu.py);
     step    the training step at OPT-1.3b shape, batch 8 x 512, bf16-mixed (step_benchmark's machinery),
             plus torch.cuda.max_memory_allocated of each variant built alone;
-    runner  one SmolLM2-135M SST-2 run through the lab's runner, its median step time.
+    runner  one SmolLM2-135M SST-2 run through the lab's runner, its median step time;
+    compile (not in the default set: inductor compiles for a minute or more per variant) the training step under
+            ``torch.compile`` against eager at OPT-125m's shapes, randmask and LoRA (benchmarks/compile_step.py).
 
 ``--dry-run`` runs the same logic on the CPU at tiny shapes (the tests only collected, the model a tiny
 Llama) in well under a minute: CI runs it (tests/benchmarks/test_gpu_driver.py).
@@ -152,13 +154,27 @@ def run_runner(dry_run: bool, device: str, model_dir: str | None, data_dir: str 
     return result
 
 
+def run_compile(dry_run: bool, device: str, log) -> dict:
+    """compile_step.py's paired ratios on ``device``: a tiny shape on aot_eager in the dry run."""
+    import compile_step
+
+    shape, backend = ("tiny", "aot_eager") if dry_run else ("opt-125m", "inductor")
+    steps, compile_seconds = compile_step.build(shape, device, backend)
+    ratios = compile_step.report(compile_step.time_rounds(steps, 2 if dry_run else 10, 1 if dry_run else 2, device))
+    medians = ", ".join(f"{name} {r['median']:.3f}" for name, r in ratios.items())
+    log(f"compile: {medians}")
+    return {"shape": shape, "backend": backend, "ratios": ratios,
+            "compile_and_first_step_seconds": {m: round(s, 1) for (m, _), s in compile_seconds.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the same logic on the CPU at tiny shapes")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for gpu_*.json and gpu_summary.md (default benchmarks/results; dry run: a "
                              "temporary folder)")
-    parser.add_argument("--sections", default="tests,sddmm,step,runner", help="comma-separated subset")
+    parser.add_argument("--sections", default="tests,sddmm,step,runner",
+                        help="comma-separated subset, or more: compile")
     parser.add_argument("--step-minutes", type=float, default=2.5, help="cap on the step benchmark's timed rounds")
     parser.add_argument("--sddmm-rounds", type=int, default=None, help="timed rounds per SDDMM cell (default 15)")
     parser.add_argument("--smollm-dir", default=None, help="SmolLM2 folder (default: carry/, then the zoo cache)")
@@ -192,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = (run_runner(args.dry_run, device, args.smollm_dir, args.data_dir, log)
               if "runner" in sections else None)
     write_json(out, "runner", {"result": runner}, device)
+    if "compile" in sections:
+        write_json(out, "compile", run_compile(args.dry_run, device, log), device)
     checks = targets(sddmm, step)
     write_json(out, "targets", {"targets": checks, "dry_run": args.dry_run,
                                 "minutes": round((time.time() - started) / 60, 2)}, device)

@@ -36,6 +36,18 @@ def test_the_dry_run_writes_every_section(tmp_path):
     assert "## Targets" in summary and "randmask 1% all-linear <= 1.05x floor" in summary
 
 
+def test_the_opt_in_compile_section_writes_its_paired_ratios(tmp_path):
+    env = {**os.environ, "PY": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", "--sections", "compile",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "gpu_compile.json").read_text())
+    assert payload["machine"]["device"] == "cpu" and payload["backend"] == "aot_eager"
+    assert set(payload["ratios"]) == {"randmask 0.1% q/v: compiled / eager", "lora r=8 q/v: compiled / eager",
+                                      "eager: randmask / lora", "compiled: randmask / lora"}
+
+
 def _has_triton() -> bool:
     import importlib.util
 
