@@ -40,11 +40,41 @@ def _pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, tran
         if ref() is indices and version == indices._version and pattern.shape == (stored_rows, stored_cols) \
                 and pattern.transposed == transposed:
             return pattern
+    _check_indices(indices, stored_rows, stored_cols)
     pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)
     # The callback drops the entry when the tensor dies, before its id can be reused.
     ref = weakref.ref(indices, lambda _, key=key, cache=_PATTERNS: cache.pop(key, None))
     _PATTERNS[key] = (ref, indices._version, pattern)
     return pattern
+
+
+def _check_indices(indices: torch.Tensor, stored_rows: int, stored_cols: int) -> None:
+    """The ops are public (``torch.ops.randmask.*``) and their kernels trust the pattern: check it once per indices
+    tensor (the pattern cache holds it afterwards). Sorted, unique, and inside the stored weight."""
+    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"randmask op: indices must be a 1-D int32/int64 tensor of flat indices, got "
+                         f"{indices.dim()}-D {indices.dtype}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= stored_rows * stored_cols):
+        raise ValueError(f"randmask op: indices must lie in [0, {stored_rows} * {stored_cols}) for a stored weight of "
+                         f"shape ({stored_rows}, {stored_cols}), got [{int(indices.min())}, {int(indices.max())}]")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError("randmask op: indices must be sorted and unique (flat row-major positions of the kept "
+                         "entries); sort them with torch.unique(indices)")
+
+
+def _check_operands(name: str, values: torch.Tensor | None, indices: torch.Tensor, dense_2d: torch.Tensor,
+                    features: int, what: str) -> None:
+    """One-line errors for operands that do not fit the pattern (shape-only: the fake implementations run it too)."""
+    if values is not None and tuple(values.shape) != (indices.shape[0],):
+        raise ValueError(f"randmask.{name}: values has shape {tuple(values.shape)}, the pattern has "
+                         f"{indices.shape[0]} entries")
+    if dense_2d.dim() != 2 or dense_2d.shape[1] != features:
+        raise ValueError(f"randmask.{name}: {what} must be 2-D with {features} columns, got shape "
+                         f"{tuple(dense_2d.shape)}")
+
+
+def _logical_shape(stored_rows: int, stored_cols: int, transposed: bool) -> tuple[int, int]:
+    return (stored_cols, stored_rows) if transposed else (stored_rows, stored_cols)  # (out, in)
 
 
 def _compute_dtype(grad_out_2d: torch.Tensor) -> torch.dtype:
@@ -55,6 +85,7 @@ def _compute_dtype(grad_out_2d: torch.Tensor) -> torch.dtype:
 def sddmm_op(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
              stored_cols: int, transposed: bool) -> torch.Tensor:
     """``randmask.ops.sddmm`` as one custom op: (T, out) and (T, in) -> (nnz,) fp32 (fp64 for fp64 inputs)."""
+    _check_sddmm(grad_out_2d, x_2d, indices, stored_rows, stored_cols, transposed)
     out = sddmm(grad_out_2d, x_2d, _pattern_for(indices, stored_rows, stored_cols, transposed))
     return out.to(_compute_dtype(grad_out_2d))  # the op's declared dtype, whichever kernel ran
 
@@ -62,11 +93,17 @@ def sddmm_op(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tenso
 @sddmm_op.register_fake
 def _sddmm_shape(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                  stored_cols: int, transposed: bool) -> torch.Tensor:
+    _check_sddmm(grad_out_2d, x_2d, indices, stored_rows, stored_cols, transposed)
     return grad_out_2d.new_empty(indices.shape[0], dtype=_compute_dtype(grad_out_2d))
 
 
-def _logical_shape(stored_rows: int, stored_cols: int, transposed: bool) -> tuple[int, int]:
-    return (stored_cols, stored_rows) if transposed else (stored_rows, stored_cols)  # (out, in)
+def _check_sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
+                 stored_cols: int, transposed: bool) -> None:
+    out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
+    _check_operands("sddmm", None, indices, grad_out_2d, out_f, "grad_out_2d")
+    _check_operands("sddmm", None, indices, x_2d, in_f, "x_2d")
+    if grad_out_2d.shape[0] != x_2d.shape[0]:
+        raise ValueError(f"randmask.sddmm: grad_out_2d has {grad_out_2d.shape[0]} rows, x_2d {x_2d.shape[0]}")
 
 
 @torch.library.custom_op("randmask::delta_matmul", mutates_args=())
@@ -74,6 +111,7 @@ def delta_matmul_op(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch
                     stored_cols: int, transposed: bool, transpose: bool) -> torch.Tensor:
     """``randmask.delta.delta_matmul`` as one custom op: (T, in) -> (T, out) fp32 (fp64 for fp64 inputs), or with
     ``transpose`` (T, out) -> (T, in)."""
+    _check_delta(dense_2d, values, indices, stored_rows, stored_cols, transposed, transpose)
     out = delta_matmul(dense_2d, values, _pattern_for(indices, stored_rows, stored_cols, transposed), transpose)
     return out.contiguous()  # the CSR product comes back as a transposed view; the op declares row-major
 
@@ -81,8 +119,15 @@ def delta_matmul_op(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch
 @delta_matmul_op.register_fake
 def _delta_matmul_shape(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                         stored_cols: int, transposed: bool, transpose: bool) -> torch.Tensor:
+    _check_delta(dense_2d, values, indices, stored_rows, stored_cols, transposed, transpose)
     out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
     return dense_2d.new_empty(dense_2d.shape[0], in_f if transpose else out_f, dtype=_compute_dtype(dense_2d))
+
+
+def _check_delta(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,
+                 stored_cols: int, transposed: bool, transpose: bool) -> None:
+    out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
+    _check_operands("delta_matmul", values, indices, dense_2d, out_f if transpose else in_f, "dense_2d")
 
 
 class CompiledSparseDelta(torch.autograd.Function):

@@ -223,3 +223,22 @@ def test_fullgraph_compiles_and_new_sequence_lengths_recompile_as_the_unadapted_
         return counter.frame_count
 
     assert frames(_masked("llama")) == frames(tiny_model("llama")) == 2
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda i: delta_matmul_op(torch.randn(5, 6), torch.randn(3), i(1, 5, 1000), 8, 6, False, False),
+     r"indices must lie in \[0, 8 \* 6\)"),
+    (lambda i: delta_matmul_op(torch.randn(5, 6), torch.randn(3), i(5, 1, 7), 8, 6, False, False),
+     "sorted and unique"),
+    (lambda i: delta_matmul_op(torch.randn(5, 6), torch.randn(4), i(1, 5, 7), 8, 6, False, False),
+     r"values has shape \(4,\), the pattern has 3 entries"),
+    (lambda i: delta_matmul_op(torch.randn(5, 7), torch.randn(3), i(1, 5, 7), 8, 6, False, False),
+     r"dense_2d must be 2-D with 6 columns, got shape \(5, 7\)"),
+    (lambda i: sddmm_op(torch.randn(5, 8), torch.randn(4, 6), i(1, 5, 7), 8, 6, False), "5 rows, x_2d 4"),
+    (lambda i: sddmm_op(torch.randn(5, 8), torch.randn(5, 6), i(1, 5, 48), 8, 6, False), "must lie in"),
+])
+def test_the_public_ops_refuse_operands_that_do_not_fit_their_pattern(call, message: str) -> None:
+    """``torch.ops.randmask.*`` are reachable by anyone, and their kernels (a CSR built without invariant checks)
+    trust the pattern: a bad call raises one line instead of reading out of bounds or returning garbage."""
+    with pytest.raises(ValueError, match=message):
+        call(lambda *entries: torch.tensor(entries))
