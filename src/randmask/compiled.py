@@ -40,8 +40,8 @@ def _pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, tran
         if ref() is indices and version == indices._version and pattern.shape == (stored_rows, stored_cols) \
                 and pattern.transposed == transposed:
             return pattern
+    pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)  # refuses a non-1-D, non-int tensor
     _check_indices(indices, stored_rows, stored_cols)
-    pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)
     # The callback drops the entry when the tensor dies, before its id can be reused.
     ref = weakref.ref(indices, lambda _, key=key, cache=_PATTERNS: cache.pop(key, None))
     _PATTERNS[key] = (ref, indices._version, pattern)
@@ -50,16 +50,14 @@ def _pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, tran
 
 def _check_indices(indices: torch.Tensor, stored_rows: int, stored_cols: int) -> None:
     """The ops are public (``torch.ops.randmask.*``) and their kernels trust the pattern: check it once per indices
-    tensor (the pattern cache holds it afterwards). Sorted, unique, and inside the stored weight."""
-    if indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"randmask op: indices must be a 1-D int32/int64 tensor of flat indices, got "
-                         f"{indices.dim()}-D {indices.dtype}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= stored_rows * stored_cols):
-        raise ValueError(f"randmask op: indices must lie in [0, {stored_rows} * {stored_cols}) for a stored weight of "
-                         f"shape ({stored_rows}, {stored_cols}), got [{int(indices.min())}, {int(indices.max())}]")
-    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+    tensor (the pattern cache holds it afterwards). Sorted and unique (one pass), then inside the stored weight (its
+    two ends), as ``randmask.integrity.check_explicit_indices`` checks a saved adapter's."""
+    if indices.numel() > 1 and bool((indices.diff() <= 0).any()):
         raise ValueError("randmask op: indices must be sorted and unique (flat row-major positions of the kept "
                          "entries); sort them with torch.unique(indices)")
+    if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= stored_rows * stored_cols):
+        raise ValueError(f"randmask op: indices must lie in [0, {stored_rows} * {stored_cols}) for a stored weight of "
+                         f"shape ({stored_rows}, {stored_cols}), got [{int(indices[0])}, {int(indices[-1])}]")
 
 
 def _check_operands(name: str, values: torch.Tensor | None, indices: torch.Tensor, dense_2d: torch.Tensor,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from randmask.ops import SparsePattern, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, sddmm
 
 
 @dataclass(eq=False)
@@ -107,8 +107,7 @@ class SparseDeltaFunction(torch.autograd.Function):
         # Under autocast the output takes the autocast dtype, as nn.Linear's would, so that it adds to the
         # base layer's output without promoting it; the SpMM itself runs in fp32 with autocast off (it
         # would cast the dense operand to bf16, which MKL's CSR kernel lacks).
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        out_dtype = autocast_dtype(x) or x.dtype
         y2d = delta_matmul(x.reshape(-1, in_f), values, pattern)  # (T, in) -> (T, out)
         ctx.save_for_backward(x, values)
         ctx.pattern = pattern
