@@ -90,6 +90,11 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend (aot_eager: no codegen)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: use cpu, or cuda on a machine with a CUDA GPU")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.backend not in backends:
+        parser.error(f"--backend {args.backend}: not a torch.compile backend; known: {', '.join(backends)}")
     from randmask_lab.machine import describe, machine_info
 
     machine = machine_info(args.device)

@@ -25,3 +25,15 @@ def test_it_times_every_variant_and_writes_the_ratios(monkeypatch: pytest.Monkey
         assert ratio["rounds"] == 2 and ratio["ci95"][0] <= ratio["median"] <= ratio["ci95"][1]
     assert set(results["compile_and_first_step_seconds"]) == set(compile_step.METHODS)
     assert "compiled / eager" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "nonsense"], "--device nonsense: use cpu, or cuda"),
+    (["--backend", "nonsense"], "--backend nonsense: not a torch.compile backend"),
+])
+def test_a_bad_device_or_backend_is_one_line_before_any_model_is_built(
+        args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["compile_step.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        compile_step.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
