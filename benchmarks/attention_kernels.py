@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench_stats import interleaved, timed
 from randmask_lab.argtypes import positive_int
 from randmask_lab.experiment.compute.attention import folded
 from randmask_lab.machine import bf16_native, describe
@@ -58,13 +58,7 @@ def main() -> None:
         "bf16, SDPA math": lambda: sdpa(*bf16, SDPBackend.MATH),
         "bf16, folded": lambda: folded(bf16[0], bf16[1], bf16[2], mask, True).backward(bf16[3]),
     }
-    times: dict[str, list[float]] = {name: [] for name in kernels}
-    for r in range(args.rounds + 3):
-        for name, run in kernels.items():
-            start = time.perf_counter()
-            run()
-            if r >= 3:  # 3 warm-up rounds
-                times[name].append(time.perf_counter() - start)
+    times = interleaved({name: timed(run) for name, run in kernels.items()}, args.rounds, warmup=3)
     print(f"one attention layer, forward + backward, {args.threads} threads, median of {args.rounds} rounds, "
           f"on {describe()}:")
     if not bf16_native("cpu"):

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_models import SHAPES, batch_ids, build_base, make_step, make_variant  # noqa: E402
-from bench_stats import paired_ratios, summarize  # noqa: E402
+from bench_stats import interleaved, paired_ratios, summarize, timed  # noqa: E402
 from randmask import atomic_write_bytes  # noqa: E402
 from randmask_lab.argtypes import positive_int  # noqa: E402
 
@@ -56,17 +56,8 @@ def build(shape: str, device: str, backend: str) -> tuple[dict[tuple[str, str], 
 
 def time_rounds(steps: dict, rounds: int, warmup: int, device: str) -> dict[tuple[str, str], list[float]]:
     """Seconds per step of every variant, ``rounds`` rounds after ``warmup`` untimed ones, order reversed each round."""
-    keys = list(steps)
-    times: dict = {key: [] for key in keys}
-    for r in range(warmup + rounds):
-        for key in (keys if r % 2 == 0 else keys[::-1]):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            steps[key]()  # make_step synchronizes a CUDA step before it returns
-            if r >= warmup:
-                times[key].append(time.perf_counter() - start)
-    return times
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return interleaved({key: timed(step, sync=sync) for key, step in steps.items()}, rounds, warmup)
 
 
 def report(times: dict) -> dict[str, dict]:

@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench_stats import interleaved, timed
 from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
@@ -84,14 +84,7 @@ def main() -> None:
     tokens = [len(x.context) + 1 for x in items]
     variants = ["positions_only", "full_logits", "per_candidate_full"]
     steps = {v: step_fn(v, model, optimizer, items, pad_id) for v in variants}
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for v in variants:  # warm-up
-        steps[v]()
-    for _ in range(args.rounds):
-        for v in variants:
-            t = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t)
+    times = interleaved({v: timed(steps[v]) for v in variants}, args.rounds, warmup=1)
     median = {v: statistics.median(ts) for v, ts in times.items()}
     result = {
         "machine": machine_info(),

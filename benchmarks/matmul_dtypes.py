@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from bench_stats import interleaved, timed
 from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
@@ -33,14 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     m, k, n = args.shape
     a, b = torch.randn(m, k), torch.randn(k, n)
     pairs = {name: (a.to(dt), b.to(dt)) for name, dt in DTYPES.items()}
-    for x, y in pairs.values():  # warm-up: oneDNN picks and caches its kernels
-        x @ y
-    times: dict[str, list[float]] = {name: [] for name in DTYPES}
-    for _ in range(args.rounds):  # paired rounds: a load that comes and goes hits every dtype alike
-        for name, (x, y) in pairs.items():
-            start = time.perf_counter()
-            x @ y
-            times[name].append(time.perf_counter() - start)
+    # paired rounds after one warm-up round (oneDNN picks and caches its kernels): a load that comes and goes
+    # hits every dtype alike
+    times = interleaved({name: timed(lambda x=x, y=y: x @ y) for name, (x, y) in pairs.items()}, args.rounds,
+                        warmup=1)
     print(f"{m}x{k}x{n} matmul, {args.threads} threads, {args.rounds} paired rounds on {describe()}")
     out = {"machine": machine_info(), "shape": [m, k, n], "threads": args.threads, "seconds": times, "ratio": {}}
     for name in ("bf16", "fp16"):

@@ -25,13 +25,12 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench_machine import json_path, save_json
-from bench_stats import paired_ratios, summarize
+from bench_stats import interleaved, paired_ratios, summarize
 from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
@@ -68,18 +67,6 @@ def build_paths() -> dict:
 def use(lib) -> None:
     """Make ``lib`` the kernel ``randmask.ops`` calls."""
     native._tried, native._library = True, lib
-
-
-def interleaved(fns: dict[str, Callable[[], float]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Each round calls every fn once (order reversed every other round); returns each one's results."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            out[name].append(fns[name]())
-    return out
 
 
 def ratio_row(times: list[float], reference: list[float]) -> dict:

@@ -15,16 +15,14 @@ AVX512-bf16 the two are one code path, and the script says so and exits.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from bench_machine import save_json
-from bench_stats import paired_ratios, summarize
+from bench_stats import interleaved, paired_ratios, summarize, timed
 from randmask_lab.argtypes import positive_int
 from randmask_lab.machine import describe, machine_info
 
@@ -78,15 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, repacking in (("standard packing", False), ("repacked", True)):
         forwards[name] = build(args.quantize, repacking, args.batch)[1]
         losses[name] = forwards[name]()  # the repacked copy repacks here, before any timing
-    times: dict[str, list[float]] = {n: [] for n in forwards}
-    for r in range(args.rounds):
-        order = list(forwards) if r % 2 == 0 else list(reversed(forwards))
-        gc.collect()
-        for name in order:
-            t0 = time.perf_counter()
-            forwards[name]()
-            times[name].append(time.perf_counter() - t0)
-        log(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in forwards))
+    times = interleaved({name: timed(forward) for name, forward in forwards.items()}, args.rounds,
+                        on_round=lambda r, t: log(f"round {r + 1}: "
+                                                  + ", ".join(f"{n} {t[n][-1]:.3f} s" for n in forwards)))
     s = summarize(paired_ratios(times["standard packing"], times["repacked"]))
     print(f"on {describe()}, {args.threads} threads, {args.quantize}, {args.batch} prompts: an eval forward in the "
           f"standard packing takes {s.median:.2f}x [{s.ci_low:.2f}, {s.ci_high:.2f}] the repacked one's time "

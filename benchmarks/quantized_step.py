@@ -22,14 +22,13 @@ import json
 import resource
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from bench_machine import save_json
-from bench_stats import paired_ratios, summarize
+from bench_stats import interleaved, paired_ratios, summarize, timed
 from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.machine import describe, machine_info
 
@@ -97,23 +96,9 @@ def time_variants(names: list[str], quantize: str, rounds: int, warmup: int, log
     for name in names:
         log(f"building {name}")
         steps[name] = build(name, quantize)[1]
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else list(reversed(names))
-        gc.collect()
-        gc.disable()
-        try:
-            for name in order:
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-        log(f"round {r + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names))
-    return times
+    return interleaved({name: timed(step) for name, step in steps.items()}, rounds, warmup,
+                       on_round=lambda r, times: log(f"round {r + 1}: "
+                                                     + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names)))
 
 
 def main(argv: list[str] | None = None) -> int:

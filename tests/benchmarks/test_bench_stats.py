@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from bench_stats import paired_ratios, summarize  # noqa: E402
+from bench_stats import interleaved, paired_ratios, summarize, timed  # noqa: E402
 
 
 def test_paired_ratios_are_per_round():
@@ -45,3 +46,41 @@ def test_ci_brackets_the_median_and_narrows_with_more_rounds():
 def test_bootstrap_is_reproducible():
     data = [1.0, 1.2, 0.9, 1.1, 1.05]
     assert summarize(data) == summarize(data)
+
+
+def test_interleaved_alternates_the_order_drops_warmup_and_reports_each_round():
+    calls, rounds_seen = [], []
+
+    def call(name):
+        def run():
+            calls.append(name)
+            assert not gc.isenabled()  # the collector is off during a round
+            return len(calls)
+        return run
+
+    out = interleaved({"a": call("a"), "b": call("b"), "c": call("c")}, rounds=3, warmup=1,
+                      on_round=lambda r, results: rounds_seen.append((r, {k: list(v) for k, v in results.items()})))
+    # warm-up round (even: given order), then timed rounds 0 (reversed), 1 (given), 2 (reversed)
+    assert calls == list("abc") + list("cba") + list("abc") + list("cba")
+    assert out == {"a": [6, 7, 12], "b": [5, 8, 11], "c": [4, 9, 10]}
+    assert [r for r, _ in rounds_seen] == [0, 1, 2]
+    assert rounds_seen[0][1] == {"a": [6], "b": [5], "c": [4]}
+    assert gc.isenabled()
+
+
+def test_interleaved_turns_the_collector_back_on_after_a_failing_call():
+    def boom():
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        interleaved({"x": boom}, rounds=1)
+    assert gc.isenabled()
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        interleaved({"x": lambda: 0}, rounds=0)
+
+
+def test_timed_returns_the_clock_difference_with_sync_around_the_call():
+    ticks, events = iter([10.0, 12.5]), []
+    run = timed(lambda: events.append("fn"), clock=lambda: next(ticks), sync=lambda: events.append("sync"))
+    assert run() == pytest.approx(2.5)
+    assert events == ["sync", "fn", "sync"]
