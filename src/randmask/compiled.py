@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from randmask.delta import delta_matmul
-from randmask.ops import SparsePattern, autocast_dtype, dense_linear, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, dense_linear, logical_shape, sddmm
 
 # id(indices) -> (a weak reference to that tensor, its pattern): the pattern caches the compact-SDDMM plan, which
 # a custom op, handed tensors only, would otherwise rebuild at every backward.
@@ -71,10 +71,6 @@ def _check_operands(name: str, values: torch.Tensor | None, indices: torch.Tenso
                          f"{tuple(dense_2d.shape)}")
 
 
-def _logical_shape(stored_rows: int, stored_cols: int, transposed: bool) -> tuple[int, int]:
-    return (stored_cols, stored_rows) if transposed else (stored_rows, stored_cols)  # (out, in)
-
-
 def _compute_dtype(grad_out_2d: torch.Tensor) -> torch.dtype:
     return torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
 
@@ -97,7 +93,7 @@ def _sddmm_shape(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.T
 
 def _check_sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                  stored_cols: int, transposed: bool) -> None:
-    out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
+    out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
     _check_operands("sddmm", None, indices, grad_out_2d, out_f, "grad_out_2d")
     _check_operands("sddmm", None, indices, x_2d, in_f, "x_2d")
     if grad_out_2d.shape[0] != x_2d.shape[0]:
@@ -118,13 +114,13 @@ def delta_matmul_op(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch
 def _delta_matmul_shape(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                         stored_cols: int, transposed: bool, transpose: bool) -> torch.Tensor:
     _check_delta(dense_2d, values, indices, stored_rows, stored_cols, transposed, transpose)
-    out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
+    out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
     return dense_2d.new_empty(dense_2d.shape[0], in_f if transpose else out_f, dtype=_compute_dtype(dense_2d))
 
 
 def _check_delta(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                  stored_cols: int, transposed: bool, transpose: bool) -> None:
-    out_f, in_f = _logical_shape(stored_rows, stored_cols, transposed)
+    out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
     _check_operands("delta_matmul", values, indices, dense_2d, out_f if transpose else in_f, "dense_2d")
 
 
@@ -135,7 +131,7 @@ class CompiledSparseDelta(torch.autograd.Function):
     def forward(ctx, x, values, indices, stored_shape: tuple[int, int], transposed: bool):  # noqa: D102
         # As randmask.delta: the output in the autocast dtype (it adds to the base layer's), the SpMM in fp32.
         out_dtype = autocast_dtype(x) or x.dtype
-        out_f, in_f = _logical_shape(*stored_shape, transposed)
+        out_f, in_f = logical_shape(stored_shape, transposed)
         y2d = delta_matmul_op(x.reshape(-1, in_f), values, indices, *stored_shape, transposed, False)
         ctx.save_for_backward(x, values, indices)
         ctx.stored_shape, ctx.transposed = stored_shape, transposed
@@ -144,7 +140,7 @@ class CompiledSparseDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         x, values, indices = ctx.saved_tensors
-        out_f, in_f = _logical_shape(*ctx.stored_shape, ctx.transposed)
+        out_f, in_f = logical_shape(ctx.stored_shape, ctx.transposed)
         g2d, x2d = grad_out.reshape(-1, out_f), x.reshape(-1, in_f)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:  # dL/dx = g @ D: (T, out) -> (T, in)

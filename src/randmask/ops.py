@@ -90,6 +90,12 @@ class _Plan:
     edges: dict[int, list[int]] = field(default_factory=dict)
 
 
+def logical_shape(stored_shape: tuple[int, int], transposed: bool) -> tuple[int, int]:
+    """(out_features, in_features) of a weight stored as ``stored_shape``: (in, out) when ``transposed`` (Conv1D)."""
+    rows, cols = stored_shape
+    return (cols, rows) if transposed else (rows, cols)
+
+
 @dataclass(eq=False)
 class SparsePattern:
     """The kept entries of one stored weight tensor, in the forms the backward needs.
@@ -144,7 +150,7 @@ class SparsePattern:
     @property
     def logical_shape(self) -> tuple[int, int]:
         """(out_features, in_features)."""
-        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
+        return logical_shape(self.shape, self.transposed)
 
     def to(self, device: torch.device) -> SparsePattern:
         """A copy on ``device`` (no-op if already there)."""
@@ -558,6 +564,7 @@ __all__ = [
     "dense_linear",
     "dense_reference_linear",
     "kernel_setting",
+    "logical_shape",
     "masked_linear",
     "scatter_delta",
     "sddmm",

@@ -255,3 +255,11 @@ def test_the_weight_gradient_kernel_is_native_only_on_the_cpu():
 def test_a_bool_mask_is_not_taken_for_indices():
     with pytest.raises(TypeError, match="1-D int32/int64"):
         SparsePattern(torch.ones(7, 5, dtype=torch.bool), (7, 5), False)
+
+
+def test_logical_shape_is_out_by_in_for_both_storages():
+    assert ops.logical_shape((8, 3), transposed=False) == (8, 3)  # nn.Linear stores (out, in)
+    assert ops.logical_shape((3, 8), transposed=True) == (8, 3)  # GPT-2's Conv1D stores (in, out)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, 1] = True
+    assert ops.SparsePattern(mask.flatten().nonzero().squeeze(1), (3, 8), transposed=True).logical_shape == (8, 3)
