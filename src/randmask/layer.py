@@ -133,6 +133,33 @@ class MaskAdapter(nn.Module):
         backward reads ``weight`` (see the module doc)."""
         return None if self.writes_into(weight) else self.target_entries(weight.dtype)
 
+    def write(self, weight: torch.Tensor, entries: torch.Tensor) -> None:
+        """Write ``entries`` (nnz,) at this adapter's kept entries of ``weight``, in place and outside autograd (the
+        weight is frozen); a sharded (DTensor) weight: this rank's shard."""
+        if is_sharded(weight):
+            write_entries(weight, self.indices, entries)
+            return
+        # scatter_ on a detached flat view: the weight's own storage, and its version counter still bumps (Dynamo
+        # traces detach(), not .data). scatter_ runs 2-4x faster than index_put_ (``w[idx] = v``) at a few
+        # thousand entries on CPU.
+        weight.detach().view(-1).scatter_(0, self.indices, entries)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The delta path's ``x @ D^T``, (..., in) -> (..., out): the weight is never written (a quantized base)."""
+        if torch.compiler.is_compiling():  # traced without a graph break (randmask.compiled)
+            return compiled_sparse_delta(x, self.values, self.indices, self.stored_shape, self.transposed)
+        return sparse_delta(x, self.values, self.pattern())
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output through ``weight``, which holds W0 (+) values at the kept entries; dL/dvalues by SDDMM,
+        never the dense dL/dW."""
+        # Traced without a graph break (randmask.compiled), unless the weight is FSDP2's gathered copy, gathered
+        # again for the backward: then the eager op below, which writes the delta again (a break, run eagerly).
+        if torch.compiler.is_compiling() and self.writes_into(weight):
+            return compiled_masked_linear(x, self.values, weight, bias, self.indices, self.stored_shape,
+                                          self.transposed)
+        return masked_linear(x, self.values, weight, bias, self.pattern(), refresh=self.refresh_for_backward(weight))
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
         # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
         # AdamW's update then underflows (NaN at LR 1e-3 in fp16). Follow device moves and fp64,
@@ -223,16 +250,7 @@ class MaskedLayer(nn.Module):
         if self.active_adapter is None or self.delta_path:  # the delta path never writes the weight
             return
         adapter = self.adapters[self.active_adapter]
-        self._write(adapter, _as(adapter.base_values, self.weight.dtype))
-
-    def _write(self, adapter: MaskAdapter, entries: torch.Tensor) -> None:
-        if is_sharded(self.weight):
-            write_entries(self.weight, adapter.indices, entries)
-            return
-        # scatter_ on a detached flat view: the weight's own storage, outside autograd (the weight is
-        # frozen), and its version counter still bumps. scatter_ runs 2-4x faster than index_put_
-        # (``w[idx] = v``) at a few thousand entries on CPU.
-        self.weight.detach().view(-1).scatter_(0, adapter.indices, entries)
+        adapter.write(self.weight, _as(adapter.base_values, self.weight.dtype))
 
     def sync(self) -> None:
         """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)). A sharded (DTensor)
@@ -255,11 +273,11 @@ class MaskedLayer(nn.Module):
             # random reads, about half of a sync. An unchanged version proves nothing (a write through ``.data``
             # does not bump it), so then the entries are compared as before: the shortcut only ever writes.
             if torch.compiler.is_compiling():
-                self._write(adapter, target)
+                adapter.write(weight, target)
                 return
             version = adapter.values._version
             if version != adapter.synced_version or not torch.equal(weight.view(-1)[adapter.indices], target):
-                self._write(adapter, target)
+                adapter.write(weight, target)
             adapter.synced_version = version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,19 +289,9 @@ class MaskedLayer(nn.Module):
         if self.delta_path:
             # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
             # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
-            if torch.compiler.is_compiling():  # traced without a graph break (randmask.compiled)
-                return self.base_layer(x) + compiled_sparse_delta(x, adapter.values, adapter.indices,
-                                                                  adapter.stored_shape, adapter.transposed)
-            return self.base_layer(x) + sparse_delta(x, adapter.values, adapter.pattern())
+            return self.base_layer(x) + adapter.delta(x)
         self.sync()
-        weight = self.weight
-        # Traced without a graph break (randmask.compiled), unless the weight is FSDP2's gathered copy, gathered
-        # again for the backward: then the eager op below, which writes the delta again (a break, run eagerly).
-        if torch.compiler.is_compiling() and adapter.writes_into(weight):
-            return compiled_masked_linear(x, adapter.values, weight, self.bias, adapter.indices,
-                                          adapter.stored_shape, self.transposed)
-        return masked_linear(x, adapter.values, weight, self.bias, adapter.pattern(),
-                             refresh=adapter.refresh_for_backward(weight))
+        return adapter.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.active_adapter!r}, disabled={self.disabled}"

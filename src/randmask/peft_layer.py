@@ -11,13 +11,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
-from randmask.delta import sparse_delta
 from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.model import merge_refusal
-from randmask.ops import masked_linear
 from randmask.quantized import base_entries, quant_scheme, stored_shape
 
 
@@ -61,15 +58,14 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if self._live is None:
             return
         adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
-        flat.scatter_(0, adapter.indices, adapter.base_values.to(flat.dtype))  # scatter_: see MaskedLayer._write
+        flat.scatter_(0, adapter.indices, adapter.base_values.to(flat.dtype))  # scatter_: see MaskAdapter.write
         self._live = None
 
     def _make_live(self, name: str) -> MaskAdapter:
         adapter, weight = self.randmask_adapters[name], self.get_base_layer().weight
         if self._live == name and torch.compiler.is_compiling():
-            # Traced: write without the data-dependent compare, which would break the graph (as MaskedLayer.sync);
-            # through detach(), which Dynamo traces, where the eager path below goes through .data.
-            weight.detach().view(-1).scatter_(0, adapter.indices, adapter.target_entries(weight.dtype))
+            # Traced: write without the data-dependent compare, which would break the graph (as MaskedLayer.sync).
+            adapter.write(weight, adapter.target_entries(weight.dtype))
             return adapter
         flat = weight.data.view(-1)
         target = adapter.target_entries(flat.dtype)
@@ -111,17 +107,8 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
                                "model.set_adapter(name), or merge one first.")
         base = self.get_base_layer()
         if uses_delta_path(base):
-            adapter = self.randmask_adapters[active[0]]
-            if torch.compiler.is_compiling():  # traced without a graph break (randmask.compiled)
-                return self.base_layer(x, *args, **kwargs) + compiled_sparse_delta(
-                    x, adapter.values, adapter.indices, adapter.stored_shape, adapter.transposed)
-            return self.base_layer(x, *args, **kwargs) + sparse_delta(x, adapter.values, adapter.pattern())
-        adapter = self._make_live(active[0])
-        if torch.compiler.is_compiling() and adapter.writes_into(base.weight):  # traced, no graph break
-            return compiled_masked_linear(x, adapter.values, base.weight, base.bias, adapter.indices,
-                                          adapter.stored_shape, adapter.transposed)
-        return masked_linear(x, adapter.values, base.weight, base.bias, adapter.pattern(),
-                             refresh=adapter.refresh_for_backward(base.weight))
+            return self.base_layer(x, *args, **kwargs) + self.randmask_adapters[active[0]].delta(x)
+        return self._make_live(active[0]).linear(x, base.weight, base.bias)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the adapters' deltas into the weight (W (+) values at their entries)."""
