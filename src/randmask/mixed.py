@@ -12,6 +12,12 @@ one call for the whole batch over its block-diagonal delta (``randmask.grouped_d
 call per group is what costs, as in decode with one token per row and many adapters). The choice:
 the block-diagonal call while (its entries) x (tokens per row) <= ``GROUPED_MAX_ELEMENTS``.
 
+Under ``torch.compile`` a third layout runs, traced without a graph break and without a recompile per batch:
+every adapter of the model has a slot, each slot's kept entries are padded to the layer's largest adapter, and
+each row gathers its slot's entries (``traced_mixed_forward``). Its shapes depend on which adapters the model has,
+never on which rows ask for which, so a new mix of names reuses the compiled graph; its memory is O(rows x tokens
+x the largest adapter's entries), the per-row form of ``randmask.delta.sparse_delta_reference``.
+
 Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
 does not target this layer. The same function serves the free-function API (``mixed_batch``) and
 the PEFT tuner (``adapter_names=[...]`` in ``forward`` / ``generate``).
@@ -30,6 +36,7 @@ from torch import nn
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.grouped_delta import BlockDiagonal, block_diagonal, grouped_sparse_delta
+from randmask.ops import SparsePattern
 from randmask.sharding import is_sharded
 
 if TYPE_CHECKING:
@@ -50,6 +57,10 @@ class RowGroups:
     names: tuple[str, ...]  # adapter of each row
     groups: tuple[tuple[str, torch.Tensor], ...]  # (adapter, sorted row indices), in first-seen order
     spans: tuple[tuple[int, int] | None, ...]  # (start, stop) where a group's rows are contiguous
+    # The model's adapters, sorted (``with_slots``), and each row's position in them (len(slots): no adapter). The
+    # traced layout reads only these: the same slots for every batch of one model, so one compiled graph serves all.
+    slots: tuple[str, ...] = ()
+    row_slot: torch.Tensor | None = None  # (rows,) int64
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
     _layouts: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> BlockDiagonal
     _pairs: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> block-diagonal nnz
@@ -72,6 +83,13 @@ class RowGroups:
             patterns = {name: adapters[name].pattern() for name, _ in self.groups if name in adapters}
             self._layouts[key] = block_diagonal(self.groups, patterns, self.rows)
         return self._layouts[key]
+
+    def with_slots(self, known: Iterable[str]) -> RowGroups:
+        """These groups with a slot for each of the model's adapters ``known`` (all of them, not only this batch's)."""
+        slots = tuple(sorted(set(known)))
+        position = {name: i for i, name in enumerate(slots)}
+        row_slot = torch.tensor([position.get(name, len(slots)) for name in self.names], dtype=torch.long)
+        return RowGroups(self.names, self.groups, self.spans, slots, row_slot)
 
     def rows_on(self, device: torch.device) -> list[torch.Tensor]:
         """Each group's row indices on ``device`` (cached)."""
@@ -110,6 +128,8 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
 
     The caller guarantees that ``base_layer``'s weight holds no adapter (W0 at every entry).
     """
+    if torch.compiler.is_compiling() and groups.row_slot is not None:
+        return traced_mixed_forward(base_layer, x, adapters, groups)
     if x.dim() < 2 or x.shape[0] != groups.rows:
         raise MaskingError(f"a mixed batch names {groups.rows} samples but a masked layer got input of shape "
                            f"{tuple(x.shape)} (batch first expected). Pass one adapter name per sample; under "
@@ -139,6 +159,47 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
             delta = sparse_delta(x.index_select(0, rows), adapter.values, adapter.pattern()).to(y.dtype)
             y = y.index_add_(0, rows, delta) if in_place else y.index_add(0, rows, delta)
     return y
+
+
+def traced_mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str, MaskAdapter],
+                       groups: RowGroups) -> torch.Tensor:
+    """``mixed_forward`` for ``torch.compile``: the frozen layer on every row plus each row's slot's delta, by gather
+    and scatter-add over the slots' padded entries. (B, ..., in) -> (B, ..., out). Needs ``groups.with_slots``."""
+    row_slot = groups.row_slot
+    if x.dim() < 2 or x.shape[0] != row_slot.shape[0]:
+        raise MaskingError(f"a mixed batch names {row_slot.shape[0]} samples but a masked layer got input of shape "
+                           f"{tuple(x.shape)} (batch first expected). Pass one adapter name per sample; under "
+                           "generate() with num_beams or num_return_sequences, one per prompt (they are expanded).")
+    y = base_layer(x)  # (B, ..., out)
+    present = [adapters[name] if name in adapters else None for name in groups.slots]
+    width = max([a.nnz for a in present if a is not None] or [0])  # N: the layer's largest adapter
+    if width == 0:  # no adapter of the model targets this layer (or its masks are empty)
+        return y
+    # Per slot, and a last one for rows without an adapter: (S+1, N) output and input features and values. A
+    # padded entry reads input 0 and adds 0 * x to output 0.
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # as the eager delta: fp32, rounded once
+    outs, ins, values = [], [], []
+    for adapter in [*present, None]:
+        if adapter is None:
+            zeros = torch.zeros(width, dtype=torch.long, device=x.device)
+            outs.append(zeros)
+            ins.append(zeros)
+            values.append(torch.zeros(width, dtype=compute, device=x.device))
+            continue
+        pattern = SparsePattern(adapter.indices, adapter.stored_shape, adapter.transposed)
+        pad = (0, width - adapter.nnz)
+        outs.append(torch.nn.functional.pad(pattern.out_index.long(), pad))
+        ins.append(torch.nn.functional.pad(pattern.in_index.long(), pad))
+        values.append(torch.nn.functional.pad(adapter.values.to(compute), pad))
+    slot = row_slot.to(x.device)
+    rows, in_f, out_f = x.shape[0], x.shape[-1], y.shape[-1]
+    x3 = x.reshape(rows, -1, in_f).to(compute)  # (B, T, in)
+    tokens = x3.shape[1]
+    out_index = torch.stack(outs)[slot][:, None, :].expand(rows, tokens, width)  # (B, T, N)
+    in_index = torch.stack(ins)[slot][:, None, :].expand(rows, tokens, width)
+    contrib = x3.gather(2, in_index) * torch.stack(values)[slot][:, None, :]  # (B, T, N)
+    delta = x3.new_zeros(rows, tokens, out_f).scatter_add(2, out_index, contrib)  # (B, T, out)
+    return y + delta.reshape(y.shape).to(y.dtype)
 
 
 def _any_grad(adapters: Mapping[str, MaskAdapter], groups: RowGroups) -> bool:
@@ -172,4 +233,5 @@ def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[N
             layer.row_groups = None
 
 
-__all__ = ["BASE_ADAPTER", "RowGroups", "check_adapter_names", "group_rows", "mixed_forward", "row_groups_set"]
+__all__ = ["BASE_ADAPTER", "RowGroups", "check_adapter_names", "group_rows", "mixed_forward", "row_groups_set",
+           "traced_mixed_forward"]

@@ -375,7 +375,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], rows_per_name: i
     must be in eval mode, as PEFT requires), not inside ``disable_adapter``, and not nested.
     """
     groups = group_rows(adapter_names, rows_per_name)
-    check_adapter_names(groups, model.__dict__.get(_META_ATTR, {}))  # (the parameter shadows adapter_names())
+    known = model.__dict__.get(_META_ATTR, {})  # (the parameter shadows adapter_names())
+    check_adapter_names(groups, known)
+    groups = groups.with_slots(known)
     if model.training:
         raise MaskingError("mixed batches are for inference: call model.eval() first (PEFT refuses adapter_names "
                            "in training mode too).")

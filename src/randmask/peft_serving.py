@@ -17,7 +17,7 @@ from torch import nn
 from randmask.config import MaskingError
 from randmask.layer import MaskAdapter, uses_delta_path
 from randmask.merge import check_merge_args, merge_layer_adapters, union_blocks
-from randmask.mixed import check_adapter_names, group_rows, row_groups_set
+from randmask.mixed import RowGroups, check_adapter_names, group_rows, row_groups_set
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import base_entries, stored_shape
 
@@ -47,13 +47,19 @@ def peft_mixed_batch(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]
         return
     if tuner.training:
         raise MaskingError("adapter_names=[...] is for inference: call model.eval() first (as PEFT requires).")
-    groups = group_rows(adapter_names, _rows_per_prompt(kwargs))
     layers = _layers(tuner.model)
-    check_adapter_names(groups, {name for layer in layers for name in layer.randmask_adapters})
+    with row_groups_set(layers, _slotted_groups(layers, adapter_names, _rows_per_prompt(kwargs))):
+        yield
+
+
+@torch.compiler.disable  # run eagerly: traced, the names would be guarded and every new mix would recompile
+def _slotted_groups(layers: list[RandMaskLayer], adapter_names: Any, rows_per_name: int) -> RowGroups:
+    groups = group_rows(adapter_names, rows_per_name)
+    known = {name for layer in layers for name in layer.randmask_adapters}
+    check_adapter_names(groups, known)
     if any(layer.merged for layer in layers):
         raise MaskingError("adapter_names=[...] needs unmerged adapters: call model.unmerge_adapter() first.")
-    with row_groups_set(layers, groups):
-        yield
+    return groups.with_slots(known)
 
 
 def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights: Sequence[float],

@@ -7,7 +7,7 @@ import torch
 from tests.conftest import tiny_inputs, tiny_model, train_steps
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from randmask import MaskingConfig, apply_masking, masked_layers
+from randmask import MaskingConfig, apply_masking, masked_layers, mixed_batch
 from randmask.compiled import delta_matmul_op, sddmm_op
 from randmask.delta import delta_matmul
 from randmask.ops import SparsePattern, sddmm
@@ -242,3 +242,79 @@ def test_the_public_ops_refuse_operands_that_do_not_fit_their_pattern(call, mess
     trust the pattern: a bad call raises one line instead of reading out of bounds or returning garbage."""
     with pytest.raises(ValueError, match=message):
         call(lambda *entries: torch.tensor(entries))
+
+
+
+def _mixed_setup(arch: str, path: str):
+    """A tiny model with three adapters of random values (the third on the value projection only, where the model
+    has one), their names, and ``run(call, model, ids, names)``: one mixed batch of ``model`` through ``call`` (the
+    model itself, or its compiled wrapper)."""
+    if path == "peft":
+        pytest.importorskip("peft")
+        from tests.randmask.test_peft_serving import NAMES, _peft
+
+        return _peft(arch), NAMES, lambda call, model, ids, names: call(input_ids=ids, adapter_names=names).logits
+    from tests.randmask.test_mixed import NAMES, _multi
+
+    def run(call, model, ids, names):
+        with mixed_batch(model, names):  # entered on the model, outside the compiled call, as a server would
+            return call(input_ids=ids).logits
+
+    return _multi(arch).eval(), NAMES, run
+
+
+@pytest.mark.parametrize("path", ["model", "peft"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batches_compile_once_for_every_mix_of_names_and_equal_eager(arch: str, path: str) -> None:
+    """Before, a mixed batch broke a 2-layer Llama's graph 39 times (the per-batch block-diagonal CSR), and under
+    PEFT every new list of names recompiled (Dynamo guarded the names). The traced layout reads only the model's
+    adapters and a (rows,) slot tensor made outside the graph, so a new mix of names reuses the compiled graph."""
+    torch._dynamo.reset()
+    (model, (a, b, c), run), (eager, _, _) = _mixed_setup(arch, path), _mixed_setup(arch, path)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    mixes = [[b, "__base__", a, c, b], [a, a, b, b, c], [c] * 5, ["__base__"] * 5, [c, b, a, "__base__", a],
+             [c, a, b]]  # the last: another batch size
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, names in enumerate(mixes):
+            ids = torch.randint(1, 128, (len(names), 8), generator=gen)
+            out = run(compiled, model, ids, names)
+            torch.testing.assert_close(out, run(eager, eager, ids, names), atol=1e-5, rtol=0, msg=str(names))
+            if i == 1:  # (under PEFT the first batch found an adapter live in the weights: one guard more)
+                frames = counter.frame_count
+                assert frames == (2 if path == "peft" else 1)
+        assert counter.frame_count <= frames + 1  # three more mixes of names: no recompile; a new batch size: one
+        assert not torch.equal(out[0], out[1])  # the adapters do change the output
+
+
+def test_a_mixed_batch_is_one_graph_without_breaks() -> None:
+    from tests.randmask.test_mixed import _multi
+
+    torch._dynamo.reset()
+    model = _multi("llama").eval()
+    with torch.no_grad(), mixed_batch(model, ["a", "__base__", "c", "a", "b"]):
+        explained = torch._dynamo.explain(model)(input_ids=torch.randint(1, 128, (5, 8)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "ao-int8"])
+def test_mixed_batches_on_a_quantized_base_compile_once_and_equal_eager(scheme: str, tmp_path) -> None:
+    from tests.randmask.quantized_models import load_quantized, save_tiny_llama
+
+    torch._dynamo.reset()
+    model = load_quantized(save_tiny_llama(tmp_path / "llama"), scheme).eval()
+    gen = torch.Generator().manual_seed(0)
+    for seed, name in enumerate(["a", "b"]):
+        apply_masking(model, MaskingConfig(targets=["q_proj", "v_proj"], density=0.2, seed=seed), adapter_name=name)
+    with torch.no_grad():
+        for layer in masked_layers(model).values():
+            for adapter in layer.adapters.values():
+                adapter.values.copy_(torch.randn(adapter.nnz, generator=gen) * 0.3)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    for names in (["a", "__base__", "b"], ["b", "b", "a"], ["__base__", "a", "a"]):
+        ids = torch.randint(1, 128, (3, 7), generator=gen)
+        with torch.no_grad(), mixed_batch(model, names):
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert counter.frame_count == 1

@@ -170,3 +170,31 @@ def test_group_rows_spans_and_indices():
     assert [name for name, _ in groups.groups] == ["x", "y"]
     assert groups.groups[0][1].tolist() == [0, 1, 6, 7] and groups.spans[0] is None
     assert groups.groups[1][1].tolist() == [4, 5] and groups.spans[1] == (4, 6)
+
+
+def test_with_slots_numbers_every_adapter_of_the_model_not_only_the_batch():
+    groups = group_rows(["y", BASE_ADAPTER, "x"]).with_slots({"z", "x", "y"})
+    assert groups.slots == ("x", "y", "z")  # sorted: the same for every batch of the model
+    assert groups.row_slot.tolist() == [1, 3, 0]  # no adapter: len(slots)
+    assert groups.names == ("y", BASE_ADAPTER, "x") and groups.spans == ((0, 1), (2, 3))  # the rest as it was
+    assert [(name, rows.tolist()) for name, rows in groups.groups] == [("y", [0]), ("x", [2])]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear and the transposed Conv1D
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 7), (5,)])  # (batch, tokens, in) and (batch, in)
+def test_the_traced_layout_equals_the_eager_one(arch, dtype, shape, kernel):
+    """traced_mixed_forward (what torch.compile runs) against mixed_forward's eager layouts, called directly."""
+    model = _multi(arch, dtype=dtype)
+    names = ["c", BASE_ADAPTER, "a", "b", "a"]
+    groups = group_rows(names).with_slots(NAMES)
+    for layer in randmask.masked_layers(model).values():
+        layer.restore_base()  # W0 in the weight, as in a mixed batch
+        x = torch.randn(*shape, layer.base_layer.weight.shape[1 if not layer.transposed else 0],
+                        generator=torch.Generator().manual_seed(0)).to(dtype)
+        with torch.no_grad():
+            traced = mixed_module.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups)
+            eager = mixed_module.mixed_forward(layer.base_layer, x, layer.adapters, groups)
+        torch.testing.assert_close(traced, eager, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    with pytest.raises(MaskingError, match="names 5 samples but a masked layer got input of shape"):
+        mixed_module.traced_mixed_forward(layer.base_layer, x[:3], layer.adapters, groups)
