@@ -318,3 +318,26 @@ def test_mixed_batches_on_a_quantized_base_compile_once_and_equal_eager(scheme: 
         with torch.no_grad(), mixed_batch(model, names):
             torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert counter.frame_count == 1
+
+
+def test_generate_through_a_compiled_forward_serves_new_mixes_without_recompiling() -> None:
+    """``model.forward = torch.compile(model.forward)``, then ``generate`` inside ``mixed_batch``: prefill and decode
+    compile once each, and a new mix of names reuses them with eager's tokens."""
+    from tests.randmask.test_mixed import _multi
+
+    torch._dynamo.reset()
+    model, eager = _multi("llama").eval(), _multi("llama").eval()
+    counter = CompileCounterWithBackend("aot_eager")
+    model.forward = torch.compile(model.forward, backend=counter)
+    settings = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    for i, names in enumerate((["a", "b", "c"], ["c", "__base__", "a"], ["b", "b", "a"])):
+        ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad(), mixed_batch(model, names):
+            tokens = model.generate(ids, **settings)
+        with torch.no_grad(), mixed_batch(eager, names):
+            assert torch.equal(tokens, eager.generate(ids, **settings)), names
+        if i == 0:
+            frames = counter.frame_count
+    # prefill, the first decode step and the decode steps after it as one dynamic-length graph: no break in a layer
+    # (the eager layouts broke each masked layer: dozens of frames)
+    assert counter.frame_count == frames <= 3
