@@ -98,12 +98,12 @@ def generate_seconds(model, ids: torch.Tensor, names: list[str] | None, new_toke
                      per_group: bool = False) -> float:
     from randmask import mixed
 
-    limit = mixed.GROUPED_MAX_ELEMENTS
-    mixed.GROUPED_MAX_ELEMENTS = -1 if per_group else limit
+    limit = mixed.GATHERED_MAX_ELEMENTS
+    mixed.GATHERED_MAX_ELEMENTS = -1 if per_group else limit
     try:
         return _generate_seconds(model, ids, names, new_tokens)
     finally:
-        mixed.GROUPED_MAX_ELEMENTS = limit
+        mixed.GATHERED_MAX_ELEMENTS = limit
 
 
 def _generate_seconds(model, ids: torch.Tensor, names: list[str] | None, new_tokens: int) -> float:

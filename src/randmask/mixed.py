@@ -7,16 +7,16 @@ on the rows (samples) that asked for it::
     y = base(x)                                        # (B, ..., out), W = W0 everywhere
     y[rows_a] += sparse_delta(x[rows_a], values_a, D_a)  # one SpMM per adapter group
 
-Two layouts of the same ``sparse_delta`` compute that sum, chosen per call: one call per group, or
-one call for the whole batch over its block-diagonal delta (``randmask.grouped_delta``: best when a
-call per group is what costs, as in decode with one token per row and many adapters). The choice:
-the block-diagonal call while (its entries) x (tokens per row) <= ``GROUPED_MAX_ELEMENTS``.
+Two layouts of the same sum, chosen per call. The gathered layout: each row gathers its adapter's kept entries,
+padded to the layer's largest adapter (N entries), scales them by its values and scatter-adds them into its
+outputs, in one call for the whole batch whatever the number of adapters (``gathered_delta``). It costs
+O(rows x tokens x N), so above ``GATHERED_MAX_ELEMENTS`` one ``sparse_delta`` SpMM per adapter group runs instead,
+whose calls then cost less than the padded product (a long prefill, dense adapters).
 
-Under ``torch.compile`` a third layout runs, traced without a graph break and without a recompile per batch:
-every adapter of the model has a slot, each slot's kept entries are padded to the layer's largest adapter, and
-each row gathers its slot's entries (``traced_mixed_forward``). Its shapes depend on which adapters the model has,
-never on which rows ask for which, so a new mix of names reuses the compiled graph; its memory is O(rows x tokens
-x the largest adapter's entries), the per-row form of ``randmask.delta.sparse_delta_reference``.
+Under ``torch.compile`` the gathered layout always runs (``traced_mixed_forward``) and its slots are every adapter
+of the model (``RowGroups.with_slots``), never only the batch's: its shapes then depend on which adapters the model
+has, never on which rows ask for which, so a new mix of names reuses the compiled graph without a break. Eager,
+the slots are the batch's own groups and their index tables are built once per layer and batch.
 
 Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
 does not target this layer. The same function serves the free-function API (``mixed_batch``) and
@@ -35,7 +35,6 @@ from torch import nn
 
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
-from randmask.grouped_delta import BlockDiagonal, block_diagonal, grouped_sparse_delta
 from randmask.ops import SparsePattern
 from randmask.sharding import is_sharded
 
@@ -44,10 +43,10 @@ if TYPE_CHECKING:
 
 BASE_ADAPTER = "__base__"
 """The name that asks for the frozen base model (no adapter) in a mixed batch, as in PEFT."""
-GROUPED_MAX_ELEMENTS = 1 << 22
-"""(Block-diagonal entries) x (tokens per row) above which one SpMM per group runs instead. Both do the
-same multiply-adds; the block-diagonal call saves a call per group but copies x tokens-first when a row
-has more than one token (benchmarks/mixed_batch.py --kernels times both)."""
+GATHERED_MAX_ELEMENTS = 1 << 19
+"""(Rows) x (tokens per row) x (the layer's largest adapter's entries) above which an eager mixed batch runs one
+SpMM per adapter group instead of the gathered layout. Measured on one 768 x 768 layer, 32 rows, 8 adapters at 1e-3
+(N = 590): the gathered layout ran faster up to 16 tokens per row (302K), one SpMM per group from 32 (604K)."""
 
 
 @dataclass(frozen=True)
@@ -62,27 +61,19 @@ class RowGroups:
     slots: tuple[str, ...] = ()
     row_slot: torch.Tensor | None = None  # (rows,) int64
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
-    _layouts: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> BlockDiagonal
-    _pairs: dict = field(default_factory=dict, compare=False, repr=False)  # id(adapters) -> block-diagonal nnz
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)  # (id(adapters), device) -> index tables
 
     @property
     def rows(self) -> int:
         return len(self.names)
 
-    def pairs(self, adapters: Mapping[str, MaskAdapter]) -> int:
-        """Entries of one layer's block-diagonal delta (sum over rows of the row's adapter's nnz), cached."""
-        key = id(adapters)
-        if key not in self._pairs:
-            self._pairs[key] = sum(rows.numel() * adapters[name].nnz for name, rows in self.groups if name in adapters)
-        return self._pairs[key]
-
-    def block_diagonal(self, adapters: Mapping[str, MaskAdapter]) -> BlockDiagonal:
-        """One layer's block-diagonal delta pattern (built on first use, kept for the batch)."""
-        key = id(adapters)
-        if key not in self._layouts:
-            patterns = {name: adapters[name].pattern() for name, _ in self.groups if name in adapters}
-            self._layouts[key] = block_diagonal(self.groups, patterns, self.rows)
-        return self._layouts[key]
+    def index_tables(self, adapters: Mapping[str, MaskAdapter], device: torch.device) -> IndexTables:
+        """One layer's eager gathered layout over this batch's groups (built on first use, kept for the batch)."""
+        key = (id(adapters), device)
+        if key not in self._tables:
+            members = [_member(adapters, name) for name, _ in self.groups]
+            self._tables[key] = IndexTables.build(members, device, cached_patterns=True)
+        return self._tables[key]
 
     def with_slots(self, known: Iterable[str]) -> RowGroups:
         """These groups with a slot for each of the model's adapters ``known`` (all of them, not only this batch's)."""
@@ -96,6 +87,73 @@ class RowGroups:
         if device not in self._on_device:
             self._on_device[device] = [rows.to(device) for _, rows in self.groups]
         return self._on_device[device]
+
+    def row_group(self, device: torch.device) -> torch.Tensor:
+        """(rows,) int64 on ``device``: each row's position in ``groups`` (len(groups): no adapter), cached."""
+        key = ("row_group", device)
+        if key not in self._on_device:
+            position = {name: i for i, (name, _) in enumerate(self.groups)}
+            self._on_device[key] = torch.tensor([position.get(name, len(self.groups)) for name in self.names],
+                                                dtype=torch.long, device=device)
+        return self._on_device[key]
+
+
+@dataclass(frozen=True)
+class IndexTables:
+    """One layer's gathered layout: every member adapter's kept entries as (output, input) feature indices, padded
+    to the largest member's count N, plus a last all-padding member for rows without an adapter (or whose adapter
+    does not target this layer). A padded entry reads input 0 and adds 0 * x to output 0."""
+
+    members: tuple[MaskAdapter | None, ...]
+    out_index: torch.Tensor  # (members + 1, N) int64
+    in_index: torch.Tensor  # (members + 1, N) int64
+
+    @property
+    def width(self) -> int:
+        return self.out_index.shape[1]
+
+    @classmethod
+    def build(cls, members: Sequence[MaskAdapter | None], device: torch.device,
+              cached_patterns: bool = False) -> IndexTables:
+        """``cached_patterns``: read each adapter's cached ``pattern()`` (eager); off under ``torch.compile``, which
+        traces the index arithmetic from the adapter's indices instead."""
+        width = max([a.nnz for a in members if a is not None] or [0])
+        outs, ins = [], []
+        for adapter in [*members, None]:
+            if adapter is None:
+                outs.append(torch.zeros(width, dtype=torch.long, device=device))
+                ins.append(outs[-1])
+                continue
+            pattern = (adapter.pattern() if cached_patterns
+                       else SparsePattern(adapter.indices, adapter.stored_shape, adapter.transposed))
+            pad = (0, width - adapter.nnz)
+            outs.append(torch.nn.functional.pad(pattern.out_index.to(device, torch.long), pad))
+            ins.append(torch.nn.functional.pad(pattern.in_index.to(device, torch.long), pad))
+        return cls(tuple(members), torch.stack(outs), torch.stack(ins))
+
+    def values(self, dtype: torch.dtype) -> torch.Tensor:
+        """(members + 1, N) every member's values in ``dtype``, zero-padded (read per call: gradients reach them)."""
+        pad = lambda adapter: (0, self.width - adapter.nnz)  # noqa: E731
+        zeros = self.out_index.new_zeros(self.width, dtype=dtype)
+        return torch.stack([torch.nn.functional.pad(a.values.to(dtype), pad(a)) if a is not None else zeros
+                            for a in [*self.members, None]])
+
+
+def gathered_delta(x: torch.Tensor, out_features: int, tables: IndexTables, row_member: torch.Tensor) -> torch.Tensor:
+    """Each row's member adapter's sparse delta: (B, ..., in) -> (B, ..., out), in fp32 (fp64 for fp64 x).
+
+    ``row_member`` (B,) int64 picks each row's member of ``tables`` (the last one: no adapter). The per-row form of
+    ``randmask.delta.sparse_delta_reference``: O(B x tokens x N) memory, one gather and one scatter-add.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # as the eager delta: rounded once
+    rows, in_f, width = x.shape[0], x.shape[-1], tables.width
+    x3 = x.reshape(rows, -1, in_f).to(compute)  # (B, T, in)
+    tokens = x3.shape[1]
+    out_index = tables.out_index[row_member][:, None, :].expand(rows, tokens, width)  # (B, T, N)
+    in_index = tables.in_index[row_member][:, None, :].expand(rows, tokens, width)
+    contrib = x3.gather(2, in_index) * tables.values(compute)[row_member][:, None, :]  # (B, T, N)
+    delta = x3.new_zeros(rows, tokens, out_features).scatter_add(2, out_index, contrib)  # (B, T, out)
+    return delta.reshape(*x.shape[:-1], out_features)
 
 
 def group_rows(adapter_names: Sequence[str], rows_per_name: int = 1) -> RowGroups:
@@ -130,19 +188,15 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
     """
     if torch.compiler.is_compiling() and groups.row_slot is not None:
         return traced_mixed_forward(base_layer, x, adapters, groups)
-    if x.dim() < 2 or x.shape[0] != groups.rows:
-        raise MaskingError(f"a mixed batch names {groups.rows} samples but a masked layer got input of shape "
-                           f"{tuple(x.shape)} (batch first expected). Pass one adapter name per sample; under "
-                           "generate() with num_beams or num_return_sequences, one per prompt (they are expanded).")
+    _check_rows(x, groups.rows)
     y = base_layer(x)  # (B, ..., out)
-    pairs = groups.pairs(adapters)
-    if pairs == 0:  # no row asks for an adapter of this layer (or its masks are empty): the frozen layer alone
+    tables = groups.index_tables(adapters, x.device)
+    if tables.width == 0:  # no row asks for an adapter of this layer (or its masks are empty): the frozen layer alone
         return y
     # In place when no graph is recorded (y is a fresh output); out of place otherwise, so autograd sees it.
     in_place = not (torch.is_grad_enabled() and (x.requires_grad or _any_grad(adapters, groups)))
-    if pairs * (x[0].numel() // x.shape[-1]) <= GROUPED_MAX_ELEMENTS:
-        values = {name: adapters[name].values for name, _ in groups.groups if name in adapters}
-        delta = grouped_sparse_delta(x, values, groups.block_diagonal(adapters)).to(y.dtype)  # (B, ..., out)
+    if x.numel() // x.shape[-1] * tables.width <= GATHERED_MAX_ELEMENTS:  # rows x tokens x N
+        delta = gathered_delta(x, y.shape[-1], tables, groups.row_group(x.device)).to(y.dtype)  # (B, ..., out)
         return y.add_(delta) if in_place else y + delta
     for (name, _), rows, span in zip(groups.groups, groups.rows_on(x.device), groups.spans):
         if name not in adapters:
@@ -162,44 +216,27 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
 
 
 def traced_mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str, MaskAdapter],
-                       groups: RowGroups) -> torch.Tensor:
-    """``mixed_forward`` for ``torch.compile``: the frozen layer on every row plus each row's slot's delta, by gather
-    and scatter-add over the slots' padded entries. (B, ..., in) -> (B, ..., out). Needs ``groups.with_slots``."""
+                         groups: RowGroups) -> torch.Tensor:
+    """``mixed_forward`` for ``torch.compile``: the gathered layout over a slot for every adapter of the model, its
+    tables traced into the graph. (B, ..., in) -> (B, ..., out). Needs ``groups.with_slots``."""
     row_slot = groups.row_slot
-    if x.dim() < 2 or x.shape[0] != row_slot.shape[0]:
-        raise MaskingError(f"a mixed batch names {row_slot.shape[0]} samples but a masked layer got input of shape "
+    _check_rows(x, row_slot.shape[0])  # the count from the tensor: no guard on the names
+    y = base_layer(x)  # (B, ..., out)
+    tables = IndexTables.build([_member(adapters, name) for name in groups.slots], x.device)
+    if tables.width == 0:  # no adapter of the model targets this layer (or its masks are empty)
+        return y
+    return y + gathered_delta(x, y.shape[-1], tables, row_slot.to(x.device)).to(y.dtype)
+
+
+def _member(adapters: Mapping[str, MaskAdapter], name: str) -> MaskAdapter | None:
+    return adapters[name] if name in adapters else None  # (an nn.ModuleDict has no .get)
+
+
+def _check_rows(x: torch.Tensor, rows: int) -> None:
+    if x.dim() < 2 or x.shape[0] != rows:
+        raise MaskingError(f"a mixed batch names {rows} samples but a masked layer got input of shape "
                            f"{tuple(x.shape)} (batch first expected). Pass one adapter name per sample; under "
                            "generate() with num_beams or num_return_sequences, one per prompt (they are expanded).")
-    y = base_layer(x)  # (B, ..., out)
-    present = [adapters[name] if name in adapters else None for name in groups.slots]
-    width = max([a.nnz for a in present if a is not None] or [0])  # N: the layer's largest adapter
-    if width == 0:  # no adapter of the model targets this layer (or its masks are empty)
-        return y
-    # Per slot, and a last one for rows without an adapter: (S+1, N) output and input features and values. A
-    # padded entry reads input 0 and adds 0 * x to output 0.
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # as the eager delta: fp32, rounded once
-    outs, ins, values = [], [], []
-    for adapter in [*present, None]:
-        if adapter is None:
-            zeros = torch.zeros(width, dtype=torch.long, device=x.device)
-            outs.append(zeros)
-            ins.append(zeros)
-            values.append(torch.zeros(width, dtype=compute, device=x.device))
-            continue
-        pattern = SparsePattern(adapter.indices, adapter.stored_shape, adapter.transposed)
-        pad = (0, width - adapter.nnz)
-        outs.append(torch.nn.functional.pad(pattern.out_index.long(), pad))
-        ins.append(torch.nn.functional.pad(pattern.in_index.long(), pad))
-        values.append(torch.nn.functional.pad(adapter.values.to(compute), pad))
-    slot = row_slot.to(x.device)
-    rows, in_f, out_f = x.shape[0], x.shape[-1], y.shape[-1]
-    x3 = x.reshape(rows, -1, in_f).to(compute)  # (B, T, in)
-    tokens = x3.shape[1]
-    out_index = torch.stack(outs)[slot][:, None, :].expand(rows, tokens, width)  # (B, T, N)
-    in_index = torch.stack(ins)[slot][:, None, :].expand(rows, tokens, width)
-    contrib = x3.gather(2, in_index) * torch.stack(values)[slot][:, None, :]  # (B, T, N)
-    delta = x3.new_zeros(rows, tokens, out_f).scatter_add(2, out_index, contrib)  # (B, T, out)
-    return y + delta.reshape(y.shape).to(y.dtype)
 
 
 def _any_grad(adapters: Mapping[str, MaskAdapter], groups: RowGroups) -> bool:
@@ -233,5 +270,5 @@ def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[N
             layer.row_groups = None
 
 
-__all__ = ["BASE_ADAPTER", "RowGroups", "check_adapter_names", "group_rows", "mixed_forward", "row_groups_set",
-           "traced_mixed_forward"]
+__all__ = ["BASE_ADAPTER", "GATHERED_MAX_ELEMENTS", "IndexTables", "RowGroups", "check_adapter_names",
+           "gathered_delta", "group_rows", "mixed_forward", "row_groups_set", "traced_mixed_forward"]

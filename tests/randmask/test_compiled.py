@@ -190,9 +190,11 @@ def test_a_quantized_base_compiles_to_its_own_graphs_and_trains_as_eager(scheme:
     assert counter.frame_count == plain
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     assert compiled_losses[-1] < compiled_losses[0]
+    # atol: AdamW (lr 5e-2) divides by sqrt(v), so an entry whose gradient is tiny moves by lr x its relative fp32
+    # rounding difference (on the AMD EPYC with AVX512, one NF4 entry of 188 differed by 1.7e-6 after 3 steps).
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.requires_grad:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-6, msg=name)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

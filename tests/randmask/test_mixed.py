@@ -42,10 +42,10 @@ def _alone(model, ids, names):
     return torch.cat(rows)
 
 
-@pytest.fixture(params=["grouped", "per_group"])
+@pytest.fixture(params=["gathered", "per_group"])
 def kernel(request, monkeypatch):
     """Both kernels of the mixed batch: one gather/scatter for all groups, or one SpMM per group."""
-    monkeypatch.setattr(mixed_module, "GROUPED_MAX_ELEMENTS", 1 << 40 if request.param == "grouped" else -1)
+    monkeypatch.setattr(mixed_module, "GATHERED_MAX_ELEMENTS", 1 << 40 if request.param == "gathered" else -1)
     return request.param
 
 

@@ -1,0 +1,73 @@
+"""The gathered layout of a mixed batch against the fp64 dense reference: values, gradients, tables."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tests.randmask.sparse_patterns import dense_delta, random_pattern
+
+from randmask.mixed import IndexTables, gathered_delta, group_rows
+
+
+def _adapter(pattern, values):
+    """What the gathered layout reads of a MaskAdapter."""
+    return SimpleNamespace(nnz=pattern.nnz, values=values, indices=pattern.indices, stored_shape=pattern.shape,
+                           transposed=pattern.transposed, pattern=lambda: pattern)
+
+
+@pytest.mark.parametrize("cached_patterns", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_matches_the_dense_reference_with_gradients(transposed, tokens, cached_patterns):
+    shape = (24, 40)
+    patterns = {"a": random_pattern(shape, 50, transposed, 0), "b": random_pattern(shape, 1, transposed, 1),
+                "c": random_pattern(shape, 0, transposed, 2)}  # an empty mask too
+    names = ["b", "a", "__base__", "a", "c", "missing"]  # "missing": no adapter in this layer, gets nothing
+    groups = group_rows(names)
+    out_f, in_f = patterns["a"].logical_shape
+    x = torch.randn(len(names), tokens, in_f, dtype=torch.float64, requires_grad=True)
+    values = {k: torch.randn(p.nnz, dtype=torch.float64, requires_grad=True) for k, p in patterns.items()}
+    adapters = {k: _adapter(p, values[k]) for k, p in patterns.items()}
+    members = [adapters.get(name) for name, _ in groups.groups]
+    tables = IndexTables.build(members, x.device, cached_patterns=cached_patterns)
+    assert tables.out_index.shape == (len(groups.groups) + 1, 50)  # padded to the largest member, plus "none"
+    y = gathered_delta(x, out_f, tables, groups.row_group(x.device))
+    assert y.shape == (len(names), tokens, out_f) and y.dtype == torch.float64
+    expected = torch.stack([x[t] @ dense_delta(values[n].detach(), patterns[n]).t() if n in patterns
+                            else torch.zeros(tokens, out_f, dtype=torch.float64) for t, n in enumerate(names)])
+    torch.testing.assert_close(y, expected, atol=1e-9, rtol=0)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *values.values()], g, allow_unused=True)
+    ref = torch.autograd.grad(expected, [x], g)[0]
+    torch.testing.assert_close(grads[0], ref, atol=1e-9, rtol=0)
+    for (name, v), grad in zip(values.items(), grads[1:]):  # dL/dv_k = sum over its rows and tokens of g * x
+        p = patterns[name]
+        rows = [t for t, n in enumerate(names) if n == name]
+        want = sum((g[t].t() @ x[t].detach()) for t in rows)  # (out, in)
+        want = (want.t() if p.transposed else want).reshape(-1)[p.indices]
+        torch.testing.assert_close(grad if grad is not None else torch.zeros_like(v), want, atol=1e-9, rtol=0)
+
+
+def test_low_precision_inputs_compute_in_fp32():
+    pattern = random_pattern((16, 8), 20, False, 0)
+    adapter = _adapter(pattern, torch.randn(20))
+    tables = IndexTables.build([adapter], torch.device("cpu"))
+    rows = torch.tensor([0, 1])  # one row with the adapter, one without
+    x = torch.randn(2, 3, 8)
+    y32 = gathered_delta(x, 16, tables, rows)
+    yb = gathered_delta(x.bfloat16(), 16, tables, rows)
+    assert y32.dtype == yb.dtype == torch.float32  # the caller rounds once, to the layer's dtype
+    torch.testing.assert_close(yb, y32, atol=0.05, rtol=0.02)
+    assert torch.equal(y32[1], torch.zeros_like(y32[1]))  # the row without an adapter gets no delta
+
+
+def test_values_are_read_per_call_and_tables_kept_per_batch():
+    pattern = random_pattern((16, 8), 20, False, 0)
+    adapters = {"a": _adapter(pattern, torch.randn(20))}
+    groups = group_rows(["a", "__base__"])
+    tables = groups.index_tables(adapters, torch.device("cpu"))
+    assert groups.index_tables(adapters, torch.device("cpu")) is tables  # built once per layer and batch
+    x, rows = torch.randn(2, 1, 8), groups.row_group(torch.device("cpu"))
+    first = gathered_delta(x, 16, tables, rows)
+    adapters["a"].values.mul_(2)  # an in-place edit (a training step) is seen by the next call
+    torch.testing.assert_close(gathered_delta(x, 16, tables, rows), 2 * first)
