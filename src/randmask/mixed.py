@@ -45,8 +45,10 @@ BASE_ADAPTER = "__base__"
 """The name that asks for the frozen base model (no adapter) in a mixed batch, as in PEFT."""
 GATHERED_MAX_ELEMENTS = 1 << 19
 """(Rows) x (tokens per row) x (the layer's largest adapter's entries) above which an eager mixed batch runs one
-SpMM per adapter group instead of the gathered layout. Measured on one 768 x 768 layer, 32 rows, 8 adapters at 1e-3
-(N = 590): the gathered layout ran faster up to 16 tokens per row (302K), one SpMM per group from 32 (604K)."""
+SpMM per adapter group instead of the gathered layout. ``benchmarks/mixed_layouts.py`` (768 x 768, 32 rows, adapters
+at 1e-3, N = 640; results in benchmarks/results/mixed_layouts_{8,32}.json): the two tie at 16 tokens per row (328K);
+from 32 tokens (655K) one SpMM per group is as fast over 8 adapters and faster over 32 (1.56 against 1.81 of the
+plain layer), and at 1-4 tokens the gathered layout is faster (2.01 against 5.54 at 1 token over 32 adapters)."""
 
 
 @dataclass(frozen=True)

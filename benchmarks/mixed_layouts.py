@@ -1,0 +1,124 @@
+"""One masked layer's mixed-batch layouts against the plain layer: where the gathered layout stops paying.
+
+    python benchmarks/mixed_layouts.py [--dim 768] [--adapters 8] [--rows 32] [--ratio 1e-3]
+                                       [--tokens 1 4 16 32 64] [--rounds 21] [--json PATH]
+
+A (dim x dim) ``nn.Linear`` with ``--adapters`` randmask adapters at ``--ratio`` (random values), ``--rows`` rows of
+T tokens, every adapter named equally often in a seeded shuffled order, fp32, ``torch.no_grad``. Variants, each a
+call of ``randmask.mixed.mixed_forward`` (what a masked layer runs in a mixed batch):
+
+    gathered            the gathered layout, its index tables built already (a decode step in ``generate``)
+    gathered, new batch the gathered layout for a new batch each call (its tables built in the call)
+    per group           one ``sparse_delta`` SpMM per adapter group
+
+each timed over the plain layer (the ceiling), per round, rounds interleaved (benchmarks/bench_stats.py): the
+median ratio with a bootstrap 95% CI. Each row also gives rows x T x N (N: the largest adapter's entries) and the
+layout ``mixed_forward`` picks at that size (``GATHERED_MAX_ELEMENTS``), the rule this benchmark checks. Run it
+with background jobs paused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bench_stats import interleaved, paired_ratios, summarize, timed  # noqa: E402
+from randmask import MaskingConfig, apply_masking, atomic_write_bytes, masked_layers, mixed  # noqa: E402
+from randmask_lab.argtypes import positive_float, positive_int  # noqa: E402
+
+VARIANTS = ("gathered", "gathered, new batch", "per group")
+
+
+def masked_layer(dim: int, n_adapters: int, ratio: float) -> nn.Module:
+    """A masked (dim x dim) Linear with adapters a0..a{n-1} of random values."""
+    model = nn.Sequential(nn.Linear(dim, dim))
+    for i in range(n_adapters):
+        apply_masking(model, MaskingConfig(targets=["0"], density=ratio, seed=i), adapter_name=f"a{i}")
+    (layer,) = masked_layers(model).values()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in layer.adapters.values():
+            adapter.values.copy_(torch.randn(adapter.nnz, generator=gen))
+    layer.restore_base()  # W0 in the weight, as in a mixed batch
+    return layer
+
+
+def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int) -> dict[str, object]:
+    """Each variant's timed closure (``repeats`` forwards per call, so one call is well above the clock's grain)."""
+    built = mixed.group_rows(names)
+    mixed.mixed_forward(layer.base_layer, x, layer.adapters, built)  # builds the gathered tables once
+
+    def forced(limit: int, fresh: bool) -> object:
+        def run() -> None:
+            saved, mixed.GATHERED_MAX_ELEMENTS = mixed.GATHERED_MAX_ELEMENTS, limit
+            try:
+                for _ in range(repeats):
+                    groups = mixed.group_rows(names) if fresh else built
+                    mixed.mixed_forward(layer.base_layer, x, layer.adapters, groups)
+            finally:
+                mixed.GATHERED_MAX_ELEMENTS = saved
+        return run
+
+    def plain() -> None:
+        for _ in range(repeats):
+            layer.base_layer(x)
+
+    gathered = 1 << 62
+    return {"plain": timed(plain), "gathered": timed(forced(gathered, False)),
+            "gathered, new batch": timed(forced(gathered, True)), "per group": timed(forced(-1, False))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dim", type=positive_int, default=768)
+    parser.add_argument("--adapters", type=positive_int, default=8)
+    parser.add_argument("--rows", type=positive_int, default=32)
+    parser.add_argument("--ratio", type=positive_float, default=1e-3)
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--rounds", type=positive_int, default=21)
+    parser.add_argument("--warmup", type=positive_int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.ratio >= 1:
+        parser.error(f"--ratio {args.ratio}: the share of kept entries must be below 1 (e.g. 1e-3)")
+    from randmask_lab.machine import describe, machine_info
+
+    torch.set_num_threads(args.threads)
+    layer = masked_layer(args.dim, args.adapters, args.ratio)
+    width = max(a.nnz for a in layer.adapters.values())
+    names = [f"a{i % args.adapters}" for i in range(args.rows)]
+    random.Random(0).shuffle(names)
+    result = {"command": " ".join(["python", *sys.argv]), "machine": machine_info("cpu"), "threads": args.threads,
+              "dim": args.dim, "adapters": args.adapters, "rows": args.rows, "ratio": args.ratio, "width": width,
+              "gathered_max_elements": mixed.GATHERED_MAX_ELEMENTS, "runs": []}
+    print(describe(result["machine"]), f"threads={args.threads}, fp32, {args.dim} x {args.dim}, {args.adapters} "
+          f"adapters at {args.ratio} (N = {width}), {args.rows} rows, {args.rounds} rounds; over the plain layer")
+    for tokens in args.tokens:
+        x = torch.randn(args.rows, tokens, args.dim, generator=torch.Generator().manual_seed(tokens))
+        with torch.no_grad():
+            times = interleaved(calls(layer, names, x, repeats=max(2, 64 // tokens)), args.rounds, args.warmup)
+        elements = args.rows * tokens * width
+        row = {"tokens": tokens, "elements": elements,
+               "default": "gathered" if elements <= mixed.GATHERED_MAX_ELEMENTS else "per group", "ratios": {}}
+        for variant in VARIANTS:
+            s = summarize(paired_ratios(times[variant], times["plain"]))
+            row["ratios"][variant] = {"median": s.median, "ci95": [s.ci_low, s.ci_high], "rounds": s.rounds}
+        result["runs"].append(row)
+        if args.json:  # after each length: a run stopped later keeps what it measured
+            atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())
+        print(f"T={tokens:>4} rows x T x N = {elements:>9,} (default: {row['default']}) | " + " | ".join(
+            f"{v} {r['median']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for v, r in row["ratios"].items()),
+            flush=True)
+
+
+if __name__ == "__main__":
+    main()
