@@ -7,8 +7,11 @@ A (dim x dim) ``nn.Linear`` with ``--adapters`` randmask adapters at ``--ratio``
 T tokens, every adapter named equally often in a seeded shuffled order, fp32, ``torch.no_grad``. Variants, each a
 call of ``randmask.mixed.mixed_forward`` (what a masked layer runs in a mixed batch):
 
-    gathered            the gathered layout, its index tables built already (a decode step in ``generate``)
-    gathered, new batch the gathered layout for a new batch each call (its tables built in the call)
+    gathered            the gathered layout, the batch's slots made already (a decode step in ``generate``)
+    gathered, new batch the gathered layout for a new batch each call: its rows grouped and given their slots in
+                        the call (a model does that once per batch for all its layers; the layer keeps its tables)
+    gathered, no slots  the gathered layout over the batch's own groups (``group_rows`` without ``with_slots``),
+                        its tables built in every call: what the layer cache saves
     per group           one ``sparse_delta`` SpMM per adapter group
 
 each timed over the plain layer (the ceiling), per round, rounds interleaved (benchmarks/bench_stats.py): the
@@ -23,6 +26,7 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,7 +38,7 @@ from bench_stats import interleaved, paired_ratios, summarize, timed  # noqa: E4
 from randmask import MaskingConfig, apply_masking, atomic_write_bytes, masked_layers, mixed  # noqa: E402
 from randmask_lab.argtypes import positive_float, positive_int  # noqa: E402
 
-VARIANTS = ("gathered", "gathered, new batch", "per group")
+VARIANTS = ("gathered", "gathered, new batch", "gathered, no slots", "per group")
 
 
 def masked_layer(dim: int, n_adapters: int, ratio: float) -> nn.Module:
@@ -53,16 +57,16 @@ def masked_layer(dim: int, n_adapters: int, ratio: float) -> nn.Module:
 
 def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int) -> dict[str, object]:
     """Each variant's timed closure (``repeats`` forwards per call, so one call is well above the clock's grain)."""
-    built = mixed.group_rows(names)
-    mixed.mixed_forward(layer.base_layer, x, layer.adapters, built)  # builds the gathered tables once
+    known = list(layer.adapters)
+    built = mixed.group_rows(names).with_slots(known)
+    mixed.mixed_forward(layer.base_layer, x, layer.adapters, built)  # the layer builds its gathered tables
 
-    def forced(limit: int, fresh: bool) -> object:
+    def forced(limit: int, groups: Callable[[], mixed.RowGroups]) -> object:
         def run() -> None:
             saved, mixed.GATHERED_MAX_ELEMENTS = mixed.GATHERED_MAX_ELEMENTS, limit
             try:
                 for _ in range(repeats):
-                    groups = mixed.group_rows(names) if fresh else built
-                    mixed.mixed_forward(layer.base_layer, x, layer.adapters, groups)
+                    mixed.mixed_forward(layer.base_layer, x, layer.adapters, groups())
             finally:
                 mixed.GATHERED_MAX_ELEMENTS = saved
         return run
@@ -72,8 +76,10 @@ def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int) -> 
             layer.base_layer(x)
 
     gathered = 1 << 62
-    return {"plain": timed(plain), "gathered": timed(forced(gathered, False)),
-            "gathered, new batch": timed(forced(gathered, True)), "per group": timed(forced(-1, False))}
+    return {"plain": timed(plain), "gathered": timed(forced(gathered, lambda: built)),
+            "gathered, new batch": timed(forced(gathered, lambda: mixed.group_rows(names).with_slots(known))),
+            "gathered, no slots": timed(forced(gathered, lambda: mixed.group_rows(names))),
+            "per group": timed(forced(-1, lambda: built))}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ whose calls then cost less than the padded product (a long prefill, dense adapte
 Under ``torch.compile`` the gathered layout always runs (``traced_mixed_forward``) and its slots are every adapter
 of the model (``RowGroups.with_slots``), never only the batch's: its shapes then depend on which adapters the model
 has, never on which rows ask for which, so a new mix of names reuses the compiled graph without a break. Eager,
-the slots are the batch's own groups and their index tables are built once per layer and batch.
+the same slots serve, and each layer keeps its index tables across batches until its adapters change.
 
 Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
 does not target this layer. The same function serves the free-function API (``mixed_batch``) and
@@ -26,6 +26,7 @@ the PEFT tuner (``adapter_names=[...]`` in ``forward`` / ``generate``).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,10 +46,11 @@ BASE_ADAPTER = "__base__"
 """The name that asks for the frozen base model (no adapter) in a mixed batch, as in PEFT."""
 GATHERED_MAX_ELEMENTS = 1 << 19
 """(Rows) x (tokens per row) x (the layer's largest adapter's entries) above which an eager mixed batch runs one
-SpMM per adapter group instead of the gathered layout. ``benchmarks/mixed_layouts.py`` (768 x 768, 32 rows, adapters
-at 1e-3, N = 640; results in benchmarks/results/mixed_layouts_{8,32}.json): the two tie at 16 tokens per row (328K);
-from 32 tokens (655K) one SpMM per group is as fast over 8 adapters and faster over 32 (1.56 against 1.81 of the
-plain layer), and at 1-4 tokens the gathered layout is faster (2.01 against 5.54 at 1 token over 32 adapters)."""
+SpMM per adapter group instead of the gathered layout: it bounds the gathered products' memory (2 MiB of fp32 per
+layer) where the two layouts' speeds are close. ``benchmarks/mixed_layouts.py`` (768 x 768, 32 rows, adapters at
+1e-3, N = 640; benchmarks/results/mixed_layouts_{8,32}.json): at 1-4 tokens per row the gathered layout is faster
+(2.22 against 6.17 of the plain layer at 1 token over 32 adapters); from 16 tokens the two lie within 0.2 of each
+other, and two runs disagreed on which is faster there."""
 
 
 @dataclass(frozen=True)
@@ -63,19 +65,10 @@ class RowGroups:
     slots: tuple[str, ...] = ()
     row_slot: torch.Tensor | None = None  # (rows,) int64
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
-    _tables: dict = field(default_factory=dict, compare=False, repr=False)  # (id(adapters), device) -> index tables
 
     @property
     def rows(self) -> int:
         return len(self.names)
-
-    def index_tables(self, adapters: Mapping[str, MaskAdapter], device: torch.device) -> IndexTables:
-        """One layer's eager gathered layout over this batch's groups (built on first use, kept for the batch)."""
-        key = (id(adapters), device)
-        if key not in self._tables:
-            members = [_member(adapters, name) for name, _ in self.groups]
-            self._tables[key] = IndexTables.build(members, device, cached_patterns=True)
-        return self._tables[key]
 
     def with_slots(self, known: Iterable[str]) -> RowGroups:
         """These groups with a slot for each of the model's adapters ``known`` (all of them, not only this batch's)."""
@@ -192,13 +185,17 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
         return traced_mixed_forward(base_layer, x, adapters, groups)
     _check_rows(x, groups.rows)
     y = base_layer(x)  # (B, ..., out)
-    tables = groups.index_tables(adapters, x.device)
-    if tables.width == 0:  # no row asks for an adapter of this layer (or its masks are empty): the frozen layer alone
-        return y
+    if not any(name in adapters and adapters[name].nnz for name, _ in groups.groups):
+        return y  # no row asks for an adapter of this layer (or its masks are empty): the frozen layer alone
     # In place when no graph is recorded (y is a fresh output); out of place otherwise, so autograd sees it.
     in_place = not (torch.is_grad_enabled() and (x.requires_grad or _any_grad(adapters, groups)))
+    if groups.row_slot is not None:  # slots over the model's adapters: tables kept on the layer across batches
+        tables, row_member = layer_tables(base_layer, adapters, groups.slots, x.device), groups.row_slot
+    else:  # slots over this batch's groups (a RowGroups made without with_slots)
+        tables = IndexTables.build([_member(adapters, name) for name, _ in groups.groups], x.device, True)
+        row_member = groups.row_group(x.device)
     if x.numel() // x.shape[-1] * tables.width <= GATHERED_MAX_ELEMENTS:  # rows x tokens x N
-        delta = gathered_delta(x, y.shape[-1], tables, groups.row_group(x.device)).to(y.dtype)  # (B, ..., out)
+        delta = gathered_delta(x, y.shape[-1], tables, row_member.to(x.device)).to(y.dtype)  # (B, ..., out)
         return y.add_(delta) if in_place else y + delta
     for (name, _), rows, span in zip(groups.groups, groups.rows_on(x.device), groups.spans):
         if name not in adapters:
@@ -215,6 +212,22 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
             delta = sparse_delta(x.index_select(0, rows), adapter.values, adapter.pattern()).to(y.dtype)
             y = y.index_add_(0, rows, delta) if in_place else y.index_add(0, rows, delta)
     return y
+
+
+_LAYER_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base layer -> IndexTables
+
+
+def layer_tables(base_layer: nn.Module, adapters: Mapping[str, MaskAdapter], slots: Sequence[str],
+                 device: torch.device) -> IndexTables:
+    """One layer's gathered tables over ``slots`` (the model's adapters), kept across batches while the slots hold
+    the same adapter objects on ``device`` (an adapter's mask never changes; adding or removing one rebuilds)."""
+    members = tuple(_member(adapters, name) for name in slots)
+    cached = _LAYER_TABLES.get(base_layer)
+    if (cached is None or cached.out_index.device != torch.device(device) or len(cached.members) != len(members)
+            or any(a is not b for a, b in zip(cached.members, members))):
+        cached = IndexTables.build(members, device, cached_patterns=True)
+        _LAYER_TABLES[base_layer] = cached
+    return cached
 
 
 def traced_mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str, MaskAdapter],
@@ -273,4 +286,4 @@ def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[N
 
 
 __all__ = ["BASE_ADAPTER", "GATHERED_MAX_ELEMENTS", "IndexTables", "RowGroups", "check_adapter_names",
-           "gathered_delta", "group_rows", "mixed_forward", "row_groups_set", "traced_mixed_forward"]
+           "gathered_delta", "group_rows", "layer_tables", "mixed_forward", "row_groups_set", "traced_mixed_forward"]

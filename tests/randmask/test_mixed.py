@@ -95,6 +95,33 @@ def test_generate_with_a_mixed_batch_equals_each_prompt_alone(kernel):
     assert torch.equal(together, torch.cat(alone))
 
 
+def test_an_adapter_added_or_replaced_between_mixed_batches_is_served(kernel):
+    """Each layer keeps its gathered tables across batches: a new adapter, or a new one under an old name, must
+    rebuild them (``randmask.mixed.layer_tables``)."""
+    model = _multi("llama")
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(5)
+
+    def served(names):
+        with torch.no_grad(), mixed_batch(model, names):
+            out = model(ids).logits
+        torch.testing.assert_close(out, _alone(model, ids, names), atol=1e-5, rtol=0)
+
+    served(["a", "b", "a", "c"])
+    apply_masking(model, MaskingConfig(targets=["q_proj", "v_proj"], density=0.3, seed=7), adapter_name="d")
+    with torch.no_grad():
+        for layer in randmask.masked_layers(model).values():
+            layer.adapters["d"].values.copy_(torch.randn(layer.adapters["d"].nnz, generator=gen) * 0.3)
+    served(["d", "a", BASE_ADAPTER, "b"])
+    other = _multi("llama")  # the same base: its adapter "e" (another mask) goes in under the name "a"
+    apply_masking(other, MaskingConfig(targets=["q_proj", "v_proj"], density=0.1, seed=11), adapter_name="e")
+    with torch.no_grad():
+        for name, layer in randmask.masked_layers(model).items():
+            layer.adapters["a"] = randmask.masked_layers(other)[name].adapters["e"]
+            layer.adapters["a"].values.copy_(torch.randn(layer.adapters["a"].nnz, generator=gen) * 0.3)
+    served(["d", "a", BASE_ADAPTER, "a"])
+
+
 def test_beams_take_rows_per_name():
     model = _multi("llama")
     ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(3))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.randmask.sparse_patterns import dense_delta, random_pattern
 
-from randmask.mixed import IndexTables, gathered_delta, group_rows
+from randmask.mixed import IndexTables, gathered_delta, group_rows, layer_tables
 
 
 def _adapter(pattern, values):
@@ -61,13 +61,21 @@ def test_low_precision_inputs_compute_in_fp32():
     assert torch.equal(y32[1], torch.zeros_like(y32[1]))  # the row without an adapter gets no delta
 
 
-def test_values_are_read_per_call_and_tables_kept_per_batch():
-    pattern = random_pattern((16, 8), 20, False, 0)
-    adapters = {"a": _adapter(pattern, torch.randn(20))}
-    groups = group_rows(["a", "__base__"])
-    tables = groups.index_tables(adapters, torch.device("cpu"))
-    assert groups.index_tables(adapters, torch.device("cpu")) is tables  # built once per layer and batch
-    x, rows = torch.randn(2, 1, 8), groups.row_group(torch.device("cpu"))
-    first = gathered_delta(x, 16, tables, rows)
-    adapters["a"].values.mul_(2)  # an in-place edit (a training step) is seen by the next call
-    torch.testing.assert_close(gathered_delta(x, 16, tables, rows), 2 * first)
+def test_a_layer_keeps_its_tables_across_batches_until_its_adapters_change():
+    layer, cpu = torch.nn.Linear(8, 16), torch.device("cpu")
+    adapters = {"a": _adapter(random_pattern((16, 8), 20, False, 0), torch.randn(20))}
+    tables = layer_tables(layer, adapters, ["a"], cpu)
+    assert layer_tables(layer, adapters, ["a"], cpu) is tables  # a new batch over the same adapters: no rebuild
+    assert layer_tables(torch.nn.Linear(8, 16), adapters, ["a"], cpu) is not tables  # per layer
+    adapters["b"] = _adapter(random_pattern((16, 8), 30, False, 1), torch.randn(30))
+    grown = layer_tables(layer, adapters, ["a", "b"], cpu)  # an adapter added: a slot more, N = 30
+    assert grown is not tables and grown.out_index.shape == (3, 30)
+    adapters["a"] = _adapter(random_pattern((16, 8), 20, False, 2), torch.randn(20))  # replaced under its name
+    replaced = layer_tables(layer, adapters, ["a", "b"], cpu)
+    assert replaced is not grown and not torch.equal(replaced.in_index[0], grown.in_index[0])
+    x, rows = torch.randn(2, 1, 8), torch.tensor([0, 2])  # a row of "a" and one without an adapter
+    first = gathered_delta(x, 16, replaced, rows)
+    adapters["a"].values.mul_(2)  # an in-place edit (a training step) is seen by the next call, tables kept
+    assert layer_tables(layer, adapters, ["a", "b"], cpu) is replaced
+    torch.testing.assert_close(gathered_delta(x, 16, replaced, rows), 2 * first)
+    assert torch.equal(first[1], torch.zeros_like(first[1]))
