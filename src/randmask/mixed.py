@@ -214,7 +214,9 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
     return y
 
 
-_LAYER_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base layer -> IndexTables
+# base layer -> (weak references to the slots' adapters, (out_index, in_index)): weak, so that an adapter deleted from
+# the model (PEFT's delete_adapter) is not kept alive by the cache of a layer that serves no batch after it.
+_LAYER_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def layer_tables(base_layer: nn.Module, adapters: Mapping[str, MaskAdapter], slots: Sequence[str],
@@ -223,11 +225,13 @@ def layer_tables(base_layer: nn.Module, adapters: Mapping[str, MaskAdapter], slo
     the same adapter objects on ``device`` (an adapter's mask never changes; adding or removing one rebuilds)."""
     members = tuple(_member(adapters, name) for name in slots)
     cached = _LAYER_TABLES.get(base_layer)
-    if (cached is None or cached.out_index.device != torch.device(device) or len(cached.members) != len(members)
-            or any(a is not b for a, b in zip(cached.members, members))):
-        cached = IndexTables.build(members, device, cached_patterns=True)
-        _LAYER_TABLES[base_layer] = cached
-    return cached
+    if (cached is not None and cached[1][0].device == torch.device(device) and len(cached[0]) == len(members)
+            and all((ref() if ref is not None else None) is a for ref, a in zip(cached[0], members))):
+        return IndexTables(members, *cached[1])
+    tables = IndexTables.build(members, device, cached_patterns=True)
+    refs = tuple(weakref.ref(a) if a is not None else None for a in members)
+    _LAYER_TABLES[base_layer] = (refs, (tables.out_index, tables.in_index))
+    return tables
 
 
 def traced_mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str, MaskAdapter],

@@ -1,5 +1,7 @@
 """The gathered layout of a mixed batch against the fp64 dense reference: values, gradients, tables."""
 
+import gc
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -9,10 +11,15 @@ from tests.randmask.sparse_patterns import dense_delta, random_pattern
 from randmask.mixed import IndexTables, gathered_delta, group_rows, layer_tables
 
 
+class _Adapter(SimpleNamespace):
+    """What the gathered layout reads of a MaskAdapter (a class of its own: the layer cache holds weak references)."""
+
+    __slots__ = ("__weakref__",)
+
+
 def _adapter(pattern, values):
-    """What the gathered layout reads of a MaskAdapter."""
-    return SimpleNamespace(nnz=pattern.nnz, values=values, indices=pattern.indices, stored_shape=pattern.shape,
-                           transposed=pattern.transposed, pattern=lambda: pattern)
+    return _Adapter(nnz=pattern.nnz, values=values, indices=pattern.indices, stored_shape=pattern.shape,
+                    transposed=pattern.transposed, pattern=lambda: pattern)
 
 
 @pytest.mark.parametrize("cached_patterns", [True, False])
@@ -65,17 +72,28 @@ def test_a_layer_keeps_its_tables_across_batches_until_its_adapters_change():
     layer, cpu = torch.nn.Linear(8, 16), torch.device("cpu")
     adapters = {"a": _adapter(random_pattern((16, 8), 20, False, 0), torch.randn(20))}
     tables = layer_tables(layer, adapters, ["a"], cpu)
-    assert layer_tables(layer, adapters, ["a"], cpu) is tables  # a new batch over the same adapters: no rebuild
-    assert layer_tables(torch.nn.Linear(8, 16), adapters, ["a"], cpu) is not tables  # per layer
+    again = layer_tables(layer, adapters, ["a"], cpu)  # a new batch over the same adapters: no rebuild
+    assert again.out_index is tables.out_index and again.members[0] is adapters["a"]
+    assert layer_tables(torch.nn.Linear(8, 16), adapters, ["a"], cpu).out_index is not tables.out_index  # per layer
     adapters["b"] = _adapter(random_pattern((16, 8), 30, False, 1), torch.randn(30))
     grown = layer_tables(layer, adapters, ["a", "b"], cpu)  # an adapter added: a slot more, N = 30
-    assert grown is not tables and grown.out_index.shape == (3, 30)
+    assert grown.out_index.shape == (3, 30)
     adapters["a"] = _adapter(random_pattern((16, 8), 20, False, 2), torch.randn(20))  # replaced under its name
     replaced = layer_tables(layer, adapters, ["a", "b"], cpu)
-    assert replaced is not grown and not torch.equal(replaced.in_index[0], grown.in_index[0])
+    assert not torch.equal(replaced.in_index[0], grown.in_index[0])
     x, rows = torch.randn(2, 1, 8), torch.tensor([0, 2])  # a row of "a" and one without an adapter
     first = gathered_delta(x, 16, replaced, rows)
     adapters["a"].values.mul_(2)  # an in-place edit (a training step) is seen by the next call, tables kept
-    assert layer_tables(layer, adapters, ["a", "b"], cpu) is replaced
+    assert layer_tables(layer, adapters, ["a", "b"], cpu).out_index is replaced.out_index
     torch.testing.assert_close(gathered_delta(x, 16, replaced, rows), 2 * first)
     assert torch.equal(first[1], torch.zeros_like(first[1]))
+
+
+def test_the_layer_cache_does_not_keep_a_deleted_adapter_alive():
+    """PEFT's delete_adapter frees an adapter: the tables a layer keeps must not hold it until its next batch."""
+    layer = torch.nn.Linear(8, 16)
+    adapters = {"a": _adapter(random_pattern((16, 8), 20, False, 0), torch.randn(20))}
+    layer_tables(layer, adapters, ["a"], torch.device("cpu"))
+    deleted = weakref.ref(adapters.pop("a"))
+    gc.collect()
+    assert deleted() is None
