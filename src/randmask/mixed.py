@@ -61,7 +61,8 @@ class RowGroups:
     groups: tuple[tuple[str, torch.Tensor], ...]  # (adapter, sorted row indices), in first-seen order
     spans: tuple[tuple[int, int] | None, ...]  # (start, stop) where a group's rows are contiguous
     # The model's adapters, sorted (``with_slots``), and each row's position in them (len(slots): no adapter). The
-    # traced layout reads only these: the same slots for every batch of one model, so one compiled graph serves all.
+    # gathered layout reads these: the same slots for every batch of one model, so one compiled graph serves all and
+    # each layer keeps its tables across batches (``layer_tables``).
     slots: tuple[str, ...] = ()
     row_slot: torch.Tensor | None = None  # (rows,) int64
     _on_device: dict = field(default_factory=dict, compare=False, repr=False)
