@@ -5,7 +5,8 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
     paper's claim is that it *matches* them, i.e. is not worse): HOLDS when the one-sided 95% lower bound
     of the paired difference (randmask - other) lies above -1 point for both; DOES NOT HOLD when the
     one-sided 95% upper bound lies below -1 point for either; INCONCLUSIVE otherwise. The two-sided 95%
-    interval and the equivalence test (is the 90% interval inside [-1, +1]?) are printed beside it.
+    interval and the equivalence test (is the 90% interval inside [-1, +1]?) are printed beside it, and, where a
+    paired seed is far off its cell (``stats.far_off_seeds``), a sensitivity line without it (never the rule).
 (b) the best LR rises as the ratio falls: on every task the chosen LR is non-decreasing from 1e-3 to
     1e-5 and rises overall (HOLDS); a strict fall on a task where neither LR sits at a grid edge
     is DOES NOT HOLD.
@@ -33,7 +34,7 @@ from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.report import ratio_text
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.plan import RunsLeft
-from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
+from randmask_lab.study.stats import Estimate, average_by_seed, far_off_seeds, paired_difference
 
 HOLDS, FAILS, UNSURE = "HOLDS", "DOES NOT HOLD", "INCONCLUSIVE"
 RATIOS = (1e-3, 1e-4, 1e-5)
@@ -106,19 +107,47 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
             verdicts.append(UNSURE)
             continue
         tasks = sorted(set(rows[left]) & set(rows[right]))
+        far = {task: _far_off({left: rows[left][task], right: rows[right][task]}) for task in tasks}
         for task in tasks if len(tasks) > 1 else ():
             per_task = paired_difference(rows[left][task].tests, rows[right][task].tests)
             evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({_seeds(per_task.n)}), "
                             f"{_bounds_text(per_task)} -> {greater_than(per_task, -MARGIN)}")
-        diff = paired_difference(average_by_seed({t: rows[left][t].tests for t in tasks}),
-                                 average_by_seed({t: rows[right][t].tests for t in tasks}))
+            evidence += _sensitivity({task: rows[left][task].tests}, {task: rows[right][task].tests},
+                                     far[task], "    ")
+        lefts, rights = {t: rows[left][t].tests for t in tasks}, {t: rows[right][t].tests for t in tasks}
+        diff = paired_difference(average_by_seed(lefts), average_by_seed(rights))
         verdicts.append(greater_than(diff, -MARGIN))
         evidence.append(f"{left} − {right} on the average of {', '.join(tasks)}: {diff.text()} points "
                         f"({_seeds(diff.n)}), {_bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
                         f"{verdicts[-1]}; equivalent within ±{100 * MARGIN:g}: {_equivalent(diff, MARGIN)}")
+        evidence += _sensitivity(lefts, rights, {k: v for f in far.values() for k, v in f.items()}, "  ")
     verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
     return Verdict("a", f"randmask 0.1% is not worse than LoRA or full FT by more than {100 * MARGIN:g} point "
                    "on the task average (non-inferiority, one-sided 95%)", verdict, evidence)
+
+
+def _far_off(cells: Mapping[str, StudyCell]) -> dict[int, str]:
+    """Seed -> what marks it, for the seeds far off their cell (``stats.far_off_seeds``) in any of ``cells``."""
+    marks: dict[int, list[str]] = {}
+    for label, cell in cells.items():
+        for f in far_off_seeds(cell.tests):
+            marks.setdefault(f.seed, []).append(f"{label} {cell.key[2]} seed {f.seed} at {100 * f.value:.1f}")
+    return {seed: ", ".join(m) for seed, m in sorted(marks.items())}
+
+
+def _sensitivity(left: Mapping[str, Mapping[int, float]], right: Mapping[str, Mapping[int, float]],
+                 far: Mapping[int, str], indent: str) -> list[str]:
+    """The paired difference (left - right, averaged over the tasks per seed) again without the seeds ``far``:
+    a sensitivity line, printed only where a far-off seed is paired. It is never the rule, which reads every
+    planned seed; it shows the reader how much of the interval one run carries."""
+    drop = lambda values: {s: v for s, v in values.items() if s not in far}  # noqa: E731
+    paired = set(average_by_seed(left)) & set(average_by_seed(right))
+    if not paired & set(far):
+        return []
+    diff = paired_difference(average_by_seed({t: drop(v) for t, v in left.items()}),
+                             average_by_seed({t: drop(v) for t, v in right.items()}))
+    return [f"{indent}sensitivity, not the rule: without the far-off seeds ({'; '.join(far.values())}): "
+            f"{diff.text()} points ({_seeds(diff.n)}), {_bounds_text(diff)}"]
 
 
 def finding_b(cells: Sequence[StudyCell]) -> Verdict:

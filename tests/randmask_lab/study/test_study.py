@@ -321,3 +321,25 @@ def test_a_collapsed_seed_is_listed_and_stays_in_the_mean() -> None:
     assert "Far-off seeds" not in study_tables(study_cells(runs[:-1]))
     zeroshot = [record("sst2", "zeroshot", 0.0, s, v, 0.5) for s, v in tests.items()]  # a cell without an LR
     assert "sst2, zeroshot: seed 10 at 68.0" in study_tables(study_cells(zeroshot)).replace("SST-2", "sst2")
+
+
+def test_a_far_off_seed_gets_a_sensitivity_line_and_never_moves_the_rule() -> None:
+    """(a) reads every planned seed; where a far-off seed is paired, a line beside it gives the difference without
+    it, so a reader sees how much of the interval one run carries (the SmolLM2 study's LoRA seed 15 on SST-2)."""
+    spread = [0.86, 0.87, 0.865, 0.855, 0.875, 0.86, 0.87, 0.862, 0.868, 0.858, 0.864]
+    runs = []
+    for task, offset in (("sst2", 0.0), ("rte", -0.2)):
+        for seed, value in enumerate(spread):
+            collapsed = task == "sst2" and seed == 10
+            runs.append(record(task, "lora", 1e-3, seed, (0.68 if collapsed else value) + offset, 0.5))
+            runs.append(record(task, "randmask", 1e-2, seed, value - 0.005 + offset, 0.5, ratio=1e-3))
+            runs.append(record(task, "full", 1e-4, seed, value + offset, 0.5))
+    a = finding_a(list(study_cells(runs).values()))
+    text = a.text()
+    sst2 = "      sensitivity, not the rule: without the far-off seeds (lora sst2 seed 10 at 68.0): -0.5 ± "
+    assert sst2 in text and "(10 seeds)" in text.split(sst2)[1].split("\n")[0]
+    assert text.count("sensitivity, not the rule") == 2  # sst2 and the average, against LoRA only
+    average = next(e for e in a.evidence if e.startswith("randmask 1e-03 − lora on the average"))
+    assert "(11 seeds)" in average  # the rule keeps the collapsed seed: its interval is the wide one
+    clean = [r for r in runs if not (r.config["method"] == "lora" and r.config["seed"] == 10)]
+    assert "sensitivity" not in finding_a(list(study_cells(clean).values())).text()
