@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,13 +84,17 @@ class RowGroups:
             self._on_device[device] = [rows.to(device) for _, rows in self.groups]
         return self._on_device[device]
 
-    def row_group(self, device: torch.device) -> torch.Tensor:
-        """(rows,) int64 on ``device``: each row's position in ``groups`` (len(groups): no adapter), cached."""
-        key = ("row_group", device)
+    def row_members(self, device: torch.device) -> torch.Tensor:
+        """(rows,) int64 on ``device``, cached (one copy per batch, not per layer): each row's slot
+        (``with_slots``), or without slots its position in ``groups``; the last position for a row without one."""
+        key = ("row_members", device)
         if key not in self._on_device:
-            position = {name: i for i, (name, _) in enumerate(self.groups)}
-            self._on_device[key] = torch.tensor([position.get(name, len(self.groups)) for name in self.names],
-                                                dtype=torch.long, device=device)
+            if self.row_slot is not None:
+                self._on_device[key] = self.row_slot.to(device)
+            else:
+                position = {name: i for i, (name, _) in enumerate(self.groups)}
+                self._on_device[key] = torch.tensor([position.get(name, len(self.groups)) for name in self.names],
+                                                    dtype=torch.long, device=device)
         return self._on_device[key]
 
 
@@ -191,12 +195,12 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
     # In place when no graph is recorded (y is a fresh output); out of place otherwise, so autograd sees it.
     in_place = not (torch.is_grad_enabled() and (x.requires_grad or _any_grad(adapters, groups)))
     if groups.row_slot is not None:  # slots over the model's adapters: tables kept on the layer across batches
-        tables, row_member = layer_tables(base_layer, adapters, groups.slots, x.device), groups.row_slot
+        tables = layer_tables(base_layer, adapters, groups.slots, x.device)
     else:  # slots over this batch's groups (a RowGroups made without with_slots)
-        tables = IndexTables.build([_member(adapters, name) for name, _ in groups.groups], x.device, True)
-        row_member = groups.row_group(x.device)
+        tables = IndexTables.build([_member(adapters, name) for name, _ in groups.groups], x.device,
+                                   cached_patterns=True)
     if x.numel() // x.shape[-1] * tables.width <= GATHERED_MAX_ELEMENTS:  # rows x tokens x N
-        delta = gathered_delta(x, y.shape[-1], tables, row_member.to(x.device)).to(y.dtype)  # (B, ..., out)
+        delta = gathered_delta(x, y.shape[-1], tables, groups.row_members(x.device)).to(y.dtype)  # (B, ..., out)
         return y.add_(delta) if in_place else y + delta
     for (name, _), rows, span in zip(groups.groups, groups.rows_on(x.device), groups.spans):
         if name not in adapters:
@@ -215,8 +219,9 @@ def mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str,
     return y
 
 
-# base layer -> (weak references to the slots' adapters, (out_index, in_index)): weak, so that an adapter deleted from
-# the model (PEFT's delete_adapter) is not kept alive by the cache of a layer that serves no batch after it.
+# base layer -> (weak references to the slots' adapters, their tables without the adapters): weak, so that an
+# adapter deleted from the model (PEFT's delete_adapter) is not kept alive by the cache of a layer that serves no
+# batch after it.
 _LAYER_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -226,12 +231,14 @@ def layer_tables(base_layer: nn.Module, adapters: Mapping[str, MaskAdapter], slo
     the same adapter objects on ``device`` (an adapter's mask never changes; adding or removing one rebuilds)."""
     members = tuple(_member(adapters, name) for name in slots)
     cached = _LAYER_TABLES.get(base_layer)
-    if (cached is not None and cached[1][0].device == torch.device(device) and len(cached[0]) == len(members)
-            and all((ref() if ref is not None else None) is a for ref, a in zip(cached[0], members))):
-        return IndexTables(members, *cached[1])
+    if cached is not None:
+        refs, kept = cached
+        if (kept.out_index.device == torch.device(device) and len(refs) == len(members)
+                and all((ref() if ref is not None else None) is a for ref, a in zip(refs, members))):
+            return replace(kept, members=members)
     tables = IndexTables.build(members, device, cached_patterns=True)
     refs = tuple(weakref.ref(a) if a is not None else None for a in members)
-    _LAYER_TABLES[base_layer] = (refs, (tables.out_index, tables.in_index))
+    _LAYER_TABLES[base_layer] = (refs, replace(tables, members=()))
     return tables
 
 

@@ -38,7 +38,7 @@ def test_matches_the_dense_reference_with_gradients(transposed, tokens, cached_p
     members = [adapters.get(name) for name, _ in groups.groups]
     tables = IndexTables.build(members, x.device, cached_patterns=cached_patterns)
     assert tables.out_index.shape == (len(groups.groups) + 1, 50)  # padded to the largest member, plus "none"
-    y = gathered_delta(x, out_f, tables, groups.row_group(x.device))
+    y = gathered_delta(x, out_f, tables, groups.row_members(x.device))
     assert y.shape == (len(names), tokens, out_f) and y.dtype == torch.float64
     expected = torch.stack([x[t] @ dense_delta(values[n].detach(), patterns[n]).t() if n in patterns
                             else torch.zeros(tokens, out_f, dtype=torch.float64) for t, n in enumerate(names)])
