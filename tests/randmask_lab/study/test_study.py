@@ -343,3 +343,15 @@ def test_a_far_off_seed_gets_a_sensitivity_line_and_never_moves_the_rule() -> No
     assert "(11 seeds)" in average  # the rule keeps the collapsed seed: its interval is the wide one
     clean = [r for r in runs if not (r.config["method"] == "lora" and r.config["seed"] == 10)]
     assert "sensitivity" not in finding_a(list(study_cells(clean).values())).text()
+
+
+def test_a_seed_far_off_in_two_tasks_names_both_in_the_average_line() -> None:
+    spread = [0.86, 0.87, 0.865, 0.855, 0.875, 0.86, 0.87, 0.862, 0.868, 0.858, 0.864]
+    runs = []
+    for task in ("sst2", "rte"):
+        for seed, value in enumerate(spread):
+            runs.append(record(task, "lora", 1e-3, seed, 0.68 if seed == 10 else value, 0.5))
+            runs.append(record(task, "randmask", 1e-2, seed, value, 0.5, ratio=1e-3))
+    average = next(e for e in finding_a(list(study_cells(runs).values())).evidence
+                   if e.startswith("  sensitivity") and "seed 10" in e)
+    assert "lora rte seed 10 at 68.0, lora sst2 seed 10 at 68.0" in average
