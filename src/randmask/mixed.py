@@ -47,10 +47,10 @@ BASE_ADAPTER = "__base__"
 GATHERED_MAX_ELEMENTS = 1 << 19
 """(Rows) x (tokens per row) x (the layer's largest adapter's entries) above which an eager mixed batch runs one
 SpMM per adapter group instead of the gathered layout: it bounds the gathered products' memory (2 MiB of fp32 per
-layer) where the two layouts' speeds are close. ``benchmarks/mixed_layouts.py`` (768 x 768, 32 rows, adapters at
+layer) where neither layout is reliably faster. ``benchmarks/mixed_layouts.py`` (768 x 768, 32 rows, adapters at
 1e-3, N = 640; benchmarks/results/mixed_layouts_{8,32}.json): at 1-4 tokens per row the gathered layout is faster
-(2.22 against 6.17 of the plain layer at 1 token over 32 adapters); from 16 tokens the two lie within 0.2 of each
-other, and two runs disagreed on which is faster there."""
+(1.60 against 6.10 of the plain layer at 1 token over 32 adapters); from 16 tokens which one is faster changes from
+run to run and with the adapter count."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,9 @@ class IndexTables:
     members: tuple[MaskAdapter | None, ...]
     out_index: torch.Tensor  # (members + 1, N) int64
     in_index: torch.Tensor  # (members + 1, N) int64
+    # values(dtype)'s last stacked values and what they were read from; shared by the copies that layer_tables makes
+    # with dataclasses.replace, so a layer's decode steps reuse it.
+    _values_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def width(self) -> int:
@@ -132,7 +135,26 @@ class IndexTables:
         return cls(tuple(members), torch.stack(outs), torch.stack(ins))
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:
-        """(members + 1, N) every member's values in ``dtype``, zero-padded (read per call: gradients reach them)."""
+        """(members + 1, N) every member's values in ``dtype``, zero-padded.
+
+        With gradients on they are stacked in every call, so gradients reach them. Without (``generate``, eval) the
+        last stack is reused while every member's values are the same tensor, storage and version: an in-place edit
+        (an optimizer step, ``load_state_dict``) bumps the version, ``.data =`` moves the storage, and either rebuilds.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._stacked(dtype)
+        tensors = [a.values for a in self.members if a is not None]
+        read = (dtype, torch.is_inference_mode_enabled(), tuple((t.data_ptr(), t._version) for t in tensors))
+        cached = self._values_cache.get("last")
+        if cached is not None:
+            refs, cached_read, stacked = cached
+            if cached_read == read and all(ref() is t for ref, t in zip(refs, tensors, strict=True)):
+                return stacked
+        stacked = self._stacked(dtype)
+        self._values_cache["last"] = (tuple(weakref.ref(t) for t in tensors), read, stacked)
+        return stacked
+
+    def _stacked(self, dtype: torch.dtype) -> torch.Tensor:
         pad = lambda adapter: (0, self.width - adapter.nnz)  # noqa: E731
         zeros = self.out_index.new_zeros(self.width, dtype=dtype)
         return torch.stack([torch.nn.functional.pad(a.values.to(dtype), pad(a)) if a is not None else zeros

@@ -97,3 +97,37 @@ def test_the_layer_cache_does_not_keep_a_deleted_adapter_alive():
     deleted = weakref.ref(adapters.pop("a"))
     gc.collect()
     assert deleted() is None
+
+
+def test_without_gradients_the_stacked_values_are_reused_until_any_member_changes():
+    """generate's decode steps reuse one stack of the values; an edit of any kind must still be seen at once."""
+    layer, cpu = torch.nn.Linear(8, 16), torch.device("cpu")
+    adapters = {k: _adapter(random_pattern((16, 8), n, False, i), torch.randn(n))
+                for i, (k, n) in enumerate([("a", 20), ("b", 30)])}
+    x, rows = torch.randn(3, 2, 8), torch.tensor([0, 1, 2])  # a row of "a", one of "b", one without an adapter
+
+    def delta():
+        return gathered_delta(x, 16, layer_tables(layer, adapters, ["a", "b"], cpu), rows)
+
+    def expected():
+        dense = {k: dense_delta(a.values.detach(), a.pattern()).float() for k, a in adapters.items()}  # (out, in)
+        return torch.stack([x[0] @ dense["a"].t(), x[1] @ dense["b"].t(),
+                            torch.zeros(2, 16)])
+
+    with torch.no_grad():
+        tables = layer_tables(layer, adapters, ["a", "b"], cpu)
+        assert tables.values(torch.float32) is layer_tables(layer, adapters, ["a", "b"], cpu).values(torch.float32)
+        assert tables.values(torch.float64).dtype == torch.float64  # another dtype: its own stack
+        torch.testing.assert_close(delta(), expected())
+        adapters["b"].values.mul_(3)  # in place (an optimizer step, load_state_dict): a new version
+        torch.testing.assert_close(delta(), expected())
+        adapters["a"].values.data = torch.randn(20)  # new storage, same tensor object and version
+        torch.testing.assert_close(delta(), expected())
+        adapters["b"].values = torch.randn(30)  # another tensor
+        torch.testing.assert_close(delta(), expected())
+    with torch.inference_mode():
+        torch.testing.assert_close(delta(), expected())
+    values = adapters["a"].values.requires_grad_()  # with gradients: stacked per call, so they reach the values
+    x.requires_grad_(False)
+    (grad,) = torch.autograd.grad(delta()[0].sum(), [values])
+    assert grad.abs().sum() > 0
