@@ -1,7 +1,7 @@
 """One masked layer's mixed-batch layouts against the plain layer: where the gathered layout stops paying.
 
     python benchmarks/mixed_layouts.py [--dim 768] [--adapters 8] [--rows 32] [--ratio 1e-3]
-                                       [--tokens 1 4 16 32 64] [--rounds 21] [--json PATH]
+                                       [--tokens 1 4 16 32 64] [--rounds 21] [--compiled] [--json PATH]
 
 A (dim x dim) ``nn.Linear`` with ``--adapters`` randmask adapters at ``--ratio`` (random values), ``--rows`` rows of
 T tokens, every adapter named equally often in a seeded shuffled order, fp32, ``torch.no_grad``. Variants, each a
@@ -13,6 +13,13 @@ call of ``randmask.mixed.mixed_forward`` (what a masked layer runs in a mixed ba
     gathered, no slots  the gathered layout over the batch's own groups (``group_rows`` without ``with_slots``),
                         its tables built in every call: what the layer cache saves
     per group           one ``sparse_delta`` SpMM per adapter group
+
+With ``--compiled``, two more, each ``mixed.traced_mixed_forward`` under ``torch.compile`` (inductor, compiled anew
+for each length; the graph a compiled model runs in a mixed batch):
+
+    compiled, gathered  the gathered layout, traced
+    compiled, per group one SpMM per adapter group inside opaque custom ops (``randmask.compiled_mixed``): what
+                        the compiled graph runs above ``TRACED_GATHERED_MAX_ELEMENTS``
 
 each timed over the plain layer (the ceiling), per round, rounds interleaved (benchmarks/bench_stats.py): the
 median ratio with a bootstrap 95% CI. Each row also gives rows x T x N (N: the largest adapter's entries) and the
@@ -39,6 +46,7 @@ from randmask import MaskingConfig, apply_masking, atomic_write_bytes, masked_la
 from randmask_lab.argtypes import positive_float, positive_int  # noqa: E402
 
 VARIANTS = ("gathered", "gathered, new batch", "gathered, no slots", "per group")
+COMPILED = ("compiled, gathered", "compiled, per group")
 
 
 def masked_layer(dim: int, n_adapters: int, ratio: float) -> nn.Module:
@@ -55,7 +63,7 @@ def masked_layer(dim: int, n_adapters: int, ratio: float) -> nn.Module:
     return layer
 
 
-def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int) -> dict[str, object]:
+def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int, compiled: bool) -> dict[str, object]:
     """Each variant's timed closure (``repeats`` forwards per call, so one call is well above the clock's grain)."""
     known = list(layer.adapters)
     built = mixed.group_rows(names).with_slots(known)
@@ -76,10 +84,37 @@ def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int) -> 
             layer.base_layer(x)
 
     gathered = 1 << 62
-    return {"plain": timed(plain), "gathered": timed(forced(gathered, lambda: built)),
-            "gathered, new batch": timed(forced(gathered, lambda: mixed.group_rows(names).with_slots(known))),
-            "gathered, no slots": timed(forced(gathered, lambda: mixed.group_rows(names))),
-            "per group": timed(forced(-1, lambda: built))}
+    variants = {"plain": timed(plain), "gathered": timed(forced(gathered, lambda: built)),
+                "gathered, new batch": timed(forced(gathered, lambda: mixed.group_rows(names).with_slots(known))),
+                "gathered, no slots": timed(forced(gathered, lambda: mixed.group_rows(names))),
+                "per group": timed(forced(-1, lambda: built))}
+    if compiled:
+        torch._dynamo.reset()
+        variants["compiled, gathered"] = timed(traced(layer, x, built, gathered, repeats))
+        variants["compiled, per group"] = timed(traced(layer, x, built, -1, repeats))
+    return variants
+
+
+def traced(layer: nn.Module, x: torch.Tensor, groups: mixed.RowGroups, limit: int, repeats: int) -> object:
+    """``traced_mixed_forward`` compiled with ``TRACED_GATHERED_MAX_ELEMENTS`` at ``limit`` (Dynamo guards on it: each
+    limit gets its own graph), checked against the eager layout before it is timed."""
+    compiled = torch.compile(lambda x: mixed.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups))
+
+    def call() -> torch.Tensor:
+        saved, mixed.TRACED_GATHERED_MAX_ELEMENTS = mixed.TRACED_GATHERED_MAX_ELEMENTS, limit
+        try:
+            return compiled(x)
+        finally:
+            mixed.TRACED_GATHERED_MAX_ELEMENTS = saved
+
+    error = (call() - mixed.mixed_forward(layer.base_layer, x, layer.adapters, groups)).abs().max().item()
+    if error > 1e-4:
+        raise SystemExit(f"compiled layout (limit {limit}) differs from eager by {error:.2e}")
+
+    def run() -> None:
+        for _ in range(repeats):
+            call()
+    return run
 
 
 def main() -> None:
@@ -92,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=21)
     parser.add_argument("--warmup", type=positive_int, default=2)
     parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--compiled", action="store_true", help="also time the layouts compiled (inductor)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.ratio >= 1:
@@ -105,17 +141,18 @@ def main() -> None:
     random.Random(0).shuffle(names)
     result = {"command": " ".join(["python", *sys.argv]), "machine": machine_info("cpu"), "threads": args.threads,
               "dim": args.dim, "adapters": args.adapters, "rows": args.rows, "ratio": args.ratio, "width": width,
-              "gathered_max_elements": mixed.GATHERED_MAX_ELEMENTS, "runs": []}
+              "gathered_max_elements": mixed.GATHERED_MAX_ELEMENTS,
+              "traced_gathered_max_elements": mixed.TRACED_GATHERED_MAX_ELEMENTS, "compiled": args.compiled, "runs": []}
     print(describe(result["machine"]), f"threads={args.threads}, fp32, {args.dim} x {args.dim}, {args.adapters} "
           f"adapters at {args.ratio} (N = {width}), {args.rows} rows, {args.rounds} rounds; over the plain layer")
     for tokens in args.tokens:
         x = torch.randn(args.rows, tokens, args.dim, generator=torch.Generator().manual_seed(tokens))
         with torch.no_grad():
-            times = interleaved(calls(layer, names, x, repeats=max(2, 64 // tokens)), args.rounds, args.warmup)
+            times = interleaved(calls(layer, names, x, max(2, 64 // tokens), args.compiled), args.rounds, args.warmup)
         elements = args.rows * tokens * width
         row = {"tokens": tokens, "elements": elements,
                "default": "gathered" if elements <= mixed.GATHERED_MAX_ELEMENTS else "per group", "ratios": {}}
-        for variant in VARIANTS:
+        for variant in [v for v in VARIANTS + COMPILED if v in times]:
             s = summarize(paired_ratios(times[variant], times["plain"]))
             row["ratios"][variant] = {"median": s.median, "ci95": [s.ci_low, s.ci_high], "rounds": s.rounds}
         result["runs"].append(row)

@@ -12,9 +12,10 @@ path's ``RandMaskLayer``) calls ``compiled_masked_linear`` instead:
   custom op (``torch.library.custom_op``) that Dynamo sees only through its output shape, (nnz,), and that runs
   ``randmask.ops.sddmm`` eagerly: the same kernels, still never the dense dL/dW.
 
-Not traced (they still break the graph, and still compute the right thing): mixed batches, quantized bases
-(the delta path), double backward (Hessian-vector products), and FSDP2-sharded weights (the eager op writes
-the delta into the weight FSDP2 gathers again for the backward).
+Mixed batches trace through ``randmask.mixed`` (and ``randmask.compiled_mixed`` above the gathered limit), quantized
+bases through ``CompiledSparseDelta`` below. Not traced (they still break the graph, and still compute the right
+thing): double backward (Hessian-vector products), and FSDP2-sharded weights (the eager op writes the delta into the
+weight FSDP2 gathers again for the backward).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from randmask.ops import SparsePattern, autocast_dtype, dense_linear, logical_sh
 _PATTERNS: dict[int, tuple[weakref.ref, int, SparsePattern]] = {}
 
 
-def _pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, transposed: bool) -> SparsePattern:
+def pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, transposed: bool) -> SparsePattern:
     """The cached ``SparsePattern`` of this very ``indices`` tensor (unmodified since), else a new one."""
     key = id(indices)
     hit = _PATTERNS.get(key)
@@ -80,7 +81,7 @@ def sddmm_op(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tenso
              stored_cols: int, transposed: bool) -> torch.Tensor:
     """``randmask.ops.sddmm`` as one custom op: (T, out) and (T, in) -> (nnz,) fp32 (fp64 for fp64 inputs)."""
     _check_sddmm(grad_out_2d, x_2d, indices, stored_rows, stored_cols, transposed)
-    out = sddmm(grad_out_2d, x_2d, _pattern_for(indices, stored_rows, stored_cols, transposed))
+    out = sddmm(grad_out_2d, x_2d, pattern_for(indices, stored_rows, stored_cols, transposed))
     return out.to(_compute_dtype(grad_out_2d))  # the op's declared dtype, whichever kernel ran
 
 
@@ -106,7 +107,7 @@ def delta_matmul_op(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch
     """``randmask.delta.delta_matmul`` as one custom op: (T, in) -> (T, out) fp32 (fp64 for fp64 inputs), or with
     ``transpose`` (T, out) -> (T, in)."""
     _check_delta(dense_2d, values, indices, stored_rows, stored_cols, transposed, transpose)
-    out = delta_matmul(dense_2d, values, _pattern_for(indices, stored_rows, stored_cols, transposed), transpose)
+    out = delta_matmul(dense_2d, values, pattern_for(indices, stored_rows, stored_cols, transposed), transpose)
     return out.contiguous()  # the CSR product comes back as a transposed view; the op declares row-major
 
 
@@ -199,4 +200,4 @@ def compiled_masked_linear(x: torch.Tensor, values: torch.Tensor, weight: torch.
 
 
 __all__ = ["CompiledMaskedLinear", "CompiledSparseDelta", "compiled_masked_linear", "compiled_sparse_delta",
-           "delta_matmul_op", "sddmm_op"]
+           "delta_matmul_op", "pattern_for", "sddmm_op"]

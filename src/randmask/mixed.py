@@ -13,9 +13,11 @@ outputs, in one call for the whole batch whatever the number of adapters (``gath
 O(rows x tokens x N), so above ``GATHERED_MAX_ELEMENTS`` one ``sparse_delta`` SpMM per adapter group runs instead,
 whose calls then cost less than the padded product (a long prefill, dense adapters).
 
-Under ``torch.compile`` the gathered layout always runs (``traced_mixed_forward``) and its slots are every adapter
-of the model (``RowGroups.with_slots``), never only the batch's: its shapes then depend on which adapters the model
-has, never on which rows ask for which, so a new mix of names reuses the compiled graph without a break. Eager,
+Under ``torch.compile`` (``traced_mixed_forward``) the slots are every adapter of the model
+(``RowGroups.with_slots``), never only the batch's: the shapes then depend on which adapters the model has, never on
+which rows ask for which, so a new mix of names reuses the compiled graph without a break. The gathered layout runs up
+to ``TRACED_GATHERED_MAX_ELEMENTS``; above, one SpMM per adapter group inside an opaque custom op
+(``randmask.compiled_mixed``). Eager,
 the same slots serve, and each layer keeps its index tables across batches until its adapters change.
 
 Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from randmask.compiled_mixed import compiled_grouped_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.ops import SparsePattern
@@ -51,6 +54,10 @@ layer) where neither layout is reliably faster. ``benchmarks/mixed_layouts.py`` 
 1e-3, N = 640; benchmarks/results/mixed_layouts_{8,32}.json): at 1-4 tokens per row the gathered layout is faster
 (1.60 against 6.10 of the plain layer at 1 token over 32 adapters); from 16 tokens which one is faster changes from
 run to run and with the adapter count."""
+TRACED_GATHERED_MAX_ELEMENTS = 1 << 26
+"""The same bound under ``torch.compile``: above it the compiled graph runs one SpMM per adapter group inside opaque
+custom ops (``randmask.compiled_mixed``), whose memory is one layer output (``benchmarks/mixed_layouts.py
+--compiled`` times both)."""
 
 
 @dataclass(frozen=True)
@@ -266,15 +273,32 @@ def layer_tables(base_layer: nn.Module, adapters: Mapping[str, MaskAdapter], slo
 
 def traced_mixed_forward(base_layer: nn.Module, x: torch.Tensor, adapters: Mapping[str, MaskAdapter],
                          groups: RowGroups) -> torch.Tensor:
-    """``mixed_forward`` for ``torch.compile``: the gathered layout over a slot for every adapter of the model, its
-    tables traced into the graph. (B, ..., in) -> (B, ..., out). Needs ``groups.with_slots``."""
+    """``mixed_forward`` for ``torch.compile``, over a slot for every adapter of the model: (B, ..., in) -> (B, ...,
+    out). Needs ``groups.with_slots``.
+
+    Up to ``TRACED_GATHERED_MAX_ELEMENTS`` the gathered layout, its tables traced into the graph. Above (a long
+    prefill, dense adapters) eager's one SpMM per adapter group, inside opaque custom ops
+    (``randmask.compiled_mixed``): the gathered (B, tokens, N) product is materialised (inductor does not fuse it
+    into the scatter), and selecting rows per adapter in the graph would make its shapes depend on the mix of
+    names. Dynamo guards on the size: at most a graph of each kind.
+    """
     row_slot = groups.row_slot
     _check_rows(x, row_slot.shape[0])  # the count from the tensor: no guard on the names
     y = base_layer(x)  # (B, ..., out)
-    tables = IndexTables.build([_member(adapters, name) for name in groups.slots], x.device)
-    if tables.width == 0:  # no adapter of the model targets this layer (or its masks are empty)
+    members = [_member(adapters, name) for name in groups.slots]
+    width = max([a.nnz for a in members if a is not None] or [0])
+    if width == 0:  # no adapter of the model targets this layer (or its masks are empty)
         return y
-    return y + gathered_delta(x, y.shape[-1], tables, row_slot.to(x.device)).to(y.dtype)
+    row_slot = row_slot.to(x.device)
+    if x.numel() // x.shape[-1] * width <= TRACED_GATHERED_MAX_ELEMENTS:  # rows x tokens x N
+        tables = IndexTables.build(members, x.device)
+        return y + gathered_delta(x, y.shape[-1], tables, row_slot).to(y.dtype)
+    present = [a for a in members if a is not None]
+    empty = present[0].indices.new_zeros(0)  # the slot of an adapter that does not target this layer
+    values = [a.values if a is not None else present[0].values.new_zeros(0) for a in members]
+    indices = [a.indices if a is not None else empty for a in members]
+    delta = compiled_grouped_delta(x, row_slot, values, indices, present[0].stored_shape, present[0].transposed)
+    return y + delta.to(y.dtype)
 
 
 def _member(adapters: Mapping[str, MaskAdapter], name: str) -> MaskAdapter | None:
@@ -319,5 +343,6 @@ def row_groups_set(layers: Sequence[nn.Module], groups: RowGroups) -> Iterator[N
             layer.row_groups = None
 
 
-__all__ = ["BASE_ADAPTER", "GATHERED_MAX_ELEMENTS", "IndexTables", "RowGroups", "check_adapter_names",
-           "gathered_delta", "group_rows", "layer_tables", "mixed_forward", "row_groups_set", "traced_mixed_forward"]
+__all__ = ["BASE_ADAPTER", "GATHERED_MAX_ELEMENTS", "IndexTables", "RowGroups", "TRACED_GATHERED_MAX_ELEMENTS",
+           "check_adapter_names", "gathered_delta", "group_rows", "layer_tables", "mixed_forward", "row_groups_set",
+           "traced_mixed_forward"]

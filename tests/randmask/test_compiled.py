@@ -343,3 +343,78 @@ def test_generate_through_a_compiled_forward_serves_new_mixes_without_recompilin
     # prefill, the first decode step and the decode steps after it as one dynamic-length graph: no break in a layer
     # (the eager layouts broke each masked layer: dozens of frames)
     assert counter.frame_count == frames <= 3
+
+
+def _over_the_gathered_limit(model, rows: int, tokens: int) -> int:
+    """A TRACED_GATHERED_MAX_ELEMENTS under which every masked layer of ``model`` gathers one token per row and none
+    gathers ``tokens`` per row: a prefill above the limit, its decode steps below."""
+    widths = [max(a.nnz for a in layer.adapters.values()) for layer in masked_layers(model).values()]
+    limit = rows * max(widths)
+    assert rows * tokens * min(widths) > limit
+    return limit
+
+
+def test_above_the_gathered_limit_the_traced_layout_runs_each_adapter_on_its_own_rows(monkeypatch) -> None:
+    """The traced layout's memory bound: above the limit no (rows, tokens, N) product and no tables, the eager
+    layouts' values, and an adapter's inf never reaches a row that does not ask for it."""
+    from tests.randmask.test_mixed import _multi
+
+    from randmask import mixed
+
+    model = _multi("llama").eval()
+    names = ["a", "__base__", "c", "a", "b"]
+    groups = mixed.group_rows(names).with_slots(["a", "b", "c"])
+    (name, layer), *_ = [(n, m) for n, m in masked_layers(model).items() if "v_proj" in n]  # c targets v_proj only
+    layer.restore_base()  # W0 in the weight, as in a mixed batch
+    x = torch.randn(len(names), 6, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = mixed.mixed_forward(layer.base_layer, x, layer.adapters, groups)
+        gathered = mixed.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups)
+        monkeypatch.setattr(mixed, "TRACED_GATHERED_MAX_ELEMENTS", 0)
+        monkeypatch.setattr(mixed.IndexTables, "build", lambda *a, **k: pytest.fail("tables built above the limit"))
+        per_slot = mixed.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups)
+        torch.testing.assert_close(per_slot, eager, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(gathered, eager, atol=1e-6, rtol=0, msg=name)
+        layer.adapters["c"].values[0] = float("inf")
+        y = mixed.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups)
+    served_by_c = torch.tensor([n == "c" for n in names])
+    assert torch.isfinite(y[~served_by_c]).all()
+    torch.testing.assert_close(y[~served_by_c], eager[~served_by_c], atol=1e-6, rtol=0)
+
+
+def test_a_compiled_prefill_above_the_gathered_limit_is_one_graph_and_equals_eager(monkeypatch) -> None:
+    """A long prefill under torch.compile (limit lowered so that 3 rows x 6 tokens cross it and decode steps do not):
+    one graph without breaks, eager's gradients, and generate's tokens with its decode steps gathered."""
+    from tests.randmask.test_mixed import _multi
+
+    from randmask import mixed
+
+    torch._dynamo.reset()
+    names, ids = ["a", "__base__", "c"], torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    model, eager = _multi("llama").eval(), _multi("llama").eval()
+    monkeypatch.setattr(mixed, "TRACED_GATHERED_MAX_ELEMENTS", _over_the_gathered_limit(model, 3, 6))
+    with torch.no_grad(), mixed_batch(model, names):
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    losses = []
+    for net, forward in ((model, compiled), (eager, eager)):
+        with mixed_batch(net, names):  # backward inside: on exit the active adapter goes back into the weights
+            loss = forward(input_ids=ids).logits.float().square().mean()
+            loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
+    for (name, layer), other in zip(masked_layers(model).items(), masked_layers(eager).values()):
+        for adapter_name, adapter in layer.adapters.items():
+            want = other.adapters[adapter_name].values.grad
+            torch.testing.assert_close(adapter.values.grad, want, atol=1e-6, rtol=1e-5, msg=f"{name} {adapter_name}")
+    assert counter.frame_count == 1
+    model.forward = torch.compile(model.forward, backend=CompileCounterWithBackend("aot_eager"))
+    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        with mixed_batch(model, names):
+            tokens = model.generate(ids, **settings)
+        with mixed_batch(eager, names):
+            assert torch.equal(tokens, eager.generate(ids, **settings))
