@@ -79,8 +79,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_SPEC_NOTE = ("note: no --spec, so every cell is read as finished. A study still running reads as final here: pass "
+                "the spec that made the file (--spec study.json) and what its plan has left reads as interim.")
+
+
 def _cmd_findings(args: argparse.Namespace) -> int:
     by_model, left = _cells(args)
+    if not args.spec:  # the records do not name their spec, so the reader has to be told what was not checked
+        print(NO_SPEC_NOTE)
     for model, cells in sorted(by_model.items()):
         print(f"## {model}")
         for verdict in findings(cells, args.analysis or (), args.theory, left.get(model)):

@@ -199,7 +199,8 @@ def test_report_and_findings_read_the_search_state_from_the_spec(tmp_path: Path,
     out = capsys.readouterr().out
     assert out.split("####")[0].count("LR search unfinished (best so far @1e-01 of 3 LRs tried)") == 2  # sst2, rte
     assert main(["findings", "--from", str(path), "--spec", str(running)]) == 0
-    assert "left out, their LR search unfinished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "left out, their LR search unfinished" in out and "no --spec" not in out
     other = _spec(tmp_path / "other.json", [1e-1], model="another-model")
     assert main(["findings", "--from", str(path), "--spec", str(other)]) == 2
     assert "no record of" in capsys.readouterr().err
@@ -219,8 +220,10 @@ def test_a_rule_waits_for_the_planned_seeds_of_the_cells_it_reads(tmp_path: Path
     worse += [record(task, "full", 1e-4, seed, 0.9, 0.5) for task in ("sst2", "rte") for seed in (0, 1, 2)]
     export_jsonl(worse, path)
     assert main(["findings", "--from", str(path)]) == 0
+    out = capsys.readouterr().out
     assert "full FT by more than 1 point on the task average (non-inferiority, one-sided 95%): DOES NOT HOLD\n" \
-        in capsys.readouterr().out  # no spec: read on what is there, as before
+        in out  # no spec: read on what is there, as before, and the reader is told so first
+    assert out.startswith("note: no --spec, so every cell is read as finished.")
 
     spec = json.loads(_spec(tmp_path / "s.json", [3e-2, 1e-1, 3e-1]).read_text())
     spec["cells"].insert(0, {"method": "full", "lrs": [1e-4]})
