@@ -265,12 +265,19 @@ def _mixed_setup(arch: str, path: str):
     return _multi(arch).eval(), NAMES, run
 
 
+@pytest.mark.parametrize("layout", ["gathered", "grouped"])
 @pytest.mark.parametrize("path", ["model", "peft"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mixed_batches_compile_once_for_every_mix_of_names_and_equal_eager(arch: str, path: str) -> None:
+def test_mixed_batches_compile_once_for_every_mix_of_names_and_equal_eager(arch: str, path: str, layout: str,
+                                                                           monkeypatch) -> None:
     """Before, a mixed batch broke a 2-layer Llama's graph 39 times (the per-batch block-diagonal CSR), and under
     PEFT every new list of names recompiled (Dynamo guarded the names). The traced layout reads only the model's
-    adapters and a (rows,) slot tensor made outside the graph, so a new mix of names reuses the compiled graph."""
+    adapters and a (rows,) slot tensor made outside the graph, so a new mix of names reuses the compiled graph;
+    above the gathered limit ("grouped": the limit at 0) so do the grouped custom ops."""
+    from randmask import mixed
+
+    if layout == "grouped":
+        monkeypatch.setattr(mixed, "TRACED_GATHERED_MAX_ELEMENTS", 0)
     torch._dynamo.reset()
     (model, (a, b, c), run), (eager, _, _) = _mixed_setup(arch, path), _mixed_setup(arch, path)
     counter = CompileCounterWithBackend("aot_eager")
