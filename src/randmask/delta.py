@@ -29,39 +29,53 @@ from randmask.ops import SparsePattern, autocast_dtype, sddmm
 
 
 @dataclass(eq=False)
-class _CsrLayout:
-    """The kept entries as CSR over output rows (D) and over input rows (D^T), built once per pattern."""
+class _Csr:
+    """One orientation of the kept entries as CSR: D over output rows, or D^T over input rows."""
 
-    d_crow: torch.Tensor  # (out + 1,)
-    d_col: torch.Tensor  # (nnz,) input feature of each entry, in D's CSR order
-    d_order: torch.Tensor | None  # (nnz,) stored-order position of D's CSR entry k (None: the same order)
-    t_crow: torch.Tensor  # (in + 1,)
-    t_col: torch.Tensor  # (nnz,) output feature, in D^T's CSR order
-    t_order: torch.Tensor | None
+    crow: torch.Tensor  # (major + 1,)
+    col: torch.Tensor  # (nnz,) minor feature of each entry, in CSR order
+    order: torch.Tensor | None  # (nnz,) stored-order position of CSR entry k (None: the same order)
+
+
+@dataclass(eq=False)
+class _CsrLayout:
+    """Both orientations, each built on first use: a forward without gradients (serving) needs D only."""
+
+    d: _Csr | None = None
+    t: _Csr | None = None
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[SparsePattern, _CsrLayout] = weakref.WeakKeyDictionary()
+INT32_INDEX_LIMIT = 2 ** 31
+"""A CSR layout whose entries and features all lie below this keeps int32 indices; int64 otherwise."""
 
 
-def _csr(major: torch.Tensor, minor: torch.Tensor, n_major: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(crow, col, order): entries sorted by (major, minor); ``order[k]`` = the stored position of entry k."""
+def _csr(major: torch.Tensor, minor: torch.Tensor, n_major: int) -> _Csr:
+    """Entries sorted by (major, minor); ``order[k]`` = the stored position of entry k. int32 indices where they fit
+    (MKL's and cuSPARSE's CSR take them as they are, and as fast): half the memory of a layout kept per adapter."""
     n_minor = int(minor.max()) + 1 if minor.numel() else 1
     order = torch.argsort(major * n_minor + minor)
     counts = torch.bincount(major, minlength=n_major)
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     # Sorted row-major indices of a Linear weight are already in D's CSR order: no gather per call then.
     same = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
-    return crow, minor[order], None if same else order
+    index = torch.int32 if max(major.numel(), n_major, n_minor) < INT32_INDEX_LIMIT else torch.int64
+    return _Csr(crow.to(index), minor[order].to(index), None if same else order.to(index))
 
 
-def _layout(pattern: SparsePattern) -> _CsrLayout:
+def _layout(pattern: SparsePattern, transpose: bool) -> _Csr:
+    """The pattern's CSR of D (``transpose``: of D^T), built once per pattern and orientation."""
     layout = _LAYOUTS.get(pattern)
-    if layout is None or layout.d_col.device != pattern.indices.device:
+    if layout is None or any(c is not None and c.col.device != pattern.indices.device for c in (layout.d, layout.t)):
+        layout = _LAYOUTS[pattern] = _CsrLayout()
+    if (layout.t if transpose else layout.d) is None:
         out_f, in_f = pattern.logical_shape
         out_idx, in_idx = pattern.out_index.long(), pattern.in_index.long()
-        layout = _CsrLayout(*_csr(out_idx, in_idx, out_f), *_csr(in_idx, out_idx, in_f))
-        _LAYOUTS[pattern] = layout
-    return layout
+        if transpose:
+            layout.t = _csr(in_idx, out_idx, in_f)
+        else:
+            layout.d = _csr(out_idx, in_idx, out_f)
+    return layout.t if transpose else layout.d
 
 
 def _spmm(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[int, int],
@@ -87,15 +101,12 @@ def delta_matmul(dense_2d: torch.Tensor, values: torch.Tensor, pattern: SparsePa
     for fp64 input): ``dense_2d @ D^T``, (T, in) -> (T, out); with ``transpose``, ``dense_2d @ D``, (T, out) -> (T, in).
     """
     out_f, in_f = pattern.logical_shape
-    layout = _layout(pattern)
+    csr = _layout(pattern, transpose)  # transpose: g @ D = (D^T @ g^T)^T
     compute = _compute_dtype(dense_2d)
     # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
     with torch.autocast(dense_2d.device.type, enabled=False):
-        if transpose:  # g @ D = (D^T @ g^T)^T
-            ordered = _in_order(values.to(compute), layout.t_order)
-            return _spmm(layout.t_crow, layout.t_col, ordered, (in_f, out_f), dense_2d)
-        ordered = _in_order(values.to(compute), layout.d_order)
-        return _spmm(layout.d_crow, layout.d_col, ordered, (out_f, in_f), dense_2d)
+        ordered = _in_order(values.to(compute), csr.order)
+        return _spmm(csr.crow, csr.col, ordered, (in_f, out_f) if transpose else (out_f, in_f), dense_2d)
 
 
 class SparseDeltaFunction(torch.autograd.Function):
@@ -160,4 +171,4 @@ def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, pattern: Spars
     return y2d.reshape(*x.shape[:-1], out_f)
 
 
-__all__ = ["SparseDeltaFunction", "delta_matmul", "sparse_delta", "sparse_delta_reference"]
+__all__ = ["INT32_INDEX_LIMIT", "SparseDeltaFunction", "delta_matmul", "sparse_delta", "sparse_delta_reference"]

@@ -62,3 +62,26 @@ def test_under_cpu_autocast_the_output_takes_the_autocast_dtype():
     assert gx.dtype == torch.float32 and gv.dtype == torch.float32
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gv, rv)
+
+
+@pytest.mark.parametrize("limit", [2 ** 31, 1])  # 1: every layout takes int64 indices, as one past 2^31 would
+def test_a_forward_without_gradients_keeps_one_int32_csr_and_both_index_widths_agree(monkeypatch, limit):
+    """Serving many adapters keeps one CSR per adapter: D only (D^T is built for the first backward), int32."""
+    import randmask.delta as delta
+
+    monkeypatch.setattr(delta, "INT32_INDEX_LIMIT", limit)
+    pattern = random_pattern((24, 40), 60, True, 3)  # Conv1D: the stored order is not D's CSR order
+    values = torch.randn(60, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)  # logical (out 40, in 24)
+    with torch.no_grad():
+        y = sparse_delta(x, values, pattern)
+    layout = delta._LAYOUTS[pattern]
+    assert layout.t is None and layout.d.order is not None
+    index = torch.int32 if limit > 1 else torch.int64
+    assert {layout.d.crow.dtype, layout.d.col.dtype, layout.d.order.dtype} == {index}
+    torch.testing.assert_close(y, x.detach() @ dense_delta(values.detach(), pattern).t(), atol=1e-12, rtol=0)
+    gx, gv = torch.autograd.grad(sparse_delta(x, values, pattern).square().sum(), [x, values])
+    rx, rv = torch.autograd.grad(sparse_delta_reference(x, values, pattern).square().sum(), [x, values])
+    assert layout.t is not None and layout.t.col.dtype == index  # dL/dx built D^T
+    torch.testing.assert_close(gx, rx, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gv, rv, atol=1e-10, rtol=0)
