@@ -9,8 +9,9 @@
 #
 # Resumable anywhere: on a fresh machine it first takes the finished records of the committed JSONL into its store;
 # run it again to go on; a second copy on the same out-dir shares the work (leased runs). It refuses uncommitted
-# code (records name their commit). Run two workers of one thread each on two cores:
-#   experiments/smollm2_confirm.sh & experiments/smollm2_confirm.sh &
+# code (records name their commit). Run two workers of one thread each on two cores, one of them on Table 5's curve
+# (stage 2) so that it does not wait for every seed of stages 0-1 (docs/confirmatory.md):
+#   experiments/smollm2_confirm.sh & experiments/smollm2_confirm.sh --stages 2 &
 # What is left, its worker-hours on this kind of CPU, and the seeds each comparison needs:
 #   randmask study experiments/smollm2_confirm.json --export experiments/results/smollm2_confirm.jsonl --plan
 # Tables and verdicts from the committed file alone:
