@@ -1,7 +1,8 @@
 """One masked layer's mixed-batch layouts against the plain layer: where the gathered layout stops paying.
 
     python benchmarks/mixed_layouts.py [--dim 768] [--adapters 8] [--rows 32] [--ratio 1e-3]
-                                       [--tokens 1 4 16 32 64] [--rounds 21] [--compiled] [--json PATH]
+                                       [--tokens 1 4 16 32 64] [--rounds 21] [--compiled [--backend B]]
+                                       [--device cpu|cuda] [--json PATH]
 
 A (dim x dim) ``nn.Linear`` with ``--adapters`` randmask adapters at ``--ratio`` (random values), ``--rows`` rows of
 T tokens, every adapter named equally often in a seeded shuffled order, fp32, ``torch.no_grad``. Variants, each a
@@ -41,7 +42,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_stats import interleaved, paired_ratios, summarize, timed  # noqa: E402
+from bench_stats import interleaved, paired_ratios, summarize  # noqa: E402
+from bench_stats import timed as bench_timed  # noqa: E402
 from randmask import MaskingConfig, apply_masking, atomic_write_bytes, masked_layers, mixed  # noqa: E402
 from randmask_lab.argtypes import positive_float, positive_int  # noqa: E402
 
@@ -63,8 +65,13 @@ def masked_layer(dim: int, n_adapters: int, ratio: float) -> nn.Module:
     return layer
 
 
-def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int, compiled: bool) -> dict[str, object]:
-    """Each variant's timed closure (``repeats`` forwards per call, so one call is well above the clock's grain)."""
+def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int, backend: str | None
+          ) -> dict[str, object]:
+    """Each variant's timed closure (``repeats`` forwards per call, so one call is well above the clock's grain);
+    the compiled ones too when ``backend`` is given. On CUDA each is timed between two synchronizations."""
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        return bench_timed(fn, sync=torch.cuda.synchronize if x.is_cuda else None)
+
     known = list(layer.adapters)
     built = mixed.group_rows(names).with_slots(known)
     mixed.mixed_forward(layer.base_layer, x, layer.adapters, built)  # the layer builds its gathered tables
@@ -88,17 +95,19 @@ def calls(layer: nn.Module, names: list[str], x: torch.Tensor, repeats: int, com
                 "gathered, new batch": timed(forced(gathered, lambda: mixed.group_rows(names).with_slots(known))),
                 "gathered, no slots": timed(forced(gathered, lambda: mixed.group_rows(names))),
                 "per group": timed(forced(-1, lambda: built))}
-    if compiled:
+    if backend is not None:
         torch._dynamo.reset()
-        variants["compiled, gathered"] = timed(traced(layer, x, built, gathered, repeats))
-        variants["compiled, per group"] = timed(traced(layer, x, built, -1, repeats))
+        variants["compiled, gathered"] = timed(traced(layer, x, built, gathered, repeats, backend))
+        variants["compiled, per group"] = timed(traced(layer, x, built, -1, repeats, backend))
     return variants
 
 
-def traced(layer: nn.Module, x: torch.Tensor, groups: mixed.RowGroups, limit: int, repeats: int) -> object:
+def traced(layer: nn.Module, x: torch.Tensor, groups: mixed.RowGroups, limit: int, repeats: int,
+           backend: str) -> object:
     """``traced_mixed_forward`` compiled with ``TRACED_GATHERED_MAX_ELEMENTS`` at ``limit`` (Dynamo guards on it: each
     limit gets its own graph), checked against the eager layout before it is timed."""
-    compiled = torch.compile(lambda x: mixed.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups))
+    compiled = torch.compile(lambda x: mixed.traced_mixed_forward(layer.base_layer, x, layer.adapters, groups),
+                             backend=backend)
 
     def call() -> torch.Tensor:
         saved, mixed.TRACED_GATHERED_MAX_ELEMENTS = mixed.TRACED_GATHERED_MAX_ELEMENTS, limit
@@ -117,7 +126,8 @@ def traced(layer: nn.Module, x: torch.Tensor, groups: mixed.RowGroups, limit: in
     return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; return what it writes to ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=positive_int, default=768)
     parser.add_argument("--adapters", type=positive_int, default=8)
@@ -127,28 +137,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=21)
     parser.add_argument("--warmup", type=positive_int, default=2)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--compiled", action="store_true", help="also time the layouts compiled (inductor)")
+    parser.add_argument("--compiled", action="store_true", help="also time the layouts compiled")
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend for --compiled")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.ratio >= 1:
         parser.error(f"--ratio {args.ratio}: the share of kept entries must be below 1 (e.g. 1e-3)")
     from randmask_lab.machine import describe, machine_info
 
     torch.set_num_threads(args.threads)
-    layer = masked_layer(args.dim, args.adapters, args.ratio)
+    layer = masked_layer(args.dim, args.adapters, args.ratio).to(args.device)
     width = max(a.nnz for a in layer.adapters.values())
     names = [f"a{i % args.adapters}" for i in range(args.rows)]
     random.Random(0).shuffle(names)
-    result = {"command": " ".join(["python", *sys.argv]), "machine": machine_info("cpu"), "threads": args.threads,
+    command = " ".join(["python", "benchmarks/mixed_layouts.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "machine": machine_info(args.device), "threads": args.threads,
               "dim": args.dim, "adapters": args.adapters, "rows": args.rows, "ratio": args.ratio, "width": width,
               "gathered_max_elements": mixed.GATHERED_MAX_ELEMENTS,
-              "traced_gathered_max_elements": mixed.TRACED_GATHERED_MAX_ELEMENTS, "compiled": args.compiled, "runs": []}
+              "traced_gathered_max_elements": mixed.TRACED_GATHERED_MAX_ELEMENTS,
+              "compiled": args.backend if args.compiled else None, "runs": []}
     print(describe(result["machine"]), f"threads={args.threads}, fp32, {args.dim} x {args.dim}, {args.adapters} "
           f"adapters at {args.ratio} (N = {width}), {args.rows} rows, {args.rounds} rounds; over the plain layer")
     for tokens in args.tokens:
-        x = torch.randn(args.rows, tokens, args.dim, generator=torch.Generator().manual_seed(tokens))
+        x = torch.randn(args.rows, tokens, args.dim, generator=torch.Generator().manual_seed(tokens)).to(args.device)
         with torch.no_grad():
-            times = interleaved(calls(layer, names, x, max(2, 64 // tokens), args.compiled), args.rounds, args.warmup)
+            times = interleaved(calls(layer, names, x, max(2, 64 // tokens), args.backend if args.compiled else None),
+                                args.rounds, args.warmup)
         elements = args.rows * tokens * width
         row = {"tokens": tokens, "elements": elements,
                "default": "gathered" if elements <= mixed.GATHERED_MAX_ELEMENTS else "per group", "ratios": {}}
@@ -161,6 +176,7 @@ def main() -> None:
         print(f"T={tokens:>4} rows x T x N = {elements:>9,} (default: {row['default']}) | " + " | ".join(
             f"{v} {r['median']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" for v, r in row["ratios"].items()),
             flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -167,6 +167,25 @@ def run_compile(dry_run: bool, device: str, log) -> dict:
             "compile_and_first_step_seconds": {m: round(s, 1) for (m, _), s in compile_seconds.items()}}
 
 
+def run_mixed(dry_run: bool, device: str, out: Path, log) -> dict:
+    """mixed_layouts.py on ``device``: each mixed-batch layout over the plain layer, eager and compiled, at lengths
+    from a decode step to a long prefill, over 32 adapters: the data to set ``GATHERED_MAX_ELEMENTS`` and
+    ``TRACED_GATHERED_MAX_ELEMENTS`` on a GPU (both were set on the CPU, the second by memory alone)."""
+    import mixed_layouts
+
+    if dry_run:
+        argv = ["--dim", "64", "--adapters", "3", "--rows", "6", "--ratio", "0.05", "--tokens", "1", "8",
+                "--rounds", "2", "--warmup", "1", "--backend", "aot_eager"]
+    else:  # OPT-1.3b's width; rows x T x N from 0.1 to 270 million: both limits lie inside
+        argv = ["--dim", "2048", "--adapters", "32", "--rows", "32", "--tokens", "1", "16", "128", "512",
+                "--rounds", "11"]
+    json_path = str(out / "gpu_mixed_layouts.json")
+    result = mixed_layouts.main([*argv, "--compiled", "--device", device, "--json", json_path])
+    for run in result["runs"]:
+        log(f"mixed T={run['tokens']}: " + ", ".join(f"{k} {v['median']:.2f}" for k, v in run["ratios"].items()))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the same logic on the CPU at tiny shapes")
@@ -174,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for gpu_*.json and gpu_summary.md (default benchmarks/results; dry run: a "
                              "temporary folder)")
     parser.add_argument("--sections", default="tests,sddmm,step,runner",
-                        help="comma-separated subset, or more: compile")
+                        help="comma-separated subset, or more: compile, mixed")
     parser.add_argument("--step-minutes", type=float, default=2.5, help="cap on the step benchmark's timed rounds")
     parser.add_argument("--sddmm-rounds", type=int, default=None, help="timed rounds per SDDMM cell (default 15)")
     parser.add_argument("--smollm-dir", default=None, help="SmolLM2 folder (default: carry/, then the zoo cache)")
@@ -210,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out, "runner", {"result": runner}, device)
     if "compile" in sections:
         write_json(out, "compile", run_compile(args.dry_run, device, log), device)
+    if "mixed" in sections:  # writes gpu_mixed_layouts.json itself, after each length
+        run_mixed(args.dry_run, device, out, log)
     checks = targets(sddmm, step)
     write_json(out, "targets", {"targets": checks, "dry_run": args.dry_run,
                                 "minutes": round((time.time() - started) / 60, 2)}, device)

@@ -52,3 +52,15 @@ def _has_triton() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
+
+
+def test_the_opt_in_mixed_section_times_every_layout_eager_and_compiled(tmp_path):
+    env = {**os.environ, "PY": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", "--sections", "mixed",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "gpu_mixed_layouts.json").read_text())
+    assert payload["machine"]["device"] == "cpu" and payload["compiled"] == "aot_eager"
+    assert [r["tokens"] for r in payload["runs"]] == [1, 8]
+    assert {"gathered", "per group", "compiled, gathered", "compiled, per group"} <= set(payload["runs"][0]["ratios"])

@@ -40,19 +40,14 @@ def test_a_ratio_of_one_or_more_is_one_line(monkeypatch: pytest.MonkeyPatch, cap
     assert "--ratio 1.5: the share of kept entries must be below 1" in capsys.readouterr().err
 
 
-def test_compiled_it_times_both_traced_layouts_and_puts_the_limit_back(monkeypatch: pytest.MonkeyPatch,
-                                                                       tmp_path: Path) -> None:
-    import functools
-
-    import torch
-
+def test_compiled_it_times_both_traced_layouts_and_puts_the_limit_back(tmp_path: Path) -> None:
     out = tmp_path / "layouts.json"
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))  # no C++ build
-    monkeypatch.setattr(sys, "argv", ["mixed_layouts.py", "--dim", "64", "--adapters", "3", "--rows", "6",
-                                      "--ratio", "0.05", "--tokens", "2", "--rounds", "2", "--warmup", "1",
-                                      "--threads", "1", "--compiled", "--json", str(out)])
     limit = mixed.TRACED_GATHERED_MAX_ELEMENTS
-    mixed_layouts.main()
-    (run,) = json.loads(out.read_text())["runs"]
+    mixed_layouts.main(["--dim", "64", "--adapters", "3", "--rows", "6", "--ratio", "0.05", "--tokens", "2",
+                        "--rounds", "2", "--warmup", "1", "--threads", "1", "--compiled", "--backend", "aot_eager",
+                        "--json", str(out)])  # aot_eager: no C++ build
+    result = json.loads(out.read_text())
+    assert result["compiled"] == "aot_eager" and result["command"].endswith(f"--json {out}")
+    (run,) = result["runs"]
     assert set(run["ratios"]) == set(mixed_layouts.VARIANTS + mixed_layouts.COMPILED)
     assert mixed.TRACED_GATHERED_MAX_ELEMENTS == limit
