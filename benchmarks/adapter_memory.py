@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -30,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_machine import save_json  # noqa: E402
 from bench_models import SHAPES, build_base  # noqa: E402
 from mixed_batch import assignment, build  # noqa: E402
-from randmask import atomic_write_bytes  # noqa: E402
 from randmask_lab.argtypes import positive_int  # noqa: E402
 
 
@@ -108,7 +107,7 @@ def main() -> None:
     print(f"  {'LoRA r=8':<14} {lora_bytes / args.adapters / 2**20:30.2f} MiB per adapter "
           f"(randmask / LoRA: {total / lora_bytes:.2f})")
     if args.json:
-        atomic_write_bytes(args.json, (json.dumps(result, indent=1) + "\n").encode())
+        save_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ whose calls then cost less than the padded product (a long prefill, dense adapte
 Under ``torch.compile`` (``traced_mixed_forward``) the slots are every adapter of the model
 (``RowGroups.with_slots``), never only the batch's: the shapes then depend on which adapters the model has, never on
 which rows ask for which, so a new mix of names reuses the compiled graph without a break. The gathered layout runs up
-to ``TRACED_GATHERED_MAX_ELEMENTS``; above, one SpMM per adapter group inside an opaque custom op
-(``randmask.compiled_mixed``). Eager,
-the same slots serve, and each layer keeps its index tables across batches until its adapters change.
+to ``TRACED_GATHERED_MAX_ELEMENTS``; above, one SpMM per adapter group inside opaque custom ops
+(``randmask.compiled_mixed``). Eager, the same slots serve, and each layer keeps its index tables across batches
+until its adapters change (and, without gradients, its stack of values until they change).
 
 Rows named ``"__base__"`` (``BASE_ADAPTER``) get the frozen layer alone, as do rows whose adapter
 does not target this layer. The same function serves the free-function API (``mixed_batch``) and

@@ -15,11 +15,16 @@ pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_dry_run_writes_every_section(tmp_path):
+def _dry_run(out: Path, *extra: str) -> None:
+    """``run.sh --dry-run`` into ``out``, with ``extra`` arguments; it must succeed."""
     env = {**os.environ, "PY": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", "--out", str(tmp_path)],
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", *extra, "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_dry_run_writes_every_section(tmp_path):
+    _dry_run(tmp_path)
     for section in ("tests", "sddmm", "step", "runner", "targets"):
         payload = json.loads((tmp_path / f"gpu_{section}.json").read_text())
         assert payload["machine"]["device"] == "cpu" and "cpu_kind" in payload["machine"], section
@@ -37,11 +42,7 @@ def test_the_dry_run_writes_every_section(tmp_path):
 
 
 def test_the_opt_in_compile_section_writes_its_paired_ratios(tmp_path):
-    env = {**os.environ, "PY": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", "--sections", "compile",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _dry_run(tmp_path, "--sections", "compile")
     payload = json.loads((tmp_path / "gpu_compile.json").read_text())
     assert payload["machine"]["device"] == "cpu" and payload["backend"] == "aot_eager"
     assert set(payload["ratios"]) == {"randmask 0.1% q/v: compiled / eager", "lora r=8 q/v: compiled / eager",
@@ -55,11 +56,7 @@ def _has_triton() -> bool:
 
 
 def test_the_opt_in_mixed_section_times_every_layout_eager_and_compiled(tmp_path):
-    env = {**os.environ, "PY": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", "--sections", "mixed",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _dry_run(tmp_path, "--sections", "mixed")
     payload = json.loads((tmp_path / "gpu_mixed_layouts.json").read_text())
     assert payload["machine"]["device"] == "cpu" and payload["compiled"] == "aot_eager"
     assert [r["tokens"] for r in payload["runs"]] == [1, 8]
