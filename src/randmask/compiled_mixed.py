@@ -39,10 +39,10 @@ def _check(name: str, dense_3d: torch.Tensor, row_slot: torch.Tensor, indices: l
 
 def _slot_rows(name: str, row_slot: torch.Tensor, slots: int) -> list[torch.Tensor]:
     """Each slot's rows, (rows_s,) int64: one sort, not one comparison per slot (slot ``slots``: no adapter)."""
-    if row_slot.dtype != torch.long or (row_slot.numel() and not 0 <= int(row_slot.min()) <= int(row_slot.max())
-                                        <= slots):
+    low, high = (int(row_slot.min()), int(row_slot.max())) if row_slot.numel() else (0, 0)
+    if row_slot.dtype != torch.long or not 0 <= low <= high <= slots:
         raise ValueError(f"randmask.{name}: row_slot must be int64 slots in [0, {slots}] ({slots}: no adapter), got "
-                         f"{row_slot.dtype} in [{int(row_slot.min())}, {int(row_slot.max())}]")
+                         f"{row_slot.dtype} in [{low}, {high}]")
     order = torch.argsort(row_slot, stable=True)
     counts = torch.bincount(row_slot, minlength=slots + 1)[:slots].tolist()
     return list(order[:sum(counts)].split(counts))
