@@ -112,8 +112,8 @@ class IndexTables:
     does not target this layer). A padded entry reads input 0 and adds 0 * x to output 0."""
 
     members: tuple[MaskAdapter | None, ...]
-    out_index: torch.Tensor  # (members + 1, N) int64
-    in_index: torch.Tensor  # (members + 1, N) int64
+    out_index: torch.Tensor  # (members + 1, N) int32: feature indices (half of int64's memory, kept per layer)
+    in_index: torch.Tensor  # (members + 1, N) int32
     # values(dtype)'s last stacked values and what they were read from; shared by the copies that layer_tables makes
     # with dataclasses.replace, so a layer's decode steps reuse it.
     _values_cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -131,14 +131,14 @@ class IndexTables:
         outs, ins = [], []
         for adapter in [*members, None]:
             if adapter is None:
-                outs.append(torch.zeros(width, dtype=torch.long, device=device))
+                outs.append(torch.zeros(width, dtype=torch.int32, device=device))
                 ins.append(outs[-1])
                 continue
             pattern = (adapter.pattern() if cached_patterns
                        else SparsePattern(adapter.indices, adapter.stored_shape, adapter.transposed))
             pad = (0, width - adapter.nnz)
-            outs.append(torch.nn.functional.pad(pattern.out_index.to(device, torch.long), pad))
-            ins.append(torch.nn.functional.pad(pattern.in_index.to(device, torch.long), pad))
+            outs.append(torch.nn.functional.pad(pattern.out_index.to(device, torch.int32), pad))
+            ins.append(torch.nn.functional.pad(pattern.in_index.to(device, torch.int32), pad))
         return cls(tuple(members), torch.stack(outs), torch.stack(ins))
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:
@@ -178,8 +178,9 @@ def gathered_delta(x: torch.Tensor, out_features: int, tables: IndexTables, row_
     rows, in_f, width = x.shape[0], x.shape[-1], tables.width
     x3 = x.reshape(rows, -1, in_f).to(compute)  # (B, T, in)
     tokens = x3.shape[1]
-    out_index = tables.out_index[row_member][:, None, :].expand(rows, tokens, width)  # (B, T, N)
-    in_index = tables.in_index[row_member][:, None, :].expand(rows, tokens, width)
+    # gather and scatter_add take int64 only: widened per batch, after the rows' members are picked (B x N)
+    out_index = tables.out_index[row_member].long()[:, None, :].expand(rows, tokens, width)  # (B, T, N)
+    in_index = tables.in_index[row_member].long()[:, None, :].expand(rows, tokens, width)
     contrib = x3.gather(2, in_index) * tables.values(compute)[row_member][:, None, :]  # (B, T, N)
     delta = x3.new_zeros(rows, tokens, out_features).scatter_add(2, out_index, contrib)  # (B, T, out)
     return delta.reshape(*x.shape[:-1], out_features)

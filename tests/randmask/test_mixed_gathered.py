@@ -77,7 +77,7 @@ def test_a_layer_keeps_its_tables_across_batches_until_its_adapters_change():
     assert layer_tables(torch.nn.Linear(8, 16), adapters, ["a"], cpu).out_index is not tables.out_index  # per layer
     adapters["b"] = _adapter(random_pattern((16, 8), 30, False, 1), torch.randn(30))
     grown = layer_tables(layer, adapters, ["a", "b"], cpu)  # an adapter added: a slot more, N = 30
-    assert grown.out_index.shape == (3, 30)
+    assert grown.out_index.shape == (3, 30) and grown.in_index.dtype == torch.int32  # int32: kept per layer
     adapters["a"] = _adapter(random_pattern((16, 8), 20, False, 2), torch.randn(20))  # replaced under its name
     replaced = layer_tables(layer, adapters, ["a", "b"], cpu)
     assert not torch.equal(replaced.in_index[0], grown.in_index[0])
