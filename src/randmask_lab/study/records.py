@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from randmask import atomic_write_bytes, read_limited
@@ -26,6 +26,27 @@ def export_jsonl(records: Iterable[RunRecord], path: str | Path) -> int:
     text = "".join(json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in rows)
     atomic_write_bytes(Path(path), text.encode())
     return len(rows)
+
+
+def export_locked(records: Callable[[], Iterable[RunRecord]], path: str | Path, lock: str | Path) -> int:
+    """``export_jsonl(records(), path)`` under an exclusive advisory lock on the file ``lock``.
+
+    Workers sharing a store each export after their runs. Unlocked, one could read the store, another read it with
+    one record more and write, and the first then write its older snapshot over it: a record lost from the file
+    (two workers started together met it). Under the lock each export reads the store after every export before
+    it, and a store's records only grow, so the last write holds them all. Without ``fcntl`` (not POSIX) there is
+    no lock; each worker's final export, when nothing is left to run, then narrows the window.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return export_jsonl(records(), path)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            return export_jsonl(records(), path)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_jsonl(path: str | Path) -> list[RunRecord]:

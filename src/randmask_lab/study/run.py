@@ -20,7 +20,7 @@ from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner,
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.sweeps.sweep import run_claimed
 from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
-from randmask_lab.study.records import export_jsonl, read_jsonl
+from randmask_lab.study.records import export_locked, read_jsonl
 
 
 def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) -> RunConfig:
@@ -135,11 +135,14 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
         if adopted:
             say(f"study {spec.name}: took {adopted} finished records from {export} into the store")
     owner, ran, failed = new_owner(), 0, set()
+    lock = store.path.with_name(store.path.name + ".export-lock")  # beside the store the workers share
     run_id = planned_run_id(spec, out_dir, execution)
     while max_runs is None or ran < max_runs:
         needs = [n for n in needed_runs(spec, store.records(), run_id) if run_id(n) not in failed]
         if not needs:
             say(f"study {spec.name}: nothing left to run ({len(store)} records; {len(failed)} failed here)")
+            if export:
+                export_locked(store.records, export, lock)
             break
         progressed = False
         for need in needs:
@@ -156,7 +159,7 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
             say(f"{record.status}: {need.task} {need.method} {need.ratio or ''} lr={need.lr:g} seed={need.seed} "
                 f"test={record.test_metric}")
             if export:
-                export_jsonl(store.records(), export)
+                export_locked(store.records, export, lock)
             break  # re-plan: the LR search decides which runs come next
         if not progressed:
             say(f"every planned run is held by another worker; waiting {wait_seconds:.0f} s")

@@ -12,7 +12,7 @@ from tests.randmask_lab.study.test_study import study
 
 from randmask_lab.cli import main
 from randmask_lab.errors import StoreError
-from randmask_lab.study.records import export_jsonl, read_jsonl
+from randmask_lab.study.records import export_jsonl, export_locked, read_jsonl
 
 COMMITTED = Path(__file__).resolve().parents[3] / "experiments" / "results" / "smollm2_study.jsonl"
 
@@ -169,3 +169,27 @@ def test_a_folder_given_as_the_output_file_is_one_clear_error(tmp_path, capsys, 
     args = [a.format(runs=tmp_path / "runs", committed=COMMITTED) for a in verb]
     assert main([*args, "--out", str(tmp_path)]) == 2
     assert f"{tmp_path} is a folder; give the study file's name" in capsys.readouterr().err
+
+
+def test_an_export_waits_for_the_lock_so_an_older_snapshot_never_lands_last(tmp_path):
+    """Two workers exporting one store: while one holds the lock the other neither reads the store nor writes, so it
+    reads the store after the first's write and the file ends with every record (test_two_workers met the race)."""
+    import fcntl
+    import threading
+
+    records, path, lock = study(), tmp_path / "study.jsonl", tmp_path / "results.sqlite.export-lock"
+    read = threading.Event()
+
+    def store_records():
+        read.set()
+        return records
+
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another worker exporting
+        worker = threading.Thread(target=export_locked, args=(store_records, path, lock))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not read.is_set() and not path.exists()  # waits before it reads
+        fcntl.flock(held, fcntl.LOCK_UN)
+    worker.join(10)
+    assert not worker.is_alive() and len(read_jsonl(path)) == len(records)
