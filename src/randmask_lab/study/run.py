@@ -121,28 +121,20 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
     again to retry it), so one broken cell cannot loop forever. Refuses uncommitted code (unless
     ``allow_dirty``), a committed study file in another precision, and a masking budget a cell's model cannot take.
     """
-    check_spec(spec, out_dir, execution)
-    version = check_provenance(allow_dirty)
-    # exists(), not is_file(): a folder or device named as the study file is refused here, before any run, not
-    # after an hour of training when the first export fails (read_jsonl refuses anything but a regular file)
-    committed = read_jsonl(export) if export and Path(export).exists() else []
-    check_one_precision(spec, committed, export or "")
-    say(f"study {spec.name}: code {version.get('package')} at commit {version.get('commit')}"
-        f"{' (uncommitted changes: --allow-dirty)' if version.get('dirty') else ''}")
-    store = ResultStore(store_file(None, out_dir))
-    if committed:
-        adopted = adopt_records(store, committed)
-        if adopted:
-            say(f"study {spec.name}: took {adopted} finished records from {export} into the store")
-    owner, ran, failed = new_owner(), 0, set()
+    store = _open_store(spec, out_dir, export, execution, say, allow_dirty)
     lock = store.path.with_name(store.path.name + ".export-lock")  # beside the store the workers share
+
+    def export_now() -> None:
+        if export:
+            export_locked(store.records, export, lock)
+
+    owner, ran, failed = new_owner(), 0, set()
     run_id = planned_run_id(spec, out_dir, execution)
     while max_runs is None or ran < max_runs:
         needs = [n for n in needed_runs(spec, store.records(), run_id) if run_id(n) not in failed]
         if not needs:
             say(f"study {spec.name}: nothing left to run ({len(store)} records; {len(failed)} failed here)")
-            if export:
-                export_locked(store.records, export, lock)
+            export_now()
             break
         progressed = False
         for need in needs:
@@ -158,10 +150,28 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
                 failed.add(config.run_id)
             say(f"{record.status}: {need.task} {need.method} {need.ratio or ''} lr={need.lr:g} seed={need.seed} "
                 f"test={record.test_metric}")
-            if export:
-                export_locked(store.records, export, lock)
+            export_now()
             break  # re-plan: the LR search decides which runs come next
         if not progressed:
             say(f"every planned run is held by another worker; waiting {wait_seconds:.0f} s")
             time.sleep(wait_seconds)
     return ran
+
+
+def _open_store(spec: StudySpec, out_dir: str, export: str | Path | None, execution: dict | None,
+                say: Callable[[str], None], allow_dirty: bool) -> ResultStore:
+    """The checks before any run, then the study's store with the committed file's finished records taken in."""
+    check_spec(spec, out_dir, execution)
+    version = check_provenance(allow_dirty)
+    # exists(), not is_file(): a folder or device named as the study file is refused here, before any run, not
+    # after an hour of training when the first export fails (read_jsonl refuses anything but a regular file)
+    committed = read_jsonl(export) if export and Path(export).exists() else []
+    check_one_precision(spec, committed, export or "")
+    say(f"study {spec.name}: code {version.get('package')} at commit {version.get('commit')}"
+        f"{' (uncommitted changes: --allow-dirty)' if version.get('dirty') else ''}")
+    store = ResultStore(store_file(None, out_dir))
+    if committed:
+        adopted = adopt_records(store, committed)
+        if adopted:
+            say(f"study {spec.name}: took {adopted} finished records from {export} into the store")
+    return store
