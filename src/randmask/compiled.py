@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from randmask.delta import delta_matmul
-from randmask.ops import SparsePattern, autocast_dtype, dense_linear, logical_shape, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, dense_linear, logical_shape, sddmm
 
 # id(indices) -> (a weak reference to that tensor, its pattern): the pattern caches the compact-SDDMM plan, which
 # a custom op, handed tensors only, would otherwise rebuild at every backward.
@@ -72,24 +72,20 @@ def _check_operands(name: str, values: torch.Tensor | None, indices: torch.Tenso
                          f"{tuple(dense_2d.shape)}")
 
 
-def _compute_dtype(grad_out_2d: torch.Tensor) -> torch.dtype:
-    return torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("randmask::sddmm", mutates_args=())
 def sddmm_op(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
              stored_cols: int, transposed: bool) -> torch.Tensor:
     """``randmask.ops.sddmm`` as one custom op: (T, out) and (T, in) -> (nnz,) fp32 (fp64 for fp64 inputs)."""
     _check_sddmm(grad_out_2d, x_2d, indices, stored_rows, stored_cols, transposed)
     out = sddmm(grad_out_2d, x_2d, pattern_for(indices, stored_rows, stored_cols, transposed))
-    return out.to(_compute_dtype(grad_out_2d))  # the op's declared dtype, whichever kernel ran
+    return out.to(compute_dtype(grad_out_2d))  # the op's declared dtype, whichever kernel ran
 
 
 @sddmm_op.register_fake
 def _sddmm_shape(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
                  stored_cols: int, transposed: bool) -> torch.Tensor:
     _check_sddmm(grad_out_2d, x_2d, indices, stored_rows, stored_cols, transposed)
-    return grad_out_2d.new_empty(indices.shape[0], dtype=_compute_dtype(grad_out_2d))
+    return grad_out_2d.new_empty(indices.shape[0], dtype=compute_dtype(grad_out_2d))
 
 
 def _check_sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, indices: torch.Tensor, stored_rows: int,
@@ -116,7 +112,7 @@ def _delta_matmul_shape(dense_2d: torch.Tensor, values: torch.Tensor, indices: t
                         stored_cols: int, transposed: bool, transpose: bool) -> torch.Tensor:
     _check_delta(dense_2d, values, indices, stored_rows, stored_cols, transposed, transpose)
     out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
-    return dense_2d.new_empty(dense_2d.shape[0], in_f if transpose else out_f, dtype=_compute_dtype(dense_2d))
+    return dense_2d.new_empty(dense_2d.shape[0], in_f if transpose else out_f, dtype=compute_dtype(dense_2d))
 
 
 def _check_delta(dense_2d: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, stored_rows: int,

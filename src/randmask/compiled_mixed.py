@@ -17,11 +17,7 @@ import torch
 
 from randmask.compiled import pattern_for
 from randmask.delta import delta_matmul
-from randmask.ops import autocast_dtype, logical_shape, sddmm
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from randmask.ops import autocast_dtype, compute_dtype, logical_shape, sddmm
 
 
 def _check(name: str, dense_3d: torch.Tensor, row_slot: torch.Tensor, indices: list[torch.Tensor], features: int,
@@ -57,7 +53,7 @@ def grouped_delta_matmul_op(dense_3d: torch.Tensor, row_slot: torch.Tensor, valu
     out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
     _check("grouped_delta_matmul", dense_3d, row_slot, indices, out_f if transpose else in_f, values)
     rows_b, tokens = dense_3d.shape[:2]
-    out = dense_3d.new_zeros(rows_b, tokens, in_f if transpose else out_f, dtype=_compute_dtype(dense_3d))
+    out = dense_3d.new_zeros(rows_b, tokens, in_f if transpose else out_f, dtype=compute_dtype(dense_3d))
     for rows, v, idx in zip(_slot_rows("grouped_delta_matmul", row_slot, len(values)), values, indices):
         if rows.numel() == 0 or idx.numel() == 0:
             continue
@@ -72,7 +68,7 @@ def _grouped_delta_matmul_shape(dense_3d, row_slot, values, indices, stored_rows
                                 transpose):
     out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
     _check("grouped_delta_matmul", dense_3d, row_slot, indices, out_f if transpose else in_f, values)
-    return dense_3d.new_empty(*dense_3d.shape[:2], in_f if transpose else out_f, dtype=_compute_dtype(dense_3d))
+    return dense_3d.new_empty(*dense_3d.shape[:2], in_f if transpose else out_f, dtype=compute_dtype(dense_3d))
 
 
 @torch.library.custom_op("randmask::grouped_sddmm", mutates_args=())
@@ -85,10 +81,10 @@ def grouped_sddmm_op(grad_3d: torch.Tensor, x_3d: torch.Tensor, row_slot: torch.
     grads = []
     for rows, idx in zip(_slot_rows("grouped_sddmm", row_slot, len(indices)), indices):
         if rows.numel() == 0 or idx.numel() == 0:
-            grads.append(grad_3d.new_zeros(idx.shape[0], dtype=_compute_dtype(grad_3d)))
+            grads.append(grad_3d.new_zeros(idx.shape[0], dtype=compute_dtype(grad_3d)))
             continue
         g, x = grad_3d.index_select(0, rows).reshape(-1, out_f), x_3d.index_select(0, rows).reshape(-1, in_f)
-        grads.append(sddmm(g, x, pattern_for(idx, stored_rows, stored_cols, transposed)).to(_compute_dtype(grad_3d)))
+        grads.append(sddmm(g, x, pattern_for(idx, stored_rows, stored_cols, transposed)).to(compute_dtype(grad_3d)))
     return grads
 
 
@@ -97,7 +93,7 @@ def _grouped_sddmm_shape(grad_3d, x_3d, row_slot, indices, stored_rows, stored_c
     out_f, in_f = logical_shape((stored_rows, stored_cols), transposed)
     _check("grouped_sddmm", grad_3d, row_slot, indices, out_f)
     _check("grouped_sddmm", x_3d, row_slot, indices, in_f)
-    return [grad_3d.new_empty(i.shape[0], dtype=_compute_dtype(grad_3d)) for i in indices]
+    return [grad_3d.new_empty(i.shape[0], dtype=compute_dtype(grad_3d)) for i in indices]
 
 
 class CompiledGroupedDelta(torch.autograd.Function):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from randmask.ops import SparsePattern, autocast_dtype, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, sddmm
 
 
 @dataclass(eq=False)
@@ -91,10 +91,6 @@ def _in_order(values: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
     return values if order is None else values.index_select(0, order)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def delta_matmul(dense_2d: torch.Tensor, values: torch.Tensor, pattern: SparsePattern,
                  transpose: bool = False) -> torch.Tensor:
     """The sparse delta D (out, in) at ``pattern``'s kept entries applied to token rows, autocast off, in fp32 (fp64
@@ -102,7 +98,7 @@ def delta_matmul(dense_2d: torch.Tensor, values: torch.Tensor, pattern: SparsePa
     """
     out_f, in_f = pattern.logical_shape
     csr = _layout(pattern, transpose)  # transpose: g @ D = (D^T @ g^T)^T
-    compute = _compute_dtype(dense_2d)
+    compute = compute_dtype(dense_2d)
     # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
     with torch.autocast(dense_2d.device.type, enabled=False):
         ordered = _in_order(values.to(compute), csr.order)

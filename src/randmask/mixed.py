@@ -39,7 +39,7 @@ from torch import nn
 from randmask.compiled_mixed import compiled_grouped_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
-from randmask.ops import SparsePattern
+from randmask.ops import SparsePattern, compute_dtype
 from randmask.sharding import is_sharded
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def gathered_delta(x: torch.Tensor, out_features: int, tables: IndexTables, row_
     ``row_member`` (B,) int64 picks each row's member of ``tables`` (the last one: no adapter). The per-row form of
     ``randmask.delta.sparse_delta_reference``: O(B x tokens x N) memory, one gather and one scatter-add.
     """
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32  # as the eager delta: rounded once
+    compute = compute_dtype(x)  # as the eager delta: rounded once
     rows, in_f, width = x.shape[0], x.shape[-1], tables.width
     x3 = x.reshape(rows, -1, in_f).to(compute)  # (B, T, in)
     tokens = x3.shape[1]

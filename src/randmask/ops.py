@@ -223,7 +223,7 @@ def sddmm(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: SparsePattern)
     """
     # Accumulate in fp32 (fp64 for fp64 inputs): CPU sampled_addmm has no bf16/fp16 kernel (torch 2.13),
     # and bf16 products summed over thousands of tokens would lose the small gradients we train on.
-    compute = torch.float64 if grad_out_2d.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(grad_out_2d)
     path = weight_gradient_path(grad_out_2d, x_2d, pattern)
     if path == "empty":
         return grad_out_2d.new_zeros(0, dtype=compute)
@@ -454,6 +454,12 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the sparse kernels accumulate in: fp64 for fp64 input, fp32 for everything else (CPU sampled_addmm
+    and MKL's CSR SpMM have no bf16/fp16 kernel in torch 2.13, and bf16 sums would lose small gradients)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul on ``x`` in, or None when autocast is off (or ``x`` is not float)."""
     device = x.device.type
@@ -561,6 +567,7 @@ __all__ = [
     "KERNELS",
     "KERNEL_ENV",
     "autocast_dtype",
+    "compute_dtype",
     "dense_linear",
     "dense_reference_linear",
     "kernel_setting",
