@@ -107,11 +107,7 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
             verdicts.append(UNSURE)
             continue
         tasks = sorted(set(rows[left]) & set(rows[right]))
-        far = {task: _far_off({left: rows[left][task], right: rows[right][task]}) for task in tasks}
-        far_any: dict[int, str] = {}  # a seed far off in several tasks keeps every task's mark
-        for marks in far.values():
-            for seed, mark in marks.items():
-                far_any[seed] = f"{far_any[seed]}, {mark}" if seed in far_any else mark
+        far = {task: _far_off([(side, rows[side][task]) for side in (left, right)]) for task in tasks}
         for task in tasks if len(tasks) > 1 else ():
             per_task = paired_difference(rows[left][task].tests, rows[right][task].tests)
             evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({_seeds(per_task.n)}), "
@@ -124,16 +120,18 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
         evidence.append(f"{left} − {right} on the average of {', '.join(tasks)}: {diff.text()} points "
                         f"({_seeds(diff.n)}), {_bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
                         f"{verdicts[-1]}; equivalent within ±{100 * MARGIN:g}: {_equivalent(diff, MARGIN)}")
-        evidence += _sensitivity(lefts, rights, dict(sorted(far_any.items())), "  ")
+        far_any = _far_off([(side, rows[side][t]) for t in tasks for side in (left, right)])  # every task's marks
+        evidence += _sensitivity(lefts, rights, far_any, "  ")
     verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
     return Verdict("a", f"randmask 0.1% is not worse than LoRA or full FT by more than {100 * MARGIN:g} point "
                    "on the task average (non-inferiority, one-sided 95%)", verdict, evidence)
 
 
-def _far_off(cells: Mapping[str, StudyCell]) -> dict[int, str]:
-    """Seed -> what marks it, for the seeds far off their cell (``stats.far_off_seeds``) in any of ``cells``."""
+def _far_off(cells: Sequence[tuple[str, StudyCell]]) -> dict[int, str]:
+    """Seed -> what marks it, for the seeds far off their cell (``stats.far_off_seeds``) in any of the (label, cell)
+    pairs ``cells``, in their order."""
     marks: dict[int, list[str]] = {}
-    for label, cell in cells.items():
+    for label, cell in cells:
         for f in far_off_seeds(cell.tests):
             marks.setdefault(f.seed, []).append(f"{label} {cell.key[2]} seed {f.seed} at {100 * f.value:.1f}")
     return {seed: ", ".join(m) for seed, m in sorted(marks.items())}
