@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.ratio >= 1:
         parser.error(f"--ratio {args.ratio}: the share of kept entries must be below 1 (e.g. 1e-3)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device; run on a GPU machine, or leave --device out")
+    if args.compiled and args.backend not in torch._dynamo.list_backends(exclude_tags=()):
+        parser.error(f"--backend {args.backend!r} is not a torch.compile backend; pick one of "
+                     f"{', '.join(torch._dynamo.list_backends())}")
     from randmask_lab.machine import describe, machine_info
 
     torch.set_num_threads(args.threads)

@@ -51,3 +51,15 @@ def test_compiled_it_times_both_traced_layouts_and_puts_the_limit_back(tmp_path:
     (run,) = result["runs"]
     assert set(run["ratios"]) == set(mixed_layouts.VARIANTS + mixed_layouts.COMPILED)
     assert mixed.TRACED_GATHERED_MAX_ELEMENTS == limit
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cuda"], "--device cuda: this torch sees no CUDA device"),
+    (["--compiled", "--backend", "nosuch"], "--backend 'nosuch' is not a torch.compile backend")])
+def test_a_missing_device_or_backend_is_one_line(argv, message, monkeypatch, capsys) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU, and on any machine
+    with pytest.raises(SystemExit) as exit_info:
+        mixed_layouts.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
