@@ -9,7 +9,7 @@ builds it; random init at ``--shape``), served as ``generate`` serves it: a mixe
 group), then one decode step of 1 token per row (the gathered layout), ``torch.no_grad``. Then it counts the bytes
 of every distinct tensor storage each part holds, per kept entry and per adapter:
 
-    adapter      the adapters' parameters and buffers (values; indices; W0 at the kept entries)
+    adapter      the adapters' parameters and buffers (values; indices; W0 at the kept entries, active adapter only)
     tables       each layer's gathered index tables and its kept stack of values (randmask.mixed)
     CSR layouts  each adapter's CSR of its delta, kept for the per-group SpMM (randmask.delta)
 

@@ -33,7 +33,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, is_maskable, logical_shape
+from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, is_maskable, logical_shape, pristine_entries
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
@@ -44,7 +44,7 @@ from randmask.model import (
     draw_mask,
     masked_layers,
 )
-from randmask.quantized import base_entries, quant_scheme, stored_shape
+from randmask.quantized import quant_scheme, stored_shape
 from randmask.sharding import full_tensor, is_sharded
 from randmask.targets import Target
 from randmask.version import __version__
@@ -115,8 +115,9 @@ def _save_matrix(name: str, layer: MaskedLayer, adapter: MaskAdapter, dtype: tor
         "nnz": adapter.nnz,
         "indices_checksum": indices_checksum(adapter.indices),
         "explicit_indices": adapter.explicit_indices,
-        # base_values is pristine W0 at the kept entries (captured before any delta was written).
-        "base_fingerprint": base_fingerprint(adapter.base_values),
+        # Pristine W0 at the kept entries: held by the active adapter, else read from the (restored) weight.
+        "base_fingerprint": base_fingerprint(adapter.base_values if adapter.base_values is not None
+                                             else _pristine_entries(layer, adapter.indices)),
     }
 
 
@@ -341,7 +342,7 @@ def _pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """W0 at ``indices``: a masked layer first writes its pristine weights back, then its delta again."""
     if isinstance(module, MaskedLayer):
         module.restore_base()
-        entries = base_entries(module.base_layer, indices)
+        entries = pristine_entries(module.base_layer, indices)
         module.sync()
         return entries
-    return base_entries(module, indices)
+    return pristine_entries(module, indices)

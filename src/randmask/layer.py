@@ -77,6 +77,15 @@ def uses_delta_path(module: nn.Module) -> bool:
     return is_quantized(module)
 
 
+def pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
+    """W0 at flat stored-weight ``indices`` of a Linear/Conv1D that holds no adapter's delta there (dequantized
+    for a quantized one; a sharded weight is gathered first: a collective)."""
+    weight = module.weight
+    if is_sharded(weight):
+        return full_tensor(weight.detach()).reshape(-1)[indices.to(weight.device)]
+    return base_entries(module, indices)
+
+
 class MaskAdapter(nn.Module):
     """One named adapter of a masked layer: trainable ``values`` at fixed ``indices``."""
 
@@ -90,8 +99,8 @@ class MaskAdapter(nn.Module):
         # so that updates smaller than a bf16 ulp still accumulate.
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=device))
         self.register_buffer("indices", indices.to(device), persistent=False)
-        # Pristine W0 at the kept entries (dequantized for a quantized base): the base fingerprint,
-        # and what restore_base writes back on the in-place path.
+        # Pristine W0 at the kept entries: what restore_base writes back on the in-place path. Held only while
+        # this adapter is the live one (``release_base``): 4 B per entry of every other adapter is the weight's own.
         self.register_buffer("base_values", base_values.detach().clone(), persistent=False)
         self.stored_shape = tuple(stored_shape)
         self.transposed = transposed
@@ -119,10 +128,32 @@ class MaskAdapter(nn.Module):
             self._pattern = SparsePattern(self.indices, self.stored_shape, self.transposed)
         return self._pattern
 
+    def release_base(self) -> None:
+        """Drop the held W0 at the kept entries: the weight holds them itself while this adapter is not written
+        into it (not active, or a delta-path layer, which never writes). ``capture_base`` reads them back."""
+        self._buffers["base_values"] = None  # (the dict itself: nn.Module.__setattr__ costs a hot-swap µs)
+
+    def capture_base(self, module: nn.Module) -> None:
+        """Hold W0 at the kept entries again, read from ``module``'s weight, which must hold W0 there: no adapter
+        written into it. O(nnz); a sharded (DTensor) weight is gathered (every rank must call this)."""
+        if self.base_values is None:
+            self.hold_base(pristine_entries(module, self.indices))
+
+    def hold_base(self, entries: torch.Tensor) -> None:
+        """Hold ``entries`` (nnz,), read from a weight that holds W0 at the kept entries, as this adapter's W0."""
+        self._buffers["base_values"] = entries
+
+    def held_base(self) -> torch.Tensor:
+        """The held W0 at the kept entries (the active adapter of an in-place layer holds them)."""
+        if self.base_values is None:
+            raise MaskingError("internal: W0 at an adapter's entries was released; the layer must capture_base "
+                               "before it writes this adapter into its weight.")
+        return self.base_values
+
     def target_entries(self, weight_dtype: torch.dtype) -> torch.Tensor:
         """W0 (+) values in the weight dtype: what the weight holds at the kept entries. Outside a forward of an
         FSDP2 model ``values`` is a DTensor: its whole is gathered (every rank must call this)."""
-        return torch.add(_as(self.base_values, weight_dtype), _as(full_tensor(self.values.detach()), weight_dtype))
+        return torch.add(_as(self.held_base(), weight_dtype), _as(full_tensor(self.values.detach()), weight_dtype))
 
     def writes_into(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` is the parameter this adapter writes into (so it keeps the delta until the backward)."""
@@ -216,6 +247,10 @@ class MaskedLayer(nn.Module):
         adapter = MaskAdapter(indices, base_entries(self.base_layer, indices), stored_shape(self.base_layer),
                               self.transposed, blocks, kind, explicit_indices,
                               weight=None if self.delta_path else self.weight)
+        if self.active_adapter is not None:
+            self.adapters[self.active_adapter].release_base()
+        if self.delta_path:  # never written into the weight: nothing to restore
+            adapter.release_base()
         self.adapters[name] = adapter
         self.active_adapter = name
         self.sync()
@@ -230,27 +265,43 @@ class MaskedLayer(nn.Module):
         if name == self.active_adapter:
             self.sync()
             return
-        if self.delta_path or is_sharded(self.weight):  # nothing to write, or a shard to write through
-            self.restore_base()
+        if self.delta_path:  # nothing to write
             self.active_adapter = name
+            return
+        if is_sharded(self.weight):  # a shard to write through
+            self.restore_base()
+            self._hand_over(name)
             self.sync()
             return
         flat = self.base_layer.weight.detach().view(-1)
         if self.active_adapter is not None:
             old = self.adapters[self.active_adapter]
-            flat.scatter_(0, old.indices, _as(old.base_values, flat.dtype))
+            flat.scatter_(0, old.indices, _as(old.held_base(), flat.dtype))
+            old.release_base()
         self.active_adapter = name
-        if name is None or self.disabled or self.row_groups is not None:
+        if name is None:
             return
         new = self.adapters[name]
+        if new.base_values is None:  # the weight is W0 at every entry now: read the new adapter's (one gather)
+            new.hold_base(flat.index_select(0, new.indices))
+        if self.disabled or self.row_groups is not None:
+            return
         flat.scatter_(0, new.indices, new.target_entries(flat.dtype))  # known stale: no comparison
+
+    def _hand_over(self, name: str | None) -> None:
+        """Make ``name`` active on a weight that holds W0 at every adapter's entries: only it holds its W0."""
+        if self.active_adapter is not None:
+            self.adapters[self.active_adapter].release_base()
+        self.active_adapter = name
+        if name is not None:
+            self.adapters[name].capture_base(self.base_layer)
 
     def restore_base(self) -> None:
         """Write W0 back at the active adapter's entries (the weight becomes pristine)."""
         if self.active_adapter is None or self.delta_path:  # the delta path never writes the weight
             return
         adapter = self.adapters[self.active_adapter]
-        adapter.write(self.weight, _as(adapter.base_values, self.weight.dtype))
+        adapter.write(self.weight, _as(adapter.held_base(), self.weight.dtype))
 
     def sync(self) -> None:
         """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)). A sharded (DTensor)

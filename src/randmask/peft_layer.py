@@ -51,6 +51,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         self.randmask_adapters[adapter_name] = MaskAdapter(
             indices, base_entries(base, indices), stored_shape(base), is_conv1d(base), blocks, kind, False,
             weight=None if uses_delta_path(base) else base.weight)
+        self.randmask_adapters[adapter_name].release_base()  # only the live adapter holds its W0 (_make_live)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def restore_live(self) -> None:
@@ -58,7 +59,8 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if self._live is None:
             return
         adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
-        flat.scatter_(0, adapter.indices, adapter.base_values.to(flat.dtype))  # scatter_: see MaskAdapter.write
+        flat.scatter_(0, adapter.indices, adapter.held_base().to(flat.dtype))  # scatter_: see MaskAdapter.write
+        adapter.release_base()  # the weight holds W0 there again
         self._live = None
 
     def _make_live(self, name: str) -> MaskAdapter:
@@ -68,12 +70,15 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
             adapter.write(weight, adapter.target_entries(weight.dtype))
             return adapter
         flat = weight.data.view(-1)
-        target = adapter.target_entries(flat.dtype)
         if self._live != name:  # a switch: W0 back at the old entries, the new ones written (O(nnz))
             self.restore_live()
-            flat.scatter_(0, adapter.indices, target)
+            if adapter.base_values is None:  # the weight is W0 at every entry now: read the adapter's (one gather)
+                adapter.hold_base(flat.index_select(0, adapter.indices))
+            flat.scatter_(0, adapter.indices, adapter.target_entries(flat.dtype))
             self._live = name
-        elif not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
+            return adapter
+        target = adapter.target_entries(flat.dtype)
+        if not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
             flat[adapter.indices] = target
         return adapter
 

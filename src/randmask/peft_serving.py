@@ -95,6 +95,7 @@ def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights
         with torch.no_grad():
             merged.values.copy_(values.to(merged.values.dtype))
         merged.requires_grad_(False)
+        merged.release_base()  # only the live adapter holds its W0 (RandMaskLayer._make_live)
         layer.randmask_adapters[adapter_name] = merged
     first = tuner.peft_config[adapters[0]]
     tuner.peft_config[adapter_name] = dataclasses.replace(first, merged_from=list(adapters), checksums=None,

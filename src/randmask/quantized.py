@@ -8,7 +8,7 @@ stored weight is never written to, copied or dequantized for training.
 
 The backends are recognised by their tensor types, never imported here (``import randmask`` stays
 torch + safetensors); bitsandbytes' own dequantization is imported only when one of its weights is
-already in the model. W0 at the kept entries (for the base fingerprint and ``base_values``) is read
+already in the model. W0 at the kept entries (for the base fingerprint; a quantized layer holds none) is read
 from one matrix dequantized at a time, then freed.
 """
 
@@ -141,7 +141,7 @@ def base_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """W0 at flat stored-weight ``indices``, as the layer computes with it (dequantized for a quantized one)."""
     weight = module.weight
     if not is_quantized(module):
-        return weight.detach().reshape(-1)[indices.to(weight.device)].clone()
+        return weight.detach().reshape(-1).index_select(0, indices.to(weight.device))  # a copy: one gather
     with torch.no_grad():
         dense = dequantized(module)
         entries = dense.reshape(-1)[indices.to(dense.device)].clone()

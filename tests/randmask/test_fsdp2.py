@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import end_spawned_rank
 
 import randmask
 from randmask import MaskingConfig, apply_masking, load_adapter, masked_layers, save_adapter
@@ -61,13 +62,27 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def _with_other_adapter(model):
+    """A second, frozen adapter with overlapping masks and nonzero values; "default" made active again."""
+    apply_masking(model, MaskingConfig(**{**CONFIG, "seed": 1}), adapter_name="other")
+    gen = torch.Generator().manual_seed(3)
+    for layer in masked_layers(model).values():
+        other = layer.adapters["other"]
+        other.values.requires_grad_(False)
+        layer.adapters["default"].values.requires_grad_(True)  # apply_masking froze it for "other"
+        with torch.no_grad():
+            other.values.copy_(torch.randn(other.nnz, generator=gen) * 0.05)
+    randmask.set_adapter(model, "default")
+    return model
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    model = apply_masking(_base(), MaskingConfig(**CONFIG))
+    model = _with_other_adapter(apply_masking(_base(), MaskingConfig(**CONFIG)))
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -87,15 +102,23 @@ def _worker(rank: int, port: int, out: str) -> None:
     with randmask.disable_adapter(model):  # W0 written into each rank's shard, then W0 + delta again
         base_logits = _logits(model, probe)
     after = _logits(model, probe)
+    # "other" holds no W0 (only the active adapter does): switching to it gathers W0 from the shards.
+    randmask.set_adapter(model, "other")
+    other_logits = _logits(model, probe)
+    save_adapter(model, Path(out) / "other", adapter_name="other")
+    randmask.set_adapter(model, "default")
+    save_adapter(model, Path(out) / "other_inactive", adapter_name="other")  # W0 read from the restored shards
+    sharded["back_to_default"] = bool(torch.equal(_logits(model, probe), logits))
     merged = randmask.merge_and_unload(model)  # the delta written into the local shards for good
     merged_logits = _logits(merged, probe)
     q_weight = merged.model.layers[0].self_attn.q_proj.weight.full_tensor()
     if rank == 0:
         torch.save({"losses": torch.tensor(losses, dtype=torch.float64), "logits": logits, "base": base_logits,
-                    "after": after, "merged": merged_logits, "q_weight": q_weight}, Path(out) / "rank0.pt")
+                    "after": after, "merged": merged_logits, "q_weight": q_weight, "other": other_logits},
+                   Path(out) / "rank0.pt")
         (Path(out) / "sharded.json").write_text(json.dumps(sharded))
     dist.barrier()
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def _free_port() -> int:
@@ -111,7 +134,8 @@ def test_fsdp2_trains_saves_and_loads_like_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "rank0.pt")
     assert json.loads((tmp_path / "sharded.json").read_text()) == {"weight": True, "values": True,
-                                                                           "mixed_batch_refused": True}
+                                                                           "mixed_batch_refused": True,
+                                                                           "back_to_default": True}
 
     single = apply_masking(_base(), MaskingConfig(**CONFIG))
     losses = _train(single, slice(None))
@@ -134,3 +158,13 @@ def test_fsdp2_trains_saves_and_loads_like_one_process(tmp_path):
     torch.testing.assert_close(got["merged"], got["logits"], rtol=0, atol=1e-6)
     merged = randmask.merge_and_unload(loaded)
     torch.testing.assert_close(got["q_weight"], merged.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
+    # The frozen second adapter, switched to after sharding: what an unsharded model with it computes, and its
+    # file (saved while active, and while inactive) is the unsharded model's byte for byte.
+    other = _with_other_adapter(apply_masking(_base(), MaskingConfig(**CONFIG)))
+    randmask.set_adapter(other, "other")
+    torch.testing.assert_close(got["other"], _logits(other, probe), rtol=0, atol=1e-6)
+    save_adapter(other, tmp_path / "other_single", adapter_name="other")
+    for folder in ("other", "other_inactive"):
+        for name in ("adapter.safetensors", "adapter_config.json"):
+            assert ((tmp_path / folder / name).read_bytes() == (tmp_path / "other_single" / name).read_bytes()), \
+                (folder, name)

@@ -88,3 +88,71 @@ def test_peft_set_adapter_writes_eagerly_and_o_nnz():
         assert torch.isin(changed, torch.cat([layer.randmask_adapters[n].indices for n in "xy"])).all()
     largest_nnz = max(a.nnz for layer in layers.values() for a in layer.randmask_adapters.values())
     assert max(seen.sizes) <= largest_nnz
+
+
+def _held(adapters) -> set[str]:
+    return {name for name, adapter in adapters.items() if adapter.base_values is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_only_the_active_adapter_holds_its_w0_and_every_switch_stays_exact(arch, tmp_path):
+    pristine = {n: p.detach().clone() for n, p in tiny_model(arch).state_dict().items()}
+    model = tiny_model(arch)
+    for seed, name in enumerate(["a", "b", "c"]):  # density 0.3: the masks overlap
+        apply_masking(model, MaskingConfig(density=0.3, seed=seed), adapter_name=name)
+        with torch.no_grad():
+            for layer in randmask.masked_layers(model).values():
+                layer.adapters[name].values.normal_()
+    layers = randmask.masked_layers(model).values()
+    randmask.save_adapter(model, tmp_path / "c_active", adapter_name="c")
+    for name in ["a", "b", "c", "a", "c", "b"]:
+        randmask.set_adapter(model, name)
+        for layer in layers:
+            assert _held(layer.adapters) == {name}
+            held = layer.adapters[name].base_values
+            assert torch.equal(held, pristine[_key(model, layer)].reshape(-1)[layer.adapters[name].indices])
+    # A save of an adapter that holds no W0 reads it from the restored weight: the same file as while active.
+    randmask.save_adapter(model, tmp_path / "c_inactive", adapter_name="c")
+    for file in ("adapter.safetensors", "adapter_config.json"):
+        assert (tmp_path / "c_inactive" / file).read_bytes() == (tmp_path / "c_active" / file).read_bytes()
+    with randmask.disable_adapter(model):
+        assert all(torch.equal(p, pristine[n]) for n, p in _base_state(model).items())
+    unloaded = randmask.unload(model)
+    assert all(torch.equal(p, pristine[n]) for n, p in unloaded.state_dict().items())  # W0 back, bit for bit
+
+
+def _key(model, layer) -> str:
+    name = next(n for n, m in model.named_modules() if m is layer)
+    return f"{name}.weight"
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    """The model's parameters under the names of the unwrapped model (randmask's values left out)."""
+    return {n.replace(".base_layer", ""): p for n, p in model.state_dict().items() if ".adapters." not in n}
+
+
+def test_peft_only_the_live_adapter_holds_its_w0():
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from randmask.peft import RandMaskConfig, RandMaskLayer
+
+    pristine = {n: p.detach().clone() for n, p in tiny_model("llama").state_dict().items()}
+    model = get_peft_model(tiny_model("llama"), RandMaskConfig(density=0.3, seed=0), adapter_name="x")
+    model.add_adapter("y", RandMaskConfig(density=0.3, seed=1))
+    layers = [m for m in model.modules() if isinstance(m, RandMaskLayer)]
+    with torch.no_grad():
+        for layer in layers:
+            for adapter in layer.randmask_adapters.values():
+                adapter.values.normal_()
+    for name in ["y", "x", "y"]:
+        model.set_adapter(name)
+        assert all(_held(layer.randmask_adapters) == {name} for layer in layers)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, adapter_names=["x", "y"])  # a mixed batch: W0 in every weight, no adapter holds it
+    assert all(_held(layer.randmask_adapters) == set() for layer in layers)
+    model(input_ids=ids)  # the live adapter again
+    assert all(_held(layer.randmask_adapters) == {"y"} for layer in layers)
+    unloaded = model.unload()
+    assert all(torch.equal(p, pristine[n]) for n, p in unloaded.state_dict().items())

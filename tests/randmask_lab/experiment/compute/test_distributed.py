@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from tests.conftest import end_spawned_rank
 
 from randmask import masked_layers
 from randmask_lab.experiment import RunConfig, run_training
@@ -47,7 +47,7 @@ def _worker(rank: int, port: int, model_dir: str, run_kwargs: dict, out: str) ->
     trained = load_file(str(Path(record.run_dir) / "trainable" / "trainable.safetensors")) if rank == 0 else {}
     save_file({"indices": indices, "grads": grads, **{f"run.{k}": v for k, v in trained.items()},
                "test": torch.tensor([record.test_metric])}, f"{out}/rank{rank}.safetensors")
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def _free_port() -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tests.conftest import end_spawned_rank
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment import RunConfig, run_training
@@ -28,7 +28,7 @@ def _worker(rank: int, port: int, run_kwargs: dict, out: str) -> None:
     if rank == 0:
         (Path(out) / "run_dir").write_text(record.run_dir)
         (Path(out) / "test").write_text(repr(record.test_metric))
-    dist.destroy_process_group()
+    end_spawned_rank()
 
 
 def _free_port() -> int:
