@@ -105,6 +105,14 @@ class RowGroups:
         return self._on_device[key]
 
 
+def index_dtype(features: int) -> torch.dtype:
+    """The narrowest integer dtype of the gathered tables that holds feature indices below ``features``: int16 for
+    up to 32,768 features (any attention or MLP matrix of today's LLMs), int32, then int64."""
+    if features <= torch.iinfo(torch.int16).max + 1:
+        return torch.int16
+    return torch.int32 if features <= torch.iinfo(torch.int32).max + 1 else torch.int64
+
+
 @dataclass(frozen=True)
 class IndexTables:
     """One layer's gathered layout: every member adapter's kept entries as (output, input) feature indices, padded
@@ -112,8 +120,10 @@ class IndexTables:
     does not target this layer). A padded entry reads input 0 and adds 0 * x to output 0."""
 
     members: tuple[MaskAdapter | None, ...]
-    out_index: torch.Tensor  # (members + 1, N) int32: feature indices (half of int64's memory, kept per layer)
-    in_index: torch.Tensor  # (members + 1, N) int32
+    # (members + 1, N) feature indices in the narrowest dtype that holds the layer's features (index_dtype): int16 up
+    # to 32767 features (a quarter of int64's memory, kept per layer), widened per batch (gathered_delta).
+    out_index: torch.Tensor
+    in_index: torch.Tensor  # (members + 1, N)
     # values(dtype)'s last stacked values and what they were read from; shared by the copies that layer_tables makes
     # with dataclasses.replace, so a layer's decode steps reuse it.
     _values_cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -127,18 +137,20 @@ class IndexTables:
               cached_patterns: bool = False) -> IndexTables:
         """``cached_patterns``: read each adapter's cached ``pattern()`` (eager); off under ``torch.compile``, which
         traces the index arithmetic from the adapter's indices instead."""
-        width = max([a.nnz for a in members if a is not None] or [0])
+        present = [a for a in members if a is not None]
+        width = max([a.nnz for a in present] or [0])
+        dtype = index_dtype(max(present[0].stored_shape) if present else 0)
         outs, ins = [], []
         for adapter in [*members, None]:
             if adapter is None:
-                outs.append(torch.zeros(width, dtype=torch.int32, device=device))
+                outs.append(torch.zeros(width, dtype=dtype, device=device))
                 ins.append(outs[-1])
                 continue
             pattern = (adapter.pattern() if cached_patterns
                        else SparsePattern(adapter.indices, adapter.stored_shape, adapter.transposed))
             pad = (0, width - adapter.nnz)
-            outs.append(torch.nn.functional.pad(pattern.out_index.to(device, torch.int32), pad))
-            ins.append(torch.nn.functional.pad(pattern.in_index.to(device, torch.int32), pad))
+            outs.append(torch.nn.functional.pad(pattern.out_index.to(device, dtype), pad))
+            ins.append(torch.nn.functional.pad(pattern.in_index.to(device, dtype), pad))
         return cls(tuple(members), torch.stack(outs), torch.stack(ins))
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:

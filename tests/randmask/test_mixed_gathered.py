@@ -8,7 +8,8 @@ import pytest
 import torch
 from tests.randmask.sparse_patterns import dense_delta, random_pattern
 
-from randmask.mixed import IndexTables, gathered_delta, group_rows, layer_tables
+import randmask.mixed
+from randmask.mixed import IndexTables, gathered_delta, group_rows, index_dtype, layer_tables
 
 
 class _Adapter(SimpleNamespace):
@@ -55,6 +56,23 @@ def test_matches_the_dense_reference_with_gradients(transposed, tokens, cached_p
         torch.testing.assert_close(grad if grad is not None else torch.zeros_like(v), want, atol=1e-9, rtol=0)
 
 
+def test_tables_keep_the_narrowest_index_dtype_and_compute_alike_in_a_wider_one(monkeypatch):
+    assert [index_dtype(n) for n in (1, 32768, 32769, 2**31, 2**31 + 1)] == [
+        torch.int16, torch.int16, torch.int32, torch.int32, torch.int64]
+    patterns = [random_pattern((40, 24), 60, transposed, seed) for seed, transposed in enumerate([False, True])]
+    adapters = [_adapter(p, torch.randn(p.nnz, dtype=torch.float64)) for p in patterns[:1]]
+    conv = [_adapter(patterns[1], torch.randn(patterns[1].nnz, dtype=torch.float64))]
+    for members, in_f, out_f in ((adapters, 24, 40), (conv, 40, 24)):  # Linear (out, in) and Conv1D (in, out)
+        tables = IndexTables.build(members, torch.device("cpu"))
+        assert tables.out_index.dtype == tables.in_index.dtype == torch.int16
+        x, rows = torch.randn(2, 3, in_f, dtype=torch.float64), torch.tensor([0, 1])
+        expected = gathered_delta(x, out_f, tables, rows)
+        monkeypatch.setattr(randmask.mixed, "index_dtype", lambda features: torch.int64)
+        wide = IndexTables.build(members, torch.device("cpu"))
+        monkeypatch.undo()
+        assert wide.in_index.dtype == torch.int64 and torch.equal(gathered_delta(x, out_f, wide, rows), expected)
+
+
 def test_low_precision_inputs_compute_in_fp32():
     pattern = random_pattern((16, 8), 20, False, 0)
     adapter = _adapter(pattern, torch.randn(20))
@@ -77,7 +95,7 @@ def test_a_layer_keeps_its_tables_across_batches_until_its_adapters_change():
     assert layer_tables(torch.nn.Linear(8, 16), adapters, ["a"], cpu).out_index is not tables.out_index  # per layer
     adapters["b"] = _adapter(random_pattern((16, 8), 30, False, 1), torch.randn(30))
     grown = layer_tables(layer, adapters, ["a", "b"], cpu)  # an adapter added: a slot more, N = 30
-    assert grown.out_index.shape == (3, 30) and grown.in_index.dtype == torch.int32  # int32: kept per layer
+    assert grown.out_index.shape == (3, 30) and grown.in_index.dtype == torch.int16  # kept per layer
     adapters["a"] = _adapter(random_pattern((16, 8), 20, False, 2), torch.randn(20))  # replaced under its name
     replaced = layer_tables(layer, adapters, ["a", "b"], cpu)
     assert not torch.equal(replaced.in_index[0], grown.in_index[0])
