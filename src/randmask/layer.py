@@ -29,7 +29,7 @@ from torch import nn
 
 from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
-from randmask.delta import sparse_delta
+from randmask.delta import INT32_INDEX_LIMIT, sparse_delta
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import SparsePattern, masked_linear
 from randmask.quantized import base_entries, is_quantized, stored_shape
@@ -98,7 +98,11 @@ class MaskAdapter(nn.Module):
         # Values are the delta from W0, zero-initialised; fp32 master copy even for half weights,
         # so that updates smaller than a bf16 ulp still accumulate.
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=device))
-        self.register_buffer("indices", indices.to(device), persistent=False)
+        # int32 where the matrix's flat positions fit (half of int64's 8 B per entry, kept per adapter); widened per
+        # write, since scatter_ takes int64 only.
+        numel = stored_shape[0] * stored_shape[1]
+        self.register_buffer("indices", indices.to(device, torch.int32 if numel < INT32_INDEX_LIMIT else torch.int64),
+                             persistent=False)
         # Pristine W0 at the kept entries: what restore_base writes back on the in-place path. Held only while
         # this adapter is the live one (``release_base``): 4 B per entry of every other adapter is the weight's own.
         self.register_buffer("base_values", base_values.detach().clone(), persistent=False)
@@ -173,7 +177,7 @@ class MaskAdapter(nn.Module):
         # scatter_ on a detached flat view: the weight's own storage, and its version counter still bumps (Dynamo
         # traces detach(), not .data). scatter_ runs 2-4x faster than index_put_ (``w[idx] = v``) at a few
         # thousand entries on CPU.
-        weight.detach().view(-1).scatter_(0, self.indices, entries)
+        weight.detach().view(-1).scatter_(0, _as(self.indices, torch.int64), entries)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The delta path's ``x @ D^T``, (..., in) -> (..., out): the weight is never written (a quantized base)."""
@@ -276,7 +280,7 @@ class MaskedLayer(nn.Module):
         flat = self.base_layer.weight.detach().view(-1)
         if self.active_adapter is not None:
             old = self.adapters[self.active_adapter]
-            flat.scatter_(0, old.indices, _as(old.held_base(), flat.dtype))
+            flat.scatter_(0, _as(old.indices, torch.int64), _as(old.held_base(), flat.dtype))
             old.release_base()
         self.active_adapter = name
         if name is None:
@@ -286,7 +290,7 @@ class MaskedLayer(nn.Module):
             new.hold_base(flat.index_select(0, new.indices))
         if self.disabled or self.row_groups is not None:
             return
-        flat.scatter_(0, new.indices, new.target_entries(flat.dtype))  # known stale: no comparison
+        flat.scatter_(0, _as(new.indices, torch.int64), new.target_entries(flat.dtype))  # known stale: no comparison
 
     def _hand_over(self, name: str | None) -> None:
         """Make ``name`` active on a weight that holds W0 at every adapter's entries: only it holds its W0."""

@@ -59,7 +59,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if self._live is None:
             return
         adapter, flat = self.randmask_adapters[self._live], self.get_base_layer().weight.data.view(-1)
-        flat.scatter_(0, adapter.indices, adapter.held_base().to(flat.dtype))  # scatter_: see MaskAdapter.write
+        flat.scatter_(0, adapter.indices.long(), adapter.held_base().to(flat.dtype))  # scatter_: see MaskAdapter.write
         adapter.release_base()  # the weight holds W0 there again
         self._live = None
 
@@ -74,7 +74,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
             self.restore_live()
             if adapter.base_values is None:  # the weight is W0 at every entry now: read the adapter's (one gather)
                 adapter.hold_base(flat.index_select(0, adapter.indices))
-            flat.scatter_(0, adapter.indices, adapter.target_entries(flat.dtype))
+            flat.scatter_(0, adapter.indices.long(), adapter.target_entries(flat.dtype))
             self._live = name
             return adapter
         target = adapter.target_entries(flat.dtype)

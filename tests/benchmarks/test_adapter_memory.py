@@ -24,8 +24,8 @@ def test_it_counts_the_adapters_their_caches_and_loras(monkeypatch: pytest.Monke
     result = json.loads(out.read_text())
     parts, entries = result["randmask_bytes"], result["kept_entries"]
     assert entries > 0 and result["lora_bytes"] > 0
-    # fp32 values and int64 indices; W0 at the kept entries is held by an active adapter only, and a mixed batch
+    # fp32 values and int32 indices; W0 at the kept entries is held by an active adapter only, and a mixed batch
     # leaves none active (the weights hold W0 during it).
-    assert parts["adapter"] == 12 * entries
+    assert parts["adapter"] == 8 * entries
     assert parts["tables"] >= 4 * entries  # two int16 index tables (and the values stack), padded per layer
     assert parts["CSR layouts"] >= 4 * entries  # one int32 column per entry at least

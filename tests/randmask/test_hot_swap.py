@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tests.conftest import tiny_model
+from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import randmask
@@ -156,3 +156,26 @@ def test_peft_only_the_live_adapter_holds_its_w0():
     assert all(_held(layer.randmask_adapters) == {"y"} for layer in layers)
     unloaded = model.unload()
     assert all(torch.equal(p, pristine[n]) for n, p in unloaded.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_indices_are_int32_and_int64_beyond_it_alike(arch, monkeypatch, tmp_path):
+    """int32 indices (4 B per entry less) switch, train and save as int64 ones do, bit for bit."""
+    results = []
+    for limit in (None, 1):  # 1: every matrix is "too large" for int32
+        if limit is not None:
+            monkeypatch.setattr(randmask.layer, "INT32_INDEX_LIMIT", limit)
+        model = _two(arch)
+        want = torch.int32 if limit is None else torch.int64
+        assert all(a.indices.dtype == want for layer in randmask.masked_layers(model).values()
+                   for a in layer.adapters.values())
+        randmask.set_adapter(model, "a")
+        randmask.set_adapter(model, "b")  # the trainable one (apply_masking froze "a")
+        train_steps(model, tiny_inputs(arch), steps=2)
+        randmask.set_adapter(model, "a")
+        randmask.save_adapter(model, tmp_path / f"b{limit}", adapter_name="b")
+        results.append((model_output(model, tiny_inputs(arch)), (tmp_path / f"b{limit}" / "adapter.safetensors")
+                        .read_bytes(), {n: p.detach().clone() for n, p in randmask.unload(model).state_dict().items()}))
+    (out32, file32, weights32), (out64, file64, weights64) = results
+    assert torch.equal(out32, out64) and file32 == file64
+    assert all(torch.equal(weights32[n], weights64[n]) for n in weights32)

@@ -105,10 +105,10 @@ def test_no_dense_float_copy_is_kept(llama_dir, scheme):
         layer = model.get_submodule(name)
         adapter = layer.adapters["default"]
         out_f, in_f = 32, 32
-        # values (fp32) + indices (int64): 12 bytes per kept entry. The delta path never writes the weight, so it
+        # values (fp32) + indices (int32): 8 bytes per kept entry. The delta path never writes the weight, so it
         # holds no W0 at the entries (a save reads them from the dequantized weight).
-        assert adapter.base_values is None
-        assert layer_bytes(layer) == base_bytes + 12 * adapter.nnz, name
+        assert adapter.base_values is None and adapter.indices.dtype == torch.int32
+        assert layer_bytes(layer) == base_bytes + 8 * adapter.nnz, name
         assert base_bytes < 4 * out_f * in_f  # the quantized storage is below one dense fp32 copy
         dense_like = [t for t in [*layer.parameters(), *layer.buffers()]
                       if t.is_floating_point() and t.numel() >= out_f * in_f and t is not layer.base_layer.weight]
