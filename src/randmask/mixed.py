@@ -121,7 +121,7 @@ class IndexTables:
 
     members: tuple[MaskAdapter | None, ...]
     # (members + 1, N) feature indices in the narrowest dtype that holds the layer's features (index_dtype): int16 up
-    # to 32767 features (a quarter of int64's memory, kept per layer), widened per batch (gathered_delta).
+    # to 32,768 features (a quarter of int64's memory, kept per layer), widened per batch (gathered_delta).
     out_index: torch.Tensor
     in_index: torch.Tensor  # (members + 1, N)
     # values(dtype)'s last stacked values and what they were read from; shared by the copies that layer_tables makes
