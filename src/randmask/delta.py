@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, index_dtype, sddmm
 
 
 @dataclass(eq=False)
@@ -46,10 +46,6 @@ class _CsrLayout:
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[SparsePattern, _CsrLayout] = weakref.WeakKeyDictionary()
-INT32_INDEX_LIMIT = 2 ** 31
-"""A CSR layout whose entries and features all lie below this keeps int32 indices; int64 otherwise."""
-
-
 def _csr(major: torch.Tensor, minor: torch.Tensor, n_major: int) -> _Csr:
     """Entries sorted by (major, minor); ``order[k]`` = the stored position of entry k. int32 indices where they fit
     (MKL's and cuSPARSE's CSR take them as they are, and as fast): half the memory of a layout kept per adapter."""
@@ -59,7 +55,7 @@ def _csr(major: torch.Tensor, minor: torch.Tensor, n_major: int) -> _Csr:
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     # Sorted row-major indices of a Linear weight are already in D's CSR order: no gather per call then.
     same = bool(torch.equal(order, torch.arange(order.numel(), device=order.device)))
-    index = torch.int32 if max(major.numel(), n_major, n_minor) < INT32_INDEX_LIMIT else torch.int64
+    index = index_dtype(max(major.numel(), n_major, n_minor))
     return _Csr(crow.to(index), minor[order].to(index), None if same else order.to(index))
 
 
@@ -167,4 +163,4 @@ def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, pattern: Spars
     return y2d.reshape(*x.shape[:-1], out_f)
 
 
-__all__ = ["INT32_INDEX_LIMIT", "SparseDeltaFunction", "delta_matmul", "sparse_delta", "sparse_delta_reference"]
+__all__ = ["SparseDeltaFunction", "delta_matmul", "sparse_delta", "sparse_delta_reference"]

@@ -29,9 +29,9 @@ from torch import nn
 
 from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
-from randmask.delta import INT32_INDEX_LIMIT, sparse_delta
+from randmask.delta import sparse_delta
 from randmask.mixed import RowGroups, mixed_forward
-from randmask.ops import SparsePattern, masked_linear
+from randmask.ops import SparsePattern, index_dtype, masked_linear
 from randmask.quantized import base_entries, is_quantized, stored_shape
 from randmask.sharding import full_tensor, is_sharded, write_entries
 
@@ -100,8 +100,7 @@ class MaskAdapter(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=master_dtype, device=device))
         # int32 where the matrix's flat positions fit (half of int64's 8 B per entry, kept per adapter); widened per
         # write, since scatter_ takes int64 only.
-        numel = stored_shape[0] * stored_shape[1]
-        self.register_buffer("indices", indices.to(device, torch.int32 if numel < INT32_INDEX_LIMIT else torch.int64),
+        self.register_buffer("indices", indices.to(device, index_dtype(stored_shape[0] * stored_shape[1] - 1)),
                              persistent=False)
         # Pristine W0 at the kept entries: what restore_base writes back on the in-place path. Held only while
         # this adapter is the live one (``release_base``): 4 B per entry of every other adapter is the weight's own.

@@ -39,7 +39,7 @@ from torch import nn
 from randmask.compiled_mixed import compiled_grouped_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
-from randmask.ops import SparsePattern, compute_dtype
+from randmask.ops import SparsePattern, compute_dtype, index_dtype
 from randmask.sharding import is_sharded
 
 if TYPE_CHECKING:
@@ -105,14 +105,6 @@ class RowGroups:
         return self._on_device[key]
 
 
-def index_dtype(features: int) -> torch.dtype:
-    """The narrowest integer dtype of the gathered tables that holds feature indices below ``features``: int16 for
-    up to 32,768 features (any attention or MLP matrix of today's LLMs), int32, then int64."""
-    if features <= torch.iinfo(torch.int16).max + 1:
-        return torch.int16
-    return torch.int32 if features <= torch.iinfo(torch.int32).max + 1 else torch.int64
-
-
 @dataclass(frozen=True)
 class IndexTables:
     """One layer's gathered layout: every member adapter's kept entries as (output, input) feature indices, padded
@@ -139,7 +131,8 @@ class IndexTables:
         traces the index arithmetic from the adapter's indices instead."""
         present = [a for a in members if a is not None]
         width = max([a.nnz for a in present] or [0])
-        dtype = index_dtype(max(present[0].stored_shape) if present else 0)
+        # int16 up to 32,768 features (any attention or MLP matrix of today's LLMs), then int32, then int64.
+        dtype = index_dtype(max(present[0].stored_shape) - 1 if present else 0, smallest=torch.int16)
         outs, ins = [], []
         for adapter in [*members, None]:
             if adapter is None:

@@ -64,9 +64,19 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _index_dtype(n: int) -> torch.dtype:
-    """int32 where it can hold every index (half the bytes of int64), else int64."""
-    return torch.int32 if n < 2**31 else torch.int64
+INT32_INDEX_LIMIT = 2 ** 31
+"""Index tensors whose values all lie below this are kept int32 (half of int64's bytes per entry); int64 otherwise."""
+
+
+def index_dtype(largest: int, *, smallest: torch.dtype = torch.int32) -> torch.dtype:
+    """The narrowest integer dtype from ``smallest`` up (int16, int32, int64) that holds every value to ``largest``.
+
+    The one rule for every index randmask keeps per entry (adapter positions, CSR layouts, gathered tables). int32 is
+    the default floor: MKL's and cuSPARSE's CSR take it as it is; int16 suits only tables widened per use.
+    """
+    if smallest == torch.int16 and largest <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    return torch.int32 if largest < INT32_INDEX_LIMIT else torch.int64
 
 
 @dataclass(eq=False)
@@ -195,12 +205,12 @@ def _make_plan(pattern: SparsePattern) -> _Plan:
     del key
     if order is not None:
         lhs, rhs = lhs[order], rhs[order]
-    index_dtype = _index_dtype(max(pattern.nnz, n_rhs) + 1)
+    index = index_dtype(max(pattern.nnz, n_rhs))
     counts = torch.bincount(lhs, minlength=n_lhs)
-    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(index_dtype)
+    crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(index)
     return _Plan(lhs_is_out, out_touched if lhs_is_out else in_touched,
-                 in_touched if lhs_is_out else out_touched, crow, rhs.to(index_dtype), (n_lhs, n_rhs),
-                 None if order is None else order.to(_index_dtype(pattern.nnz)))
+                 in_touched if lhs_is_out else out_touched, crow, rhs.to(index), (n_lhs, n_rhs),
+                 None if order is None else order.to(index_dtype(pattern.nnz)))
 
 
 def _tokens_last(m2d: torch.Tensor, touched: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -245,7 +255,9 @@ def weight_gradient_path(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern:
         return "empty"
     kernel = weight_gradient_kernel(grad_out_2d.device, grad_out_2d.dtype)
     forced = kernel_setting() == kernel
-    if kernel == "native" and x_2d.dtype in NATIVE_DTYPES and pattern.nnz < 2**31 - 1 \
+    # The native kernel takes int32 CSRs only; the plan's indices reach nnz and the features at most.
+    int32_plan = index_dtype(max(pattern.nnz, *pattern.shape)) == torch.int32
+    if kernel == "native" and x_2d.dtype in NATIVE_DTYPES and int32_plan \
             and native.supports(grad_out_2d) and native.supports(x_2d):
         return "native" if forced or pattern.density <= NATIVE_DENSE_CROSSOVER else "dense"
     if kernel == "triton" and x_2d.dtype in TRITON_DTYPES:
@@ -560,6 +572,7 @@ def dense_reference_linear(
 
 __all__ = [
     "COMPACT_MAX_FRACTION",
+    "INT32_INDEX_LIMIT",
     "DENSE_GRAD_CROSSOVER",
     "GATHER_MAX_NNZ",
     "MaskedLinearFunction",

@@ -162,19 +162,19 @@ def test_peft_only_the_live_adapter_holds_its_w0():
 def test_adapter_indices_are_int32_and_int64_beyond_it_alike(arch, monkeypatch, tmp_path):
     """int32 indices (4 B per entry less) switch, train and save as int64 ones do, bit for bit."""
     results = []
-    for limit in (None, 1):  # 1: every matrix is "too large" for int32
-        if limit is not None:
-            monkeypatch.setattr(randmask.layer, "INT32_INDEX_LIMIT", limit)
+    for wide in (False, True):  # True: every matrix is "too large" for int32 (the CSR layouts keep theirs)
+        if wide:
+            monkeypatch.setattr(randmask.layer, "index_dtype", lambda largest: torch.int64)
         model = _two(arch)
-        want = torch.int32 if limit is None else torch.int64
+        want = torch.int64 if wide else torch.int32
         assert all(a.indices.dtype == want for layer in randmask.masked_layers(model).values()
                    for a in layer.adapters.values())
         randmask.set_adapter(model, "a")
         randmask.set_adapter(model, "b")  # the trainable one (apply_masking froze "a")
         train_steps(model, tiny_inputs(arch), steps=2)
         randmask.set_adapter(model, "a")
-        randmask.save_adapter(model, tmp_path / f"b{limit}", adapter_name="b")
-        results.append((model_output(model, tiny_inputs(arch)), (tmp_path / f"b{limit}" / "adapter.safetensors")
+        randmask.save_adapter(model, tmp_path / f"b{wide}", adapter_name="b")
+        results.append((model_output(model, tiny_inputs(arch)), (tmp_path / f"b{wide}" / "adapter.safetensors")
                         .read_bytes(), {n: p.detach().clone() for n, p in randmask.unload(model).state_dict().items()}))
     (out32, file32, weights32), (out64, file64, weights64) = results
     assert torch.equal(out32, out64) and file32 == file64

@@ -9,7 +9,8 @@ import torch
 from tests.randmask.sparse_patterns import dense_delta, random_pattern
 
 import randmask.mixed
-from randmask.mixed import IndexTables, gathered_delta, group_rows, index_dtype, layer_tables
+from randmask.mixed import IndexTables, gathered_delta, group_rows, layer_tables
+from randmask.ops import index_dtype
 
 
 class _Adapter(SimpleNamespace):
@@ -57,7 +58,8 @@ def test_matches_the_dense_reference_with_gradients(transposed, tokens, cached_p
 
 
 def test_tables_keep_the_narrowest_index_dtype_and_compute_alike_in_a_wider_one(monkeypatch):
-    assert [index_dtype(n) for n in (1, 32768, 32769, 2**31, 2**31 + 1)] == [
+    # Features 1, 32768, 32769, 2^31 and 2^31 + 1: the largest index is one less.
+    assert [index_dtype(n - 1, smallest=torch.int16) for n in (1, 32768, 32769, 2**31, 2**31 + 1)] == [
         torch.int16, torch.int16, torch.int32, torch.int32, torch.int64]
     patterns = [random_pattern((40, 24), 60, transposed, seed) for seed, transposed in enumerate([False, True])]
     adapters = [_adapter(p, torch.randn(p.nnz, dtype=torch.float64)) for p in patterns[:1]]
@@ -67,7 +69,7 @@ def test_tables_keep_the_narrowest_index_dtype_and_compute_alike_in_a_wider_one(
         assert tables.out_index.dtype == tables.in_index.dtype == torch.int16
         x, rows = torch.randn(2, 3, in_f, dtype=torch.float64), torch.tensor([0, 1])
         expected = gathered_delta(x, out_f, tables, rows)
-        monkeypatch.setattr(randmask.mixed, "index_dtype", lambda features: torch.int64)
+        monkeypatch.setattr(randmask.mixed, "index_dtype", lambda largest, smallest: torch.int64)
         wide = IndexTables.build(members, torch.device("cpu"))
         monkeypatch.undo()
         assert wide.in_index.dtype == torch.int64 and torch.equal(gathered_delta(x, out_f, wide, rows), expected)

@@ -252,6 +252,24 @@ def test_the_weight_gradient_kernel_is_native_only_on_the_cpu():
     assert ops.weight_gradient_path(torch.randn(3, 7), torch.randn(3, 5), empty) == "empty"
 
 
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_plan_too_large_for_int32_takes_int64_indices_and_a_torch_path(monkeypatch, transposed):
+    """The native kernel reads int32 CSRs only: a pattern past INT32_INDEX_LIMIT (here every one) takes a torch path
+    on int64 indices and gives the same gradient."""
+    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    pattern, base, values, bias, x = _setup(transposed, dtype=torch.float32)
+    g = torch.randn(12, 7)
+    want = dense_reference_linear(x, base, values, bias, pattern)
+    want_grad, = torch.autograd.grad(want, values, g.reshape(3, 4, 7))
+    monkeypatch.setattr(ops, "INT32_INDEX_LIMIT", 1)
+    assert ops.index_dtype(0) == torch.int32 and ops.index_dtype(1) == torch.int64
+    assert ops.weight_gradient_path(g, x.detach().reshape(-1, 5), pattern) != "native"
+    got_grad, = torch.autograd.grad(_fused(x, values, base, bias, pattern), values, g.reshape(3, 4, 7))
+    plan = pattern.plan()
+    assert plan.crow.dtype == plan.col.dtype == torch.int64
+    torch.testing.assert_close(got_grad, want_grad)
+
 def test_a_bool_mask_is_not_taken_for_indices():
     with pytest.raises(TypeError, match="1-D int32/int64"):
         SparsePattern(torch.ones(7, 5, dtype=torch.bool), (7, 5), False)
