@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
+from randmask.compiled import compiled_masked_linear, compiled_sparse_delta, eager_call
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.mixed import RowGroups, mixed_forward
@@ -162,6 +162,13 @@ class MaskAdapter(nn.Module):
         """Whether ``weight`` is the parameter this adapter writes into (so it keeps the delta until the backward)."""
         return self._weight() is weight
 
+    def weight_replaced(self) -> bool:
+        """Whether the parameter this adapter writes into is gone: FSDP2's ``fully_shard`` replaced it with a sharded
+        one (and its forward with a gathered copy), or this adapter is a copy (``copy.deepcopy``). Read without
+        touching a tensor, so that ``torch.compile`` guards on it alike for every layer. Always True on the delta
+        path, which writes no weight."""
+        return self._weight() is None
+
     def refresh_for_backward(self, weight: torch.Tensor) -> torch.Tensor | None:
         """None when this adapter writes into ``weight``; else the entries the op must write again before its
         backward reads ``weight`` (see the module doc)."""
@@ -188,7 +195,8 @@ class MaskAdapter(nn.Module):
         """The layer's output through ``weight``, which holds W0 (+) values at the kept entries; dL/dvalues by SDDMM,
         never the dense dL/dW."""
         # Traced without a graph break (randmask.compiled), unless the weight is FSDP2's gathered copy, gathered
-        # again for the backward: then the eager op below, which writes the delta again (a break, run eagerly).
+        # again for the backward: then the eager op below, which writes the delta again (a break, run eagerly;
+        # MaskedLayer.forward skips the whole layer there, ``eager_call``).
         if torch.compiler.is_compiling() and self.writes_into(weight):
             return compiled_masked_linear(x, self.values, weight, bias, self.indices, self.stored_shape,
                                           self.transposed)
@@ -344,6 +352,8 @@ class MaskedLayer(nn.Module):
             # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
             # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
             return self.base_layer(x) + adapter.delta(x)
+        if torch.compiler.is_compiling() and adapter.weight_replaced():
+            return eager_call(self, x)  # FSDP2's sharded weight: one graph break here, the eager forward
         self.sync()
         return adapter.linear(x, self.weight, self.bias)
 

@@ -1,0 +1,78 @@
+"""FSDP2 with the free API and through PEFT, under ``torch.compile`` as torchtune runs it (``fully_shard`` per
+decoder layer and the root, then each decoder layer compiled): 2 CPU ranks with gloo train to the losses of one eager
+process. Compiled, Dynamo breaks the graph once per masked layer (``randmask.compiled.eager_call``), never inside
+randmask's ops, and no frame recompiles up to Dynamo's limit (which raises here)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tests.conftest import end_spawned_rank
+from tests.randmask.test_fsdp2 import CONFIG, WORLD, _base, _free_port, _logits, _probe, _train
+
+from randmask import MaskingConfig, apply_masking
+
+
+def _masked(path: str):
+    """The tiny Llama with CONFIG's masks, by ``apply_masking`` or ``get_peft_model``; and its decoder layers."""
+    if path == "peft":
+        import peft
+
+        from randmask.peft import RandMaskConfig
+
+        model = peft.get_peft_model(_base(), RandMaskConfig(target_modules=CONFIG["targets"],
+                                                            density=CONFIG["density"], seed=CONFIG["seed"]))
+        return model, model.base_model.model.model.layers
+    model = apply_masking(_base(), MaskingConfig(**CONFIG))
+    return model, model.model.layers
+
+
+def _worker(rank: int, port: int, out: str, path: str, compiled: bool) -> None:
+    import torch._dynamo
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # a frame recompiled per layer shape fails the test
+    model, layers = _masked(path)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    if compiled:
+        for layer in layers:
+            layer.compile(backend="aot_eager")  # Dynamo and AOTAutograd as inductor sees them, no C++ builds
+    losses = _train(model, slice(2 * rank, 2 * rank + 2))
+    logits = _logits(model, _probe())
+    breaks = list(torch._dynamo.utils.counters["graph_break"])
+    if rank == 0:
+        torch.save({"losses": torch.tensor(losses, dtype=torch.float64), "logits": logits}, Path(out) / "rank0.pt")
+        (Path(out) / "breaks.json").write_text(json.dumps(breaks))
+    dist.barrier()
+    end_spawned_rank()
+
+
+@pytest.mark.parametrize(("path", "compiled"), [("model", True), ("peft", False), ("peft", True)])
+def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_layers(tmp_path, path, compiled):
+    pytest.importorskip("transformers")
+    if path == "peft":
+        pytest.importorskip("peft")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), path, compiled), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "rank0.pt")
+    breaks = json.loads((tmp_path / "breaks.json").read_text())
+    if compiled:
+        assert breaks and all("eager_call" in reason for reason in breaks), [b[:120] for b in breaks]
+    single, _ = _masked(path)
+    losses = _train(single, slice(None))
+    assert losses[-1] < losses[0]
+    torch.testing.assert_close(got["losses"], torch.tensor(losses, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["logits"], _logits(single, _probe()), rtol=0, atol=1e-4)
