@@ -61,7 +61,17 @@ from randmask.quantized import base_entries, check_weight, disable_bnb_cpu_repac
 from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
 
-PEFT_TYPE = "RANDMASK"
+
+class _PeftTypeName(str):
+    """A plain ``str`` to every PEFT lookup, with the ``.value`` that PEFT's messages read from its ``PeftType``
+    members (``hotswap_adapter``'s refusal of a non-LoRA method raised AttributeError without it)."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+PEFT_TYPE = _PeftTypeName("RANDMASK")
 PREFIX = "randmask_"
 
 
@@ -164,7 +174,11 @@ class RandMaskModel(BaseTuner):
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config  # target_modules=None: randmask's per-architecture default, resolved below
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if low_cpu_mem_usage or _parameters_land_on_meta():  # get_peft_model enters init_empty_weights for it
+            raise MaskingError("low_cpu_mem_usage=True is not supported by randmask: its adapter is one float per "
+                               "kept entry, built beside the base weights; drop the option.")
         config = self.peft_config[adapter_name]
         if config.checksums is None:  # a new adapter: record into a copy, so the user's config stays reusable
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
@@ -174,7 +188,8 @@ class RandMaskModel(BaseTuner):
         if load is not None:  # from_pretrained: check the weights file before peft reads it
             check_weights_file(model, config, self._plan, load)
         try:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
             self._plan = {}
 
@@ -224,18 +239,35 @@ class RandMaskModel(BaseTuner):
             if isinstance(module, RandMaskLayer) and uses_delta_path(module.get_base_layer()):
                 raise MaskingError(merge_refusal(name, quant_scheme(module.get_base_layer())))
 
-    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
-        self._check_mergeable()
-        super().merge_adapter(*args, **kwargs)
+    def _check_adapter_names(self, adapter_names: Any) -> None:
+        """``adapter_names`` to merge must be a list of this model's adapters: PEFT skips unknown names per layer, so
+        a typo merged nothing (and ``merge_and_unload`` then dropped every adapter)."""
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise MaskingError(f"adapter_names={adapter_names!r}: pass a list of adapter names, e.g. "
+                               f"adapter_names=[{adapter_names!r}].")
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise MaskingError(f"adapter_names: {unknown} are not adapters of this model; it has "
+                               f"{sorted(self.peft_config)}.")
 
-    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:  # noqa: D102
+        self._check_adapter_names(adapter_names)
+        self._check_mergeable()
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: list[str] | None = None) -> nn.Module:
         if merge:
+            self._check_adapter_names(adapter_names)
             self._check_mergeable()
         if not merge:  # unload(): hand back the pristine base weights
             for module in self.model.modules():
                 if isinstance(module, RandMaskLayer):
                     module.restore_base()
-        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+        return super()._unload_and_optionally_merge(merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
 
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
@@ -289,6 +321,14 @@ class RandMaskModel(BaseTuner):
                 raise MaskingError(f"{key}: expected {nnz} finite floats, got {values.dtype} of shape "
                                    f"{tuple(values.shape)}; the adapter file is corrupt. Re-save it.")
         return out
+
+
+def _parameters_land_on_meta() -> bool:
+    """Whether a parameter registered now is made on the meta device (accelerate's ``init_empty_weights``, which
+    ``get_peft_model(..., low_cpu_mem_usage=True)`` enters around the tuner instead of passing the option on)."""
+    probe = nn.Module()
+    probe.register_parameter("probe", nn.Parameter(torch.empty(0)))
+    return probe.probe.is_meta
 
 
 def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torch.Tensor, list[Block]]]:

@@ -138,6 +138,45 @@ def test_merge_equals_unmerged_and_unload_restores(arch):
     assert torch.equal(model_output(unloaded, inputs), base_out)
 
 
+
+def test_merging_unknown_adapter_names_is_refused_before_anything_is_merged_or_unloaded():
+    """PEFT skips names a layer lacks, so a typo merged nothing and merge_and_unload dropped the adapter."""
+    model = trained(_peft_model("llama"), "llama")
+    out = model_output(model, tiny_inputs("llama"))
+    for call in (lambda: model.merge_and_unload(adapter_names=["defualt"]),
+                 lambda: model.merge_adapter(adapter_names=["defualt"]),
+                 lambda: model.base_model.merge_adapter(["defualt"])):
+        with pytest.raises(MaskingError, match=r"\['defualt'\] are not adapters of this model; it has \['default'\]"):
+            call()
+    with pytest.raises(MaskingError, match="pass a list of adapter names"):
+        model.merge_and_unload(adapter_names="default")  # a str would be iterated letter by letter
+    assert not any(layer.merged for layer in _layers(model).values())
+    assert torch.equal(model_output(model, tiny_inputs("llama")), out)  # still the adapted model, unmerged
+    merged = model.merge_and_unload(adapter_names=["default"], safe_merge=True)
+    assert torch.equal(model_output(merged, tiny_inputs("llama")), out)
+
+
+
+def test_low_cpu_mem_usage_is_refused_in_one_line(tmp_path):
+    """PEFT's option makes adapter parameters on the meta device; randmask's forward writes W0 + values (it raised
+    "Tensor on device meta is not on the expected device cpu!")."""
+    _peft_model("llama").save_pretrained(tmp_path)
+    for call in (lambda: get_peft_model(tiny_model("llama"), RandMaskConfig(density=0.2), low_cpu_mem_usage=True),
+                 lambda: PeftModel.from_pretrained(tiny_model("llama"), tmp_path, low_cpu_mem_usage=True),
+                 lambda: _peft_model("llama").load_adapter(tmp_path, adapter_name="b", low_cpu_mem_usage=True)):
+        with pytest.raises(MaskingError, match="low_cpu_mem_usage=True is not supported by randmask"):
+            call()
+
+def test_peft_hotswap_is_refused_by_peft_in_one_line(tmp_path):
+    """PEFT's hotswap_adapter swaps LoRA tensors in place; for randmask its refusal names the type (it raised
+    AttributeError: PEFT reads ``peft_type.value``). randmask's hot swap is set_adapter (docs/serving.md)."""
+    hotswap = pytest.importorskip("peft.utils.hotswap")
+    model = _peft_model("llama")
+    model.save_pretrained(tmp_path)
+    assert PEFT_TYPE == "RANDMASK" and PEFT_TYPE.value == "RANDMASK"
+    with pytest.raises(ValueError, match="RANDMASK was passed"):
+        hotswap.hotswap_adapter(model, str(tmp_path), adapter_name="default")
+
 def test_save_load_in_a_fresh_process_is_bit_exact(tmp_path):
     outs = {}
     for arch in ARCHS:
