@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -347,6 +348,33 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     for layer in layers:
         layer.set_active(adapter_name if adapter_name in layer.adapters else None)
 
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` and free its values, indices and layouts, as PEFT's ``delete_adapter``.
+
+    Deleting the active adapter writes W0 back at its entries and makes the first remaining adapter active, with a
+    warning (as PEFT does); deleting the last one unwraps every layer, leaving the pristine base model (``unload``).
+    Refused inside ``mixed_batch``.
+    """
+    adapter_meta(model, adapter_name)
+    layers = masked_layers(model)
+    if any(layer.row_groups is not None for layer in layers.values()):
+        raise MaskingError(f"delete_adapter({adapter_name!r}) inside mixed_batch: leave the with-block first.")
+    was_active = any(layer.active_adapter == adapter_name for layer in layers.values())
+    remaining = [name for name in adapter_names(model) if name != adapter_name]
+    if not remaining:
+        unload(model)
+        return
+    for layer in layers.values():
+        if adapter_name in layer.adapters:
+            if layer.active_adapter == adapter_name:
+                layer.set_active(None)  # W0 back at its entries
+            del layer.adapters[adapter_name]
+    del model.__dict__[_META_ATTR][adapter_name]
+    if was_active:
+        warnings.warn(f"adapter {adapter_name!r} was active and is deleted; {remaining[0]!r} is active now "
+                      "(call randmask.set_adapter to choose another).", UserWarning, stacklevel=2)
+        set_adapter(model, remaining[0])
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:

@@ -179,3 +179,40 @@ def test_adapter_indices_are_int32_and_int64_beyond_it_alike(arch, monkeypatch, 
     (out32, file32, weights32), (out64, file64, weights64) = results
     assert torch.equal(out32, out64) and file32 == file64
     assert all(torch.equal(weights32[n], weights64[n]) for n in weights32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_delete_adapter_frees_it_and_leaves_the_others_as_they_were(arch):
+    """As PEFT's delete_adapter: an inactive one goes without changing the output; the active one hands over to the
+    first remaining (with a warning); the last one leaves the pristine base model. Its memory is freed."""
+    import gc
+    import weakref
+
+    inputs = tiny_inputs(arch)
+    pristine = {n: p.detach().clone() for n, p in tiny_model(arch).state_dict().items()}
+    model = _two(arch)
+    apply_masking(model, MaskingConfig(density=0.3, seed=5), adapter_name="c")  # overlaps a and b
+    with torch.no_grad():
+        for layer in randmask.masked_layers(model).values():
+            layer.adapters["c"].values.normal_()
+    outputs = {}
+    for name in ("a", "b", "c"):
+        randmask.set_adapter(model, name)
+        outputs[name] = model_output(model, inputs)
+    randmask.set_adapter(model, "b")
+    gone = [weakref.ref(layer.adapters["a"]) for layer in randmask.masked_layers(model).values()]
+    randmask.delete_adapter(model, "a")  # inactive
+    gc.collect()
+    assert randmask.adapter_names(model) == ["b", "c"] and all(ref() is None for ref in gone)
+    assert torch.equal(model_output(model, inputs), outputs["b"])
+    with pytest.warns(UserWarning, match="'b' was active and is deleted; 'c' is active now"):
+        randmask.delete_adapter(model, "b")
+    assert torch.equal(model_output(model, inputs), outputs["c"])
+    with pytest.raises(randmask.MaskingError, match="no randmask adapter 'b'; it has \\['c'\\]"):
+        randmask.delete_adapter(model, "b")
+    with randmask.mixed_batch(model.eval(), ["c", randmask.BASE_ADAPTER]):
+        with pytest.raises(randmask.MaskingError, match="inside mixed_batch"):
+            randmask.delete_adapter(model, "c")
+    randmask.delete_adapter(model, "c")  # the last one: the base model again, bit for bit
+    assert not randmask.masked_layers(model) and randmask.adapter_names(model) == []
+    assert all(torch.equal(p, pristine[n]) for n, p in model.state_dict().items())
