@@ -189,7 +189,9 @@ class CompiledMaskedLinear(torch.autograd.Function):
         return grad_x, grad_values, None, grad_bias, None, None, None
 
 
-@torch.compiler.disable(recursive=True)
+# torch.compiler.disable imports Dynamo (and sympy) where it decorates; torch's own lazy form, which torch uses on its
+# optimizers for this reason, imports it at the first call, under compile, where it is loaded already.
+@torch._disable_dynamo(recursive=True)
 def eager_call(module: torch.nn.Module, *args, **kwargs):
     """``module(*args, **kwargs)`` run eagerly under ``torch.compile``: Dynamo skips it whole (one graph break at this
     call). For a masked layer over FSDP2's sharded weight: traced, the eager op's kernel choice, plan caches and the
