@@ -14,9 +14,9 @@ path's ``RandMaskLayer``) calls ``compiled_masked_linear`` instead:
 
 Mixed batches trace through ``randmask.mixed`` (and ``randmask.compiled_mixed`` above the gathered limit), quantized
 bases through ``CompiledSparseDelta`` below. Not traced (they still break the graph, and still compute the right
-thing): double backward (Hessian-vector products), and FSDP2-sharded weights (the eager op writes the delta into the
-weight FSDP2 gathers again for the backward): a layer whose adapter's weight was replaced runs through ``eager_call``,
-one graph break per layer, never inside the op.
+thing): double backward (Hessian-vector products). FSDP2's gathered weights trace as the delta path does: the dense
+layer through the weight as gathered, plus the sparse delta from what it holds at the kept entries to W0 + values
+(``MaskAdapter.linear_beside``): nothing is written into the copy that FSDP2 gathers again for the backward.
 """
 
 from __future__ import annotations
@@ -189,17 +189,6 @@ class CompiledMaskedLinear(torch.autograd.Function):
         return grad_x, grad_values, None, grad_bias, None, None, None
 
 
-# torch.compiler.disable imports Dynamo (and sympy) where it decorates; torch's own lazy form, which torch uses on its
-# optimizers for this reason, imports it at the first call, under compile, where it is loaded already.
-@torch._disable_dynamo(recursive=True)
-def eager_call(module: torch.nn.Module, *args, **kwargs):
-    """``module(*args, **kwargs)`` run eagerly under ``torch.compile``: Dynamo skips it whole (one graph break at this
-    call). For a masked layer over FSDP2's sharded weight: traced, the eager op's kernel choice, plan caches and the
-    native kernel's lock broke the graph inside the layer, and every masked layer's shape recompiled the layer's
-    frames up to Dynamo's recompile limit (``tests/randmask/test_fsdp2_compiled.py``)."""
-    return module(*args, **kwargs)
-
-
 def compiled_masked_linear(x: torch.Tensor, values: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            indices: torch.Tensor, stored_shape: tuple[int, int], transposed: bool) -> torch.Tensor:
     """The masked linear op for a forward traced by ``torch.compile``; ``weight`` must hold W0 (+) values until the
@@ -208,4 +197,4 @@ def compiled_masked_linear(x: torch.Tensor, values: torch.Tensor, weight: torch.
 
 
 __all__ = ["CompiledMaskedLinear", "CompiledSparseDelta", "compiled_masked_linear", "compiled_sparse_delta",
-           "delta_matmul_op", "eager_call", "pattern_for", "sddmm_op"]
+           "delta_matmul_op", "pattern_for", "sddmm_op"]

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from randmask.compiled import compiled_masked_linear, compiled_sparse_delta, eager_call
+from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
 from randmask.mixed import RowGroups, mixed_forward
-from randmask.ops import SparsePattern, index_dtype, masked_linear
+from randmask.ops import SparsePattern, dense_linear, index_dtype, masked_linear
 from randmask.quantized import base_entries, is_quantized, stored_shape
 from randmask.sharding import full_tensor, is_sharded, write_entries
 
@@ -194,13 +194,24 @@ class MaskAdapter(nn.Module):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's output through ``weight``, which holds W0 (+) values at the kept entries; dL/dvalues by SDDMM,
         never the dense dL/dW."""
-        # Traced without a graph break (randmask.compiled), unless the weight is FSDP2's gathered copy, gathered
-        # again for the backward: then the eager op below, which writes the delta again (a break, run eagerly;
-        # MaskedLayer.forward skips the whole layer there, ``eager_call``).
+        # Traced without a graph break (randmask.compiled), unless the weight is not the one this adapter writes
+        # (FSDP2's gathered copy, gathered again for the backward, takes linear_beside before this): then the eager
+        # op below, which writes the delta again (a break, run eagerly).
         if torch.compiler.is_compiling() and self.writes_into(weight):
             return compiled_masked_linear(x, self.values, weight, bias, self.indices, self.stored_shape,
                                           self.transposed)
         return masked_linear(x, self.values, weight, bias, self.pattern(), refresh=self.refresh_for_backward(weight))
+
+    def linear_beside(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output over a weight this adapter does not write (FSDP2's gathered copy, under
+        ``torch.compile``): the dense layer through ``weight`` as it is, plus the sparse delta from what it holds at
+        the kept entries to W0 + values. Nothing is written, so the copy FSDP2 gathers again for the backward needs
+        no refresh, and it traces without a graph break. (..., in) -> (..., out)."""
+        compute = self.values.dtype
+        held = weight.detach().reshape(-1).index_select(0, self.indices).to(compute)  # the shards' entries
+        correction = self.held_base().to(compute) + self.values - held  # (nnz,), differentiable in values
+        delta = compiled_sparse_delta(x, correction, self.indices, self.stored_shape, self.transposed)
+        return dense_linear(x, weight, bias, self.transposed) + delta
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
         # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
@@ -353,7 +364,7 @@ class MaskedLayer(nn.Module):
             # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
             return self.base_layer(x) + adapter.delta(x)
         if torch.compiler.is_compiling() and adapter.weight_replaced():
-            return eager_call(self, x)  # FSDP2's sharded weight: one graph break here, the eager forward
+            return adapter.linear_beside(x, self.weight, self.bias)  # FSDP2's gathered weight: traced, not written
         self.sync()
         return adapter.linear(x, self.weight, self.bias)
 

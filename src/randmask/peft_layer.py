@@ -11,7 +11,6 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from randmask.compiled import eager_call
 from randmask.config import MaskingError
 from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
 from randmask.mixed import RowGroups, mixed_forward
@@ -114,8 +113,10 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         if uses_delta_path(base):
             return self.base_layer(x, *args, **kwargs) + self.randmask_adapters[active[0]].delta(x)
-        if torch.compiler.is_compiling() and self.randmask_adapters[active[0]].weight_replaced():
-            return eager_call(self, x, *args, **kwargs)  # FSDP2's sharded weight: one graph break, the eager forward
+        adapter = self.randmask_adapters[active[0]]
+        if torch.compiler.is_compiling() and adapter.weight_replaced() and self._live == active[0]:
+            # FSDP2's gathered weight: traced, not written (MaskAdapter.linear_beside); the live adapter holds W0.
+            return adapter.linear_beside(x, base.weight, base.bias)
         return self._make_live(active[0]).linear(x, base.weight, base.bias)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

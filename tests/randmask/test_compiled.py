@@ -107,26 +107,33 @@ def test_a_weight_gathered_anew_for_the_backward_takes_the_eager_op_under_compil
 
 
 
-def test_a_layer_whose_weight_is_gone_runs_eagerly_behind_one_break_per_layer_under_compile() -> None:
+def test_a_layer_whose_weight_is_gone_traces_beside_it_without_a_break() -> None:
     """A copy (``copy.deepcopy``; FSDP2's ``fully_shard`` alike, ``test_fsdp2_compiled.py``) has lost the parameter
-    its adapter was made on: Dynamo skips each such layer whole (``eager_call``), never tracing into the op,
-    and the gradients are eager's."""
+    its adapter writes into: compiled, each such layer adds the delta beside the weight as it is (``linear_beside``,
+    here a weight holding stale entries), with no graph break, and the gradients are eager's."""
     import copy
 
     torch._dynamo.reset()
     eager = _masked("llama")
+    with torch.no_grad():
+        for layer in masked_layers(eager).values():
+            layer.adapters["default"].values.normal_(std=0.1)
     compiled = copy.deepcopy(eager)
     assert all(a.weight_replaced() for layer in masked_layers(compiled).values() for a in layer.adapters.values())
     assert not any(a.weight_replaced() for layer in masked_layers(eager).values() for a in layer.adapters.values())
+    with torch.no_grad():  # the copy's values move on: its weights now hold stale entries
+        for model in (eager, compiled):
+            for layer in masked_layers(model).values():
+                layer.adapters["default"].values.add_(0.05)
     inputs = tiny_inputs("llama")
     eager(**inputs).loss.backward()
-    explanation = torch._dynamo.explain(compiled)(**inputs)
-    assert explanation.break_reasons and all("eager_call" in str(r.reason) for r in explanation.break_reasons)
+    assert torch._dynamo.explain(compiled)(**inputs).graph_break_count == 0
     torch._dynamo.reset()
     torch.compile(compiled, backend="aot_eager")(**inputs).loss.backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.requires_grad:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
 
 def test_a_compiled_peft_model_follows_switches_disabling_and_merges_as_eager_does() -> None:
     """PEFT's lifecycle between compiled calls changes Python state the traced forward read (which adapter is

@@ -1,7 +1,8 @@
 """FSDP2 with the free API and through PEFT, under ``torch.compile`` as torchtune runs it (``fully_shard`` per
 decoder layer and the root, then each decoder layer compiled): 2 CPU ranks with gloo train to the losses of one eager
-process. Compiled, Dynamo breaks the graph once per masked layer (``randmask.compiled.eager_call``), never inside
-randmask's ops, and no frame recompiles up to Dynamo's limit (which raises here)."""
+process. Compiled, a decoder layer is one graph with no break: over FSDP2's gathered weight the masked layer adds
+its delta beside it (``MaskAdapter.linear_beside``), and no frame recompiles up to Dynamo's limit (which raises
+here)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_lay
     got = torch.load(tmp_path / "rank0.pt")
     breaks = json.loads((tmp_path / "breaks.json").read_text())
     if compiled:
-        assert breaks and all("eager_call" in reason for reason in breaks), [b[:120] for b in breaks]
+        assert not breaks, [b[:120] for b in breaks]
     single, _ = _masked(path)
     losses = _train(single, slice(None))
     assert losses[-1] < losses[0]
