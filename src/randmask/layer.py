@@ -207,9 +207,11 @@ class MaskAdapter(nn.Module):
         ``torch.compile``): the dense layer through ``weight`` as it is, plus the sparse delta from what it holds at
         the kept entries to W0 + values. Nothing is written, so the copy FSDP2 gathers again for the backward needs
         no refresh, and it traces without a graph break. (..., in) -> (..., out)."""
-        compute = self.values.dtype
+        # fp32 at least: FSDP2's MixedPrecisionPolicy hands the values over in bf16. W0 - held first (0 where the
+        # shards hold W0), then + values: W0 + values first would round the small values to W0's ulp.
+        compute = torch.promote_types(self.values.dtype, torch.float32)
         held = weight.detach().reshape(-1).index_select(0, self.indices).to(compute)  # the shards' entries
-        correction = self.held_base().to(compute) + self.values - held  # (nnz,), differentiable in values
+        correction = (self.held_base().to(compute) - held) + self.values.to(compute)  # (nnz,), grad flows to values
         delta = compiled_sparse_delta(x, correction, self.indices, self.stored_shape, self.transposed)
         return dense_linear(x, weight, bias, self.transposed) + delta
 

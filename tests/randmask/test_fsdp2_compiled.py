@@ -34,9 +34,9 @@ def _masked(path: str):
     return model, model.model.layers
 
 
-def _worker(rank: int, port: int, out: str, path: str, compiled: bool) -> None:
+def _worker(rank: int, port: int, out: str, path: str, compiled: bool, bf16: bool) -> None:
     import torch._dynamo
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -44,9 +44,11 @@ def _worker(rank: int, port: int, out: str, path: str, compiled: bool) -> None:
     torch._dynamo.reset()
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # a frame recompiled per layer shape fails the test
     model, layers = _masked(path)
+    # bf16: FSDP2 hands weights and values to the forward in bf16 (fp32 shards, fp32 gradient reduction)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **({"mp_policy": policy} if bf16 else {}))
+    fully_shard(model, **({"mp_policy": policy} if bf16 else {}))
     if compiled:
         for layer in layers:
             layer.compile(backend="aot_eager")  # Dynamo and AOTAutograd as inductor sees them, no C++ builds
@@ -60,14 +62,15 @@ def _worker(rank: int, port: int, out: str, path: str, compiled: bool) -> None:
     end_spawned_rank()
 
 
-@pytest.mark.parametrize(("path", "compiled"), [("model", True), ("peft", False), ("peft", True)])
-def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_layers(tmp_path, path, compiled):
+@pytest.mark.parametrize(("path", "compiled", "bf16"),
+                         [("model", True, False), ("model", True, True), ("peft", False, False), ("peft", True, False)])
+def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_layers(tmp_path, path, compiled, bf16):
     pytest.importorskip("transformers")
     if path == "peft":
         pytest.importorskip("peft")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), path, compiled), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), path, compiled, bf16), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "rank0.pt")
     breaks = json.loads((tmp_path / "breaks.json").read_text())
     if compiled:
@@ -75,5 +78,7 @@ def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_lay
     single, _ = _masked(path)
     losses = _train(single, slice(None))
     assert losses[-1] < losses[0]
-    torch.testing.assert_close(got["losses"], torch.tensor(losses, dtype=torch.float64), rtol=0, atol=1e-5)
-    torch.testing.assert_close(got["logits"], _logits(single, _probe()), rtol=0, atol=1e-4)
+    # bf16 forward against one fp32 process: 4e-4 in the loss and 1e-2 in the logits were measured, eager or compiled
+    atol = (2e-3, 5e-2) if bf16 else (1e-5, 1e-4)
+    torch.testing.assert_close(got["losses"], torch.tensor(losses, dtype=torch.float64), rtol=0, atol=atol[0])
+    torch.testing.assert_close(got["logits"].float(), _logits(single, _probe()), rtol=0, atol=atol[1])
