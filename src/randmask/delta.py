@@ -46,6 +46,8 @@ class _CsrLayout:
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[SparsePattern, _CsrLayout] = weakref.WeakKeyDictionary()
+
+
 def _csr(major: torch.Tensor, minor: torch.Tensor, n_major: int) -> _Csr:
     """Entries sorted by (major, minor); ``order[k]`` = the stored position of entry k. int32 indices where they fit
     (MKL's and cuSPARSE's CSR take them as they are, and as fast): half the memory of a layout kept per adapter."""

@@ -376,6 +376,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                       "(call randmask.set_adapter to choose another).", UserWarning, stacklevel=2)
         set_adapter(model, remaining[0])
 
+
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside it the model computes with the pristine pretrained weights."""
