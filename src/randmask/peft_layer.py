@@ -110,10 +110,9 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if len(active) > 1:
             raise MaskingError(f"randmask applies one adapter per layer at a time; {active} are active. Call "
                                "model.set_adapter(name), or merge one first.")
-        base = self.get_base_layer()
+        base, adapter = self.get_base_layer(), self.randmask_adapters[active[0]]
         if uses_delta_path(base):
-            return self.base_layer(x, *args, **kwargs) + self.randmask_adapters[active[0]].delta(x)
-        adapter = self.randmask_adapters[active[0]]
+            return self.base_layer(x, *args, **kwargs) + adapter.delta(x)
         if torch.compiler.is_compiling() and adapter.weight_replaced() and self._live == active[0]:
             # FSDP2's gathered weight: traced, not written (MaskAdapter.linear_beside); the live adapter holds W0.
             return adapter.linear_beside(x, base.weight, base.bias)
