@@ -24,6 +24,23 @@ DATA_DIR = Path(os.environ.get("RANDMASK_DATA_DIR", REPO_ROOT.parent / "shared" 
 TINY_ARCHS = ["opt", "llama", "gpt2", "bert"]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the rendezvous of one ``mp.spawn`` test's ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_spawned_rank(rank: int, port: int, world: int) -> None:
+    """The first call of an ``mp.spawn`` worker: torchrun's environment for ``rank`` of ``world`` (what
+    ``init_process_group`` and ``init_distributed`` read), and one thread per rank so the ranks share the cores."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
 def end_spawned_rank() -> None:
     """The last call of an ``mp.spawn`` worker, after it wrote its results: leave the process group and exit at
     once. The interpreter's teardown aborted about 1 run in 16 ("terminate called without an active exception",

@@ -4,15 +4,13 @@ the same losses as one process, the same adapter file as an unsharded model, and
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tests.conftest import end_spawned_rank
+from tests.conftest import end_spawned_rank, free_port, start_spawned_rank
 
 import randmask
 from randmask import MaskingConfig, apply_masking, load_adapter, masked_layers, save_adapter
@@ -79,9 +77,8 @@ def _with_other_adapter(model):
 def _worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    start_spawned_rank(rank, port, WORLD)
+    dist.init_process_group("gloo")
     model = _with_other_adapter(apply_masking(_base(), MaskingConfig(**CONFIG)))
     for layer in model.model.layers:
         fully_shard(layer)
@@ -121,17 +118,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     end_spawned_rank()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_fsdp2_trains_saves_and_loads_like_one_process(tmp_path):
     pytest.importorskip("transformers")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "rank0.pt")
     assert json.loads((tmp_path / "sharded.json").read_text()) == {"weight": True, "values": True,
                                                                            "mixed_batch_refused": True,

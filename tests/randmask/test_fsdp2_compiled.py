@@ -7,15 +7,14 @@ here)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tests.conftest import end_spawned_rank
-from tests.randmask.test_fsdp2 import CONFIG, WORLD, _base, _free_port, _logits, _probe, _train
+from tests.conftest import end_spawned_rank, free_port, start_spawned_rank
+from tests.randmask.test_fsdp2 import CONFIG, WORLD, _base, _logits, _probe, _train
 
 from randmask import MaskingConfig, apply_masking
 
@@ -38,9 +37,8 @@ def _worker(rank: int, port: int, out: str, path: str, compiled: bool, bf16: boo
     import torch._dynamo
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    start_spawned_rank(rank, port, WORLD)
+    dist.init_process_group("gloo")
     torch._dynamo.reset()
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # a frame recompiled per layer shape fails the test
     model, layers = _masked(path)
@@ -70,7 +68,7 @@ def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_lay
         pytest.importorskip("peft")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), path, compiled, bf16), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), path, compiled, bf16), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "rank0.pt")
     breaks = json.loads((tmp_path / "breaks.json").read_text())
     if compiled:

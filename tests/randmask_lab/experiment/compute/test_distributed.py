@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from tests.conftest import end_spawned_rank
+from tests.conftest import end_spawned_rank, free_port, start_spawned_rank
 
 from randmask import masked_layers
 from randmask_lab.experiment import RunConfig, run_training
@@ -38,9 +36,7 @@ def _masked_grads(model_dir: str, ids: torch.Tensor | None, ddp_ctx=None) -> tup
 
 
 def _worker(rank: int, port: int, model_dir: str, run_kwargs: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    start_spawned_rank(rank, port, WORLD)
     ctx = init_distributed("cpu")
     indices, grads = _masked_grads(model_dir, _batch(rank), ctx)
     record = run_training(RunConfig(**run_kwargs), ctx=ctx)
@@ -50,16 +46,11 @@ def _worker(rank: int, port: int, model_dir: str, run_kwargs: dict, out: str) ->
     end_spawned_rank()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_processes_agree_with_one(tiny_lm, run_kwargs, tmp_path):
     kwargs = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "threads": None}
     ddp_kwargs = {**kwargs, "batch_size": 2, "out_dir": str(tmp_path / "ddp")}  # 2 ranks x 2 = 4 per step
-    mp.spawn(_worker, args=(_free_port(), tiny_lm, ddp_kwargs, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), tiny_lm, ddp_kwargs, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
 
     indices, grads = _masked_grads(tiny_lm, None)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tests.conftest import end_spawned_rank
+from tests.conftest import end_spawned_rank, free_port, start_spawned_rank
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment import RunConfig, run_training
@@ -20,9 +18,7 @@ WORLD = 2
 
 
 def _worker(rank: int, port: int, run_kwargs: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    start_spawned_rank(rank, port, WORLD)
     ctx = init_distributed("cpu")
     record = run_training(RunConfig(**run_kwargs), ctx=ctx)
     if rank == 0:
@@ -31,11 +27,6 @@ def _worker(rank: int, port: int, run_kwargs: dict, out: str) -> None:
     end_spawned_rank()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])  # 1e-3 clips every step: the norm over sharded DTensors
@@ -43,7 +34,7 @@ def test_an_fsdp_run_matches_one_process(tiny_lm, run_kwargs, tmp_path, max_grad
     kwargs = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "threads": None,
               "checkpoint_every": -1, "max_grad_norm": max_grad_norm}
     sharded = {**kwargs, "batch_size": 2, "fsdp": True, "out_dir": str(tmp_path / "fsdp")}  # 2 ranks x 2 = 4
-    mp.spawn(_worker, args=(_free_port(), sharded, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), sharded, str(tmp_path)), nprocs=WORLD, join=True)
     run_dir = Path((tmp_path / "run_dir").read_text())
     single = run_training(RunConfig(**{**kwargs, "batch_size": 4, "out_dir": str(tmp_path / "one")}))
     trained = load_file(str(Path(single.run_dir) / "trainable" / "trainable.safetensors"))
