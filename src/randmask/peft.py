@@ -63,12 +63,16 @@ from randmask.targets import resolve_targets
 
 
 class _PeftTypeName(str):
-    """A plain ``str`` to every PEFT lookup, with the ``.value`` that PEFT's messages read from its ``PeftType``
-    members (``hotswap_adapter``'s refusal of a non-LoRA method raised AttributeError without it)."""
+    """A plain ``str`` to every PEFT lookup and in every saved file, which also prints and reads as PEFT's own
+    ``PeftType`` members do: ``.value`` (``hotswap_adapter``'s refusal of a non-LoRA method raised AttributeError
+    without it) and ``str()`` as ``"PeftType.RANDMASK"`` (``get_model_status`` keeps what follows the dot)."""
 
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
 
 
 PEFT_TYPE = _PeftTypeName("RANDMASK")

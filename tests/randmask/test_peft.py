@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -176,6 +177,17 @@ def test_peft_hotswap_is_refused_by_peft_in_one_line(tmp_path):
     assert PEFT_TYPE == "RANDMASK" and PEFT_TYPE.value == "RANDMASK"
     with pytest.raises(ValueError, match="RANDMASK was passed"):
         hotswap.hotswap_adapter(model, str(tmp_path), adapter_name="default")
+
+
+def test_peft_status_and_saved_config_name_the_type(tmp_path):
+    """PEFT's get_model_status keeps what follows the dot of str(peft_type) (it reported ''), and the saved
+    adapter_config.json holds the plain name that from_pretrained looks up."""
+    model = _peft_model("llama")
+    assert model.get_model_status().peft_types == {"default": "RANDMASK"}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "RANDMASK"
+    assert isinstance(PeftModel.from_pretrained(tiny_model("llama"), tmp_path), PeftModel)
+
 
 def test_save_load_in_a_fresh_process_is_bit_exact(tmp_path):
     outs = {}
