@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, logical_shape
+from randmask.layer import (
+    Block,
+    MaskAdapter,
+    MaskedLayer,
+    is_conv1d,
+    logical_shape,
+    mark_shared_weight,
+    weight_shared_with,
+)
 from randmask.masks import (
     BUILTIN_KINDS,
     get_sampler,
@@ -23,7 +31,7 @@ from randmask.masks import (
 )
 from randmask.mixed import check_adapter_names, group_rows, row_groups_set
 from randmask.quantized import check_weight, disable_bnb_cpu_repacking, logical_numel, quant_scheme
-from randmask.targets import Target, resolve_targets
+from randmask.targets import Target, resolve_targets, weight_ties
 
 logger = logging.getLogger("randmask")
 _META_ATTR = "randmask_adapters"  # {adapter name: {"config": MaskingConfig, "total_params": int}}
@@ -218,8 +226,10 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
     disable_bnb_cpu_repacking(model)  # gradients pass through every frozen 4-bit layer, on any CPU
     for target, _, _ in masks:
         check_weight(target.name, target.module)
+    ties = weight_ties(model, [target for target, _, _ in masks])
+    warn_tied(ties)
     for target, indices, blocks in masks:
-        layer = _wrap(model, target)
+        layer = _wrap(model, target, ties.get(target.name, ()))
         adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind, explicit_indices)
         if values is not None:
             with torch.no_grad():
@@ -288,11 +298,21 @@ def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "
     return model
 
 
-def _wrap(model: nn.Module, target: Target) -> MaskedLayer:
+def warn_tied(ties: dict[str, tuple[str, ...]]) -> None:
+    """Say once per attach which targets are tied, and what that changes (one message for both APIs)."""
+    if ties:
+        listed = "; ".join(f"{name} with {', '.join(others)}" for name, others in ties.items())
+        warnings.warn(f"tied weights ({listed}): each such target adds its delta beside the weight, so the "
+                      "modules it is tied to keep W0, and merging it is refused. To merge, untie before masking.",
+                      stacklevel=3)
+
+
+def _wrap(model: nn.Module, target: Target, shared_with: tuple[str, ...]) -> MaskedLayer:
     existing = model.get_submodule(target.name)
     if isinstance(existing, MaskedLayer):
         return existing
     model.__dict__.pop(_LAYERS_ATTR, None)
+    mark_shared_weight(existing, shared_with)  # before any adapter: a tied weight is never written
     layer = MaskedLayer(existing)
     parent_name, _, child = target.name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
@@ -433,6 +453,7 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
             layer.sync()
         else:
             layer.restore_base()
+        mark_shared_weight(layer.base_layer, ())
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
     model.__dict__.pop(_META_ATTR, None)
@@ -444,24 +465,32 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
 
 
 def check_mergeable(model: nn.Module) -> None:
-    """Refuse to merge into a quantized weight (before anything is changed): see ``merge_and_unload``."""
+    """Refuse to merge into a quantized or tied weight (before anything is changed): see ``merge_and_unload``."""
     for name, layer in masked_layers(model).items():
         if layer.delta_path and layer.active_adapter is not None:
-            raise MaskingError(merge_refusal(name, quant_scheme(layer.base_layer)))
+            raise MaskingError(merge_refusal(name, layer.base_layer))
 
 
-def merge_refusal(name: str, scheme: str | None) -> str:
-    """Why a delta is not merged into a quantized weight, and what to do instead (one message for both APIs)."""
-    return (f"{name} is quantized ({scheme}): merging would requantize it: every trained entry rounded back to the "
-            "4/8-bit grid (up to half a grid step of error each) and its block's scale possibly changed. Refused. "
-            "Keep the adapter unmerged (the delta path costs one sparse product per layer), or load the float "
-            "base, load_adapter(..., verify_base=False) onto it, merge there, and quantize the merged model.")
+def merge_refusal(name: str, module: nn.Module) -> str:
+    """Why a delta is not merged into ``module``'s quantized or tied weight, and what to do instead (one message
+    for both APIs)."""
+    others = weight_shared_with(module)
+    if others:
+        return (f"{name}'s weight is tied to {', '.join(others)}: merging would write the delta into "
+                f"{', '.join(others)} too, so the merged model would compute something else than the adapted one. "
+                "Refused. Keep the adapter unmerged, or untie before masking (give the module its own copy of the "
+                "weight, and set config.tie_word_embeddings=False so that saving keeps it).")
+    return (f"{name} is quantized ({quant_scheme(module)}): merging would requantize it: every trained entry "
+            "rounded back to the 4/8-bit grid (up to half a grid step of error each) and its block's scale "
+            "possibly changed. Refused. Keep the adapter unmerged (the delta path costs one sparse product per "
+            "layer), or load the float base, load_adapter(..., verify_base=False) onto it, merge there, and "
+            "quantize the merged model.")
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """An ordinary model whose weights hold W0 (+) delta of the active adapter; wrappers removed.
 
-    Refused (``MaskingError``, nothing changed) when an adapted weight is quantized: see ``merge_refusal``."""
+    Refused (``MaskingError``, nothing changed) when an adapted weight is quantized or tied: see ``merge_refusal``."""
     return _replace_with_base(model, keep_delta=True)
 
 

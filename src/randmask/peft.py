@@ -41,9 +41,9 @@ from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
 from randmask.integrity import base_fingerprint
-from randmask.layer import Block, uses_delta_path
+from randmask.layer import Block, mark_shared_weight, uses_delta_path
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
-from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal
+from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal, warn_tied
 from randmask.peft_files import (
     CONFIG_NAME,
     OPT_OUT,
@@ -59,7 +59,7 @@ from randmask.peft_layer import RandMaskLayer
 from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
 from randmask.quantized import base_entries, check_weight, disable_bnb_cpu_repacking, quant_scheme
 from randmask.shira import export_shira, import_shira
-from randmask.targets import resolve_targets
+from randmask.targets import resolve_targets, weight_ties
 
 
 class _PeftTypeName(str):
@@ -238,10 +238,10 @@ class RandMaskModel(BaseTuner):
         self._replace_module(parent, target_name, layer, target)
 
     def _check_mergeable(self) -> None:
-        """Refuse a merge into any quantized layer before any layer is merged (see randmask.merge_refusal)."""
+        """Refuse a merge into any quantized or tied layer before any layer is merged (see randmask.merge_refusal)."""
         for name, module in self.model.named_modules():
             if isinstance(module, RandMaskLayer) and uses_delta_path(module.get_base_layer()):
-                raise MaskingError(merge_refusal(name, quant_scheme(module.get_base_layer())))
+                raise MaskingError(merge_refusal(name, module.get_base_layer()))
 
     def _check_adapter_names(self, adapter_names: Any) -> None:
         """``adapter_names`` to merge must be a list of this model's adapters: PEFT skips unknown names per layer, so
@@ -355,9 +355,13 @@ def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[tor
                            "regenerated. Load it with the randmask that saved it, or train it again.")
     verify_base = getattr(config, "_randmask_load", {}).get("verify_base", True)
     checksums = {} if record else config.checksums
+    ties = weight_ties(model, targets)
+    warn_tied(ties)
     plan = {}
     for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
         check_weight(target.name, target.module)
+        if not isinstance(model.get_submodule(target.name), RandMaskLayer):  # decided once, before its first adapter
+            mark_shared_weight(target.module, ties.get(target.name, ()))
         indices, blocks = draw_mask(target, densities, masking)
         entries = _pristine(model, target.name, target.module, indices)
         if record:

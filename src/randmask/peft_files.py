@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.config import MaskingError
-from randmask.files import file_size, parse_json, read_limited
+from randmask.files import atomic_write_bytes, file_size, parse_json, read_limited
 from randmask.integrity import check_base
 
 CONFIG_NAME = "adapter_config.json"
@@ -145,11 +147,36 @@ def config_checksum(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _without_base_weights(weights: Path, blob: bytes) -> bytes:
+    """``blob`` (the weights file PEFT just wrote) without base-layer tensors, rewritten atomically if it had any.
+
+    PEFT's ``save_embedding_layers="auto"`` saves the whole base weight of a targeted ``lm_head`` / ``embed_tokens``
+    (for LoRA's resized vocabularies). A randmask adapter never loads a base weight (its loader refuses one: it
+    would overwrite the base), so the file could not be loaded, and an ``lm_head`` weight is MBs to GBs."""
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError):
+        return blob  # not ours to judge here: the loader names a damaged file
+    base = sorted(key for key in tensors if ".base_layer." in key)
+    if not base:
+        return blob
+    warnings.warn(f"PEFT saved base weights {base[:3]} beside the adapter (save_embedding_layers='auto' does so when "
+                  f"an embedding layer such as lm_head is a target); a randmask adapter never loads base weights, so "
+                  f"they are left out of {weights}. Pass save_embedding_layers=False to skip this.", stacklevel=4)
+    blob = st_save({k: v for k, v in tensors.items() if k not in base}, metadata={"format": "pt"})
+    atomic_write_bytes(weights, blob)
+    return blob
+
+
 def seal(data: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """The integrity fields of a config about to be written into ``folder`` beside its weights file."""
+    """The integrity fields of a config about to be written into ``folder`` beside its weights file (from which
+    base-layer tensors PEFT saved are dropped first: ``_without_base_weights``)."""
     weights = folder / WEIGHTS_NAME
     size = file_size(weights)
-    digest = None if size is None else hashlib.sha256(read_limited(weights, size, "PEFT adapter weights")).hexdigest()
+    digest = None
+    if size is not None:
+        blob = _without_base_weights(weights, read_limited(weights, size, "PEFT adapter weights"))
+        digest = hashlib.sha256(blob).hexdigest()
     sealed = {**data, "weights_sha256": digest}
     return {"weights_sha256": digest, "config_sha256": config_checksum(sealed)}
 

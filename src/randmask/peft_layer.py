@@ -15,7 +15,7 @@ from randmask.config import MaskingError
 from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.model import merge_refusal
-from randmask.quantized import base_entries, quant_scheme, stored_shape
+from randmask.quantized import base_entries, stored_shape
 
 
 class RandMaskLayer(nn.Module, BaseTunerLayer):
@@ -122,8 +122,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         """Write the adapters' deltas into the weight (W (+) values at their entries)."""
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.randmask_adapters]
         if names and uses_delta_path(self.get_base_layer()):
-            raise MaskingError(merge_refusal(type(self.get_base_layer()).__name__,
-                                             quant_scheme(self.get_base_layer())))
+            raise MaskingError(merge_refusal(type(self.get_base_layer()).__name__, self.get_base_layer()))
         self.restore_live()
         flat = self.get_base_layer().weight.data.view(-1)
         for name in names:

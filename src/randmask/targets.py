@@ -289,6 +289,22 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None) ->
     return resolved
 
 
+def weight_ties(model: nn.Module, targets: list[Target]) -> dict[str, tuple[str, ...]]:
+    """For each target whose weight is also another module's (tied: ``tie_word_embeddings`` makes ``lm_head``'s
+    weight the input embedding's), the other modules that hold it. Ties are the same ``Parameter`` under two names."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    ties = {}
+    for target in targets:
+        own = f"{target.name}."
+        others = tuple(name.rpartition(".")[0] or name for name in names_of.get(id(target.module.weight), ())
+                       if not name.startswith(own))
+        if others:
+            ties[target.name] = others
+    return ties
+
+
 __all__ = [
     "ARCHITECTURES",
     "FUSED_BLOCKS",
@@ -301,4 +317,5 @@ __all__ = [
     "default_targets",
     "model_type_of",
     "resolve_targets",
+    "weight_ties",
 ]

@@ -1,0 +1,111 @@
+"""A target whose weight is tied to another module (``tie_word_embeddings``: lm_head's weight is the input embedding).
+
+Written into in place, the delta reached the embedding too, one forward late: two identical forwards gave different
+losses (5.34, then 6.69), and the gradient missed the embedding's use. Such a target now adds its delta beside the
+weight, as LoRA does: the embedding keeps W0, the model trains as its untied copy does, and merging is refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
+
+import randmask
+from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, masked_layers, merge_and_unload, unload
+from randmask.targets import resolve_targets, weight_ties
+
+CFG = MaskingConfig(targets=["lm_head", "q_proj"], density=0.2, seed=0)
+
+
+def _tied() -> torch.nn.Module:
+    model = tiny_model("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight  # what tie_word_embeddings=True does
+    return model
+
+
+def _untied_copy() -> torch.nn.Module:
+    """The same numbers, lm_head holding its own copy of the embedding: the reference a tied target must match."""
+    model = tiny_model("llama")
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    return model
+
+
+def _masked_tied() -> torch.nn.Module:
+    with pytest.warns(UserWarning, match=r"tied weights \(lm_head with model.embed_tokens\)"):
+        return apply_masking(_tied(), CFG)
+
+
+def test_ties_are_found_by_parameter_identity():
+    tied, untied = _tied(), _untied_copy()
+    assert weight_ties(tied, resolve_targets(tied, CFG.targets)) == {"lm_head": ("model.embed_tokens",)}
+    assert weight_ties(untied, resolve_targets(untied, CFG.targets)) == {}
+
+
+def test_a_tied_target_trains_as_its_untied_copy_and_the_embedding_keeps_w0():
+    inputs = tiny_inputs("llama")
+    model, reference = _masked_tied(), apply_masking(_untied_copy(), CFG)
+    layers = masked_layers(model)
+    assert layers["lm_head"].delta_path and not layers["model.layers.0.self_attn.q_proj"].delta_path
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    losses, reference_losses = train_steps(model, inputs), train_steps(reference, inputs)
+    torch.testing.assert_close(losses, reference_losses, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    torch.testing.assert_close(model_output(model, inputs), model_output(reference, inputs), rtol=1e-5, atol=1e-6)
+    # the same input twice gives the same loss (it drifted by a forward's write before)
+    assert model(**inputs).loss.item() == model(**inputs).loss.item()
+
+
+def test_merging_a_tied_target_is_refused_and_unload_restores_the_base():
+    inputs = tiny_inputs("llama")
+    model = _masked_tied()
+    base = model_output(_tied(), inputs)
+    train_steps(model, inputs)
+    adapted = model_output(model, inputs)
+    with pytest.raises(MaskingError, match=r"lm_head's weight is tied to model.embed_tokens: merging would write"):
+        merge_and_unload(model)
+    assert torch.equal(model_output(model, inputs), adapted)  # nothing changed
+    plain = unload(model)
+    assert masked_layers(plain) == {} and torch.equal(model_output(plain, inputs), base)
+    assert not randmask.layer.weight_shared_with(plain.lm_head)
+
+
+def test_a_tied_adapter_saves_and_loads_with_identical_outputs(tmp_path):
+    inputs = tiny_inputs("llama")
+    model = _masked_tied()
+    train_steps(model, inputs)
+    randmask.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = load_adapter(_tied(), tmp_path)
+    assert masked_layers(loaded)["lm_head"].delta_path
+    assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
+
+
+def test_the_peft_path_keeps_the_embedding_and_refuses_the_merge(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel, get_peft_model
+
+    from randmask.peft import RandMaskConfig
+
+    inputs = tiny_inputs("llama")
+    config = RandMaskConfig(target_modules=["lm_head", "q_proj"], density=0.2, seed=0)
+    with pytest.warns(UserWarning, match="tied weights"):
+        model = get_peft_model(_tied(), config)
+    reference = get_peft_model(_untied_copy(), config)
+    embedding = model.base_model.model.model.embed_tokens.weight.detach().clone()
+    torch.testing.assert_close(train_steps(model, inputs), train_steps(reference, inputs), rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.base_model.model.model.embed_tokens.weight, embedding)
+    with pytest.raises(MaskingError, match="tied to model.embed_tokens"):
+        model.merge_and_unload()
+    with pytest.warns(UserWarning, match=r"PEFT saved base weights \['base_model.model.lm_head.base_layer.weight'\]"):
+        model.save_pretrained(tmp_path)  # save_embedding_layers='auto' saved lm_head's base weight: left out
+    assert all(".base_layer." not in key for key in load_file(tmp_path / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = PeftModel.from_pretrained(_tied(), tmp_path)
+    assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
