@@ -109,3 +109,40 @@ def test_the_peft_path_keeps_the_embedding_and_refuses_the_merge(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         loaded = PeftModel.from_pretrained(_tied(), tmp_path)
     assert torch.equal(model_output(loaded, inputs), model_output(model, inputs))
+
+
+def _fsdp2_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from tests.conftest import end_spawned_rank, start_spawned_rank
+    from tests.randmask.test_fsdp2 import WORLD, _train
+    from torch.distributed.fsdp import fully_shard
+
+    start_spawned_rank(rank, port, WORLD)
+    dist.init_process_group("gloo")
+    warnings.simplefilter("ignore", UserWarning)
+    model = apply_masking(_tied(), CFG)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)  # the tied embedding / lm_head weight is the root's
+    losses = _train(model, slice(2 * rank, 2 * rank + 2))
+    if rank == 0:
+        torch.save(torch.tensor(losses, dtype=torch.float64), f"{out}/losses.pt")
+    dist.barrier()
+    end_spawned_rank()
+
+
+def test_a_tied_target_under_fsdp2_trains_as_one_process(tmp_path):
+    """The delta path on a float weight under FSDP2 (2 gloo ranks): the losses of one process."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from tests.conftest import free_port
+    from tests.randmask.test_fsdp2 import WORLD, _train
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    mp.spawn(_fsdp2_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        single = apply_masking(_tied(), CFG)
+    expected = torch.tensor(_train(single, slice(None)), dtype=torch.float64)
+    torch.testing.assert_close(torch.load(tmp_path / "losses.pt"), expected, rtol=0, atol=1e-5)
