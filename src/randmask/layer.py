@@ -75,6 +75,20 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _SHARED_WEIGHT_ATTR = "_randmask_weight_shared_with"
 
 
+def check_weight_assignment(layer: nn.Module, name: str, value: object) -> bool:
+    """Whether ``layer.name = value`` on a masked layer (randmask's or PEFT's) is a no-op; MaskingError if it would
+    replace the weight. transformers' ``tie_weights`` (called by ``resize_token_embeddings``, accelerate's FSDP
+    preparation, Trainer's resume) assigns the embedding's weight to ``lm_head.weight``: the same tensor when it is
+    tied already (a no-op), a new one after a resize, whose entries the adapter's indices no longer address."""
+    if name not in ("weight", "bias") or "base_layer" not in layer._modules:
+        return False
+    if value is getattr(layer._modules["base_layer"], name, None):
+        return True
+    raise MaskingError(f"the {name} of masked layer {type(layer._modules['base_layer']).__name__} cannot be replaced "
+                       "(transformers' tie_weights and resize_token_embeddings do that): the adapter's entries index "
+                       "the current one. Resize or tie before masking, or unload the adapter first.")
+
+
 def mark_shared_weight(module: nn.Module, others: tuple[str, ...]) -> None:
     """Record (``others``: the modules that also hold ``module``'s weight) or clear (``()``) a tied weight. Set
     before the first adapter is added: it decides the layer's path (``uses_delta_path``)."""
@@ -261,6 +275,10 @@ class MaskedLayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.row_groups: RowGroups | None = None  # set during a mixed batch: the delta path, W = W0
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not check_weight_assignment(self, name, value):
+            super().__setattr__(name, value)
 
     @property
     def weight(self) -> torch.Tensor:

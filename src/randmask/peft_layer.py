@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from randmask.config import MaskingError
-from randmask.layer import Block, MaskAdapter, is_conv1d, uses_delta_path
+from randmask.layer import Block, MaskAdapter, check_weight_assignment, is_conv1d, uses_delta_path
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.model import merge_refusal
 from randmask.quantized import base_entries, stored_shape
@@ -41,6 +41,10 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         self._live: str | None = None  # adapter whose delta the weight holds (unmerged)
         self._overwritten: dict[str, torch.Tensor] = {}  # merged adapter -> entries before its merge
         self.row_groups: RowGroups | None = None  # set during a mixed batch (adapter_names=[...])
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not check_weight_assignment(self, name, value):
+            super().__setattr__(name, value)
 
     def update_layer(self, adapter_name: str, indices: torch.Tensor, blocks: list[Block], kind: str,
                      inference_mode: bool = False) -> None:

@@ -146,3 +146,30 @@ def test_a_tied_target_under_fsdp2_trains_as_one_process(tmp_path):
         single = apply_masking(_tied(), CFG)
     expected = torch.tensor(_train(single, slice(None)), dtype=torch.float64)
     torch.testing.assert_close(torch.load(tmp_path / "losses.pt"), expected, rtol=0, atol=1e-5)
+
+
+def test_tie_weights_after_masking_is_a_no_op_and_a_new_weight_is_refused():
+    """transformers' tie_weights (accelerate's FSDP preparation and Trainer's resume call it) assigns the embedding's
+    weight to lm_head.weight: it raised KeyError("attribute 'weight' already exists") on a masked lm_head."""
+    inputs = tiny_inputs("llama")
+    model = _masked_tied()
+    model.config.tie_word_embeddings = True
+    train_steps(model, inputs)
+    out = model_output(model, inputs)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model_output(model, inputs), out)
+    with pytest.raises(MaskingError, match="the weight of masked layer Linear cannot be replaced"):
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros(140, 32))
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from randmask.peft import RandMaskConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model = get_peft_model(_tied(), RandMaskConfig(target_modules=["lm_head"], density=0.2))
+    lm_head = peft_model.base_model.model.lm_head
+    lm_head.weight = peft_model.base_model.model.model.embed_tokens.weight  # what tie_weights assigns
+    with pytest.raises(MaskingError, match="cannot be replaced"):
+        lm_head.weight = torch.nn.Parameter(torch.zeros(140, 32))
