@@ -6,9 +6,10 @@ Two ways to apply the active adapter's delta, picked per call (``uses_delta_path
   ``W0 (+) values`` at the kept entries ((+) is addition in the weight's dtype). So an optimizer
   step (or ``load_state_dict``, or any in-place edit of ``values``) is reflected in the weight by
   the next forward with no call from the user, and the forward itself is the unmodified dense layer.
-- the delta path, for weights that cannot hold the entries (bitsandbytes / torchao quantized) or must not (tied:
-  the same weight is another module's, e.g. the input embedding under ``tie_word_embeddings``, which a write
-  would change too): ``y = base(x) + sparse_delta(x, values, pattern)``; the stored weight is never written.
+- the delta path, for weights that cannot hold the entries (bitsandbytes / torchao quantized; parametrized, as by
+  ``weight_norm``, recomputed at every access) or must not (tied: the same weight is another module's, e.g. the
+  input embedding under ``tie_word_embeddings``, which a write would change too):
+  ``y = base(x) + sparse_delta(x, values, pattern)``; the stored weight is never written.
 
 During a mixed batch (``row_groups`` set, see ``randmask.mixed``) the weight holds W0 everywhere
 instead and each sample group's delta is added on the delta path, whichever path the layer uses.
@@ -103,11 +104,18 @@ def weight_shared_with(module: nn.Module) -> tuple[str, ...]:
     return module.__dict__.get(_SHARED_WEIGHT_ATTR, ())  # not getattr: nn.Module's miss raises, once per forward
 
 
+def weight_parametrized(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is computed by a ``torch.nn.utils.parametrize`` parametrization (``weight_norm``,
+    ``spectral_norm``, ``orthogonal``) at every access: a write into it would never reach the forward."""
+    parametrizations = module._modules.get("parametrizations")
+    return parametrizations is not None and "weight" in parametrizations
+
+
 def uses_delta_path(module: nn.Module) -> bool:
     """Whether a masked layer over ``module`` adds its delta beside the weight (True: the weight is quantized and
-    cannot hold the trained entries, or it is tied to another module, which a write would change too) or writes
-    it into the weight (False)."""
-    return is_quantized(module) or bool(weight_shared_with(module))
+    cannot hold the trained entries, tied to another module, which a write would change too, or parametrized,
+    recomputed at every access) or writes it into the weight (False)."""
+    return is_quantized(module) or bool(weight_shared_with(module)) or weight_parametrized(module)
 
 
 def pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
@@ -294,7 +302,7 @@ class MaskedLayer(nn.Module):
 
     @property
     def delta_path(self) -> bool:
-        """True when the delta is added beside a quantized or tied weight instead of written into it."""
+        """True when the delta is added beside a quantized, tied or parametrized weight instead of written into it."""
         return uses_delta_path(self.base_layer)
 
     def add_adapter(self, name: str, indices: torch.Tensor, blocks: list[Block], kind: str,

@@ -19,6 +19,7 @@ from randmask.layer import (
     is_conv1d,
     logical_shape,
     mark_shared_weight,
+    weight_parametrized,
     weight_shared_with,
 )
 from randmask.masks import (
@@ -465,16 +466,21 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
 
 
 def check_mergeable(model: nn.Module) -> None:
-    """Refuse to merge into a quantized or tied weight (before anything is changed): see ``merge_and_unload``."""
+    """Refuse to merge into a quantized, parametrized or tied weight (before anything is changed): see
+    ``merge_and_unload``."""
     for name, layer in masked_layers(model).items():
         if layer.delta_path and layer.active_adapter is not None:
             raise MaskingError(merge_refusal(name, layer.base_layer))
 
 
 def merge_refusal(name: str, module: nn.Module) -> str:
-    """Why a delta is not merged into ``module``'s quantized or tied weight, and what to do instead (one message
-    for both APIs)."""
+    """Why a delta is not merged into ``module``'s quantized, parametrized or tied weight, and what to do instead
+    (one message for both APIs)."""
     others = weight_shared_with(module)
+    if weight_parametrized(module):
+        return (f"{name}'s weight is computed by a parametrization (torch.nn.utils.parametrize, e.g. weight_norm) at "
+                "every access: a delta merged into it would be lost at the next one. Refused. Keep the adapter "
+                "unmerged, or remove the parametrization before masking (parametrize.remove_parametrizations).")
     if others:
         return (f"{name}'s weight is tied to {', '.join(others)}: merging would write the delta into "
                 f"{', '.join(others)} too, so the merged model would compute something else than the adapted one. "
@@ -490,7 +496,8 @@ def merge_refusal(name: str, module: nn.Module) -> str:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """An ordinary model whose weights hold W0 (+) delta of the active adapter; wrappers removed.
 
-    Refused (``MaskingError``, nothing changed) when an adapted weight is quantized or tied: see ``merge_refusal``."""
+    Refused (``MaskingError``, nothing changed) when an adapted weight is quantized, parametrized or tied: see
+    ``merge_refusal``."""
     return _replace_with_base(model, keep_delta=True)
 
 

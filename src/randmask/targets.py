@@ -183,8 +183,9 @@ def _maskable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _inside_wrapper(name: str) -> bool:
-    # a MaskedLayer's (or a PEFT layer's) wrapped module is reached through the wrapper's name
-    return name.endswith(".base_layer") or ".base_layer." in name
+    # a MaskedLayer's (or a PEFT layer's) wrapped module is reached through the wrapper's name, and a
+    # parametrization's modules (torch.nn.utils.parametrize: ``0.parametrizations.weight.0``) through its owner's
+    return (name.endswith(".base_layer") or ".base_layer." in name or ".parametrizations." in f".{name}")
 
 
 def _suffix_matches(name: str, suffix: str) -> bool:
