@@ -12,16 +12,7 @@ import torch
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.layer import (
-    Block,
-    MaskAdapter,
-    MaskedLayer,
-    is_conv1d,
-    logical_shape,
-    mark_shared_weight,
-    weight_parametrized,
-    weight_shared_with,
-)
+from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, logical_shape
 from randmask.masks import (
     BUILTIN_KINDS,
     get_sampler,
@@ -31,6 +22,7 @@ from randmask.masks import (
     structured_column_counts,
 )
 from randmask.mixed import check_adapter_names, group_rows, row_groups_set
+from randmask.paths import mark_shared_weight, weight_parametrized, weight_shared_with
 from randmask.quantized import check_weight, disable_bnb_cpu_repacking, logical_numel, quant_scheme
 from randmask.targets import Target, resolve_targets, weight_ties
 

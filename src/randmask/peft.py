@@ -41,9 +41,10 @@ from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
 from randmask.integrity import base_fingerprint
-from randmask.layer import Block, mark_shared_weight, uses_delta_path
+from randmask.layer import Block
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal, warn_tied
+from randmask.paths import mark_shared_weight, uses_delta_path
 from randmask.peft_files import (
     CONFIG_NAME,
     OPT_OUT,

@@ -71,7 +71,7 @@ def test_merging_a_tied_target_is_refused_and_unload_restores_the_base():
     assert torch.equal(model_output(model, inputs), adapted)  # nothing changed
     plain = unload(model)
     assert masked_layers(plain) == {} and torch.equal(model_output(plain, inputs), base)
-    assert not randmask.layer.weight_shared_with(plain.lm_head)
+    assert not randmask.paths.weight_shared_with(plain.lm_head)
 
 
 def test_a_tied_adapter_saves_and_loads_with_identical_outputs(tmp_path):
