@@ -14,7 +14,10 @@ and differentiated as
     dL/dx     += dL/dy @ D                       # the delta's transpose, another SpMM
 
 Both SpMMs run as torch CSR matmuls (MKL on CPU) on a layout built once per pattern, in fp32 (fp64
-for fp64 inputs: MKL's CSR kernel has no bf16/fp16 path in torch 2.13), cast back to x's dtype.
+for fp64 inputs: MKL's CSR kernel has no bf16/fp16 path in torch 2.13), cast back to x's dtype. Two
+orientations: CSR-first, ``(D @ x^T)^T``, whose (T, out) result is a transposed view; and, on CPU for many
+tokens and few entries per output row, dense-first, ``x @ D^T`` by ``torch.mm(x, csr(D^T))``, contiguous, which
+spares the strided passes over (T, out) that then outweigh the product (``dense_first``).
 """
 
 from __future__ import annotations
@@ -76,13 +79,32 @@ def _layout(pattern: SparsePattern, transpose: bool) -> _Csr:
     return layout.t if transpose else layout.d
 
 
+# Dense-first from this many output elements (T x out: the size of the strided passes it spares), up to this many
+# kept entries per output row, on CPU. Measured by benchmarks/delta_orientation.py (forward SpMM + add, then the dx
+# SpMM; AVX512 EPYC, 2 threads; benchmarks/results/delta_orientation.json): at T x out >= 2^21 and <= 4 entries per
+# row dense-first took 0.37-0.89x the CSR-first time (0.48x for OPT's 50272-row LM head at T = 1024); at 2^19-2^20
+# it was mixed (0.56-1.41x), below it 1.1-5.6x, and at 8 entries per row 0.86-5.6x: MKL's dense-first kernel is the
+# slower product, worth it only where the (T, out) passes dominate.
+DENSE_FIRST_MIN_OUTPUT = 1 << 21
+DENSE_FIRST_MAX_PER_ROW = 4
+
+
+def dense_first(dense_2d: torch.Tensor, pattern: SparsePattern) -> bool:
+    """Whether ``delta_matmul`` runs ``torch.mm(dense, CSR)`` (True) or ``(CSR @ dense^T)^T`` (False) here."""
+    out_f = pattern.logical_shape[0]
+    return (dense_2d.device.type == "cpu" and dense_2d.shape[0] * out_f >= DENSE_FIRST_MIN_OUTPUT
+            and pattern.nnz <= DENSE_FIRST_MAX_PER_ROW * out_f)
+
+
 def _spmm(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, size: tuple[int, int],
-          dense_2d: torch.Tensor) -> torch.Tensor:
-    """(size[0], size[1]) CSR @ dense_2d^T, returned as (T, size[0]) in ``vals``' dtype."""
+          dense_2d: torch.Tensor, first: bool) -> torch.Tensor:
+    """CSR (size[0], size[1]) times ``dense_2d`` in ``vals``' dtype: ``first``, dense_2d (T, size[0]) @ CSR, giving
+    (T, size[1]); else (CSR @ dense_2d^T)^T, dense_2d (T, size[1]) giving (T, size[0])."""
     with warnings.catch_warnings():  # "CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         csr = torch.sparse_csr_tensor(crow, col, vals, size=size, check_invariants=False)
-        return torch.sparse.mm(csr, dense_2d.to(vals.dtype).t()).t()
+        dense = dense_2d.to(vals.dtype)
+        return torch.mm(dense, csr) if first else torch.sparse.mm(csr, dense.t()).t()
 
 
 def _in_order(values: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -95,12 +117,15 @@ def delta_matmul(dense_2d: torch.Tensor, values: torch.Tensor, pattern: SparsePa
     for fp64 input): ``dense_2d @ D^T``, (T, in) -> (T, out); with ``transpose``, ``dense_2d @ D``, (T, out) -> (T, in).
     """
     out_f, in_f = pattern.logical_shape
-    csr = _layout(pattern, transpose)  # transpose: g @ D = (D^T @ g^T)^T
+    first = dense_first(dense_2d, pattern)
+    # CSR-first: x @ D^T = (D @ x^T)^T takes D's CSR, g @ D = (D^T @ g^T)^T D^T's; dense-first the other one.
+    of_transpose = transpose != first
+    csr = _layout(pattern, of_transpose)
     compute = compute_dtype(dense_2d)
     # index_select, not values[order]: advanced indexing (aten::index) costs ~10x more on CPU at 10^4-10^5 entries
     with torch.autocast(dense_2d.device.type, enabled=False):
         ordered = _in_order(values.to(compute), csr.order)
-        return _spmm(csr.crow, csr.col, ordered, (in_f, out_f) if transpose else (out_f, in_f), dense_2d)
+        return _spmm(csr.crow, csr.col, ordered, (in_f, out_f) if of_transpose else (out_f, in_f), dense_2d, first)
 
 
 class SparseDeltaFunction(torch.autograd.Function):
@@ -165,4 +190,5 @@ def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, pattern: Spars
     return y2d.reshape(*x.shape[:-1], out_f)
 
 
-__all__ = ["SparseDeltaFunction", "delta_matmul", "sparse_delta", "sparse_delta_reference"]
+__all__ = ["DENSE_FIRST_MAX_PER_ROW", "DENSE_FIRST_MIN_OUTPUT", "SparseDeltaFunction", "delta_matmul", "dense_first",
+           "sparse_delta", "sparse_delta_reference"]

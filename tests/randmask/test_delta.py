@@ -86,3 +86,28 @@ def test_a_forward_without_gradients_keeps_one_int32_csr_and_both_index_widths_a
     assert layout.t is not None and layout.t.col.dtype == index  # dL/dx built D^T
     torch.testing.assert_close(gx, rx, atol=1e-10, rtol=0)
     torch.testing.assert_close(gv, rv, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_dense_first_orientation_matches_the_reference(monkeypatch, dtype, transposed):
+    """``torch.mm(x, csr(D^T))`` and ``torch.mm(g, csr(D))``, from DENSE_FIRST_MIN_OUTPUT (T x out) on CPU: the same
+    forward, dx and dvalues as the reference, and a contiguous output (no strided (T, out) view to add)."""
+    import randmask.delta as delta
+
+    pattern = random_pattern((24, 40), 50, transposed, 5)
+    x = torch.randn(3, 7, pattern.logical_shape[1], dtype=dtype, requires_grad=True)
+    values = torch.randn(50, dtype=dtype, requires_grad=True)
+    assert not delta.dense_first(x.reshape(21, -1), pattern)  # 21 rows: far below the measured crossover
+    monkeypatch.setattr(delta, "DENSE_FIRST_MIN_OUTPUT", 8)
+    assert delta.dense_first(x.reshape(21, -1), pattern)
+    y = sparse_delta(x, values, pattern)
+    assert y.is_contiguous()
+    tol = {"atol": 1e-10, "rtol": 0} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(y, sparse_delta_reference(x, values, pattern), **tol)
+    gx, gv = torch.autograd.grad(y.square().sum(), [x, values])
+    rx, rv = torch.autograd.grad(sparse_delta_reference(x, values, pattern).square().sum(), [x, values])
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gv, rv, **tol)
+    monkeypatch.setattr(delta, "DENSE_FIRST_MAX_PER_ROW", 1)  # 50 entries > 1 per row of 24 (or 40): CSR-first
+    assert not delta.dense_first(x.reshape(21, -1), pattern)
