@@ -31,7 +31,7 @@ from torch import nn
 
 from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
-from randmask.delta import sparse_delta
+from randmask.delta import sparse_delta, sparse_delta_reference
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import SparsePattern, dense_linear, index_dtype, masked_linear
 from randmask.paths import check_weight_assignment, uses_delta_path
@@ -72,6 +72,12 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` (no dispatch when it already is: the hot-swap counts calls)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def func_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap) runs this call, eagerly: it refuses an in-place write
+    into a tensor the function captured (the weight), and the fused ops' autograd Functions."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
@@ -182,11 +188,15 @@ class MaskAdapter(nn.Module):
         # thousand entries on CPU.
         weight.detach().view(-1).scatter_(0, _as(self.indices, torch.int64), entries)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The delta path's ``x @ D^T``, (..., in) -> (..., out): the weight is never written (a quantized base)."""
+    def delta(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """The delta path's ``x @ D^T``, (..., in) -> (..., out): the weight is never written (a quantized base).
+        ``values``: these instead of the adapter's (``linear_beside``'s correction)."""
+        values = self.values if values is None else values
         if torch.compiler.is_compiling():  # traced without a graph break (randmask.compiled)
-            return compiled_sparse_delta(x, self.values, self.indices, self.stored_shape, self.transposed)
-        return sparse_delta(x, self.values, self.pattern())
+            return compiled_sparse_delta(x, values, self.indices, self.stored_shape, self.transposed)
+        if func_transform_active():  # plain differentiable ops: grad, vmap, jvp and double backward go through
+            return sparse_delta_reference(x, values, self.pattern())
+        return sparse_delta(x, values, self.pattern())
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's output through ``weight``, which holds W0 (+) values at the kept entries; dL/dvalues by SDDMM,
@@ -201,16 +211,16 @@ class MaskAdapter(nn.Module):
 
     def linear_beside(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's output over a weight this adapter does not write (FSDP2's gathered copy, under
-        ``torch.compile``): the dense layer through ``weight`` as it is, plus the sparse delta from what it holds at
-        the kept entries to W0 + values. Nothing is written, so the copy FSDP2 gathers again for the backward needs
-        no refresh, and it traces without a graph break. (..., in) -> (..., out)."""
+        ``torch.compile``; any weight under a ``torch.func`` transform, which refuses the write): the dense layer
+        through ``weight`` as it is, plus the sparse delta from what it holds at the kept entries to W0 + values.
+        Nothing is written, so the copy FSDP2 gathers again for the backward needs no refresh, and it traces without
+        a graph break. (..., in) -> (..., out)."""
         # fp32 at least: FSDP2's MixedPrecisionPolicy hands the values over in bf16. W0 - held first (0 where the
         # shards hold W0), then + values: W0 + values first would round the small values to W0's ulp.
         compute = torch.promote_types(self.values.dtype, torch.float32)
         held = weight.detach().reshape(-1).index_select(0, self.indices).to(compute)  # the shards' entries
         correction = (self.held_base().to(compute) - held) + self.values.to(compute)  # (nnz,), grad flows to values
-        delta = compiled_sparse_delta(x, correction, self.indices, self.stored_shape, self.transposed)
-        return dense_linear(x, weight, bias, self.transposed) + delta
+        return dense_linear(x, weight, bias, self.transposed) + self.delta(x, correction)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MaskAdapter:
         # model.half() / model.to(torch.bfloat16) must not turn the fp32 master values into half:
@@ -368,6 +378,8 @@ class MaskedLayer(nn.Module):
             return self.base_layer(x) + adapter.delta(x)
         if torch.compiler.is_compiling() and adapter.weight_replaced():
             return adapter.linear_beside(x, self.weight, self.bias)  # FSDP2's gathered weight: traced, not written
+        if func_transform_active():
+            return adapter.linear_beside(x, self.weight, self.bias)  # torch.func refuses the write
         self.sync()
         return adapter.linear(x, self.weight, self.bias)
 

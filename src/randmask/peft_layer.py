@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from randmask.config import MaskingError
-from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.layer import Block, MaskAdapter, func_transform_active, is_conv1d
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.model import merge_refusal
 from randmask.paths import check_weight_assignment, uses_delta_path
@@ -120,6 +120,12 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs) + adapter.delta(x)
         if torch.compiler.is_compiling() and adapter.weight_replaced() and self._live == active[0]:
             # FSDP2's gathered weight: traced, not written (MaskAdapter.linear_beside); the live adapter holds W0.
+            return adapter.linear_beside(x, base.weight, base.bias)
+        if func_transform_active():  # torch.func refuses the write: the delta beside the weight as it is
+            if self._live != active[0]:
+                self.restore_live()  # W0 back at another adapter's entries (plain tensors: allowed)
+                if adapter.base_values is None:
+                    adapter.hold_base(base.weight.detach().view(-1).index_select(0, adapter.indices))
             return adapter.linear_beside(x, base.weight, base.bias)
         return self._make_live(active[0]).linear(x, base.weight, base.bias)
 
