@@ -82,8 +82,8 @@ def _layout(pattern: SparsePattern, transpose: bool) -> _Csr:
 # Dense-first from this many output elements (T x out: the size of the strided passes it spares), up to this many
 # kept entries per output row, on CPU. Measured by benchmarks/delta_orientation.py (forward SpMM + add, then the dx
 # SpMM; AVX512 EPYC, 2 threads; benchmarks/results/delta_orientation.json): at T x out >= 2^21 and <= 4 entries per
-# row dense-first took 0.37-0.89x the CSR-first time (0.48x for OPT's 50272-row LM head at T = 1024); at 2^19-2^20
-# it was mixed (0.56-1.41x), below it 1.1-5.6x, and at 8 entries per row 0.86-5.6x: MKL's dense-first kernel is the
+# row dense-first took 0.37-0.89x the CSR-first time (0.48x for OPT's 50272-row LM head at T = 1024); at 2^19-2^21
+# it was mixed (0.72-1.87x), below it 1.01-3.51x, and at 8 entries per row 0.86-5.56x: MKL's dense-first kernel is the
 # slower product, worth it only where the (T, out) passes dominate.
 DENSE_FIRST_MIN_OUTPUT = 1 << 21
 DENSE_FIRST_MAX_PER_ROW = 4
