@@ -114,6 +114,20 @@ def train_steps(model: torch.nn.Module, inputs: dict[str, torch.Tensor], steps: 
     return losses
 
 
+def hessian_vector_product(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seed: int = 3) -> torch.Tensor:
+    """H v of ``model(**inputs).loss`` w.r.t. its trainable parameters (flat), v drawn from ``seed``: double backward,
+    as ``randmask hessian`` computes it, attention on the math SDPA kernel (the fused ones have no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    vector = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    with sdpa_kernel([SDPBackend.MATH]):
+        grads = torch.autograd.grad(model(**inputs).loss, params, create_graph=True)
+        products = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vector)), params)
+    return torch.cat([p.reshape(-1) for p in products])
+
+
 def trained(model: torch.nn.Module, arch: str, steps: int = 3, lr: float = 5e-2) -> torch.nn.Module:
     """``model`` after ``train_steps`` on ``tiny_inputs(arch)`` (so that its adapter values are not zero)."""
     train_steps(model, tiny_inputs(arch), steps, lr)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, index_dtype, sddmm
+from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, index_dtype, sddmm, sddmm_differentiable
 
 
 @dataclass(eq=False)
@@ -147,11 +147,9 @@ class SparseDeltaFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         x, values = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
-        if torch.is_grad_enabled():
-            raise NotImplementedError("double backward through randmask.delta.sparse_delta is not supported; "
-                                      "use sparse_delta_reference (plain differentiable ops) for Hessian-vector "
-                                      "products")
         with torch.autocast(x.device.type, enabled=False):
+            if torch.is_grad_enabled():  # backward(create_graph=True): a graph for H v products (analysis)
+                return SparseDeltaFunction._backward_differentiable(ctx, grad_out, x, values, pattern)
             return SparseDeltaFunction._backward(ctx, grad_out, x, values, pattern)
 
     @staticmethod
@@ -164,6 +162,21 @@ class SparseDeltaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # The in-place path's SDDMM, whatever kernel it picks; it expects g and x in one dtype.
             grad_values = sddmm(g2d.to(x.dtype), x2d, pattern).to(values.dtype)
+        return grad_x, grad_values, None
+
+    @staticmethod
+    def _backward_differentiable(ctx, grad_out, x, values, pattern: SparsePattern):
+        """The same gradients in plain differentiable ops (memory O(T * nnz)), as the in-place path's double backward:
+        dL/dx is bilinear in (g, values) and dL/dvalues in (g, x), and both terms carry into the second derivative."""
+        out_f, in_f = pattern.logical_shape
+        g2d, x2d = grad_out.reshape(-1, out_f), x.reshape(-1, in_f)
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:  # dL/dx[t, i_k] += g[t, o_k] * values_k: (T, out) -> (T, in)
+            contrib = g2d[:, pattern.out_index] * values.to(g2d.dtype)  # (T, nnz)
+            grad_x = g2d.new_zeros(g2d.shape[0], in_f).index_add(1, pattern.in_index, contrib)
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_values = sddmm_differentiable(g2d.to(x.dtype), x2d, pattern).to(values.dtype)
         return grad_x, grad_values, None
 
 
@@ -182,7 +195,8 @@ def sparse_delta(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) 
 
 
 def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """Plain differentiable ops (gather + index_add, memory O(T * nnz)): the tests' reference and double backward."""
+    """Plain differentiable ops (gather + index_add, memory O(T * nnz)): the tests' reference, and the delta under
+    ``torch.func`` transforms (the fused Function has no ``setup_context``)."""
     out_f, in_f = pattern.logical_shape
     x2d = x.reshape(-1, in_f)
     contrib = x2d[:, pattern.in_index] * values.to(x.dtype)  # (T, nnz)

@@ -111,3 +111,21 @@ def test_the_dense_first_orientation_matches_the_reference(monkeypatch, dtype, t
     torch.testing.assert_close(gv, rv, **tol)
     monkeypatch.setattr(delta, "DENSE_FIRST_MAX_PER_ROW", 1)  # 50 entries > 1 per row of 24 (or 40): CSR-first
     assert not delta.dense_first(x.reshape(21, -1), pattern)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_double_backward_passes_gradgradcheck_and_matches_the_reference(transposed):
+    """backward(create_graph=True) through the fused op (Hessian-vector products on a quantized base or a tied head):
+    dL/dx is bilinear in (g, values) and dL/dvalues in (g, x), and both terms reach the second derivative."""
+    pattern = random_pattern((12, 20), 40, transposed, 2)
+    out_f, in_f = pattern.logical_shape
+    x = torch.randn(2, 3, in_f, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: sparse_delta(a, b, pattern), (x, values))
+
+    def hvp(op):  # a loss with nonzero second derivatives in both x and values
+        grads = torch.autograd.grad(op(x, values, pattern).tanh().sum(), [x, values], create_graph=True)
+        return torch.autograd.grad(sum(g.sum() for g in grads), [x, values])
+
+    for got, want in zip(hvp(sparse_delta), hvp(sparse_delta_reference)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
+from tests.conftest import hessian_vector_product, model_output, tiny_inputs, tiny_model, train_steps
 from tests.randmask.quantized_models import SCHEME_NAMES, SCHEMES, load_quantized, save_tiny_llama
 
 from randmask import (
@@ -31,7 +31,7 @@ from randmask import (
     unload,
 )
 from randmask.io import FORMAT_VERSION, read_adapter_files
-from randmask.quantized import dequantized
+from randmask.quantized import dequantized, is_quantized
 
 CFG = MaskingConfig(targets=["q_proj", "v_proj"], density=0.2, seed=0)
 
@@ -138,6 +138,24 @@ def test_forward_and_gradient_match_the_dequantized_dense_reference(llama_dir, s
                                atol=1e-5)
     tol = dict(rtol=2e-2, atol=2e-2) if scheme == "bnb-int8" else dict(rtol=1e-4, atol=1e-4)  # int8 matmul in fp16
     torch.testing.assert_close(x.grad, gy @ (w0 + delta), **tol)
+
+
+def test_hessian_vector_products_match_the_dequantized_float_model(llama_dir, scheme):
+    """Double backward through the delta path (``randmask hessian`` on a quantized base; it raised before): H v w.r.t.
+    the values equals that of a float model holding the dequantized weights on the in-place path, same masks."""
+    model, reference = load_quantized(llama_dir, scheme), tiny_model("llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if is_quantized(module):
+                reference.get_submodule(name).weight.copy_(dequantized(module).float())
+    inputs = tiny_inputs("llama")
+    for masked in (apply_masking(model, CFG), apply_masking(reference, CFG)):
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # the same nonzero values in both (trained ones would differ by the base's rounding)
+            for values in (p for p in masked.parameters() if p.requires_grad):
+                values.copy_(torch.randn(values.shape, generator=generator) * 0.05)
+    tol = dict(rtol=2e-2, atol=1e-2) if scheme == "bnb-int8" else dict(rtol=1e-4, atol=1e-5)  # int8 matmul in fp16
+    torch.testing.assert_close(hessian_vector_product(model, inputs), hessian_vector_product(reference, inputs), **tol)
 
 
 def test_same_budget_and_masks_as_the_float_base(llama_dir, scheme, tmp_path):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
+from tests.conftest import hessian_vector_product, model_output, tiny_inputs, tiny_model, train_steps
 
 import randmask
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, masked_layers, merge_and_unload, unload
@@ -58,6 +58,17 @@ def test_a_tied_target_trains_as_its_untied_copy_and_the_embedding_keeps_w0():
     torch.testing.assert_close(model_output(model, inputs), model_output(reference, inputs), rtol=1e-5, atol=1e-6)
     # the same input twice gives the same loss (it drifted by a forward's write before)
     assert model(**inputs).loss.item() == model(**inputs).loss.item()
+
+
+def test_hessian_vector_products_of_a_tied_target_equal_its_untied_copys():
+    """``randmask hessian`` runs double backward: through the delta path it equals the in-place path of the untied copy
+    (it raised NotImplementedError before)."""
+    inputs = tiny_inputs("llama")
+    model, reference = _masked_tied(), apply_masking(_untied_copy(), CFG)
+    train_steps(model, inputs)  # nonzero values: the delta's own term in dL/dx enters the product
+    train_steps(reference, inputs)
+    torch.testing.assert_close(hessian_vector_product(model, inputs), hessian_vector_product(reference, inputs),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_merging_a_tied_target_is_refused_and_unload_restores_the_base():
