@@ -34,7 +34,7 @@ from randmask.config import MaskingError
 from randmask.delta import sparse_delta, sparse_delta_reference
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import SparsePattern, dense_linear, index_dtype, masked_linear
-from randmask.paths import check_weight_assignment, uses_delta_path
+from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
 from randmask.quantized import base_entries, stored_shape
 from randmask.sharding import full_tensor, is_sharded, write_entries
 
@@ -72,12 +72,6 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` (no dispatch when it already is: the hot-swap counts calls)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def func_transform_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap) runs this call, eagerly: it refuses an in-place write
-    into a tensor the function captured (the weight), and the fused ops' autograd Functions."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,13 @@ Beside (``y = base(x) + sparse_delta(x)``, ``randmask.delta``) when the weight c
 not hold them (tied: the same ``Parameter`` is another module's too, e.g. the input embedding under
 ``tie_word_embeddings``, which a write would change as well). Ties are found on the model (``randmask.targets
 .weight_ties``) and recorded on the wrapped module before its first adapter; the rest is read off the module.
+Under a ``torch.func`` transform (``func_transform_active``) an in-place layer writes nothing either: it adds the
+delta from what the weight holds to W0 + values beside it, in plain differentiable ops.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from randmask.config import MaskingError
@@ -29,6 +32,12 @@ def check_weight_assignment(layer: nn.Module, name: str, value: object) -> bool:
     raise MaskingError(f"the {name} of masked layer {type(layer._modules['base_layer']).__name__} cannot be replaced "
                        "(transformers' tie_weights and resize_token_embeddings do that): the adapter's entries index "
                        "the current one. Resize or tie before masking, or unload the adapter first.")
+
+
+def func_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap) runs this call, eagerly: it refuses an in-place write
+    into a tensor the function captured (the weight), and the fused ops' autograd Functions."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def mark_shared_weight(module: nn.Module, others: tuple[str, ...]) -> None:
@@ -59,5 +68,5 @@ def uses_delta_path(module: nn.Module) -> bool:
     return is_quantized(module) or bool(weight_shared_with(module)) or weight_parametrized(module)
 
 
-__all__ = ["check_weight_assignment", "mark_shared_weight", "uses_delta_path", "weight_parametrized",
-           "weight_shared_with"]
+__all__ = ["check_weight_assignment", "func_transform_active", "mark_shared_weight", "uses_delta_path",
+           "weight_parametrized", "weight_shared_with"]
