@@ -219,8 +219,7 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
     disable_bnb_cpu_repacking(model)  # gradients pass through every frozen 4-bit layer, on any CPU
     for target, _, _ in masks:
         check_weight(target.name, target.module)
-    ties = weight_ties(model, [target for target, _, _ in masks])
-    warn_tied(ties)
+    ties = tied_targets(model, [target for target, _, _ in masks])
     for target, indices, blocks in masks:
         layer = _wrap(model, target, ties.get(target.name, ()))
         adapter = layer.add_adapter(adapter_name, indices, blocks, config.mask_kind, explicit_indices)
@@ -291,13 +290,16 @@ def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "
     return model
 
 
-def warn_tied(ties: dict[str, tuple[str, ...]]) -> None:
-    """Say once per attach which targets are tied, and what that changes (one message for both APIs)."""
+def tied_targets(model: nn.Module, targets: list[Target]) -> dict[str, tuple[str, ...]]:
+    """``weight_ties(model, targets)``, said once per attach (one message for both APIs): which targets are tied,
+    and what that changes."""
+    ties = weight_ties(model, targets)
     if ties:
         listed = "; ".join(f"{name} with {', '.join(others)}" for name, others in ties.items())
         warnings.warn(f"tied weights ({listed}): each such target adds its delta beside the weight, so the "
                       "modules it is tied to keep W0, and merging it is refused. To merge, untie before masking.",
                       stacklevel=3)
+    return ties
 
 
 def _wrap(model: nn.Module, target: Target, shared_with: tuple[str, ...]) -> MaskedLayer:

@@ -43,7 +43,7 @@ from randmask.config import MaskingConfig, MaskingError
 from randmask.integrity import base_fingerprint
 from randmask.layer import Block
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
-from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal, warn_tied
+from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal, tied_targets
 from randmask.paths import mark_shared_weight, uses_delta_path
 from randmask.peft_files import (
     CONFIG_NAME,
@@ -60,7 +60,7 @@ from randmask.peft_layer import RandMaskLayer
 from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
 from randmask.quantized import base_entries, check_weight, disable_bnb_cpu_repacking, quant_scheme
 from randmask.shira import export_shira, import_shira
-from randmask.targets import resolve_targets, weight_ties
+from randmask.targets import resolve_targets
 
 
 class _PeftTypeName(str):
@@ -356,8 +356,7 @@ def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[tor
                            "regenerated. Load it with the randmask that saved it, or train it again.")
     verify_base = getattr(config, "_randmask_load", {}).get("verify_base", True)
     checksums = {} if record else config.checksums
-    ties = weight_ties(model, targets)
-    warn_tied(ties)
+    ties = tied_targets(model, targets)
     plan = {}
     for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
         check_weight(target.name, target.module)
