@@ -76,9 +76,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
             return adapter
         flat = weight.data.view(-1)
         if self._live != name:  # a switch: W0 back at the old entries, the new ones written (O(nnz))
-            self.restore_live()
-            if adapter.base_values is None:  # the weight is W0 at every entry now: read the adapter's (one gather)
-                adapter.hold_base(flat.index_select(0, adapter.indices))
+            self._hold_pristine(adapter, flat)
             flat.scatter_(0, adapter.indices.long(), adapter.target_entries(flat.dtype))
             self._live = name
             return adapter
@@ -86,6 +84,13 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         if not torch.equal(flat[adapter.indices], target):  # write only when stale (see MaskedLayer.sync)
             flat[adapter.indices] = target
         return adapter
+
+    def _hold_pristine(self, adapter: MaskAdapter, flat: torch.Tensor) -> None:
+        """W0 back at the live adapter's entries; then the weight (``flat``, a view) is W0 at every entry, so an
+        ``adapter`` that holds no W0 of its own reads it there (one gather)."""
+        self.restore_live()
+        if adapter.base_values is None:
+            adapter.hold_base(flat.index_select(0, adapter.indices))
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's switch, plus the hot-swap's writes made now rather than at the next forward."""
@@ -122,10 +127,8 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
             # FSDP2's gathered weight: traced, not written (MaskAdapter.linear_beside); the live adapter holds W0.
             return adapter.linear_beside(x, base.weight, base.bias)
         if func_transform_active():  # torch.func refuses the write: the delta beside the weight as it is
-            if self._live != active[0]:
-                self.restore_live()  # W0 back at another adapter's entries (plain tensors: allowed)
-                if adapter.base_values is None:
-                    adapter.hold_base(base.weight.detach().view(-1).index_select(0, adapter.indices))
+            if self._live != active[0]:  # restoring another adapter's entries writes plain tensors: allowed
+                self._hold_pristine(adapter, base.weight.detach().view(-1))
             return adapter.linear_beside(x, base.weight, base.bias)
         return self._make_live(active[0]).linear(x, base.weight, base.bias)
 
