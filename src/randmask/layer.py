@@ -192,6 +192,18 @@ class MaskAdapter(nn.Module):
             return sparse_delta_reference(x, values, self.pattern())
         return sparse_delta(x, values, self.pattern())
 
+    def add_delta(self, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The delta path's output, ``base(x) + x @ D^T``, given ``base_out`` = base(x); MaskingError when the base's
+        output is not the adapter's width: its weight changed shape after masking (``resize_token_embeddings`` swaps a
+        tied embedding's data in place, which no hook sees)."""
+        out_f = self.stored_shape[1] if self.transposed else self.stored_shape[0]
+        if base_out.shape[-1] != out_f:
+            raise MaskingError(f"the masked layer's base now gives {base_out.shape[-1]} outputs, its adapter was made "
+                               f"for {out_f}: its weight changed shape after masking (resize_token_embeddings?), and "
+                               "the adapter's entries index the old one. Resize before masking, or unload the adapter "
+                               "first.")
+        return base_out + self.delta(x)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's output through ``weight``, which holds W0 (+) values at the kept entries; dL/dvalues by SDDMM,
         never the dense dL/dW."""
@@ -369,7 +381,7 @@ class MaskedLayer(nn.Module):
         if self.delta_path:
             # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
             # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
-            return self.base_layer(x) + adapter.delta(x)
+            return adapter.add_delta(self.base_layer(x), x)
         if torch.compiler.is_compiling() and adapter.weight_replaced():
             return adapter.linear_beside(x, self.weight, self.bias)  # FSDP2's gathered weight: traced, not written
         if func_transform_active():

@@ -122,7 +122,7 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
                                "model.set_adapter(name), or merge one first.")
         base, adapter = self.get_base_layer(), self.randmask_adapters[active[0]]
         if uses_delta_path(base):
-            return self.base_layer(x, *args, **kwargs) + adapter.delta(x)
+            return adapter.add_delta(self.base_layer(x, *args, **kwargs), x)
         if torch.compiler.is_compiling() and adapter.weight_replaced() and self._live == active[0]:
             # FSDP2's gathered weight: traced, not written (MaskAdapter.linear_beside); the live adapter holds W0.
             return adapter.linear_beside(x, base.weight, base.bias)

@@ -184,3 +184,28 @@ def test_tie_weights_after_masking_is_a_no_op_and_a_new_weight_is_refused():
     lm_head.weight = peft_model.base_model.model.model.embed_tokens.weight  # what tie_weights assigns
     with pytest.raises(MaskingError, match="cannot be replaced"):
         lm_head.weight = torch.nn.Parameter(torch.zeros(140, 32))
+
+
+def test_a_resize_after_masking_a_tied_head_is_refused_at_the_next_forward():
+    """resize_token_embeddings swaps the tied embedding's data in place (no assignment, no hook), so lm_head's weight
+    grows under its adapter: the forward failed on a raw shape mismatch, and now names the cause and the fix."""
+    inputs = tiny_inputs("llama")
+    model = _masked_tied()
+    model.config.tie_word_embeddings = True
+    model.resize_token_embeddings(136)
+    assert model.lm_head.weight.shape == (136, 32)
+    with pytest.raises(MaskingError, match=r"base now gives 136 outputs, its adapter was made for 128: .* Resize "
+                                           "before masking"):
+        model(**inputs)
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from randmask.peft import RandMaskConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        peft_model = get_peft_model(_tied(), RandMaskConfig(target_modules=["lm_head"], density=0.2))
+    peft_model.base_model.model.config.tie_word_embeddings = True
+    peft_model.base_model.model.resize_token_embeddings(136)
+    with pytest.raises(MaskingError, match="base now gives 136 outputs"):
+        peft_model(**inputs)
