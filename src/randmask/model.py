@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from randmask.mixed import check_adapter_names, group_rows, row_groups_set
 from randmask.paths import mark_shared_weight, weight_parametrized, weight_shared_with
 from randmask.quantized import check_weight, disable_bnb_cpu_repacking, logical_numel, quant_scheme
 from randmask.targets import Target, resolve_targets, weight_ties
+from randmask.warn import warn_caller
 
 logger = logging.getLogger("randmask")
 _META_ATTR = "randmask_adapters"  # {adapter name: {"config": MaskingConfig, "total_params": int}}
@@ -296,9 +296,8 @@ def tied_targets(model: nn.Module, targets: list[Target]) -> dict[str, tuple[str
     ties = weight_ties(model, targets)
     if ties:
         listed = "; ".join(f"{name} with {', '.join(others)}" for name, others in ties.items())
-        warnings.warn(f"tied weights ({listed}): each such target adds its delta beside the weight, so the "
-                      "modules it is tied to keep W0, and merging it is refused. To merge, untie before masking.",
-                      stacklevel=3)
+        warn_caller(f"tied weights ({listed}): each such target adds its delta beside the weight, so the modules "
+                    "it is tied to keep W0, and merging it is refused. To merge, untie before masking.")
     return ties
 
 
@@ -387,8 +386,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             del layer.adapters[adapter_name]
     del model.__dict__[_META_ATTR][adapter_name]
     if was_active:
-        warnings.warn(f"adapter {adapter_name!r} was active and is deleted; {remaining[0]!r} is active now "
-                      "(call randmask.set_adapter to choose another).", UserWarning, stacklevel=2)
+        warn_caller(f"adapter {adapter_name!r} was active and is deleted; {remaining[0]!r} is active now "
+                    "(call randmask.set_adapter to choose another).", UserWarning)
         set_adapter(model, remaining[0])
 
 

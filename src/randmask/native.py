@@ -29,13 +29,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 
 from randmask import native_cache
 from randmask.config import MaskingError
+from randmask.warn import warn_caller
 
 SOURCE = Path(__file__).with_name("_native") / "sddmm.c"
 BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread"]
@@ -154,8 +154,8 @@ def _declare_path(lib: ctypes.CDLL) -> None:
     asked = os.environ.get(PATH_ENV, "").strip().lower() or "auto"
     built = lib.randmask_sddmm_path().decode()
     if asked != "auto" and built != asked:
-        warnings.warn(f"randmask: {PATH_ENV}={asked} asked for the {asked} SDDMM path, but this CPU and compiler "
-                      f"built the {built} one", RuntimeWarning, stacklevel=4)
+        warn_caller(f"randmask: {PATH_ENV}={asked} asked for the {asked} SDDMM path, but this CPU and compiler "
+                    f"built the {built} one", RuntimeWarning)
 
 
 def compiled_path() -> str | None:
@@ -176,9 +176,8 @@ def _load() -> ctypes.CDLL | None:
         compiler = _compiler()
         if compiler is None:
             if os.environ.get("CC"):  # asked for by name: say it is missing (no compiler at all is quiet)
-                warnings.warn(f"randmask: CC={os.environ['CC']!r} is not an executable; the native SDDMM kernel "
-                              "is not built, the torch path runs. Point CC at a C compiler.", RuntimeWarning,
-                              stacklevel=3)
+                warn_caller(f"randmask: CC={os.environ['CC']!r} is not an executable; the native SDDMM kernel "
+                            "is not built, the torch path runs. Point CC at a C compiler.", RuntimeWarning)
             return None
         errors = []
         # OpenMP on this CPU's instructions, then pthreads, then plain -O3 (a compiler that knows neither
@@ -190,8 +189,8 @@ def _load() -> ctypes.CDLL | None:
             except (OSError, RuntimeError) as err:
                 errors.append(str(err))
         else:
-            warnings.warn(f"randmask: the native SDDMM kernel did not build ({errors[0]}); using the torch path. "
-                          f"Set {DISABLE_ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+            warn_caller(f"randmask: the native SDDMM kernel did not build ({errors[0]}); using the torch path. "
+                        f"Set {DISABLE_ENV}=0 to skip the attempt.", RuntimeWarning)
             return None
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.randmask_sddmm.argtypes = [p, i64, i32, p, i64, p, i64, i32, p, i64, i64, p, p, i64, p, i32]

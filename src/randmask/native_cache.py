@@ -24,11 +24,11 @@ import os
 import shutil
 import stat
 import tempfile
-import warnings
 from pathlib import Path
 
 from randmask.config import MaskingError
 from randmask.files import atomic_write_bytes, private_problem, read_json_limited, read_limited
+from randmask.warn import warn_caller
 
 MAX_LIBRARY_BYTES = 64 << 20  # the kernel builds to ~20 KB; anything near this is not ours
 RECORD_SUFFIX = ".sha256"
@@ -56,10 +56,10 @@ def build_folder(folder: Path) -> Path:
     if problem is None:
         return folder
     if _private_temp is None:  # once per process: every later build goes to the same private folder
-        warnings.warn(f"randmask: the native-kernel cache {folder} {problem}: a library planted there would run in "
-                      "this process, so the kernel is built in a private temporary folder instead (about a second "
-                      f"per process). Fix: chmod go-w {folder} (or chown it to yourself), or set RANDMASK_CACHE to a "
-                      "folder only you can write.", RuntimeWarning, stacklevel=6)
+        warn_caller(f"randmask: the native-kernel cache {folder} {problem}: a library planted there would run in "
+                    "this process, so the kernel is built in a private temporary folder instead (about a second "
+                    f"per process). Fix: chmod go-w {folder} (or chown it to yourself), or set RANDMASK_CACHE to a "
+                    "folder only you can write.", RuntimeWarning)
     return _temporary_folder()
 
 

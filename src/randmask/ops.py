@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from randmask import native
 from randmask.config import MaskingError
+from randmask.warn import warn_caller
 
 # Path choice for the weight gradient (benchmarks/sddmm_crossover.py; CPU, 2 threads, 1024 tokens, OPT-125m
 # shapes, on a shared machine, so only the larger differences count):
@@ -332,8 +333,8 @@ def _triton(required: bool) -> ModuleType | None:
             try:
                 module = importlib.import_module("randmask.triton_sddmm")
             except (ImportError, RuntimeError) as err:  # a triton that does not load here (driver, version)
-                warnings.warn(f"randmask: triton is installed but does not load ({err}); the torch paths run. "
-                              f"Set {KERNEL_ENV}=torch to skip the attempt.", RuntimeWarning, stacklevel=4)
+                warn_caller(f"randmask: triton is installed but does not load ({err}); the torch paths run. "
+                            f"Set {KERNEL_ENV}=torch to skip the attempt.", RuntimeWarning)
         _TRITON.append(module)
     if _TRITON[0] is None and required:
         raise MaskingError(f"{KERNEL_ENV}=triton but triton is not installed (or did not load): pip install "

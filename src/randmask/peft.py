@@ -27,7 +27,6 @@ import copy
 import itertools
 import json
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
 from randmask.quantized import base_entries, check_weight, disable_bnb_cpu_repacking, quant_scheme
 from randmask.shira import export_shira, import_shira
 from randmask.targets import resolve_targets
+from randmask.warn import warn_caller
 
 
 class _PeftTypeName(str):
@@ -467,8 +467,8 @@ def _register() -> None:
         tuner_map[PEFT_TYPE] = RandMaskModel
     reader = getattr(PeftConfigMixin, "_get_peft_type", None)  # the config's first reader: bounded
     if reader is None:
-        warnings.warn(f"peft {peft.__version__} has no PeftConfigMixin._get_peft_type: its first read of an "
-                      "adapter_config.json is not size-bounded by randmask", stacklevel=2)
+        warn_caller(f"peft {peft.__version__} has no PeftConfigMixin._get_peft_type: its first read of an "
+                    "adapter_config.json is not size-bounded by randmask")
     elif not getattr(reader, "randmask_guard", False):
         PeftConfigMixin._get_peft_type = classmethod(guard_peft_type(reader.__func__))
 

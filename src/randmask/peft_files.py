@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from randmask.config import MaskingError
 from randmask.files import atomic_write_bytes, file_size, parse_json, read_limited
 from randmask.integrity import check_base
+from randmask.warn import warn_caller
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -160,9 +160,9 @@ def _without_base_weights(weights: Path, blob: bytes) -> bytes:
     base = sorted(key for key in tensors if ".base_layer." in key)
     if not base:
         return blob
-    warnings.warn(f"PEFT saved base weights {base[:3]} beside the adapter (save_embedding_layers='auto' does so when "
-                  f"an embedding layer such as lm_head is a target); a randmask adapter never loads base weights, so "
-                  f"they are left out of {weights}. Pass save_embedding_layers=False to skip this.", stacklevel=4)
+    warn_caller(f"PEFT saved base weights {base[:3]} beside the adapter (save_embedding_layers='auto' does so when "
+                f"an embedding layer such as lm_head is a target); a randmask adapter never loads base weights, so "
+                f"they are left out of {weights}. Pass save_embedding_layers=False to skip this.")
     blob = st_save({k: v for k, v in tensors.items() if k not in base}, metadata={"format": "pt"})
     atomic_write_bytes(weights, blob)
     return blob
