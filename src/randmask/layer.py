@@ -35,7 +35,7 @@ from randmask.delta import sparse_delta, sparse_delta_reference
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import SparsePattern, dense_linear, index_dtype, masked_linear
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
-from randmask.quantized import base_entries, stored_shape
+from randmask.quantized import base_entries, is_quantized, stored_shape
 from randmask.sharding import full_tensor, is_sharded, write_entries
 
 
@@ -78,7 +78,7 @@ def pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """W0 at flat stored-weight ``indices`` of a Linear/Conv1D that holds no adapter's delta there (dequantized
     for a quantized one; a sharded weight is gathered first: a collective)."""
     weight = module.weight
-    if is_sharded(weight):
+    if is_sharded(weight) and not is_quantized(module):  # a quantized one is gathered by base_entries' dequantize
         return full_tensor(weight.detach()).reshape(-1)[indices.to(weight.device)]
     return base_entries(module, indices)
 

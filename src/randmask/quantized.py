@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from randmask.config import MaskingError
+from randmask.sharding import full_tensor, is_sharded
 
 
 def quant_scheme(module: nn.Module) -> str | None:
@@ -28,6 +29,9 @@ def quant_scheme(module: nn.Module) -> str | None:
     cls = type(weight)
     if cls is nn.Parameter or cls is torch.Tensor:  # the common float weight, answered before any string test
         return None
+    if is_sharded(weight):  # FSDP2 between forwards: a DTensor over this rank's shard, quantized or not
+        weight = weight._local_tensor  # not to_local(): no autograd node, and no dispatch through the subclass
+        cls = type(weight)
     origin = cls.__module__
     if origin.startswith("bitsandbytes"):
         if _is_bnb_4bit(weight):
@@ -115,9 +119,12 @@ def logical_numel(param: torch.Tensor) -> int:
 
 
 def dequantized(module: nn.Module) -> torch.Tensor:
-    """The whole stored weight in float, (out, in): a transient copy (only for reading W0 or merging)."""
+    """The whole stored weight in float, (out, in): a transient copy (only for reading W0 or merging). A sharded
+    (FSDP2) weight is gathered first: a collective, which every rank of its mesh must call."""
     weight = module.weight
     scheme = quant_scheme(module)
+    if is_sharded(weight):
+        weight = full_tensor(weight.detach())
     if scheme is None:
         return weight.detach()
     if scheme.startswith("bnb-"):
@@ -128,7 +135,8 @@ def dequantized(module: nn.Module) -> torch.Tensor:
         _check_standard_packing("", weight)  # a repacked weight would dequantize to wrong values
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)  # (out, in), quant_state.dtype
     with torch.no_grad():
-        return weight.dequantize()
+        original = getattr(weight, "get_original_weight", None)  # torchao's NF4Tensor (torchtune's QLoRA base)
+        return original() if callable(original) else weight.dequantize()
 
 
 def _int8_row_scales(module: nn.Module) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Tiny Llamas stored quantized the way users get them: transformers' ``quantization_config`` at load
 (bitsandbytes 4-bit NF4/FP4 and LLM.int8; torchao int8 weight-only), or torchao's ``quantize_`` (int4
-weight-only on CPU: ``IntxWeightOnlyConfig(int4, group 32)``). Each scheme is skipped where its package
-is missing; all of them run on an AVX2 CPU (AMD EPYC) and an AVX512-bf16 one (Intel Xeon) with bitsandbytes
-0.50.2 and torchao 0.18.0."""
+weight-only on CPU: ``IntxWeightOnlyConfig(int4, group 32)``; NF4 as torchtune's ``NF4Tensor``). Each scheme
+is skipped where its package is missing. With bitsandbytes 0.50.2 and torchao 0.18.0 the first five run on an AVX2
+CPU (AMD EPYC) and an AVX512-bf16 one (Intel Xeon); NF4Tensor was added later, run on an AVX512 AMD EPYC."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from tests.conftest import tiny_model
 
-SCHEMES = ["nf4", "fp4", "bnb-int8", "ao-int8", "ao-int4"]
+SCHEMES = ["nf4", "fp4", "bnb-int8", "ao-int8", "ao-int4", "ao-nf4"]
 SCHEME_NAMES = {"nf4": "bnb-nf4", "fp4": "bnb-fp4", "bnb-int8": "bnb-int8", "ao-int8": "torchao-Int8Tensor",
-                "ao-int4": "torchao-IntxUnpackedToInt8Tensor"}
+                "ao-int4": "torchao-IntxUnpackedToInt8Tensor", "ao-nf4": "torchao-NF4Tensor"}
 
 
 def need(scheme: str) -> None:
@@ -54,4 +54,11 @@ def load_quantized(folder: Path, scheme: str) -> torch.nn.Module:
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
 
         quantize_(model.model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    if scheme == "ao-nf4":  # torchao's NF4Tensor: torchtune's QLoRA base (its FrozenNF4Linear holds one)
+        from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+        config = NF4WeightOnlyConfig()
+        config.block_size, config.scaler_block_size = 32, 8  # the tiny layers hold 16-64 blocks of 32
+        quantize_(model.model, config)
     return model
