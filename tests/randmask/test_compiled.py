@@ -200,7 +200,7 @@ def test_two_compiled_forwards_before_one_backward_get_eager_gradients(backend: 
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "ao-int8"])  # bitsandbytes 4-bit and a torchao tensor subclass
+@pytest.mark.parametrize("scheme", ["nf4", "ao-int8", "ao-nf4"])  # bnb 4-bit, torchao tensor subclasses
 def test_a_quantized_base_compiles_to_its_own_graphs_and_trains_as_eager(scheme: str, tmp_path) -> None:
     """The delta path (the weight cannot hold the entries): SpMM forward, its transpose for dL/dx and the SDDMM
     as custom ops. Before, the CSR layout's data-dependent Python broke the graph 36-40 times."""
