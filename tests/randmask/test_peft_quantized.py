@@ -26,7 +26,7 @@ def _layers(model) -> dict[str, RandMaskLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, RandMaskLayer)}
 
 
-@pytest.mark.parametrize("scheme", ["nf4", "bnb-int8", "ao-int8"])
+@pytest.mark.parametrize("scheme", ["nf4", "bnb-int8", "ao-int8", "ao-nf4"])
 def test_get_peft_model_trains_saves_and_reloads(llama_dir, scheme, tmp_path):
     model = get_peft_model(load_quantized(llama_dir, scheme), RandMaskConfig(target_modules=["q_proj", "v_proj"],
                                                                              density=0.2))

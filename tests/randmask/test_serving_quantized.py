@@ -10,7 +10,7 @@ from tests.randmask.quantized_models import load_quantized, save_tiny_llama
 import randmask
 from randmask import BASE_ADAPTER, MaskingConfig, add_weighted_adapter, apply_masking, mixed_batch, set_adapter
 
-SCHEMES = ["nf4", "ao-int8"]
+SCHEMES = ["nf4", "ao-int8", "ao-nf4"]
 
 
 @pytest.fixture(scope="module")
