@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import pytest
+import torch
 from tests.conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 
-from randmask import MaskingConfig, apply_masking
+from randmask import MaskingConfig, apply_masking, masked_layers
 from randmask_lab.analysis.cli import (
     activations_markdown,
     register,
@@ -43,6 +45,38 @@ def test_run_hessian_writes_json_and_png(model_and_batches, tmp_path):
     assert where["dim"] == data["n_trainable"] and 1.0 <= where["participation"] <= where["dim"]
     assert {"out_feature", "in_feature"} <= set(where["top_entries"][0])
     assert (tmp_path / "power_trace.png").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:power iteration did not reach:RuntimeWarning")
+@pytest.mark.parametrize("base", ["nf4", "tied"])
+def test_run_hessian_on_the_delta_path(base, tmp_path):
+    """A quantized base and a tied head take the delta path, whose double backward raised NotImplementedError: the
+    Hessian now runs there, and its top eigenvalue is that of the same model on the in-place path."""
+    from tests.randmask.quantized_models import load_quantized, save_tiny_llama
+
+    from randmask.quantized import dequantized, is_quantized
+
+    config = MaskingConfig(targets=["q_proj", "v_proj", "lm_head"], density=0.2, seed=0)
+    if base == "nf4":
+        model = load_quantized(save_tiny_llama(tmp_path / "llama"), "ao-nf4")
+        reference = tiny_model("llama")
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if is_quantized(module):
+                    reference.get_submodule(name).weight.copy_(dequantized(module).float())
+    else:
+        model, reference = tiny_model("llama"), tiny_model("llama")
+        model.lm_head.weight = model.model.embed_tokens.weight
+        reference.lm_head.weight = torch.nn.Parameter(reference.model.embed_tokens.weight.detach().clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tied-weights warning
+        model, reference = apply_masking(model, config), apply_masking(reference, config)
+    assert any(layer.delta_path for layer in masked_layers(model).values())
+    assert not any(layer.delta_path for layer in masked_layers(reference).values())
+    batches = [tiny_inputs("llama", batch=1, seq=8)]
+    got = run_hessian(model, batches, tmp_path / "delta", max_iter=5, top_k=1)
+    want = run_hessian(reference, batches, tmp_path / "in_place", max_iter=5, top_k=1)
+    assert got["lambda_max"] == pytest.approx(want["lambda_max"], rel=1e-3)
 
 
 def test_run_distance_writes_json(model_and_batches, tmp_path):
