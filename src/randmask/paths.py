@@ -65,7 +65,15 @@ def uses_delta_path(module: nn.Module) -> bool:
     """Whether a masked layer over ``module`` adds its delta beside the weight (True: the weight is quantized and
     cannot hold the trained entries, tied to another module, which a write would change too, or parametrized,
     recomputed at every access) or writes it into the weight (False)."""
-    return is_quantized(module) or bool(weight_shared_with(module)) or weight_parametrized(module)
+    if is_quantized(module) or weight_shared_with(module) or weight_parametrized(module):
+        return True
+    dtype = module.weight.dtype
+    if not dtype.is_floating_point:  # neither path: check_weight refused this at attach, so it changed since
+        raise MaskingError(f"{type(module).__name__}'s weight is now a plain {dtype} tensor, which randmask can "
+                           "neither write into nor add a delta beside: a quantized weight lost its type (FSDP2's "
+                           "fully_shard does that to bitsandbytes' Params4bit and Int8Params). Shard a float base, or "
+                           "a torchao NF4Tensor one (NF4WeightOnlyConfig, as torchtune's QLoRA-FSDP2 does).")
+    return False
 
 
 __all__ = ["check_weight_assignment", "func_transform_active", "mark_shared_weight", "uses_delta_path",
