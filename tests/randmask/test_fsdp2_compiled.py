@@ -1,8 +1,8 @@
-"""FSDP2 with the free API (over float and NF4Tensor bases) and through PEFT, under ``torch.compile`` as torchtune
-runs it (``fully_shard`` per decoder layer and the root, then each decoder layer compiled): 2 CPU ranks with gloo
-train to the losses of one eager process. Compiled, a decoder layer is one graph with no break: over FSDP2's gathered
-weight the masked layer adds its delta beside it (``MaskAdapter.linear_beside``), and no frame recompiles up to
-Dynamo's limit (which raises here)."""
+"""FSDP2 with the free API and through PEFT (each over a float and an NF4Tensor base), under ``torch.compile`` as
+torchtune runs it (``fully_shard`` per decoder layer and the root, then each decoder layer compiled): 2 CPU ranks
+with gloo train to the losses of one eager process. Compiled, a decoder layer is one graph with no break: over FSDP2's
+gathered weight the masked layer adds its delta beside it (``MaskAdapter.linear_beside``), and no frame recompiles up
+to Dynamo's limit (which raises here)."""
 
 from __future__ import annotations
 
@@ -15,23 +15,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tests.conftest import end_spawned_rank, free_port, start_spawned_rank
 from tests.randmask.test_fsdp2 import CONFIG, WORLD, _base, _logits, _probe, _train
+from tests.randmask.test_fsdp2_quantized import _nf4_base
 
 from randmask import MaskingConfig, apply_masking
 
 
 def _masked(path: str):
     """The tiny Llama with CONFIG's masks, by ``apply_masking`` or ``get_peft_model``; and its decoder layers."""
-    if path == "peft":
+    if path.startswith("peft"):
         import peft
 
         from randmask.peft import RandMaskConfig
 
-        model = peft.get_peft_model(_base(), RandMaskConfig(target_modules=CONFIG["targets"],
+        base = _base() if path == "peft" else _nf4_base()
+        model = peft.get_peft_model(base, RandMaskConfig(target_modules=CONFIG["targets"],
                                                             density=CONFIG["density"], seed=CONFIG["seed"]))
         return model, model.base_model.model.model.layers
     if path == "nf4":  # torchtune's QLoRA-FSDP2: NF4Tensor weights, the delta path beside them
-        from tests.randmask.test_fsdp2_quantized import _nf4_base
-
         model = apply_masking(_nf4_base(), MaskingConfig(**CONFIG))
         return model, model.model.layers
     model = apply_masking(_base(), MaskingConfig(**CONFIG))
@@ -67,10 +67,10 @@ def _worker(rank: int, port: int, out: str, path: str, compiled: bool, bf16: boo
 
 @pytest.mark.parametrize(("path", "compiled", "bf16"),
                          [("model", True, False), ("model", True, True), ("peft", False, False), ("peft", True, False),
-                          ("nf4", True, False)])
+                          ("nf4", True, False), ("peft-nf4", False, False)])
 def test_fsdp2_trains_like_one_eager_process_eager_and_with_compiled_decoder_layers(tmp_path, path, compiled, bf16):
     pytest.importorskip("transformers")
-    if path == "peft":
+    if path.startswith("peft"):
         pytest.importorskip("peft")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
