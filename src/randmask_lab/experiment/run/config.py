@@ -134,7 +134,7 @@ class RunConfig:
     fsdp: bool = field(default=False, metadata=EXECUTION)
     """Under torchrun: shard the model across the processes with FSDP2 (fully_shard per decoder layer, then the
     root) instead of replicating it with DDP, for models that outgrow one device. randmask/structured only, with
-    --checkpoint-every -1."""
+    --checkpoint-every -1, on a float base (not with --quantize)."""
     data_dir: str | None = field(default=None, metadata=EXECUTION)
     """Folder holding the original datasets (default: $RANDMASK_DATA_DIR or ../shared/data)."""
     source: str | None = field(default=None, metadata=IDENTITY)
@@ -218,6 +218,10 @@ class RunConfig:
         if self.quantize != "none" and self.method not in QUANTIZE_METHODS:
             raise RunError(f"--quantize {self.quantize} works with {', '.join(QUANTIZE_METHODS)}, not {self.method!r} "
                            "(it trains or wraps base weights that are stored quantized); use --quantize none")
+        if self.fsdp and self.quantize != "none":
+            raise RunError(f"--fsdp cannot shard a --quantize {self.quantize} base: bitsandbytes weights lose their "
+                           "quantization under fully_shard, and torchao 0.18's Int8Tensor cannot be split. Drop one "
+                           "of the two (the library shards torchao NF4Tensor bases: docs/quantized.md).")
         if self.method not in MASKING_METHODS and (self.trainable_ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
         if self.method in MASKING_METHODS:

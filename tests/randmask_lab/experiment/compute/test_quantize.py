@@ -29,6 +29,16 @@ def test_methods_that_train_or_wrap_base_weights_are_refused(method):
         RunConfig(method=method, quantize="nf4").validate()
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8", "ao-int8"])
+def test_fsdp_over_a_quantized_base_is_refused_before_the_run(scheme):
+    """bitsandbytes weights become plain integer shards under fully_shard (the library refuses them at the first
+    forward), and torchao's Int8Tensor fails inside fully_shard: the runner says so before loading anything."""
+    with pytest.raises(RunError, match=f"--fsdp cannot shard a --quantize {scheme} base: bitsandbytes weights lose"):
+        RunConfig(quantize=scheme, fsdp=True).validate()
+    RunConfig(quantize=scheme).validate()
+    RunConfig(fsdp=True).validate()
+
+
 def test_an_unknown_scheme_is_refused():
     with pytest.raises(RunError, match="--quantize must be one of none, nf4, fp4, int8, ao-int8, ao-int4"):
         RunConfig(quantize="int3").validate()
