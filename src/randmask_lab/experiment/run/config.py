@@ -16,7 +16,7 @@ from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.distributed import parse_device
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS, Precision, resolve_precision
-from randmask_lab.experiment.compute.quantize import QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
+from randmask_lab.experiment.compute.quantize import FSDP_SCHEMES, QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 from randmask_lab.experiment.run.options import FLAGS, SET_BY_RUNNER
 
 MASKING_METHODS = ("randmask", "structured")
@@ -126,7 +126,8 @@ class RunConfig:
     quantize: Quantize = field(default="none", metadata=IDENTITY)
     """Frozen base stored quantized, QLoRA-style (causal LMs; randmask, structured, lora, zeroshot): nf4 / fp4
     (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), ao-int8 (torchao int8 weight-only), ao-int4 (torchao
-    int4 weight-only: CUDA only); none: float weights. Needs the 'quantized' extra."""
+    int4 weight-only: CUDA only), ao-nf4 (torchao NF4Tensor, torchtune's QLoRA base; the one --fsdp shards); none:
+    float weights. Needs the 'quantized' extra."""
     device: str = field(default="auto", metadata=EXECUTION)
     """cpu, cuda, cuda:N, or auto (cuda when available). Under torchrun each rank uses its local GPU."""
     threads: int | None = field(default=None, metadata=EXECUTION)
@@ -134,7 +135,7 @@ class RunConfig:
     fsdp: bool = field(default=False, metadata=EXECUTION)
     """Under torchrun: shard the model across the processes with FSDP2 (fully_shard per decoder layer, then the
     root) instead of replicating it with DDP, for models that outgrow one device. randmask/structured only, with
-    --checkpoint-every -1, on a float base (not with --quantize)."""
+    --checkpoint-every -1, on a float or --quantize ao-nf4 base."""
     data_dir: str | None = field(default=None, metadata=EXECUTION)
     """Folder holding the original datasets (default: $RANDMASK_DATA_DIR or ../shared/data)."""
     source: str | None = field(default=None, metadata=IDENTITY)
@@ -218,10 +219,10 @@ class RunConfig:
         if self.quantize != "none" and self.method not in QUANTIZE_METHODS:
             raise RunError(f"--quantize {self.quantize} works with {', '.join(QUANTIZE_METHODS)}, not {self.method!r} "
                            "(it trains or wraps base weights that are stored quantized); use --quantize none")
-        if self.fsdp and self.quantize != "none":
+        if self.fsdp and self.quantize not in FSDP_SCHEMES:
             raise RunError(f"--fsdp cannot shard a --quantize {self.quantize} base: bitsandbytes weights lose their "
-                           "quantization under fully_shard, and torchao 0.18's Int8Tensor cannot be split. Drop one "
-                           "of the two (the library shards torchao NF4Tensor bases: docs/quantized.md).")
+                           "quantization under fully_shard, and torchao 0.18's Int8Tensor cannot be split. Use "
+                           "--quantize ao-nf4 (torchao's NF4Tensor, as torchtune's QLoRA-FSDP2), or drop --fsdp.")
         if self.method not in MASKING_METHODS and (self.trainable_ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
         if self.method in MASKING_METHODS:

@@ -29,10 +29,13 @@ def _worker(rank: int, port: int, run_kwargs: dict, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])  # 1e-3 clips every step: the norm over sharded DTensors
-def test_an_fsdp_run_matches_one_process(tiny_lm, run_kwargs, tmp_path, max_grad_norm):
+@pytest.mark.parametrize(("max_grad_norm", "quantize"), [(None, "none"), (1e-3, "none"), (None, "ao-nf4")])
+def test_an_fsdp_run_matches_one_process(tiny_lm, run_kwargs, tmp_path, max_grad_norm, quantize):
+    """1e-3 clips every step: the norm over sharded DTensors. ao-nf4: torchtune's QLoRA-FSDP2 (NF4Tensor shards)."""
+    if quantize != "none":
+        pytest.importorskip("torchao")
     kwargs = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "threads": None,
-              "checkpoint_every": -1, "max_grad_norm": max_grad_norm}
+              "checkpoint_every": -1, "max_grad_norm": max_grad_norm, "quantize": quantize}
     sharded = {**kwargs, "batch_size": 2, "fsdp": True, "out_dir": str(tmp_path / "fsdp")}  # 2 ranks x 2 = 4
     mp.spawn(_worker, args=(free_port(), sharded, str(tmp_path)), nprocs=WORLD, join=True)
     run_dir = Path((tmp_path / "run_dir").read_text())

@@ -1,5 +1,5 @@
 """``--quantize``: an identity field absent at its default, refused where it cannot apply, and a run on a
-quantized tiny Llama (bitsandbytes NF4, torchao int8) that trains the masked values only."""
+quantized tiny Llama (bitsandbytes NF4, torchao int8 and NF4Tensor) that trains the masked values only."""
 
 from __future__ import annotations
 
@@ -33,18 +33,20 @@ def test_methods_that_train_or_wrap_base_weights_are_refused(method):
 def test_fsdp_over_a_quantized_base_is_refused_before_the_run(scheme):
     """bitsandbytes weights become plain integer shards under fully_shard (the library refuses them at the first
     forward), and torchao's Int8Tensor fails inside fully_shard: the runner says so before loading anything."""
-    with pytest.raises(RunError, match=f"--fsdp cannot shard a --quantize {scheme} base: bitsandbytes weights lose"):
+    with pytest.raises(RunError, match=f"--fsdp cannot shard a --quantize {scheme} base: .* Use --quantize ao-nf4"):
         RunConfig(quantize=scheme, fsdp=True).validate()
     RunConfig(quantize=scheme).validate()
     RunConfig(fsdp=True).validate()
+    RunConfig(quantize="ao-nf4", fsdp=True).validate()
 
 
 def test_an_unknown_scheme_is_refused():
-    with pytest.raises(RunError, match="--quantize must be one of none, nf4, fp4, int8, ao-int8, ao-int4"):
+    with pytest.raises(RunError, match="--quantize must be one of none, nf4, fp4, int8, ao-int8, ao-int4, ao-nf4"):
         RunConfig(quantize="int3").validate()
 
 
-@pytest.mark.parametrize(("method", "scheme"), [("randmask", "nf4"), ("randmask", "ao-int8"), ("lora", "nf4")])
+@pytest.mark.parametrize(("method", "scheme"), [("randmask", "nf4"), ("randmask", "ao-int8"), ("lora", "nf4"),
+                                               ("randmask", "ao-nf4"), ("lora", "ao-nf4")])
 def test_a_run_on_a_quantized_tiny_llama(method, scheme, tiny_lm, run_kwargs):
     package = "torchao" if scheme.startswith("ao-") else "bitsandbytes"
     if importlib.util.find_spec(package) is None:
@@ -81,3 +83,16 @@ def test_a_4bit_base_loads_with_bitsandbytes_cpu_repacking_off(tiny_lm, monkeypa
     model, _ = load_causal_lm(tiny_lm, torch.float32, quantization_config("nf4", torch.float32, torch.device("cpu")))
     four_bit = [m for m in model.modules() if isinstance(m, bnb_modules.Linear4bit)]
     assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+
+
+def test_ao_nf4_loads_every_decoder_linear_as_an_nf4tensor(tiny_lm):
+    pytest.importorskip("torchao")
+    import torch
+
+    from randmask_lab.experiment.compute.quantize import quantization_config
+    from randmask_lab.zoo import load_causal_lm
+
+    model, _ = load_causal_lm(tiny_lm, torch.float32, quantization_config("ao-nf4", torch.float32,
+                                                                          torch.device("cpu")))
+    linears = [m for m in model.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and {type(m.weight).__name__ for m in linears} == {"NF4Tensor"}
