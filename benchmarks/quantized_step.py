@@ -103,7 +103,7 @@ def time_variants(names: list[str], quantize: str, rounds: int, warmup: int, log
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quantize", default="nf4", choices=("nf4", "fp4", "int8", "ao-int8"))
+    parser.add_argument("--quantize", default="nf4", choices=("nf4", "fp4", "int8", "ao-int8", "ao-nf4"))
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--threads", type=positive_int, default=2)
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     names = [v.format(q=args.quantize) for v in VARIANTS]
+    if args.quantize == "ao-nf4":  # PEFT's SHiRA forward re-quantizes W0 + delta into an NF4Tensor with torchao's
+        names.remove("shira r=8 ao-nf4")  # default blocks, which SmolLM2's 5184 blocks per q/v do not fit: it fails
+        log("shira r=8 ao-nf4: left out (PEFT's SHiRA re-quantizes through NF4Tensor's default blocks and fails)")
     reference = REFERENCE.format(q=args.quantize)
     times = time_variants(names, args.quantize, args.rounds, args.warmup, log)
     rows = []
