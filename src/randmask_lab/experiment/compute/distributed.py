@@ -103,9 +103,14 @@ def wrap_fsdp(model: nn.Module, ctx: DistContext, method: str) -> nn.Module:
     if not blocks:
         raise RunError(f"--fsdp: {type(model).__name__} lists no decoder-layer class (transformers' _no_split_modules) "
                        "to shard by; run it without --fsdp")
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+    try:
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+    except AssertionError as err:  # torchao's NF4Tensor asserts that each of its parts splits evenly
+        raise RunError(f"--fsdp: FSDP2 cannot split this model's weights evenly over {ctx.world} ranks ({err}); "
+                       "an NF4 base (--quantize ao-nf4) needs every part of every weight to divide by the rank "
+                       "count: run on fewer ranks, or without --quantize") from None
     return model
 
 

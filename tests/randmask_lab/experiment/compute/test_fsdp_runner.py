@@ -55,3 +55,40 @@ def test_fsdp_needs_several_processes_and_no_checkpoints(tiny_lm, run_kwargs):
     with pytest.raises(RunError, match="torchrun"):
         run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "fsdp": True,
                                   "checkpoint_every": -1}))
+
+
+def _indivisible_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    import transformers as tf
+    from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    from randmask_lab.experiment.compute.distributed import DistContext, wrap_fsdp
+    from randmask_lab.experiment.compute.quantize import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
+
+    start_spawned_rank(rank, port, WORLD)
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)  # one kv head of 8: k_proj and v_proj are 8 x 32, 4 blocks of 64, one group of scales
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                                               num_attention_heads=4, num_key_value_heads=1, vocab_size=64))
+    config = NF4WeightOnlyConfig()
+    config.block_size, config.scaler_block_size = NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE
+    quantize_(model.model, config)
+    try:
+        wrap_fsdp(model, DistContext(rank=rank, world=WORLD), "randmask")
+        message = ""
+    except RunError as err:
+        message = str(err)
+    if rank == 0:
+        Path(out).write_text(message)
+    end_spawned_rank()
+
+
+def test_an_nf4_base_whose_parts_do_not_split_over_the_ranks_is_refused_in_one_line(tmp_path):
+    """FSDP2 splits each part of an NF4Tensor evenly over the ranks, and torchao asserts it can: that assertion
+    reaches the user as a RunError naming the fix."""
+    pytest.importorskip("torchao")
+    mp.spawn(_indivisible_worker, args=(free_port(), str(tmp_path / "message")), nprocs=WORLD, join=True)
+    message = (tmp_path / "message").read_text()
+    assert message.startswith("--fsdp: FSDP2 cannot split this model's weights evenly over 2 ranks (")
+    assert "not divisible by 2" in message and message.endswith("run on fewer ranks, or without --quantize")
