@@ -214,11 +214,11 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
             f"adapter {adapter_name!r} is already applied to this model. Call randmask.unload(model) "
             "first, or pass another adapter_name to add a second adapter."
         )
+    for target, _, _ in masks:  # before any change: a refused model stays as it was
+        check_weight(target.name, target.module)
     for param in model.parameters():
         param.requires_grad_(False)
     disable_bnb_cpu_repacking(model)  # gradients pass through every frozen 4-bit layer, on any CPU
-    for target, _, _ in masks:
-        check_weight(target.name, target.module)
     ties = tied_targets(model, [target for target, _, _ in masks])
     for target, indices, blocks in masks:
         layer = _wrap(model, target, ties.get(target.name, ()))

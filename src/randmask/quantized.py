@@ -90,8 +90,14 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def check_weight(name: str, module: nn.Module) -> None:
-    """A ``MaskingError`` for a weight randmask can neither train in place nor read (unknown quantization)."""
+    """A ``MaskingError`` for a weight randmask can neither train in place nor read (unknown quantization), or one
+    sharded already."""
     weight = module.weight
+    if is_sharded(weight):  # FSDP2 manages the parameters it found at fully_shard, and only those
+        raise MaskingError(f"{name}: its weight is sharded already (FSDP2's fully_shard, or tensor parallel). Apply "
+                           "randmask (apply_masking, load_adapter, get_peft_model) before sharding, so that FSDP2 "
+                           "shards the trainable values too and averages their gradients over the ranks; added "
+                           "after, each rank would train its own copy.")
     if is_quantized(module) or weight.is_floating_point():
         return
     raise MaskingError(f"{name}: its weight is {weight.dtype} ({type(weight).__module__}.{type(weight).__name__}); "

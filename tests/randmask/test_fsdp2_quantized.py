@@ -133,3 +133,43 @@ def test_fsdp2_over_a_bitsandbytes_base_is_refused_in_one_line(tmp_path):
     assert (tmp_path / "message").read_text().startswith(
         "Linear4bit's weight is now a plain torch.uint8 tensor, which randmask can neither write into nor add a delta "
         "beside: a quantized weight lost its type (FSDP2's fully_shard does that")
+
+
+def _mask_after_sharding_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    start_spawned_rank(rank, port, WORLD)
+    dist.init_process_group("gloo")
+    warnings.simplefilter("ignore")
+    found = {}
+    for kind, make in (("float", _base), ("nf4", _nf4_base)):
+        model = make()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        before = [(name, p.requires_grad) for name, p in model.named_parameters()]
+        try:
+            apply_masking(model, MaskingConfig(**CONFIG))
+            found[kind] = ""
+        except MaskingError as err:
+            found[kind] = str(err)
+        found[f"{kind}_untouched"] = before == [(name, p.requires_grad) for name, p in model.named_parameters()]
+    if rank == 0:
+        Path(out).write_text(json.dumps(found))
+    dist.barrier()
+    end_spawned_rank()
+
+
+def test_masking_a_model_sharded_already_is_refused_and_changes_nothing(tmp_path):
+    """FSDP2 shards and reduces the parameters it found at fully_shard: values added afterwards were plain tensors
+    that every rank trained on its own rows, silently apart, over an NF4 base (a float one failed inside DTensor)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchao")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    mp.spawn(_mask_after_sharding_worker, args=(free_port(), str(tmp_path / "found.json")), nprocs=WORLD, join=True)
+    found = json.loads((tmp_path / "found.json").read_text())
+    for kind in ("float", "nf4"):
+        assert found[kind].startswith("model.layers.0.self_attn.q_proj: its weight is sharded already (FSDP2's "
+                                      "fully_shard, or tensor parallel). Apply randmask"), found[kind]
+        assert found[f"{kind}_untouched"], kind
