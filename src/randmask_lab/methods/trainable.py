@@ -28,11 +28,14 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def like_param(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor) laid out as ``param``: this rank's shard of it when ``param`` is a DTensor."""
+    """``value`` (a whole tensor) laid out as ``param``: this rank's shard of it when ``param`` is a DTensor. Every
+    rank holds the whole ``value`` (read from one file, or gathered), so each takes its shard locally: no scatter
+    (gloo's failed on the uneven shards of a values vector whose length the ranks do not divide)."""
     if hasattr(param, "device_mesh") and hasattr(param, "placements"):
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
     return value.to(param.device, param.dtype)
 
 

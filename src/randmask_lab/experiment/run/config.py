@@ -134,8 +134,9 @@ class RunConfig:
     """torch CPU threads (default: torch's choice)."""
     fsdp: bool = field(default=False, metadata=EXECUTION)
     """Under torchrun: shard the model across the processes with FSDP2 (fully_shard per decoder layer, then the
-    root) instead of replicating it with DDP, for models that outgrow one device. randmask/structured only, with
-    --checkpoint-every -1, on a float or --quantize ao-nf4 base."""
+    root) instead of replicating it with DDP, for models that outgrow one device. randmask/structured only, on a
+    float or --quantize ao-nf4 base. Its checkpoints gather the sharded values and AdamW moments (rank 0 writes),
+    and a restart gives each rank its shard back."""
     data_dir: str | None = field(default=None, metadata=EXECUTION)
     """Folder holding the original datasets (default: $RANDMASK_DATA_DIR or ../shared/data)."""
     source: str | None = field(default=None, metadata=IDENTITY)

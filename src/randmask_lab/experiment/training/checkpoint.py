@@ -24,6 +24,8 @@ from randmask import MaskingError, read_json_limited, read_limited
 from randmask_lab.errors import RunError
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import (
+    full_tensor,
+    like_param,
     load_trainable,
     read_tensors,
     tensor_file_limit,
@@ -64,12 +66,18 @@ class TrainState:
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's per-parameter tensors by ``state.<index>.<key>`` (whole: a sharded moment is gathered, a
+    collective), and its groups and scalars."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for idx, entry in sd["state"].items():
-        for key, value in entry.items():
+    # Sorted: every rank of a sharded run gathers the same tensor at the same call. A loaded state's order is the
+    # file's as safetensors returned it, which differs between processes (it comes from a hash map).
+    for idx in sorted(sd["state"]):
+        entry = sd["state"][idx]
+        for key in sorted(entry):
+            value = entry[key]
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{idx}.{key}"] = full_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
@@ -95,13 +103,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
             raise ValueError(f"optimizer state {name} names parameter {i} of {len(params)}")
         return state.setdefault(i, {})
 
-    for name, t in tensors.items():
+    for name, t in sorted(tensors.items()):  # one order in every process (safetensors' is a hash map's)
         _, index, key = name.split(".", 2)
         into = slot(index, name)
-        if t.numel() != 1 and tuple(t.shape) != tuple(params[int(index)].shape):
+        param = params[int(index)]
+        if t.numel() != 1 and tuple(t.shape) != tuple(param.shape):
             raise ValueError(f"optimizer state {name} has shape {tuple(t.shape)}, its parameter "
-                             f"{tuple(params[int(index)].shape)}")
-        into[key] = t
+                             f"{tuple(param.shape)}")
+        # A moment (the parameter's shape; not AdamW's scalar step) of a sharded (FSDP2) parameter: this rank's shard
+        # of it, as the optimizer keeps it.
+        into[key] = like_param(param, t) if tuple(t.shape) == tuple(param.shape) else t
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
@@ -126,15 +137,19 @@ def _set_rng_state(saved: dict[str, str]) -> None:
 
 def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, optimizer: torch.optim.Optimizer,
                     best: dict[str, torch.Tensor] | None, run_id: str,
-                    scaler: torch.amp.GradScaler | None = None) -> None:
-    """Write a checkpoint of the run at ``state`` (rank 0 only)."""
-    folder.mkdir(parents=True, exist_ok=True)
+                    scaler: torch.amp.GradScaler | None = None, write: bool = True) -> None:
+    """Write a checkpoint of the run at ``state``: by one rank of a replicated run; by every rank of a sharded
+    (FSDP2) one, which gathers the sharded tensors (collectives) while only the rank with ``write`` writes."""
+    trainable = trainable_tensors(prepared.model)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    if not write:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
     m_tensors, m_meta = prepared.method_state()
     tag = f"{state.global_step:08d}"
     files = {"trainable": f"trainable-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors",
              "method": f"method-{tag}.safetensors"}
-    sha256 = {files["trainable"]: write_tensors(folder / files["trainable"], trainable_tensors(prepared.model)),
+    sha256 = {files["trainable"]: write_tensors(folder / files["trainable"], trainable),
               files["optimizer"]: write_tensors(folder / files["optimizer"], opt_tensors),
               files["method"]: write_tensors(folder / files["method"], m_tensors)}
     if best is not None:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.distributed import (
     DistContext,
     any_rank,
@@ -74,8 +73,6 @@ class Trainer:
         self.lengths = grouping_lengths(data.train, config.group_by_length)
         self.steps_per_epoch = len(self._batches(0))
         if config.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones, in place
-            if config.checkpoint_every != -1:
-                raise RunError("--fsdp: checkpoints of a sharded run are not written yet; pass --checkpoint-every -1")
             self.ddp = wrap_fsdp(self.model, ctx, config.method)
         self.optimizer = build_optimizer(prepared, config, parts.heads)
         self.scaler = self.plan.make_scaler()
@@ -215,15 +212,15 @@ class Trainer:
         return self.data.spec.kind != "generation" or self.config.val_generate
 
     def checkpoint(self) -> None:
-        """Save a checkpoint (rank 0), unless checkpoints are off."""
+        """Save a checkpoint (rank 0 writes; every rank of a sharded run gathers), unless checkpoints are off."""
         if self.config.checkpoint_every < 0:
             return
-        if self.ctx.is_main:
+        if self.ctx.is_main or self.config.fsdp:
             seconds, cpu = self.state.train_seconds, self.state.cpu_seconds
             self.state.train_seconds = seconds + time.time() - self.started
             self.state.cpu_seconds = cpu + time.process_time() - self.cpu_started
             save_checkpoint(self.ckpt, self.state, self.prepared, self.optimizer, self.best, self.run_id,
-                            self.scaler)
+                            self.scaler, write=self.ctx.is_main)
             self.state.train_seconds, self.state.cpu_seconds = seconds, cpu
         barrier(self.ctx)
 

@@ -49,12 +49,45 @@ def test_an_fsdp_run_matches_one_process(tiny_lm, run_kwargs, tmp_path, max_grad
     assert (run_dir / "adapter" / "adapter.safetensors").is_file()
 
 
-def test_fsdp_needs_several_processes_and_no_checkpoints(tiny_lm, run_kwargs):
-    with pytest.raises(RunError, match="checkpoint-every -1"):
-        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "fsdp": True}))
+def test_fsdp_needs_several_processes(tiny_lm, run_kwargs):
     with pytest.raises(RunError, match="torchrun"):
-        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "fsdp": True,
-                                  "checkpoint_every": -1}))
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "fsdp": True}))
+
+
+def _resume_worker(rank: int, port: int, run_kwargs: dict, out: str, stop_after: int | None) -> None:
+    from randmask_lab.experiment.training.loop import RunInterrupted
+
+    start_spawned_rank(rank, port, WORLD)
+    ctx = init_distributed("cpu")
+    try:
+        record = run_training(RunConfig(**run_kwargs), stop_after=stop_after, ctx=ctx)
+        if rank == 0:
+            (Path(out) / "run_dir").write_text(record.run_dir)
+            (Path(out) / "resumed_at").write_text(repr(record.resumed_at))
+    except RunInterrupted:
+        pass
+    end_spawned_rank()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["none", "ao-nf4"])
+def test_an_fsdp_run_killed_mid_way_resumes_to_the_uninterrupted_runs_values(tiny_lm, run_kwargs, tmp_path,
+                                                                              quantize):
+    """Checkpoints of a sharded run: every rank gathers the values and AdamW's moments, rank 0 writes, and each
+    rank takes its shard back at the restart."""
+    if quantize != "none":
+        pytest.importorskip("torchao")
+    kwargs = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "threads": None,
+              "batch_size": 2, "fsdp": True, "epochs": 3, "checkpoint_every": 2, "quantize": quantize}
+    straight = {**kwargs, "out_dir": str(tmp_path / "straight")}
+    mp.spawn(_resume_worker, args=(free_port(), straight, str(tmp_path), None), nprocs=WORLD, join=True)
+    want = load_file(str(Path((tmp_path / "run_dir").read_text()) / "trainable" / "trainable.safetensors"))
+    killed = {**kwargs, "out_dir": str(tmp_path / "killed")}  # 3 steps an epoch: dies in epoch 2, after step 4's
+    mp.spawn(_resume_worker, args=(free_port(), killed, str(tmp_path), 5), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), killed, str(tmp_path), None), nprocs=WORLD, join=True)
+    assert (tmp_path / "resumed_at").read_text() == "4"
+    got = load_file(str(Path((tmp_path / "run_dir").read_text()) / "trainable" / "trainable.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _indivisible_worker(rank: int, port: int, out: str) -> None:
