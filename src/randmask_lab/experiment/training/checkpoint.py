@@ -110,9 +110,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
         if t.numel() != 1 and tuple(t.shape) != tuple(param.shape):
             raise ValueError(f"optimizer state {name} has shape {tuple(t.shape)}, its parameter "
                              f"{tuple(param.shape)}")
-        # A moment (the parameter's shape; not AdamW's scalar step) of a sharded (FSDP2) parameter: this rank's shard
-        # of it, as the optimizer keeps it.
-        into[key] = like_param(param, t) if tuple(t.shape) == tuple(param.shape) else t
+        # A moment (the parameter's shape; never the step, which torch keeps in fp32 whatever the parameter's dtype)
+        # of a sharded (FSDP2) parameter: this rank's shard of it, as the optimizer keeps it.
+        into[key] = like_param(param, t) if key != "step" and tuple(t.shape) == tuple(param.shape) else t
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
