@@ -134,3 +134,23 @@ def test_edited_optimizer_hyperparameters_never_take_effect(tmp_path):
     _edit_state(tmp_path, lambda h: h["optimizer"]["scalars"].update({"9.step": 1}))
     with pytest.raises(RunError, match="names parameter 9"):
         load_checkpoint(tmp_path, *_model_and_optimizer(1), "r")
+
+
+def test_the_optimizer_state_is_gathered_in_one_order_whatever_its_insertion_order(monkeypatch):
+    """Every rank of a sharded run gathers the moments one by one (collectives), so every rank must take them in one
+    order. A loaded state keeps the order safetensors returned, which differs between processes (a hash map's):
+    the first resume of an FSDP run aborted on a collective mismatch."""
+    from randmask_lab.experiment.training import checkpoint
+
+    prepared, opt = _model_and_optimizer(0)
+    _train(prepared, opt, 1)
+    entries = list(opt.state.items())
+    opt.state.clear()
+    for param, entry in reversed(entries):  # parameters, and each one's keys, in the reverse of AdamW's order
+        opt.state[param] = dict(reversed(list(entry.items())))
+    gathered = []
+    monkeypatch.setattr(checkpoint, "full_tensor", lambda t: gathered.append(tuple(t.shape)) or t)
+    tensors, _ = checkpoint._flatten_optimizer(opt)
+    assert list(tensors) == sorted(tensors)
+    per_param = [(s, s, ()) for s in [(3, 4), (2, 3), (2,)]]  # exp_avg, exp_avg_sq, step of each, in index order
+    assert gathered == [shape for triple in per_param for shape in triple]
