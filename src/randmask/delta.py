@@ -128,6 +128,14 @@ def delta_matmul(dense_2d: torch.Tensor, values: torch.Tensor, pattern: SparsePa
         return _spmm(csr.crow, csr.col, ordered, (in_f, out_f) if of_transpose else (out_f, in_f), dense_2d, first)
 
 
+def _gather_scale_add(rows: torch.Tensor, values: torch.Tensor, gather: torch.Tensor, scatter: torch.Tensor,
+                      width: int) -> torch.Tensor:
+    """``out[t, scatter_k] += rows[t, gather_k] * values_k``, (T, ...) -> (T, width), in plain differentiable ops:
+    ``x @ D^T`` (gather the inputs, scatter into the outputs) and, mirrored, ``g @ D``."""
+    contrib = rows[:, gather] * values.to(rows.dtype)  # (T, nnz)
+    return rows.new_zeros(rows.shape[0], width).index_add(1, scatter, contrib)
+
+
 class SparseDeltaFunction(torch.autograd.Function):
     """``spmm(x, D)``: (..., in) -> (..., out) with D the sparse delta at ``pattern``'s kept entries."""
 
@@ -172,8 +180,7 @@ class SparseDeltaFunction(torch.autograd.Function):
         g2d, x2d = grad_out.reshape(-1, out_f), x.reshape(-1, in_f)
         grad_x = grad_values = None
         if ctx.needs_input_grad[0]:  # dL/dx[t, i_k] += g[t, o_k] * values_k: (T, out) -> (T, in)
-            contrib = g2d[:, pattern.out_index] * values.to(g2d.dtype)  # (T, nnz)
-            grad_x = g2d.new_zeros(g2d.shape[0], in_f).index_add(1, pattern.in_index, contrib)
+            grad_x = _gather_scale_add(g2d, values, pattern.out_index, pattern.in_index, in_f)
             grad_x = grad_x.to(x.dtype).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             grad_values = sddmm_differentiable(g2d.to(x.dtype), x2d, pattern).to(values.dtype)
@@ -198,9 +205,7 @@ def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, pattern: Spars
     """Plain differentiable ops (gather + index_add, memory O(T * nnz)): the tests' reference, and the delta under
     ``torch.func`` transforms (the fused Function has no ``setup_context``)."""
     out_f, in_f = pattern.logical_shape
-    x2d = x.reshape(-1, in_f)
-    contrib = x2d[:, pattern.in_index] * values.to(x.dtype)  # (T, nnz)
-    y2d = x2d.new_zeros(x2d.shape[0], out_f).index_add(1, pattern.out_index, contrib)
+    y2d = _gather_scale_add(x.reshape(-1, in_f), values, pattern.in_index, pattern.out_index, out_f)
     return y2d.reshape(*x.shape[:-1], out_f)
 
 

@@ -33,7 +33,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, is_maskable, logical_shape, pristine_entries
+from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, is_maskable, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,
@@ -44,7 +44,7 @@ from randmask.model import (
     draw_mask,
     masked_layers,
 )
-from randmask.quantized import quant_scheme, stored_shape
+from randmask.quantized import base_entries, quant_scheme, stored_shape
 from randmask.sharding import full_tensor, is_sharded
 from randmask.targets import Target
 from randmask.version import __version__
@@ -342,7 +342,7 @@ def _pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
     """W0 at ``indices``: a masked layer first writes its pristine weights back, then its delta again."""
     if isinstance(module, MaskedLayer):
         module.restore_base()
-        entries = pristine_entries(module.base_layer, indices)
+        entries = base_entries(module.base_layer, indices)
         module.sync()
         return entries
-    return pristine_entries(module, indices)
+    return base_entries(module, indices)

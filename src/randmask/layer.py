@@ -35,7 +35,7 @@ from randmask.delta import sparse_delta, sparse_delta_reference
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.ops import SparsePattern, dense_linear, index_dtype, masked_linear
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
-from randmask.quantized import base_entries, is_quantized, stored_shape
+from randmask.quantized import base_entries, stored_shape
 from randmask.sharding import full_tensor, is_sharded, write_entries
 
 
@@ -72,15 +72,6 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` (no dispatch when it already is: the hot-swap counts calls)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """W0 at flat stored-weight ``indices`` of a Linear/Conv1D that holds no adapter's delta there (dequantized
-    for a quantized one; a sharded weight is gathered first: a collective)."""
-    weight = module.weight
-    if is_sharded(weight) and not is_quantized(module):  # a quantized one is gathered by base_entries' dequantize
-        return full_tensor(weight.detach()).reshape(-1)[indices.to(weight.device)]
-    return base_entries(module, indices)
 
 
 class MaskAdapter(nn.Module):
@@ -137,7 +128,7 @@ class MaskAdapter(nn.Module):
         """Hold W0 at the kept entries again, read from ``module``'s weight, which must hold W0 there: no adapter
         written into it. O(nnz); a sharded (DTensor) weight is gathered (every rank must call this)."""
         if self.base_values is None:
-            self.hold_base(pristine_entries(module, self.indices))
+            self.hold_base(base_entries(module, self.indices))
 
     def hold_base(self, entries: torch.Tensor) -> None:
         """Hold ``entries`` (nnz,), read from a weight that holds W0 at the kept entries, as this adapter's W0."""
@@ -382,10 +373,10 @@ class MaskedLayer(nn.Module):
             # The quantized layer's own output (its kernel, its dx) plus the sparse delta's: an SpMM over
             # the kept entries forward, SDDMM for dvalues and D^T for dx backward (randmask.delta).
             return adapter.add_delta(self.base_layer(x), x)
-        if torch.compiler.is_compiling() and adapter.weight_replaced():
-            return adapter.linear_beside(x, self.weight, self.bias)  # FSDP2's gathered weight: traced, not written
-        if func_transform_active():
-            return adapter.linear_beside(x, self.weight, self.bias)  # torch.func refuses the write
+        # Not written: FSDP2's gathered weight under torch.compile (traced), or any weight under a torch.func transform
+        # (it refuses the write).
+        if (torch.compiler.is_compiling() and adapter.weight_replaced()) or func_transform_active():
+            return adapter.linear_beside(x, self.weight, self.bias)
         self.sync()
         return adapter.linear(x, self.weight, self.bias)
 

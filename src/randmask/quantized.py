@@ -152,9 +152,10 @@ def _int8_row_scales(module: nn.Module) -> torch.Tensor:
 
 
 def base_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """W0 at flat stored-weight ``indices``, as the layer computes with it (dequantized for a quantized one)."""
+    """W0 at flat stored-weight ``indices`` of a Linear/Conv1D that holds no adapter's delta there, as the layer
+    computes with it: dequantized for a quantized weight; a sharded one is gathered first (a collective)."""
     weight = module.weight
-    if not is_quantized(module):
+    if not is_quantized(module) and not is_sharded(weight):
         return weight.detach().reshape(-1).index_select(0, indices.to(weight.device))  # a copy: one gather
     with torch.no_grad():
         dense = dequantized(module)
