@@ -54,11 +54,32 @@ def load_quantized(folder: Path, scheme: str) -> torch.nn.Module:
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
 
         quantize_(model.model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
-    if scheme == "ao-nf4":  # torchao's NF4Tensor: torchtune's QLoRA base (its FrozenNF4Linear holds one)
-        from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig
-        from torchao.quantization import quantize_
-
-        config = NF4WeightOnlyConfig()
-        config.block_size, config.scaler_block_size = 32, 8  # the tiny layers hold 16-64 blocks of 32
-        quantize_(model.model, config)
+    if scheme == "ao-nf4":
+        quantize_nf4(model)
     return model
+
+
+def quantize_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a tiny Llama) with every decoder Linear a torchao ``NF4Tensor``, in place: torchtune's QLoRA base
+    (its FrozenNF4Linear holds one), by torchao's ``quantize_``."""
+    need("ao-nf4")
+    from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig
+    from torchao.quantization import quantize_
+
+    config = NF4WeightOnlyConfig()
+    config.block_size, config.scaler_block_size = 32, 8  # the tiny layers hold 16-64 blocks of 32
+    quantize_(model.model, config)
+    return model
+
+
+def dequantized_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A float tiny Llama holding ``model``'s weights, its quantized ones dequantized: the reference that a quantized
+    base's results must match."""
+    from randmask.quantized import dequantized, is_quantized
+
+    reference = tiny_model("llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if is_quantized(module):
+                reference.get_submodule(name).weight.copy_(dequantized(module).float())
+    return reference

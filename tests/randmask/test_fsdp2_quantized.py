@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from tests.conftest import end_spawned_rank, free_port, start_spawned_rank
+from tests.randmask.quantized_models import quantize_nf4
 from tests.randmask.test_fsdp2 import CONFIG, WORLD, _base, _logits, _probe, _train, _with_other_adapter
 
 import randmask
@@ -23,15 +24,7 @@ from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, m
 
 def _nf4_base() -> torch.nn.Module:
     """The tiny Llama with every decoder Linear an ``NF4Tensor`` (torchao's ``quantize_``, as torchtune's QLoRA)."""
-    pytest.importorskip("torchao")
-    from torchao.prototype._nf4tensor_api import NF4WeightOnlyConfig
-    from torchao.quantization import quantize_
-
-    model = _base()
-    config = NF4WeightOnlyConfig()
-    config.block_size, config.scaler_block_size = 32, 8  # the tiny layers hold 16-64 blocks of 32
-    quantize_(model.model, config)
-    return model
+    return quantize_nf4(_base())
 
 
 def _worker(rank: int, port: int, out: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.conftest import hessian_vector_product, model_output, tiny_inputs, tiny_model, train_steps
-from tests.randmask.quantized_models import SCHEME_NAMES, SCHEMES, load_quantized, save_tiny_llama
+from tests.randmask.quantized_models import SCHEME_NAMES, SCHEMES, dequantized_copy, load_quantized, save_tiny_llama
 
 from randmask import (
     MaskedLayer,
@@ -31,7 +31,7 @@ from randmask import (
     unload,
 )
 from randmask.io import FORMAT_VERSION, read_adapter_files
-from randmask.quantized import dequantized, is_quantized
+from randmask.quantized import dequantized
 
 CFG = MaskingConfig(targets=["q_proj", "v_proj"], density=0.2, seed=0)
 
@@ -143,11 +143,8 @@ def test_forward_and_gradient_match_the_dequantized_dense_reference(llama_dir, s
 def test_hessian_vector_products_match_the_dequantized_float_model(llama_dir, scheme):
     """Double backward through the delta path (``randmask hessian`` on a quantized base; it raised before): H v w.r.t.
     the values equals that of a float model holding the dequantized weights on the in-place path, same masks."""
-    model, reference = load_quantized(llama_dir, scheme), tiny_model("llama")
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if is_quantized(module):
-                reference.get_submodule(name).weight.copy_(dequantized(module).float())
+    model = load_quantized(llama_dir, scheme)
+    reference = dequantized_copy(model)
     inputs = tiny_inputs("llama")
     for masked in (apply_masking(model, CFG), apply_masking(reference, CFG)):
         generator = torch.Generator().manual_seed(5)

@@ -52,18 +52,12 @@ def test_run_hessian_writes_json_and_png(model_and_batches, tmp_path):
 def test_run_hessian_on_the_delta_path(base, tmp_path):
     """A quantized base and a tied head take the delta path, whose double backward raised NotImplementedError: the
     Hessian now runs there, and its top eigenvalue is that of the same model on the in-place path."""
-    from tests.randmask.quantized_models import load_quantized, save_tiny_llama
-
-    from randmask.quantized import dequantized, is_quantized
+    from tests.randmask.quantized_models import dequantized_copy, load_quantized, save_tiny_llama
 
     config = MaskingConfig(targets=["q_proj", "v_proj", "lm_head"], density=0.2, seed=0)
     if base == "nf4":
         model = load_quantized(save_tiny_llama(tmp_path / "llama"), "ao-nf4")
-        reference = tiny_model("llama")
-        with torch.no_grad():
-            for name, module in model.named_modules():
-                if is_quantized(module):
-                    reference.get_submodule(name).weight.copy_(dequantized(module).float())
+        reference = dequantized_copy(model)
     else:
         model, reference = tiny_model("llama"), tiny_model("llama")
         model.lm_head.weight = model.model.embed_tokens.weight
