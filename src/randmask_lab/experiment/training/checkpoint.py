@@ -103,7 +103,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
             raise ValueError(f"optimizer state {name} names parameter {i} of {len(params)}")
         return state.setdefault(i, {})
 
-    for name, t in sorted(tensors.items()):  # one order in every process (safetensors' is a hash map's)
+    for name, t in tensors.items():  # in safetensors' order, which differs between processes: no collective here
         _, index, key = name.split(".", 2)
         into = slot(index, name)
         param = params[int(index)]
