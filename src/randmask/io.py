@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
+from randmask.drawing import block_densities, draw_mask
 from randmask.files import atomic_write_bytes, read_json_limited, read_limited
 from randmask.integrity import (
     CONFIG_CHECKSUM_KEY,
@@ -39,9 +40,7 @@ from randmask.model import (
     adapter_meta,
     adapter_names,
     attach_adapter,
-    block_densities,
     count_base_parameters,
-    draw_mask,
     masked_layers,
 )
 from randmask.quantized import base_entries, quant_scheme, stored_shape

@@ -39,10 +39,11 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
+from randmask.drawing import block_densities, draw_mask
 from randmask.integrity import base_fingerprint
 from randmask.layer import Block
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
-from randmask.model import block_densities, count_base_parameters, draw_mask, merge_refusal, tied_targets
+from randmask.model import count_base_parameters, merge_refusal, tied_targets
 from randmask.paths import mark_shared_weight, uses_delta_path
 from randmask.peft_files import (
     CONFIG_NAME,

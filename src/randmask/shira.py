@@ -23,12 +23,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
+from randmask.drawing import block_densities, draw_mask
 from randmask.files import atomic_write_bytes, parse_json, read_limited
 from randmask.integrity import check_blocks, check_draw_size
 from randmask.io import read_adapter_files
 from randmask.layer import MaskedLayer, is_conv1d
 from randmask.masks import BUILTIN_KINDS, indices_checksum
-from randmask.model import apply_masking, block_densities, count_base_parameters, draw_mask, masked_layers
+from randmask.model import apply_masking, count_base_parameters, masked_layers
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import stored_shape
 from randmask.targets import Target

@@ -9,8 +9,9 @@ from tests.conftest import tiny_inputs, tiny_model, train_steps
 
 import randmask
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, merge_and_unload, save_adapter
+from randmask.drawing import block_densities, draw_mask
 from randmask.masks import bernoulli_mask, make_generator
-from randmask.model import block_densities, count_base_parameters, draw_mask
+from randmask.model import count_base_parameters
 from randmask.ops import SparsePattern, sddmm, weight_gradient_path
 from randmask.targets import resolve_targets
 
