@@ -8,8 +8,8 @@ both operands into tokens-last layout itself), the compact path (we copy only th
 columns tokens-last, then sampled_addmm), the compiled kernel (randmask.native: reads g and x in place,
 in token blocks; blank where no C compiler), and the dense g^T x then gather. Each time is the minimum of
 --repeats runs (on a shared machine the minimum is the least disturbed run), shown relative to the
-dense path, plus the path ``randmask.ops.sddmm`` picks. GATHER_MAX_NNZ, DENSE_GRAD_CROSSOVER,
-NATIVE_DENSE_CROSSOVER and COMPACT_MAX_FRACTION in src/randmask/ops.py come from this table.
+dense path, plus the path ``randmask.sddmm.sddmm`` picks. GATHER_MAX_NNZ, DENSE_GRAD_CROSSOVER,
+NATIVE_DENSE_CROSSOVER (src/randmask/sddmm.py) and COMPACT_MAX_FRACTION (src/randmask/pattern.py) come from this table.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from randmask import native, ops
+from randmask import native, sddmm
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
 from randmask_lab.argtypes import positive_int
@@ -53,11 +53,11 @@ def raw_sampled(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern) -> tor
 def time_paths(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, repeats: int
                ) -> tuple[float, float, float, float]:
     """Minimum ms of (gather, raw sampled_addmm, compact, native kernel) for one pattern."""
-    gather = (min_ms(lambda: ops._sddmm_gather_chunked(g, x, pattern, torch.float32), repeats)
+    gather = (min_ms(lambda: sddmm.sddmm_gather(g, x, pattern, torch.float32), repeats)
               if pattern.nnz <= 30000 else float("nan"))
     sampled = min_ms(lambda: raw_sampled(g, x, pattern), repeats)
-    compact = min_ms(lambda: ops._sddmm_compact(g, x, pattern, torch.float32), repeats)
-    kernel = min_ms(lambda: ops._sddmm_native(g, x, pattern), repeats) if native.available() else float("nan")
+    compact = min_ms(lambda: sddmm.sddmm_compact(g, x, pattern, torch.float32), repeats)
+    kernel = min_ms(lambda: sddmm.sddmm_native(g, x, pattern), repeats) if native.available() else float("nan")
     return gather, sampled, compact, kernel
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     print(f"tokens={args.tokens} threads={args.threads} dtype={args.dtype}; times relative to dense g^T x; "
           f"on {describe()}, native kernel path: {native.compiled_path() or 'not built'}\n")
-    print("| shape | density | nnz | dense ms | gather | sampled_addmm (raw) | compact | native | ops.sddmm picks |")
+    print("| shape | density | nnz | dense ms | gather | sampled_addmm (raw) | compact | native | sddmm picks |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for out_f, in_f in [(768, 768), (3072, 768), (768, 3072)]:
         g = torch.randn(args.tokens, out_f).to(dtype)
@@ -83,7 +83,7 @@ def main() -> None:
             gather, sampled, compact, kernel = time_paths(g, x, pattern, args.repeats)
             print(f"| {out_f}x{in_f} | {p:g} | {pattern.nnz} | {dense:.1f} | {gather / dense:.3f} | "
                   f"{sampled / dense:.3f} | {compact / dense:.3f} | {kernel / dense:.3f} | "
-                  f"{ops.weight_gradient_path(g, x, pattern)} |", flush=True)
+                  f"{sddmm.weight_gradient_path(g, x, pattern)} |", flush=True)
 
 if __name__ == "__main__":
     main()

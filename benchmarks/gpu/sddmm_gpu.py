@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from bench_stats import paired_ratios, summarize
-from randmask import ops
+from randmask import kernels, sddmm
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
 
@@ -53,12 +53,12 @@ def ways(g: torch.Tensor, x: torch.Tensor, pattern: SparsePattern, triton_ok: bo
     """The ways to compute the masked gradient: name -> zero-argument call returning (nnz,) values."""
     out: dict[str, Callable] = {
         "dense": lambda: (g.t() @ x).reshape(-1)[pattern.indices],  # (out, in) in the input dtype, as autograd does
-        "sampled_addmm": lambda: ops._sddmm_compact(g, x, pattern, torch.float32),
+        "sampled_addmm": lambda: sddmm.sddmm_compact(g, x, pattern, torch.float32),
     }
     if pattern.nnz <= GATHER_MAX_NNZ:
-        out["gather"] = lambda: ops._sddmm_gather_chunked(g, x, pattern, torch.float32)
+        out["gather"] = lambda: sddmm.sddmm_gather(g, x, pattern, torch.float32)
     if triton_ok:
-        out["triton"] = lambda: ops._sddmm_triton(g, x, pattern)
+        out["triton"] = lambda: sddmm.sddmm_triton(g, x, pattern)
     return out
 
 
@@ -68,7 +68,7 @@ def run(device: str, dry_run: bool, rounds: int, log=print) -> list[dict]:
                                  else (SHAPES, DENSITIES, 4096))
     dtype = torch.bfloat16
     try:
-        triton_ok = ops._triton(required=False) is not None and (device == "cuda" or dry_run)
+        triton_ok = kernels.triton_kernel(required=False) is not None and (device == "cuda" or dry_run)
     except Exception:  # noqa: BLE001 -- a triton that does not load: the row says so
         triton_ok = False
     timed = _timer(device)

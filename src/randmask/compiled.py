@@ -26,7 +26,9 @@ import weakref
 import torch
 
 from randmask.delta import delta_matmul
-from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, dense_linear, logical_shape, sddmm
+from randmask.ops import autocast_dtype, dense_linear
+from randmask.pattern import SparsePattern, logical_shape
+from randmask.sddmm import compute_dtype, sddmm
 
 # id(indices) -> (a weak reference to that tensor, its pattern): the pattern caches the compact-SDDMM plan, which
 # a custom op, handed tensors only, would otherwise rebuild at every backward.

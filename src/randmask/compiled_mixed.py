@@ -17,7 +17,9 @@ import torch
 
 from randmask.compiled import pattern_for
 from randmask.delta import delta_matmul
-from randmask.ops import autocast_dtype, compute_dtype, logical_shape, sddmm
+from randmask.ops import autocast_dtype
+from randmask.pattern import logical_shape
+from randmask.sddmm import compute_dtype, sddmm
 
 
 def _check(name: str, dense_3d: torch.Tensor, row_slot: torch.Tensor, indices: list[torch.Tensor], features: int,

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from randmask.ops import SparsePattern, autocast_dtype, compute_dtype, index_dtype, sddmm, sddmm_differentiable
+from randmask.ops import autocast_dtype
+from randmask.pattern import SparsePattern, index_dtype
+from randmask.sddmm import compute_dtype, sddmm, sddmm_differentiable
 
 
 @dataclass(eq=False)

@@ -33,8 +33,9 @@ from randmask.compiled import compiled_masked_linear, compiled_sparse_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta, sparse_delta_reference
 from randmask.mixed import RowGroups, mixed_forward
-from randmask.ops import SparsePattern, dense_linear, index_dtype, masked_linear
+from randmask.ops import dense_linear, masked_linear
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
+from randmask.pattern import SparsePattern, index_dtype
 from randmask.quantized import base_entries, stored_shape
 from randmask.sharding import full_tensor, is_sharded, write_entries
 

@@ -27,7 +27,7 @@ from torch import nn
 from randmask.config import MaskingConfig, MaskingError
 from randmask.layer import Block, MaskAdapter
 from randmask.model import adapter_meta, adapter_names, masked_layers, record_adapter
-from randmask.ops import SparsePattern
+from randmask.pattern import SparsePattern
 
 COMBINATION_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _NEEDS_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}

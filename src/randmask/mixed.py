@@ -39,7 +39,8 @@ from torch import nn
 from randmask.compiled_mixed import compiled_grouped_delta
 from randmask.config import MaskingError
 from randmask.delta import sparse_delta
-from randmask.ops import SparsePattern, compute_dtype, index_dtype
+from randmask.pattern import SparsePattern, index_dtype
+from randmask.sddmm import compute_dtype
 from randmask.sharding import is_sharded
 
 if TYPE_CHECKING:

@@ -68,9 +68,9 @@ def test_under_cpu_autocast_the_output_takes_the_autocast_dtype():
 def test_a_forward_without_gradients_keeps_one_int32_csr_and_both_index_widths_agree(monkeypatch, limit):
     """Serving many adapters keeps one CSR per adapter: D only (D^T is built for the first backward), int32."""
     import randmask.delta as delta
-    import randmask.ops
+    import randmask.pattern
 
-    monkeypatch.setattr(randmask.ops, "INT32_INDEX_LIMIT", limit)
+    monkeypatch.setattr(randmask.pattern, "INT32_INDEX_LIMIT", limit)
     pattern = random_pattern((24, 40), 60, True, 3)  # Conv1D: the stored order is not D's CSR order
     values = torch.randn(60, dtype=torch.float64, requires_grad=True)
     x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)  # logical (out 40, in 24)

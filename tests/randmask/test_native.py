@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from randmask import native, ops
+from randmask import native, ops, sddmm
 from randmask.config import MaskingError
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern
@@ -132,7 +132,7 @@ def kernel_path(request, path_builds, monkeypatch):
         pytest.skip(f"this CPU does not run the {request.param} path" if path_builds else "no native kernel")
     monkeypatch.setattr(native, "_tried", True)
     monkeypatch.setattr(native, "_library", path_builds[request.param])
-    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    monkeypatch.setattr(sddmm, "NATIVE_DENSE_CROSSOVER", 2.0)
     assert native.compiled_path() == request.param
     return request.param
 
@@ -246,7 +246,7 @@ def test_a_forced_path_that_does_not_build_warns(fresh_build, monkeypatch):
 def test_without_openmp_the_kernel_builds_on_pthreads(fresh_build, monkeypatch):
     """A compiler with no OpenMP: the first build fails, the second (pthreads) is used, with no warning."""
     monkeypatch.setattr(native, "OPENMP_FLAGS", ["-fno-such-option-randmask"])
-    monkeypatch.setattr(ops, "NATIVE_DENSE_CROSSOVER", 2.0)
+    monkeypatch.setattr(sddmm, "NATIVE_DENSE_CROSSOVER", 2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.available()

@@ -1,5 +1,6 @@
 """The Triton SDDMM (randmask.triton_sddmm) on CPU tensors under TRITON_INTERPRET=1, against fp64 dense g^T x,
-and the kernel switch RANDMASK_KERNEL. Skipped where triton is not installed (the `gpu` and `dev` extras bring it)."""
+and its place in the kernel switch (the switch itself: test_kernels.py). Skipped where triton is not installed
+(the `gpu` and `dev` extras bring it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from randmask import MaskingError, native, ops
+from randmask import native, ops
 from randmask.masks import bernoulli_mask, make_generator
 from randmask.ops import SparsePattern, dense_reference_linear, masked_linear, scatter_delta
 
@@ -124,42 +125,6 @@ def test_fp64_work_takes_the_torch_paths(interpreted):
     g, x = torch.randn(5, 8, dtype=torch.float64, device=DEVICE), torch.randn(5, 8, dtype=torch.float64, device=DEVICE)
     assert ops.weight_gradient_kernel(DEVICE, torch.float64) == "torch"
     assert ops.weight_gradient_path(g, x, pattern) in ("gather", "compact", "dense")
-
-
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(MaskingError, match="TRITON_INTERPRET=1"):
-        ops.weight_gradient_kernel("cpu")
-
-
-def test_a_forced_triton_without_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv(ops.KERNEL_ENV, "triton")
-    monkeypatch.setattr(ops, "_TRITON", [None])  # as if triton were not installed
-    with pytest.raises(MaskingError, match=r"randmask\[gpu\]"):
-        ops.weight_gradient_kernel("cuda")
-    monkeypatch.setenv(ops.KERNEL_ENV, "auto")
-    assert ops.weight_gradient_kernel("cuda") == "torch"  # auto falls back quietly: triton is optional
-
-
-def test_the_switch(monkeypatch):
-    monkeypatch.delenv(native.DISABLE_ENV, raising=False)
-    monkeypatch.setenv(ops.KERNEL_ENV, "torch")
-    assert ops.weight_gradient_kernel("cpu") == ops.weight_gradient_kernel("cuda") == "torch"
-    monkeypatch.setenv(ops.KERNEL_ENV, "native")
-    with pytest.raises(MaskingError, match="CPU tensors"):
-        ops.weight_gradient_kernel("cuda")
-    monkeypatch.setenv(ops.KERNEL_ENV, "fastest")
-    with pytest.raises(MaskingError, match="auto, native, triton, torch"):
-        ops.weight_gradient_kernel("cpu")
-    monkeypatch.setenv(ops.KERNEL_ENV, "native")
-    monkeypatch.setenv(native.DISABLE_ENV, "0")
-    with pytest.raises(MaskingError, match="contradicts"):
-        ops.kernel_setting()
-    monkeypatch.delenv(ops.KERNEL_ENV)
-    assert ops.kernel_setting() == "torch"  # RANDMASK_NATIVE=0 is an alias of torch
-    assert ops.weight_gradient_kernel("cpu") == "torch"
 
 
 def test_import_randmask_does_not_import_triton():
