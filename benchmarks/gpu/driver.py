@@ -31,7 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CARRY = Path(__file__).resolve().parent / "carry"  # filled by run.sh --prepare; carried to the GPU machine
-GPU_TESTS = ["tests/randmask/test_devices.py", "tests/randmask/test_triton_sddmm.py", "tests/randmask/test_ops.py"]
+GPU_TESTS = [
+    "tests/randmask/test_devices.py", "tests/randmask/test_triton_sddmm.py", "tests/randmask/test_ops.py",
+    "tests/randmask/test_sddmm.py", "tests/randmask/test_kernels.py",  # the tests that left test_ops.py
+]
 
 
 def write_json(out: Path, section: str, payload: dict, device: str) -> Path:
