@@ -5,14 +5,7 @@ method under the PEFT type ``"RANDMASK"``. Then the whole PEFT surface works:
 ``save_pretrained`` / ``PeftModel.from_pretrained`` (after ``import randmask.peft``),
 ``merge_and_unload``, ``disable_adapter``, named adapters, HF ``Trainer`` and TRL.
 
-How it registers (``_register``; needs peft >= 0.21, no upper bound): first through peft's public
-``peft.utils.register_peft_method``, for a peft that accepts the name. peft 0.21 refuses names outside
-its ``PeftType`` enum, and an external package cannot add enum members cleanly; but ``PeftType`` is a
-``str`` enum and every lookup (``PEFT_TYPE_TO_CONFIG_MAPPING[config.peft_type]`` and the tuner and
-prefix mappings) is a plain dict keyed by it, so the plain string ``"RANDMASK"`` is a valid key that
-round-trips through ``adapter_config.json``. ``_register`` then writes the three mappings after the same
-checks ``register_peft_method`` makes, finding them by name: a peft without them is a MaskingError naming
-the version that has them. tests/randmask/test_peft.py checks the route against the installed peft.
+How it registers: ``randmask.peft_registry`` (needs peft >= 0.21, no upper bound).
 
 The tuner layer keeps randmask's design: the trained entries live inside the frozen weight,
 the weight gradient is the sparse SDDMM of ``randmask.ops``, and the file holds only the
@@ -24,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -32,53 +24,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import peft
 import torch
-from peft.config import PeftConfig, PeftConfigMixin
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
-from randmask.drawing import block_densities, draw_mask
-from randmask.integrity import base_fingerprint
-from randmask.layer import Block
-from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
-from randmask.model import count_base_parameters, merge_refusal, tied_targets
-from randmask.paths import mark_shared_weight, uses_delta_path
+from randmask.masks import BUILTIN_KINDS
+from randmask.model import merge_refusal
+from randmask.paths import uses_delta_path
 from randmask.peft_files import (
     CONFIG_NAME,
     OPT_OUT,
-    check_base_named,
     check_sealed,
     check_weights_file,
-    guard_peft_type,
     read_config,
     seal,
     weights_file,
 )
 from randmask.peft_layer import RandMaskLayer
+from randmask.peft_masks import plan_masks
+from randmask.peft_registry import PEFT_TYPE, PREFIX, register
 from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
-from randmask.quantized import base_entries, check_weight, disable_bnb_cpu_repacking, quant_scheme
+from randmask.quantized import disable_bnb_cpu_repacking
 from randmask.shira import export_shira, import_shira
-from randmask.targets import resolve_targets
-from randmask.warn import warn_caller
-
-
-class _PeftTypeName(str):
-    """A plain ``str`` to every PEFT lookup and in every saved file, which also prints and reads as PEFT's own
-    ``PeftType`` members do: ``.value`` (``hotswap_adapter``'s refusal of a non-LoRA method raised AttributeError
-    without it) and ``str()`` as ``"PeftType.RANDMASK"`` (``get_model_status`` keeps what follows the dot)."""
-
-    @property
-    def value(self) -> str:
-        return str.__str__(self)
-
-    def __str__(self) -> str:
-        return f"PeftType.{self.value}"
-
-
-PEFT_TYPE = _PeftTypeName("RANDMASK")
-PREFIX = "randmask_"
 
 
 @dataclass
@@ -189,7 +158,7 @@ class RandMaskModel(BaseTuner):
         if config.checksums is None:  # a new adapter: record into a copy, so the user's config stays reusable
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
         disable_bnb_cpu_repacking(model)  # before W0 is read; gradients pass through every frozen 4-bit layer
-        self._plan = _plan_masks(model, config)
+        self._plan = plan_masks(model, config)
         load = getattr(config, "_randmask_load", None)
         if load is not None:  # from_pretrained: check the weights file before peft reads it
             check_weights_file(model, config, self._plan, load)
@@ -337,143 +306,6 @@ def _parameters_land_on_meta() -> bool:
     return probe.probe.is_meta
 
 
-def _plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torch.Tensor, list[Block]]]:
-    """Every target's mask, drawn as ``apply_masking`` draws it; records or checks the checksums."""
-    masking = config.masking_config()
-    targets = resolve_targets(model, config.target_modules)
-    total = count_base_parameters(model)
-    if config.total_params is None:
-        config.total_params = total
-    elif config.total_params != total:
-        raise MaskingError(f"this RandMask adapter was made for a base model with {config.total_params:,} "
-                           f"parameters; this one has {total:,}. Load it onto the base it was trained from.")
-    record = config.checksums is None
-    version = MASK_KIND_VERSIONS.get(config.mask_kind, 1)
-    if record:
-        config.mask_kind_version = version
-    elif (config.mask_kind_version or 1) != version:
-        raise MaskingError(f"this RandMask adapter's {config.mask_kind!r} masks were drawn by sampler version "
-                           f"{config.mask_kind_version or 1}; this randmask draws version {version}, so they cannot be "
-                           "regenerated. Load it with the randmask that saved it, or train it again.")
-    verify_base = getattr(config, "_randmask_load", {}).get("verify_base", True)
-    checksums = {} if record else config.checksums
-    ties = tied_targets(model, targets)
-    plan = {}
-    for target, densities in zip(targets, block_densities(masking, config.total_params, targets)):
-        check_weight(target.name, target.module)
-        if not isinstance(model.get_submodule(target.name), RandMaskLayer):  # decided once, before its first adapter
-            mark_shared_weight(target.module, ties.get(target.name, ()))
-        indices, blocks = draw_mask(target, densities, masking)
-        entries = _pristine(model, target.name, target.module, indices)
-        if record:
-            checksums[target.name] = [indices_checksum(indices), base_fingerprint(entries)]
-        else:
-            saved = checksums.get(target.name)
-            if not (isinstance(saved, list) and len(saved) == 2 and isinstance(saved[1], dict)):
-                raise MaskingError(f"{target.name}: the RandMask config has no checksum for this module; it was "
-                                   "saved for other target modules or edited. Re-save the adapter.")
-            if indices_checksum(indices) != saved[0]:
-                raise MaskingError(f"{target.name}: the regenerated mask does not match the saved checksum; the "
-                                   "adapter belongs to another base model or its config was edited.")
-            if verify_base:
-                _check_base(target, entries, saved[1])
-        plan[target.name] = (indices, blocks)
-    if not record and set(checksums) != set(plan):
-        raise MaskingError(f"the RandMask config lists modules {sorted(set(checksums) ^ set(plan))[:4]} that "
-                           "its targets do not resolve to on this model; re-save the adapter.")
-    config.checksums = checksums
-    return plan
-
-
-def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """W0 at ``indices`` (a layer that already holds another adapter's delta is asked to undo it first)."""
-    layer = model.get_submodule(name)
-    if isinstance(layer, RandMaskLayer):
-        if layer.merged:
-            raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
-        layer.restore_live()
-    return base_entries(module, indices)
-
-
-def _check_base(target: Any, entries: torch.Tensor, saved: dict) -> None:
-    """The base-fingerprint check of PEFT's loader; on a quantized base the error says why it cannot match."""
-    try:
-        check_base_named(target.name, entries, saved)
-    except MaskingError as e:
-        scheme = quant_scheme(target.module)
-        if scheme is None:
-            raise
-        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of the "
-                           "same checkpoint cannot match the exact fingerprint; if this is that checkpoint, "
-                           "randmask_verify_base=False skips this check alone.") from None
-
-
-MIN_PEFT = (0, 21)
-"""The oldest peft this module works with (its tests run against it and against the newest peft installed)."""
-MAPPINGS = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
-
-
-def _peft_version(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string: ``0.21.2`` -> (0, 21), ``1.0.0rc1`` -> (1, 0)."""
-    parts = [int("".join(itertools.takewhile(str.isdigit, p)) or 0) for p in version.split(".")[:2]]
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
-
-
-def _check_version(version: str) -> None:
-    """MaskingError for a peft older than ``MIN_PEFT``."""
-    if _peft_version(version) < MIN_PEFT:
-        need = ".".join(map(str, MIN_PEFT))
-        raise MaskingError(f"randmask.peft needs peft >= {need}; this is peft {version}: pip install -U 'peft>={need}'")
-
-
-def _mappings() -> list[dict]:
-    """peft's config, tuner and prefix registries, found by name (a peft that moved them: a MaskingError)."""
-    import peft.mapping
-
-    found = [getattr(peft.mapping, name, None) for name in MAPPINGS]
-    missing = [name for name, mapping in zip(MAPPINGS, found) if not isinstance(mapping, dict)]
-    if missing:
-        raise MaskingError(f"randmask.peft cannot register with peft {peft.__version__}: peft.mapping has no "
-                           f"{', '.join(missing)} (peft 0.21 has them); install peft 0.21.x (pip install "
-                           "'peft>=0.21,<0.22') or a randmask made for this peft")
-    return found
-
-
-def _register_public() -> bool:
-    """Register through ``peft.utils.register_peft_method``; False when this peft refuses the name."""
-    register = getattr(peft.utils, "register_peft_method", None)
-    if register is None:
-        return False
-    try:
-        register(name=PEFT_TYPE.lower(), config_cls=RandMaskConfig, model_cls=RandMaskModel, prefix=PREFIX)
-    except ValueError:  # peft 0.21: "Unknown PEFT type RANDMASK" (only PeftType's own members are accepted)
-        return False
-    return True
-
-
-def _register() -> None:
-    """Make RANDMASK a PEFT method: peft's public registration where it accepts the name, else the three plain-dict
-    mappings (what register_peft_method does, minus the enum check)."""
-    _check_version(peft.__version__)
-    config_map, tuner_map, prefix_map = _mappings()
-    if config_map.get(PEFT_TYPE) is RandMaskConfig:
-        return  # module re-imported
-    if PEFT_TYPE in config_map or PEFT_TYPE in tuner_map:
-        raise MaskingError(f"peft already has a method {PEFT_TYPE!r}; randmask cannot register over it.")
-    if PREFIX in prefix_map.values():
-        raise MaskingError(f"peft already uses the parameter prefix {PREFIX!r}.")
-    if not _register_public():
-        prefix_map[PEFT_TYPE] = PREFIX
-        config_map[PEFT_TYPE] = RandMaskConfig
-        tuner_map[PEFT_TYPE] = RandMaskModel
-    reader = getattr(PeftConfigMixin, "_get_peft_type", None)  # the config's first reader: bounded
-    if reader is None:
-        warn_caller(f"peft {peft.__version__} has no PeftConfigMixin._get_peft_type: its first read of an "
-                    "adapter_config.json is not size-bounded by randmask")
-    elif not getattr(reader, "randmask_guard", False):
-        PeftConfigMixin._get_peft_type = classmethod(guard_peft_type(reader.__func__))
-
-
-_register()
+register(RandMaskConfig, RandMaskModel)
 
 __all__ = ["PEFT_TYPE", "RandMaskConfig", "RandMaskLayer", "RandMaskModel", "export_shira", "import_shira"]
