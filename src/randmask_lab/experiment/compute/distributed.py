@@ -62,9 +62,22 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def launcher_world_size() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started: ``$WORLD_SIZE``, 1 without one."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        raise RunError(f"WORLD_SIZE={value!r} is not a number of processes; unset it, or launch with "
+                       "torchrun") from None
+    if world < 1:
+        raise RunError(f"WORLD_SIZE={world}: a run needs at least one process; unset it, or launch with torchrun")
+    return world
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group a launcher set up (idempotent); a single process without one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launcher_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if world <= 1:

@@ -14,7 +14,7 @@ import torch
 from randmask import MaskingConfig, MaskingError
 from randmask_lab.argtypes import bounds_problem, type_problem
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.compute.distributed import parse_device
+from randmask_lab.experiment.compute.distributed import launcher_world_size, parse_device
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS, Precision, resolve_precision
 from randmask_lab.experiment.compute.quantize import FSDP_SCHEMES, QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 from randmask_lab.experiment.run.options import FLAGS, SET_BY_RUNNER
@@ -123,6 +123,10 @@ class RunConfig:
     (fp16 autocast with loss scaling). The run records, and is identified by, the precision auto resolved to."""
     precision_requested: str | None = field(default=None, metadata={**EXECUTION, SET_BY_RUNNER: True})
     """Set by the runner: the --precision that was asked for (auto, or a name), beside the one that ran."""
+    world_size: int = field(default_factory=launcher_world_size, metadata={**IDENTITY, SET_BY_RUNNER: True})
+    """Set from the launcher: the processes the run spans (torchrun's WORLD_SIZE; 1 without one). Each process
+    takes --batch-size examples a step, so a step sees batch_size x world_size of them, and several processes drop
+    the ragged last batch: the same options on 2 processes are another run than on 1."""
     quantize: Quantize = field(default="none", metadata=IDENTITY)
     """Frozen base stored quantized, QLoRA-style (causal LMs; randmask, structured, lora, zeroshot): nf4 / fp4
     (bitsandbytes 4-bit), int8 (bitsandbytes LLM.int8), ao-int8 (torchao int8 weight-only), ao-int4 (torchao
@@ -194,6 +198,7 @@ class RunConfig:
             ("threads", self.threads, self.threads is None or self.threads >= 1, ">= 1"),
             ("max-steps", self.max_steps, self.max_steps is None or self.max_steps >= 1, ">= 1"),
             ("lease-seconds", self.lease_seconds, self.lease_seconds > 0, "> 0"),
+            ("world-size", self.world_size, self.world_size >= 1, ">= 1"),
         ]
         for seed in ("seed", "data_seed", "mask_seed", "order_seed"):
             value = getattr(self, seed)
@@ -330,7 +335,8 @@ class RunConfig:
 
 # Identity fields added after studies had committed records: left out of the identity at their
 # default, so every run id made before they existed stays the same.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none", "max_grad_norm": None}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"group_by_length": False, "quantize": "none", "max_grad_norm": None,
+                                       "world_size": 1}
 
 LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-true", "float16": "16-mixed"}
 

@@ -52,6 +52,10 @@ def run_training(config: RunConfig, store: ResultStore | None = None, stop_after
     spec = check_names(config)
     config = config.resolved()  # auto -> the precision this device runs well: recorded and hashed as such
     ctx = ctx or init_distributed(config.device)
+    if config.world_size != ctx.world:  # its batches, hence its result and id, follow the processes it spans
+        raise RunError(f"this run's config is for {config.world_size} process(es) (world_size), but it runs on "
+                       f"{ctx.world}: launch it with torchrun --nproc-per-node {config.world_size}, or drop world_size "
+                       "from its config so that the launch sets it")
     slow = slow_precision_warning(config.precision, ctx.device)
     if slow and ctx.is_main:
         print(f"warning: {slow}", file=sys.stderr)

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import DATA_DIR as DATA
 
 from randmask_lab.experiment import RunConfig, run_training
+from randmask_lab.experiment.compute.distributed import DistContext
 from randmask_lab.experiment.run.config import EXECUTION, IDENTITY, ROLE, field_role
 
 
@@ -107,3 +108,20 @@ def test_records_name_data_files_relative_to_the_data_root(tiny_lm, run_kwargs):
     for split in ("train", "val", "test"):
         origin = record.data[split]["from"]
         assert not origin.startswith("/") and origin.startswith(("superglue/", "glue/")), origin
+
+
+def test_the_processes_a_run_spans_are_part_of_its_id(monkeypatch, tiny_lm, run_kwargs):
+    """Each process takes --batch-size examples a step: the same options on 2 processes are another run."""
+    from randmask_lab.errors import RunError
+
+    one = RunConfig(task="rte")
+    assert one.world_size == 1 and "world_size" not in one.identity()  # absent at 1: every older id stands
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    two = RunConfig(task="rte")
+    assert two.world_size == 2 and two.identity()["world_size"] == 2 and two.run_id != one.run_id
+    assert RunConfig.from_dict(two.to_dict()).world_size == 2  # a stored config keeps its own
+    with pytest.raises(RunError, match="world_size.*runs on 1: launch it with torchrun --nproc-per-node 2"):
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm}), ctx=DistContext())
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(RunError, match="WORLD_SIZE='two' is not a number of processes"):
+        RunConfig(task="rte")
