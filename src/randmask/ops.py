@@ -23,15 +23,20 @@ import torch
 import torch.nn.functional as F
 
 from randmask.kernels import KERNEL_ENV, KERNELS, kernel_setting, weight_gradient_kernel
-from randmask.pattern import COMPACT_MAX_FRACTION, INT32_INDEX_LIMIT, SparsePattern, index_dtype, logical_shape
-from randmask.sddmm import (
-    DENSE_GRAD_CROSSOVER,
-    GATHER_MAX_NNZ,
-    compute_dtype,
-    sddmm,
-    sddmm_differentiable,
-    weight_gradient_path,
-)
+from randmask.pattern import SparsePattern, index_dtype, logical_shape
+from randmask.sddmm import compute_dtype, sddmm, sddmm_differentiable, weight_gradient_path
+
+# Tuning constants that moved out of this module. They are not named again here: a copy would read the same but
+# setting it would change nothing, so reading one from here is an AttributeError that names its home.
+MOVED_CONSTANTS = {"COMPACT_MAX_FRACTION": "randmask.pattern", "INT32_INDEX_LIMIT": "randmask.pattern",
+                   "DENSE_GRAD_CROSSOVER": "randmask.sddmm", "GATHER_MAX_NNZ": "randmask.sddmm"}
+
+
+def __getattr__(name: str) -> object:
+    if name in MOVED_CONSTANTS:
+        raise AttributeError(f"randmask.ops.{name} moved to {MOVED_CONSTANTS[name]}.{name}; read or set it there "
+                             "(the paths read it there)")
+    raise AttributeError(f"module 'randmask.ops' has no attribute {name!r}")
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -167,10 +172,6 @@ def dense_reference_linear(
 
 
 __all__ = [
-    "COMPACT_MAX_FRACTION",
-    "INT32_INDEX_LIMIT",
-    "DENSE_GRAD_CROSSOVER",
-    "GATHER_MAX_NNZ",
     "MaskedLinearFunction",
     "SparsePattern",
     "KERNELS",

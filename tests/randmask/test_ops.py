@@ -149,3 +149,13 @@ def test_a_plan_too_large_for_int32_takes_int64_indices_and_a_torch_path(monkeyp
     plan = pattern.plan()
     assert plan.crow.dtype == plan.col.dtype == torch.int64
     torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_a_tuning_constant_that_left_ops_is_refused_by_name(monkeypatch):
+    """A copy in ops would read the same and change nothing when set: reading it names where it lives now."""
+    with pytest.raises(AttributeError, match=r"randmask.ops.GATHER_MAX_NNZ moved to randmask.sddmm.GATHER_MAX_NNZ"):
+        ops.GATHER_MAX_NNZ  # noqa: B018
+    with pytest.raises(AttributeError, match="randmask.pattern.INT32_INDEX_LIMIT"):
+        getattr(ops, "INT32_INDEX_LIMIT")  # noqa: B009
+    with pytest.raises(AttributeError, match="INT32_INDEX_LIMIT"):
+        monkeypatch.setattr(ops, "INT32_INDEX_LIMIT", 1)  # a test patching the old home fails, not passes untested
