@@ -6,7 +6,7 @@ adapter from another base, another sampler version or an edited config is refuse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,11 +21,14 @@ from randmask.paths import mark_shared_weight
 from randmask.peft_files import check_base_named
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import base_entries, check_weight, quant_scheme
-from randmask.targets import resolve_targets
+from randmask.targets import Target, resolve_targets
+
+if TYPE_CHECKING:  # peft.py imports this module: the name is for the annotation only
+    from randmask.peft import RandMaskConfig
 
 
-def plan_masks(model: nn.Module, config: Any) -> dict[str, tuple[torch.Tensor, list[Block]]]:
-    """Every target's mask for ``config`` (a ``RandMaskConfig``), drawn as ``apply_masking`` draws it; records
+def plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torch.Tensor, list[Block]]]:
+    """Every target's mask for ``config``, drawn as ``apply_masking`` draws it; records
     the masks' checksums and base fingerprints in the config at injection, checks them on load."""
     masking = config.masking_config()
     targets = resolve_targets(model, config.target_modules)
@@ -83,7 +86,7 @@ def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Ten
     return base_entries(module, indices)
 
 
-def _check_base(target: Any, entries: torch.Tensor, saved: dict) -> None:
+def _check_base(target: Target, entries: torch.Tensor, saved: dict) -> None:
     """The base-fingerprint check of PEFT's loader; on a quantized base the error says why it cannot match."""
     try:
         check_base_named(target.name, entries, saved)
