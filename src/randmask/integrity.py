@@ -149,8 +149,11 @@ def base_fingerprint(entries: torch.Tensor) -> dict[str, str]:
     return {n: tensor_sha256(entries.to(_FLOAT_DTYPES[n]))[:_FINGERPRINT_CHARS] for n in names}
 
 
-def check_base(name: str, entries: torch.Tensor, saved: dict[str, str]) -> None:
-    """Refuse a base whose W0 at the kept entries differs from the one the adapter was trained on."""
+def check_base(name: str, entries: torch.Tensor, saved: dict[str, str], scheme: str | None = None,
+               opt_out: str = "verify_base=False") -> None:
+    """Refuse a base whose W0 at the kept entries differs from the one the adapter was trained on. ``opt_out``: how
+    the caller's loader skips this check (named in the error); ``scheme``: the base's quantization scheme, if any,
+    named with why an exact fingerprint cannot match across precisions."""
     dtype = str(entries.dtype).removeprefix("torch.")
     if dtype in saved:
         compare_in = dtype
@@ -158,16 +161,23 @@ def check_base(name: str, entries: torch.Tensor, saved: dict[str, str]) -> None:
         wider = [n for n in saved if n in _FLOAT_DTYPES and
                  _FLOAT_DTYPES[n].itemsize < entries.dtype.itemsize] if entries.is_floating_point() else []
         if not wider:
-            raise MaskingError(f"{name}: the adapter's base fingerprint was recorded in {sorted(saved)}, which "
-                               f"cannot be compared with this {dtype} base. Load it onto the base in "
-                               f"{sorted(saved)[0]} or float32, or pass verify_base=False.")
+            _refuse_base(f"{name}: the adapter's base fingerprint was recorded in {sorted(saved)}, which cannot be "
+                         f"compared with this {dtype} base. Load it onto the base in {sorted(saved)[0]} or float32, "
+                         f"or pass {opt_out}.", scheme, opt_out)
         compare_in = max(wider, key=lambda n: _FLOAT_DTYPES[n].itemsize)
     digest = tensor_sha256(entries.to(_FLOAT_DTYPES[compare_in]))[:_FINGERPRINT_CHARS]
     if digest != saved[compare_in]:
-        raise MaskingError(f"{name}: this model's weights at the adapter's entries differ from the base it was "
-                           "trained on (another checkpoint of the same architecture, or a model that already "
-                           "has this adapter merged in). Load it onto the original, unmerged base model.")
+        _refuse_base(f"{name}: this model's weights at the adapter's entries differ from the base it was trained on "
+                     "(another checkpoint of the same architecture, or a model that already has this adapter merged "
+                     "in). Load it onto the original, unmerged base model.", scheme, opt_out)
 
+
+def _refuse_base(message: str, scheme: str | None, opt_out: str) -> None:
+    if scheme is not None:  # an exact hash: an adapter trained on the float base never verifies on its quantized copy
+        message += (f" This base is quantized ({scheme}): an adapter trained on another precision of the same "
+                    f"checkpoint (e.g. its bf16/fp32 weights) cannot match the exact fingerprint; if this is that "
+                    f"checkpoint, pass {opt_out}: it skips this check alone.")
+    raise MaskingError(message)
 
 __all__ = ["CONFIG_CHECKSUM_KEY", "base_fingerprint", "check_base", "check_blocks", "check_draw_size",
            "check_explicit_indices", "check_header", "config_checksum"]

@@ -322,26 +322,11 @@ def _saved_values(name: str, values: torch.Tensor, nnz: int) -> torch.Tensor:
 
 
 def _verify_base(name: str, module: nn.Module, indices: torch.Tensor, saved: dict[str, str]) -> None:
-    """``check_base`` on W0 at the kept entries (dequantized on a quantized base), with the way out named
-    when the base is quantized: the fingerprint is an exact hash, so an adapter trained on the float base
-    does not verify on its quantized copy (nor the reverse)."""
+    """``check_base`` on W0 at the kept entries (dequantized on a quantized base)."""
     base = module.base_layer if isinstance(module, MaskedLayer) else module
-    try:
-        check_base(name, _pristine_entries(module, indices), saved)
-    except MaskingError as e:
-        scheme = quant_scheme(base)
-        if scheme is None:
-            raise
-        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of "
-                           "the same checkpoint (e.g. its bf16/fp32 weights) cannot match the exact fingerprint; "
-                           "if this is that checkpoint, load with verify_base=False.") from None
+    check_base(name, _pristine_entries(module, indices), saved, scheme=quant_scheme(base))
 
 
 def _pristine_entries(module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """W0 at ``indices``: a masked layer first writes its pristine weights back, then its delta again."""
-    if isinstance(module, MaskedLayer):
-        module.restore_base()
-        entries = base_entries(module.base_layer, indices)
-        module.sync()
-        return entries
-    return base_entries(module, indices)
+    """W0 at ``indices`` of a masked layer (its delta taken out for the read) or of a plain one."""
+    return module.pristine_entries(indices) if isinstance(module, MaskedLayer) else base_entries(module, indices)

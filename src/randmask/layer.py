@@ -336,6 +336,14 @@ class MaskedLayer(nn.Module):
         adapter = self.adapters[self.active_adapter]
         adapter.write(self.weight, _as(adapter.held_base(), self.weight.dtype))
 
+    def pristine_entries(self, indices: torch.Tensor) -> torch.Tensor:
+        """W0 at ``indices`` (flat stored-weight positions; dequantized on a quantized base): the active adapter's
+        delta is taken out of the weight for the read and written back after (O(nnz))."""
+        self.restore_base()
+        entries = base_entries(self.base_layer, indices)
+        self.sync()
+        return entries
+
     def sync(self) -> None:
         """Make the weight hold W0 (+) values at the active adapter's entries (O(nnz)). A sharded (DTensor)
         weight, outside a forward: this rank's shard only, and every rank must call it (values are gathered).

@@ -30,7 +30,6 @@ from torch import nn
 
 from randmask.config import MaskingError
 from randmask.files import atomic_write_bytes, file_size, parse_json, read_limited
-from randmask.integrity import check_base
 from randmask.warn import warn_caller
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,6 +37,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 MAX_CONFIG_BYTES = 64 << 20  # ~100 bytes of checksums per masked module: far above any real model's config
 OPT_OUT = "randmask_allow_unverified"  # the from_pretrained keyword that loads a config without checksums
+# How PeftModel.from_pretrained skips the base-fingerprint check alone (named in its refusal).
+VERIFY_OPT_OUT = "randmask_verify_base=False to PeftModel.from_pretrained"
 # The fields the config checksum covers: randmask's own, whose every value changes what is loaded. PEFT's
 # bookkeeping (inference_mode, peft_version, base_model_name_or_path, auto_mapping ...) is left out.
 SEALED = ("peft_type", "target_modules", "trainable_ratio", "density", "mask_kind", "seed", "modules_to_save",
@@ -227,15 +228,6 @@ def weights_limit(values: int, extra_params: int, tensors: int) -> int:
     return 8 * (values + extra_params) + 1024 * (tensors + 1) + 8
 
 
-def check_base_named(name: str, entries: torch.Tensor, saved: dict[str, str]) -> None:
-    """``randmask.integrity.check_base``, its fix named for PEFT's loader."""
-    try:
-        check_base(name, entries, saved)
-    except MaskingError as e:  # the library's message names load_adapter's option; name this loader's
-        raise MaskingError(str(e).replace("pass verify_base=False", "pass randmask_verify_base=False to "
-                                          "PeftModel.from_pretrained")) from None
-
-
 def weights_file(path: str, subfolder: str | None, kwargs: dict[str, Any]) -> Path:
     """The adapter's safetensors file: in the local folder, else fetched from the Hub (as peft would, cached)."""
     folder = Path(path, subfolder or "")
@@ -283,6 +275,6 @@ def check_weights_file(model: nn.Module, config: Any, plan: dict, load: dict[str
                                f"{tuple(t.shape)}. The adapter file is corrupt: re-save it.")
 
 
-__all__ = ["CONFIG_NAME", "OPT_OUT", "SEALED", "WEIGHTS_NAME", "check_base_named", "check_config_data",
+__all__ = ["CONFIG_NAME", "OPT_OUT", "SEALED", "VERIFY_OPT_OUT", "WEIGHTS_NAME", "check_config_data",
            "check_sealed", "check_weights_file", "config_checksum", "guard_peft_type", "read_config", "read_weights",
            "resolve_weights", "seal", "weights_file", "weights_limit"]

@@ -68,6 +68,14 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         adapter.release_base()  # the weight holds W0 there again
         self._live = None
 
+    def pristine_entries(self, indices: torch.Tensor) -> torch.Tensor:
+        """W0 at ``indices`` (flat stored-weight positions; dequantized on a quantized base): the live adapter's delta
+        is taken out of the weight (written again at the next forward). Refused while adapters are merged."""
+        if self.merged:
+            raise MaskingError("this layer has merged adapters; call unmerge_adapter() before adding another.")
+        self.restore_live()
+        return base_entries(self.get_base_layer(), indices)
+
     def _make_live(self, name: str) -> MaskAdapter:
         adapter, weight = self.randmask_adapters[name], self.get_base_layer().weight
         if self._live == name and torch.compiler.is_compiling():

@@ -13,15 +13,15 @@ from torch import nn
 
 from randmask.config import MaskingError
 from randmask.drawing import block_densities, draw_mask
-from randmask.integrity import base_fingerprint
+from randmask.integrity import base_fingerprint, check_base
 from randmask.layer import Block
 from randmask.masks import MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import count_base_parameters, tied_targets
 from randmask.paths import mark_shared_weight
-from randmask.peft_files import check_base_named
+from randmask.peft_files import VERIFY_OPT_OUT
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import base_entries, check_weight, quant_scheme
-from randmask.targets import Target, resolve_targets
+from randmask.targets import resolve_targets
 
 if TYPE_CHECKING:  # peft.py imports this module: the name is for the annotation only
     from randmask.peft import RandMaskConfig
@@ -67,7 +67,8 @@ def plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torc
                 raise MaskingError(f"{target.name}: the regenerated mask does not match the saved checksum; the "
                                    "adapter belongs to another base model or its config was edited.")
             if verify_base:
-                _check_base(target, entries, saved[1])
+                check_base(target.name, entries, saved[1], scheme=quant_scheme(target.module),
+                           opt_out=VERIFY_OPT_OUT)
         plan[target.name] = (indices, blocks)
     if not record and set(checksums) != set(plan):
         raise MaskingError(f"the RandMask config lists modules {sorted(set(checksums) ^ set(plan))[:4]} that "
@@ -77,26 +78,11 @@ def plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torc
 
 
 def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Tensor) -> torch.Tensor:
-    """W0 at ``indices`` (a layer that already holds another adapter's delta is asked to undo it first)."""
+    """W0 at ``indices`` (a layer that already holds another adapter's delta takes it out first)."""
     layer = model.get_submodule(name)
-    if isinstance(layer, RandMaskLayer):
-        if layer.merged:
-            raise MaskingError(f"{name} has merged adapters; call unmerge_adapter() before adding another.")
-        layer.restore_live()
-    return base_entries(module, indices)
-
-
-def _check_base(target: Target, entries: torch.Tensor, saved: dict) -> None:
-    """The base-fingerprint check of PEFT's loader; on a quantized base the error says why it cannot match."""
+    if not isinstance(layer, RandMaskLayer):
+        return base_entries(module, indices)
     try:
-        check_base_named(target.name, entries, saved)
+        return layer.pristine_entries(indices)
     except MaskingError as e:
-        scheme = quant_scheme(target.module)
-        if scheme is None:
-            raise
-        raise MaskingError(f"{e} This base is quantized ({scheme}): an adapter trained on another precision of the "
-                           "same checkpoint cannot match the exact fingerprint; if this is that checkpoint, "
-                           "randmask_verify_base=False skips this check alone.") from None
-
-
-__all__ = ["plan_masks"]
+        raise MaskingError(f"{name}: {e}") from None

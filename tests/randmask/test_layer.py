@@ -57,3 +57,16 @@ def test_an_unchanged_adapter_is_not_written_again():
     assert layer.weight._version == written
     (out.sum() + out2.sum()).backward()
     torch.testing.assert_close(out, _expected(layer, x), atol=1e-6, rtol=0)
+
+
+def test_pristine_entries_read_w0_under_the_delta_and_put_it_back():
+    torch.manual_seed(0)
+    w0 = nn.Linear(16, 24, bias=False).weight.detach().clone()
+    model, layer = _masked_linear()
+    with torch.no_grad():
+        layer.adapters["default"].values.add_(0.5)
+    x = torch.randn(3, 16)
+    trained = model(x)  # the weight holds W0 + 0.5 at the kept entries
+    everywhere = torch.arange(w0.numel())
+    torch.testing.assert_close(layer.pristine_entries(everywhere), w0.view(-1), rtol=0, atol=0)
+    torch.testing.assert_close(model(x), trained, rtol=0, atol=0)  # the delta is back in the weight

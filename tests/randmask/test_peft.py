@@ -300,3 +300,10 @@ def test_structured_mask_with_empty_matrices_trains_merges_and_reloads(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert torch.equal(model_output(reloaded, inputs), out)
     assert torch.equal(model_output(model.merge_and_unload(), inputs), out)
+
+
+def test_no_adapter_is_added_over_a_merged_one():
+    model = trained(_peft_model("llama"), "llama")
+    model.merge_adapter()
+    with pytest.raises(MaskingError, match=r"q_proj: this layer has merged adapters; call unmerge_adapter\(\)"):
+        model.add_adapter("second", RandMaskConfig(density=0.1, seed=7))
