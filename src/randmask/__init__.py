@@ -16,10 +16,11 @@ With peft installed, ``import randmask.peft`` registers randmask as a PEFT metho
 (``get_peft_model(model, RandMaskConfig(...))``) and adds SHiRA export/import.
 """
 
+from randmask.adapter import MaskAdapter
 from randmask.config import MaskingConfig, MaskingError
 from randmask.files import atomic_write_bytes, file_size, open_limited, parse_json, read_json_limited, read_limited
 from randmask.io import load_adapter, read_adapter_files, save_adapter
-from randmask.layer import MaskAdapter, MaskedLayer
+from randmask.layer import MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
 from randmask.merge import COMBINATION_TYPES, add_weighted_adapter
 from randmask.mixed import BASE_ADAPTER

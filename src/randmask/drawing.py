@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from randmask.adapter import Block
 from randmask.config import MaskingConfig, MaskingError
-from randmask.layer import Block, is_conv1d, logical_shape
+from randmask.layer import is_conv1d, logical_shape
 from randmask.masks import get_sampler, make_generator, partition_part, per_matrix_density, structured_column_counts
 from randmask.targets import Target
 

@@ -22,6 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingConfig, MaskingError
 from randmask.drawing import block_densities, draw_mask
 from randmask.files import atomic_write_bytes, read_json_limited, read_limited
@@ -34,7 +35,7 @@ from randmask.integrity import (
     check_header,
     config_checksum,
 )
-from randmask.layer import Block, MaskAdapter, MaskedLayer, is_conv1d, is_maskable, logical_shape
+from randmask.layer import MaskedLayer, is_conv1d, is_maskable, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import (
     adapter_meta,

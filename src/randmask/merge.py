@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingConfig, MaskingError
-from randmask.layer import Block, MaskAdapter
 from randmask.model import adapter_meta, adapter_names, masked_layers, record_adapter
 from randmask.pattern import SparsePattern
 

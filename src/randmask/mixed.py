@@ -44,7 +44,7 @@ from randmask.sddmm import compute_dtype
 from randmask.sharding import is_sharded
 
 if TYPE_CHECKING:
-    from randmask.layer import MaskAdapter
+    from randmask.adapter import MaskAdapter
 
 BASE_ADAPTER = "__base__"
 """The name that asks for the frozen base model (no adapter) in a mixed batch, as in PEFT."""

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingConfig, MaskingError
 from randmask.drawing import block_densities, draw_mask
-from randmask.layer import Block, MaskAdapter, MaskedLayer, logical_shape
+from randmask.layer import MaskedLayer, logical_shape
 from randmask.masks import BUILTIN_KINDS, get_sampler
 from randmask.mixed import check_adapter_names, group_rows, row_groups_set
 from randmask.paths import mark_shared_weight, weight_parametrized, weight_shared_with

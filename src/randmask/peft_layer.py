@@ -11,8 +11,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingError
-from randmask.layer import Block, MaskAdapter, is_conv1d
+from randmask.layer import is_conv1d
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.model import merge_refusal
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path

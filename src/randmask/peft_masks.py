@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from randmask.adapter import Block
 from randmask.config import MaskingError
 from randmask.drawing import block_densities, draw_mask
 from randmask.integrity import base_fingerprint, check_base
-from randmask.layer import Block
 from randmask.masks import MASK_KIND_VERSIONS, indices_checksum
 from randmask.model import count_base_parameters, tied_targets
 from randmask.paths import mark_shared_weight

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from randmask.adapter import MaskAdapter
 from randmask.config import MaskingError
-from randmask.layer import MaskAdapter
 from randmask.merge import check_merge_args, merge_layer_adapters, union_blocks
 from randmask.mixed import RowGroups, check_adapter_names, group_rows, row_groups_set
 from randmask.paths import uses_delta_path

@@ -84,8 +84,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         fully_shard(layer)
     fully_shard(model)
     layer0 = model.model.layers[0].self_attn.q_proj
-    sharded = {"weight": randmask.layer.is_sharded(layer0.weight),
-               "values": randmask.layer.is_sharded(layer0.adapters["default"].values)}
+    sharded = {"weight": randmask.sharding.is_sharded(layer0.weight),
+               "values": randmask.sharding.is_sharded(layer0.adapters["default"].values)}
     try:  # mixed batches are for unsharded weights: refused, the weights untouched
         with randmask.mixed_batch(model, ["default", randmask.BASE_ADAPTER]):
             pass

@@ -37,7 +37,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    found = {"sharded": randmask.layer.is_sharded(model.model.layers[0].self_attn.q_proj.weight),
+    found = {"sharded": randmask.sharding.is_sharded(model.model.layers[0].self_attn.q_proj.weight),
              "delta_path": [layer.delta_path for layer in masked_layers(model).values()]}
     losses = _train(model, slice(2 * rank, 2 * rank + 2))
     save_adapter(model, Path(out) / "sharded")  # every rank calls it; rank 0 writes

@@ -164,7 +164,7 @@ def test_adapter_indices_are_int32_and_int64_beyond_it_alike(arch, monkeypatch, 
     results = []
     for wide in (False, True):  # True: every matrix is "too large" for int32 (the CSR layouts keep theirs)
         if wide:
-            monkeypatch.setattr(randmask.layer, "index_dtype", lambda largest: torch.int64)
+            monkeypatch.setattr(randmask.adapter, "index_dtype", lambda largest: torch.int64)
         model = _two(arch)
         want = torch.int64 if wide else torch.int32
         assert all(a.indices.dtype == want for layer in randmask.masked_layers(model).values()
