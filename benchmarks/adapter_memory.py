@@ -10,7 +10,7 @@ group), then one decode step of 1 token per row (the gathered layout), ``torch.n
 of every distinct tensor storage each part holds, per kept entry and per adapter:
 
     adapter      the adapters' parameters and buffers (values; indices; W0 at the kept entries, active adapter only)
-    tables       each layer's gathered index tables and its kept stack of values (randmask.mixed)
+    tables       each layer's gathered index tables and its kept stack of values (randmask.gathered)
     CSR layouts  each adapter's CSR of its delta, kept for the per-group SpMM (randmask.delta)
 
 and PEFT LoRA r=8's adapter parameters, the same way (LoRA keeps no serving cache). Memory, not time: the numbers
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=positive_int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    from randmask import delta, mixed
+    from randmask import delta, gathered
 
     base = build_base(False, "fp32", shape=args.shape).eval()
     names = assignment(args.batch, args.adapters)
@@ -89,7 +89,7 @@ def main() -> None:
     serve(randmask, names, ids)
     entries = sum(t.numel() for n, t in randmask.named_parameters() if "randmask_adapters" in n)
     parts = {"adapter": storages(adapter_tensors(randmask, "randmask_adapters")),
-             "tables": storages(list(mixed._LAYER_TABLES.values())),  # a probe of the caches: private names
+             "tables": storages(list(gathered._LAYER_TABLES.values())),  # a probe of the caches: private names
              "CSR layouts": storages(list(delta._LAYOUTS.values()))}
     lora = build(copy.deepcopy(base), "lora", args.adapters)
     serve(lora, names, ids)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from tests.randmask.sparse_patterns import dense_delta, random_pattern
 
-import randmask.mixed
-from randmask.mixed import IndexTables, gathered_delta, group_rows, layer_tables
+import randmask.gathered
+from randmask.gathered import IndexTables, gathered_delta, layer_tables
+from randmask.mixed import group_rows
 from randmask.ops import index_dtype
 
 
@@ -69,7 +70,7 @@ def test_tables_keep_the_narrowest_index_dtype_and_compute_alike_in_a_wider_one(
         assert tables.out_index.dtype == tables.in_index.dtype == torch.int16
         x, rows = torch.randn(2, 3, in_f, dtype=torch.float64), torch.tensor([0, 1])
         expected = gathered_delta(x, out_f, tables, rows)
-        monkeypatch.setattr(randmask.mixed, "index_dtype", lambda largest, smallest: torch.int64)
+        monkeypatch.setattr(randmask.gathered, "index_dtype", lambda largest, smallest: torch.int64)
         wide = IndexTables.build(members, torch.device("cpu"))
         monkeypatch.undo()
         assert wide.in_index.dtype == torch.int64 and torch.equal(gathered_delta(x, out_f, wide, rows), expected)
