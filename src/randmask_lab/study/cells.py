@@ -39,6 +39,7 @@ class StudyCell:
     search_val_loss: dict[float, float] = field(default_factory=dict)
     search_test: dict[float, float] = field(default_factory=dict)  # LRs whose search runs all have a test metric
     search_unfinished: bool = False  # the spec's plan still has LRs to try: ``lr`` is the best so far, not chosen
+    machines: dict[int, str] = field(default_factory=dict)  # seed -> machine_label of its run at the chosen LR
 
     @property
     def method(self) -> str:
@@ -69,6 +70,17 @@ def search_loss(r: RunRecord) -> float:
     return r.val_loss if r.status == "done" and r.val_loss is not None and math.isfinite(r.val_loss) else math.inf
 
 
+def machine_label(r: RunRecord) -> str:
+    """The machine a run was computed on, as findings compare them: its GPU, else its CPU model and kind (fp32
+    results differ in their last bits between CPU kernels); "" where the record names none (made before records
+    named their machine)."""
+    device = r.machine.get("device", "cpu")
+    if device != "cpu":
+        return str(device)
+    model = r.machine.get("cpu_model")
+    return f"{model} ({r.machine.get('cpu_kind', '?')})" if model else ""
+
+
 def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
     """Choose the cell's LR and collect its per-seed test metrics."""
     cell = StudyCell(key, list(runs))
@@ -87,8 +99,9 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
     best = min(cell.lrs, key=lambda lr: (cell.search_val_loss[lr], lr))
     if math.isfinite(cell.search_val_loss[best]):
         cell.lr = best if cell.method != "zeroshot" else None
-        cell.tests = {r.config["seed"]: r.test_metric for r in by_lr[best]
-                      if r.status == "done" and r.test_metric is not None}
+        finished = [r for r in by_lr[best] if r.status == "done" and r.test_metric is not None]
+        cell.tests = {r.config["seed"]: r.test_metric for r in finished}
+        cell.machines = {r.config["seed"]: machine_label(r) for r in finished}
     return cell
 
 

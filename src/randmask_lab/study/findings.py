@@ -6,7 +6,8 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
     of the paired difference (randmask - other) lies above -1 point for both; DOES NOT HOLD when the
     one-sided 95% upper bound lies below -1 point for either; INCONCLUSIVE otherwise. The two-sided 95%
     interval and the equivalence test (is the 90% interval inside [-1, +1]?) are printed beside it, and, where a
-    paired seed is far off its cell (``stats.far_off_seeds``), a sensitivity line without it (never the rule).
+    paired seed is far off its cell (``stats.far_off_seeds``), a sensitivity line without it (never the rule); so
+    is, where a seed's two runs were computed on different machines, a sensitivity line without such seeds.
 (b) the best LR rises as the ratio falls: on every task the chosen LR is non-decreasing from 1e-3 to
     1e-5 and rises overall (HOLDS); a strict fall on a task where neither LR sits at a grid edge
     is DOES NOT HOLD.
@@ -24,6 +25,7 @@ its numbers so far. Deciding at a peek and again at every later one would inflat
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +124,7 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
                         f"{verdicts[-1]}; equivalent within ±{100 * MARGIN:g}: {_equivalent(diff, MARGIN)}")
         far_any = _far_off([(side, rows[side][t]) for t in tasks for side in (left, right)])  # every task's marks
         evidence += _sensitivity(lefts, rights, far_any, "  ")
+        evidence += _machines({t: (rows[left][t], rows[right][t]) for t in tasks}, lefts, rights, "  ")
     verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
     return Verdict("a", f"randmask 0.1% is not worse than LoRA or full FT by more than {100 * MARGIN:g} point "
                    "on the task average (non-inferiority, one-sided 95%)", verdict, evidence)
@@ -138,18 +141,50 @@ def _far_off(cells: Sequence[tuple[str, StudyCell]]) -> dict[int, str]:
 
 
 def _sensitivity(left: Mapping[str, Mapping[int, float]], right: Mapping[str, Mapping[int, float]],
-                 far: Mapping[int, str], indent: str) -> list[str]:
+                 far: Mapping[int, str], indent: str, without: str = "") -> list[str]:
     """The paired difference (left - right, averaged over the tasks per seed) again without the seeds ``far``:
-    a sensitivity line, printed only where a far-off seed is paired. It is never the rule, which reads every
-    planned seed; it shows the reader how much of the interval one run carries."""
+    a sensitivity line, printed only where such a seed is paired. It is never the rule, which reads every planned
+    seed; it shows the reader how much of the interval those runs carry. ``without`` names the seeds left out
+    (default: the far-off seeds, each with its mark)."""
     drop = lambda values: {s: v for s, v in values.items() if s not in far}  # noqa: E731
     paired = set(average_by_seed(left)) & set(average_by_seed(right))
     if not paired & set(far):
         return []
     diff = paired_difference(average_by_seed({t: drop(v) for t, v in left.items()}),
                              average_by_seed({t: drop(v) for t, v in right.items()}))
-    return [f"{indent}sensitivity, not the rule: without the far-off seeds ({'; '.join(far.values())}): "
-            f"{diff.text()} points ({_seeds(diff.n)}), {_bounds_text(diff)}"]
+    without = without or f"the far-off seeds ({'; '.join(far.values())})"
+    return [f"{indent}sensitivity, not the rule: without {without}: {diff.text()} points ({_seeds(diff.n)}), "
+            f"{_bounds_text(diff)}"]
+
+
+def _machines(pairs: Mapping[str, tuple[StudyCell, StudyCell]], left: Mapping[str, Mapping[int, float]],
+              right: Mapping[str, Mapping[int, float]], indent: str) -> list[str]:
+    """Where each paired seed's two runs were computed (``cells.machine_label``), per task of ``pairs`` (task ->
+    (left cell, right cell)): how many seeds ran both on one machine and, where some did not, the difference
+    without them (a sensitivity line, never the rule). Machines change a run's last bits, not its expectation, but
+    a reader cannot know that of a comparison whose sides ran apart unless it is shown."""
+    counts, across, unknown = [], defaultdict(list), set()
+    for task, (a, b) in sorted(pairs.items()):
+        seeds = sorted(set(a.tests) & set(b.tests))
+        same = 0
+        for seed in seeds:
+            where = a.machines.get(seed, ""), b.machines.get(seed, "")
+            if not all(where):
+                unknown.add(seed)
+            elif where[0] == where[1]:
+                same += 1
+            else:
+                across[(task, *where)].append(seed)
+        counts.append(f"{task} {same} of {_seeds(len(seeds))}")
+    if not across and len(unknown) == len({s for a, b in pairs.values() for s in set(a.tests) & set(b.tests)}):
+        return []  # no record names its machine: nothing to say
+    lines = [f"{indent}machines: a seed's two runs ran on one machine in {', '.join(counts)}"
+             + (f"; {_seeds(len(unknown))} name none" if unknown else "")]
+    marks = {seed: "" for seeds in across.values() for seed in seeds}
+    groups = "; ".join(f"{task} seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} on {m1} / {m2}"
+                       for (task, m1, m2), seeds in sorted(across.items()))
+    without = f"the seeds whose two runs ran on different machines ({groups})"
+    return lines + _sensitivity(left, right, marks, indent, without)
 
 
 def finding_b(cells: Sequence[StudyCell]) -> Verdict:
@@ -249,13 +284,14 @@ def read_theory_summary(path: str | Path) -> dict[str, Any]:
 
 
 def finding_e(cells: Sequence[StudyCell]) -> Verdict:
-    rows, evidence, pooled_r, pooled_s = _rows(cells), [], {}, {}
+    rows, evidence, pooled_r, pooled_s, pairs = _rows(cells), [], {}, {}, {}
     for ratio in (1e-4, 1e-5):
         rnd, st = rows.get(_label("randmask", ratio), {}), rows.get(_label("structured", ratio), {})
         for task in sorted(set(rnd) & set(st)):
             diff = paired_difference(rnd[task].tests, st[task].tests)
             evidence.append(f"{task} {ratio_text(ratio)}: random − structured {diff.text()} points")
             pooled_r[f"{task}@{ratio}"], pooled_s[f"{task}@{ratio}"] = rnd[task].tests, st[task].tests
+            pairs[f"{task} {ratio_text(ratio)}"] = rnd[task], st[task]
     claim = "structured masking is worse than random at ≤ 0.01%"
     if not pooled_r:
         return Verdict("e", claim, UNSURE, ["no structured runs"])
@@ -263,6 +299,7 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
     verdict = greater_than(diff, 0.0)
     evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({_seeds(diff.n)}), "
                     f"{_bounds_text(diff)} -> random − structured > 0: {verdict}")
+    evidence += _machines(pairs, pooled_r, pooled_s, "  ")
     return Verdict("e", claim + " (random − structured > 0, one-sided 95%)", verdict, evidence)
 
 

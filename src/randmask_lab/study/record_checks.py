@@ -47,6 +47,7 @@ _RECORD = {
     "earlier_code_versions": (lambda x: isinstance(x, list) and all(isinstance(v, dict) for v in x),
                               "a list of objects"),
     "data": (lambda x: isinstance(x, dict), "an object"),
+    "machine": (lambda x: isinstance(x, dict), "an object"),
     "trainable_report": (lambda x: isinstance(x, dict), "an object"),
     "created": (lambda x: isinstance(x, str), "a string"),
     "run_dir": (lambda x: isinstance(x, str), "a string"),

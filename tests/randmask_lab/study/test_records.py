@@ -47,6 +47,7 @@ CASES = {
     "unknown status": (lambda r: r[0].update(status="finished"), "status 'finished'"),
     "epochs not a list": (lambda r: r[0].update(epochs="x"), "epochs = 'x'"),
     "notes not strings": (lambda r: r[0].update(notes=[1]), "notes"),
+    "machine not an object": (lambda r: r[0].update(machine=["AMD EPYC"]), "machine"),
     "deep nesting": (lambda r: r.__setitem__(0, "[" * 100_000 + "]" * 100_000), "nested deeper"),
     "not an object": (lambda r: r.__setitem__(0, "[1, 2]"), "not a run record"),
 }

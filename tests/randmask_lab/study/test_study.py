@@ -358,3 +358,34 @@ def test_a_seed_far_off_in_two_tasks_names_both_in_the_average_line() -> None:
     average = next(e for e in finding_a(list(study_cells(runs).values())).evidence
                    if e.startswith("  sensitivity") and "seed 10" in e)
     assert "lora rte seed 10 at 68.0, lora sst2 seed 10 at 68.0" in average
+
+
+def _on(r: RunRecord, cpu: str) -> RunRecord:
+    r.machine = {"cpu_model": cpu, "cpu_kind": "AVX512/bf16", "device": "cpu"}
+    return r
+
+
+def test_a_and_e_say_where_each_pair_ran_and_never_move_the_rule() -> None:
+    """A seed whose two paired runs were computed on different machines is counted, and a sensitivity line gives
+    the difference without such seeds; the rule reads every seed. Records that name no machine print nothing."""
+    spread = [0.86, 0.87, 0.865, 0.855, 0.875, 0.86, 0.87, 0.862, 0.868, 0.858, 0.864]
+    runs = []
+    for seed, value in enumerate(spread):
+        moved = seed >= 8  # LoRA's last three seeds ran on another machine
+        runs.append(_on(record("sst2", "lora", 1e-3, seed, value + 0.01 * moved, 0.5), "B" if moved else "A"))
+        runs.append(_on(record("sst2", "randmask", 1e-2, seed, value, 0.5, ratio=1e-3), "A"))
+        runs.append(_on(record("sst2", "full", 1e-4, seed, value, 0.5), "A"))
+        for method in ("randmask", "structured"):
+            runs.append(_on(record("sst2", method, 3e-2, seed, value, 0.5, ratio=1e-4), "A"))
+    a = finding_a(list(study_cells(runs).values()))
+    assert a.evidence[-4] == "  machines: a seed's two runs ran on one machine in sst2 8 of 11 seeds"
+    assert a.evidence[-3].startswith("  sensitivity, not the rule: without the seeds whose two runs ran on different "
+                                     "machines (sst2 seeds 8, 9, 10 on A (AVX512/bf16) / B (AVX512/bf16)): ")
+    assert "(8 seeds)" in a.evidence[-3]
+    assert "(11 seeds)" in next(e for e in a.evidence if "on the average" in e and "lora" in e)  # the rule: all
+    assert a.evidence[-1] == "  machines: a seed's two runs ran on one machine in sst2 11 of 11 seeds"  # vs full
+    e = finding_e(list(study_cells(runs).values()))
+    assert e.evidence[-1] == "  machines: a seed's two runs ran on one machine in sst2 1e-04 11 of 11 seeds"
+    for r in runs:
+        r.machine = {}
+    assert "machines" not in finding_a(list(study_cells(runs).values())).text()
