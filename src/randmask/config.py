@@ -30,6 +30,12 @@ class MaskingConfig:
     ``"c_attn[q,v]"`` (GPT-2). ``None`` uses the architecture's default (attention
     query and value projections)."""
 
+    exclude: list[str] | str | None = None
+    """Modules to leave out of ``targets``' selection, matched as ``targets`` are (suffixes of whole name components,
+    a plain name, or a regex over whole names): ``targets="all_linear"``-style sets minus a vision tower or a head.
+    PEFT's ``exclude_modules``. A list item that matches no module of the model is refused (a typo would exclude
+    nothing)."""
+
     trainable_ratio: float | None = None
     """Trainable entries as a fraction of ALL model parameters (the paper's
     definition: 1e-5 is its 0.001%), spread evenly over the targeted matrices."""
@@ -84,6 +90,11 @@ class MaskingConfig:
             )
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
+        if isinstance(self.exclude, tuple):
+            self.exclude = list(self.exclude)
+        if self.exclude is not None and not (isinstance(self.exclude, str) or (
+                isinstance(self.exclude, list) and all(isinstance(t, str) and t for t in self.exclude))):
+            raise MaskingError(f"exclude={self.exclude!r} must be a list of module-name suffixes or a regex string.")
         if isinstance(self.targets, list) and not all(isinstance(t, str) for t in self.targets):
             raise MaskingError(f"targets={self.targets!r} must hold module-name strings only.")
         if not isinstance(self.mask_kind, str):
@@ -106,11 +117,12 @@ class MaskingConfig:
                                "mask_kind='random' or 'random_exact', or drop partition.")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (saved in ``adapter_config.json``); ``partition`` only when set."""
+        """A JSON-ready dict (saved in ``adapter_config.json``); ``partition`` and ``exclude`` only when set."""
         data = dataclasses.asdict(self)
-        if data["partition"] is None:
-            data.pop("partition")  # files of unpartitioned adapters stay as they were
-        else:
+        for optional in ("partition", "exclude"):
+            if data[optional] is None:
+                data.pop(optional)  # files of adapters without them stay as they were
+        if "partition" in data:
             data["partition"] = list(data["partition"])
         return data
 

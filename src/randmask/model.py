@@ -161,7 +161,7 @@ def apply_masking(model: nn.Module, config: MaskingConfig, adapter_name: str = "
     if config.mask_kind != "custom":
         get_sampler(config.mask_kind)  # unknown kind: clear error before any work
 
-    targets = resolve_targets(model, config.targets)
+    targets = resolve_targets(model, config.targets, config.exclude)
     if custom_masks:
         unknown = sorted(set(custom_masks) - {t.name for t in targets})
         if unknown:

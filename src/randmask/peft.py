@@ -48,6 +48,12 @@ from randmask.peft_registry import PEFT_TYPE, PREFIX, register
 from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
 from randmask.quantized import disable_bnb_cpu_repacking
 from randmask.shira import export_shira, import_shira
+from randmask.targets import excluded_names
+
+try:  # how PEFT's inject_adapter tells an excluded module from an unmatched one (private; absent: it warns, no more)
+    from peft.tuners.tuners_utils import _ExcludedModule as _PeftExcluded
+except ImportError:  # pragma: no cover
+    _PeftExcluded = None
 
 
 @dataclass
@@ -57,6 +63,8 @@ class RandMaskConfig(PeftConfig):
     target_modules: list[str] | str | None = field(default=None, metadata={
         "help": "Module-name suffixes (['q_proj', 'v_proj']), a plain name, a regex, or GPT-2's "
                 "'c_attn[q,v]'; None: the architecture's attention query/value projections."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "Modules to leave out of target_modules' selection, matched as target_modules are (as PEFT's)."})
     trainable_ratio: float | None = field(default=None, metadata={
         "help": "Trainable entries as a fraction of ALL model parameters (the paper's budget)."})
     density: float | None = field(default=None, metadata={"help": "Per-matrix keep probability in (0, 1]."})
@@ -84,6 +92,8 @@ class RandMaskConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
         if self.mask_kind not in BUILTIN_KINDS:
             raise MaskingError(f"RandMaskConfig(mask_kind={self.mask_kind!r}): the PEFT path regenerates masks "
                                f"from the seed, so use one of {list(BUILTIN_KINDS)}; for custom masks use "
@@ -97,7 +107,8 @@ class RandMaskConfig(PeftConfig):
 
     def masking_config(self) -> MaskingConfig:
         """The equivalent ``randmask.MaskingConfig`` (validated)."""
-        return MaskingConfig(targets=self.target_modules, trainable_ratio=self.trainable_ratio,
+        return MaskingConfig(targets=self.target_modules, exclude=self.exclude_modules or None,
+                             trainable_ratio=self.trainable_ratio,
                              density=self.density, mask_kind=self.mask_kind, seed=self.seed,
                              partition=tuple(self.partition) if self.partition is not None else None)
 
@@ -159,6 +170,7 @@ class RandMaskModel(BaseTuner):
             config = self.peft_config[adapter_name] = copy.deepcopy(config)
         disable_bnb_cpu_repacking(model)  # before W0 is read; gradients pass through every frozen 4-bit layer
         self._plan = plan_masks(model, config)
+        self._excluded = excluded_names(model, config.exclude_modules) if config.exclude_modules else set()
         load = getattr(config, "_randmask_load", None)
         if load is not None:  # from_pretrained: check the weights file before peft reads it
             check_weights_file(model, config, self._plan, load)
@@ -166,7 +178,7 @@ class RandMaskModel(BaseTuner):
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         finally:
-            self._plan = {}
+            self._plan, self._excluded = {}, set()
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -193,7 +205,9 @@ class RandMaskModel(BaseTuner):
                                   {"svd_rank": svd_rank, "svd_clamp": svd_clamp, "svd_driver": svd_driver,
                                    "svd_full_matrices": svd_full_matrices})
 
-    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str) -> bool | object:
+        if key in getattr(self, "_excluded", ()) and _PeftExcluded is not None:
+            return _PeftExcluded()  # counted as excluded: else PEFT warns that exclude_modules excluded nothing
         return key in getattr(self, "_plan", {})
 
     def _create_and_replace(self, config: RandMaskConfig, adapter_name: str, target: nn.Module, target_name: str,

@@ -143,8 +143,9 @@ def check_config_data(data: Any, where: str) -> None:
 def config_checksum(data: dict[str, Any]) -> str:
     """SHA-256 of the sealed fields' canonical JSON."""
     body = {k: data.get(k) for k in SEALED}
-    if data.get("partition") is not None:  # sealed when set; left out at None so older checksums stand
-        body["partition"] = data["partition"]
+    for optional in ("partition", "exclude_modules"):  # sealed when set; left out at None so older checksums stand
+        if data.get(optional) is not None:
+            body[optional] = data[optional]
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -31,7 +31,7 @@ def plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torc
     """Every target's mask for ``config``, drawn as ``apply_masking`` draws it; records
     the masks' checksums and base fingerprints in the config at injection, checks them on load."""
     masking = config.masking_config()
-    targets = resolve_targets(model, config.target_modules)
+    targets = resolve_targets(model, config.target_modules, config.exclude_modules)
     total = count_base_parameters(model)
     if config.total_params is None:
         config.total_params = total

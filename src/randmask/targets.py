@@ -254,11 +254,12 @@ def _wanted_from_items(model: nn.Module, items: list[str]) -> dict[str, list[str
     return wanted
 
 
-def resolve_targets(model: nn.Module, targets: list[str] | str | None = None) -> list[Target]:
-    """The modules (and blocks) a target spec selects in ``model``, in module order.
+def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
+                    exclude: list[str] | str | None = None) -> list[Target]:
+    """The modules (and blocks) a target spec selects in ``model``, less those ``exclude`` names, in module order.
 
-    ``None`` is the architecture's q/v default. Clear errors if nothing matches or a match is not
-    a ``nn.Linear`` / transformers ``Conv1D``.
+    ``None`` is the architecture's q/v default. Clear errors if nothing matches, if ``exclude`` leaves nothing or
+    names a module the model does not have, or if a match is not a ``nn.Linear`` / transformers ``Conv1D``.
     """
     if targets is None:
         targets = default_targets(model)
@@ -276,6 +277,12 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None) ->
         raise MaskingError(
             f"targets {targets!r} match no module. Adaptable modules in this model: {candidate_names(model)}."
         )
+    if exclude:
+        excluded = excluded_names(model, exclude)
+        if not set(wanted) - excluded:
+            raise MaskingError(f"exclude {exclude!r} leaves none of the {len(wanted)} modules that targets "
+                               f"{targets!r} select; narrow exclude or widen targets.")
+        wanted = {name: blocks for name, blocks in wanted.items() if name not in excluded}
     resolved = []
     for name, module in model.named_modules():
         if name not in wanted:
@@ -288,6 +295,29 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None) ->
             )
         resolved.append(Target(name, inner, _split_blocks(name, inner, wanted[name])))
     return resolved
+
+
+def excluded_names(model: nn.Module, exclude: list[str] | str) -> set[str]:
+    """The module names ``exclude`` selects, matched as targets are (a plain name is a suffix, any other string a regex
+    over whole names); each list item must select a module of ``model``: a typo would otherwise exclude nothing."""
+    if isinstance(exclude, str) and not _PLAIN_NAME.match(exclude):
+        try:
+            regex = re.compile(exclude)
+        except re.error as e:
+            raise MaskingError(f"exclude={exclude!r} is not a valid regular expression ({e}); pass a list of "
+                               "module-name suffixes instead.") from None
+        return {n for n, _ in model.named_modules() if n and regex.fullmatch(n) and not _inside_wrapper(n)}
+    names: set[str] = set()
+    for item in [exclude] if isinstance(exclude, str) else exclude:
+        if _BLOCK_SPEC.match(item):
+            raise MaskingError(f"exclude item {item!r} names column blocks; exclude whole modules, and restrict a "
+                               "fused projection's blocks in targets instead (e.g. 'c_attn[q,v]').")
+        found = [n for n, _ in model.named_modules() if n and _suffix_matches(n, item) and not _inside_wrapper(n)]
+        if not found:
+            raise MaskingError(f"exclude item {item!r} matches no module of this model, so it would exclude nothing; "
+                               f"check the name. Adaptable modules: {candidate_names(model)}.")
+        names.update(found)
+    return names
 
 
 def weight_ties(model: nn.Module, targets: list[Target]) -> dict[str, tuple[str, ...]]:
@@ -316,6 +346,7 @@ __all__ = [
     "architecture_targets",
     "candidate_names",
     "default_targets",
+    "excluded_names",
     "model_type_of",
     "resolve_targets",
     "weight_ties",

@@ -80,3 +80,11 @@ def test_config_dict_round_trip_and_unknown_fields():
     assert MaskingConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(MaskingError, match="unknown MaskingConfig fields"):
         MaskingConfig.from_dict({**cfg.to_dict(), "rank": 8})
+
+
+def test_exclude_is_saved_only_when_set() -> None:
+    plain = MaskingConfig(density=0.1)
+    assert "exclude" not in plain.to_dict()  # files of adapters without it stay as they were
+    config = MaskingConfig(density=0.1, targets=["q_proj", "v_proj"], exclude=("layers.0.self_attn.q_proj",))
+    assert config.to_dict()["exclude"] == ["layers.0.self_attn.q_proj"]
+    assert MaskingConfig.from_dict(config.to_dict()) == config

@@ -307,3 +307,23 @@ def test_no_adapter_is_added_over_a_merged_one():
     model.merge_adapter()
     with pytest.raises(MaskingError, match=r"q_proj: this layer has merged adapters; call unmerge_adapter\(\)"):
         model.add_adapter("second", RandMaskConfig(density=0.1, seed=7))
+
+
+def test_exclude_modules_leaves_modules_out_and_travels_sealed(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*exclude_modules.*")  # PEFT's "no modules were excluded"
+        model = _peft_model("llama", density=0.2, exclude_modules=["layers.0.self_attn.q_proj"])
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, RandMaskLayer)) == [
+        f"base_model.model.model.layers.{i}.self_attn.{p}_proj" for i, p in ((0, "v"), (1, "q"), (1, "v"))]
+    trained(model, "llama")
+    expected = model_output(model, tiny_inputs("llama"))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert torch.equal(model_output(reloaded, tiny_inputs("llama")), expected)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["exclude_modules"] = None  # an edit that would mask one module more than the weights hold
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MaskingError, match="config_sha256|edited"):
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path)

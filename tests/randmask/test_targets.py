@@ -66,3 +66,36 @@ def test_unknown_architecture_says_what_to_do() -> None:
     with pytest.raises(MaskingError, match=r"pass targets=\[...\]"):
         architecture_targets(model)
     assert "mystery" not in ARCHITECTURES
+
+
+def test_exclude_leaves_modules_out_as_targets_name_them() -> None:
+    model = tiny_model("llama")
+    names = lambda targets: [t.name for t in targets]  # noqa: E731
+    kept = names(resolve_targets(model, ["q_proj", "v_proj"], exclude=["layers.0.self_attn.q_proj"]))
+    assert kept == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
+                    "model.layers.1.self_attn.v_proj"]
+    assert names(resolve_targets(model, ["q_proj", "v_proj"], exclude="v_proj")) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # a plain name is a suffix
+    assert names(resolve_targets(model, ["q_proj", "v_proj"], exclude=r".*layers\.1\..*")) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]  # any other string: a regex
+    assert names(resolve_targets(model, ["q_proj"], exclude=["layers.*.mlp.up_proj"])) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # excluding a non-target is fine
+
+
+@pytest.mark.parametrize("exclude, match", [
+    (["q_prj"], r"exclude item 'q_prj' matches no module of this model, so it would exclude nothing"),
+    (["q_proj", "v_proj"], r"exclude \['q_proj', 'v_proj'\] leaves none of the 4 modules"),
+    ("(", r"exclude='\(' is not a valid regular expression"),
+    (["c_attn[q]"], r"exclude item 'c_attn\[q\]' names column blocks"),
+])
+def test_an_exclude_that_cannot_be_honoured_is_refused(exclude, match) -> None:
+    with pytest.raises(MaskingError, match=match):
+        resolve_targets(tiny_model("llama"), ["q_proj", "v_proj"], exclude=exclude)
+
+
+@pytest.mark.parametrize("exclude", [5, [3], [""], {"q_proj": 1}])
+def test_exclude_of_another_type_is_refused_by_the_config(exclude) -> None:
+    from randmask import MaskingConfig
+
+    with pytest.raises(MaskingError, match="exclude=.* must be a list of module-name suffixes or a regex string"):
+        MaskingConfig(density=0.1, exclude=exclude)
