@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -172,12 +172,13 @@ def check_base(name: str, entries: torch.Tensor, saved: dict[str, str], scheme: 
                      "in). Load it onto the original, unmerged base model.", scheme, opt_out)
 
 
-def _refuse_base(message: str, scheme: str | None, opt_out: str) -> None:
+def _refuse_base(message: str, scheme: str | None, opt_out: str) -> NoReturn:
     if scheme is not None:  # an exact hash: an adapter trained on the float base never verifies on its quantized copy
         message += (f" This base is quantized ({scheme}): an adapter trained on another precision of the same "
                     f"checkpoint (e.g. its bf16/fp32 weights) cannot match the exact fingerprint; if this is that "
                     f"checkpoint, pass {opt_out}: it skips this check alone.")
     raise MaskingError(message)
+
 
 __all__ = ["CONFIG_CHECKSUM_KEY", "base_fingerprint", "check_base", "check_blocks", "check_draw_size",
            "check_explicit_indices", "check_header", "config_checksum"]

@@ -205,3 +205,6 @@ class MaskedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.active_adapter!r}, disabled={self.disabled}"
+
+
+__all__ = ["MaskedLayer", "is_conv1d", "is_maskable", "logical_shape"]

@@ -86,3 +86,6 @@ def _pristine(model: nn.Module, name: str, module: nn.Module, indices: torch.Ten
         return layer.pristine_entries(indices)
     except MaskingError as e:
         raise MaskingError(f"{name}: {e}") from None
+
+
+__all__ = ["plan_masks"]
