@@ -27,6 +27,7 @@ from torch import nn
 
 from randmask.adapter import Block, MaskAdapter, as_dtype
 from randmask.config import MaskingError
+from randmask.layer_state import UNCHECKED, check_identity, decode, encode, layer_identity
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
 from randmask.quantized import base_entries, stored_shape
@@ -185,6 +186,28 @@ class MaskedLayer(nn.Module):
             if version != adapter.synced_version or not torch.equal(weight.view(-1)[adapter.indices], target):
                 adapter.write(weight, target)
             adapter.synced_version = version
+
+    def live_adapter(self) -> str | None:
+        """The adapter whose delta the weight holds (its W0 held beside it), or None: the weight holds W0 at every
+        entry (no adapter active, disabled, a mixed batch) or is never written (the delta path)."""
+        if self.active_adapter is None or self.disabled or self.row_groups is not None or self.delta_path:
+            return None
+        return self.active_adapter
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The masks' identity the state dict carries (``randmask.layer_state``), checked by ``load_state_dict``."""
+        return encode(layer_identity(dict(self.adapters.items()), self.live_adapter()))
+
+    def set_extra_state(self, state: object) -> None:
+        """Checked in ``_load_from_state_dict``, where the layer's name is known; nothing to restore."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Before any tensor of this layer is copied: refuse a state from another masking, written adapter or base.
+        saved = decode(state_dict.setdefault(f"{prefix}_extra_state", UNCHECKED), prefix.rstrip(".") or "layer")
+        if saved is not None:
+            ours = layer_identity(dict(self.adapters.items()), self.live_adapter())
+            check_identity(saved, ours, prefix.rstrip(".") or "layer")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_groups is not None:  # mixed batch: randmask.mixed_batch restored W0 on entry

@@ -127,8 +127,9 @@ def _key(model, layer) -> str:
 
 
 def _base_state(model) -> dict[str, torch.Tensor]:
-    """The model's parameters under the names of the unwrapped model (randmask's values left out)."""
-    return {n.replace(".base_layer", ""): p for n, p in model.state_dict().items() if ".adapters." not in n}
+    """The model's parameters under the names of the unwrapped model (randmask's values and layer state left out)."""
+    return {n.replace(".base_layer", ""): p for n, p in model.state_dict().items()
+            if ".adapters." not in n and not n.endswith("._extra_state")}
 
 
 def test_peft_only_the_live_adapter_holds_its_w0():

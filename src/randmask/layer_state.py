@@ -1,0 +1,85 @@
+"""What a masked layer's state dict carries beyond its tensors, and the check ``load_state_dict`` makes with it.
+
+A masked model's ``state_dict`` (what ``torch.save``, transformers' ``save_pretrained`` and the HF Trainer's
+checkpoints hold) has the wrapped weight, which holds W0 (+) values at the live adapter's entries, and each adapter's
+``values``. It has no indices and no W0: loaded into another masking with the same entry counts (``random_exact`` or
+``structured`` at another seed), onto another base checkpoint, or with another adapter written into the weight, the
+values would land on other entries, or the delta of one adapter would be taken for W0, and nothing would say so.
+
+So each ``MaskedLayer`` adds a small ``_extra_state`` tensor (``torch.nn.Module.get_extra_state``): its adapters'
+index checksums, the adapter whose delta the weight holds, and a fingerprint of the W0 it holds for it. At load the
+layer compares them with its own before any tensor is copied, and refuses a mismatch in one line. A state dict saved
+before layers wrote this (no such key) loads unchecked, as before.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from randmask.config import MaskingError
+from randmask.masks import indices_checksum, tensor_sha256
+
+FORMAT = 1
+MAX_BYTES = 1 << 20  # a few dozen bytes per adapter: far above any real layer's
+UNCHECKED = torch.zeros(0, dtype=torch.uint8)  # stands in for the key in a state dict saved before layers wrote it
+
+
+def layer_identity(adapters: dict[str, Any], live: str | None) -> dict[str, Any]:
+    """The identity of a layer's masks: ``{"format", "adapters": {name: index checksum}, "live": the adapter whose
+    delta the weight holds (None: the weight holds W0 at every entry), "w0": W0's fingerprint at its entries}``."""
+    w0 = None
+    if live is not None:
+        w0 = tensor_sha256(adapters[live].held_base())[:16]
+    return {"format": FORMAT, "adapters": {name: indices_checksum(a.indices) for name, a in adapters.items()},
+            "live": live, "w0": w0}
+
+
+def encode(identity: dict[str, Any]) -> torch.Tensor:
+    """The identity as a uint8 tensor of its JSON (a tensor, so that safetensors files hold it too)."""
+    return torch.tensor(list(json.dumps(identity, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode(state: Any, where: str) -> dict[str, Any] | None:
+    """The identity a state dict holds (None: none was saved); MaskingError when it is not one randmask wrote."""
+    if isinstance(state, torch.Tensor) and state.numel() == 0:
+        return None
+    bad = f"{where}: the state dict's randmask layer state is corrupt or not randmask's; re-save the checkpoint."
+    if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.ndim == 1
+            and state.numel() <= MAX_BYTES):
+        raise MaskingError(bad)
+    try:
+        identity = json.loads(bytes(state.tolist()).decode())
+    except (UnicodeDecodeError, ValueError):
+        raise MaskingError(bad) from None
+    if not (isinstance(identity, dict) and identity.get("format") == FORMAT
+            and isinstance(identity.get("adapters"), dict)
+            and all(isinstance(v, str) for v in identity["adapters"].values())
+            and (identity.get("live") is None or isinstance(identity.get("live"), str))
+            and (identity.get("w0") is None or isinstance(identity.get("w0"), str))):
+        raise MaskingError(bad)
+    return identity
+
+
+def check_identity(saved: dict[str, Any], ours: dict[str, Any], where: str) -> None:
+    """Refuse a state dict whose masks, written adapter or W0 differ from this layer's (``where``: its name)."""
+    for name in sorted(saved["adapters"].keys() & ours["adapters"].keys()):
+        if saved["adapters"][name] != ours["adapters"][name]:
+            raise MaskingError(f"{where}: the state dict's adapter {name!r} was drawn with another mask (another "
+                               "seed, budget, mask kind or targets): its values would land on other entries. Load it "
+                               "into the base masked with the config it was saved from.")
+    if saved["live"] is not None and saved["live"] != ours["live"]:
+        here = f"adapter {ours['live']!r} written into it" if ours["live"] else "no adapter written into it"
+        raise MaskingError(f"{where}: the state dict's weight holds adapter {saved['live']!r}'s delta, this layer has "
+                           f"{here} (another active adapter, or inside disable_adapter / mixed_batch): its delta "
+                           f"would be taken for W0. set_adapter({saved['live']!r}) and load outside those contexts.")
+    if saved["live"] is not None and saved["w0"] != ours["w0"]:
+        raise MaskingError(f"{where}: the state dict was saved from another base model (W0 at adapter "
+                           f"{saved['live']!r}'s entries differs): the trained entries would sit on this base's W0. "
+                           "Load it into the base it was trained from (a model built from its config alone: load the "
+                           "base weights first, then apply_masking, then this state dict).")
+
+
+__all__ = ["UNCHECKED", "check_identity", "decode", "encode", "layer_identity"]
