@@ -27,7 +27,7 @@ from torch import nn
 
 from randmask.adapter import Block, MaskAdapter, as_dtype
 from randmask.config import MaskingError
-from randmask.layer_state import UNCHECKED, check_identity, decode, encode, layer_identity
+from randmask.layer_state import MaskIdentityState, layer_identity
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
 from randmask.quantized import base_entries, stored_shape
@@ -50,7 +50,7 @@ def logical_shape(module: nn.Module) -> tuple[int, int]:
     return (in_f, out_f) if is_conv1d(module) else (out_f, in_f)
 
 
-class MaskedLayer(nn.Module):
+class MaskedLayer(MaskIdentityState, nn.Module):
     """A Linear/Conv1D whose weight carries the active adapter's trained entries in place, or, over a
     quantized weight, adds them beside it (the delta path)."""
 
@@ -194,20 +194,9 @@ class MaskedLayer(nn.Module):
             return None
         return self.active_adapter
 
-    def get_extra_state(self) -> torch.Tensor:
-        """The masks' identity the state dict carries (``randmask.layer_state``), checked by ``load_state_dict``."""
-        return encode(layer_identity(dict(self.adapters.items()), self.live_adapter()))
-
-    def set_extra_state(self, state: object) -> None:
-        """Checked in ``_load_from_state_dict``, where the layer's name is known; nothing to restore."""
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
-        # Before any tensor of this layer is copied: refuse a state from another masking, written adapter or base.
-        saved = decode(state_dict.setdefault(f"{prefix}_extra_state", UNCHECKED), prefix.rstrip(".") or "layer")
-        if saved is not None:
-            ours = layer_identity(dict(self.adapters.items()), self.live_adapter())
-            check_identity(saved, ours, prefix.rstrip(".") or "layer")
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def mask_identity(self) -> dict:
+        """What the state dict carries of this layer's masks (``randmask.layer_state``)."""
+        return layer_identity(self.adapters, self.live_adapter())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_groups is not None:  # mixed batch: randmask.mixed_batch restored W0 on entry

@@ -15,6 +15,7 @@ before layers wrote this (no such key) loads unchecked, as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,14 +28,38 @@ MAX_BYTES = 1 << 20  # a few dozen bytes per adapter: far above any real layer's
 UNCHECKED = torch.zeros(0, dtype=torch.uint8)  # stands in for the key in a state dict saved before layers wrote it
 
 
-def layer_identity(adapters: dict[str, Any], live: str | None) -> dict[str, Any]:
+def layer_identity(adapters: Mapping[str, Any], live: str | None, merged: Sequence[str] = ()) -> dict[str, Any]:
     """The identity of a layer's masks: ``{"format", "adapters": {name: index checksum}, "live": the adapter whose
-    delta the weight holds (None: the weight holds W0 at every entry), "w0": W0's fingerprint at its entries}``."""
+    delta the weight holds (None: the weight holds W0 at every entry), "w0": W0's fingerprint at its entries,
+    "merged": the adapters merged into the weight (PEFT's merge_adapter)}``."""
     w0 = None
     if live is not None:
         w0 = tensor_sha256(adapters[live].held_base())[:16]
     return {"format": FORMAT, "adapters": {name: indices_checksum(a.indices) for name, a in adapters.items()},
-            "live": live, "w0": w0}
+            "live": live, "w0": w0, "merged": sorted(merged)}
+
+
+class MaskIdentityState:
+    """The state-dict hooks of a masked layer (``MaskedLayer``, PEFT's ``RandMaskLayer``), mixed in before
+    ``nn.Module``: ``get_extra_state`` writes ``mask_identity()``, and ``_load_from_state_dict`` checks a saved one
+    before the layer's tensors are copied."""
+
+    def mask_identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The masks' identity the state dict carries (``randmask.layer_state``), checked by ``load_state_dict``."""
+        return encode(self.mask_identity())
+
+    def set_extra_state(self, state: object) -> None:
+        """Checked in ``_load_from_state_dict``, where the layer's name is known; nothing to restore."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        where = prefix.rstrip(".") or "layer"
+        saved = decode(state_dict.setdefault(f"{prefix}_extra_state", UNCHECKED), where)
+        if saved is not None:
+            check_identity(saved, self.mask_identity(), where)
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
 
 def encode(identity: dict[str, Any]) -> torch.Tensor:
@@ -58,7 +83,9 @@ def decode(state: Any, where: str) -> dict[str, Any] | None:
             and isinstance(identity.get("adapters"), dict)
             and all(isinstance(v, str) for v in identity["adapters"].values())
             and (identity.get("live") is None or isinstance(identity.get("live"), str))
-            and (identity.get("w0") is None or isinstance(identity.get("w0"), str))):
+            and (identity.get("w0") is None or isinstance(identity.get("w0"), str))
+            and isinstance(identity.setdefault("merged", []), list)
+            and all(isinstance(v, str) for v in identity["merged"])):
         raise MaskingError(bad)
     return identity
 
@@ -70,6 +97,10 @@ def check_identity(saved: dict[str, Any], ours: dict[str, Any], where: str) -> N
             raise MaskingError(f"{where}: the state dict's adapter {name!r} was drawn with another mask (another "
                                "seed, budget, mask kind or targets): its values would land on other entries. Load it "
                                "into the base masked with the config it was saved from.")
+    if sorted(saved["merged"]) != ours["merged"]:
+        raise MaskingError(f"{where}: the state dict's weight has adapters {sorted(saved['merged'])} merged into it, "
+                           f"this layer {ours['merged']}: its weight would be taken for another. Merge or unmerge "
+                           "(merge_adapter / unmerge_adapter) to match before loading.")
     if saved["live"] is not None and saved["live"] != ours["live"]:
         here = f"adapter {ours['live']!r} written into it" if ours["live"] else "no adapter written into it"
         raise MaskingError(f"{where}: the state dict's weight holds adapter {saved['live']!r}'s delta, this layer has "
@@ -82,4 +113,4 @@ def check_identity(saved: dict[str, Any], ours: dict[str, Any], where: str) -> N
                            "base weights first, then apply_masking, then this state dict).")
 
 
-__all__ = ["UNCHECKED", "check_identity", "decode", "encode", "layer_identity"]
+__all__ = ["UNCHECKED", "MaskIdentityState", "check_identity", "decode", "encode", "layer_identity"]

@@ -14,13 +14,14 @@ from torch import nn
 from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingError
 from randmask.layer import is_conv1d
+from randmask.layer_state import MaskIdentityState, layer_identity
 from randmask.mixed import RowGroups, mixed_forward
 from randmask.model import merge_refusal
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
 from randmask.quantized import base_entries, stored_shape
 
 
-class RandMaskLayer(nn.Module, BaseTunerLayer):
+class RandMaskLayer(MaskIdentityState, nn.Module, BaseTunerLayer):
     """A Linear/Conv1D whose weight holds the live adapter's entries in place (PEFT tuner layer).
 
     ``randmask_adapters[name]`` is a ``randmask.MaskAdapter`` (fp32 master ``values`` at fixed
@@ -68,6 +69,10 @@ class RandMaskLayer(nn.Module, BaseTunerLayer):
         flat.scatter_(0, adapter.indices.long(), adapter.held_base().to(flat.dtype))  # scatter_: see MaskAdapter.write
         adapter.release_base()  # the weight holds W0 there again
         self._live = None
+
+    def mask_identity(self) -> dict:
+        """What the state dict carries of this layer's masks (``randmask.layer_state``)."""
+        return layer_identity(self.randmask_adapters, self._live, self.merged_adapters)
 
     def pristine_entries(self, indices: torch.Tensor) -> torch.Tensor:
         """W0 at ``indices`` (flat stored-weight positions; dequantized on a quantized base): the live adapter's delta

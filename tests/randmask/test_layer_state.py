@@ -88,3 +88,24 @@ def test_a_crafted_layer_state_is_one_line(state) -> None:
     saved["model.layers.1.self_attn.v_proj._extra_state"] = state
     with pytest.raises(MaskingError, match="model.layers.1.self_attn.v_proj: the state dict's randmask layer state"):
         apply_masking(tiny_model("llama"), MaskingConfig(**EXACT, seed=0)).load_state_dict(saved)
+
+
+def test_a_peft_model_state_dict_is_checked_too() -> None:
+    """PEFT's ``RandMaskLayer`` carries the same state; ``save_pretrained`` / ``from_pretrained`` (the adapter alone,
+    checked by its own sealed config) never hold it, so only whole-model states meet this check."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from randmask.peft import RandMaskConfig
+
+    peft_model = lambda seed: get_peft_model(tiny_model("llama"), RandMaskConfig(**EXACT, seed=seed))  # noqa: E731
+    model = trained(peft_model(0), "llama")
+    state = model.state_dict()
+    same = peft_model(0)
+    same.load_state_dict(state)
+    assert torch.equal(model_output(same, tiny_inputs("llama")), model_output(model, tiny_inputs("llama")))
+    with pytest.raises(MaskingError, match="the state dict's adapter 'default' was drawn with another mask"):
+        peft_model(1).load_state_dict(state)
+    model.merge_adapter()
+    with pytest.raises(MaskingError, match=r"weight has adapters \['default'\] merged into it, this layer \[\]"):
+        peft_model(0).load_state_dict(model.state_dict())
