@@ -92,7 +92,7 @@ class MaskingConfig:
             self.targets = list(self.targets)
         if isinstance(self.exclude, tuple):
             self.exclude = list(self.exclude)
-        if self.exclude is not None and not (isinstance(self.exclude, str) or (
+        if self.exclude is not None and not ((isinstance(self.exclude, str) and self.exclude) or (
                 isinstance(self.exclude, list) and all(isinstance(t, str) and t for t in self.exclude))):
             raise MaskingError(f"exclude={self.exclude!r} must be a list of module-name suffixes or a regex string.")
         if isinstance(self.targets, list) and not all(isinstance(t, str) for t in self.targets):

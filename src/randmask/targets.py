@@ -306,8 +306,13 @@ def excluded_names(model: nn.Module, exclude: list[str] | str) -> set[str]:
         except re.error as e:
             raise MaskingError(f"exclude={exclude!r} is not a valid regular expression ({e}); pass a list of "
                                "module-name suffixes instead.") from None
-        return {n for n, _ in model.named_modules() if n and regex.fullmatch(n) and not _inside_wrapper(n)}
-    names: set[str] = set()
+        names = {n for n, _ in model.named_modules() if n and regex.fullmatch(n) and not _inside_wrapper(n)}
+        if not names:
+            raise MaskingError(f"exclude={exclude!r} matches no module of this model, so it would exclude nothing; "
+                               f"check the regex (it must match whole names). Adaptable modules: "
+                               f"{candidate_names(model)}.")
+        return names
+    names = set()
     for item in [exclude] if isinstance(exclude, str) else exclude:
         if _BLOCK_SPEC.match(item):
             raise MaskingError(f"exclude item {item!r} names column blocks; exclude whole modules, and restrict a "

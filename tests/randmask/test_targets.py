@@ -86,6 +86,7 @@ def test_exclude_leaves_modules_out_as_targets_name_them() -> None:
     (["q_prj"], r"exclude item 'q_prj' matches no module of this model, so it would exclude nothing"),
     (["q_proj", "v_proj"], r"exclude \['q_proj', 'v_proj'\] leaves none of the 4 modules"),
     ("(", r"exclude='\(' is not a valid regular expression"),
+    (r".*\.k_prj", r"exclude='.*\\\\.k_prj' matches no module of this model, so it would exclude nothing"),
     (["c_attn[q]"], r"exclude item 'c_attn\[q\]' names column blocks"),
 ])
 def test_an_exclude_that_cannot_be_honoured_is_refused(exclude, match) -> None:
@@ -93,7 +94,7 @@ def test_an_exclude_that_cannot_be_honoured_is_refused(exclude, match) -> None:
         resolve_targets(tiny_model("llama"), ["q_proj", "v_proj"], exclude=exclude)
 
 
-@pytest.mark.parametrize("exclude", [5, [3], [""], {"q_proj": 1}])
+@pytest.mark.parametrize("exclude", [5, [3], [""], "", {"q_proj": 1}])
 def test_exclude_of_another_type_is_refused_by_the_config(exclude) -> None:
     from randmask import MaskingConfig
 
