@@ -77,7 +77,7 @@ def decode(state: Any, where: str) -> dict[str, Any] | None:
         raise MaskingError(bad)
     try:
         identity = json.loads(bytes(state.tolist()).decode())
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nesting deeper than json reads
         raise MaskingError(bad) from None
     if not (isinstance(identity, dict) and identity.get("format") == FORMAT
             and isinstance(identity.get("adapters"), dict)

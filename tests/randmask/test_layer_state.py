@@ -77,6 +77,7 @@ def test_a_state_saved_before_layers_wrote_one_loads_unchecked() -> None:
 @pytest.mark.parametrize("state", [
     torch.ones(3, dtype=torch.float32),  # not bytes
     torch.tensor(list(b"{not json"), dtype=torch.uint8),
+    torch.tensor(list(b"[" * 200_000 + b"]" * 200_000), dtype=torch.uint8),  # nested deeper than json reads
     encode({"format": 99, "adapters": {}, "live": None, "w0": None}),  # a newer or foreign format
     encode({"format": 1, "adapters": {"default": 5}, "live": None, "w0": None}),
     torch.zeros(2, 2, dtype=torch.uint8),
