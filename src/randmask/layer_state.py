@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from randmask.config import MaskingError
-from randmask.masks import indices_checksum, tensor_sha256
+from randmask.integrity import base_fingerprint
+from randmask.masks import indices_checksum
 
 FORMAT = 1
 MAX_BYTES = 1 << 20  # a few dozen bytes per adapter: far above any real layer's
@@ -32,9 +33,9 @@ def layer_identity(adapters: Mapping[str, Any], live: str | None, merged: Sequen
     """The identity of a layer's masks: ``{"format", "adapters": {name: index checksum}, "live": the adapter whose
     delta the weight holds (None: the weight holds W0 at every entry), "w0": W0's fingerprint at its entries,
     "merged": the adapters merged into the weight (PEFT's merge_adapter)}``."""
-    w0 = None
-    if live is not None:
-        w0 = tensor_sha256(adapters[live].held_base())[:16]
+    # W0's fingerprint in its dtype and each narrower one (integrity.base_fingerprint): a state saved from the bf16
+    # copy of a model still matches its fp32 copy, compared in the widest dtype both have.
+    w0 = base_fingerprint(adapters[live].held_base()) if live is not None else None
     return {"format": FORMAT, "adapters": {name: indices_checksum(a.indices) for name, a in adapters.items()},
             "live": live, "w0": w0, "merged": sorted(merged)}
 
@@ -83,7 +84,8 @@ def decode(state: Any, where: str) -> dict[str, Any] | None:
             and isinstance(identity.get("adapters"), dict)
             and all(isinstance(v, str) for v in identity["adapters"].values())
             and (identity.get("live") is None or isinstance(identity.get("live"), str))
-            and (identity.get("w0") is None or isinstance(identity.get("w0"), str))
+            and (identity.get("w0") is None or (isinstance(identity.get("w0"), dict)
+                                                and all(isinstance(v, str) for v in identity["w0"].values())))
             and isinstance(identity.setdefault("merged", []), list)
             and all(isinstance(v, str) for v in identity["merged"])):
         raise MaskingError(bad)
@@ -106,7 +108,9 @@ def check_identity(saved: dict[str, Any], ours: dict[str, Any], where: str) -> N
         raise MaskingError(f"{where}: the state dict's weight holds adapter {saved['live']!r}'s delta, this layer has "
                            f"{here} (another active adapter, or inside disable_adapter / mixed_batch): its delta "
                            f"would be taken for W0. set_adapter({saved['live']!r}) and load outside those contexts.")
-    if saved["live"] is not None and saved["w0"] != ours["w0"]:
+    common = set(saved["w0"] or ()) & set(ours["w0"] or ())  # none: fp16 against bf16, which no cast relates
+    widest = max(common, key=lambda name: torch.finfo(getattr(torch, name)).bits, default=None)
+    if saved["live"] is not None and widest is not None and saved["w0"][widest] != ours["w0"][widest]:
         raise MaskingError(f"{where}: the state dict was saved from another base model (W0 at adapter "
                            f"{saved['live']!r}'s entries differs): the trained entries would sit on this base's W0. "
                            "Load it into the base it was trained from (a model built from its config alone: load the "

@@ -44,6 +44,14 @@ def test_another_base_is_refused() -> None:
         other.load_state_dict(state)
 
 
+def test_a_state_saved_in_bf16_loads_into_the_fp32_masking_of_the_same_base() -> None:
+    model, _ = _saved()
+    state = model.to(torch.bfloat16).state_dict()  # W0's fingerprint compared in bf16, the widest dtype both have
+    apply_masking(tiny_model("llama"), MaskingConfig(**EXACT, seed=0)).load_state_dict(state)
+    with pytest.raises(MaskingError, match="saved from another base model"):
+        apply_masking(tiny_model("llama", seed=5), MaskingConfig(**EXACT, seed=0)).load_state_dict(state)
+
+
 def test_another_written_adapter_is_refused_and_a_pristine_weight_loads() -> None:
     model = apply_masking(tiny_model("llama"), MaskingConfig(**EXACT, seed=0), adapter_name="a")
     apply_masking(model, MaskingConfig(**EXACT, seed=1), adapter_name="b")
