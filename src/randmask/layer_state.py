@@ -25,7 +25,7 @@ from randmask.integrity import base_fingerprint
 from randmask.masks import indices_checksum
 
 FORMAT = 1
-MAX_BYTES = 1 << 20  # a few dozen bytes per adapter: far above any real layer's
+MAX_BYTES = 1 << 20  # ~200 bytes for one adapter (checksums and fingerprints): far above any real layer's
 UNCHECKED = torch.zeros(0, dtype=torch.uint8)  # stands in for the key in a state dict saved before layers wrote it
 
 
