@@ -165,7 +165,7 @@ class MaskedLayer(MaskIdentityState, nn.Module):
 
         A no-op during a mixed batch, whose weights must stay W0, and on the delta path.
         """
-        if self.active_adapter is None or self.disabled or self.delta_path or self.row_groups is not None:
+        if self.live_adapter() is None:
             return
         adapter = self.adapters[self.active_adapter]
         weight = self.weight
