@@ -24,21 +24,7 @@ from randmask.layer import MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
 from randmask.merge import COMBINATION_TYPES, add_weighted_adapter
 from randmask.mixed import BASE_ADAPTER
-from randmask.model import (
-    MaskingSummary,
-    adapter_names,
-    apply_masking,
-    count_base_parameters,
-    delete_adapter,
-    disable_adapter,
-    masked_layers,
-    masking_summary,
-    merge_and_unload,
-    mixed_batch,
-    print_trainable_parameters,
-    set_adapter,
-    unload,
-)
+from randmask.model import apply_masking, delete_adapter, disable_adapter, mixed_batch, set_adapter
 from randmask.quantized import (
     disable_bnb_cpu_repacking,
     is_quantized,
@@ -47,7 +33,10 @@ from randmask.quantized import (
     quant_scheme,
     stored_shape,
 )
+from randmask.registry import adapter_names, masked_layers
+from randmask.summary import MaskingSummary, count_base_parameters, masking_summary, print_trainable_parameters
 from randmask.targets import TARGET_SETS, Target, architecture_targets, default_targets, resolve_targets
+from randmask.unwrap import merge_and_unload, unload
 from randmask.version import __version__
 
 __all__ = [

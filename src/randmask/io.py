@@ -37,15 +37,11 @@ from randmask.integrity import (
 )
 from randmask.layer import MaskedLayer, is_conv1d, is_maskable, logical_shape
 from randmask.masks import BUILTIN_KINDS, MASK_KIND_VERSIONS, indices_checksum
-from randmask.model import (
-    adapter_meta,
-    adapter_names,
-    attach_adapter,
-    count_base_parameters,
-    masked_layers,
-)
+from randmask.model import attach_adapter
 from randmask.quantized import base_entries, quant_scheme, stored_shape
+from randmask.registry import adapter_meta, adapter_names, masked_layers
 from randmask.sharding import full_tensor, is_sharded
+from randmask.summary import count_base_parameters
 from randmask.targets import Target
 from randmask.version import __version__
 

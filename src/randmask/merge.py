@@ -26,8 +26,8 @@ from torch import nn
 
 from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingConfig, MaskingError
-from randmask.model import adapter_meta, adapter_names, masked_layers, record_adapter
 from randmask.pattern import SparsePattern
+from randmask.registry import adapter_meta, adapter_names, masked_layers, record_adapter
 
 COMBINATION_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _NEEDS_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}

@@ -31,7 +31,6 @@ from torch import nn
 
 from randmask.config import MaskingConfig, MaskingError
 from randmask.masks import BUILTIN_KINDS
-from randmask.model import merge_refusal
 from randmask.paths import uses_delta_path
 from randmask.peft_files import (
     CONFIG_NAME,
@@ -49,6 +48,7 @@ from randmask.peft_serving import peft_add_weighted_adapter, peft_mixed_batch
 from randmask.quantized import disable_bnb_cpu_repacking
 from randmask.shira import export_shira, import_shira
 from randmask.targets import excluded_names
+from randmask.unwrap import merge_refusal
 
 try:  # how PEFT's inject_adapter tells an excluded module from an unmatched one (private; absent: it warns, no more)
     from peft.tuners.tuners_utils import _ExcludedModule as _PeftExcluded

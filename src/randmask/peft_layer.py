@@ -16,9 +16,9 @@ from randmask.config import MaskingError
 from randmask.layer import is_conv1d
 from randmask.layer_state import MaskIdentityState, layer_identity
 from randmask.mixed import RowGroups, mixed_forward
-from randmask.model import merge_refusal
 from randmask.paths import check_weight_assignment, func_transform_active, uses_delta_path
 from randmask.quantized import base_entries, stored_shape
+from randmask.unwrap import merge_refusal
 
 
 class RandMaskLayer(MaskIdentityState, nn.Module, BaseTunerLayer):

@@ -16,11 +16,12 @@ from randmask.config import MaskingError
 from randmask.drawing import block_densities, draw_mask
 from randmask.integrity import base_fingerprint, check_base
 from randmask.masks import MASK_KIND_VERSIONS, indices_checksum
-from randmask.model import count_base_parameters, tied_targets
+from randmask.model import tied_targets
 from randmask.paths import mark_shared_weight
 from randmask.peft_files import VERIFY_OPT_OUT
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import base_entries, check_weight, quant_scheme
+from randmask.summary import count_base_parameters
 from randmask.targets import resolve_targets
 
 if TYPE_CHECKING:  # peft.py imports this module: the name is for the annotation only

@@ -29,9 +29,11 @@ from randmask.integrity import check_blocks, check_draw_size
 from randmask.io import read_adapter_files
 from randmask.layer import MaskedLayer, is_conv1d
 from randmask.masks import BUILTIN_KINDS, indices_checksum
-from randmask.model import apply_masking, count_base_parameters, masked_layers
+from randmask.model import apply_masking
 from randmask.peft_layer import RandMaskLayer
 from randmask.quantized import stored_shape
+from randmask.registry import masked_layers
+from randmask.summary import count_base_parameters
 from randmask.targets import Target
 
 SHIRA_CONFIG = "adapter_config.json"

@@ -11,8 +11,8 @@ import randmask
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, merge_and_unload, save_adapter
 from randmask.drawing import block_densities, draw_mask
 from randmask.masks import bernoulli_mask, make_generator
-from randmask.model import count_base_parameters
 from randmask.ops import SparsePattern, sddmm, weight_gradient_path
+from randmask.summary import count_base_parameters
 from randmask.targets import resolve_targets
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
