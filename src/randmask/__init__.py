@@ -17,9 +17,10 @@ With peft installed, ``import randmask.peft`` registers randmask as a PEFT metho
 """
 
 from randmask.adapter import MaskAdapter
+from randmask.adapter_files import read_adapter_files
 from randmask.config import MaskingConfig, MaskingError
 from randmask.files import atomic_write_bytes, file_size, open_limited, parse_json, read_json_limited, read_limited
-from randmask.io import load_adapter, read_adapter_files, save_adapter
+from randmask.io import load_adapter, save_adapter
 from randmask.layer import MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
 from randmask.merge import COMBINATION_TYPES, add_weighted_adapter

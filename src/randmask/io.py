@@ -17,22 +17,20 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from randmask.adapter import Block, MaskAdapter
+from randmask.adapter_files import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, read_adapter_files
 from randmask.config import MaskingConfig, MaskingError
 from randmask.drawing import block_densities, draw_mask
-from randmask.files import atomic_write_bytes, read_json_limited, read_limited
+from randmask.files import atomic_write_bytes
 from randmask.integrity import (
     CONFIG_CHECKSUM_KEY,
     base_fingerprint,
     check_base,
     check_blocks,
     check_explicit_indices,
-    check_header,
     config_checksum,
 )
 from randmask.layer import MaskedLayer, is_conv1d, is_maskable, logical_shape
@@ -44,12 +42,6 @@ from randmask.sharding import full_tensor, is_sharded
 from randmask.summary import count_base_parameters
 from randmask.targets import Target
 from randmask.version import __version__
-
-WEIGHTS_NAME = "adapter.safetensors"
-CONFIG_NAME = "adapter_config.json"
-FORMAT = "randmask-adapter"
-FORMAT_VERSION = 2  # 2: config checksum and per-matrix base fingerprints
-MAX_CONFIG_BYTES = 64 << 20  # ~500 bytes per matrix: far above any real model's config
 
 
 def _save_dtype(layer: MaskedLayer, dtype: torch.dtype | None) -> torch.dtype:
@@ -136,70 +128,6 @@ def _adapter_header(model: nn.Module, meta: dict, matrices: dict[str, dict], blo
     }
     header[CONFIG_CHECKSUM_KEY] = config_checksum(header)
     return header
-
-
-_FIX = "Re-save the adapter with randmask.save_adapter."
-_NOT_FOUND = f"an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as written by randmask.save_adapter"
-
-
-def _read_header(cfg_path: Path) -> dict:
-    header = read_json_limited(cfg_path, MAX_CONFIG_BYTES, "randmask adapter config",
-                               fix=f"{_NOT_FOUND}. {_FIX}")
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise MaskingError(f"{cfg_path} is not a randmask adapter config (format != {FORMAT!r}).")
-    version = header.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise MaskingError(f"{cfg_path}: format_version {version!r} is not an int; the config is corrupt. "
-                           "Re-save the adapter.")
-    if version > FORMAT_VERSION:
-        raise MaskingError(f"{cfg_path} has format_version {version}; this randmask ({__version__}) reads up "
-                           f"to {FORMAT_VERSION}. Upgrade randmask.")
-    if version < FORMAT_VERSION:
-        raise MaskingError(f"{cfg_path} has format_version {version}, which has no integrity checksum or base "
-                           "fingerprint. Load it with the randmask that wrote it and save it again with "
-                           f"randmask >= {__version__}.")
-    check_header(header, str(cfg_path))
-    if config_checksum(header) != header[CONFIG_CHECKSUM_KEY]:
-        raise MaskingError(f"{cfg_path} does not match its own {CONFIG_CHECKSUM_KEY}: the config was edited or "
-                           "damaged (e.g. a matrix removed). Re-save the adapter.")
-    return header
-
-
-def weights_size_limit(header: dict) -> int:
-    """The most bytes the weights file of ``header`` can hold: values (up to 8 bytes each), stored indices,
-    and the safetensors header (names and offsets, well under 1 KB per tensor)."""
-    entries = sum(info["nnz"] * (16 if info["explicit_indices"] else 8) for info in header["matrices"].values())
-    return entries + 1024 * (2 * len(header["matrices"]) + 1) + 8
-
-
-def read_adapter_files(path: str | os.PathLike, max_entries: int | None = None
-                       ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify an adapter folder: (header dict, tensors). Clear errors when damaged.
-
-    ``max_entries`` bounds the trained entries the config may claim (``load_adapter``: the base model's
-    parameter count), so that nothing sized by the file is read or allocated past it.
-    """
-    folder = Path(path)
-    cfg_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    header = _read_header(cfg_path)
-    if max_entries is not None and header["trainable"] > max_entries:
-        raise MaskingError(f"{cfg_path} claims {header['trainable']:,} trained entries, more than the "
-                           f"{max_entries:,} this base model has; it was saved from another model or edited. {_FIX}")
-    blob = read_limited(weights_path, weights_size_limit(header), "randmask adapter weights",
-                        fix=f"the file does not match {CONFIG_NAME}. {_FIX}")
-    if hashlib.sha256(blob).hexdigest() != header["weights_sha256"]:
-        raise MaskingError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file is "
-                           "truncated, corrupt, or from another save. Re-save the adapter.")
-    try:
-        tensors = st_load(blob)
-    except (SafetensorError, ValueError) as e:
-        raise MaskingError(f"{weights_path} is not a readable safetensors file ({e}).") from None
-    expected = {f"{n}.values" for n in header["matrices"]}
-    expected |= {f"{n}.indices" for n, info in header["matrices"].items() if info["explicit_indices"]}
-    if set(tensors) != expected:
-        raise MaskingError(f"{weights_path} holds tensors {sorted(set(tensors) ^ expected)[:4]} that do not match "
-                           f"the matrices in {CONFIG_NAME}; the files are from different saves. Re-save the adapter.")
-    return header, tensors
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",

@@ -25,7 +25,7 @@ from randmask.summary import count_base_parameters
 from randmask.targets import resolve_targets
 
 if TYPE_CHECKING:  # peft.py imports this module: the name is for the annotation only
-    from randmask.peft import RandMaskConfig
+    from randmask.peft_config import RandMaskConfig
 
 
 def plan_masks(model: nn.Module, config: RandMaskConfig) -> dict[str, tuple[torch.Tensor, list[Block]]]:

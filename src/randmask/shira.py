@@ -22,11 +22,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from randmask.adapter_files import read_adapter_files
 from randmask.config import MaskingConfig, MaskingError
 from randmask.drawing import block_densities, draw_mask
 from randmask.files import atomic_write_bytes, parse_json, read_limited
 from randmask.integrity import check_blocks, check_draw_size
-from randmask.io import read_adapter_files
 from randmask.layer import MaskedLayer, is_conv1d
 from randmask.masks import BUILTIN_KINDS, indices_checksum
 from randmask.model import apply_masking

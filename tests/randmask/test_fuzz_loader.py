@@ -26,8 +26,8 @@ from tests.hostile import (
 )
 
 from randmask import MaskingConfig, apply_masking, load_adapter, masked_layers, save_adapter
+from randmask.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from randmask.integrity import CONFIG_CHECKSUM_KEY, config_checksum
-from randmask.io import CONFIG_NAME, WEIGHTS_NAME
 
 MEMORY_HEADROOM = 3 << 30  # bytes of address space the loader may grow by
 FUZZ = fuzz_settings(max_examples=120)

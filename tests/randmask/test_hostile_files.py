@@ -12,8 +12,9 @@ from tests.conftest import model_output, tiny_inputs, tiny_model, trained
 from tests.hostile import fresh_copy
 
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, merge_and_unload, save_adapter
+from randmask.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+from randmask.files import atomic_write_bytes
 from randmask.integrity import CONFIG_CHECKSUM_KEY, config_checksum
-from randmask.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 
 
 def _trained(arch="opt", **cfg):

@@ -12,8 +12,8 @@ import torch
 from tests.conftest import REPO_ROOT, model_output, tiny_inputs, tiny_model, trained
 
 from randmask import MaskingConfig, MaskingError, apply_masking, load_adapter, save_adapter
+from randmask.adapter_files import CONFIG_NAME, WEIGHTS_NAME
 from randmask.integrity import config_checksum
-from randmask.io import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _trained(arch="opt", dtype=torch.float32, **cfg):

@@ -30,7 +30,7 @@ from randmask import (
     set_adapter,
     unload,
 )
-from randmask.io import FORMAT_VERSION, read_adapter_files
+from randmask.adapter_files import FORMAT_VERSION, read_adapter_files
 from randmask.quantized import dequantized
 
 CFG = MaskingConfig(targets=["q_proj", "v_proj"], density=0.2, seed=0)
