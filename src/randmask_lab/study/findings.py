@@ -25,7 +25,6 @@ its numbers so far. Deciding at a peek and again at every later one would inflat
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +34,20 @@ from randmask import read_json_limited
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.report import ratio_text
 from randmask_lab.study.cells import StudyCell
+from randmask_lab.study.evidence import (
+    LEVEL,
+    bounds_text,
+    far_off_marks,
+    machine_lines,
+    seeds_text,
+    sensitivity_lines,
+)
 from randmask_lab.study.plan import RunsLeft
-from randmask_lab.study.stats import Estimate, average_by_seed, far_off_seeds, paired_difference
+from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
 HOLDS, FAILS, UNSURE = "HOLDS", "DOES NOT HOLD", "INCONCLUSIVE"
 RATIOS = (1e-3, 1e-4, 1e-5)
 MARGIN = 0.01  # finding (a)'s non-inferiority margin: 1 point of the test metric
-LEVEL = 0.95  # each one-sided bound's confidence
 
 
 @dataclass
@@ -81,17 +87,6 @@ def greater_than(est: Estimate, bound: float, level: float = LEVEL) -> str:
     return HOLDS if low > bound else FAILS if high < bound else UNSURE
 
 
-def _seeds(n: int) -> str:
-    return f"{n} seed" if n == 1 else f"{n} seeds"
-
-
-def _bounds_text(est: Estimate, level: float = LEVEL) -> str:
-    bounds = est.one_sided(level)
-    if bounds is None:
-        return "one-sided bounds need 2+ seeds"
-    return f"one-sided {level:.0%} bounds {100 * bounds[0]:.1f} / {100 * bounds[1]:.1f}"
-
-
 def _equivalent(est: Estimate, margin: float) -> str:
     """Equivalence (TOST at 5%): both one-sided 95% bounds inside [-margin, +margin]."""
     bounds = est.one_sided(LEVEL)
@@ -109,82 +104,25 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
             verdicts.append(UNSURE)
             continue
         tasks = sorted(set(rows[left]) & set(rows[right]))
-        far = {task: _far_off([(side, rows[side][task]) for side in (left, right)]) for task in tasks}
+        far = {task: far_off_marks([(side, rows[side][task]) for side in (left, right)]) for task in tasks}
         for task in tasks if len(tasks) > 1 else ():
             per_task = paired_difference(rows[left][task].tests, rows[right][task].tests)
-            evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({_seeds(per_task.n)}), "
-                            f"{_bounds_text(per_task)} -> {greater_than(per_task, -MARGIN)}")
-            evidence += _sensitivity({task: rows[left][task].tests}, {task: rows[right][task].tests},
+            evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({seeds_text(per_task.n)}), "
+                            f"{bounds_text(per_task)} -> {greater_than(per_task, -MARGIN)}")
+            evidence += sensitivity_lines({task: rows[left][task].tests}, {task: rows[right][task].tests},
                                      far[task], "    ")
         lefts, rights = {t: rows[left][t].tests for t in tasks}, {t: rows[right][t].tests for t in tasks}
         diff = paired_difference(average_by_seed(lefts), average_by_seed(rights))
         verdicts.append(greater_than(diff, -MARGIN))
         evidence.append(f"{left} − {right} on the average of {', '.join(tasks)}: {diff.text()} points "
-                        f"({_seeds(diff.n)}), {_bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
+                        f"({seeds_text(diff.n)}), {bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
                         f"{verdicts[-1]}; equivalent within ±{100 * MARGIN:g}: {_equivalent(diff, MARGIN)}")
-        far_any = _far_off([(side, rows[side][t]) for t in tasks for side in (left, right)])  # every task's marks
-        evidence += _sensitivity(lefts, rights, far_any, "  ")
-        evidence += _machines({t: (rows[left][t], rows[right][t]) for t in tasks}, lefts, rights, "  ")
+        far_any = far_off_marks([(side, rows[side][t]) for t in tasks for side in (left, right)])  # every task's marks
+        evidence += sensitivity_lines(lefts, rights, far_any, "  ")
+        evidence += machine_lines({t: (rows[left][t], rows[right][t]) for t in tasks}, lefts, rights, "  ")
     verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
     return Verdict("a", f"randmask 0.1% is not worse than LoRA or full FT by more than {100 * MARGIN:g} point "
                    "on the task average (non-inferiority, one-sided 95%)", verdict, evidence)
-
-
-def _far_off(cells: Sequence[tuple[str, StudyCell]]) -> dict[int, str]:
-    """Seed -> what marks it, for the seeds far off their cell (``stats.far_off_seeds``) in any of the (label, cell)
-    pairs ``cells``, in their order."""
-    marks: dict[int, list[str]] = {}
-    for label, cell in cells:
-        for f in far_off_seeds(cell.tests):
-            marks.setdefault(f.seed, []).append(f"{label} {cell.key[2]} seed {f.seed} at {100 * f.value:.1f}")
-    return {seed: ", ".join(m) for seed, m in sorted(marks.items())}
-
-
-def _sensitivity(left: Mapping[str, Mapping[int, float]], right: Mapping[str, Mapping[int, float]],
-                 far: Mapping[int, str], indent: str, without: str = "") -> list[str]:
-    """The paired difference (left - right, averaged over the tasks per seed) again without the seeds ``far``:
-    a sensitivity line, printed only where such a seed is paired. It is never the rule, which reads every planned
-    seed; it shows the reader how much of the interval those runs carry. ``without`` names the seeds left out
-    (default: the far-off seeds, each with its mark)."""
-    drop = lambda values: {s: v for s, v in values.items() if s not in far}  # noqa: E731
-    paired = set(average_by_seed(left)) & set(average_by_seed(right))
-    if not paired & set(far):
-        return []
-    diff = paired_difference(average_by_seed({t: drop(v) for t, v in left.items()}),
-                             average_by_seed({t: drop(v) for t, v in right.items()}))
-    without = without or f"the far-off seeds ({'; '.join(far.values())})"
-    return [f"{indent}sensitivity, not the rule: without {without}: {diff.text()} points ({_seeds(diff.n)}), "
-            f"{_bounds_text(diff)}"]
-
-
-def _machines(pairs: Mapping[str, tuple[StudyCell, StudyCell]], left: Mapping[str, Mapping[int, float]],
-              right: Mapping[str, Mapping[int, float]], indent: str) -> list[str]:
-    """Where each paired seed's two runs were computed (``cells.machine_label``), per task of ``pairs`` (task ->
-    (left cell, right cell)): how many seeds ran both on one machine and, where some did not, the difference
-    without them (a sensitivity line, never the rule). Machines change a run's last bits, not its expectation, but
-    a reader cannot know that of a comparison whose sides ran apart unless it is shown."""
-    counts, across, unknown = [], defaultdict(list), set()
-    for task, (a, b) in sorted(pairs.items()):
-        seeds = sorted(set(a.tests) & set(b.tests))
-        same = 0
-        for seed in seeds:
-            where = a.machines.get(seed, ""), b.machines.get(seed, "")
-            if not all(where):
-                unknown.add(seed)
-            elif where[0] == where[1]:
-                same += 1
-            else:
-                across[(task, *where)].append(seed)
-        counts.append(f"{task} {same} of {_seeds(len(seeds))}")
-    if not across and len(unknown) == len({s for a, b in pairs.values() for s in set(a.tests) & set(b.tests)}):
-        return []  # no record names its machine: nothing to say
-    lines = [f"{indent}machines: a seed's two runs ran on one machine in {', '.join(counts)}"
-             + (f"; {_seeds(len(unknown))} name none" if unknown else "")]
-    marks = {seed: "" for seeds in across.values() for seed in seeds}
-    groups = "; ".join(f"{task} seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} on {m1} / {m2}"
-                       for (task, m1, m2), seeds in sorted(across.items()))
-    without = f"the seeds whose two runs ran on different machines ({groups})"
-    return lines + _sensitivity(left, right, marks, indent, without)
 
 
 def finding_b(cells: Sequence[StudyCell]) -> Verdict:
@@ -297,9 +235,9 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
         return Verdict("e", claim, UNSURE, ["no structured runs"])
     diff = paired_difference(average_by_seed(pooled_r), average_by_seed(pooled_s))
     verdict = greater_than(diff, 0.0)
-    evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({_seeds(diff.n)}), "
-                    f"{_bounds_text(diff)} -> random − structured > 0: {verdict}")
-    evidence += _machines(pairs, pooled_r, pooled_s, "  ")
+    evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({seeds_text(diff.n)}), "
+                    f"{bounds_text(diff)} -> random − structured > 0: {verdict}")
+    evidence += machine_lines(pairs, pooled_r, pooled_s, "  ")
     return Verdict("e", claim + " (random − structured > 0, one-sided 95%)", verdict, evidence)
 
 
