@@ -12,13 +12,39 @@ for the results store.
 from __future__ import annotations
 
 import errno
+import io
+import json
 import sqlite3
+from pathlib import Path
+from typing import Any
+
+from randmask import atomic_write_bytes
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 IN_THE_WAY = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}  # a file where a folder goes, or the reverse
 RESUME = ("run the same command again: a run resumes from its last checkpoint (files are written atomically, "
           "so none is half-written)")
+
+
+def write_json(path: str | Path, data: Any, indent: int = 1) -> Path:
+    """Atomically write ``data`` as indented JSON, making the folder (every JSON file the lab writes goes through
+    here)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode())
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Atomically write a matplotlib ``Figure`` to ``path`` (format from its suffix), making the folder: rendered
+    into memory first, so a killed run never leaves half a PNG where the last whole one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def disk_problem(error: BaseException) -> str | None:

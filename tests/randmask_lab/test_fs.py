@@ -100,3 +100,31 @@ def test_a_read_only_store_file_reads_in_python(tmp_path):
         assert json.dumps(again.rows()[0]["run_id"]) == '"r1"'
     finally:
         undo()
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    """save_figure renders into memory first: a figure that fails to render leaves the last whole file in place."""
+    from matplotlib.figure import Figure
+
+    from randmask_lab.fs import save_figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "figures" / "curve.png")  # makes the folder
+    whole = path.read_bytes()
+    assert whole.startswith(b"\x89PNG") and len(whole) > 100
+    broken = Figure(figsize=(2, 2))
+    broken.add_subplot().set_title("$\\unknowncommand$")  # mathtext fails at render time
+    with pytest.raises(ValueError):
+        save_figure(broken, path)
+    assert path.read_bytes() == whole and sorted(p.name for p in path.parent.iterdir()) == ["curve.png"]
+
+
+def test_json_is_written_whole_or_not_at_all(tmp_path):
+    from randmask_lab.fs import write_json
+
+    path = write_json(tmp_path / "out" / "summary.json", {"a": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})  # not serializable: refused before the file is touched
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["summary.json"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,7 @@ from randmask_lab.analysis.localization import eigenvector_localization
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
 from randmask_lab.argtypes import non_negative_int, positive_float, positive_int
 from randmask_lab.errors import RunError
-
-
-def _write_json(out: Path, name: str, data: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(data, indent=2))
-    return path
+from randmask_lab.fs import write_json
 
 
 def _n_trainable(model: nn.Module) -> int:
@@ -72,7 +65,7 @@ def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *
 
     plot = plot_power_trace(res.trace, out / "power_trace.png", tol=tol)
     summary["files"] = {"plot": str(plot)}
-    summary["files"]["json"] = str(_write_json(out, "hessian.json", summary))
+    summary["files"]["json"] = str(write_json(out / "hessian.json", summary, indent=2))
     return summary
 
 
@@ -96,7 +89,7 @@ def run_distance(model: nn.Module, out_dir: str | Path,
         raise ValueError("this model has no randmask layers: pass --reference PRETRAINED_WEIGHTS "
                          "(.safetensors or a torch state dict) to compare its weights with.")
     summary = {"method": how, **report.to_dict(), "run": run}
-    summary["files"] = {"json": str(_write_json(Path(out_dir), "distance.json", summary))}
+    summary["files"] = {"json": str(write_json(Path(out_dir) / "distance.json", summary, indent=2))}
     return summary
 
 
@@ -108,7 +101,7 @@ def run_suggest_lr(model: nn.Module, batches: Sequence[Any], out_dir: str | Path
     sugg = suggest_lr(model, batches, loss_fn, calibration=calibration, tol=tol, max_iter=max_iter, seed=seed)
     summary = {**sugg.to_dict(), "formula": "adam_lr = calibration * grad_rms * 2 / lambda_max",
                "run": _run_meta(model, meta)}
-    summary["files"] = {"json": str(_write_json(Path(out_dir), "suggest_lr.json", summary))}
+    summary["files"] = {"json": str(write_json(Path(out_dir) / "suggest_lr.json", summary, indent=2))}
     return summary
 
 
@@ -129,7 +122,7 @@ def run_activations(model: nn.Module, batches: Sequence[Any], out_dir: str | Pat
     rms = input_feature_rms(model, batches, names, loss_fn)
     summary = {"modules": feature_outliers(rms, top=top, features=features), "n_batches": len(batches),
                "run": _run_meta(model, meta), "rms": {n: r.tolist() for n, r in rms.items()}}
-    summary["files"] = {"json": str(_write_json(Path(out_dir), "activations.json", summary))}
+    summary["files"] = {"json": str(write_json(Path(out_dir) / "activations.json", summary, indent=2))}
     return summary
 
 

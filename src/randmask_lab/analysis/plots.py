@@ -13,6 +13,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from randmask_lab.fs import save_figure
+
 _PERCENT = FuncFormatter(lambda x, _: f"{100 * x:.10g}%")
 
 
@@ -24,8 +26,7 @@ def _finish(fig: Figure, path: str | Path, title: str, caption: str = "") -> Pat
     if lines:
         fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=8, color="0.3")
     fig.tight_layout(rect=(0, 0.035 * len(lines), 1, 0.95))
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def _series(records: Sequence[Mapping], key: str) -> dict[str, tuple[list[float], list[float]]]:

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from randmask import logical_numel
+from randmask_lab.fs import write_json
 from randmask_lab.methods.trainable import (
     load_trainable,
     read_tensors,
     tensor_file_limit,
     trainable_tensors,
-    write_json,
     write_tensors,
 )
 

@@ -7,9 +7,7 @@ a 1-element tensor can never broadcast into a 52-value parameter.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -101,8 +99,3 @@ def read_tensors(path: Path, max_bytes: int, sha256: str | None = None) -> dict[
         return st_load(blob)
     except (SafetensorError, MaskingError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomically write ``data`` as indented JSON (every JSON file the runner writes goes through here)."""
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from randmask_lab.fs import save_figure
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.paper import PAPER_MODEL, PAPER_RATIOS, paper_value
 from randmask_lab.study.stats import mean_interval
@@ -21,8 +22,7 @@ def _save(fig: Figure, path: Path, title: str) -> Path:
     lines = textwrap.wrap(title, width=int(9 * fig.get_figwidth()))  # ~9 characters per inch at size 11
     fig.suptitle("\n".join(lines), fontsize=11)
     fig.tight_layout()  # makes room for the suptitle itself (matplotlib >= 3.3)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path:

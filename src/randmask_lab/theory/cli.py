@@ -7,12 +7,12 @@ Wire into the main CLI with ``register(subparsers)``; the sub-command's handler 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.errors import LabError
+from randmask_lab.fs import write_json
 from randmask_lab.theory.experiment import check_sweep, fmt_table, run_sweep, summarise
 from randmask_lab.theory.linreg import check_p
 
@@ -65,7 +65,7 @@ def run_theory(
         "per_p": summarise(records),
         "files": {k: str(v) for k, v in paths.items()},
     }
-    (out / "theory_summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "theory_summary.json", summary, indent=2)
     if verbose:
         print(fmt_table(summary["per_p"]))
         print(f"wrote {', '.join(FIGURES.values())} and theory_summary.json to {out}")

@@ -11,6 +11,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from randmask_lab.fs import save_figure
+
 
 def _by_p(records: list[dict], key: str) -> tuple[np.ndarray, list[np.ndarray]]:
     ps = np.array(sorted({r["p"] for r in records}))
@@ -30,8 +32,7 @@ def _finish(fig: Figure, path: Path, title: str, caption: str) -> Path:
     fig.suptitle(title, fontsize=12)
     fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_eigen_concentration(records: list[dict], path: Path, n: int, d: int, delta: float) -> Path:

@@ -22,6 +22,7 @@ import torch
 
 from randmask import MaskingError, read_json_limited, read_limited
 from randmask_lab.errors import RunError
+from randmask_lab.fs import write_json
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import (
     full_tensor,
@@ -30,7 +31,6 @@ from randmask_lab.methods.trainable import (
     read_tensors,
     tensor_file_limit,
     trainable_tensors,
-    write_json,
     write_tensors,
 )
 

@@ -25,8 +25,8 @@ from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner,
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.training.checkpoint import TrainState
 from randmask_lab.experiment.training.loop import LeaseLost, RunInterrupted, Trainer, evaluate
+from randmask_lab.fs import write_json
 from randmask_lab.machine import machine_info
-from randmask_lab.methods.trainable import write_json
 
 __all__ = ["LeaseLost", "RunInterrupted", "RunResult", "default_store", "run_training", "store_path"]
 
