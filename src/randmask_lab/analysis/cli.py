@@ -12,131 +12,18 @@ from __future__ import annotations
 
 import argparse
 import io
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from randmask import count_base_parameters, masked_layers, read_limited
-from randmask_lab.analysis.distance import distance_from, masked_distance, merge_peft_delta
-from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
+from randmask import count_base_parameters, read_limited
 from randmask_lab.analysis.hvp import LossFn
-from randmask_lab.analysis.localization import eigenvector_localization
-from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, suggest_lr
+from randmask_lab.analysis.runs import activations_markdown, run_activations, run_distance, run_hessian, run_suggest_lr
+from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION
 from randmask_lab.argtypes import non_negative_int, positive_float, positive_int
 from randmask_lab.errors import RunError
-from randmask_lab.fs import write_json
-
-
-def _n_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _run_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``meta`` plus the trainable and total (base model) parameter counts."""
-    return {**(meta or {}), "n_trainable": _n_trainable(model), "n_total": count_base_parameters(model)}
-
-
-def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
-                loss_fn: LossFn | None = None, tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
-                which: str = "top", top_k: int = 0, meta: Mapping[str, Any] | None = None) -> dict:
-    """λ_max by power iteration (+ the top-k by Lanczos if ``top_k``); writes hessian.json, power_trace.png.
-
-    ``meta``: what was measured (model, task, method, budget, trained or not), stored as ``run`` in the JSON
-    together with the parameter counts, so that ``randmask figure4`` can place the result.
-    """
-    out = Path(out_dir)
-    res = hessian_top_eigenvalue(model, batches, loss_fn, tol=tol, max_iter=max_iter, seed=seed,
-                                 which=which)  # type: ignore[arg-type]
-    summary: dict = {
-        "lambda_max": res.eigenvalue, "which": which, "converged": res.converged,
-        "iterations": res.iterations, "largest_magnitude": res.largest_magnitude,
-        "shifted": res.shifted, "residual": res.residual, "trace": res.trace,
-        "n_trainable": _n_trainable(model), "n_batches": len(batches),
-        "settings": {"tol": tol, "max_iter": max_iter, "seed": seed}, "run": _run_meta(model, meta),
-    }
-    if res.vector is not None:
-        summary["localization"] = eigenvector_localization(model, res.vector)
-    if top_k:
-        summary["top_k"] = hessian_top_eigenvalues(model, batches, top_k, loss_fn, seed=seed)
-    from randmask_lab.analysis.plots import plot_power_trace  # matplotlib only when a plot is drawn
-
-    plot = plot_power_trace(res.trace, out / "power_trace.png", tol=tol)
-    summary["files"] = {"plot": str(plot)}
-    summary["files"]["json"] = str(write_json(out / "hessian.json", summary, indent=2))
-    return summary
-
-
-def run_distance(model: nn.Module, out_dir: str | Path,
-                 reference_state_dict: Mapping[str, torch.Tensor] | None = None,
-                 meta: Mapping[str, Any] | None = None) -> dict:
-    """Distance from the pretrained weights; writes distance.json.
-
-    With a reference state dict: ``distance_from`` (any method; a peft LoRA delta is merged into the
-    weights first, consuming ``model``); without one, a randmask model's ``values`` (``masked_distance``).
-    """
-    run = _run_meta(model, meta)  # the counts before a LoRA merge turns the model into plain weights
-    if reference_state_dict is not None:
-        model, merged = merge_peft_delta(model)
-        # Only what the method trains: a head held fixed (--freeze-head) moved in training but is not the method's.
-        report = distance_from(model, reference_state_dict, trainable_only=True, also=merged)
-        how = "weights vs reference state dict" + (" (LoRA delta merged)" if merged else "")
-    elif masked_layers(model):
-        report, how = masked_distance(model), "norm of randmask values"
-    else:
-        raise ValueError("this model has no randmask layers: pass --reference PRETRAINED_WEIGHTS "
-                         "(.safetensors or a torch state dict) to compare its weights with.")
-    summary = {"method": how, **report.to_dict(), "run": run}
-    summary["files"] = {"json": str(write_json(Path(out_dir) / "distance.json", summary, indent=2))}
-    return summary
-
-
-def run_suggest_lr(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
-                   loss_fn: LossFn | None = None, calibration: float = ADAM_CALIBRATION,
-                   tol: float = 1e-3, max_iter: int = 100, seed: int = 0,
-                   meta: Mapping[str, Any] | None = None) -> dict:
-    """Adam LR suggestion from λ_max; writes suggest_lr.json."""
-    sugg = suggest_lr(model, batches, loss_fn, calibration=calibration, tol=tol, max_iter=max_iter, seed=seed)
-    summary = {**sugg.to_dict(), "formula": "adam_lr = calibration * grad_rms * 2 / lambda_max",
-               "run": _run_meta(model, meta)}
-    summary["files"] = {"json": str(write_json(Path(out_dir) / "suggest_lr.json", summary, indent=2))}
-    return summary
-
-
-def run_activations(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
-                    loss_fn: LossFn | None = None, modules: Sequence[str] | None = None, features: Sequence[int] = (),
-                    top: int = 3, meta: Mapping[str, Any] | None = None) -> dict:
-    """RMS of each input feature of ``modules`` (name suffixes; default: the masked layers) over the batches'
-    real tokens, with each module's outliers; writes activations.json (summary plus every RMS vector)."""
-    from randmask_lab.analysis.activations import feature_outliers, input_feature_rms, matching_modules
-
-    if modules:
-        names = matching_modules(model, modules)
-    else:
-        names = list(masked_layers(model))
-        if not names:
-            raise ValueError("this model has no randmask layers: pass --modules (e.g. v_proj) to name the "
-                             "linear layers whose inputs to measure")
-    rms = input_feature_rms(model, batches, names, loss_fn)
-    summary = {"modules": feature_outliers(rms, top=top, features=features), "n_batches": len(batches),
-               "run": _run_meta(model, meta), "rms": {n: r.tolist() for n, r in rms.items()}}
-    summary["files"] = {"json": str(write_json(Path(out_dir) / "activations.json", summary, indent=2))}
-    return summary
-
-
-def activations_markdown(summary: dict, features: Sequence[int] = ()) -> str:
-    """One row per module: its median input RMS, its top features (× the median) and the asked features."""
-    head = "| module | median RMS | largest input features (× median) |" + "".join(
-        f" feature {f}: rank, × median |" for f in features)
-    lines = [head, "|---|---:|---|" + "---|" * len(features)]
-    for name, row in summary["modules"].items():
-        top = ", ".join(f"{t['feature']} ({t['x_median']:.1f}×)" for t in row["top"])
-        asked = "".join(f" {row['features'][str(f)]['rank'] + 1}, {row['features'][str(f)]['x_median']:.1f}× |"
-                        for f in features)
-        lines.append(f"| {name} | {row['median_rms']:.3g} | {top} |{asked}")
-    return "\n".join(lines)
 
 
 def load_state_dict(path: str | Path, max_bytes: int = 1 << 40) -> dict[str, torch.Tensor]:
@@ -180,7 +67,7 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, list, LossFn, dict[str,
         raise SystemExit(
             f"`randmask {args.command}` needs randmask_lab.experiment.build_model_and_batches(args) -> "
             "(model, batches, loss_fn), which this install does not have yet. From Python, call "
-            "randmask_lab.analysis.cli.run_hessian / run_distance / run_suggest_lr with a model instead."
+            "randmask_lab.analysis.runs.run_hessian / run_distance / run_suggest_lr with a model instead."
         ) from None
     # loss_fn is the run's own training objective (not model(**batch).loss): see AnalysisInputs.
     model, batches, loss_fn = build_model_and_batches(args)

@@ -12,14 +12,8 @@ import torch
 from tests.conftest import tiny_inputs, tiny_model  # tests/conftest.py (tests/ is on sys.path under pytest)
 
 from randmask import MaskingConfig, apply_masking, masked_layers
-from randmask_lab.analysis.cli import (
-    activations_markdown,
-    register,
-    run_activations,
-    run_distance,
-    run_hessian,
-    run_suggest_lr,
-)
+from randmask_lab.analysis.cli import register
+from randmask_lab.analysis.runs import activations_markdown, run_activations, run_distance, run_hessian, run_suggest_lr
 
 
 @pytest.fixture
