@@ -12,6 +12,9 @@ machine and an AMX one differ several-fold, and a record made before records nam
 A (task, method) pair with no run on this kind but runs on another is priced by those runs times the two
 kinds' measured speed ratio (the median, over the pairs both kinds ran, of this kind's median time over the
 other's), and the text says how much of the total is such an estimate; with no shared pair it stays unpriced.
+A method that trains through another's code with only its mask's pattern changed (``structured``: randmask's op and
+steps, its entries in blocks) is priced, while it has no run of its own, by that method's runs on the same task,
+and the text says so too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class SpeedScaling:
                 f"pair{'s' if self.shared_pairs != 1 else ''} both ran)")
 
 
+# method -> the method whose runs price it while it has none: the same training code and step count, only the mask's
+# pattern differs (randmask_lab.methods: MASK_KIND_OF)
+PRICED_LIKE: dict[str, str] = {"structured": "randmask"}
+
+
 @dataclass(frozen=True)
 class Forecast:
     """Runs left (planned now + after the searches) and their price in worker-hours."""
@@ -51,6 +59,7 @@ class Forecast:
     unpriced: dict[tuple[str, str], int]  # (task, method) -> runs with no finished run to price them by
     kind: str = ""  # the CPU kind whose runs set the prices
     scaled: SpeedScaling | None = None  # the part priced from another kind's runs, if any
+    priced_like: tuple[float, tuple[str, ...]] = (0.0, ())  # hours priced by PRICED_LIKE, and the methods so priced
 
     def text(self) -> str:
         left = self.planned + self.after_search
@@ -62,6 +71,11 @@ class Forecast:
             out += f" on this kind of CPU ({self.kind})"
         if left and self.scaled:
             out += f", {self.scaled.text()}"
+        hours, methods = self.priced_like
+        if left and methods:
+            likes = ", ".join(f"{m} by {PRICED_LIKE[m]}'s" for m in methods)
+            out += (f", {hours:.1f} of them priced, with no run of their own yet, by the same task's runs of the "
+                    f"method that trains alike ({likes}: the same op and steps, only the mask's pattern differs)")
         if self.unpriced:
             pairs = ", ".join(f"{t} {m} ({n})" for (t, m), n in sorted(self.unpriced.items()))
             out += (f"; not priced yet (no finished run of that task and method on a {self.kind} CPU, nor on one "
@@ -106,7 +120,13 @@ def forecast(spec: StudySpec, planned: list[PlannedRun], records: list[RunRecord
     if scaled:
         unpriced = {key: n for key, n in unpriced.items() if key not in scaled.priced}
         hours += scaled.hours
-    return Forecast(len(planned), sum(later.values()), hours, unpriced, kind, scaled)
+    alike = {(task, method): here[(task, PRICED_LIKE[method])] for task, method in unpriced
+             if (task, PRICED_LIKE.get(method)) in here}
+    alike_hours = sum(unpriced[key] * seconds for key, seconds in alike.items()) / 3600
+    unpriced = {key: n for key, n in unpriced.items() if key not in alike}
+    methods = tuple(sorted({method for _, method in alike}))
+    return Forecast(len(planned), sum(later.values()), hours + alike_hours, unpriced, kind, scaled,
+                    (alike_hours, methods))
 
 
 def _scaled_from_another_kind(here: dict[tuple[str, str], float], others: dict[str, dict[tuple[str, str], float]],

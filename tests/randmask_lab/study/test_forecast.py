@@ -87,3 +87,16 @@ def test_a_pair_run_only_on_another_kind_of_cpu_is_priced_at_the_measured_speed_
     # randmask: 2 more search runs + 2 seeds at 2000 s x 0.5; full: 1 search run + 2 seeds at 300 s.
     assert f.scaled.hours == 4 * 1000.0 / 3600 and f.hours == (4 * 1000.0 + 3 * 300.0) / 3600
     assert f.unpriced == {} and "estimated from AVX2/no-bf16 runs" in f.text() and "x0.50" in f.text()
+
+
+def test_structured_is_priced_by_randmask_runs_until_it_has_its_own() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2, 3e-2, 1e-1), 1e-4), CellSpec("structured", (1e-2, 3e-2), 1e-4)])
+    records = [_timed(done(lr, 0, v), 600.0) for lr, v in ((1e-2, 0.9), (3e-2, 0.5), (1e-1, 0.7))]
+    f = forecast(s, needed_runs(s, records), records, kind=KIND)
+    # randmask: seeds 1 and 2 at its LR; structured: 2 search runs + 2 seeds, all at randmask's 600 s
+    assert f.unpriced == {} and f.hours == (2 + 4) * 600.0 / 3600 and f.priced_like == (4 * 600.0 / 3600,
+                                                                                          ("structured",))
+    assert "structured by randmask's" in f.text()
+    own = records + [_timed(done(1e-2, 0, 0.9, method="structured"), 1200.0)]
+    f = forecast(s, needed_runs(s, own), own, kind=KIND)
+    assert f.priced_like == (0.0, ()) and "trains alike" not in f.text()  # its own run sets its price now
