@@ -23,10 +23,13 @@ from randmask.registry import (
     adapter_meta,
     adapter_names,
     cached_layers,
+    disabled_depth,
     forget_adapter,
     forget_layers,
     masked_layers,
     record_adapter,
+    refuse_in_mixed_batch,
+    set_disabled_depth,
 )
 from randmask.registry import adapter_names as registered_adapters
 from randmask.summary import count_base_parameters, masking_summary
@@ -44,12 +47,16 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
 
     The one attach path of ``apply_masking`` (zero values, trainable) and ``load_adapter``
     (saved ``values`` by module name). Records (config, total_params) for the summary and saving.
+    The new adapter is the active one on every masked layer: a layer it does not adapt computes with W0, so an
+    earlier adapter on other modules never stays live beside it. Refused inside ``mixed_batch``.
     """
     if adapter_name in adapter_names(model):
         raise MaskingError(
             f"adapter {adapter_name!r} is already applied to this model. Call randmask.unload(model) "
             "first, or pass another adapter_name to add a second adapter."
         )
+    refuse_in_mixed_batch(model, f"adding adapter {adapter_name!r}")
+    earlier = adapter_names(model)
     for target, _, _ in masks:  # before any change: a refused model stays as it was
         check_weight(target.name, target.module)
     for param in model.parameters():
@@ -65,6 +72,8 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
             layer.sync()
         adapter.values.requires_grad_(trainable)
     record_adapter(model, adapter_name, config, total_params)
+    if earlier:  # the layers only an earlier adapter adapts hand over to W0
+        set_adapter(model, adapter_name)
 
 
 
@@ -132,6 +141,7 @@ def _wrap(model: nn.Module, target: Target, shared_with: tuple[str, ...]) -> Mas
     forget_layers(model)
     mark_shared_weight(existing, shared_with)  # before any adapter: a tied weight is never written
     layer = MaskedLayer(existing)
+    layer.disabled = disabled_depth(model) > 0  # wrapped inside disable_adapter: W0 until the block ends
     parent_name, _, child = target.name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     return layer
@@ -161,9 +171,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     Refused inside ``mixed_batch``.
     """
     adapter_meta(model, adapter_name)
+    refuse_in_mixed_batch(model, f"delete_adapter({adapter_name!r})")
     layers = masked_layers(model)
-    if any(layer.row_groups is not None for layer in layers.values()):
-        raise MaskingError(f"delete_adapter({adapter_name!r}) inside mixed_batch: leave the with-block first.")
     was_active = any(layer.active_adapter == adapter_name for layer in layers.values())
     remaining = [name for name in adapter_names(model) if name != adapter_name]
     if not remaining:
@@ -183,17 +192,25 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: inside it the model computes with the pristine pretrained weights."""
-    layers = list(masked_layers(model).values())
-    for layer in layers:
+    """Context manager: inside it the model computes with the pristine pretrained weights.
+
+    Adapters added inside start disabled too; ``unload`` or ``merge_and_unload`` inside it take effect at once
+    (the model they return is an ordinary one, as PEFT's). Nested blocks end with the outermost. Refused inside
+    ``mixed_batch``, whose per-sample adapters it would not turn off."""
+    refuse_in_mixed_batch(model, "disable_adapter()")
+    depth = disabled_depth(model)
+    set_disabled_depth(model, depth + 1)
+    for layer in masked_layers(model).values():
         layer.restore_base()
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
-            layer.sync()
+        set_disabled_depth(model, depth)
+        if depth == 0:
+            for layer in masked_layers(model).values():  # the layers now in the model: some may be new or gone
+                layer.disabled = False
+                layer.sync()
 
 
 @contextlib.contextmanager
@@ -224,7 +241,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], rows_per_name: i
         try:
             yield model
         finally:
-            for layer in layers:
+            for layer in masked_layers(model).values():  # not those unwrapped inside (unload): they are gone
                 layer.row_groups = None
                 layer.sync()
 

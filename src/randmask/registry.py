@@ -11,6 +11,7 @@ from randmask.layer import MaskedLayer
 
 _META_ATTR = "randmask_adapters"  # {adapter name: {"config": MaskingConfig, "total_params": int}}
 _LAYERS_ATTR = "randmask_layers"  # the masked layers, cached for set_adapter; dropped whenever one is added/removed
+_DISABLED_ATTR = "randmask_disabled_depth"  # how many disable_adapter blocks the model is inside (absent: none)
 _GUARD_ATTR = "randmask_forward_guard"  # handle of the root pre-hook that refuses PEFT-only forward kwargs
 
 # PEFT's forward arguments (``PeftModel.special_peft_forward_args``) that a model adapted by the free-function API
@@ -73,6 +74,25 @@ def _refuse_unhonoured_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> N
                            f"load_adapter, which would ignore it: {UNHONOURED_FORWARD_KWARGS[key]}.")
 
 
+def disabled_depth(model: nn.Module) -> int:
+    """How many ``disable_adapter`` blocks ``model`` is inside: a layer wrapped inside one starts disabled."""
+    return model.__dict__.get(_DISABLED_ATTR, 0)
+
+
+def set_disabled_depth(model: nn.Module, depth: int) -> None:
+    if depth:
+        model.__dict__[_DISABLED_ATTR] = depth
+    else:
+        model.__dict__.pop(_DISABLED_ATTR, None)
+
+
+def refuse_in_mixed_batch(model: nn.Module, what: str) -> None:
+    """MaskingError when ``model`` is inside ``mixed_batch``, whose per-sample tables hold the adapters it began
+    with: ``what`` (adding or removing adapters, unloading) must wait until the with-block ends."""
+    if any(layer.row_groups is not None for layer in masked_layers(model).values()):
+        raise MaskingError(f"{what} inside mixed_batch: leave the with-block first.")
+
+
 def forget_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter from the registry (its layers' tensors are the caller's to drop)."""
     del model.__dict__[_META_ATTR][adapter_name]
@@ -81,11 +101,13 @@ def forget_adapter(model: nn.Module, adapter_name: str) -> None:
 def forget_all(model: nn.Module) -> None:
     """Forget every adapter, the layer cache and the forward guard: the model is an ordinary one again."""
     model.__dict__.pop(_META_ATTR, None)
+    model.__dict__.pop(_DISABLED_ATTR, None)
     forget_layers(model)
     guard = model.__dict__.pop(_GUARD_ATTR, None)
     if guard is not None:
         guard.remove()
 
 
-__all__ = ["UNHONOURED_FORWARD_KWARGS", "adapter_meta", "adapter_names", "cached_layers", "forget_adapter",
-           "forget_all", "forget_layers", "masked_layers", "record_adapter"]
+__all__ = ["UNHONOURED_FORWARD_KWARGS", "adapter_meta", "adapter_names", "cached_layers", "disabled_depth",
+           "forget_adapter", "forget_all", "forget_layers", "masked_layers", "record_adapter", "refuse_in_mixed_batch",
+           "set_disabled_depth"]

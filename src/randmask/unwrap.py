@@ -15,6 +15,9 @@ def _replace_with_base(model: nn.Module, keep_delta: bool) -> nn.Module:
     if keep_delta:
         check_mergeable(model)
     for name, layer in masked_layers(model).items():
+        # Inside disable_adapter or mixed_batch the weight holds W0: enabled again, so that the delta is written
+        # now (the block's end no longer sees an unwrapped layer)
+        layer.disabled, layer.row_groups = False, None
         if keep_delta:
             layer.sync()
         else:

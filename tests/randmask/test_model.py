@@ -9,14 +9,19 @@ import torch
 from tests.conftest import model_output, tiny_inputs, tiny_model, train_steps
 
 from randmask import (
+    BASE_ADAPTER,
     MaskingConfig,
+    MaskingError,
     adapter_names,
+    add_weighted_adapter,
     apply_masking,
     count_base_parameters,
+    delete_adapter,
     disable_adapter,
     masked_layers,
     masking_summary,
     merge_and_unload,
+    mixed_batch,
     set_adapter,
     unload,
 )
@@ -115,6 +120,81 @@ def test_second_adapter_and_switching():
     set_adapter(model, "b")
     assert torch.equal(model_output(model, inputs), out_b)
     assert adapter_names(model) == ["a", "b"]
+
+
+def test_a_second_adapter_on_other_modules_is_the_only_active_one():
+    """The newest adapter is the active one on every layer: the layers only the first adapts compute with W0."""
+    model, inputs = tiny_model("llama"), tiny_inputs("llama")
+    apply_masking(model, MaskingConfig(density=0.3, targets=["q_proj"]), adapter_name="a")
+    train_steps(model, inputs)
+    apply_masking(model, MaskingConfig(density=0.3, targets=["k_proj"]), adapter_name="b")
+    train_steps(model, inputs)
+    alone = copy.deepcopy(model)
+    delete_adapter(alone, "a")  # b on its own
+    assert {n.rsplit(".", 1)[-1]: layer.active_adapter for n, layer in masked_layers(model).items()} == {
+        "q_proj": None, "k_proj": "b"}
+    assert torch.equal(model_output(model, inputs), model_output(alone, inputs))
+    assert torch.equal(model_output(merge_and_unload(model), inputs), model_output(alone, inputs))
+
+
+def test_unload_and_merge_inside_disable_adapter_or_a_mixed_batch_take_effect_at_once():
+    """Before, the with-block's end wrote the adapter back into the unloaded model's weights."""
+    inputs = tiny_inputs("llama")
+    pristine = tiny_model("llama")
+    base_out = model_output(pristine, inputs)
+
+    def adapted():
+        model = apply_masking(tiny_model("llama"), MaskingConfig(density=0.3))
+        train_steps(model, inputs)
+        return model
+
+    for context in (disable_adapter, lambda m: mixed_batch(m.eval(), [BASE_ADAPTER, "default"])):
+        model = adapted()
+        with context(model):
+            unload(model)
+        assert all(torch.equal(v, pristine.state_dict()[k]) for k, v in model.state_dict().items())
+    model = adapted()
+    with disable_adapter(model):
+        delete_adapter(model, "default")  # the last adapter: unload
+    assert torch.equal(model_output(model, inputs), base_out)
+    model = adapted()
+    trained_out = model_output(model, inputs)
+    with disable_adapter(model):
+        merged = merge_and_unload(model)  # an ordinary model at once, as PEFT's
+        assert torch.equal(model_output(merged, inputs), trained_out)
+    assert torch.equal(model_output(merged, inputs), trained_out)
+
+
+def test_disable_adapter_nests_and_covers_adapters_added_inside():
+    model, inputs = tiny_model("llama"), tiny_inputs("llama")
+    base_out = model_output(model, inputs)
+    apply_masking(model, MaskingConfig(density=0.3, targets=["q_proj"]), adapter_name="a")
+    train_steps(model, inputs)
+    with disable_adapter(model):
+        with disable_adapter(model):
+            pass
+        assert torch.equal(model_output(model, inputs), base_out)  # the inner block's end kept it disabled
+        apply_masking(model, MaskingConfig(density=0.3, targets=["k_proj"]), adapter_name="b")
+        with torch.no_grad():
+            for layer in masked_layers(model).values():
+                if "b" in layer.adapters:
+                    layer.adapters["b"].values.normal_()
+        assert torch.equal(model_output(model, inputs), base_out)  # b, added inside, is disabled too
+    assert not torch.equal(model_output(model, inputs), base_out)
+    assert {layer.active_adapter for layer in masked_layers(model).values()} == {None, "b"}
+
+
+def test_what_a_mixed_batch_cannot_hold_is_refused():
+    model = apply_masking(tiny_model("llama"), MaskingConfig(density=0.3), adapter_name="a").eval()
+    with mixed_batch(model, ["a", BASE_ADAPTER]):
+        with pytest.raises(MaskingError, match=r"^disable_adapter\(\) inside mixed_batch"):
+            with disable_adapter(model):
+                pass
+        with pytest.raises(MaskingError, match="^adding adapter 'b' inside mixed_batch"):
+            apply_masking(model, MaskingConfig(density=0.3), adapter_name="b")
+        with pytest.raises(MaskingError, match=r"^add_weighted_adapter\(\.\.\., 'w'\) inside mixed_batch"):
+            add_weighted_adapter(model, ["a"], [1.0], "w")
+    assert adapter_names(model) == ["a"]
 
 
 def test_gpt2_qv_blocks_only():
