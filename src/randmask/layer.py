@@ -198,6 +198,10 @@ class MaskedLayer(MaskIdentityState, nn.Module):
         """What the state dict carries of this layer's masks (``randmask.layer_state``)."""
         return layer_identity(self.adapters, self.live_adapter())
 
+    def held_adapter(self) -> MaskAdapter | None:
+        """The adapter whose W0 the layer holds beside the weight: the active one, unless on the delta path."""
+        return None if self.active_adapter is None or self.delta_path else self.adapters[self.active_adapter]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_groups is not None:  # mixed batch: randmask.mixed_batch restored W0 on entry
             return mixed_forward(self.base_layer, x, self.adapters, self.row_groups)

@@ -48,6 +48,11 @@ class MaskIdentityState:
     def mask_identity(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def held_adapter(self) -> Any:
+        """The adapter whose W0 at its entries the layer holds beside the weight (``MaskAdapter.held_base``), or
+        None."""
+        raise NotImplementedError
+
     def get_extra_state(self) -> torch.Tensor:
         """The masks' identity the state dict carries (``randmask.layer_state``), checked by ``load_state_dict``."""
         return encode(self.mask_identity())
@@ -60,6 +65,8 @@ class MaskIdentityState:
         saved = decode(state_dict.setdefault(f"{prefix}_extra_state", UNCHECKED), where)
         if saved is not None:
             check_identity(saved, self.mask_identity(), where)
+            if saved["live"] is None and not saved["merged"]:  # the saved weight holds W0 at every entry
+                check_loaded_base(self.held_adapter(), state_dict.get(f"{prefix}base_layer.weight"), where)
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
 
 
@@ -117,4 +124,28 @@ def check_identity(saved: dict[str, Any], ours: dict[str, Any], where: str) -> N
                            "base weights first, then apply_masking, then this state dict).")
 
 
-__all__ = ["UNCHECKED", "MaskIdentityState", "check_identity", "decode", "encode", "layer_identity"]
+def check_loaded_base(held: Any, incoming: Any, where: str) -> None:
+    """Refuse a saved weight that holds another base's W0 at the entries of ``held`` (the adapter whose W0 this layer
+    holds beside its weight), compared in the narrower of the two dtypes: loaded, the weight would be the other
+    base's and the held W0 this one's, so the next write (a forward, set_adapter, unload) would mix the two. A saved
+    weight that is not a plain tensor of this layer's size (sharded, quantized) is not compared."""
+    size = None if held is None else held.stored_shape[0] * held.stored_shape[1]
+    if held is None or held.base_values is None or type(incoming) is not torch.Tensor or incoming.numel() != size:
+        return
+    ours = held.held_base()
+    theirs = incoming.detach().reshape(-1)[held.indices.to(incoming.device)]
+    if not (ours.is_floating_point() and theirs.is_floating_point()):
+        return
+    narrow = min((ours.dtype, theirs.dtype), key=lambda dtype: torch.finfo(dtype).bits)
+    theirs = theirs.to(device=ours.device, dtype=narrow)
+    # W0 (+) values also passes: what this layer's weight holds while the adapter is live, as a state dict taken
+    # inside disable_adapter does once the block has ended (its tensors are the parameters themselves)
+    if not (torch.equal(theirs, ours.to(narrow)) or torch.equal(theirs, held.target_entries(ours.dtype).to(narrow))):
+        raise MaskingError(f"{where}: the state dict was saved from another base model (its weight's W0 differs at "
+                           "the active adapter's entries): loaded, the weight would be that base's and the W0 this "
+                           "layer holds this one's. Load it into the base it was saved from (a model built from its "
+                           "config alone: load the base weights first, then apply_masking, then this state dict).")
+
+
+__all__ = ["UNCHECKED", "MaskIdentityState", "check_identity", "check_loaded_base", "decode", "encode",
+           "layer_identity"]

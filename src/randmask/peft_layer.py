@@ -74,6 +74,10 @@ class RandMaskLayer(MaskIdentityState, nn.Module, BaseTunerLayer):
         """What the state dict carries of this layer's masks (``randmask.layer_state``)."""
         return layer_identity(self.randmask_adapters, self._live, self.merged_adapters)
 
+    def held_adapter(self) -> MaskAdapter | None:
+        """The adapter whose W0 the layer holds beside the weight: the live one."""
+        return None if self._live is None else self.randmask_adapters[self._live]
+
     def pristine_entries(self, indices: torch.Tensor) -> torch.Tensor:
         """W0 at ``indices`` (flat stored-weight positions; dequantized on a quantized base): the live adapter's delta
         is taken out of the weight (written again at the next forward). Refused while adapters are merged."""

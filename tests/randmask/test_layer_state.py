@@ -52,6 +52,23 @@ def test_a_state_saved_in_bf16_loads_into_the_fp32_masking_of_the_same_base() ->
         apply_masking(tiny_model("llama", seed=5), MaskingConfig(**EXACT, seed=0)).load_state_dict(state)
 
 
+def test_a_state_saved_inside_disable_adapter_from_another_base_is_refused() -> None:
+    """Its weight holds W0 at every entry, so no W0 fingerprint was saved: the saved weight itself is compared with
+    the W0 this layer holds (before, it loaded, and the next write mixed the two bases)."""
+    model, _ = _saved()
+    with disable_adapter(model):
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # as torch.save inside the block keeps it
+    same = apply_masking(tiny_model("llama"), MaskingConfig(**EXACT, seed=0))
+    same.load_state_dict(state)
+    assert torch.equal(model_output(same, tiny_inputs("llama")), model_output(model, tiny_inputs("llama")))
+    apply_masking(tiny_model("llama"), MaskingConfig(**EXACT, seed=0)).load_state_dict(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()})  # compared in bf16
+    other = apply_masking(tiny_model("llama", seed=5), MaskingConfig(**EXACT, seed=0))
+    with pytest.raises(MaskingError, match=r"^model.layers.0.self_attn.q_proj: the state dict was saved from another "
+                                           "base model .*the active adapter's entries"):
+        other.load_state_dict(state)
+
+
 def test_another_written_adapter_is_refused_and_a_pristine_weight_loads() -> None:
     model = apply_masking(tiny_model("llama"), MaskingConfig(**EXACT, seed=0), adapter_name="a")
     apply_masking(model, MaskingConfig(**EXACT, seed=1), adapter_name="b")
@@ -115,6 +132,11 @@ def test_a_peft_model_state_dict_is_checked_too() -> None:
     assert torch.equal(model_output(same, tiny_inputs("llama")), model_output(model, tiny_inputs("llama")))
     with pytest.raises(MaskingError, match="the state dict's adapter 'default' was drawn with another mask"):
         peft_model(1).load_state_dict(state)
+    with model.disable_adapter():
+        disabled = model.state_dict()
+    other_base = get_peft_model(tiny_model("llama", seed=5), RandMaskConfig(**EXACT, seed=0))
+    with pytest.raises(MaskingError, match="saved from another base model"):
+        other_base.load_state_dict(disabled)
     model.merge_adapter()
     with pytest.raises(MaskingError, match=r"weight has adapters \['default'\] merged into it, this layer \[\]"):
         peft_model(0).load_state_dict(model.state_dict())
