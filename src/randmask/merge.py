@@ -18,6 +18,8 @@ trim). Where no two masks overlap, linear keeps every adapter's delta exactly.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,24 +29,38 @@ from torch import nn
 from randmask.adapter import Block, MaskAdapter
 from randmask.config import MaskingConfig, MaskingError
 from randmask.pattern import SparsePattern
-from randmask.registry import adapter_meta, adapter_names, masked_layers, record_adapter
+from randmask.registry import adapter_meta, adapter_names, masked_layers, record_adapter, refuse_in_mixed_batch
 
 COMBINATION_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _NEEDS_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
 
 
+def _as_weight(weight: object) -> float | None:
+    """A merge weight as a float: a finite Python, NumPy or one-element torch real number; None for anything else."""
+    if isinstance(weight, torch.Tensor):
+        if weight.numel() != 1 or weight.dtype == torch.bool or weight.is_complex():
+            return None
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        return None
+    weight = float(weight)
+    return weight if math.isfinite(weight) else None
+
+
 def check_merge_args(n_adapters: int, weights: Sequence[float], combination_type: str, density: float | None,
-                     majority_sign_method: str) -> None:
-    """MaskingError for arguments a merge does not honour, before any work."""
+                     majority_sign_method: str) -> list[float]:
+    """MaskingError for arguments a merge does not honour, before any work; the weights as floats (NumPy and
+    one-element torch numbers are taken, as PEFT takes them)."""
     if combination_type not in COMBINATION_TYPES:
         raise MaskingError(f"combination_type={combination_type!r} is not one randmask merges; use one of "
                            f"{list(COMBINATION_TYPES)} (svd/cat exist for LoRA's low-rank factors only).")
     if n_adapters == 0 or len(weights) != n_adapters:
         raise MaskingError(f"add_weighted_adapter needs one weight per adapter: got {n_adapters} adapters and "
                            f"{len(weights)} weights.")
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w == w and abs(w) != float("inf")
-               for w in weights):
-        raise MaskingError(f"weights={list(weights)!r} must be finite numbers.")
+    floats = [_as_weight(w) for w in weights]
+    if None in floats:
+        raise MaskingError(f"weights={list(weights)!r} must be finite real numbers (Python, NumPy or one-element "
+                           "torch scalars), one per adapter.")
     if combination_type in _NEEDS_DENSITY:
         if density is None or not 0.0 < density <= 1.0:
             raise MaskingError(f"combination_type={combination_type!r} needs density in (0, 1] (the share of each "
@@ -56,6 +72,7 @@ def check_merge_args(n_adapters: int, weights: Sequence[float], combination_type
         raise MaskingError(f"majority_sign_method={majority_sign_method!r} must be 'total' or 'frequency'.")
     if majority_sign_method != "total" and combination_type not in ("ties", "dare_ties"):
         raise MaskingError(f"majority_sign_method applies to ties and dare_ties, not {combination_type!r}.")
+    return floats  # type: ignore[return-value]  # (no None left)
 
 
 def merge_sparse(deltas: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float],
@@ -67,7 +84,7 @@ def merge_sparse(deltas: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: S
     The result covers the union of the masks (entries every adapter dropped stay, at zero), in the
     values' common float dtype (fp32 at least). ``generator`` draws DARE's drops.
     """
-    check_merge_args(len(deltas), weights, combination_type, density, majority_sign_method)
+    weights = check_merge_args(len(deltas), weights, combination_type, density, majority_sign_method)
     dtype = torch.promote_types(torch.float32, deltas[0][1].dtype)
     union = torch.unique(torch.cat([idx for idx, _ in deltas]))  # (U,), sorted
     stacked = union.new_zeros((len(deltas), union.numel()), dtype=dtype)  # (n, U): d_i over the union
@@ -131,7 +148,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise MaskingError(f"add_weighted_adapter: the model has no adapters {missing}; it has {known}.")
     if adapter_name in known:
         raise MaskingError(f"adapter {adapter_name!r} already exists; pick another name or delete it first.")
-    check_merge_args(len(adapters), weights, combination_type, density, majority_sign_method)
+    weights = check_merge_args(len(adapters), weights, combination_type, density, majority_sign_method)
+    refuse_in_mixed_batch(model, f"add_weighted_adapter(..., {adapter_name!r})")
     totals = {adapter_meta(model, a)["total_params"] for a in adapters}
     if len(totals) != 1:
         raise MaskingError(f"the adapters were made for base models of different sizes {sorted(totals)}; "

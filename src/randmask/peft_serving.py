@@ -77,7 +77,7 @@ def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights
     if adapter_name in tuner.peft_config:
         raise MaskingError(f"adapter {adapter_name!r} already exists (PEFT's LoRA would silently keep the old one); "
                            "pick another name or delete_adapter it first.")
-    check_merge_args(len(adapters), weights, combination_type, density, majority_sign_method)
+    weights = check_merge_args(len(adapters), weights, combination_type, density, majority_sign_method)
     layers = _layers(tuner.model)
     if any(layer.merged for layer in layers):
         raise MaskingError("add_weighted_adapter needs unmerged adapters: call model.unmerge_adapter() first.")

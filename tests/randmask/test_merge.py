@@ -1,5 +1,6 @@
 """Merging sparse adapters: each method's rule on overlapping entries, and add_weighted_adapter on a model."""
 
+import numpy as np
 import pytest
 import torch
 from tests.conftest import tiny_model
@@ -75,8 +76,19 @@ def test_bad_merge_arguments_are_refused():
             merge_sparse(deltas, [1.0] * 3, **kwargs)
     with pytest.raises(MaskingError, match="one weight per adapter"):
         merge_sparse(deltas, [1.0], "linear")
-    with pytest.raises(MaskingError, match="finite"):
-        merge_sparse(deltas, [1.0, float("nan"), 1.0], "linear")
+    for bad in ([1.0, float("nan"), 1.0], [1.0, "2", 1.0], [1.0, torch.ones(2), 1.0], [1.0, True, 1.0],
+                [1.0, np.float64("inf"), 1.0]):
+        with pytest.raises(MaskingError, match="must be finite real numbers"):
+            merge_sparse(deltas, bad, "linear")
+
+
+def test_numpy_and_torch_scalar_weights_merge_as_floats():
+    deltas = _deltas()
+    expected = merge_sparse(deltas, [1.0, -0.5, 2.0], "linear")
+    for weights in ([np.float32(1.0), np.float64(-0.5), np.int64(2)], torch.tensor([1.0, -0.5, 2.0]),
+                    [torch.tensor(1.0), torch.tensor([-0.5]), 2]):
+        union, merged = merge_sparse(deltas, weights, "linear")
+        assert torch.equal(union, expected[0]) and torch.equal(merged, expected[1])
 
 
 def _two_adapter_model(arch, density=0.3):
