@@ -84,6 +84,11 @@ class RandMaskConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's save, sealed: the SHA-256 of the weights file PEFT wrote into the same folder just before, and a
         checksum of the randmask fields."""
+        # PEFT writes a set as a list in the set's order (its inject_adapter makes target_modules="all-linear" the
+        # set of module names): sorted here, so that the file holds the order the seal was computed over
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (set, frozenset)):
+                setattr(self, name, sorted(getattr(self, name)))
         self.weights_sha256 = self.config_sha256 = None
         sealed = seal(self._json_dict(), Path(save_directory))
         self.weights_sha256, self.config_sha256 = sealed["weights_sha256"], sealed["config_sha256"]

@@ -170,14 +170,32 @@ def _wanted_from_items(model: nn.Module, items: list[str]) -> dict[str, list[str
         if names and suffix in QV_ALIASES and not any(_suffix_matches(n, suffix) for n in names):
             blocks = [QV_ALIASES[suffix]]  # q_proj/v_proj on a fused c_attn (GPT-2): that block of it
         if not names:
-            raise MaskingError(
-                f"target {item!r} matches no module. Adaptable modules in this model: "
-                f"{candidate_names(model)}. Use module-name suffixes or a regex string."
-            )
+            # regex syntax, an empty name component ('.*', '.q_proj') or a '*' inside one, which no suffix has
+            regex_like = any(c in suffix for c in "^$+?()[]{}|\\") or any(
+                not part or ("*" in part and part != "*") for part in suffix.split("."))
+            hint = (" A list item is a module-name suffix ('*' stands for one name component), never a regex: pass "
+                    "a regex as the whole targets string instead (targets='.*q_proj')." if regex_like else
+                    " Use module-name suffixes, or a regex over whole names as the whole targets string.")
+            raise MaskingError(f"target {item!r} matches no module. Adaptable modules in this model: "
+                               f"{candidate_names(model)}.{hint}")
         for n in names:
             previous = wanted.get(n, [])
             wanted[n] = None if blocks is None or previous is None else sorted(set(previous) | set(blocks))
     return wanted
+
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand (peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND)
+CLASSIFIER_HEADS = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES: a classification model's head
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every Linear / Conv1D module but the output layer (the output
+    embeddings; a classification model's ``score`` / ``classifier`` head where it has none), on any architecture."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads = [output] if output is not None else [getattr(model, name, None) for name in CLASSIFIER_HEADS]
+    head_ids = {id(_unwrap(h)) for h in heads if isinstance(h, nn.Module)}
+    return [name for name, module in _maskable_modules(model) if id(module) not in head_ids]
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
@@ -189,6 +207,8 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
     """
     if targets is None:
         targets = default_targets(model)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = all_linear_names(model)  # whole names: each matches itself only
     if isinstance(targets, str) and _PLAIN_NAME.match(targets):
         targets = [targets]  # "q_proj" means the suffix, not a regex that must match a whole name
     if isinstance(targets, str):
@@ -205,6 +225,14 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
         )
     if exclude:
         excluded = excluded_names(model, exclude)
+        if not excluded & set(wanted):
+            some = sorted(excluded)
+            first = f"{some[0]}{', ...' * (len(some) > 1)}"
+            raise MaskingError(f"exclude {exclude!r} matches modules of this model ({first}) but none of the "
+                               f"{len(wanted)} that targets {targets!r} select, so it would exclude nothing: exclude "
+                               "matches whole module names, as PEFT's exclude_modules does, and a parent module does "
+                               "not exclude the modules inside it. Name the target modules themselves (e.g. "
+                               f"{sorted(wanted)[0]!r}) or a regex over their names.")
         if not set(wanted) - excluded:
             raise MaskingError(f"exclude {exclude!r} leaves none of the {len(wanted)} modules that targets "
                                f"{targets!r} select; narrow exclude or widen targets.")
@@ -268,12 +296,14 @@ def weight_ties(model: nn.Module, targets: list[Target]) -> dict[str, tuple[str,
 
 
 __all__ = [
+    "ALL_LINEAR",
     "ARCHITECTURES",
     "FUSED_BLOCKS",
     "QV_ALIASES",
     "TARGET_SETS",
     "ArchitectureTargets",
     "Target",
+    "all_linear_names",
     "architecture_targets",
     "candidate_names",
     "default_targets",

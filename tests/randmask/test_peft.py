@@ -327,3 +327,18 @@ def test_exclude_modules_leaves_modules_out_and_travels_sealed(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(MaskingError, match="config_sha256|edited"):
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+
+
+def test_all_linear_adapts_every_linear_but_the_head_and_reloads(tmp_path):
+    """PEFT makes ``target_modules="all-linear"`` the set of module names at injection; saved, that set was written in
+    its own order, not the one the seal was computed over, so the adapter could not be loaded again."""
+    model = _peft_model("llama", density=0.2, target_modules="all-linear")
+    assert sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, RandMaskLayer)}) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # not lm_head
+    trained(model, "llama")
+    expected = model_output(model, tiny_inputs("llama"))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted(saved) and len(saved) == 14
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert torch.equal(model_output(reloaded, tiny_inputs("llama")), expected)

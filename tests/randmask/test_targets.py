@@ -1,6 +1,7 @@
 """The one target resolver and its per-architecture tables."""
 
 import dataclasses
+import re
 
 import pytest
 from tests.conftest import TINY_ARCHS, tiny_model
@@ -60,6 +61,15 @@ def test_suffix_matches_whole_components() -> None:
         resolve_targets(tiny_model("llama"), ["_proj"])
 
 
+@pytest.mark.parametrize("item", [".*", "q_proj|v_proj", "q*", ".q_proj", r"layers\.0"])
+def test_a_regex_passed_as_a_list_item_is_named_as_one(item) -> None:
+    with pytest.raises(MaskingError, match=rf"^target {re.escape(repr(item))} matches no module\..* never a regex: pass "
+                                           "a regex as the whole targets string"):
+        resolve_targets(tiny_model("llama"), [item])
+    with pytest.raises(MaskingError, match=r"Use module-name suffixes, or a regex"):  # a plain typo: no such hint
+        resolve_targets(tiny_model("llama"), ["layers.*.q_prj"])
+
+
 def test_unknown_architecture_says_what_to_do() -> None:
     model = tiny_model("opt")
     model.config.model_type = "mystery"
@@ -78,8 +88,8 @@ def test_exclude_leaves_modules_out_as_targets_name_them() -> None:
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # a plain name is a suffix
     assert names(resolve_targets(model, ["q_proj", "v_proj"], exclude=r".*layers\.1\..*")) == [
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]  # any other string: a regex
-    assert names(resolve_targets(model, ["q_proj"], exclude=["layers.*.mlp.up_proj"])) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # excluding a non-target is fine
+    assert names(resolve_targets(model, ["q_proj"], exclude=["layers.*.mlp.up_proj", "layers.0.self_attn.q_proj"])) == [
+        "model.layers.1.self_attn.q_proj"]  # an item that names a non-target is fine beside one that excludes
 
 
 @pytest.mark.parametrize("exclude, match", [
@@ -88,6 +98,10 @@ def test_exclude_leaves_modules_out_as_targets_name_them() -> None:
     ("(", r"exclude='\(' is not a valid regular expression"),
     (r".*\.k_prj", r"exclude='.*\\\\.k_prj' matches no module of this model, so it would exclude nothing"),
     (["c_attn[q]"], r"exclude item 'c_attn\[q\]' names column blocks"),
+    (["layers.0"], r"exclude \['layers.0'\] matches modules of this model \(model.layers.0\) but none of the 4 "
+                   r"that targets .* a parent module does not exclude the modules inside it"),
+    (["self_attn", "k_proj"], r"none of the 4 that targets"),
+    (".*mlp.*", r"exclude '.\*mlp.\*' matches modules of this model \(model.layers.0.mlp, ...\) but none"),
 ])
 def test_an_exclude_that_cannot_be_honoured_is_refused(exclude, match) -> None:
     with pytest.raises(MaskingError, match=match):
@@ -100,3 +114,19 @@ def test_exclude_of_another_type_is_refused_by_the_config(exclude) -> None:
 
     with pytest.raises(MaskingError, match="exclude=.* must be a list of module-name suffixes or a regex string"):
         MaskingConfig(density=0.1, exclude=exclude)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama", "gpt2", "bert"])
+def test_all_linear_selects_what_peft_lora_selects(arch) -> None:
+    """PEFT's shorthand ``target_modules="all-linear"``: every Linear / Conv1D but the output layer (the LM head, or a
+    classification model's head), on any architecture; the same modules PEFT's LoRA adapts."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    ours = [t.name for t in resolve_targets(tiny_model(arch), "ALL-LINEAR")]  # PEFT lower-cases it too
+    task = "SEQ_CLS" if arch == "bert" else "CAUSAL_LM"  # tiny bert is a sequence classifier
+    lora = get_peft_model(tiny_model(arch), LoraConfig(target_modules="all-linear", task_type=task))
+    theirs = [n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLayer)]
+    assert ours == theirs and ours
+    assert not any(n.endswith(("lm_head", "classifier")) for n in ours)
