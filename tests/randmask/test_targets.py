@@ -63,8 +63,8 @@ def test_suffix_matches_whole_components() -> None:
 
 @pytest.mark.parametrize("item", [".*", "q_proj|v_proj", "q*", ".q_proj", r"layers\.0"])
 def test_a_regex_passed_as_a_list_item_is_named_as_one(item) -> None:
-    with pytest.raises(MaskingError, match=rf"^target {re.escape(repr(item))} matches no module\..* never a regex: pass "
-                                           "a regex as the whole targets string"):
+    pattern = rf"^target {re.escape(repr(item))} matches no module\..* never a regex: pass a regex as the whole targets"
+    with pytest.raises(MaskingError, match=pattern):
         resolve_targets(tiny_model("llama"), [item])
     with pytest.raises(MaskingError, match=r"Use module-name suffixes, or a regex"):  # a plain typo: no such hint
         resolve_targets(tiny_model("llama"), ["layers.*.q_prj"])

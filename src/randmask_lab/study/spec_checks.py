@@ -20,17 +20,20 @@ from randmask_lab.argtypes import MAX_LR, MAX_SEED
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.experiment.run.options import SET_BY_RUNNER
+from randmask_lab.methods import MASK_KIND_OF, METHOD_NAMES
 
 MAX_SPEC_BYTES = 1 << 20
 TOP_LEVEL = {"name", "model", "precision", "protocol", "cells", "seeds", "search_seed", "max_extend", "common",
-             "stage", "reestimate"}
+             "reestimate"}  # (a top-level "stage" was accepted and never read: a stage belongs to a cell)
+MAX_STAGE = 100
 REESTIMATE_KEYS = {"compare", "half_width", "max_seeds"}
 MAX_REESTIMATED_SEEDS = 1000
 CELL_KEYS = {"method", "lrs", "ratio", "tasks", "seeds", "stage"}
 # RunConfig fields a spec's protocol/common may set: not the ones each planned run sets itself (model, task,
 # method, budget, lr, seeds, precision, out_dir) or the execution options of `randmask study` (threads, ...).
 _SET_BY_THE_PLAN = {"model", "task", "method", "ratio", "trainable_ratio", "lr", "seed", "data_seed", "mask_seed",
-                    "order_seed", "precision", "out_dir", "threads", "progress", "lease_seconds"}
+                    "order_seed", "precision", "out_dir", "store", "threads", "progress", "lease_seconds"}
+# (store: the study plans from <out-dir>/results.sqlite; a run writing elsewhere would never count, and run again)
 _SET_BY_THE_RUNNER = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get(SET_BY_RUNNER)}
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - _SET_BY_THE_PLAN - _SET_BY_THE_RUNNER
 LADDER_STEPS = 16  # the 1-3-10 LR ladder has 16 points: no grid can be extended further
@@ -74,13 +77,25 @@ def _cell(path: str | Path, n: int, cell: Any, tasks: set[str]) -> None:
         raise _fail(path, f"{where} has unknown keys {unknown} (known: {', '.join(sorted(CELL_KEYS))})")
     if not (isinstance(cell.get("method"), str) and cell["method"]):
         raise _fail(path, f"{where} needs a method name, got {str(cell.get('method'))[:40]!r}")
+    if cell["method"] not in METHOD_NAMES:
+        raise _fail(path, f"{where}: unknown method {cell['method']!r} (known: {', '.join(METHOD_NAMES)})")
+    stage = cell.get("stage", 0)
+    if not (_int(stage) and 0 <= stage <= MAX_STAGE):
+        raise _fail(path, f"{where} ({cell['method']}): stage must be an integer in [0, {MAX_STAGE}], got {stage!r}")
     lrs = cell.get("lrs", [])
     if not (isinstance(lrs, list) and all(_number(lr) and 0 < lr <= MAX_LR for lr in lrs)):
         raise _fail(path, f"{where} ({cell['method']}): lrs must be a list of learning rates in (0, {MAX_LR:g}], "
                           f"got {str(lrs)[:60]}")
     ratio = cell.get("ratio")
-    if ratio is not None and not (_number(ratio) and 0 < ratio <= 1):
-        raise _fail(path, f"{where} ({cell['method']}): ratio must be a fraction in (0, 1] or absent, got {ratio!r}")
+    masking = cell["method"] in MASK_KIND_OF
+    if masking and not (_number(ratio) and 0 < ratio <= 1):  # absent, the run's default budget would never match it
+        raise _fail(path, f"{where} ({cell['method']}): a masking cell needs its ratio, a fraction in (0, 1], got "
+                          f"{ratio!r}")
+    if not masking and ratio is not None:
+        raise _fail(path, f"{where} ({cell['method']}): ratio applies to {' and '.join(MASK_KIND_OF)} cells only; "
+                          "drop it")
+    if cell["method"] == "zeroshot" and lrs:
+        raise _fail(path, f"{where} (zeroshot): a zero-shot cell trains nothing, so it takes no lrs; drop them")
     if cell.get("tasks") is not None:
         if not (isinstance(cell["tasks"], list) and cell["tasks"] and all(isinstance(t, str) for t in cell["tasks"])):
             raise _fail(path, f"{where} ({cell['method']}): tasks must be a non-empty list of task names")
@@ -131,8 +146,16 @@ def check_spec_data(data: dict, path: str | Path) -> None:
     cells = data.get("cells")
     if not (isinstance(cells, list) and cells):
         raise _fail(path, "cells must be a non-empty list")
+    seen: dict[tuple, list[tuple[int, set[str]]]] = {}
     for n, cell in enumerate(cells):
         _cell(path, n, cell, set(protocol))
+        key, tasks = (cell["method"], cell.get("ratio")), set(cell.get("tasks") or protocol)
+        for other, other_tasks in seen.get(key, []):
+            if tasks & other_tasks:  # the plan would list each run twice, and a table has one row per cell
+                raise _fail(path, f"cells[{n}] repeats cells[{other}] ({cell['method']}"
+                                  f"{' ' + format(cell['ratio'], 'g') if cell.get('ratio') is not None else ''}) on "
+                                  f"{', '.join(sorted(tasks & other_tasks))}: one cell per method and ratio on a task")
+        seen.setdefault(key, []).append((n, tasks))
     _seeds(path, "seeds", data.get("seeds", [0, 1, 2]))
     search = data.get("search_seed", 0)
     if not (_int(search) and 0 <= search <= MAX_SEED):

@@ -59,8 +59,8 @@ MALFORMED = {
     "negative LR": (_with(_cell(lrs=[-1e-3])), "learning rates"),
     "LR true": (_with(_cell(lrs=[True])), "learning rates"),
     "lrs not a list": (_with(_cell(lrs=1e-3)), "learning rates"),
-    "ratio 2": (_with(_cell(ratio=2)), "ratio must be a fraction"),
-    "ratio as a string": (_with(_cell(ratio="1e-3")), "ratio must be a fraction"),
+    "ratio 2": (_with(_cell(ratio=2)), "needs its ratio, a fraction in \\(0, 1\\], got 2"),
+    "ratio as a string": (_with(_cell(ratio="1e-3")), "needs its ratio, a fraction"),
     "tasks a string": (_with(_cell(tasks="rte")), "tasks must be a non-empty list"),
     "unknown task": (_with(_cell(tasks=["cola"])), "names tasks \\['cola'\\] with no protocol"),
     "seed 1e30": (_with(lambda s: s.update(seeds=[0, 1e30])), "seeds must be a non-empty list of integer seeds"),
@@ -78,6 +78,20 @@ MALFORMED = {
     "option of the wrong type": (_with(lambda s: s["protocol"]["rte"].update(n_train="8")),
                                  "--n-train must be an integer, got '8'"),
     "non-finite option": (_with(lambda s: s["common"].update(weight_decay=1e400)), "Infinity is not JSON"),
+    "LR 1e400 written out": (json.dumps(GOOD).replace("0.01]", "1e400]"), "learning rates in \\(0, 10\\]"),
+    # found by a hostile pass: each of these ran, or looped, before
+    "unknown method": (_with(_cell(method="nosuch")), "unknown method 'nosuch' \\(known: "),
+    "masking cell without ratio": (_with(lambda s: s["cells"][1].pop("ratio")), "a masking cell needs its ratio"),
+    "ratio on zero-shot": (_with(lambda s: s["cells"][0].update(ratio=1e-3)), "ratio applies to randmask and "
+                                                                              "structured cells only"),
+    "zero-shot with lrs": (_with(lambda s: s["cells"][0].update(lrs=[5.0])), "takes no lrs"),
+    "stage 1.7": (_with(_cell(stage=1.7)), "stage must be an integer"),
+    "stage true": (_with(_cell(stage=True)), "stage must be an integer"),
+    "top-level stage": (_with(lambda s: s.update(stage=3)), "unknown keys \\['stage'\\]"),
+    "a repeated cell": (_with(lambda s: s["cells"].append(dict(s["cells"][1], lrs=[1e-1]))),
+                        "cells\\[2\\] repeats cells\\[1\\] \\(randmask 0.001\\) on rte"),
+    "common sets the store": (_with(lambda s: s["common"].update(store="/tmp/elsewhere.sqlite")),
+                              "common sets \\['store'\\]"),
 }
 
 
