@@ -128,7 +128,7 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
         if export:
             export_locked(store.records, export, lock)
 
-    owner, ran, failed = new_owner(), 0, set()
+    owner, ran, failed, finished_seen = new_owner(), 0, set(), set()
     run_id = planned_run_id(spec, out_dir, execution)
     while max_runs is None or ran < max_runs:
         needs = [n for n in needed_runs(spec, store.records(), run_id) if run_id(n) not in failed]
@@ -143,6 +143,11 @@ def run_study(spec: StudySpec, out_dir: str, export: str | Path | None = None, m
             if record is None:
                 continue  # another worker runs it
             if record == "finished":  # not run here, so neither said nor counted (--max-runs counts runs made)
+                if config.run_id in finished_seen:  # planned again after a re-plan: its record never counts
+                    raise RunError(f"study {spec.name}: run {config.run_id} is finished in the store, yet the plan "
+                                   "still needs it: its record does not match the spec's cell (a field the spec "
+                                   "leaves to a default, or another store). Fix the spec; nothing more is run.")
+                finished_seen.add(config.run_id)
                 progressed = True
                 break  # another worker's record may change the plan (an LR search ended): re-plan
             ran, progressed = ran + 1, True

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tests.randmask_lab.study.test_plan import PROTOCOL
 
+from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.results.store import ResultStore
 from randmask_lab.study.run import adopt_records, with_committed
@@ -79,3 +81,30 @@ def test_a_study_file_that_is_not_a_file_is_refused_before_any_run(tmp_path: Pat
             err = capsys.readouterr().err.strip()
             assert code == 2 and "not a regular file (study file); refused unread" in err, err
     assert not (out / "results.sqlite").exists()  # nothing ran
+
+
+def test_a_run_whose_record_never_counts_stops_the_study_instead_of_looping(tmp_path: Path, monkeypatch) -> None:
+    """A finished run the plan keeps asking for (its record does not match the cell) is an error, not a spin."""
+    import json
+    import sys
+
+    from tests.conftest import DATA_DIR
+
+    import randmask_lab.study.plan as plan
+    from randmask_lab.study.plan import StudySpec
+    from randmask_lab.study.run import run_study
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiment"))
+    from tiny import make_tiny_lm
+
+    if not (DATA_DIR / "superglue" / "RTE").is_dir():
+        pytest.skip("no ../shared/data")
+    study = {"name": "tiny", "model": str(make_tiny_lm(tmp_path / "model")), "precision": "32", "seeds": [0],
+             "common": {"batch_size": 4, "max_length": 64, "mode": "lm"}, "cells": [{"method": "zeroshot"}],
+             "protocol": {"rte": {"n_train": 8, "n_val": 4, "n_test": 4, "epochs": 1}}}
+    (tmp_path / "s.json").write_text(json.dumps(study))
+    spec = StudySpec.from_file(tmp_path / "s.json")
+    monkeypatch.setattr(plan, "_matches", lambda *args: False)  # as a cell whose runs record another budget did
+    with pytest.raises(RunError, match="is finished in the store, yet the plan still needs it"):
+        run_study(spec, str(tmp_path / "runs"), execution={"progress": False, "threads": 1}, say=lambda _: None,
+                  allow_dirty=True)
