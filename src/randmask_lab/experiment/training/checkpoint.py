@@ -173,6 +173,22 @@ def _damaged(path: Path, why: str) -> RunError:
                     "it and start the run over")
 
 
+def check_counters(state: TrainState, folder: Path, epochs: int, steps_per_epoch: int) -> None:
+    """RunError when a loaded state's counters lie outside the run it resumes (``epochs`` of ``steps_per_epoch``
+    steps): the header's schema passed, but resumed, the run would end early and be recorded as done."""
+    why = None
+    if state.epoch > epochs:
+        why = f"state.epoch = {state.epoch} is past this run's {epochs} epochs"
+    elif state.step_in_epoch > steps_per_epoch or (state.epoch == epochs and state.step_in_epoch):
+        why = f"state.step_in_epoch = {state.step_in_epoch} is past an epoch's {steps_per_epoch} steps"
+    elif state.global_step > epochs * steps_per_epoch:
+        why = f"state.global_step = {state.global_step} is past this run's {epochs * steps_per_epoch} steps"
+    elif any(h["epoch"] > state.epoch for h in state.history):
+        why = f"state.history has an epoch past the {state.epoch} completed"
+    if why:
+        raise _damaged(folder / STATE, why)
+
+
 def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.optim.Optimizer, run_id: str,
                     scaler: torch.amp.GradScaler | None = None
                     ) -> tuple[TrainState, dict[str, torch.Tensor] | None] | None:

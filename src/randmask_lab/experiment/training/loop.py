@@ -35,7 +35,12 @@ from randmask_lab.experiment.compute.precision import PrecisionPlan, ScaleCollap
 from randmask_lab.experiment.parts.assemble import RunParts
 from randmask_lab.experiment.parts.data import epoch_batches, grouping_lengths, micro_batches
 from randmask_lab.experiment.results.store import Lease
-from randmask_lab.experiment.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from randmask_lab.experiment.training.checkpoint import (
+    TrainState,
+    check_counters,
+    load_checkpoint,
+    save_checkpoint,
+)
 from randmask_lab.experiment.training.steps import StepLog, build_optimizer, lr_factor, set_lr
 from randmask_lab.methods.trainable import load_trainable, trainable_tensors
 
@@ -83,6 +88,7 @@ class Trainer:
         self.resumed_from = None
         if loaded is not None:
             self.state, self.best = loaded
+            check_counters(self.state, self.ckpt, config.epochs, self.steps_per_epoch)
             self.resumed_from = self.state.global_step
         if code and self.state.code_versions[-1:] != [code]:  # checkpoints carry it to the next attempt
             self.state.code_versions.append(code)

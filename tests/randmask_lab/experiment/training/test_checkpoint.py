@@ -154,3 +154,20 @@ def test_the_optimizer_state_is_gathered_in_one_order_whatever_its_insertion_ord
     assert list(tensors) == sorted(tensors)
     per_param = [(s, s, ()) for s in [(3, 4), (2, 3), (2,)]]  # exp_avg, exp_avg_sq, step of each, in index order
     assert gathered == [shape for triple in per_param for shape in triple]
+
+
+@pytest.mark.parametrize(("state", "match"), [
+    (TrainState(epoch=99), "state.epoch = 99 is past this run's 4 epochs"),
+    (TrainState(epoch=1, step_in_epoch=10**6), "state.step_in_epoch = 1000000 is past an epoch's 5 steps"),
+    (TrainState(epoch=4, step_in_epoch=2), "state.step_in_epoch = 2 is past"),
+    (TrainState(epoch=2, global_step=10**6), "state.global_step = 1000000 is past this run's 20 steps"),
+    (TrainState(epoch=1, history=[{"epoch": 3}]), "state.history has an epoch past the 1 completed"),
+])
+def test_counters_past_the_run_are_refused(tmp_path, state, match):
+    """Found by a hostile pass: state.epoch = 99 resumed into a 'done' record of 2 of 4 epochs."""
+    from randmask_lab.experiment.training.checkpoint import check_counters
+
+    check_counters(TrainState(epoch=2, step_in_epoch=3, global_step=13), tmp_path, epochs=4, steps_per_epoch=5)
+    check_counters(TrainState(epoch=4, global_step=20), tmp_path, epochs=4, steps_per_epoch=5)  # finished
+    with pytest.raises(RunError, match=f"is damaged \\({match}.*--restart"):
+        check_counters(state, tmp_path, epochs=4, steps_per_epoch=5)
