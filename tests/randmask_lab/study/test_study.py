@@ -108,6 +108,10 @@ def test_jsonl_round_trip_and_damage(tmp_path: Path) -> None:
     path.write_text(json.dumps(crafted) + "\n")
     with pytest.raises(StoreError, match=r"study.jsonl:1 has a non-numeric test_metric, carried_seconds"):
         read_jsonl(path)
+    line = json.dumps(study()[0].to_dict())
+    path.write_text(line.replace('"val_loss": ', '"val_loss": 1e400, "x": ', 1) + "\n")  # parses to inf
+    with pytest.raises(StoreError, match=r"study.jsonl:1 is not a JSON line \(1e400 is out of the float range\)"):
+        read_jsonl(path)
 
 
 def test_findings_follow_the_data() -> None:

@@ -240,8 +240,12 @@ class ResultStore:
         if not row:
             return None
         try:
-            return RunRecord.from_dict(json.loads(row[0]))
-        except (TypeError, ValueError, RecursionError) as e:  # not JSON, not an object, or missing fields
+            data = json.loads(row[0])
+            config = data.get("config") if isinstance(data, dict) else None
+            if not (isinstance(config, dict) and {"model", "task", "method", "lr", "seed"} <= set(config)):
+                raise ValueError("not a run record: its config lacks model, task, method, lr or seed")
+            return RunRecord.from_dict(data)
+        except (TypeError, ValueError, RecursionError, AttributeError, KeyError) as e:  # not JSON, not a record
             raise StoreError(f"results store {self.path}: the record of run {run_id} is damaged ({str(e)[:80]}); "
                              "run it again with --restart, or rebuild the store from its study file") from None
 

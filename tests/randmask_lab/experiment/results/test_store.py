@@ -66,3 +66,17 @@ def test_opening_a_new_store_waits_for_another_process_creating_it(tmp_path):
         other.close()
     store.put(record())
     assert [r.status for r in store.records()] == ["done"]
+
+
+@pytest.mark.parametrize("crafted", ["[1, 2]", '{"config": [1]}', '{"run_id": "x", "config": {"task": "rte"}}', "{"])
+def test_a_crafted_record_in_the_store_is_one_line(tmp_path, crafted):
+    """Found by a hostile pass: a record column holding a list ended in AttributeError in report, curves and export."""
+    from randmask_lab.experiment.results.store import StoreError
+
+    store = ResultStore(tmp_path / "r.sqlite")
+    good = record()
+    store.put(good)
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET record = ? WHERE run_id = ?", (crafted, good.run_id))
+    with pytest.raises(StoreError, match=f"the record of run {good.run_id} is damaged .*--restart"):
+        store.records()
