@@ -86,16 +86,13 @@ def test_a_study_file_that_is_not_a_file_is_refused_before_any_run(tmp_path: Pat
 def test_a_run_whose_record_never_counts_stops_the_study_instead_of_looping(tmp_path: Path, monkeypatch) -> None:
     """A finished run the plan keeps asking for (its record does not match the cell) is an error, not a spin."""
     import json
-    import sys
 
     from tests.conftest import DATA_DIR
+    from tests.randmask_lab.experiment.tiny import make_tiny_lm
 
     import randmask_lab.study.plan as plan
     from randmask_lab.study.plan import StudySpec
     from randmask_lab.study.run import run_study
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiment"))
-    from tiny import make_tiny_lm
 
     if not (DATA_DIR / "superglue" / "RTE").is_dir():
         pytest.skip("no ../shared/data")

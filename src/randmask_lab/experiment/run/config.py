@@ -299,11 +299,12 @@ class RunConfig:
 
         ``data`` is the fingerprint of the task's original files (name, size, SHA-256 of each) or
         the Hub dataset id, so a different copy of the data, or an edited file, is a different run.
+        ``model_files`` does the same for a local model folder (``sources.model_fingerprint``).
         ``mask_kind_version`` is the sampler version of a masking method whose draws have changed
         (``randmask.masks.MASK_KIND_VERSIONS``): a record of the old sampler is another run.
         """
         from randmask import MASK_KIND_VERSIONS
-        from randmask_lab.experiment.run.sources import data_fingerprint
+        from randmask_lab.experiment.run.sources import data_fingerprint, model_fingerprint
         from randmask_lab.methods import MASK_KIND_OF
 
         data = {STORED_NAMES.get(f.name, f.name): v for f, v in zip(dataclasses.fields(self), self.to_dict().values(),
@@ -316,6 +317,9 @@ class RunConfig:
             if data[name] == default:
                 data.pop(name)
         data["data"] = data_fingerprint(self.task, self.data_dir, self.source)
+        model_files = model_fingerprint(self.model)
+        if model_files is not None:  # a local folder: its files, not only its path (a zoo name or Hub id: the name)
+            data["model_files"] = model_files
         kind = MASK_KIND_OF.get(self.method)
         if kind is not None and MASK_KIND_VERSIONS[kind] > 1:  # above 1 only: older run ids stay valid
             data["mask_kind_version"] = MASK_KIND_VERSIONS[kind]

@@ -19,19 +19,42 @@ from randmask_lab.tasks.readers import MAX_DATA_BYTES
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def file_fingerprint(path: Path) -> dict[str, Any]:
-    """{"file": the path's last three parts, "size", "sha256"} of one file (hash cached by path, size, mtime)."""
-    path = Path(path)
+MAX_MODEL_FILE_BYTES = 1 << 40
+
+
+def _sha256(path: Path, limit: int, what: str) -> tuple[int, str]:
+    """(size, SHA-256) of one file, the hash cached per process by (path, size, mtime)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:
         digest = hashlib.sha256()
-        with open_limited(path, MAX_DATA_BYTES, "task data file", error=DataFormatError) as (f, _):
+        with open_limited(path, limit, what, error=DataFormatError) as (f, _):
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         _HASHES[key] = digest.hexdigest()
+    return stat.st_size, _HASHES[key]
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """{"file": the path's last three parts, "size", "sha256"} of one file (hash cached by path, size, mtime)."""
+    path = Path(path)
+    size, sha256 = _sha256(path, MAX_DATA_BYTES, "task data file")
     # The name inside the data folder, not the absolute path: the same files elsewhere are the same data.
-    return {"file": "/".join(path.resolve().parts[-3:]), "size": stat.st_size, "sha256": _HASHES[key]}
+    return {"file": "/".join(path.resolve().parts[-3:]), "size": size, "sha256": sha256}
+
+
+def model_fingerprint(model: str) -> list[dict[str, Any]] | None:
+    """A local model folder's files (each top-level file's name, size and SHA-256), so that other weights at the
+    same path, or the same relative path from another folder, are another run; None for a name the model zoo
+    knows (a versioned weight package) or a Hub id, which are identified by their name."""
+    from randmask_lab.zoo import model_names
+
+    folder = Path(model).expanduser()
+    if model in model_names() or not folder.is_dir():
+        return None
+    return [{"file": p.name, "size": size, "sha256": sha256} for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".")
+            for size, sha256 in [_sha256(p, MAX_MODEL_FILE_BYTES, "model file")]]
 
 
 def data_fingerprint(task: str, data_dir: str | None, source: str | None) -> dict[str, Any]:

@@ -57,6 +57,26 @@ def test_the_id_follows_the_data_content_not_its_folder(tmp_path):
     assert data["train"][0]["file"] == "superglue/RTE/train.jsonl" and len(data["train"][0]["sha256"]) == 64
 
 
+def test_the_id_follows_a_local_model_folders_files(tmp_path, monkeypatch):
+    """Found by a hostile pass: `--model tiny` run from two folders (two different models at one relative path)
+    got one run id, and the second run was handed the first one's record."""
+    from tests.randmask_lab.experiment.tiny import make_tiny_lm
+
+    for name, seed in (("a", 0), ("b", 1)):
+        make_tiny_lm(tmp_path / name / "tiny", seed=seed)
+    ids = []
+    for name in ("a", "b"):
+        monkeypatch.chdir(tmp_path / name)
+        ids.append(RunConfig(model="tiny", task="rte", data_dir=str(DATA)).run_id)
+    assert ids[0] != ids[1]
+    files = RunConfig(model="tiny", task="rte", data_dir=str(DATA)).identity()["model_files"]
+    assert "config.json" in {f["file"] for f in files} and all(len(f["sha256"]) == 64 for f in files)
+    with open(tmp_path / "b" / "tiny" / "config.json", "a") as f:
+        f.write("\n")  # an edited file at the same path: another run
+    assert RunConfig(model="tiny", task="rte", data_dir=str(DATA)).run_id != ids[1]
+    assert "model_files" not in RunConfig(model="smollm2-135m", task="rte", data_dir=str(DATA)).identity()  # zoo name
+
+
 def test_max_steps_is_not_handed_back_as_the_full_run(tiny_lm, run_kwargs):
     config = RunConfig(**{**run_kwargs, "model": tiny_lm, "epochs": 1})
     short = run_training(dataclasses.replace(config, max_steps=1))
