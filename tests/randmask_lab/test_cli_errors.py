@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from experiment.tiny import make_tiny_lm
+from tests.conftest import REPO_ROOT
 
 from randmask_lab.cli import main
 
@@ -112,6 +113,14 @@ def test_a_corrupt_or_foreign_store_names_the_file(capsys, tmp_path, tiny):
 def test_report_options_that_would_be_ignored(capsys, tmp_path, options, message):
     """An option the chosen report mode ignores is an error, checked before any file is read."""
     assert message in _fails(capsys, "report", "--out-dir", str(tmp_path), *options)
+
+
+def test_study_power_from_without_plan_is_refused(capsys, tmp_path):
+    """Found by a hostile pass: it was silently ignored and the study ran."""
+    spec = str(REPO_ROOT / "experiments" / "smollm2_confirm.json")
+    assert "--power-from is read by --plan only" in _fails(
+        capsys, "study", spec, "--out-dir", str(tmp_path), "--power-from", "x.jsonl")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -95,6 +95,8 @@ def _cmd_findings(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    if args.power_from and not args.plan:  # it only feeds the plan's power calculation
+        raise RunError("--power-from is read by --plan only (its power calculation); add --plan, or drop it")
     spec = StudySpec.from_file(args.spec).only_stages(args.stages)
     if args.plan:
         check_spec(spec, args.out_dir)
