@@ -11,11 +11,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from randmask_lab.argtypes import MAX_LR, MAX_SEED
+
 STATUSES = ("done", "diverged", "scale_collapsed", "failed")
 
 
 def _int(x: Any, low: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _seed(x: Any) -> bool:
+    return _int(x) and x <= MAX_SEED  # what `randmask train --seed` takes
 
 
 def _number(x: Any) -> bool:
@@ -61,8 +67,8 @@ _CONFIG = {
     "model": (lambda x: isinstance(x, str) and x != "", "a model name", True),
     "task": (lambda x: isinstance(x, str) and x != "", "a task name", True),
     "method": (lambda x: isinstance(x, str) and x != "", "a method name", True),
-    "lr": (lambda x: _number(x) and x > 0, "a learning rate > 0", True),
-    "seed": (_int, "an int seed >= 0", True),
+    "lr": (lambda x: _number(x) and 0 < x <= MAX_LR, f"a learning rate in (0, {MAX_LR:g}]", True),
+    "seed": (_seed, "an int seed in [0, 2**63 - 1]", True),
     "ratio": (_budget, "a fraction in (0, 1] or null", False),
     "density": (_budget, "a fraction in (0, 1] or null", False),
     "n_train": (_int, "a count >= 0", True),
@@ -73,7 +79,7 @@ _CONFIG = {
     "mode": (lambda x: isinstance(x, str), "a string", True),
     "group_by_length": (lambda x: isinstance(x, bool), "true or false", False),
     "precision": (lambda x: isinstance(x, str), "a string", False),
-    **{k: (lambda x: x is None or _int(x), "an int seed >= 0 or null", False)
+    **{k: (lambda x: x is None or _seed(x), "an int seed in [0, 2**63 - 1] or null", False)
        for k in ("data_seed", "mask_seed", "order_seed")},
 }
 

@@ -42,6 +42,11 @@ CASES = {
     "seed as a string": (lambda r: r[0]["config"].update(seed="0"), "config.seed = '0'"),
     "lr as a string": (lambda r: r[0]["config"].update(lr="x"), "config.lr = 'x'"),
     "negative lr": (lambda r: r[0]["config"].update(lr=-1e-3), "config.lr"),
+    "lr 1e300": (lambda r: r[0]["config"].update(lr=1e300), "config.lr = '1e\\+300'; it must be a learning rate in"),
+    "seed 10**400": (lambda r: r[0]["config"].update(seed=10**400), "config.seed = .*in \\[0, 2\\*\\*63 - 1\\]"),
+    "loss 1e400 written out": (  # parses to inf: found by a hostile pass, which crashed every export after
+        lambda r: r.__setitem__(0, json.dumps(r[0]).replace('"val_loss": ', '"val_loss": 1e400, "x": ', 1)),
+        "1e400 is out of the float range"),
     "ratio above one": (lambda r: r[0]["config"].update(ratio=3.0), "config.ratio"),
     "metric in percent": (lambda r: r[0].update(test_metric=56.3), "test_metric = '56.3'"),
     "unknown status": (lambda r: r[0].update(status="finished"), "status 'finished'"),
