@@ -1,4 +1,5 @@
-"""The per-model registry: adapters listed and described, the layer cache kept right as layers come and go."""
+"""randmask.registry, the per-model registry (test_registry.py is the lab task registry's name): adapters listed and
+described, the layer cache kept right as layers come and go."""
 
 from __future__ import annotations
 
