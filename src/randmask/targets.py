@@ -224,19 +224,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
             f"targets {targets!r} match no module. Adaptable modules in this model: {candidate_names(model)}."
         )
     if exclude:
-        excluded = excluded_names(model, exclude)
-        if not excluded & set(wanted):
-            some = sorted(excluded)
-            first = f"{some[0]}{', ...' * (len(some) > 1)}"
-            raise MaskingError(f"exclude {exclude!r} matches modules of this model ({first}) but none of the "
-                               f"{len(wanted)} that targets {targets!r} select, so it would exclude nothing: exclude "
-                               "matches whole module names, as PEFT's exclude_modules does, and a parent module does "
-                               "not exclude the modules inside it. Name the target modules themselves (e.g. "
-                               f"{sorted(wanted)[0]!r}) or a regex over their names.")
-        if not set(wanted) - excluded:
-            raise MaskingError(f"exclude {exclude!r} leaves none of the {len(wanted)} modules that targets "
-                               f"{targets!r} select; narrow exclude or widen targets.")
-        wanted = {name: blocks for name, blocks in wanted.items() if name not in excluded}
+        wanted = _without_excluded(model, wanted, targets, exclude)
     resolved = []
     for name, module in model.named_modules():
         if name not in wanted:
@@ -249,6 +237,24 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
             )
         resolved.append(Target(name, inner, _split_blocks(name, inner, wanted[name])))
     return resolved
+
+
+def _without_excluded(model: nn.Module, wanted: dict[str, list[str] | None], targets: list[str] | str,
+                      exclude: list[str] | str) -> dict[str, list[str] | None]:
+    """``wanted`` less the modules ``exclude`` names; refused when it excludes none of them, or all."""
+    excluded = excluded_names(model, exclude)
+    if not excluded & set(wanted):
+        some = sorted(excluded)
+        first = f"{some[0]}{', ...' * (len(some) > 1)}"
+        raise MaskingError(f"exclude {exclude!r} matches modules of this model ({first}) but none of the "
+                           f"{len(wanted)} that targets {targets!r} select, so it would exclude nothing: exclude "
+                           "matches whole module names, as PEFT's exclude_modules does, and a parent module does "
+                           "not exclude the modules inside it. Name the target modules themselves (e.g. "
+                           f"{sorted(wanted)[0]!r}) or a regex over their names.")
+    if not set(wanted) - excluded:
+        raise MaskingError(f"exclude {exclude!r} leaves none of the {len(wanted)} modules that targets "
+                           f"{targets!r} select; narrow exclude or widen targets.")
+    return {name: blocks for name, blocks in wanted.items() if name not in excluded}
 
 
 def excluded_names(model: nn.Module, exclude: list[str] | str) -> set[str]:
