@@ -138,8 +138,8 @@ def check_spec_data(data: dict, path: str | Path) -> None:
         if not (isinstance(data.get(key), str) and data[key]):
             raise _fail(path, f"{key} must be a non-empty string, got {str(data.get(key))[:40]!r}")
     protocol = data.get("protocol")
-    if not (isinstance(protocol, dict) and all(isinstance(t, str) and t for t in protocol)):
-        raise _fail(path, "protocol must be an object of task name -> run options")
+    if not (isinstance(protocol, dict) and protocol and all(isinstance(t, str) and t for t in protocol)):
+        raise _fail(path, "protocol must be an object of task name -> run options, naming at least one task")
     for task, fields in protocol.items():
         _run_fields(path, f"protocol[{task!r}]", fields)
     _run_fields(path, "common", data.get("common", {}))

@@ -132,7 +132,7 @@ def test_further_seeds_go_seed_by_seed_across_tasks_so_the_task_average_has_pair
 
 def test_spec_file_errors_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    path.write_text(json.dumps({"name": "x", "model": "m", "precision": "32", "protocol": {},
+    path.write_text(json.dumps({"name": "x", "model": "m", "precision": "32", "protocol": {"rte": {}},
                                 "cells": [{"method": "lora"}]}))
     with pytest.raises(RunError, match="has no lrs"):
         StudySpec.from_file(path)

@@ -38,6 +38,7 @@ MALFORMED = {
     "precision is a number": (_with(lambda s: s.update(precision=32)), "precision must be"),
     "no protocol": (_with(lambda s: s.pop("protocol")), "protocol must be an object"),
     "protocol is a list": (_with(lambda s: s.update(protocol=["rte"])), "protocol must be an object"),
+    "protocol without a task": (_with(lambda s: s.update(protocol={})), "naming at least one task"),  # planned 0 runs
     "task options not an object": (_with(lambda s: s["protocol"].update(rte=[8])), "protocol\\['rte'\\] must be"),
     "misspelt option": (_with(lambda s: s["protocol"]["rte"].update(n_trian=8)), "\\['n_trian'\\]"),
     "protocol sets lr": (_with(lambda s: s["protocol"]["rte"].update(lr=1e-3)), "\\['lr'\\], which a spec cannot"),
