@@ -19,7 +19,15 @@ With peft installed, ``import randmask.peft`` registers randmask as a PEFT metho
 from randmask.adapter import MaskAdapter
 from randmask.adapter_files import read_adapter_files
 from randmask.config import MaskingConfig, MaskingError
-from randmask.files import atomic_write_bytes, file_size, open_limited, parse_json, read_json_limited, read_limited
+from randmask.files import (
+    atomic_write_bytes,
+    file_size,
+    loads_strict,
+    open_limited,
+    parse_json,
+    read_json_limited,
+    read_limited,
+)
 from randmask.io import load_adapter, save_adapter
 from randmask.layer import MaskedLayer
 from randmask.masks import MASK_KIND_VERSIONS, mask_kinds, register_mask_kind
@@ -66,6 +74,7 @@ __all__ = [
     "is_quantized",
     "layer_bytes",
     "load_adapter",
+    "loads_strict",
     "logical_numel",
     "mask_kinds",
     "masked_layers",

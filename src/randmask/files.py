@@ -95,6 +95,22 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400 parses to inf, which no JSON writer emits
+        raise ValueError(f"{text[:30]} is out of the float range")
+    return value
+
+
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that refuses what Python's parser lets through: NaN, Infinity and overflowing numbers.
+
+    Raises ``ValueError`` (``JSONDecodeError`` included) or ``RecursionError`` (nesting too deep); callers
+    turn those into their own one-line error. :func:`parse_json` is the version that does that for you.
+    """
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def read_json_limited(path: str | os.PathLike, max_bytes: int, what: str = "JSON file", *, fix: str = "",
                       error: ErrorType = MaskingError, private: bool = False) -> Any:
     """Strict JSON from regular file ``path`` (UTF-8; NaN/Infinity refused; nesting bounded by the parser)."""
@@ -104,15 +120,15 @@ def read_json_limited(path: str | os.PathLike, max_bytes: int, what: str = "JSON
 
 def parse_json(data: bytes | str, where: str, what: str = "JSON", *, fix: str = "",
                error: ErrorType = MaskingError) -> Any:
-    """Strict JSON: bad UTF-8, NaN/Infinity, deep nesting and syntax errors are all ``error`` naming ``where``."""
+    """Strict JSON: bad UTF-8, NaN/Infinity/1e400, deep nesting and syntax errors: ``error`` naming ``where``."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, parse_constant=_no_constant)
+        return loads_strict(text)
     except UnicodeDecodeError as e:
         problem = f"{where} is not UTF-8 text ({e.reason} at byte {e.start})"
     except RecursionError:
         problem = f"{where} nests JSON deeper than Python's parser allows"
-    except ValueError as e:  # JSONDecodeError, and NaN/Infinity from _no_constant
+    except ValueError as e:  # JSONDecodeError, and NaN/Infinity/1e400 from loads_strict
         problem = f"{where} is not valid JSON ({str(e)[:80]})"
     raise _fail(error, f"{problem}; the {what} is damaged or not one", fix) from None
 
@@ -153,5 +169,5 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-__all__ = ["atomic_write_bytes", "file_size", "open_limited", "parse_json", "private_problem", "read_json_limited",
-           "read_limited"]
+__all__ = ["atomic_write_bytes", "file_size", "loads_strict", "open_limited", "parse_json", "private_problem",
+           "read_json_limited", "read_limited"]

@@ -31,7 +31,7 @@ from randmask.registry import (
     refuse_in_mixed_batch,
     set_disabled_depth,
 )
-from randmask.registry import adapter_names as registered_adapters
+from randmask.registry import adapter_names as registered_adapters  # for mixed_batch, whose parameter shadows it
 from randmask.summary import count_base_parameters, masking_summary
 from randmask.targets import Target, resolve_targets, weight_ties
 from randmask.unwrap import unload

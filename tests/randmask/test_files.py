@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 from tests.hostile import hang_guard, make_sparse, replace_with_dev_zero, replace_with_fifo
 
-from randmask import MaskingError, atomic_write_bytes, open_limited, parse_json, read_json_limited, read_limited
+from randmask import (
+    MaskingError,
+    atomic_write_bytes,
+    loads_strict,
+    open_limited,
+    parse_json,
+    read_json_limited,
+    read_limited,
+)
 
 
 def test_a_regular_file_and_a_symlink_to_one_are_read(tmp_path):
@@ -46,11 +55,21 @@ def test_missing_files_and_custom_error_types(tmp_path):
 @pytest.mark.parametrize(("text", "match"), [
     (b'{"a": NaN}', "NaN is not JSON"), (b'{"a": Infinity}', "Infinity is not JSON"),
     (b"[" * 100_000 + b"]" * 100_000, "nests JSON deeper"), (b'{"a": "\xff"}', "not UTF-8"),
-    (b'{"a": 1', "not valid JSON"),
+    (b'{"a": 1', "not valid JSON"), (b'{"a": 1e400}', "out of the float range"),
+    (b'{"a": -1e400}', "out of the float range"),
 ])
 def test_strict_json(text, match):
     with pytest.raises(MaskingError, match=match):
         parse_json(text, "where", "test file")
+
+
+def test_loads_strict_keeps_ordinary_json_and_refuses_what_json_loads_lets_through():
+    assert loads_strict('{"lr": 1e-3, "n": 12, "big": 1e308, "s": "NaN"}') == {"lr": 1e-3, "n": 12, "big": 1e308,
+                                                                               "s": "NaN"}
+    for text in ('[NaN]', '[-Infinity]', '[1e999]'):
+        assert json.loads(text)  # Python's own parser accepts each one
+        with pytest.raises(ValueError):
+            loads_strict(text)
 
 
 def test_atomic_writes_follow_the_umask(tmp_path):

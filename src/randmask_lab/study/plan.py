@@ -9,7 +9,6 @@ so a killed study, or a second worker on the same store, picks up where the stor
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,9 +60,8 @@ class StudySpec:
     @classmethod
     def from_file(cls, path: str | Path) -> StudySpec:
         """Parse a study spec; a one-line error naming the file and field when it is wrong."""
-        check_spec_file(path)  # bounded read, strict JSON, every field's type and range (spec_checks.py)
+        data = check_spec_file(path)  # bounded read, strict JSON, every field's type and range (spec_checks.py)
         try:
-            data = json.loads(Path(path).read_text())
             cells = [CellSpec(c["method"], tuple(map(float, c.get("lrs", ()))), c.get("ratio"),
                               tuple(c["tasks"]) if c.get("tasks") else None,
                               tuple(c["seeds"]) if c.get("seeds") is not None else None, int(c.get("stage", 0)))
@@ -75,7 +73,7 @@ class StudySpec:
             spec = cls(data["name"], data["model"], data["precision"], data["protocol"], cells,
                        tuple(data.get("seeds", (0, 1, 2))), data.get("search_seed", 0), data.get("max_extend", 2),
                        data.get("common", {}), reestimate)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise RunError(f"study spec {path}: {type(e).__name__}: {e}. "
                            "See experiments/*.json for the format.") from None
         for cell in spec.cells:

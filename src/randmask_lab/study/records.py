@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from randmask import atomic_write_bytes, read_limited
+from randmask import atomic_write_bytes, loads_strict, read_limited
 from randmask_lab.errors import StoreError
 from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.study.record_checks import record_problem
@@ -125,7 +124,7 @@ def _differing(a: dict, b: dict) -> str:
 def _parse_line(file: Path, n: int, line: str) -> object:
     """One line as strict JSON (NaN/Infinity and deep nesting refused, as ``randmask.parse_json`` does)."""
     try:
-        return json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+        return loads_strict(line)
     except json.JSONDecodeError as e:
         why = e.msg
     except RecursionError:
@@ -135,17 +134,6 @@ def _parse_line(file: Path, n: int, line: str) -> object:
     raise StoreError(f"{file}:{n} is not a JSON line ({why}); the file is damaged. "
                      "Export it again with `randmask export`.")
 
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    """A JSON number as a float, refused when it overflows (``1e400`` parses to inf, which no export can write)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:30]} is out of the float range")
-    return value
 
 
 def _number_or_null(value: object) -> bool:

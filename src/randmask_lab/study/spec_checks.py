@@ -10,12 +10,11 @@ file and the field, never a traceback or a study that runs with it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from randmask import read_limited
+from randmask import loads_strict, read_limited
 from randmask_lab.argtypes import MAX_LR, MAX_SEED
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.run.config import RunConfig
@@ -167,16 +166,12 @@ def check_spec_data(data: dict, path: str | Path) -> None:
         _reestimate(path, data["reestimate"])
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def check_spec_file(path: str | Path) -> dict:
     """The spec's JSON, read bounded and strict, after :func:`check_spec_data`."""
     text = read_limited(path, MAX_SPEC_BYTES, "study spec", error=RunError,
                         fix="pass a study spec (JSON); see experiments/*.json for the format")
-    try:  # strict: NaN and Infinity are not JSON (an LR of Infinity would otherwise pass as a float)
-        data = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
+    try:  # strict: NaN, Infinity and 1e400 are not JSON (an LR of Infinity would otherwise pass as a float)
+        data = loads_strict(text.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, the constants
         raise _fail(path, f"{type(e).__name__}: {str(e)[:100]}") from None
     check_spec_data(data, path)
