@@ -62,7 +62,7 @@ def test_a_study_file_in_another_precision_is_refused() -> None:
         check_one_precision(spec, [same, other], "f.jsonl")
 
 
-def test_a_study_file_that_is_not_a_file_is_refused_before_any_run(tmp_path: Path, capsys) -> None:
+def test_a_study_file_that_is_not_a_file_is_refused_before_any_run(tmp_path: Path, capsys, monkeypatch) -> None:
     """A folder or a device named as --export was taken for "no study file yet": a run trained, then its export
     failed. Now it is refused up front, as --plan refuses it."""
     import json
@@ -70,6 +70,8 @@ def test_a_study_file_that_is_not_a_file_is_refused_before_any_run(tmp_path: Pat
     from tests.randmask_lab.study.test_spec_checks import GOOD
 
     from randmask_lab.cli import main
+
+    monkeypatch.setattr("randmask_lab.experiment.parts.budget.load_config", lambda name: None)  # GOOD's "tiny"
 
     spec = tmp_path / "s.json"
     spec.write_text(json.dumps(GOOD))
@@ -105,3 +107,22 @@ def test_a_run_whose_record_never_counts_stops_the_study_instead_of_looping(tmp_
     with pytest.raises(RunError, match="is finished in the store, yet the plan still needs it"):
         run_study(spec, str(tmp_path / "runs"), execution={"progress": False, "threads": 1}, say=lambda _: None,
                   allow_dirty=True)
+
+
+def test_a_model_that_cannot_be_found_is_one_error_before_any_run(tmp_path: Path, capsys) -> None:
+    """A typo in the spec's model was a failed record for every planned run (89 of them for the confirmatory
+    spec), each after its own attempt to load it. Now the study and its plan stop at once, naming the model."""
+    import json
+
+    from tests.randmask_lab.study.test_spec_checks import GOOD
+
+    from randmask_lab.cli import main
+
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({**GOOD, "model": str(tmp_path / "no-such-model")}))
+    out = tmp_path / "runs"
+    for extra in ([], ["--plan"]):
+        code = main(["study", str(spec), "--out-dir", str(out), "--allow-dirty", "--no-progress", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "unknown model" in err and "no-such-model" in err and len(err.splitlines()) == 1, err
+    assert not (out / "results.sqlite").exists()  # nothing ran, nothing recorded

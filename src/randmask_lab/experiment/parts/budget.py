@@ -57,8 +57,18 @@ def budget_problem(config: RunConfig, models: dict | None = None) -> str | None:
     return None
 
 
+def check_models_found(configs: Iterable[RunConfig]) -> None:
+    """ModelError, once, when a model the configs name cannot be found (its config read: a typo in a study spec's
+    model would otherwise be a failed record for every run of the study)."""
+    for name in sorted({config.model for config in configs}):
+        load_config(name)
+
+
 def check_budgets(configs: Iterable[RunConfig]) -> None:
-    """RunError naming every cell whose budget its model cannot take (each distinct budget checked once)."""
+    """ModelError when a model cannot be found (:func:`check_models_found`); RunError naming every cell whose
+    budget its model cannot take (each distinct budget checked once)."""
+    configs = list(configs)
+    check_models_found(configs)
     problems, seen, models = [], set(), {}
     for config in configs:
         key = (config.model, config.mode, config.task, config.method, config.trainable_ratio,
