@@ -1,7 +1,8 @@
 """Serving on the PEFT path: ``adapter_names=[...]`` mixed batches and ``add_weighted_adapter`` merges.
 
-Used by ``randmask.peft.RandMaskModel`` (imports peft's types only through it). The work itself is
-the library's: ``randmask.mixed`` (the delta path per sample group) and ``randmask.merge``.
+Used by ``randmask.peft.RandMaskModel`` only, so peft is installed when it runs. The work itself is
+the library's: ``randmask.mixed`` (the delta path per sample group) and ``randmask.merge``; peft's own
+``modules_to_save`` copies get the names too, as PEFT's LoRA gives them (each row through its adapter's copy).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from randmask.adapter import MaskAdapter
@@ -48,9 +50,26 @@ def peft_mixed_batch(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]
         return
     if tuner.training:
         raise MaskingError("adapter_names=[...] is for inference: call model.eval() first (as PEFT requires).")
-    layers = _layers(tuner.model)
-    with row_groups_set(layers, _slotted_groups(layers, adapter_names, _rows_per_prompt(kwargs))):
+    layers, rows = _layers(tuner.model), _rows_per_prompt(kwargs)
+    with row_groups_set(layers, _slotted_groups(layers, adapter_names, rows)), _names_to_wrappers(
+            tuner.model, [name for name in adapter_names for _ in range(rows)]):
         yield
+
+
+@contextlib.contextmanager
+def _names_to_wrappers(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Each ``modules_to_save`` copy (peft's AuxiliaryTrainingWrapper) runs every row through its own adapter's copy
+    (``__base__``: the original module) while the block lasts: the names go into its forward, as LoRA's hook does."""
+    def give_names(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = [module.register_forward_pre_hook(give_names, with_kwargs=True)
+               for module in model.modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.compiler.disable  # run eagerly: traced, the names would be guarded and every new mix would recompile
@@ -77,6 +96,7 @@ def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights
     if adapter_name in tuner.peft_config:
         raise MaskingError(f"adapter {adapter_name!r} already exists (PEFT's LoRA would silently keep the old one); "
                            "pick another name or delete_adapter it first.")
+    _refuse_modules_to_save(tuner, adapters)
     weights = check_merge_args(len(adapters), weights, combination_type, density, majority_sign_method)
     layers = _layers(tuner.model)
     if any(layer.merged for layer in layers):
@@ -101,6 +121,16 @@ def peft_add_weighted_adapter(tuner: nn.Module, adapters: Sequence[str], weights
     first = tuner.peft_config[adapters[0]]
     tuner.peft_config[adapter_name] = dataclasses.replace(first, merged_from=list(adapters), checksums=None,
                                                           inference_mode=True)
+
+
+def _refuse_modules_to_save(tuner: nn.Module, adapters: Sequence[str]) -> None:
+    """A trained ``modules_to_save`` copy has no sparse merge: the merged adapter would run the original module and
+    drop it, silently (PEFT's LoRA refuses two such copies of one module; one is dropped there too)."""
+    held = sorted({name for module in tuner.model.modules() if isinstance(module, AuxiliaryTrainingWrapper)
+                   for name in adapters if name in getattr(module, "modules_to_save", {})})
+    if held:
+        raise MaskingError(f"add_weighted_adapter: adapters {held} train modules_to_save copies, which have no sparse "
+                           "merge (the merged adapter would drop them). Merge adapters without modules_to_save.")
 
 
 __all__ = ["peft_add_weighted_adapter", "peft_mixed_batch"]
