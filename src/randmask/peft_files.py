@@ -175,12 +175,26 @@ def seal(data: dict[str, Any], folder: Path) -> dict[str, Any]:
     base-layer tensors PEFT saved are dropped first: ``_without_base_weights``)."""
     weights = folder / WEIGHTS_NAME
     size = file_size(weights)
+    _refuse_pickled_save(folder, weights if size is not None else None)
     digest = None
     if size is not None:
         blob = _without_base_weights(weights, read_limited(weights, size, "PEFT adapter weights"))
         digest = hashlib.sha256(blob).hexdigest()
     sealed = {**data, "weights_sha256": digest}
     return {"weights_sha256": digest, "config_sha256": config_checksum(sealed)}
+
+
+def _refuse_pickled_save(folder: Path, weights: Path | None) -> None:
+    """MaskingError when the save that is sealing wrote ``adapter_model.bin`` (``safe_serialization=False``): a
+    pickle randmask never loads, and a safetensors file left beside it by an earlier save would be sealed instead."""
+    pickled = folder / PICKLED_WEIGHTS_NAME
+    if not pickled.is_file():
+        return
+    if weights is not None and os.stat(weights).st_mtime_ns > os.stat(pickled).st_mtime_ns:
+        return  # an older save's pickle; this save wrote the safetensors file
+    raise MaskingError(f"save_pretrained wrote {pickled}, a pickle (safe_serialization=False); randmask adapters are "
+                       "saved and loaded as safetensors only, so the adapter config was not written (the folder "
+                       "keeps its earlier save, if any). Save again without safe_serialization=False.")
 
 
 def check_sealed(data: dict[str, Any], where: str, allow_unverified: bool) -> bool:

@@ -164,6 +164,25 @@ def test_a_pickled_weights_file_is_never_loaded(saved):
         PeftModel.from_pretrained(tiny_model("opt"), saved)
 
 
+def test_a_pickled_save_is_refused_and_never_seals_an_older_weights_file(tmp_path):
+    """save_pretrained(..., safe_serialization=False) over an earlier save sealed the earlier safetensors file, which
+    then loaded as verified: the old adapter, silently."""
+    model = _trained()
+    model.save_pretrained(tmp_path)
+    first = model_output(PeftModel.from_pretrained(tiny_model("opt"), tmp_path), tiny_inputs("opt"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    with pytest.raises(MaskingError, match="safe_serialization=False"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()  # peft wrote it; the folder keeps the earlier save
+    assert torch.equal(model_output(PeftModel.from_pretrained(tiny_model("opt"), tmp_path), tiny_inputs("opt")), first)
+    model.save_pretrained(tmp_path)  # a safetensors save over the pickle's leftover is fine, and loads the new values
+    assert torch.equal(model_output(PeftModel.from_pretrained(tiny_model("opt"), tmp_path), tiny_inputs("opt")),
+                       model_output(model, tiny_inputs("opt")))
+
+
 @pytest.mark.parametrize(("edit", "match", "sealed"), [
     (lambda d: d.update(checksums={"x": "y"}), "checksums is", True),
     (lambda d: d.update(config_sha256=7), "config_sha256 is", False),
