@@ -98,10 +98,17 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else module
 
 
+def _never_called(model: nn.Module) -> set[str]:
+    """Linear modules their parent reads by weight and never calls: ``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``, so a delta applied in its forward is never seen."""
+    return {f"{name}.out_proj".lstrip(".") for name, module in model.named_modules()
+            if isinstance(module, nn.MultiheadAttention)}
+
+
 def _maskable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    found = []
+    found, never_called = [], _never_called(model)
     for name, module in model.named_modules():
-        if _inside_wrapper(name):
+        if _inside_wrapper(name) or name in never_called:
             continue
         if is_maskable(_unwrap(module)):
             found.append((name, _unwrap(module)))
@@ -225,10 +232,14 @@ def resolve_targets(model: nn.Module, targets: list[str] | str | None = None,
         )
     if exclude:
         wanted = _without_excluded(model, wanted, targets, exclude)
-    resolved = []
+    resolved, never_called = [], _never_called(model)
     for name, module in model.named_modules():
         if name not in wanted:
             continue
+        if name in never_called:
+            raise MaskingError(f"target {name!r} is the out_proj of a torch.nn.MultiheadAttention, which reads its "
+                               "weight directly and never calls it, so randmask's delta would be ignored. Drop it "
+                               "from the targets.")
         inner = _unwrap(module)
         if not is_maskable(inner):
             raise MaskingError(

@@ -4,10 +4,11 @@ import dataclasses
 import re
 
 import pytest
+import torch
 from tests.conftest import TINY_ARCHS, tiny_model
 
 from randmask import MaskingError, architecture_targets, default_targets, resolve_targets
-from randmask.targets import ARCHITECTURES, TARGET_SETS, ArchitectureTargets
+from randmask.targets import ARCHITECTURES, TARGET_SETS, ArchitectureTargets, candidate_names
 
 QV = {"opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn[q,v]"],
       "bert": ["query", "value"]}
@@ -130,3 +131,13 @@ def test_all_linear_selects_what_peft_lora_selects(arch) -> None:
     theirs = [n.removeprefix("base_model.model.") for n, m in lora.named_modules() if isinstance(m, LoraLayer)]
     assert ours == theirs and ours
     assert not any(n.endswith(("lm_head", "classifier")) for n in ours)
+
+
+def test_multihead_attention_out_proj_is_refused_as_a_target_and_left_out_of_all_linear():
+    """nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj: masked, its values never
+    trained and changed nothing (the output equalled the base's exactly with every value at 1.0)."""
+    layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    with pytest.raises(MaskingError, match="out_proj of a torch.nn.MultiheadAttention"):
+        resolve_targets(layer, ["self_attn.out_proj"])
+    assert [t.name for t in resolve_targets(layer, "all-linear")] == ["linear1", "linear2"]
+    assert "out_proj" not in candidate_names(layer)
