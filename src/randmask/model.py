@@ -73,7 +73,7 @@ def attach_adapter(model: nn.Module, adapter_name: str, config: MaskingConfig, t
         adapter.values.requires_grad_(trainable)
     record_adapter(model, adapter_name, config, total_params)
     if earlier:  # the layers only an earlier adapter adapts hand over to W0
-        set_adapter(model, adapter_name)
+        _activate(model, adapter_name)
 
 
 
@@ -151,13 +151,24 @@ def _wrap(model: nn.Module, target: Target, shared_with: tuple[str, ...]) -> Mas
 
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Make ``adapter_name`` the active adapter of every masked layer (others restored to W0).
+def set_adapter(model: nn.Module, adapter_name: str, inference_mode: bool = False) -> None:
+    """Make ``adapter_name`` the active adapter of every masked layer (others restored to W0), and, as PEFT's
+    ``set_adapter`` does, its values the trainable ones (frozen with ``inference_mode=True``; the others frozen).
 
     The hot-swap: per layer W0 is written back at the old adapter's entries and W0 + values at the
     new one's, O(nnz) in all: no reload, no dense copy. The layers are found once and cached (the
     cache is dropped whenever randmask wraps or unwraps a layer).
     """
+    if not isinstance(inference_mode, bool):
+        raise MaskingError(f"inference_mode must be True or False, got {inference_mode!r}.")
+    _activate(model, adapter_name)
+    for layer in cached_layers(model):
+        for name, adapter in layer.adapters.items():
+            adapter.values.requires_grad_(name == adapter_name and not inference_mode)
+
+
+def _activate(model: nn.Module, adapter_name: str) -> None:
+    """``adapter_name`` active on every masked layer that has it (W0 on the others); trainability unchanged."""
     adapter_meta(model, adapter_name)
     for layer in cached_layers(model):
         layer.set_active(adapter_name if adapter_name in layer.adapters else None)
@@ -187,7 +198,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if was_active:
         warn_caller(f"adapter {adapter_name!r} was active and is deleted; {remaining[0]!r} is active now "
                     "(call randmask.set_adapter to choose another).", UserWarning)
-        set_adapter(model, remaining[0])
+        _activate(model, remaining[0])
 
 
 @contextlib.contextmanager

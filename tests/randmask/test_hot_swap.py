@@ -217,3 +217,26 @@ def test_delete_adapter_frees_it_and_leaves_the_others_as_they_were(arch):
     randmask.delete_adapter(model, "c")  # the last one: the base model again, bit for bit
     assert not randmask.masked_layers(model) and randmask.adapter_names(model) == []
     assert all(torch.equal(p, pristine[n]) for n, p in model.state_dict().items())
+
+
+def test_set_adapter_makes_the_active_adapters_values_the_trainable_ones_as_peft_does():
+    """Adding "b" froze "a", and set_adapter("a") left it frozen: training "a" on failed in torch's words, or, beside
+    another trainable parameter, left a's values unchanged, silently."""
+    model = tiny_model("llama")
+    apply_masking(model, MaskingConfig(density=0.1, seed=0), "a")
+    apply_masking(model, MaskingConfig(density=0.1, seed=1, targets=["q_proj"]), "b")
+
+    def trainable():
+        return {name for layer in randmask.masked_layers(model).values() for name, adapter in layer.adapters.items()
+                if adapter.values.requires_grad}
+
+    assert trainable() == {"b"}  # the adapter added last is the one trained
+    randmask.set_adapter(model, "a")
+    assert trainable() == {"a"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_steps(model.train(), tiny_inputs("llama"), steps=2)
+    assert before and all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    randmask.set_adapter(model, "a", inference_mode=True)
+    assert trainable() == set()
+    with pytest.raises(randmask.MaskingError, match="inference_mode must be True or False"):
+        randmask.set_adapter(model, "a", inference_mode="no")
