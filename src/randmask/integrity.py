@@ -173,10 +173,14 @@ def check_base(name: str, entries: torch.Tensor, saved: dict[str, str], scheme: 
 
 
 def _refuse_base(message: str, scheme: str | None, opt_out: str) -> NoReturn:
-    if scheme is not None:  # an exact hash: an adapter trained on the float base never verifies on its quantized copy
+    # An exact hash: an adapter trained on the float base never verifies on its quantized copy, nor the reverse.
+    if scheme is not None:
         message += (f" This base is quantized ({scheme}): an adapter trained on another precision of the same "
                     f"checkpoint (e.g. its bf16/fp32 weights) cannot match the exact fingerprint; if this is that "
                     f"checkpoint, pass {opt_out}: it skips this check alone.")
+    elif opt_out not in message:
+        message += (f" An adapter trained on a quantized copy of this checkpoint (4-bit, int8) cannot match the exact "
+                    f"fingerprint either; if that is what this is, pass {opt_out}: it skips this check alone.")
     raise MaskingError(message)
 
 

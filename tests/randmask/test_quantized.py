@@ -185,6 +185,11 @@ def test_quantized_base_adapter_verifies_on_the_same_quantized_base_only(llama_d
     other = save_tiny_llama(tmp_path / "other", seed=1)
     with pytest.raises(MaskingError, match="differ from the base it was trained on"):
         load_adapter(load_quantized(other, "ao-int8"), tmp_path)
+    # onto the float checkpoint it was quantized from: refused too, naming the way out (it named none)
+    import transformers
+
+    with pytest.raises(MaskingError, match="trained on a quantized copy of this checkpoint.*verify_base=False"):
+        load_adapter(transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32), tmp_path)
 
 
 def test_merge_into_a_quantized_weight_is_refused_and_changes_nothing(llama_dir):
