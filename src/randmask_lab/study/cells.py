@@ -18,8 +18,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from randmask_lab.errors import StoreError
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.results.report import method_label
+from randmask_lab.experiment.results.settings import settings_of
 from randmask_lab.experiment.results.store import protocol_label
 
 CellKey = tuple[str, str, str, str]  # model, protocol, task, method label
@@ -105,6 +107,26 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
     return cell
 
 
+def check_one_setting(key: CellKey, runs: Sequence[RunRecord]) -> None:
+    """StoreError when a cell's runs differ in a setting outside the cell key (a method option, the targets, ...),
+    or two of its runs share an LR and a seed: a study averages a cell's runs as seeds of one setting, and either
+    would be pooled or dropped silently. A study file of one spec never has them; a merge of two can."""
+    settings = {settings_of(r.config) for r in runs}
+    if len(settings) > 1:
+        differing = sorted({name for variant in settings for name, value in variant
+                            if len({dict(v)[name] for v in settings}) > 1})
+        raise StoreError(f"cell {' / '.join(key)} holds runs that differ in {differing}: they are not seeds of one "
+                         "cell. Keep the runs of one study spec in a study file (randmask merge joins one study's "
+                         "parts).")
+    seen: dict[tuple[float, int], str] = {}
+    for r in runs:
+        at = (float(r.config.get("lr") or 0.0), r.config["seed"])
+        if at in seen:
+            raise StoreError(f"cell {' / '.join(key)} holds two runs at lr {at[0]:g}, seed {at[1]}: {seen[at]} and "
+                             f"{r.run_id} (another data or model copy). Keep one of them in the study file.")
+        seen[at] = r.run_id
+
+
 def cell_key(config: dict[str, Any]) -> CellKey:
     """The cell a run belongs to: its model, protocol, task and method/budget."""
     return config["model"], protocol_label(config), config["task"], method_label(config)
@@ -117,6 +139,8 @@ def study_cells(records: Sequence[RunRecord], unfinished: Collection[CellKey] = 
     for r in records:
         if r.status in ("done", "diverged"):
             grouped[cell_key(r.config)].append(r)
+    for key, runs in grouped.items():
+        check_one_setting(key, runs)
     cells = {key: build_cell(key, runs) for key, runs in grouped.items()}
     for key in set(unfinished) & set(cells):
         cells[key].search_unfinished = True

@@ -393,3 +393,17 @@ def test_a_and_e_say_where_each_pair_ran_and_never_move_the_rule() -> None:
     for r in runs:
         r.machine = {}
     assert "machines" not in finding_a(list(study_cells(runs).values())).text()
+
+
+def test_a_cell_whose_runs_differ_in_a_setting_or_repeat_a_seed_is_refused():
+    """A study averages a cell's runs as seeds of one setting: runs of two settings (a merge of two studies) were
+    pooled, and a second run at one LR and seed silently replaced the first."""
+    runs = [record("sst2", "lora", 1e-3, s, 0.8, 0.5) for s in (0, 1)]
+    assert study_cells(runs)  # one setting, distinct seeds
+    runs[1].config["method_options"] = {"r": 16}
+    with pytest.raises(StoreError, match=r"differ in \['method_options'\]: they are not seeds of one cell"):
+        study_cells(runs)
+    twice = [record("sst2", "lora", 1e-3, 0, 0.8, 0.5), record("sst2", "lora", 1e-3, 0, 0.7, 0.5)]
+    twice[1].run_id += "-other-data"
+    with pytest.raises(StoreError, match="two runs at lr 0.001, seed 0"):
+        study_cells(twice)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.settings import row_labels
 from randmask_lab.experiment.results.store import ResultStore, protocol_label
 
 Select = Literal["val_loss", "val_metric"]
@@ -109,9 +110,10 @@ def report_tables(records: Sequence[RunRecord], select_by: Select = "val_loss") 
     """Markdown: one table per (model, protocol); rows method/budget, columns tasks + average."""
     groups: dict[tuple[str, str], dict[str, dict[str, list[RunRecord]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
-    for r in records:
-        if r.status in ("done", "diverged"):
-            groups[(r.config["model"], protocol_label(r.config))][method_label(r.config)][r.config["task"]].append(r)
+    finished = [r for r in records if r.status in ("done", "diverged")]
+    labels = row_labels(finished, method_label, protocol_label)  # runs of other settings are other rows
+    for r in finished:
+        groups[(r.config["model"], protocol_label(r.config))][labels[id(r)]][r.config["task"]].append(r)
     if not groups:
         return "No finished runs in the store."
     out = []
@@ -143,6 +145,7 @@ def task_order(task: str) -> int:
 def method_order(label: str) -> tuple[int, float]:
     names = ["zeroshot", "full", "lora", "adalora", "adapter", "bitfit", "prefix", "randmask", "structured"]
     method, _, budget = label.partition(" ")
+    budget = budget.split(" [")[0]  # without a settings suffix ("[r=16]"): ordered as its plain label
     rank = names.index(method) if method in names else len(names)
     try:
         return rank, -float(budget)
@@ -154,9 +157,10 @@ def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss", all_
     """The run (first seed; ``all_seeds``: every seed) at the chosen LR of every (model, protocol, task,
     method/budget) cell."""
     cells: dict[tuple[str, str, str, str], list[RunRecord]] = defaultdict(list)
-    for r in records:
-        if r.status in ("done", "diverged"):
-            cells[(r.config["model"], protocol_label(r.config), r.config["task"], method_label(r.config))].append(r)
+    finished = [r for r in records if r.status in ("done", "diverged")]
+    labels = row_labels(finished, method_label, protocol_label)
+    for r in finished:
+        cells[(r.config["model"], protocol_label(r.config), r.config["task"], labels[id(r)])].append(r)
     chosen = []
     for key in sorted(cells, key=lambda k: (k[0], k[1], task_order(k[2]), method_order(k[3]))):
         cell = best_cell(cells[key], select_by)

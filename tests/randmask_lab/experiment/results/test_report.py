@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from randmask_lab.experiment.results.report import best_cell, report_tables
+from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.report import best_cell, best_runs, report_tables
+from randmask_lab.experiment.run.config import RunConfig
 
 from .test_store import record
 
@@ -59,3 +61,24 @@ def test_a_ratio_label_never_rounds_one_budget_to_anothers_name():
     assert [ratio_text(r) for r in (1e-3, 5e-5, 4.9e-2, 0.0493)] == ["1e-03", "5e-05", "4.9e-02", "4.93e-02"]
     assert method_label({"method": "randmask", "ratio": 4.9e-2}) == "randmask 4.9e-02"
     assert method_label({"method": "structured", "ratio": 1e-4}) == "structured 1e-04"
+
+
+def _with(seed: int = 0, test_metric: float = 0.6, **config) -> RunRecord:
+    """A LoRA run of ``record``'s cell with other settings (a new run id, as the run's identity changes)."""
+    run = RunConfig(model="m", task="rte", method="lora", lr=1e-3, seed=seed, **config)
+    return RunRecord(run.run_id, run.to_dict(), "done", "accuracy", val_loss=0.5, val_metric=0.7,
+                     test_metric=test_metric, best_epoch=2, trainable=10, total=1000)
+
+
+def test_runs_of_other_settings_are_other_rows_never_seeds_of_one():
+    """LoRA r=1 and r=16, both seed 0, were one cell "87.5 ±17.7": two settings averaged as two seeds."""
+    r1, r16 = _with(method_options={"r": 1}, test_metric=1.0), _with(method_options={"r": 16}, test_metric=0.75)
+    rows = [line for line in report_tables([r1, r16]).splitlines() if line.startswith("| lora")]
+    assert rows == ['| lora [method_options={"r":1}] | 1% | 100.0 (1e-03) |',
+                    '| lora [method_options={"r":16}] | 1% | 75.0 (1e-03) |']
+    assert [r.run_id for r in best_runs([r1, r16])] == [r1.run_id, r16.run_id]  # one per cell, not one of both
+    same = [_with(seed=s, weight_decay=0.1) for s in (0, 1)]  # agreeing settings keep the plain label
+    assert "| lora | 1% | 60.0 ±0.0 (1e-03) |" in report_tables(same)
+    older = _with(seed=2)
+    older.config.pop("world_size")  # a record made before the field existed ran at its default
+    assert "| lora | 1% | 60.0 ±0.0 (1e-03) |" in report_tables([_with(seed=3), older])
