@@ -37,10 +37,22 @@ def check_p(p: float) -> float:
     return p
 
 
+# Why a cap: the sweep squares sigma-sized numbers (losses, ||Delta_inf||^2 ~ sigma^2 tr G_m^{-1}, loss curves
+# allowed to grow 1e8-fold before GD counts as diverged), and past ~1e150 these overflow float64, so the
+# critical-rate search sees inf everywhere and fails. 1e100 leaves a 1e100-fold margin for n, 1/lambda_n
+# and the blow-up factor; nothing is lost, since once noise dominates every quantity scales as sigma or sigma^2.
+SIGMA_MAX = 1e100
+
+
 def check_sigma(sigma: float) -> None:
-    """Raise ``ValueError`` unless the noise level is >= 0 (also rejects NaN)."""
+    """Raise ``ValueError`` unless 0 <= sigma <= ``SIGMA_MAX`` (also rejects NaN and inf)."""
     if not sigma >= 0:
         raise ValueError(f"noise level sigma must be >= 0, got sigma={sigma!r}")
+    if not sigma <= SIGMA_MAX:
+        raise ValueError(
+            f"noise level sigma must be finite and at most {SIGMA_MAX:g} (larger values overflow float64 in the "
+            f"squared norms), got sigma={sigma!r}; use a smaller sigma"
+        )
 
 
 def check_delta(delta: float) -> None:

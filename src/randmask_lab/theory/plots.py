@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from randmask_lab.fs import save_figure
+from randmask_lab.theory.experiment import p_key
 
 
 def _by_p(records: list[dict], key: str) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -163,13 +164,13 @@ def _loss_curves_panel(ax: Axes, records: list[dict]) -> None:
     seed0 = _seeds(records)[0]
     for c, r in enumerate(sorted((r for r in records if r["seed"] == seed0), key=lambda r: r["p"])):
         ax.plot(
-            np.maximum(r["loss_curve_0.9"], 1e-30), "-", color=f"C{c}", label=f"p={r['p']:g}: lr = 0.9 × 2/λ₁"
+            np.maximum(r["loss_curve_0.9"], 1e-30), "-", color=f"C{c}", label=f"p={p_key(r['p'])}: lr = 0.9 × 2/λ₁"
         )
         ax.plot(
             np.maximum(r["loss_curve_1.1"], 1e-30),
             "--",
             color=f"C{c}",
-            label=f"p={r['p']:g}: lr = 1.1 × 2/λ₁",
+            label=f"p={p_key(r['p'])}: lr = 1.1 × 2/λ₁",
         )
     ax.set(
         yscale="log",

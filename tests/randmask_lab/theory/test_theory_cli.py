@@ -77,6 +77,8 @@ def test_subcommand_rejects_bad_p(capsys):
 @pytest.mark.parametrize("options, message", [
     (["--sigma", "-1"], "sigma must be >= 0"),
     (["--sigma", "nan"], "sigma must be >= 0"),
+    (["--sigma", "inf"], r"sigma must be finite and at most 1e\+100 .*got sigma=inf; use a smaller sigma"),
+    (["--sigma", "1e200"], r"sigma must be finite and at most 1e\+100 .*got sigma=1e\+200; use a smaller sigma"),
     (["--delta", "1"], r"delta must be in \(0, 1\)"),
     (["--n", "60"], "fewer than 2n=120"),
     (["--seeds", "-1"], "must be an integer ≥ 0, got -1"),
