@@ -51,8 +51,8 @@ def settings_of(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 
 
 def row_labels(records: Sequence[RunRecord], method_label: Any, protocol_label: Any) -> dict[int, str]:
-    """Each record's row label, by ``id(record)``: ``method_label`` where its cell's runs share their settings, else that
-    label and the settings that differ between them, e.g. ``lora [method_options={"r":1}]``."""
+    """Each record's row label, by ``id(record)``: ``method_label`` where its cell's runs share their settings,
+    else that label and the settings that differ between them, e.g. ``lora [method_options={"r":1}]``."""
     cells: dict[tuple[str, str, str], list[RunRecord]] = defaultdict(list)
     for r in records:
         cells[(r.config["model"], protocol_label(r.config), method_label(r.config))].append(r)
