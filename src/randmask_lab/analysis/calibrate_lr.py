@@ -1,46 +1,117 @@
 """`randmask calibrate-lr`: fit suggest-lr's Adam factor to the best LRs of a sweep.
 
 Pairs each ``suggest_lr.json`` (made at calibration 1, with its ``run`` block) with the stored
-cell of the same task, method and budget, and reports best / suggested per pair, the fitted factor
+cell of the same task, method, budget and model, and reports best / suggested per pair, the fitted factor
 (their geometric mean) and its spread. The factor to pass as ``randmask suggest-lr --calibration``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
-from randmask import read_limited
+from randmask import read_json_limited
 from randmask_lab.analysis.suggest_lr import calibrate
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.report import best_runs, method_label
-from randmask_lab.experiment.results.store import ResultStore
+from randmask_lab.experiment.results.store import ResultStore, protocol_label
+
+FIX = "delete it and run suggest-lr again"
+
+
+def _damaged(path: Path, field: str, value: Any, want: str) -> RunError:
+    shown = "is missing" if value is None else f"is {json.dumps(value)[:40]}, not {want}"
+    return RunError(f"{path}: {field} {shown}; the file is damaged: {FIX}")
+
+
+def _positive(path: Path, field: str, value: Any, high: float = math.inf) -> float:
+    """``value`` if a finite number in (0, ``high``]: a 0 calibration divides by zero, a NaN or negative LR
+    poisons the fitted factor (a geometric mean), so each is refused by name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _damaged(path, field, value, "a number")
+    try:
+        ok = math.isfinite(float(value)) and 0 < value <= high
+    except OverflowError:  # an int past the float range
+        ok = False
+    if not ok:
+        raise _damaged(path, field, value, f"a finite number above 0{'' if high == math.inf else f' and <= {high:g}'}")
+    return float(value)
+
+
+def _checked_suggestion(path: Path, data: Any) -> dict[str, Any]:
+    """The fields ``calibration_pairs`` reads, checked (types, finite, ranges); a RunError naming the file else."""
+    if not isinstance(data, dict):
+        raise _damaged(path, "the top level", data, "a suggest-lr result")
+    run = data.get("run")
+    if not isinstance(run, dict):
+        raise _damaged(path, "run", run, "a run block")
+    for key in ("task", "method"):
+        if not isinstance(run.get(key), str) or not run[key]:
+            raise _damaged(path, f"run.{key}", run.get(key), "a name")
+    if run.get("model") is not None and not isinstance(run["model"], str):
+        raise _damaged(path, "run.model", run["model"], "a model name")
+    for key in ("ratio", "density"):
+        if run.get(key) is not None:
+            _positive(path, f"run.{key}", run[key], high=1)
+    # The LR at factor 1, what the fit scales; a quotient of two valid numbers can still under/overflow.
+    suggested = _positive(path, "adam_lr", data.get("adam_lr")) / _positive(path, "calibration",
+                                                                              data.get("calibration"))
+    _positive(path, "adam_lr / calibration", suggested)
+    return {"run": run, "suggested": suggested, "lambda_max": _positive(path, "lambda_max", data.get("lambda_max"))}
+
+
+def _best_lr(path: Path, run: dict[str, Any], cells: list[dict[str, Any]]) -> float | None:
+    """The best swept LR of the store cell this suggestion was measured on: same task (already filtered), method
+    and budget (the label), and model; None (with a note) if the store has no such cell. The suggestion does not
+    record the sweep's protocol: cells of several protocols with different best LRs are refused, not guessed."""
+    model = run.get("model")  # None: a file from before suggest-lr recorded it; any model then, if unambiguous
+    same = [c for c in cells if model is None or c["model"] == model]
+    if not same:
+        others = sorted({c["model"] for c in cells})
+        on = "any model" if model is None else f"model {model!r}"
+        print(f"note: skipped {path}: the store has no {method_label(run)} cell on {on}"
+              + (f" (only on {', '.join(map(repr, others))})" if others else ""), file=sys.stderr)
+        return None
+    lrs = {c["lr"] for c in same}
+    if len(lrs) > 1:
+        where = "; ".join(sorted(f"{c['model']!r} ({c['protocol']}): {c['lr']:g}" for c in same))
+        raise RunError(f"{path}: the store has several {method_label(run)} cells with different best LRs ({where}); "
+                       "pass a store of one protocol (--store), or run suggest-lr again so the file names its model")
+    return lrs.pop()
 
 
 def calibration_pairs(folders: list[Path], store: ResultStore, task: str) -> list[dict[str, Any]]:
-    """One row per suggestion that has a matching swept cell: label, λ_max, suggested (factor 1), best LR."""
-    best = {method_label(r.config): r.config["lr"] for r in best_runs(store.records(task=task))}
-    rows = []
+    """One row per suggestion that has a matching swept cell: label, λ_max, suggested (factor 1), best LR.
+
+    A suggestion is paired with the best LR of the cell of its own task, method, budget and model, never with
+    another model's (the LR scale differs between models); unmatched ones are skipped with a note on stderr.
+    """
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for r in best_runs(store.records(task=task)):
+        cells.setdefault(method_label(r.config), []).append(
+            {"model": r.config["model"], "protocol": protocol_label(r.config), "lr": r.config["lr"]})
+    rows, other_tasks = [], 0
     for path in sorted(p for folder in folders for p in Path(folder).rglob("suggest_lr.json")):
-        try:
-            data = json.loads(read_limited(path, 1 << 20, "suggest-lr result", error=RunError,
-                                           fix="delete it and run suggest-lr again"))
-        except (ValueError, RecursionError) as e:
-            raise RunError(f"{path} is not valid JSON ({str(e)[:80]}); delete it and run suggest-lr again") from None
-        if not isinstance(data, dict):
-            raise RunError(f"{path} is not a suggest-lr result; delete it and run suggest-lr again")
-        run = data.get("run") or {}
-        if run.get("task") != task:
+        data = read_json_limited(path, 1 << 20, "suggest-lr result", error=RunError, fix=FIX)
+        checked = _checked_suggestion(path, data)
+        run = checked["run"]
+        if run["task"] != task:
+            other_tasks += 1
             continue
         label = method_label(run)
-        if label not in best:
+        best = _best_lr(path, run, cells.get(label, []))
+        if best is None:
             continue
-        suggested = data["adam_lr"] / data["calibration"]  # at factor 1
-        rows.append({"label": label, "lambda_max": data["lambda_max"], "suggested": suggested,
-                     "best": best[label], "ratio": best[label] / suggested, "file": str(path)})
+        rows.append({"label": label, "lambda_max": checked["lambda_max"], "suggested": checked["suggested"],
+                     "best": best, "ratio": best / checked["suggested"], "file": str(path)})
+    if other_tasks:
+        print(f"note: skipped {other_tasks} suggest_lr.json of tasks other than {task!r}", file=sys.stderr)
     if not rows:
-        raise RunError(f"no suggest_lr.json under {[str(f) for f in folders]} matches a {task!r} cell of {store.path}")
+        raise RunError(f"no suggest_lr.json under {[str(f) for f in folders]} matches a {task!r} cell (task, "
+                       f"method, budget and model) of {store.path}; run suggest-lr on a model and cell of the sweep")
     return rows
 
 
