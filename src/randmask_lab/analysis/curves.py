@@ -13,16 +13,30 @@ from randmask_lab.analysis.plots import plot_epoch_curves
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.results.report import method_label
-from randmask_lab.experiment.results.store import ResultStore
+from randmask_lab.experiment.results.settings import row_labels
+from randmask_lab.experiment.results.store import ResultStore, protocol_label
 
 
 def epoch_curves(records: list[RunRecord]) -> dict[str, list[tuple[int, Any, Any]]]:
-    """``{"<method budget> lr <lr> s<seed>": [(epoch, val_metric, val_loss), ...]}`` for finished runs."""
-    curves = {}
-    for r in sorted(records, key=lambda r: (method_label(r.config), r.config["lr"], r.config["seed"])):
-        if r.status not in ("done", "diverged") or not r.epochs:
-            continue
-        label = f"{method_label(r.config)} lr {r.config['lr']:g} s{r.config['seed']}"
+    """``{"<method budget> lr <lr> s<seed>": [(epoch, val_metric, val_loss), ...]}`` for finished runs of one task,
+    model and protocol (a RunError naming the mix otherwise: curves of two tasks shared labels, and one silently
+    replaced the other under the first one's title). Runs of other settings (``report``'s rows) keep them apart."""
+    finished = [r for r in records if r.status in ("done", "diverged") and r.epochs]
+    for field, flag in (("task", "--task"), ("model", "--model")):
+        values = sorted({str(r.config[field]) for r in finished})
+        if len(values) > 1:
+            raise RunError(f"the runs are of {len(values)} {field}s ({', '.join(values)}): curves plots one; pass "
+                           f"{flag}")
+    protocols = sorted({protocol_label(r.config) for r in finished})
+    if len(protocols) > 1:
+        raise RunError(f"the runs follow {len(protocols)} protocols ({'; '.join(protocols)}): curves plots one; pass "
+                       "--method, or keep one protocol's runs in the store")
+    labels = row_labels(finished, method_label, protocol_label)
+    curves: dict[str, list[tuple[int, Any, Any]]] = {}
+    for r in sorted(finished, key=lambda r: (labels[id(r)], r.config["lr"], r.config["seed"])):
+        label = f"{labels[id(r)]} lr {r.config['lr']:g} s{r.config['seed']}"
+        if label in curves:
+            raise RunError(f"two runs are both {label!r} (another copy of the data or model): keep one in the store")
         curves[label] = [(e["epoch"], e.get("val_metric"), e.get("val_loss")) for e in r.epochs]
     return curves
 
@@ -33,6 +47,7 @@ def write_curves(store: ResultStore, out: str | Path, **where: Any) -> tuple[Pat
     curves = epoch_curves(records)
     if not curves:
         raise RunError(f"no finished runs in {store.path} match {where or 'the filters'}")
-    metric = next(r.metric for r in records if r.metric)
-    task = where.get("task") or records[0].config["task"]
+    finished = [r for r in records if r.status in ("done", "diverged") and r.epochs]
+    metric = next(r.metric for r in finished if r.metric)
+    task = finished[0].config["task"]  # the one task of them all (epoch_curves)
     return plot_epoch_curves(curves, out, metric=metric, title=f"Validation score per epoch — {task}"), curves
