@@ -9,39 +9,28 @@ too. Runs that differ in one of them are different cells: their row label names 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from randmask_lab.experiment.results.record import RunRecord
-from randmask_lab.experiment.run.config import IDENTITY, OMITTED_AT_DEFAULT, ROLE, STORED_NAMES, RunConfig
 
-# Named by the cell's other parts: the table's heading (protocol_label), the row (method_label), the column
-# (task), the chosen LR and the seeds that the cell averages over.
-_IN_CELL_KEY = {"model", "task", "method", "ratio", "density", "quantize", "lr", "seed", "data_seed", "mask_seed",
-                "order_seed", "n_train", "n_val", "n_test", "epochs", "batch_size", "group_by_length", "max_grad_norm",
-                "mode"}
-
-
-def _defaults() -> dict[str, Any]:
-    """Every other identity field of RunConfig at its default, under its stored name (records made before a field
-    existed lack it: they ran at its default)."""
-    out = {}
-    for f in dataclasses.fields(RunConfig):
-        name = STORED_NAMES.get(f.name, f.name)
-        if f.metadata.get(ROLE) != IDENTITY[ROLE] or name in _IN_CELL_KEY:
-            continue
-        if name in OMITTED_AT_DEFAULT:  # world_size's default is the launcher's, which an old record never had
-            default = OMITTED_AT_DEFAULT[name]
-        else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        out[name] = list(default) if isinstance(default, tuple) else default
-    return out
-
-
-SETTING_DEFAULTS = _defaults()
+# Every identity field of RunConfig outside the cell key, at its default, under its stored name (a record made
+# before a field existed lacks it: it ran at its default). Written out rather than read from RunConfig, because
+# results/ sits below run/ (tests/randmask_lab/experiment/test_packages.py); a test checks this table against
+# RunConfig's fields, so a new identity field fails it until it is added here.
+SETTING_DEFAULTS: dict[str, Any] = {
+    "head_lr": None, "grad_accum": 1, "weight_decay": 0.0, "adam_betas": [0.9, 0.999], "adam_eps": 1e-08,
+    "schedule": "constant", "warmup_steps": 0, "targets": None, "head_modules": None, "method_options": {},
+    "max_length": 1024, "max_new_tokens": 50, "select_by": "val_loss", "eval_initial": False, "val_generate": False,
+    "precision": "auto", "world_size": 1, "source": None, "max_steps": None,
+}
+# The fields the cell key names: the table's heading (protocol_label), the row (method_label), the column (task),
+# the chosen LR and the seeds that the cell averages over.
+IN_CELL_KEY = ("model", "task", "method", "ratio", "density", "quantize", "lr", "seed", "data_seed", "mask_seed",
+               "order_seed", "n_train", "n_val", "n_test", "epochs", "batch_size", "group_by_length", "max_grad_norm",
+               "mode")
 
 
 def settings_of(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -67,4 +56,4 @@ def row_labels(records: Sequence[RunRecord], method_label: Any, protocol_label: 
     return labels
 
 
-__all__ = ["SETTING_DEFAULTS", "row_labels", "settings_of"]
+__all__ = ["IN_CELL_KEY", "SETTING_DEFAULTS", "row_labels", "settings_of"]

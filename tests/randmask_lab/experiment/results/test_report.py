@@ -82,3 +82,19 @@ def test_runs_of_other_settings_are_other_rows_never_seeds_of_one():
     older = _with(seed=2)
     older.config.pop("world_size")  # a record made before the field existed ran at its default
     assert "| lora | 1% | 60.0 ±0.0 (1e-03) |" in report_tables([_with(seed=3), older])
+
+
+def test_the_settings_table_names_every_identity_field_outside_the_cell_key():
+    """results/ cannot import run/, so the settings table is written out: a new identity field must be added."""
+    import dataclasses
+
+    from randmask_lab.experiment.results.settings import IN_CELL_KEY, SETTING_DEFAULTS
+    from randmask_lab.experiment.run.config import IDENTITY, OMITTED_AT_DEFAULT, ROLE, STORED_NAMES
+
+    expected = {}
+    for f in dataclasses.fields(RunConfig):
+        name = STORED_NAMES.get(f.name, f.name)
+        if f.metadata.get(ROLE) == IDENTITY[ROLE] and name not in IN_CELL_KEY:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            expected[name] = OMITTED_AT_DEFAULT.get(name, list(default) if isinstance(default, tuple) else default)
+    assert SETTING_DEFAULTS == expected
