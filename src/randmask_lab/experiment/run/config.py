@@ -214,6 +214,21 @@ class RunConfig:
             raise RunError(problem)
         self._check_choices()
 
+    def _check_generation_options(self) -> None:
+        """RunError for a generation option on a task that generates nothing (it was accepted, made a new run id,
+        and trained and scored exactly as without it)."""
+        from randmask_lab.tasks import TASKS  # here: the task registry imports nothing of the run's
+
+        spec = TASKS.get(self.task)
+        if spec is None or spec.kind == "generation":
+            return
+        if self.val_generate:
+            raise RunError(f"--val-generate scores generated answers on validation; {self.task} is a {spec.kind} task "
+                           "and generates none. Drop it")
+        if self.max_new_tokens != RunConfig.max_new_tokens:
+            raise RunError(f"--max-new-tokens bounds generated answers; {self.task} is a {spec.kind} task and "
+                           "generates none. Drop it")
+
     def _check_choices(self) -> None:
         """RunError for a precision, quantization or budget the run's method cannot use."""
         if self.precision not in (AUTO, *PRECISIONS):
@@ -229,6 +244,7 @@ class RunConfig:
             raise RunError(f"--fsdp cannot shard a --quantize {self.quantize} base: bitsandbytes weights lose their "
                            "quantization under fully_shard, and torchao 0.18's Int8Tensor cannot be split. Use "
                            "--quantize ao-nf4 (torchao's NF4Tensor, as torchtune's QLoRA-FSDP2), or drop --fsdp.")
+        self._check_generation_options()
         if self.method not in MASKING_METHODS and (self.trainable_ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
         if self.method in MASKING_METHODS:

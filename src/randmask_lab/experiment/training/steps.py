@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from randmask import atomic_write_bytes
+from randmask_lab.errors import RunError
 from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.prepared import is_head_param
@@ -21,6 +22,9 @@ def build_optimizer(prepared: PreparedModel, config: RunConfig, heads: list[str]
     """AdamW over the trainable parameters; the head in its own group when ``head_lr`` is set."""
     named = [(n, p) for n, p in prepared.model.named_parameters() if p.requires_grad]
     head = [p for n, p in named if config.head_lr is not None and is_head_param(n, heads)]
+    if config.head_lr is not None and not head:  # accepted and ignored, it would be a new run id that ran as without
+        raise RunError(f"--head-lr sets the task head's learning rate, and this run trains no head parameter (method "
+                       f"{config.method}, head modules {heads or 'none'}); drop --head-lr")
     head_ids = {id(p) for p in head}
     groups = [{"params": [p for _, p in named if id(p) not in head_ids], "lr": config.lr}]
     if head:

@@ -192,3 +192,15 @@ def test_max_grad_norm_clips_every_step_and_is_part_of_the_run(tiny_lm, run_kwar
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(RunError, match="max-grad-norm"):
             RunConfig(**common, max_grad_norm=bad).validate()
+
+
+def test_options_a_run_cannot_use_are_refused_not_ignored(tiny_lm, run_kwargs):
+    """--head-lr on a run with no trainable head, and --val-generate / --max-new-tokens on a classification task,
+    trained bit for bit as without them, under a new run id that a report then counted as another seed."""
+    with pytest.raises(RunError, match="trains no head parameter .* drop --head-lr"):
+        run_training(RunConfig(**{**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02,
+                                  "head_lr": 0.1}))
+    for option in ({"val_generate": True}, {"max_new_tokens": 5}):
+        with pytest.raises(RunError, match="is a classification task and generates none"):
+            RunConfig(**{**run_kwargs, "model": tiny_lm, **option}).validate()
+    RunConfig(**{**run_kwargs, "model": tiny_lm, "task": "squad", "val_generate": True}).validate()
