@@ -18,14 +18,29 @@ from randmask_lab.analysis.hvp import LossFn, default_loss
 from randmask_lab.methods.targets import match_modules
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """An nn.Linear or a GPT-2-style Conv1D, bare or inside randmask's / peft's wrapper (which passes its input
+    on unchanged): the layers whose last input dimension is the input features this module measures."""
+    base = getattr(module, "base_layer", module)
+    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+
+
 def matching_modules(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
-    """Names of the modules whose name is, or ends in ``.``, one of ``suffixes`` (``v_proj`` matches
-    ``model.layers.3.self_attn.v_proj``), in model order; a ValueError when none matches."""
-    names = [n for n, _ in match_modules(model, list(suffixes))]
-    if not names:
+    """Names of the linear layers whose name is, or ends in ``.``, one of ``suffixes`` (``v_proj`` matches
+    ``model.layers.3.self_attn.v_proj``), in model order; a ValueError when none matches or one that matches is
+    not a linear layer (an embedding's input is token ids, an attention block's comes as keywords)."""
+    found = match_modules(model, list(suffixes))
+    # Layer names to suggest; a wrapper's inner base_layer is the same layer under its wrapper's name.
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_linear(m)} - {"base_layer"})
+    if not found:
         raise ValueError(f"no module of {type(model).__name__} is named {list(suffixes)} or ends in one; "
-                         "pass --modules with names of its linear layers (q_proj, v_proj, query, value, ...)")
-    return names
+                         f"pass --modules with names of its linear layers ({', '.join(linear[:8]) or 'none'})")
+    other = next(((n, m) for n, m in found if not _is_linear(m)), None)
+    if other is not None:
+        raise ValueError(f"--modules: {other[0]} ({type(other[1]).__name__}) is not a linear layer (nn.Linear or "
+                         f"Conv1D), so it has no input features to measure; pass names of linear layers "
+                         f"({', '.join(linear[:8]) or 'none'})")
+    return [n for n, _ in found]
 
 
 @torch.no_grad()

@@ -74,11 +74,22 @@ def _build(args: argparse.Namespace) -> tuple[nn.Module, list, LossFn, dict[str,
     return model, list(batches), loss_fn, describe_analysis_run(args)
 
 
+def _measurable(model: nn.Module, meta: dict[str, Any]) -> None:
+    """A RunError when nothing is trainable (--method zeroshot): there is no Hessian w.r.t. the trainable
+    parameters to measure, and the measuring code would only say so in a ValueError traceback."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RunError(f"--method {meta.get('method')} trains no parameters, so there is nothing to measure; "
+                       "pass a method that trains some (randmask, lora, full, ...) or a run folder as --adapter")
+
+
 def _cmd_hessian(args: argparse.Namespace) -> int:
     model, batches, loss_fn, meta = _build(args)
-    s = run_hessian(model, batches, args.out, loss_fn=loss_fn, tol=args.tol, max_iter=args.max_iter,
-                    seed=args.power_seed,
-                    which=args.which, top_k=args.top_k, meta=meta)
+    _measurable(model, meta)
+    try:
+        s = run_hessian(model, batches, args.out, loss_fn=loss_fn, tol=args.tol, max_iter=args.max_iter,
+                        seed=args.power_seed, which=args.which, top_k=args.top_k, meta=meta)
+    except (ValueError, FloatingPointError) as e:  # nothing to measure, a non-finite loss: one line, not a traceback
+        raise RunError(f"{args.command}: {e}") from None
     print(f"lambda_max = {s['lambda_max']:.6g} ({'converged' if s['converged'] else 'NOT converged'} "
           f"after {s['iterations']} HVPs); wrote {s['files']['json']}")
     return 0
@@ -97,8 +108,12 @@ def _cmd_distance(args: argparse.Namespace) -> int:
 
 def _cmd_suggest_lr(args: argparse.Namespace) -> int:
     model, batches, loss_fn, meta = _build(args)
-    s = run_suggest_lr(model, batches, args.out, loss_fn=loss_fn, calibration=args.calibration, tol=args.tol,
-                       max_iter=args.max_iter, seed=args.power_seed, meta=meta)
+    _measurable(model, meta)
+    try:
+        s = run_suggest_lr(model, batches, args.out, loss_fn=loss_fn, calibration=args.calibration, tol=args.tol,
+                           max_iter=args.max_iter, seed=args.power_seed, meta=meta)
+    except (ValueError, FloatingPointError) as e:  # λ_max <= 0, a zero gradient (suggest_lr says what to do)
+        raise RunError(f"{args.command}: {e}") from None
     print(f"lambda_max = {s['lambda_max']:.4g}, GD bound 2/lambda = {s['gd_bound']:.4g}, "
           f"Adam lr ~ {s['adam_lr']:.3g} (try {s['adam_lr_low']:.3g} .. {s['adam_lr_high']:.3g}); "
           f"wrote {s['files']['json']}")
@@ -129,17 +144,24 @@ def _cmd_figure4(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_args(parser: argparse.ArgumentParser, out: str) -> None:
-    """What ``build_model_and_batches(args)`` reads, plus the output folder."""
+def _model_args(parser: argparse.ArgumentParser, out: str, batches: bool = True) -> None:
+    """What ``build_model_and_batches(args)`` reads, plus the output folder; ``batches=False`` for a command that
+    reads no batches (distance), so that it does not accept --num-batches / --batch-size only to ignore them."""
     g = parser.add_argument_group("model and data (built by randmask_lab.experiment)")
     g.add_argument("--model", help="base model spec (Hub id, local path, or a preset name)")
-    g.add_argument("--adapter", type=Path, help="a saved adapter / run directory to load onto the model")
+    g.add_argument("--adapter", type=Path, help="a run folder, or a randmask adapter folder, to load onto the model; "
+                   "its own config says what was trained (options that contradict it are refused)")
     g.add_argument("--task", help="task whose training batches define the loss")
-    g.add_argument("--method", default="randmask", help="fine-tuning method (decides what is trainable)")
+    # No default here: with --adapter, an option that was not given takes the run's value (None = not given).
+    g.add_argument("--method", help="fine-tuning method (decides what is trainable); default: randmask, or the "
+                   "--adapter's")
     g.add_argument("--trainable-ratio", type=float, help="budget: fraction of all parameters to train")
-    g.add_argument("--num-batches", type=positive_int, default=4, help="batches the loss is averaged over")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
-    g.add_argument("--seed", type=int, default=0, help="seed of the mask and the batch sample")
+    if batches:
+        g.add_argument("--num-batches", type=positive_int, default=4, help="batches the loss is averaged over")
+        g.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
+    else:  # the model is still built like a run's: one one-example batch, never read
+        parser.set_defaults(num_batches=1, batch_size=1)
+    g.add_argument("--seed", type=int, help="seed of the mask and the batch sample; default: 0, or the --adapter's")
     g.add_argument("--freeze-head", action="store_true",
                    help="classification-head mode: hold the task head fixed, so that only the method's own "
                    "parameters count as trainable (the head trains in every method and would dominate)")
@@ -182,7 +204,7 @@ def _add_distance(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("distance", formatter_class=_FMT, help="L2 distance from the pretrained weights",
                               description="Per-matrix and total L2 norm of the fine-tuning delta (paper "
                               "Fig. 4b). Writes distance.json.")
-    _model_args(p, "runs/analysis")
+    _model_args(p, "runs/analysis", batches=False)
     p.add_argument("--reference", type=Path,
                    help="pretrained weights (.safetensors / torch state dict); optional for randmask")
     p.set_defaults(func=_cmd_distance, command="distance")

@@ -77,6 +77,15 @@ def _reference_key(name: str, reference: Mapping[str, torch.Tensor]) -> str | No
     return None
 
 
+def _added_bias_key(name: str, reference: Mapping[str, torch.Tensor]) -> str | None:
+    """The reference-style name of a bias the method added to a pretrained layer that has none (BitFit on Llama):
+    the layer's weight is in the reference, its bias is not. None for any other name."""
+    if not name.endswith(".bias"):
+        return None
+    weight = _reference_key(name.removesuffix(".bias") + ".weight", reference)
+    return None if weight is None else weight.removesuffix(".weight") + ".bias"
+
+
 def merge_peft_delta(model: nn.Module) -> tuple[nn.Module, set[str]]:
     """A peft LoRA-style model merged into plain weights (``merge_and_unload``), and the names of the weights
     that took a delta; any other model unchanged, with no names. Merges in place: the model is consumed."""
@@ -87,6 +96,24 @@ def merge_peft_delta(model: nn.Module) -> tuple[nn.Module, set[str]]:
     return merged, {name.removeprefix(_PEFT_PREFIX) + ".weight" for name in wrapped}
 
 
+def _param_distance(name: str, param: nn.Parameter, reference: Mapping[str, torch.Tensor]) -> tuple[str | None, float]:
+    """(reference name, ||param - reference||) for one parameter; (None, 0.0) when the reference lacks it."""
+    key = _reference_key(name, reference)
+    added = _added_bias_key(name, reference) if key is None and param.requires_grad else None
+    if added is not None:
+        # The pretrained layer has no bias, i.e. a zero one (the added bias starts at 0, outputs unchanged):
+        # its distance from the pretrained model is its own norm.
+        return added, float(param.detach().double().norm())
+    if key is None:
+        return None, 0.0
+    ref = reference[key]
+    if tuple(ref.shape) != tuple(param.shape):
+        raise ValueError(f"{name} has shape {tuple(param.shape)} but the reference {key!r} has "
+                         f"{tuple(ref.shape)}; pass the state dict of the same pretrained model.")
+    # float64 difference: a small delta on a large weight loses digits in half precision.
+    return key, float((param.detach().double() - ref.detach().to(param.device).double()).norm())
+
+
 def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Tensor],
                   skip_unchanged: bool = True, trainable_only: bool = False,
                   also: set[str] = frozenset()) -> DistanceReport:
@@ -94,7 +121,8 @@ def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Ten
 
     Names are matched exactly, or after removing ``.base_layer`` (randmask/peft wrappers) and
     peft's ``base_model.model.`` prefix, so a snapshot taken before ``apply_masking`` works; or
-    without the backbone prefix (``bert.``), so a bare-encoder checkpoint serves a task model.
+    without the backbone prefix (``bert.``), so a bare-encoder checkpoint serves a task model. A bias the
+    method added to a pretrained layer without one (BitFit on Llama) counts from zero, the pretrained value.
     randmask ``values`` are skipped (their delta is already in the weights, which are synced
     first). ``skip_unchanged`` drops parameters with zero distance from ``per_matrix``.
     ``trainable_only`` counts only what the method trains: parameters with ``requires_grad``, the
@@ -112,20 +140,16 @@ def distance_from(model: nn.Module, reference_state_dict: Mapping[str, torch.Ten
             continue
         if trainable_only and not (param.requires_grad or id(param) in masked_weights or name in also):
             continue
-        key = _reference_key(name, reference_state_dict)
+        key, dist = _param_distance(name, param, reference_state_dict)
         if key is None:
             if param.requires_grad:
                 unmatched.append(name)
-            continue
-        ref = reference_state_dict[key]
-        if tuple(ref.shape) != tuple(param.shape):
-            raise ValueError(f"{name} has shape {tuple(param.shape)} but the reference {key!r} has "
-                             f"{tuple(ref.shape)}; pass the state dict of the same pretrained model.")
-        # float64 difference: a small delta on a large weight loses digits in half precision.
-        dist = float((param.detach().double() - ref.detach().to(param.device).double()).norm())
-        if dist > 0 or not skip_unchanged:
+        elif dist > 0 or not skip_unchanged:
             norms[key] = dist
     if not norms and unmatched:
-        raise ValueError(f"no parameter of the model matches the reference state dict (unmatched "
-                         f"trainable parameters: {unmatched[:3]}...); is it the right reference?")
+        raise ValueError(f"none of the trained parameters is in the reference state dict (e.g. {unmatched[:3]}): "
+                         "parameters a method adds beside the pretrained weights (adapter, prefix, unmerged LoRA) "
+                         "have no pretrained value to measure from, so distance measures only methods whose "
+                         "delta is in the weights (full, bitfit, randmask, structured, lora); for those, pass "
+                         "this model's own pretrained weights as the reference")
     return DistanceReport(norms, _total(norms), unmatched)

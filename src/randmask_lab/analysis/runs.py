@@ -4,6 +4,7 @@ its JSON (and figures) into an output folder and returns the summary it wrote.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,17 @@ def _n_trainable(model: nn.Module) -> int:
 def _run_meta(model: nn.Module, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     """``meta`` plus the trainable and total (base model) parameter counts."""
     return {**(meta or {}), "n_trainable": _n_trainable(model), "n_total": count_base_parameters(model)}
+
+
+def _write_strict(path: Path, summary: dict) -> str:
+    """Write ``summary`` as strict JSON: ``write_json`` would write NaN/Infinity, which no strict reader (figure4,
+    loads_strict) accepts, so a non-finite number is a ValueError naming it instead of a damaged file."""
+    try:
+        json.dumps(summary, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"{path.name} would hold non-finite numbers (inf/nan): the weights or the loss are not "
+                         "finite; check the run's trained weights (and --reference)") from None
+    return str(write_json(path, summary, indent=2))
 
 
 def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
@@ -55,7 +67,7 @@ def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *
 
     plot = plot_power_trace(res.trace, out / "power_trace.png", tol=tol)
     summary["files"] = {"plot": str(plot)}
-    summary["files"]["json"] = str(write_json(out / "hessian.json", summary, indent=2))
+    summary["files"]["json"] = _write_strict(out / "hessian.json", summary)
     return summary
 
 
@@ -79,7 +91,7 @@ def run_distance(model: nn.Module, out_dir: str | Path,
         raise ValueError("this model has no randmask layers: pass --reference PRETRAINED_WEIGHTS "
                          "(.safetensors or a torch state dict) to compare its weights with.")
     summary = {"method": how, **report.to_dict(), "run": run}
-    summary["files"] = {"json": str(write_json(Path(out_dir) / "distance.json", summary, indent=2))}
+    summary["files"] = {"json": _write_strict(Path(out_dir) / "distance.json", summary)}
     return summary
 
 
@@ -91,7 +103,7 @@ def run_suggest_lr(model: nn.Module, batches: Sequence[Any], out_dir: str | Path
     sugg = suggest_lr(model, batches, loss_fn, calibration=calibration, tol=tol, max_iter=max_iter, seed=seed)
     summary = {**sugg.to_dict(), "formula": "adam_lr = calibration * grad_rms * 2 / lambda_max",
                "run": _run_meta(model, meta)}
-    summary["files"] = {"json": str(write_json(Path(out_dir) / "suggest_lr.json", summary, indent=2))}
+    summary["files"] = {"json": _write_strict(Path(out_dir) / "suggest_lr.json", summary)}
     return summary
 
 
@@ -112,7 +124,7 @@ def run_activations(model: nn.Module, batches: Sequence[Any], out_dir: str | Pat
     rms = input_feature_rms(model, batches, names, loss_fn)
     summary = {"modules": feature_outliers(rms, top=top, features=features), "n_batches": len(batches),
                "run": _run_meta(model, meta), "rms": {n: r.tolist() for n, r in rms.items()}}
-    summary["files"] = {"json": str(write_json(Path(out_dir) / "activations.json", summary, indent=2))}
+    summary["files"] = {"json": _write_strict(Path(out_dir) / "activations.json", summary)}
     return summary
 
 

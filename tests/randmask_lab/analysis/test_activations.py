@@ -47,3 +47,13 @@ def test_outliers_rank_features_against_the_median():
 def test_unknown_module_names_are_a_clear_error():
     with pytest.raises(ValueError, match="pass --modules"):
         matching_modules(tiny_model("llama"), ["value"])
+
+
+@pytest.mark.parametrize(("suffix", "kind"), [("embed_tokens", "Embedding"), ("self_attn", "LlamaAttention")])
+def test_modules_that_are_not_linear_layers_are_refused(suffix, kind):
+    """Bug: embed_tokens' input (token ids) was reported as features; self_attn (keyword-only call) an IndexError."""
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=f"\\({kind}\\) is not a linear layer .*pass names of linear layers .*v_proj"):
+        matching_modules(model, [suffix])
+    masked = apply_masking(tiny_model("llama"), MaskingConfig(targets=["v_proj"], density=0.2, seed=0))
+    assert matching_modules(masked, ["v_proj"]) == matching_modules(model, ["v_proj"])  # the wrapper is a layer

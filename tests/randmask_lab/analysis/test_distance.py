@@ -125,3 +125,28 @@ def test_a_lora_delta_is_merged_and_measured_as_scale_b_a():
         assert report.per_matrix[name] == pytest.approx(value, rel=1e-5)
     plain, none = merge_peft_delta(tiny_model("llama"))  # not a peft model: unchanged
     assert none == set() and not hasattr(plain, "peft_config")
+
+
+def test_a_bias_the_method_added_counts_from_zero():
+    """Bug: BitFit on a bias-free model (Llama) was refused with "is it the right reference?" although the reference
+    was right: the pretrained layer has no bias, i.e. a zero one, so the added bias's norm is the distance."""
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model.state_dict())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    q = model.model.layers[0].self_attn.q_proj
+    q.bias = torch.nn.Parameter(torch.full((q.out_features,), 0.5))  # BitFit's added bias, after training
+    report = distance_from(model, reference, trainable_only=True)
+    assert report.per_matrix == {"model.layers.0.self_attn.q_proj.bias": pytest.approx(0.5 * q.out_features ** 0.5)}
+    assert report.unmatched == []
+
+
+def test_parameters_with_no_pretrained_value_are_named_as_such():
+    """An adapter/prefix method's own parameters: the message says why there is no distance, not "wrong reference"."""
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model.state_dict())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.prefix = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match=r"\['prefix'\].*have no pretrained value to measure from"):
+        distance_from(model, reference, trainable_only=True)

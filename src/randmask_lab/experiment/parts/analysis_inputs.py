@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from randmask import read_limited
+from randmask import loads_strict, read_limited
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.precision import PrecisionPlan
 from randmask_lab.experiment.parts.assemble import assemble, run_head_modules
@@ -41,23 +41,89 @@ def _run_folder(adapter: str | Path | None) -> Path | None:
     return None
 
 
+# The options that say what is measured, by RunConfig field: a run folder or an adapter records them itself.
+_FLAGS = {"model": "--model", "task": "--task", "method": "--method", "trainable_ratio": "--trainable-ratio",
+          "seed": "--seed"}
+# randmask's mask kinds and the `randmask train` method that draws each.
+_KIND_METHOD = {"random": "randmask", "structured": "structured"}
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The describing options given on the command line (None: not given)."""
+    return {"model": _arg(args, "model"), "task": _arg(args, "task"), "method": _arg(args, "method"),
+            "trainable_ratio": _arg(args, "trainable_ratio", "ratio"), "seed": _arg(args, "seed")}
+
+
+def _same(key: str, given: Any, recorded: Any) -> bool:
+    if key == "trainable_ratio" and isinstance(recorded, float):
+        return math.isclose(float(given), recorded, rel_tol=1e-9)
+    if key == "model" and given != recorded:  # the same local folder written two ways
+        return Path(str(given)).exists() and Path(str(given)).resolve() == Path(str(recorded)).resolve()
+    return given == recorded
+
+
+def _refuse_contradictions(given: dict[str, Any], recorded: dict[str, Any], source: str) -> None:
+    """A RunError for the first option given that contradicts what ``source`` records: the analysis measures
+    the saved weights, so a contradicting option would be silently ignored and the record mislabelled."""
+    for key, value in given.items():
+        if value is not None and key in recorded and not _same(key, value, recorded[key]):
+            raise RunError(f"{_FLAGS[key]} {value} contradicts --adapter {source}, which has {key} "
+                           f"{recorded[key]!r}; drop {_FLAGS[key]} (or pass {recorded[key]!r}) to measure it, "
+                           "or pass the run or adapter that was trained with that option")
+
+
+def _run_config(run: Path) -> RunConfig:
+    try:
+        text = read_limited(run / "config.json", 1 << 20, "run config", error=RunError,
+                            fix="pass another --adapter")
+        return RunConfig.from_dict(loads_strict(text.decode("utf-8")))
+    except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as e:
+        raise RunError(f"{run / 'config.json'} is not a run config ({e}); pass another --adapter") from None
+
+
+def _adapter_budget(adapter: Path) -> dict[str, Any]:
+    """method, trainable_ratio, density and (mask) seed a bare randmask adapter folder was saved with."""
+    from randmask import MaskingError, read_json_limited
+    from randmask.adapter_files import CONFIG_NAME, MAX_CONFIG_BYTES
+
+    try:
+        header = read_json_limited(adapter / CONFIG_NAME, MAX_CONFIG_BYTES, "randmask adapter config",
+                                   fix="pass a folder written by randmask.save_adapter")
+        masking = header["masking_config"]
+        kind, recorded = masking["mask_kind"], {k: masking[k] for k in ("trainable_ratio", "density", "seed")}
+    except (MaskingError, KeyError, TypeError) as e:
+        raise RunError(f"--adapter {adapter}: {CONFIG_NAME} has no readable masking_config ({e}); "
+                       "re-save the adapter with randmask.save_adapter") from None
+    if kind not in _KIND_METHOD:
+        raise RunError(f"--adapter {adapter}: mask_kind {kind!r} is not one `randmask train` draws "
+                       f"({', '.join(_KIND_METHOD)}); pass a run folder instead")
+    return {"method": _KIND_METHOD[kind], **recorded}
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
-    """The run's config from a run folder given as --adapter, else from the options."""
-    run = _run_folder(getattr(args, "adapter", None))
+    """The measured run's config: from a run folder or a bare adapter folder given as --adapter (options that
+    contradict it are refused), else from the options."""
+    adapter, given = getattr(args, "adapter", None), _given(args)
+    run = _run_folder(adapter)
     if run is not None:
-        try:
-            text = read_limited(run / "config.json", 1 << 20, "run config", error=RunError,
-                                fix="pass another --adapter")
-            config = RunConfig.from_dict(json.loads(text.decode("utf-8")))
-        except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as e:
-            raise RunError(f"{run / 'config.json'} is not a run config ({e}); pass another --adapter") from None
+        config = _run_config(run)
+        _refuse_contradictions(given, {k: getattr(config, k) for k in _FLAGS}, str(adapter))
+        return config  # its own n_train/n_val/n_test: the same training examples, never its validation ones
+    if not given["model"] or not given["task"]:
+        raise RunError("give --model and --task (or --adapter with a run folder written by `randmask train`)")
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise RunError(f"--adapter {adapter}: neither a run folder (config.json + trainable/) nor a randmask "
+                       "adapter folder (adapter_config.json)")
+    if adapter:  # the mask and budget come from the adapter's own file, so the record must too
+        recorded = _adapter_budget(Path(adapter))
+        _refuse_contradictions(given, recorded, str(adapter))
+        config = RunConfig(model=given["model"], task=given["task"], **recorded)
     else:
-        model, task = _arg(args, "model"), _arg(args, "task")
-        if not model or not task:
-            raise RunError("give --model and --task (or --adapter with a run folder written by `randmask train`)")
-        config = RunConfig(model=model, task=task, method=_arg(args, "method", default="randmask"),
-                           trainable_ratio=_arg(args, "trainable_ratio", "ratio"), seed=_arg(args, "seed", default=0))
+        config = RunConfig(model=given["model"], task=given["task"], method=given["method"] or "randmask",
+                           trainable_ratio=given["trainable_ratio"],
+                           seed=0 if given["seed"] is None else given["seed"])
     need = _arg(args, "num_batches", "n_batches", default=1) * _arg(args, "batch_size", default=8)
+    # No run to follow: a would-be run that trains on exactly the examples measured.
     config.n_train, config.n_val, config.n_test = max(need, 1), 1, 0
     return config
 
@@ -70,23 +136,35 @@ def describe_analysis_run(args: argparse.Namespace) -> dict[str, Any]:
             "adapter": str(args.adapter) if getattr(args, "adapter", None) else None}
 
 
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """A RunError when a saved tensor holds inf/nan: every measurement at such weights is inf/nan (a traceback
+    in the Hessian, ``Infinity`` in distance.json, nan tables), so the run is damaged, not measurable."""
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if bad is not None:
+        raise RunError(f"{file} holds non-finite values (inf/nan) in {bad}: the run diverged or the file is "
+                       "damaged; retrain it (randmask train with --restart, a lower --lr if it diverged) or pass "
+                       "another --adapter")
+
+
 def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> None:
     """Trained weights from a run folder, or a randmask adapter folder (save_adapter) onto ``model``."""
     if run is not None:
         file = run / "trainable" / TRAINABLE_FILE
         try:
-            load_trainable(model, read_tensors(file, tensor_file_limit(model)), source=str(file))
+            tensors = read_tensors(file, tensor_file_limit(model))
+            _refuse_non_finite(tensors, file)
+            load_trainable(model, tensors, source=str(file))
         except (ValueError, OSError) as e:
             raise RunError(f"--adapter {adapter}: {e}") from None
         return
-    if (Path(adapter) / "adapter_config.json").is_file():
-        from randmask import load_adapter, unload
+    from randmask import load_adapter, masked_layers, unload
+    from randmask.adapter_files import WEIGHTS_NAME
 
-        unload(model)  # the adapter file brings its own mask
-        load_adapter(model, adapter, is_trainable=True)
-        return
-    raise RunError(f"--adapter {adapter}: neither a run folder (config.json + trainable/) nor a randmask "
-                   "adapter folder (adapter_config.json)")
+    unload(model)  # the adapter file brings its own mask
+    load_adapter(model, adapter, is_trainable=True)
+    values = {f"{name}.values": layer.adapters[layer.active_adapter].values
+              for name, layer in masked_layers(model).items() if layer.active_adapter in layer.adapters}
+    _refuse_non_finite(values, Path(adapter) / WEIGHTS_NAME)
 
 
 def _freeze_head(model: nn.Module, config: RunConfig) -> None:
@@ -123,22 +201,28 @@ class AnalysisInputs:
 def build_model_and_batches(args: argparse.Namespace) -> AnalysisInputs:
     """(prepared model in eval mode, batches, loss_fn) for ``args`` (--model --task --method --trainable-ratio
     --seed --num-batches --batch-size --freeze-head; --adapter: a run folder, whose config and trained weights are
-    used, or a randmask adapter folder loaded onto --model).
+    used, or a randmask adapter folder loaded onto --model, whose own config gives the method and budget).
 
     Each batch is a list of the run's tokenised training items; ``loss_fn(model, batch)`` is the
-    training objective on it. Batches follow the run's first-epoch training order.
+    training objective on it. For a run folder the batches are drawn from the run's own training examples
+    (never its validation ones), in the run's first-epoch order cut into --batch-size batches (the run's
+    own first steps when --batch-size is the run's); asking for more examples than it trained on is refused.
     """
     config = _config(args)
     n_batches = _arg(args, "num_batches", "n_batches", default=1)
     size = _arg(args, "batch_size", default=8)
     # fp32 on the CPU whatever the run used: curvature and distances are measured at full precision.
     parts = assemble(config, plan=PrecisionPlan("32", torch.device("cpu")), total_steps=max(1, n_batches))
+    data = parts.data
+    if n_batches * size > len(data.train):
+        raise RunError(f"--num-batches {n_batches} x --batch-size {size} = {n_batches * size} examples, but the "
+                       f"run has {len(data.train)} training examples; ask for at most {len(data.train)} (the "
+                       "analysis draws only the run's training examples, never its validation ones)")
     adapter = getattr(args, "adapter", None)
     if adapter:
         _load_weights(parts.model, adapter, _run_folder(adapter))
     if _arg(args, "freeze_head", default=False):
         _freeze_head(parts.model, config)
-    data = parts.data
     lengths = grouping_lengths(data.train, config.group_by_length)
     steps = epoch_batches(len(data.train), config.seeds.order, 0, size, lengths=lengths)  # the loop's own batching
     batches = [[data.train[i] for i in step] for step in steps[:n_batches]]
