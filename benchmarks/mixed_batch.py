@@ -3,7 +3,7 @@
     python benchmarks/mixed_batch.py [--adapters 8 32] [--rounds 3] [--batch 32] [--prompt-len 16]
                                      [--new-tokens 32] [--json PATH]
 
-SmolLM2-135M on CPU in fp32 (this CPU has no native bf16: a bf16 matmul runs ~48x slower than fp32, so bf16
+SmolLM2-135M on CPU in fp32 (this CPU has no native bf16: a bf16 matmul runs tens of times slower than fp32, so bf16
 would measure the emulation, not the adapters). A batch of --batch prompts of --prompt-len tokens, each
 request assigned one of N distinct adapters (a seeded shuffle, every adapter equally often), greedy
 ``generate`` of exactly --new-tokens tokens (prefill + decode steps, KV cache). Variants, each a separate

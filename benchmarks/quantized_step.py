@@ -5,7 +5,7 @@
 Variants (the runner's own training step: SST-2 in LM mode, the first 8 training prompts of data seed 0,
 LMObjective's loss, AdamW): randmask at 1e-3 of all parameters on the quantized base, randmask 1e-3 on
 the float base, PEFT LoRA r=8 (alpha 16, q/v) on the quantized base (QLoRA), PEFT SHiRA r=8 (q/v) on
-the quantized base. Compute is fp32: this CPU has no native bf16 (a bf16 matmul runs ~48x slower than
+the quantized base. Compute is fp32: this CPU has no native bf16 (a bf16 matmul runs tens of times slower than
 fp32 here), so the issue's bf16 compute would measure the emulation, not the methods.
 
 Timing: all variants in this one process, one step each per round, the order reversed every other
