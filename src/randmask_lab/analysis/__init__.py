@@ -9,7 +9,11 @@ Public API (torch only; plots live in ``randmask_lab.analysis.plots``, the CLI i
 
 from randmask_lab.analysis.distance import DistanceReport, distance_from, masked_distance
 from randmask_lab.analysis.eigen import EigenResult, lanczos, power_iteration
-from randmask_lab.analysis.hessian import hessian_top_eigenvalue, hessian_top_eigenvalues
+from randmask_lab.analysis.hessian import (
+    hessian_top_eigenvalue,
+    hessian_top_eigenvalues,
+    hessian_top_eigenvalues_with_bounds,
+)
 from randmask_lab.analysis.hvp import HessianVectorProduct, default_loss, eval_mode, trainable_parameters
 from randmask_lab.analysis.localization import eigenvector_localization
 from randmask_lab.analysis.suggest_lr import ADAM_CALIBRATION, LR_RANGE_FACTOR, LRSuggestion, calibrate, suggest_lr
@@ -28,6 +32,7 @@ __all__ = [
     "eval_mode",
     "hessian_top_eigenvalue",
     "hessian_top_eigenvalues",
+    "hessian_top_eigenvalues_with_bounds",
     "lanczos",
     "masked_distance",
     "power_iteration",

@@ -83,15 +83,22 @@ def _measurable(model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def _cmd_hessian(args: argparse.Namespace) -> int:
+    if args.lanczos_steps is not None and not args.top_k:
+        raise RunError("--lanczos-steps sets the Lanczos run of --top-k; pass --top-k K too, or drop it")
     model, batches, loss_fn, meta = _build(args)
     _measurable(model, meta)
     try:
         s = run_hessian(model, batches, args.out, loss_fn=loss_fn, tol=args.tol, max_iter=args.max_iter,
-                        seed=args.power_seed, which=args.which, top_k=args.top_k, meta=meta)
+                        seed=args.power_seed, which=args.which, top_k=args.top_k,
+                        lanczos_steps=args.lanczos_steps, meta=meta)
     except (ValueError, FloatingPointError) as e:  # nothing to measure, a non-finite loss: one line, not a traceback
         raise RunError(f"{args.command}: {e}") from None
     print(f"lambda_max = {s['lambda_max']:.6g} ({'converged' if s['converged'] else 'NOT converged'} "
           f"after {s['iterations']} HVPs); wrote {s['files']['json']}")
+    if args.top_k:
+        print("top-k: " + ", ".join(f"{v:.6g} (±{b:.2g})" for v, b in zip(s["top_k"], s["top_k_error_bounds"]))
+              + f" after {s['lanczos_steps'] or 'the default'} Lanczos steps; a bound near the gaps between values "
+              "says raise --lanczos-steps")
     return 0
 
 
@@ -195,7 +202,9 @@ def _add_hessian(subparsers: argparse._SubParsersAction) -> None:
                    help="top: largest eigenvalue (shifted re-run if the dominant one is negative); "
                    "magnitude: signed eigenvalue of largest |λ|")
     p.add_argument("--top-k", type=non_negative_int, default=0,
-                   help="also the k largest eigenvalues by Lanczos (0: off)")
+                   help="also the k largest eigenvalues by Lanczos (0: off), each with its error bound")
+    p.add_argument("--lanczos-steps", type=positive_int, default=None,
+                   help="Lanczos HVPs for --top-k (default max(2k + 10, 20)); raise it when the bounds are large")
     p.set_defaults(func=_cmd_hessian, command="hessian")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from randmask_lab.analysis.eigen import EigenResult, Which, lanczos, power_iteration
+from randmask_lab.analysis.eigen import EigenResult, Which, lanczos, lanczos_with_bounds, power_iteration
 from randmask_lab.analysis.hvp import HessianVectorProduct, LossFn, eval_mode
 
 
@@ -68,3 +68,13 @@ def hessian_top_eigenvalues(
     with eval_mode(model):
         hvp = HessianVectorProduct(model, batches, loss_fn)
         return lanczos(hvp, hvp.dim, k, steps=steps, seed=seed, dtype=hvp.dtype, device=hvp.device)
+
+
+def hessian_top_eigenvalues_with_bounds(model: nn.Module, batches: Sequence[Any], k: int = 5,
+                                        loss_fn: LossFn | None = None, *, steps: int | None = None,
+                                        seed: int = 0) -> tuple[list[float], list[float]]:
+    """:func:`hessian_top_eigenvalues` and each value's Lanczos residual bound (``eigen.lanczos_with_bounds``):
+    an eigenvalue of the Hessian lies within it, so a large one says the value needs more ``steps``."""
+    with eval_mode(model):
+        hvp = HessianVectorProduct(model, batches, loss_fn)
+        return lanczos_with_bounds(hvp, hvp.dim, k, steps=steps, seed=seed, dtype=hvp.dtype, device=hvp.device)

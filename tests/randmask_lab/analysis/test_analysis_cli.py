@@ -35,6 +35,7 @@ def test_run_hessian_writes_json_and_png(model_and_batches, tmp_path):
     data = json.loads((tmp_path / "hessian.json").read_text())
     assert data["lambda_max"] == summary["lambda_max"] and len(data["trace"]) == data["iterations"] <= 3
     assert len(data["top_k"]) == 2 and data["n_trainable"] > 0
+    assert len(data["top_k_error_bounds"]) == 2 and all(b >= 0 for b in data["top_k_error_bounds"])
     where = data["localization"]  # the eigenvector estimate's spread over the masked entries
     assert where["dim"] == data["n_trainable"] and 1.0 <= where["participation"] <= where["dim"]
     assert {"out_feature", "in_feature"} <= set(where["top_entries"][0])
@@ -296,3 +297,11 @@ def test_figure4_without_results_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "no hessian.json" in err and f"{tmp_path / 'typo'}: no such folder" in err and "randmask hessian" in err
+
+
+def test_lanczos_steps_without_top_k_is_refused_before_the_model_loads():
+    from randmask_lab.errors import RunError
+
+    args = _parser().parse_args(["hessian", "--lanczos-steps", "40"])
+    with pytest.raises(RunError, match="--lanczos-steps sets the Lanczos run of --top-k"):
+        args.func(args)
