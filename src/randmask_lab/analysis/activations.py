@@ -89,15 +89,17 @@ def feature_outliers(rms: dict[str, torch.Tensor], top: int = 3, features: Seque
     out: dict[str, Any] = {}
     for name, r in rms.items():
         median = float(r.median())
+        # A median of 0 (most features never active, e.g. after a ReLU): no ordinary scale, so no multiple (null).
+        times = (lambda v, m=median: v / m) if median > 0 else (lambda v: None)
         values, where = torch.topk(r, min(top, r.numel()))
         row = {"median_rms": median,
-               "top": [{"feature": int(i), "rms": float(v), "x_median": float(v) / median}
+               "top": [{"feature": int(i), "rms": float(v), "x_median": times(float(v))}
                        for v, i in zip(values, where)],
                "features": {}}
         for f in features:
             if not 0 <= f < r.numel():
                 raise ValueError(f"feature {f} is outside {name}'s {r.numel()} input features")
             row["features"][str(f)] = {"rank": int((r > r[f]).sum()), "rms": float(r[f]),
-                                       "x_median": float(r[f]) / median}
+                                       "x_median": times(float(r[f]))}
         out[name] = row
     return out

@@ -137,9 +137,12 @@ def activations_markdown(summary: dict, features: Sequence[int] = ()) -> str:
     head = "| module | median RMS | largest input features (× median) |" + "".join(
         f" feature {f}: rank, × median |" for f in features)
     lines = [head, "|---|---:|---|" + "---|" * len(features)]
+    def times(x: float | None) -> str:  # None: the module's median RMS is 0 (feature_outliers)
+        return "-" if x is None else f"{x:.1f}×"
+
     for name, row in summary["modules"].items():
-        top = ", ".join(f"{t['feature']} ({t['x_median']:.1f}×)" for t in row["top"])
-        asked = "".join(f" {row['features'][str(f)]['rank'] + 1}, {row['features'][str(f)]['x_median']:.1f}× |"
+        top = ", ".join(f"{t['feature']} ({times(t['x_median'])})" for t in row["top"])
+        asked = "".join(f" {row['features'][str(f)]['rank'] + 1}, {times(row['features'][str(f)]['x_median'])} |"
                         for f in features)
         lines.append(f"| {name} | {row['median_rms']:.3g} | {top} |{asked}")
     return "\n".join(lines)

@@ -57,3 +57,14 @@ def test_modules_that_are_not_linear_layers_are_refused(suffix, kind):
         matching_modules(model, [suffix])
     masked = apply_masking(tiny_model("llama"), MaskingConfig(targets=["v_proj"], density=0.2, seed=0))
     assert matching_modules(masked, ["v_proj"]) == matching_modules(model, ["v_proj"])  # the wrapper is a layer
+
+
+def test_a_module_whose_median_feature_is_silent_gets_no_multiple_not_a_division_by_zero():
+    from randmask_lab.analysis.runs import activations_markdown
+
+    rms = {"mlp.down_proj": torch.tensor([0.0, 0.0, 0.0, 2.0, 5.0])}  # after a ReLU most features never fire
+    summary = {"modules": feature_outliers(rms, top=2, features=[3])}
+    row = summary["modules"]["mlp.down_proj"]
+    assert row["median_rms"] == 0.0 and [t["x_median"] for t in row["top"]] == [None, None]
+    assert row["features"]["3"]["x_median"] is None
+    assert "| mlp.down_proj | 0 | 4 (-), 3 (-) | 2, - |" in activations_markdown(summary, [3])
