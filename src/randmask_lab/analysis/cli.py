@@ -109,7 +109,9 @@ def _cmd_distance(args: argparse.Namespace) -> int:
         s = run_distance(model, args.out, reference, meta=meta)
     except ValueError as e:  # a model with nothing to compare (no randmask layers, no --reference)
         raise RunError(str(e)) from None
-    print(f"distance = {s['total']:.6g} over {len(s['per_matrix'])} matrices; wrote {s['files']['json']}")
+    left_out = (f" (not counted: {len(s['unmatched'])} trained parameters with no pretrained value, e.g. "
+                f"{s['unmatched'][0]})" if s.get("unmatched") else "")  # a partial total never reads as the whole
+    print(f"distance = {s['total']:.6g} over {len(s['per_matrix'])} matrices{left_out}; wrote {s['files']['json']}")
     return 0
 
 
