@@ -127,8 +127,23 @@ def _option_types(name: str) -> dict[str, tuple[type, ...]]:
     return out
 
 
+# Options whose useful range is narrower than ">= 0": (lowest, highest, why), each bound exclusive (None: open).
+# alpha 0 scales the adapter's output to 0 (a run that trains nothing, recorded as trained); peft itself fails
+# (a traceback) on deltaT 0 (a modulo by zero) and on betas outside (0, 1) (an assert).
+_OPEN_RANGES: dict[tuple[str, str], tuple[float | None, float | None, str]] = {
+    ("lora", "alpha"): (0, None, "alpha/r scales the update: 0 trains nothing"),
+    ("adalora", "alpha"): (0, None, "alpha/r scales the update: 0 trains nothing"),
+    ("adalora", "delta_t"): (0, None, "the steps between rank reallocations"),
+    ("adalora", "beta1"): (0, 1, "the importance scores' moving-average factor"),
+    ("adalora", "beta2"): (0, 1, "the uncertainty's moving-average factor"),
+    ("lora", "dropout"): (None, 1, "a dropout of 1 drops every input"),
+    ("adalora", "dropout"): (None, 1, "a dropout of 1 drops every input"),
+}
+
+
 def check_method_options(name: str, options: dict[str, object]) -> None:
-    """ValueError for an unknown option, an option of the wrong type (r='abc') or a negative number."""
+    """ValueError for an unknown option, an option of the wrong type (r='abc'), a negative number, or a value
+    outside an option's useful range (LoRA's alpha 0, AdaLoRA's betas outside (0, 1))."""
     _check_name(name)
     unknown = sorted(set(options) - set(method_options(name)))
     if unknown:
@@ -146,6 +161,10 @@ def check_method_options(name: str, options: dict[str, object]) -> None:
             raise ValueError(f"option {key}={value!r} of {name!r} must be a {want}")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
             raise ValueError(f"option {key}={value!r} of {name!r} must be >= 0")
+        low, high, why = _OPEN_RANGES.get((name, key), (None, None, ""))
+        if (low is not None and not value > low) or (high is not None and not value < high):
+            bounds = f"> {low:g}" if high is None else (f"< {high:g}" if low is None else f"in ({low:g}, {high:g})")
+            raise ValueError(f"option {key}={value!r} of {name!r} must be {bounds} ({why})")
 
 
 def _check_name(name: str) -> None:

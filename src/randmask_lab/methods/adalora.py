@@ -73,6 +73,12 @@ def prepare_adalora(
     )
     with seeded(seed):
         wrapped = get_peft_model(model, config)
+    # peft 0.21 upcasts a bf16 adapter by assigning a plain tensor into its ParameterDicts, which makes a new
+    # Parameter with requires_grad=True: the fixed rank divisor ``ranknum`` then trained (a bf16-true run was another
+    # method, with 4 more trainable entries, recorded as adalora). It is a constant of the method: frozen here.
+    for name, param in wrapped.named_parameters():
+        if ".ranknum." in f".{name}.":
+            param.requires_grad_(False)
     fix_peft_heads(wrapped, heads)
     frozen = restrict_to_blocks(wrapped, resolved)
     return _prepared(wrapped, resolved, total, heads, frozen, schedule, init_r, target_r)

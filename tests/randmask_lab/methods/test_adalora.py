@@ -51,3 +51,12 @@ def test_on_step_without_gradients_says_when_to_call() -> None:
     prepared = prepare_method("adalora", build("opt"), total_steps=10)
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
         prepared.on_step(0)
+
+
+def test_a_bf16_base_keeps_the_rank_divisor_frozen() -> None:
+    """peft's bf16 upcast re-created ``ranknum`` as a trainable Parameter: AdamW moved the fixed rank divisor
+    (12 -> 12.0005) and the run counted 4 more trainable entries than at fp32."""
+    fp32 = prepare_method("adalora", build("llama"), total_steps=10)
+    bf16 = prepare_method("adalora", build("llama").to(torch.bfloat16), total_steps=10)
+    assert not [n for n, p in bf16.model.named_parameters() if "ranknum" in n and p.requires_grad]
+    assert bf16.report.groups["adalora"] == fp32.report.groups["adalora"]

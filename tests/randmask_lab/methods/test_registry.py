@@ -86,3 +86,21 @@ def test_load_from_wrong_method_errors(tmp_path) -> None:
     prepare_method("adapter", build("opt")).save(tmp_path)
     with pytest.raises(ValueError, match="prepare the model with the same method"):
         prepare_method("lora", build("opt")).load(tmp_path)
+
+
+@pytest.mark.parametrize(("name", "options", "match"), [
+    ("lora", {"alpha": 0}, r"alpha=0 of 'lora' must be > 0 \(alpha/r scales the update: 0 trains nothing\)"),
+    ("adalora", {"alpha": 0}, "alpha=0 of 'adalora' must be > 0"),
+    ("adalora", {"delta_t": 0}, "delta_t=0 of 'adalora' must be > 0"),
+    ("adalora", {"beta1": 1.0}, r"beta1=1.0 of 'adalora' must be in \(0, 1\)"),
+    ("adalora", {"beta2": 0}, r"beta2=0.0 of 'adalora' must be in \(0, 1\)"),
+    ("lora", {"dropout": 1.0}, "dropout=1.0 of 'lora' must be < 1"),
+])
+def test_options_outside_their_useful_range_are_refused(name, options, match) -> None:
+    """LoRA alpha 0 trained nothing, recorded as a trained run; peft tracebacked on deltaT 0 and betas at 0 or 1."""
+    from randmask_lab.methods import check_method_options
+
+    with pytest.raises(ValueError, match=match):
+        check_method_options(name, options)
+    good = {"alpha": 16, "delta_t": 1, "beta1": 0.5, "beta2": 0.5, "dropout": 0.5}
+    check_method_options(name, {key: good[key] for key in options})  # inside the range
