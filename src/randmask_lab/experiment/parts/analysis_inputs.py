@@ -83,16 +83,14 @@ def _run_config(run: Path) -> RunConfig:
 
 def _adapter_budget(adapter: Path) -> dict[str, Any]:
     """method, trainable_ratio, density and (mask) seed a bare randmask adapter folder was saved with."""
-    from randmask import MaskingError, read_json_limited
-    from randmask.adapter_files import CONFIG_NAME, MAX_CONFIG_BYTES
+    from randmask import MaskingError, read_adapter_files
 
-    try:
-        header = read_json_limited(adapter / CONFIG_NAME, MAX_CONFIG_BYTES, "randmask adapter config",
-                                   fix="pass a folder written by randmask.save_adapter")
+    try:  # the library's own verified reader: bounded, checksummed, its schema checked
+        header, _ = read_adapter_files(adapter)
         masking = header["masking_config"]
         kind, recorded = masking["mask_kind"], {k: masking[k] for k in ("trainable_ratio", "density", "seed")}
     except (MaskingError, KeyError, TypeError) as e:
-        raise RunError(f"--adapter {adapter}: {CONFIG_NAME} has no readable masking_config ({e}); "
+        raise RunError(f"--adapter {adapter}: its adapter config has no readable masking_config ({e}); "
                        "re-save the adapter with randmask.save_adapter") from None
     if kind not in _KIND_METHOD:
         raise RunError(f"--adapter {adapter}: mask_kind {kind!r} is not one `randmask train` draws "
@@ -158,13 +156,12 @@ def _load_weights(model: nn.Module, adapter: str | Path, run: Path | None) -> No
             raise RunError(f"--adapter {adapter}: {e}") from None
         return
     from randmask import load_adapter, masked_layers, unload
-    from randmask.adapter_files import WEIGHTS_NAME
 
     unload(model)  # the adapter file brings its own mask
     load_adapter(model, adapter, is_trainable=True)
     values = {f"{name}.values": layer.adapters[layer.active_adapter].values
               for name, layer in masked_layers(model).items() if layer.active_adapter in layer.adapters}
-    _refuse_non_finite(values, Path(adapter) / WEIGHTS_NAME)
+    _refuse_non_finite(values, Path(adapter))  # the adapter folder's weights file
 
 
 def _freeze_head(model: nn.Module, config: RunConfig) -> None:
