@@ -27,12 +27,12 @@ RESUME = ("run the same command again: a run resumes from its last checkpoint (f
           "so none is half-written)")
 
 
-def write_json(path: str | Path, data: Any, indent: int = 1) -> Path:
+def write_json(path: str | Path, data: Any, indent: int = 1, allow_nan: bool = True) -> Path:
     """Atomically write ``data`` as indented JSON, making the folder (every JSON file the lab writes goes through
-    here)."""
+    here). ``allow_nan=False``: a non-finite number is a ValueError and nothing is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(data, indent=indent, allow_nan=allow_nan) + "\n").encode())
     return path
 
 

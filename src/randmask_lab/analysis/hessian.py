@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from randmask_lab.analysis.eigen import EigenResult, Which, lanczos, lanczos_with_bounds, power_iteration
+from randmask_lab.analysis.eigen import EigenResult, Which, lanczos_with_bounds, power_iteration
 from randmask_lab.analysis.hvp import HessianVectorProduct, LossFn, eval_mode
 
 
@@ -65,9 +65,7 @@ def hessian_top_eigenvalues(
     Costs ``steps`` HVPs (default ``max(2k + 10, 20)``) and stores ``steps`` vectors of the
     trainable size: fine for PEFT, heavy for full fine-tuning of large models.
     """
-    with eval_mode(model):
-        hvp = HessianVectorProduct(model, batches, loss_fn)
-        return lanczos(hvp, hvp.dim, k, steps=steps, seed=seed, dtype=hvp.dtype, device=hvp.device)
+    return hessian_top_eigenvalues_with_bounds(model, batches, k, loss_fn, steps=steps, seed=seed)[0]
 
 
 def hessian_top_eigenvalues_with_bounds(model: nn.Module, batches: Sequence[Any], k: int = 5,

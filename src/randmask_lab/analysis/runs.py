@@ -4,7 +4,6 @@ its JSON (and figures) into an output folder and returns the summary it wrote.""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,10 @@ def _write_strict(path: Path, summary: dict) -> str:
     """Write ``summary`` as strict JSON: ``write_json`` would write NaN/Infinity, which no strict reader (figure4,
     loads_strict) accepts, so a non-finite number is a ValueError naming it instead of a damaged file."""
     try:
-        json.dumps(summary, allow_nan=False)
+        return str(write_json(path, summary, indent=2, allow_nan=False))
     except ValueError:
         raise ValueError(f"{path.name} would hold non-finite numbers (inf/nan): the weights or the loss are not "
                          "finite; check the run's trained weights (and --reference)") from None
-    return str(write_json(path, summary, indent=2))
 
 
 def run_hessian(model: nn.Module, batches: Sequence[Any], out_dir: str | Path, *,
