@@ -7,13 +7,12 @@ cell of the same task, method, budget and model, and reports best / suggested pe
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from randmask import read_json_limited
+from randmask_lab.analysis.result_fields import ResultFields
 from randmask_lab.analysis.suggest_lr import calibrate
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.report import best_runs, method_label
@@ -22,45 +21,32 @@ from randmask_lab.experiment.results.store import ResultStore, protocol_label
 FIX = "delete it and run suggest-lr again"
 
 
-def _damaged(path: Path, field: str, value: Any, want: str) -> RunError:
-    shown = "is missing" if value is None else f"is {json.dumps(value)[:40]}, not {want}"
-    return RunError(f"{path}: {field} {shown}; the file is damaged: {FIX}")
-
-
-def _positive(path: Path, field: str, value: Any, high: float = math.inf) -> float:
+def _positive(fields: ResultFields, field: str, value: Any, high: float | None = None) -> float:
     """``value`` if a finite number in (0, ``high``]: a 0 calibration divides by zero, a NaN or negative LR
     poisons the fitted factor (a geometric mean), so each is refused by name."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _damaged(path, field, value, "a number")
-    try:
-        ok = math.isfinite(float(value)) and 0 < value <= high
-    except OverflowError:  # an int past the float range
-        ok = False
-    if not ok:
-        raise _damaged(path, field, value, f"a finite number above 0{'' if high == math.inf else f' and <= {high:g}'}")
-    return float(value)
+    return float(fields.number(field, value, above=0, high=high))
 
 
 def _checked_suggestion(path: Path, data: Any) -> dict[str, Any]:
     """The fields ``calibration_pairs`` reads, checked (types, finite, ranges); a RunError naming the file else."""
+    fields = ResultFields(path, FIX)
     if not isinstance(data, dict):
-        raise _damaged(path, "the top level", data, "a suggest-lr result")
+        raise fields.damaged("the top level", data, "not a suggest-lr result")
     run = data.get("run")
     if not isinstance(run, dict):
-        raise _damaged(path, "run", run, "a run block")
+        raise fields.damaged("run", run, "not a run block")
     for key in ("task", "method"):
         if not isinstance(run.get(key), str) or not run[key]:
-            raise _damaged(path, f"run.{key}", run.get(key), "a name")
-    if run.get("model") is not None and not isinstance(run["model"], str):
-        raise _damaged(path, "run.model", run["model"], "a model name")
+            raise fields.damaged(f"run.{key}", run.get(key), "not a name")
+    fields.optional("run.model", run.get("model"), str)
     for key in ("ratio", "density"):
         if run.get(key) is not None:
-            _positive(path, f"run.{key}", run[key], high=1)
+            _positive(fields, f"run.{key}", run[key], high=1)
     # The LR at factor 1, what the fit scales; a quotient of two valid numbers can still under/overflow.
-    suggested = _positive(path, "adam_lr", data.get("adam_lr")) / _positive(path, "calibration",
-                                                                              data.get("calibration"))
-    _positive(path, "adam_lr / calibration", suggested)
-    return {"run": run, "suggested": suggested, "lambda_max": _positive(path, "lambda_max", data.get("lambda_max"))}
+    suggested = (_positive(fields, "adam_lr", data.get("adam_lr"))
+                 / _positive(fields, "calibration", data.get("calibration")))
+    _positive(fields, "adam_lr / calibration", suggested)
+    return {"run": run, "suggested": suggested, "lambda_max": _positive(fields, "lambda_max", data.get("lambda_max"))}
 
 
 def _best_lr(path: Path, run: dict[str, Any], cells: list[dict[str, Any]]) -> float | None:

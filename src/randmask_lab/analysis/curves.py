@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from randmask_lab.analysis.plots import plot_epoch_curves
+from randmask_lab.analysis.result_fields import refuse_mixed
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.results.report import method_label
@@ -22,15 +23,9 @@ def epoch_curves(records: list[RunRecord]) -> dict[str, list[tuple[int, Any, Any
     model and protocol (a RunError naming the mix otherwise: curves of two tasks shared labels, and one silently
     replaced the other under the first one's title). Runs of other settings (``report``'s rows) keep them apart."""
     finished = [r for r in records if r.status in ("done", "diverged") and r.epochs]
-    for field, flag in (("task", "--task"), ("model", "--model")):
-        values = sorted({str(r.config[field]) for r in finished})
-        if len(values) > 1:
-            raise RunError(f"the runs are of {len(values)} {field}s ({', '.join(values)}): curves plots one; pass "
-                           f"{flag}")
-    protocols = sorted({protocol_label(r.config) for r in finished})
-    if len(protocols) > 1:
-        raise RunError(f"the runs follow {len(protocols)} protocols ({'; '.join(protocols)}): curves plots one; pass "
-                       "--method, or keep one protocol's runs in the store")
+    refuse_mixed([(f"run {r.run_id}", {**r.config, "protocol": protocol_label(r.config)}) for r in finished],
+                 {"task": "pass --task", "model": "pass --model",
+                  "protocol": "pass --method, or keep one protocol's runs in the store"}, "curves")
     labels = row_labels(finished, method_label, protocol_label)
     curves: dict[str, list[tuple[int, Any, Any]]] = {}
     for r in sorted(finished, key=lambda r: (labels[id(r)], r.config["lr"], r.config["seed"])):

@@ -9,7 +9,6 @@ paper's "norm of the hessian ... using the power method"); one folder should not
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from typing import Any
 
 from randmask import read_json_limited
 from randmask_lab.analysis.plots import plot_distance, plot_lambda_max
+from randmask_lab.analysis.result_fields import ResultFields, refuse_mixed
 from randmask_lab.errors import RunError
 
 RESULT_FILES = ("hessian.json", "suggest_lr.json", "distance.json")
@@ -39,87 +39,56 @@ def seed_mean(values: list[float]) -> float:
     return statistics.fmean(values)
 
 
-def _damaged(path: Path, field: str, problem: str) -> RunError:
-    return RunError(f"{path}: {field} {problem}; the file is damaged: {FIX}")
-
-
-def _number(path: Path, field: str, value: Any, *, low: float | None = None, above: float | None = None,
-            high: float | None = None, integer: bool = False) -> float:
-    """``value`` if it is a finite number (an int with ``integer``; bool is neither) within the bounds, else a
-    one-line RunError naming the file and field: a damaged value must not reach the table, the mean or the plot."""
-    try:  # float() of a huge int overflows: that is damage too
-        good = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-                and math.isfinite(float(value)))
-    except OverflowError:
-        good = False
-    shown = json.dumps(value)[:40]
-    if not good:
-        kind = "an integer" if integer else "a number"
-        raise _damaged(path, field, "is missing" if value is None else f"is {shown}, not {kind} (finite, in range)")
-    if low is not None and value < low:
-        raise _damaged(path, field, f"is {shown}, below {low:g}")
-    if above is not None and value <= above:
-        raise _damaged(path, field, f"is {shown}, not above {above:g}")
-    if high is not None and value > high:
-        raise _damaged(path, field, f"is {shown}, above {high:g}")
-    return value
-
-
-def _optional(path: Path, field: str, value: Any, kind: type) -> None:
-    """Refuse a ``value`` that is neither null nor exactly ``kind`` (str, bool: a "yes" must not count as true)."""
-    if value is not None and type(value) is not kind:
-        raise _damaged(path, field, f"is {json.dumps(value)[:40]}, not {kind.__name__} or null")
-
-
-def _checked_run(path: Path, data: Any) -> dict[str, Any]:
+def _checked_run(fields: ResultFields, data: Any) -> dict[str, Any]:
     """The file's ``run`` block, every field ``collect`` reads checked (type, finite, range)."""
     if not isinstance(data, dict):
-        raise _damaged(path, "the top level", f"is {json.dumps(data)[:40]}, not an analysis result")
+        raise fields.damaged("the top level", data, "not an analysis result")
     run = data.get("run")
     if run is not None and not isinstance(run, dict):
-        raise _damaged(path, "run", f"is {json.dumps(run)[:40]}, not a run block")
+        raise fields.damaged("run", run, "not a run block")
     if not run or "method" not in run:
-        raise RunError(f"{path} has no 'run' block (written by an older randmask); run the command again")
+        raise RunError(f"{fields.path} has no 'run' block (written by an older randmask); run the command again")
     if not isinstance(run["method"], str) or not run["method"]:
-        raise _damaged(path, "run.method", f"is {json.dumps(run['method'])[:40]}, not a method name")
+        raise fields.damaged("run.method", run["method"], "not a method name")
     for key in ("task", "model"):
-        _optional(path, f"run.{key}", run.get(key), str)
-    _optional(path, "run.trained", run.get("trained"), bool)
+        fields.optional(f"run.{key}", run.get(key), str)
+    fields.optional("run.trained", run.get("trained"), bool)
     if run.get("seed") is not None:
-        _number(path, "run.seed", run["seed"], low=0, integer=True)
+        fields.number("run.seed", run["seed"], low=0, integer=True)
     if run.get("ratio") is not None:
-        _number(path, "run.ratio", run["ratio"], above=0, high=1)
-    total = _number(path, "run.n_total", run.get("n_total"), above=0, high=MAX_COUNT, integer=True)
-    _number(path, "run.n_trainable", run.get("n_trainable"), above=0, high=total, integer=True)
+        fields.number("run.ratio", run["ratio"], above=0, high=1)
+    total = fields.number("run.n_total", run.get("n_total"), above=0, high=MAX_COUNT, integer=True)
+    fields.number("run.n_trainable", run.get("n_trainable"), above=0, high=total, integer=True)
     return run
 
 
-def _measurement(path: Path, data: dict[str, Any]) -> tuple[str, float, str | None]:
+def _measurement(fields: ResultFields, data: dict[str, Any]) -> tuple[str, float, str | None]:
     """(row key, value, quantity) of one result file: ``distance``, or λ ``before`` / ``after`` training with
     "norm" or "top" (what the λ is); the value checked finite (and a distance non-negative)."""
-    if path.name == "distance.json":
-        return "distance", _number(path, "total", data.get("total"), low=0), None
+    if fields.path.name == "distance.json":
+        return "distance", fields.number("total", data.get("total"), low=0), None
     which = data.get("which", "top")
     if which not in ("top", "magnitude"):
-        raise _damaged(path, "which", f"is {json.dumps(which)[:40]}, not \"top\" or \"magnitude\"")
-    value = _number(path, "lambda_max", data.get("lambda_max"))
+        raise fields.damaged("which", which, 'not "top" or "magnitude"')
+    value = fields.number("lambda_max", data.get("lambda_max"))
     name = "after" if data["run"].get("trained") else "before"
     if which == "magnitude":  # signed dominant eigenvalue: its size is ‖H‖₂
         return name, abs(value), "norm"
     return name, value, "top"
 
 
-def _same_experiment(path: Path, run: dict[str, Any], first: dict[str, Any]) -> None:
-    """Refuse results of two tasks or two models: pooled by (method, budget) they would pass for seeds of one
-    cell. ``first`` remembers the first file that recorded each; a file that records neither (Python API
-    without meta) cannot be told apart and is let through."""
-    for key in ("task", "model"):
-        if run.get(key) is None:
-            continue
-        seen = first.setdefault(key, (path, run[key]))
-        if seen[1] != run[key]:
-            raise RunError(f"{path} measured {key} {run[key]!r} but {seen[0]} measured {key} {seen[1]!r}; "
-                           f"figure4 compares one task on one model: pass only the folders of one {key}")
+def _read_results(folders: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any], dict[str, Any]]]:
+    """``(path, data, run block)`` of every result file under ``folders``, each checked; a mix of tasks or models
+    refused before any is pooled."""
+    found = []
+    for folder in folders:
+        for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
+            data = read_json_limited(path, MAX_RESULT_BYTES, "analysis result", error=RunError, fix=FIX)
+            found.append((path, data, _checked_run(ResultFields(path, FIX), data)))
+    refuse_mixed([(str(path), run) for path, _, run in found],
+                 {"task": "pass only the folders of one task", "model": "pass only the folders of one model"},
+                 "figure4")
+    return found
 
 
 def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -131,28 +100,23 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
     """
     rows: dict[tuple[str, float], dict[str, Any]] = {}
     quantities: set[str] = set()
-    first: dict[str, tuple[Path, str]] = {}
-    for folder in folders:
-        for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
-            data = read_json_limited(path, MAX_RESULT_BYTES, "analysis result", error=RunError, fix=FIX)
-            run = _checked_run(path, data)
-            name, value, quantity = _measurement(path, data)
-            _same_experiment(path, run, first)
-            key = (run["method"], _budget(run))
-            row = rows.setdefault(key, {"method": run["method"], "ratio": key[1], "task": run.get("task"),
-                                        "n_trainable": run["n_trainable"]})
-            if quantity:
-                row["quantity"] = quantity
-                quantities.add(quantity)
-            by_seed = row.setdefault(f"{name}_by_seed", {})
-            seed = run.get("seed") or 0
-            if seed in by_seed:
-                raise RunError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
-                               "keep one folder per (cell, seed).")
-            by_seed[seed] = value
-            if "localization" in data:
-                row.setdefault(f"{name}_where_by_seed", {})[seed] = _checked_localization(path, data["localization"])
-            row[name] = seed_mean(list(by_seed.values()))
+    for path, data, run in _read_results(folders):
+        name, value, quantity = _measurement(ResultFields(path, FIX), data)
+        key = (run["method"], _budget(run))
+        row = rows.setdefault(key, {"method": run["method"], "ratio": key[1], "task": run.get("task"),
+                                    "n_trainable": run["n_trainable"]})
+        if quantity:
+            row["quantity"] = quantity
+            quantities.add(quantity)
+        by_seed = row.setdefault(f"{name}_by_seed", {})
+        seed = run.get("seed") or 0
+        if seed in by_seed:
+            raise RunError(f"{path}: a second {name} measurement of {key[0]} at {key[1]:.3g}, seed {seed}; "
+                           "keep one folder per (cell, seed).")
+        by_seed[seed] = value
+        if "localization" in data:
+            row.setdefault(f"{name}_where_by_seed", {})[seed] = _checked_localization(path, data["localization"])
+        row[name] = seed_mean(list(by_seed.values()))
     if len(quantities) > 1:
         raise RunError("the folders mix top-eigenvalue and Hessian-norm (--which magnitude) results; "
                        "measure every cell the same way.")

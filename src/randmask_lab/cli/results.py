@@ -8,9 +8,7 @@ from randmask_lab.analysis.calibrate_lr import calibration_pairs, calibration_re
 from randmask_lab.cli.common import filters, open_store, store_options
 from randmask_lab.cli.study import SPEC_HELP, report_from
 from randmask_lab.errors import RunError
-from randmask_lab.experiment.results.report import best_runs, method_label, report
-from randmask_lab.experiment.results.settings import row_labels
-from randmask_lab.experiment.results.store import protocol_label
+from randmask_lab.experiment.results.report import labelled_best_runs, report
 from randmask_lab.methods import METHOD_NAMES
 from randmask_lab.tasks import TASKS
 from randmask_lab.zoo import model_names
@@ -42,10 +40,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return report_from(args)
     store, where = open_store(args), filters(args)
     if args.best_runs:
-        records = store.records(**where)
-        labels = row_labels([r for r in records if r.status in ("done", "diverged")], method_label, protocol_label)
-        for r in best_runs(records, args.select, args.all_seeds):  # the label names settings that split a cell
-            print("\t".join([r.config["task"], labels[id(r)].replace(" ", "_"), f"{r.config['lr']:g}",
+        # the label names settings that split a cell
+        for r, label in labelled_best_runs(store.records(**where), args.select, args.all_seeds):
+            print("\t".join([r.config["task"], label.replace(" ", "_"), f"{r.config['lr']:g}",
                              r.run_dir or "", str(r.config["seed"])]))
         return 0
     print(report(store, args.select, **where))

@@ -18,11 +18,12 @@ def _run(task: str = "sst2", model: str = "m", loss: float = 0.6, **config) -> R
 
 def test_runs_of_two_tasks_or_models_are_refused_not_drawn_as_one():
     """SST-2 and RTE runs of one method, LR and seed shared a label: one curve, RTE's, under SST-2's title."""
-    with pytest.raises(RunError, match=r"2 tasks \(rte, sst2\): curves plots one; pass --task"):
+    one_task = r"2 tasks: rte \(run [^)]+\), sst2 \(run [^)]+\); curves shows one task: pass --task"
+    with pytest.raises(RunError, match=one_task):
         epoch_curves([_run("sst2"), _run("rte", loss=0.61)])
-    with pytest.raises(RunError, match="2 models .* pass --model"):
+    with pytest.raises(RunError, match="2 models: .* pass --model"):
         epoch_curves([_run(model="a"), _run(model="b")])
-    with pytest.raises(RunError, match="2 protocols"):
+    with pytest.raises(RunError, match="2 protocols: .*pass --method"):
         epoch_curves([_run(), _run(epochs=3)])
 
 

@@ -28,7 +28,8 @@ def test_results_of_two_tasks_are_refused_not_pooled_as_seeds(tmp_path, seeds):
     duplicate seed. Now: one line naming both files and both tasks."""
     a = _write(tmp_path / "a", lambda_max=0.07, run=_run(seed=seeds[0]))
     b = _write(tmp_path / "b", lambda_max=0.11, run=_run(task="rte", seed=seeds[1]))
-    with pytest.raises(RunError, match="measured task 'rte' but .* measured task 'sst2'") as e:
+    one_task = r"2 tasks: rte \(.*\), sst2 \(.*\); figure4 shows one task: pass only the folders of one task"
+    with pytest.raises(RunError, match=one_task) as e:
         collect([tmp_path])
     assert str(a) in str(e.value) and str(b) in str(e.value) and "\n" not in str(e.value)
     assert "second" not in str(e.value)
@@ -37,7 +38,7 @@ def test_results_of_two_tasks_are_refused_not_pooled_as_seeds(tmp_path, seeds):
 def test_results_of_two_models_are_refused(tmp_path):
     _write(tmp_path / "a", lambda_max=0.07, run=_run())
     _write(tmp_path / "b", lambda_max=0.11, run=_run(model="other", seed=1))
-    with pytest.raises(RunError, match="measured model 'other' but .* measured model 'tiny'"):
+    with pytest.raises(RunError, match=r"2 models: other \(.*\), tiny \(.*\); .*of one model"):
         collect([tmp_path])
 
 

@@ -153,9 +153,9 @@ def method_order(label: str) -> tuple[int, float]:
         return rank, 0.0
 
 
-def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss", all_seeds: bool = False) -> list[RunRecord]:
-    """The run (first seed; ``all_seeds``: every seed) at the chosen LR of every (model, protocol, task,
-    method/budget) cell."""
+def labelled_best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss",
+                       all_seeds: bool = False) -> list[tuple[RunRecord, str]]:
+    """``best_runs`` with each run's row label (the method, budget and any setting that splits its cell)."""
     cells: dict[tuple[str, str, str, str], list[RunRecord]] = defaultdict(list)
     finished = [r for r in records if r.status in ("done", "diverged")]
     labels = row_labels(finished, method_label, protocol_label)
@@ -166,8 +166,14 @@ def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss", all_
         cell = best_cell(cells[key], select_by)
         if cell.lr is not None:
             at_lr = sorted((r for r in cells[key] if r.config["lr"] == cell.lr), key=lambda r: r.config["seed"])
-            chosen += at_lr if all_seeds else at_lr[:1]
+            chosen += [(r, key[3]) for r in (at_lr if all_seeds else at_lr[:1])]
     return chosen
+
+
+def best_runs(records: Sequence[RunRecord], select_by: Select = "val_loss", all_seeds: bool = False) -> list[RunRecord]:
+    """The run (first seed; ``all_seeds``: every seed) at the chosen LR of every (model, protocol, task,
+    method/budget) cell."""
+    return [r for r, _ in labelled_best_runs(records, select_by, all_seeds)]
 
 
 def report(store: ResultStore, select_by: Select = "val_loss", **where: Any) -> str:
