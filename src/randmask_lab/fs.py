@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from randmask import atomic_write_bytes
+from randmask_lab.errors import RunError
 
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -27,11 +28,25 @@ RESUME = ("run the same command again: a run resumes from its last checkpoint (f
           "so none is half-written)")
 
 
+def make_folder(folder: str | Path) -> Path:
+    """``mkdir -p folder``. A file system that refuses new folders with "No such file or directory" although the
+    parent exists (/proc, /sys, a mount removed under the run) is the user's to fix, like a read-only one: a
+    one-line RunError naming the folder, not a traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:
+        raise RunError(f"cannot create the folder {folder} ({e.strerror}): its file system does not take new "
+                       "folders there. Point the command's output option (--out, --out-dir, --figures, ...) at a "
+                       "writable folder") from None
+    return folder
+
+
 def write_json(path: str | Path, data: Any, indent: int = 1, allow_nan: bool = True) -> Path:
     """Atomically write ``data`` as indented JSON, making the folder (every JSON file the lab writes goes through
     here). ``allow_nan=False``: a non-finite number is a ValueError and nothing is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     atomic_write_bytes(path, (json.dumps(data, indent=indent, allow_nan=allow_nan) + "\n").encode())
     return path
 
@@ -40,7 +55,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Atomically write a matplotlib ``Figure`` to ``path`` (format from its suffix), making the folder: rendered
     into memory first, so a killed run never leaves half a PNG where the last whole one was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     atomic_write_bytes(path, buffer.getvalue())

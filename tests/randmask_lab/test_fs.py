@@ -12,7 +12,8 @@ from tests.hostile import make_read_only
 
 from randmask_lab.cli import main
 from randmask_lab.experiment.results.store import ResultStore
-from randmask_lab.fs import disk_problem
+from randmask_lab.errors import RunError
+from randmask_lab.fs import disk_problem, write_json
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,15 @@ def test_json_is_written_whole_or_not_at_all(tmp_path):
         write_json(path, {"a": object()})  # not serializable: refused before the file is touched
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(p.name for p in path.parent.iterdir()) == ["summary.json"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, which takes no new folders")
+def test_an_out_folder_the_file_system_refuses_is_one_line(tmp_path, capsys):
+    """`--out /proc/x` was a FileNotFoundError traceback (mkdir's ENOENT under /proc): now exit 2 and one line."""
+    args = ["theory", "--out", "/proc/randmask-x", "--n", "4", "--d", "20", "--p-values", "0.5", "--seeds", "0",
+            "--gd-steps", "5", "--noise-draws", "1"]
+    assert main(args) == 2
+    err = _one_line_error(capsys)
+    assert "cannot create the folder /proc/randmask-x" in err and "writable folder" in err
+    with pytest.raises(RunError, match="cannot create the folder /proc/randmask-x/figures"):
+        write_json("/proc/randmask-x/figures/a.json", {})

@@ -19,8 +19,6 @@ _PERCENT = FuncFormatter(lambda x, _: f"{100 * x:.10g}%")
 
 
 def _finish(fig: Figure, path: str | Path, title: str, caption: str = "") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.suptitle(title, fontsize=12)
     lines = textwrap.wrap(caption, width=int(fig.get_figwidth() * 15))
     if lines:

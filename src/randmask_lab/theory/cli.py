@@ -12,7 +12,7 @@ from pathlib import Path
 
 from randmask_lab.argtypes import non_negative_int, positive_int
 from randmask_lab.errors import LabError
-from randmask_lab.fs import write_json
+from randmask_lab.fs import make_folder, write_json
 from randmask_lab.theory.experiment import check_sweep, fmt_table, run_sweep, summarise
 from randmask_lab.theory.linreg import check_p
 
@@ -46,8 +46,7 @@ def run_theory(
     outside (0, 1]; warns when n >= d (the theory assumes n < d).
     """
     p_values = sorted({check_p(p) for p in p_values})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     records = run_sweep(n, d, p_values, list(seeds), sigma, delta, gd_steps, noise_draws)
     paths = _draw_figures(records, out, n, d, sigma, delta)
     summary = {

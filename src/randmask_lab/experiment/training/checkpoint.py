@@ -22,7 +22,7 @@ import torch
 
 from randmask import MaskingError, read_json_limited, read_limited
 from randmask_lab.errors import RunError
-from randmask_lab.fs import write_json
+from randmask_lab.fs import make_folder, write_json
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import (
     full_tensor,
@@ -144,7 +144,7 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     if not write:
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     m_tensors, m_meta = prepared.method_state()
     tag = f"{state.global_step:08d}"
     files = {"trainable": f"trainable-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors",

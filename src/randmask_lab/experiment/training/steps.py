@@ -12,6 +12,7 @@ import torch
 from randmask import atomic_write_bytes
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.fs import make_folder
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.prepared import is_head_param
 
@@ -60,7 +61,7 @@ class StepLog:
         self.path = path
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         rows = []
         if path.is_file() and resume_step > 0:
             with path.open(newline="") as f:
