@@ -29,9 +29,10 @@ def _layers(model: nn.Module) -> list[RandMaskLayer]:
     return [m for m in model.modules() if isinstance(m, RandMaskLayer)]
 
 
-def _rows_per_prompt(kwargs: dict[str, Any]) -> int:
-    """How many rows ``generate`` makes of each prompt: num_beams for beam search, else num_return_sequences."""
-    config = kwargs.get("generation_config")
+def _rows_per_prompt(kwargs: dict[str, Any], model: nn.Module) -> int:
+    """How many rows ``generate`` makes of each prompt: num_beams for beam search, else num_return_sequences; each
+    read as transformers does: the keyword, else the ``generation_config`` passed, else the model's own."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     def pick(key: str) -> int:
         value = kwargs.get(key, getattr(config, key, None))
         return int(value) if isinstance(value, int) and value > 1 else 1
@@ -50,7 +51,7 @@ def peft_mixed_batch(tuner: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]
         return
     if tuner.training:
         raise MaskingError("adapter_names=[...] is for inference: call model.eval() first (as PEFT requires).")
-    layers, rows = _layers(tuner.model), _rows_per_prompt(kwargs)
+    layers, rows = _layers(tuner.model), _rows_per_prompt(kwargs, tuner.model)
     with row_groups_set(layers, _slotted_groups(layers, adapter_names, rows)), _names_to_wrappers(
             tuner.model, [name for name in adapter_names for _ in range(rows)]):
         yield

@@ -64,6 +64,18 @@ def test_generate_with_adapter_names_greedy_and_beams_equals_each_prompt_alone()
         assert torch.equal(mixed, _alone(model, ids, names, **kw))
 
 
+def test_generate_with_adapter_names_reads_beams_from_the_models_generation_config():
+    """``model.generation_config.num_beams = 2`` expands each prompt to 2 rows, as the keyword does: the names
+    were read as 1 row per prompt and generate failed, saying the names were mis-sized."""
+    model = _peft("llama")
+    model.base_model.model.generation_config.num_beams = 2
+    names, kw = ["z", "x", "__base__"], {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    ids = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=names, **kw)
+    assert torch.equal(mixed, _alone(model, ids, names, **kw))
+
+
 def test_what_adapter_names_cannot_honour_is_refused():
     model = _peft("llama")
     ids = torch.randint(1, 128, (2, 5))
