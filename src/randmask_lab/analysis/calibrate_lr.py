@@ -7,6 +7,7 @@ cell of the same task, method, budget and model, and reports best / suggested pe
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ def _checked_suggestion(path: Path, data: Any) -> dict[str, Any]:
         if not isinstance(run.get(key), str) or not run[key]:
             raise fields.damaged(f"run.{key}", run.get(key), "not a name")
     fields.optional("run.model", run.get("model"), str)
+    fields.optional("run.method_options", run.get("method_options"), dict)
     for key in ("ratio", "density"):
         if run.get(key) is not None:
             _positive(fields, f"run.{key}", run[key], high=1)
@@ -51,34 +53,46 @@ def _checked_suggestion(path: Path, data: Any) -> dict[str, Any]:
 
 def _best_lr(path: Path, run: dict[str, Any], cells: list[dict[str, Any]]) -> float | None:
     """The best swept LR of the store cell this suggestion was measured on: same task (already filtered), method
-    and budget (the label), and model; None (with a note) if the store has no such cell. The suggestion does not
-    record the sweep's protocol: cells of several protocols with different best LRs are refused, not guessed."""
-    model = run.get("model")  # None: a file from before suggest-lr recorded it; any model then, if unambiguous
-    same = [c for c in cells if model is None or c["model"] == model]
+    and budget (the label), method options and model; None (with a note) if the store has no such cell. A file
+    from before suggest-lr recorded the model or the options matches any. The suggestion does not record the
+    sweep's protocol: cells of several protocols (or options) with different best LRs are refused, not guessed."""
+    model, options = run.get("model"), run.get("method_options")
+    same = [c for c in cells if (model is None or c["model"] == model) and (options is None or c["options"] == options)]
     if not same:
-        others = sorted({c["model"] for c in cells})
+        others = sorted({_cell_name(c) for c in cells})
         on = "any model" if model is None else f"model {model!r}"
-        print(f"note: skipped {path}: the store has no {method_label(run)} cell on {on}"
-              + (f" (only on {', '.join(map(repr, others))})" if others else ""), file=sys.stderr)
+        print(f"note: skipped {path}: the store has no {method_label(run)}{_options_text(options)} cell on {on}"
+              + (f" (only on {', '.join(others)})" if others else ""), file=sys.stderr)
         return None
     lrs = {c["lr"] for c in same}
     if len(lrs) > 1:
-        where = "; ".join(sorted(f"{c['model']!r} ({c['protocol']}): {c['lr']:g}" for c in same))
+        where = "; ".join(sorted(f"{_cell_name(c)} ({c['protocol']}): {c['lr']:g}" for c in same))
         raise RunError(f"{path}: the store has several {method_label(run)} cells with different best LRs ({where}); "
-                       "pass a store of one protocol (--store), or run suggest-lr again so the file names its model")
+                       "pass a store of one protocol (--store), or run suggest-lr again so the file names its model "
+                       "and method options")
     return lrs.pop()
+
+
+def _options_text(options: dict[str, Any] | None) -> str:
+    return f" {json.dumps(options, sort_keys=True)}" if options else ""
+
+
+def _cell_name(cell: dict[str, Any]) -> str:
+    """The cell's model, and its method options where it has any: ``'tiny' {"r": 16}``."""
+    return f"{cell['model']!r}{_options_text(cell['options'])}"
 
 
 def calibration_pairs(folders: list[Path], store: ResultStore, task: str) -> list[dict[str, Any]]:
     """One row per suggestion that has a matching swept cell: label, λ_max, suggested (factor 1), best LR.
 
-    A suggestion is paired with the best LR of the cell of its own task, method, budget and model, never with
-    another model's (the LR scale differs between models); unmatched ones are skipped with a note on stderr.
+    A suggestion is paired with the best LR of the cell of its own task, method, budget, method options and model,
+    never with another model's (the LR scale differs between models); unmatched ones are skipped with a note on stderr.
     """
     cells: dict[str, list[dict[str, Any]]] = {}
     for r in best_runs(store.records(task=task)):
         cells.setdefault(method_label(r.config), []).append(
-            {"model": r.config["model"], "protocol": protocol_label(r.config), "lr": r.config["lr"]})
+            {"model": r.config["model"], "protocol": protocol_label(r.config), "lr": r.config["lr"],
+             "options": r.config.get("method_options") or {}})
     rows, other_tasks = [], 0
     for path in sorted(p for folder in folders for p in Path(folder).rglob("suggest_lr.json")):
         data = read_json_limited(path, 1 << 20, "suggest-lr result", error=RunError, fix=FIX)

@@ -112,3 +112,23 @@ def test_a_damaged_suggestion_is_one_line_naming_file_and_field(tmp_path, case):
     message = str(e.value)
     assert message.startswith(str(path)) and expected in message, message
     assert "\n" not in message and message.endswith("delete it and run suggest-lr again")
+
+
+def test_a_suggestion_meets_the_cell_of_its_own_method_options(tmp_path):
+    """LoRA r=1 and r=16 of one model are two cells with their own best LRs: suggest-lr records its method options
+    and calibrate-lr pairs on them. A file without them (older) matches either, so two best LRs are refused."""
+    store = ResultStore(tmp_path / "results.sqlite")
+    for r, losses in ((1, {1e-2: 0.4, 1e-3: 0.6}), (16, {1e-2: 0.7, 1e-3: 0.5})):
+        for lr, loss in losses.items():
+            config = RunConfig(model="tiny", task="sst2", method="lora", method_options={"r": r}, lr=lr, seed=0)
+            store.put(RunRecord(config.run_id, config.to_dict(), "done", "accuracy", val_loss=loss, val_metric=0.7,
+                                test_metric=0.6, best_epoch=1, trainable=10, total=1000))
+    run = {"model": "tiny", "task": "sst2", "method": "lora", "ratio": None, "density": None}
+    for r, best in ((1, 1e-2), (16, 1e-3)):
+        _suggestion(tmp_path / f"r{r}", run={**run, "method_options": {"r": r}})
+        assert [row["best"] for row in calibration_pairs([tmp_path / f"r{r}"], store, "sst2")] == [best]
+    _suggestion(tmp_path / "old", run=run)
+    with pytest.raises(RunError, match=r"""'tiny' \{"r": 16\} \(.*\): 0.001; 'tiny' \{"r": 1\} \(.*\): 0.01\)"""):
+        calibration_pairs([tmp_path / "old"], store, "sst2")
+    _suggestion(tmp_path / "r8", run={**run, "method_options": {"r": 8}})
+    assert calibration_pairs([tmp_path / "r8", tmp_path / "r1"], store, "sst2")[0]["best"] == 1e-2  # r8: skipped

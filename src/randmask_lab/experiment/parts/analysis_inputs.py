@@ -127,10 +127,12 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def describe_analysis_run(args: argparse.Namespace) -> dict[str, Any]:
-    """What an analysis command measured: model, task, method, budget, and whether trained weights were loaded."""
+    """What an analysis command measured: model, task, method (with its options: LoRA r=1 and r=16 are other
+    cells), budget, and whether trained weights were loaded."""
     config = _config(args)
     return {"model": config.model, "task": config.task, "method": config.method, "ratio": config.trainable_ratio,
-            "density": config.density, "seed": config.seed, "trained": bool(getattr(args, "adapter", None)),
+            "density": config.density, "method_options": dict(config.method_options), "seed": config.seed,
+            "trained": bool(getattr(args, "adapter", None)),
             "adapter": str(args.adapter) if getattr(args, "adapter", None) else None}
 
 
