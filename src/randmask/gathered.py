@@ -71,6 +71,8 @@ class IndexTables:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._stacked(dtype)
         tensors = [a.values for a in self.members if a is not None]
+        if any(t.is_inference() for t in tensors):  # made under inference_mode: no version counter to key a cache on
+            return self._stacked(dtype)
         read = (dtype, torch.is_inference_mode_enabled(), tuple((t.data_ptr(), t._version) for t in tensors))
         cached = self._values_cache.get("last")
         if cached is not None:

@@ -182,7 +182,8 @@ class MaskedLayer(MaskIdentityState, nn.Module):
             if torch.compiler.is_compiling():
                 adapter.write(weight, target)
                 return
-            version = adapter.values._version
+            # Values made under inference_mode have no version counter: compare the entries every time.
+            version = -2 if adapter.values.is_inference() else adapter.values._version
             if version != adapter.synced_version or not torch.equal(weight.view(-1)[adapter.indices], target):
                 adapter.write(weight, target)
             adapter.synced_version = version

@@ -9,6 +9,7 @@ bytes on every process, device and reload.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -77,6 +78,13 @@ def make_generator(seed: int, name: str) -> torch.Generator:
     return gen
 
 
+def check_keep_probability(p: float) -> float:
+    """``p`` as a float, MaskingError unless it is a real number in [0, 1] (the built-in samplers' domain)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise MaskingError(f"keep probability p={p!r} must be a number in [0, 1] (the chance that an entry is kept).")
+    return float(p)
+
+
 @register_mask_kind("random")
 def bernoulli_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
     """I.i.d. Bernoulli(p) entries (the paper's mask), sampled as geometric gaps.
@@ -84,9 +92,11 @@ def bernoulli_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> to
     The gaps between successive kept entries of a Bernoulli(p) sequence are i.i.d.
     Geometric(p) (support 1, 2, ...), so we draw about N*p gaps instead of N coins.
     """
-    n = shape[0] * shape[1]
+    n, p = shape[0] * shape[1], check_keep_probability(p)
     if p >= 1.0:
         return torch.arange(n, dtype=torch.int64)
+    if p == 0.0 or n == 0:
+        return torch.empty(0, dtype=torch.int64)
     chunks: list[torch.Tensor] = []
     last = -1  # position of the last kept entry so far
     expected = n * p
@@ -108,7 +118,7 @@ def bernoulli_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> to
 def exact_count_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch.Tensor:
     """Exactly round(p*N) distinct entries, uniformly at random."""
     n = shape[0] * shape[1]
-    k = round(p * n)
+    k = round(check_keep_probability(p) * n)
     return _choose_distinct(n, k, gen)
 
 
@@ -120,7 +130,7 @@ def column_mask(shape: tuple[int, int], p: float, gen: torch.Generator) -> torch
     ``structured_column_counts``, so the model-wide total meets the budget; k may be 0.
     """
     rows, cols = shape
-    chosen = torch.sort(_choose_distinct(cols, round(p * cols), gen)).values
+    chosen = torch.sort(_choose_distinct(cols, round(check_keep_probability(p) * cols), gen)).values
     # (rows, k) grid of flat indices r*cols + c, already in row-major order.
     return (torch.arange(rows, dtype=torch.int64)[:, None] * cols + chosen[None, :]).reshape(-1)
 
@@ -226,6 +236,7 @@ __all__ = [
     "MASK_KIND_VERSIONS",
     "MaskSampler",
     "bernoulli_mask",
+    "check_keep_probability",
     "column_mask",
     "structured_column_counts",
     "derive_seed",

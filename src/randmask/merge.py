@@ -91,7 +91,7 @@ def merge_sparse(deltas: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: S
     for row, (idx, values) in enumerate(deltas):
         kept = _prune(values.detach().to(dtype), combination_type, density, generator)
         stacked[row, torch.searchsorted(union, idx)] = kept
-    w = torch.tensor([float(x) for x in weights], dtype=dtype)[:, None]  # (n, 1)
+    w = torch.tensor([float(x) for x in weights], dtype=dtype, device=stacked.device)[:, None]  # (n, 1)
     if combination_type in ("ties", "dare_ties"):
         # Sign election on the unweighted (trimmed) deltas, then the mean of the weighted ones that agree.
         score = stacked.sum(0) if majority_sign_method == "total" else stacked.sign().sum(0)  # (U,)
@@ -114,7 +114,8 @@ def _prune(values: torch.Tensor, combination_type: str, density: float | None,
         top = torch.topk(values.abs(), k).indices
         out[top] = values[top]
         return out
-    keep = torch.rand(values.shape, generator=generator, dtype=torch.float64) < density  # dare_*
+    # dare_*: drawn on the (CPU) generator's device, so a merge drops the same entries on any device
+    keep = (torch.rand(values.shape, generator=generator, dtype=torch.float64) < density).to(values.device)
     return torch.where(keep, values / density, torch.zeros_like(values))
 
 
@@ -174,12 +175,23 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
 
 def union_blocks(sources: Sequence[MaskAdapter], union: torch.Tensor) -> list[Block]:
-    """The sources' row blocks, each with its count of ``union`` entries (for summaries and files)."""
-    spans = {(b.name, b.start, b.stop) for s in sources for b in s.blocks}
+    """The sources' row blocks, each with its count of ``union`` entries (for summaries and files).
+
+    Blocks that overlap (one adapter masked the whole ``c_attn``, another its ``[q]`` block) become one: counted
+    once each, they summed to more entries than the merge holds, and the saved file was refused as edited."""
+    spans = sorted({(b.name, b.start, b.stop) for s in sources for b in s.blocks}, key=lambda s: (s[1], -s[2]))
+    groups: list[tuple[list[str], int, int]] = []  # (names, start, stop) of disjoint row ranges
+    for name, start, stop in spans:
+        if groups and start < groups[-1][2]:
+            names, first_start, last_stop = groups[-1]
+            groups[-1] = (names + [name], first_start, max(last_stop, stop))
+        else:
+            groups.append(([name], start, stop))
     first = sources[0]
     out_rows = SparsePattern(union, first.stored_shape, first.transposed).out_index  # (U,) logical output row
-    return [Block(name, start, stop, int(((out_rows >= start) & (out_rows < stop)).sum()))
-            for name, start, stop in sorted(spans, key=lambda s: s[1])]
+    # A group's first span starts it and is the longest there: its name, where it covers the group, else all names.
+    return [Block(names[0] if (names[0], start, stop) in spans else ",".join(names), start, stop,
+                  int(((out_rows >= start) & (out_rows < stop)).sum())) for names, start, stop in groups]
 
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "check_merge_args", "merge_layer_adapters", "merge_sparse",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,22 +55,35 @@ class _LastCast(threading.local):
 
     source: weakref.ref | None = None
     version: int = -1
-    cast: torch.Tensor | None = None
+    tracked: bool = False  # whether autograd recorded the cast (x requires grad): never shared with the other kind
+    cast: Callable[[], torch.Tensor | None] | None = None  # the cast: a weak reference when tracked
 
 
 _LAST_CAST = _LastCast()
 
 
 def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, reusing the previous call's result when it cast this same, unmodified tensor."""
+    """``x.to(dtype)``, reusing the previous call's result when it cast this same, unmodified tensor.
+
+    Called outside the autograd Function (``masked_linear``), so that autograd records the cast of an input that
+    requires grad: a double backward then reaches x through the cast that the backward's SDDMM reads (cast inside
+    the Function, the saved copy had no graph, and Hessian-vector products under autocast lost every term through
+    a layer input that autocast cast). A recorded cast links to x's whole graph, so the cache holds it weakly: the
+    ops that saved it keep it alive while that graph lives, and the cache never keeps a graph alive after it.
+    """
     if x.dtype == dtype:
         return x
+    if x.is_inference():  # no version counter (inference_mode): an in-place edit could not be told from none
+        return x.to(dtype)
     last = _LAST_CAST
-    if last.source is not None and last.source() is x and last.version == x._version \
-            and last.cast is not None and last.cast.dtype == dtype:
-        return last.cast
+    tracked = x.requires_grad and torch.is_grad_enabled()
+    if last.source is not None and last.source() is x and last.version == x._version and last.tracked == tracked:
+        cast = last.cast() if last.cast is not None else None
+        if cast is not None and cast.dtype == dtype:
+            return cast
     cast = x.to(dtype)
-    last.source, last.version, last.cast = weakref.ref(x), x._version, cast
+    last.source, last.version, last.tracked = weakref.ref(x), x._version, tracked
+    last.cast = weakref.ref(cast) if cast.grad_fn is not None else (lambda: cast)
     return cast
 
 
@@ -150,6 +164,9 @@ def masked_linear(
     ``refresh``: (nnz,) entries to write into ``weight`` again before the backward reads it, for a weight that is
     gathered anew between forward and backward (FSDP2 frees it after the forward); None: the weight keeps them.
     """
+    cast = autocast_dtype(x)
+    if cast is not None:  # autocast: cast here, where autograd records it (see _cast_input)
+        x = _cast_input(x, cast)
     return MaskedLinearFunction.apply(x, values, weight, bias, pattern, refresh)
 
 

@@ -146,7 +146,7 @@ def sddmm_compact(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, pattern: Sparse
     # fp32 inputs copy it whole: blocks cost them ~35% of this op (strided column reads) and the
     # copy is no larger than the activation (measured with benchmarks/bench_memory.py).
     step = n_lhs if lhs_2d.dtype == compute else \
-        max(1, COMPACT_CHUNK_BYTES // (lhs_2d.shape[0] * torch.finfo(compute).bits // 8))
+        max(1, COMPACT_CHUNK_BYTES // (max(1, lhs_2d.shape[0]) * torch.finfo(compute).bits // 8))
     starts = list(range(0, n_lhs, step))
     edges = plan.edges.get(step)
     if edges is None:  # the entries of block b are edges[b]:edges[b + 1]

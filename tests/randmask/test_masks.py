@@ -146,3 +146,16 @@ def test_structured_mask_below_one_column_in_total_is_refused():
     with pytest.raises(MaskingError, match="kept no whole column"):
         apply_masking(tiny_model("llama"), MaskingConfig(trainable_ratio=3e-4, mask_kind="structured"))  # 8 entries
 
+
+
+@pytest.mark.parametrize("sampler", [bernoulli_mask, exact_count_mask, column_mask])
+def test_samplers_refuse_a_keep_probability_outside_0_1_in_one_line(sampler):
+    """NaN, infinities and p outside [0, 1] were tracebacks from inside the samplers (``int(nan)``, a complex power,
+    geometric_'s own check) or, above 1, silently all entries; p = 0 keeps nothing (bernoulli_mask raised)."""
+    for p in (float("nan"), float("inf"), -0.1, 1.5):
+        with pytest.raises(MaskingError, match="keep probability"):
+            sampler((3, 4), p, make_generator(0, "w"))
+    empty = sampler((3, 4), 0.0, make_generator(0, "w"))
+    assert empty.dtype == torch.int64 and empty.numel() == 0
+    _check_valid(sampler((3, 4), 1e-300, make_generator(0, "w")), 12)
+    assert sampler((3, 4), 1.0, make_generator(0, "w")).tolist() == list(range(12))

@@ -166,3 +166,42 @@ def test_a_bad_partition_is_refused():
         MaskingConfig(density=0.1, partition=(0, 2), mask_kind="structured")
     with pytest.raises(MaskingError, match="more than all of it"):
         apply_masking(tiny_model("llama"), MaskingConfig(density=0.3, partition=(0, 4)))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))])
+@pytest.mark.parametrize("combination_type", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+def test_merge_sparse_runs_on_the_deltas_device_and_draws_the_same_drops(device, combination_type):
+    """The weights column and DARE's drop mask were made on the CPU, so a merge of CUDA deltas mixed devices (a
+    traceback on both APIs' add_weighted_adapter); the drops are drawn on the CPU generator, the same on any device."""
+    idx = [torch.tensor([0, 2, 5, 7]), torch.tensor([1, 2, 7, 9])]
+    vals = [torch.tensor([1.0, -2.0, 3.0, 0.5]), torch.tensor([0.25, 2.0, -1.0, 4.0])]
+    density = None if combination_type == "linear" else 0.5
+    results = {}
+    for where in ("cpu", device):
+        deltas = [(i.to(where), v.to(where)) for i, v in zip(idx, vals)]
+        union, merged = merge_sparse(deltas, [0.5, 2.0], combination_type, density,
+                                     generator=torch.Generator().manual_seed(0))
+        assert union.device.type == merged.device.type == torch.device(where).type
+        results[where] = (union.cpu(), merged.cpu())
+    assert torch.equal(results["cpu"][0], results[device][0])
+    torch.testing.assert_close(results["cpu"][1], results[device][1])
+
+
+def test_a_merge_over_overlapping_blocks_counts_each_entry_once_and_reloads(tmp_path):
+    """One adapter masks GPT-2's whole c_attn, the other its [q] block: the merge's blocks were both spans, which
+    overlap, so the summary counted the q entries twice (2310 of 1556) and its saved file was refused as edited."""
+    model = tiny_model("gpt2")
+    apply_masking(model, MaskingConfig(targets=["c_attn"], density=0.2), adapter_name="a")
+    apply_masking(model, MaskingConfig(targets=["c_attn[q]"], density=0.2, seed=1), adapter_name="b")
+    add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "ab")
+    layers = randmask.masked_layers(model).values()
+    assert randmask.masking_summary(model, "ab").trainable == sum(layer.adapters["ab"].nnz for layer in layers)
+    assert all([(b.name, b.start, b.stop) for b in layer.adapters["ab"].blocks] == [("", 0, 96)] for layer in layers)
+    randmask.set_adapter(model, "ab")
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        merged_out = model(ids).logits
+    save_adapter(model, tmp_path, "ab")
+    with torch.no_grad():
+        assert torch.equal(load_adapter(tiny_model("gpt2"), tmp_path)(ids).logits, merged_out)

@@ -77,3 +77,13 @@ def test_the_path_fixture_forces_the_path_it_names(path):
     if path == "native" and not native.available():
         pytest.skip("no C compiler here: the native kernel is not built")
     assert got == path.removesuffix("-all")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_no_tokens_give_zero_gradients_on_every_path(path, dtype):
+    """A batch of 0 tokens: (nnz,) zeros on every path and dtype. The compact path's half-input blocks divided by
+    the token count (ZeroDivisionError for bf16/fp16 under the torch kernel, fp16 under the native one)."""
+    shape = (64, 64)
+    pattern = SparsePattern(bernoulli_mask(shape, 0.02, make_generator(3, "w")), shape)
+    got = sddmm.sddmm(torch.zeros(0, 64, dtype=dtype), torch.zeros(0, 64, dtype=dtype), pattern)
+    assert got.shape == (pattern.nnz,) and not got.any()
