@@ -11,8 +11,8 @@ from experiment.tiny import make_tiny_lm
 from tests.hostile import make_read_only
 
 from randmask_lab.cli import main
-from randmask_lab.experiment.results.store import ResultStore
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.results.store import ResultStore
 from randmask_lab.fs import disk_problem, write_json
 
 
