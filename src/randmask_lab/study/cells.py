@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from randmask_lab.errors import StoreError
-from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.experiment.results.report import method_label
 from randmask_lab.experiment.results.settings import settings_of
 from randmask_lab.experiment.results.store import protocol_label
@@ -42,6 +42,9 @@ class StudyCell:
     search_test: dict[float, float] = field(default_factory=dict)  # LRs whose search runs all have a test metric
     search_unfinished: bool = False  # the spec's plan still has LRs to try: ``lr`` is the best so far, not chosen
     machines: dict[int, str] = field(default_factory=dict)  # seed -> machine_label of its run at the chosen LR
+    # seed -> status of its finished run at the chosen LR that has no test metric (diverged, scale_collapsed): a
+    # planned seed the plan counts as run and ``tests`` lacks, so a paired difference leaves it out
+    failed: dict[int, str] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -90,7 +93,7 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
     for r in runs:
         by_lr[float(r.config.get("lr") or 0.0)].append(r)
     cell.lrs = sorted(by_lr)
-    common = set.intersection(*({r.config["seed"] for r in rs} for rs in by_lr.values()))
+    common = _search_seeds(key, by_lr)
     for lr, rs in by_lr.items():
         searched = [r for r in rs if r.config["seed"] in common]
         search = [search_loss(r) for r in searched]
@@ -104,7 +107,24 @@ def build_cell(key: CellKey, runs: Sequence[RunRecord]) -> StudyCell:
         finished = [r for r in by_lr[best] if r.status == "done" and r.test_metric is not None]
         cell.tests = {r.config["seed"]: r.test_metric for r in finished}
         cell.machines = {r.config["seed"]: machine_label(r) for r in finished}
+        cell.failed = {r.config["seed"]: r.status for r in by_lr[best] if r.config["seed"] not in cell.tests}
     return cell
+
+
+def _search_seeds(key: CellKey, by_lr: dict[float, list[RunRecord]]) -> set[int]:
+    """The seeds every LR of a cell has (its LR search seeds). A StoreError when there is none but the cell has
+    two or more LRs: an LR run only at seeds the others lack (a stray run) would make every LR's mean search loss
+    empty, and the cell would read as all-diverged with no seed left for any rule."""
+    seeds = {lr: {r.config["seed"] for r in rs} for lr, rs in by_lr.items()}
+    common = set.intersection(*seeds.values())
+    if not common and len(seeds) > 1:
+        usual = max({s for v in seeds.values() for s in v}, key=lambda s: (sum(s in v for v in seeds.values()), -s))
+        stray = min(lr for lr, v in seeds.items() if usual not in v)  # an LR without the seed most LRs have
+        raise StoreError(f"cell {' / '.join(key)}: its LRs share no seed (lr {stray:g} ran at seed"
+                         f"{'s' * (len(seeds[stray]) > 1)} {', '.join(map(str, sorted(seeds[stray])))} only), so "
+                         "no LR can be chosen on the seeds every LR has (the LR search seed). Remove the stray run "
+                         "from the study file, or run the search seed at that LR.")
+    return common
 
 
 def check_one_setting(key: CellKey, runs: Sequence[RunRecord]) -> None:
@@ -133,11 +153,11 @@ def cell_key(config: dict[str, Any]) -> CellKey:
 
 
 def study_cells(records: Sequence[RunRecord], unfinished: Collection[CellKey] = ()) -> dict[CellKey, StudyCell]:
-    """Every cell of the finished runs (done or diverged) in ``records``; the cells in ``unfinished`` (those whose
-    LR search the study's plan has not finished) are marked ``search_unfinished``."""
+    """Every cell of the finished runs (done, diverged or scale_collapsed) in ``records``; the cells in
+    ``unfinished`` (those whose LR search the study's plan has not finished) are marked ``search_unfinished``."""
     grouped: dict[CellKey, list[RunRecord]] = defaultdict(list)
     for r in records:
-        if r.status in ("done", "diverged"):
+        if r.status in FINISHED:  # as the plan counts them: a scale_collapsed run is run, not missing
             grouped[cell_key(r.config)].append(r)
     for key, runs in grouped.items():
         check_one_setting(key, runs)

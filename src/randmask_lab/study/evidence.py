@@ -81,4 +81,25 @@ def machine_lines(pairs: Mapping[str, tuple[StudyCell, StudyCell]], left: Mappin
     return lines + sensitivity_lines(left, right, marks, indent, without)
 
 
-__all__ = ["LEVEL", "bounds_text", "far_off_marks", "machine_lines", "seeds_text", "sensitivity_lines"]
+def failed_lines(pairs: Mapping[str, tuple[StudyCell, StudyCell]], indent: str) -> list[str]:
+    """The seeds of ``pairs`` (task -> (left cell, right cell)) whose run at the chosen LR finished without a test
+    metric (``StudyCell.failed``: diverged, scale_collapsed) while the other side ran that seed: a line naming
+    them, or none. The plan counts such a run as run, and a paired difference leaves its seed out, which favours
+    the side whose run failed; the rule reads every planned seed and has no value for it, so it is not read."""
+    found: dict[tuple[str, str, str], list[int]] = defaultdict(list)  # (label, task, status) -> seeds
+    for a, b in pairs.values():
+        for cell, other in ((a, b), (b, a)):
+            for seed, status in sorted(cell.failed.items()):
+                if seed in set(other.tests) | set(other.failed):
+                    found[(cell.key[3], cell.key[2], status)].append(seed)
+    if not found:
+        return []
+    named = "; ".join(f"{label} {task} seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} ({status})"
+                      for (label, task, status), seeds in sorted(found.items()))
+    return [f"{indent}not read: {named}: finished without a test result at the chosen LR, so the difference above "
+            "leaves them out (favouring the side whose run failed); the rule reads every planned seed, so it stays "
+            "INCONCLUSIVE until such a run is repeated or a person decides how a failed run counts"]
+
+
+__all__ = ["LEVEL", "bounds_text", "failed_lines", "far_off_marks", "machine_lines", "seeds_text",
+           "sensitivity_lines"]

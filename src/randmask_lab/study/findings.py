@@ -17,6 +17,10 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
     pooled per seed over tasks and ratios, lies above 0 (HOLDS); its one-sided 95% upper bound lies below
     0 (DOES NOT HOLD); INCONCLUSIVE otherwise. The two-sided 95% interval is printed beside it.
 A cell whose LR search is unfinished (known from the study's spec) is left out of every rule, and named.
+(a) and (e) are INCONCLUSIVE, with the seeds named, while a seed of a compared cell finished without a test result
+at the chosen LR (diverged, scale_collapsed) where the other side ran it: the plan counts it as run, and the paired
+difference, which cannot read it, would leave it out in favour of the side whose run failed. A task and method in
+two protocols (or models) is refused: a rule pairs one cell per task.
 A study is a fixed-seed design: while its spec's plan has runs left for the cells a rule reads (any run for (a)
 and (e), an LR-search run for (b), which reads only the choices), the rule is INCONCLUSIVE, marked interim, with
 its numbers so far. Deciding at a peek and again at every later one would inflate the rules' error rates.
@@ -37,6 +41,7 @@ from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.evidence import (
     LEVEL,
     bounds_text,
+    failed_lines,
     far_off_marks,
     machine_lines,
     seeds_text,
@@ -71,9 +76,15 @@ def _label(method: str, ratio: float | None = None) -> str:
 
 
 def _rows(cells: Sequence[StudyCell]) -> dict[str, dict[str, StudyCell]]:
+    """method label -> task -> cell. A RunError when a task and method come in two protocols (or models): a rule
+    pairs one cell per task, and keeping either silently would read a rule on the other protocol's runs."""
     rows: dict[str, dict[str, StudyCell]] = {}
     for c in cells:
-        rows.setdefault(c.key[3], {})[c.key[2]] = c
+        other = rows.setdefault(c.key[3], {}).setdefault(c.key[2], c)
+        if other is not c:
+            raise RunError(f"the {c.key[2]} {c.key[3]} runs come in two protocols ({other.key[0]}, "
+                           f"{other.key[1]}; {c.key[0]}, {c.key[1]}), and a rule pairs one cell per task: give a "
+                           "study file of one protocol per task")
     return rows
 
 
@@ -104,25 +115,34 @@ def finding_a(cells: Sequence[StudyCell]) -> Verdict:
             verdicts.append(UNSURE)
             continue
         tasks = sorted(set(rows[left]) & set(rows[right]))
-        far = {task: far_off_marks([(side, rows[side][task]) for side in (left, right)]) for task in tasks}
-        for task in tasks if len(tasks) > 1 else ():
-            per_task = paired_difference(rows[left][task].tests, rows[right][task].tests)
-            evidence.append(f"  {task}: {left} − {right} {per_task.text()} points ({seeds_text(per_task.n)}), "
-                            f"{bounds_text(per_task)} -> {greater_than(per_task, -MARGIN)}")
-            evidence += sensitivity_lines({task: rows[left][task].tests}, {task: rows[right][task].tests},
-                                     far[task], "    ")
+        evidence += _task_lines(rows, left, right, tasks) if len(tasks) > 1 else []
         lefts, rights = {t: rows[left][t].tests for t in tasks}, {t: rows[right][t].tests for t in tasks}
         diff = paired_difference(average_by_seed(lefts), average_by_seed(rights))
-        verdicts.append(greater_than(diff, -MARGIN))
+        failed = failed_lines({t: (rows[left][t], rows[right][t]) for t in tasks}, "  ")
+        verdicts.append(UNSURE if failed else greater_than(diff, -MARGIN))
         evidence.append(f"{left} − {right} on the average of {', '.join(tasks)}: {diff.text()} points "
                         f"({seeds_text(diff.n)}), {bounds_text(diff)} -> non-inferior by {100 * MARGIN:g} point: "
                         f"{verdicts[-1]}; equivalent within ±{100 * MARGIN:g}: {_equivalent(diff, MARGIN)}")
         far_any = far_off_marks([(side, rows[side][t]) for t in tasks for side in (left, right)])  # every task's marks
-        evidence += sensitivity_lines(lefts, rights, far_any, "  ")
+        evidence += failed + sensitivity_lines(lefts, rights, far_any, "  ")
         evidence += machine_lines({t: (rows[left][t], rows[right][t]) for t in tasks}, lefts, rights, "  ")
     verdict = HOLDS if all(v == HOLDS for v in verdicts) else FAILS if FAILS in verdicts else UNSURE
     return Verdict("a", f"randmask 0.1% is not worse than LoRA or full FT by more than {100 * MARGIN:g} point "
                    "on the task average (non-inferiority, one-sided 95%)", verdict, evidence)
+
+
+def _task_lines(rows: dict[str, dict[str, StudyCell]], left: str, right: str, tasks: Sequence[str]) -> list[str]:
+    """(a)'s line per task (not the rule, which reads the task average), each with its sensitivity line."""
+    lines = []
+    for task in tasks:
+        pair = rows[left][task], rows[right][task]
+        per_task = paired_difference(pair[0].tests, pair[1].tests)
+        read = UNSURE + " (a failed run, below)" if failed_lines({task: pair}, "") else greater_than(per_task, -MARGIN)
+        lines.append(f"  {task}: {left} − {right} {per_task.text()} points ({seeds_text(per_task.n)}), "
+                     f"{bounds_text(per_task)} -> {read}")
+        far = far_off_marks([(left, pair[0]), (right, pair[1])])
+        lines += sensitivity_lines({task: pair[0].tests}, {task: pair[1].tests}, far, "    ")
+    return lines
 
 
 def finding_b(cells: Sequence[StudyCell]) -> Verdict:
@@ -234,10 +254,11 @@ def finding_e(cells: Sequence[StudyCell]) -> Verdict:
     if not pooled_r:
         return Verdict("e", claim, UNSURE, ["no structured runs"])
     diff = paired_difference(average_by_seed(pooled_r), average_by_seed(pooled_s))
-    verdict = greater_than(diff, 0.0)
+    failed = failed_lines(pairs, "  ")
+    verdict = UNSURE if failed else greater_than(diff, 0.0)
     evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({seeds_text(diff.n)}), "
                     f"{bounds_text(diff)} -> random − structured > 0: {verdict}")
-    evidence += machine_lines(pairs, pooled_r, pooled_s, "  ")
+    evidence += failed + machine_lines(pairs, pooled_r, pooled_s, "  ")
     return Verdict("e", claim + " (random − structured > 0, one-sided 95%)", verdict, evidence)
 
 

@@ -55,6 +55,11 @@ def _columns(rows: dict[str, dict[str, StudyCell]]) -> list[str]:
     return sorted({t for per_task in rows.values() for t in per_task}, key=_column_order)
 
 
+def _one_per_task(columns: list[str]) -> bool:
+    """Whether ``columns`` are distinct tasks: an average over a task run under two protocols would count it twice."""
+    return len({c.split(" [")[0] for c in columns}) == len(columns)
+
+
 def results_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str:
     """One table: rows method/budget, columns tasks and the task average (paired by seed)."""
     tasks = _columns(rows)
@@ -63,7 +68,8 @@ def results_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str:
     for label in sorted(rows, key=method_order):
         per_task = rows[label]
         texts = [_cell_text(per_task.get(t)) for t in tasks]
-        complete = all(t in per_task and per_task[t].tests and not per_task[t].search_unfinished for t in tasks)
+        complete = _one_per_task(tasks) and all(
+            t in per_task and per_task[t].tests and not per_task[t].search_unfinished for t in tasks)
         seeds = average_by_seed({t: per_task[t].tests for t in tasks}) if complete else {}
         texts.append(mean_interval(list(seeds.values())).text() if seeds else "-")
         lines.append("| " + " | ".join([label, *texts]) + " |")
@@ -91,6 +97,7 @@ def difference_table(model: str, rows: dict[str, dict[str, StudyCell]]) -> str |
                          paired_difference(a.tests, b.tests).text() if shared else "-")
         both = [t for t in tasks if t in rows[left] and t in rows[right]
                 and not (rows[left][t].search_unfinished or rows[right][t].search_unfinished)]
+        both = both if _one_per_task(both) else []  # a task under two protocols: no average over "the tasks"
         avg_a = average_by_seed({t: rows[left][t].tests for t in both})
         avg_b = average_by_seed({t: rows[right][t].tests for t in both})
         texts.append(paired_difference(avg_a, avg_b).text() if set(avg_a) & set(avg_b) else "-")

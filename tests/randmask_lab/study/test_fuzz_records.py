@@ -26,15 +26,21 @@ def _rows() -> list[dict]:
 
 
 def _use(records) -> None:
-    """What report --from and findings do with the records: every cell, table and finding."""
+    """What report --from and findings do with the records: every cell, table and finding, or their one-line
+    refusal (a StoreError / RunError the CLI prints as one line: e.g. a cell whose LRs share no seed, or a task
+    and method in two protocols)."""
+    from randmask_lab.errors import RunError, StoreError
     from randmask_lab.study.cells import study_cells
     from randmask_lab.study.findings import finding_a, finding_b, finding_e
     from randmask_lab.study.tables import study_tables
 
-    cells = study_cells(records)
-    study_tables(cells)
-    for finding in (finding_a, finding_b, finding_e):
-        finding(list(cells.values())).text()
+    try:
+        cells = study_cells(records)
+        study_tables(cells)
+        for finding in (finding_a, finding_b, finding_e):
+            finding(list(cells.values())).text()
+    except (StoreError, RunError):
+        return
 
 
 @FUZZ
