@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,29 +27,46 @@ from randmask_lab.study.run import (
 from randmask_lab.study.tables import study_tables
 
 
-def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[str, dict]]:
+def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[str, dict], list[str]]:
     """model -> the cells of the ``--from`` file, those whose LR search ``--spec``'s plan has not finished marked;
-    and model -> the runs ``--spec``'s plan has left per (task, method) cell (``study.plan.plan_progress``; no
-    spec: none known)."""
+    model -> the runs ``--spec``'s plan has left per (task, method) cell (``study.plan.plan_progress``; no spec:
+    none known); and notes on what ``--spec`` left out: records of other models or precisions (their verdicts
+    would read as final under a spec that is not theirs) and seeds beyond the plan (added by hand, they would turn
+    an interim verdict final)."""
     records = read_jsonl(args.from_file)
     unfinished: frozenset = frozenset()
     left: dict[str, dict] = {}
+    notes: list[str] = []
+    progress = None
     if getattr(args, "spec", None):
         spec = StudySpec.from_file(args.spec)
-        if not any(spec.holds(r) for r in records):
+        mine = [r for r in records if spec.holds(r)]
+        if not mine:
             raise RunError(f"--spec {args.spec} is a study of {spec.model} at precision {spec.precision}, and no "
                            f"record of {args.from_file} is; give the spec that made this file")
-        progress = plan_progress(spec, records)
+        if len(mine) < len(records):
+            others = sorted({f"{r.config.get('model')} at precision {r.config.get('precision', '32')}"
+                             for r in records if not spec.holds(r)})
+            notes.append(f"note: left out {len(records) - len(mine)} records of {'; '.join(others)}: --spec "
+                         f"{args.spec} plans {spec.model} at precision {spec.precision} only")
+        records, progress = mine, plan_progress(spec, mine)
         unfinished, left[spec.model] = progress.unfinished_searches, progress.runs_left
     grouped: dict[str, list[StudyCell]] = defaultdict(list)
     for key, cell in study_cells(records, unfinished).items():
         grouped[key[0]].append(cell)
-    return dict(grouped), left
+        planned = progress.planned_seeds.get((key[2], key[3])) if progress else None
+        dropped = cell.keep_seeds(planned) if planned is not None else []
+        if dropped:
+            notes.append(f"note: left out {key[2]} {key[3]} seed{'s' * (len(dropped) > 1)} "
+                         f"{', '.join(map(str, dropped))}: beyond the seeds the spec plans, so no rule reads them")
+    return dict(grouped), left, notes
 
 
 def report_from(args: argparse.Namespace) -> int:
     """Print the study tables of a JSONL file; with --figures, write its PNGs too."""
-    by_model, _ = _cells(args)
+    by_model, _, notes = _cells(args)
+    for note in notes:
+        print(note, file=sys.stderr)
     print(study_tables({cell.key: cell for cells in by_model.values() for cell in cells}))
     if getattr(args, "figures", None):
         # matplotlib: only when figures are asked for
@@ -84,9 +102,11 @@ NO_SPEC_NOTE = ("note: no --spec, so every cell is read as finished. A study sti
 
 
 def _cmd_findings(args: argparse.Namespace) -> int:
-    by_model, left = _cells(args)
+    by_model, left, notes = _cells(args)
     if not args.spec:  # the records do not name their spec, so the reader has to be told what was not checked
         print(NO_SPEC_NOTE)
+    for note in notes:
+        print(note)
     for model, cells in sorted(by_model.items()):
         print(f"## {model}")
         for verdict in findings(cells, args.analysis or (), args.theory, left.get(model)):

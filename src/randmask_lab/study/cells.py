@@ -50,6 +50,14 @@ class StudyCell:
     def method(self) -> str:
         return self.runs[0].config["method"]
 
+    def keep_seeds(self, seeds: Collection[int]) -> list[int]:
+        """Drop the chosen-LR results of seeds outside ``seeds`` (a plan's); returns the dropped seeds, sorted."""
+        dropped = sorted((set(self.tests) | set(self.failed)) - set(seeds))
+        for seed in dropped:
+            for by_seed in (self.tests, self.failed, self.machines):
+                by_seed.pop(seed, None)
+        return dropped
+
     @property
     def ratio(self) -> float | None:
         return self.runs[0].config.get("ratio")

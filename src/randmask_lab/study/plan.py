@@ -289,6 +289,9 @@ class PlanProgress:
 
     unfinished_searches: frozenset[CellKey]
     runs_left: dict[tuple[str, str], RunsLeft]
+    # (task, method label) -> the seeds the plan runs at the cell's chosen LR (those re-estimation decided
+    # included): the seeds a rule reads, so that runs beyond them (added by hand) never turn an interim into a final
+    planned_seeds: dict[tuple[str, str], frozenset[int]] = field(default_factory=dict)
 
 
 def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
@@ -298,16 +301,19 @@ def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
     left: dict[tuple[str, str], RunsLeft] = {}
     decided = _seeds_decided(spec, finished)
     pending = {(task, id(cell)) for task, cell in spec.reestimated_cells()} if decided is None else set()
+    planned: dict[tuple[str, str], frozenset[int]] = {}
     for task, cell in _task_cells(spec):
-        runs = _cell_runs(spec, task, cell, finished, None, _seeds_for(spec, task, cell, decided))
+        seeds = _seeds_for(spec, task, cell, decided)
+        key = (task, spec.label(task, cell))
+        planned[key] = planned.get(key, frozenset()) | frozenset(seeds)
+        runs = _cell_runs(spec, task, cell, finished, None, seeds)
         if not runs and (task, id(cell)) not in pending:  # a cell done with its planned seeds may still get more
             continue
         fixed = {**spec.common, **spec.protocol[task]}
         searching = sum(is_search_run(spec, run) for run in runs)
         if searching:  # keyed as the records' cells are (study.cells), protocol fields included
             unfinished |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}
-        label = spec.label(task, cell)
-        before = left.get((task, label), RunsLeft(0, 0))
-        left[(task, label)] = RunsLeft(before.search + searching, before.total + len(runs),
-                                       before.reestimate_pending or (task, id(cell)) in pending)
-    return PlanProgress(frozenset(unfinished), left)
+        before = left.get(key, RunsLeft(0, 0))
+        left[key] = RunsLeft(before.search + searching, before.total + len(runs),
+                             before.reestimate_pending or (task, id(cell)) in pending)
+    return PlanProgress(frozenset(unfinished), left, planned)

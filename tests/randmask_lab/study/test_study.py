@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -251,6 +252,25 @@ def test_a_rule_waits_for_the_planned_seeds_of_the_cells_it_reads(tmp_path: Path
     out = capsys.readouterr().out
     assert "(b) the best LR rises monotonically as the ratio falls: INCONCLUSIVE, interim (2+ planned runs left)" \
         in out and "LR-search runs left for rte randmask 1e-05 (1+), sst2 randmask 1e-05 (1+)" in out
+
+
+def test_with_its_spec_findings_read_only_the_planned_seeds_of_the_specs_model(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    """Seeds run beyond the plan (here 3..30 of LoRA, far better) and another model's records turned an interim
+    rule final or printed verdicts under a spec that is not theirs; with --spec both are left out, and said."""
+    path = tmp_path / "study.jsonl"
+    extra = [record(task, "lora", 1e-3, seed, 0.99, 0.5) for task in ("sst2", "rte") for seed in range(3, 31)]
+    other = [dataclasses.replace(r, run_id=r.run_id + "-o", config={**r.config, "model": "other"}) for r in study()]
+    export_jsonl(study() + extra + other, path)
+    spec = _spec(tmp_path / "s.json", [3e-2, 1e-1, 3e-1])
+    assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: left out {len(other)} records of other at precision 32: --spec {spec} plans tiny")
+    assert "note: left out rte lora seeds 3, 4, " in out and "sst2 lora seeds 3, 4, " in out and "## other" not in out
+    assert "(3 seeds)" in out and "(31 seeds)" not in out
+    assert main(["report", "--from", str(path), "--spec", str(spec)]) == 0
+    captured = capsys.readouterr()
+    assert "note: left out sst2 lora seeds 3, 4, " in captured.err and "| 99.0" not in captured.out
 
 
 def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
