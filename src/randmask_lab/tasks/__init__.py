@@ -10,7 +10,7 @@ MeZO-style causal-LM prompt templates, classification-head renderings, and metri
 from randmask_lab.errors import DataFormatError, DataNotFoundError
 
 from .hub import HUB_DEFAULTS
-from .metrics import accuracy, exact_match, mean_f1, normalize_answer, squad_f1
+from .metrics import accuracy, accuracy_any, exact_match, mean_f1, normalize_answer, squad_f1
 from .paths import ENV_VAR, candidate_data_dirs
 from .registry import TASK_NAMES, TASKS, TaskSpec, get_task, load_task_splits
 from .sampling import fit_sizes, protocol_split
@@ -21,6 +21,6 @@ __all__ = [
     "ENV_VAR", "GEN_STOP", "HUB_DEFAULTS", "TASKS", "TASK_NAMES",
     "DataFormatError", "DataNotFoundError", "Example", "PairExample", "Pools", "Prompt",
     "TaskSpec", "TaskSplits",
-    "accuracy", "candidate_data_dirs", "exact_match", "fit_sizes", "get_task", "load_task_splits",
+    "accuracy", "accuracy_any", "candidate_data_dirs", "exact_match", "fit_sizes", "get_task", "load_task_splits",
     "mean_f1", "normalize_answer", "protocol_split", "squad_f1",
 ]

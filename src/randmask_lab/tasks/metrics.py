@@ -1,4 +1,5 @@
-"""Metrics: accuracy, and SQuAD-style exact match and token F1 (max over gold answers). Pure Python."""
+"""Metrics: accuracy (one right answer, or any of several), and SQuAD-style exact match and token F1 (max over
+gold answers). Pure Python."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ def accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
     if not golds:
         return 0.0
     return sum(int(p == g) for p, g in zip(predictions, golds, strict=True)) / len(golds)
+
+
+def accuracy_any(predictions: Sequence[int], rights: Sequence[Sequence[int]]) -> float:
+    """Fraction of `predictions` found in their item's right answers `rights` (0.0 for no examples)."""
+    if len(predictions) != len(rights):
+        raise ValueError(f"{len(predictions)} predictions for {len(rights)} sets of right answers")
+    if not rights:
+        return 0.0
+    return sum(int(p in r) for p, r in zip(predictions, rights, strict=True)) / len(rights)
 
 
 def normalize_answer(text: str) -> str:

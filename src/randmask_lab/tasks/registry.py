@@ -9,7 +9,7 @@ from pathlib import Path
 from . import readers as rd
 from .heads import LABEL_NAMES, NUM_LABELS, PAIR_RENDERERS
 from .loaders import DataFiles, Reader, Source, load_pools, read_file, resolve_files
-from .metrics import accuracy, mean_f1
+from .metrics import accuracy_any, mean_f1
 from .paths import Layout
 from .sampling import protocol_split
 from .templates import TEMPLATES
@@ -84,9 +84,10 @@ class TaskSpec:
         return PAIR_RENDERERS[self.name](example)
 
     def score(self, predictions: Sequence[int] | Sequence[str], prompts: Sequence[Prompt]) -> float:
-        """The task metric: accuracy of candidate indices, or mean SQuAD F1 of generated strings."""
+        """The task metric: accuracy of candidate indices (any of `Prompt.right`), or mean SQuAD F1 of generated
+        strings."""
         if self.metric == "accuracy":
-            return accuracy(list(predictions), [p.gold for p in prompts])  # type: ignore[arg-type]
+            return accuracy_any(list(predictions), [p.right for p in prompts])  # type: ignore[arg-type]
         return mean_f1([str(p) for p in predictions], [p.answers for p in prompts])
 
 

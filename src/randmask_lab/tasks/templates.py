@@ -15,10 +15,10 @@ from .types import Example, Prompt
 GEN_STOP = "\n"  # generation targets end here; decode until it (MeZO's eos for QA tasks)
 
 
-def _choice(ex: Example, text: str, candidates: tuple[str, ...]) -> Prompt:
+def _choice(ex: Example, text: str, candidates: tuple[str, ...], golds: tuple[int, ...] = ()) -> Prompt:
     if ex.label is None or not 0 <= ex.label < len(candidates):
         raise ValueError(f"example {ex.uid} has label {ex.label!r}, not an index into {candidates}")
-    return Prompt(ex.uid, text, candidates[ex.label], candidates, ex.label, ex.answers)
+    return Prompt(ex.uid, text, candidates[ex.label], candidates, ex.label, ex.answers, golds)
 
 
 def _generation(ex: Example, text: str) -> Prompt:
@@ -45,6 +45,7 @@ def render_cb(ex: Example) -> Prompt:
 
 
 def render_boolq(ex: Example) -> Prompt:
+    # MeZO's BoolQTemplateV3, which its BoolQDataset.get_template() returns by default (template_version=2).
     question = ex.fields["question"].strip()
     question = question[:1].upper() + question[1:]
     if not question.endswith("?"):
@@ -92,10 +93,14 @@ def render_copa(ex: Example) -> Prompt:
 def render_record(ex: Example) -> Prompt:
     # MeZO's GPT-3 style: highlights become a bullet list; the query, with each entity filled
     # in, is the next bullet.
+    # Every entity that is a gold answer is right ("Bhutto" as well as "Benazir Bhutto"), as MeZO
+    # scores ReCoRD; the label's (the first) is the one trained on.
     passage = ex.fields["passage"].replace("@highlight\n", "- ")
     query = ex.fields["query"]
-    candidates = tuple(" " + query.replace("@placeholder", e) for e in ex.fields["entities"])
-    return _choice(ex, f"{passage}\n-", candidates)
+    entities = ex.fields["entities"]
+    candidates = tuple(" " + query.replace("@placeholder", e) for e in entities)
+    golds = tuple(i for i, e in enumerate(entities) if e in ex.answers)
+    return _choice(ex, f"{passage}\n-", candidates, golds if ex.label in golds else ())
 
 
 def render_squad(ex: Example) -> Prompt:

@@ -31,7 +31,8 @@ class Prompt:
     """A causal-LM rendering: `text` is the context; `text + target` is the gold full sequence.
 
     Classification / multiple choice: score each of `candidates` as a continuation of `text`;
-    `gold` indexes the right one and `target == candidates[gold]`. Generation: `candidates` is
+    `gold` indexes the right one and `target == candidates[gold]` (the one trained on; `golds` lists
+    every right one where several are). Generation: `candidates` is
     empty, `answers` lists every gold answer (for F1), and `target` is the first answer as the
     model should emit it (leading space, trailing "\\n" so a model learns where to stop).
     """
@@ -42,6 +43,14 @@ class Prompt:
     candidates: tuple[str, ...] = ()
     gold: int | None = None
     answers: tuple[str, ...] = ()
+    golds: tuple[int, ...] = ()
+    """Every right candidate where more than one is (ReCoRD: each entity that is a gold answer, as MeZO
+    scores it); () means `gold` alone."""
+
+    @property
+    def right(self) -> tuple[int, ...]:
+        """The candidate indices accuracy counts as right: `golds`, else `(gold,)`."""
+        return self.golds or (() if self.gold is None else (self.gold,))
 
 
 class PairExample(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from randmask_lab.tasks import accuracy, exact_match, get_task, mean_f1, normalize_answer, squad_f1
+from randmask_lab.tasks import accuracy, accuracy_any, exact_match, get_task, mean_f1, normalize_answer, squad_f1
 from randmask_lab.tasks.types import Prompt
 
 
@@ -53,6 +53,13 @@ def test_accuracy():
     assert accuracy([], []) == 0.0
     with pytest.raises(ValueError):
         accuracy([0], [0, 1])
+
+
+def test_accuracy_any():
+    assert accuracy_any([0, 2, 1], [(0,), (1, 2), (0, 2)]) == pytest.approx(2 / 3)
+    assert accuracy_any([], []) == 0.0
+    with pytest.raises(ValueError):
+        accuracy_any([0], [(0,), (1,)])
 
 
 def test_task_score_uses_its_metric():

@@ -92,6 +92,27 @@ def test_record():
     assert p.candidates == (" Ann smiled.", " Bob smiled.") and p.target == " Bob smiled."
 
 
+def test_record_every_gold_entity_is_right():
+    # ReCoRD golds are often two strings of one entity ("Benazir Bhutto", "Bhutto"): MeZO (whose templates and
+    # scoring the paper uses) counts a prediction of either as right; the first is the target trained on.
+    ex = Example("x", {"passage": "Ann met Bob Lee.", "query": "@placeholder smiled.",
+                       "entities": ("Ann", "Bob Lee", "Lee")}, label=1, answers=("Bob Lee", "Lee"))
+    p = render("record", ex)
+    assert p.gold == 1 and p.golds == (1, 2) and p.right == (1, 2) and p.target == " Bob Lee smiled."
+    record = get_task("record")
+    assert record.score([2, 1, 0], [p, p, p]) == pytest.approx(2 / 3)
+    plain = render("rte", Example("r", {"premise": "P.", "hypothesis": "H."}, label=1))
+    assert plain.golds == () and plain.right == (1,)
+
+
+def test_record_real_alternative_golds_score_right(pools):
+    prompts = [render("record", ex) for ex in pools("record").test]
+    several = [p for p in prompts if len(p.right) > 1]
+    assert len(several) == 13  # of the 32 dev32 queries
+    other = [next(k for k in p.right if k != p.gold) for p in several]
+    assert get_task("record").score(other, several) == 1.0
+
+
 def test_record_real_gold(pools):
     p = render("record", pools("record").train[0])
     assert p.target == (" Speaking after the game, Mourinho said: 'The important thing is to give "

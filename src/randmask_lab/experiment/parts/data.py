@@ -23,6 +23,7 @@ class LMItem:
     target: tuple[int, ...]
     gold: int | None
     answers: tuple[str, ...]
+    right: tuple[int, ...] = ()  # every candidate accuracy counts as right (``Prompt.right``: ReCoRD's aliases)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, max_length: int, bos: tuple[in
         raise RunError(f"--max-length {max_length} leaves no room for the context of {prompt.uid} "
                        f"(its longest continuation has {longest} tokens); raise --max-length")
     context = _ids(tokenizer, prompt.text)
-    return LMItem(bos + context[-room:], candidates, target, prompt.gold, prompt.answers)
+    return LMItem(bos + context[-room:], candidates, target, prompt.gold, prompt.answers, prompt.right)
 
 
 def encode_pair(tokenizer: Any, pair: PairExample, max_length: int) -> HeadItem:

@@ -20,7 +20,7 @@ from torch import nn
 
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.parts.data import LMItem, pad
-from randmask_lab.tasks import GEN_STOP, TaskSpec, accuracy, mean_f1
+from randmask_lab.tasks import GEN_STOP, TaskSpec, accuracy_any, mean_f1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,9 +171,10 @@ class LMObjective:
         return losses, preds
 
     def metric(self, predictions: Sequence[Any], items: Sequence[LMItem]) -> float:
-        """Accuracy of candidate indices, or mean SQuAD F1 of generated strings."""
+        """Accuracy of candidate indices (any right one: ReCoRD's gold entity aliases, as MeZO scores it), or mean
+        SQuAD F1 of generated strings."""
         if self.spec.metric == "accuracy":
-            return accuracy(list(predictions), [x.gold for x in items])
+            return accuracy_any(list(predictions), [x.right or (x.gold,) for x in items])
         return mean_f1([str(p) for p in predictions], [x.answers for x in items])
 
     def _item_loss(self, scores: list[float], item: LMItem) -> float:

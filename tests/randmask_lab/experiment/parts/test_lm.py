@@ -120,3 +120,19 @@ def test_generation_is_greedy_and_stops_at_newline(lm):
     assert answers == objective.generate(model, contexts)  # deterministic
     # Batched (left-padded) decoding gives what each context gives alone.
     assert answers[1] == objective.generate(model, contexts[1:])[0]
+
+
+def test_record_accuracy_credits_any_gold_alias(lm):
+    """ReCoRD's answer "Benazir Bhutto" is also "Bhutto": the runner counted only the first entity right, so
+    picking the other alias scored 0 (MeZO and the paper's code take any gold). Every other task keeps one gold."""
+    from randmask_lab.experiment.parts.data import encode_prompt
+    from randmask_lab.tasks import Example
+
+    _, tok = lm
+    example = Example("r0", {"passage": "Benazir Bhutto spoke.\n@highlight\nBhutto won", "query": "@placeholder won",
+                             "entities": ["Benazir Bhutto", "Bhutto", "Zardari"]}, 0, ("Benazir Bhutto", "Bhutto"))
+    item = encode_prompt(tok, get_task("record").render(example), 256)
+    assert item.gold == 0 and item.right == (0, 1)
+    objective = LMObjective(get_task("record"), tok, 0)
+    assert [objective.metric([p], [item]) for p in (0, 1, 2)] == [1.0, 1.0, 0.0]
+    assert LMObjective(get_task("rte"), tok, 0).metric([1, 0], _items()[:2]) == 1.0  # no `right`: the gold alone
