@@ -1,4 +1,5 @@
-"""Zero-shot: nothing trains; the runner evaluates the pretrained model as it is (the paper's baseline row)."""
+"""Zero-shot: nothing trains; the runner evaluates the pretrained model as it is (a reference row: the paper's tables
+have none, MeZO's have one)."""
 
 from __future__ import annotations
 
