@@ -10,6 +10,9 @@ over seeds is made of. For a comparison whose per-seed differences have standard
   bound, if the true difference were the mean measured so far; and, when that mean lies below the bound, the
   fewest n at which the one-sided upper bound ``mean + t_{0.95, n-1} sd / sqrt(n)`` falls below it: the test
   decided the other way (DOES NOT HOLD). A mean on the bound decides neither way at any seed count.
+  At that n the bound clears only about half the time (the measured mean is as likely to come out below the true
+  one as above), so each one-sided count is printed with the n for 80% power beside it: the fewest seeds at which
+  the bound clears in 80% of studies if the true difference and sd are the ones measured (noncentral t).
 
 Both read an sd measured on few seeds, which is itself uncertain (with 3 seeds its 95% interval spans about
 0.5x to 6x): the answer is a planning figure, to be re-read as the study's own seeds come in.
@@ -21,6 +24,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from scipy.stats import nct
 from scipy.stats import t as student_t
 
 from randmask_lab.errors import RunError
@@ -51,6 +55,21 @@ def seeds_for_lower_bound(mean: float, sd: float, bound: float, level: float = 0
     return None
 
 
+def seeds_for_power(mean: float, sd: float, bound: float, power: float = 0.8, level: float = 0.95) -> int | None:
+    """The fewest seeds (>= 2) at which the one-sided ``level`` lower bound clears ``bound`` with probability
+    ``power``, if the per-seed differences are normal with this mean and sd: the t statistic against ``bound``
+    is then noncentral t with n-1 degrees of freedom and noncentrality (mean - bound) sqrt(n) / sd. None when
+    the mean is at or below ``bound``, or beyond MAX_SEEDS."""
+    if mean <= bound:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, MAX_SEEDS + 1):
+        if nct.sf(student_t.ppf(level, n - 1), n - 1, (mean - bound) * math.sqrt(n) / sd) >= power:
+            return n
+    return None
+
+
 def seeds_for_upper_bound(mean: float, sd: float, bound: float, level: float = 0.95) -> int | None:
     """The fewest seeds (>= 2) whose one-sided ``level`` upper bound lies below ``bound`` at this mean and sd: the
     mirror of ``seeds_for_lower_bound`` (None when the mean is at or above ``bound``, or beyond MAX_SEEDS)."""
@@ -67,16 +86,20 @@ class PowerRow:
     half_width: int | None
     one_sided: int | None  # seeds for the lower bound to clear ``bound`` (the test HOLDS)
     one_sided_against: int | None = None  # seeds for the upper bound to fall below ``bound`` (DOES NOT HOLD)
+    powered: int | None = None  # seeds for the lower bound to clear ``bound`` in 80% of studies
+    powered_against: int | None = None  # seeds for the upper bound to fall below it in 80% of studies
 
     def text(self, margin: float) -> str:
         m = self.measured
         need = lambda n: "out of reach" if n is None else str(n)
         bound = f"{100 * self.bound:+g}"
-        against = (f" (its upper bound < {bound}, which decides against it: {need(self.one_sided_against)})"
-                   if m.mean < self.bound else "")
+        powered = lambda n, p: f"{need(n)}, {need(p)} for 80% power" if n is not None else need(n)
+        against = (f" (its upper bound < {bound}, which decides against it: "
+                   f"{powered(self.one_sided_against, self.powered_against)})" if m.mean < self.bound else "")
         return (f"{self.name}: mean {100 * m.mean:+.2f}, per-seed sd {100 * (m.std or 0):.2f} points over "
                 f"{m.n} seeds -> seeds for a 95% half-width <= {100 * margin:g}: {need(self.half_width)}; "
-                f"for a one-sided 95% lower bound > {bound} at this mean: {need(self.one_sided)}{against}")
+                f"for a one-sided 95% lower bound > {bound} at this mean: "
+                f"{powered(self.one_sided, self.powered)}{against}")
 
 
 # The comparisons the findings decide, with the bound each one-sided test clears: (a) randmask 1e-3 against LoRA
@@ -115,8 +138,9 @@ def power_table(cells: Sequence[StudyCell], margin: float = 0.01,
                 if len(set(a) & set(b)) < 2:
                     continue
                 est = paired_difference(a, b)
-                out.append(PowerRow(f"{prefix}{task}: {left} − {right}", est, bound,
-                                    seeds_for_half_width(est.std or 0.0, margin),
-                                    seeds_for_lower_bound(est.mean, est.std or 0.0, bound),
-                                    seeds_for_upper_bound(est.mean, est.std or 0.0, bound)))
+                sd = est.std or 0.0
+                out.append(PowerRow(f"{prefix}{task}: {left} − {right}", est, bound, seeds_for_half_width(sd, margin),
+                                    seeds_for_lower_bound(est.mean, sd, bound),
+                                    seeds_for_upper_bound(est.mean, sd, bound),
+                                    seeds_for_power(est.mean, sd, bound), seeds_for_power(-est.mean, sd, -bound)))
     return out
