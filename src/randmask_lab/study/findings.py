@@ -11,7 +11,9 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
 (b) the best LR rises as the ratio falls: on every task the chosen LR is non-decreasing from 1e-3 to
     1e-5 and rises overall (HOLDS); a strict fall on a task where neither LR sits at a grid edge
     is DOES NOT HOLD.
-(c) lambda_max after training falls as the ratio falls (one measurement per ratio: monotone or not).
+(c) lambda_max after training falls as the ratio falls: for each pair of adjacent ratios, the two-sided 95% t
+    interval of log10 λ(lower ratio) − log10 λ(higher ratio), paired by seed, lies below 0 (HOLDS for every
+    pair); one above 0 is DOES NOT HOLD; INCONCLUSIVE otherwise (one seed gives no interval).
 (d) the simulator's eigenvalues lie within Theorem 5.1's band for every p.
 (e) structured is worse than random at <= 1e-4: the one-sided 95% lower bound of (random - structured),
     pooled per seed over tasks and ratios, lies above 0 (HOLDS); its one-sided 95% upper bound lies below
