@@ -36,7 +36,12 @@ _PATTERNS: dict[int, tuple[weakref.ref, int, SparsePattern]] = {}
 
 
 def pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, transposed: bool) -> SparsePattern:
-    """The cached ``SparsePattern`` of this very ``indices`` tensor (unmodified since), else a new one."""
+    """The cached ``SparsePattern`` of this very ``indices`` tensor (unmodified since), else a new one. A tensor made
+    under ``inference_mode`` has no version counter to tell an in-place edit by, so its pattern is built anew."""
+    if indices.is_inference():
+        pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)
+        _check_indices(indices, stored_rows, stored_cols)
+        return pattern
     key = id(indices)
     hit = _PATTERNS.get(key)
     if hit is not None:

@@ -59,3 +59,19 @@ def test_masking_applied_under_inference_mode_serves_there():
             rows_after = model(x)
     torch.testing.assert_close(rows[0], plain[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(rows_after[0], rows[0])
+
+
+def test_the_compiled_path_builds_a_pattern_for_indices_made_under_inference_mode():
+    """The custom op's pattern cache keys on the indices' version counter: indices drawn under ``inference_mode``
+    have none, and reading it was a RuntimeError; their pattern is built anew, and still refuses bad indices."""
+    import pytest
+
+    from randmask.compiled import pattern_for
+
+    with torch.inference_mode():
+        indices = torch.tensor([0, 5, 11], dtype=torch.int64)
+        first, second = pattern_for(indices, 3, 4, False), pattern_for(indices, 3, 4, False)
+        assert torch.equal(first.indices, indices) and torch.equal(second.indices, indices)
+        indices[2] = 12  # past the 3x4 matrix: an edit no version counter records is still caught
+        with pytest.raises(ValueError, match="indices must lie in"):
+            pattern_for(indices, 3, 4, False)
