@@ -41,10 +41,18 @@ class TrainableMismatchError(ValueError):
     """Saved tensors do not fit the model they are loaded into (names or shapes differ)."""
 
 
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the trainable parameters, by name (whole: sharded ones are gathered, on every rank)."""
-    return {n: full_tensor(p.detach()).cpu().clone().contiguous() for n, p in model.named_parameters()
-            if p.requires_grad}
+def trainable_tensors(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the trainable parameters, by name (whole: sharded ones are gathered, on every rank).
+
+    ``keep=False``, for a rank of a sharded run that does not write them: each is still gathered (a collective every
+    rank must join, in the same order) and dropped at once, so that rank never holds a whole copy of them all."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            whole = full_tensor(p.detach())
+            if keep:
+                out[n] = whole.cpu().clone().contiguous()
+    return out
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "saved tensors") -> None:

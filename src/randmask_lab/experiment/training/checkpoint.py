@@ -65,9 +65,10 @@ class TrainState:
     code_versions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flatten_optimizer(optimizer: torch.optim.Optimizer, keep: bool = True
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The optimizer's per-parameter tensors by ``state.<index>.<key>`` (whole: a sharded moment is gathered, a
-    collective), and its groups and scalars."""
+    collective; ``keep=False`` drops each at once, as ``trainable_tensors`` does), and its groups and scalars."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     # Sorted: every rank of a sharded run gathers the same tensor at the same call. A loaded state's order is the
@@ -77,7 +78,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
         for key in sorted(entry):
             value = entry[key]
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = full_tensor(value.detach()).cpu().contiguous()
+                whole = full_tensor(value.detach())
+                if keep:
+                    tensors[f"state.{idx}.{key}"] = whole.cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
@@ -139,9 +142,11 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
                     best: dict[str, torch.Tensor] | None, run_id: str,
                     scaler: torch.amp.GradScaler | None = None, write: bool = True) -> None:
     """Write a checkpoint of the run at ``state``: by one rank of a replicated run; by every rank of a sharded
-    (FSDP2) one, which gathers the sharded tensors (collectives) while only the rank with ``write`` writes."""
-    trainable = trainable_tensors(prepared.model)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    (FSDP2) one, which gathers the sharded tensors (collectives) while only the rank with ``write`` writes; the
+    other ranks drop each gathered tensor at once (their peak is one whole tensor, not a copy of the model and its
+    Adam moments)."""
+    trainable = trainable_tensors(prepared.model, keep=write)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer, keep=write)
     if not write:
         return
     make_folder(folder)

@@ -171,3 +171,24 @@ def test_counters_past_the_run_are_refused(tmp_path, state, match):
     check_counters(TrainState(epoch=4, global_step=20), tmp_path, epochs=4, steps_per_epoch=5)  # finished
     with pytest.raises(RunError, match=f"is damaged \\({match}.*--restart"):
         check_counters(state, tmp_path, epochs=4, steps_per_epoch=5)
+
+
+def test_a_rank_that_does_not_write_joins_every_gather_and_keeps_nothing(monkeypatch):
+    """A sharded run's other ranks gathered the model and its Adam moments and held them all until the save
+    returned; now each gathered tensor is dropped at once, while the gathers (collectives) keep their order."""
+    import randmask_lab.experiment.training.checkpoint as ckpt
+    import randmask_lab.methods.trainable as trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    for module in (ckpt, trainable):
+        gathered: list[tuple[int, ...]] = []
+        monkeypatch.setattr(module, "full_tensor", lambda t, seen=gathered: seen.append(tuple(t.shape)) or t)
+        kept = (ckpt._flatten_optimizer(optimizer)[0] if module is ckpt else trainable.trainable_tensors(model))
+        order = list(gathered)
+        gathered.clear()
+        dropped = (ckpt._flatten_optimizer(optimizer, keep=False)[0] if module is ckpt
+                   else trainable.trainable_tensors(model, keep=False))
+        assert len(kept) == len(order) > 0 and dropped == {} and gathered == order
