@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,40 +50,54 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 class _LastCast(threading.local):
     """The last autocast cast of a layer input: q, k and v read one hidden-state tensor, and each
-    saves its cast for the backward's SDDMM, so sharing the cast saves two of three copies."""
+    saves its cast for the backward's SDDMM, so sharing the cast saves two of three copies. It is made
+    under no_grad (it holds no graph, so the cache never keeps one alive); ``_SharedCast`` links each
+    consumer to x."""
 
     source: weakref.ref | None = None
     version: int = -1
-    tracked: bool = False  # whether autograd recorded the cast (x requires grad): never shared with the other kind
-    cast: Callable[[], torch.Tensor | None] | None = None  # the cast: a weak reference when tracked
+    cast: torch.Tensor | None = None
 
 
 _LAST_CAST = _LastCast()
 
 
-def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, reusing the previous call's result when it cast this same, unmodified tensor.
+class _SharedCast(torch.autograd.Function):
+    """One consumer's view of x's shared cast, with its own autograd node: its backward turns the consumer's
+    gradient back to x's dtype, so autograd sums q's, k's and v's gradients in x's dtype (fp32), as nn.Linear's
+    one cast per call does, while all three share one cast's storage. Its backward is a differentiable cast, so a
+    double backward reaches x through it (Hessian-vector products under autocast)."""
 
-    Called outside the autograd Function (``masked_linear``), so that autograd records the cast of an input that
+    @staticmethod
+    def forward(ctx, x, cast):  # noqa: D102
+        ctx.input_dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad.to(ctx.input_dtype), None
+
+
+def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, reusing the previous call's cast when it cast this same, unmodified tensor.
+
+    Called outside the autograd Function (``masked_linear``), so that autograd links the cast to an input that
     requires grad: a double backward then reaches x through the cast that the backward's SDDMM reads (cast inside
     the Function, the saved copy had no graph, and Hessian-vector products under autocast lost every term through
-    a layer input that autocast cast). A recorded cast links to x's whole graph, so the cache holds it weakly: the
-    ops that saved it keep it alive while that graph lives, and the cache never keeps a graph alive after it.
+    a layer input that autocast cast).
     """
     if x.dtype == dtype:
         return x
     if x.is_inference():  # no version counter (inference_mode): an in-place edit could not be told from none
         return x.to(dtype)
     last = _LAST_CAST
-    tracked = x.requires_grad and torch.is_grad_enabled()
-    if last.source is not None and last.source() is x and last.version == x._version and last.tracked == tracked:
-        cast = last.cast() if last.cast is not None else None
-        if cast is not None and cast.dtype == dtype:
-            return cast
-    cast = x.to(dtype)
-    last.source, last.version, last.tracked = weakref.ref(x), x._version, tracked
-    last.cast = weakref.ref(cast) if cast.grad_fn is not None else (lambda: cast)
-    return cast
+    cast = last.cast
+    if not (last.source is not None and last.source() is x and last.version == x._version
+            and cast is not None and cast.dtype == dtype):
+        with torch.no_grad():
+            cast = x.to(dtype)
+        last.source, last.version, last.cast = weakref.ref(x), x._version, cast
+    return _SharedCast.apply(x, cast) if x.requires_grad and torch.is_grad_enabled() else cast
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
