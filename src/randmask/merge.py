@@ -179,7 +179,8 @@ def union_blocks(sources: Sequence[MaskAdapter], union: torch.Tensor) -> list[Bl
 
     Blocks that overlap (one adapter masked the whole ``c_attn``, another its ``[q]`` block) become one: counted
     once each, they summed to more entries than the merge holds, and the saved file was refused as edited."""
-    spans = sorted({(b.name, b.start, b.stop) for s in sources for b in s.blocks}, key=lambda s: (s[1], -s[2]))
+    # (start, longest first, name): the name breaks ties, so a merged block's name never follows the hash seed
+    spans = sorted({(b.name, b.start, b.stop) for s in sources for b in s.blocks}, key=lambda s: (s[1], -s[2], s[0]))
     groups: list[tuple[list[str], int, int]] = []  # (names, start, stop) of disjoint row ranges
     for name, start, stop in spans:
         if groups and start < groups[-1][2]:

@@ -30,15 +30,15 @@ RESUME = ("run the same command again: a run resumes from its last checkpoint (f
 
 def make_folder(folder: str | Path) -> Path:
     """``mkdir -p folder``. A file system that refuses new folders with "No such file or directory" although the
-    parent exists (/proc, /sys, a mount removed under the run) is the user's to fix, like a read-only one: a
-    one-line RunError naming the folder, not a traceback."""
+    parent exists (/proc, /sys, a mount removed under the run), or a file where a parent folder should be, is the
+    user's to fix, like a read-only one: a one-line RunError naming the folder, not a traceback."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError) as e:  # /proc/x; a path under a file (/etc/hostname/x)
         raise RunError(f"cannot create the folder {folder} ({e.strerror}): its file system does not take new "
-                       "folders there. Point the command's output option (--out, --out-dir, --figures, ...) at a "
-                       "writable folder") from None
+                       "folders there, or a file stands where a folder is needed. Point the command's output option "
+                       "(--out, --out-dir, --figures, ...) at a writable folder") from None
     return folder
 
 

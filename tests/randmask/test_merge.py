@@ -205,3 +205,19 @@ def test_a_merge_over_overlapping_blocks_counts_each_entry_once_and_reloads(tmp_
     save_adapter(model, tmp_path, "ab")
     with torch.no_grad():
         assert torch.equal(load_adapter(tiny_model("gpt2"), tmp_path)(ids).logits, merged_out)
+
+
+def test_a_merged_block_named_two_ways_gets_one_name_whatever_the_hash_seed():
+    """Two sources naming one row range differently ("q", "query"): the set of spans was sorted by position only,
+    so the saved name followed PYTHONHASHSEED (q, query, query at seeds 1, 4, 6); the name now breaks the tie."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from types import SimpleNamespace as S; from randmask.adapter import Block; "
+            "from randmask.merge import union_blocks; "
+            "src = lambda n: S(blocks=[Block(n, 0, 4, 2)], stored_shape=(8, 3), transposed=False); "
+            "print(union_blocks([src('query'), src('q')], torch.tensor([0, 5, 13]))[0].name)")
+    names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "4", "6")}
+    assert names == {"q"}

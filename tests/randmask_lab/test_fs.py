@@ -141,3 +141,7 @@ def test_an_out_folder_the_file_system_refuses_is_one_line(tmp_path, capsys):
     assert "cannot create the folder /proc/randmask-x" in err and "writable folder" in err
     with pytest.raises(RunError, match="cannot create the folder /proc/randmask-x/figures"):
         write_json("/proc/randmask-x/figures/a.json", {})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(RunError, match=f"cannot create the folder {a_file}/sub .*a file stands where a folder"):
+        write_json(a_file / "sub" / "a.json", {})

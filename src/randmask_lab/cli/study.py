@@ -58,7 +58,8 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
         dropped = cell.keep_seeds(planned) if planned is not None else []
         if dropped:
             notes.append(f"note: left out {key[2]} {key[3]} seed{'s' * (len(dropped) > 1)} "
-                         f"{', '.join(map(str, dropped))}: beyond the seeds the spec plans, so no rule reads them")
+                         f"{', '.join(map(str, dropped))}: beyond the seeds the spec plans, so no rule reads their "
+                         "results at the chosen LR")
     return dict(grouped), left, notes
 
 
