@@ -12,11 +12,14 @@ from typing import Any
 import torch
 
 
-def common_args(description: str) -> argparse.ArgumentParser:
+def common_args(description: str, task: str = "SST-2", evaluates: bool = True) -> argparse.ArgumentParser:
+    """--model, --n-train, --n-test (only where the script evaluates: an option it would ignore is not offered),
+    --max-steps, --out, --data-dir; ``task`` names the training data in the help."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="smollm2-135m", help="a randmask short name, a local folder or a Hub id")
-    parser.add_argument("--n-train", type=int, default=200, help="SST-2 training examples")
-    parser.add_argument("--n-test", type=int, default=100, help="SST-2 test examples (from its validation split)")
+    parser.add_argument("--n-train", type=int, default=200, help=f"{task} training examples")
+    if evaluates:
+        parser.add_argument("--n-test", type=int, default=100, help="SST-2 test examples (from its validation split)")
     parser.add_argument("--max-steps", type=int, default=50, help="optimizer steps")
     parser.add_argument("--out", default="outputs/example", help="where the adapter goes")
     parser.add_argument("--data-dir", help="the folder holding glue/ and superglue/ (default: ../shared/data)")

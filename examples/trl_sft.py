@@ -2,6 +2,8 @@
 
     python examples/trl_sft.py                        # SmolLM2-135M, q/v at 0.1%, 50 steps
     python examples/trl_sft.py --max-steps 2 --n-train 16 --model <a small local model>
+
+It trains and saves the adapter; it does not evaluate (so it has no --n-test).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def instructions(n: int, data_dir: str | None) -> list[dict[str, str]]:
 
 
 def main() -> None:
-    args = common_args(__doc__.splitlines()[0]).parse_args()
+    args = common_args(__doc__.splitlines()[0], task="BoolQ", evaluates=False).parse_args()
     model, tokenizer = load(args.model)
     dataset = Dataset.from_list(instructions(args.n_train, args.data_dir))
     config = trl.SFTConfig(output_dir=f"{args.out}/sft", max_steps=args.max_steps, learning_rate=1e-2,

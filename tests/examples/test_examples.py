@@ -45,7 +45,7 @@ def test_peft_trainer(tiny, tmp_path):
 
 def test_trl_sft(tiny, tmp_path):
     pytest.importorskip("trl")
-    out = _run("trl_sft.py", "--model", tiny, *SMALL, "--out", str(tmp_path / "sft"))
+    out = _run("trl_sft.py", "--model", tiny, *SMALL[:4], "--out", str(tmp_path / "sft"))  # no --n-test: no eval
     assert "adapter saved" in out and (tmp_path / "sft" / "adapter_config.json").is_file()
 
 
