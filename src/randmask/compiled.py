@@ -38,12 +38,8 @@ _PATTERNS: dict[int, tuple[weakref.ref, int, SparsePattern]] = {}
 def pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, transposed: bool) -> SparsePattern:
     """The cached ``SparsePattern`` of this very ``indices`` tensor (unmodified since), else a new one. A tensor made
     under ``inference_mode`` has no version counter to tell an in-place edit by, so its pattern is built anew."""
-    if indices.is_inference():
-        pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)
-        _check_indices(indices, stored_rows, stored_cols)
-        return pattern
-    key = id(indices)
-    hit = _PATTERNS.get(key)
+    key, cacheable = id(indices), not indices.is_inference()
+    hit = _PATTERNS.get(key) if cacheable else None
     if hit is not None:
         ref, version, pattern = hit
         if ref() is indices and version == indices._version and pattern.shape == (stored_rows, stored_cols) \
@@ -51,9 +47,10 @@ def pattern_for(indices: torch.Tensor, stored_rows: int, stored_cols: int, trans
             return pattern
     pattern = SparsePattern(indices, (stored_rows, stored_cols), transposed)  # refuses a non-1-D, non-int tensor
     _check_indices(indices, stored_rows, stored_cols)
-    # The callback drops the entry when the tensor dies, before its id can be reused.
-    ref = weakref.ref(indices, lambda _, key=key, cache=_PATTERNS: cache.pop(key, None))
-    _PATTERNS[key] = (ref, indices._version, pattern)
+    if cacheable:
+        # The callback drops the entry when the tensor dies, before its id can be reused.
+        ref = weakref.ref(indices, lambda _, key=key, cache=_PATTERNS: cache.pop(key, None))
+        _PATTERNS[key] = (ref, indices._version, pattern)
     return pattern
 
 

@@ -77,15 +77,16 @@ def _measurement(fields: ResultFields, data: dict[str, Any]) -> tuple[str, float
     return name, value, "top"
 
 
-def _read_results(folders: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any], dict[str, Any]]]:
-    """``(path, data, run block)`` of every result file under ``folders``, each checked; a mix of tasks or models
-    refused before any is pooled."""
+def _read_results(folders: Iterable[str | Path]) -> list[tuple[ResultFields, dict[str, Any], dict[str, Any]]]:
+    """``(its field checks, data, run block)`` of every result file under ``folders``, each checked; a mix of tasks
+    or models refused before any is pooled."""
     found = []
     for folder in folders:
         for path in sorted(p for name in RESULT_FILES for p in Path(folder).rglob(name)):
             data = read_json_limited(path, MAX_RESULT_BYTES, "analysis result", error=RunError, fix=FIX)
-            found.append((path, data, _checked_run(ResultFields(path, FIX), data)))
-    refuse_mixed([(str(path), run) for path, _, run in found],
+            fields = ResultFields(path, FIX)
+            found.append((fields, data, _checked_run(fields, data)))
+    refuse_mixed([(str(fields.path), run) for fields, _, run in found],
                  {"task": "pass only the folders of one task", "model": "pass only the folders of one model"},
                  "figure4")
     return found
@@ -100,8 +101,9 @@ def collect(folders: Iterable[str | Path]) -> list[dict[str, Any]]:
     """
     rows: dict[tuple[str, float], dict[str, Any]] = {}
     quantities: set[str] = set()
-    for path, data, run in _read_results(folders):
-        name, value, quantity = _measurement(ResultFields(path, FIX), data)
+    for fields, data, run in _read_results(folders):
+        path = fields.path
+        name, value, quantity = _measurement(fields, data)
         key = (run["method"], _budget(run))
         row = rows.setdefault(key, {"method": run["method"], "ratio": key[1], "task": run.get("task"),
                                     "n_trainable": run["n_trainable"]})

@@ -13,12 +13,8 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def accuracy(predictions: Sequence[int], golds: Sequence[int]) -> float:
-    """Fraction of `predictions` equal to `golds` (0.0 for no examples)."""
-    if len(predictions) != len(golds):
-        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
-    if not golds:
-        return 0.0
-    return sum(int(p == g) for p, g in zip(predictions, golds, strict=True)) / len(golds)
+    """Fraction of `predictions` equal to `golds` (0.0 for no examples): ``accuracy_any`` with one right answer."""
+    return accuracy_any(predictions, [(g,) for g in golds])
 
 
 def accuracy_any(predictions: Sequence[int], rights: Sequence[Sequence[int]]) -> float:
