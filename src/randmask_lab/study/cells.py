@@ -155,6 +155,29 @@ def check_one_setting(key: CellKey, runs: Sequence[RunRecord]) -> None:
         seen[at] = r.run_id
 
 
+def _draws(config: dict[str, Any]) -> tuple[int, int]:
+    """The seeds a run drew its training examples and their order from (``data_seed``/``order_seed``, else ``seed``).
+    Not ``mask_seed``: methods differ in their masks (LoRA has none), which is what a paired difference compares."""
+    return tuple(config["seed"] if config.get(k) is None else config[k] for k in ("data_seed", "order_seed"))
+
+
+def check_paired_draws(grouped: dict[CellKey, list[RunRecord]]) -> None:
+    """StoreError when two cells of one task ran a seed on other data or in another order: the rules pair seed s of
+    one cell with seed s of the other, which is a paired comparison only where both drew the same examples in the
+    same order. A study spec never sets ``data_seed``/``order_seed`` (the plan does); a hand-made record can."""
+    seen: dict[tuple[str, str, str, int], tuple[tuple[int, int], str]] = {}
+    for (model, protocol, task, _), runs in grouped.items():
+        for r in runs:
+            at, draws = (model, protocol, task, r.config["seed"]), _draws(r.config)
+            first = seen.setdefault(at, (draws, r.run_id))
+            if first[0] != draws:
+                said = lambda d: f"data seed {d[0]}, order seed {d[1]}"  # noqa: E731
+                raise StoreError(f"task {task}: seed {at[3]} drew its examples and their order with {said(first[0])} "
+                                 f"in run {first[1]} but {said(draws)} in run {r.run_id}, and the rules pair runs of "
+                                 "one seed as one draw. Keep runs of one seed on the same draw in the "
+                                 "study file (a study's plan leaves data_seed and order_seed unset).")
+
+
 def cell_key(config: dict[str, Any]) -> CellKey:
     """The cell a run belongs to: its model, protocol, task and method/budget."""
     return config["model"], protocol_label(config), config["task"], method_label(config)
@@ -169,6 +192,7 @@ def study_cells(records: Sequence[RunRecord], unfinished: Collection[CellKey] = 
             grouped[cell_key(r.config)].append(r)
     for key, runs in grouped.items():
         check_one_setting(key, runs)
+    check_paired_draws(grouped)
     cells = {key: build_cell(key, runs) for key, runs in grouped.items()}
     for key in set(unfinished) & set(cells):
         cells[key].search_unfinished = True

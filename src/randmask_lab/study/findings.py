@@ -22,7 +22,9 @@ A cell whose LR search is unfinished (known from the study's spec) is left out o
 (a) and (e) are INCONCLUSIVE, with the seeds named, while a seed of a compared cell finished without a test result
 at the chosen LR (diverged, scale_collapsed) where the other side ran it: the plan counts it as run, and the paired
 difference, which cannot read it, would leave it out in favour of the side whose run failed. A task and method in
-two protocols (or models) is refused: a rule pairs one cell per task.
+two protocols (or models) is refused: a rule pairs one cell per task. So is a seed that two cells of a task ran on
+other examples or in another order (``data_seed``/``order_seed``, ``cells.check_paired_draws``): pairing by seed
+assumes one draw per seed.
 A study is a fixed-seed design: while its spec's plan has runs left for the cells a rule reads (any run for (a)
 and (e), an LR-search run for (b), which reads only the choices), the rule is INCONCLUSIVE, marked interim, with
 its numbers so far. Deciding at a peek and again at every later one would inflate the rules' error rates.

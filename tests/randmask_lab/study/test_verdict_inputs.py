@@ -91,3 +91,26 @@ def test_a_stray_lr_that_shares_no_seed_is_refused_in_one_line(tmp_path: Path, c
     assert main(["findings", "--from", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "share no seed" in err
+
+
+@pytest.mark.parametrize("field", ["data_seed", "order_seed"])
+def test_a_seed_run_on_another_draw_than_its_pair_is_refused_in_one_line(field: str, tmp_path: Path, capsys) -> None:
+    # Without the check every LoRA seed trained on seed 0's examples (or order) and was paired silently with
+    # randmask's seed s on its own: a "paired" difference of unlike draws, read as HOLDS.
+    rows = [dataclasses.replace(r, config={**r.config, field: 0})
+            if r.config["method"] == "lora" and r.config["task"] == "sst2" else r for r in records()]
+    said = "data seed 0, order seed 1" if field == "data_seed" else "data seed 1, order seed 0"
+    with pytest.raises(StoreError, match=rf"task sst2: seed 1 drew its examples .*{said} in run sst2-lora"):
+        study_cells(rows)
+    path = tmp_path / "study.jsonl"
+    export_jsonl(rows, path)
+    assert main(["findings", "--from", str(path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_one_draw_set_for_every_cell_of_a_task_still_pairs() -> None:
+    # data_seed fixed for all runs of a task (a study of training noise on one data subset): every seed of every
+    # cell drew the same examples, so the pairing holds and the rules are read.
+    rows = [dataclasses.replace(r, config={**r.config, "data_seed": 7}) for r in records()]
+    cells = list(study_cells(rows).values())
+    assert finding_a(cells).verdict == HOLDS
