@@ -47,7 +47,7 @@ def build(variant: str, quantize: str):
     q = "none" if variant.endswith("float") else quantize
     method = "randmask" if variant.startswith("randmask") else "lora" if variant.startswith("qlora") else "zeroshot"
     config = RunConfig(model="smollm2-135m", task="sst2", mode="lm", method=method, n_train=500, n_val=250,
-                       n_test=500, max_length=512, quantize=q, lr=1e-2)
+                       n_test=500, max_length=512, quantize=q, **({} if method == "zeroshot" else {"lr": 1e-2}))
     spec = check_names(config)
     model, tokenizer = load_model(config, spec, "lm", device=torch.device("cpu"))
     data = load_data(config, spec, "lm", tokenizer)

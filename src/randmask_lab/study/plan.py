@@ -19,6 +19,7 @@ from randmask_lab.errors import RunError
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS
 from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.experiment.results.report import method_label
+from randmask_lab.experiment.run.untrained import TRAINING_ONLY, UNTRAINED_METHODS
 from randmask_lab.study.cells import CellKey, cell_key, search_loss, study_cells
 from randmask_lab.study.reestimate import Reestimate, SeedsDecided, decide
 from randmask_lab.study.spec_checks import check_spec_file
@@ -165,7 +166,8 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                run_id: RunId | None, seeds: tuple[int, ...] | None = None) -> list[PlannedRun]:
     """The runs one cell still needs on one task (at ``seeds``: the cell's planned seeds unless given)."""
     seeds = spec.cell_seeds(cell) if seeds is None else seeds
-    fixed = {**spec.common, **spec.protocol[task]}
+    fixed = {k: v for k, v in {**spec.common, **spec.protocol[task]}.items()  # as run_config sets them
+             if cell.method not in UNTRAINED_METHODS or k not in TRAINING_ONLY}
     done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
     done = {key: r for key, r in done.items() if _is_current(r, task, cell, run_id)}
     if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)

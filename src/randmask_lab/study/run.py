@@ -18,16 +18,19 @@ from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import CODE_PATHS, FINISHED, RunRecord, source_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.run.untrained import without_training_options
 from randmask_lab.experiment.sweeps.sweep import run_claimed
 from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
 from randmask_lab.study.records import export_locked, read_jsonl
 
 
 def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) -> RunConfig:
-    """The RunConfig of one planned run (spec's protocol and common fields + execution options)."""
-    return RunConfig(model=spec.model, task=run.task, method=run.method, trainable_ratio=run.ratio, lr=run.lr,
-                     seed=run.seed, precision=spec.precision, out_dir=out_dir,
-                     **{**spec.common, **spec.protocol[run.task]}, **execution)
+    """The RunConfig of one planned run (spec's protocol and common fields + execution options; a zero-shot run
+    leaves out the common fields that only shape training)."""
+    config = RunConfig(model=spec.model, task=run.task, method=run.method, trainable_ratio=run.ratio, lr=run.lr,
+                       seed=run.seed, precision=spec.precision, out_dir=out_dir,
+                       **{**spec.common, **spec.protocol[run.task]}, **execution)
+    return without_training_options(config)
 
 
 def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None) -> RunId:

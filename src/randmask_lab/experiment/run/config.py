@@ -18,6 +18,7 @@ from randmask_lab.experiment.compute.distributed import launcher_world_size, par
 from randmask_lab.experiment.compute.precision import AUTO, PRECISIONS, Precision, resolve_precision
 from randmask_lab.experiment.compute.quantize import FSDP_SCHEMES, QUANTIZE_METHODS, QUANTIZE_SCHEMES, Quantize
 from randmask_lab.experiment.run.options import FLAGS, SET_BY_RUNNER
+from randmask_lab.experiment.run.untrained import untrained_problem
 
 MASKING_METHODS = ("randmask", "structured")
 
@@ -245,6 +246,8 @@ class RunConfig:
                            "quantization under fully_shard, and torchao 0.18's Int8Tensor cannot be split. Use "
                            "--quantize ao-nf4 (torchao's NF4Tensor, as torchtune's QLoRA-FSDP2), or drop --fsdp.")
         self._check_generation_options()
+        if problem := untrained_problem(self):
+            raise RunError(problem)
         if self.method not in MASKING_METHODS and (self.trainable_ratio is not None or self.density is not None):
             raise RunError(f"--ratio/--density apply to randmask and structured only, not {self.method!r}")
         if self.method in MASKING_METHODS:

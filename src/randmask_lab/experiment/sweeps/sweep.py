@@ -19,6 +19,7 @@ from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import RunRecord, code_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner
 from randmask_lab.experiment.run.config import MASKING_METHODS, RunConfig
+from randmask_lab.experiment.run.untrained import without_training_options
 from randmask_lab.experiment.training.train import LeaseLost, default_store, run_training
 from randmask_lab.fs import disk_problem
 
@@ -71,14 +72,14 @@ def sweep_configs(sweep: SweepConfig, base: RunConfig) -> list[RunConfig]:
             for method in sweep.methods:
                 budgets = sweep.ratios if method in MASKING_METHODS else [None]
                 for ratio in budgets:
-                    # zeroshot trains nothing: one run per seed, at the base config's (unused) LR
+                    # zeroshot trains nothing: one run per seed, without the base's training options
                     lrs = [base.lr] if method == "zeroshot" else sweep.lrs or default_lrs(method, ratio)
                     for lr in lrs:
                         for seed in sweep.seeds:
-                            runs.append(dataclasses.replace(
+                            runs.append(without_training_options(dataclasses.replace(
                                 base, model=model, task=task, method=method, trainable_ratio=ratio,
                                 density=None, lr=lr, seed=seed, data_seed=None, mask_seed=None,
-                                order_seed=None))
+                                order_seed=None)))
     return runs
 
 

@@ -1,0 +1,80 @@
+"""A run that trains nothing (zeroshot) refuses the options that only shape training; sweeps and studies leave
+their common training options out of its config, so their zero-shot run ids stay what they were."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tests.conftest import DATA_DIR as DATA
+
+from randmask_lab.cli import main
+from randmask_lab.errors import RunError
+from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.run.untrained import TRAINING_ONLY, without_training_options
+from randmask_lab.experiment.sweeps.sweep import SweepConfig, sweep_configs
+from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs
+from randmask_lab.study.run import run_config
+
+GIVEN = {"lr": 0.5, "head_lr": 0.1, "grad_accum": 2, "weight_decay": 0.1, "adam_betas": (0.8, 0.9),
+         "adam_eps": 1e-6, "schedule": "cosine", "warmup_steps": 3, "max_steps": 2, "select_by": "val_metric",
+         "eval_initial": True, "mask_seed": 3, "order_seed": 4, "targets": ["q_proj"], "head_modules": ["score"],
+         "method_options": {"r": 4}}
+
+
+def test_every_training_only_field_is_tried_here() -> None:
+    assert set(GIVEN) == set(TRAINING_ONLY)
+
+
+@pytest.mark.parametrize("name", sorted(GIVEN))
+def test_zeroshot_refuses_a_training_option_in_one_line(name: str) -> None:
+    # Without the check each was accepted, made another run id, and changed nothing the run computed.
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(RunError, match=rf"^{flag} shapes training, and --method zeroshot trains nothing .* Drop it$"):
+        RunConfig(method="zeroshot", **{name: GIVEN[name]}).validate()
+
+
+def test_zeroshot_takes_the_protocol_and_the_defaults() -> None:
+    RunConfig(method="zeroshot", lr=1e-3, epochs=3, batch_size=4, max_grad_norm=1.0, group_by_length=True,
+              n_train=64).validate()
+    RunConfig(method="lora", weight_decay=0.1, lr=0.5, schedule="cosine").validate()  # a method that trains
+
+
+def test_the_cli_refuses_it_before_any_run(capsys) -> None:
+    assert main(["train", "--method", "zeroshot", "--weight-decay", "0.1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--weight-decay shapes training" in err
+
+
+def test_a_sweep_gives_its_training_options_to_the_methods_that_train_only() -> None:
+    base = RunConfig(weight_decay=0.1, schedule="linear", lr=3e-3, max_grad_norm=1.0)
+    sweep = SweepConfig(models=["m"], tasks=["rte"], methods=["zeroshot", "lora"], lrs=[1e-3], seeds=[0])
+    zero, lora = sweep_configs(sweep, base)
+    assert (zero.weight_decay, zero.schedule, zero.lr, zero.max_grad_norm) == (0.0, "constant", 1e-3, 1.0)
+    assert (lora.weight_decay, lora.schedule, lora.max_grad_norm) == (0.1, "linear", 1.0)
+    zero.validate()
+    assert without_training_options(lora) is lora
+
+
+def test_a_study_spec_with_training_options_in_common_plans_and_finds_its_zeroshot_runs() -> None:
+    protocol = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}
+    spec = StudySpec("t", "tiny", "32", protocol, [CellSpec("zeroshot", seeds=(0,))],
+                     common={"weight_decay": 0.1, "batch_size": 8, "mode": "lm"})
+    (planned,) = needed_runs(spec, [])
+    config = run_config(spec, planned, "runs", {})
+    config.validate()
+    assert config.weight_decay == 0.0
+    record = RunRecord("z", config.to_dict(), "done", "accuracy", val_loss=0.5, test_metric=0.5)
+    assert needed_runs(spec, [record]) == []  # without the plan's match: the run is planned again for ever
+
+
+def test_committed_zeroshot_records_keep_their_run_ids() -> None:
+    study = Path(__file__).resolve().parents[4] / "experiments" / "results" / "smollm2_study.jsonl"
+    rows = [row for row in map(json.loads, study.read_text().splitlines()) if row["config"]["method"] == "zeroshot"]
+    assert rows
+    for row in rows[::5]:
+        config = RunConfig.from_dict({**row["config"], "data_dir": str(DATA)})
+        config.validate()
+        assert without_training_options(config).run_id == row["run_id"]
