@@ -28,7 +28,10 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def like_param(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor) laid out as ``param``: this rank's shard of it when ``param`` is a DTensor. Every
     rank holds the whole ``value`` (read from one file, or gathered), so each takes its shard locally: no scatter
-    (gloo's failed on the uneven shards of a values vector whose length the ranks do not divide)."""
+    (gloo's failed on the uneven shards of a values vector whose length the ranks do not divide). A ``value`` that is
+    a DTensor already (this rank's part of a per-rank checkpoint, ``checkpoint_shards.as_dtensors``) stays as it is."""
+    if hasattr(value, "device_mesh"):
+        return value
     if hasattr(param, "device_mesh") and hasattr(param, "placements"):
         from torch.distributed.tensor import distribute_tensor
 
@@ -89,6 +92,14 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     atomic_write_bytes(Path(path), blob)
     return hashlib.sha256(blob).hexdigest()
+
+
+def existing_sha256(path: Path, max_bytes: int) -> str | None:
+    """The SHA-256 of the tensor file at ``path`` (read bounded), None when there is none: a file written earlier and
+    unchanged since (the best epoch's copy) is named again rather than rewritten."""
+    if not Path(path).is_file():
+        return None
+    return hashlib.sha256(read_limited(path, max_bytes, "tensor file", error=ValueError)).hexdigest()
 
 
 def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:

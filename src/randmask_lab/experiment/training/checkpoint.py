@@ -5,26 +5,48 @@ hyper-parameters) and the safetensors files it names: the trainable tensors, the
 tensors flattened to ``state.<param index>.<key>``, the best epoch's trainable tensors, and
 method state (``PreparedModel.method_state``: AdaLoRA's importance scores) and the fp16
 loss scaler's state. Tensor files carry the step in their name and
-``state.json`` is replaced last, so a kill at any moment leaves the previous checkpoint whole.
+``state.json`` is replaced last, so a kill at any moment leaves the previous checkpoint whole. ``checkpoint_header``
+holds TrainState and the checks of a header read back.
+
+A sharded (FSDP2) run writes per-rank parts instead of the trainable, optimizer and best files
+(``checkpoint_shards``): every rank writes its own shards, nothing is gathered, and ``state.json`` (written after
+every rank's parts are whole) names each part with its checksum, size and the shard layout. Replicated and
+single-process runs write the single-file format; a sharded run's single-file checkpoint (from before the parts, or
+``whole=True``) still resumes, each rank taking its shard of the whole tensors.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import math
-import re
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from randmask import MaskingError, read_json_limited, read_limited
+from randmask import MaskingError, read_json_limited
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.training.checkpoint_header import (  # noqa: F401 -- TrainState, code_version_ok: here too
+    TrainState,
+    code_version_ok,
+    header_problem,
+)
+from randmask_lab.experiment.training.checkpoint_shards import (
+    SHARDED_ROLES,
+    agree,
+    is_sharded,
+    local_copy,
+    sharded_reader,
+    shards_problem,
+    write_parts,
+)
 from randmask_lab.fs import make_folder, write_json
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import (
+    existing_sha256,
     full_tensor,
     like_param,
     load_trainable,
@@ -36,39 +58,16 @@ from randmask_lab.methods.trainable import (
 
 STATE = "state.json"
 MAX_STATE_BYTES = 64 << 20  # counters, per-epoch history, RNG state, optimizer scalars: a few KB in practice
-# A checkpoint names its tensor files by role; each is a plain file name inside the checkpoint folder.
-FILE_ROLES = ("trainable", "optimizer", "method", "best")
-_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]+\.safetensors")
 # Copies per trainable entry a file of each role may hold: AdamW keeps two moments (+ a step); AdaLoRA's method
 # state keeps three importance statistics per entry.
 _COPIES = {"trainable": 1, "optimizer": 3, "method": 4, "best": 1}
 
 
-@dataclass
-class TrainState:
-    """Where a run is: counters, per-epoch history, best epoch so far."""
-
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # steps of the current epoch already taken
-    global_step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int | None = None
-    best_score: float | None = None  # lower is better (val loss, or minus the val metric)
-    loss_sum: float = 0.0  # this epoch's training loss so far
-    loss_count: int = 0
-    # Time (wall; CPU, all threads) of earlier attempts up to the checkpoint this attempt resumed from, 0 on a
-    # fresh start: a checkpoint saves the running total and restores these, so they stay the carried-in time.
-    train_seconds: float = 0.0
-    cpu_seconds: float = 0.0
-    # ``code_version`` of each attempt so far, oldest first, one entry per change: a run resumed under other code
-    # (a checkout moved between sessions) names every version it ran, not only the one it finished under.
-    code_versions: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer, keep: bool = True
+def _flatten_optimizer(optimizer: torch.optim.Optimizer, keep: bool = True, local: bool = False
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The optimizer's per-parameter tensors by ``state.<index>.<key>`` (whole: a sharded moment is gathered, a
-    collective; ``keep=False`` drops each at once, as ``trainable_tensors`` does), and its groups and scalars."""
+    collective; ``keep=False`` drops each at once, as ``trainable_tensors`` does; ``local``: each as the optimizer
+    holds it, a DTensor too, never gathered), and its groups and scalars."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     # Sorted: every rank of a sharded run gathers the same tensor at the same call. A loaded state's order is the
@@ -77,7 +76,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer, keep: bool = True
         entry = sd["state"][idx]
         for key in sorted(entry):
             value = entry[key]
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and local:
+                tensors[f"state.{idx}.{key}"] = value.detach()
+            elif isinstance(value, torch.Tensor):
                 whole = full_tensor(value.detach())
                 if keep:
                     tensors[f"state.{idx}.{key}"] = whole.cpu().contiguous()
@@ -140,37 +141,55 @@ def _set_rng_state(saved: dict[str, str]) -> None:
 
 def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, optimizer: torch.optim.Optimizer,
                     best: dict[str, torch.Tensor] | None, run_id: str,
-                    scaler: torch.amp.GradScaler | None = None, write: bool = True) -> None:
+                    scaler: torch.amp.GradScaler | None = None, write: bool = True, whole: bool = False) -> None:
     """Write a checkpoint of the run at ``state``: by one rank of a replicated run; by every rank of a sharded
-    (FSDP2) one, which gathers the sharded tensors (collectives) while only the rank with ``write`` writes; the
-    other ranks drop each gathered tensor at once (their peak is one whole tensor, not a copy of the model and its
-    Adam moments)."""
-    trainable = trainable_tensors(prepared.model, keep=write)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer, keep=write)
+    (FSDP2) one, each writing its own parts (``best`` is then this rank's shards, as ``trainable_copy`` keeps
+    them), while the rank with ``write`` writes ``state.json`` and the method state. ``whole``: a sharded run's
+    single-file format instead, as before the parts: every rank gathers the sharded tensors (collectives), only
+    the rank with ``write`` keeps them, the others drop each at once."""
+    tag, sharded = f"{state.global_step:08d}", not whole and is_sharded(prepared.model)
+    shards = None
+    if sharded:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer, local=True)
+        trainable = {n: p.detach() for n, p in prepared.model.named_parameters() if p.requires_grad}
+        shards, part_sha = write_parts(folder, {"trainable": tag, "optimizer": tag, "best": f"epoch{state.best_epoch}"},
+                                       {"trainable": trainable, "optimizer": opt_tensors}, best,
+                                       tensor_file_limit(prepared.model))
+        trainable, opt_tensors, best = {}, {}, None  # in the parts: the header names them
+    else:
+        trainable = trainable_tensors(prepared.model, keep=write)
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer, keep=write)
     if not write:
         return
-    make_folder(folder)
     m_tensors, m_meta = prepared.method_state()
-    tag = f"{state.global_step:08d}"
-    files = {"trainable": f"trainable-{tag}.safetensors", "optimizer": f"optimizer-{tag}.safetensors",
-             "method": f"method-{tag}.safetensors"}
-    sha256 = {files["trainable"]: write_tensors(folder / files["trainable"], trainable),
-              files["optimizer"]: write_tensors(folder / files["optimizer"], opt_tensors),
-              files["method"]: write_tensors(folder / files["method"], m_tensors)}
-    if best is not None:
-        files["best"] = f"best-epoch{state.best_epoch}.safetensors"
-        if (folder / files["best"]).is_file():  # written at that epoch's end, unchanged since
-            blob = read_limited(folder / files["best"], tensor_file_limit(prepared.model), "tensor file",
-                                error=ValueError)
-            sha256[files["best"]] = hashlib.sha256(blob).hexdigest()
-        else:
-            sha256[files["best"]] = write_tensors(folder / files["best"], best)
+    roles = {"trainable": trainable, "optimizer": opt_tensors} if shards is None else {}
+    files, sha256 = _write_files(folder, tag, {**roles, "method": m_tensors}, best, state.best_epoch,
+                                 tensor_file_limit(prepared.model))
     header = {"run_id": run_id, "files": files, "sha256": sha256, "state": asdict(state), "optimizer": opt_meta,
               "method": m_meta, "rng": _rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+    if shards is not None:
+        header["sha256"] = {**sha256, **part_sha}
+        header["shards"] = shards
     write_json(folder / STATE, header)
-    for old in folder.glob("*.safetensors"):  # files of older checkpoints
-        if old.name not in files.values():
+    named = set(files.values()) | {n for names in (shards or {"files": {}})["files"].values() for n in names}
+    for old in folder.glob("*.safetensors"):  # files of older checkpoints (every rank's parts: a shared folder)
+        if old.name not in named:
             old.unlink(missing_ok=True)
+
+
+def _write_files(folder: Path, tag: str, tensors: dict[str, dict[str, torch.Tensor]],
+                 best: dict[str, torch.Tensor] | None, best_epoch: int | None, limit: int
+                 ) -> tuple[dict[str, str], dict[str, str]]:
+    """Write one safetensors file per role (and the best copy's, unless written at its epoch's end and unchanged
+    since); their names by role and their SHA-256 by name."""
+    make_folder(folder)
+    files = {role: f"{role}-{tag}.safetensors" for role in tensors}
+    sha256 = {files[role]: write_tensors(folder / files[role], named) for role, named in tensors.items()}
+    if best is not None:
+        files["best"] = f"best-epoch{best_epoch}.safetensors"
+        sha256[files["best"]] = existing_sha256(folder / files["best"], limit) or write_tensors(
+            folder / files["best"], best)
+    return files, sha256
 
 
 def _damaged(path: Path, why: str) -> RunError:
@@ -197,10 +216,11 @@ def check_counters(state: TrainState, folder: Path, epochs: int, steps_per_epoch
 def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.optim.Optimizer, run_id: str,
                     scaler: torch.amp.GradScaler | None = None
                     ) -> tuple[TrainState, dict[str, torch.Tensor] | None] | None:
-    """Restore model, optimizer, method, scaler and RNG state; (state, best tensors), or None if absent.
+    """Restore model, optimizer, method, scaler and RNG state; (state, best tensors), or None if absent. The best
+    tensors are as ``trainable_copy`` keeps them (this rank's shards of a sharded model).
 
-    A damaged checkpoint (truncated JSON, missing or corrupt tensor file, tensors that do not fit)
-    is a RunError that names it and the fix (--restart).
+    A damaged checkpoint (truncated JSON, missing or corrupt tensor file or rank part, tensors that do not fit) is a
+    RunError that names it and the fix (--restart); on every rank of a sharded run, whichever rank found it.
     """
     path = folder / STATE
     if not path.exists() and not path.is_symlink():
@@ -209,90 +229,47 @@ def load_checkpoint(folder: Path, prepared: PreparedModel, optimizer: torch.opti
         header = read_json_limited(path, MAX_STATE_BYTES, "checkpoint header")
     except MaskingError as e:
         raise _damaged(path, f"not a checkpoint header: {e}") from None
-    problem = _header_problem(header)
+    sharded = isinstance(header, dict) and "shards" in header
+    problem = header_problem(header, SHARDED_ROLES if sharded else frozenset())
+    if problem is None and sharded:
+        problem = shards_problem(header)  # its per-rank parts: names, checksums, sizes, a layout that tiles
     if problem:
         raise _damaged(path, problem)
     if header["run_id"] != run_id:
         raise RunError(f"{path} belongs to run {header['run_id']!r}, not {run_id!r}; run with --restart to discard it")
+    loaded, problem = None, None
     try:
-        read = lambda key: read_tensors(folder / header["files"][key], tensor_file_limit(prepared.model, _COPIES[key]),
-                                        sha256=header.get("sha256", {}).get(header["files"][key]))
-        load_trainable(prepared.model, read("trainable"), source=str(folder / header["files"]["trainable"]))
-        optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"], optimizer))
-        prepared.restore_method_state(read("method"), header.get("method") or {})
-        best = read("best") if "best" in header["files"] else None
-        state = TrainState(**header["state"])
-        if scaler is not None and header.get("scaler"):
-            scaler.load_state_dict(header["scaler"])
-        _set_rng_state(header["rng"])
+        loaded = _restore(folder, header, prepared, optimizer, scaler)
     # A header that passed the schema can still hold values torch refuses (a wrong RNG state size, optimizer
-    # groups that do not fit): any of them means the checkpoint is damaged, never a traceback.
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError) as e:
-        raise _damaged(path, " ".join(str(e).split())[:300]) from None
+    # groups that do not fit): any of them means the checkpoint is damaged, never a traceback. OSError: a part
+    # this rank alone could not stat must still reach the other ranks' ``agree``.
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError, OverflowError, OSError) as e:
+        problem = " ".join(str(e).split())[:300]
+    if sharded and dist.is_initialized() and dist.get_world_size() > 1:
+        problem = agree(problem)  # each rank read its own part: one rank's problem stops every rank
+    if problem:
+        raise _damaged(path, problem)
+    return loaded
+
+
+def _restore(folder: Path, header: dict[str, Any], prepared: PreparedModel, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler | None) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
+    """Load a checked header's tensors and state into the run (ValueError and friends where they do not fit)."""
+    model, files = prepared.model, header["files"]
+    limit: Callable[[str], int] = lambda role: tensor_file_limit(model, _COPIES[role])  # noqa: E731
+    whole = lambda role: read_tensors(folder / files[role], limit(role),  # noqa: E731
+                                      sha256=header.get("sha256", {}).get(files[role]))
+    read = sharded_reader(folder, header, model, optimizer, limit) if "shards" in header else whole
+    source = "its trainable parts" if "shards" in header else str(folder / files["trainable"])
+    load_trainable(model, read("trainable"), source=source)
+    optimizer.load_state_dict(_unflatten_optimizer(read("optimizer"), header["optimizer"], optimizer))
+    prepared.restore_method_state(whole("method"), header.get("method") or {})
+    roles = header["shards"]["files"] if "shards" in header else files
+    best = read("best") if "best" in roles else None
+    if best is not None and "shards" not in header:
+        best = local_copy(model, best)  # a single file's whole tensors: kept as this rank's shards
+    state = TrainState(**header["state"])
+    if scaler is not None and header.get("scaler"):
+        scaler.load_state_dict(header["scaler"])
+    _set_rng_state(header["rng"])
     return state, best
-
-
-def _header_problem(header: Any) -> str | None:
-    """What makes ``header`` not a checkpoint header this code wrote (types and ranges), or None."""
-    if not isinstance(header, dict) or not {"run_id", "files", "state", "optimizer", "rng"} <= set(header):
-        return "not a checkpoint header: it lacks the keys a checkpoint has"
-    files, optimizer, rng = header["files"], header["optimizer"], header["rng"]
-    if not isinstance(header["run_id"], str) or not isinstance(files, dict):
-        return "run_id or files has the wrong type"
-    if not {"trainable", "optimizer", "method"} <= set(files) or not set(files) <= set(FILE_ROLES):
-        return f"its file list {sorted(files)[:5]} is not {list(FILE_ROLES)}"
-    bad = [v for v in files.values() if not (isinstance(v, str) and _FILE_NAME.fullmatch(v))]
-    if bad:  # e.g. "/dev/zero" or "../x": a checkpoint's files lie in its own folder
-        return f"it names {str(bad[0])[:60]!r}, not a .safetensors file name in the checkpoint folder"
-    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
-            and isinstance(optimizer.get("scalars"), dict)):
-        return "its optimizer state is not {param_groups: [...], scalars: {...}}"
-    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), str)) or not isinstance(header.get("method"),
-                                                                                          (dict, type(None))):
-        return "its RNG or method state has the wrong type"
-    scaler, sha256 = header.get("scaler"), header.get("sha256", {})  # sha256: absent in checkpoints before it
-    if scaler is not None and not (isinstance(scaler, dict) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-            for k, v in scaler.items() if k != "_growth_tracker")):
-        return "its loss-scaler state is not an object of positive numbers"
-    if not (isinstance(sha256, dict) and all(isinstance(v, str) for v in sha256.values())):
-        return "its file checksums are not an object of SHA-256 digests"
-    return _state_problem(header["state"])
-
-
-def _epoch_record(entry: Any) -> bool:
-    """An epoch of the history: its number, and numbers (finite), strings or nulls for the rest."""
-    return (isinstance(entry, dict) and isinstance(entry.get("epoch"), int) and not isinstance(entry["epoch"], bool)
-            and all(v is None or isinstance(v, str) or (isinstance(v, (int, float)) and math.isfinite(v))
-                    for v in entry.values()))
-
-
-def _state_problem(state: Any) -> str | None:
-    """Types and ranges of TrainState's fields (a negative step would divide by zero in the LR schedule)."""
-    if not isinstance(state, dict) or set(state) - {f.name for f in fields(TrainState)}:
-        return "its training state is not a TrainState"
-    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    for key in ("epoch", "step_in_epoch", "global_step", "loss_count"):
-        if key in state and not count(state[key]):
-            return f"state.{key} = {str(state[key])[:40]!r} is not a count >= 0"
-    for key in ("loss_sum", "train_seconds", "cpu_seconds"):
-        if key in state and not (number(state[key]) and (key == "loss_sum" or state[key] >= 0)):
-            return f"state.{key} = {str(state[key])[:40]!r} is not a finite number"
-    if state.get("best_epoch") is not None and not count(state["best_epoch"]):
-        return "state.best_epoch is not a count >= 0"
-    if state.get("best_score") is not None and not number(state["best_score"]):
-        return "state.best_score is not a finite number"
-    history = state.get("history", [])
-    if not (isinstance(history, list) and all(_epoch_record(h) for h in history)):
-        return "state.history is not a list of epoch records"
-    versions = state.get("code_versions", [])
-    if not (isinstance(versions, list) and all(code_version_ok(v) for v in versions)):
-        return "state.code_versions is not a list of code versions"
-    return None
-
-
-def code_version_ok(version: Any) -> bool:
-    """A ``code_version`` object: strings, booleans and nulls (package, commit, dirty, kernel)."""
-    return isinstance(version, dict) and all(isinstance(k, str) and (v is None or isinstance(v, (str, bool)))
-                                             for k, v in version.items())

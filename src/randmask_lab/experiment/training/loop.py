@@ -41,8 +41,9 @@ from randmask_lab.experiment.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from randmask_lab.experiment.training.checkpoint_shards import as_dtensors, is_sharded, trainable_copy
 from randmask_lab.experiment.training.steps import StepLog, build_optimizer, lr_factor, set_lr
-from randmask_lab.methods.trainable import load_trainable, trainable_tensors
+from randmask_lab.methods.trainable import load_trainable
 
 
 class RunInterrupted(RuntimeError):
@@ -207,7 +208,7 @@ class Trainer:
         score = val_loss if config.select_by == "val_loss" or val_metric is None else -val_metric
         if state.best_score is None or score < state.best_score:
             state.best_score, state.best_epoch = score, epoch + 1
-            self.best = trainable_tensors(self.model)
+            self.best = trainable_copy(self.model)  # --fsdp: this rank's shards, never a whole copy
         state.epoch, state.step_in_epoch, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
         self.checkpoint()
         return True
@@ -218,7 +219,8 @@ class Trainer:
         return self.data.spec.kind != "generation" or self.config.val_generate
 
     def checkpoint(self) -> None:
-        """Save a checkpoint (rank 0 writes; every rank of a sharded run gathers), unless checkpoints are off."""
+        """Save a checkpoint (rank 0 writes; every rank of a sharded run writes its own parts), unless checkpoints
+        are off."""
         if self.config.checkpoint_every < 0:
             return
         if self.ctx.is_main or self.config.fsdp:
@@ -231,9 +233,10 @@ class Trainer:
         barrier(self.ctx)
 
     def load_best(self) -> None:
-        """Put the best epoch's trainable tensors into the model."""
+        """Put the best epoch's trainable tensors into the model (under --fsdp, this rank's shards of them)."""
         if self.best is not None:
-            load_trainable(self.model, self.best, source="the best epoch's tensors")
+            best = as_dtensors(self.best, dict(self.model.named_parameters())) if is_sharded(self.model) else self.best
+            load_trainable(self.model, best, source="the best epoch's tensors")
 
     def evaluate(self, items: list[Any], with_metric: bool) -> tuple[float, float | None]:
         """(mean loss, metric or None) over ``items``, split across ranks; under --fsdp every rank runs every item

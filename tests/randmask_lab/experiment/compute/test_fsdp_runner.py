@@ -73,8 +73,8 @@ def _resume_worker(rank: int, port: int, run_kwargs: dict, out: str, stop_after:
 @pytest.mark.parametrize("quantize", ["none", "ao-nf4"])
 def test_an_fsdp_run_killed_mid_way_resumes_to_the_uninterrupted_runs_values(tiny_lm, run_kwargs, tmp_path,
                                                                               quantize):
-    """Checkpoints of a sharded run: every rank gathers the values and AdamW's moments, rank 0 writes, and each
-    rank takes its shard back at the restart."""
+    """Checkpoints of a sharded run: every rank writes its own shards of the values and AdamW's moments (per-rank
+    parts, nothing gathered) and reads them back at the restart."""
     if quantize != "none":
         pytest.importorskip("torchao")
     kwargs = {**run_kwargs, "model": tiny_lm, "method": "randmask", "ratio": 0.02, "lr": 1e-2, "threads": None,
@@ -84,6 +84,9 @@ def test_an_fsdp_run_killed_mid_way_resumes_to_the_uninterrupted_runs_values(tin
     want = load_file(str(Path((tmp_path / "run_dir").read_text()) / "trainable" / "trainable.safetensors"))
     killed = {**kwargs, "out_dir": str(tmp_path / "killed")}  # 3 steps an epoch: dies in epoch 2, after step 4's
     mp.spawn(_resume_worker, args=(free_port(), killed, str(tmp_path), 5), nprocs=WORLD, join=True)
+    (parts,) = (tmp_path / "killed").glob("**/checkpoint")
+    assert sorted(p.name for p in parts.glob("trainable-*")) == [f"trainable-00000004-rank{r}-of-2.safetensors"
+                                                                 for r in range(WORLD)]
     mp.spawn(_resume_worker, args=(free_port(), killed, str(tmp_path), None), nprocs=WORLD, join=True)
     assert (tmp_path / "resumed_at").read_text() == "4"
     got = load_file(str(Path((tmp_path / "run_dir").read_text()) / "trainable" / "trainable.safetensors"))

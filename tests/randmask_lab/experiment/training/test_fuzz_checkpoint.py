@@ -1,7 +1,8 @@
 """Fuzzed checkpoints: load_checkpoint raises RunError, or the run resumes from what it loaded.
 
-Each example edits one node of ``state.json`` or damages the bytes of it or of one tensor file. A
-checkpoint that loads must be usable: the LR schedule at its step, a training step and a new checkpoint
+Each example edits one node of ``state.json`` or damages the bytes of it or of one tensor file, of a single-file
+checkpoint and of a sharded run's per-rank parts (read back in one process: joined). A checkpoint that loads must
+be usable: the LR schedule at its step, a training step and a new checkpoint
 all work. Run in a subprocess under a memory cap (tests/hostile.py).
 """
 
@@ -11,11 +12,13 @@ import copy
 import json
 import shutil
 import tempfile
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from tests.hostile import damage_bytes, fuzz_settings, mutate_json, run_limited, to_json_text
 
 FUZZ = fuzz_settings(max_examples=200)
@@ -55,18 +58,68 @@ def _reference() -> Path:
     return _STATE["folder"]
 
 
-@FUZZ
-@given(st.data())
-def fuzz_checkpoint(data) -> None:
+def _split(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """FSDP2's split of dim 0 (``torch.chunk``: uneven, empty shards last); a scalar whole on every rank."""
+    if t.dim() == 0:
+        return [t] * world
+    chunks = list(torch.chunk(t, world, dim=0))
+    return chunks + [t[:0]] * (world - len(chunks))
+
+
+def _sharded_reference(world: int = 2) -> Path:
+    """The reference checkpoint as a sharded run of ``world`` ranks writes it: per-rank parts and their layout."""
+    from randmask_lab.experiment.training.checkpoint_shards import part_name
+    from randmask_lab.methods.trainable import write_tensors
+
+    if "sharded" not in _STATE:
+        src, folder = _reference(), Path(tempfile.mkdtemp())
+        header = json.loads((src / "state.json").read_text())
+        method = header["files"]["method"]
+        shutil.copy(src / method, folder / method)
+        shards: dict = {"world": world, "files": {}, "sizes": {}, "layout": {}}
+        sha256 = {method: header["sha256"][method]}
+        for role, tag in (("trainable", "00000003"), ("optimizer", "00000003"), ("best", "epoch1")):
+            whole = load_file(str(src / header["files"][role]))
+            parts = {n: _split(t, world) for n, t in whole.items()}
+            if role != "best":
+                shards["layout"][role] = {n: {"shape": list(t.shape), "dim": None} if t.dim() == 0 else {
+                    "shape": list(t.shape), "dim": 0, "offsets": [0, *accumulate(len(p) for p in parts[n])][:-1],
+                    "lengths": [len(p) for p in parts[n]]} for n, t in whole.items()}
+            shards["files"][role] = [part_name(role, tag, r, world) for r in range(world)]
+            for r, name in enumerate(shards["files"][role]):
+                sha256[name] = write_tensors(folder / name, {n: p[r] for n, p in parts.items()})
+                shards["sizes"][name] = (folder / name).stat().st_size
+        header.update(files={"method": method}, sha256=sha256, shards=shards)
+        (folder / "state.json").write_text(json.dumps(header))
+        _STATE["sharded"] = folder
+    return _STATE["sharded"]
+
+
+def test_a_sharded_runs_parts_load_in_one_process_as_its_single_file_does():
+    from randmask_lab.experiment.training.checkpoint import load_checkpoint
+
+    whole, parts = _model_and_optimizer(), _model_and_optimizer()
+    want, got = load_checkpoint(_reference(), *whole, "run"), load_checkpoint(_sharded_reference(), *parts, "run")
+    assert want[0] == got[0] and want[1].keys() == got[1].keys() and all(torch.equal(want[1][k], got[1][k])
+                                                                         for k in want[1])
+    for a, b in zip(whole[0].model.parameters(), parts[0].model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    a, b = whole[1].state_dict()["state"], parts[1].state_dict()["state"]
+    assert a.keys() == b.keys() and all(a[i].keys() == b[i].keys() and all(torch.equal(a[i][k], b[i][k]) for k in a[i])
+                                        for i in a)
+
+
+def _fuzz_one(data, reference: Path) -> None:
     from randmask_lab.errors import RunError
     from randmask_lab.experiment.training.checkpoint import load_checkpoint, save_checkpoint
     from randmask_lab.experiment.training.steps import lr_factor
 
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "checkpoint"
-        shutil.copytree(_reference(), folder)
+        shutil.copytree(reference, folder)
         header = json.loads((folder / "state.json").read_text())
-        target = data.draw(st.sampled_from(["header", "header bytes", *sorted(header["files"].values())]))
+        target = data.draw(st.sampled_from(["header", "header bytes", *sorted(p.name for p in folder.iterdir()
+                                                                              if p.suffix == ".safetensors")]))
         if target == "header":
             (folder / "state.json").write_bytes(to_json_text(mutate_json(copy.deepcopy(header), data)))
         else:
@@ -84,9 +137,23 @@ def fuzz_checkpoint(data) -> None:
         save_checkpoint(Path(d) / "again", state, prepared, opt, None, "run")
 
 
+@FUZZ
+@given(st.data())
+def fuzz_checkpoint(data) -> None:
+    _fuzz_one(data, _reference())
+
+
+@FUZZ
+@given(st.data())
+def fuzz_sharded_checkpoint(data) -> None:
+    _fuzz_one(data, _sharded_reference())
+
+
 def run_under_memory_limit() -> None:
     _reference()
+    _sharded_reference()
     fuzz_checkpoint()
+    fuzz_sharded_checkpoint()
     print("FUZZ-OK")
 
 
