@@ -94,12 +94,15 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def existing_sha256(path: Path, max_bytes: int) -> str | None:
-    """The SHA-256 of the tensor file at ``path`` (read bounded), None when there is none: a file written earlier and
-    unchanged since (the best epoch's copy) is named again rather than rewritten."""
-    if not Path(path).is_file():
+def recorded_sha256(path: Path, max_bytes: int, recorded: str | None) -> str | None:
+    """``recorded`` when the tensor file at ``path`` (read bounded) still has that SHA-256, else None: the best
+    epoch's copy that the checkpoint being replaced names is named again rather than rewritten. Only a file that
+    checkpoint records: a killed attempt may have left one under the same name, written before its state.json, from
+    a run whose resumed re-run need not be bit for bit the same (another machine or commit)."""
+    if recorded is None or not Path(path).is_file():
         return None
-    return hashlib.sha256(read_limited(path, max_bytes, "tensor file", error=ValueError)).hexdigest()
+    digest = hashlib.sha256(read_limited(path, max_bytes, "tensor file", error=ValueError)).hexdigest()
+    return digest if digest == recorded else None
 
 
 def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:

@@ -23,6 +23,7 @@ from randmask_lab.experiment.results.record import FINISHED, RunRecord
 from randmask_lab.experiment.results.report import method_label
 from randmask_lab.experiment.results.settings import settings_of
 from randmask_lab.experiment.results.store import protocol_label
+from randmask_lab.experiment.run.untrained import UNTRAINED_METHODS
 
 CellKey = tuple[str, str, str, str]  # model, protocol, task, method label
 
@@ -155,27 +156,30 @@ def check_one_setting(key: CellKey, runs: Sequence[RunRecord]) -> None:
         seen[at] = r.run_id
 
 
-def _draws(config: dict[str, Any]) -> tuple[int, int]:
-    """The seeds a run drew its training examples and their order from (``data_seed``/``order_seed``, else ``seed``).
-    Not ``mask_seed``: methods differ in their masks (LoRA has none), which is what a paired difference compares."""
-    return tuple(config["seed"] if config.get(k) is None else config[k] for k in ("data_seed", "order_seed"))
+# The seeds a paired difference assumes one seed draws alike in every cell of a task: the examples (data_seed, which
+# also picks the validation and test samples) and, for a method that trains, their order (order_seed). Not
+# mask_seed: methods differ in their masks (LoRA has none), which is what a paired difference compares.
+_PAIRED_DRAWS = (("data_seed", "examples"), ("order_seed", "training order"))
 
 
 def check_paired_draws(grouped: dict[CellKey, list[RunRecord]]) -> None:
-    """StoreError when two cells of one task ran a seed on other data or in another order: the rules pair seed s of
-    one cell with seed s of the other, which is a paired comparison only where both drew the same examples in the
-    same order. A study spec never sets ``data_seed``/``order_seed`` (the plan does); a hand-made record can."""
-    seen: dict[tuple[str, str, str, int], tuple[tuple[int, int], str]] = {}
+    """StoreError when two cells of one task ran a seed on other examples or in another order: the rules pair seed s
+    of one cell with seed s of the other, which is a paired comparison only where both drew the same examples in the
+    same order (a zero-shot run trains nothing, so has no order). A study spec never sets ``data_seed`` or
+    ``order_seed`` (the plan does); a hand-made record can."""
+    seen: dict[tuple[str, str, str, str, int], tuple[int, str]] = {}
     for (model, protocol, task, _), runs in grouped.items():
-        for r in runs:
-            at, draws = (model, protocol, task, r.config["seed"]), _draws(r.config)
-            first = seen.setdefault(at, (draws, r.run_id))
-            if first[0] != draws:
-                said = lambda d: f"data seed {d[0]}, order seed {d[1]}"  # noqa: E731
-                raise StoreError(f"task {task}: seed {at[3]} drew its examples and their order with {said(first[0])} "
-                                 f"in run {first[1]} but {said(draws)} in run {r.run_id}, and the rules pair runs of "
-                                 "one seed as one draw. Keep runs of one seed on the same draw in the "
-                                 "study file (a study's plan leaves data_seed and order_seed unset).")
+        for r, (name, what) in ((r, d) for r in runs for d in _PAIRED_DRAWS):
+            if name == "order_seed" and r.config["method"] in UNTRAINED_METHODS:
+                continue
+            seed = r.config["seed"]
+            drawn = seed if r.config.get(name) is None else r.config[name]
+            first = seen.setdefault((model, protocol, task, name, seed), (drawn, r.run_id))
+            if first[0] != drawn:
+                raise StoreError(f"task {task}: seed {seed} drew its {what} with {name} {first[0]} in run {first[1]} "
+                                 f"but {drawn} in run {r.run_id}, and the rules pair runs of one seed as one draw. "
+                                 f"Keep runs of one seed on the same {name} in the study file (a study's plan leaves "
+                                 "it unset).")
 
 
 def cell_key(config: dict[str, Any]) -> CellKey:

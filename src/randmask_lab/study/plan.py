@@ -149,6 +149,13 @@ def neighbour(lr: float, step: int) -> float | None:
     return LADDER[j] if 0 <= j < len(LADDER) else None
 
 
+def _fixed(spec: StudySpec, task: str, cell: CellSpec) -> dict[str, Any]:
+    """The fields every run of ``cell`` on ``task`` takes from the spec, as ``run.run_config`` sets them: a zero-shot
+    cell leaves out the common fields that only shape training."""
+    return {k: v for k, v in {**spec.common, **spec.protocol[task]}.items()
+            if cell.method not in UNTRAINED_METHODS or k not in TRAINING_ONLY}
+
+
 def _matches(r: RunRecord, task: str, cell: CellSpec, fixed: dict[str, Any]) -> bool:
     c = r.config
     return (c["task"] == task and c["method"] == cell.method and c.get("ratio") == cell.ratio
@@ -166,8 +173,7 @@ def _cell_runs(spec: StudySpec, task: str, cell: CellSpec, finished: list[RunRec
                run_id: RunId | None, seeds: tuple[int, ...] | None = None) -> list[PlannedRun]:
     """The runs one cell still needs on one task (at ``seeds``: the cell's planned seeds unless given)."""
     seeds = spec.cell_seeds(cell) if seeds is None else seeds
-    fixed = {k: v for k, v in {**spec.common, **spec.protocol[task]}.items()  # as run_config sets them
-             if cell.method not in UNTRAINED_METHODS or k not in TRAINING_ONLY}
+    fixed = _fixed(spec, task, cell)
     done = {(float(r.config["lr"]), r.config["seed"]): r for r in finished if _matches(r, task, cell, fixed)}
     done = {key: r for key, r in done.items() if _is_current(r, task, cell, run_id)}
     if cell.method == "zeroshot":  # no LR: one evaluation per seed (data sample)
@@ -222,7 +228,7 @@ def _seeds_decided(spec: StudySpec, finished: list[RunRecord], run_id: RunId | N
     if any(_cell_runs(spec, task, cell, finished, run_id) for task, cell in involved):
         return None
     pilot = [r for task, cell in involved for r in finished  # only the planned seeds: the decision is made once
-             if _matches(r, task, cell, {**spec.common, **spec.protocol[task]})
+             if _matches(r, task, cell, _fixed(spec, task, cell))
              and r.config["seed"] in spec.cell_seeds(cell) and _is_current(r, task, cell, run_id)]
     planned = max(len(spec.cell_seeds(cell)) for _, cell in involved)
     return decide(rule, list(study_cells(pilot).values()), set(spec.protocol), planned)
@@ -311,7 +317,7 @@ def plan_progress(spec: StudySpec, records: list[RunRecord]) -> PlanProgress:
         runs = _cell_runs(spec, task, cell, finished, None, seeds)
         if not runs and (task, id(cell)) not in pending:  # a cell done with its planned seeds may still get more
             continue
-        fixed = {**spec.common, **spec.protocol[task]}
+        fixed = _fixed(spec, task, cell)
         searching = sum(is_search_run(spec, run) for run in runs)
         if searching:  # keyed as the records' cells are (study.cells), protocol fields included
             unfinished |= {cell_key(r.config) for r in finished if _matches(r, task, cell, fixed)}

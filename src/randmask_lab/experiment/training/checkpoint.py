@@ -46,11 +46,11 @@ from randmask_lab.experiment.training.checkpoint_shards import (
 from randmask_lab.fs import make_folder, write_json
 from randmask_lab.methods import PreparedModel
 from randmask_lab.methods.trainable import (
-    existing_sha256,
     full_tensor,
     like_param,
     load_trainable,
     read_tensors,
+    recorded_sha256,
     tensor_file_limit,
     trainable_tensors,
     write_tensors,
@@ -148,23 +148,25 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
     single-file format instead, as before the parts: every rank gathers the sharded tensors (collectives), only
     the rank with ``write`` keeps them, the others drop each at once."""
     tag, sharded = f"{state.global_step:08d}", not whole and is_sharded(prepared.model)
-    shards = None
+    shards, recorded = None, _recorded_digests(folder) if best is not None else {}
     if sharded:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer, local=True)
         trainable = {n: p.detach() for n, p in prepared.model.named_parameters() if p.requires_grad}
         shards, part_sha = write_parts(folder, {"trainable": tag, "optimizer": tag, "best": f"epoch{state.best_epoch}"},
                                        {"trainable": trainable, "optimizer": opt_tensors}, best,
-                                       tensor_file_limit(prepared.model))
+                                       tensor_file_limit(prepared.model), recorded)
         trainable, opt_tensors, best = {}, {}, None  # in the parts: the header names them
     else:
         trainable = trainable_tensors(prepared.model, keep=write)
         opt_tensors, opt_meta = _flatten_optimizer(optimizer, keep=write)
     if not write:
+        if sharded:
+            dist.barrier()  # the writer prunes older files in the shared folder: write no next part before that
         return
     m_tensors, m_meta = prepared.method_state()
     roles = {"trainable": trainable, "optimizer": opt_tensors} if shards is None else {}
     files, sha256 = _write_files(folder, tag, {**roles, "method": m_tensors}, best, state.best_epoch,
-                                 tensor_file_limit(prepared.model))
+                                 tensor_file_limit(prepared.model), recorded)
     header = {"run_id": run_id, "files": files, "sha256": sha256, "state": asdict(state), "optimizer": opt_meta,
               "method": m_meta, "rng": _rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
     if shards is not None:
@@ -175,20 +177,33 @@ def save_checkpoint(folder: Path, state: TrainState, prepared: PreparedModel, op
     for old in folder.glob("*.safetensors"):  # files of older checkpoints (every rank's parts: a shared folder)
         if old.name not in named:
             old.unlink(missing_ok=True)
+    if sharded:
+        dist.barrier()
+
+
+def _recorded_digests(folder: Path) -> dict[str, str]:
+    """The SHA-256 of each file the checkpoint about to be replaced names ({} when there is none, or it is not one
+    this code can read: then nothing is reused and every file is written)."""
+    try:
+        header = read_json_limited(folder / STATE, MAX_STATE_BYTES, "checkpoint header")
+    except (MaskingError, OSError):
+        return {}
+    digests = header.get("sha256") if isinstance(header, dict) else None
+    return {k: v for k, v in digests.items() if isinstance(v, str)} if isinstance(digests, dict) else {}
 
 
 def _write_files(folder: Path, tag: str, tensors: dict[str, dict[str, torch.Tensor]],
-                 best: dict[str, torch.Tensor] | None, best_epoch: int | None, limit: int
+                 best: dict[str, torch.Tensor] | None, best_epoch: int | None, limit: int, recorded: dict[str, str]
                  ) -> tuple[dict[str, str], dict[str, str]]:
-    """Write one safetensors file per role (and the best copy's, unless written at its epoch's end and unchanged
-    since); their names by role and their SHA-256 by name."""
+    """Write one safetensors file per role (and the best copy's, unless the checkpoint being replaced, whose digests
+    are ``recorded``, names it unchanged); their names by role and their SHA-256 by name."""
     make_folder(folder)
     files = {role: f"{role}-{tag}.safetensors" for role in tensors}
     sha256 = {files[role]: write_tensors(folder / files[role], named) for role, named in tensors.items()}
     if best is not None:
         files["best"] = f"best-epoch{best_epoch}.safetensors"
-        sha256[files["best"]] = existing_sha256(folder / files["best"], limit) or write_tensors(
-            folder / files["best"], best)
+        sha256[files["best"]] = recorded_sha256(folder / files["best"], limit, recorded.get(files["best"])) or \
+            write_tensors(folder / files["best"], best)
     return files, sha256
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.training.checkpoint_header import FILE_NAME
 from randmask_lab.fs import make_folder
-from randmask_lab.methods.trainable import existing_sha256, like_param, read_tensors, trainable_tensors, write_tensors
+from randmask_lab.methods.trainable import like_param, read_tensors, recorded_sha256, trainable_tensors, write_tensors
 
 SHARDED_ROLES = frozenset({"trainable", "optimizer", "best"})
 MAX_WORLD = 1 << 16  # the rank count a header may claim: it sizes the lists this code builds from it
@@ -107,7 +107,7 @@ def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, list[Any]]:
 
 
 def _write_mine(folder: Path, tags: dict[str, str], tensors: dict[str, dict[str, torch.Tensor]],
-                best: dict[str, torch.Tensor] | None, limit: int) -> dict[str, Any]:
+                best: dict[str, torch.Tensor] | None, limit: int, recorded: dict[str, str]) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     make_folder(folder)
     mine: dict[str, Any] = {"files": {}, "sha256": {}, "layout": {role: _layout(t) for role, t in tensors.items()}}
@@ -115,19 +115,22 @@ def _write_mine(folder: Path, tags: dict[str, str], tensors: dict[str, dict[str,
         name = mine["files"][role] = part_name(role, tags[role], rank, world)
         mine["sha256"][name] = write_tensors(folder / name, {k: v.to_local() if _is_dtensor(v) else v
                                                              for k, v in named.items()})
-    if best is not None:  # written at that epoch's end, unchanged since: reused
+    if best is not None:  # the part the checkpoint being replaced names, unchanged since: reused
         name = mine["files"]["best"] = part_name("best", tags["best"], rank, world)
-        mine["sha256"][name] = existing_sha256(folder / name, limit) or write_tensors(folder / name, best)
+        mine["sha256"][name] = recorded_sha256(folder / name, limit, recorded.get(name)) or write_tensors(
+            folder / name, best)
     mine["sizes"] = {n: (folder / n).stat().st_size for n in mine["sha256"]}
     return mine
 
 
 def write_parts(folder: Path, tags: dict[str, str], tensors: dict[str, dict[str, torch.Tensor]],
-                best: dict[str, torch.Tensor] | None, limit: int) -> tuple[dict[str, Any], dict[str, str]]:
+                best: dict[str, torch.Tensor] | None, limit: int, recorded: dict[str, str]
+                ) -> tuple[dict[str, Any], dict[str, str]]:
     """Every rank: write this rank's parts of ``tensors`` (by role; a DTensor gives its local shard) and of ``best``
-    (already this rank's shards); returns ``state.json``'s ``shards`` and every part's SHA-256, on every rank."""
+    (already this rank's shards; reused where the checkpoint being replaced, whose digests are ``recorded``, names
+    it unchanged); returns ``state.json``'s ``shards`` and every part's SHA-256, on every rank."""
     try:
-        mine = _write_mine(folder, tags, tensors, best, limit)
+        mine = _write_mine(folder, tags, tensors, best, limit, recorded)
     except (OSError, RunError, ValueError) as e:  # the other ranks wait at the gather: all stop, on this error
         mine = {"error": f"rank {dist.get_rank()} could not write its checkpoint part ({' '.join(str(e).split())})"}
     everyone: list[Any] = [None] * dist.get_world_size()

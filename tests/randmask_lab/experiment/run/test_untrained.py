@@ -78,3 +78,28 @@ def test_committed_zeroshot_records_keep_their_run_ids() -> None:
         config = RunConfig.from_dict({**row["config"], "data_dir": str(DATA)})
         config.validate()
         assert without_training_options(config).run_id == row["run_id"]
+
+
+def _reestimated(common: dict) -> tuple[int, object]:
+    """Run a study of LoRA against zero-shot to its end on made-up results: (records, its seed re-estimate)."""
+    from randmask_lab.study.plan import seeds_decided
+    from randmask_lab.study.reestimate import Reestimate
+
+    protocol = {"sst2": {"n_train": 64, "n_val": 32, "n_test": 64, "epochs": 2}}
+    spec = StudySpec("t", "tiny", "32", protocol, [CellSpec("zeroshot"), CellSpec("lora", lrs=(1e-3,))],
+                     common={**common, "batch_size": 8, "mode": "lm"},
+                     reestimate=Reestimate(compare=(("lora", "zeroshot"),), max_seeds=10, half_width=0.01))
+    records: list[RunRecord] = []
+    while todo := needed_runs(spec, records):
+        for run in todo:
+            test = 0.8 + 0.05 * (run.seed % 2) if run.method == "lora" else 0.5 + 0.01 * run.seed
+            records.append(RunRecord(f"{run.method}-{run.seed}", run_config(spec, run, "runs", {}).to_dict(), "done",
+                                     "accuracy", val_loss=0.5, test_metric=test))
+    return len(records), seeds_decided(spec, records)
+
+
+def test_a_training_option_in_common_leaves_the_seed_reestimate_as_it_is() -> None:
+    # Without the match the zero-shot records never entered the re-estimate's pilot: it decided "no more seeds" (3,
+    # 9 runs) where the same results without the unused option gave 10 seeds (23 runs).
+    plain = _reestimated({})
+    assert plain[1].seeds == 10 and _reestimated({"weight_decay": 0.1}) == plain

@@ -55,6 +55,24 @@ def test_a_new_checkpoint_replaces_the_old_files(tmp_path):
     assert load_checkpoint(tmp_path / "missing", model, opt, "r") is None
 
 
+def test_a_best_file_a_killed_attempt_left_is_written_again_not_reused(tmp_path):
+    # A killed attempt wrote best-epoch2 and died before state.json; the next attempt resumed the checkpoint before it
+    # and reached other values at epoch 2 (another machine or commit). Reusing the file by its name alone kept the
+    # killed attempt's tensors as the best.
+    from safetensors.torch import save_file
+
+    model, opt = _model_and_optimizer(0)
+    save_checkpoint(tmp_path, TrainState(epoch=1, global_step=2, best_epoch=1), model, opt,
+                    {"0.weight": torch.ones(3, 4)}, "r")
+    save_file({"0.weight": torch.full((3, 4), 7.0)}, str(tmp_path / "best-epoch2.safetensors"))  # the killed one's
+    fresh = {"0.weight": torch.full((3, 4), 2.0)}
+    save_checkpoint(tmp_path, TrainState(epoch=2, global_step=4, best_epoch=2), model, opt, fresh, "r")
+    assert torch.equal(load_checkpoint(tmp_path, model, opt, "r")[1]["0.weight"], fresh["0.weight"])
+    written = (tmp_path / "best-epoch2.safetensors").stat().st_mtime_ns
+    save_checkpoint(tmp_path, TrainState(epoch=2, global_step=5, best_epoch=2), model, opt, fresh, "r")
+    assert (tmp_path / "best-epoch2.safetensors").stat().st_mtime_ns == written  # the recorded one: reused
+
+
 # -- issue 28: a damaged or hostile checkpoint is a one-line RunError, read bounded ---------------------------------
 
 

@@ -101,7 +101,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.barrier()
     if rank == 0 and (out / "moved.safetensors").exists():
         (out / "moved.safetensors").rename(part)
+    _stale_best(out, rank, prepared, opt)
     end_spawned_rank()
+
+
+def _stale_best(out: Path, rank: int, prepared: PreparedModel, opt: torch.optim.Optimizer) -> None:
+    """A killed attempt left this rank's best-epoch2 part (written, state.json not); the next save at epoch 2 must
+    write its own best, not name the killed attempt's file (which its re-run need not reproduce bit for bit)."""
+    from randmask_lab.experiment.training.checkpoint_shards import trainable_copy
+
+    folder = out / "stale"
+    save_checkpoint(folder, STATE, prepared, opt, trainable_copy(prepared.model), "r", write=rank == 0)
+    fresh = trainable_copy(prepared.model)
+    save_file({n: t + 1 for n, t in fresh.items()}, str(folder / f"best-epoch2-rank{rank}-of-{WORLD}.safetensors"))
+    later = TrainState(epoch=2, global_step=4, best_epoch=2, history=[{"epoch": 2, "val_loss": 0.4}])
+    save_checkpoint(folder, later, prepared, opt, fresh, "r", write=rank == 0)
+    best = load_checkpoint(folder, prepared, opt, "r")[1]
+    (out / f"stale{rank}.json").write_text(json.dumps(_equal(best, fresh)))
 
 
 def _three_ranks(rank: int, port: int, out_dir: str) -> None:
@@ -150,6 +166,10 @@ def test_each_rank_resumes_from_its_own_parts_to_the_uninterrupted_values(two_ra
     for r in range(WORLD):
         read = json.loads((two_ranks / f"read{r}.json").read_text())
         assert read and all(f"-rank{r}-of-2." in name for name in read)
+
+
+def test_a_best_part_a_killed_attempt_left_is_written_again_not_reused(two_ranks):
+    assert [json.loads((two_ranks / f"stale{r}.json").read_text()) for r in range(WORLD)] == [True, True]
 
 
 def test_a_sharded_runs_single_file_checkpoint_still_resumes(two_ranks):
