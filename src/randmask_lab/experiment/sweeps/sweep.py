@@ -19,7 +19,7 @@ from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import RunRecord, code_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner
 from randmask_lab.experiment.run.config import MASKING_METHODS, RunConfig
-from randmask_lab.experiment.run.untrained import without_training_options
+from randmask_lab.experiment.run.untrained import UNTRAINED_METHODS, untrained_problem, without_training_options
 from randmask_lab.experiment.training.train import LeaseLost, default_store, run_training
 from randmask_lab.fs import disk_problem
 
@@ -93,6 +93,12 @@ def checked_grid(sweep: SweepConfig, base: RunConfig) -> tuple[list[RunConfig], 
     """The grid's run configs and ids, checked before any run starts: unknown names and missing data
     fail here (not hours later), and so do a grid that lists the same run twice and a masking ratio the model
     cannot take."""
+    if sweep.methods and all(m in UNTRAINED_METHODS for m in sweep.methods):  # the training options reach no run
+        if problem := untrained_problem(dataclasses.replace(base, method=sweep.methods[0], trainable_ratio=None)):
+            raise RunError(f"every method of the sweep trains nothing: {problem}")
+        if sweep.lrs:
+            raise RunError(f"--lrs sets the LRs of the methods that train, and --methods {','.join(sweep.methods)} "
+                           "trains nothing: it would be ignored. Drop it")
     configs = sweep_configs(sweep, base)
     for config in configs:
         check_names(config)

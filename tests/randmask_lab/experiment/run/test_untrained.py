@@ -103,3 +103,12 @@ def test_a_training_option_in_common_leaves_the_seed_reestimate_as_it_is() -> No
     # 9 runs) where the same results without the unused option gave 10 seeds (23 runs).
     plain = _reestimated({})
     assert plain[1].seeds == 10 and _reestimated({"weight_decay": 0.1}) == plain
+
+
+@pytest.mark.parametrize("argv, named", [(["--weight-decay", "0.1"], "--weight-decay shapes training"),
+                                         (["--lrs", "0.1"], "--lrs sets the LRs")])
+def test_a_sweep_of_zeroshot_only_refuses_the_training_options_it_would_ignore(argv, named, capsys) -> None:
+    # Beside a method that trains, the options are that method's; a sweep of zero-shot alone honours them nowhere.
+    assert main(["sweep", "--methods", "zeroshot", "--tasks", "rte", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err
