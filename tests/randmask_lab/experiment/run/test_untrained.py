@@ -24,8 +24,24 @@ GIVEN = {"lr": 0.5, "head_lr": 0.1, "grad_accum": 2, "weight_decay": 0.1, "adam_
          "method_options": {"r": 4}}
 
 
+# The identity fields a zero-shot run reads or that place its row (the protocol's): every other identity field must
+# be in TRAINING_ONLY, so a field added to RunConfig fails here until someone says which it is.
+ZEROSHOT_READS = {"model", "task", "method", "trainable_ratio", "density", "epochs", "batch_size", "group_by_length",
+                  "max_grad_norm", "seed", "data_seed", "n_train", "n_val", "n_test", "mode", "max_length",
+                  "max_new_tokens", "val_generate", "precision", "world_size", "quantize", "source"}
+
+
 def test_every_training_only_field_is_tried_here() -> None:
     assert set(GIVEN) == set(TRAINING_ONLY)
+
+
+def test_every_identity_field_is_read_by_zeroshot_or_training_only() -> None:
+    import dataclasses
+
+    from randmask_lab.experiment.run.config import field_role
+
+    identity = {f.name for f in dataclasses.fields(RunConfig) if field_role(f) == "identity"}
+    assert identity == ZEROSHOT_READS | set(TRAINING_ONLY) and not ZEROSHOT_READS & set(TRAINING_ONLY)
 
 
 @pytest.mark.parametrize("name", sorted(GIVEN))
