@@ -19,6 +19,8 @@ def seeds_text(n: int) -> str:
 
 def bounds_text(est: Estimate, level: float = LEVEL) -> str:
     bounds = est.one_sided(level)
+    if est.spread_free:
+        return f"no one-sided bounds: every seed gives {100 * est.mean:.1f}, a spread of 0, which no verdict reads"
     if bounds is None:
         return "one-sided bounds need 2+ seeds"
     return f"one-sided {level:.0%} bounds {100 * bounds[0]:.1f} / {100 * bounds[1]:.1f}"

@@ -18,6 +18,9 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
 (e) structured is worse than random at <= 1e-4: the one-sided 95% lower bound of (random - structured),
     pooled per seed over tasks and ratios, lies above 0 (HOLDS); its one-sided 95% upper bound lies below
     0 (DOES NOT HOLD); INCONCLUSIVE otherwise. The two-sided 95% interval is printed beside it.
+A difference whose seeds show no spread (each seed gives the same value, ``Estimate.spread_free``) has a t interval
+of zero width, which measures no spread rather than showing there is none: (a), (c) and (e) read it as they read
+one seed, INCONCLUSIVE.
 A cell whose LR search is unfinished (known from the study's spec) is left out of every rule, and named.
 (a) and (e) are INCONCLUSIVE, with the seeds named, while a seed of a compared cell finished without a test result
 at the chosen LR (diverged, scale_collapsed) where the other side ran it: the plan counts it as run, and the paired
@@ -210,7 +213,8 @@ def finding_c(analysis_dirs: Sequence[str | Path]) -> Verdict:
             continue
         diff = paired_difference(log_lo, log_hi)  # log10 λ(lower ratio) - log10 λ(higher ratio)
         evidence.append(f"log10 {name} at {lo:.0e} − at {hi:.0e}: {diff.text(scale=1.0, digits=2)} (seeds paired)")
-        verdicts.append(UNSURE if diff.low is None else HOLDS if diff.high < 0 else FAILS if diff.low > 0 else UNSURE)
+        no_interval = diff.one_sided() is None  # one seed, or no spread
+        verdicts.append(UNSURE if no_interval else HOLDS if diff.high < 0 else FAILS if diff.low > 0 else UNSURE)
     verdict = FAILS if FAILS in verdicts else HOLDS if all(v == HOLDS for v in verdicts) else UNSURE
     return Verdict("c", claim, verdict, evidence)
 

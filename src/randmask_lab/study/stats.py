@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 from scipy.stats import t as student_t
 
+# A std at or below this is float noise around one value: seeds' metrics are fractions in [0, 1] (or log10 λ), and
+# k/n - j/n computed twice differs by ~1e-16.
+NO_SPREAD = 1e-9
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -26,11 +30,18 @@ class Estimate:
     high: float | None
     n: int
 
+    @property
+    def spread_free(self) -> bool:
+        """Whether 2+ seeds all gave one value (to float noise): their t interval is a point, which measures no
+        spread rather than showing there is none (two runs per seed collapsed alike give it; so can 2 seeds)."""
+        return self.std is not None and self.std <= NO_SPREAD
+
     def one_sided(self, level: float = 0.95) -> tuple[float, float] | None:
-        """(lower, upper) one-sided ``level`` bounds: mean -/+ t_{level, n-1} std / sqrt(n) (None when n < 2).
+        """(lower, upper) one-sided ``level`` bounds: mean -/+ t_{level, n-1} std / sqrt(n) (None when n < 2, or
+        when the seeds show no spread: a verdict on a zero-width interval would claim certainty no seed count gives).
 
         Each is the bound of its own one-sided test: ``low > -margin`` shows non-inferiority at ``level``."""
-        if self.std is None:
+        if self.std is None or self.spread_free:
             return None
         half = student_t.ppf(level, self.n - 1) * self.std / math.sqrt(self.n)
         return self.mean - half, self.mean + half

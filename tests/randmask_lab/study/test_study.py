@@ -34,17 +34,19 @@ def study(lora_shift: float = 0.0) -> list[RunRecord]:
     """Two tasks; LR search on seed 0, seeds 1 and 2 at the chosen LR."""
     records = []
     for t, task in enumerate(("sst2", "rte")):
-        for method, ratio, grid, best in (("lora", None, (1e-4, 1e-3, 3e-3), 1e-3),
-                                          ("randmask", 1e-3, (1e-3, 1e-2, 3e-2), 1e-2),
-                                          ("randmask", 1e-4, (1e-2, 3e-2, 1e-1), 3e-2),
-                                          ("randmask", 1e-5, (3e-2, 1e-1, 3e-1), 1e-1),
-                                          ("structured", 1e-4, (1e-2, 3e-2, 1e-1), 3e-2)):
+        for k, (method, ratio, grid, best) in enumerate((("lora", None, (1e-4, 1e-3, 3e-3), 1e-3),
+                                                         ("randmask", 1e-3, (1e-3, 1e-2, 3e-2), 1e-2),
+                                                         ("randmask", 1e-4, (1e-2, 3e-2, 1e-1), 3e-2),
+                                                         ("randmask", 1e-5, (3e-2, 1e-1, 3e-1), 1e-1),
+                                                         ("structured", 1e-4, (1e-2, 3e-2, 1e-1), 3e-2))):
             base = 0.80 - 0.1 * t + (lora_shift if method == "lora" else 0) - (0.05 if method == "structured" else 0)
             for lr in grid:
                 gap = abs(math.log10(lr / best))
                 records.append(record(task, method, lr, 0, base - gap / 10, 0.5 + gap, ratio))
             for seed in (1, 2):
-                records.append(record(task, method, best, seed, base + 0.002 * seed, 0.5 + 0.01 * seed, ratio))
+                jitter = 0.001 * (seed * (k + 1) % 3)  # each cell its own, so paired differences have a spread
+                records.append(record(task, method, best, seed, base + 0.002 * seed + jitter, 0.5 + 0.01 * seed,
+                                      ratio))
     return records
 
 
@@ -133,6 +135,8 @@ def test_findings_follow_the_data() -> None:
     ([-0.02, 0.01, -0.03, 0.015, -0.01], UNSURE),  # the lower bound lies below -1, the upper above it
     ([-0.031, -0.029, -0.030, -0.032, -0.028], FAILS),  # 3 points worse: the upper bound lies below -1
     ([-0.005], UNSURE),  # one seed: no bound
+    ([0.02] * 5, UNSURE),  # no spread: a zero-width interval, which would read as certain, measures none
+    ([1 / 56 - 3 / 56, 2 / 56 - 4 / 56, 5 / 56 - 7 / 56], UNSURE),  # one difference, to float noise
 ])
 def test_non_inferiority_reads_the_one_sided_bounds(diffs, verdict) -> None:
     from randmask_lab.study.findings import MARGIN, greater_than
@@ -151,6 +155,16 @@ def test_one_sided_bounds_are_the_t_quantile_at_the_level() -> None:
     half = student_t.ppf(0.95, 3) * est.std / 2
     assert low == pytest.approx(est.mean - half) and high == pytest.approx(est.mean + half)
     assert est.low < low < est.mean < high < est.high  # the one-sided 95% bound is the two-sided 90% one
+
+
+def test_a_difference_without_spread_gives_no_bounds_and_says_why() -> None:
+    from randmask_lab.study.evidence import bounds_text
+    from randmask_lab.study.stats import mean_interval
+
+    flat = mean_interval([0.25, 0.25, 0.25])
+    assert flat.spread_free and flat.one_sided() is None
+    assert bounds_text(flat) == "no one-sided bounds: every seed gives 25.0, a spread of 0, which no verdict reads"
+    assert mean_interval([0.25, 0.26]).one_sided() is not None and not mean_interval([0.25]).spread_free
 
 
 def test_report_from_and_findings_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -282,16 +296,19 @@ def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
 def test_finding_c_pairs_seeds_across_ratios(tmp_path: Path) -> None:
     from randmask_lab.study.findings import finding_c
 
-    # Ten-fold falls in every seed (with some spread): HOLDS.
+    # Ten-fold falls in every seed (with some spread in the falls, as a seed's ratios differ by more than a factor):
+    # HOLDS.
     for seed, jitter in enumerate((1.0, 1.3, 0.8)):
-        for ratio, value in ((1e-3, 10.0), (1e-4, 1.0), (1e-5, 0.1)):
-            _hessian(tmp_path / "falls" / f"{ratio}" / f"seed{seed}", ratio, seed, value * jitter)
+        for k, (ratio, value) in enumerate(((1e-3, 10.0), (1e-4, 1.0), (1e-5, 0.1))):
+            value *= jitter * (1 + 0.1 * k * seed)
+            _hessian(tmp_path / "falls" / f"{ratio}" / f"seed{seed}", ratio, seed, value)
     verdict = finding_c([tmp_path / "falls"])
     assert verdict.verdict == HOLDS and "seeds paired" in verdict.evidence[-1]
     # 1e-5 above 1e-4 in every seed: DOES NOT HOLD. One seed each: no interval, INCONCLUSIVE.
     for seed, jitter in enumerate((1.0, 1.3, 0.8)):
-        for ratio, value in ((1e-3, 10.0), (1e-4, 1.0), (1e-5, 5.0)):
-            _hessian(tmp_path / "rises" / f"{ratio}" / f"seed{seed}", ratio, seed, value * jitter)
+        for k, (ratio, value) in enumerate(((1e-3, 10.0), (1e-4, 1.0), (1e-5, 5.0))):
+            value *= jitter * (1 + 0.1 * k * seed)
+            _hessian(tmp_path / "rises" / f"{ratio}" / f"seed{seed}", ratio, seed, value)
     assert finding_c([tmp_path / "rises"]).verdict == FAILS
     for ratio, value in ((1e-3, 10.0), (1e-4, 1.0)):
         _hessian(tmp_path / "single" / f"{ratio}", ratio, 0, value)
@@ -422,6 +439,13 @@ def test_a_cell_whose_runs_differ_in_a_setting_or_repeat_a_seed_is_refused():
     assert study_cells(runs)  # one setting, distinct seeds
     runs[1].config["method_options"] = {"r": 16}
     with pytest.raises(StoreError, match=r"differ in \['method_options'\]: they are not seeds of one cell"):
+        study_cells(runs)
+    runs[1].config["method_options"] = {}
+    runs[1].config["weight_decay"] = 0  # as jq writes 0.0: one number, so one setting
+    runs[1].config["adam_betas"] = [0.9, 0.999]
+    assert study_cells(runs)
+    runs[1].config["weight_decay"] = False  # a bool is not the number 0
+    with pytest.raises(StoreError, match=r"differ in \['weight_decay'\]"):
         study_cells(runs)
     twice = [record("sst2", "lora", 1e-3, 0, 0.8, 0.5), record("sst2", "lora", 1e-3, 0, 0.7, 0.5)]
     twice[1].run_id += "-other-data"

@@ -33,9 +33,23 @@ IN_CELL_KEY = ("model", "task", "method", "ratio", "density", "quantize", "lr", 
                "mode")
 
 
+def _as_number(value: Any) -> Any:
+    """``value`` with each float that holds a whole number written as that int (``True`` stays a bool): JSON has one
+    number type, so 0 and 0.0 are one setting. A study file rewritten by a JSON tool (jq writes 0.0 as 0) held runs
+    "differing in weight_decay" that ran alike."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _as_number(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_number(v) for v in value]
+    return value
+
+
 def settings_of(config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    """(field, value as compact JSON) of every setting outside the cell key, a missing field at its default."""
-    return tuple((name, json.dumps(config.get(name, default), sort_keys=True, separators=(",", ":")))
+    """(field, value as compact JSON, numbers compared as numbers) of every setting outside the cell key, a missing
+    field at its default."""
+    return tuple((name, json.dumps(_as_number(config.get(name, default)), sort_keys=True, separators=(",", ":")))
                  for name, default in SETTING_DEFAULTS.items())
 
 

@@ -79,6 +79,9 @@ def test_runs_of_other_settings_are_other_rows_never_seeds_of_one():
     assert [r.run_id for r in best_runs([r1, r16])] == [r1.run_id, r16.run_id]  # one per cell, not one of both
     same = [_with(seed=s, weight_decay=0.1) for s in (0, 1)]  # agreeing settings keep the plain label
     assert "| lora | 1% | 60.0 ±0.0 (1e-03) |" in report_tables(same)
+    rewritten = _with(seed=4, method_options={"r": 8})
+    rewritten.config.update(weight_decay=0, method_options={"r": 8.0})  # a JSON tool's rewrite: the same numbers
+    assert "| lora | 1% | 60.0 ±0.0 (1e-03) |" in report_tables([_with(seed=3, method_options={"r": 8}), rewritten])
     older = _with(seed=2)
     older.config.pop("world_size")  # a record made before the field existed ran at its default
     assert "| lora | 1% | 60.0 ±0.0 (1e-03) |" in report_tables([_with(seed=3), older])

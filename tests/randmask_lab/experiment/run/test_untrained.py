@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import DATA_DIR as DATA
+from tests.randmask_lab.methods.tiny import build
 
 from randmask_lab.cli import main
 from randmask_lab.errors import RunError
 from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.run.config import RunConfig
-from randmask_lab.experiment.run.untrained import TRAINING_ONLY, without_training_options
+from randmask_lab.experiment.run.untrained import TRAINING_ONLY, UNTRAINED_METHODS, without_training_options
 from randmask_lab.experiment.sweeps.sweep import SweepConfig, sweep_configs
+from randmask_lab.methods import METHOD_NAMES, prepare_method
 from randmask_lab.study.plan import CellSpec, StudySpec, needed_runs
 from randmask_lab.study.run import run_config
 
@@ -128,3 +130,13 @@ def test_a_sweep_of_zeroshot_only_refuses_the_training_options_it_would_ignore(a
     assert main(["sweep", "--methods", "zeroshot", "--tasks", "rte", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_the_untrained_methods_are_those_whose_prepared_model_trains_nothing(method: str) -> None:
+    """UNTRAINED_METHODS is written out (run/ decides before a model exists); the methods' own ``trains`` is the
+    truth it mirrors, so a method that trains nothing (or stops doing so) fails here until the list follows."""
+    budget = {"ratio": 0.02} if method in ("randmask", "structured") else {}
+    prepared = prepare_method(method, build("opt"), seed=0, total_steps=4, **budget)
+    assert prepared.trains == (method not in UNTRAINED_METHODS)
+    assert prepared.trains == any(p.requires_grad for p in prepared.model.parameters())
