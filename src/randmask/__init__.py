@@ -20,6 +20,7 @@ from randmask.adapter import MaskAdapter
 from randmask.adapter_files import read_adapter_files
 from randmask.config import MaskingConfig, MaskingError
 from randmask.files import (
+    atomic_target,
     atomic_write_bytes,
     file_size,
     loads_strict,
@@ -64,6 +65,7 @@ __all__ = [
     "add_weighted_adapter",
     "apply_masking",
     "architecture_targets",
+    "atomic_target",
     "atomic_write_bytes",
     "count_base_parameters",
     "default_targets",

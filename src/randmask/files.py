@@ -149,25 +149,32 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one.
-
-    The file gets the permissions a plain ``open(path, "wb")`` would (0666 minus the umask),
-    not mkstemp's 0600.
-    """
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A temp file beside ``path`` for the block to write, by any means (a writer that replaces it with a file of its
+    own, as safetensors' ``save_file`` does, too). When the block ends, the file gets the permissions a plain
+    ``open(path, "wb")`` would (0666 minus the umask, not mkstemp's 0600), is synced and moved onto ``path``, so
+    readers see the old file or the new one, never half of one. On an error it is removed and ``path`` untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:  # the block's writer may have closed (or replaced) the file it wrote
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-__all__ = ["atomic_write_bytes", "file_size", "loads_strict", "open_limited", "parse_json", "private_problem",
-           "read_json_limited", "read_limited"]
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one (``atomic_target``)."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
+
+
+__all__ = ["atomic_target", "atomic_write_bytes", "file_size", "loads_strict", "open_limited", "parse_json",
+           "private_problem", "read_json_limited", "read_limited"]

@@ -7,17 +7,21 @@ a 1-element tensor can never broadcast into a 52-value parameter.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 from torch import nn
 
-from randmask import MaskingError, atomic_write_bytes, read_limited
+from randmask import MaskingError, atomic_target, open_limited, read_limited
 
 HEADER_SLACK = 16 << 20  # bytes beyond the tensors' data: the safetensors header (names, shapes, offsets)
+HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a written file
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust's io::Error) reports a failed write
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -87,11 +91,41 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: s
             params[name].copy_(like_param(params[name], t))
 
 
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, path: Path) -> None:
+    """``safetensors.torch.save_file``, with a failed write (a full disk, a file-size limit) an ``OSError`` naming
+    ``path`` as Python's own writes raise it (safetensors reports it as a SafetensorError), so ``disk_problem``
+    still tells the user what to do."""
+    try:
+        st_save_file(tensors, tmp)
+    except SafetensorError as e:
+        code = _OS_ERROR.search(str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+
+
+def _sha256_of(path: Path, max_bytes: int) -> str:
+    """The SHA-256 (hex) of the regular file at ``path`` (read bounded, a chunk at a time, never whole in memory); a
+    ValueError when it is not one of at most ``max_bytes``."""
+    digest, seen = hashlib.sha256(), 0
+    with open_limited(path, max_bytes, "tensor file", error=ValueError) as (f, _):
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            seen += len(chunk)
+            if seen > max_bytes:
+                raise ValueError(f"{path} grew past the {max_bytes:,}-byte limit while being read (tensor file)")
+    return digest.hexdigest()
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Atomically write ``tensors`` as one safetensors file; returns its SHA-256 (hex)."""
-    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(Path(path), blob)
-    return hashlib.sha256(blob).hexdigest()
+    """Atomically write ``tensors`` as one safetensors file (``randmask.atomic_target``); returns its SHA-256 (hex).
+    Streamed: safetensors 0.8 writes each tensor straight from its memory (``save`` built the whole file as bytes
+    first, and a copy of them: two copies of the file at once), and the digest is read back from the disk."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_target(Path(path)) as tmp:
+        _save_file(cpu, tmp, Path(path))
+        digest = _sha256_of(tmp, max_bytes=1 << 62)  # the file just written: no limit to check
+    return digest
 
 
 def recorded_sha256(path: Path, max_bytes: int, recorded: str | None) -> str | None:
@@ -101,8 +135,7 @@ def recorded_sha256(path: Path, max_bytes: int, recorded: str | None) -> str | N
     a run whose resumed re-run need not be bit for bit the same (another machine or commit)."""
     if recorded is None or not Path(path).is_file():
         return None
-    digest = hashlib.sha256(read_limited(path, max_bytes, "tensor file", error=ValueError)).hexdigest()
-    return digest if digest == recorded else None
+    return recorded if _sha256_of(Path(path), max_bytes) == recorded else None
 
 
 def tensor_file_limit(model: nn.Module, copies: int = 1) -> int:

@@ -81,3 +81,93 @@ def test_a_file_missing_some_trainable_tensors_is_refused(tiny_lm_model):
     first = next(iter(saved))
     with pytest.raises(TrainableMismatchError, match=f"lacks 1 of the model's trainable parameters .*{first}"):
         load_trainable(prepared.model, {k: v for k, v in saved.items() if k != first}, source="t.safetensors")
+
+
+def _dicts() -> dict[str, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=gen)
+    return {"empty": {},
+            "dtypes": {"f32": torch.randn(3, 4, generator=gen), "f16": torch.randn(5, generator=gen).half(),
+                       "bf16": torch.randn(2, 3, generator=gen).bfloat16(),
+                       "f64": torch.randn(7, generator=gen).double(), "i64": torch.arange(9),
+                       "i8": torch.arange(-3, 3, dtype=torch.int8), "bool": torch.tensor([True, False])},
+            "odd shapes": {"none": torch.empty(0), "rows": torch.zeros(0, 5), "scalar": torch.tensor(3.5),
+                           "step": torch.tensor(7)},
+            "views": {"t": base.t(), "strided": base[:, ::2], "expanded": torch.ones(1, 4).expand(3, 4),
+                      "param": torch.nn.Parameter(base.clone())}}
+
+
+@pytest.mark.parametrize("case", list(_dicts()))
+def test_write_tensors_writes_what_safetensors_save_builds(case, tmp_path):
+    """Streamed to the disk, byte for byte the blob ``safetensors.torch.save`` builds; the returned SHA-256 is the
+    file's; the permissions are a plain open's; no temp file is left beside it."""
+    import hashlib
+    import os
+    import stat
+
+    from safetensors.torch import save
+
+    tensors = _dicts()[case]
+    path = tmp_path / "sub" / "x.safetensors"
+    digest = write_tensors(path, tensors)
+    blob = path.read_bytes()
+    assert blob == save({k: v.detach().contiguous() for k, v in tensors.items()})
+    assert digest == hashlib.sha256(blob).hexdigest()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]
+
+
+def test_write_tensors_never_holds_the_whole_file(tmp_path):
+    """A save's peak is the tensors plus a small buffer, not the tensors plus a copy of the whole file (the Python
+    allocations traced: the old ``safetensors.torch.save`` blob was one, of the file's size). Older safetensors (0.4
+    at least) copied each tensor to bytes in ``save_file`` itself: checked from 0.8, the version measured."""
+    import tracemalloc
+
+    import safetensors
+
+    if tuple(int(x) for x in safetensors.__version__.split(".")[:2]) < (0, 8):
+        pytest.skip(f"safetensors {safetensors.__version__} copies each tensor to bytes in save_file")
+
+    tensors = {"a": torch.ones(2 << 20), "b": torch.zeros(2 << 20)}  # 16 MiB of fp32
+    tracemalloc.start()
+    try:
+        write_tensors(tmp_path / "x.safetensors", tensors)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB held while writing 16 MiB"
+
+
+def test_a_failed_write_is_an_oserror_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write the file system refuses (here: past a file-size limit, EFBIG) is the OSError Python's own writes
+    raise, which ``disk_problem`` turns into a fix, not safetensors' own error; an interrupted save leaves the old
+    file whole at its name. Neither leaves a temp file."""
+    resource = pytest.importorskip("resource")
+    import signal
+    from signal import SIGXFSZ
+
+    import randmask_lab.methods.trainable as trainable
+    from randmask_lab.fs import disk_problem
+
+    path = tmp_path / "x.safetensors"
+    write_tensors(path, {"old": torch.ones(3)})
+    old, limits, handler = path.read_bytes(), resource.getrlimit(resource.RLIMIT_FSIZE), signal.getsignal(SIGXFSZ)
+    signal.signal(SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process at the limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(OSError) as caught:
+            write_tensors(path, {"new": torch.zeros(1 << 19)})  # 2 MiB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(SIGXFSZ, handler)
+    assert "no space left" in disk_problem(caught.value) and str(path) in disk_problem(caught.value)
+
+    def killed(tmp, max_bytes):  # the new file written, not yet moved onto the old one
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainable, "_sha256_of", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_tensors(path, {"new": torch.zeros(4)})
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

@@ -38,9 +38,9 @@ from randmask_lab.experiment.training.checkpoint_shards import (
     SHARDED_ROLES,
     agree,
     is_sharded,
-    local_copy,
     sharded_reader,
     shards_problem,
+    trainable_copy,
     write_parts,
 )
 from randmask_lab.fs import make_folder, write_json
@@ -282,7 +282,7 @@ def _restore(folder: Path, header: dict[str, Any], prepared: PreparedModel, opti
     roles = header["shards"]["files"] if "shards" in header else files
     best = read("best") if "best" in roles else None
     if best is not None and "shards" not in header:
-        best = local_copy(model, best)  # a single file's whole tensors: kept as this rank's shards
+        best = trainable_copy(model, best)  # a single file's whole tensors: kept as this rank's shards
     state = TrainState(**header["state"])
     if scaler is not None and header.get("scaler"):
         scaler.load_state_dict(header["scaler"])

@@ -63,20 +63,16 @@ def part_name(role: str, tag: str, rank: int, world: int) -> str:
     return f"{role}-{tag}-rank{rank}-of-{world}.safetensors"
 
 
-def trainable_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the trainable tensors to keep (the best epoch's): this rank's shards of a sharded model (never a
-    whole one), whole tensors otherwise."""
+def trainable_copy(model: nn.Module, whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trainable tensors as a run keeps a copy of them (the best epoch's): this rank's shards, on the CPU, of a
+    sharded model (never a whole one), whole tensors otherwise. Of the model's own parameters, or of ``whole``:
+    whole tensors read back from a file (returned as they are for a model that is not sharded)."""
     if not is_sharded(model):
-        return trainable_tensors(model)
-    return {n: p.detach().to_local().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def local_copy(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole tensors read back as ``trainable_copy`` keeps them: this rank's shards when ``model`` is sharded."""
-    if not is_sharded(model):
-        return tensors
+        return trainable_tensors(model) if whole is None else whole
     params = dict(model.named_parameters())
-    return {n: like_param(params[n], t).to_local().clone() if n in params else t for n, t in tensors.items()}
+    if whole is None:
+        whole = {n: p.detach() for n, p in params.items() if p.requires_grad}  # DTensors: like_param keeps them
+    return {n: like_param(params[n], t).to_local().cpu().clone() if n in params else t for n, t in whole.items()}
 
 
 def as_dtensors(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,11 +208,16 @@ def shards_problem(header: dict[str, Any]) -> str | None:
     return layout_problem(shards.get("layout"), world)
 
 
+def _role_layout(shards: dict[str, Any], role: str) -> dict[str, Any]:
+    """The shard layout ``role``'s parts follow: the optimizer's, or the trainable tensors' (the best copy's too)."""
+    return shards["layout"]["optimizer" if role == "optimizer" else "trainable"]
+
+
 def _read_part(folder: Path, header: dict[str, Any], role: str, rank: int, limit: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s part of ``role``, checked: its recorded size and SHA-256, the names its layout lists, and
     each tensor's shape against that rank's shard of it."""
     shards = header["shards"]
-    name, layout = shards["files"][role][rank], shards["layout"]["optimizer" if role == "optimizer" else "trainable"]
+    name, layout = shards["files"][role][rank], _role_layout(shards, role)
     path = folder / name
     if not path.exists() and not path.is_symlink():
         raise ValueError(f"rank {rank}'s {role} part {name} is missing")
@@ -260,9 +261,8 @@ def sharded_reader(folder: Path, header: dict[str, Any], model: nn.Module, optim
             tensors = _read_part(folder, header, role, dist.get_rank(), limit(role))
             return tensors if role == "best" else as_dtensors(tensors, moments if role == "optimizer" else params)
         parts = [_read_part(folder, header, role, r, limit(role)) for r in range(shards["world"])]
-        layout = shards["layout"]["optimizer" if role == "optimizer" else "trainable"]
-        whole = {name: _join(name, entry, parts) for name, entry in layout.items()}
-        return local_copy(model, whole) if role == "best" else whole
+        whole = {name: _join(name, entry, parts) for name, entry in _role_layout(shards, role).items()}
+        return trainable_copy(model, whole) if role == "best" else whole
 
     return read
 
