@@ -94,13 +94,26 @@ def failed_lines(pairs: Mapping[str, tuple[StudyCell, StudyCell]], indent: str) 
             for seed, status in sorted(cell.failed.items()):
                 if seed in set(other.tests) | set(other.failed):
                     found[(cell.key[3], cell.key[2], status)].append(seed)
+    lines = _no_lr_lines(pairs, indent)
     if not found:
-        return []
+        return lines
     named = "; ".join(f"{label} {task} seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} ({status})"
                       for (label, task, status), seeds in sorted(found.items()))
-    return [f"{indent}not read: {named}: finished without a test result at the chosen LR, so the difference above "
-            "leaves them out (favouring the side whose run failed); the rule reads every planned seed, so it stays "
-            "INCONCLUSIVE until such a run is repeated or a person decides how a failed run counts"]
+    return lines + [f"{indent}not read: {named}: finished without a test result at the chosen LR, so the difference "
+                    "above leaves them out (favouring the side whose run failed); the rule reads every planned seed, "
+                    "so it stays INCONCLUSIVE until such a run is repeated or a person decides how a failed run counts"]
+
+
+def _no_lr_lines(pairs: Mapping[str, tuple[StudyCell, StudyCell]], indent: str) -> list[str]:
+    """A line naming each cell of ``pairs`` that failed at every LR it tried (no LR chosen, so no seed to pair: an
+    average over cells keeps only the seeds every cell has, and would silently keep none), or none."""
+    dead = sorted({c.key[2:]: c for pair in pairs.values() for c in pair
+                   if c.lr is None and c.method != "zeroshot" and c.lrs and not c.search_unfinished}.items())
+    return [f"{indent}not read: {task} {label} finished no run at any LR it tried ("
+            + ", ".join(f"{lr:g}" for lr in cell.lrs) + "; "
+            + ", ".join(sorted({r.status for r in cell.runs})) + "), so it has no seed to pair; the rule stays "
+            "INCONCLUSIVE until its LR grid is extended or a person decides how a cell that never trained counts"
+            for (task, label), cell in dead]
 
 
 __all__ = ["LEVEL", "bounds_text", "failed_lines", "far_off_marks", "machine_lines", "seeds_text",

@@ -9,8 +9,9 @@ Each verdict is HOLDS, DOES NOT HOLD or INCONCLUSIVE, with the numbers behind it
     paired seed is far off its cell (``stats.far_off_seeds``), a sensitivity line without it (never the rule); so
     is, where a seed's two runs were computed on different machines, a sensitivity line without such seeds.
 (b) the best LR rises as the ratio falls: on every task the chosen LR is non-decreasing from 1e-3 to
-    1e-5 and rises overall (HOLDS); a strict fall on a task where neither LR sits at a grid edge
-    is DOES NOT HOLD.
+    1e-5 and rises overall (HOLDS); a strict fall is DOES NOT HOLD. A chosen LR at its grid's edge says only that the
+    best lies at or beyond it: a step (or the overall rise) that such an edge could undo is read as neither (a
+    higher ratio's LR at its high edge, or a lower ratio's at its low edge), one it cannot undo as it stands.
 (c) lambda_max after training falls as the ratio falls: for each pair of adjacent ratios, the two-sided 95% t
     interval of log10 λ(lower ratio) − log10 λ(higher ratio), paired by seed, lies below 0 (HOLDS for every
     pair); one above 0 is DOES NOT HOLD; INCONCLUSIVE otherwise (one seed gives no interval).
@@ -55,6 +56,7 @@ from randmask_lab.study.evidence import (
     sensitivity_lines,
 )
 from randmask_lab.study.plan import RunsLeft
+from randmask_lab.study.power import E_POOLED, pooled_difference
 from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
 HOLDS, FAILS, UNSURE = "HOLDS", "DOES NOT HOLD", "INCONCLUSIVE"
@@ -152,33 +154,48 @@ def _task_lines(rows: dict[str, dict[str, StudyCell]], left: str, right: str, ta
     return lines
 
 
+def _best_lr_range(cell: StudyCell) -> tuple[float, float]:
+    """Where the best LR of ``cell`` can lie: its chosen LR, or beyond it where that LR is the grid's edge (the search
+    tried nothing past it)."""
+    edge = cell.at_grid_edge
+    return (-math.inf if edge == "low" else cell.lr), (math.inf if edge == "high" else cell.lr)
+
+
+def _lr_order(first: StudyCell, then: StudyCell) -> str:
+    """How ``then``'s best LR stands to ``first``'s: "falls" or "rises" when it surely does, "keeps" when they are
+    surely equal, "unsure" when an edge points toward the other (a fall of the chosen LRs is sure only when neither
+    edge can undo it, and so is a rise or a tie; an edge pointing away changes nothing)."""
+    (first_low, first_high), (then_low, then_high) = _best_lr_range(first), _best_lr_range(then)
+    if then_high < first_low:
+        return "falls"
+    if then_low > first_high:
+        return "rises"
+    return "keeps" if first_low == first_high == then_low == then_high else "unsure"  # two edges: no order known
+
+
 def finding_b(cells: Sequence[StudyCell]) -> Verdict:
-    rows, evidence, falls, rises, edge_falls = _rows(cells), [], 0, 0, 0
+    rows, evidence, falls, holding, unsure = _rows(cells), [], 0, 0, 0
     tasks = sorted({t for r in RATIOS for t in rows.get(_label("randmask", r), {})})
     for task in tasks:
         chain = [rows.get(_label("randmask", r), {}).get(task) for r in RATIOS]
         if any(c is None or c.lr is None for c in chain):
             evidence.append(f"{task}: not every ratio has a chosen LR")
             continue
-        for hi, lo in zip(chain, chain[1:]):
-            if lo.lr < hi.lr:
-                if hi.at_grid_edge or lo.at_grid_edge:
-                    edge_falls += 1
-                else:
-                    falls += 1
-        rises += chain[-1].lr > chain[0].lr
-        marks = ", ".join(f"{r:.0e}: {c.lr:.0e}{' (edge)' if c.at_grid_edge else ''}{_margin(c)}"
-                          for r, c in zip(RATIOS, chain))
+        steps = [_lr_order(hi, lo) for hi, lo in zip(chain, chain[1:])]
+        falls += steps.count("falls")
+        unsure += "unsure" in steps
+        holding += "falls" not in steps and "unsure" not in steps and _lr_order(chain[0], chain[-1]) == "rises"
+        marks = ", ".join(f"{r:.0e}: {c.lr:.0e}{_edge_mark(c)}{_margin(c)}" for r, c in zip(RATIOS, chain))
         evidence.append(f"{task}: best LR by ratio {marks}")
     if tasks:
-        evidence.append("(margin: the runner-up LR's mean validation loss minus the chosen one's, search seed)")
-    if falls:
-        verdict = FAILS
-    elif tasks and rises == len(tasks) and not edge_falls:
-        verdict = HOLDS
-    else:
-        verdict = UNSURE
+        evidence.append("(margin: the runner-up LR's mean validation loss minus the chosen one's, search seed; an "
+                        "edge: the best LR may lie beyond it)")
+    verdict = FAILS if falls else HOLDS if tasks and holding == len(tasks) else UNSURE
     return Verdict("b", "the best LR rises monotonically as the ratio falls", verdict, evidence)
+
+
+def _edge_mark(cell: StudyCell) -> str:
+    return {"low": " (low edge)", "high": " (high edge)"}.get(cell.at_grid_edge or "", "")
 
 
 def _margin(cell: StudyCell) -> str:
@@ -250,21 +267,17 @@ def read_theory_summary(path: str | Path) -> dict[str, Any]:
 
 
 def finding_e(cells: Sequence[StudyCell]) -> Verdict:
-    rows, evidence, pooled_r, pooled_s, pairs = _rows(cells), [], {}, {}, {}
-    for ratio in (1e-4, 1e-5):
-        rnd, st = rows.get(_label("randmask", ratio), {}), rows.get(_label("structured", ratio), {})
-        for task in sorted(set(rnd) & set(st)):
-            diff = paired_difference(rnd[task].tests, st[task].tests)
-            evidence.append(f"{task} {ratio_text(ratio)}: random − structured {diff.text()} points")
-            pooled_r[f"{task}@{ratio}"], pooled_s[f"{task}@{ratio}"] = rnd[task].tests, st[task].tests
-            pairs[f"{task} {ratio_text(ratio)}"] = rnd[task], st[task]
+    pairs = E_POOLED.pairs(_rows(cells))  # "task ratio" -> (random, structured), as the power row reads them
+    evidence = [f"{key}: random − structured {paired_difference(r.tests, s.tests).text()} points"
+                for key, (r, s) in pairs.items()]
     claim = "structured masking is worse than random at ≤ 0.01%"
-    if not pooled_r:
+    if not pairs:
         return Verdict("e", claim, UNSURE, ["no structured runs"])
-    diff = paired_difference(average_by_seed(pooled_r), average_by_seed(pooled_s))
+    diff = pooled_difference(pairs)
+    pooled_r, pooled_s = ({key: pair[side].tests for key, pair in pairs.items()} for side in (0, 1))
     failed = failed_lines(pairs, "  ")
     verdict = UNSURE if failed else greater_than(diff, 0.0)
-    evidence.append(f"pooled over {len(pooled_r)} task×ratio cells: {diff.text()} points ({seeds_text(diff.n)}), "
+    evidence.append(f"pooled over {len(pairs)} task×ratio cells: {diff.text()} points ({seeds_text(diff.n)}), "
                     f"{bounds_text(diff)} -> random − structured > 0: {verdict}")
     evidence += failed + machine_lines(pairs, pooled_r, pooled_s, "  ")
     return Verdict("e", claim + " (random − structured > 0, one-sided 95%)", verdict, evidence)

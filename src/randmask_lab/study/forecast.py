@@ -65,22 +65,33 @@ class Forecast:
         left = self.planned + self.after_search
         out = (f"{self.planned} runs planned next, at least {self.after_search} more once the LR searches end: "
                f"{left} runs")
+        if left and sum(self.unpriced.values()) >= left:
+            # No run has a price: ``hours`` sums the priced runs only, so its 0.0 would read as a total (and the docs
+            # quote this line) where the total is unknown.
+            return out + f", none of them priced yet, so worker-hours unknown {self._unpriced_text()}"
         if left:
-            out += f", {self.hours:.1f} worker-hours by the median time of finished runs (CPU time per thread)"
-        if left:
-            out += f" on this kind of CPU ({self.kind})"
-        if left and self.scaled:
+            out += self._priced_text()
+        if self.unpriced:
+            out += f"; not priced yet {self._unpriced_text()}"
+        return out
+
+    def _priced_text(self) -> str:
+        """The hours of the priced runs, and how much of them came from another CPU kind or a method trained alike."""
+        out = (f", {self.hours:.1f} worker-hours by the median time of finished runs (CPU time per thread) on this "
+               f"kind of CPU ({self.kind})")
+        if self.scaled:
             out += f", {self.scaled.text()}"
         hours, methods = self.priced_like
-        if left and methods:
+        if methods:
             likes = ", ".join(f"{m} by {PRICED_LIKE[m]}'s" for m in methods)
             out += (f", {hours:.1f} of them priced, with no run of their own yet, by the same task's runs of the "
                     f"method that trains alike ({likes}: the same op and steps, only the mask's pattern differs)")
-        if self.unpriced:
-            pairs = ", ".join(f"{t} {m} ({n})" for (t, m), n in sorted(self.unpriced.items()))
-            out += (f"; not priced yet (no finished run of that task and method on a {self.kind} CPU, nor on one "
-                    f"whose speed beside it is measured): {pairs}")
         return out
+
+    def _unpriced_text(self) -> str:
+        pairs = ", ".join(f"{t} {m} ({n})" for (t, m), n in sorted(self.unpriced.items()))
+        return (f"(no finished run of that task and method on a {self.kind} CPU, nor on one whose speed beside it is "
+                f"measured): {pairs}")
 
 
 def run_seconds(r: RunRecord) -> float:

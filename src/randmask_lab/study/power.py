@@ -21,13 +21,14 @@ Both read an sd measured on few seeds, which is itself uncertain (with 3 seeds i
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from scipy.stats import nct
 from scipy.stats import t as student_t
 
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.results.report import ratio_text
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.stats import Estimate, average_by_seed, paired_difference
 
@@ -102,21 +103,88 @@ class PowerRow:
                 f"{powered(self.one_sided, self.powered)}{against}")
 
 
+@dataclass(frozen=True)
+class Pooled:
+    """One difference pooled per seed over tasks and ratios, as rule (e) reads it (``findings.finding_e``): every
+    task × ratio cell pair both methods have, each side's tests averaged per seed over its cells, then paired by seed.
+
+    A kind of comparison of its own because its per-seed sd is not any per-ratio row's (it averages several cells'
+    noise, which may cancel), so seeds sized on those rows are not the seeds the rule needs."""
+
+    finding: str  # the rule it is, for the row's name: "e"
+    left: str  # method, e.g. "randmask"
+    right: str
+    ratios: tuple[float, ...]
+    bound: float  # the one-sided test is difference > bound
+
+    def pairs(self, rows: Mapping[str, Mapping[str, StudyCell]]) -> dict[str, tuple[StudyCell, StudyCell]]:
+        """``"task ratio"`` (``sst2 1e-04``) -> (left cell, right cell), for each ratio and each task both methods
+        have at it, from ``rows`` (method label -> task -> cell, the labels the tables use)."""
+        out = {}
+        for ratio in self.ratios:
+            left = rows.get(f"{self.left} {ratio_text(ratio)}", {})
+            right = rows.get(f"{self.right} {ratio_text(ratio)}", {})
+            for task in sorted(set(left) & set(right)):
+                out[f"{task} {ratio_text(ratio)}"] = left[task], right[task]
+        return out
+
+    def name(self, pairs: Mapping[str, tuple[StudyCell, StudyCell]]) -> str:
+        """What the row reads, e.g. ``(e) as the rule reads it, randmask − structured pooled over cb, sst2 × 1e-04,
+        1e-05`` (the cells one by one where some task lacks a ratio)."""
+        tasks = sorted({a.key[2] for a, _ in pairs.values()})
+        ratios = [ratio_text(r) for r in self.ratios if any(k.endswith(f" {ratio_text(r)}") for k in pairs)]
+        over = (f"{', '.join(tasks)} × {', '.join(ratios)}" if len(pairs) == len(tasks) * len(ratios)
+                else ", ".join(pairs))
+        return f"({self.finding}) as the rule reads it, {self.left} − {self.right} pooled over {over}"
+
+
+def pooled_difference(pairs: Mapping[str, tuple[StudyCell, StudyCell]]) -> Estimate:
+    """left − right over the cell pairs of ``Pooled.pairs``, the way rule (e) pools them: each side's tests averaged
+    per seed over all its cells (``stats.average_by_seed``: only seeds every cell has), then paired by seed
+    (``stats.paired_difference``). Shared so that the power row and the rule cannot read two statistics."""
+    return paired_difference(average_by_seed({key: a.tests for key, (a, _) in pairs.items()}),
+                             average_by_seed({key: b.tests for key, (_, b) in pairs.items()}))
+
+
+# Rule (e)'s one statistic: random against structured (> 0), pooled over every task at both ratios <= 1e-4.
+E_POOLED = Pooled("e", "randmask", "structured", (1e-4, 1e-5), 0.0)
+
 # The comparisons the findings decide, with the bound each one-sided test clears: (a) randmask 1e-3 against LoRA
-# and full FT (non-inferiority, -1 point), (e) random against structured (> 0).
-COMPARISONS = (("randmask 1e-03", "lora", -0.01), ("randmask 1e-03", "full", -0.01),
-               ("randmask 1e-04", "structured 1e-04", 0.0), ("randmask 1e-05", "structured 1e-05", 0.0))
+# and full FT (non-inferiority, -1 point), (e) random against structured (> 0). (e)'s rows per ratio are kept beside
+# the pooled one the rule reads: they show which ratio carries the spread.
+COMPARISONS: tuple[tuple[str, str, float] | Pooled, ...] = (
+    ("randmask 1e-03", "lora", -0.01), ("randmask 1e-03", "full", -0.01),
+    ("randmask 1e-04", "structured 1e-04", 0.0), ("randmask 1e-05", "structured 1e-05", 0.0), E_POOLED)
 
 
 def power_table(cells: Sequence[StudyCell], margin: float = 0.01,
-                comparisons: Sequence[tuple[str, str, float]] = COMPARISONS,
+                comparisons: Sequence[tuple[str, str, float] | Pooled] = COMPARISONS,
                 tasks: Collection[str] | None = None) -> list[PowerRow]:
-    """A row per model, comparison and task (and on the task average) with at least 2 paired seeds.
+    """A row per model, comparison and task (and on the task average) with at least 2 paired seeds; a ``Pooled``
+    comparison gives one row per model, named by its rule ("(e) as the rule reads it, ...").
 
     ``tasks``: only these tasks, so the average is the one the planned study decides on (an average over other
     tasks has another spread). Rows are named by model when ``cells`` hold more than one. A RunError when one
     model's task and method come in more than one protocol: their seeds would be paired across protocols."""
-    by_model: dict[str, dict[str, dict[str, StudyCell]]] = {}  # model -> method -> task -> cell
+    by_model = _by_model(cells, tasks)
+    out: list[PowerRow] = []
+    for model, rows in sorted(by_model.items()):
+        prefix = f"{model} " if len(by_model) > 1 else ""
+        for comparison in comparisons:
+            if isinstance(comparison, Pooled):
+                out += _pooled_rows(rows, comparison, margin, prefix)
+                continue
+            left, right, bound = comparison
+            out += [_row(f"{prefix}{task}: {left} − {right}", paired_difference(a, b), bound, margin)
+                    for task, a, b in _sides(rows, left, right) if len(set(a) & set(b)) >= 2]
+    return out
+
+
+def _by_model(cells: Sequence[StudyCell], tasks: Collection[str] | None
+              ) -> dict[str, dict[str, dict[str, StudyCell]]]:
+    """model -> method label -> task -> cell, only ``tasks``' cells; a RunError on a task and method in two
+    protocols."""
+    by_model: dict[str, dict[str, dict[str, StudyCell]]] = {}
     for c in cells:
         model, protocol, task, method = c.key
         if tasks is not None and task not in tasks:
@@ -125,22 +193,35 @@ def power_table(cells: Sequence[StudyCell], margin: float = 0.01,
         if other.key[1] != protocol:
             raise RunError(f"power: the {model} {task} {method} runs come in two protocols ({other.key[1]}; "
                            f"{protocol}): give a study file of one protocol per task")
-    out: list[PowerRow] = []
-    for model, rows in sorted(by_model.items()):
-        prefix = f"{model} " if len(by_model) > 1 else ""
-        for left, right, bound in comparisons:
-            shared = sorted(set(rows.get(left, {})) & set(rows.get(right, {})))
-            sides = [(task, rows[left][task].tests, rows[right][task].tests) for task in shared]
-            if len(shared) > 1:
-                sides.append(("average", average_by_seed({t: rows[left][t].tests for t in shared}),
-                              average_by_seed({t: rows[right][t].tests for t in shared})))
-            for task, a, b in sides:
-                if len(set(a) & set(b)) < 2:
-                    continue
-                est = paired_difference(a, b)
-                sd = est.std or 0.0
-                out.append(PowerRow(f"{prefix}{task}: {left} − {right}", est, bound, seeds_for_half_width(sd, margin),
-                                    seeds_for_lower_bound(est.mean, sd, bound),
-                                    seeds_for_upper_bound(est.mean, sd, bound),
-                                    seeds_for_power(est.mean, sd, bound), seeds_for_power(-est.mean, sd, -bound)))
-    return out
+    return by_model
+
+
+def _sides(rows: Mapping[str, Mapping[str, StudyCell]], left: str, right: str
+           ) -> list[tuple[str, dict[int, float], dict[int, float]]]:
+    """(task, left tests, right tests) per task both labels have, and on their average when there are several."""
+    shared = sorted(set(rows.get(left, {})) & set(rows.get(right, {})))
+    sides = [(task, rows[left][task].tests, rows[right][task].tests) for task in shared]
+    if len(shared) > 1:
+        sides.append(("average", average_by_seed({t: rows[left][t].tests for t in shared}),
+                      average_by_seed({t: rows[right][t].tests for t in shared})))
+    return sides
+
+
+def _pooled_rows(rows: Mapping[str, Mapping[str, StudyCell]], pooled: Pooled, margin: float,
+                 prefix: str) -> list[PowerRow]:
+    """The one row of ``pooled`` (none with fewer than 2 paired seeds, or no cell pair)."""
+    pairs = pooled.pairs(rows)
+    if not pairs:
+        return []
+    est = pooled_difference(pairs)
+    if est.n < 2:
+        return []
+    return [_row(f"{prefix}{pooled.name(pairs)}", est, pooled.bound, margin)]
+
+
+def _row(name: str, est: Estimate, bound: float, margin: float) -> PowerRow:
+    """``est``'s row: the seeds each test needs at its measured mean and per-seed sd."""
+    sd = est.std or 0.0
+    return PowerRow(name, est, bound, seeds_for_half_width(sd, margin), seeds_for_lower_bound(est.mean, sd, bound),
+                    seeds_for_upper_bound(est.mean, sd, bound), seeds_for_power(est.mean, sd, bound),
+                    seeds_for_power(-est.mean, sd, -bound))

@@ -100,3 +100,25 @@ def test_structured_is_priced_by_randmask_runs_until_it_has_its_own() -> None:
     own = records + [_timed(done(1e-2, 0, 0.9, method="structured"), 1200.0)]
     f = forecast(s, needed_runs(s, own), own, kind=KIND)
     assert f.priced_like == (0.0, ()) and "trains alike" not in f.text()  # its own run sets its price now
+
+
+def test_runs_none_of_which_has_a_price_read_as_unknown_hours_not_zero() -> None:
+    """With no run priced (review27 repro 8: stage 3's baselines, no finished run of their method) the hours sum to
+    0.0, which the text (quoted into the docs) must not give as the total: it names them unpriced instead."""
+    s = spec(cells=[CellSpec("full", (1e-5, 3e-5), None)])
+    f = forecast(s, needed_runs(s, []), [], kind=KIND)
+    assert f.hours == 0.0 and f.unpriced == {("sst2", "full"): 4}
+    assert f.text() == ("2 runs planned next, at least 2 more once the LR searches end: 4 runs, none of them priced "
+                        f"yet, so worker-hours unknown (no finished run of that task and method on a {KIND} CPU, nor "
+                        "on one whose speed beside it is measured): sst2 full (4)")
+    assert "worker-hours by" not in f.text()
+
+
+def test_runs_partly_priced_keep_the_priced_hours_and_name_the_rest() -> None:
+    s = spec(cells=[CellSpec("randmask", (1e-2, 3e-2, 1e-1), 1e-4), CellSpec("full", (1e-5, 3e-5), None)])
+    records = [_timed(done(1e-2, 0, 0.9), 600.0), _timed(done(3e-2, 0, 0.5), 1200.0)]
+    f = forecast(s, needed_runs(s, records), records, kind=KIND)
+    assert f.text() == ("3 runs planned next, at least 4 more once the LR searches end: 7 runs, 0.8 worker-hours by "
+                        f"the median time of finished runs (CPU time per thread) on this kind of CPU ({KIND}); not "
+                        f"priced yet (no finished run of that task and method on a {KIND} CPU, nor on one whose speed "
+                        "beside it is measured): sst2 full (4)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -103,3 +104,47 @@ def test_seeds_for_80_percent_power_clear_the_bound_in_80_percent_of_simulated_s
     assert 0.79 <= cleared(n) <= 0.83 and cleared(n - 8) < 0.79
     assert abs(cleared(seeds_for_lower_bound(mean, sd, bound)) - 0.5) < 0.03
     assert seeds_for_power(-0.02, sd, bound) is None and seeds_for_power(0.0, 0.0, bound) == 2
+
+
+def _e_runs(ratios_of: dict[str, tuple[float, ...]]) -> list[RunRecord]:
+    """randmask and structured at the ratios ``ratios_of`` gives each task, 4 seeds: the random − structured
+    difference at 1e-4 and at 1e-5 move against each other per seed, so the pooled spread is below either's."""
+    runs = []
+    for seed, (d4, d5) in enumerate([(0.04, 0.00), (0.00, 0.05), (0.03, 0.01), (0.01, 0.03)]):
+        for t, (task, ratios) in enumerate(sorted(ratios_of.items())):
+            for ratio, diff in ((1e-4, d4), (1e-5, d5)):
+                if ratio in ratios:
+                    base = 0.7 + 0.01 * t + 0.002 * seed
+                    runs += [record(task, "randmask", 3e-2, seed, base + diff, 0.5, ratio),
+                             record(task, "structured", 3e-2, seed, base, 0.5, ratio)]
+    return runs
+
+
+def test_the_power_table_has_a_row_for_the_pooled_difference_rule_e_reads() -> None:
+    """Rule (e) reads one difference, pooled per seed over every task × ratio both methods have (review27 repro 5):
+    the power block sizes that statistic too, read the way finding_e reads it, beside the per-ratio rows."""
+    from randmask_lab.study.findings import finding_e
+
+    cells = list(study_cells(_e_runs({"sst2": (1e-4, 1e-5), "cb": (1e-4, 1e-5)})).values())
+    rows = power_table(cells)
+    pooled = rows[-1]
+    assert pooled.name == "(e) as the rule reads it, randmask − structured pooled over cb, sst2 × 1e-04, 1e-05"
+    assert [r.name for r in rows[:-1]] == [f"{t}: randmask {r} − structured {r}" for r in ("1e-04", "1e-05")
+                                           for t in ("cb", "sst2", "average")]
+    assert pooled.measured.n == 4 and pooled.bound == 0.0
+    per_seed = [0.02, 0.025, 0.02, 0.02]  # per seed, the mean of its four cells' differences
+    assert pooled.measured.mean == pytest.approx(statistics.fmean(per_seed))
+    assert pooled.measured.std == pytest.approx(statistics.stdev(per_seed))
+    assert all(r.measured.std > 0.01 > pooled.measured.std for r in rows[:-1])  # the per-ratio rows' spread is not it
+    (rule,) = [e for e in finding_e(cells).evidence if e.startswith("pooled")]
+    assert rule.startswith(f"pooled over 4 task×ratio cells: {pooled.measured.text()} points (4 seeds)")
+    assert pooled.half_width == seeds_for_half_width(pooled.measured.std, 0.01)
+
+
+def test_the_pooled_row_names_its_cells_and_comes_only_with_the_findings_comparisons() -> None:
+    cells = list(study_cells(_e_runs({"sst2": (1e-4, 1e-5), "cb": (1e-4,)})).values())
+    pooled = power_table(cells)[-1]
+    assert pooled.name == "(e) as the rule reads it, randmask − structured pooled over cb 1e-04, sst2 1e-04, sst2 1e-05"
+    assert pooled.measured.std > 0  # cb has only 1e-04's seeds, whose differences vary
+    explicit = power_table(cells, comparisons=[("randmask 1e-04", "structured 1e-04", 0.0)])  # as reestimate asks
+    assert [r.name for r in explicit] == [f"{t}: randmask 1e-04 − structured 1e-04" for t in ("cb", "sst2", "average")]

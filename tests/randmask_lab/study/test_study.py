@@ -451,3 +451,31 @@ def test_a_cell_whose_runs_differ_in_a_setting_or_repeat_a_seed_is_refused():
     twice[1].run_id += "-other-data"
     with pytest.raises(StoreError, match="two runs at lr 0.001, seed 0"):
         study_cells(twice)
+
+
+def _chain(*searches: dict[float, float]) -> list:
+    """One task's randmask cells at 1e-3, 1e-4, 1e-5, each from its LR search (LR -> validation loss, seed 0)."""
+    runs = [record("sst2", "randmask", lr, 0, 0.8, loss, ratio)
+            for ratio, search in zip((1e-3, 1e-4, 1e-5), searches) for lr, loss in search.items()]
+    return list(study_cells(runs).values())
+
+
+@pytest.mark.parametrize("searches, verdict", [
+    # interior choices 1e-2, 3e-2, 1e-1: a rise
+    (({3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {1e-2: 0.6, 3e-2: 0.5, 1e-1: 0.6}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), HOLDS),
+    # 1e-4 at its LOW edge 1e-3, below 1e-3's interior 1e-2: its best is at most 1e-3, a sure fall
+    (({3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {1e-3: 0.5, 3e-3: 0.6, 1e-2: 0.7}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), FAILS),
+    # 1e-4 at its HIGH edge 1e-1, which 1e-5 also chose: its best may lie above 1e-1, a fall not ruled out
+    (({3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {1e-2: 0.7, 3e-2: 0.6, 1e-1: 0.5}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), UNSURE),
+    # 1e-3 at its HIGH edge 3e-2 and 1e-4 below it in the interior: a sure fall
+    (({3e-3: 0.7, 1e-2: 0.6, 3e-2: 0.5}, {3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), FAILS),
+    # 1e-5 at its HIGH edge, above the rest: an edge pointing away from the others changes nothing
+    (({3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {1e-2: 0.6, 3e-2: 0.5, 1e-1: 0.6}, {3e-2: 0.7, 1e-1: 0.6, 3e-1: 0.5}), HOLDS),
+    # 1e-3 and 1e-4 both at their LOW edge 3e-3: no order known between them
+    (({3e-3: 0.5, 1e-2: 0.6}, {3e-3: 0.5, 1e-2: 0.6}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), UNSURE),
+])
+def test_finding_b_reads_a_grid_edge_by_the_way_it_points(searches, verdict) -> None:
+    """An edge LR says the best lies at or beyond it: a fall it cannot undo is a fall (it read INCONCLUSIVE), and a
+    tie or rise it could undo is not read (it read HOLDS)."""
+    b = finding_b(_chain(*searches))
+    assert b.verdict == verdict, b.text()

@@ -63,6 +63,18 @@ def test_a_seed_whose_run_failed_at_the_chosen_lr_is_named_and_the_rule_is_not_r
     assert f"cb seeds 2, 5 ({status})" in line and "INCONCLUSIVE" in line
 
 
+@pytest.mark.parametrize("method, finding", [("lora", finding_a), ("structured", finding_e)])
+def test_a_cell_that_failed_at_every_lr_is_named_and_the_rule_is_not_read(method, finding) -> None:
+    """Its cell has no chosen LR, so no seed: the task average (and (e)'s pooled one) kept the seeds every cell has,
+    none, and the rule read "no shared seed" with nothing naming the cell."""
+    rows = [dataclasses.replace(r, status="diverged", val_loss=None, test_metric=None)
+            if r.config["method"] == method and r.config["task"] == "cb" else r for r in records()]
+    verdict = finding(list(study_cells(rows).values()))
+    assert verdict.verdict == UNSURE
+    line = next(e for e in verdict.evidence if "not read:" in e)
+    assert line.startswith(f"  not read: cb {method}") and "any LR it tried (0.001, 0.01; diverged)" in line
+
+
 def test_a_task_and_method_in_two_protocols_is_refused_not_read_on_either() -> None:
     # Without the fix the cells collided by task and method label, and the last one read (here a 40-example test
     # set at 0 accuracy) silently decided (a): "randmask − lora +80 points, HOLDS".
