@@ -65,10 +65,11 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
 
 def report_from(args: argparse.Namespace) -> int:
     """Print the study tables of a JSONL file; with --figures, write its PNGs too."""
-    by_model, _, notes = _cells(args)
+    by_model, left, notes = _cells(args)
     for note in notes:
         print(note, file=sys.stderr)
-    print(study_tables({cell.key: cell for cells in by_model.values() for cell in cells}))
+    # ``left``: the runs --spec's plan has left per cell, so the tables mark those cells interim
+    print(study_tables({cell.key: cell for cells in by_model.values() for cell in cells}, left))
     if getattr(args, "figures", None):
         # matplotlib: only when figures are asked for
         from randmask_lab.study.figures import plot_lr_curves, plot_sparsity_curve, plot_structured_vs_random

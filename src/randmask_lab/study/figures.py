@@ -15,6 +15,11 @@ from randmask_lab.fs import save_figure
 from randmask_lab.study.cells import StudyCell
 from randmask_lab.study.paper import PAPER_MODEL, PAPER_RATIOS, paper_value
 from randmask_lab.study.stats import mean_interval
+from randmask_lab.study.tables import paper_ratio, seed_note
+
+# Appended to a caption where a point carries a seed label (``_seed_label``).
+SEEDS_CAPTION = ("; a label gives the seeds of a point with one seed (no interval) or with seeds that finished without "
+                 "a test result at the chosen LR (left out of its mean)")
 
 
 def _save(fig: Figure, path: Path, title: str) -> Path:
@@ -25,6 +30,17 @@ def _save(fig: Figure, path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+def _seed_label(ax, x: float, y: float, cell: StudyCell) -> bool:
+    """Label a plotted mean with its seeds where it hides something: ``n=2 of 3: seed 2 diverged`` (the failed
+    seeds are not in the mean: ``tables.seed_note``), or ``n=1`` (one seed, so no interval is drawn). Whether it
+    labelled."""
+    text = seed_note(cell) or ("n=1" if len(cell.tests) == 1 else None)
+    if text:
+        ax.annotate(text, (x, y), xytext=(-4, -10), textcoords="offset points", fontsize=6, color="0.25",
+                    ha="right")  # leftwards: the largest ratio sits at the right edge
+    return text is not None
+
+
 def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path:
     """Per task, one curve per ratio: test metric and validation loss vs LR on the LR-search seeds (the runs
     the choice compared, so ★ marks the lowest validation loss), and at the chosen LR the mean and 95% t
@@ -32,6 +48,7 @@ def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> 
     masked = [c for c in cells if c.method == "randmask" and c.ratio is not None]
     tasks = sorted({c.key[2] for c in masked})
     fig = Figure(figsize=(4.2 * max(len(tasks), 1), 6.4))
+    labelled = False
     for j, task in enumerate(tasks):
         top, bottom = fig.add_subplot(2, len(tasks), j + 1), fig.add_subplot(2, len(tasks), len(tasks) + j + 1)
         for i, cell in enumerate(sorted((c for c in masked if c.key[2] == task), key=lambda c: -c.ratio)):
@@ -48,6 +65,7 @@ def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> 
             err = None if est.low is None else [[100 * (est.mean - est.low)], [100 * (est.high - est.mean)]]
             top.errorbar([cell.lr * 1.08], [100 * est.mean], yerr=err, fmt="s", mfc="white", color=color,
                          capsize=3, ms=5)  # nudged right of the search point it would hide
+            labelled = _seed_label(top, cell.lr * 1.08, 100 * est.mean, cell) or labelled
         for ax, ylabel in ((top, "test metric ×100"), (bottom, "validation loss")):
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
@@ -57,7 +75,7 @@ def plot_lr_curves(cells: Sequence[StudyCell], path: str | Path, model: str) -> 
         top.legend(title="trainable", fontsize=8)
     return _save(fig, Path(path), f"{model}: randmask vs LR on the LR-search seed (● ; ★ = chosen LR, lowest "
                                   "validation loss) and, at the chosen LR, test mean and 95% t interval over all "
-                                  "seeds (□)")
+                                  "seeds (□)" + SEEDS_CAPTION * labelled)
 
 
 def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, model: str) -> Path | None:
@@ -76,18 +94,21 @@ def plot_structured_vs_random(cells: Sequence[StudyCell], path: str | Path, mode
     pairs.sort(key=lambda p: p[0])
     fig = Figure(figsize=(1.6 * len(pairs) + 2, 4))
     ax = fig.add_subplot(1, 1, 1)
+    labelled = False
     for i, (_, rnd, st) in enumerate(pairs):
         for offset, cell, color, name in ((-0.2, rnd, "C0", "random"), (0.2, st, "C1", "structured")):
             est = mean_interval(list(cell.tests.values()))
             err = None if est.low is None else [[100 * (est.mean - est.low)], [100 * (est.high - est.mean)]]
             ax.errorbar(i + offset, 100 * est.mean, yerr=err, fmt="o", color=color, capsize=4,
                         label=name if i == 0 else None)
+            labelled = _seed_label(ax, i + offset, 100 * est.mean, cell) or labelled
     ax.set_xticks(range(len(pairs)), [p[0] for p in pairs])
     ax.set_xlim(-0.6, len(pairs) - 0.4)
     ax.set_ylabel("test metric ×100")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, Path(path), f"{model}: random vs structured masking (mean, 95% t interval over seeds)")
+    return _save(fig, Path(path), f"{model}: random vs structured masking (mean, 95% t interval over seeds)"
+                 + SEEDS_CAPTION * labelled)
 
 
 def _errorbar(cell: StudyCell) -> tuple[float, list[list[float]] | None]:
@@ -97,27 +118,69 @@ def _errorbar(cell: StudyCell) -> tuple[float, list[list[float]] | None]:
     return 100 * est.mean, err
 
 
+def _ladder(ratio: float) -> float:
+    """Where a ratio sits on the paper's ladder: the paper's ratio it stands beside (``tables.paper_ratio``, the
+    mapping the "beside the paper" table uses), else its own."""
+    return paper_ratio(ratio) or ratio
+
+
+def curve_joins(points: Sequence[StudyCell], known: Sequence[StudyCell]) -> list[tuple[StudyCell, StudyCell,
+                                                                                       list[float]]]:
+    """Each pair of neighbouring ``points`` (cells with a result, by ratio) with the ratios between them that have
+    none: a ratio of ``known`` (the task's cells, a result or not) or of the paper's ladder that lies between the
+    two and has no point. A plain line across such a ratio would draw a value the study has not got (its search
+    unfinished, every LR diverged, or never run), so the curve says where it does."""
+    have = {_ladder(c.ratio) for c in points}
+    ladder = {*PAPER_RATIOS, *(_ladder(c.ratio) for c in known)}
+    ours = sorted(points, key=lambda c: c.ratio)
+    return [(a, b, sorted(r for r in ladder - have if _ladder(a.ratio) < r < _ladder(b.ratio)))
+            for a, b in zip(ours, ours[1:])]
+
+
+def _plot_ours(ax, points: Sequence[StudyCell], known: Sequence[StudyCell], model: str) -> bool:
+    """The study's curve on one task: each ratio's mean and interval (hollow: one seed, no interval), joined by a
+    solid line, or a dotted one across ratios without a result (``curve_joins``; the legend names them, so a
+    missing ratio is never bridged silently). Whether a point carries a seed label."""
+    labelled = False
+    for cell in points:
+        mean, err = _errorbar(cell)
+        ax.errorbar([100 * cell.ratio], [mean], yerr=err, fmt="o", color="C0", capsize=3,
+                    mfc="white" if err is None else "C0")
+        labelled = _seed_label(ax, 100 * cell.ratio, mean, cell) or labelled
+    joins = curve_joins(points, known)
+    label = f"randmask, {model} (mean, 95% t interval)"
+    for a, b, gaps in joins:
+        ax.plot([100 * a.ratio, 100 * b.ratio], [_errorbar(a)[0], _errorbar(b)[0]], ":" if gaps else "-",
+                color="C0", label=None if gaps else label)
+        label = label if gaps else None
+    if label and points:  # no solid join: the legend still names the study's points
+        ax.plot([], [], "o-", color="C0", label=label)
+    gaps = sorted({r for _, _, between in joins for r in between})
+    if gaps:
+        ax.plot([], [], ":", color="C0", label=f"dotted: across {', '.join(f'{100 * r:g}%' for r in gaps)}, "
+                                               "no result here")
+    return labelled
+
+
 def plot_sparsity_curve(cells: Sequence[StudyCell], path: str | Path, model: str, min_ratios: int = 4
                         ) -> Path | None:
     """Table 5's analogue as a curve, per task with at least ``min_ratios`` randmask ratios: test metric (mean and
     95% t interval over seeds, at each ratio's chosen LR) against the trainable ratio, beside the paper's OPT-125m
-    row; the study's full FT and LoRA means as horizontal lines. None when no task has enough ratios."""
-    by_task: dict[str, list[StudyCell]] = {}
+    row; the study's full FT and LoRA means as horizontal lines. None when no task has enough ratios. A cell
+    without a result (every LR diverged, or its LR search unfinished) is no point, and the line breaks there."""
+    known: dict[str, list[StudyCell]] = {}
     for c in cells:
-        if c.method == "randmask" and c.ratio is not None and c.tests:
-            by_task.setdefault(c.key[2], []).append(c)
+        if c.method == "randmask" and c.ratio is not None:
+            known.setdefault(c.key[2], []).append(c)
+    by_task = {t: [c for c in cs if c.tests and not c.search_unfinished] for t, cs in known.items()}
     tasks = sorted(t for t, cs in by_task.items() if len(cs) >= min_ratios)
     if not tasks:
         return None
     fig = Figure(figsize=(5.2 * len(tasks), 4.2))
+    labelled = False
     for j, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), j + 1)
-        ours = sorted(by_task[task], key=lambda c: c.ratio)
-        for cell in ours:
-            mean, err = _errorbar(cell)
-            ax.errorbar([100 * cell.ratio], [mean], yerr=err, fmt="o", color="C0", capsize=3)
-        ax.plot([100 * c.ratio for c in ours], [_errorbar(c)[0] for c in ours], "-", color="C0",
-                label=f"randmask, {model} (mean, 95% t interval)")
+        labelled = _plot_ours(ax, by_task[task], known[task], model) or labelled
         paper = [(100 * r, paper_value(task, f"randmask {r:.0e}")) for r in PAPER_RATIOS]
         paper = [(x, y) for x, y in paper if y is not None]
         if paper:
@@ -133,4 +196,4 @@ def plot_sparsity_curve(cells: Sequence[StudyCell], path: str | Path, model: str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, Path(path), f"{model}: test metric vs trainable ratio (Table 5's analogue), beside the "
-                                  f"paper's {PAPER_MODEL} row")
+                                  f"paper's {PAPER_MODEL} row" + SEEDS_CAPTION * labelled)
