@@ -10,6 +10,7 @@ from pathlib import Path
 from randmask_lab.argtypes import positive_int
 from randmask_lab.cli.common import filters, open_store
 from randmask_lab.errors import RunError
+from randmask_lab.experiment.results.record import RunRecord
 from randmask_lab.experiment.results.store import ResultStore, store_file
 from randmask_lab.study.cells import StudyCell, study_cells
 from randmask_lab.study.findings import MARGIN, findings
@@ -22,6 +23,7 @@ from randmask_lab.study.run import (
     check_spec,
     planned_run_id,
     run_study,
+    stale_records,
     with_committed,
 )
 from randmask_lab.study.tables import study_tables
@@ -49,6 +51,7 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
                              for r in records if not spec.holds(r)})
             notes.append(f"note: left out {len(records) - len(mine)} records of {'; '.join(others)}: --spec "
                          f"{args.spec} plans {spec.model} at precision {spec.precision} only")
+        mine = _current(spec, mine, notes)
         records, progress = mine, plan_progress(spec, mine)
         unfinished, left[spec.model] = progress.unfinished_searches, progress.runs_left
     grouped: dict[str, list[StudyCell]] = defaultdict(list)
@@ -61,6 +64,22 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
                          f"{', '.join(map(str, dropped))}: beyond the seeds the spec plans, so no rule reads their "
                          "results at the chosen LR")
     return dict(grouped), left, notes
+
+
+def _current(spec: StudySpec, records: list[RunRecord], notes: list[str]) -> list[RunRecord]:
+    """``records`` less those the spec's plan runs again (``study.run.stale_records``), each named in ``notes``;
+    all of them, with a note, where this machine cannot give the run ids (the task's data missing)."""
+    try:
+        stale = {id(r) for r in stale_records(spec, records)}
+    except (RunError, OSError) as e:
+        notes.append(f"note: run ids not checked against this code and data ({e})")
+        return records
+    if stale:
+        names = sorted(r.run_id for r in records if id(r) in stale)
+        notes.append(f"note: left out {len(names)} record{'s' * (len(names) > 1)} made under other code or data "
+                     f"than the spec's runs get now ({', '.join(names[:3])}{', ...' * (len(names) > 3)}): the "
+                     "study plans them again, so no table or rule reads them")
+    return [r for r in records if id(r) not in stale]
 
 
 def report_from(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ hold (the runner's leases).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +36,17 @@ def run_config(spec: StudySpec, run: PlannedRun, out_dir: str, execution: dict) 
 def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None) -> RunId:
     """planned run -> the run id it gets under this code and data (for ``needed_runs``)."""
     return lambda run: run_config(spec, run, out_dir, execution or {}).run_id
+
+
+def stale_records(spec: StudySpec, records: Sequence[RunRecord]) -> list[RunRecord]:
+    """The records of ``records`` whose run id is not the one their run gets under this code and data (another copy
+    of the data, a mask sampler since changed: ``RunConfig.identity``). The plan runs each again (``needed_runs``
+    counts a record by that id), so a table or rule that read it would show a result the study has yet to make,
+    and once the rerun lands, two runs of one LR and seed."""
+    run_id = planned_run_id(spec, ".")  # the out_dir is no part of a run's identity
+    return [r for r in records if r.run_id != run_id(
+        PlannedRun(r.config["task"], r.config["method"], r.config.get("ratio"), float(r.config["lr"]),
+                   r.config["seed"]))]
 
 
 def with_committed(records: list[RunRecord], committed: list[RunRecord]) -> list[RunRecord]:

@@ -206,11 +206,23 @@ def _spec(path: Path, lrs_1e5: list[float], model: str = "tiny") -> Path:
     return path
 
 
+def _spec_ids(records: list[RunRecord], spec_path: Path) -> list[RunRecord]:
+    """``records`` under the run ids the spec gives their runs: with --spec, a record under any other id is stale
+    (``study.run.stale_records``) and left out."""
+    from randmask_lab.study.plan import PlannedRun, StudySpec
+    from randmask_lab.study.run import planned_run_id
+
+    spec = StudySpec.from_file(spec_path)
+    run_id = planned_run_id(spec, ".")
+    planned = lambda c: PlannedRun(c["task"], c["method"], c.get("ratio"), float(c["lr"]), c["seed"])  # noqa: E731
+    return [dataclasses.replace(r, run_id=run_id(planned(r.config))) if spec.holds(r) else r for r in records]
+
+
 def test_report_and_findings_read_the_search_state_from_the_spec(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "study.jsonl"
-    export_jsonl(study(), path)
     finished = _spec(tmp_path / "done.json", [3e-2, 1e-1, 3e-1])
+    export_jsonl(_spec_ids(study(), finished), path)
     assert main(["report", "--from", str(path), "--spec", str(finished)]) == 0
     assert "unfinished" not in capsys.readouterr().out.split("Cells:")[0]
     running = _spec(tmp_path / "running.json", [3e-2, 1e-1, 3e-1, 1.0])  # 1.0 not run yet
@@ -248,6 +260,7 @@ def test_a_rule_waits_for_the_planned_seeds_of_the_cells_it_reads(tmp_path: Path
     spec["cells"].insert(0, {"method": "full", "lrs": [1e-4]})
     spec["seeds"], spec["max_extend"] = [0, 1, 2, 3], 0  # seed 3 of every cell is still planned
     (tmp_path / "s.json").write_text(json.dumps(spec))
+    export_jsonl(_spec_ids(worse, tmp_path / "s.json"), path)
     left = plan_progress(StudySpec.from_file(tmp_path / "s.json"), worse).runs_left
     assert left[("sst2", "lora")].total == 1 and left[("sst2", "lora")].search == 0
     assert main(["findings", "--from", str(path), "--spec", str(tmp_path / "s.json")]) == 0
@@ -275,8 +288,8 @@ def test_with_its_spec_findings_read_only_the_planned_seeds_of_the_specs_model(t
     path = tmp_path / "study.jsonl"
     extra = [record(task, "lora", 1e-3, seed, 0.99, 0.5) for task in ("sst2", "rte") for seed in range(3, 31)]
     other = [dataclasses.replace(r, run_id=r.run_id + "-o", config={**r.config, "model": "other"}) for r in study()]
-    export_jsonl(study() + extra + other, path)
     spec = _spec(tmp_path / "s.json", [3e-2, 1e-1, 3e-1])
+    export_jsonl(_spec_ids(study() + extra + other, spec), path)
     assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"note: left out {len(other)} records of other at precision 32: --spec {spec} plans tiny")
@@ -285,6 +298,26 @@ def test_with_its_spec_findings_read_only_the_planned_seeds_of_the_specs_model(t
     assert main(["report", "--from", str(path), "--spec", str(spec)]) == 0
     captured = capsys.readouterr()
     assert "note: left out sst2 lora seeds 3, 4, " in captured.err and "| 99.0" not in captured.out
+
+
+def test_with_its_spec_a_stale_record_is_left_out_and_its_rerun_read(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A record under another id than its run gets now (other data, a changed mask sampler) is planned again;
+    findings read it as done meanwhile (a final verdict on a result the study has yet to make), then stopped on
+    "two runs at lr, seed" once the rerun landed."""
+    spec = _spec(tmp_path / "s.json", [3e-2, 1e-1, 3e-1])
+    runs = _spec_ids(study(), spec)
+    current = next(r for r in runs if r.config["method"] == "lora" and r.config["seed"] == 2)
+    stale = dataclasses.replace(current, run_id=current.run_id[:-10] + "0" * 10)
+    path = tmp_path / "study.jsonl"
+    export_jsonl([stale if r is current else r for r in runs], path)
+    assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: left out 1 record made under other code or data than the spec's runs get now ({stale.run_id})" \
+        in out and "interim (1 planned run left)" in out
+    export_jsonl(runs + [stale], path)  # the rerun landed beside it
+    assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
+    assert "interim" not in capsys.readouterr().out.split("(b)")[0]
 
 
 def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
