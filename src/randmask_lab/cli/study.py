@@ -68,17 +68,21 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
 
 def _current(spec: StudySpec, records: list[RunRecord], notes: list[str]) -> list[RunRecord]:
     """``records`` less those the spec's plan runs again (``study.run.stale_records``), each named in ``notes``;
-    all of them, with a note, where this machine cannot give the run ids (the task's data missing)."""
+    all of them, with a note, where this machine cannot give the run ids."""
     try:
-        stale = {id(r) for r in stale_records(spec, records)}
+        found, other_data = stale_records(spec, records)
     except (RunError, OSError) as e:
         notes.append(f"note: run ids not checked against this code and data ({e})")
         return records
+    if other_data:
+        notes.append(f"note: the {', '.join(other_data)} data here are not the data the records name (missing or "
+                     "another copy), so their run ids are not checked against this code")
+    stale = {id(r) for r in found}
     if stale:
-        names = sorted(r.run_id for r in records if id(r) in stale)
-        notes.append(f"note: left out {len(names)} record{'s' * (len(names) > 1)} made under other code or data "
-                     f"than the spec's runs get now ({', '.join(names[:3])}{', ...' * (len(names) > 3)}): the "
-                     "study plans them again, so no table or rule reads them")
+        names = sorted(r.run_id for r in found)
+        notes.append(f"note: left out {len(names)} record{'s' * (len(names) > 1)} made under other code than the "
+                     f"spec's runs get now ({', '.join(names[:3])}{', ...' * (len(names) > 3)}): the study plans "
+                     "them again, so no table or rule reads them")
     return [r for r in records if id(r) not in stale]
 
 

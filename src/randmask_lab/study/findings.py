@@ -162,15 +162,16 @@ def _best_lr_range(cell: StudyCell) -> tuple[float, float]:
 
 
 def _lr_order(first: StudyCell, then: StudyCell) -> str:
-    """How ``then``'s best LR stands to ``first``'s: "falls" or "rises" when it surely does, "keeps" when they are
-    surely equal, "unsure" when an edge points toward the other (a fall of the chosen LRs is sure only when neither
-    edge can undo it, and so is a rise or a tie; an edge pointing away changes nothing)."""
+    """How ``then``'s best LR stands to ``first``'s: "falls" or "rises" when it surely does, "keeps" when it surely
+    does not fall (a tie of the chosen LRs no edge can undo), "unsure" when an edge points toward the other (a fall
+    of the chosen LRs is sure only when neither edge can undo it, and so is a rise or a tie; an edge pointing away
+    changes nothing)."""
     (first_low, first_high), (then_low, then_high) = _best_lr_range(first), _best_lr_range(then)
     if then_high < first_low:
         return "falls"
     if then_low > first_high:
         return "rises"
-    return "keeps" if first_low == first_high == then_low == then_high else "unsure"  # two edges: no order known
+    return "keeps" if then_low >= first_high else "unsure"
 
 
 def finding_b(cells: Sequence[StudyCell]) -> Verdict:

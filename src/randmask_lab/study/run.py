@@ -18,6 +18,7 @@ from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import CODE_PATHS, FINISHED, RunRecord, source_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
 from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.run.sources import data_fingerprint
 from randmask_lab.experiment.run.untrained import without_training_options
 from randmask_lab.experiment.sweeps.sweep import run_claimed
 from randmask_lab.study.plan import PlannedRun, RunId, StudySpec, needed_runs
@@ -38,15 +39,30 @@ def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None)
     return lambda run: run_config(spec, run, out_dir, execution or {}).run_id
 
 
-def stale_records(spec: StudySpec, records: Sequence[RunRecord]) -> list[RunRecord]:
-    """The records of ``records`` whose run id is not the one their run gets under this code and data (another copy
-    of the data, a mask sampler since changed: ``RunConfig.identity``). The plan runs each again (``needed_runs``
-    counts a record by that id), so a table or rule that read it would show a result the study has yet to make,
-    and once the rerun lands, two runs of one LR and seed."""
+def stale_records(spec: StudySpec, records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """(the records whose run id is not the one their run gets under this code, on the data they record (a mask
+    sampler since changed: ``RunConfig.identity``), the tasks whose data here are not the data their records name).
+
+    The plan runs a stale record again (``needed_runs`` counts a record by that id), so a table or rule that read it
+    would show a result the study has yet to make, and, once the rerun lands, two runs of one LR and seed. Where this
+    machine's data differ from a record's (missing, or another copy), its id says nothing of the code, and a reader
+    of the study's file still reads the study's results: such a record is kept, and its task named."""
     run_id = planned_run_id(spec, ".")  # the out_dir is no part of a run's identity
-    return [r for r in records if r.run_id != run_id(
-        PlannedRun(r.config["task"], r.config["method"], r.config.get("ratio"), float(r.config["lr"]),
-                   r.config["seed"]))]
+    here: dict[str, object] = {}  # task -> the data fingerprint on this machine, read once
+    stale, other_data = [], set()
+    for r in records:
+        c = r.config
+        planned = PlannedRun(c["task"], c["method"], c.get("ratio"), float(c["lr"]), c["seed"])
+        if run_id(planned) == r.run_id:
+            continue
+        if c["task"] not in here:
+            config = run_config(spec, planned, ".", {})
+            here[c["task"]] = data_fingerprint(config.task, config.data_dir, config.source)
+        if here[c["task"]] != r.data.get("fingerprint"):
+            other_data.add(c["task"])
+        else:
+            stale.append(r)
+    return stale, sorted(other_data)
 
 
 def with_committed(records: list[RunRecord], committed: list[RunRecord]) -> list[RunRecord]:

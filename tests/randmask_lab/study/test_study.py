@@ -209,13 +209,16 @@ def _spec(path: Path, lrs_1e5: list[float], model: str = "tiny") -> Path:
 def _spec_ids(records: list[RunRecord], spec_path: Path) -> list[RunRecord]:
     """``records`` under the run ids the spec gives their runs: with --spec, a record under any other id is stale
     (``study.run.stale_records``) and left out."""
+    from randmask_lab.experiment.run.sources import data_fingerprint
     from randmask_lab.study.plan import PlannedRun, StudySpec
     from randmask_lab.study.run import planned_run_id
 
     spec = StudySpec.from_file(spec_path)
     run_id = planned_run_id(spec, ".")
     planned = lambda c: PlannedRun(c["task"], c["method"], c.get("ratio"), float(c["lr"]), c["seed"])  # noqa: E731
-    return [dataclasses.replace(r, run_id=run_id(planned(r.config))) if spec.holds(r) else r for r in records]
+    return [dataclasses.replace(r, run_id=run_id(planned(r.config)),
+                                data={"fingerprint": data_fingerprint(r.config["task"], None, None)})
+            if spec.holds(r) else r for r in records]
 
 
 def test_report_and_findings_read_the_search_state_from_the_spec(tmp_path: Path,
@@ -313,11 +316,18 @@ def test_with_its_spec_a_stale_record_is_left_out_and_its_rerun_read(tmp_path: P
     export_jsonl([stale if r is current else r for r in runs], path)
     assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
     out = capsys.readouterr().out
-    assert f"note: left out 1 record made under other code or data than the spec's runs get now ({stale.run_id})" \
-        in out and "interim (1 planned run left)" in out
+    assert f"note: left out 1 record made under other code than the spec's runs get now ({stale.run_id})" in out
+    assert "interim (1 planned run left)" in out
     export_jsonl(runs + [stale], path)  # the rerun landed beside it
     assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
     assert "interim" not in capsys.readouterr().out.split("(b)")[0]
+    # Where the data here are not the records' (missing, another copy), an id says nothing of the code: a reader of
+    # the study's file still reads its results, told so.
+    elsewhere = [dataclasses.replace(r, data={"fingerprint": {"hub": "elsewhere"}}) for r in runs]
+    export_jsonl([dataclasses.replace(r, run_id=r.run_id[:-10] + "0" * 10) for r in elsewhere], path)
+    assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("note: the rte, sst2 data here are not the data the records name") and "left out" not in out
 
 
 def _hessian(folder: Path, ratio: float, seed: int, value: float) -> None:
@@ -506,6 +516,11 @@ def _chain(*searches: dict[float, float]) -> list:
     (({3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {1e-2: 0.6, 3e-2: 0.5, 1e-1: 0.6}, {3e-2: 0.7, 1e-1: 0.6, 3e-1: 0.5}), HOLDS),
     # 1e-3 and 1e-4 both at their LOW edge 3e-3: no order known between them
     (({3e-3: 0.5, 1e-2: 0.6}, {3e-3: 0.5, 1e-2: 0.6}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), UNSURE),
+    # 1e-3 at its LOW edge 1e-2, which 1e-4 chose inside its grid: 1e-3's best is at most 1e-2, a sure tie or rise
+    (({1e-2: 0.5, 3e-2: 0.6}, {3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), HOLDS),
+    # 1e-4 at its HIGH edge 1e-2, which 1e-3 chose inside its grid: a sure tie or rise from 1e-3, but 1e-4's best
+    # may lie above 1e-5's 1e-1, a fall not ruled out
+    (({3e-3: 0.6, 1e-2: 0.5, 3e-2: 0.6}, {3e-3: 0.6, 1e-2: 0.5}, {3e-2: 0.6, 1e-1: 0.5, 3e-1: 0.6}), UNSURE),
 ])
 def test_finding_b_reads_a_grid_edge_by_the_way_it_points(searches, verdict) -> None:
     """An edge LR says the best lies at or beyond it: a fall it cannot undo is a fall (it read INCONCLUSIVE), and a
