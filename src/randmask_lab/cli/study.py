@@ -51,7 +51,7 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
                              for r in records if not spec.holds(r)})
             notes.append(f"note: left out {len(records) - len(mine)} records of {'; '.join(others)}: --spec "
                          f"{args.spec} plans {spec.model} at precision {spec.precision} only")
-        mine = _current(spec, mine, notes)
+        mine = _current(mine, notes)
         records, progress = mine, plan_progress(spec, mine)
         unfinished, left[spec.model] = progress.unfinished_searches, progress.runs_left
     grouped: dict[str, list[StudyCell]] = defaultdict(list)
@@ -66,14 +66,10 @@ def _cells(args: argparse.Namespace) -> tuple[dict[str, list[StudyCell]], dict[s
     return dict(grouped), left, notes
 
 
-def _current(spec: StudySpec, records: list[RunRecord], notes: list[str]) -> list[RunRecord]:
-    """``records`` less those the spec's plan runs again (``study.run.stale_records``), each named in ``notes``;
-    all of them, with a note, where this machine cannot give the run ids."""
-    try:
-        found, other_data = stale_records(spec, records)
-    except (RunError, OSError) as e:
-        notes.append(f"note: run ids not checked against this code and data ({e})")
-        return records
+def _current(records: list[RunRecord], notes: list[str]) -> list[RunRecord]:
+    """``records`` less those the spec's plan runs again (``study.run.stale_records``), each named in ``notes``, as
+    are the tasks whose data here are not the records' (their ids are not checked)."""
+    found, other_data = stale_records(records)
     if other_data:
         notes.append(f"note: the {', '.join(other_data)} data here are not the data the records name (missing or "
                      "another copy), so their run ids are not checked against this code")

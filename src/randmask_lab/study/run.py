@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
-from randmask_lab.errors import RunError
+from randmask_lab.errors import LabError, RunError
 from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import CODE_PATHS, FINISHED, RunRecord, source_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
@@ -39,27 +39,30 @@ def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None)
     return lambda run: run_config(spec, run, out_dir, execution or {}).run_id
 
 
-def stale_records(spec: StudySpec, records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[str]]:
-    """(the records whose run id is not the one their run gets under this code, on the data they record (a mask
-    sampler since changed: ``RunConfig.identity``), the tasks whose data here are not the data their records name).
+def stale_records(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """(the records whose run id is not the one their own config gets under this code, on the data they record (a
+    mask sampler since changed: ``RunConfig.identity``), the tasks whose data here are not the data their records
+    name).
 
-    The plan runs a stale record again (``needed_runs`` counts a record by that id), so a table or rule that read it
-    would show a result the study has yet to make, and, once the rerun lands, two runs of one LR and seed. Where this
-    machine's data differ from a record's (missing, or another copy), its id says nothing of the code, and a reader
-    of the study's file still reads the study's results: such a record is kept, and its task named."""
-    run_id = planned_run_id(spec, ".")  # the out_dir is no part of a run's identity
-    here: dict[str, object] = {}  # task -> the data fingerprint on this machine, read once
+    A study's plan runs a stale record again (``needed_runs`` counts a record by that id), so a table or rule that
+    read it would show a result the study has yet to make, and, once the rerun lands, two runs of one LR and seed.
+    Where this machine's data differ from a record's (missing, or another copy), its id says nothing of the code, and
+    a reader of the study's file still reads the study's results: such a record is kept, and its task named. So is
+    a record whose config this code cannot rebuild (``LabError``): it is not judged."""
+    here: dict[tuple[str, str | None], object] = {}  # (task, source) -> the data fingerprint here, read once
     stale, other_data = [], set()
     for r in records:
-        c = r.config
-        planned = PlannedRun(c["task"], c["method"], c.get("ratio"), float(c["lr"]), c["seed"])
-        if run_id(planned) == r.run_id:
+        try:
+            config = RunConfig.from_dict({**r.config, "data_dir": None})  # this machine's data, as the plan reads
+            if config.run_id == r.run_id:
+                continue
+            where = (config.task, config.source)
+            if where not in here:
+                here[where] = data_fingerprint(config.task, None, config.source)
+        except LabError:
             continue
-        if c["task"] not in here:
-            config = run_config(spec, planned, ".", {})
-            here[c["task"]] = data_fingerprint(config.task, config.data_dir, config.source)
-        if here[c["task"]] != r.data.get("fingerprint"):
-            other_data.add(c["task"])
+        if here[where] != r.data.get("fingerprint"):
+            other_data.add(config.task)
         else:
             stale.append(r)
     return stale, sorted(other_data)

@@ -13,6 +13,7 @@ from scipy import stats as scipy_stats
 from randmask_lab.cli import main
 from randmask_lab.errors import StoreError
 from randmask_lab.experiment.results.record import RunRecord
+from randmask_lab.experiment.run.config import RunConfig
 from randmask_lab.study.cells import study_cells
 from randmask_lab.study.findings import FAILS, HOLDS, UNSURE, finding_a, finding_b, finding_e, findings
 from randmask_lab.study.records import export_jsonl, read_jsonl
@@ -207,16 +208,13 @@ def _spec(path: Path, lrs_1e5: list[float], model: str = "tiny") -> Path:
 
 
 def _spec_ids(records: list[RunRecord], spec_path: Path) -> list[RunRecord]:
-    """``records`` under the run ids the spec gives their runs: with --spec, a record under any other id is stale
-    (``study.run.stale_records``) and left out."""
+    """The spec's ``records`` under the run ids their configs get, on this machine's data: with --spec, a record
+    under any other id is stale (``study.run.stale_records``) and left out."""
     from randmask_lab.experiment.run.sources import data_fingerprint
-    from randmask_lab.study.plan import PlannedRun, StudySpec
-    from randmask_lab.study.run import planned_run_id
+    from randmask_lab.study.plan import StudySpec
 
     spec = StudySpec.from_file(spec_path)
-    run_id = planned_run_id(spec, ".")
-    planned = lambda c: PlannedRun(c["task"], c["method"], c.get("ratio"), float(c["lr"]), c["seed"])  # noqa: E731
-    return [dataclasses.replace(r, run_id=run_id(planned(r.config)),
+    return [dataclasses.replace(r, run_id=RunConfig.from_dict(r.config).run_id,
                                 data={"fingerprint": data_fingerprint(r.config["task"], None, None)})
             if spec.holds(r) else r for r in records]
 
@@ -321,6 +319,11 @@ def test_with_its_spec_a_stale_record_is_left_out_and_its_rerun_read(tmp_path: P
     export_jsonl(runs + [stale], path)  # the rerun landed beside it
     assert main(["findings", "--from", str(path), "--spec", str(spec)]) == 0
     assert "interim" not in capsys.readouterr().out.split("(b)")[0]
+    beside = record("cb", "lora", 1e-3, 0, 0.7, 0.5)  # a task the spec does not plan: judged by its own config
+    beside = dataclasses.replace(beside, run_id=RunConfig.from_dict(beside.config).run_id)
+    export_jsonl(runs + [beside], path)
+    assert main(["report", "--from", str(path), "--spec", str(spec)]) == 0  # it stopped on KeyError 'cb'
+    assert "| CB |" in capsys.readouterr().out
     # Where the data here are not the records' (missing, another copy), an id says nothing of the code: a reader of
     # the study's file still reads its results, told so.
     elsewhere = [dataclasses.replace(r, data={"fingerprint": {"hub": "elsewhere"}}) for r in runs]
