@@ -48,7 +48,7 @@ def stale_records(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[s
     read it would show a result the study has yet to make, and, once the rerun lands, two runs of one LR and seed.
     Where this machine's data differ from a record's (missing, or another copy), its id says nothing of the code, and
     a reader of the study's file still reads the study's results: such a record is kept, and its task named. So is
-    a record whose config this code cannot rebuild (``LabError``): it is not judged."""
+    a record whose config or data this code cannot read here (``LabError``, ``OSError``): it is not judged."""
     here: dict[tuple[str, str | None], object] = {}  # (task, source) -> the data fingerprint here, read once
     stale, other_data = [], set()
     for r in records:
@@ -59,7 +59,7 @@ def stale_records(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[s
             where = (config.task, config.source)
             if where not in here:
                 here[where] = data_fingerprint(config.task, None, config.source)
-        except LabError:
+        except (LabError, OSError):  # e.g. a data file unreadable here: not judged
             continue
         if here[where] != r.data.get("fingerprint"):
             other_data.add(config.task)
