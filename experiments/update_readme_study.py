@@ -220,14 +220,19 @@ def confirm_section(study: Study, lines: list[str], found: str, planned: list[st
         f"{shown(findings_args(study))} printed:", "", "```", found, "```"])
 
 
+# The rules whose headline the README shows: those the confirmatory study decides ((a), (e)) and the LR rule its LR
+# searches decide ((b)); (c) and (d) read analysis and theory outputs this study does not make.
+README_RULES = ("(a)", "(b)", "(e)")
+
+
 def verdicts(study: Study, lines: list[str], found: str, planned: list[str]) -> str:
     """The README's short version of the confirmatory study: the headline of each rule, the seed count rule (a)
     reads, the rows the paper also reports (Table 1 and Table 5 analogues) from the report's ``lines``, the
     compute spent, the sparsity curve; ``found``: what `randmask findings` printed, ``planned``: `--plan`'s lines."""
-    rules = [line for line in found.splitlines() if line.startswith(("(a)", "(e)"))]
+    rules = [line for line in found.splitlines() if line.startswith(README_RULES)]
     curve = [line for line in figure_lines(study, "") if "_sparsity.png" in line]
     seeds = seeds_lines(planned)
-    return "\n".join([f"{shown(findings_args(study))} printed (rules (a) and (e); the rest, the tables "
+    return "\n".join([f"{shown(findings_args(study))} printed (rules (a), (b) and (e); the rest, the tables "
                       f"and the curve in [the confirmatory study]({study.page})):", "", "```", *rules, "```", "",
                       *([f"The seed count of rule (a)'s cells: `randmask study {study.spec} --export "
                          f"{study.records} --plan` printed:", "", "```", *seeds, "```", ""] if seeds else []),

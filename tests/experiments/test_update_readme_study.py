@@ -32,7 +32,7 @@ def test_the_readme_and_pages_show_what_the_committed_records_print():
         if study is u.EXPLORATORY:
             shown = [u.headline(study, lines)]
         else:
-            rules = [line for line in u.confirm_findings(study).splitlines() if line.startswith(("(a)", "(e)"))]
+            rules = [line for line in u.confirm_findings(study).splitlines() if line.startswith(u.README_RULES)]
             seeds = u.seeds_lines(u.plan(study))  # the re-estimated seed count reads the records alone
             shown = [*rules, *seeds, "\n".join(u.beside_the_paper(study, lines)).strip(),
                      "\n".join(u.far_off(lines)).strip(), u.status(study)]
