@@ -8,6 +8,7 @@ hold (the runner's leases).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from randmask_lab.errors import LabError, RunError
 from randmask_lab.experiment.parts.budget import check_budgets
 from randmask_lab.experiment.results.record import CODE_PATHS, FINISHED, RunRecord, source_version
 from randmask_lab.experiment.results.store import Lease, ResultStore, new_owner, store_file
-from randmask_lab.experiment.run.config import RunConfig
+from randmask_lab.experiment.run.config import STORED_NAMES, RunConfig
 from randmask_lab.experiment.run.sources import data_fingerprint
 from randmask_lab.experiment.run.untrained import without_training_options
 from randmask_lab.experiment.sweeps.sweep import run_claimed
@@ -39,6 +40,14 @@ def planned_run_id(spec: StudySpec, out_dir: str, execution: dict | None = None)
     return lambda run: run_config(spec, run, out_dir, execution or {}).run_id
 
 
+def _as_floats(config: dict) -> dict:
+    """``config`` with each whole number in a float field written as a float: JSON has one number type, and a file
+    rewritten by a JSON tool (jq writes 0.0 as 0) would otherwise hash to another run id than the run's own."""
+    floats = {STORED_NAMES.get(f.name, f.name) for f in dataclasses.fields(RunConfig)
+              if str(f.type).startswith("float")}
+    return {k: float(v) if k in floats and type(v) is int else v for k, v in config.items()}
+
+
 def stale_records(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[str]]:
     """(the records whose run id is not the one their own config gets under this code, on the data they record (a
     mask sampler since changed: ``RunConfig.identity``), the tasks whose data here are not the data their records
@@ -53,7 +62,7 @@ def stale_records(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[s
     stale, other_data = [], set()
     for r in records:
         try:
-            config = RunConfig.from_dict({**r.config, "data_dir": None})  # this machine's data, as the plan reads
+            config = RunConfig.from_dict({**_as_floats(r.config), "data_dir": None})  # this machine's data
             if config.run_id == r.run_id:
                 continue
             where = (config.task, config.source)
